@@ -1,0 +1,1 @@
+"""The KV connector layer: base interfaces, the P/D connector, transports."""

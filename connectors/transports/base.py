@@ -1,0 +1,113 @@
+"""The one interface every KV transport implements.
+
+A transport moves byte ranges between registered memory regions of two engines with one-sided
+operations: the side that posts a READ pulls from the peer's region, a WRITE pushes into it,
+and the peer's engine code does nothing per transfer (the tcp transport's server thread is the
+transport's own machinery, not engine code).
+
+Life cycle::
+
+    t = make_transport("tcp", agent_name="engine-P0", host="127.0.0.1")
+    t.register_region(kv_cache)                 # the engine's one KV tensor (CPU or GPU)
+    desc = t.descriptor()                       # bytes; sent to the peer in the handshake
+    t.add_peer("engine-D0", peer_desc)          # from the peer's handshake
+    h = t.post(TransferOp.READ, "engine-D0", [(local_off, remote_off, nbytes), ...])
+    while t.poll(h) is TransferStatus.PENDING: ...   # caller owns the deadline
+    t.release(h)
+
+Offsets are byte offsets inside the single registered region of each side. Every call is
+thread-safe; ``poll`` never blocks for long.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+
+
+class TransferOp(enum.Enum):
+    """Direction of a one-sided operation, seen from the side that posts it."""
+
+    READ = "read"
+    WRITE = "write"
+
+
+class TransferStatus(enum.Enum):
+    """State of a posted batch."""
+
+    PENDING = "pending"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class Segment(NamedTuple):
+    """One contiguous copy: ``length`` bytes between local and remote byte offsets."""
+
+    local_offset: int
+    remote_offset: int
+    length: int
+
+
+class TransportError(RuntimeError):
+    """A transport could not be set up or a peer descriptor is unusable."""
+
+
+class Transport(abc.ABC):
+    """One-sided byte mover between registered regions of two engines."""
+
+    name: str = "base"
+
+    @abc.abstractmethod
+    def register_region(self, tensor: torch.Tensor) -> None:
+        """Register the engine's KV tensor (contiguous; CPU or GPU). Call once, before use."""
+
+    @abc.abstractmethod
+    def descriptor(self) -> bytes:
+        """Serializable description of this side (address, region handle, size)."""
+
+    @abc.abstractmethod
+    def add_peer(self, peer_name: str, descriptor: bytes) -> None:
+        """Connect to a peer from its descriptor; idempotent for the same name."""
+
+    @abc.abstractmethod
+    def remove_peer(self, peer_name: str) -> None:
+        """Forget a peer; its pending handles become FAILED."""
+
+    @abc.abstractmethod
+    def post(self, op: TransferOp, peer_name: str, segments: Sequence[Segment]) -> int:
+        """Start a batch of one-sided copies; returns a handle. Never blocks on the network."""
+
+    @abc.abstractmethod
+    def poll(self, handle: int) -> TransferStatus:
+        """Current state of a posted batch."""
+
+    @abc.abstractmethod
+    def release(self, handle: int) -> None:
+        """Forget a handle (cancelling it if still pending)."""
+
+    def error(self, handle: int) -> str | None:
+        """Why a FAILED handle failed, when known."""
+        return None
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Stop threads, deregister memory, close connections. Idempotent."""
+
+
+def merge_segments(segments: Sequence[Segment]) -> list[Segment]:
+    """Merge runs that are contiguous on both sides (sorted by local offset)."""
+    merged: list[Segment] = []
+    for seg in sorted(segments, key=lambda s: s.local_offset):
+        if merged:
+            last = merged[-1]
+            if (last.local_offset + last.length == seg.local_offset
+                    and last.remote_offset + last.length == seg.remote_offset):
+                merged[-1] = Segment(last.local_offset, last.remote_offset,
+                                     last.length + seg.length)
+                continue
+        merged.append(seg)
+    return merged

@@ -1,0 +1,42 @@
+"""Every environment variable disagg reads, in one typed place (prefix ``DISAGG_``)."""
+
+from __future__ import annotations
+
+import os
+
+
+def _get_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise ValueError(f"environment variable {name}={raw!r} is not a number") from exc
+
+
+def _get_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    return raw.strip().lower() in ("1", "true", "yes", "on")
+
+
+def engine_ready_timeout_s() -> float:
+    """How long a frontend waits for every engine core's ready handshake."""
+    return _get_float("DISAGG_ENGINE_READY_TIMEOUT_S", 300.0)
+
+
+def log_level() -> str:
+    """Root log level for disagg processes."""
+    return os.environ.get("DISAGG_LOG_LEVEL", "INFO").upper()
+
+
+def force_torch_kernels() -> bool:
+    """Use the pure-torch kernel references even on a GPU (debugging, bisecting)."""
+    return _get_bool("DISAGG_FORCE_TORCH_KERNELS", False)
+
+
+def triton_interpret() -> bool:
+    """Triton's own interpreter switch (kernels run on CPU, slowly)."""
+    return _get_bool("TRITON_INTERPRET", False)

@@ -1,0 +1,17 @@
+"""Triton kernels for ROCm and CUDA, each beside a pure-torch reference with the same signature.
+
+KV cache layout (the engine's one cache tensor, blocks outermost so that one block is one
+contiguous byte run across all layers; transports move whole blocks with one descriptor):
+
+    kv_cache: [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]
+                  |            |       |
+                  |            |       +-- 0 = K, 1 = V
+                  |            +-- per-layer view kv_cache[:, layer] -> "kv_layer"
+                  +-- block stride = num_layers * 2 * block_size * num_kv_heads * head_dim
+
+    kv_layer (what the attention kernels take): [num_blocks, 2, block_size, num_kv_heads, head_dim]
+    with block stride = the full cache's block stride (not contiguous across blocks).
+
+A token at position p of a sequence lives in block ``block_table[p // block_size]`` at offset
+``p % block_size``; its slot is ``block_id * block_size + offset``.
+"""
