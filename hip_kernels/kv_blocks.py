@@ -1,8 +1,23 @@
-"""Gather/scatter whole KV blocks between the paged cache and a contiguous staging buffer."""
+"""Gather/scatter whole KV blocks between the paged cache and a contiguous staging buffer.
+
+    kv_cache [NB, <block tail>]          staging [n, <block tail>]
+    block b = one contiguous run of block_numel elements (all layers, K and V)
+    gather:  staging[i] <- kv_cache[block_ids[i]]      scatter: kv_cache[block_ids[i]] <- staging[i]
+
+Each program copies one chunk of one block, so the copy is a flat, fully coalesced stream.
+"""
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
+
+from hip_kernels.launch_config import KernelSpec, get_int, load_config
+from hip_kernels.triton_compat import cdiv, jit, require_triton, tl
+
+KERNEL = "kv_blocks"
 
 
 def gather_kv_blocks_ref(kv_cache: torch.Tensor, block_ids: torch.Tensor,
@@ -15,3 +30,118 @@ def scatter_kv_blocks_ref(staging: torch.Tensor, block_ids: torch.Tensor,
                           kv_cache: torch.Tensor) -> None:
     """kv_cache[block_ids[i]] = staging[i] (in place)."""
     kv_cache.index_copy_(0, block_ids.long(), staging.to(kv_cache.dtype))
+
+
+@jit
+def _copy_chunk(src_row_ptr, dst_row_ptr, block_numel, BLOCK: tl.constexpr):
+    """Copy elements [chunk * BLOCK, (chunk + 1) * BLOCK) of one block, casting to dst's dtype."""
+    offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < block_numel
+    x = tl.load(src_row_ptr + offs, mask=mask)
+    tl.store(dst_row_ptr + offs, x.to(dst_row_ptr.dtype.element_ty), mask=mask)
+
+
+@jit
+def _gather_kv_blocks_kernel(cache_ptr, block_ids_ptr, staging_ptr, block_numel,
+                             stride_cache_block, stride_staging_block, BLOCK: tl.constexpr):
+    """Program (i, chunk): staging[i][chunk] <- kv_cache[block_ids[i]][chunk]."""
+    i = tl.program_id(0).to(tl.int64)
+    block_id = tl.load(block_ids_ptr + i).to(tl.int64)
+    _copy_chunk(cache_ptr + block_id * stride_cache_block, staging_ptr + i * stride_staging_block,
+                block_numel, BLOCK)
+
+
+@jit
+def _scatter_kv_blocks_kernel(staging_ptr, block_ids_ptr, cache_ptr, block_numel,
+                              stride_staging_block, stride_cache_block, BLOCK: tl.constexpr):
+    """Program (i, chunk): kv_cache[block_ids[i]][chunk] <- staging[i][chunk]."""
+    i = tl.program_id(0).to(tl.int64)
+    block_id = tl.load(block_ids_ptr + i).to(tl.int64)
+    _copy_chunk(staging_ptr + i * stride_staging_block, cache_ptr + block_id * stride_cache_block,
+                block_numel, BLOCK)
+
+
+def _flat_blocks(t: torch.Tensor) -> bool:
+    """True if every block (t[i]) is one contiguous run of elements."""
+    expected = 1
+    for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:]), strict=True):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _plan(arch: str | None) -> tuple[int, int]:
+    """(BLOCK elements per program, num_warps)."""
+    cfg = load_config(KERNEL, arch)
+    return get_int(cfg, "block"), get_int(cfg, "num_warps")
+
+
+def _check(kv_cache: torch.Tensor, block_ids: torch.Tensor, staging: torch.Tensor) -> None:
+    """Raise a clear error when staging is not len(block_ids) blocks shaped like the cache's."""
+    if staging.shape[1:] != kv_cache.shape[1:] or staging.shape[0] != block_ids.shape[0]:
+        raise ValueError(f"kv blocks: staging {tuple(staging.shape)} is not "
+                         f"{block_ids.shape[0]} blocks of kv_cache {tuple(kv_cache.shape)}")
+
+
+def _launch(kernel: Any, src: torch.Tensor, block_ids: torch.Tensor, dst: torch.Tensor) -> None:
+    """Launch a gather or scatter kernel over len(block_ids) blocks, src -> dst."""
+    block_numel = math.prod(src.shape[1:])
+    if block_ids.shape[0] == 0 or block_numel == 0:
+        return
+    block, num_warps = _plan(None)
+    grid = (block_ids.shape[0], cdiv(block_numel, block))
+    kernel[grid](src, block_ids, dst, block_numel, src.stride(0), dst.stride(0),
+                 BLOCK=block, num_warps=num_warps)
+
+
+def gather_kv_blocks(kv_cache: torch.Tensor, block_ids: torch.Tensor,
+                     staging: torch.Tensor) -> None:
+    """staging[i] = kv_cache[block_ids[i]] for a cache whose blocks are contiguous runs.
+
+    kv_cache [NB, ...] (e.g. [NB, L, 2, bs, Hk, D]), staging [n, ...] same tail, block_ids [n]
+    int. Casts to staging's dtype. Layouts whose blocks are not flat runs take the reference.
+    Bytes moved: 2 * n * block_numel * elt.
+    """
+    require_triton("gather_kv_blocks")
+    _check(kv_cache, block_ids, staging)
+    if not (_flat_blocks(kv_cache) and _flat_blocks(staging)):
+        gather_kv_blocks_ref(kv_cache, block_ids, staging)
+        return
+    _launch(_gather_kv_blocks_kernel, kv_cache, block_ids, staging)
+
+
+def scatter_kv_blocks(staging: torch.Tensor, block_ids: torch.Tensor,
+                      kv_cache: torch.Tensor) -> None:
+    """kv_cache[block_ids[i]] = staging[i] in place; the inverse of ``gather_kv_blocks``.
+
+    Same shapes and layout rule; casts to the cache dtype. Duplicate block ids: one of the
+    writes wins. Bytes moved: 2 * n * block_numel * elt.
+    """
+    require_triton("scatter_kv_blocks")
+    _check(kv_cache, block_ids, staging)
+    if not (_flat_blocks(kv_cache) and _flat_blocks(staging)):
+        scatter_kv_blocks_ref(staging, block_ids, kv_cache)
+        return
+    _launch(_scatter_kv_blocks_kernel, staging, block_ids, kv_cache)
+
+
+def aot_specs(arch: str) -> list[KernelSpec]:
+    """bf16 Llama-3-8B blocks (32 layers x 2 x 16 x 8 x 128 = 1 Mi elements)."""
+    block, num_warps = _plan(arch)
+    specs = []
+    for name, fn, params in (
+            ("gather_kv_blocks", _gather_kv_blocks_kernel,
+             ("cache_ptr", "block_ids_ptr", "staging_ptr", "block_numel",
+              "stride_cache_block", "stride_staging_block")),
+            ("scatter_kv_blocks", _scatter_kv_blocks_kernel,
+             ("staging_ptr", "block_ids_ptr", "cache_ptr", "block_numel",
+              "stride_staging_block", "stride_cache_block"))):
+        sig = {p: ("*i32" if p == "block_ids_ptr" else "*bf16") if p.endswith("_ptr") else "i32"
+               for p in params}
+        sig["BLOCK"] = "constexpr"
+        specs.append(KernelSpec(name=f"{name}[bf16,1Mi]", fn=fn, signature=sig,
+                                constexprs={"BLOCK": block},
+                                aligned=tuple(p for p in params if not p.endswith("_ptr")),
+                                num_warps=num_warps))
+    return specs

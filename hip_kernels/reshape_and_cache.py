@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from hip_kernels.launch_config import KernelSpec, get_int, load_config
+from hip_kernels.triton_compat import cdiv, jit, next_power_of_2, require_triton, tl
+
+KERNEL = "reshape_and_cache"
+
 
 def reshape_and_cache_ref(key: torch.Tensor, value: torch.Tensor, kv_layer: torch.Tensor,
                           slot_mapping: torch.Tensor) -> None:
@@ -17,3 +22,84 @@ def reshape_and_cache_ref(key: torch.Tensor, value: torch.Tensor, kv_layer: torc
     offsets = slots % block_size
     kv_layer[blocks, 0, offsets] = key.to(kv_layer.dtype)
     kv_layer[blocks, 1, offsets] = value.to(kv_layer.dtype)
+
+
+@jit
+def _reshape_and_cache_kernel(key_ptr, value_ptr, kv_ptr, slot_ptr, num_kv_heads,
+                              stride_key_tok, stride_key_head, stride_value_tok,
+                              stride_value_head, stride_kv_block, stride_kv_kv, stride_kv_tok,
+                              stride_kv_head, KV_BLOCK_SIZE: tl.constexpr,
+                              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                              BLOCK_HEADS: tl.constexpr):
+    """Program (token, head group): copy BLOCK_HEADS heads of K and V into the token's slot."""
+    tok = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + tok).to(tl.int64)
+    heads = tl.program_id(1) * BLOCK_HEADS + tl.arange(0, BLOCK_HEADS)
+    dims = tl.arange(0, BLOCK_D)
+    # A negative slot (a padded token) is skipped rather than written out of bounds.
+    mask = (heads < num_kv_heads)[:, None] & (dims < HEAD_DIM)[None, :] & (slot >= 0)
+    dst = (kv_ptr + (slot // KV_BLOCK_SIZE) * stride_kv_block
+           + (slot % KV_BLOCK_SIZE) * stride_kv_tok
+           + heads[:, None] * stride_kv_head + dims[None, :])
+    cache_ty = kv_ptr.dtype.element_ty
+    k = tl.load(key_ptr + tok * stride_key_tok + heads[:, None] * stride_key_head + dims[None, :],
+                mask=mask, other=0.0)
+    tl.store(dst, k.to(cache_ty), mask=mask)
+    v = tl.load(value_ptr + tok * stride_value_tok + heads[:, None] * stride_value_head
+                + dims[None, :], mask=mask, other=0.0)
+    tl.store(dst + stride_kv_kv, v.to(cache_ty), mask=mask)
+
+
+def _plan(num_kv_heads: int, head_dim: int, arch: str | None) -> tuple[int, int, int]:
+    """(BLOCK_D, BLOCK_HEADS, num_warps)."""
+    cfg = load_config(KERNEL, arch)
+    block_d = next_power_of_2(head_dim)
+    per_program = max(1, get_int(cfg, "elements_per_program") // block_d)
+    block_heads = min(next_power_of_2(num_kv_heads), next_power_of_2(per_program))
+    return block_d, block_heads, get_int(cfg, "num_warps")
+
+
+def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, kv_layer: torch.Tensor,
+                      slot_mapping: torch.Tensor) -> None:
+    """Scatter key/value [T, Hk, D] into kv_layer [NB, 2, bs, Hk, D] at slot_mapping [T].
+
+    In place, as ``reshape_and_cache_ref``; kv_layer may be a strided per-layer view of the
+    whole cache and key/value strided views of a fused qkv (last dims contiguous). Values are
+    cast to the cache dtype. The kernel also skips negative slots (padding).
+    Bytes moved: 2 * 2 * T * Hk * D * elt.
+    """
+    require_triton(KERNEL)
+    num_tokens, num_kv_heads, head_dim = key.shape
+    if value.shape != key.shape or kv_layer.shape[3:] != key.shape[1:]:
+        raise ValueError(f"reshape_and_cache: key {tuple(key.shape)}, value "
+                         f"{tuple(value.shape)} and kv_layer {tuple(kv_layer.shape)} disagree")
+    if kv_layer.stride(-1) != 1:
+        raise ValueError("reshape_and_cache: kv_layer's last dim must be contiguous")
+    key = key if key.stride(-1) == 1 else key.contiguous()
+    value = value if value.stride(-1) == 1 else value.contiguous()
+    if num_tokens == 0:
+        return
+    block_d, block_heads, num_warps = _plan(num_kv_heads, head_dim, None)
+    grid = (num_tokens, cdiv(num_kv_heads, block_heads))
+    _reshape_and_cache_kernel[grid](
+        key, value, kv_layer, slot_mapping, num_kv_heads, key.stride(0), key.stride(1),
+        value.stride(0), value.stride(1), kv_layer.stride(0), kv_layer.stride(1),
+        kv_layer.stride(2), kv_layer.stride(3), KV_BLOCK_SIZE=kv_layer.shape[2],
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_HEADS=block_heads, num_warps=num_warps)
+
+
+def aot_specs(arch: str) -> list[KernelSpec]:
+    """bf16 Llama-3-8B K/V (8 kv heads x 128) into a 32-layer cache, block size 16."""
+    block_d, block_heads, num_warps = _plan(8, 128, arch)
+    sig = {"key_ptr": "*bf16", "value_ptr": "*bf16", "kv_ptr": "*bf16", "slot_ptr": "*i64",
+           "num_kv_heads": "i32", "stride_key_tok": "i32", "stride_key_head": "i32",
+           "stride_value_tok": "i32", "stride_value_head": "i32", "stride_kv_block": "i32",
+           "stride_kv_kv": "i32", "stride_kv_tok": "i32", "stride_kv_head": "i32",
+           "KV_BLOCK_SIZE": "constexpr", "HEAD_DIM": "constexpr", "BLOCK_D": "constexpr",
+           "BLOCK_HEADS": "constexpr"}
+    aligned = tuple(name for name in sig if name.startswith("stride"))
+    return [KernelSpec(name="reshape_and_cache[bf16,kv8,d128,bs16]",
+                       fn=_reshape_and_cache_kernel, signature=sig,
+                       constexprs={"KV_BLOCK_SIZE": 16, "HEAD_DIM": 128, "BLOCK_D": block_d,
+                                   "BLOCK_HEADS": block_heads},
+                       aligned=aligned, num_warps=num_warps)]

@@ -1,0 +1,130 @@
+"""Load generation: Poisson/gamma arrivals, a concurrency cap, one shared HTTP session.
+
+Arrivals follow ``vllm bench serve``: gaps are gamma distributed with shape ``burstiness`` and
+mean ``1 / request_rate`` (burstiness 1 = Poisson; < 1 burstier; > 1 more uniform). The
+concurrency cap is a semaphore taken when a request is due, so a capped run at an infinite rate
+keeps exactly ``max_concurrency`` requests in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+import numpy as np
+from tqdm import tqdm
+
+from bench.client import RequestInput, RequestOutput, send_request
+
+_LAG_PROBE_INTERVAL_S = 0.01
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LoadConfig:
+    """How requests are offered to the server."""
+
+    request_rate: float = math.inf
+    """Mean requests per second; inf sends everything at once."""
+    burstiness: float = 1.0
+    """Gamma shape of the inter-arrival gaps; 1.0 is a Poisson process."""
+    max_concurrency: int | None = None
+    """Most requests in flight at once; None = no cap."""
+    seed: int = 0
+    """Seed of the arrival process."""
+    request_timeout_s: float = 3600.0
+    """Deadline of each request, stream included."""
+    show_progress: bool = True
+    """Draw a tqdm bar (only when stderr is a terminal)."""
+
+
+@dataclass(slots=True)
+class RunOutcome:
+    """The timed part of one benchmark point."""
+
+    outputs: list[RequestOutput]
+    duration_s: float
+    bench_start_s: float
+    client_cpu_s: float
+    """``time.process_time`` spent by this process during the timed part."""
+    loop_lag_ms: list[float] = field(default_factory=list)
+    """How late each 10 ms event-loop probe woke up: high values mean the client is the
+    bottleneck and its timestamps are late."""
+
+
+def arrival_offsets_s(num_requests: int, request_rate: float, burstiness: float,
+                      seed: int) -> list[float]:
+    """Send time of each request relative to the start; the first one goes at 0."""
+    if request_rate <= 0 or burstiness <= 0:
+        raise ValueError("--request-rate and --burstiness must be > 0")
+    if math.isinf(request_rate):
+        return [0.0] * num_requests
+    rng = np.random.default_rng(seed)
+    scale_s = 1.0 / (request_rate * burstiness)
+    gaps_s = rng.gamma(shape=burstiness, scale=scale_s, size=max(0, num_requests - 1))
+    return [0.0, *np.cumsum(gaps_s).tolist()][:num_requests]
+
+
+def make_session(max_concurrency: int | None) -> aiohttp.ClientSession:
+    """One session for the whole run; its pool holds one connection per concurrent stream."""
+    limit = max_concurrency or 0  # 0 = no limit, for uncapped rate-driven runs
+    connector = aiohttp.TCPConnector(limit=limit, limit_per_host=limit, ttl_dns_cache=300,
+                                     keepalive_timeout=60)
+    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None),
+                                 trust_env=False)
+
+
+async def _probe_loop_lag(lags_ms: list[float], stop: asyncio.Event) -> None:
+    """Record how late the event loop wakes a 10 ms sleeper until ``stop`` is set."""
+    while not stop.is_set():
+        due_s = time.perf_counter() + _LAG_PROBE_INTERVAL_S
+        await asyncio.sleep(_LAG_PROBE_INTERVAL_S)
+        lags_ms.append(max(0.0, time.perf_counter() - due_s) * 1000)
+
+
+async def _limited(sem: asyncio.Semaphore | None, session: aiohttp.ClientSession,
+                   req: RequestInput, timeout_s: float) -> RequestOutput:
+    """Send one request under the concurrency cap."""
+    if sem is None:
+        return await send_request(session, req, timeout_s)
+    async with sem:
+        return await send_request(session, req, timeout_s)
+
+
+async def run_batch(session: aiohttp.ClientSession, inputs: list[RequestInput],
+                    max_concurrency: int | None, timeout_s: float) -> list[RequestOutput]:
+    """Send ``inputs`` all at once under a cap, untimed (warm-up requests)."""
+    sem = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+    return list(await asyncio.gather(*(_limited(sem, session, req, timeout_s)
+                                       for req in inputs)))
+
+
+async def run_load(session: aiohttp.ClientSession, inputs: list[RequestInput],
+                   load: LoadConfig) -> RunOutcome:
+    """Offer ``inputs`` on the arrival schedule; return every output and the timings."""
+    offsets_s = arrival_offsets_s(len(inputs), load.request_rate, load.burstiness, load.seed)
+    sem = asyncio.Semaphore(load.max_concurrency) if load.max_concurrency else None
+    bar = tqdm(total=len(inputs), disable=not (load.show_progress and sys.stderr.isatty()))
+    lags_ms: list[float] = []
+    stop = asyncio.Event()
+    lag_task = asyncio.create_task(_probe_loop_lag(lags_ms, stop))
+    cpu_start_s = time.process_time()
+    start_s = time.perf_counter()
+    tasks = []
+    for req, offset_s in zip(inputs, offsets_s, strict=True):
+        delay_s = start_s + offset_s - time.perf_counter()
+        if delay_s > 0:
+            await asyncio.sleep(delay_s)
+        task = asyncio.create_task(_limited(sem, session, req, load.request_timeout_s))
+        task.add_done_callback(lambda _: bar.update(1))
+        tasks.append(task)
+    outputs = list(await asyncio.gather(*tasks))
+    duration_s = time.perf_counter() - start_s
+    client_cpu_s = time.process_time() - cpu_start_s
+    stop.set()
+    await lag_task
+    bar.close()
+    return RunOutcome(outputs, duration_s, start_s, client_cpu_s, lags_ms)

@@ -1,0 +1,186 @@
+"""Command line of ``disagg bench serve`` (flag names follow ``vllm bench serve``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from bench import RESULTS_DIR
+from bench.argparsing import Parser, UsageError, csv_numbers
+from bench.client import COMPLETIONS, ENDPOINTS
+from bench.datasets import DATASET_NAMES, DatasetConfig
+from bench.metrics import parse_goodput, parse_metric_names, parse_percentiles
+
+
+@dataclass(frozen=True, slots=True)
+class Point:
+    """One benchmark point of a run or sweep."""
+
+    max_concurrency: int | None
+    request_rate: float
+    num_prompts: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServePlan:
+    """Validated, parsed options that are not plain argparse values."""
+
+    points: list[Point]
+    sweep_axis: str | None
+    """``"concurrency"``, ``"rate"`` or None for a single point."""
+    percentile_metrics: list[str]
+    percentiles: list[float]
+    goodput_slos_ms: dict[str, float] | None
+    extra_body: dict[str, Any] | None
+
+
+def _add_target_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base-url", default="http://127.0.0.1:8000",
+                   help="server root, e.g. http://127.0.0.1:8000")
+    p.add_argument("--endpoint", default=COMPLETIONS, choices=ENDPOINTS)
+    p.add_argument("--model", required=True, help="model name or path sent in each request")
+    p.add_argument("--served-model-name", help="request 'model' field when it differs")
+    p.add_argument("--tokenizer", help="tokenizer for exact prompt lengths (default: --model)")
+    p.add_argument("--api-key", help="sent as 'Authorization: Bearer KEY'")
+    p.add_argument("--extra-body", help="JSON object merged into every request body")
+    p.add_argument("--request-timeout-s", type=float, default=3600.0)
+
+
+def _add_dataset_args(p: argparse.ArgumentParser) -> None:
+    d = DatasetConfig()
+    p.add_argument("--dataset-name", default="random", choices=DATASET_NAMES)
+    p.add_argument("--num-prompts", type=int, default=d.num_prompts)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--random-input-len", type=int, default=d.random_input_len)
+    p.add_argument("--random-output-len", type=int, default=d.random_output_len)
+    p.add_argument("--random-range-ratio", type=float, default=d.random_range_ratio)
+    p.add_argument("--random-prefix-len", type=int, default=d.random_prefix_len)
+    p.add_argument("--conv-input-mean", type=float, default=d.conv_input_mean)
+    p.add_argument("--conv-output-mean", type=float, default=d.conv_output_mean)
+    p.add_argument("--conv-sigma", type=float, default=d.conv_sigma)
+    p.add_argument("--conv-max-len", type=int, default=d.conv_max_len)
+    p.add_argument("--shared-prefix-groups", type=int, default=d.shared_prefix_groups)
+    p.add_argument("--shared-prefix-len", type=int, default=d.shared_prefix_len)
+
+
+def _add_load_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-concurrency", type=int)
+    p.add_argument("--request-rate", type=float, default=math.inf, help="req/s; inf = all at once")
+    p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape; 1 = Poisson")
+    p.add_argument("--num-warmups", type=int, default=0)
+    p.add_argument("--sweep-concurrency", help="comma list, one result per value: 1,64,256")
+    p.add_argument("--sweep-rate", help="comma list of request rates, one result per value")
+    p.add_argument("--prompts-per-concurrency", type=int,
+                   help="with --sweep-concurrency: each point sends this many x concurrency")
+    p.add_argument("--disable-tqdm", action="store_true")
+
+
+def _add_output_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--percentile-metrics", default="ttft,tpot,itl,e2el")
+    p.add_argument("--metric-percentiles", default="50,90,99")
+    p.add_argument("--goodput", nargs="+", default=None, metavar="NAME:MS",
+                   help="SLOs, e.g. ttft:500 tpot:50 e2el:10000")
+    p.add_argument("--save-result", action="store_true", help="write the full result JSON")
+    p.add_argument("--result-dir", default=".", help="where result JSON files and plots go")
+    p.add_argument("--result-filename", help="file name of the result JSON")
+    p.add_argument("--results-jsonl", default=str(RESULTS_DIR / "serve.jsonl"),
+                   help="append one summary row per point here ('' = do not)")
+    p.add_argument("--deployment", help='what was measured, e.g. "1P1D tcp read"')
+    p.add_argument("--hardware", help="override the detected hardware line")
+    p.add_argument("--label", help="free-form label stored in the result")
+
+
+def build_parser(prog: str = "disagg bench serve") -> Parser:
+    """The ``serve`` argument parser."""
+    p = Parser(prog=prog, description="Benchmark an OpenAI-compatible streaming endpoint.")
+    _add_target_args(p)
+    _add_dataset_args(p)
+    _add_load_args(p)
+    _add_output_args(p)
+    return p
+
+
+def dataset_config(args: argparse.Namespace, num_prompts: int) -> DatasetConfig:
+    """The dataset options as a DatasetConfig for ``num_prompts`` requests."""
+    return DatasetConfig(
+        name=args.dataset_name, num_prompts=num_prompts, seed=args.seed,
+        random_input_len=args.random_input_len, random_output_len=args.random_output_len,
+        random_range_ratio=args.random_range_ratio, random_prefix_len=args.random_prefix_len,
+        conv_input_mean=args.conv_input_mean, conv_output_mean=args.conv_output_mean,
+        conv_sigma=args.conv_sigma, conv_max_len=args.conv_max_len,
+        shared_prefix_groups=args.shared_prefix_groups, shared_prefix_len=args.shared_prefix_len)
+
+
+def _points(args: argparse.Namespace) -> tuple[list[Point], str | None]:
+    """The benchmark points: one, or one per sweep value."""
+    if args.sweep_concurrency and args.sweep_rate:
+        raise UsageError("sweep one axis at a time: --sweep-concurrency or --sweep-rate")
+    if args.sweep_concurrency:
+        per = args.prompts_per_concurrency
+        return [Point(c, args.request_rate, per * c if per else args.num_prompts)
+                for c in csv_numbers(args.sweep_concurrency, int, "--sweep-concurrency")], \
+            "concurrency"
+    if args.sweep_rate:
+        return [Point(args.max_concurrency, r, args.num_prompts)
+                for r in csv_numbers(args.sweep_rate, float, "--sweep-rate")], "rate"
+    return [Point(args.max_concurrency, args.request_rate, args.num_prompts)], None
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Range checks argparse cannot express."""
+    if args.num_prompts < 1:
+        raise UsageError(f"--num-prompts must be at least 1, got {args.num_prompts}")
+    if args.max_concurrency is not None and args.max_concurrency < 1:
+        raise UsageError(f"--max-concurrency must be at least 1, got {args.max_concurrency}")
+    if args.request_rate <= 0 or args.burstiness <= 0:
+        raise UsageError("--request-rate and --burstiness must be > 0")
+    if args.num_warmups < 0 or (args.prompts_per_concurrency or 1) < 1:
+        raise UsageError("--num-warmups must be >= 0 and --prompts-per-concurrency >= 1")
+    if args.request_timeout_s <= 0:
+        raise UsageError("--request-timeout-s must be > 0")
+
+
+def _extra_body(text: str | None) -> dict[str, Any] | None:
+    """Parse --extra-body as a JSON object."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--extra-body is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise UsageError("--extra-body must be a JSON object")
+    return value
+
+
+def parse(argv: list[str]) -> tuple[argparse.Namespace, ServePlan]:
+    """Parse and validate; every user error raises UsageError with one line."""
+    args = build_parser().parse_args(argv)
+    _check_numbers(args)
+    points, axis = _points(args)
+    try:
+        plan = ServePlan(points=points, sweep_axis=axis,
+                         percentile_metrics=parse_metric_names(args.percentile_metrics),
+                         percentiles=parse_percentiles(args.metric_percentiles),
+                         goodput_slos_ms=parse_goodput(args.goodput) if args.goodput else None,
+                         extra_body=_extra_body(args.extra_body))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    return args, plan
+
+
+def workload_label(cfg: DatasetConfig) -> str:
+    """A short description of the workload for result rows and the README table."""
+    if cfg.name == "conversation":
+        return (f"conversation lognormal in~{cfg.conv_input_mean:g} "
+                f"out~{cfg.conv_output_mean:g} sigma={cfg.conv_sigma:g}")
+    shape = f"in={cfg.random_input_len} out={cfg.random_output_len}"
+    if cfg.random_range_ratio:
+        shape += f" range={cfg.random_range_ratio:g}"
+    if cfg.name == "shared-prefix":
+        return f"shared-prefix {cfg.shared_prefix_groups}x{cfg.shared_prefix_len} {shape}"
+    return f"random {shape}" + (f" prefix={cfg.random_prefix_len}" if cfg.random_prefix_len
+                                else "")

@@ -1,0 +1,296 @@
+"""KV transport over NVIDIA NIXL (UCX backend by default); host (DRAM) or GPU (VRAM) memory.
+
+NIXL calls used (``nixl._api``, checked against nixl 1.5)::
+
+    nixl_agent(name, nixl_agent_config(backends=["UCX"], num_threads=...))
+    agent.register_memory(tensor)            # DRAM for CPU tensors, VRAM for GPU tensors
+    agent.get_agent_metadata() -> bytes      # goes into our descriptor
+    agent.add_remote_agent(metadata) -> name / agent.remove_remote_agent(name)
+    agent.get_xfer_descs(Nx3 uint64 array of (addr, len, dev), "DRAM" | "VRAM")
+    agent.initialize_xfer("READ" | "WRITE", local_descs, remote_descs, remote_name)
+    agent.transfer(xfer) / agent.check_xfer_state(xfer) -> "DONE" | "PROC" | "ERR"
+    agent.release_xfer_handle(xfer) / agent.deregister_memory(reg_descs)
+
+The descriptor is msgpack: the agent metadata blob plus the region's base address, size,
+device id and memory type, so a peer can address any byte range of the region. Agent calls are
+serialized by one lock (the agent is created in NIXL's no-thread-sync mode).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import numpy as np
+import torch
+
+from connectors.transports.base import (
+    Segment,
+    TransferOp,
+    TransferStatus,
+    Transport,
+    TransportError,
+    merge_segments,
+)
+from connectors.transports.handles import HandleTable
+from connectors.transports.validation import build_options, check_segments
+
+logger = logging.getLogger(__name__)
+
+DESCRIPTOR_VERSION = 1
+
+
+class NixlDescriptor(msgspec.Struct, frozen=True):
+    """This side as a NIXL peer sees it."""
+
+    transport: str
+    version: int
+    agent_name: str
+    metadata: bytes
+    base_addr: int
+    region_bytes: int
+    device_id: int
+    mem_type: str
+    """``DRAM`` or ``VRAM``."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NixlOptions:
+    """Knobs of the nixl transport."""
+
+    backends: tuple[str, ...] = ("UCX",)
+    """NIXL backend plugins to create."""
+    num_threads: int = 0
+    """Backend worker threads (0 = NIXL's default)."""
+    transfer_timeout_s: float | None = 120.0
+    """Backstop: a batch still PENDING this long after post is failed by poll."""
+
+
+@dataclass(slots=True)
+class _Peer:
+    remote_name: str
+    desc: NixlDescriptor
+
+
+@dataclass(slots=True)
+class _Local:
+    reg_descs: Any
+    base_addr: int
+    nbytes: int
+    device_id: int
+    mem_type: str
+
+
+def _import_nixl() -> Any:
+    """The ``nixl._api`` module, or a TransportError saying how to get it."""
+    try:
+        from nixl import _api
+    except ImportError as exc:
+        raise TransportError(f"nixl is not installed or not importable ({exc}); "
+                             "install it with `pip install nixl`") from exc
+    return _api
+
+
+def unavailable_reason() -> str | None:
+    """None when ``nixl._api`` imports, else why not."""
+    try:
+        _import_nixl()
+    except TransportError as exc:
+        return str(exc)
+    return None
+
+
+class NixlTransport(Transport):
+    """One-sided READ/WRITE through a NIXL agent."""
+
+    name = "nixl"
+
+    def __init__(self, *, agent_name: str, options: NixlOptions | None = None) -> None:
+        api = _import_nixl()
+        self._opts = options or NixlOptions()
+        config = api.nixl_agent_config(backends=list(self._opts.backends),
+                                       num_threads=self._opts.num_threads)
+        self._agent = api.nixl_agent(agent_name, config)
+        self._agent_name = agent_name
+        self._lock = threading.RLock()
+        self._table = HandleTable(self._opts.transfer_timeout_s)
+        self._peers: dict[str, _Peer] = {}
+        self._local: _Local | None = None
+        self._closed = False
+
+    def register_region(self, tensor: torch.Tensor) -> None:
+        """Register the KV tensor with every backend that handles its memory type."""
+        if self._local is not None:
+            raise TransportError("nixl transport: a region is already registered")
+        if not tensor.is_contiguous():
+            raise TransportError("nixl transport: the KV tensor must be contiguous")
+        on_gpu = tensor.device.type == "cuda"
+        with self._lock:
+            reg = self._agent.register_memory(tensor)
+        self._local = _Local(reg, tensor.data_ptr(), tensor.numel() * tensor.element_size(),
+                             (tensor.device.index or 0) if on_gpu else 0,
+                             "VRAM" if on_gpu else "DRAM")
+
+    def _require_local(self) -> _Local:
+        if self._local is None:
+            raise TransportError("nixl transport: register_region() must be called first")
+        return self._local
+
+    def descriptor(self) -> bytes:
+        """msgpack NixlDescriptor (agent metadata + region address, size, device)."""
+        local = self._require_local()
+        with self._lock:
+            metadata = self._agent.get_agent_metadata()
+        return msgspec.msgpack.encode(NixlDescriptor(
+            transport=self.name, version=DESCRIPTOR_VERSION, agent_name=self._agent_name,
+            metadata=bytes(metadata), base_addr=local.base_addr, region_bytes=local.nbytes,
+            device_id=local.device_id, mem_type=local.mem_type))
+
+    def add_peer(self, peer_name: str, descriptor: bytes) -> None:
+        """Load the peer agent's metadata; a changed descriptor replaces the old one."""
+        try:
+            desc = msgspec.msgpack.decode(descriptor, type=NixlDescriptor)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise TransportError(f"peer {peer_name!r}: not a nixl descriptor ({exc})") from exc
+        if desc.transport != self.name or desc.version != DESCRIPTOR_VERSION:
+            raise TransportError(f"peer {peer_name!r} sent a {desc.transport} "
+                                 f"v{desc.version} descriptor, expected nixl "
+                                 f"v{DESCRIPTOR_VERSION}")
+        with self._lock:
+            old = self._peers.get(peer_name)
+            if old is not None and old.desc == desc:
+                return
+            if old is not None:
+                self._forget_peer(peer_name, old, "re-registered")
+            remote = self._agent.add_remote_agent(desc.metadata)
+            name = remote.decode() if isinstance(remote, bytes) else str(remote)
+            self._peers[peer_name] = _Peer(name, desc)
+
+    def _forget_peer(self, peer_name: str, peer: _Peer, why: str) -> None:
+        """Fail the peer's batches and unload its metadata (lock held)."""
+        for handle in self._table.fail_peer(peer_name, f"peer {peer_name!r} {why}"):
+            state = self._table.get(handle)
+            self._release_xfer(state.context)
+            state.context = None
+        try:
+            self._agent.remove_remote_agent(peer.remote_name)
+        except Exception as exc:  # already disconnected: nothing left to undo
+            logger.debug("nixl remove_remote_agent(%s): %s", peer.remote_name, exc)
+
+    def remove_peer(self, peer_name: str) -> None:
+        """Forget a peer; its pending batches fail."""
+        with self._lock:
+            peer = self._peers.pop(peer_name, None)
+            if peer is not None:
+                self._forget_peer(peer_name, peer, "removed")
+            else:
+                self._table.fail_peer(peer_name, f"peer {peer_name!r} removed")
+
+    def post(self, op: TransferOp, peer_name: str, segments: Sequence[Segment]) -> int:
+        """Create and start one NIXL transfer request for the merged batch."""
+        local = self._require_local()
+        merged = merge_segments(segments)
+        handle = self._table.new(peer_name)
+        with self._lock:
+            peer = self._peers.get(peer_name)
+            if peer is None:
+                self._table.finish(handle, f"unknown peer {peer_name!r} (add_peer first)")
+                return handle
+            problem = check_segments(merged, local.nbytes, peer.desc.region_bytes)
+            if problem is not None:
+                self._table.pop(handle)
+                raise ValueError(f"nixl transport post to {peer_name!r}: {problem}")
+            if not merged:
+                self._table.finish(handle)
+                return handle
+            try:
+                self._start(handle, op, local, peer, merged)
+            except Exception as exc:  # NIXL raises its own types (disconnect, bad args)
+                self._table.finish(handle, f"nixl {op.value} to peer {peer_name!r} failed "
+                                           f"to start: {type(exc).__name__}: {exc}")
+        return handle
+
+    def _start(self, handle: int, op: TransferOp, local: _Local, peer: _Peer,
+               merged: list[Segment]) -> None:
+        """initialize_xfer + transfer (lock held)."""
+        lo = np.array([(local.base_addr + s.local_offset, s.length, local.device_id)
+                       for s in merged], dtype=np.uint64)
+        ro = np.array([(peer.desc.base_addr + s.remote_offset, s.length, peer.desc.device_id)
+                       for s in merged], dtype=np.uint64)
+        local_descs = self._agent.get_xfer_descs(lo, local.mem_type)
+        remote_descs = self._agent.get_xfer_descs(ro, peer.desc.mem_type)
+        xfer = self._agent.initialize_xfer(op.value.upper(), local_descs, remote_descs,
+                                           peer.remote_name)
+        self._table.get(handle).context = xfer
+        state = self._agent.transfer(xfer)
+        self._apply_state(handle, state)
+
+    def _apply_state(self, handle: int, state: str) -> None:
+        """Map NIXL's DONE / PROC / ERR onto the handle."""
+        if state == "DONE":
+            self._table.finish(handle)
+        elif state == "ERR":
+            peer = self._table.get(handle).peer_name
+            self._table.finish(handle, f"nixl transfer to peer {peer!r} reported ERR")
+
+    def poll(self, handle: int) -> TransferStatus:
+        """Ask NIXL about a pending batch; PENDING, DONE or FAILED."""
+        with self._lock:
+            state = self._table.get(handle)
+            if state.status is TransferStatus.PENDING and state.context is not None:
+                try:
+                    self._apply_state(handle, self._agent.check_xfer_state(state.context))
+                except Exception as exc:
+                    self._table.finish(handle, f"nixl transfer to peer {state.peer_name!r} "
+                                               f"failed: {type(exc).__name__}: {exc}")
+        return self._table.status(handle)
+
+    def error(self, handle: int) -> str | None:
+        """Why a FAILED handle failed."""
+        return self._table.error(handle)
+
+    def release(self, handle: int) -> None:
+        """Forget a handle and free NIXL's request (NIXL cancels it if still active)."""
+        state = self._table.pop(handle)
+        if state is not None:
+            with self._lock:
+                self._release_xfer(state.context)
+
+    def _release_xfer(self, xfer: Any) -> None:
+        if xfer is None:
+            return
+        try:
+            self._agent.release_xfer_handle(xfer)
+        except Exception as exc:  # an uncancellable request: NIXL keeps it on its leak list
+            logger.warning("nixl could not release a transfer request: %s", exc)
+
+    def close(self) -> None:
+        """Fail pending batches, free requests, unload peers, deregister memory."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._table.fail_all("nixl transport closed")
+            for _, state in self._table.states():
+                self._release_xfer(state.context)
+                state.context = None
+            for name, peer in list(self._peers.items()):
+                self._forget_peer(name, peer, "closed")
+            self._peers.clear()
+            if self._local is not None:
+                try:
+                    self._agent.deregister_memory(self._local.reg_descs)
+                except Exception as exc:
+                    logger.debug("nixl deregister_memory: %s", exc)
+
+
+def make_nixl_transport(agent_name: str, host: str, **options: Any) -> NixlTransport:
+    """Build a NixlTransport (``host`` is unused: UCX picks its own addresses)."""
+    if "backends" in options:
+        options["backends"] = tuple(options["backends"])
+    return NixlTransport(agent_name=agent_name,
+                         options=build_options(NixlOptions, "nixl", options))

@@ -1,0 +1,255 @@
+"""The instance's OpenAI-compatible HTTP server (aiohttp app factory).
+
+Only built after every engine core's ready handshake, so every check below uses synced values.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from disagg import __version__
+from disagg.engine_client import EngineClient
+from disagg.metrics import ServerMetrics, counter, gauge
+from disagg.openai_api import (ApiError, ChatCompletionRequest, CompletionRequest,
+                               chat_prompt_ids, completion_prompt_ids, decode_body,
+                               sampling_params)
+from disagg.protocol import TokenLogprob
+from disagg.serving import Delta, collect, generate
+from disagg.sse import DONE_FRAME, sse_frame
+from disagg.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True, slots=True)
+class ServerInfo:
+    """Static facts the HTTP layer reports."""
+
+    served_model_name: str
+    model: str
+    http_url: str
+    admin_key: str | None = None
+
+
+ENGINE = web.AppKey("engine", EngineClient)
+TOKENIZER = web.AppKey("tokenizer", Tokenizer)
+INFO = web.AppKey("info", ServerInfo)
+METRICS = web.AppKey("metrics", ServerMetrics)
+
+
+def json_error(err: ApiError) -> web.Response:
+    """OpenAI-style error response."""
+    return web.json_response(err.body(), status=err.status)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Map ApiError and unexpected failures to JSON bodies; never a traceback page."""
+    try:
+        return await handler(request)
+    except ApiError as err:
+        return json_error(err)
+    except web.HTTPException as exc:
+        if exc.status >= 400:
+            return json_error(ApiError(exc.status, exc.reason or "error"))
+        raise
+
+
+def _logprobs_json(lps: list[TokenLogprob], ids: list[int], tok: Tokenizer,
+                   chat: bool) -> dict[str, Any]:
+    if chat:
+        return {"content": [{"token": tok.decode([t]), "logprob": lp.logprob,
+                             "top_logprobs": [{"token": tok.decode([a]), "logprob": v}
+                                              for a, v in lp.top]}
+                            for t, lp in zip(ids, lps)]}
+    return {"tokens": [tok.decode([t]) for t in ids], "token_logprobs": [lp.logprob for lp in lps],
+            "top_logprobs": [{tok.decode([a]): v for a, v in lp.top} for lp in lps]}
+
+
+class _Call:
+    """One OpenAI call: parsed body, prompt ids, params, ids for the response."""
+
+    def __init__(self, request: web.Request, chat: bool) -> None:
+        self.app, self.chat = request.app, chat
+        self.tok = request.app[TOKENIZER]
+        self.engine = request.app[ENGINE]
+        self.created = int(time.time())
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.object = "chat.completion" if chat else "text_completion"
+
+    async def parse(self, request: web.Request) -> None:
+        body = await request.read()
+        kind = ChatCompletionRequest if self.chat else CompletionRequest
+        self.req = req = decode_body(body, kind)
+        info = self.app[INFO]
+        if req.model is not None and req.model not in (info.served_model_name, info.model):
+            raise ApiError(404, f"The model `{req.model}` does not exist; this server serves "
+                           f"`{info.served_model_name}`", code="model_not_found", param="model")
+        self.model = info.served_model_name
+        self.prompt_ids = (chat_prompt_ids(req, self.tok) if self.chat
+                           else completion_prompt_ids(req, self.tok))
+        synced = self.engine.synced
+        assert synced is not None
+        self.sp = sampling_params(req, len(self.prompt_ids), synced.max_model_len)
+
+    def usage(self, num_out: int) -> dict[str, int]:
+        n = len(self.prompt_ids)
+        return {"prompt_tokens": n, "completion_tokens": num_out, "total_tokens": n + num_out}
+
+    def deltas(self) -> AsyncIterator[Delta]:
+        return generate(self.engine, self.tok, self.app[METRICS], self.id, self.prompt_ids,
+                        self.sp, self.req.kv_transfer_params)
+
+    def choice(self, text: str, ids: list[int], lps: list[TokenLogprob] | None,
+               reason: str | None, stream: bool) -> dict[str, Any]:
+        lp_json = _logprobs_json(lps, ids, self.tok, self.chat) if lps else None
+        c: dict[str, Any] = {"index": 0, "logprobs": lp_json, "finish_reason": reason}
+        if self.chat:
+            c["delta" if stream else "message"] = {"role": "assistant", "content": text}
+        else:
+            c["text"] = text
+        if self.req.return_token_ids:
+            c["token_ids"] = ids
+        return c
+
+
+async def _completions(request: web.Request, chat: bool) -> web.StreamResponse:
+    call = _Call(request, chat)
+    await call.parse(request)
+    if call.req.stream:
+        return await _stream(request, call)
+    res = await collect(call.deltas())
+    body: dict[str, Any] = {
+        "id": call.id, "object": call.object, "created": call.created, "model": call.model,
+        "choices": [call.choice(res.text, res.token_ids, res.logprobs or None,
+                                res.finish_reason, False)],
+        "usage": call.usage(len(res.token_ids))}
+    if call.req.return_token_ids:
+        body["prompt_token_ids"] = call.prompt_ids
+    if res.kv_transfer_params is not None:
+        body["kv_transfer_params"] = res.kv_transfer_params
+    return web.json_response(body)
+
+
+async def _stream(request: web.Request, call: _Call) -> web.StreamResponse:
+    deltas = call.deltas()
+    first = await anext(deltas)  # errors before the first byte still become JSON errors
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                       "Cache-Control": "no-cache"})
+    await resp.prepare(request)
+    obj = call.object + ".chunk" if call.chat else call.object
+    head = {"id": call.id, "object": obj, "created": call.created, "model": call.model}
+    num_out = 0
+    try:
+        delta: Delta | None = first
+        while delta is not None:
+            num_out += len(delta.token_ids)
+            await resp.write(sse_frame({**head, "choices": [call.choice(
+                delta.text, delta.token_ids, delta.logprobs, delta.finish_reason, True)]}))
+            delta = await anext(deltas, None)
+        opts = call.req.stream_options
+        if opts is not None and opts.include_usage:
+            await resp.write(sse_frame({**head, "choices": [], "usage": call.usage(num_out)}))
+        await resp.write(DONE_FRAME)
+    except ApiError as err:
+        await resp.write(sse_frame(err.body()))
+    finally:
+        await deltas.aclose()
+    return resp
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    """POST /v1/completions."""
+    return await _completions(request, chat=False)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    """POST /v1/chat/completions."""
+    return await _completions(request, chat=True)
+
+
+async def models(request: web.Request) -> web.Response:
+    """GET /v1/models with the synced max_model_len."""
+    info, synced = request.app[INFO], request.app[ENGINE].synced
+    assert synced is not None
+    return web.json_response({"object": "list", "data": [{
+        "id": info.served_model_name, "object": "model", "created": 0, "owned_by": "disagg",
+        "root": info.model, "max_model_len": synced.max_model_len}]})
+
+
+async def health(request: web.Request) -> web.Response:
+    """GET /health: 200 while every engine core is alive."""
+    dead = request.app[ENGINE].dead
+    if dead:
+        return json_error(ApiError(503, dead, err_type="server_error"))
+    return web.json_response({"status": "ok"})
+
+
+async def version(request: web.Request) -> web.Response:
+    """GET /version."""
+    return web.json_response({"version": __version__})
+
+
+async def instance_info(request: web.Request) -> web.Response:
+    """GET /instance_info: role, connector addresses and synced limits (used by the proxy)."""
+    engine, info = request.app[ENGINE], request.app[INFO]
+    assert engine.synced is not None
+    r0 = engine.synced.ready[0]
+    return web.json_response({
+        "role": r0.kv_role, "mode": r0.kv_mode, "engine_id": r0.engine_id,
+        "http_url": info.http_url, "max_model_len": engine.synced.max_model_len,
+        "block_size": engine.synced.block_size, "dp_size": engine.dp_size,
+        "model": info.served_model_name, "kv_host": r0.kv_host,
+        "kv_handshake_port": r0.kv_handshake_port, "kv_notify_port": r0.kv_notify_port,
+        "num_gpu_blocks": engine.synced.num_gpu_blocks})
+
+
+async def kv_abort(request: web.Request) -> web.Response:
+    """POST /v1/kv_transfer/abort {"transfer_id": ...}: drop a transfer's request and blocks."""
+    try:
+        body = json.loads(await request.read() or b"{}")
+        transfer_id = str(body["transfer_id"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ApiError(400, "body must be a JSON object with a transfer_id") from exc
+    found = await request.app[ENGINE].utility("kv_abort", {"transfer_id": transfer_id})
+    return web.json_response({"transfer_id": transfer_id, "found": any(found)})
+
+
+async def kv_ledger(request: web.Request) -> web.Response:
+    """GET /v1/kv_ledger: per-rank block ledger (checked for consistency on each call)."""
+    ranks = await request.app[ENGINE].utility("ledger")
+    return web.json_response({"ranks": ranks})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """GET /metrics in Prometheus text format."""
+    from disagg.metrics_render import render_instance_metrics
+
+    return web.Response(text=render_instance_metrics(request.app[ENGINE], request.app[METRICS],
+                                                     request.app[INFO].served_model_name),
+                        content_type="text/plain")
+
+
+def make_app(engine: EngineClient, tokenizer: Tokenizer, info: ServerInfo) -> web.Application:
+    """Build the instance app around a started EngineClient."""
+    app = web.Application(middlewares=[error_middleware], client_max_size=64 * 2**20)
+    app[ENGINE], app[TOKENIZER], app[INFO], app[METRICS] = engine, tokenizer, info, \
+        ServerMetrics()
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/health", health)
+    app.router.add_get("/version", version)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/instance_info", instance_info)
+    app.router.add_post("/v1/kv_transfer/abort", kv_abort)
+    app.router.add_get("/v1/kv_ledger", kv_ledger)
+    return app
+
+
+__all__ = ["make_app", "ServerInfo", "counter", "gauge"]

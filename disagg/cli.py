@@ -1,0 +1,120 @@
+"""The ``disagg`` command: serve, bench, doctor."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from disagg import __version__, envs
+from disagg.config import (CacheConfig, ConfigError, EngineConfig, KVTransferConfig, ModelConfig,
+                           ParallelConfig, SchedulerConfig, parse_bytes, parse_max_model_len)
+
+logger = logging.getLogger("disagg")
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """Flags shared by ``disagg serve`` and the offline LLM entry points."""
+    p.add_argument("model", nargs="?", default="builtin:tiny-llama",
+                   help="builtin:tiny-llama or a Hugging Face model directory")
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-model-len", type=parse_max_model_len, default=None,
+                   help="tokens, e.g. 4096, 32k, or auto / -1 to fit the KV cache")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--kv-cache-memory-bytes", type=parse_bytes, default=None,
+                   help="explicit KV cache budget, e.g. 256MiB (the sizing input on CPU)")
+    p.add_argument("--num-gpu-blocks-override", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--no-chunked-prefill", action="store_true")
+    p.add_argument("--data-parallel-size", "-dp", type=int, default=1)
+    p.add_argument("--kv-transfer-config", default=None,
+                   help='JSON, e.g. {"kv_connector":"PDConnector","kv_role":"kv_producer",...}')
+
+
+def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
+    """Validate flags into a frozen EngineConfig."""
+    if a.block_size < 1 or a.block_size > 256:
+        raise ConfigError("--block-size must be between 1 and 256")
+    if a.max_num_seqs < 1 or a.max_num_batched_tokens < 1:
+        raise ConfigError("--max-num-seqs and --max-num-batched-tokens must be positive")
+    if a.data_parallel_size < 1:
+        raise ConfigError("--data-parallel-size must be at least 1")
+    if not 0 < a.gpu_memory_utilization <= 1:
+        raise ConfigError("--gpu-memory-utilization must be in (0, 1]")
+    if not a.model.startswith("builtin:") and not os.path.isdir(a.model):
+        raise ConfigError(f"model {a.model!r} is neither builtin:tiny-llama nor a directory")
+    return EngineConfig(
+        model=ModelConfig(model=a.model, served_model_name=a.served_model_name or a.model,
+                          dtype=a.dtype, device=a.device, load_format=a.load_format,
+                          seed=a.seed, max_model_len=a.max_model_len),
+        cache=CacheConfig(block_size=a.block_size,
+                          gpu_memory_utilization=a.gpu_memory_utilization,
+                          kv_cache_memory_bytes=a.kv_cache_memory_bytes,
+                          num_gpu_blocks_override=a.num_gpu_blocks_override),
+        scheduler=SchedulerConfig(max_num_seqs=a.max_num_seqs,
+                                  max_num_batched_tokens=a.max_num_batched_tokens,
+                                  enable_chunked_prefill=not a.no_chunked_prefill),
+        parallel=ParallelConfig(data_parallel_size=a.data_parallel_size),
+        kv_transfer=KVTransferConfig.from_json(a.kv_transfer_config))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Top-level parser."""
+    parser = argparse.ArgumentParser(prog="disagg", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"disagg {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run one OpenAI-compatible instance")
+    add_engine_args(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--admin-key", default=None)
+    serve.add_argument("--proxy-address", default=None,
+                       help="tcp://HOST:PORT of a disagg proxy to register with")
+    sub.add_parser("bench", help="benchmarks: serve | throughput | transfer", add_help=False)
+    sub.add_parser("doctor", help="what this machine can do, and why not", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``disagg`` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "bench":
+        from bench.cli import main as bench_main
+
+        return bench_main(argv[1:])
+    if argv and argv[0] == "doctor":
+        from disagg.doctor import main as doctor_main
+
+        return doctor_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=envs.log_level(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = engine_config_from_args(args)
+    except ConfigError as exc:
+        print(f"disagg: error: {exc}", file=sys.stderr)
+        return 2
+    from disagg.server_main import serve
+
+    try:
+        return asyncio.run(serve(cfg, args))
+    except KeyboardInterrupt:
+        return 130
+
+
+def _ignore_sigpipe() -> None:
+    if hasattr(signal, "SIGPIPE"):
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Every configuration object, frozen. Derived values go through ``dataclasses.replace``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A user-supplied setting is invalid; the message is shown as one line."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelConfig:
+    """Which model, in which precision, on which device."""
+
+    model: str
+    """``builtin:tiny-llama`` or a Hugging Face model directory."""
+    served_model_name: str
+    """Name the API reports and accepts in the ``model`` field."""
+    dtype: str = "auto"
+    """auto | float32 | bfloat16 | float16 (auto: float32 on CPU, bfloat16 on GPU)."""
+    device: str = "auto"
+    """auto | cpu | cuda (cuda means any torch GPU, ROCm included)."""
+    load_format: str = "auto"
+    """auto (weights from files) | dummy (random weights, no files needed)."""
+    seed: int = 0
+    """Seed for dummy weights and for requests without their own seed."""
+    max_model_len: int | None = None
+    """Requested context length; None = the model's own, -1 = auto-fit to the KV cache."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CacheConfig:
+    """Paged KV cache sizing."""
+
+    block_size: int = 16
+    """Tokens per KV block."""
+    gpu_memory_utilization: float = 0.9
+    """Fraction of GPU memory the instance may use (weights + activations + KV)."""
+    kv_cache_memory_bytes: int | None = None
+    """Explicit KV budget; the only sizing input on CPU (default 256 MiB there)."""
+    num_gpu_blocks_override: int | None = None
+    """Use exactly this many blocks; replaces the measured budget before auto-fit and checks."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SchedulerConfig:
+    """Batching limits."""
+
+    max_num_seqs: int = 256
+    """Most requests in one step."""
+    max_num_batched_tokens: int = 2048
+    """Most tokens in one step (prefill chunks + decodes)."""
+    enable_chunked_prefill: bool = True
+    """Split long prompts across steps."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ParallelConfig:
+    """Data parallelism of engine cores behind one frontend."""
+
+    data_parallel_size: int = 1
+    """Number of engine-core processes."""
+    data_parallel_rank: int = 0
+    """This engine core's rank."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KVTransferConfig:
+    """The ``--kv-transfer-config`` JSON, as in vLLM."""
+
+    kv_connector: str | None = None
+    """Registered connector name or ``module:Class`` import path."""
+    kv_role: str = "kv_both"
+    """kv_producer (prefill) | kv_consumer (decode) | kv_both."""
+    kv_connector_extra_config: dict[str, Any] = field(default_factory=dict)
+    """Connector options: transport, mode, transfer_timeout, defer_timeout, base_port, ..."""
+
+    @classmethod
+    def from_json(cls, text: str | None) -> KVTransferConfig | None:
+        """Parse the CLI flag; a clear ConfigError on bad JSON or fields."""
+        if not text:
+            return None
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--kv-transfer-config is not valid JSON: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError("--kv-transfer-config must be a JSON object")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(raw) - known
+        if unknown:
+            raise ConfigError(f"--kv-transfer-config: unknown keys {sorted(unknown)}")
+        cfg = cls(**raw)
+        if cfg.kv_role not in ("kv_producer", "kv_consumer", "kv_both"):
+            raise ConfigError(f"kv_role must be kv_producer, kv_consumer or kv_both, "
+                              f"got {cfg.kv_role!r}")
+        if not isinstance(cfg.kv_connector_extra_config, dict):
+            raise ConfigError("kv_connector_extra_config must be a JSON object")
+        return cfg
+
+    def extra(self, key: str, default: Any) -> Any:
+        """One value from kv_connector_extra_config."""
+        return self.kv_connector_extra_config.get(key, default)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EngineConfig:
+    """Everything an engine core needs; sent whole to the engine process."""
+
+    model: ModelConfig
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    kv_transfer: KVTransferConfig | None = None
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def parse_bytes(text: str) -> int:
+    """'64MiB', '1.5G', '4096' -> bytes (binary units)."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise ConfigError(f"cannot parse a byte size from {text!r} (try 256MiB or 1GiB)")
+    scale = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[m.group(2).lower()]
+    return int(float(m.group(1)) * scale)
+
+
+def parse_max_model_len(text: str) -> int:
+    """'2048', '32k', '1M', 'auto' or '-1' -> tokens (-1 means auto-fit)."""
+    t = text.strip().lower()
+    if t in ("auto", "-1"):
+        return -1
+    m = re.match(r"^(\d+)([km]?)$", t)
+    if not m:
+        raise ConfigError(f"--max-model-len must be a number, 32k, auto or -1; got {text!r}")
+    value = int(m.group(1)) * {"": 1, "k": 1024, "m": 1024 * 1024}[m.group(2)]
+    if value < 1:
+        raise ConfigError("--max-model-len must be positive (or auto / -1)")
+    return value

@@ -1,0 +1,268 @@
+"""Frontend side of the engine cores: start them, apply their ready handshakes, route traffic.
+
+    EngineClient.start():  spawn N engine cores -> wait (deadline) for N ready messages
+                           -> apply: max_model_len = min(frontend, each engine),
+                                     num_gpu_blocks = sum, block_size = engines' (must agree)
+    add_request() -> RequestHandle whose queue receives EngineCoreOutput items
+    a dead engine core fails every open request and sets ``dead`` (the server then exits).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import multiprocessing
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from disagg.config import EngineConfig, ParallelConfig
+from disagg.protocol import (EngineCoreAbort, EngineCoreOutput, EngineCoreOutputs,
+                             EngineCoreReadyResponse, EngineCoreRequest, EngineCoreStartupError,
+                             EngineCoreUtility, EngineCoreUtilityResult, EngineStats, encoder,
+                             outbound_decoder)
+from disagg.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineStartupError(RuntimeError):
+    """An engine core failed to start; the message is one readable line."""
+
+
+class EngineDeadError(RuntimeError):
+    """An engine core died after start-up."""
+
+
+@dataclass(frozen=True, slots=True)
+class SyncedConfig:
+    """The values every frontend check and report uses, after the ready handshake."""
+
+    max_model_len: int
+    num_gpu_blocks: int
+    block_size: int
+    dtype: str
+    ready: tuple[EngineCoreReadyResponse, ...]
+
+
+def apply_ready_responses(frontend_max_model_len: int | None,
+                          responses: list[EngineCoreReadyResponse]) -> SyncedConfig:
+    """Combine every rank's handshake (min length, summed blocks, agreeing block size)."""
+    if not responses:
+        raise EngineStartupError("no engine core reported ready")
+    sizes = {r.block_size for r in responses}
+    if len(sizes) != 1:
+        raise EngineStartupError(f"engine cores disagree on block_size: {sorted(sizes)}")
+    lens = [r.max_model_len for r in responses]
+    if frontend_max_model_len is not None and frontend_max_model_len > 0:
+        lens.append(frontend_max_model_len)
+    ordered = tuple(sorted(responses, key=lambda r: r.dp_rank))
+    return SyncedConfig(min(lens), sum(r.num_gpu_blocks for r in responses), sizes.pop(),
+                        responses[0].dtype, ordered)
+
+
+@dataclass(slots=True)
+class RequestHandle:
+    """An in-flight request seen from the frontend."""
+
+    request_id: str
+    dp_rank: int
+    num_prompt_tokens: int
+    queue: asyncio.Queue[EngineCoreOutput | Exception] = field(default_factory=asyncio.Queue)
+
+
+class EngineClient:
+    """Async client over one or more engine-core processes."""
+
+    def __init__(self, cfg: EngineConfig, ready_timeout_s: float) -> None:
+        self.cfg = cfg
+        self.ready_timeout_s = ready_timeout_s
+        self.dp_size = cfg.parallel.data_parallel_size
+        self._ctx = zmq.asyncio.Context()
+        self._dir = tempfile.mkdtemp(prefix="disagg-")
+        self._procs: list[Any] = []
+        self._inputs: list[zmq.asyncio.Socket] = []
+        self._output: zmq.asyncio.Socket | None = None
+        self.synced: SyncedConfig | None = None
+        self.handles: dict[str, RequestHandle] = {}
+        self.stats: dict[int, EngineStats] = {}
+        self._calls: dict[int, asyncio.Future[Any]] = {}
+        self._call_ids = itertools.count(1)
+        self._tasks: list[asyncio.Task[None]] = []
+        self.dead: str | None = None
+        self.dead_event = asyncio.Event()
+
+    # ---- start-up -------------------------------------------------------------------------
+    async def start(self) -> SyncedConfig:
+        """Spawn engine cores and wait for every ready handshake (bounded)."""
+        out_addr = f"ipc://{self._dir}/out"
+        self._output = self._ctx.socket(zmq.PULL)
+        self._output.bind(out_addr)
+        mp = multiprocessing.get_context("spawn")
+        for rank in range(self.dp_size):
+            in_addr = f"ipc://{self._dir}/in{rank}"
+            sock = self._ctx.socket(zmq.PUSH)
+            sock.bind(in_addr)
+            self._inputs.append(sock)
+            rank_cfg = _with_rank(self.cfg, rank)
+            from disagg.engine_process import run_engine_core
+
+            proc = mp.Process(target=run_engine_core, name=f"disagg-engine-dp{rank}",
+                              args=(msgspec.msgpack.encode(rank_cfg), in_addr, out_addr),
+                              daemon=True)
+            proc.start()
+            self._procs.append(proc)
+        responses = await self._wait_ready()
+        self.synced = apply_ready_responses(self.cfg.model.max_model_len, responses)
+        self._tasks = [asyncio.create_task(self._output_loop()),
+                       asyncio.create_task(self._monitor())]
+        return self.synced
+
+    async def _wait_ready(self) -> list[EngineCoreReadyResponse]:
+        assert self._output is not None
+        deadline = time.monotonic() + self.ready_timeout_s
+        ready: dict[int, EngineCoreReadyResponse] = {}
+        while len(ready) < self.dp_size:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise EngineStartupError(
+                    f"engine core not ready after {self.ready_timeout_s:.0f} s "
+                    f"({len(ready)}/{self.dp_size} ranks ready); raise "
+                    "DISAGG_ENGINE_READY_TIMEOUT_S if model loading is slow")
+            if await self._output.poll(int(min(left, 0.5) * 1000)):
+                msg = outbound_decoder.decode(await self._output.recv())
+                if isinstance(msg, EngineCoreStartupError):
+                    raise EngineStartupError(msg.message)
+                if isinstance(msg, EngineCoreReadyResponse):
+                    ready[msg.dp_rank] = msg
+                continue
+            for rank, proc in enumerate(self._procs):
+                if not proc.is_alive() and rank not in ready:
+                    raise EngineStartupError(
+                        f"engine core dp{rank} exited with code {proc.exitcode} during start-up")
+        return list(ready.values())
+
+    # ---- traffic --------------------------------------------------------------------------
+    def _pick_rank(self) -> int:
+        if self.dp_size == 1:
+            return 0
+        load = [0] * self.dp_size
+        for h in self.handles.values():
+            load[h.dp_rank] += 1
+        return min(range(self.dp_size), key=lambda r: load[r])
+
+    async def add_request(self, request_id: str, prompt_token_ids: list[int],
+                          params: SamplingParams,
+                          kv_transfer_params: dict[str, Any] | None = None) -> RequestHandle:
+        """Send a request to the least-loaded rank; outputs arrive on handle.queue."""
+        if self.dead:
+            raise EngineDeadError(self.dead)
+        rank = self._pick_rank()
+        handle = RequestHandle(request_id, rank, len(prompt_token_ids))
+        self.handles[request_id] = handle
+        await self._inputs[rank].send(encoder.encode(EngineCoreRequest(
+            request_id=request_id, prompt_token_ids=prompt_token_ids, sampling_params=params,
+            kv_transfer_params=kv_transfer_params)))
+        return handle
+
+    async def abort(self, request_id: str) -> None:
+        """Abort a request (no-op if it already finished)."""
+        handle = self.handles.pop(request_id, None)
+        if handle is not None and not self.dead:
+            await self._inputs[handle.dp_rank].send(
+                encoder.encode(EngineCoreAbort([request_id])))
+
+    async def utility(self, method: str, args: dict[str, Any] | None = None,
+                      timeout_s: float = 10.0) -> list[Any]:
+        """Call a utility on every rank; results in rank order."""
+        if self.dead:
+            raise EngineDeadError(self.dead)
+        loop = asyncio.get_running_loop()
+        futures = []
+        for sock in self._inputs:
+            call_id = next(self._call_ids)
+            fut: asyncio.Future[Any] = loop.create_future()
+            self._calls[call_id] = fut
+            futures.append(fut)
+            await sock.send(encoder.encode(EngineCoreUtility(call_id=call_id, method=method,
+                                                             args=args or {})))
+        return list(await asyncio.wait_for(asyncio.gather(*futures), timeout_s))
+
+    async def _output_loop(self) -> None:
+        assert self._output is not None
+        while True:
+            msg = outbound_decoder.decode(await self._output.recv())
+            if isinstance(msg, EngineCoreOutputs):
+                if msg.stats is not None:
+                    self.stats[msg.dp_rank] = msg.stats
+                for out in msg.outputs:
+                    handle = self.handles.get(out.request_id)
+                    if handle is not None:
+                        if out.finish_reason is not None:
+                            self.handles.pop(out.request_id, None)
+                        handle.queue.put_nowait(out)
+            elif isinstance(msg, EngineCoreUtilityResult):
+                fut = self._calls.pop(msg.call_id, None)
+                if fut is not None and not fut.done():
+                    if msg.error:
+                        fut.set_exception(RuntimeError(msg.error))
+                    else:
+                        fut.set_result(msg.result)
+
+    async def _monitor(self) -> None:
+        while not self.dead:
+            await asyncio.sleep(0.5)
+            for rank, proc in enumerate(self._procs):
+                if not proc.is_alive():
+                    self._mark_dead(f"engine core dp{rank} died (exit code {proc.exitcode})")
+                    break
+
+    def _mark_dead(self, reason: str) -> None:
+        logger.error("%s; failing %d open requests", reason, len(self.handles))
+        self.dead = reason
+        for handle in self.handles.values():
+            handle.queue.put_nowait(EngineDeadError(reason))
+        self.handles.clear()
+        for fut in self._calls.values():
+            if not fut.done():
+                fut.set_exception(EngineDeadError(reason))
+        self.dead_event.set()
+
+    async def shutdown(self, timeout_s: float = 5.0) -> None:
+        """Stop tasks and engine processes (terminate, then kill after the deadline)."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for proc in self._procs:
+            if proc.is_alive():
+                proc.terminate()
+        deadline = time.monotonic() + timeout_s
+        for proc in self._procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.kill()
+                proc.join(1.0)
+        for sock in [*self._inputs, *([self._output] if self._output else [])]:
+            sock.close(linger=0)
+        self._ctx.term()
+        with contextlib.suppress(OSError):
+            for name in os.listdir(self._dir):
+                os.unlink(os.path.join(self._dir, name))
+            os.rmdir(self._dir)
+
+
+def _with_rank(cfg: EngineConfig, rank: int) -> EngineConfig:
+    import dataclasses
+
+    return dataclasses.replace(cfg, parallel=ParallelConfig(
+        data_parallel_size=cfg.parallel.data_parallel_size, data_parallel_rank=rank))

@@ -1,0 +1,201 @@
+"""The engine core: scheduler + model runner (+ KV connector), stepping in its own process.
+
+Start-up order matters (seeds 000/002): load the model, size the KV cache (override and auto-fit
+included), build the scheduler, and only then send EngineCoreReadyResponse carrying the values
+the frontend must use.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from typing import Any
+
+from disagg import __version__
+from disagg.config import ConfigError, EngineConfig
+from disagg.kv_cache import BlockPool
+from disagg.kv_sizing import KVPlan, bytes_per_block, plan_kv_cache
+from disagg.model_runner import ModelRunner, resolve_device, resolve_dtype
+from disagg.models.loader import resolve_arch
+from disagg.protocol import (EngineCoreOutput, EngineCoreReadyResponse, EngineCoreRequest,
+                             EngineStats, TokenLogprob)
+from disagg.request import FINISH_REASONS, Request
+from disagg.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+
+class EngineCore:
+    """One engine: owns the KV cache, the block pool, the scheduler and the model."""
+
+    def __init__(self, cfg: EngineConfig, engine_id: str | None = None) -> None:
+        self.cfg = cfg
+        self.engine_id = engine_id or f"engine-{uuid.uuid4().hex[:8]}"
+        self.arch = arch = resolve_arch(cfg.model.model)
+        self.device = resolve_device(cfg.model.device)
+        self.dtype = resolve_dtype(cfg.model.dtype, self.device, arch)
+        model_max = arch.max_position_embeddings
+        requested = cfg.model.max_model_len
+        self.runner = ModelRunner(cfg, arch, self.device, self.dtype, model_max)
+        block_bytes = bytes_per_block(arch.num_layers, cfg.cache.block_size, arch.num_kv_heads,
+                                      arch.head_dim, self.dtype.itemsize)
+        self.plan: KVPlan = plan_kv_cache(
+            available_bytes=self.runner.available_kv_bytes(), block_bytes=block_bytes,
+            block_size=cfg.cache.block_size,
+            num_blocks_override=cfg.cache.num_gpu_blocks_override,
+            requested_max_model_len=requested, model_max_len=model_max)
+        kv_cache = self.runner.allocate_kv_cache(self.plan.num_blocks)
+        assert kv_cache[0].numel() * kv_cache.element_size() == block_bytes
+        self.pool = BlockPool(self.plan.num_blocks)
+        self.connector = self._make_connector(kv_cache)
+        self.scheduler = Scheduler(cfg.scheduler, self.pool, cfg.cache.block_size,
+                                   self.plan.max_model_len,
+                                   self.connector.scheduler if self.connector else None)
+        if self.connector is not None:
+            self.connector.bind(self.scheduler)
+        self._sent: dict[str, int] = {}
+        self._pending_logprobs: dict[str, list[TokenLogprob]] = {}
+        logger.info("KV cache: %d blocks x %d tokens (%d bytes/block), max_model_len=%d%s",
+                    self.plan.num_blocks, cfg.cache.block_size, block_bytes,
+                    self.plan.max_model_len, " (auto-fitted)" if self.plan.auto_fitted else "")
+
+    def _make_connector(self, kv_cache: Any) -> Any:
+        kt = self.cfg.kv_transfer
+        if kt is None or kt.kv_connector is None:
+            return None
+        from connectors.factory import create_connector
+
+        return create_connector(kt, self, kv_cache)
+
+    @property
+    def max_model_len(self) -> int:
+        """The synced, possibly auto-fitted context length."""
+        return self.plan.max_model_len
+
+    def ready_response(self) -> EngineCoreReadyResponse:
+        """The handshake message the frontend applies before accepting traffic."""
+        c = self.connector
+        return EngineCoreReadyResponse(
+            max_model_len=self.plan.max_model_len, num_gpu_blocks=self.plan.num_blocks,
+            block_size=self.cfg.cache.block_size, dtype=str(self.dtype).removeprefix("torch."),
+            version=__version__, dp_rank=self.cfg.parallel.data_parallel_rank,
+            dp_size=self.cfg.parallel.data_parallel_size,
+            max_num_seqs=self.cfg.scheduler.max_num_seqs,
+            max_num_batched_tokens=self.cfg.scheduler.max_num_batched_tokens,
+            kv_role=self.cfg.kv_transfer.kv_role if self.cfg.kv_transfer else "kv_both",
+            engine_id=self.engine_id, device=str(self.device), model=self.cfg.model.model,
+            kv_host=c.host if c else None, kv_handshake_port=c.handshake_port if c else None,
+            kv_notify_port=c.notify_port if c else None, kv_mode=c.mode if c else None)
+
+    def add_request(self, msg: EngineCoreRequest) -> str | None:
+        """Queue a request; returns an error string instead if it cannot ever run."""
+        total = len(msg.prompt_token_ids) + msg.sampling_params.max_tokens
+        if not msg.prompt_token_ids:
+            return "the prompt is empty"
+        if total > self.plan.max_model_len:
+            return (f"prompt ({len(msg.prompt_token_ids)} tokens) plus max_tokens "
+                    f"({msg.sampling_params.max_tokens}) exceeds max_model_len "
+                    f"{self.plan.max_model_len}")
+        req = Request(msg.request_id, list(msg.prompt_token_ids), msg.sampling_params,
+                      None if msg.sampling_params.ignore_eos else self._eos_id(),
+                      kv_transfer_params=msg.kv_transfer_params)
+        self.scheduler.add_request(req)
+        self._sent[req.request_id] = 0
+        return None
+
+    def _eos_id(self) -> int | None:
+        eos = self.arch.eos_token_id
+        return eos[0] if isinstance(eos, list) else eos
+
+    def abort(self, request_ids: list[str]) -> None:
+        """Abort requests wherever they are."""
+        for rid in request_ids:
+            self.scheduler.abort_request(rid)
+
+    def has_work(self) -> bool:
+        """Something to step for (requests or connector transfers in flight)."""
+        return self.scheduler.has_work() or bool(self.connector and self.connector.busy())
+
+    def step(self) -> list[EngineCoreOutput]:
+        """One scheduler iteration: connector bookkeeping, schedule, execute, emit outputs."""
+        if self.connector is not None:
+            self.connector.update_connector_output()
+        out = self.scheduler.schedule()
+        touched: list[Request] = []
+        if not out.is_empty:
+            if self.connector is not None:
+                self.connector.before_execute(out)
+            sampled, logprobs = self.runner.execute(out)
+            for rid, lp in logprobs.items():
+                self._pending_logprobs.setdefault(rid, []).append(lp)
+            touched = [c.request for c in out.chunks if c.request.request_id in sampled]
+            self.scheduler.update_from_output(out, sampled)
+            if self.connector is not None:
+                self.connector.after_execute(out)
+        return self._collect_outputs(touched)
+
+    def _collect_outputs(self, touched: list[Request]) -> list[EngineCoreOutput]:
+        outputs = []
+        finished = self.scheduler.take_finished()
+        seen: set[str] = set()
+        for req in [*touched, *finished]:
+            if req.request_id in seen:
+                continue
+            seen.add(req.request_id)
+            sent = self._sent.get(req.request_id, 0)
+            new = req.output_token_ids[sent:]
+            self._sent[req.request_id] = sent + len(new)
+            reason = FINISH_REASONS.get(req.status) if req.is_finished else None
+            if not new and reason is None:
+                continue
+            outputs.append(EngineCoreOutput(
+                req.request_id, new, reason, self._pending_logprobs.pop(req.request_id, None),
+                req.kv_transfer_params if reason else None, req.error, req.num_prompt_tokens))
+        for req in finished:
+            self._sent.pop(req.request_id, None)
+            self._pending_logprobs.pop(req.request_id, None)
+            self.runner.sampler.forget(req.request_id)
+        return outputs
+
+    def stats(self) -> EngineStats:
+        """Gauges for /metrics."""
+        snap = self.pool.snapshot()
+        return EngineStats(num_running=self.scheduler.num_running,
+                           num_waiting=self.scheduler.num_waiting, kv_blocks_total=snap.total,
+                           kv_blocks_free=snap.free, kv_blocks_held=snap.held,
+                           connector=self.connector.metrics() if self.connector else {})
+
+    def kv_abort(self, transfer_id: str) -> bool:
+        """Abort a request and drop any held blocks for a transfer id (proxy cleanup)."""
+        found = False
+        for req in list(self.scheduler.requests.values()):
+            params = req.kv_transfer_params or {}
+            if params.get("transfer_id") == transfer_id:
+                self.scheduler.abort_request(req.request_id)
+                found = True
+        if self.connector is not None:
+            found = self.connector.abort_transfer(transfer_id) or found
+        return found
+
+    def close(self) -> None:
+        """Release connector resources."""
+        if self.connector is not None:
+            self.connector.close()
+
+
+def build_engine(cfg: EngineConfig) -> EngineCore:
+    """Construct an engine, turning known failures into ConfigError with one line."""
+    try:
+        return EngineCore(cfg, engine_id=f"{os.uname().nodename}-{uuid.uuid4().hex[:8]}"
+                                         f"-dp{cfg.parallel.data_parallel_rank}")
+    except ConfigError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def monotonic_s() -> float:
+    """Clock used for deadlines in the engine process."""
+    return time.monotonic()

@@ -1,0 +1,76 @@
+"""Offline, in-process generation over one EngineCore (tests, ``disagg bench throughput``)."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+from disagg.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from disagg.engine_core import EngineCore
+from disagg.protocol import EngineCoreRequest
+from disagg.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """Final result of one offline request."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    finish_reason: str | None
+
+
+class LLM:
+    """Generate with an in-process engine (no HTTP, no ZMQ)."""
+
+    def __init__(self, model: str = "builtin:tiny-llama", *, device: str = "auto",
+                 dtype: str = "auto", max_num_seqs: int = 256,
+                 max_num_batched_tokens: int = 2048, kv_cache_memory_bytes: int | None = None,
+                 load_format: str = "auto", max_model_len: int | None = None,
+                 block_size: int = 16, num_gpu_blocks_override: int | None = None,
+                 gpu_memory_utilization: float = 0.9, seed: int = 0,
+                 enable_chunked_prefill: bool = True) -> None:
+        cfg = EngineConfig(
+            model=ModelConfig(model=model, served_model_name=model, device=device, dtype=dtype,
+                              load_format=load_format, max_model_len=max_model_len, seed=seed),
+            cache=CacheConfig(block_size=block_size, kv_cache_memory_bytes=kv_cache_memory_bytes,
+                              num_gpu_blocks_override=num_gpu_blocks_override,
+                              gpu_memory_utilization=gpu_memory_utilization),
+            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
+                                      max_num_batched_tokens=max_num_batched_tokens,
+                                      enable_chunked_prefill=enable_chunked_prefill))
+        self.engine = EngineCore(cfg)
+        self._ids = itertools.count()
+
+    def generate(self, prompt_token_ids: list[list[int]],
+                 sampling_params: SamplingParams | list[SamplingParams],
+                 ) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs in input order."""
+        params = (sampling_params if isinstance(sampling_params, list)
+                  else [sampling_params] * len(prompt_token_ids))
+        order: list[str] = []
+        results: dict[str, RequestOutput] = {}
+        for ids, sp in zip(prompt_token_ids, params):
+            rid = f"offline-{next(self._ids)}"
+            order.append(rid)
+            results[rid] = RequestOutput(rid, list(ids), [], None)
+            err = self.engine.add_request(EngineCoreRequest(
+                request_id=rid, prompt_token_ids=list(ids), sampling_params=sp))
+            if err is not None:
+                raise ValueError(err)
+        pending = set(order)
+        while pending:
+            for out in self.engine.step():
+                res = results[out.request_id]
+                res.output_token_ids.extend(out.new_token_ids)
+                if out.finish_reason is not None:
+                    res.finish_reason = out.finish_reason
+                    pending.discard(out.request_id)
+        return [results[r] for r in order]
+
+    def ledger(self) -> dict[str, Any]:
+        """Block ledger snapshot (asserted consistent)."""
+        self.engine.pool.check()
+        return self.engine.pool.snapshot()._asdict()

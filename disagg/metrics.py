@@ -1,0 +1,71 @@
+"""Prometheus text exposition without a client library: counters, gauges, histograms."""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+@dataclass(slots=True)
+class Histogram:
+    """Cumulative-bucket histogram of seconds."""
+
+    name: str
+    help: str
+    buckets: tuple[float, ...] = LATENCY_BUCKETS_S
+    counts: list[int] = field(default_factory=list)
+    total: float = 0.0
+    num: int = 0
+
+    def __post_init__(self) -> None:
+        self.counts = [0] * (len(self.buckets) + 1)
+
+    def observe(self, value_s: float) -> None:
+        """Record one observation."""
+        self.counts[bisect.bisect_left(self.buckets, value_s)] += 1
+        self.total += value_s
+        self.num += 1
+
+    def render(self) -> list[str]:
+        """Exposition lines."""
+        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
+        acc = 0
+        for bound, count in zip(self.buckets, self.counts):
+            acc += count
+            lines.append(f'{self.name}_bucket{{le="{bound}"}} {acc}')
+        lines.append(f'{self.name}_bucket{{le="+Inf"}} {self.num}')
+        lines += [f"{self.name}_sum {self.total}", f"{self.name}_count {self.num}"]
+        return lines
+
+
+@dataclass(slots=True)
+class ServerMetrics:
+    """Request-level metrics of one instance."""
+
+    requests_total: dict[str, int] = field(default_factory=dict)
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    ttft: Histogram = field(default_factory=lambda: Histogram(
+        "disagg_time_to_first_token_seconds", "Time to first token"))
+    tpot: Histogram = field(default_factory=lambda: Histogram(
+        "disagg_time_per_output_token_seconds", "Time per output token after the first"))
+    e2e: Histogram = field(default_factory=lambda: Histogram(
+        "disagg_e2e_request_latency_seconds", "End-to-end request latency"))
+
+    def finished(self, reason: str) -> None:
+        """Count a finished request by finish reason."""
+        self.requests_total[reason] = self.requests_total.get(reason, 0) + 1
+
+
+def gauge(name: str, help_text: str, value: float, labels: str = "") -> list[str]:
+    """Lines for one gauge sample."""
+    return [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name}{labels} {value}"]
+
+
+def counter(name: str, help_text: str, samples: dict[str, float]) -> list[str]:
+    """Lines for a counter with optional label strings as keys ('' = no labels)."""
+    lines = [f"# HELP {name} {help_text}", f"# TYPE {name} counter"]
+    lines += [f"{name}{labels} {value}" for labels, value in samples.items()]
+    return lines

@@ -1,0 +1,160 @@
+"""Turns a SchedulerOutput into tensors, runs the model over the paged cache, samples.
+
+The KV cache is ONE tensor (blocks outermost, see hip_kernels/__init__.py); the model reads
+per-layer views of it. Transports register this tensor whole.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from disagg.config import EngineConfig
+from disagg.models.arch import ArchConfig
+from disagg.models.llama import AttentionMetadata
+from disagg.models.loader import load_model
+from disagg.ops import select_ops
+from disagg.protocol import TokenLogprob
+from disagg.sampler import Sampler
+from disagg.scheduler import SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+           "half": torch.float16, "float": torch.float32}
+
+
+def resolve_device(device: str) -> torch.device:
+    """auto -> cuda when a GPU is visible, else cpu."""
+    from disagg.platform import default_device
+
+    return torch.device(default_device() if device == "auto" else device)
+
+
+def resolve_dtype(dtype: str, device: torch.device, arch: ArchConfig) -> torch.dtype:
+    """auto -> fp32 on CPU; the checkpoint's dtype (or bf16) on GPU."""
+    if dtype != "auto":
+        if dtype not in _DTYPES:
+            from disagg.config import ConfigError
+
+            raise ConfigError(f"--dtype {dtype!r} is not one of auto, float32, bfloat16, float16")
+        return _DTYPES[dtype]
+    if device.type == "cpu":
+        return torch.float32
+    return _DTYPES.get(str(arch.torch_dtype), torch.bfloat16) \
+        if arch.torch_dtype in ("bfloat16", "float16") else torch.bfloat16
+
+
+class ModelRunner:
+    """Owns the model, the KV cache tensor and the sampler of one engine core."""
+
+    def __init__(self, cfg: EngineConfig, arch: ArchConfig, device: torch.device,
+                 dtype: torch.dtype, max_positions: int) -> None:
+        self.cfg = cfg
+        self.arch = arch
+        self.device = device
+        self.dtype = dtype
+        self.ops = select_ops(device.type)
+        self.model = load_model(cfg.model, arch, self.ops, device, dtype, max_positions)
+        self.sampler = Sampler(device, cfg.model.seed)
+        self.kv_cache: torch.Tensor | None = None
+        self.block_size = cfg.cache.block_size
+        logger.info("model loaded on %s (%s), kernels: %s", device, dtype, self.ops.backend)
+
+    def allocate_kv_cache(self, num_blocks: int) -> torch.Tensor:
+        """[num_blocks, layers, 2, block_size, kv_heads, head_dim], zero-filled."""
+        a = self.arch
+        self.kv_cache = torch.zeros(num_blocks, a.num_layers, 2, self.block_size,
+                                    a.num_kv_heads, a.head_dim, dtype=self.dtype,
+                                    device=self.device)
+        return self.kv_cache
+
+    def available_kv_bytes(self) -> int:
+        """KV budget: explicit bytes, or (GPU) utilization * total - weights - activation peak."""
+        explicit = self.cfg.cache.kv_cache_memory_bytes
+        if explicit is not None:
+            return explicit
+        if self.device.type != "cuda":
+            return 256 * 2**20
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        self._profile_run()
+        peak = torch.cuda.max_memory_allocated()
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        return int(total * self.cfg.cache.gpu_memory_utilization) - peak
+
+    @torch.inference_mode()
+    def _profile_run(self) -> None:
+        """One forward of max_num_batched_tokens tokens to measure activation memory."""
+        n = self.cfg.scheduler.max_num_batched_tokens
+        nb = -(-n // self.block_size)
+        cache = self.allocate_kv_cache(nb)
+        ids = torch.zeros(n, dtype=torch.long, device=self.device)
+        pos = torch.arange(n, device=self.device)
+        attn = AttentionMetadata(
+            slot_mapping=pos.clone(), block_tables=torch.arange(nb, dtype=torch.int32,
+                                                                device=self.device)[None],
+            seq_lens=torch.tensor([n], dtype=torch.int32, device=self.device),
+            query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=self.device),
+            decode_only=False)
+        hidden = self.model(ids, pos, attn, cache)
+        self.model.compute_logits(hidden[-min(n, self.cfg.scheduler.max_num_seqs):])
+        torch.cuda.synchronize()
+        self.kv_cache = None
+        del cache
+
+    def _prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor,
+                                                      AttentionMetadata, list[int]]:
+        """Flatten the scheduled chunks into input ids, positions and attention metadata."""
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[np.ndarray] = []
+        slots: list[np.ndarray] = []
+        qsl = [0]
+        seq_lens: list[int] = []
+        sample_rows: list[int] = []
+        max_blocks = max(len(c.request.block_ids) for c in out.chunks)
+        table = np.zeros((len(out.chunks), max_blocks), dtype=np.int32)
+        for i, chunk in enumerate(out.chunks):
+            req, start = chunk.request, chunk.request.num_computed_tokens
+            end = start + chunk.num_tokens
+            ids.extend(req.all_token_ids[start:end])
+            pos = np.arange(start, end, dtype=np.int64)
+            blocks = np.asarray(req.block_ids, dtype=np.int64)
+            positions.append(pos)
+            slots.append(blocks[pos // bs] * bs + pos % bs)
+            table[i, :len(req.block_ids)] = req.block_ids
+            qsl.append(qsl[-1] + chunk.num_tokens)
+            seq_lens.append(end)
+            if chunk.samples:
+                sample_rows.append(qsl[-1] - 1)
+        dev = self.device
+        attn = AttentionMetadata(
+            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev, non_blocking=True),
+            block_tables=torch.from_numpy(table).to(dev, non_blocking=True),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
+            decode_only=len(ids) == len(out.chunks))
+        return (torch.tensor(ids, dtype=torch.long, device=dev),
+                torch.from_numpy(np.concatenate(positions)).to(dev, non_blocking=True),
+                attn, sample_rows)
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> tuple[dict[str, int], dict[str, TokenLogprob]]:
+        """Run one step; returns sampled token and logprobs per request that samples."""
+        assert self.kv_cache is not None, "allocate_kv_cache first"
+        input_ids, positions, attn, sample_rows = self._prepare(out)
+        hidden = self.model(input_ids, positions, attn, self.kv_cache)
+        sampling = [c for c in out.chunks if c.samples]
+        if not sampling:
+            return {}, {}
+        logits = self.model.compute_logits(hidden[sample_rows])
+        req_ids = [c.request.request_id for c in sampling]
+        tokens, logprobs = self.sampler.sample(
+            logits, req_ids, [c.request.sampling_params for c in sampling])
+        sampled = dict(zip(req_ids, tokens))
+        lps = {rid: lp for rid, lp in zip(req_ids, logprobs) if lp is not None}
+        return sampled, lps

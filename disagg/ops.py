@@ -1,0 +1,51 @@
+"""The one place that picks kernel implementations: Triton on GPU, torch references on CPU."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from disagg import envs
+from disagg.platform import is_gpu, triton_available
+
+_KERNELS = {
+    "reshape_and_cache": "hip_kernels.reshape_and_cache",
+    "paged_decode_attention": "hip_kernels.paged_attention",
+    "paged_prefill_attention": "hip_kernels.paged_attention",
+    "rms_norm": "hip_kernels.rms_norm",
+    "fused_add_rms_norm": "hip_kernels.rms_norm",
+    "rotary_embedding": "hip_kernels.rotary_embedding",
+    "silu_and_mul": "hip_kernels.silu_and_mul",
+    "gather_kv_blocks": "hip_kernels.kv_blocks",
+    "scatter_kv_blocks": "hip_kernels.kv_blocks",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Ops:
+    """A resolved kernel set; ``backend`` says which one was chosen."""
+
+    backend: str
+    reshape_and_cache: Callable[..., Any]
+    paged_decode_attention: Callable[..., Any]
+    paged_prefill_attention: Callable[..., Any]
+    rms_norm: Callable[..., Any]
+    fused_add_rms_norm: Callable[..., Any]
+    rotary_embedding: Callable[..., Any]
+    silu_and_mul: Callable[..., Any]
+    gather_kv_blocks: Callable[..., Any]
+    scatter_kv_blocks: Callable[..., Any]
+
+
+def select_ops(device_type: str) -> Ops:
+    """Triton launchers when running on a GPU with triton, else the ``*_ref`` functions."""
+    use_triton = (device_type == "cuda" and is_gpu() and triton_available()
+                  and not envs.force_torch_kernels())
+    fns: dict[str, Callable[..., Any]] = {}
+    for name, module_name in _KERNELS.items():
+        module = importlib.import_module(module_name)
+        fn = getattr(module, name, None) if use_triton else None
+        fns[name] = fn if fn is not None else getattr(module, f"{name}_ref")
+    return Ops(backend="triton" if use_triton else "torch", **fns)

@@ -1,0 +1,123 @@
+"""Frontend <-> engine-core messages (ZMQ frames, msgpack via msgspec; no pickle).
+
+Sockets per engine core (ipc:// paths chosen by the frontend):
+  input  (frontend PUSH -> engine PULL): EngineCoreRequest | EngineCoreAbort | EngineCoreUtility
+  output (engine PUSH -> frontend PULL): first EngineCoreReadyResponse (after KV sizing) or
+                                         EngineCoreStartupError, then EngineCoreOutputs batches
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from disagg.sampling_params import SamplingParams
+
+PROTOCOL_VERSION = "disagg-1"
+
+
+class EngineCoreReadyResponse(msgspec.Struct, tag="ready", kw_only=True):
+    """Sent once the engine core has sized its KV cache and may have changed its config."""
+
+    max_model_len: int
+    num_gpu_blocks: int
+    block_size: int
+    dtype: str
+    version: str
+    dp_rank: int
+    dp_size: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    kv_role: str
+    engine_id: str
+    device: str
+    model: str
+    kv_host: str | None = None
+    kv_handshake_port: int | None = None
+    kv_notify_port: int | None = None
+    kv_mode: str | None = None
+
+
+class EngineCoreStartupError(msgspec.Struct, tag="startup_error"):
+    """The engine core could not start (bad config, no memory...): one readable line."""
+
+    message: str
+
+
+class EngineCoreRequest(msgspec.Struct, tag="add", kw_only=True):
+    """A new request for the engine core."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    kv_transfer_params: dict[str, Any] | None = None
+
+
+class EngineCoreAbort(msgspec.Struct, tag="abort"):
+    """Abort these requests (client gone, stop string hit)."""
+
+    request_ids: list[str]
+
+
+class EngineCoreUtility(msgspec.Struct, tag="utility", kw_only=True):
+    """Call a named, whitelisted engine-core method (stats, kv abort by transfer id, ...)."""
+
+    call_id: int
+    method: str
+    args: dict[str, Any] = {}
+
+
+class EngineCoreUtilityResult(msgspec.Struct, tag="utility_result", kw_only=True):
+    """Answer to an EngineCoreUtility."""
+
+    call_id: int
+    result: Any = None
+    error: str | None = None
+
+
+class TokenLogprob(msgspec.Struct, array_like=True):
+    """Logprob of the sampled token and the top alternatives as (token_id, logprob) pairs."""
+
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
+    """New tokens for one request since the last output; finish_reason when it ended."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+    kv_transfer_params: dict[str, Any] | None = None
+    error: str | None = None
+    num_prompt_tokens: int = 0
+
+
+class EngineStats(msgspec.Struct, kw_only=True):
+    """Scheduler and cache gauges, sent with every output batch."""
+
+    num_running: int
+    num_waiting: int
+    kv_blocks_total: int
+    kv_blocks_free: int
+    kv_blocks_held: int
+    connector: dict[str, float] = {}
+
+
+class EngineCoreOutputs(msgspec.Struct, tag="outputs", kw_only=True):
+    """One batch of outputs from one engine core step."""
+
+    dp_rank: int
+    outputs: list[EngineCoreOutput]
+    stats: EngineStats | None = None
+
+
+EngineInbound = EngineCoreRequest | EngineCoreAbort | EngineCoreUtility
+EngineOutbound = (EngineCoreReadyResponse | EngineCoreStartupError | EngineCoreOutputs
+                  | EngineCoreUtilityResult)
+
+encoder = msgspec.msgpack.Encoder()
+inbound_decoder = msgspec.msgpack.Decoder(EngineInbound)
+outbound_decoder = msgspec.msgpack.Decoder(EngineOutbound)

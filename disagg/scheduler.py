@@ -1,0 +1,269 @@
+"""Continuous batching with chunked prefill and preemption by recompute. Imports no torch.
+
+Each step: running requests first (decodes and unfinished prefill chunks, oldest first), then
+waiting requests while the token budget, ``max_num_seqs`` and free blocks allow. A running
+request that needs a block when none is free preempts the newest running request (its blocks
+are freed, it goes back to the front of the queue and recomputes later).
+
+Block ownership: a request owns ``request.block_ids`` from allocation until it finishes or is
+preempted; then the scheduler frees them, unless a KV connector takes them over as a held
+transfer (producer side), in which case the connector frees them in a terminal state.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from disagg.config import SchedulerConfig
+from disagg.kv_cache import BlockPool, Owner, OwnerKind
+from disagg.request import FINISHED_STATUSES, Request, RequestStatus
+
+if TYPE_CHECKING:
+    from connectors.base import SchedulerConnector
+
+
+@dataclass(slots=True)
+class ScheduledChunk:
+    """``num_tokens`` tokens of ``request`` computed this step, starting at num_computed."""
+
+    request: Request
+    num_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """True when this chunk reaches the end of the known tokens (a token is sampled)."""
+        return self.request.num_computed_tokens + self.num_tokens == self.request.num_tokens
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    """What the model runner computes this step."""
+
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    num_batched_tokens: int = 0
+    preempted_ids: list[str] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        """Nothing to compute."""
+        return not self.chunks
+
+
+def _blocks_for(num_tokens: int, block_size: int) -> int:
+    return -(-num_tokens // block_size)
+
+
+class Scheduler:
+    """Decides, each step, which tokens of which requests to compute."""
+
+    def __init__(self, cfg: SchedulerConfig, pool: BlockPool, block_size: int,
+                 max_model_len: int, connector: SchedulerConnector | None = None) -> None:
+        self.cfg = cfg
+        self.pool = pool
+        self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.connector = connector
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.remote_wait: dict[str, Request] = {}
+        self.requests: dict[str, Request] = {}
+        self.finished_this_step: list[Request] = []
+
+    # ---- queue management -------------------------------------------------------------
+    def add_request(self, req: Request) -> None:
+        """Queue a new request."""
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def abort_request(self, request_id: str) -> None:
+        """Finish a request as aborted wherever it is (unknown ids are ignored)."""
+        req = self.requests.get(request_id)
+        if req is not None and not req.is_finished:
+            self.finish(req, RequestStatus.FINISHED_ABORTED)
+
+    def finish(self, req: Request, status: RequestStatus, error: str | None = None) -> None:
+        """Move a request to a terminal state and release (or hand over) its blocks."""
+        req.status, req.error = status, error
+        if req in self.running:
+            self.running.remove(req)
+        self.remote_wait.pop(req.request_id, None)
+        try:
+            self.waiting.remove(req)
+        except ValueError:
+            pass
+        held = self.connector.request_finished(req) if self.connector else None
+        owner = Owner(OwnerKind.REQUEST, req.request_id)
+        if held is not None and req.block_ids:
+            self.pool.transfer_ownership(req.block_ids, owner, Owner(OwnerKind.TRANSFER, held))
+        elif req.block_ids:
+            self.pool.free(req.block_ids, owner)
+        req.block_ids = []
+        self.requests.pop(req.request_id, None)
+        self.finished_this_step.append(req)
+
+    def has_work(self) -> bool:
+        """Anything waiting, running or expecting remote KV."""
+        return bool(self.waiting or self.running or self.remote_wait)
+
+    @property
+    def num_running(self) -> int:
+        """Requests in the running set."""
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests queued or waiting for remote KV."""
+        return len(self.waiting) + len(self.remote_wait)
+
+    # ---- scheduling ---------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's work."""
+        out = SchedulerOutput()
+        budget = self.cfg.max_num_batched_tokens
+        budget = self._schedule_running(out, budget)
+        if not out.preempted_ids:
+            self._schedule_waiting(out, budget)
+        out.num_batched_tokens = sum(c.num_tokens for c in out.chunks)
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        scheduled: set[str] = set()
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not self.cfg.enable_chunked_prefill and n < req.num_tokens - req.num_computed_tokens:
+                break
+            if not self._ensure_blocks(req, req.num_computed_tokens + n, out, scheduled):
+                break  # req itself was preempted
+            out.chunks.append(ScheduledChunk(req, n))
+            scheduled.add(req.request_id)
+            budget -= n
+            i += 1
+        return budget
+
+    def _ensure_blocks(self, req: Request, num_tokens: int, out: SchedulerOutput,
+                       scheduled: set[str]) -> bool:
+        """Grow req's blocks to cover num_tokens, preempting newer requests if needed."""
+        need = _blocks_for(num_tokens, self.block_size) - len(req.block_ids)
+        while need > 0:
+            got = self.pool.allocate(need, Owner(OwnerKind.REQUEST, req.request_id))
+            if got is not None:
+                req.block_ids.extend(got)
+                return True
+            victim = self.running[-1]
+            self._preempt(victim, out)
+            if victim is req:
+                return False
+            if victim.request_id in scheduled:
+                out.chunks = [c for c in out.chunks if c.request is not victim]
+        return True
+
+    def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+        self.running.remove(req)
+        self.pool.free(req.block_ids, Owner(OwnerKind.REQUEST, req.request_id))
+        req.block_ids = []
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.PREEMPTED
+        self.waiting.appendleft(req)
+        out.preempted_ids.append(req.request_id)
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
+            req = self.waiting[0]
+            if self._try_remote(req):
+                continue
+            remaining = req.num_tokens - req.num_computed_tokens
+            n = min(remaining, budget) if self.cfg.enable_chunked_prefill else remaining
+            if n > budget:
+                break
+            need = max(0, _blocks_for(req.num_computed_tokens + n, self.block_size)
+                       - len(req.block_ids))
+            got = self.pool.allocate(need, Owner(OwnerKind.REQUEST, req.request_id))
+            if got is None:
+                break
+            req.block_ids.extend(got)
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            out.chunks.append(ScheduledChunk(req, n))
+            budget -= n
+
+    def _try_remote(self, req: Request) -> bool:
+        """Park a request whose prompt KV comes from elsewhere; True if it left the queue."""
+        if self.connector is None or req.status is not RequestStatus.WAITING:
+            return False
+        if req.num_computed_tokens or req.num_external_tokens:
+            return False
+        num_external = self.connector.get_num_new_matched_tokens(req)
+        if not num_external:
+            return False
+        need = _blocks_for(req.num_tokens, self.block_size)
+        got = self.pool.allocate(need, Owner(OwnerKind.REQUEST, req.request_id))
+        if got is None:
+            return False
+        req.block_ids.extend(got)
+        req.num_external_tokens = num_external
+        req.status = RequestStatus.WAITING_FOR_REMOTE_KV
+        self.waiting.popleft()
+        self.remote_wait[req.request_id] = req
+        self.connector.update_state_after_alloc(req)
+        return True
+
+    # ---- results ------------------------------------------------------------------------
+    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> None:
+        """Advance computed counts, append sampled tokens, finish stopped requests."""
+        for chunk in out.chunks:
+            req = chunk.request
+            if req.is_finished:
+                continue
+            req.num_computed_tokens += chunk.num_tokens
+            token = sampled.get(req.request_id)
+            if token is None:
+                continue
+            req.append_token(token)
+            status = self._stop_status(req, token)
+            if status is not None:
+                self.finish(req, status)
+
+    def _stop_status(self, req: Request, token: int) -> RequestStatus | None:
+        sp = req.sampling_params
+        num_out = len(req.output_token_ids)
+        if num_out >= sp.min_tokens:
+            if not sp.ignore_eos and token == req.eos_token_id:
+                return RequestStatus.FINISHED_STOPPED
+            if token in sp.stop_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+        if num_out >= sp.max_tokens or req.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def on_remote_kv(self, request_id: str, error: str | None, recompute: bool) -> None:
+        """The connector finished receiving a request's KV (or failed to)."""
+        req = self.remote_wait.pop(request_id, None)
+        if req is None or req.is_finished:
+            return
+        if error is None:
+            req.num_computed_tokens = req.num_external_tokens
+        elif not recompute:
+            self.remote_wait[request_id] = req  # so finish() finds and releases it
+            self.finish(req, RequestStatus.FINISHED_ERROR, error)
+            return
+        req.status = RequestStatus.WAITING
+        self.waiting.appendleft(req)
+
+    def take_finished(self) -> list[Request]:
+        """Requests that reached a terminal state since the last call."""
+        done, self.finished_this_step = self.finished_this_step, []
+        return done
+
+    def free_held(self, transfer_key: str, block_ids: Iterable[int]) -> None:
+        """Connector callback: a held transfer ended, its blocks go back to the pool."""
+        self.pool.free(list(block_ids), Owner(OwnerKind.TRANSFER, transfer_key))
+
+    def all_finished_statuses(self) -> frozenset[RequestStatus]:
+        """The terminal states (a frozenset, never an ordinal comparison)."""
+        return FINISHED_STATUSES

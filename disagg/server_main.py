@@ -1,0 +1,85 @@
+"""``disagg serve``: engine cores first (ready handshake), then the HTTP server."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from typing import Any
+
+from aiohttp import web
+
+from disagg import envs
+from disagg.api_server import ServerInfo, make_app
+from disagg.config import EngineConfig
+from disagg.engine_client import EngineClient, EngineStartupError
+from disagg.tokenizer import get_tokenizer
+
+logger = logging.getLogger("disagg.serve")
+
+
+def _start_registrar(args: argparse.Namespace, engine: EngineClient, url: str) -> Any:
+    """Register with a proxy over ZMQ when --proxy-address is given."""
+    if not args.proxy_address:
+        return None
+    from proxy.registration import Registrar
+
+    assert engine.synced is not None
+    r0 = engine.synced.ready[0]
+    registrar = Registrar(
+        proxy_address=args.proxy_address, role=r0.kv_role, http_url=url,
+        engine_id=r0.engine_id, kv_host=r0.kv_host, kv_handshake_port=r0.kv_handshake_port,
+        kv_notify_port=r0.kv_notify_port, dp_size=engine.dp_size, mode=r0.kv_mode,
+        max_model_len=engine.synced.max_model_len)
+    registrar.start()
+    return registrar
+
+
+async def serve(cfg: EngineConfig, args: argparse.Namespace) -> int:
+    """Run until SIGINT/SIGTERM or an engine core dies; returns the exit code."""
+    engine = EngineClient(cfg, envs.engine_ready_timeout_s())
+    try:
+        synced = await engine.start()
+    except EngineStartupError as exc:
+        await engine.shutdown()
+        print(f"disagg: error: {exc}", file=sys.stderr)
+        return 2
+    url = f"http://{args.host}:{args.port}"
+    app = make_app(engine, get_tokenizer(cfg.model.model),
+                   ServerInfo(cfg.model.served_model_name, cfg.model.model, url, args.admin_key))
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, args.host, args.port, backlog=2048).start()
+    except OSError as exc:
+        await runner.cleanup()
+        await engine.shutdown()
+        print(f"disagg: error: cannot listen on {args.host}:{args.port}: {exc.strerror}",
+              file=sys.stderr)
+        return 2
+    registrar = _start_registrar(args, engine, url)
+    print(f"disagg: ready on {url} (max_model_len={synced.max_model_len}, "
+          f"block_size={synced.block_size}, num_gpu_blocks={synced.num_gpu_blocks})",
+          flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    stop_task = asyncio.create_task(stop.wait())
+    dead_task = asyncio.create_task(engine.dead_event.wait())
+    await asyncio.wait({stop_task, dead_task}, return_when=asyncio.FIRST_COMPLETED)
+    for t in (stop_task, dead_task):
+        t.cancel()
+    if registrar is not None:
+        with contextlib.suppress(Exception):
+            registrar.stop()
+    code = 0
+    if engine.dead:
+        print(f"disagg: error: {engine.dead}; shutting down", file=sys.stderr)
+        code = 1
+    await runner.cleanup()
+    await engine.shutdown()
+    return code

@@ -1,0 +1,102 @@
+"""Drives one request through the engine and yields text deltas (frontend side)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from disagg.detokenizer import IncrementalDetokenizer
+from disagg.engine_client import EngineClient
+from disagg.metrics import ServerMetrics
+from disagg.openai_api import ApiError
+from disagg.protocol import TokenLogprob
+from disagg.sampling_params import SamplingParams
+from disagg.tokenizer import Tokenizer
+
+
+@dataclass(slots=True)
+class Delta:
+    """New output of one request since the last delta."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+    kv_transfer_params: dict[str, Any] | None = None
+
+
+@dataclass(slots=True)
+class GenerationResult:
+    """Accumulated non-streaming result."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    kv_transfer_params: dict[str, Any] | None = None
+
+
+def _engine_error(message: str) -> ApiError:
+    """Engine-side failures: length/empty checks are the user's (400), the rest 500."""
+    if "exceeds max_model_len" in message or "prompt is empty" in message:
+        return ApiError(400, message, code="context_length_exceeded")
+    return ApiError(500, message, err_type="server_error")
+
+
+async def generate(engine: EngineClient, tok: Tokenizer, metrics: ServerMetrics,
+                   request_id: str, prompt_ids: list[int], sp: SamplingParams,
+                   kv_params: dict[str, Any] | None) -> AsyncIterator[Delta]:
+    """Submit and stream; aborts the engine request if the consumer stops early."""
+    start = time.monotonic()
+    first: float | None = None
+    num_out = 0
+    reason: str | None = None
+    done = engine_done = False
+    handle = await engine.add_request(request_id, prompt_ids, sp, kv_params)
+    detok = IncrementalDetokenizer(tok, sp.stop)
+    try:
+        while not done:
+            item = await handle.queue.get()
+            if isinstance(item, Exception):
+                raise ApiError(503, f"engine unavailable: {item}", err_type="server_error")
+            if item.finish_reason == "error":
+                done = engine_done = True
+                raise _engine_error(item.error or "the engine failed the request")
+            done = engine_done = item.finish_reason is not None
+            if item.new_token_ids and first is None:
+                first = time.monotonic()
+                metrics.ttft.observe(first - start)
+            num_out += len(item.new_token_ids)
+            text = detok.push(item.new_token_ids, final=done)
+            reason = item.finish_reason
+            if detok.stopped and not done:
+                reason, done = "stop", True
+            yield Delta(text, item.new_token_ids, item.logprobs, reason,
+                        item.kv_transfer_params)
+    finally:
+        if not engine_done:
+            await engine.abort(request_id)
+        if done:
+            metrics.finished(reason or "error")
+            end = time.monotonic()
+            metrics.e2e.observe(end - start)
+            if first is not None and num_out > 1:
+                metrics.tpot.observe((end - first) / (num_out - 1))
+            metrics.prompt_tokens += len(prompt_ids)
+            metrics.generation_tokens += num_out
+
+
+async def collect(deltas: AsyncIterator[Delta]) -> GenerationResult:
+    """Gather a whole generation for a non-streaming response."""
+    res = GenerationResult()
+    async for d in deltas:
+        res.text += d.text
+        res.token_ids.extend(d.token_ids)
+        if d.logprobs:
+            res.logprobs.extend(d.logprobs)
+        if d.finish_reason is not None:
+            res.finish_reason = d.finish_reason
+            res.kv_transfer_params = d.kv_transfer_params
+    return res

@@ -1,0 +1,94 @@
+"""Tokenizers: the built-in byte-level one and Hugging Face tokenizers behind one protocol."""
+
+from __future__ import annotations
+
+import os
+from typing import Protocol
+
+BYTE_VOCAB = 256
+BUILTIN_BOS_ID = 256
+BUILTIN_EOS_ID = 257
+BUILTIN_PAD_ID = 258
+BUILTIN_VOCAB_SIZE = 320  # bytes + specials, padded to a multiple of 64
+
+
+class Tokenizer(Protocol):
+    """What the engine frontend and the benchmarks need from a tokenizer."""
+
+    eos_token_id: int | None
+    bos_token_id: int | None
+    vocab_size: int
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Text to token ids (with BOS when the model expects one)."""
+        ...
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        """Token ids to text."""
+        ...
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
+        """Render chat messages into one prompt string, ending with the assistant turn."""
+        ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens 0..255, then BOS/EOS/PAD. Built locally, no download."""
+
+    eos_token_id: int | None = BUILTIN_EOS_ID
+    bos_token_id: int | None = BUILTIN_BOS_ID
+    vocab_size = BUILTIN_VOCAB_SIZE
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """BOS + the UTF-8 bytes."""
+        ids = list(text.encode("utf-8"))
+        return [BUILTIN_BOS_ID, *ids] if add_special_tokens else ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        """Bytes back to text; invalid UTF-8 becomes U+FFFD, specials are dropped."""
+        data = bytes(i for i in ids if 0 <= i < BYTE_VOCAB)
+        return data.decode("utf-8", errors="replace")
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
+        """A plain role-tagged transcript."""
+        parts = [f"<|{m['role']}|>\n{m['content']}\n" for m in messages]
+        return "".join(parts) + "<|assistant|>\n"
+
+
+class HFTokenizer:
+    """A transformers tokenizer behind the Tokenizer protocol."""
+
+    def __init__(self, path: str) -> None:
+        from transformers import AutoTokenizer
+
+        self._tok = AutoTokenizer.from_pretrained(path)
+        self.eos_token_id = self._tok.eos_token_id
+        self.bos_token_id = self._tok.bos_token_id
+        self.vocab_size = len(self._tok)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids as the model was trained."""
+        return list(self._tok.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        """Text for ids."""
+        return str(self._tok.decode(ids, skip_special_tokens=skip_special_tokens))
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
+        """The tokenizer's own chat template; a plain transcript when it has none."""
+        if getattr(self._tok, "chat_template", None):
+            return str(self._tok.apply_chat_template(messages, tokenize=False,
+                                                     add_generation_prompt=True))
+        return ByteTokenizer().apply_chat_template(messages)
+
+
+def get_tokenizer(model: str) -> Tokenizer:
+    """``builtin:*`` -> ByteTokenizer; a directory with tokenizer files -> HFTokenizer."""
+    if model.startswith("builtin:"):
+        return ByteTokenizer()
+    has_files = os.path.isdir(model) and any(
+        os.path.exists(os.path.join(model, f))
+        for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+    if has_files:
+        return HFTokenizer(model)
+    return ByteTokenizer()

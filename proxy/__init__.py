@@ -1,0 +1,1 @@
+"""The P/D proxy: one OpenAI-compatible front for pools of prefill and decode instances."""

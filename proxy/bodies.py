@@ -1,0 +1,149 @@
+"""Client request bodies: validation, prompt token counts, and the bodies sent to P and D."""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from disagg.tokenizer import ByteTokenizer, Tokenizer, get_tokenizer
+from proxy.errors import ProxyError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_COMPLETION_MAX_TOKENS = 16
+"""OpenAI's default ``max_tokens`` for /v1/completions (chat has none: unknown = this)."""
+
+
+class Endpoint(enum.Enum):
+    """The generation routes the proxy serves, by path."""
+
+    COMPLETIONS = "/v1/completions"
+    CHAT = "/v1/chat/completions"
+
+
+@dataclass(frozen=True, slots=True)
+class ClientRequest:
+    """A validated client request (the client's ``kv_transfer_params`` already dropped)."""
+
+    endpoint: Endpoint
+    body: dict[str, Any]
+    stream: bool
+    num_prompt_tokens: int
+    max_tokens: int
+
+
+class PromptCounter:
+    """Counts prompt tokens with the served model's tokenizer, loaded once."""
+
+    def __init__(self, model: str | None, fallback_model: Callable[[], str | None]) -> None:
+        self._model = model
+        self._fallback_model = fallback_model
+        self._tokenizer: Tokenizer | None = None
+
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer; a byte tokenizer stands in until the model's name is known."""
+        if self._tokenizer is not None:
+            return self._tokenizer
+        name = self._model or self._fallback_model()
+        if name is None:
+            return ByteTokenizer()
+        try:
+            self._tokenizer = get_tokenizer(name)
+        except Exception as exc:  # a broken tokenizer must not take requests down with it
+            logger.warning("cannot load tokenizer for %s (%s); counting bytes", name, exc)
+            self._tokenizer = ByteTokenizer()
+        return self._tokenizer
+
+    def count_prompt(self, prompt: str | list[int]) -> int:
+        """Tokens in a completion prompt (token-id prompts count themselves)."""
+        if isinstance(prompt, list):
+            return len(prompt)
+        return len(self.tokenizer().encode(prompt))
+
+    def count_chat(self, messages: list[dict[str, Any]]) -> int:
+        """Tokens in the rendered chat prompt."""
+        flat = [{"role": str(m.get("role", "user")), "content": _message_text(m)}
+                for m in messages]
+        return len(self.tokenizer().encode(self.tokenizer().apply_chat_template(flat)))
+
+
+def _message_text(message: dict[str, Any]) -> str:
+    """A message's text; content parts (``[{"type": "text", ...}]``) are joined."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return ""
+
+
+def _single_prompt(prompt: object) -> str | list[int]:
+    """The one prompt of a completion request; batches are refused."""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+        return prompt
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        return _single_prompt(prompt[0])
+    if isinstance(prompt, list) and len(prompt) > 1:
+        raise ProxyError(400, "batched prompts are not supported by the P/D proxy; "
+                              "send one prompt per request", param="prompt")
+    raise ProxyError(400, "'prompt' must be a string or a list of token ids", param="prompt")
+
+
+def parse_request(endpoint: Endpoint, raw: bytes, counter: PromptCounter) -> ClientRequest:
+    """Validate a client's body and count its prompt; raises ProxyError(400) on bad input."""
+    try:
+        body = msgspec.json.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise ProxyError(400, f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ProxyError(400, "request body must be a JSON object")
+    body.pop("kv_transfer_params", None)  # only the proxy sets these
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ProxyError(400, "'stream' must be true or false", param="stream")
+    if endpoint is Endpoint.COMPLETIONS:
+        if "prompt" not in body:
+            raise ProxyError(400, "'prompt' is required", param="prompt")
+        num_tokens = counter.count_prompt(_single_prompt(body["prompt"]))
+    else:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ProxyError(400, "'messages' must be a non-empty list", param="messages")
+        if not all(isinstance(m, dict) for m in messages):
+            raise ProxyError(400, "each message must be an object", param="messages")
+        num_tokens = counter.count_chat(messages)
+    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+    if not isinstance(max_tokens, int):
+        max_tokens = DEFAULT_COMPLETION_MAX_TOKENS
+    return ClientRequest(endpoint, body, stream, num_tokens, max_tokens)
+
+
+def prefill_body(body: dict[str, Any], kv_params: dict[str, Any]) -> dict[str, Any]:
+    """The prefill instance's body: one token, not streamed, carrying ``kv_params``."""
+    out = dict(body)
+    out["max_tokens"] = 1
+    if "max_completion_tokens" in out:
+        out["max_completion_tokens"] = 1
+    if "n" in out:
+        out["n"] = 1
+    out["stream"] = False
+    # These would contradict max_tokens=1 / stream=false and get the prefill refused.
+    for key in ("stream_options", "min_tokens", "best_of"):
+        out.pop(key, None)
+    out["kv_transfer_params"] = kv_params
+    return out
+
+
+def decode_body(body: dict[str, Any], kv_params: dict[str, Any] | None) -> dict[str, Any]:
+    """The decode instance's body: the client's, plus ``kv_params`` when the KV is remote."""
+    out = dict(body)
+    if kv_params is not None:
+        out["kv_transfer_params"] = kv_params
+    return out

@@ -1,0 +1,75 @@
+"""The proxy's configuration: one frozen object built once by the launcher or a test."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class TransferMode(enum.Enum):
+    """How KV moves from prefill to decode (DESIGN.md §4)."""
+
+    READ = "read"
+    """Decode pulls: P runs first and returns its block ids, then D reads them."""
+    WRITE = "write"
+    """Prefill pushes: P and D get the request at once and P writes into D's blocks."""
+
+
+class PolicyName(enum.Enum):
+    """Which routing policy picks an instance out of a pool."""
+
+    ROUND_ROBIN = "round_robin"
+    LEAST_LOADED = "least_loaded"
+    POWER_OF_TWO = "power_of_two"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProxyConfig:
+    """Everything the proxy app needs; never mutated after creation."""
+
+    host: str = "127.0.0.1"
+    """Address the proxy's HTTP server listens on."""
+    port: int = 8000
+    """HTTP port of the proxy."""
+    prefill_urls: tuple[str, ...] = ()
+    """Static prefill instances (``http://host:port``)."""
+    decode_urls: tuple[str, ...] = ()
+    """Static decode instances (``http://host:port``)."""
+    mode: TransferMode = TransferMode.READ
+    """KV transfer mode; instances that report another mode are rejected."""
+    policy: PolicyName = PolicyName.ROUND_ROBIN
+    """Routing policy used for both pools."""
+    model: str | None = None
+    """Model (or tokenizer path) used to count prompt tokens; None: the instances' model."""
+    local_prefill_threshold_tokens: int = 0
+    """Prompts shorter than this go to a decode instance alone; 0 disables."""
+    registration_address: str | None = None
+    """ZMQ address (``tcp://host:port``) where instances register; None: no dynamic pool."""
+    max_missed_heartbeats: int = 3
+    """A registered instance that misses this many heartbeat intervals leaves the pool."""
+    admin_key: str | None = None
+    """Bearer key for the admin API; None disables the admin API."""
+    health_check_interval_s: float = 2.0
+    """How often every instance's ``/instance_info`` is probed."""
+    probe_timeout_s: float = 3.0
+    """Deadline of one probe or one abort call."""
+    connect_timeout_s: float = 5.0
+    """Deadline to open a TCP connection to an instance."""
+    prefill_timeout_s: float = 300.0
+    """Deadline of a whole prefill call (``max_tokens=1``)."""
+    first_byte_timeout_s: float = 300.0
+    """Deadline from sending a decode request to its first response bytes."""
+    stream_idle_timeout_s: float = 120.0
+    """Longest silence allowed between two chunks of a decode stream."""
+    request_timeout_s: float = 3600.0
+    """Deadline of a whole decode call, stream included."""
+    max_prefill_attempts: int = 3
+    """Prefill instances tried before the request fails (nothing reached the client yet)."""
+    max_decode_attempts: int = 2
+    """Decode instances tried before the request fails (nothing reached the client yet)."""
+    max_upstream_connections: int = 8192
+    """Connection limit of each upstream pool's client session (1,000+ streams each)."""
+    max_request_body_bytes: int = 64 * 1024 * 1024
+    """Largest request body a client may send."""
+    access_log: bool = False
+    """Log one line per request (off: 1,000 concurrent streams make it noise)."""

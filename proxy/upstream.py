@@ -1,0 +1,167 @@
+"""HTTP calls from the proxy to one instance, each with a deadline, failures classified.
+
+``UpstreamFailure``: the instance failed (connection, timeout, 5xx, 408/429) and another
+instance may succeed. ``UpstreamRejected``: the instance refused the request itself (other
+4xx); the client gets that answer unchanged, as a monolithic instance would have sent it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import msgspec
+
+from proxy.registration import InstanceInfo
+from proxy.registry import Instance
+from proxy.sse import SSEDecoder, is_done
+
+logger = logging.getLogger(__name__)
+
+JSON_HEADERS = {"Content-Type": "application/json"}
+ABORT_PATH = "/v1/kv_transfer/abort"
+INFO_PATH = "/instance_info"
+
+
+class UpstreamFailure(Exception):
+    """The instance failed; the request may be retried on another instance."""
+
+    def __init__(self, inst: Instance, reason: str, *, instance_down: bool = False) -> None:
+        super().__init__(f"{inst.url}: {reason}")
+        self.inst = inst
+        self.reason = reason
+        self.instance_down = instance_down
+        """True when the instance looks dead (refused or dropped the connection)."""
+
+
+class UpstreamRejected(Exception):
+    """The instance refused the request (4xx): that answer goes back to the client."""
+
+    def __init__(self, status: int, body: bytes, content_type: str) -> None:
+        super().__init__(f"upstream answered {status}")
+        self.status = status
+        self.body = body
+        self.content_type = content_type
+
+
+@dataclass(slots=True)
+class Reply:
+    """A complete, successful (2xx) upstream response."""
+
+    status: int
+    body: bytes
+    content_type: str
+
+
+@dataclass(slots=True, eq=False)
+class OpenStream:
+    """A 2xx SSE response whose first event(s) have arrived; the relay owns ``response``."""
+
+    inst: Instance
+    response: aiohttp.ClientResponse
+    first_events: bytes
+    decoder: SSEDecoder
+    saw_done: bool
+
+
+def _is_retriable(status: int) -> bool:
+    return status in (408, 429) or status >= 500
+
+
+def _classify(inst: Instance, status: int, body: bytes, content_type: str) -> Reply:
+    """2xx -> Reply; otherwise raise the matching exception."""
+    if 200 <= status < 300:
+        return Reply(status, body, content_type)
+    if _is_retriable(status):
+        snippet = body[:200].decode("utf-8", errors="replace")
+        raise UpstreamFailure(inst, f"HTTP {status}: {snippet}")
+    raise UpstreamRejected(status, body, content_type)
+
+
+def _failure(inst: Instance, exc: BaseException, what: str) -> UpstreamFailure:
+    """Turn a client-side exception into an UpstreamFailure with a readable reason."""
+    if isinstance(exc, TimeoutError):
+        return UpstreamFailure(inst, f"{what} timed out")
+    down = isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError))
+    return UpstreamFailure(inst, f"{what} failed: {exc!r}", instance_down=down)
+
+
+async def post_json(session: aiohttp.ClientSession, inst: Instance, path: str,
+                    body: dict[str, Any], timeout: aiohttp.ClientTimeout) -> Reply:
+    """POST a JSON body and read the whole response."""
+    try:
+        async with session.post(inst.url + path, data=msgspec.json.encode(body),
+                                headers=JSON_HEADERS, timeout=timeout) as resp:
+            data = await resp.read()
+            return _classify(inst, resp.status, data, resp.content_type)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise _failure(inst, exc, f"POST {path}") from exc
+
+
+async def open_stream(session: aiohttp.ClientSession, inst: Instance, path: str,
+                      body: dict[str, Any], timeout: aiohttp.ClientTimeout) -> OpenStream:
+    """POST a streaming request and wait for its first complete SSE event."""
+    try:
+        resp = await session.post(inst.url + path, data=msgspec.json.encode(body),
+                                  headers=JSON_HEADERS, timeout=timeout)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise _failure(inst, exc, f"POST {path}") from exc
+    try:
+        if not 200 <= resp.status < 300:
+            _classify(inst, resp.status, await resp.read(), resp.content_type)
+        decoder = SSEDecoder()
+        events: list[bytes] = []
+        while not events:
+            chunk = await resp.content.readany()
+            if not chunk:
+                raise UpstreamFailure(inst, "stream ended before its first event")
+            events = decoder.feed(chunk)
+        return OpenStream(inst, resp, b"".join(events), decoder, any(map(is_done, events)))
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        resp.close()
+        raise _failure(inst, exc, f"stream from {path}") from exc
+    except BaseException:
+        resp.close()  # closing the connection is what aborts the request inside the instance
+        raise
+
+
+async def send_abort(session: aiohttp.ClientSession, url: str, transfer_id: str,
+                     timeout_s: float) -> bool:
+    """Ask an instance to drop everything held for ``transfer_id``; True if it said 200."""
+    try:
+        async with session.post(url + ABORT_PATH,
+                                data=msgspec.json.encode({"transfer_id": transfer_id}),
+                                headers=JSON_HEADERS,
+                                timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+            await resp.read()
+            return resp.status == 200
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        logger.warning("abort of transfer %s on %s failed: %r", transfer_id, url, exc)
+        return False
+
+
+async def fetch_instance_info(session: aiohttp.ClientSession, inst: Instance,
+                              timeout_s: float) -> InstanceInfo:
+    """``GET /instance_info``; raises UpstreamFailure on any error or a malformed body."""
+    try:
+        async with session.get(inst.url + INFO_PATH,
+                               timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+            data = await resp.read()
+            if resp.status != 200:
+                raise UpstreamFailure(inst, f"{INFO_PATH} answered HTTP {resp.status}")
+            return msgspec.json.decode(data, type=InstanceInfo)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise UpstreamFailure(inst, f"malformed {INFO_PATH}: {exc}") from exc
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise _failure(inst, exc, f"GET {INFO_PATH}") from exc
+
+
+async def with_deadline(coro: Any, timeout_s: float, inst: Instance, what: str) -> Any:
+    """Await ``coro`` for at most ``timeout_s``; a miss is an UpstreamFailure."""
+    try:
+        return await asyncio.wait_for(coro, timeout_s)
+    except TimeoutError:
+        raise UpstreamFailure(inst, f"{what} got no answer within {timeout_s:g} s") from None
