@@ -5,10 +5,12 @@ Only built after every engine core's ready handshake, so every check below uses 
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,9 +19,15 @@ from aiohttp import web
 from disagg import __version__
 from disagg.engine_client import EngineClient
 from disagg.metrics import ServerMetrics, counter, gauge
-from disagg.openai_api import (ApiError, ChatCompletionRequest, CompletionRequest,
-                               chat_prompt_ids, completion_prompt_ids, decode_body,
-                               sampling_params)
+from disagg.openai_api import (
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    chat_prompt_ids,
+    completion_prompt_ids,
+    decode_body,
+    sampling_params,
+)
 from disagg.protocol import TokenLogprob
 from disagg.serving import Delta, collect, generate
 from disagg.sse import DONE_FRAME, sse_frame
@@ -35,6 +43,8 @@ class ServerInfo:
     http_url: str
     admin_key: str | None = None
 
+
+logger = logging.getLogger(__name__)
 
 ENGINE = web.AppKey("engine", EngineClient)
 TOKENIZER = web.AppKey("tokenizer", Tokenizer)
@@ -58,6 +68,12 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
         if exc.status >= 400:
             return json_error(ApiError(exc.status, exc.reason or "error"))
         raise
+    except (ConnectionResetError, asyncio.CancelledError):
+        raise
+    except Exception as exc:  # a bug: log it, answer JSON, keep serving
+        logger.exception("unhandled error on %s", request.path)
+        return json_error(ApiError(500, f"internal error: {type(exc).__name__}: {exc}",
+                                   err_type="server_error"))
 
 
 def _logprobs_json(lps: list[TokenLogprob], ids: list[int], tok: Tokenizer,
@@ -66,7 +82,7 @@ def _logprobs_json(lps: list[TokenLogprob], ids: list[int], tok: Tokenizer,
         return {"content": [{"token": tok.decode([t]), "logprob": lp.logprob,
                              "top_logprobs": [{"token": tok.decode([a]), "logprob": v}
                                               for a, v in lp.top]}
-                            for t, lp in zip(ids, lps)]}
+                            for t, lp in zip(ids, lps, strict=False)]}
     return {"tokens": [tok.decode([t]) for t in ids], "token_logprobs": [lp.logprob for lp in lps],
             "top_logprobs": [{tok.decode([a]): v for a, v in lp.top} for lp in lps]}
 
@@ -101,7 +117,7 @@ class _Call:
         n = len(self.prompt_ids)
         return {"prompt_tokens": n, "completion_tokens": num_out, "total_tokens": n + num_out}
 
-    def deltas(self) -> AsyncIterator[Delta]:
+    def deltas(self) -> AsyncGenerator[Delta, None]:
         return generate(self.engine, self.tok, self.app[METRICS], self.id, self.prompt_ids,
                         self.sp, self.req.kv_transfer_params)
 
@@ -195,18 +211,22 @@ async def version(request: web.Request) -> web.Response:
     return web.json_response({"version": __version__})
 
 
-async def instance_info(request: web.Request) -> web.Response:
-    """GET /instance_info: role, connector addresses and synced limits (used by the proxy)."""
-    engine, info = request.app[ENGINE], request.app[INFO]
+def instance_info_dict(engine: EngineClient, info: ServerInfo) -> dict[str, Any]:
+    """Role, connector addresses and synced limits (GET /instance_info, proxy registration)."""
     assert engine.synced is not None
     r0 = engine.synced.ready[0]
-    return web.json_response({
+    return {
         "role": r0.kv_role, "mode": r0.kv_mode, "engine_id": r0.engine_id,
         "http_url": info.http_url, "max_model_len": engine.synced.max_model_len,
         "block_size": engine.synced.block_size, "dp_size": engine.dp_size,
         "model": info.served_model_name, "kv_host": r0.kv_host,
         "kv_handshake_port": r0.kv_handshake_port, "kv_notify_port": r0.kv_notify_port,
-        "num_gpu_blocks": engine.synced.num_gpu_blocks})
+        "num_gpu_blocks": engine.synced.num_gpu_blocks}
+
+
+async def instance_info(request: web.Request) -> web.Response:
+    """GET /instance_info."""
+    return web.json_response(instance_info_dict(request.app[ENGINE], request.app[INFO]))
 
 
 async def kv_abort(request: web.Request) -> web.Response:

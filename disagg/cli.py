@@ -10,8 +10,17 @@ import signal
 import sys
 
 from disagg import __version__, envs
-from disagg.config import (CacheConfig, ConfigError, EngineConfig, KVTransferConfig, ModelConfig,
-                           ParallelConfig, SchedulerConfig, parse_bytes, parse_max_model_len)
+from disagg.config import (
+    CacheConfig,
+    ConfigError,
+    EngineConfig,
+    KVTransferConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+    parse_bytes,
+    parse_max_model_len,
+)
 
 logger = logging.getLogger("disagg")
 

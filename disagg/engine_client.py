@@ -25,10 +25,19 @@ import zmq
 import zmq.asyncio
 
 from disagg.config import EngineConfig, ParallelConfig
-from disagg.protocol import (EngineCoreAbort, EngineCoreOutput, EngineCoreOutputs,
-                             EngineCoreReadyResponse, EngineCoreRequest, EngineCoreStartupError,
-                             EngineCoreUtility, EngineCoreUtilityResult, EngineStats, encoder,
-                             outbound_decoder)
+from disagg.protocol import (
+    EngineCoreAbort,
+    EngineCoreOutput,
+    EngineCoreOutputs,
+    EngineCoreReadyResponse,
+    EngineCoreRequest,
+    EngineCoreStartupError,
+    EngineCoreUtility,
+    EngineCoreUtilityResult,
+    EngineStats,
+    encoder,
+    outbound_decoder,
+)
 from disagg.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)

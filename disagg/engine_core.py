@@ -7,6 +7,7 @@ the frontend must use.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -19,8 +20,13 @@ from disagg.kv_cache import BlockPool
 from disagg.kv_sizing import KVPlan, bytes_per_block, plan_kv_cache
 from disagg.model_runner import ModelRunner, resolve_device, resolve_dtype
 from disagg.models.loader import resolve_arch
-from disagg.protocol import (EngineCoreOutput, EngineCoreReadyResponse, EngineCoreRequest,
-                             EngineStats, TokenLogprob)
+from disagg.protocol import (
+    EngineCoreOutput,
+    EngineCoreReadyResponse,
+    EngineCoreRequest,
+    EngineStats,
+    TokenLogprob,
+)
 from disagg.request import FINISH_REASONS, Request
 from disagg.scheduler import Scheduler
 
@@ -31,6 +37,7 @@ class EngineCore:
     """One engine: owns the KV cache, the block pool, the scheduler and the model."""
 
     def __init__(self, cfg: EngineConfig, engine_id: str | None = None) -> None:
+        cfg = align_block_size(cfg)
         self.cfg = cfg
         self.engine_id = engine_id or f"engine-{uuid.uuid4().hex[:8]}"
         self.arch = arch = resolve_arch(cfg.model.model)
@@ -183,6 +190,17 @@ class EngineCore:
         """Release connector resources."""
         if self.connector is not None:
             self.connector.close()
+
+
+def align_block_size(cfg: EngineConfig) -> EngineConfig:
+    """Round block_size up to a power of two (the Triton kernels tile a block with
+    tl.arange, which needs one). The frontend learns the result from the ready handshake."""
+    bs = cfg.cache.block_size
+    aligned = 1 << (bs - 1).bit_length()
+    if aligned == bs:
+        return cfg
+    logger.warning("block_size %d is not a power of two; the engine uses %d", bs, aligned)
+    return dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, block_size=aligned))
 
 
 def build_engine(cfg: EngineConfig) -> EngineCore:

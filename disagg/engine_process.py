@@ -20,9 +20,17 @@ import msgspec
 import zmq
 
 from disagg.config import ConfigError, EngineConfig
-from disagg.protocol import (EngineCoreAbort, EngineCoreOutputs, EngineCoreRequest,
-                             EngineCoreStartupError, EngineCoreUtility, EngineCoreUtilityResult,
-                             EngineCoreOutput, encoder, inbound_decoder)
+from disagg.protocol import (
+    EngineCoreAbort,
+    EngineCoreOutput,
+    EngineCoreOutputs,
+    EngineCoreRequest,
+    EngineCoreStartupError,
+    EngineCoreUtility,
+    EngineCoreUtilityResult,
+    encoder,
+    inbound_decoder,
+)
 
 logger = logging.getLogger(__name__)
 IDLE_POLL_MS = 100

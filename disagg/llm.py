@@ -52,7 +52,7 @@ class LLM:
                   else [sampling_params] * len(prompt_token_ids))
         order: list[str] = []
         results: dict[str, RequestOutput] = {}
-        for ids, sp in zip(prompt_token_ids, params):
+        for ids, sp in zip(prompt_token_ids, params, strict=False):
             rid = f"offline-{next(self._ids)}"
             order.append(rid)
             results[rid] = RequestOutput(rid, list(ids), [], None)

@@ -32,7 +32,7 @@ class Histogram:
         """Exposition lines."""
         lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
         acc = 0
-        for bound, count in zip(self.buckets, self.counts):
+        for bound, count in zip(self.buckets, self.counts, strict=False):
             acc += count
             lines.append(f'{self.name}_bucket{{le="{bound}"}} {acc}')
         lines.append(f'{self.name}_bucket{{le="+Inf"}} {self.num}')

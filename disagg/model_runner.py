@@ -155,6 +155,6 @@ class ModelRunner:
         req_ids = [c.request.request_id for c in sampling]
         tokens, logprobs = self.sampler.sample(
             logits, req_ids, [c.request.sampling_params for c in sampling])
-        sampled = dict(zip(req_ids, tokens))
-        lps = {rid: lp for rid, lp in zip(req_ids, logprobs) if lp is not None}
+        sampled = dict(zip(req_ids, tokens, strict=False))
+        lps = {rid: lp for rid, lp in zip(req_ids, logprobs, strict=False) if lp is not None}
         return sampled, lps

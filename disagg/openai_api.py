@@ -55,7 +55,7 @@ class _Common(msgspec.Struct, kw_only=True):
 class CompletionRequest(_Common, kw_only=True):
     """POST /v1/completions."""
 
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: str | list[Any]
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool = False

@@ -50,7 +50,7 @@ class Sampler:
                 k = params[i].logprobs or 0
                 top_v, top_i = lp[row].topk(k) if k else (lp[row][:0], lp[row][:0].long())
                 logprobs[i] = TokenLogprob(float(lp[row, token_list[i]]),
-                                           list(zip(top_i.tolist(), top_v.tolist())))
+                                           list(zip(top_i.tolist(), top_v.tolist(), strict=False)))
         return token_list, logprobs
 
     def _sample_row(self, logits: torch.Tensor, sp: SamplingParams, request_id: str) -> int:

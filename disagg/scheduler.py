@@ -12,6 +12,7 @@ transfer (producer side), in which case the connector frees them in a terminal s
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -90,10 +91,8 @@ class Scheduler:
         if req in self.running:
             self.running.remove(req)
         self.remote_wait.pop(req.request_id, None)
-        try:
+        with contextlib.suppress(ValueError):
             self.waiting.remove(req)
-        except ValueError:
-            pass
         held = self.connector.request_finished(req) if self.connector else None
         owner = Owner(OwnerKind.REQUEST, req.request_id)
         if held is not None and req.block_ids:

@@ -13,7 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from disagg import envs
-from disagg.api_server import ServerInfo, make_app
+from disagg.api_server import ServerInfo, instance_info_dict, make_app
 from disagg.config import EngineConfig
 from disagg.engine_client import EngineClient, EngineStartupError
 from disagg.tokenizer import get_tokenizer
@@ -21,19 +21,16 @@ from disagg.tokenizer import get_tokenizer
 logger = logging.getLogger("disagg.serve")
 
 
-def _start_registrar(args: argparse.Namespace, engine: EngineClient, url: str) -> Any:
+def _start_registrar(args: argparse.Namespace, engine: EngineClient, info: ServerInfo) -> Any:
     """Register with a proxy over ZMQ when --proxy-address is given."""
     if not args.proxy_address:
         return None
-    from proxy.registration import Registrar
+    import msgspec
 
-    assert engine.synced is not None
-    r0 = engine.synced.ready[0]
-    registrar = Registrar(
-        proxy_address=args.proxy_address, role=r0.kv_role, http_url=url,
-        engine_id=r0.engine_id, kv_host=r0.kv_host, kv_handshake_port=r0.kv_handshake_port,
-        kv_notify_port=r0.kv_notify_port, dp_size=engine.dp_size, mode=r0.kv_mode,
-        max_model_len=engine.synced.max_model_len)
+    from proxy.registration import InstanceInfo, Registrar
+
+    details = msgspec.convert(instance_info_dict(engine, info), InstanceInfo)
+    registrar = Registrar(args.proxy_address, details)
     registrar.start()
     return registrar
 
@@ -48,8 +45,8 @@ async def serve(cfg: EngineConfig, args: argparse.Namespace) -> int:
         print(f"disagg: error: {exc}", file=sys.stderr)
         return 2
     url = f"http://{args.host}:{args.port}"
-    app = make_app(engine, get_tokenizer(cfg.model.model),
-                   ServerInfo(cfg.model.served_model_name, cfg.model.model, url, args.admin_key))
+    info = ServerInfo(cfg.model.served_model_name, cfg.model.model, url, args.admin_key)
+    app = make_app(engine, get_tokenizer(cfg.model.model), info)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     try:
@@ -60,7 +57,7 @@ async def serve(cfg: EngineConfig, args: argparse.Namespace) -> int:
         print(f"disagg: error: cannot listen on {args.host}:{args.port}: {exc.strerror}",
               file=sys.stderr)
         return 2
-    registrar = _start_registrar(args, engine, url)
+    registrar = _start_registrar(args, engine, info)
     print(f"disagg: ready on {url} (max_model_len={synced.max_model_len}, "
           f"block_size={synced.block_size}, num_gpu_blocks={synced.num_gpu_blocks})",
           flush=True)

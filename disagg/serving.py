@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,7 +47,7 @@ def _engine_error(message: str) -> ApiError:
 
 async def generate(engine: EngineClient, tok: Tokenizer, metrics: ServerMetrics,
                    request_id: str, prompt_ids: list[int], sp: SamplingParams,
-                   kv_params: dict[str, Any] | None) -> AsyncIterator[Delta]:
+                   kv_params: dict[str, Any] | None) -> AsyncGenerator[Delta, None]:
     """Submit and stream; aborts the engine request if the consumer stops early."""
     start = time.monotonic()
     first: float | None = None
@@ -77,8 +77,9 @@ async def generate(engine: EngineClient, tok: Tokenizer, metrics: ServerMetrics,
                         item.kv_transfer_params)
     finally:
         if not engine_done:
+            metrics.finished("abort")
             await engine.abort(request_id)
-        if done:
+        elif done:
             metrics.finished(reason or "error")
             end = time.monotonic()
             metrics.e2e.observe(end - start)

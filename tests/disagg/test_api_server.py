@@ -1,0 +1,156 @@
+"""Real `disagg serve` processes: ready handshake, admission, streaming, aborts, ledger."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+
+import aiohttp
+import pytest
+import requests  # type: ignore[import-untyped]
+
+TINY = ["builtin:tiny-llama", "--kv-cache-memory-bytes", "32MiB", "--device", "cpu"]
+
+
+def kv_free_total(url: str) -> tuple[float, float]:
+    text = requests.get(url + "/metrics", timeout=5).text
+    free = float(re.search(r"^disagg_kv_blocks_free\S* (\S+)$", text, re.M).group(1))
+    total = float(re.search(r"^disagg_kv_blocks_total\S* (\S+)$", text, re.M).group(1))
+    return free, total
+
+
+def wait_all_free(url: str, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        free, total = kv_free_total(url)
+        if free == total:
+            ledger = requests.get(url + "/v1/kv_ledger", timeout=5).json()["ranks"]
+            assert all(r["free"] == r["total"] and r["held"] == 0 for r in ledger)
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"blocks not all free: {kv_free_total(url)}")
+
+
+def test_autofit_synced_to_frontend_and_rejects_long_prompt(instance_factory) -> None:
+    inst = instance_factory([*TINY, "--num-gpu-blocks-override", "8", "--max-model-len", "auto"])
+    models = requests.get(inst.url + "/v1/models", timeout=5).json()
+    fitted = models["data"][0]["max_model_len"]
+    assert fitted == 8 * 16  # <= override x block_size, below the model's 4096
+    t0 = time.monotonic()
+    r = requests.post(inst.url + "/v1/completions",
+                      json={"prompt": "x" * 200, "max_tokens": 4}, timeout=5)
+    assert r.status_code == 400 and time.monotonic() - t0 < 1.0
+    err = r.json()["error"]
+    assert err["code"] == "context_length_exceeded" and str(fitted) in err["message"]
+    ok = requests.post(inst.url + "/v1/completions",
+                       json={"prompt": "hello", "max_tokens": 4}, timeout=10)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 4
+
+
+def test_fixed_length_not_fitting_override_fails_startup(instance_factory) -> None:
+    inst = instance_factory([*TINY, "--num-gpu-blocks-override", "4", "--max-model-len", "1000"],
+                            expect_ready=False)
+    assert inst.proc.wait(30) == 2
+    log = inst.log()
+    assert "max_model_len 1000 needs" in log and "largest max_model_len that fits is 64" in log
+    assert "Traceback" not in log
+
+
+def test_engine_block_size_reaches_frontend_metrics(instance_factory) -> None:
+    inst = instance_factory([*TINY, "--block-size", "24"])  # engine aligns to 32
+    text = requests.get(inst.url + "/metrics", timeout=5).text
+    assert 'block_size="32"' in text
+    info = requests.get(inst.url + "/instance_info", timeout=5).json()
+    assert info["block_size"] == 32
+
+
+def test_user_errors_are_openai_style(instance_factory) -> None:
+    inst = instance_factory(TINY)
+    cases = [b"{bad json", b'{"prompt": 5}', b'{"prompt": ""}', b'{"prompt": "a", "n": 2}',
+             b'{"prompt": "a", "model": "other"}', b'{"prompt": "a", "max_tokens": 0}',
+             b'{"prompt": "a", "temperature": -1}', b""]
+    for body in cases:
+        r = requests.post(inst.url + "/v1/completions", data=body, timeout=5)
+        assert 400 <= r.status_code < 500, (body, r.status_code)
+        assert r.json()["error"]["message"], body
+    r = requests.post(inst.url + "/v1/chat/completions", json={"messages": []}, timeout=5)
+    assert r.status_code == 400
+
+
+async def _stream_one(session: aiohttp.ClientSession, url: str, i: int) -> int:
+    body = {"prompt": f"request {i}", "max_tokens": 8, "stream": True, "temperature": 0,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    tokens = 0
+    async with session.post(url + "/v1/completions", json=body) as resp:
+        assert resp.status == 200
+        async for line in resp.content:
+            if line.startswith(b"data: ") and b"[DONE]" not in line:
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+    return tokens
+
+
+def test_200_concurrent_streams_complete_and_free_blocks(instance_factory) -> None:
+    inst = instance_factory([*TINY, "--max-num-seqs", "128"])
+
+    async def run() -> list[int]:
+        timeout = aiohttp.ClientTimeout(total=120)
+        async with aiohttp.ClientSession(timeout=timeout,
+                                         connector=aiohttp.TCPConnector(limit=0)) as s:
+            return await asyncio.gather(*(_stream_one(s, inst.url, i) for i in range(200)))
+
+    assert asyncio.run(run()) == [8] * 200
+    wait_all_free(inst.url)
+
+
+def test_client_disconnect_aborts_and_frees(instance_factory) -> None:
+    inst = instance_factory(TINY)
+
+    async def run() -> None:
+        async with aiohttp.ClientSession() as s:
+            body = {"prompt": "long one", "max_tokens": 3000, "stream": True,
+                    "ignore_eos": True}
+            async with s.post(inst.url + "/v1/completions", json=body) as resp:
+                await resp.content.readline()  # first event arrived: generation is running
+        # leaving the block closes the connection mid-stream
+
+    asyncio.run(run())
+    wait_all_free(inst.url, timeout_s=5)
+    text = requests.get(inst.url + "/metrics", timeout=5).text
+    assert re.search(r'finished_reason="abort"\} 1$', text, re.M)
+
+
+def test_engine_death_stops_the_server(instance_factory) -> None:
+    import psutil
+
+    inst = instance_factory(TINY)
+    children = psutil.Process(inst.proc.pid).children(recursive=True)
+    engines = [c for c in children if "spawn_main" in " ".join(c.cmdline())]
+    assert engines, "expected an engine-core child process"
+    engines[0].kill()
+    assert inst.proc.wait(15) == 1
+    assert "died" in inst.log()
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_openai_client_works(instance_factory, chat: bool) -> None:
+    import openai
+
+    inst = instance_factory(TINY)
+    client = openai.OpenAI(base_url=inst.url + "/v1", api_key="none")
+    if chat:
+        out = client.chat.completions.create(model="builtin:tiny-llama", max_tokens=5,
+                                             messages=[{"role": "user", "content": "hi"}])
+        assert out.choices[0].message.content is not None
+        stream = client.chat.completions.create(model="builtin:tiny-llama", max_tokens=5,
+                                                messages=[{"role": "user", "content": "hi"}],
+                                                stream=True)
+        assert sum(1 for _ in stream) >= 1
+    else:
+        out = client.completions.create(model="builtin:tiny-llama", prompt="hi", max_tokens=5,
+                                        temperature=0, logprobs=2)
+        assert out.usage.completion_tokens == 5
+        assert len(out.choices[0].logprobs.token_logprobs) == 5
