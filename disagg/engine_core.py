@@ -110,6 +110,8 @@ class EngineCore:
                       kv_transfer_params=msg.kv_transfer_params)
         self.scheduler.add_request(req)
         self._sent[req.request_id] = 0
+        if self.connector is not None:
+            self.connector.on_request_arrival(req)
         return None
 
     def _eos_id(self) -> int | None:

@@ -1,0 +1,116 @@
+"""The connector interfaces the engine calls, and the registry that resolves a connector name.
+
+Two halves, as in vLLM's v1 connector API:
+  SchedulerConnector (in the scheduler loop): how many prompt tokens arrive from outside, what
+      to do after blocks are allocated, whether a finished request's blocks must be held.
+  WorkerConnector (next to the KV tensors): register memory, start loads/saves, poll them.
+KVConnector bundles both for one engine core and adds the per-step hooks the engine calls.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import torch
+
+    from disagg.config import KVTransferConfig
+    from disagg.request import Request
+    from disagg.scheduler import Scheduler, SchedulerOutput
+
+
+class SchedulerConnector(Protocol):
+    """Scheduler-side half."""
+
+    def get_num_new_matched_tokens(self, req: Request) -> int:
+        """Prompt tokens whose KV will arrive from a remote instance (0: compute locally)."""
+        ...
+
+    def update_state_after_alloc(self, req: Request) -> None:
+        """The request's blocks are allocated; start receiving into them."""
+        ...
+
+    def request_finished(self, req: Request) -> str | None:
+        """A request ended. Return a transfer key to keep its blocks held under that key."""
+        ...
+
+
+class WorkerConnector(abc.ABC):
+    """Worker-side half: owns the transport and the registered KV memory."""
+
+    @abc.abstractmethod
+    def register_kv_cache(self, kv_cache: torch.Tensor) -> None:
+        """Register the engine's single KV tensor with the transport."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release transport resources."""
+
+
+class KVConnector(abc.ABC):
+    """What the engine core holds: both halves plus the per-step hooks."""
+
+    scheduler: SchedulerConnector
+    host: str | None = None
+    handshake_port: int | None = None
+    notify_port: int | None = None
+    mode: str | None = None
+
+    @abc.abstractmethod
+    def bind(self, scheduler: Scheduler) -> None:
+        """Give the connector the scheduler it reports finished loads and freed holds to."""
+
+    @abc.abstractmethod
+    def update_connector_output(self) -> None:
+        """Each step: consume notifications, poll transfers, reap expired work."""
+
+    def on_request_arrival(self, req: Request) -> None:
+        """A request entered the engine (before scheduling)."""
+
+    def before_execute(self, out: SchedulerOutput) -> None:
+        """Hook before the model runs a step."""
+
+    def after_execute(self, out: SchedulerOutput) -> None:
+        """Hook after the model ran a step (KV of the step is in the cache)."""
+
+    @abc.abstractmethod
+    def busy(self) -> bool:
+        """Transfers or holds are outstanding (the engine must keep stepping)."""
+
+    @abc.abstractmethod
+    def metrics(self) -> dict[str, float]:
+        """Counters and gauges for /metrics."""
+
+    @abc.abstractmethod
+    def abort_transfer(self, transfer_id: str) -> bool:
+        """Drop a transfer (proxy cleanup); True if it was known."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Stop threads and release resources."""
+
+
+ConnectorFactory = Callable[["KVTransferConfig", Any, "torch.Tensor"], KVConnector]
+_REGISTRY: dict[str, ConnectorFactory] = {}
+
+
+def register_connector(name: str, factory: ConnectorFactory) -> None:
+    """Make a connector available by name in ``kv_connector``."""
+    _REGISTRY[name] = factory
+
+
+def resolve_connector(name: str) -> ConnectorFactory:
+    """A registered name, or ``package.module:ClassOrFactory`` for third-party connectors."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if ":" in name:
+        module_name, attr = name.split(":", 1)
+        try:
+            return getattr(importlib.import_module(module_name), attr)  # type: ignore[no-any-return]
+        except (ImportError, AttributeError) as exc:
+            raise ValueError(f"cannot import kv_connector {name!r}: {exc}") from exc
+    raise ValueError(f"unknown kv_connector {name!r}; registered: {sorted(_REGISTRY)} "
+                     "(or give module:Class)")

@@ -1,0 +1,129 @@
+"""The transfer state machine: one object per transfer, explicit states, a deadline on each
+non-terminal state.
+
+    WAITING_REMOTE --post--> IN_FLIGHT --done--> DONE
+         |                      |
+         +--- failed/expired ---+--> FAILED | EXPIRED      (terminal: free/release + tell peer)
+
+Deadlines:
+  WAITING_REMOTE  created + defer_timeout, or (once the peer leased it) last lease + lease_timeout
+  IN_FLIGHT       the side that posted the one-sided op: posted + transfer_timeout
+                  the passive side (its memory is read/written): last lease + lease_timeout,
+                  so a live but slow peer keeps the transfer and a dead one is reaped promptly.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class TransferState(enum.Enum):
+    """Life of one transfer."""
+
+    WAITING_REMOTE = "waiting_remote"
+    IN_FLIGHT = "in_flight"
+    DONE = "done"
+    FAILED = "failed"
+    EXPIRED = "expired"
+
+
+TERMINAL_STATES = frozenset({TransferState.DONE, TransferState.FAILED, TransferState.EXPIRED})
+
+_ALLOWED = {
+    TransferState.WAITING_REMOTE: frozenset({TransferState.IN_FLIGHT, *TERMINAL_STATES}),
+    TransferState.IN_FLIGHT: TERMINAL_STATES,
+}
+
+
+class TransferRole(enum.Enum):
+    """Which side of which flow this engine plays for a transfer."""
+
+    PRODUCER_READ = "producer_read"
+    """Prefill holds blocks until the decode read them (release) or gave up."""
+    PRODUCER_WRITE = "producer_write"
+    """Prefill writes its blocks into the decode's blocks, then sends write_done."""
+    CONSUMER_READ = "consumer_read"
+    """Decode reads the prefill's blocks, then sends release."""
+    CONSUMER_WRITE = "consumer_write"
+    """Decode sends remote_blocks and waits for write_done."""
+
+    @property
+    def is_producer(self) -> bool:
+        """Prefill side."""
+        return self in (TransferRole.PRODUCER_READ, TransferRole.PRODUCER_WRITE)
+
+    @property
+    def posts_ops(self) -> bool:
+        """This side posts the one-sided operations (READ on D, WRITE on P)."""
+        return self in (TransferRole.CONSUMER_READ, TransferRole.PRODUCER_WRITE)
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Deadlines from kv_connector_extra_config."""
+
+    transfer_timeout_s: float = 30.0
+    defer_timeout_s: float = 60.0
+    lease_timeout_s: float = 5.0
+    heartbeat_interval_s: float = 1.0
+
+
+class IllegalTransition(RuntimeError):
+    """A bug: a transfer left a terminal state or skipped one."""
+
+
+@dataclass(eq=False, slots=True)
+class Transfer:
+    """One transfer, on one side."""
+
+    transfer_id: str
+    role: TransferRole
+    request_id: str
+    created_s: float
+    state: TransferState = TransferState.WAITING_REMOTE
+    local_block_ids: list[int] = field(default_factory=list)
+    remote_block_ids: list[int] | None = None
+    num_tokens: int = 0
+    peer_engine_id: str | None = None
+    peer_host: str | None = None
+    peer_handshake_port: int | None = None
+    peer_notify_port: int | None = None
+    handles: list[int] = field(default_factory=list)
+    posted_s: float | None = None
+    last_lease_s: float | None = None
+    holds_blocks: bool = False
+    """Producer: the finished request's blocks are held under this transfer's key."""
+    request_finished: bool = False
+    bytes_moved: int = 0
+    error: str | None = None
+
+    @property
+    def terminal(self) -> bool:
+        """DONE, FAILED or EXPIRED."""
+        return self.state in TERMINAL_STATES
+
+    def deadline_s(self, t: Timeouts) -> float:
+        """When this transfer expires if nothing changes."""
+        if self.state is TransferState.IN_FLIGHT and self.role.posts_ops:
+            assert self.posted_s is not None
+            return self.posted_s + t.transfer_timeout_s
+        if self.last_lease_s is not None:
+            return max(self.last_lease_s + t.lease_timeout_s,
+                       self.created_s + min(t.defer_timeout_s, t.lease_timeout_s))
+        return self.created_s + t.defer_timeout_s
+
+    def move(self, new: TransferState, error: str | None = None) -> None:
+        """Change state; raises IllegalTransition for moves the diagram does not allow."""
+        if new not in _ALLOWED.get(self.state, frozenset()):
+            raise IllegalTransition(f"transfer {self.transfer_id}: {self.state} -> {new}")
+        self.state = new
+        if error is not None:
+            self.error = error
+
+    @property
+    def peer_notify(self) -> tuple[str, int] | None:
+        """Where to send notifications for this transfer, when known."""
+        if self.peer_host is None or self.peer_notify_port is None:
+            return None
+        return self.peer_host, self.peer_notify_port
