@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import resource
 import sys
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from tqdm import tqdm
 from bench.client import RequestInput, RequestOutput, send_request
 
 _LAG_PROBE_INTERVAL_S = 0.01
+_UNCAPPED_FDS = 65536  # an uncapped run may open one socket per request
+_SPARE_FDS = 256  # files, pipes and the event loop's own descriptors
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -68,9 +71,23 @@ def arrival_offsets_s(num_requests: int, request_rate: float, burstiness: float,
     return [0.0, *np.cumsum(gaps_s).tolist()][:num_requests]
 
 
+def raise_open_file_limit(num_fds: int) -> int:
+    """Lift the soft open-file limit toward ``num_fds`` (up to the hard limit); returns it.
+
+    Each stream holds a socket: the common 1,024 default would fail a 1,024-stream run.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = num_fds if hard == resource.RLIM_INFINITY else min(num_fds, hard)
+    if wanted > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        return wanted
+    return soft
+
+
 def make_session(max_concurrency: int | None) -> aiohttp.ClientSession:
     """One session for the whole run; its pool holds one connection per concurrent stream."""
     limit = max_concurrency or 0  # 0 = no limit, for uncapped rate-driven runs
+    raise_open_file_limit((max_concurrency or _UNCAPPED_FDS) + _SPARE_FDS)
     connector = aiohttp.TCPConnector(limit=limit, limit_per_host=limit, ttl_dns_cache=300,
                                      keepalive_timeout=60)
     return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None),

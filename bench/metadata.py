@@ -71,8 +71,9 @@ def hardware_info() -> dict[str, Any]:
 def hardware_summary(info: dict[str, Any]) -> str:
     """One short line: ``8x AMD Instinct MI300X`` or ``Intel Xeon ... (2 cores)``."""
     if info.get("gpu"):
-        return f"{info['num_gpus']}x {info['gpu']}"
-    return f"{info.get('cpu', 'cpu')} ({info.get('cpu_cores', '?')} cores)"
+        return f"{info.get('num_gpus') or 1}x {info['gpu']}"
+    cores = info.get("cpu_cores", info.get("num_cpus", "?"))
+    return f"{info.get('cpu', 'cpu')} ({cores} cores)"
 
 
 def _version(dist: str) -> str | None:

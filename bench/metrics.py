@@ -128,7 +128,7 @@ def max_output_tokens_per_s(outputs: list[RequestOutput], bench_start_s: float) 
             stamps.append(t)
     if not stamps:
         return 0.0
-    buckets = np.floor((np.asarray(stamps) - bench_start_s)).astype(np.int64)
+    buckets = np.floor(np.asarray(stamps) - bench_start_s).astype(np.int64)
     return float(np.bincount(buckets - buckets.min()).max())
 
 

@@ -49,22 +49,23 @@ def _latency_plot(results: list[dict[str, Any]], xs: list[float], axis: str,
 
 def _throughput_plot(results: list[dict[str, Any]], xs: list[float], axis: str,
                      path: Path) -> Path:
-    """Token throughputs on the left axis, request throughput and goodput on the right."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    """Token throughputs on the left panel, request throughput and goodput on the right."""
+    fig, (tokens_ax, requests_ax) = plt.subplots(1, 2, figsize=(10, 4))
     for key, label in _THROUGHPUTS:
-        ax.plot(xs, [r[key] for r in results], marker="o", label=label)
-    ax.set_xlabel(axis)
-    ax.set_ylabel("tokens/s")
-    if axis == "concurrency":
-        ax.set_xscale("log", base=2)
-    right = ax.twinx()
-    right.plot(xs, [r["request_throughput"] for r in results], "k--", marker="s", label="req/s")
+        tokens_ax.plot(xs, [r[key] for r in results], marker="o", label=label)
+    tokens_ax.set_ylabel("tokens/s")
+    requests_ax.plot(xs, [r["request_throughput"] for r in results], marker="s",
+                     label="requests/s")
     if results[0].get("request_goodput") is not None:
-        right.plot(xs, [r["request_goodput"] for r in results], "g:", marker="^",
-                   label="goodput req/s")
-    right.set_ylabel("requests/s")
-    fig.legend(loc="upper left")
-    ax.grid(True, alpha=0.3)
+        requests_ax.plot(xs, [r["request_goodput"] for r in results], marker="^",
+                         label="goodput requests/s")
+    requests_ax.set_ylabel("requests/s")
+    for ax in (tokens_ax, requests_ax):
+        ax.set_xlabel(axis)
+        if axis == "concurrency":
+            ax.set_xscale("log", base=2)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

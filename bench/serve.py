@@ -22,8 +22,12 @@ from bench.client import RequestInput, RequestOutput, send_request
 from bench.datasets import SampleRequest, sample_requests
 from bench.load import LoadConfig, RunOutcome, make_session, run_batch, run_load
 from bench.metadata import run_metadata
-from bench.metrics import (calculate_metrics, finite_or_str, max_concurrent_requests,
-                           max_output_tokens_per_s)
+from bench.metrics import (
+    calculate_metrics,
+    finite_or_str,
+    max_concurrent_requests,
+    max_output_tokens_per_s,
+)
 from bench.results import append_row, format_summary, rate_label, summary_row, write_json
 from bench.serve_args import Point, ServePlan, dataset_config, parse, workload_label
 from disagg.tokenizer import get_tokenizer
@@ -107,7 +111,6 @@ def build_result(args: argparse.Namespace, plan: ServePlan, point: Point,
     result["max_concurrent_requests"] = max_concurrent_requests(outputs)
     result["max_output_tokens_per_s"] = max_output_tokens_per_s(outputs, outcome.bench_start_s)
     result.update(_client_figures(outcome, metrics["completed"]))
-    result["loop_lag_ms"] = outcome.loop_lag_ms
     return result
 
 
@@ -117,7 +120,8 @@ def result_path(args: argparse.Namespace, result: dict[str, Any], sweep_axis: st
     if sweep_axis == "concurrency":
         point_tag = f"-c{result['max_concurrency']}"
     elif sweep_axis == "rate":
-        point_tag = f"-r{result['request_rate']}"
+        rate = result["request_rate"]
+        point_tag = f"-r{rate if isinstance(rate, str) else rate_label(rate)}"
     if args.result_filename:
         stem, ext = os.path.splitext(args.result_filename)
         name = f"{stem}{point_tag}{ext or '.json'}"

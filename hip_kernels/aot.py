@@ -26,7 +26,7 @@ PTXAS_TIMEOUT_S = 60.0
 
 _AMDGCN_FIELDS = {
     "num_vgprs": r";\s*NumVgprs:\s*(\d+)",
-    "num_sgprs": r";\s*NumSgprs:\s*(\d+)",
+    "num_sgprs": r";\s*TotalNumSgprs:\s*(\d+)",
     "scratch_bytes": r";\s*ScratchSize:\s*(\d+)",
     "occupancy": r";\s*Occupancy:\s*(\d+)",
     "vgpr_spill_count": r"\.vgpr_spill_count:\s*(\d+)",
@@ -48,6 +48,7 @@ class CompileReport:
     """Waves per SIMD on AMD."""
     vgpr_spill_count: int | None = None
     sgpr_spill_count: int | None = None
+    """SGPRs spilled into VGPR lanes (no memory traffic): reported, not a failure."""
     num_regs: int | None = None
     """Registers per thread on NVIDIA (ptxas -v)."""
     spill_bytes: int | None = None
@@ -55,9 +56,8 @@ class CompileReport:
 
     @property
     def spills(self) -> bool:
-        """True if the kernel spills registers or uses scratch memory."""
-        counts = (self.scratch_bytes, self.vgpr_spill_count, self.sgpr_spill_count,
-                  self.spill_bytes)
+        """True if the kernel spills registers to memory or uses scratch memory."""
+        counts = (self.scratch_bytes, self.vgpr_spill_count, self.spill_bytes)
         return any(c for c in counts if c is not None)
 
 
@@ -140,15 +140,16 @@ def all_specs(arch: str) -> list[KernelSpec]:
     """Every kernel's AOT specs for a config arch (``gfx942``, ``sm_90``, ``default``)."""
     from hip_kernels import (
         kv_blocks,
-        paged_attention,
+        paged_decode_attention,
+        paged_prefill_attention,
         reshape_and_cache,
         rms_norm,
         rotary_embedding,
         silu_and_mul,
     )
 
-    modules = (reshape_and_cache, paged_attention, rms_norm, rotary_embedding, silu_and_mul,
-               kv_blocks)
+    modules = (reshape_and_cache, paged_decode_attention, paged_prefill_attention, rms_norm,
+               rotary_embedding, silu_and_mul, kv_blocks)
     return [spec for module in modules for spec in module.aot_specs(arch)]
 
 
@@ -159,7 +160,7 @@ def _format(report: CompileReport) -> str:
     else:
         figures = (f"vgprs={report.num_vgprs} sgprs={report.num_sgprs} "
                    f"scratch={report.scratch_bytes} occupancy={report.occupancy} "
-                   f"vgpr_spills={report.vgpr_spill_count}")
+                   f"vgpr_spills={report.vgpr_spill_count} sgpr_spills={report.sgpr_spill_count}")
     flag = "  SPILLS" if report.spills else ""
     return f"{report.target:<12} {report.kernel:<52} lds={report.shared_bytes:<6} {figures}{flag}"
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,7 +92,7 @@ def load_config(kernel: str, arch: str | None = None) -> dict[str, ConfigValue]:
     return merged
 
 
-def get_int(config: dict[str, ConfigValue], key: str) -> int:
+def get_int(config: Mapping[str, ConfigValue], key: str) -> int:
     """An int-valued key of a merged config."""
     value = config[key]
     if not isinstance(value, int):
@@ -99,7 +100,7 @@ def get_int(config: dict[str, ConfigValue], key: str) -> int:
     return value
 
 
-def bucket(config: dict[str, ConfigValue], key: str, size: int) -> int:
+def bucket(config: Mapping[str, ConfigValue], key: str, size: int) -> int:
     """Value of the first ``[upper_bound, value]`` pair with ``size <= upper_bound``.
 
     Sizes past the last bound take the last value.

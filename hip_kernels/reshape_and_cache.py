@@ -37,7 +37,8 @@ def _reshape_and_cache_kernel(key_ptr, value_ptr, kv_ptr, slot_ptr, num_kv_heads
     heads = tl.program_id(1) * BLOCK_HEADS + tl.arange(0, BLOCK_HEADS)
     dims = tl.arange(0, BLOCK_D)
     # A negative slot (a padded token) is skipped rather than written out of bounds.
-    mask = (heads < num_kv_heads)[:, None] & (dims < HEAD_DIM)[None, :] & (slot >= 0)
+    num_heads_written = tl.where(slot >= 0, num_kv_heads, 0)
+    mask = (heads < num_heads_written)[:, None] & (dims < HEAD_DIM)[None, :]
     dst = (kv_ptr + (slot // KV_BLOCK_SIZE) * stride_kv_block
            + (slot % KV_BLOCK_SIZE) * stride_kv_tok
            + heads[:, None] * stride_kv_head + dims[None, :])

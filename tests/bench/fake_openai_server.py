@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 
 from aiohttp import web
 
@@ -23,8 +22,11 @@ def _chunk(obj: dict) -> bytes:
 
 def _token_chunk(chat: bool, index: int) -> dict:
     text = f"t{index} "
-    choice = {"index": 0, "delta": {"content": text}} if chat else {"index": 0, "text": text}
-    return {"id": "x", "object": "chunk", "choices": [choice]}
+    if chat:
+        choice = {"index": 0, "delta": {"content": text}, "finish_reason": None}
+        return {"id": "c", "object": "chat.completion.chunk", "choices": [choice]}
+    choice = {"index": 0, "text": text, "finish_reason": None}
+    return {"id": "c", "object": "text_completion", "choices": [choice]}
 
 
 async def _stream(request: web.Request, body: dict, chat: bool) -> web.StreamResponse:
@@ -34,8 +36,8 @@ async def _stream(request: web.Request, body: dict, chat: bool) -> web.StreamRes
     num_tokens = int(body.get("max_tokens", 16))
     await resp.write(b": ping\n\n")  # an SSE comment the client must skip
     if chat:  # vLLM sends a role-only first chunk: it is not a token
-        await resp.write(_chunk({"choices": [{"index": 0, "delta": {"role": "assistant",
-                                                                     "content": ""}}]}))
+        role = {"index": 0, "delta": {"role": "assistant", "content": ""}}
+        await resp.write(_chunk({"object": "chat.completion.chunk", "choices": [role]}))
     await asyncio.sleep(cfg.ttft_delay_s)
     for i in range(num_tokens):
         if i:
@@ -44,7 +46,8 @@ async def _stream(request: web.Request, body: dict, chat: bool) -> web.StreamRes
     if cfg.usage and body.get("stream_options", {}).get("include_usage"):
         usage = {"prompt_tokens": 1, "completion_tokens": num_tokens,
                  "total_tokens": num_tokens + 1}
-        await resp.write(_chunk({"choices": [], "usage": usage}))
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        await resp.write(_chunk({"object": obj, "choices": [], "usage": usage}))
     await resp.write(b"data: [DONE]\n\n")
     return resp
 
@@ -98,4 +101,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

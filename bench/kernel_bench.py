@@ -1,0 +1,308 @@
+"""Time every Triton kernel at real shapes against the ceilings measured in the same run.
+
+    python -m bench.kernel_bench [--kernels paged_decode_attention,rms_norm] [--output F]
+
+Ceilings: a 1 GiB device-to-device copy (bytes read + written per second) for memory-bound
+kernels, a bf16 8192^3 matmul for compute-bound ones. Each kernel's achieved rate counts the
+fewest bytes (or flops) it must move, over its median time (L2 flushed before every run).
+One JSON row per kernel config goes to bench/results/kernels.jsonl (or --output). Needs a
+GPU; on a CPU-only machine it refuses with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+RESULTS_PATH = Path(__file__).resolve().parent / "results" / "kernels.jsonl"
+FLUSH_BYTES = 512 * 2**20  # more than any L2 / MI300X Infinity Cache
+COPY_BYTES = 2**30
+MATMUL_SIZE = 8192
+# Llama-3-8B: 32 q heads, 8 kv heads, head_dim 128, hidden 4096, MLP 14336, block size 16.
+Q_HEADS, KV_HEADS, HEAD_DIM, HIDDEN, INTER, BLOCK_SIZE = 32, 8, 128, 4096, 14336, 16
+
+
+@dataclass
+class KernelCase:
+    """One kernel at one shape: what to run and the minimum work it must do."""
+
+    kernel: str
+    config: dict[str, Any]
+    run: Callable[[], Any]
+    bytes_moved: int = 0
+    flops: int = 0
+    ref: Callable[[], Any] | None = None
+    launch: dict[str, Any] = field(default_factory=dict)
+
+
+def time_ms(fn: Callable[[], Any], iters: int, warmup: int, flush: Any) -> list[float]:
+    """Per-run device times in ms (events), L2 flushed before each run."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    for start, end in zip(starts, ends, strict=True):
+        flush.zero_()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return [start.elapsed_time(end) for start, end in zip(starts, ends, strict=True)]
+
+
+def _bf16(*shape: int) -> Any:
+    """Random bf16 values on the GPU (never zeros: they can time faster than real data)."""
+    import torch
+
+    return torch.randn(*shape, dtype=torch.bfloat16, device="cuda")
+
+
+def measure_ceilings(iters: int, flush: Any) -> dict[str, float]:
+    """Copy bandwidth (GB/s, read + write) and bf16 matmul rate (TFLOP/s) of this device."""
+    import torch
+
+    src, dst = _bf16(COPY_BYTES // 2), _bf16(COPY_BYTES // 2)
+    copy_ms = statistics.median(time_ms(functools.partial(dst.copy_, src), iters, 3, flush))
+    a, b = _bf16(MATMUL_SIZE, MATMUL_SIZE), _bf16(MATMUL_SIZE, MATMUL_SIZE)
+    mm_ms = statistics.median(time_ms(functools.partial(torch.matmul, a, b), iters, 3, flush))
+    return {"copy_gbps": 2 * COPY_BYTES / copy_ms / 1e6,
+            "matmul_tflops": 2 * MATMUL_SIZE**3 / mm_ms / 1e9}
+
+
+
+def _decode_cases() -> Iterator[KernelCase]:
+    """Paged decode at the acceptance shape (batch 64, context 4k) and around it."""
+    import torch
+
+    from hip_kernels.paged_attention import (
+        decode_plan,
+        paged_decode_attention,
+        paged_decode_attention_ref,
+    )
+    from hip_kernels.testing import make_paged_kv
+
+    for batch, context in ((64, 4096), (8, 32768), (256, 1024), (1, 4096)):
+        kv = make_paged_kv([context] * batch, KV_HEADS, HEAD_DIM, BLOCK_SIZE, torch.bfloat16,
+                           "cuda")
+        q = torch.randn(batch, Q_HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
+        args = (q, kv.kv_layer, kv.block_tables, kv.seq_lens, HEAD_DIM**-0.5)
+        plan = decode_plan(batch, KV_HEADS, kv.block_tables.shape[1] * BLOCK_SIZE)
+        kv_bytes = batch * context * KV_HEADS * HEAD_DIM * 2 * 2
+        yield KernelCase("paged_decode_attention",
+                         {"batch": batch, "context": context, "q_heads": Q_HEADS,
+                          "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "block_size": BLOCK_SIZE,
+                          "dtype": "bf16"},
+                         functools.partial(paged_decode_attention, *args),
+                         bytes_moved=kv_bytes + 2 * q.numel() * 2 + kv.block_tables.numel() * 4,
+                         ref=functools.partial(paged_decode_attention_ref, *args),
+                         launch={"num_splits": plan.num_splits, "split_tokens": plan.split_tokens,
+                                 "block_n": plan.block_n, "num_warps": plan.num_warps,
+                                 "num_stages": plan.num_stages})
+
+
+def _prefill_cases() -> Iterator[KernelCase]:
+    """Causal prefill (fresh prompts) and a chunk over a long cached prefix."""
+    import torch
+
+    from hip_kernels.paged_attention import paged_prefill_attention, paged_prefill_attention_ref
+    from hip_kernels.testing import make_paged_kv
+
+    for prefix, chunk, num_seqs in ((0, 2048, 8), (8192, 512, 4)):
+        kv = make_paged_kv([prefix + chunk] * num_seqs, KV_HEADS, HEAD_DIM, BLOCK_SIZE,
+                           torch.bfloat16, "cuda")
+        starts = torch.arange(num_seqs + 1, dtype=torch.int32, device="cuda") * chunk
+        q = torch.randn(num_seqs * chunk, Q_HEADS, HEAD_DIM, dtype=torch.bfloat16,
+                        device="cuda")
+        args = (q, kv.kv_layer, kv.block_tables, starts, kv.seq_lens, HEAD_DIM**-0.5)
+        keys_seen = num_seqs * (chunk * prefix + chunk * (chunk + 1) // 2)
+        yield KernelCase("paged_prefill_attention",
+                         {"num_seqs": num_seqs, "prefix": prefix, "chunk": chunk,
+                          "q_heads": Q_HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM,
+                          "block_size": BLOCK_SIZE, "dtype": "bf16"},
+                         functools.partial(paged_prefill_attention, *args),
+                         flops=4 * keys_seen * Q_HEADS * HEAD_DIM,
+                         ref=functools.partial(paged_prefill_attention_ref, *args))
+
+
+def _elementwise_cases() -> Iterator[KernelCase]:
+    """rms_norm, fused_add_rms_norm, rotary, silu_and_mul, reshape_and_cache at 8192 tokens."""
+    import torch
+
+    from hip_kernels import reshape_and_cache as rc
+    from hip_kernels import rms_norm as rn
+    from hip_kernels import rotary_embedding as rope
+    from hip_kernels import silu_and_mul as sm
+
+    tokens, elt = 8192, 2
+    x, res, w = _bf16(tokens, HIDDEN), _bf16(tokens, HIDDEN), _bf16(HIDDEN)
+    config = {"tokens": tokens, "hidden": HIDDEN, "dtype": "bf16"}
+    yield KernelCase("rms_norm", config, lambda: rn.rms_norm(x, w, 1e-5),
+                     bytes_moved=2 * x.numel() * elt, ref=lambda: rn.rms_norm_ref(x, w, 1e-5))
+    yield KernelCase("fused_add_rms_norm", config,
+                     lambda: rn.fused_add_rms_norm(x, res, w, 1e-5),
+                     bytes_moved=4 * x.numel() * elt,
+                     ref=lambda: rn.fused_add_rms_norm_ref(x, res, w, 1e-5))
+    gate_up = _bf16(tokens, 2 * INTER)
+    yield KernelCase("silu_and_mul", {"tokens": tokens, "inter": INTER, "dtype": "bf16"},
+                     lambda: sm.silu_and_mul(gate_up), bytes_moved=3 * tokens * INTER * elt,
+                     ref=lambda: sm.silu_and_mul_ref(gate_up))
+    qkv = _bf16(tokens, (Q_HEADS + 2 * KV_HEADS) * HEAD_DIM)
+    q = qkv[:, :Q_HEADS * HEAD_DIM].view(tokens, Q_HEADS, HEAD_DIM)
+    k = qkv[:, Q_HEADS * HEAD_DIM:(Q_HEADS + KV_HEADS) * HEAD_DIM].view(tokens, KV_HEADS,
+                                                                        HEAD_DIM)
+    v = qkv[:, (Q_HEADS + KV_HEADS) * HEAD_DIM:].view(tokens, KV_HEADS, HEAD_DIM)
+    cache = rope.make_cos_sin_cache(8192, HEAD_DIM, 500000.0, device="cuda")
+    positions = torch.randperm(8192, device="cuda")[:tokens]
+    heads_config = {"tokens": tokens, "q_heads": Q_HEADS, "kv_heads": KV_HEADS,
+                    "head_dim": HEAD_DIM, "dtype": "bf16"}
+    yield KernelCase("rotary_embedding", heads_config,
+                     lambda: rope.rotary_embedding(positions, q, k, cache),
+                     bytes_moved=2 * tokens * (Q_HEADS + KV_HEADS) * HEAD_DIM * elt
+                     + tokens * HEAD_DIM * 4,
+                     ref=lambda: rope.rotary_embedding_ref(positions, q, k, cache))
+    kv_layer = _bf16(tokens // BLOCK_SIZE + 1, 2, BLOCK_SIZE, KV_HEADS, HEAD_DIM)
+    slots = torch.randperm(tokens, device="cuda")
+    yield KernelCase("reshape_and_cache", {**heads_config, "block_size": BLOCK_SIZE},
+                     lambda: rc.reshape_and_cache(k, v, kv_layer, slots),
+                     bytes_moved=4 * tokens * KV_HEADS * HEAD_DIM * elt,
+                     ref=lambda: rc.reshape_and_cache_ref(k, v, kv_layer, slots))
+
+
+def _kv_block_cases() -> Iterator[KernelCase]:
+    """256 Llama-3-8B blocks (32 layers, 2 MiB each) between cache and staging."""
+    import torch
+
+    from hip_kernels import kv_blocks
+
+    num_ids, num_blocks = 256, 1024
+    cache = torch.randn(num_blocks, 32, 2, BLOCK_SIZE, KV_HEADS, HEAD_DIM,
+                        dtype=torch.bfloat16, device="cuda")
+    staging = torch.empty(num_ids, *cache.shape[1:], dtype=cache.dtype, device="cuda")
+    ids = torch.randperm(num_blocks, device="cuda")[:num_ids].to(torch.int32)
+    config = {"num_blocks": num_ids, "block_bytes": cache[0].numel() * 2, "dtype": "bf16"}
+    moved = 2 * staging.numel() * 2
+    yield KernelCase("gather_kv_blocks", config,
+                     lambda: kv_blocks.gather_kv_blocks(cache, ids, staging), bytes_moved=moved,
+                     ref=lambda: kv_blocks.gather_kv_blocks_ref(cache, ids, staging))
+    yield KernelCase("scatter_kv_blocks", config,
+                     lambda: kv_blocks.scatter_kv_blocks(staging, ids, cache), bytes_moved=moved,
+                     ref=lambda: kv_blocks.scatter_kv_blocks_ref(staging, ids, cache))
+
+
+CASE_GROUPS: dict[str, Callable[[], Iterator[KernelCase]]] = {
+    "paged_decode_attention": _decode_cases,
+    "paged_prefill_attention": _prefill_cases,
+    "elementwise": _elementwise_cases,
+    "kv_blocks": _kv_block_cases,
+}
+
+
+def measure(case: KernelCase, ceilings: dict[str, float], iters: int, flush: Any
+            ) -> dict[str, Any]:
+    """Time one case (and its reference); the result part of its JSON row."""
+    times = time_ms(case.run, iters, 5, flush)
+    ms = statistics.median(times)
+    row: dict[str, Any] = {"kernel": case.kernel, "config": case.config, "launch": case.launch,
+                           "median_ms": ms, "min_ms": min(times), "iters": iters}
+    if case.flops:
+        row["achieved_tflops"] = case.flops / ms / 1e9
+        row["ceiling_tflops"] = ceilings["matmul_tflops"]
+        row["ratio_to_ceiling"] = row["achieved_tflops"] / ceilings["matmul_tflops"]
+    else:
+        row["achieved_gbps"] = case.bytes_moved / ms / 1e6
+        row["ceiling_gbps"] = ceilings["copy_gbps"]
+        row["ratio_to_ceiling"] = row["achieved_gbps"] / ceilings["copy_gbps"]
+    if case.ref is not None:
+        row["ref_median_ms"] = statistics.median(time_ms(case.ref, max(3, iters // 5), 1, flush))
+        row["speedup_vs_ref"] = row["ref_median_ms"] / ms
+    return row
+
+
+def _metadata(commit: str | None) -> dict[str, Any]:
+    """Commit, hardware and versions (triton and the config arch included)."""
+    import torch
+    import triton
+
+    from bench.metadata import run_metadata
+    from disagg.platform import current_platform
+
+    meta = run_metadata()
+    meta["versions"] = {**meta["versions"], "triton": triton.__version__,
+                        "torch_hip": torch.version.hip, "torch_cuda": torch.version.cuda}
+    meta["arch"] = current_platform().arch
+    if commit:
+        meta["commit"] = commit
+    return meta
+
+
+def _summary(row: dict[str, Any]) -> str:
+    """One line for the console."""
+    config = " ".join(f"{k}={v}" for k, v in row["config"].items() if k != "dtype")
+    if "achieved_tflops" in row:
+        rate = f"{row['achieved_tflops']:8.1f} TFLOP/s"
+    else:
+        rate = f"{row['achieved_gbps']:8.1f} GB/s   "
+    speedup = f"  x{row['speedup_vs_ref']:.1f} vs torch" if "speedup_vs_ref" in row else ""
+    return (f"{row['kernel']:<24} {row['median_ms']:8.3f} ms {rate} "
+            f"{100 * row['ratio_to_ceiling']:5.1f}% of ceiling{speedup}  [{config}]")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line."""
+    parser = argparse.ArgumentParser(prog="python -m bench.kernel_bench",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--kernels", default=",".join(CASE_GROUPS),
+                        help="comma list of: " + ", ".join(CASE_GROUPS))
+    parser.add_argument("--iters", type=int, default=50, help="timed runs per case")
+    parser.add_argument("--output", type=Path, default=RESULTS_PATH,
+                        help="JSON-lines file the rows are appended to")
+    parser.add_argument("--commit", default=None,
+                        help="commit to record when this copy is not a git checkout")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; 2 on a machine without a GPU or for an unknown kernel group."""
+    args = build_parser().parse_args(argv)
+    groups = [name.strip() for name in args.kernels.split(",") if name.strip()]
+    unknown = [name for name in groups if name not in CASE_GROUPS]
+    if unknown:
+        print(f"kernel_bench: unknown --kernels {unknown}; choose from {list(CASE_GROUPS)}",
+              file=sys.stderr)
+        return 2
+    from disagg.platform import is_gpu
+
+    if not is_gpu():
+        print("kernel_bench: needs a GPU (ROCm or CUDA); none is visible on this machine",
+              file=sys.stderr)
+        return 2
+    import torch
+
+    flush = torch.empty(FLUSH_BYTES, dtype=torch.int8, device="cuda")
+    ceilings = measure_ceilings(max(5, args.iters // 5), flush)
+    meta = _metadata(args.commit)
+    print(f"ceilings: copy {ceilings['copy_gbps']:.0f} GB/s (read+write), "
+          f"bf16 matmul {ceilings['matmul_tflops']:.0f} TFLOP/s on {meta['hardware']['summary']}")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    for group in groups:
+        for case in CASE_GROUPS[group]():
+            row = {"bench": "kernels", **meta, "ceilings": ceilings,
+                   **measure(case, ceilings, args.iters, flush)}
+            with args.output.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(row, allow_nan=False) + "\n")
+            print(_summary(row), flush=True)
+        torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,318 @@
+"""Paged prefill/extend attention: causal attention of packed query chunks over the cache.
+
+Program (q tile, kv head) takes BLOCK_Q query tokens x the GROUP q heads of one kv head as
+the BLOCK_M rows of its score tile (row r = token r // GROUP, head r % GROUP), so K/V tiles
+are shared by the group. Tiles are numbered across the packed batch (a device-side prefix sum
+of per-sequence tile counts), so the grid is sized without a host sync.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hip_kernels.attention_tiles import (
+    LOG2_E,
+    attend_tile,
+    check_attention_shapes,
+    kv_strides,
+    token_offsets,
+)
+from hip_kernels.launch_config import KernelSpec, get_int, load_config
+from hip_kernels.triton_compat import (
+    cdiv,
+    interpreter_upcasts_dot,
+    jit,
+    next_power_of_2,
+    require_triton,
+    tl,
+)
+
+KERNEL = "paged_prefill_attention"
+
+
+def _gather_kv(kv_layer: torch.Tensor, block_table: torch.Tensor, seq_len: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of one sequence as [seq_len, Hk, D] each."""
+    block_size = kv_layer.shape[2]
+    num_blocks = (seq_len + block_size - 1) // block_size
+    blocks = kv_layer[block_table[:num_blocks].long()]  # [n, 2, bs, Hk, D]
+    k = blocks[:, 0].reshape(-1, *blocks.shape[-2:])[:seq_len]
+    v = blocks[:, 1].reshape(-1, *blocks.shape[-2:])[:seq_len]
+    return k, v
+
+
+def paged_prefill_attention_ref(q: torch.Tensor, kv_layer: torch.Tensor,
+                                block_tables: torch.Tensor, query_start_loc: torch.Tensor,
+                                seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of a packed batch of query chunks over the paged cache.
+
+    q [T, Hq, D] packs B sequences: sequence i owns rows query_start_loc[i]:query_start_loc[i+1]
+    (int32 [B+1]); those rows are positions seq_lens[i]-n_i .. seq_lens[i]-1, where seq_lens [B]
+    int32 counts cached prefix + this chunk, all already written into kv_layer. Covers prefill,
+    chunked prefill with a cached prefix, and decode (n_i = 1). Returns [T, Hq, D].
+    """
+    num_q_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = kv_layer.shape[3]
+    group = num_q_heads // num_kv_heads
+    out = torch.empty_like(q)
+    starts = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    for i, seq_len in enumerate(lens):
+        lo, hi = starts[i], starts[i + 1]
+        n = hi - lo
+        if n == 0:
+            continue
+        k, v = _gather_kv(kv_layer, block_tables[i], seq_len)
+        qi = q[lo:hi].float().view(n, num_kv_heads, group, head_dim)
+        scores = torch.einsum("nhgd,thd->hgnt", qi, k.float()) * scale
+        q_pos = torch.arange(seq_len - n, seq_len, device=q.device)
+        k_pos = torch.arange(seq_len, device=q.device)
+        scores.masked_fill_(k_pos[None, :] > q_pos[:, None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        oi = torch.einsum("hgnt,thd->nhgd", probs, v.float())
+        out[lo:hi] = oi.reshape(n, num_q_heads, head_dim).to(q.dtype)
+    return out
+
+
+@jit
+def _token_offsets(table_row_ptr, positions, pos_mask, stride_kv_block, stride_kv_tok,
+                   KV_BLOCK_SIZE: tl.constexpr):
+    """Element offset of each position's K row inside kv_layer, via the block table."""
+    block_ids = tl.load(table_row_ptr + positions // KV_BLOCK_SIZE, mask=pos_mask, other=0)
+    return block_ids.to(tl.int64) * stride_kv_block + (positions % KV_BLOCK_SIZE) * stride_kv_tok
+
+
+@jit
+def _attend_tile(q, k, v, scores_mask, m_i, l_i, acc, qk_scale_log2, UPCAST_DOT: tl.constexpr):
+    """One online-softmax step (log2 domain) of a q tile over a K/V tile; returns m, l, acc."""
+    if UPCAST_DOT:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale_log2
+    s = tl.where(scores_mask, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    # A row with nothing visible yet keeps m = -inf; subtracting 0 then keeps exp2 at 0.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    return m_new, l_i, acc
+
+
+@jit
+def _paged_decode_attention_kernel(
+        q_ptr, kv_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
+        qk_scale_log2, split_tokens, num_splits, stride_q_seq, stride_q_head, stride_kv_block,
+        stride_kv_kv, stride_kv_tok, stride_kv_head, stride_table_seq, stride_out_seq,
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+        DIRECT: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """Program (seq, kv head, split): the q-head group over positions of one split."""
+    seq = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    start = split * split_tokens
+    end = tl.minimum(start + split_tokens, seq_len)
+    rows = tl.arange(0, GROUP_PAD)
+    heads = kv_head * GROUP + rows
+    dims = tl.arange(0, BLOCK_D)
+    q_mask = (rows < GROUP)[:, None] & (dims < HEAD_DIM)[None, :]
+    q = tl.load(q_ptr + seq * stride_q_seq + heads[:, None] * stride_q_head + dims[None, :],
+                mask=q_mask, other=0.0).to(kv_ptr.dtype.element_ty)
+    if UPCAST_DOT:
+        q = q.to(tl.float32)
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
+    table_row = block_tables_ptr + seq * stride_table_seq
+    kv_head_ptr = kv_ptr + kv_head * stride_kv_head
+    for tile_start in range(start, end, BLOCK_N):
+        positions = tile_start + tl.arange(0, BLOCK_N)
+        pos_mask = positions < end
+        offsets = _token_offsets(table_row, positions, pos_mask, stride_kv_block, stride_kv_tok,
+                                 KV_BLOCK_SIZE)
+        ptrs = kv_head_ptr + offsets[:, None] + dims[None, :]
+        tile_mask = pos_mask[:, None] & (dims < HEAD_DIM)[None, :]
+        k = tl.load(ptrs, mask=tile_mask, other=0.0)
+        v = tl.load(ptrs + stride_kv_kv, mask=tile_mask, other=0.0)
+        m_i, l_i, acc = _attend_tile(q, k, v, pos_mask[None, :], m_i, l_i, acc, qk_scale_log2,
+                                     UPCAST_DOT)
+    if DIRECT:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        out_ptrs = out_ptr + seq * stride_out_seq + heads[:, None] * HEAD_DIM + dims[None, :]
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=q_mask)
+    else:
+        # Partials [B, Hq, num_splits, HEAD_DIM] and [B, Hq, num_splits, 2] (max, sum), fp32.
+        part = (seq * tl.num_programs(1) * GROUP + heads) * num_splits + split
+        tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=q_mask)
+        tl.store(part_ml_ptr + part * 2, m_i, mask=rows < GROUP)
+        tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=rows < GROUP)
+
+
+@jit
+def _paged_decode_reduce_kernel(part_acc_ptr, part_ml_ptr, seq_lens_ptr, out_ptr, split_tokens,
+                                num_splits, stride_out_seq, HEAD_DIM: tl.constexpr,
+                                BLOCK_D: tl.constexpr):
+    """Program (seq, q head): merge the non-empty splits' partials into the output row."""
+    seq = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    num_used = tl.minimum(tl.cdiv(tl.load(seq_lens_ptr + seq), split_tokens), num_splits)
+    dims = tl.arange(0, BLOCK_D)
+    part = (seq * tl.num_programs(1) + head) * num_splits
+    m_total = float("-inf")
+    l_total = 0.0
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for split in range(0, num_used):
+        m_split = tl.load(part_ml_ptr + (part + split) * 2)
+        l_split = tl.load(part_ml_ptr + (part + split) * 2 + 1)
+        acc_split = tl.load(part_acc_ptr + (part + split) * HEAD_DIM + dims,
+                            mask=dims < HEAD_DIM, other=0.0)
+        m_new = tl.maximum(m_total, m_split)
+        alpha = tl.exp2(m_total - m_new)
+        beta = tl.exp2(m_split - m_new)
+        acc = acc * alpha + acc_split * beta
+        l_total = l_total * alpha + l_split * beta
+        m_total = m_new
+    out = acc / tl.where(l_total == 0.0, 1.0, l_total)
+    tl.store(out_ptr + seq * stride_out_seq + head * HEAD_DIM + dims,
+             out.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
+
+
+@jit
+def _find_sequence(tile_starts_ptr, tile, num_seqs):
+    """Largest i with tile_starts[i] <= tile (binary search; empty sequences are skipped)."""
+    lo = 0
+    hi = num_seqs
+    while lo + 1 < hi:
+        mid = (lo + hi) // 2
+        if tl.load(tile_starts_ptr + mid) <= tile:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+@jit
+def _paged_prefill_attention_kernel(
+        q_ptr, kv_ptr, block_tables_ptr, query_start_loc_ptr, seq_lens_ptr, tile_starts_ptr,
+        out_ptr, qk_scale_log2, num_seqs, stride_q_tok, stride_q_head, stride_kv_block,
+        stride_kv_kv, stride_kv_tok, stride_kv_head, stride_table_seq, stride_out_tok,
+        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        KV_BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """Program (q tile, kv head): BLOCK_Q query tokens x GROUP heads, causal over the cache.
+
+    Tiles are numbered across the whole packed batch: sequence i owns tiles
+    tile_starts[i] .. tile_starts[i+1]-1, so no host sync is needed to size the grid.
+    """
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    if tile >= tl.load(tile_starts_ptr + num_seqs):
+        return
+    seq = _find_sequence(tile_starts_ptr, tile, num_seqs)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    num_q = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    seq_len = tl.load(seq_lens_ptr + seq)
+    first_q = (tile - tl.load(tile_starts_ptr + seq)) * BLOCK_Q
+    rows = tl.arange(0, BLOCK_M)
+    q_idx = first_q + rows // GROUP
+    heads = kv_head * GROUP + rows % GROUP
+    row_mask = (rows < BLOCK_Q * GROUP) & (q_idx < num_q)
+    q_pos = seq_len - num_q + q_idx
+    dims = tl.arange(0, BLOCK_D)
+    q_mask = row_mask[:, None] & (dims < HEAD_DIM)[None, :]
+    q_rows = (q_start + q_idx).to(tl.int64)
+    q = tl.load(q_ptr + q_rows[:, None] * stride_q_tok + heads[:, None] * stride_q_head
+                + dims[None, :], mask=q_mask, other=0.0).to(kv_ptr.dtype.element_ty)
+    if UPCAST_DOT:
+        q = q.to(tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    table_row = block_tables_ptr + seq.to(tl.int64) * stride_table_seq
+    kv_head_ptr = kv_ptr + kv_head * stride_kv_head
+    # Causal: nothing past this tile's last query position is visible.
+    kv_end = seq_len - num_q + tl.minimum(first_q + BLOCK_Q, num_q)
+    for tile_start in range(0, kv_end, BLOCK_N):
+        positions = tile_start + tl.arange(0, BLOCK_N)
+        pos_mask = positions < kv_end
+        offsets = token_offsets(table_row, positions, pos_mask, stride_kv_block, stride_kv_tok,
+                                 KV_BLOCK_SIZE)
+        ptrs = kv_head_ptr + offsets[:, None] + dims[None, :]
+        tile_mask = pos_mask[:, None] & (dims < HEAD_DIM)[None, :]
+        k = tl.load(ptrs, mask=tile_mask, other=0.0)
+        v = tl.load(ptrs + stride_kv_kv, mask=tile_mask, other=0.0)
+        visible = pos_mask[None, :] & (positions[None, :] <= q_pos[:, None])
+        m_i, l_i, acc = attend_tile(q, k, v, visible, m_i, l_i, acc, qk_scale_log2, UPCAST_DOT)
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    out_ptrs = (out_ptr + q_rows[:, None] * stride_out_tok + heads[:, None] * HEAD_DIM
+                + dims[None, :])
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=q_mask)
+
+
+def _prefill_blocks(group: int, arch: str | None) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M rows, BLOCK_Q tokens per tile, BLOCK_N, num_warps, num_stages)."""
+    cfg = load_config(KERNEL, arch)
+    block_m = max(get_int(cfg, "block_m"), next_power_of_2(group))
+    return (block_m, block_m // group, get_int(cfg, "block_n"), get_int(cfg, "num_warps"),
+            get_int(cfg, "num_stages"))
+
+
+def paged_prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
+                            query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                            scale: float) -> torch.Tensor:
+    """Causal attention of packed query chunks over the paged cache, as the reference.
+
+    q [T, Hq, D] packs B sequences by query_start_loc [B+1] int32; seq_lens [B] int32 counts
+    cached prefix + chunk, all already in kv_layer [NB, 2, bs, Hk, D]. Covers prefill, chunked
+    prefill and decode. Returns [T, Hq, D] in q's dtype. No host sync.
+    Bytes moved (at least): 2 * T * Hq * D * elt + sum(seq_lens) * Hk * D * 2 * elt.
+    """
+    require_triton("paged_prefill_attention")
+    group = check_attention_shapes("paged_prefill_attention", q, kv_layer)
+    num_tokens, num_q_heads, head_dim = q.shape
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    out = torch.empty((num_tokens, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
+    num_seqs = seq_lens.shape[0]
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+    block_m, block_q, block_n, num_warps, num_stages = _prefill_blocks(group, None)
+    q_lens = query_start_loc[1:] - query_start_loc[:-1]
+    tile_starts = torch.zeros(num_seqs + 1, dtype=torch.int32, device=q.device)
+    tile_starts[1:] = torch.cumsum(torch.div(q_lens + block_q - 1, block_q,
+                                             rounding_mode="floor"), 0)
+    grid = (cdiv(num_tokens, block_q) + num_seqs, kv_layer.shape[3])
+    _paged_prefill_attention_kernel[grid](
+        q, kv_layer, block_tables, query_start_loc, seq_lens, tile_starts, out, scale * LOG2_E,
+        num_seqs, q.stride(0), q.stride(1), *kv_strides(kv_layer), block_tables.stride(0),
+        num_q_heads * head_dim, GROUP=group, HEAD_DIM=head_dim,
+        BLOCK_D=max(16, next_power_of_2(head_dim)), KV_BLOCK_SIZE=kv_layer.shape[2],
+        BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n,
+        UPCAST_DOT=interpreter_upcasts_dot(kv_layer.dtype), num_warps=num_warps,
+        num_stages=num_stages)
+    return out
+
+
+def aot_specs(arch: str) -> list[KernelSpec]:
+    """bf16, head_dim 128, block size 16: Llama-3-8B (GROUP 4) and Llama-3-70B (GROUP 8)."""
+    specs = []
+    for group in (4, 8):
+        block_m, block_q, block_n, num_warps, num_stages = _prefill_blocks(group, arch)
+        sig = {"q_ptr": "*bf16", "kv_ptr": "*bf16", "block_tables_ptr": "*i32",
+               "query_start_loc_ptr": "*i32", "seq_lens_ptr": "*i32", "tile_starts_ptr": "*i32",
+               "out_ptr": "*bf16", "qk_scale_log2": "fp32", "num_seqs": "i32",
+               "stride_q_tok": "i32", "stride_q_head": "i32", "stride_kv_block": "i32",
+               "stride_kv_kv": "i32", "stride_kv_tok": "i32", "stride_kv_head": "i32",
+               "stride_table_seq": "i32", "stride_out_tok": "i32"}
+        constexprs = {"GROUP": group, "HEAD_DIM": 128, "BLOCK_D": 128, "KV_BLOCK_SIZE": 16,
+                      "BLOCK_Q": block_q, "BLOCK_M": block_m, "BLOCK_N": block_n,
+                      "UPCAST_DOT": False}
+        sig.update({name: "constexpr" for name in constexprs})
+        aligned = tuple(n for n in sig if n.startswith("stride") and n != "stride_table_seq")
+        specs.append(KernelSpec(name=f"{KERNEL}[bf16,g{group},d128,bs16]",
+                                fn=_paged_prefill_attention_kernel, signature=sig,
+                                constexprs=constexprs, aligned=aligned, num_warps=num_warps,
+                                num_stages=num_stages))
+    return specs

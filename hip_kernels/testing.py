@@ -1,0 +1,187 @@
+"""Test support: the tolerance table per dtype, comparison, and interpreter subprocesses.
+
+``TRITON_INTERPRET=1`` is read when triton is imported and holds for the whole process, so the
+kernels' CPU checks run in a child process (one per test module) while the pytest process
+keeps compiled-mode triton for everyone else:
+
+    pytest process                         child: TRITON_INTERPRET=1 python test_x.py
+    interpreter_results(test_x.py) ----->  run_cases_main(CASES, run_case)
+          <---- one JSON line per case ---  ("@@case {...}")
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULT_PREFIX = "@@case "
+INTERPRETER_TIMEOUT_S = 300.0
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    # (atol, rtol) against an fp32 reference: |out - ref| <= atol + rtol * |ref|.
+    torch.float32: (2e-5, 2e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One kernel-vs-reference comparison: what runs, in which dtype, at which sizes."""
+
+    name: str
+    dtype: str
+    params: dict[str, Any] = field(default_factory=dict, hash=False)
+
+    @property
+    def id(self) -> str:
+        """Stable readable id, e.g. ``rms_norm-bf16-shape3x7x129``."""
+        parts = [self.name, self.dtype]
+        parts += [f"{key}{_format_param(value)}" for key, value in self.params.items()]
+        return "-".join(parts)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The case's dtype as a torch dtype."""
+        return DTYPES[self.dtype]
+
+
+def _format_param(value: Any, depth: int = 0) -> str:
+    """(3, 7, 129) -> 3x7x129; ((0, 5), (7, 3)) -> 0+5x7+3."""
+    if isinstance(value, tuple | list):
+        return ("x" if depth == 0 else "+").join(_format_param(v, depth + 1) for v in value)
+    return str(value)
+
+
+@dataclass(frozen=True, slots=True)
+class CaseResult:
+    """Outcome of one case; ``detail`` says what differed or what raised."""
+
+    case_id: str
+    ok: bool
+    max_abs_err: float
+    detail: str = ""
+
+
+def compare(case_id: str, out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype,
+            exact: bool = False) -> CaseResult:
+    """Compare out to ref with the dtype's tolerances (or bit-exactly for copies)."""
+    if out.shape != ref.shape:
+        return CaseResult(case_id, False, float("inf"),
+                          f"shape {tuple(out.shape)} != reference {tuple(ref.shape)}")
+    if out.dtype != ref.dtype:
+        return CaseResult(case_id, False, float("inf"), f"dtype {out.dtype} != {ref.dtype}")
+    diff = (out.double() - ref.double()).abs()
+    max_err = float(diff.max()) if diff.numel() else 0.0
+    if exact:
+        ok = bool(torch.equal(out, ref))
+        return CaseResult(case_id, ok, max_err, "" if ok else "not bit-exact")
+    atol, rtol = TOLERANCES[dtype]
+    bad = ~(diff <= atol + rtol * ref.double().abs())
+    num_bad = int(bad.sum())
+    detail = f"{num_bad}/{diff.numel()} outside atol={atol} rtol={rtol}" if num_bad else ""
+    return CaseResult(case_id, num_bad == 0, max_err, detail)
+
+
+def combine(results: Iterable[CaseResult]) -> CaseResult:
+    """One result for a kernel with several outputs: ok only if all are."""
+    items = list(results)
+    failed = [r.detail for r in items if not r.ok]
+    return CaseResult(items[0].case_id, not failed, max(r.max_abs_err for r in items),
+                      "; ".join(failed))
+
+
+def run_cases_main(cases: Iterable[Case], run_case: Callable[[Case], CaseResult]) -> int:
+    """Child side: run every case, print one ``@@case`` JSON line each; 0 if all ran."""
+    for case in cases:
+        try:
+            result = run_case(case)
+        except Exception:
+            result = CaseResult(case.id, False, float("inf"), traceback.format_exc(limit=8))
+        row = {"case_id": case.id, "ok": result.ok, "max_abs_err": result.max_abs_err,
+               "detail": result.detail}
+        print(RESULT_PREFIX + json.dumps(row), flush=True)
+    return 0
+
+
+def interpreter_results(test_file: str | Path,
+                        timeout_s: float = INTERPRETER_TIMEOUT_S) -> dict[str, CaseResult]:
+    """Parent side: run ``test_file`` as a script under TRITON_INTERPRET=1; results by id."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
+        filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    try:
+        proc = subprocess.run([sys.executable, str(test_file)], cwd=REPO_ROOT, env=env,
+                              capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as exc:
+        raise RuntimeError(f"interpreter run of {test_file} took over {timeout_s:.0f} s") from exc
+    results = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_PREFIX):
+            row = json.loads(line[len(RESULT_PREFIX):])
+            results[row["case_id"]] = CaseResult(**row)
+    if proc.returncode != 0 or not results:
+        raise RuntimeError(f"interpreter run of {test_file} failed (rc={proc.returncode}):\n"
+                           f"{proc.stderr[-4000:]}")
+    return results
+
+
+def same_signature(launcher: Callable[..., Any], reference: Callable[..., Any]) -> bool:
+    """Whether a launcher takes exactly the reference's parameters (the engine's contract)."""
+    names = lambda fn: [(p.name, p.kind) for p in inspect.signature(fn).parameters.values()]
+    return names(launcher) == names(reference)
+
+
+@dataclass(frozen=True, slots=True)
+class PagedKV:
+    """A whole multi-layer cache, one layer's strided view of it, and the batch's block tables."""
+
+    kv_cache: torch.Tensor
+    """[num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]"""
+    kv_layer: torch.Tensor
+    """kv_cache[:, layer]: block stride is the whole cache's."""
+    block_tables: torch.Tensor
+    """[B, max_blocks + 1] int32; each sequence's blocks are distinct and scattered."""
+    seq_lens: torch.Tensor
+    """[B] int32"""
+
+
+def make_paged_kv(seq_lens: list[int], num_kv_heads: int, head_dim: int, block_size: int,
+                  dtype: torch.dtype, device: str = "cpu", num_layers: int = 2,
+                  seed: int = 0) -> PagedKV:
+    """Random K/V for sequences of ``seq_lens`` tokens in shuffled blocks of a fresh cache."""
+    per_seq = [-(-n // block_size) for n in seq_lens]
+    num_blocks = sum(per_seq) + 2
+    gen = torch.Generator(device=device).manual_seed(seed)
+    shape = (num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim)
+    kv_cache = torch.randn(shape, generator=gen, device=device).to(dtype)
+    order = torch.randperm(num_blocks, generator=gen, device=device).to(torch.int32)
+    width = max(per_seq, default=0) + 1
+    # Unused table entries point at real blocks too: a kernel must not read past seq_len.
+    block_tables = order[torch.randint(0, num_blocks, (len(seq_lens), width), generator=gen,
+                                       device=device)]
+    start = 0
+    for i, count in enumerate(per_seq):
+        block_tables[i, :count] = order[start:start + count]
+        start += count
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    return PagedKV(kv_cache, kv_cache[:, num_layers - 1], block_tables, lens)
+
+
+def failure_message(result: CaseResult | None, case_id: str) -> str:
+    """Assertion message for a case that failed or never reported."""
+    if result is None:
+        return f"{case_id}: the interpreter run reported nothing for this case"
+    return f"{case_id}: max abs err {result.max_abs_err:.3g}; {result.detail}"

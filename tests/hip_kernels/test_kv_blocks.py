@@ -1,0 +1,99 @@
+"""gather_kv_blocks / scatter_kv_blocks against their references: interpreter, and GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hip_kernels.kv_blocks import (
+    gather_kv_blocks,
+    gather_kv_blocks_ref,
+    scatter_kv_blocks,
+    scatter_kv_blocks_ref,
+)
+from hip_kernels.testing import (
+    DTYPES,
+    Case,
+    CaseResult,
+    compare,
+    failure_message,
+    interpreter_results,
+    run_cases_main,
+)
+
+# Block tails [layers, 2, block_size, kv_heads, head_dim]: odd sizes, and one block
+# (2 x 2 x 16 x 2 x 64 = 8192 elements) that takes two programs of the default chunk.
+TAILS = ((1, 2, 1, 1, 8), (3, 2, 5, 3, 18), (2, 2, 16, 2, 64))
+CASES = [
+    Case(name, dtype, {"tail": tail, "num_ids": 3})
+    for name in ("gather_kv_blocks", "scatter_kv_blocks")
+    for dtype in ("fp32", "fp16", "bf16")
+    for tail in TAILS
+] + [
+    # staging in another dtype than the cache: both directions cast.
+    Case("gather_kv_blocks", "bf16", {"tail": (2, 2, 4, 2, 16), "num_ids": 5, "staging": "fp32"}),
+    Case("scatter_kv_blocks", "bf16", {"tail": (2, 2, 4, 2, 16), "num_ids": 5,
+                                       "staging": "fp32"}),
+    # a per-layer view of the cache is not flat per block: the launcher takes the reference.
+    Case("gather_kv_blocks", "fp16", {"tail": (3, 2, 4, 2, 16), "num_ids": 4, "layer_view": 1}),
+    Case("scatter_kv_blocks", "fp16", {"tail": (3, 2, 4, 2, 16), "num_ids": 4,
+                                       "layer_view": 1}),
+]
+GPU_CASES = [Case(name, "bf16", {"tail": (32, 2, 16, 8, 128), "num_ids": 64})
+             for name in ("gather_kv_blocks", "scatter_kv_blocks")]
+
+
+def run_case(case: Case, device: str = "cpu") -> CaseResult:
+    """Distinct random block ids; the whole destination must equal the reference's."""
+    p = case.params
+    num_blocks = p["num_ids"] * 2 + 1
+    gen = torch.Generator().manual_seed(0)
+    cache = torch.randn(num_blocks, *p["tail"], generator=gen).to(case.torch_dtype).to(device)
+    if p.get("layer_view"):
+        cache = cache[:, 1]
+    staging_dtype = DTYPES[p.get("staging", case.dtype)]
+    staging = torch.randn(p["num_ids"], *cache.shape[1:], generator=gen)
+    staging = staging.to(staging_dtype).to(device)
+    block_ids = torch.randperm(num_blocks, generator=gen)[:p["num_ids"]].to(torch.int32)
+    block_ids = block_ids.to(device)
+    # Same dtype: a pure copy, bit-exact. Casting fp32 -> bf16 rounds; Triton 3.9's interpreter
+    # truncates there, so that case gets bf16's tolerance instead.
+    exact = staging_dtype == case.torch_dtype
+    if case.name == "gather_kv_blocks":
+        expected = staging.clone()
+        gather_kv_blocks(cache, block_ids, staging)
+        gather_kv_blocks_ref(cache, block_ids, expected)
+        return compare(case.id, staging, expected, case.torch_dtype, exact=exact)
+    expected = cache.clone()
+    scatter_kv_blocks(staging, block_ids, cache)
+    scatter_kv_blocks_ref(staging, block_ids, expected)
+    return compare(case.id, cache, expected, case.torch_dtype, exact=exact)
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> dict[str, CaseResult]:
+    """All CASES run once in a TRITON_INTERPRET=1 child process."""
+    return interpreter_results(__file__)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_matches_reference_in_interpreter(case: Case, interpreted: dict[str, CaseResult]):
+    result = interpreted.get(case.id)
+    assert result is not None and result.ok, failure_message(result, case.id)
+
+
+def test_staging_of_the_wrong_shape_is_a_clear_error():
+    cache, staging = torch.zeros(4, 2, 8), torch.zeros(2, 2, 4)
+    with pytest.raises(ValueError, match="is not 2 blocks"):
+        gather_kv_blocks(cache, torch.tensor([0, 1]), staging)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.id)
+def test_matches_reference_on_gpu(case: Case):
+    result = run_case(case, "cuda")
+    assert result.ok, failure_message(result, case.id)
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cases_main(CASES, run_case))

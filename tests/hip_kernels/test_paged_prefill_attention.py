@@ -1,0 +1,101 @@
+"""paged_prefill_attention against its reference: interpreter on CPU, and GPU."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hip_kernels.paged_prefill_attention import (
+    paged_prefill_attention,
+    paged_prefill_attention_ref,
+)
+from hip_kernels.testing import (
+    Case,
+    CaseResult,
+    compare,
+    failure_message,
+    interpreter_results,
+    make_paged_kv,
+    run_cases_main,
+    same_signature,
+)
+
+# Each sequence: (cached prefix, new chunk). Covers a fresh prefill, chunked prefill over a
+# prefix that is not a multiple of the block size, a decode-like chunk of 1, an empty chunk,
+# and a chunk long enough for several q tiles.
+MIXED = ((0, 5), (7, 3), (20, 1), (3, 0), (0, 37))
+CASES = [
+    Case("prefill", dtype, {"seqs": seqs, "heads": heads, "dim": dim, "block_size": bs})
+    for dtype in ("fp32", "fp16", "bf16")
+    for seqs, heads, dim, bs in ((MIXED, (4, 1), 32, 16),
+                                 (((0, 9), (12, 4)), (2, 2), 18, 5),
+                                 (((5, 20),), (8, 4), 64, 16))
+] + [
+    Case("prefill", "fp32", {"seqs": ((0, 11), (6, 6)), "heads": (6, 2), "dim": 16,
+                             "block_size": 4}),
+    Case("prefill", "bf16", {"seqs": ((1, 1), (0, 1)), "heads": (8, 2), "dim": 32,
+                             "block_size": 16}),
+]
+GPU_CASES = [
+    Case("prefill", "bf16", {"seqs": ((0, 2048), (1000, 512), (4095, 1), (77, 300)),
+                             "heads": (32, 8), "dim": 128, "block_size": 16}),
+    Case("prefill", "fp32", {"seqs": ((0, 700), (300, 129)), "heads": (64, 8), "dim": 128,
+                             "block_size": 16}),
+]
+
+
+def run_case(case: Case, device: str = "cpu") -> CaseResult:
+    """Packed chunks over a scattered paged cache; kernel vs reference."""
+    p = case.params
+    num_q, num_kv = p["heads"]
+    seq_lens = [prefix + chunk for prefix, chunk in p["seqs"]]
+    kv = make_paged_kv(seq_lens, num_kv, p["dim"], p["block_size"], case.torch_dtype, device)
+    chunks = [chunk for _, chunk in p["seqs"]]
+    starts = [0]
+    for chunk in chunks:
+        starts.append(starts[-1] + chunk)
+    query_start_loc = torch.tensor(starts, dtype=torch.int32, device=device)
+    gen = torch.Generator(device=device).manual_seed(1)
+    q = torch.randn(starts[-1], num_q, p["dim"], generator=gen, device=device)
+    q = q.to(case.torch_dtype)
+    args = (q, kv.kv_layer, kv.block_tables, query_start_loc, kv.seq_lens,
+            1 / math.sqrt(p["dim"]))
+    ref = paged_prefill_attention_ref(*args)
+    return compare(case.id, paged_prefill_attention(*args), ref, case.torch_dtype)
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> dict[str, CaseResult]:
+    """All CASES run once in a TRITON_INTERPRET=1 child process."""
+    return interpreter_results(__file__)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_matches_reference_in_interpreter(case: Case, interpreted: dict[str, CaseResult]):
+    result = interpreted.get(case.id)
+    assert result is not None and result.ok, failure_message(result, case.id)
+
+
+def test_launcher_signature_matches_reference():
+    assert same_signature(paged_prefill_attention, paged_prefill_attention_ref)
+
+
+def test_kv_layer_of_the_wrong_rank_is_a_clear_error():
+    q = torch.zeros(3, 4, 16)
+    with pytest.raises(ValueError, match="is not"):
+        paged_prefill_attention(q, torch.zeros(4, 2, 16, 16), torch.zeros(1, 1, dtype=torch.int32),
+                                torch.tensor([0, 3], dtype=torch.int32),
+                                torch.tensor([3], dtype=torch.int32), 1.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.id)
+def test_matches_reference_on_gpu(case: Case):
+    result = run_case(case, "cuda")
+    assert result.ok, failure_message(result, case.id)
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cases_main(CASES, run_case))
