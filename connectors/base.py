@@ -29,6 +29,10 @@ class SchedulerConnector(Protocol):
         """Prompt tokens whose KV will arrive from a remote instance (0: compute locally)."""
         ...
 
+    def can_schedule(self, req: Request) -> bool:
+        """False to keep a waiting request out of this step (it stays queued)."""
+        ...
+
     def update_state_after_alloc(self, req: Request) -> None:
         """The request's blocks are allocated; start receiving into them."""
         ...

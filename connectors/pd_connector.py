@@ -169,8 +169,17 @@ class PDConnector(KVConnector):
                 return
         if role.posts_ops:
             self._start_hello(t)
+        if role is TransferRole.PRODUCER_WRITE:
+            t.start_clock(time.monotonic())  # waits for the decode's remote_blocks
         if role is TransferRole.PRODUCER_WRITE and t.transfer_id in self._early:
             self._on_remote_blocks(t, self._early.pop(t.transfer_id)[0])
+
+    def can_schedule(self, req: Request) -> bool:
+        """A WRITE prefill waits until the decode has allocated its destination blocks, so a
+        prefill never holds blocks a busy decode cannot take (that would deadlock P and D)."""
+        t = self.transfers.get(self._by_request.get(req.request_id, ""))
+        return (t is None or t.terminal or t.role is not TransferRole.PRODUCER_WRITE
+                or t.remote_block_ids is not None)
 
     def consumer_transfer(self, req: Request) -> Transfer | None:
         """The live consumer transfer of a request, if its KV comes from a peer."""
@@ -194,14 +203,12 @@ class PDConnector(KVConnector):
         if t is None:
             return
         num_blocks = -(-req.num_external_tokens // self.metadata.block_size)
+        t.start_clock(time.monotonic())
         t.local_block_ids = list(req.block_ids[:num_blocks])
         t.num_tokens = req.num_external_tokens
         if t.role is TransferRole.CONSUMER_WRITE:
             self._send(t, self._remote_blocks_msg(t, t.local_block_ids))
         else:
-            if len(t.remote_block_ids or []) < num_blocks:
-                self.fail(t, "the prefill returned fewer blocks than the prompt needs")
-                return
             self._try_post(t)
 
     def _remote_blocks_msg(self, t: Transfer, blocks: list[int]) -> RemoteBlocks:
@@ -216,13 +223,20 @@ class PDConnector(KVConnector):
         t = self.transfers.get(tid or "")
         if t is None:
             return None
+        if t.role.is_producer and t.terminal and req.status.value in _OK_FINISH:
+            from disagg.request import RequestStatus  # the prefill is useless without its KV
+
+            req.status, req.error = RequestStatus.FINISHED_ERROR, \
+                f"KV transfer {t.transfer_id} {t.state.value}: {t.error}"
+            return None
         if t.role.is_producer and not t.terminal and req.status.value in _OK_FINISH:
+            t.start_clock(time.monotonic())
             t.request_finished, t.holds_blocks = True, True
             t.local_block_ids, t.num_tokens = list(req.block_ids), req.num_prompt_tokens
             if t.role is TransferRole.PRODUCER_READ:
                 req.kv_transfer_params = self._read_params(t, req)
-            else:
-                self._try_post(t)
+            # WRITE posts at the next update_connector_output: the scheduler moves the blocks
+            # to this transfer's key only after this hook returns.
             return t.transfer_id
         if not t.terminal:
             self.fail(t, req.error or f"request ended ({req.status.value}) before the KV "
@@ -252,7 +266,9 @@ class PDConnector(KVConnector):
             elif t.role.posts_ops:
                 self._try_post(t)
             if not t.terminal and now > t.deadline_s(self.timeouts):
-                self.fail(t, f"transfer {t.transfer_id} expired in state {t.state.value}",
+                self.fail(t, f"transfer {t.transfer_id} expired after {now - t.created_s:.1f} s "
+                             f"in state {t.state.value} (peer {t.peer_engine_id} at "
+                             f"{t.peer_host}:{t.peer_handshake_port})",
                           state=TransferState.EXPIRED)
         self._drain_settled(now)
         self._expire_early(now)
@@ -334,6 +350,9 @@ class PDConnector(KVConnector):
         if peer is None or t.terminal:
             return
         assert t.remote_block_ids is not None
+        if len(t.remote_block_ids) < len(t.local_block_ids) and not t.role.is_producer:
+            self.fail(t, "the prefill returned fewer blocks than the prompt needs")
+            return
         n = min(len(t.local_block_ids), len(t.remote_block_ids))
         op = TransferOp.WRITE if t.role is TransferRole.PRODUCER_WRITE else TransferOp.READ
         try:
@@ -401,16 +420,16 @@ class PDConnector(KVConnector):
         req = self.sched.requests.get(t.request_id)
         if req is None or req.is_finished:
             return
-        if t.role.is_producer:
-            self.sched.abort_request(t.request_id)  # nobody will consume this prefill
+        from disagg.request import RequestStatus
+
+        if t.role.is_producer:  # nobody will consume this prefill: end it with the reason
+            self.sched.finish(req, RequestStatus.FINISHED_ERROR, f"KV transfer failed: {reason}")
         elif t.request_id in self.sched.remote_wait:
             self.sched.on_remote_kv(t.request_id, f"KV transfer failed: {reason}",
                                     recompute=self.policy == "recompute")
         elif self.policy == "recompute":
             req.kv_transfer_params = None  # still queued: it will prefill locally
         else:
-            from disagg.request import RequestStatus
-
             self.sched.finish(req, RequestStatus.FINISHED_ERROR, f"KV transfer failed: {reason}")
 
     def _drain_settled(self, now: float) -> None:

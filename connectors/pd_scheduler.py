@@ -32,6 +32,10 @@ class PDSchedulerSide:
             return 0
         return num_external
 
+    def can_schedule(self, req: Request) -> bool:
+        """False while a request must not start yet (a WRITE prefill without destination)."""
+        return self._c.can_schedule(req)
+
     def update_state_after_alloc(self, req: Request) -> None:
         """Blocks exist: READ posts the read, WRITE tells the prefill where to write."""
         self._c.on_allocated(req)

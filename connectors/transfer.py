@@ -5,8 +5,10 @@ non-terminal state.
          |                      |
          +--- failed/expired ---+--> FAILED | EXPIRED      (terminal: free/release + tell peer)
 
-Deadlines:
-  WAITING_REMOTE  created + defer_timeout, or (once the peer leased it) last lease + lease_timeout
+Deadlines (the clock starts when this engine begins to wait on its peer: a producer's hold at
+request finish, a consumer at block allocation, a WRITE producer at arrival, since it will not
+prefill before the decode has allocated):
+  WAITING_REMOTE  started + defer_timeout, or (once the peer leased it) last lease + lease_timeout
   IN_FLIGHT       the side that posted the one-sided op: posted + transfer_timeout
                   the passive side (its memory is read/written): last lease + lease_timeout,
                   so a live but slow peer keeps the transfer and a dead one is reaped promptly.
@@ -90,6 +92,8 @@ class Transfer:
     peer_handshake_port: int | None = None
     peer_notify_port: int | None = None
     handles: list[int] = field(default_factory=list)
+    started_s: float | None = None
+    """When the deadline clock started; None = not waiting on the peer yet (no expiry)."""
     posted_s: float | None = None
     last_lease_s: float | None = None
     holds_blocks: bool = False
@@ -104,14 +108,21 @@ class Transfer:
         return self.state in TERMINAL_STATES
 
     def deadline_s(self, t: Timeouts) -> float:
-        """When this transfer expires if nothing changes."""
+        """When this transfer expires if nothing changes (inf before the clock starts)."""
+        if self.started_s is None:
+            return float("inf")
         if self.state is TransferState.IN_FLIGHT and self.role.posts_ops:
             assert self.posted_s is not None
             return self.posted_s + t.transfer_timeout_s
         if self.last_lease_s is not None:
             return max(self.last_lease_s + t.lease_timeout_s,
-                       self.created_s + min(t.defer_timeout_s, t.lease_timeout_s))
-        return self.created_s + t.defer_timeout_s
+                       self.started_s + min(t.defer_timeout_s, t.lease_timeout_s))
+        return self.started_s + t.defer_timeout_s
+
+    def start_clock(self, now_s: float) -> None:
+        """Begin counting toward this transfer's deadline (idempotent)."""
+        if self.started_s is None:
+            self.started_s = now_s
 
     def move(self, new: TransferState, error: str | None = None) -> None:
         """Change state; raises IllegalTransition for moves the diagram does not allow."""

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import time
 import traceback
 from typing import Any
 
@@ -114,19 +115,19 @@ def run_engine_core(cfg_bytes: bytes, input_addr: str, output_addr: str) -> None
 
 
 def _loop(engine: Any, in_sock: zmq.Socket, out_sock: zmq.Socket, parent: int) -> None:
+    """Step forever; stats go out at least every second; exit when the frontend is gone."""
     rank = engine.cfg.parallel.data_parallel_rank
-    idle_rounds = 0
+    last_beat = time.monotonic()
     while True:
         busy = engine.has_work()
         _handle_inputs(engine, in_sock, out_sock, 0 if busy else IDLE_POLL_MS)
         outputs = engine.step()
-        if outputs or busy or idle_rounds == 0:
+        now = time.monotonic()
+        if outputs or busy or now - last_beat >= 1.0:
             out_sock.send(encoder.encode(EngineCoreOutputs(dp_rank=rank, outputs=outputs,
                                                            stats=engine.stats())))
-        idle_rounds = 0 if (outputs or busy) else idle_rounds + 1
-        if idle_rounds and idle_rounds % 10 == 0:
-            if os.getppid() != parent:
+        if now - last_beat >= 1.0:
+            last_beat = now
+            if os.getppid() != parent:  # orphaned: the frontend died, maybe by SIGKILL
                 logger.error("frontend process is gone; engine core exits")
                 return
-            out_sock.send(encoder.encode(EngineCoreOutputs(dp_rank=rank, outputs=[],
-                                                           stats=engine.stats())))

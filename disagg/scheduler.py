@@ -171,8 +171,18 @@ class Scheduler:
         out.preempted_ids.append(req.request_id)
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        skipped: list[Request] = []
+        try:
+            self._admit(out, budget, skipped)
+        finally:
+            self.waiting.extendleft(reversed(skipped))  # keep their place in the queue
+
+    def _admit(self, out: SchedulerOutput, budget: int, skipped: list[Request]) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
             req = self.waiting[0]
+            if self.connector is not None and not self.connector.can_schedule(req):
+                skipped.append(self.waiting.popleft())
+                continue
             if self._try_remote(req):
                 continue
             remaining = req.num_tokens - req.num_computed_tokens

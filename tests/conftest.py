@@ -3,70 +3,14 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-
-def free_port() -> int:
-    """An unused TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Instance:
-    """A running `disagg serve` subprocess."""
-
-    proc: subprocess.Popen[str]
-    url: str
-    log_path: str
-
-    def log(self) -> str:
-        with open(self.log_path) as f:
-            return f.read()
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-
-def start_instance(args: list[str], tmp_path: object, ready_timeout_s: float = 60.0,
-                   expect_ready: bool = True) -> Instance:
-    """Start `disagg serve` with args; wait (bounded) for its ready line or its exit."""
-    port = free_port()
-    log_path = os.path.join(str(tmp_path), f"serve-{port}.log")
-    env = dict(os.environ, PYTHONUNBUFFERED="1", DISAGG_LOG_LEVEL="WARNING")
-    with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
-        proc = subprocess.Popen([sys.executable, "-m", "disagg.cli", "serve", *args,
-                                 "--host", "127.0.0.1", "--port", str(port)],
-                                stdout=log, stderr=subprocess.STDOUT, text=True, cwd=REPO,
-                                env=env)
-    inst = Instance(proc, f"http://127.0.0.1:{port}", log_path)
-    deadline = time.monotonic() + ready_timeout_s
-    while time.monotonic() < deadline:
-        if "ready on" in inst.log():
-            return inst
-        if proc.poll() is not None:
-            if expect_ready:
-                raise AssertionError(f"instance exited {proc.returncode}: {inst.log()}")
-            return inst
-        time.sleep(0.1)
-    inst.stop()
-    raise AssertionError(f"instance not ready in {ready_timeout_s} s: {inst.log()}")
+from support import Instance, start_instance  # noqa: E402
 
 
 @pytest.fixture
