@@ -332,6 +332,11 @@ class PDConnector(KVConnector):
             self.fail(t, str(exc))
             return None
         meta = fut.result()
+        if t.peer_engine_id is not None and meta.engine_id != t.peer_engine_id:
+            # The peer restarted on the same ports: its cached metadata is stale.
+            del self._hellos[(t.peer_host, int(t.peer_handshake_port))]
+            self._start_hello(t)
+            return None
         self.worker.add_peer(meta.engine_id, meta.transport_descriptor)
         return meta.engine_id
 
@@ -410,6 +415,9 @@ class PDConnector(KVConnector):
                                          reason=reason))
         if notify_request:
             self._settle_request(t, reason)
+        if t.peer_host is not None and t.peer_handshake_port is not None and t.handles:
+            # a failed one-sided op may mean a restarted peer: handshake afresh next time
+            self._hellos.pop((t.peer_host, int(t.peer_handshake_port)), None)
         if t.handles:
             self._draining.append((t, time.monotonic() + self.timeouts.transfer_timeout_s))
         else:

@@ -53,6 +53,9 @@ class ProxyConfig:
     """How often every instance's ``/instance_info`` is probed."""
     probe_timeout_s: float = 3.0
     """Deadline of one probe or one abort call."""
+    unhealthy_after_failures: int = 3
+    """Probes in a row that time out or fail before an instance leaves the rotation
+    (a refused connection takes it out at once)."""
     connect_timeout_s: float = 5.0
     """Deadline to open a TCP connection to an instance."""
     prefill_timeout_s: float = 300.0

@@ -64,6 +64,7 @@ class Instance:
     last_error: str | None = None
     expires_at_s: float | None = None
     """Monotonic deadline for the next heartbeat (dynamic instances only)."""
+    consecutive_failures: int = 0
     outstanding_requests: int = 0
     outstanding_tokens: int = 0
     total_requests: int = 0
@@ -112,9 +113,11 @@ def check_info(info: InstanceInfo, pool: Pool, mode: TransferMode) -> str | None
 class Registry:
     """Both pools, keyed by instance URL."""
 
-    def __init__(self, mode: TransferMode, max_missed_heartbeats: int = 3) -> None:
+    def __init__(self, mode: TransferMode, max_missed_heartbeats: int = 3,
+                 unhealthy_after_failures: int = 3) -> None:
         self._mode = mode
         self._max_missed_heartbeats = max_missed_heartbeats
+        self._unhealthy_after_failures = unhealthy_after_failures
         self._instances: dict[str, Instance] = {}
 
     def add(self, url: str, pool: Pool, origin: Origin) -> Instance:
@@ -158,6 +161,7 @@ class Registry:
     def apply_info(self, inst: Instance, info: InstanceInfo) -> None:
         """A successful probe or heartbeat: store the info, accept or reject the instance."""
         inst.info = info
+        inst.consecutive_failures = 0
         if inst.state is InstanceState.DRAINING:
             return
         reason = check_info(info, inst.pool, self._mode)
@@ -170,9 +174,16 @@ class Registry:
             logger.info("%s instance %s is healthy", inst.pool.value, inst.url)
         inst.state, inst.last_error = InstanceState.HEALTHY, None
 
-    def mark_failed(self, inst: Instance, reason: str) -> None:
-        """A failed probe or connection: take the instance out of rotation until a probe passes."""
+    def mark_failed(self, inst: Instance, reason: str, *, definite: bool = True) -> None:
+        """A failed probe or connection: out of rotation until a probe passes.
+
+        ``definite=False`` (a slow probe: busy or hung?) only counts; the instance leaves
+        after ``unhealthy_after_failures`` such failures in a row.
+        """
         inst.last_error = reason
+        inst.consecutive_failures += 1
+        if not definite and inst.consecutive_failures < self._unhealthy_after_failures:
+            return
         if inst.state in (InstanceState.HEALTHY, InstanceState.PENDING):
             logger.warning("%s instance %s is unhealthy: %s", inst.pool.value, inst.url, reason)
             inst.state = InstanceState.UNHEALTHY

@@ -65,6 +65,8 @@ def event_data(event: bytes) -> bytes | None:
 
 def is_done(event: bytes) -> bool:
     """True for the ``data: [DONE]`` event."""
+    if b"[DONE]" not in event:  # the common case, without parsing
+        return False
     return event_data(event) == b"[DONE]"
 
 

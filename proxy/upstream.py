@@ -83,7 +83,7 @@ def _classify(inst: Instance, status: int, body: bytes, content_type: str) -> Re
 
 def _failure(inst: Instance, exc: BaseException, what: str) -> UpstreamFailure:
     """Turn a client-side exception into an UpstreamFailure with a readable reason."""
-    if isinstance(exc, TimeoutError):
+    if isinstance(exc, asyncio.TimeoutError):
         return UpstreamFailure(inst, f"{what} timed out")
     down = isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError))
     return UpstreamFailure(inst, f"{what} failed: {exc!r}", instance_down=down)
@@ -97,7 +97,7 @@ async def post_json(session: aiohttp.ClientSession, inst: Instance, path: str,
                                 headers=JSON_HEADERS, timeout=timeout) as resp:
             data = await resp.read()
             return _classify(inst, resp.status, data, resp.content_type)
-    except (aiohttp.ClientError, TimeoutError) as exc:
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         raise _failure(inst, exc, f"POST {path}") from exc
 
 
@@ -107,7 +107,7 @@ async def open_stream(session: aiohttp.ClientSession, inst: Instance, path: str,
     try:
         resp = await session.post(inst.url + path, data=msgspec.json.encode(body),
                                   headers=JSON_HEADERS, timeout=timeout)
-    except (aiohttp.ClientError, TimeoutError) as exc:
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         raise _failure(inst, exc, f"POST {path}") from exc
     try:
         if not 200 <= resp.status < 300:
@@ -120,7 +120,7 @@ async def open_stream(session: aiohttp.ClientSession, inst: Instance, path: str,
                 raise UpstreamFailure(inst, "stream ended before its first event")
             events = decoder.feed(chunk)
         return OpenStream(inst, resp, b"".join(events), decoder, any(map(is_done, events)))
-    except (aiohttp.ClientError, TimeoutError) as exc:
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         resp.close()
         raise _failure(inst, exc, f"stream from {path}") from exc
     except BaseException:
@@ -138,7 +138,7 @@ async def send_abort(session: aiohttp.ClientSession, url: str, transfer_id: str,
                                 timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
             await resp.read()
             return resp.status == 200
-    except (aiohttp.ClientError, TimeoutError) as exc:
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         logger.warning("abort of transfer %s on %s failed: %r", transfer_id, url, exc)
         return False
 
@@ -155,7 +155,7 @@ async def fetch_instance_info(session: aiohttp.ClientSession, inst: Instance,
             return msgspec.json.decode(data, type=InstanceInfo)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise UpstreamFailure(inst, f"malformed {INFO_PATH}: {exc}") from exc
-    except (aiohttp.ClientError, TimeoutError) as exc:
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         raise _failure(inst, exc, f"GET {INFO_PATH}") from exc
 
 
@@ -163,5 +163,5 @@ async def with_deadline(coro: Any, timeout_s: float, inst: Instance, what: str) 
     """Await ``coro`` for at most ``timeout_s``; a miss is an UpstreamFailure."""
     try:
         return await asyncio.wait_for(coro, timeout_s)
-    except TimeoutError:
+    except asyncio.TimeoutError:
         raise UpstreamFailure(inst, f"{what} got no answer within {timeout_s:g} s") from None

@@ -1,0 +1,135 @@
+"""The proxy's aiohttp application: ``make_app(cfg)`` and ``start_site``.
+
+Start-up order (cleanup_ctx): one client session per pool -> registration socket and a first
+health-check round -> background loops. Shutdown runs it backwards: loops cancelled, pending
+aborts given a moment to land, sessions closed last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from proxy.admin import add_admin_routes
+from proxy.bodies import PromptCounter
+from proxy.config import ProxyConfig
+from proxy.flows import FlowDeps
+from proxy.handlers import add_routes, openai_errors
+from proxy.health import health_loop, probe_all
+from proxy.metrics import ProxyMetrics
+from proxy.policies import make_policy
+from proxy.registration import Deregister, Heartbeat, RegistrationServer
+from proxy.registry import Origin, Pool, Registry
+from proxy.scope import BackgroundTasks
+from proxy.state import STATE_KEY, ProxyState
+
+logger = logging.getLogger(__name__)
+
+ABORT_DRAIN_TIMEOUT_S = 3.0
+"""How long shutdown waits for in-flight abort calls before cancelling them."""
+
+
+def _upstream_session(cfg: ProxyConfig) -> aiohttp.ClientSession:
+    """One pool's session: room for thousands of concurrent streams, no cookies."""
+    connector = aiohttp.TCPConnector(limit=cfg.max_upstream_connections, limit_per_host=0,
+                                     keepalive_timeout=30.0)
+    return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
+                                 timeout=aiohttp.ClientTimeout(
+                                     total=None, sock_connect=cfg.connect_timeout_s))
+
+
+async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
+    st = app[STATE_KEY]
+    for pool in Pool:
+        st.sessions[pool] = _upstream_session(st.cfg)
+    yield
+    await st.background.close(ABORT_DRAIN_TIMEOUT_S)
+    for session in st.sessions.values():
+        await session.close()
+
+
+def _registration_server(st: ProxyState, address: str) -> RegistrationServer:
+    def on_heartbeat(msg: Heartbeat) -> None:
+        """Register or refresh the sender."""
+        st.registry.on_heartbeat(msg)
+
+    def on_deregister(msg: Deregister) -> None:
+        """A dynamic instance leaves now; a static one is marked down until probed."""
+        inst = st.registry.get(msg.http_url)
+        if inst is not None and inst.origin is Origin.DYNAMIC:
+            st.registry.remove(inst.url)
+        elif inst is not None:
+            st.registry.mark_failed(inst, "instance deregistered (shutting down)")
+
+    return RegistrationServer(address, on_heartbeat, on_deregister)
+
+
+async def _background_ctx(app: web.Application) -> AsyncIterator[None]:
+    st = app[STATE_KEY]
+    cfg = st.cfg
+    server = None
+    tasks = []
+    if cfg.registration_address:
+        server = _registration_server(st, cfg.registration_address)
+        st.registration_endpoint = server.bind()
+        tasks.append(asyncio.ensure_future(server.serve()))
+    # One round before serving, so static instances that are up are routable at once.
+    await probe_all(st.registry, st.sessions, cfg.probe_timeout_s)
+    tasks.append(asyncio.ensure_future(health_loop(st.registry, st.sessions,
+                                                   cfg.health_check_interval_s,
+                                                   cfg.probe_timeout_s)))
+    yield
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    if server is not None:
+        server.close()
+
+
+def make_app(cfg: ProxyConfig) -> web.Application:
+    """The proxy as an aiohttp application (static instances registered, nothing started)."""
+    registry = Registry(cfg.mode, cfg.max_missed_heartbeats, cfg.unhealthy_after_failures)
+    for url in cfg.prefill_urls:
+        registry.add(url, Pool.PREFILL, Origin.STATIC)
+    for url in cfg.decode_urls:
+        registry.add(url, Pool.DECODE, Origin.STATIC)
+    deps = FlowDeps(cfg=cfg, registry=registry,
+                    policies={pool: make_policy(cfg.policy, pool) for pool in Pool},
+                    metrics=ProxyMetrics(), background=BackgroundTasks())
+    app = web.Application(client_max_size=cfg.max_request_body_bytes,
+                          middlewares=[openai_errors])
+    app[STATE_KEY] = ProxyState(deps=deps, counter=PromptCounter(cfg.model, registry.model_name))
+    app.cleanup_ctx.append(_sessions_ctx)
+    app.cleanup_ctx.append(_background_ctx)
+    add_routes(app)
+    add_admin_routes(app)
+    return app
+
+
+async def start_site(app: web.Application, host: str, port: int,
+                     access_log: bool = False) -> web.AppRunner:
+    """Serve ``app`` on host:port; handler cancellation on, so a client hang-up aborts upstream."""
+    kwargs: dict[str, Any] = {} if access_log else {"access_log": None}
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=5.0, **kwargs)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, backlog=4096)
+    try:
+        await site.start()
+    except OSError:
+        await runner.cleanup()
+        raise
+    return runner
+
+
+def bound_url(runner: web.AppRunner) -> str:
+    """``http://host:port`` of the runner's first listening socket (port 0 resolved)."""
+    host, port = runner.addresses[0][:2]
+    return f"http://{host}:{port}"

@@ -1,0 +1,260 @@
+"""One client request's route through the pools: local, READ or WRITE, with retries.
+
+Nothing here writes to the client: a flow ends with a complete ``Reply`` or an ``OpenStream``
+whose first event is in hand, so every retry below happens before the client saw a byte.
+
+    local : D alone (prompt under --local-prefill-threshold), retried on other D's
+    READ  : P(max_tokens=1) -> kv params -> D; P retried on other P's, D on other D's with
+            the same params (P holds the KV until its transfer timeout)
+    WRITE : P and D at once with one transfer_id; either failing aborts both, and the pair
+            is retried with a fresh transfer_id and the failed instance left out
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import msgspec
+
+from proxy.bodies import ClientRequest, decode_body, prefill_body
+from proxy.config import ProxyConfig, TransferMode
+from proxy.errors import ProxyError
+from proxy.metrics import ProxyMetrics
+from proxy.policies import Policy
+from proxy.registration import InstanceInfo
+from proxy.registry import Instance, Pool, Registry
+from proxy.scope import BackgroundTasks, RequestScope
+from proxy.upstream import OpenStream, Reply, UpstreamFailure, open_stream, post_json, with_deadline
+
+logger = logging.getLogger(__name__)
+
+Result = Reply | OpenStream
+
+
+@dataclass(frozen=True, slots=True)
+class FlowDeps:
+    """The long-lived pieces every flow uses."""
+
+    cfg: ProxyConfig
+    registry: Registry
+    policies: Mapping[Pool, Policy]
+    metrics: ProxyMetrics
+    background: BackgroundTasks
+
+
+class DecodeExhausted(ProxyError):
+    """Every decode instance tried failed before the client got a byte."""
+
+
+def new_transfer_id() -> str:
+    """A fresh transfer id: the one key P and D share for one KV transfer."""
+    return "xfer-" + uuid.uuid4().hex
+
+
+def peer_params(info: InstanceInfo | None) -> dict[str, Any]:
+    """The ``remote_*`` fields that tell one side of a WRITE where the other side listens."""
+    if info is None:
+        return {}
+    return {"remote_engine_id": info.engine_id, "remote_host": info.kv_host,
+            "remote_handshake_port": info.kv_handshake_port,
+            "remote_notify_port": info.kv_notify_port}
+
+
+def _consume_result(task: asyncio.Future[Any]) -> None:
+    """Mark a task's exception as seen (the flow already acted on the other side's failure)."""
+    if not task.cancelled():
+        task.exception()
+
+
+class Flow:
+    """Routes one client request; ``run()`` returns what the decode instance answered."""
+
+    def __init__(self, deps: FlowDeps, scope: RequestScope, req: ClientRequest) -> None:
+        self._deps = deps
+        self._cfg = deps.cfg
+        self._scope = scope
+        self._req = req
+
+    async def run(self) -> Result:
+        """Pick the flow for this request and run it."""
+        threshold = self._cfg.local_prefill_threshold_tokens
+        if threshold > 0 and self._req.num_prompt_tokens < threshold:
+            self._deps.metrics.local_prefills += 1
+            return await self._decode_with_retries(None, None)
+        if self._cfg.mode is TransferMode.READ:
+            return await self._run_read()
+        return await self._run_write()
+
+    def _pick(self, pool: Pool, tried: set[str], last: UpstreamFailure | None) -> Instance:
+        """The policy's choice among healthy, not yet tried instances of ``pool``."""
+        healthy = self._deps.registry.healthy(pool)
+        candidates = [i for i in healthy if i.url not in tried]
+        if candidates:
+            return self._deps.policies[pool].choose(candidates)
+        if last is not None:
+            raise ProxyError(502, f"{pool.value} failed on {len(tried)} instance(s); "
+                                  f"last error: {last}")
+        raise ProxyError(503, f"no healthy {pool.value} instance available")
+
+    def _untried(self, pool: Pool, tried: set[str]) -> bool:
+        """Whether ``pool`` has a healthy instance not in ``tried``."""
+        return any(i.url not in tried for i in self._deps.registry.healthy(pool))
+
+    def _note_failure(self, failure: UpstreamFailure, pool: Pool) -> None:
+        logger.warning("%s attempt failed: %s", pool.value, failure)
+        self._deps.metrics.retries[pool.value] += 1
+        if failure.instance_down:
+            self._deps.registry.mark_failed(failure.inst, failure.reason)
+
+    async def _prefill(self, p: Instance, kv_params: dict[str, Any]) -> Reply:
+        """One prefill call (``max_tokens=1``, not streamed), its load counted on ``p``."""
+        body = prefill_body(self._req.body, kv_params)
+        timeout = aiohttp.ClientTimeout(total=self._cfg.prefill_timeout_s,
+                                        sock_connect=self._cfg.connect_timeout_s)
+        registry, num_tokens = self._deps.registry, self._req.num_prompt_tokens
+        registry.acquire(p, num_tokens)
+        started_s = time.perf_counter()
+        try:
+            reply = await post_json(self._scope.session(p), p, self._req.endpoint.value, body,
+                                    timeout)
+        finally:
+            registry.release(p, num_tokens)
+        self._deps.metrics.prefill_latency_s.observe(time.perf_counter() - started_s)
+        return reply
+
+    async def _decode(self, d: Instance, kv_params: dict[str, Any] | None) -> Result:
+        """Send the decode request; return the whole reply, or the stream once it started."""
+        cfg, path = self._cfg, self._req.endpoint.value
+        body = decode_body(self._req.body, kv_params)
+        timeout = aiohttp.ClientTimeout(total=cfg.request_timeout_s,
+                                        sock_connect=cfg.connect_timeout_s)
+        self._scope.acquire(d, self._req.num_prompt_tokens + self._req.max_tokens)
+        try:
+            if not self._req.stream:
+                return await post_json(self._scope.session(d), d, path, body, timeout)
+            opening = open_stream(self._scope.session(d), d, path, body, timeout)
+            result: OpenStream = await with_deadline(opening, cfg.first_byte_timeout_s, d,
+                                                     "decode")
+            return result
+        except BaseException:
+            self._scope.release(d)
+            raise
+
+    async def _decode_with_retries(self, kv_params: dict[str, Any] | None,
+                                   transfer_id: str | None) -> Result:
+        tried: set[str] = set()
+        last: UpstreamFailure | None = None
+        for _ in range(self._cfg.max_decode_attempts):
+            if last is not None and not self._untried(Pool.DECODE, tried):
+                break
+            d = self._pick(Pool.DECODE, tried, last)
+            if transfer_id is not None:
+                self._scope.note_transfer(d, transfer_id)
+            try:
+                return await self._decode(d, kv_params)
+            except UpstreamFailure as failure:
+                # No abort here: in READ mode the P must keep the KV for the next decode.
+                tried.add(d.url)
+                last = failure
+                self._note_failure(failure, Pool.DECODE)
+        raise DecodeExhausted(502, f"decode failed on {len(tried)} instance(s); "
+                                   f"last error: {last}")
+
+    async def _run_read(self) -> Result:
+        """Prefill, then decode; when no decode could use that KV, prefill again elsewhere."""
+        tried: set[str] = set()
+        last: UpstreamFailure | None = None
+        for _ in range(self._cfg.max_prefill_attempts):
+            p = self._pick(Pool.PREFILL, tried, last)
+            tried.add(p.url)
+            transfer_id = new_transfer_id()
+            self._scope.note_transfer(p, transfer_id)
+            try:
+                params = await self._read_prefill(p, transfer_id)
+            except UpstreamFailure as failure:
+                self._scope.abort(p, transfer_id)
+                last = failure
+                self._note_failure(failure, Pool.PREFILL)
+                continue
+            d_params = {**params, "do_remote_prefill": True, "mode": TransferMode.READ.value,
+                        "transfer_id": transfer_id}
+            try:
+                return await self._decode_with_retries(d_params, transfer_id)
+            except DecodeExhausted:
+                # P's KV is unusable (P's transfer side broken?): free it, start over elsewhere.
+                self._scope.abort(p, transfer_id)
+                if not self._untried(Pool.PREFILL, tried):
+                    raise
+                self._deps.metrics.retries[Pool.PREFILL.value] += 1
+                logger.warning("no decode could use the KV prefilled on %s; prefilling again",
+                               p.url)
+        raise ProxyError(502, f"prefill failed on {len(tried)} instance(s); last error: {last}")
+
+    async def _read_prefill(self, p: Instance, transfer_id: str) -> dict[str, Any]:
+        """Prefill on ``p``; returns the ``kv_transfer_params`` P handed back."""
+        reply = await self._prefill(p, {"transfer_id": transfer_id, "do_remote_decode": True,
+                                        "mode": TransferMode.READ.value})
+        return _returned_params(p, reply)
+
+    async def _run_write(self) -> Result:
+        tried: dict[Pool, set[str]] = {Pool.PREFILL: set(), Pool.DECODE: set()}
+        last: dict[Pool, UpstreamFailure | None] = {Pool.PREFILL: None, Pool.DECODE: None}
+        budget = {Pool.PREFILL: self._cfg.max_prefill_attempts,
+                  Pool.DECODE: self._cfg.max_decode_attempts}
+        while True:
+            p = self._pick(Pool.PREFILL, tried[Pool.PREFILL], last[Pool.PREFILL])
+            d = self._pick(Pool.DECODE, tried[Pool.DECODE], last[Pool.DECODE])
+            transfer_id = new_transfer_id()
+            self._scope.note_transfer(p, transfer_id)
+            self._scope.note_transfer(d, transfer_id)
+            try:
+                return await self._write_pair(p, d, transfer_id)
+            except UpstreamFailure as failure:
+                self._scope.abort(p, transfer_id)
+                self._scope.abort(d, transfer_id)
+                pool = Pool.PREFILL if failure.inst is p else Pool.DECODE
+                tried[pool].add(failure.inst.url)
+                last[pool] = failure
+                self._note_failure(failure, pool)
+                if len(tried[pool]) >= budget[pool]:
+                    raise ProxyError(502, f"{pool.value} failed on {len(tried[pool])} "
+                                          f"instance(s); last error: {failure}") from None
+
+    async def _write_pair(self, p: Instance, d: Instance, transfer_id: str) -> Result:
+        """Start P and D together; done when D answers (P may still be finishing)."""
+        common = {"transfer_id": transfer_id, "mode": TransferMode.WRITE.value}
+        p_params = {**common, "do_remote_decode": True, **peer_params(d.info)}
+        d_params = {**common, "do_remote_prefill": True, **peer_params(p.info)}
+        # P's call outlives this function when D answers first; the app owns it from here.
+        p_task = self._deps.background.spawn(self._prefill(p, p_params),
+                                             name=f"prefill-{transfer_id}")
+        self._scope.own(p_task)
+        d_task = asyncio.ensure_future(self._decode(d, d_params))
+        d_task.add_done_callback(_consume_result)
+        try:
+            await asyncio.wait({p_task, d_task}, return_when=asyncio.FIRST_COMPLETED)
+            if p_task.done() and not d_task.done():
+                p_task.result()  # P failed first: raise its error, D is waiting in vain
+            return await d_task
+        except BaseException:
+            d_task.cancel()
+            p_task.cancel()
+            raise
+
+
+def _returned_params(p: Instance, reply: Reply) -> dict[str, Any]:
+    """The ``kv_transfer_params`` object of a READ prefill's response."""
+    try:
+        params = msgspec.json.decode(reply.body).get("kv_transfer_params")
+    except (msgspec.DecodeError, AttributeError):
+        params = None
+    if not isinstance(params, dict):
+        raise UpstreamFailure(p, "prefill response carries no kv_transfer_params object")
+    return params

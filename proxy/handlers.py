@@ -1,0 +1,147 @@
+"""HTTP handlers of the OpenAI-compatible surface plus ``/health`` and ``/metrics``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import msgspec
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from proxy.bodies import Endpoint, parse_request
+from proxy.errors import ProxyError, error_response, from_proxy_error
+from proxy.flows import Flow
+from proxy.metrics import Outcome
+from proxy.registry import Pool
+from proxy.relay import relay_stream
+from proxy.state import STATE_KEY, ProxyState
+from proxy.upstream import Reply, UpstreamRejected
+
+logger = logging.getLogger(__name__)
+
+
+@web.middleware
+async def openai_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error the proxy itself answers (404, 405, a bug) gets an OpenAI-style body."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(exc.status, f"{exc.reason}: {request.method} {request.path}")
+    except Exception:
+        logger.exception("unexpected error on %s %s", request.method, request.path)
+        return error_response(500, "internal proxy error; the proxy's log has the details")
+
+
+def _outcome_for(status: int) -> Outcome:
+    if status == 503:
+        return Outcome.UNAVAILABLE
+    return Outcome.REJECTED if status < 500 else Outcome.FAILED
+
+
+async def _read_body(request: web.Request) -> bytes:
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[STATE_KEY].cfg.max_request_body_bytes
+        raise ProxyError(413, f"request body is over the proxy's limit of {limit} bytes") from None
+
+
+def _without_kv_params(body: bytes) -> bytes:
+    """D's answer minus ``kv_transfer_params``: internal addresses, and a monolithic
+    instance's answer has none."""
+    if b'"kv_transfer_params"' not in body:
+        return body
+    try:
+        data = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        return body
+    if isinstance(data, dict):
+        data.pop("kv_transfer_params", None)
+    return msgspec.json.encode(data)
+
+
+async def _generate(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
+    """Route one generation request through the pools and answer the client."""
+    st: ProxyState = request.app[STATE_KEY]
+    started_s = time.perf_counter()
+    scope = st.new_scope()
+    outcome = Outcome.FAILED
+    st.metrics.in_flight += 1
+    try:
+        req = parse_request(endpoint, await _read_body(request), st.counter)
+        result = await Flow(st.deps, scope, req).run()
+        if isinstance(result, Reply):
+            scope.succeeded, outcome = True, Outcome.OK
+            st.metrics.time_to_first_byte_s.observe(time.perf_counter() - started_s)
+            return web.Response(status=result.status, body=_without_kv_params(result.body),
+                                content_type=result.content_type)
+        st.metrics.time_to_first_byte_s.observe(time.perf_counter() - started_s)
+        response, outcome = await relay_stream(request, result, st.cfg.stream_idle_timeout_s)
+        scope.succeeded = outcome is Outcome.OK
+        return response
+    except ProxyError as exc:
+        outcome = _outcome_for(exc.status)
+        return from_proxy_error(exc)
+    except UpstreamRejected as exc:
+        outcome = Outcome.REJECTED
+        return web.Response(status=exc.status, body=exc.body, content_type=exc.content_type)
+    except asyncio.CancelledError:
+        outcome = Outcome.CLIENT_GONE
+        raise
+    finally:
+        scope.close()
+        st.metrics.in_flight -= 1
+        st.metrics.count_request(endpoint.value, outcome)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/completions``."""
+    return await _generate(request, Endpoint.COMPLETIONS)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/chat/completions``."""
+    return await _generate(request, Endpoint.CHAT)
+
+
+async def models(request: web.Request) -> web.Response:
+    """``GET /v1/models``: the served model, with the pool's smallest ``max_model_len``."""
+    st = request.app[STATE_KEY]
+    max_model_len = st.registry.min_max_model_len()
+    if max_model_len is None:
+        return error_response(503, "no healthy instance yet; the model is not known")
+    name = st.registry.model_name() or st.cfg.model or "unknown"
+    card = {"id": name, "object": "model", "created": st.started_at_s, "owned_by": "disagg",
+            "max_model_len": max_model_len}
+    return web.json_response({"object": "list", "data": [card]})
+
+
+async def health(request: web.Request) -> web.Response:
+    """``GET /health``: 200 when both pools have a healthy instance, else 503."""
+    st = request.app[STATE_KEY]
+    num_prefill = len(st.registry.healthy(Pool.PREFILL))
+    num_decode = len(st.registry.healthy(Pool.DECODE))
+    ready = num_decode > 0 and num_prefill > 0
+    return web.json_response({"status": "ok" if ready else "unavailable",
+                              "prefill": num_prefill, "decode": num_decode},
+                             status=200 if ready else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """``GET /metrics``: Prometheus text."""
+    st = request.app[STATE_KEY]
+    return web.Response(body=st.metrics.render(st.registry.instances()).encode(),
+                        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+def add_routes(app: web.Application) -> None:
+    """Attach the public routes."""
+    app.router.add_post(Endpoint.COMPLETIONS.value, completions)
+    app.router.add_post(Endpoint.CHAT.value, chat_completions)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)

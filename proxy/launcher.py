@@ -1,0 +1,291 @@
+"""``disagg-proxy``: run the proxy, or with ``--launch`` a whole local P/D deployment.
+
+    disagg-proxy --prefill http://h:8100 --decode http://h:8200          # proxy only
+    disagg-proxy --launch                                                # 1P1D tiny model, CPU
+    disagg-proxy --launch --num-prefill 2 --num-decode 2 --model M -- --max-num-seqs 64
+
+Arguments after ``--`` (or each ``--instance-arg=ARG``) are passed to every instance.
+Prints ``disagg-proxy: ready on http://HOST:PORT`` once it serves; Ctrl-C / SIGTERM stops
+everything (exit 0); an instance that dies stops everything too (exit 1, one line saying why).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import resource
+import shlex
+import signal
+import sys
+from dataclasses import replace
+
+from aiohttp import web
+
+from proxy.app import bound_url, start_site
+from proxy.app import make_app as make_proxy_app
+from proxy.config import PolicyName, ProxyConfig, TransferMode
+from proxy.local_instances import (
+    DEFAULT_INSTANCE_COMMAND,
+    DEFAULT_MODEL,
+    LaunchConfig,
+    plan_instances,
+    resolve_device,
+)
+from proxy.registration import KVRole
+from proxy.registry import Pool
+from proxy.state import STATE_KEY
+from proxy.supervisor import LaunchError, Supervisor
+
+logger = logging.getLogger("disagg-proxy")
+PROG = "disagg-proxy"
+POOL_READY_TIMEOUT_S = 30.0
+
+
+def _add_proxy_args(parser: argparse.ArgumentParser) -> None:
+    d = ProxyConfig()
+    add = parser.add_argument
+    add("--host", default=d.host, help="address to listen on (default %(default)s)")
+    add("--port", type=int, default=d.port, help="HTTP port (default %(default)s)")
+    add("--prefill", nargs="+", action="extend", default=[], metavar="URL",
+        help="static prefill instance(s)")
+    add("--decode", nargs="+", action="extend", default=[], metavar="URL",
+        help="static decode instance(s)")
+    add("--mode", choices=[m.value for m in TransferMode], default=d.mode.value,
+        help="KV transfer mode (default %(default)s)")
+    add("--policy", choices=[p.value for p in PolicyName], default=PolicyName.LEAST_LOADED.value,
+        help="routing policy (default %(default)s)")
+    add("--model", default=None, help="model to launch / whose tokenizer counts prompt tokens")
+    add("--local-prefill-threshold", type=int, default=0, metavar="TOKENS",
+        help="prompts shorter than this go to a decode instance alone (0: never)")
+    add("--registration-address", default=None, metavar="tcp://HOST:PORT",
+        help="ZMQ address where instances started with --proxy-address register")
+    add("--max-missed-heartbeats", type=int, default=d.max_missed_heartbeats)
+    add("--admin-key", default=None, help="Bearer key enabling the /admin API")
+    add("--health-check-interval-s", type=float, default=d.health_check_interval_s)
+    add("--unhealthy-after-failures", type=int, default=d.unhealthy_after_failures,
+        help="failed or slow probes in a row before an instance leaves the rotation")
+    for name in ("connect", "prefill", "first_byte", "stream_idle", "request"):
+        add(f"--{name.replace('_', '-')}-timeout-s", type=float,
+            default=getattr(d, f"{name}_timeout_s"))
+    add("--max-prefill-attempts", type=int, default=d.max_prefill_attempts)
+    add("--max-decode-attempts", type=int, default=d.max_decode_attempts)
+    add("--access-log", action="store_true", help="log one line per request")
+
+
+def _add_launch_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("local instances (--launch)")
+    add = group.add_argument
+    add("--launch", action="store_true", help="start local instances as subprocesses")
+    add("--num-prefill", type=int, default=1)
+    add("--num-decode", type=int, default=1)
+    add("--transport", choices=["tcp", "nixl", "ipc", "mori"], default="tcp")
+    add("--device", choices=["auto", "cpu", "cuda"], default="auto",
+        help="auto: CPU for the built-in model, a GPU per instance for a real one")
+    add("--gpus-per-instance", type=int, default=1)
+    add("--instance-arg", action="append", default=[], metavar="ARG",
+        help="one argument for every instance (use --instance-arg=--flag for dashes)")
+    add("--instance-base-port", type=int, default=None, help="first instance HTTP port")
+    add("--kv-base-port", type=int, default=None, help="first instance connector base port")
+    add("--ready-timeout-s", type=float, default=600.0)
+    add("--stop-timeout-s", type=float, default=15.0)
+    add("--on-instance-exit", choices=["shutdown", "restart"], default="shutdown")
+    add("--max-restarts", type=int, default=3)
+    add("--instance-command", default=None, help=argparse.SUPPRESS)  # tests: a fake instance
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``disagg-proxy`` argument parser."""
+    parser = argparse.ArgumentParser(prog=PROG, description="disagg P/D proxy and launcher")
+    _add_proxy_args(parser)
+    _add_launch_args(parser)
+    return parser
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Parse and validate; ``args.instance_args`` holds everything for the instances."""
+    own, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv \
+        else (argv, [])
+    parser = build_parser()
+    args = parser.parse_args(own)
+    args.instance_args = [*args.instance_arg, *extra]
+    if not args.launch and not (args.prefill or args.decode or args.registration_address):
+        parser.error("give --prefill/--decode URLs, --registration-address, or --launch")
+    if args.launch and (args.num_prefill < 1 or args.num_decode < 1):
+        parser.error("--num-prefill and --num-decode must be at least 1")
+    if extra and not args.launch:
+        parser.error("arguments after '--' are for --launch instances")
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port {args.port} is not a TCP port")
+    if args.local_prefill_threshold < 0 or args.gpus_per_instance < 1:
+        parser.error("--local-prefill-threshold must be >= 0 and --gpus-per-instance >= 1")
+    return args
+
+
+def proxy_config(args: argparse.Namespace) -> ProxyConfig:
+    """The ProxyConfig the arguments describe (static URLs only; launched ones added later)."""
+    return ProxyConfig(
+        host=args.host, port=args.port, prefill_urls=tuple(args.prefill),
+        decode_urls=tuple(args.decode), mode=TransferMode(args.mode),
+        policy=PolicyName(args.policy), model=args.model or (DEFAULT_MODEL if args.launch
+                                                             else None),
+        local_prefill_threshold_tokens=args.local_prefill_threshold,
+        registration_address=args.registration_address,
+        max_missed_heartbeats=args.max_missed_heartbeats, admin_key=args.admin_key,
+        health_check_interval_s=args.health_check_interval_s,
+        unhealthy_after_failures=args.unhealthy_after_failures,
+        connect_timeout_s=args.connect_timeout_s, prefill_timeout_s=args.prefill_timeout_s,
+        first_byte_timeout_s=args.first_byte_timeout_s,
+        stream_idle_timeout_s=args.stream_idle_timeout_s,
+        request_timeout_s=args.request_timeout_s,
+        max_prefill_attempts=args.max_prefill_attempts,
+        max_decode_attempts=args.max_decode_attempts, access_log=args.access_log)
+
+
+def launch_config(args: argparse.Namespace) -> LaunchConfig:
+    """The LaunchConfig the arguments describe (resolves ``--device auto``)."""
+    command = tuple(shlex.split(args.instance_command)) if args.instance_command \
+        else DEFAULT_INSTANCE_COMMAND
+    return LaunchConfig(
+        num_prefill=args.num_prefill, num_decode=args.num_decode,
+        model=args.model or DEFAULT_MODEL, transport=args.transport,
+        mode=TransferMode(args.mode), device=resolve_device(args.device, args.model is not None),
+        gpus_per_instance=args.gpus_per_instance, instance_args=tuple(args.instance_args),
+        instance_command=command, instance_base_port=args.instance_base_port,
+        kv_base_port=args.kv_base_port)
+
+
+def _stop_event() -> asyncio.Event:
+    """An event set by SIGINT or SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def _start_proxy(cfg: ProxyConfig) -> web.AppRunner:
+    try:
+        return await start_site(make_proxy_app(cfg), cfg.host, cfg.port, cfg.access_log)
+    except OSError as exc:
+        raise LaunchError(f"cannot serve on {cfg.host}:{cfg.port}: {exc}") from None
+
+
+def _announce(runner: web.AppRunner) -> None:
+    print(f"{PROG}: ready on {bound_url(runner)}", flush=True)
+
+
+async def _run_proxy_only(cfg: ProxyConfig) -> int:
+    stop = _stop_event()
+    runner = await _start_proxy(cfg)
+    try:
+        _announce(runner)
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+    return 0
+
+
+async def _wait_pools(app: web.Application, num_prefill: int, num_decode: int,
+                      timeout_s: float) -> None:
+    """Until the proxy sees every launched instance healthy (its probes run every interval)."""
+    registry = app[STATE_KEY].registry
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while (len(registry.healthy(Pool.PREFILL)) < num_prefill
+           or len(registry.healthy(Pool.DECODE)) < num_decode):
+        if loop.time() > deadline:
+            problems = [f"{i.url}: {i.state.value} {i.last_error or ''}".strip()
+                        for i in registry.instances() if i.last_error]
+            raise LaunchError("the proxy does not see every instance healthy: "
+                              + "; ".join(problems))
+        await asyncio.sleep(0.1)
+
+
+async def _supervise(sup: Supervisor, stop: asyncio.Event, restart: bool,
+                     max_restarts: int) -> int:
+    """Until a signal (0) or a child's death that is not restarted (1)."""
+    stop_wait = asyncio.ensure_future(stop.wait())
+    try:
+        while True:
+            death = asyncio.ensure_future(sup.wait_any_exit())
+            await asyncio.wait({stop_wait, death}, return_when=asyncio.FIRST_COMPLETED)
+            if stop_wait.done():
+                death.cancel()
+                logger.info("stopping: signal received")
+                return 0
+            child = death.result()
+            if restart and child.restarts < max_restarts:
+                print(f"{PROG}: {child.describe_exit()}; restarting it", file=sys.stderr,
+                      flush=True)
+                await asyncio.sleep(1.0)
+                await sup.respawn(child)
+                continue
+            print(f"{PROG}: {child.describe_exit()}; shutting down", file=sys.stderr, flush=True)
+            return 1
+    finally:
+        stop_wait.cancel()
+
+
+async def _run_launch(args: argparse.Namespace, cfg: ProxyConfig) -> int:
+    stop = _stop_event()
+    launch = launch_config(args)
+    sup = Supervisor(plan_instances(launch))
+    runner: web.AppRunner | None = None
+    try:
+        await sup.start()
+        ready = asyncio.ensure_future(sup.wait_ready(args.ready_timeout_s))
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if not ready.done():
+            ready.cancel()
+            return 0
+        ready.result()
+        prefill = tuple(s.url for s in sup.specs if s.role is KVRole.PRODUCER)
+        decode = tuple(s.url for s in sup.specs if s.role is not KVRole.PRODUCER)
+        cfg = replace(cfg, prefill_urls=(*cfg.prefill_urls, *prefill),
+                      decode_urls=(*cfg.decode_urls, *decode), model=launch.model)
+        runner = await _start_proxy(cfg)
+        await _wait_pools(runner.app, launch.num_prefill, launch.num_decode,
+                          POOL_READY_TIMEOUT_S)
+        _announce(runner)
+        return await _supervise(sup, stop, args.on_instance_exit == "restart",
+                                args.max_restarts)
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        await sup.shutdown(args.stop_timeout_s)
+
+
+def _raise_open_files_limit() -> None:
+    # Each stream holds a client socket and an upstream socket: 1,000 streams need > 1,024 fds.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = 1 << 16 if hard == resource.RLIM_INFINITY else hard
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``disagg-proxy``; returns the process exit code."""
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else list(argv))
+    except SystemExit as exc:  # argparse already printed the usage and the error
+        return int(exc.code or 0)
+    from disagg.envs import log_level
+
+    logging.basicConfig(level=log_level(), format="%(asctime)s %(levelname)s %(name)s: "
+                                                   "%(message)s")
+    _raise_open_files_limit()
+    cfg = proxy_config(args)
+    try:
+        return asyncio.run(_run_launch(args, cfg) if args.launch else _run_proxy_only(cfg))
+    except LaunchError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

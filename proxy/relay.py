@@ -1,0 +1,79 @@
+"""Relaying a decode instance's SSE stream to the client, whole events at a time."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+import aiohttp
+from aiohttp import web
+
+from proxy.metrics import Outcome
+from proxy.sse import SSE_HEADERS, SSEFramingError, error_event, is_done
+from proxy.upstream import OpenStream
+
+logger = logging.getLogger(__name__)
+
+
+class StreamBroke(Exception):
+    """The decode instance's stream failed after the client got its first bytes."""
+
+
+async def _read_within(stream: OpenStream, timeout_s: float) -> bytes:
+    if sys.version_info >= (3, 11):  # no extra task per chunk, unlike wait_for on 3.11
+        async with asyncio.timeout(timeout_s):
+            return await stream.response.content.readany()
+    return await asyncio.wait_for(stream.response.content.readany(), timeout_s)
+
+
+async def _next_chunk(stream: OpenStream, idle_timeout_s: float) -> bytes:
+    """The next upstream chunk (b"" at the end); a stall or a broken connection raises."""
+    try:
+        return await _read_within(stream, idle_timeout_s)
+    except asyncio.TimeoutError:
+        raise StreamBroke(f"decode instance {stream.inst.url} sent nothing for "
+                          f"{idle_timeout_s:g} s") from None
+    except aiohttp.ClientError as exc:
+        raise StreamBroke(f"decode instance {stream.inst.url} failed mid-stream: "
+                          f"{exc!r}") from None
+
+
+async def _pump(client: web.StreamResponse, stream: OpenStream, idle_timeout_s: float) -> bool:
+    """Copy events until the upstream ends; True when the stream ended with [DONE]."""
+    saw_done = stream.saw_done
+    while True:
+        chunk = await _next_chunk(stream, idle_timeout_s)
+        if not chunk:
+            return saw_done
+        try:
+            events = stream.decoder.feed(chunk)
+        except SSEFramingError as exc:
+            raise StreamBroke(f"decode instance {stream.inst.url}: {exc}") from None
+        if events:
+            await client.write(b"".join(events))
+            saw_done = saw_done or is_done(events[-1])
+
+
+async def relay_stream(request: web.Request, stream: OpenStream,
+                       idle_timeout_s: float) -> tuple[web.StreamResponse, Outcome]:
+    """Send the stream's first events, then the rest; the upstream response is always closed.
+
+    A client that goes away raises out of ``write``; the caller's scope then aborts upstream.
+    """
+    client = web.StreamResponse(status=stream.response.status, headers=SSE_HEADERS)
+    try:
+        await client.prepare(request)
+        await client.write(stream.first_events)
+        try:
+            complete = await _pump(client, stream, idle_timeout_s)
+        except StreamBroke as exc:
+            logger.warning("%s", exc)
+            await client.write(error_event(502, str(exc)))
+            complete = False
+        await client.write_eof()
+    except ConnectionResetError:
+        return client, Outcome.CLIENT_GONE
+    finally:
+        stream.response.close()
+    return client, Outcome.OK if complete else Outcome.FAILED

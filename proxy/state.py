@@ -1,0 +1,56 @@
+"""The proxy app's shared state, stored under one typed ``web.AppKey``."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+
+from proxy.bodies import PromptCounter
+from proxy.config import ProxyConfig
+from proxy.flows import FlowDeps
+from proxy.metrics import ProxyMetrics
+from proxy.registry import Pool, Registry
+from proxy.scope import BackgroundTasks, RequestScope
+
+
+@dataclass(slots=True, eq=False)
+class ProxyState:
+    """Everything the handlers share; sessions are opened and closed by the app's cleanup_ctx."""
+
+    deps: FlowDeps
+    counter: PromptCounter
+    sessions: dict[Pool, aiohttp.ClientSession] = field(default_factory=dict)
+    started_at_s: int = field(default_factory=lambda: int(time.time()))
+    registration_endpoint: str | None = None
+    """The ZMQ endpoint instances register at, once bound."""
+
+    @property
+    def cfg(self) -> ProxyConfig:
+        """The proxy's configuration."""
+        return self.deps.cfg
+
+    @property
+    def registry(self) -> Registry:
+        """Both pools."""
+        return self.deps.registry
+
+    @property
+    def metrics(self) -> ProxyMetrics:
+        """The proxy's counters."""
+        return self.deps.metrics
+
+    @property
+    def background(self) -> BackgroundTasks:
+        """Tasks that outlive a request."""
+        return self.deps.background
+
+    def new_scope(self) -> RequestScope:
+        """Bookkeeping for one client request."""
+        return RequestScope(self.registry, self.sessions, self.background, self.metrics,
+                            self.cfg.probe_timeout_s)
+
+
+STATE_KEY = web.AppKey("proxy_state", ProxyState)

@@ -1,0 +1,78 @@
+"""Client body validation, prompt counting, and the bodies sent to P and D."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from proxy.bodies import Endpoint, PromptCounter, decode_body, parse_request, prefill_body
+from proxy.errors import ProxyError
+
+
+def _counter(model: str | None = "builtin:tiny-llama") -> PromptCounter:
+    return PromptCounter(model, lambda: None)
+
+
+def test_completion_prompt_counted_with_the_byte_tokenizer() -> None:
+    req = parse_request(Endpoint.COMPLETIONS, b'{"prompt": "hello", "max_tokens": 7}', _counter())
+    assert req.num_prompt_tokens == 6  # BOS + 5 bytes
+    assert req.max_tokens == 7 and req.stream is False
+    ids = parse_request(Endpoint.COMPLETIONS, b'{"prompt": [[1, 2, 3]]}', _counter())
+    assert ids.num_prompt_tokens == 3 and ids.max_tokens == 16
+
+
+def test_chat_prompt_counts_the_rendered_template() -> None:
+    body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+            "stream": True}
+    req = parse_request(Endpoint.CHAT, msgspec.json.encode(body), _counter())
+    rendered = "<|user|>\nhi\n<|assistant|>\n"
+    assert req.num_prompt_tokens == len(rendered.encode()) + 1
+    assert req.stream is True
+
+
+def test_client_kv_transfer_params_are_dropped() -> None:
+    req = parse_request(Endpoint.COMPLETIONS,
+                        b'{"prompt": "x", "kv_transfer_params": {"remote_host": "evil"}}',
+                        _counter())
+    assert "kv_transfer_params" not in req.body
+
+
+@pytest.mark.parametrize(("endpoint", "raw", "message"), [
+    (Endpoint.COMPLETIONS, b"{not json", "not valid JSON"),
+    (Endpoint.COMPLETIONS, b"[1]", "JSON object"),
+    (Endpoint.COMPLETIONS, b"{}", "'prompt' is required"),
+    (Endpoint.COMPLETIONS, b'{"prompt": ["a", "b"]}', "batched prompts"),
+    (Endpoint.COMPLETIONS, b'{"prompt": 5}', "'prompt' must be"),
+    (Endpoint.COMPLETIONS, b'{"prompt": "a", "stream": "yes"}', "'stream'"),
+    (Endpoint.CHAT, b'{"messages": []}', "'messages'"),
+    (Endpoint.CHAT, b'{"messages": ["hi"]}', "each message"),
+])
+def test_bad_bodies_are_400s_with_a_clear_message(endpoint: Endpoint, raw: bytes,
+                                                   message: str) -> None:
+    with pytest.raises(ProxyError) as info:
+        parse_request(endpoint, raw, _counter())
+    assert info.value.status == 400 and message in info.value.message
+
+
+def test_prefill_body_is_one_token_not_streamed() -> None:
+    body = {"prompt": "x", "max_tokens": 50, "max_completion_tokens": 50, "stream": True,
+            "stream_options": {"include_usage": True}, "min_tokens": 5, "n": 2,
+            "temperature": 0.5}
+    out = prefill_body(body, {"transfer_id": "t"})
+    assert out == {"prompt": "x", "max_tokens": 1, "max_completion_tokens": 1, "stream": False,
+                   "n": 1, "temperature": 0.5, "kv_transfer_params": {"transfer_id": "t"}}
+    assert body["max_tokens"] == 50  # the client's body is not modified
+
+
+def test_decode_body_is_the_clients_plus_params() -> None:
+    body = {"prompt": "x", "max_tokens": 5, "stream": True}
+    assert decode_body(body, None) == body
+    assert decode_body(body, {"a": 1}) == {**body, "kv_transfer_params": {"a": 1}}
+
+
+def test_counter_waits_for_the_instances_model_name() -> None:
+    names: list[str | None] = [None]
+    counter = PromptCounter(None, lambda: names[0])
+    assert counter.count_prompt("ab") == 3  # a byte tokenizer stands in
+    names[0] = "builtin:tiny-llama"
+    assert counter.count_prompt("abc") == 4

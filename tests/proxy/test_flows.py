@@ -1,0 +1,255 @@
+"""READ, WRITE and local flows against fake instances: bodies sent, retries, aborts."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import pytest
+
+from proxy.config import PolicyName, TransferMode
+
+PROMPT = "The capital of France is"
+
+
+async def _wait_for(predicate: Any, timeout_s: float = 3.0) -> None:
+    """Poll until ``predicate()`` is true; fail the test at the deadline."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not predicate():
+        assert loop.time() < deadline, "condition not met before the deadline"
+        await asyncio.sleep(0.02)
+
+
+async def _pd(fakes: Any, proxies: Any, mode: str = "read", num_prefill: int = 1,
+              num_decode: int = 1, **cfg: Any) -> tuple[list[Any], list[Any], Any]:
+    ps = [await fakes(role="kv_producer", mode=mode) for _ in range(num_prefill)]
+    ds = [await fakes(role="kv_consumer", mode=mode, kv_handshake_port=18000)
+          for _ in range(num_decode)]
+    proxy = await proxies(prefill_urls=tuple(p.url for p in ps),
+                          decode_urls=tuple(d.url for d in ds), mode=TransferMode(mode),
+                          policy=PolicyName.ROUND_ROBIN, **cfg)
+    return ps, ds, proxy
+
+
+async def _complete(http: aiohttp.ClientSession, proxy: Any, **body: Any) -> tuple[int, Any]:
+    payload = {"model": "m", "prompt": PROMPT, "max_tokens": 5, **body}
+    async with http.post(proxy.url + "/v1/completions", json=payload) as resp:
+        return resp.status, await resp.json()
+
+
+async def test_read_flow_sends_the_right_bodies(fakes: Any, proxies: Any, http: Any,
+                                                fake_instance_module: Any) -> None:
+    (p,), (d,), proxy = await _pd(fakes, proxies)
+    status, body = await _complete(http, proxy, temperature=0.0)
+    assert status == 200
+    expected = "".join(fake_instance_module.generated_tokens(PROMPT, 5))
+    assert body["choices"][0]["text"] == expected  # D computed every token itself
+    assert "kv_transfer_params" not in body  # internal: the client sees a monolithic answer
+    (p_body,), (d_body,) = p.requests, d.requests
+    assert p_body["max_tokens"] == 1 and p_body["stream"] is False
+    transfer_id = p_body["kv_transfer_params"]["transfer_id"]
+    assert p_body["kv_transfer_params"] == {"transfer_id": transfer_id,
+                                            "do_remote_decode": True, "mode": "read"}
+    assert d_body["max_tokens"] == 5 and d_body["temperature"] == 0.0
+    kv = d_body["kv_transfer_params"]
+    assert kv["transfer_id"] == transfer_id and kv["do_remote_prefill"] is True
+    assert kv["mode"] == "read" and kv["remote_engine_id"] == p.engine_id
+    assert kv["remote_block_ids"] == [1, 2, 3] and kv["remote_num_tokens"] == 40
+    assert p.aborts == [] and d.aborts == []
+
+
+async def test_read_flow_streams_the_decode_output(fakes: Any, proxies: Any, http: Any,
+                                                   fake_instance_module: Any) -> None:
+    (p,), (d,), proxy = await _pd(fakes, proxies)
+    payload = {"model": "m", "prompt": PROMPT, "max_tokens": 4, "stream": True}
+    async with http.post(proxy.url + "/v1/completions", json=payload) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        raw = (await resp.read()).decode()
+    assert raw.endswith("data: [DONE]\n\n")
+    assert raw.count("data: ") == 5
+    assert p.requests[0]["stream"] is False and d.requests[0]["stream"] is True
+    for token in fake_instance_module.generated_tokens(PROMPT, 4):
+        assert token in raw
+
+
+async def test_write_flow_sends_to_both_at_once_with_peer_addresses(fakes: Any, proxies: Any,
+                                                                    http: Any) -> None:
+    (p,), (d,), proxy = await _pd(fakes, proxies, mode="write")
+    p.behavior.hang_s = 0.5  # P is slow; D must already have its request
+    request = asyncio.ensure_future(_complete(http, proxy))
+    await _wait_for(lambda: len(d.requests) == 1 and len(p.requests) == 1, timeout_s=0.4)
+    status, _ = await request
+    assert status == 200
+    pk, dk = p.requests[0]["kv_transfer_params"], d.requests[0]["kv_transfer_params"]
+    assert pk["transfer_id"] == dk["transfer_id"]
+    assert pk == {"transfer_id": pk["transfer_id"], "do_remote_decode": True, "mode": "write",
+                  "remote_engine_id": d.engine_id, "remote_host": "127.0.0.1",
+                  "remote_handshake_port": 18000, "remote_notify_port": 18001}
+    assert dk == {"transfer_id": pk["transfer_id"], "do_remote_prefill": True, "mode": "write",
+                  "remote_engine_id": p.engine_id, "remote_host": "127.0.0.1",
+                  "remote_handshake_port": 17000, "remote_notify_port": 17001}
+    assert p.requests[0]["max_tokens"] == 1 and d.requests[0]["max_tokens"] == 5
+
+
+@pytest.mark.parametrize("failure", ["status", "drop", "no_params"])
+async def test_prefill_failure_is_retried_on_another_prefill(fakes: Any, proxies: Any,
+                                                             http: Any, failure: str) -> None:
+    (p1, p2), (d,), proxy = await _pd(fakes, proxies, num_prefill=2)
+    if failure == "status":
+        p1.behavior.fail_status = 503
+    elif failure == "drop":
+        p1.behavior.drop_connection = True
+    else:
+        p1.behavior.omit_kv_params = True
+    status, _ = await _complete(http, proxy)
+    assert status == 200
+    first = p1.requests[0]["kv_transfer_params"]["transfer_id"]
+    second = p2.requests[0]["kv_transfer_params"]["transfer_id"]
+    assert first != second
+    assert d.requests[0]["kv_transfer_params"]["transfer_id"] == second
+    await _wait_for(lambda: p1.aborts == [first])
+    assert proxy.state.metrics.retries["prefill"] == 1
+
+
+async def test_every_prefill_failing_gives_a_502(fakes: Any, proxies: Any, http: Any) -> None:
+    (p1, p2), (d,), proxy = await _pd(fakes, proxies, num_prefill=2)
+    p1.behavior.fail_status = p2.behavior.fail_status = 500
+    status, body = await _complete(http, proxy)
+    assert status == 502 and body["error"]["type"] == "upstream_error"
+    assert "prefill failed on 2 instance(s)" in body["error"]["message"]
+    assert d.requests == []
+    await _wait_for(lambda: len(p1.aborts) == 1 and len(p2.aborts) == 1)
+
+
+async def test_empty_pool_gives_a_503(proxies: Any, http: Any) -> None:
+    proxy = await proxies(decode_urls=("http://127.0.0.1:9",))  # nothing listens there
+    status, body = await _complete(http, proxy)
+    assert status == 503
+    assert body["error"]["message"] == "no healthy prefill instance available"
+    assert body["error"]["code"] == 503
+
+
+async def test_no_decode_after_a_prefill_aborts_the_prefill(fakes: Any, proxies: Any,
+                                                            http: Any) -> None:
+    (p,), (d,), proxy = await _pd(fakes, proxies)
+    d.behavior.fail_status = 500
+    status, body = await _complete(http, proxy)
+    assert status == 502 and "decode failed" in body["error"]["message"]
+    transfer_id = p.requests[0]["kv_transfer_params"]["transfer_id"]
+    await _wait_for(lambda: p.aborts == [transfer_id] and d.aborts == [transfer_id])
+
+
+async def test_read_decode_failure_is_retried_with_the_same_kv(fakes: Any, proxies: Any,
+                                                               http: Any) -> None:
+    (p,), (d1, d2), proxy = await _pd(fakes, proxies, num_decode=2)
+    d1.behavior.fail_status = 500
+    status, _ = await _complete(http, proxy)
+    assert status == 200
+    assert len(p.requests) == 1  # no second prefill: P still holds the KV
+    assert d1.requests[0]["kv_transfer_params"] == d2.requests[0]["kv_transfer_params"]
+    await asyncio.sleep(0.1)
+    assert p.aborts == []  # the KV was consumed by d2; nothing to abort
+
+
+async def test_unusable_kv_is_prefilled_again_on_another_prefill(fakes: Any, proxies: Any,
+                                                                 http: Any) -> None:
+    (p1, p2), (d,), proxy = await _pd(fakes, proxies, num_prefill=2)
+    d.behavior.fail_for_engine = p1.engine_id  # D cannot read KV from p1
+    status, body = await _complete(http, proxy)
+    assert status == 200, body
+    first = p1.requests[0]["kv_transfer_params"]["transfer_id"]
+    assert [r["kv_transfer_params"]["remote_engine_id"] for r in d.requests] == \
+        [p1.engine_id, p2.engine_id]
+    await _wait_for(lambda: p1.aborts == [first])
+    assert p2.aborts == [] and proxy.state.metrics.retries["prefill"] == 1
+
+
+async def test_decode_refusal_reaches_the_client_and_frees_the_prefill(
+        fakes: Any, proxies: Any, http: Any) -> None:
+    (p,), (d,), proxy = await _pd(fakes, proxies)
+    d.behavior.fail_status = 400
+    status, body = await _complete(http, proxy)
+    assert status == 400 and body["error"]["message"] == "fake failure"
+    assert len(d.requests) == 1  # a refusal is not retried
+    await _wait_for(lambda: len(p.aborts) == 1)
+
+
+async def test_short_prompts_go_to_decode_alone(fakes: Any, proxies: Any, http: Any) -> None:
+    (p,), (d,), proxy = await _pd(fakes, proxies, local_prefill_threshold_tokens=10,
+                                  model="builtin:tiny-llama")
+    assert (await _complete(http, proxy, prompt="hi"))[0] == 200  # 3 tokens
+    assert p.requests == [] and "kv_transfer_params" not in d.requests[0]
+    assert (await _complete(http, proxy, prompt="a much longer prompt"))[0] == 200
+    assert len(p.requests) == 1 and "kv_transfer_params" in d.requests[1]
+    assert proxy.state.metrics.local_prefills == 1
+
+
+async def test_write_prefill_failure_aborts_decode_and_retries(fakes: Any, proxies: Any,
+                                                               http: Any) -> None:
+    (p1, p2), (d,), proxy = await _pd(fakes, proxies, mode="write", num_prefill=2)
+    p1.behavior.fail_status = 500
+    d.behavior.hang_s = 0.3  # D waits for its KV, as a real one would
+    status, _ = await _complete(http, proxy)
+    assert status == 200
+    first, second = (r["kv_transfer_params"]["transfer_id"] for r in d.requests)
+    assert p1.requests[0]["kv_transfer_params"]["transfer_id"] == first
+    assert p2.requests[0]["kv_transfer_params"]["transfer_id"] == second
+    await _wait_for(lambda: d.aborts == [first] and p1.aborts == [first])
+    assert p2.aborts == []
+
+
+async def test_write_decode_failure_aborts_prefill(fakes: Any, proxies: Any,
+                                                   http: Any) -> None:
+    (p,), (d,), proxy = await _pd(fakes, proxies, mode="write")
+    p.behavior.hang_s = 0.3
+    d.behavior.fail_status = 500
+    status, body = await _complete(http, proxy)
+    assert status == 502 and "decode failed on 1" in body["error"]["message"]
+    transfer_id = p.requests[0]["kv_transfer_params"]["transfer_id"]
+    await _wait_for(lambda: p.aborts == [transfer_id] and d.aborts == [transfer_id])
+
+
+@pytest.mark.parametrize("mode", ["read", "write"])
+async def test_client_disconnect_mid_stream_aborts_both(fakes: Any, proxies: Any,
+                                                        mode: str) -> None:
+    (p,), (d,), proxy = await _pd(fakes, proxies, mode=mode)
+    d.behavior.token_delay_s = 0.05
+    payload = {"model": "m", "prompt": PROMPT, "max_tokens": 200, "stream": True}
+    async with aiohttp.ClientSession() as client, \
+            client.post(proxy.url + "/v1/completions", json=payload) as resp:
+        assert resp.status == 200
+        assert (await resp.content.readany()).startswith(b"data: ")
+    # The client is gone; the proxy must tell both instances to let go of the KV.
+    transfer_id = d.requests[0]["kv_transfer_params"]["transfer_id"]
+    await _wait_for(lambda: p.aborts == [transfer_id] and d.aborts == [transfer_id])
+    await _wait_for(lambda: proxy.state.metrics.in_flight == 0 and d.disconnects == 1)
+    assert all(i.outstanding_requests == 0
+                              for i in proxy.state.registry.instances())
+
+
+async def test_client_disconnect_while_waiting_aborts_both(fakes: Any, proxies: Any) -> None:
+    (p,), (d,), proxy = await _pd(fakes, proxies)
+    d.behavior.hang_s = 5.0
+    payload = {"model": "m", "prompt": PROMPT, "max_tokens": 5}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.5)) as client:
+        with pytest.raises(asyncio.TimeoutError):
+            async with client.post(proxy.url + "/v1/completions", json=payload) as resp:
+                await resp.read()
+    transfer_id = p.requests[0]["kv_transfer_params"]["transfer_id"]
+    await _wait_for(lambda: p.aborts == [transfer_id] and d.aborts == [transfer_id])
+
+
+async def test_decode_dying_mid_stream_ends_with_an_error_event(fakes: Any, proxies: Any,
+                                                                http: Any) -> None:
+    (p,), (d,), proxy = await _pd(fakes, proxies)
+    d.behavior.drop_after_events = 2
+    payload = {"model": "m", "prompt": PROMPT, "max_tokens": 10, "stream": True}
+    async with http.post(proxy.url + "/v1/completions", json=payload) as resp:
+        raw = (await resp.read()).decode()
+    assert raw.count("tok") == 2 and "[DONE]" not in raw
+    assert '"error"' in raw and "failed mid-stream" in raw
+    transfer_id = p.requests[0]["kv_transfer_params"]["transfer_id"]
+    await _wait_for(lambda: p.aborts == [transfer_id] and d.aborts == [transfer_id])

@@ -1,0 +1,116 @@
+"""The public HTTP surface: models, health, metrics, errors, and the official openai client."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import openai
+import pytest
+
+from proxy.config import PolicyName, TransferMode
+
+PROMPT = "Once upon a time"
+
+
+async def _pd(fakes: Any, proxies: Any, **cfg: Any) -> tuple[Any, Any, Any]:
+    p = await fakes(role="kv_producer", max_model_len=4096)
+    d = await fakes(role="kv_consumer", max_model_len=1024)
+    proxy = await proxies(prefill_urls=(p.url,), decode_urls=(d.url,), **cfg)
+    return p, d, proxy
+
+
+async def test_models_reports_the_smallest_max_model_len(fakes: Any, proxies: Any,
+                                                         http: Any) -> None:
+    _, _, proxy = await _pd(fakes, proxies)
+    async with http.get(proxy.url + "/v1/models") as resp:
+        body = await resp.json()
+    assert resp.status == 200
+    assert body["object"] == "list"
+    assert body["data"][0]["id"] == "builtin:tiny-llama"
+    assert body["data"][0]["max_model_len"] == 1024
+
+
+async def test_models_and_health_are_503_without_instances(proxies: Any, http: Any) -> None:
+    proxy = await proxies(prefill_urls=("http://127.0.0.1:9",))
+    async with http.get(proxy.url + "/v1/models") as resp:
+        assert resp.status == 503
+        assert (await resp.json())["error"]["type"] == "service_unavailable_error"
+    async with http.get(proxy.url + "/health") as resp:
+        assert resp.status == 503
+        assert await resp.json() == {"status": "unavailable", "prefill": 0, "decode": 0}
+
+
+async def test_health_is_200_with_both_pools(fakes: Any, proxies: Any, http: Any) -> None:
+    _, _, proxy = await _pd(fakes, proxies)
+    async with http.get(proxy.url + "/health") as resp:
+        assert resp.status == 200
+        assert await resp.json() == {"status": "ok", "prefill": 1, "decode": 1}
+
+
+async def test_metrics_count_requests_and_show_instances(fakes: Any, proxies: Any,
+                                                         http: Any) -> None:
+    _, d, proxy = await _pd(fakes, proxies)
+    async with http.post(proxy.url + "/v1/completions",
+                         json={"model": "m", "prompt": PROMPT}) as resp:
+        assert resp.status == 200
+    async with http.post(proxy.url + "/v1/completions", json={"model": "m"}) as resp:
+        assert resp.status == 400
+    async with http.get(proxy.url + "/metrics") as resp:
+        text = await resp.text()
+    assert resp.headers["Content-Type"].startswith("text/plain")
+    assert 'disagg_proxy_requests_total{route="/v1/completions",outcome="ok"} 1' in text
+    assert 'disagg_proxy_requests_total{route="/v1/completions",outcome="rejected"} 1' in text
+    assert f'disagg_proxy_instance_healthy{{pool="decode",url="{d.url}"}} 1' in text
+    assert "disagg_proxy_time_to_first_byte_seconds_count 1" in text
+    assert "disagg_proxy_requests_in_flight 0" in text
+
+
+async def test_oversized_bodies_get_an_openai_error(fakes: Any, proxies: Any,
+                                                    http: Any) -> None:
+    _, _, proxy = await _pd(fakes, proxies, max_request_body_bytes=1024)
+    async with http.post(proxy.url + "/v1/completions",
+                         json={"model": "m", "prompt": "x" * 4096}) as resp:
+        assert resp.status == 413
+        assert "limit of 1024 bytes" in (await resp.json())["error"]["message"]
+
+
+async def test_unknown_routes_and_methods_get_openai_errors(proxies: Any, http: Any) -> None:
+    proxy = await proxies(decode_urls=("http://127.0.0.1:9",))
+    async with http.get(proxy.url + "/v1/nothing") as resp:
+        assert resp.status == 404
+        assert (await resp.json())["error"]["type"] == "not_found_error"
+    async with http.get(proxy.url + "/v1/completions") as resp:
+        assert resp.status == 405
+        assert "GET /v1/completions" in (await resp.json())["error"]["message"]
+
+
+@pytest.mark.parametrize("mode", ["read", "write"])
+async def test_openai_client_completions_chat_and_streaming(fakes: Any, proxies: Any,
+                                                            fake_instance_module: Any,
+                                                            mode: str) -> None:
+    p = await fakes(role="kv_producer", mode=mode)
+    d = await fakes(role="kv_consumer", mode=mode)
+    proxy = await proxies(prefill_urls=(p.url,), decode_urls=(d.url,),
+                          mode=TransferMode(mode), policy=PolicyName.LEAST_LOADED)
+    expected = "".join(fake_instance_module.generated_tokens(PROMPT, 6))
+    async with openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="unused",
+                                  max_retries=0) as client:
+        completion = await client.completions.create(model="m", prompt=PROMPT, max_tokens=6)
+        assert completion.choices[0].text == expected
+        stream = await client.completions.create(model="m", prompt=PROMPT, max_tokens=6,
+                                                 stream=True,
+                                                 stream_options={"include_usage": True})
+        chunks = [c async for c in stream]
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == expected
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 6
+        messages: Any = [{"role": "user", "content": PROMPT}]
+        chat = await client.chat.completions.create(model="m", messages=messages, max_tokens=3)
+        assert chat.choices[0].message.content is not None
+        chat_stream = await client.chat.completions.create(model="m", messages=messages,
+                                                           max_tokens=3, stream=True)
+        pieces = [c.choices[0].delta.content async for c in chat_stream if c.choices]
+        assert "".join(p or "" for p in pieces) == chat.choices[0].message.content
+        with pytest.raises(openai.BadRequestError):
+            await client.completions.create(model="m", prompt=["a", "b"], max_tokens=2)
+    assert len(p.requests) == 4 and len(d.requests) == 4
+    assert all(r["max_tokens"] == 1 and r["stream"] is False for r in p.requests)

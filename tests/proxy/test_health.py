@@ -1,0 +1,63 @@
+"""Active health checks: an instance that dies leaves the rotation and rejoins when back."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from proxy.registry import InstanceState, Pool
+
+
+async def _wait_for(predicate: Any, timeout_s: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not predicate():
+        assert loop.time() < deadline, "condition not met before the deadline"
+        await asyncio.sleep(0.02)
+
+
+async def _complete(http: Any, proxy: Any) -> int:
+    async with http.post(proxy.url + "/v1/completions",
+                         json={"model": "m", "prompt": "x", "max_tokens": 2}) as resp:
+        await resp.read()
+        return int(resp.status)
+
+
+async def test_a_killed_prefill_loses_no_request_and_rejoins(fakes: Any, proxies: Any,
+                                                             http: Any) -> None:
+    p1, p2 = await fakes(role="kv_producer"), await fakes(role="kv_producer")
+    d = await fakes(role="kv_consumer")
+    proxy = await proxies(prefill_urls=(p1.url, p2.url), decode_urls=(d.url,))
+    registry = proxy.state.registry
+    port = int(p1.url.rsplit(":", 1)[1])
+    await p1.stop()  # killed mid-run: requests that pick it must fail over to p2
+    statuses = [await _complete(http, proxy) for _ in range(6)]
+    assert statuses == [200] * 6
+    assert len(p2.requests) == 6
+    await _wait_for(lambda: registry.get(p1.url).state is InstanceState.UNHEALTHY)
+    assert registry.healthy(Pool.PREFILL) == [registry.get(p2.url)]
+    await p1.start(port=port)  # it comes back on the same address
+    await _wait_for(lambda: len(registry.healthy(Pool.PREFILL)) == 2)
+    for _ in range(4):
+        assert await _complete(http, proxy) == 200
+    assert len(p1.requests) >= 1
+
+
+async def test_a_static_instance_with_the_wrong_mode_is_never_used(fakes: Any, proxies: Any,
+                                                                   http: Any) -> None:
+    p = await fakes(role="kv_producer", mode="write")
+    d = await fakes(role="kv_consumer")
+    proxy = await proxies(prefill_urls=(p.url,), decode_urls=(d.url,))
+    inst = proxy.state.registry.get(p.url)
+    assert inst is not None and inst.state is InstanceState.REJECTED
+    assert inst.last_error == "instance runs KV mode write, the proxy runs read"
+    assert await _complete(http, proxy) == 503
+    assert p.requests == []
+
+
+async def test_a_decode_in_the_prefill_pool_is_rejected(fakes: Any, proxies: Any) -> None:
+    d = await fakes(role="kv_consumer")
+    proxy = await proxies(prefill_urls=(d.url,))
+    inst = proxy.state.registry.get(d.url)
+    assert inst is not None and inst.state is InstanceState.REJECTED
+    assert "kv_consumer cannot serve in the prefill pool" in str(inst.last_error)

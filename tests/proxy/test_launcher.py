@@ -1,0 +1,230 @@
+"""``disagg-proxy``: argument handling, proxy-only mode, and --launch with fake instances."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from proxy.config import PolicyName, TransferMode
+from proxy.launcher import main, parse_args, proxy_config
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+FAKE_INSTANCE = Path(__file__).with_name("fake_instance.py")
+FAKE_COMMAND = f"{sys.executable} {FAKE_INSTANCE}"
+
+
+def test_usage_errors_exit_2_with_one_clear_message(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    assert "give --prefill/--decode URLs, --registration-address, or --launch" in \
+        capsys.readouterr().err
+    assert main(["--launch", "--num-prefill", "0"]) == 2
+    assert "at least 1" in capsys.readouterr().err
+    assert main(["--decode", "http://h:1", "--", "--x"]) == 2
+    assert "for --launch instances" in capsys.readouterr().err
+    assert main(["--decode", "http://h:1", "--policy", "random"]) == 2
+
+
+def test_arguments_become_a_proxy_config() -> None:
+    args = parse_args(["--prefill", "http://a:1", "http://b:2", "--decode", "c:3",
+                       "--mode", "write", "--policy", "power_of_two", "--port", "9000",
+                       "--local-prefill-threshold", "64", "--admin-key", "k",
+                       "--registration-address", "tcp://127.0.0.1:7000",
+                       "--first-byte-timeout-s", "12"])
+    cfg = proxy_config(args)
+    assert cfg.prefill_urls == ("http://a:1", "http://b:2") and cfg.decode_urls == ("c:3",)
+    assert cfg.mode is TransferMode.WRITE and cfg.policy is PolicyName.POWER_OF_TWO
+    assert (cfg.port, cfg.local_prefill_threshold_tokens, cfg.admin_key) == (9000, 64, "k")
+    assert cfg.registration_address == "tcp://127.0.0.1:7000"
+    assert cfg.first_byte_timeout_s == 12.0 and cfg.model is None
+
+
+def test_instance_arguments_come_from_both_spellings() -> None:
+    args = parse_args(["--launch", "--instance-arg=--max-num-seqs=4", "--", "--foo", "bar"])
+    assert args.instance_args == ["--max-num-seqs=4", "--foo", "bar"]
+    assert proxy_config(args).model == "builtin:tiny-llama"
+
+
+def test_a_busy_port_is_one_line_and_exit_1(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        assert main(["--decode", "http://127.0.0.1:9", "--port", str(port)]) == 1
+    assert f"disagg-proxy: error: cannot serve on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+class Launcher:
+    """``python -m proxy.launcher ARGS`` as a child, its stderr collected in the background."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        self.stderr: list[str] = []
+        self._drain = asyncio.ensure_future(self._read_stderr())
+
+    @classmethod
+    async def start(cls, *args: str) -> Launcher:
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy.launcher", *args, cwd=REPO_ROOT, env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        return cls(process)
+
+    async def _read_stderr(self) -> None:
+        assert self.process.stderr is not None
+        async for line in self.process.stderr:
+            self.stderr.append(line.decode().rstrip())
+
+    async def ready_url(self, timeout_s: float = 30.0) -> str:
+        assert self.process.stdout is not None
+        line = await asyncio.wait_for(self.process.stdout.readline(), timeout_s)
+        text = line.decode().strip()
+        assert text.startswith("disagg-proxy: ready on http://"), (text, self.stderr[-20:])
+        return text.rsplit(" ", 1)[1]
+
+    async def wait(self, timeout_s: float = 30.0) -> int:
+        try:
+            code = await asyncio.wait_for(self.process.wait(), timeout_s)
+        finally:
+            if self.process.returncode is None:
+                self.process.kill()
+                await self.process.wait()
+        await asyncio.wait_for(self._drain, 5.0)
+        return code
+
+
+@pytest.fixture
+async def launchers() -> Any:
+    started: list[Launcher] = []
+
+    async def make(*args: str) -> Launcher:
+        launcher = await Launcher.start(*args)
+        started.append(launcher)
+        return launcher
+
+    yield make
+    for launcher in started:
+        if launcher.process.returncode is None:
+            launcher.process.send_signal(signal.SIGTERM)
+            await launcher.wait(timeout_s=20)
+
+
+def _launch_args(*extra: str) -> list[str]:
+    return ["--launch", "--port", "0", "--instance-command", FAKE_COMMAND,
+            "--health-check-interval-s", "0.2", "--ready-timeout-s", "30", *extra]
+
+
+async def _instance_urls(http: aiohttp.ClientSession, proxy_url: str) -> list[str]:
+    async with http.get(proxy_url + "/metrics") as resp:
+        text = await resp.text()
+    return [line.split('url="')[1].split('"')[0] for line in text.splitlines()
+            if line.startswith("disagg_proxy_instance_healthy{") and line.endswith(" 1")]
+
+
+async def test_launch_serves_through_local_instances_and_stops_on_sigterm(
+        launchers: Any, http: aiohttp.ClientSession) -> None:
+    launcher = await launchers(*_launch_args("--num-prefill", "2", "--num-decode", "2"))
+    url = await launcher.ready_url()
+    for _ in range(4):
+        async with http.post(url + "/v1/completions",
+                             json={"model": "m", "prompt": "hi", "max_tokens": 3}) as resp:
+            assert resp.status == 200
+            assert "tok2" in (await resp.json())["choices"][0]["text"]
+    instances = await _instance_urls(http, url)
+    assert len(instances) == 4
+    async with http.get(url + "/metrics") as resp:
+        per_instance = [line for line in (await resp.text()).splitlines()
+                        if line.startswith("disagg_proxy_instance_requests_total{")]
+    assert len(per_instance) == 4 and all(line.endswith(" 2") for line in per_instance)
+    launcher.process.send_signal(signal.SIGTERM)
+    assert await launcher.wait() == 0
+    for instance in instances:  # every child is gone with the launcher
+        with pytest.raises(aiohttp.ClientConnectionError):
+            async with http.get(instance + "/health"):
+                pass
+
+
+async def test_a_dying_instance_stops_everything_with_one_line(launchers: Any) -> None:
+    launcher = await launchers(*_launch_args("--", "--fake-exit-after-s", "1.0",
+                                             "--fake-exit-role", "kv_consumer"))
+    await launcher.ready_url()
+    assert await launcher.wait() == 1
+    (line,) = [s for s in launcher.stderr if s.startswith("disagg-proxy: decode-0 (pid ")]
+    assert "exited with code 3" in line and line.endswith("; shutting down")
+
+
+async def test_restart_policy_restarts_then_gives_up(launchers: Any) -> None:
+    launcher = await launchers(*_launch_args("--on-instance-exit", "restart",
+                                             "--max-restarts", "1", "--",
+                                             "--fake-exit-after-s", "0.5",
+                                             "--fake-exit-role", "kv_producer"))
+    await launcher.ready_url()
+    assert await launcher.wait() == 1
+    assert any(s.endswith("; restarting it") for s in launcher.stderr)
+    assert any(s.endswith("; shutting down") for s in launcher.stderr)
+
+
+async def test_an_instance_that_cannot_start_fails_the_launch(launchers: Any) -> None:
+    launcher = await launchers("--launch", "--port", "0", "--instance-command",
+                               f"{sys.executable} -c 'import sys; sys.exit(5)'")
+    assert await launcher.wait() == 1
+    pattern = re.compile(r"disagg-proxy: error: (prefill|decode)-0 \(pid \d+\) exited with "
+                         r"code 5 before it was ready$")
+    assert any(pattern.match(s) for s in launcher.stderr), launcher.stderr
+
+
+async def test_proxy_only_mode_serves_static_instances(launchers: Any, fakes: Any,
+                                                       http: aiohttp.ClientSession) -> None:
+    p, d = await fakes(role="kv_producer"), await fakes(role="kv_consumer")
+    launcher = await launchers("--prefill", p.url, "--decode", d.url, "--port", "0")
+    url = await launcher.ready_url()
+    async with http.post(url + "/v1/completions", json={"model": "m", "prompt": "x"}) as resp:
+        assert resp.status == 200
+    assert len(p.requests) == 1 and len(d.requests) == 1
+    launcher.process.send_signal(signal.SIGINT)
+    assert await launcher.wait() == 0
+
+
+async def _real_completions(http: aiohttp.ClientSession, url: str) -> list[str]:
+    texts = []
+    for prompt in ("Hello there", "The quick brown fox jumps over the lazy dog"):
+        body = {"model": "builtin:tiny-llama", "prompt": prompt, "max_tokens": 12,
+                "temperature": 0}
+        async with http.post(url + "/v1/completions", json=body) as resp:
+            assert resp.status == 200, await resp.text()
+            texts.append((await resp.json())["choices"][0]["text"])
+    return texts
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["read", "write"])
+async def test_real_launch_matches_a_monolithic_instance(launchers: Any, mode: str,
+                                                         http: aiohttp.ClientSession) -> None:
+    """``disagg serve`` for real: 1P1D through the proxy answers like one instance."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        mono_port = sock.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    mono = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "disagg.cli", "serve", "builtin:tiny-llama", "--device", "cpu",
+        "--port", str(mono_port), cwd=REPO_ROOT, env=env, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL)
+    try:
+        launcher = await launchers("--launch", "--port", "0", "--mode", mode)
+        url = await launcher.ready_url(timeout_s=120)
+        assert mono.stdout is not None
+        line = await asyncio.wait_for(mono.stdout.readline(), 120)
+        assert b"disagg: ready on" in line
+        expected = await _real_completions(http, f"http://127.0.0.1:{mono_port}")
+        assert await _real_completions(http, url) == expected
+    finally:
+        mono.terminate()
+        await asyncio.wait_for(mono.wait(), 20)

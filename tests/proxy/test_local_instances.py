@@ -1,0 +1,92 @@
+"""Planning local instances: ports, kv-transfer-config, command lines, devices."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+
+from proxy.config import TransferMode
+from proxy.local_instances import (
+    KV_PORT_STRIDE,
+    LaunchConfig,
+    check_ports_free,
+    find_port_blocks,
+    kv_transfer_config,
+    plan_instances,
+    resolve_device,
+)
+from proxy.registration import KVRole
+from proxy.supervisor import LaunchError
+
+
+def _cfg(**overrides: object) -> LaunchConfig:
+    values: dict[str, object] = {"num_prefill": 2, "num_decode": 1, "model": "builtin:tiny-llama",
+                                 "transport": "tcp", "mode": TransferMode.READ, "device": "cpu",
+                                 "instance_command": ("python", "-m", "disagg.cli")}
+    values.update(overrides)
+    return LaunchConfig(**values)  # type: ignore[arg-type]
+
+
+def test_kv_transfer_config_matches_the_instance_contract() -> None:
+    cfg = json.loads(kv_transfer_config(KVRole.PRODUCER, "nixl", TransferMode.WRITE, 21000))
+    assert cfg == {"kv_connector": "PDConnector", "kv_role": "kv_producer",
+                   "kv_connector_extra_config": {"transport": "nixl", "mode": "write",
+                                                 "base_port": 21000}}
+
+
+def test_plan_assigns_names_roles_distinct_ports_and_arguments() -> None:
+    specs = plan_instances(_cfg(instance_args=("--max-num-seqs", "8")))
+    assert [s.name for s in specs] == ["prefill-0", "prefill-1", "decode-0"]
+    assert [s.role for s in specs] == [KVRole.PRODUCER, KVRole.PRODUCER, KVRole.CONSUMER]
+    assert len({s.port for s in specs}) == 3
+    kv_bases = []
+    for spec in specs:
+        argv = list(spec.argv)
+        assert argv[:5] == ["python", "-m", "disagg.cli", "serve", "builtin:tiny-llama"]
+        assert argv[argv.index("--port") + 1] == str(spec.port)
+        assert argv[argv.index("--device") + 1] == "cpu"
+        assert argv[-2:] == ["--max-num-seqs", "8"]
+        kv = json.loads(argv[argv.index("--kv-transfer-config") + 1])
+        assert kv["kv_role"] == spec.role.value
+        kv_bases.append(kv["kv_connector_extra_config"]["base_port"])
+        assert spec.url == f"http://127.0.0.1:{spec.port}"
+        assert "OMP_NUM_THREADS" in spec.env or "CUDA_VISIBLE_DEVICES" not in spec.env
+    kv_bases.sort()
+    assert all(b - a >= KV_PORT_STRIDE for a, b in zip(kv_bases, kv_bases[1:], strict=False))
+
+
+def test_given_base_ports_are_used_in_order() -> None:
+    base = find_port_blocks(1, 8)[0]
+    kv_base = find_port_blocks(1, 3 * KV_PORT_STRIDE)[0]
+    specs = plan_instances(_cfg(instance_base_port=base, kv_base_port=kv_base))
+    assert [s.port for s in specs] == [base, base + 1, base + 2]
+    argv = specs[2].argv
+    kv = json.loads(argv[list(argv).index("--kv-transfer-config") + 1])
+    assert kv["kv_connector_extra_config"]["base_port"] == kv_base + 2 * KV_PORT_STRIDE
+
+
+def test_ports_in_use_are_refused() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        with pytest.raises(LaunchError, match=f"port {port} is already in use"):
+            check_ports_free([port])
+
+
+def test_device_auto_is_cpu_for_the_builtin_model() -> None:
+    assert resolve_device("auto", model_given=False) == "cpu"
+    assert resolve_device("cpu", model_given=True) == "cpu"
+
+
+def test_gpus_are_split_from_the_visible_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    from disagg.platform import visible_devices_env
+
+    env_name = visible_devices_env()
+    monkeypatch.setenv(env_name, "4,5,6,7")
+    specs = plan_instances(_cfg(device="cuda", num_prefill=1, num_decode=1,
+                                gpus_per_instance=2))
+    assert [s.env[env_name] for s in specs] == ["4,5", "6,7"]
+    with pytest.raises(LaunchError, match="need 6 GPUs; 4 visible"):
+        plan_instances(_cfg(device="cuda", num_prefill=2, num_decode=1, gpus_per_instance=2))
