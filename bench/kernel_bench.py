@@ -270,6 +270,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def readme_cells(row: dict[str, Any]) -> dict[str, Any]:
+    """kind/model/workload/command/figures keys for the README table."""
+    cfg = row.get("config", {})
+    if "achieved_gbps" in row:
+        rate = f"{row['achieved_gbps']:.0f} GB/s"
+    else:
+        rate = f"{row.get('achieved_tflops', 0):.0f} TFLOP/s"
+    return {"kind": "kernels", "model": "Llama-3-8B shapes, bf16",
+            "workload": f"{row['kernel']} " + ", ".join(f"{k}={v}" for k, v in cfg.items()
+                                                         if k != "dtype"),
+            "command": "python -m bench.kernel_bench",
+            "figures": {"achieved": rate,
+                        "of measured ceiling": f"{100 * row['ratio_to_ceiling']:.1f}%",
+                        "median": f"{row['median_ms'] * 1000:.0f} us"}}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; 2 on a machine without a GPU or for an unknown kernel group."""
     args = build_parser().parse_args(argv)
@@ -297,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         for case in CASE_GROUPS[group]():
             row = {"bench": "kernels", **meta, "ceilings": ceilings,
                    **measure(case, ceilings, args.iters, flush)}
+            row.update(readme_cells(row))
             with args.output.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(row, allow_nan=False) + "\n")
             print(_summary(row), flush=True)

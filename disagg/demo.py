@@ -32,14 +32,14 @@ def _command(port: int, single: bool, mode: str) -> list[str]:
             "--num-decode", "1", "--port", str(port), "--mode", mode, "--transport", "tcp"]
 
 
-def _wait_ready(proc: subprocess.Popen[str], timeout_s: float) -> None:
+def _wait_ready(proc: subprocess.Popen[str], timeout_s: float, marker: str) -> None:
     deadline = time.monotonic() + timeout_s
     assert proc.stdout is not None
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
         if line:
             print("  | " + line.rstrip())
-            if "ready on" in line and ("disagg-proxy" in line or "disagg:" in line):
+            if line.startswith(marker):
                 return
         elif proc.poll() is not None:
             raise SystemExit(f"demo: the deployment exited with code {proc.returncode}")
@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     print("demo: starting", " ".join(cmd[1:]))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        _wait_ready(proc, 180)
+        single = args.single or not have_proxy
+        _wait_ready(proc, 180, "disagg: ready on" if single else "disagg-proxy: ready on")
         base = f"http://127.0.0.1:{port}"
         out = json.loads(_post(base + "/v1/completions", {
             "model": "builtin:tiny-llama", "prompt": "Disaggregated serving is",

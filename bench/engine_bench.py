@@ -1,0 +1,235 @@
+"""GPU engine benchmark: decode step vs the HBM roofline, 4k prefill vs the matmul ceiling, and
+offline throughput (optionally against transformers' continuous batching in the same command).
+
+    python -m bench.engine_bench --shape llama3-8b [--throughput] [--hf-baseline]
+
+Ceilings are measured in the same run: device copy bandwidth (bytes read + written per second,
+as bench/kernel_bench.py does) and a bf16 8192^3 matmul. Rows go to bench/results/engine.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+SHAPES: dict[str, dict[str, Any]] = {
+    "llama3-8b": {"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
+                  "intermediate_size": 14336, "num_hidden_layers": 32,
+                  "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+                  "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
+                  "rope_theta": 500000.0, "tie_word_embeddings": False,
+                  "bos_token_id": 128000, "eos_token_id": 128001, "torch_dtype": "bfloat16"},
+}
+
+
+def _ceilings() -> dict[str, float]:
+    import torch
+
+    x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    for _ in range(3):
+        y.copy_(x)
+        a @ a
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    copy_gbps = 2 * x.numel() * 20 / (time.perf_counter() - t0) / 1e9
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ a
+    torch.cuda.synchronize()
+    tflops = 2 * 8192**3 * 10 / (time.perf_counter() - t0) / 1e12
+    del x, y, a
+    torch.cuda.empty_cache()
+    return {"copy_gbps": copy_gbps, "matmul_tflops": tflops}
+
+
+def _model_dir(shape: str) -> str:
+    path = tempfile.mkdtemp(prefix=f"disagg-{shape}-")
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(SHAPES[shape], f)
+    return path
+
+
+def _param_bytes(llm: Any) -> int:
+    return sum(p.numel() * p.element_size() for p in llm.engine.runner.model.parameters())
+
+
+def _decode(llm: Any, batch: int, context: int, steps: int) -> float:
+    """Median step time (ms) of decode-only steps for ``batch`` sequences at ``context``."""
+    import torch
+
+    from disagg.protocol import EngineCoreRequest
+    from disagg.sampling_params import SamplingParams
+
+    eng = llm.engine
+    sp = SamplingParams(max_tokens=steps + 8, temperature=0, ignore_eos=True)
+    for i in range(batch):
+        eng.add_request(EngineCoreRequest(request_id=f"dec-{batch}-{i}", sampling_params=sp,
+                                          prompt_token_ids=[(i * 7 + j) % 30000 + 10
+                                                            for j in range(context)]))
+    while any(r.num_computed_tokens < r.num_prompt_tokens for r in eng.scheduler.requests.values()):
+        eng.step()
+    times = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        eng.step()
+        times.append((time.perf_counter() - t0) * 1000)
+    while eng.has_work():
+        eng.step()
+    times.sort()
+    return times[len(times) // 2]
+
+
+def _prefill(llm: Any, tokens: int) -> float:
+    """Seconds for one prefill step of ``tokens`` tokens (one sequence, max_tokens=1)."""
+    import torch
+
+    from disagg.protocol import EngineCoreRequest
+    from disagg.sampling_params import SamplingParams
+
+    eng = llm.engine
+    best = float("inf")
+    for rep in range(3):
+        eng.add_request(EngineCoreRequest(
+            request_id=f"pf-{rep}", prompt_token_ids=[(j * 13) % 30000 + 5 for j in range(tokens)],
+            sampling_params=SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)))
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        while eng.has_work():
+            eng.step()
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _workload(n: int, seed: int = 0) -> tuple[list[list[int]], list[int]]:
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(10, 30000) for _ in range(rng.randint(100, 1024))] for _ in range(n)]
+    outs = [rng.randint(100, 1024) for _ in range(n)]
+    return prompts, outs
+
+
+def _throughput(llm: Any, n: int) -> dict[str, float]:
+    from disagg.sampling_params import SamplingParams
+
+    prompts, outs = _workload(n)
+    sps = [SamplingParams(max_tokens=o, temperature=0, ignore_eos=True) for o in outs]
+    t0 = time.perf_counter()
+    results = llm.generate(prompts, sps)
+    dt = time.perf_counter() - t0
+    out_tokens = sum(len(r.output_token_ids) for r in results)
+    return {"seconds": dt, "output_tokens": out_tokens, "output_tok_s": out_tokens / dt,
+            "total_tok_s": (out_tokens + sum(map(len, prompts))) / dt}
+
+
+def _hf_baseline(model_dir: str, n: int) -> dict[str, float]:
+    """transformers' own continuous batching on the same workload (max_new_tokens = 512)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    cfg = AutoConfig.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.bfloat16,
+                                             attn_implementation="sdpa").cuda().eval()
+    prompts, _ = _workload(n)
+    gen = GenerationConfig(max_new_tokens=512, do_sample=False, eos_token_id=-1,
+                           pad_token_id=0)
+    t0 = time.perf_counter()
+    out = model.generate_batch(inputs=prompts, generation_config=gen)
+    dt = time.perf_counter() - t0
+    tokens = sum(len(v.generated_tokens) for v in out.values())
+    del model
+    torch.cuda.empty_cache()
+    return {"seconds": dt, "output_tokens": tokens, "output_tok_s": tokens / dt}
+
+
+def _readme_cells(row: dict[str, Any]) -> dict[str, Any]:
+    figures = {f"decode b{b}": f"{row[f'decode_b{b}']['tok_s']:.0f} tok/s "
+                               f"({row[f'decode_b{b}']['ratio_to_roofline']:.2f}x roofline)"
+               for b in (1, 64)}
+    figures["prefill 4k"] = f"{100 * row['prefill_4k']['ratio_to_matmul']:.0f}% of matmul"
+    if "throughput" in row:
+        figures["offline"] = f"{row['throughput']['output_tok_s']:.0f} out tok/s"
+    if "hf_generate_batch" in row and "throughput" in row:
+        speedup = row["throughput"]["output_tok_s"] / row["hf_generate_batch"]["output_tok_s"]
+        figures["vs transformers"] = f"{speedup:.1f}x"
+
+    return {"model": f"{row['shape']} shape, dummy bf16", "figures": figures,
+            "workload": "decode ctx 1024; prefill 4096; offline 256 x U[100,1024] in/out",
+            "command": "python -m bench.engine_bench --throughput --hf-baseline"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the selected measurements and append one JSON row."""
+    ap = argparse.ArgumentParser(prog="python -m bench.engine_bench")
+    ap.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--throughput", action="store_true")
+    ap.add_argument("--num-prompts", type=int, default=256)
+    ap.add_argument("--hf-baseline", action="store_true")
+    ap.add_argument("--hf-num-prompts", type=int, default=256)
+    ap.add_argument("--output", type=Path, default=Path("bench/results/engine.jsonl"))
+    ap.add_argument("--commit", default=None)
+    args = ap.parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("engine_bench: needs a GPU (CUDA or ROCm); none is visible", file=sys.stderr)
+        return 2
+    from bench.metadata import run_metadata
+    from disagg.llm import LLM
+
+    ceil = _ceilings()
+    model_dir = _model_dir(args.shape)
+    llm = LLM(model_dir, load_format="dummy", device="cuda", dtype="bfloat16",
+              max_num_seqs=256, max_num_batched_tokens=8192, max_model_len=8192)
+    row: dict[str, Any] = {"kind": "engine", "shape": args.shape, "ceilings": ceil,
+                           "kernels": llm.engine.runner.ops.backend,
+                           "num_gpu_blocks": llm.engine.plan.num_blocks}
+    weight_bytes = _param_bytes(llm)
+    kv_per_token = 2 * 32 * 8 * 128 * 2
+    for batch in (1, 64):
+        ms = _decode(llm, batch, args.context, args.steps)
+        roof_ms = (weight_bytes + batch * args.context * kv_per_token) / (ceil["copy_gbps"] / 2
+                                                                         * 1e9) * 1000
+        row[f"decode_b{batch}"] = {"step_ms": ms, "tok_s": batch / ms * 1000,
+                                   "roofline_ms": roof_ms, "ratio_to_roofline": ms / roof_ms}
+        print(f"decode batch {batch}: {ms:.2f} ms/step, roofline {roof_ms:.2f} ms", flush=True)
+    secs = _prefill(llm, 4096)
+    params = weight_bytes // 2 - SHAPES[args.shape]["vocab_size"] * 4096  # minus embedding
+    flops = 2 * params * 4096 + 2 * 2 * 32 * 32 * 128 * 4096 * 4096 / 2
+    row["prefill_4k"] = {"seconds": secs, "tflops": flops / secs / 1e12,
+                         "ratio_to_matmul": flops / secs / 1e12 / ceil["matmul_tflops"]}
+    print(f"prefill 4k: {secs * 1000:.1f} ms, {flops / secs / 1e12:.0f} TFLOP/s", flush=True)
+    if args.throughput:
+        row["throughput"] = _throughput(llm, args.num_prompts)
+        print("throughput:", row["throughput"], flush=True)
+    del llm
+    torch.cuda.empty_cache()
+    if args.hf_baseline:
+        row["hf_generate_batch"] = _hf_baseline(model_dir, args.hf_num_prompts)
+        print("transformers generate_batch:", row["hf_generate_batch"], flush=True)
+    row.update(run_metadata(deployment="in-process engine, 1 GPU"))
+    if args.commit:
+        row["commit"] = args.commit
+    row.update(_readme_cells(row))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    with args.output.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
