@@ -146,8 +146,8 @@ class LlamaForCausalLM(nn.Module):
         from hip_kernels.rotary_embedding import make_cos_sin_cache
 
         self.register_buffer("cos_sin", make_cos_sin_cache(
-            max(max_positions, 1), arch.head_dim, arch.rope_theta, arch.rope_scaling),
-            persistent=False)
+            max(max_positions, 1), arch.head_dim, arch.rope_theta, arch.rope_scaling,
+            device=self.embed_tokens.weight.device), persistent=False)
         self.ops = ops
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
