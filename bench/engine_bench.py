@@ -202,13 +202,16 @@ def main(argv: list[str] | None = None) -> int:
     kv_per_token = 2 * 32 * 8 * 128 * 2
     for batch in (1, 64):
         ms = _decode(llm, batch, args.context, args.steps)
-        roof_ms = (weight_bytes + batch * args.context * kv_per_token) / (ceil["copy_gbps"] / 2
+        # copy_gbps counts bytes read + written: the rate HBM sustains in total
+        roof_ms = (weight_bytes + batch * args.context * kv_per_token) / (ceil["copy_gbps"]
                                                                          * 1e9) * 1000
         row[f"decode_b{batch}"] = {"step_ms": ms, "tok_s": batch / ms * 1000,
                                    "roofline_ms": roof_ms, "ratio_to_roofline": ms / roof_ms}
         print(f"decode batch {batch}: {ms:.2f} ms/step, roofline {roof_ms:.2f} ms", flush=True)
     secs = _prefill(llm, 4096)
-    params = weight_bytes // 2 - SHAPES[args.shape]["vocab_size"] * 4096  # minus embedding
+    # matmul FLOPs per token: every weight except the embedding and the LM head (applied to
+    # the last token only)
+    params = weight_bytes // 2 - 2 * SHAPES[args.shape]["vocab_size"] * 4096
     flops = 2 * params * 4096 + 2 * 2 * 32 * 32 * 128 * 4096 * 4096 / 2
     row["prefill_4k"] = {"seconds": secs, "tflops": flops / secs / 1e12,
                          "ratio_to_matmul": flops / secs / 1e12 / ceil["matmul_tflops"]}

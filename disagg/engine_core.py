@@ -54,6 +54,7 @@ class EngineCore:
             num_blocks_override=cfg.cache.num_gpu_blocks_override,
             requested_max_model_len=requested, model_max_len=model_max)
         kv_cache = self.runner.allocate_kv_cache(self.plan.num_blocks)
+        self.runner.enable_decode_graphs(self.plan.max_model_len)
         assert kv_cache[0].numel() * kv_cache.element_size() == block_bytes
         self.pool = BlockPool(self.plan.num_blocks)
         self.connector = self._make_connector(kv_cache)

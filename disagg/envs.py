@@ -40,3 +40,8 @@ def force_torch_kernels() -> bool:
 def triton_interpret() -> bool:
     """Triton's own interpreter switch (kernels run on CPU, slowly)."""
     return _get_bool("TRITON_INTERPRET", False)
+
+
+def disable_cuda_graphs() -> bool:
+    """Run decode steps eagerly on GPU (debugging; graphs are on by default)."""
+    return _get_bool("DISAGG_DISABLE_CUDA_GRAPHS", False)

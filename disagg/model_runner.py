@@ -11,7 +11,9 @@ import logging
 import numpy as np
 import torch
 
+from disagg import envs
 from disagg.config import EngineConfig
+from disagg.cuda_graphs import DecodeGraphs
 from disagg.models.arch import ArchConfig
 from disagg.models.llama import AttentionMetadata
 from disagg.models.loader import load_model
@@ -62,6 +64,7 @@ class ModelRunner:
         self.sampler = Sampler(device, cfg.model.seed)
         self.kv_cache: torch.Tensor | None = None
         self.block_size = cfg.cache.block_size
+        self.graphs: DecodeGraphs | None = None
         logger.info("model loaded on %s (%s), kernels: %s", device, dtype, self.ops.backend)
 
     def allocate_kv_cache(self, num_blocks: int) -> torch.Tensor:
@@ -71,6 +74,14 @@ class ModelRunner:
                                     a.num_kv_heads, a.head_dim, dtype=self.dtype,
                                     device=self.device)
         return self.kv_cache
+
+    def enable_decode_graphs(self, max_model_len: int) -> None:
+        """Replay decode steps from CUDA/HIP graphs (GPU with Triton kernels only)."""
+        if (self.device.type != "cuda" or self.ops.backend != "triton" or self.kv_cache is None
+                or envs.disable_cuda_graphs()):
+            return
+        self.graphs = DecodeGraphs(self.model, self.kv_cache, self.cfg.scheduler.max_num_seqs,
+                                   -(-max_model_len // self.block_size))
 
     def available_kv_bytes(self) -> int:
         """KV budget: explicit bytes, or (GPU) utilization * total - weights - activation peak."""
@@ -147,11 +158,18 @@ class ModelRunner:
         """Run one step; returns sampled token and logprobs per request that samples."""
         assert self.kv_cache is not None, "allocate_kv_cache first"
         input_ids, positions, attn, sample_rows = self._prepare(out)
-        hidden = self.model(input_ids, positions, attn, self.kv_cache)
         sampling = [c for c in out.chunks if c.samples]
-        if not sampling:
-            return {}, {}
-        logits = self.model.compute_logits(hidden[sample_rows])
+        g = self.graphs
+        if g is not None and attn.decode_only and g.fits(len(out.chunks),
+                                                         attn.block_tables.shape[1]):
+            logits = g.run(input_ids, positions, attn)[sample_rows]
+            if not sampling:
+                return {}, {}
+        else:
+            hidden = self.model(input_ids, positions, attn, self.kv_cache)
+            if not sampling:
+                return {}, {}
+            logits = self.model.compute_logits(hidden[sample_rows])
         req_ids = [c.request.request_id for c in sampling]
         tokens, logprobs = self.sampler.sample(
             logits, req_ids, [c.request.sampling_params for c in sampling])

@@ -55,6 +55,27 @@ class ByteTokenizer:
         return "".join(parts) + "<|assistant|>\n"
 
 
+class IdTokenizer(ByteTokenizer):
+    """For model directories without tokenizer files (``--load-format dummy`` configs): text
+    in is UTF-8 bytes; ids outside the byte range come out as ``<id>`` so output stays visible."""
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        """Bytes as text, other ids as ``<id>``."""
+        parts: list[str] = []
+        run: list[int] = []
+        for i in ids:
+            if 0 <= i < BYTE_VOCAB:
+                run.append(i)
+                continue
+            if run:
+                parts.append(bytes(run).decode("utf-8", errors="replace"))
+                run = []
+            parts.append(f"<{i}>")
+        if run:
+            parts.append(bytes(run).decode("utf-8", errors="replace"))
+        return "".join(parts)
+
+
 class HFTokenizer:
     """A transformers tokenizer behind the Tokenizer protocol."""
 
@@ -91,4 +112,4 @@ def get_tokenizer(model: str) -> Tokenizer:
         for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
     if has_files:
         return HFTokenizer(model)
-    return ByteTokenizer()
+    return IdTokenizer()

@@ -1,0 +1,104 @@
+"""Decode steps replayed from CUDA/HIP graphs (torch.cuda.CUDAGraph works on both).
+
+A decode step launches hundreds of small kernels; at batch 1 the launch overhead alone exceeds
+the time to read the weights. Graphs are captured lazily per (batch bucket, block-table width
+bucket), so the decode kernel's split plan, which it derives from the block-table width, stays
+close to the real context length.
+
+Static buffers, padded to the bucket:
+    input_ids, positions  [B]        pad rows: token 0, position 0
+    slot_mapping          [B]        pad rows: -1 (the cache-write kernel skips negative slots)
+    seq_lens              [B]        pad rows: 1
+    block_tables          [B, W]     pad rows/cols: block 0
+    logits                [B, vocab] output (fp32)
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from typing import Any
+
+import torch
+
+from disagg.models.llama import AttentionMetadata
+
+logger = logging.getLogger(__name__)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+
+
+class DecodeGraphs:
+    """Captures and replays decode-only forward passes (model + LM head)."""
+
+    def __init__(self, model: Any, kv_cache: torch.Tensor, max_num_seqs: int,
+                 max_blocks_per_seq: int) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.batch_buckets = [b for b in BATCH_BUCKETS if b < max_num_seqs] + [max_num_seqs]
+        widths, w = [], 16
+        while w < max_blocks_per_seq:
+            widths.append(w)
+            w *= 4
+        self.width_buckets = [*widths, max_blocks_per_seq]
+        dev = kv_cache.device
+        b, wmax = self.batch_buckets[-1], self.width_buckets[-1]
+        self.input_ids = torch.zeros(b, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(b, dtype=torch.long, device=dev)
+        self.slot_mapping = torch.full((b,), -1, dtype=torch.long, device=dev)
+        self.seq_lens = torch.ones(b, dtype=torch.int32, device=dev)
+        self.block_tables = torch.zeros(b, wmax, dtype=torch.int32, device=dev)
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool: Any = None
+
+    def fits(self, batch: int, width: int) -> bool:
+        """Whether a decode batch can be served from a graph."""
+        return batch <= self.batch_buckets[-1] and width <= self.width_buckets[-1]
+
+    def _bucket(self, buckets: list[int], n: int) -> int:
+        return buckets[bisect.bisect_left(buckets, n)]
+
+    def _forward(self, b: int, w: int) -> torch.Tensor:
+        attn = AttentionMetadata(
+            slot_mapping=self.slot_mapping[:b], block_tables=self.block_tables[:b, :w],
+            seq_lens=self.seq_lens[:b],
+            query_start_loc=torch.arange(b + 1, dtype=torch.int32, device=self.kv_cache.device),
+            decode_only=True)
+        hidden = self.model(self.input_ids[:b], self.positions[:b], attn, self.kv_cache)
+        return self.model.compute_logits(hidden)
+
+    def _capture(self, b: int, w: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        self.slot_mapping.fill_(-1)
+        self.seq_lens.fill_(1)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._forward(b, w)  # warm-up: Triton JIT compiles outside the capture
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self._forward(b, w)
+        self.pool = graph.pool()
+        logger.info("captured decode graph batch=%d width=%d", b, w)
+        return graph, logits
+
+    @torch.inference_mode()
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor,
+            attn: AttentionMetadata) -> torch.Tensor:
+        """Logits [n, vocab] for a decode-only batch, replayed from the matching graph."""
+        n, width = input_ids.shape[0], attn.block_tables.shape[1]
+        b = self._bucket(self.batch_buckets, n)
+        w = self._bucket(self.width_buckets, width)
+        key = (b, w)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(b, w)
+        graph, logits = self.graphs[key]
+        self.input_ids[:n].copy_(input_ids)
+        self.positions[:n].copy_(positions)
+        self.slot_mapping[:n].copy_(attn.slot_mapping)
+        self.slot_mapping[n:b].fill_(-1)
+        self.seq_lens[:n].copy_(attn.seq_lens)
+        self.seq_lens[n:b].fill_(1)
+        self.block_tables[:n, :width].copy_(attn.block_tables)
+        self.block_tables[:n, width:w].zero_()
+        graph.replay()
+        return logits[:n]
