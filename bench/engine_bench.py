@@ -170,6 +170,18 @@ def _readme_cells(row: dict[str, Any]) -> dict[str, Any]:
             "command": "python -m bench.engine_bench --throughput --hf-baseline"}
 
 
+def _append(args: argparse.Namespace, row: dict[str, Any]) -> None:
+    from bench.metadata import run_metadata
+
+    out = {**row, **run_metadata(deployment="in-process engine, 1 GPU")}
+    if args.commit:
+        out["commit"] = args.commit
+    out.update(_readme_cells(out))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    with args.output.open("a") as f:
+        f.write(json.dumps(out) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the selected measurements and append one JSON row."""
     ap = argparse.ArgumentParser(prog="python -m bench.engine_bench")
@@ -188,7 +200,6 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("engine_bench: needs a GPU (CUDA or ROCm); none is visible", file=sys.stderr)
         return 2
-    from bench.metadata import run_metadata
     from disagg.llm import LLM
 
     ceil = _ceilings()
@@ -221,16 +232,11 @@ def main(argv: list[str] | None = None) -> int:
         print("throughput:", row["throughput"], flush=True)
     del llm
     torch.cuda.empty_cache()
+    _append(args, row)  # our figures are safe on disk before the long baseline runs
     if args.hf_baseline:
         row["hf_generate_batch"] = _hf_baseline(model_dir, args.hf_num_prompts)
         print("transformers generate_batch:", row["hf_generate_batch"], flush=True)
-    row.update(run_metadata(deployment="in-process engine, 1 GPU"))
-    if args.commit:
-        row["commit"] = args.commit
-    row.update(_readme_cells(row))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    with args.output.open("a") as f:
-        f.write(json.dumps(row) + "\n")
+        _append(args, row)
     return 0
 
 

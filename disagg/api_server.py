@@ -17,6 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from disagg import __version__
+from disagg.dp_admin import AdminApi
 from disagg.engine_client import EngineClient
 from disagg.metrics import ServerMetrics, counter, gauge
 from disagg.openai_api import (
@@ -269,6 +270,7 @@ def make_app(engine: EngineClient, tokenizer: Tokenizer, info: ServerInfo) -> we
     app.router.add_get("/instance_info", instance_info)
     app.router.add_post("/v1/kv_transfer/abort", kv_abort)
     app.router.add_get("/v1/kv_ledger", kv_ledger)
+    AdminApi(engine, info.admin_key).routes(app)
     return app
 
 

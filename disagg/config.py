@@ -67,6 +67,12 @@ class ParallelConfig:
     """Number of engine-core processes."""
     data_parallel_rank: int = 0
     """This engine core's rank."""
+    data_parallel_lockstep: bool = False
+    """Every rank steps together, idle ranks run dummy steps (expert-parallel MoE needs it)."""
+    data_parallel_master_port: int | None = None
+    """Port on 127.0.0.1 of the ranks' gloo rendezvous; the frontend picks it at start-up."""
+    data_parallel_timeout_s: float = 120.0
+    """Deadline of each collective among the ranks (state all-reduce, barrier default)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -49,6 +49,9 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(b, wmax, dtype=torch.int32, device=dev)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool: Any = None
+        # pinned host staging: one H2D copy per buffer and step, no intermediate tensors
+        self.h_vec = torch.zeros(4, b, dtype=torch.long, pin_memory=True)
+        self.h_table = torch.zeros(b * wmax, dtype=torch.int32, pin_memory=True)
 
     def fits(self, batch: int, width: int) -> bool:
         """Whether a decode batch can be served from a graph."""
@@ -81,24 +84,29 @@ class DecodeGraphs:
         logger.info("captured decode graph batch=%d width=%d", b, w)
         return graph, logits
 
+    def buckets_for(self, batch: int, width: int) -> tuple[int, int]:
+        """(batch bucket, width bucket) a decode batch is padded to."""
+        return self._bucket(self.batch_buckets, batch), self._bucket(self.width_buckets, width)
+
     @torch.inference_mode()
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor,
-            attn: AttentionMetadata) -> torch.Tensor:
-        """Logits [n, vocab] for a decode-only batch, replayed from the matching graph."""
-        n, width = input_ids.shape[0], attn.block_tables.shape[1]
-        b = self._bucket(self.batch_buckets, n)
-        w = self._bucket(self.width_buckets, width)
-        key = (b, w)
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(b, w)
-        graph, logits = self.graphs[key]
-        self.input_ids[:n].copy_(input_ids)
-        self.positions[:n].copy_(positions)
-        self.slot_mapping[:n].copy_(attn.slot_mapping)
-        self.slot_mapping[n:b].fill_(-1)
-        self.seq_lens[:n].copy_(attn.seq_lens)
-        self.seq_lens[n:b].fill_(1)
-        self.block_tables[:n, :width].copy_(attn.block_tables)
-        self.block_tables[:n, width:w].zero_()
+    def run_host(self, ids: Any, positions: Any, slots: Any, seq_lens: Any,
+                 table: Any) -> torch.Tensor:
+        """Like ``run`` from numpy inputs: ids/positions/slots/seq_lens [n], table [n, width]."""
+        n, width = table.shape
+        b, w = self.buckets_for(n, width)
+        if (b, w) not in self.graphs:
+            self.graphs[(b, w)] = self._capture(b, w)
+        graph, logits = self.graphs[(b, w)]
+        vec = self.h_vec.numpy()
+        vec[:, n:b] = ((0,), (0,), (-1,), (1,))
+        vec[0, :n], vec[1, :n], vec[2, :n], vec[3, :n] = ids, positions, slots, seq_lens
+        tab = self.h_table.numpy()[:b * w].reshape(b, w)
+        tab[:] = 0
+        tab[:n, :width] = table
+        self.input_ids[:b].copy_(self.h_vec[0, :b], non_blocking=True)
+        self.positions[:b].copy_(self.h_vec[1, :b], non_blocking=True)
+        self.slot_mapping[:b].copy_(self.h_vec[2, :b], non_blocking=True)
+        self.seq_lens[:b].copy_(self.h_vec[3, :b], non_blocking=True)
+        self.block_tables[:b, :w].copy_(self.h_table[:b * w].view(b, w), non_blocking=True)
         graph.replay()
         return logits[:n]

@@ -3,7 +3,10 @@
     EngineClient.start():  spawn N engine cores -> wait (deadline) for N ready messages
                            -> apply: max_model_len = min(frontend, each engine),
                                      num_gpu_blocks = sum, block_size = engines' (must agree)
-    add_request() -> RequestHandle whose queue receives EngineCoreOutput items
+    add_request() -> RequestHandle whose queue receives EngineCoreOutput items; the rank is
+                     the least loaded by open requests and tokens (disagg/dp_balance.py)
+    pause()/resume()/collective_rpc(): sent to every rank under one lock (_broadcast), so all
+                     ranks read them, and lockstep start-wave messages, in the same order
     a dead engine core fails every open request and sets ``dead`` (the server then exits).
 """
 
@@ -11,10 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import multiprocessing
 import os
+import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -24,14 +29,24 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from disagg.config import EngineConfig, ParallelConfig
+from disagg import envs
+from disagg.config import ConfigError, EngineConfig
+from disagg.dp_balance import pick_rank, rank_loads
+from disagg.dp_devices import child_env, rank_device_env
+from disagg.pause import FrontendPause, PauseMode
 from disagg.protocol import (
     EngineCoreAbort,
+    EngineCoreCollectiveRpc,
+    EngineCoreNeedWave,
     EngineCoreOutput,
     EngineCoreOutputs,
+    EngineCorePause,
+    EngineCorePauseStatus,
     EngineCoreReadyResponse,
     EngineCoreRequest,
+    EngineCoreResume,
     EngineCoreStartupError,
+    EngineCoreStartWave,
     EngineCoreUtility,
     EngineCoreUtilityResult,
     EngineStats,
@@ -85,6 +100,8 @@ class RequestHandle:
     request_id: str
     dp_rank: int
     num_prompt_tokens: int
+    max_tokens: int = 0
+    num_output_tokens: int = 0
     queue: asyncio.Queue[EngineCoreOutput | Exception] = field(default_factory=asyncio.Queue)
 
 
@@ -108,6 +125,10 @@ class EngineClient:
         self._tasks: list[asyncio.Task[None]] = []
         self.dead: str | None = None
         self.dead_event = asyncio.Event()
+        self.pause_state = FrontendPause(self.dp_size)
+        self._bcast_lock = asyncio.Lock()
+        self._wave_started = -1
+        self._next_rank = 0
 
     # ---- start-up -------------------------------------------------------------------------
     async def start(self) -> SyncedConfig:
@@ -116,18 +137,25 @@ class EngineClient:
         self._output = self._ctx.socket(zmq.PULL)
         self._output.bind(out_addr)
         mp = multiprocessing.get_context("spawn")
+        base = _dp_config(self.cfg)
+        from disagg.engine_process import run_engine_core
+
         for rank in range(self.dp_size):
             in_addr = f"ipc://{self._dir}/in{rank}"
             sock = self._ctx.socket(zmq.PUSH)
             sock.bind(in_addr)
             self._inputs.append(sock)
-            rank_cfg = _with_rank(self.cfg, rank)
-            from disagg.engine_process import run_engine_core
-
+            rank_cfg = dataclasses.replace(base, parallel=dataclasses.replace(
+                base.parallel, data_parallel_rank=rank))
+            try:
+                env = rank_device_env(rank, self.dp_size, self.cfg.model.device)
+            except ConfigError as exc:
+                raise EngineStartupError(str(exc)) from exc
             proc = mp.Process(target=run_engine_core, name=f"disagg-engine-dp{rank}",
                               args=(msgspec.msgpack.encode(rank_cfg), in_addr, out_addr),
                               daemon=True)
-            proc.start()
+            with child_env(env):
+                proc.start()
             self._procs.append(proc)
         responses = await self._wait_ready()
         self.synced = apply_ready_responses(self.cfg.model.max_model_len, responses)
@@ -163,10 +191,12 @@ class EngineClient:
     def _pick_rank(self) -> int:
         if self.dp_size == 1:
             return 0
-        load = [0] * self.dp_size
-        for h in self.handles.values():
-            load[h.dp_rank] += 1
-        return min(range(self.dp_size), key=lambda r: load[r])
+        loads = rank_loads(self.dp_size, (
+            (h.dp_rank, h.num_prompt_tokens + h.max_tokens - h.num_output_tokens)
+            for h in self.handles.values()))
+        rank = pick_rank(loads, self.cfg.scheduler.max_num_batched_tokens, self._next_rank)
+        self._next_rank = (rank + 1) % self.dp_size
+        return rank
 
     async def add_request(self, request_id: str, prompt_token_ids: list[int],
                           params: SamplingParams,
@@ -175,7 +205,7 @@ class EngineClient:
         if self.dead:
             raise EngineDeadError(self.dead)
         rank = self._pick_rank()
-        handle = RequestHandle(request_id, rank, len(prompt_token_ids))
+        handle = RequestHandle(request_id, rank, len(prompt_token_ids), params.max_tokens)
         self.handles[request_id] = handle
         await self._inputs[rank].send(encoder.encode(EngineCoreRequest(
             request_id=request_id, prompt_token_ids=prompt_token_ids, sampling_params=params,
@@ -205,6 +235,72 @@ class EngineClient:
                                                              args=args or {})))
         return list(await asyncio.wait_for(asyncio.gather(*futures), timeout_s))
 
+    async def _broadcast(self, msg: Any) -> None:
+        """Send to every rank, in rank order, with no other broadcast in between."""
+        frame = encoder.encode(msg)
+        async with self._bcast_lock:
+            for sock in self._inputs:
+                await sock.send(frame)
+
+    async def pause(self, mode: PauseMode, timeout_s: float) -> bool:
+        """Pause every rank; True once all are paused, False if the deadline passed first
+        (the instance stays PAUSING). Raises PauseConflict while paused or pausing."""
+        self._check_alive()
+        seq = self.pause_state.begin_pause(mode)
+        await self._broadcast(EngineCorePause(seq=seq, mode=mode))
+        return await self._until_acked(timeout_s)
+
+    async def resume(self, timeout_s: float) -> bool:
+        """Resume every rank (held requests run); True once all confirmed within the deadline.
+        Raises PauseConflict when not paused."""
+        self._check_alive()
+        seq = self.pause_state.begin_resume()
+        await self._broadcast(EngineCoreResume(seq=seq))
+        return await self._until_acked(timeout_s)
+
+    async def _until_acked(self, timeout_s: float) -> bool:
+        acked = asyncio.ensure_future(self.pause_state.wait(timeout_s))
+        dead = asyncio.ensure_future(self.dead_event.wait())
+        await asyncio.wait({acked, dead}, return_when=asyncio.FIRST_COMPLETED)
+        dead.cancel()
+        if self.dead:
+            acked.cancel()
+            raise EngineDeadError(self.dead)
+        return bool(acked.result())
+
+    async def collective_rpc(self, method: str, args: dict[str, Any],
+                             timeout_s: float) -> list[Any]:
+        """Run a whitelisted method on every rank (disagg/dp_rpc.py); results in rank order.
+        Raises asyncio.TimeoutError past the deadline, RuntimeError with a rank's error."""
+        self._check_alive()
+        loop = asyncio.get_running_loop()
+        call_ids = [next(self._call_ids) for _ in self._inputs]
+        futures: list[asyncio.Future[Any]] = []
+        for call_id in call_ids:
+            futures.append(loop.create_future())
+            self._calls[call_id] = futures[-1]
+        try:
+            async with self._bcast_lock:
+                for call_id, sock in zip(call_ids, self._inputs):
+                    await sock.send(encoder.encode(EngineCoreCollectiveRpc(
+                        call_id=call_id, method=method, args=args)))
+            return list(await asyncio.wait_for(asyncio.gather(*futures), timeout_s))
+        finally:
+            for call_id in call_ids:
+                self._calls.pop(call_id, None)
+
+    def _check_alive(self) -> None:
+        if self.dead:
+            raise EngineDeadError(self.dead)
+
+    async def _on_control(self, msg: Any) -> None:
+        """Pause reports and lockstep wave requests from the ranks."""
+        if isinstance(msg, EngineCorePauseStatus):
+            self.pause_state.on_report(msg.dp_rank, msg.seq, msg.state)
+        elif isinstance(msg, EngineCoreNeedWave) and msg.wave > self._wave_started:
+            self._wave_started = msg.wave  # one start per wave, however many ranks ask
+            await self._broadcast(EngineCoreStartWave(wave=msg.wave))
+
     async def _output_loop(self) -> None:
         assert self._output is not None
         while True:
@@ -215,6 +311,7 @@ class EngineClient:
                 for out in msg.outputs:
                     handle = self.handles.get(out.request_id)
                     if handle is not None:
+                        handle.num_output_tokens += len(out.new_token_ids)
                         if out.finish_reason is not None:
                             self.handles.pop(out.request_id, None)
                         handle.queue.put_nowait(out)
@@ -225,6 +322,8 @@ class EngineClient:
                         fut.set_exception(RuntimeError(msg.error))
                     else:
                         fut.set_result(msg.result)
+            else:
+                await self._on_control(msg)
 
     async def _monitor(self) -> None:
         while not self.dead:
@@ -270,8 +369,22 @@ class EngineClient:
             os.rmdir(self._dir)
 
 
-def _with_rank(cfg: EngineConfig, rank: int) -> EngineConfig:
-    import dataclasses
+def _free_port() -> int:
+    """A TCP port on 127.0.0.1 free right now (rank 0 binds it for the gloo rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
-    return dataclasses.replace(cfg, parallel=ParallelConfig(
-        data_parallel_size=cfg.parallel.data_parallel_size, data_parallel_rank=rank))
+
+def _dp_config(cfg: EngineConfig) -> EngineConfig:
+    """The parallel settings every rank shares: lockstep (flag or DISAGG_DP_LOCKSTEP, only
+    with 2+ ranks), the rendezvous port, the collective deadline."""
+    par = cfg.parallel
+    if par.data_parallel_size == 1:
+        return dataclasses.replace(cfg, parallel=dataclasses.replace(
+            par, data_parallel_lockstep=False))
+    timeout_s = envs.dp_collective_timeout_s() or par.data_parallel_timeout_s
+    return dataclasses.replace(cfg, parallel=dataclasses.replace(
+        par, data_parallel_lockstep=par.data_parallel_lockstep or envs.dp_lockstep(),
+        data_parallel_master_port=par.data_parallel_master_port or _free_port(),
+        data_parallel_timeout_s=timeout_s))

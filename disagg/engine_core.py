@@ -12,6 +12,7 @@ import logging
 import os
 import time
 import uuid
+from collections import deque
 from typing import Any
 
 from disagg import __version__
@@ -27,7 +28,7 @@ from disagg.protocol import (
     EngineStats,
     TokenLogprob,
 )
-from disagg.request import FINISH_REASONS, Request
+from disagg.request import FINISH_REASONS, Request, RequestStatus
 from disagg.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,10 @@ class EngineCore:
             self.connector.bind(self.scheduler)
         self._sent: dict[str, int] = {}
         self._pending_logprobs: dict[str, list[TokenLogprob]] = {}
+        self.held: deque[Request] = deque()
+        """Requests that arrived while paused: known to the scheduler's table (so aborts and
+        connector failures find them) but queued only by release_held() at resume."""
+        self.num_requests_total = 0
         logger.info("KV cache: %d blocks x %d tokens (%d bytes/block), max_model_len=%d%s",
                     self.plan.num_blocks, cfg.cache.block_size, block_bytes,
                     self.plan.max_model_len, " (auto-fitted)" if self.plan.auto_fitted else "")
@@ -97,8 +102,9 @@ class EngineCore:
             kv_host=c.host if c else None, kv_handshake_port=c.handshake_port if c else None,
             kv_notify_port=c.notify_port if c else None, kv_mode=c.mode if c else None)
 
-    def add_request(self, msg: EngineCoreRequest) -> str | None:
-        """Queue a request; returns an error string instead if it cannot ever run."""
+    def add_request(self, msg: EngineCoreRequest, hold: bool = False) -> str | None:
+        """Queue (or, while paused, hold) a request; returns an error string instead if it
+        cannot ever run."""
         total = len(msg.prompt_token_ids) + msg.sampling_params.max_tokens
         if not msg.prompt_token_ids:
             return "the prompt is empty"
@@ -109,11 +115,40 @@ class EngineCore:
         req = Request(msg.request_id, list(msg.prompt_token_ids), msg.sampling_params,
                       None if msg.sampling_params.ignore_eos else self._eos_id(),
                       kv_transfer_params=msg.kv_transfer_params)
-        self.scheduler.add_request(req)
+        if hold:
+            self.scheduler.requests[req.request_id] = req
+            self.held.append(req)
+        else:
+            self.scheduler.add_request(req)
         self._sent[req.request_id] = 0
-        if self.connector is not None:
+        self.num_requests_total += 1
+        if self.connector is not None:  # held too: its transfer is leased, never stranded
             self.connector.on_request_arrival(req)
         return None
+
+    def release_held(self) -> int:
+        """Resume: queue the held requests that are still alive, in arrival order."""
+        n = 0
+        while self.held:
+            req = self.held.popleft()
+            if not req.is_finished:
+                self.scheduler.waiting.append(req)
+                n += 1
+        return n
+
+    @property
+    def num_held(self) -> int:
+        """Held requests still waiting for resume."""
+        return sum(1 for r in self.held if not r.is_finished)
+
+    def abort_all(self, error: str) -> int:
+        """End every in-flight (not held) request with ``error``; their blocks are freed and
+        their transfers failed toward the peer."""
+        held = {id(r) for r in self.held}
+        victims = [r for r in self.scheduler.requests.values() if id(r) not in held]
+        for req in victims:
+            self.scheduler.finish(req, RequestStatus.FINISHED_ERROR, error)
+        return len(victims)
 
     def _eos_id(self) -> int | None:
         eos = self.arch.eos_token_id
@@ -127,6 +162,22 @@ class EngineCore:
     def has_work(self) -> bool:
         """Something to step for (requests or connector transfers in flight)."""
         return self.scheduler.has_work() or bool(self.connector and self.connector.busy())
+
+    def has_inflight(self) -> bool:
+        """Requests queued, running or waiting for remote KV (held ones excluded)."""
+        return self.scheduler.has_work()
+
+    def connector_busy(self) -> bool:
+        """KV transfers or holds outstanding."""
+        return bool(self.connector and self.connector.busy())
+
+    def connector_step(self) -> list[EngineCoreOutput]:
+        """A step without the model: connector bookkeeping only. Runs while paused (peers'
+        transfers finish or fail explicitly) and as a lockstep dummy step (an expert-parallel
+        model would also run a dummy forward here to join the MoE collectives)."""
+        if self.connector is not None:
+            self.connector.update_connector_output()
+        return self._collect_outputs([])
 
     def step(self) -> list[EngineCoreOutput]:
         """One scheduler iteration: connector bookkeeping, schedule, execute, emit outputs."""
@@ -172,10 +223,13 @@ class EngineCore:
     def stats(self) -> EngineStats:
         """Gauges for /metrics."""
         snap = self.pool.snapshot()
+        held = self.num_held
         return EngineStats(num_running=self.scheduler.num_running,
-                           num_waiting=self.scheduler.num_waiting, kv_blocks_total=snap.total,
-                           kv_blocks_free=snap.free, kv_blocks_held=snap.held,
-                           connector=self.connector.metrics() if self.connector else {})
+                           num_waiting=self.scheduler.num_waiting + held,
+                           kv_blocks_total=snap.total, kv_blocks_free=snap.free,
+                           kv_blocks_held=snap.held,
+                           connector=self.connector.metrics() if self.connector else {},
+                           num_requests_total=self.num_requests_total, num_held=held)
 
     def kv_abort(self, transfer_id: str) -> bool:
         """Abort a request and drop any held blocks for a transfer id (proxy cleanup)."""

@@ -1,32 +1,56 @@
-"""The engine-core process: a ZMQ loop around EngineCore.
+"""The engine-core process: a ZMQ loop around EngineCore, with pause and data parallelism.
 
     frontend PUSH --input--> [this process] --output--> frontend PULL
     first output message: EngineCoreReadyResponse (or EngineCoreStartupError), then batches.
 
+Start-up: join the DP group (dp_size > 1), build the engine, then the ready handshake.
 The loop blocks on input only while idle (100 ms at most, so connector deadlines are reaped
-and a dead parent is noticed), and never blocks while requests are in flight.
+and a dead parent is noticed), and never blocks while it may step requests. A paused rank keeps
+running its KV connector. In lockstep mode the stepping follows disagg/dp_lockstep.py. A
+collective that fails (peer dead or hung) ends this process with EXIT_DP_GROUP_FAILED.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
 import sys
 import time
 import traceback
+from collections import deque
 from typing import Any
 
 import msgspec
 import zmq
 
+from disagg import envs
 from disagg.config import ConfigError, EngineConfig
+from disagg.dp_group import DPGroup, DPGroupError
+from disagg.dp_lockstep import Lockstep, WaveEnd
+from disagg.dp_rpc import (
+    COLLECTIVE_METHODS,
+    RPC_METHODS,
+    UTILITY_METHODS,
+    RpcArgError,
+    RpcContext,
+    run_rpc,
+    validate_rpc,
+)
+from disagg.pause import PAUSE_ABORT_ERROR, PauseMode, RankPause, RankPauseState
 from disagg.protocol import (
     EngineCoreAbort,
+    EngineCoreCollectiveRpc,
+    EngineCoreNeedWave,
     EngineCoreOutput,
     EngineCoreOutputs,
+    EngineCorePause,
+    EngineCorePauseStatus,
     EngineCoreRequest,
+    EngineCoreResume,
     EngineCoreStartupError,
+    EngineCoreStartWave,
     EngineCoreUtility,
     EngineCoreUtilityResult,
     encoder,
@@ -35,53 +59,207 @@ from disagg.protocol import (
 
 logger = logging.getLogger(__name__)
 IDLE_POLL_MS = 100
+CONNECTOR_POLL_MS = 1
+"""Poll interval while only KV transfers are outstanding (no spinning on a paused rank)."""
+EXIT_DP_GROUP_FAILED = 3
 
 
-def _utility(engine: Any, msg: EngineCoreUtility) -> EngineCoreUtilityResult:
-    """Whitelisted engine methods callable from the frontend."""
-    try:
-        if msg.method == "stats":
-            result: Any = msgspec.to_builtins(engine.stats())
-        elif msg.method == "kv_abort":
-            result = engine.kv_abort(str(msg.args["transfer_id"]))
-        elif msg.method == "ledger":
-            engine.pool.check()
-            result = engine.pool.snapshot()._asdict()
-        else:
-            return EngineCoreUtilityResult(call_id=msg.call_id,
-                                           error=f"unknown utility {msg.method!r}")
-        return EngineCoreUtilityResult(call_id=msg.call_id, result=result)
-    except Exception as exc:  # reported to the caller, engine keeps serving
-        return EngineCoreUtilityResult(call_id=msg.call_id, error=f"{type(exc).__name__}: {exc}")
+class EngineLoop:
+    """Reads inputs, applies pause / wave / RPC commands, steps, sends outputs."""
 
+    def __init__(self, engine: Any, in_sock: zmq.Socket, out_sock: zmq.Socket,
+                 group: DPGroup | None) -> None:
+        self.engine, self.in_sock, self.out_sock, self.group = engine, in_sock, out_sock, group
+        par = engine.cfg.parallel
+        self.rank = par.data_parallel_rank
+        self.pause = RankPause()
+        self.lockstep = Lockstep(group, par.data_parallel_size) \
+            if group is not None and par.data_parallel_lockstep else None
+        self.deferred: deque[EngineCoreCollectiveRpc] = deque()
+        self._errors: list[EngineCoreOutput] = []
+        self._reports: list[EngineCorePauseStatus] = []
+        """Sent after the step's outputs, so the frontend sees what a pause ended first."""
+        self._last_beat = time.monotonic()
 
-def _handle_inputs(engine: Any, sock: zmq.Socket, out_sock: zmq.Socket, block_ms: int) -> None:
-    """Drain the input socket, blocking up to block_ms for the first message."""
-    errors: list[EngineCoreOutput] = []
-    if not sock.poll(block_ms):
-        return
-    while True:
-        try:
-            frame = sock.recv(zmq.NOBLOCK)
-        except zmq.Again:
-            break
-        msg = inbound_decoder.decode(frame)
+    # ---- the loop -------------------------------------------------------------------------
+    def run(self, parent: int) -> None:
+        """Step forever; stats go out at least every second; return when orphaned."""
+        while True:
+            for frame in self._read(self._block_ms()):
+                self._dispatch(inbound_decoder.decode(frame))
+            outputs = self._errors + self._advance()
+            self._errors = []
+            if not self._send_outputs(outputs, parent):
+                return
+
+    def _block_ms(self) -> int:
+        ls = self.lockstep
+        if ls is not None and ls.running:
+            return 0
+        if ls is None and self.pause.may_schedule and self.engine.has_inflight():
+            return 0
+        return CONNECTOR_POLL_MS if self.engine.connector_busy() else IDLE_POLL_MS
+
+    def _read(self, block_ms: int) -> list[bytes]:
+        """Every frame waiting on the input socket, blocking up to block_ms for the first."""
+        if not self.in_sock.poll(block_ms):
+            return []
+        frames = []
+        while True:
+            try:
+                frames.append(self.in_sock.recv(zmq.NOBLOCK))
+            except zmq.Again:
+                return frames
+
+    def _advance(self) -> list[EngineCoreOutput]:
+        """One iteration's step: real, connector-only (paused, idle) or a lockstep dummy."""
+        ls, engine = self.lockstep, self.engine
+        if ls is None:
+            outputs = engine.step() if self.pause.may_schedule else engine.connector_step()
+            if self.pause.ready(engine.has_inflight()):
+                self._pause_done()
+            return list(outputs)
+        if not ls.running:
+            wave = ls.wave_to_request(self.pause.state is not RankPauseState.PAUSED and (
+                engine.has_inflight() or self.pause.state is RankPauseState.PENDING))
+            if wave is not None:
+                self._send(EngineCoreNeedWave(dp_rank=self.rank, wave=wave))
+            return list(engine.connector_step())
+        real = self.pause.may_schedule and engine.has_inflight()
+        outputs = engine.step() if real else engine.connector_step()
+        inflight = engine.has_inflight()
+        end = ls.after_step(inflight, self.pause.ready(inflight))
+        if end is WaveEnd.PAUSED:
+            self._pause_done()
+        if end is not WaveEnd.CONTINUE:
+            self._run_deferred()
+        return list(outputs)
+
+    def _send_outputs(self, outputs: list[EngineCoreOutput], parent: int) -> bool:
+        now = time.monotonic()
+        beat = now - self._last_beat >= 1.0
+        stepping = self.pause.may_schedule and self.engine.has_work()
+        if outputs or stepping or beat or self._reports:
+            self._send(EngineCoreOutputs(dp_rank=self.rank, outputs=outputs,
+                                         stats=self.engine.stats()))
+        for report in self._reports:
+            self._send(report)
+        self._reports = []
+        if beat:
+            self._last_beat = now
+            if os.getppid() != parent:  # orphaned: the frontend died, maybe by SIGKILL
+                logger.error("frontend process is gone; engine core exits")
+                return False
+        return True
+
+    def _send(self, msg: Any) -> None:
+        self.out_sock.send(encoder.encode(msg))
+
+    # ---- commands -------------------------------------------------------------------------
+    def _dispatch(self, msg: Any) -> None:
         if isinstance(msg, EngineCoreRequest):
-            err = engine.add_request(msg)
+            err = self.engine.add_request(msg, hold=not self.pause.admits_new)
             if err is not None:
-                errors.append(EngineCoreOutput(msg.request_id, [], "error", error=err))
+                self._errors.append(EngineCoreOutput(msg.request_id, [], "error", error=err))
         elif isinstance(msg, EngineCoreAbort):
-            engine.abort(msg.request_ids)
+            self.engine.abort(msg.request_ids)
         elif isinstance(msg, EngineCoreUtility):
-            out_sock.send(encoder.encode(_utility(engine, msg)))
-    if errors:
-        out_sock.send(encoder.encode(EngineCoreOutputs(
-            dp_rank=engine.cfg.parallel.data_parallel_rank, outputs=errors)))
+            self._send(self._call(msg.call_id, msg.method, msg.args, UTILITY_METHODS))
+        elif isinstance(msg, EngineCoreCollectiveRpc):
+            if msg.method in COLLECTIVE_METHODS and self.lockstep and self.lockstep.running:
+                self.deferred.append(msg)  # runs when every rank has stopped stepping
+            else:
+                self._run_collective(msg)
+        elif isinstance(msg, EngineCorePause):
+            self._on_pause(msg.seq, msg.mode)
+        elif isinstance(msg, EngineCoreResume):
+            self._on_resume(msg.seq)
+        elif isinstance(msg, EngineCoreStartWave) and self.lockstep is not None:
+            self.lockstep.on_start_wave(msg.wave,
+                                        paused=self.pause.state is RankPauseState.PAUSED)
+
+    def _on_pause(self, seq: int, mode: PauseMode) -> None:
+        if self.pause.state is not RankPauseState.RUNNING:
+            logger.warning("dp%d: pause while %s; restarting the pause", self.rank,
+                           self.pause.state.value)
+        self.pause.begin(seq, mode)
+        if mode is PauseMode.ABORT:
+            n = self.engine.abort_all(PAUSE_ABORT_ERROR)
+            logger.info("dp%d: pause (abort) ended %d in-flight requests", self.rank, n)
+        if self.lockstep is not None:
+            self.lockstep.start_for_pause()
+
+    def _on_resume(self, seq: int) -> None:
+        self.pause.resume(seq)
+        n = self.engine.release_held()
+        logger.info("dp%d: resumed; %d held requests queued", self.rank, n)
+        self._send(EngineCorePauseStatus(dp_rank=self.rank, seq=seq,
+                                         state=RankPauseState.RUNNING))
+
+    def _pause_done(self) -> None:
+        self.pause.complete()
+        self._reports.append(EngineCorePauseStatus(dp_rank=self.rank, seq=self.pause.seq,
+                                                   state=RankPauseState.PAUSED))
+
+    def _run_deferred(self) -> None:
+        while self.deferred:
+            self._run_collective(self.deferred.popleft())
+
+    def _run_collective(self, msg: EngineCoreCollectiveRpc) -> None:
+        self._send(self._call(msg.call_id, msg.method, msg.args, RPC_METHODS))
+
+    def _call(self, call_id: int, method: str, args: dict[str, Any],
+              allowed: frozenset[str]) -> EngineCoreUtilityResult:
+        """Run a whitelisted method; errors go back to the caller, except a broken DP group,
+        which ends this process."""
+        try:
+            validate_rpc(method, args, allowed)
+            result = run_rpc(RpcContext(self.engine, self.group, self.rank, self._dp_state()),
+                             method, args)
+        except DPGroupError:
+            raise
+        except RpcArgError as exc:
+            return EngineCoreUtilityResult(call_id=call_id, error=str(exc))
+        except Exception as exc:  # reported to the caller, engine keeps serving
+            return EngineCoreUtilityResult(call_id=call_id,
+                                           error=f"{type(exc).__name__}: {exc}")
+        return EngineCoreUtilityResult(call_id=call_id, result=result)
+
+    def _dp_state(self) -> dict[str, Any]:
+        mode = self.pause.mode
+        state: dict[str, Any] = {"pid": os.getpid(), "pause_state": self.pause.state.value,
+                                 "pause_mode": mode.value if mode else None,
+                                 "num_held": self.engine.num_held,
+                                 "lockstep": self.lockstep is not None}
+        if self.lockstep is not None:
+            state.update(self.lockstep.as_json())
+        return state
+
+
+# ---- process entry --------------------------------------------------------------------------
+def _for_this_rank(cfg: EngineConfig) -> EngineConfig:
+    """Apply the test-only per-rank KV budget (envs.rank_kv_bytes_for_tests)."""
+    budget = envs.rank_kv_bytes_for_tests().get(cfg.parallel.data_parallel_rank)
+    if budget is None:
+        return cfg
+    return dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache,
+                                                              kv_cache_memory_bytes=budget))
+
+
+def _join_group(cfg: EngineConfig) -> DPGroup | None:
+    par = cfg.parallel
+    if par.data_parallel_size == 1:
+        return None
+    if par.data_parallel_master_port is None:
+        raise ConfigError("data_parallel_master_port is not set (the frontend picks it)")
+    return DPGroup(par.data_parallel_rank, par.data_parallel_size,
+                   par.data_parallel_master_port, par.data_parallel_timeout_s,
+                   rendezvous_timeout_s=envs.engine_ready_timeout_s())
 
 
 def run_engine_core(cfg_bytes: bytes, input_addr: str, output_addr: str) -> None:
     """Process entry point (multiprocessing spawn target)."""
-    logging.basicConfig(level=os.environ.get("DISAGG_LOG_LEVEL", "INFO").upper(),
+    logging.basicConfig(level=envs.log_level(),
                         format="%(asctime)s %(levelname)s engine: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the frontend decides when we stop
     parent = os.getppid()
@@ -91,17 +269,25 @@ def run_engine_core(cfg_bytes: bytes, input_addr: str, output_addr: str) -> None
     out_sock = ctx.socket(zmq.PUSH)
     out_sock.setsockopt(zmq.LINGER, 2000)
     out_sock.connect(output_addr)
-    engine = None
+    engine = group = None
+    started = False
     try:
-        cfg = msgspec.msgpack.decode(cfg_bytes, type=EngineConfig)
+        cfg = _for_this_rank(msgspec.msgpack.decode(cfg_bytes, type=EngineConfig))
+        group = _join_group(cfg)
         from disagg.engine_core import build_engine
 
         engine = build_engine(cfg)
         out_sock.send(encoder.encode(engine.ready_response()))
-        _loop(engine, in_sock, out_sock, parent)
+        started = True
+        EngineLoop(engine, in_sock, out_sock, group).run(parent)
     except ConfigError as exc:
         out_sock.send(encoder.encode(EngineCoreStartupError(str(exc))))
         sys.exit(2)
+    except DPGroupError as exc:
+        logger.error("%s; engine core exits", exc)
+        if not started:
+            out_sock.send(encoder.encode(EngineCoreStartupError(str(exc))))
+        sys.exit(EXIT_DP_GROUP_FAILED)
     except Exception as exc:
         logger.error("engine core failed: %s", traceback.format_exc())
         out_sock.send(encoder.encode(EngineCoreStartupError(f"{type(exc).__name__}: {exc}")))
@@ -109,25 +295,8 @@ def run_engine_core(cfg_bytes: bytes, input_addr: str, output_addr: str) -> None
     finally:
         if engine is not None:
             engine.close()
+        if group is not None:
+            group.close()
         out_sock.close(linger=1000)
         in_sock.close(linger=0)
         ctx.term()
-
-
-def _loop(engine: Any, in_sock: zmq.Socket, out_sock: zmq.Socket, parent: int) -> None:
-    """Step forever; stats go out at least every second; exit when the frontend is gone."""
-    rank = engine.cfg.parallel.data_parallel_rank
-    last_beat = time.monotonic()
-    while True:
-        busy = engine.has_work()
-        _handle_inputs(engine, in_sock, out_sock, 0 if busy else IDLE_POLL_MS)
-        outputs = engine.step()
-        now = time.monotonic()
-        if outputs or busy or now - last_beat >= 1.0:
-            out_sock.send(encoder.encode(EngineCoreOutputs(dp_rank=rank, outputs=outputs,
-                                                           stats=engine.stats())))
-        if now - last_beat >= 1.0:
-            last_beat = now
-            if os.getppid() != parent:  # orphaned: the frontend died, maybe by SIGKILL
-                logger.error("frontend process is gone; engine core exits")
-                return

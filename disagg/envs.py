@@ -45,3 +45,36 @@ def triton_interpret() -> bool:
 def disable_cuda_graphs() -> bool:
     """Run decode steps eagerly on GPU (debugging; graphs are on by default)."""
     return _get_bool("DISAGG_DISABLE_CUDA_GRAPHS", False)
+
+
+def dp_lockstep() -> bool:
+    """Run data-parallel ranks in lockstep (as ``--dp-lockstep``; either one turns it on)."""
+    return _get_bool("DISAGG_DP_LOCKSTEP", False)
+
+
+def dp_collective_timeout_s() -> float | None:
+    """Deadline of each collective among DP ranks (None: ParallelConfig's default)."""
+    raw = os.environ.get("DISAGG_DP_COLLECTIVE_TIMEOUT_S")
+    if raw is None or raw == "":
+        return None
+    value = _get_float("DISAGG_DP_COLLECTIVE_TIMEOUT_S", 0.0)
+    if value <= 0:
+        raise ValueError(f"DISAGG_DP_COLLECTIVE_TIMEOUT_S={raw!r} must be positive")
+    return value
+
+
+def rank_kv_bytes_for_tests() -> dict[int, int]:
+    """TEST-ONLY: per-rank KV budgets, ``DISAGG_TEST_RANK_KV_BYTES="0:8MiB,1:4MiB"``, so tests
+    can make DP ranks auto-fit to different max_model_len. Never set it in production."""
+    raw = os.environ.get("DISAGG_TEST_RANK_KV_BYTES", "").strip()
+    if not raw:
+        return {}
+    from disagg.config import ConfigError, parse_bytes
+
+    out: dict[int, int] = {}
+    for item in raw.split(","):
+        rank, sep, size = item.partition(":")
+        if not sep or not rank.strip().isdigit():
+            raise ConfigError(f"DISAGG_TEST_RANK_KV_BYTES item {item!r} is not RANK:BYTES")
+        out[int(rank)] = parse_bytes(size)
+    return out

@@ -20,7 +20,7 @@ from disagg.models.loader import load_model
 from disagg.ops import select_ops
 from disagg.protocol import TokenLogprob
 from disagg.sampler import Sampler
-from disagg.scheduler import SchedulerOutput
+from disagg.scheduler import ScheduledChunk, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -153,26 +153,45 @@ class ModelRunner:
                 torch.from_numpy(np.concatenate(positions)).to(dev, non_blocking=True),
                 attn, sample_rows)
 
+    def _graph_decode_logits(self, out: SchedulerOutput) -> torch.Tensor | None:
+        """Logits of a pure decode batch replayed from a graph; None when not applicable."""
+        g = self.graphs
+        chunks = out.chunks
+        if g is None or any(c.num_tokens != 1 or not c.samples for c in chunks):
+            return None
+        width = max(len(c.request.block_ids) for c in chunks)
+        if not g.fits(len(chunks), width):
+            return None
+        bs = self.block_size
+        pos = np.fromiter((c.request.num_computed_tokens for c in chunks), np.int64, len(chunks))
+        ids = np.fromiter((c.request.all_token_ids[p] for c, p in zip(chunks, pos.tolist())),
+                          np.int64, len(chunks))
+        table = np.zeros((len(chunks), width), dtype=np.int32)
+        for i, c in enumerate(chunks):
+            table[i, :len(c.request.block_ids)] = c.request.block_ids
+        rows = np.arange(len(chunks))
+        slots = table[rows, pos // bs].astype(np.int64) * bs + pos % bs
+        return g.run_host(ids, pos, slots, pos + 1, table)
+
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> tuple[dict[str, int], dict[str, TokenLogprob]]:
         """Run one step; returns sampled token and logprobs per request that samples."""
         assert self.kv_cache is not None, "allocate_kv_cache first"
+        logits = self._graph_decode_logits(out)
+        if logits is not None:
+            return self._sample(out.chunks, logits)
         input_ids, positions, attn, sample_rows = self._prepare(out)
         sampling = [c for c in out.chunks if c.samples]
-        g = self.graphs
-        if g is not None and attn.decode_only and g.fits(len(out.chunks),
-                                                         attn.block_tables.shape[1]):
-            logits = g.run(input_ids, positions, attn)[sample_rows]
-            if not sampling:
-                return {}, {}
-        else:
-            hidden = self.model(input_ids, positions, attn, self.kv_cache)
-            if not sampling:
-                return {}, {}
-            logits = self.model.compute_logits(hidden[sample_rows])
+        hidden = self.model(input_ids, positions, attn, self.kv_cache)
+        if not sampling:
+            return {}, {}
+        return self._sample(sampling, self.model.compute_logits(hidden[sample_rows]))
+
+    def _sample(self, sampling: list[ScheduledChunk], logits: torch.Tensor
+                ) -> tuple[dict[str, int], dict[str, TokenLogprob]]:
         req_ids = [c.request.request_id for c in sampling]
         tokens, logprobs = self.sampler.sample(
             logits, req_ids, [c.request.sampling_params for c in sampling])
-        sampled = dict(zip(req_ids, tokens, strict=False))
-        lps = {rid: lp for rid, lp in zip(req_ids, logprobs, strict=False) if lp is not None}
+        sampled = dict(zip(req_ids, tokens, strict=True))
+        lps = {rid: lp for rid, lp in zip(req_ids, logprobs, strict=True) if lp is not None}
         return sampled, lps

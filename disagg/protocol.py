@@ -2,8 +2,17 @@
 
 Sockets per engine core (ipc:// paths chosen by the frontend):
   input  (frontend PUSH -> engine PULL): EngineCoreRequest | EngineCoreAbort | EngineCoreUtility
+                                         | EngineCorePause | EngineCoreResume
+                                         | EngineCoreStartWave | EngineCoreCollectiveRpc
   output (engine PUSH -> frontend PULL): first EngineCoreReadyResponse (after KV sizing) or
-                                         EngineCoreStartupError, then EngineCoreOutputs batches
+                                         EngineCoreStartupError, then EngineCoreOutputs batches,
+                                         EngineCoreUtilityResult, EngineCorePauseStatus,
+                                         EngineCoreNeedWave
+
+Ordering contract (DESIGN.md section 6): the frontend sends every message that can lead to a
+collective (pause, resume, start-wave, collective RPC) to all ranks under one lock, so every rank
+reads them in the same order; that, plus deciding wave ends only from the all-reduce, is what
+keeps the ranks' collectives matched.
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ from typing import Any
 
 import msgspec
 
+from disagg.pause import PauseMode, RankPauseState
 from disagg.sampling_params import SamplingParams
 
 PROTOCOL_VERSION = "disagg-1"
@@ -76,6 +86,50 @@ class EngineCoreUtilityResult(msgspec.Struct, tag="utility_result", kw_only=True
     error: str | None = None
 
 
+class EngineCoreCollectiveRpc(msgspec.Struct, tag="collective_rpc", kw_only=True):
+    """Run a whitelisted method on every rank (``barrier``, ``stats``...); answered per rank
+    with an EngineCoreUtilityResult. In lockstep mode a method that uses the DP group waits
+    until the ranks stop stepping (end of a wave, or paused)."""
+
+    call_id: int
+    method: str
+    args: dict[str, Any] = {}
+
+
+class EngineCorePause(msgspec.Struct, tag="pause", kw_only=True):
+    """Pause this rank (two-phase in lockstep mode); answered by EngineCorePauseStatus."""
+
+    seq: int
+    mode: PauseMode
+
+
+class EngineCoreResume(msgspec.Struct, tag="resume", kw_only=True):
+    """Resume this rank (held requests are queued again); answered by EngineCorePauseStatus."""
+
+    seq: int
+
+
+class EngineCoreStartWave(msgspec.Struct, tag="start_wave", kw_only=True):
+    """Lockstep: start stepping wave ``wave`` (ignored when stale or paused)."""
+
+    wave: int
+
+
+class EngineCorePauseStatus(msgspec.Struct, tag="pause_status", kw_only=True):
+    """A rank applied pause/resume command ``seq`` and is now in ``state``."""
+
+    dp_rank: int
+    seq: int
+    state: RankPauseState
+
+
+class EngineCoreNeedWave(msgspec.Struct, tag="need_wave", kw_only=True):
+    """Lockstep: this idle rank has work; the frontend broadcasts EngineCoreStartWave(wave)."""
+
+    dp_rank: int
+    wave: int
+
+
 class TokenLogprob(msgspec.Struct, array_like=True):
     """Logprob of the sampled token and the top alternatives as (token_id, logprob) pairs."""
 
@@ -104,6 +158,10 @@ class EngineStats(msgspec.Struct, kw_only=True):
     kv_blocks_free: int
     kv_blocks_held: int
     connector: dict[str, float] = {}
+    num_requests_total: int = 0
+    """Requests this rank has accepted since it started (shows how the frontend spreads load)."""
+    num_held: int = 0
+    """Requests that arrived while paused, waiting for resume (also counted in num_waiting)."""
 
 
 class EngineCoreOutputs(msgspec.Struct, tag="outputs", kw_only=True):
@@ -114,9 +172,10 @@ class EngineCoreOutputs(msgspec.Struct, tag="outputs", kw_only=True):
     stats: EngineStats | None = None
 
 
-EngineInbound = EngineCoreRequest | EngineCoreAbort | EngineCoreUtility
+EngineInbound = (EngineCoreRequest | EngineCoreAbort | EngineCoreUtility | EngineCorePause
+                 | EngineCoreResume | EngineCoreStartWave | EngineCoreCollectiveRpc)
 EngineOutbound = (EngineCoreReadyResponse | EngineCoreStartupError | EngineCoreOutputs
-                  | EngineCoreUtilityResult)
+                  | EngineCoreUtilityResult | EngineCorePauseStatus | EngineCoreNeedWave)
 
 encoder = msgspec.msgpack.Encoder()
 inbound_decoder = msgspec.msgpack.Decoder(EngineInbound)

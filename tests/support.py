@@ -51,11 +51,11 @@ class Instance:
 
 
 def start_instance(args: list[str], tmp_path: object, ready_timeout_s: float = 60.0,
-                   expect_ready: bool = True) -> Instance:
+                   expect_ready: bool = True, env: dict[str, str] | None = None) -> Instance:
     """Start `disagg serve` with args; wait (bounded) for its ready line or its exit."""
     port = free_port()
     log_path = os.path.join(str(tmp_path), f"serve-{port}.log")
-    env = dict(os.environ, PYTHONUNBUFFERED="1", DISAGG_LOG_LEVEL="WARNING")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", DISAGG_LOG_LEVEL="WARNING", **(env or {}))
     with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen([sys.executable, "-m", "disagg.cli", "serve", *args,
                                  "--host", "127.0.0.1", "--port", str(port)],

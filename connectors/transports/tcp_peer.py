@@ -118,7 +118,7 @@ class PeerLink:
         self._region = region
         self._table = table
         self._settings = settings
-        self._queue: queue.SimpleQueue[_Part] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Part | None] = queue.SimpleQueue()
         self._closed = threading.Event()
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
@@ -128,20 +128,24 @@ class PeerLink:
                ready_event: Any) -> None:
         """Queue a batch's parts; never blocks on the network."""
         job = _Job(handle, len(parts), self._table)
-        for segments in parts:
-            self._queue.put(_Part(job, op, segments, ready_event))
-        self._grow(len(parts))
-
-    def _grow(self, num_parts: int) -> None:
-        """Start connection threads lazily, up to the per-peer limit."""
         with self._lock:
-            self._threads = [t for t in self._threads if t.is_alive()]
-            wanted = min(self._settings.max_connections, len(self._threads) + num_parts)
-            while len(self._threads) < wanted and not self._closed.is_set():
-                thread = threading.Thread(target=self._worker, daemon=True,
-                                          name=f"tcp-transport-peer-{self.name}")
-                self._threads.append(thread)
-                thread.start()
+            # Under the lock so close() either sees these parts in the queue or we see it.
+            if self._closed.is_set():
+                job.part_done(f"peer {self.name!r} was removed")
+                return
+            for segments in parts:
+                self._queue.put(_Part(job, op, segments, ready_event))
+            self._grow_locked(len(parts))
+
+    def _grow_locked(self, num_parts: int) -> None:
+        """Start connection threads lazily, up to the per-peer limit (lock held)."""
+        self._threads = [t for t in self._threads if t.is_alive()]
+        wanted = min(self._settings.max_connections, len(self._threads) + num_parts)
+        while len(self._threads) < wanted:
+            thread = threading.Thread(target=self._worker, daemon=True,
+                                      name=f"tcp-transport-peer-{self.name}")
+            self._threads.append(thread)
+            thread.start()
 
     def _worker(self) -> None:
         """Run parts one at a time on this thread's connection."""
@@ -152,7 +156,7 @@ class PeerLink:
                     part = self._queue.get(timeout=_IDLE_CHECK_S)
                 except queue.Empty:
                     continue
-                if part.job.pending():
+                if part is not None and part.job.pending():
                     conn = self._execute(conn, part)
         finally:
             if conn is not None:
@@ -210,19 +214,20 @@ class PeerLink:
         """Open and authenticate a connection (bounded by connect/io timeouts)."""
         sock = socket.create_connection((self.desc.host, self.desc.port),
                                         timeout=self._settings.connect_timeout_s)
+        conn = _Conn(sock, self._region.io_for_connection())
+        with self._lock:
+            # Tracked before the handshake so close() can unblock a stalled hello too.
+            self._live.add(conn)
+            if self._closed.is_set():
+                conn.abort()
         try:
             tune_socket(sock, self._settings.io_timeout_s)
             send_frame(sock, TcpHello(PROTOCOL_VERSION, self.desc.token,
                                       self._settings.client_name))
             _expect_ok(sock)
         except BaseException:
-            sock.close()
+            self._forget(conn)
             raise
-        conn = _Conn(sock, self._region.io_for_connection())
-        with self._lock:
-            self._live.add(conn)
-            if self._closed.is_set():
-                conn.abort()
         return conn
 
     def _forget(self, conn: _Conn) -> None:
@@ -232,13 +237,26 @@ class PeerLink:
 
     def close(self, join_timeout_s: float = 2.0) -> None:
         """Stop the threads and drop the connections (bounded). Idempotent."""
-        self._closed.set()
         with self._lock:
+            self._closed.set()
             live, threads = list(self._live), list(self._threads)
         for conn in live:
             conn.abort()
+        for _ in threads:
+            self._queue.put(None)  # wake idle threads now rather than at their next check
         for thread in threads:
             thread.join(join_timeout_s)
+        self._fail_queued()
+
+    def _fail_queued(self) -> None:
+        """Parts no thread will run any more fail their batches (nothing stays PENDING)."""
+        while True:
+            try:
+                part = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if part is not None:
+                part.job.part_done(f"peer {self.name!r} was removed")
 
 
 def _expect_ok(sock: socket.socket) -> None:

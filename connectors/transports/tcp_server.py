@@ -144,6 +144,8 @@ class TcpServer:
     def close(self, join_timeout_s: float = 2.0) -> None:
         """Stop accepting, drop every connection, join threads (bounded). Idempotent."""
         self._stop.set()
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes a blocked accept() on Linux
         self._listener.close()
         with self._lock:
             conns, threads = list(self._conns), list(self._threads)

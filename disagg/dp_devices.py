@@ -1,0 +1,53 @@
+"""One GPU per data-parallel rank: the environment each engine-core process starts with.
+
+    user's HIP/CUDA_VISIBLE_DEVICES = "4,5,6,7"   (or unset: every GPU torch sees)
+    rank 0 -> "4", rank 1 -> "5", ...              the engine then uses its only GPU, cuda:0
+
+The variable is set in the frontend around the spawn, so it is in place before the child
+imports torch (the device list is read once, at the child's first CUDA call).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+from disagg.config import ConfigError
+
+
+def rank_device_env(rank: int, dp_size: int, device: str) -> dict[str, str]:
+    """The variables that give ``rank`` its own GPU; empty on CPU or with one rank."""
+    if dp_size == 1 or device == "cpu":
+        return {}
+    from disagg.platform import current_platform, visible_devices_env
+
+    plat = current_platform()
+    if plat.device_count == 0:
+        if device == "cuda":
+            raise ConfigError("--device cuda but torch sees no GPU")
+        return {}
+    var = visible_devices_env()
+    current = os.environ.get(var, "").strip()
+    ids = [d.strip() for d in current.split(",") if d.strip()] if current \
+        else [str(i) for i in range(plat.device_count)]
+    if len(ids) < dp_size:
+        raise ConfigError(f"--data-parallel-size {dp_size} needs one GPU per rank, but only "
+                          f"{len(ids)} are visible ({var}={current or 'unset'}); lower "
+                          "--data-parallel-size or make more GPUs visible")
+    return {var: ids[rank]}
+
+
+@contextlib.contextmanager
+def child_env(env: dict[str, str]) -> Iterator[None]:
+    """Set variables for a child about to be spawned, and restore ours afterwards."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -1,0 +1,45 @@
+"""The transport factory and the availability probe used by ``disagg doctor``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from connectors.transports import (
+    Segment,
+    TransportError,
+    available_transports,
+    make_transport,
+    merge_segments,
+    transport_names,
+)
+
+
+def test_every_transport_has_a_probe_answer() -> None:
+    found = available_transports()
+    assert set(found) == set(transport_names()) == {"tcp", "nixl", "ipc", "mori"}
+    assert found["tcp"] is None
+    for name, reason in found.items():
+        assert reason is None or (isinstance(reason, str) and reason), name
+
+
+def test_unknown_transport_name_is_a_clear_error() -> None:
+    with pytest.raises(TransportError, match="unknown KV transport 'rdma'.*tcp, nixl, ipc, mori"):
+        make_transport("rdma", agent_name="x")
+
+
+def test_factory_builds_a_working_tcp_transport() -> None:
+    transport = make_transport("tcp", agent_name="x", host="127.0.0.1", io_timeout_s=2.0)
+    try:
+        assert transport.name == "tcp"
+        transport.register_region(torch.zeros(16, dtype=torch.uint8))
+        assert isinstance(transport.descriptor(), bytes)
+        with pytest.raises(TransportError, match="already registered"):
+            transport.register_region(torch.zeros(16, dtype=torch.uint8))
+    finally:
+        transport.close()
+
+
+def test_merge_segments_joins_runs_contiguous_on_both_sides() -> None:
+    segs = [Segment(8, 108, 8), Segment(0, 100, 8), Segment(16, 200, 8)]
+    assert merge_segments(segs) == [Segment(0, 100, 16), Segment(16, 200, 8)]
