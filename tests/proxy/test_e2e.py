@@ -1,0 +1,217 @@
+"""The whole stack on CPU: `disagg-proxy --launch` with real `disagg serve` instances."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import aiohttp
+import psutil
+import pytest
+import requests  # type: ignore[import-untyped]
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+INSTANCE_ARGS = ["--instance-arg=--kv-cache-memory-bytes", "--instance-arg=48MiB"]
+
+
+def _nixl_ok() -> bool:
+    try:
+        import nixl  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+@dataclass
+class Deployment:
+    """A running launcher: its proxy URL and process."""
+
+    proc: subprocess.Popen[str]
+    url: str
+
+    def instances(self, pool: str | None = None) -> list[str]:
+        text = requests.get(self.url + "/metrics", timeout=5).text
+        return [m.group(2) for m in re.finditer(
+            r'^disagg_proxy_instance_healthy\{pool="(\w+)",url="([^"]+)"\} 1$', text, re.M)
+            if pool is None or m.group(1) == pool]
+
+    def requests_per_instance(self) -> dict[str, float]:
+        text = requests.get(self.url + "/metrics", timeout=5).text
+        return {m.group(1): float(m.group(2)) for m in re.finditer(
+            r'^disagg_proxy_instance_requests_total\{pool="\w+",url="([^"]+)"\} (\S+)$',
+            text, re.M)}
+
+
+@contextlib.contextmanager
+def launch(*args: str, timeout_s: float = 120) -> Iterator[Deployment]:
+    """Start a launcher, wait for its ready line, always tear the whole group down."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", DISAGG_LOG_LEVEL="WARNING")
+    proc = subprocess.Popen([sys.executable, "-m", "proxy.launcher", "--launch", "--port", "0",
+                             "--health-check-interval-s", "0.5", *INSTANCE_ARGS, *args],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout_s
+        assert proc.stdout is not None
+        line = ""
+        while time.monotonic() < deadline and proc.poll() is None:
+            line = proc.stdout.readline()
+            if line.startswith("disagg-proxy: ready on "):
+                break
+        assert line.startswith("disagg-proxy: ready on "), f"launcher not ready: {line!r}"
+        yield Deployment(proc, line.rsplit(" ", 1)[1].strip())
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def wait_clean(url: str, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    ranks: list[dict[str, int]] = []
+    while time.monotonic() < deadline:
+        ranks = requests.get(url + "/v1/kv_ledger", timeout=5).json()["ranks"]
+        if all(r["free"] == r["total"] and r["held"] == 0 for r in ranks):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{url} ledger not clean: {ranks}")
+
+
+PROMPTS = ["a", "x" * 15, "y" * 16, "z" * 17, "a longer prompt that spans several blocks " * 6]
+
+
+def _token_ids(url: str, prompt: str) -> list[int]:
+    r = requests.post(url + "/v1/completions", timeout=60, json={
+        "model": "builtin:tiny-llama", "prompt": prompt, "max_tokens": 8, "temperature": 0,
+        "ignore_eos": True, "return_token_ids": True})
+    assert r.status_code == 200, r.text
+    assert "kv_transfer_params" not in r.json()
+    return list(r.json()["choices"][0]["token_ids"])
+
+
+@pytest.mark.parametrize("transport", ["tcp", pytest.param("nixl", marks=pytest.mark.skipif(
+    not _nixl_ok(), reason="nixl is not installed"))])
+@pytest.mark.parametrize("mode", ["read", "write"])
+def test_proxy_outputs_equal_monolithic(instance_factory, transport: str, mode: str) -> None:
+    mono = instance_factory(["builtin:tiny-llama", "--device", "cpu",
+                             "--kv-cache-memory-bytes", "48MiB"])
+    expected = [_token_ids(mono.url, p) for p in PROMPTS]
+    with launch("--num-prefill", "1", "--num-decode", "1", "--mode", mode,
+                "--transport", transport) as dep:
+        assert [_token_ids(dep.url, p) for p in PROMPTS] == expected
+        for inst in dep.instances():
+            wait_clean(inst)
+
+
+def test_openai_client_through_the_proxy() -> None:
+    import openai
+
+    with launch("--num-prefill", "1", "--num-decode", "1") as dep:
+        client = openai.OpenAI(base_url=dep.url + "/v1", api_key="none", max_retries=0)
+        out = client.completions.create(model="builtin:tiny-llama", prompt="hello",
+                                        max_tokens=5, temperature=0)
+        assert out.usage is not None and out.usage.completion_tokens == 5
+        chat = client.chat.completions.create(model="builtin:tiny-llama", max_tokens=5,
+                                              messages=[{"role": "user", "content": "hi"}])
+        assert chat.choices[0].message.content is not None
+        chunks = list(client.chat.completions.create(
+            model="builtin:tiny-llama", max_tokens=6, stream=True,
+            messages=[{"role": "user", "content": "stream please"}]))
+        assert len(chunks) >= 2
+        models = client.models.list()
+        assert models.data[0].id == "builtin:tiny-llama"
+
+
+async def _stream(s: aiohttp.ClientSession, url: str, i: int) -> int:
+    body = {"model": "builtin:tiny-llama", "prompt": f"stream {i} " * 4, "max_tokens": 6,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    tokens = 0
+    async with s.post(url + "/v1/completions", json=body) as resp:
+        assert resp.status == 200, await resp.text()
+        async for line in resp.content:
+            if line.startswith(b"data: {"):
+                usage = json.loads(line[6:]).get("usage")
+                tokens = usage["completion_tokens"] if usage else tokens
+    return tokens
+
+
+def test_1000_concurrent_streams_through_1p1d() -> None:
+    with launch("--num-prefill", "1", "--num-decode", "1",
+                "--instance-arg=--max-num-seqs", "--instance-arg=256") as dep:
+        async def run() -> list[int]:
+            timeout = aiohttp.ClientTimeout(total=300)
+            async with aiohttp.ClientSession(timeout=timeout,
+                                             connector=aiohttp.TCPConnector(limit=0)) as s:
+                return await asyncio.gather(*(_stream(s, dep.url, i) for i in range(1000)))
+
+        assert asyncio.run(run()) == [6] * 1000
+        for inst in dep.instances():
+            wait_clean(inst)
+
+
+def test_client_disconnect_mid_stream_frees_both_instances() -> None:
+    with launch("--num-prefill", "1", "--num-decode", "1") as dep:
+        async def run() -> None:
+            async with aiohttp.ClientSession() as s:
+                body = {"prompt": "disconnect me", "max_tokens": 3000, "stream": True,
+                        "ignore_eos": True}
+                async with s.post(dep.url + "/v1/completions", json=body) as resp:
+                    assert resp.status == 200
+                    await resp.content.readline()  # tokens are flowing
+
+        asyncio.run(run())
+        for inst in dep.instances():
+            wait_clean(inst, timeout_s=5)
+
+
+def _pids_serving(launcher_pid: int, url: str) -> list[int]:
+    port = url.rsplit(":", 1)[1]
+    return [p.pid for p in psutil.Process(launcher_pid).children(recursive=True)
+            if "serve" in p.cmdline() and port in p.cmdline()]
+
+
+def test_2p2d_spreads_load_and_survives_a_prefill_kill() -> None:
+    with launch("--num-prefill", "2", "--num-decode", "2", "--on-instance-exit", "restart",
+                "--policy", "round_robin", timeout_s=180) as dep:
+        assert len(dep.instances()) == 4
+
+        async def burst(n: int) -> list[int]:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:
+                return await asyncio.gather(*(_stream(s, dep.url, i) for i in range(n)))
+
+        assert asyncio.run(burst(40)) == [6] * 40
+        counts = dep.requests_per_instance()
+        assert len(counts) == 4 and all(v > 0 for v in counts.values()), counts
+        victim = dep.instances("prefill")[0]
+        pids = _pids_serving(dep.proc.pid, victim)
+        assert pids, "could not find the prefill instance's process"
+
+        async def kill_during_load() -> list[int]:
+            task = asyncio.ensure_future(burst(60))
+            await asyncio.sleep(0.3)
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(os.getpgid(pid), signal.SIGKILL)
+            return await task
+
+        # requests that had not reached the dead prefill are retried elsewhere: none is lost
+        assert asyncio.run(kill_during_load()) == [6] * 60
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and len(dep.instances("prefill")) < 2:
+            time.sleep(0.5)
+        assert len(dep.instances("prefill")) == 2, "the restarted prefill did not rejoin"
+        assert asyncio.run(burst(10)) == [6] * 10
