@@ -27,7 +27,18 @@ setup() {
   "$PY" -c "import torch; assert torch.__version__, 'torch missing'"
 }
 
+system_tools() {
+  # shellcheck lints deploy/ scripts, curl is used by their real-mode tests (root on CI).
+  if ! command -v shellcheck >/dev/null 2>&1 || ! command -v curl >/dev/null 2>&1; then
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+      (apt-get update -qq && apt-get install -y -qq shellcheck curl) >/dev/null 2>&1 \
+        || echo "dev.sh: could not install shellcheck/curl; those tests skip"
+    fi
+  fi
+}
+
 run_tests() {
+  system_tools
   "$VENV/bin/ruff" check disagg connectors hip_kernels proxy bench tests
   "$VENV/bin/mypy" disagg connectors hip_kernels proxy bench
   set +e

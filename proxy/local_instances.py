@@ -129,19 +129,31 @@ def device_groups(num_instances: int, gpus_per_instance: int) -> list[list[str]]
             for i in range(num_instances)]
 
 
+def _dp_size(instance_args: tuple[str, ...]) -> int:
+    """--data-parallel-size given to the instances (each rank takes KV_PORT_STRIDE ports)."""
+    args = list(instance_args)
+    for i, arg in enumerate(args):
+        if arg.startswith("--data-parallel-size="):
+            return max(1, int(arg.split("=", 1)[1]))
+        if arg in ("--data-parallel-size", "-dp") and i + 1 < len(args):
+            return max(1, int(args[i + 1]))
+    return 1
+
+
 def _ports(cfg: LaunchConfig, num_instances: int) -> tuple[list[int], list[int]]:
-    """HTTP ports and connector base ports, given or found."""
+    """HTTP ports and connector base ports, given or found (a stride per DP rank)."""
+    stride = KV_PORT_STRIDE * _dp_size(cfg.instance_args)
     if cfg.instance_base_port is not None:
         http_ports = [cfg.instance_base_port + i for i in range(num_instances)]
         check_ports_free(http_ports)
     else:
         http_ports = find_port_blocks(num_instances, 1)
     if cfg.kv_base_port is not None:
-        kv_ports = [cfg.kv_base_port + i * KV_PORT_STRIDE for i in range(num_instances)]
+        kv_ports = [cfg.kv_base_port + i * stride for i in range(num_instances)]
         check_ports_free(kv_ports)
     else:
-        kv_ports = find_port_blocks(num_instances, KV_PORT_STRIDE)
-    if set(http_ports) & {p + k for p in kv_ports for k in range(KV_PORT_STRIDE)}:
+        kv_ports = find_port_blocks(num_instances, stride)
+    if set(http_ports) & {p + k for p in kv_ports for k in range(stride)}:
         raise LaunchError("instance HTTP ports overlap connector ports; change a base port")
     return http_ports, kv_ports
 
