@@ -41,6 +41,7 @@ run_tests() {
   system_tools
   "$VENV/bin/ruff" check disagg connectors hip_kernels proxy bench tests
   "$VENV/bin/mypy" disagg connectors hip_kernels proxy bench
+  "$VENV/bin/mypy" --explicit-package-bases tests
   set +e
   "$PY" -m pytest -q -p no:cacheprovider "$@"
   code=$?

@@ -61,8 +61,9 @@ async def pd_request(s: aiohttp.ClientSession, p_url: str, d_url: str, body: dic
         async with s.post(url + "/v1/completions", json=b) as r:
             return r.status, await r.json()
 
-    _, d_res = await asyncio.gather(post(p_url, p_body), post(d_url, d_body))
-    return d_res
+    results = await asyncio.gather(
+        post(p_url, p_body), post(d_url, d_body))
+    return results[1]
 
 
 def metric(url: str, name: str) -> float:

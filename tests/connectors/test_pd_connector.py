@@ -69,7 +69,7 @@ def test_pd_equals_monolithic(instance_factory, transport: str, mode: str) -> No
     wait_clean(d.url)
 
 
-FAST = {"transfer_timeout": 3, "defer_timeout": 3, "lease_timeout": 2,
+FAST: dict[str, Any] = {"transfer_timeout": 3, "defer_timeout": 3, "lease_timeout": 2,
         "heartbeat_interval": 0.5}
 
 
@@ -82,7 +82,7 @@ def _pair(instance_factory, mode: str, p_extra: list[str] | None = None,
     return p, d
 
 
-BODY = {"prompt": "fault injection prompt " * 4, "max_tokens": 4, "temperature": 0,
+BODY: dict[str, Any] = {"prompt": "fault injection prompt " * 4, "max_tokens": 4, "temperature": 0,
         "ignore_eos": True}
 
 

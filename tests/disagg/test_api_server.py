@@ -16,9 +16,10 @@ TINY = ["builtin:tiny-llama", "--kv-cache-memory-bytes", "32MiB", "--device", "c
 
 def kv_free_total(url: str) -> tuple[float, float]:
     text = requests.get(url + "/metrics", timeout=5).text
-    free = float(re.search(r"^disagg_kv_blocks_free\S* (\S+)$", text, re.M).group(1))
-    total = float(re.search(r"^disagg_kv_blocks_total\S* (\S+)$", text, re.M).group(1))
-    return free, total
+    free = re.search(r"^disagg_kv_blocks_free\S* (\S+)$", text, re.M)
+    total = re.search(r"^disagg_kv_blocks_total\S* (\S+)$", text, re.M)
+    assert free is not None and total is not None
+    return float(free.group(1)), float(total.group(1))
 
 
 def wait_all_free(url: str, timeout_s: float = 10.0) -> None:
@@ -150,7 +151,8 @@ def test_openai_client_works(instance_factory, chat: bool) -> None:
                                                 stream=True)
         assert sum(1 for _ in stream) >= 1
     else:
-        out = client.completions.create(model="builtin:tiny-llama", prompt="hi", max_tokens=5,
-                                        temperature=0, logprobs=2)
-        assert out.usage.completion_tokens == 5
-        assert len(out.choices[0].logprobs.token_logprobs) == 5
+        comp = client.completions.create(model="builtin:tiny-llama", prompt="hi", max_tokens=5,
+                                         temperature=0, logprobs=2)
+        assert comp.usage is not None and comp.usage.completion_tokens == 5
+        logprobs = comp.choices[0].logprobs
+        assert logprobs is not None and len(logprobs.token_logprobs or []) == 5

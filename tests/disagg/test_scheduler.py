@@ -19,7 +19,7 @@ def req(rid: str, n_prompt: int, max_tokens: int = 4) -> Request:
 
 
 def run_to_end(s: Scheduler, max_steps: int = 1000) -> list[int]:
-    batch_sizes = []
+    batch_sizes: list[int] = []
     for _ in range(max_steps):
         if not s.has_work():
             return batch_sizes

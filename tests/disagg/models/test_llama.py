@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from typing import Any
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from disagg.sampling_params import SamplingParams
 MAX_NEW = 12
 
 
-def hf_greedy(model: torch.nn.Module, prompts: list[list[int]], max_new: int) -> list[list[int]]:
+def hf_greedy(model: Any, prompts: list[list[int]], max_new: int) -> list[list[int]]:
     outs = []
     for p in prompts:
         g = model.generate(torch.tensor([p]), max_new_tokens=max_new, do_sample=False,
@@ -89,7 +90,8 @@ def test_tiny_qwen3_from_sharded_safetensors(tmp_path: object) -> None:
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(0)
-    cfg = Qwen3Config(**{k: v for k, v in TINY_QWEN3.items() if k != "model_type"})
+    fields: dict[str, Any] = {k: v for k, v in TINY_QWEN3.items() if k != "model_type"}
+    cfg = Qwen3Config(**fields)
     model = Qwen3ForCausalLM(cfg).eval()
     with torch.no_grad():  # spread logits so greedy has no near-ties
         for p in model.parameters():
