@@ -114,17 +114,19 @@ def _prefill(llm: Any, tokens: int) -> float:
     return best
 
 
-def _workload(n: int, seed: int = 0) -> tuple[list[list[int]], list[int]]:
+def _workload(n: int, seed: int = 0, fixed_out: int | None = None
+              ) -> tuple[list[list[int]], list[int]]:
+    """n random-id prompts of 100-1024 tokens; outputs 100-1024 tokens, or all ``fixed_out``."""
     rng = random.Random(seed)
     prompts = [[rng.randrange(10, 30000) for _ in range(rng.randint(100, 1024))] for _ in range(n)]
-    outs = [rng.randint(100, 1024) for _ in range(n)]
+    outs = [fixed_out or rng.randint(100, 1024) for _ in range(n)]
     return prompts, outs
 
 
-def _throughput(llm: Any, n: int) -> dict[str, float]:
+def _throughput(llm: Any, n: int, fixed_out: int | None = None) -> dict[str, float]:
     from disagg.sampling_params import SamplingParams
 
-    prompts, outs = _workload(n)
+    prompts, outs = _workload(n, fixed_out=fixed_out)
     sps = [SamplingParams(max_tokens=o, temperature=0, ignore_eos=True) for o in outs]
     t0 = time.perf_counter()
     results = llm.generate(prompts, sps)
@@ -142,7 +144,7 @@ def _hf_baseline(model_dir: str, n: int) -> dict[str, float]:
     cfg = AutoConfig.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.bfloat16,
                                              attn_implementation="sdpa").cuda().eval()
-    prompts, _ = _workload(n)
+    prompts, _ = _workload(n, fixed_out=512)
     gen = GenerationConfig(max_new_tokens=512, do_sample=False, eos_token_id=-1,
                            pad_token_id=0)
     t0 = time.perf_counter()
@@ -170,6 +172,38 @@ def _readme_cells(row: dict[str, Any]) -> dict[str, Any]:
             "command": "python -m bench.engine_bench --throughput --hf-baseline"}
 
 
+def _compare(args: argparse.Namespace, llm: Any, model_dir: str,
+             ceil: dict[str, float]) -> int:
+    """Ours and transformers on the same 256 x (U[100,1024] in, 512 out) workload."""
+    import torch
+
+    ours = _throughput(llm, args.hf_num_prompts, fixed_out=512)
+    print("ours:", ours, flush=True)
+    del llm
+    torch.cuda.empty_cache()
+    hf = _hf_baseline(model_dir, args.hf_num_prompts)
+    print("transformers generate_batch:", hf, flush=True)
+    from bench.metadata import run_metadata
+
+    row = {"kind": "engine_vs_transformers", "shape": args.shape, "ceilings": ceil,
+           "ours": ours, "transformers_generate_batch": hf,
+           "speedup": ours["output_tok_s"] / hf["output_tok_s"],
+           **run_metadata(deployment="in-process engine vs transformers, 1 GPU"),
+           "model": f"{args.shape} shape, dummy bf16",
+           "workload": f"{args.hf_num_prompts} prompts, U[100,1024] random ids in, 512 out, "
+                       "EOS ignored",
+           "command": "python -m bench.engine_bench --compare-only",
+           "figures": {"ours": f"{ours['output_tok_s']:.0f} out tok/s",
+                       "transformers": f"{hf['output_tok_s']:.0f} out tok/s",
+                       "speedup": f"{ours['output_tok_s'] / hf['output_tok_s']:.1f}x"}}
+    if args.commit:
+        row["commit"] = args.commit
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    with args.output.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    return 0
+
+
 def _append(args: argparse.Namespace, row: dict[str, Any]) -> None:
     from bench.metadata import run_metadata
 
@@ -192,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-prompts", type=int, default=256)
     ap.add_argument("--hf-baseline", action="store_true")
     ap.add_argument("--hf-num-prompts", type=int, default=256)
+    ap.add_argument("--compare-only", action="store_true",
+                    help="only the issue's comparison: 256 prompts x 512 output tokens, ours "
+                         "then transformers generate_batch, same prompts, same command")
     ap.add_argument("--output", type=Path, default=Path("bench/results/engine.jsonl"))
     ap.add_argument("--commit", default=None)
     args = ap.parse_args(argv)
@@ -206,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = _model_dir(args.shape)
     llm = LLM(model_dir, load_format="dummy", device="cuda", dtype="bfloat16",
               max_num_seqs=256, max_num_batched_tokens=8192, max_model_len=8192)
+    if args.compare_only:
+        return _compare(args, llm, model_dir, ceil)
     row: dict[str, Any] = {"kind": "engine", "shape": args.shape, "ceilings": ceil,
                            "kernels": llm.engine.runner.ops.backend,
                            "num_gpu_blocks": llm.engine.plan.num_blocks}
