@@ -142,8 +142,9 @@ def _hf_baseline(model_dir: str, n: int) -> dict[str, float]:
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     cfg = AutoConfig.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.bfloat16,
-                                             attn_implementation="sdpa").cuda().eval()
+    with torch.device("cuda"):  # initialise the random weights on the GPU, not the CPU
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16,
+                                                 attn_implementation="sdpa").eval()
     prompts, _ = _workload(n, fixed_out=512)
     gen = GenerationConfig(max_new_tokens=512, do_sample=False, eos_token_id=-1,
                            pad_token_id=0)
