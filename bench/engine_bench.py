@@ -173,15 +173,32 @@ def _readme_cells(row: dict[str, Any]) -> dict[str, Any]:
             "command": "python -m bench.engine_bench --throughput --hf-baseline"}
 
 
-def _compare(args: argparse.Namespace, llm: Any, model_dir: str,
-             ceil: dict[str, float]) -> int:
-    """Ours and transformers on the same 256 x (U[100,1024] in, 512 out) workload."""
+def _make_llm(model_dir: str) -> Any:
+    from disagg.llm import LLM
+
+    return LLM(model_dir, load_format="dummy", device="cuda", dtype="bfloat16",
+               max_num_seqs=256, max_num_batched_tokens=8192, max_model_len=8192)
+
+
+def _ours_then_free(model_dir: str, n: int) -> dict[str, float]:
+    """Our throughput; the engine (and its KV cache) is gone when this returns."""
+    import gc
+
     import torch
 
-    ours = _throughput(llm, args.hf_num_prompts, fixed_out=512)
-    print("ours:", ours, flush=True)
+    llm = _make_llm(model_dir)
+    result = _throughput(llm, n, fixed_out=512)
+    llm.engine.close()
     del llm
+    gc.collect()
     torch.cuda.empty_cache()
+    return result
+
+
+def _compare(args: argparse.Namespace, model_dir: str, ceil: dict[str, float]) -> int:
+    """Ours and transformers on the same 256 x (U[100,1024] in, 512 out) workload."""
+    ours = _ours_then_free(model_dir, args.hf_num_prompts)
+    print("ours:", ours, flush=True)
     hf = _hf_baseline(model_dir, args.hf_num_prompts)
     print("transformers generate_batch:", hf, flush=True)
     from bench.metadata import run_metadata
@@ -238,14 +255,11 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("engine_bench: needs a GPU (CUDA or ROCm); none is visible", file=sys.stderr)
         return 2
-    from disagg.llm import LLM
-
     ceil = _ceilings()
     model_dir = _model_dir(args.shape)
-    llm = LLM(model_dir, load_format="dummy", device="cuda", dtype="bfloat16",
-              max_num_seqs=256, max_num_batched_tokens=8192, max_model_len=8192)
     if args.compare_only:
-        return _compare(args, llm, model_dir, ceil)
+        return _compare(args, model_dir, ceil)
+    llm = _make_llm(model_dir)
     row: dict[str, Any] = {"kind": "engine", "shape": args.shape, "ceilings": ceil,
                            "kernels": llm.engine.runner.ops.backend,
                            "num_gpu_blocks": llm.engine.plan.num_blocks}
@@ -270,7 +284,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.throughput:
         row["throughput"] = _throughput(llm, args.num_prompts)
         print("throughput:", row["throughput"], flush=True)
+    llm.engine.close()
     del llm
+    import gc
+
+    gc.collect()
     torch.cuda.empty_cache()
     _append(args, row)  # our figures are safe on disk before the long baseline runs
     if args.hf_baseline:
