@@ -95,6 +95,9 @@ class PDConnector(KVConnector):
         self.transfers: dict[str, Transfer] = {}
         self._by_request: dict[str, str] = {}
         self._early: dict[str, tuple[RemoteBlocks, float]] = {}
+        # transfers the peer failed before this side knew them: a late request for one must
+        # not use stale remote_blocks (the decode already freed those blocks)
+        self._tombstones: dict[str, tuple[str, float]] = {}
         self._hellos: dict[tuple[str, int], concurrent.futures.Future[EngineMetadata]] = {}
         self._draining: list[tuple[Transfer, float]] = []
         self._last_lease_s = 0.0
@@ -151,6 +154,7 @@ class PDConnector(KVConnector):
         if tid in self.transfers:
             logger.warning("duplicate transfer_id %s ignored", tid)
             return
+        tomb = self._tombstones.pop(str(tid), None)
         mode = str(p.get("mode", self.mode))
         role = ((TransferRole.CONSUMER_READ if mode == "read" else TransferRole.CONSUMER_WRITE)
                 if consumer else
@@ -161,6 +165,10 @@ class PDConnector(KVConnector):
                      peer_notify_port=p.get("remote_notify_port"))
         self.transfers[t.transfer_id] = t
         self._by_request[req.request_id] = t.transfer_id
+        if tomb is not None:
+            self.fail(t, f"the peer already gave up on this transfer: {tomb[0]}",
+                      notify_peer=False)
+            return
         if role is TransferRole.CONSUMER_READ:
             t.remote_block_ids = list(p.get("remote_block_ids") or [])
             if int(p.get("remote_num_tokens", -1)) != req.num_prompt_tokens:
@@ -287,6 +295,9 @@ class PDConnector(KVConnector):
         if t is None:
             if isinstance(msg, RemoteBlocks):
                 self._early[msg.transfer_id] = (msg, now)  # WRITE: D raced ahead of P
+            elif isinstance(msg, TransferFailed):  # the peer gave up before we knew it
+                self._early.pop(msg.transfer_id, None)
+                self._tombstones[msg.transfer_id] = (msg.reason, now)
             else:
                 self.counters["notifications_unknown_total"] += 1
             return
@@ -477,6 +488,8 @@ class PDConnector(KVConnector):
 
     def _expire_early(self, now: float) -> None:
         limit = self.timeouts.defer_timeout_s
+        for tid in [k for k, (_, t0) in self._tombstones.items() if now - t0 > limit]:
+            del self._tombstones[tid]
         for tid in [k for k, (_, t0) in self._early.items() if now - t0 > limit]:
             del self._early[tid]
             self.counters["notifications_unknown_total"] += 1

@@ -45,6 +45,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--no-chunked-prefill", action="store_true")
     p.add_argument("--data-parallel-size", "-dp", type=int, default=1)
+    p.add_argument("--dp-lockstep", action="store_true",
+                   help="data-parallel ranks step together (what expert-parallel MoE needs)")
+    p.add_argument("--dp-collective-timeout", type=float, default=120.0,
+                   help="deadline in seconds for every collective among the ranks")
     p.add_argument("--kv-transfer-config", default=None,
                    help='JSON, e.g. {"kv_connector":"PDConnector","kv_role":"kv_producer",...}')
 
@@ -57,6 +61,8 @@ def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
         raise ConfigError("--max-num-seqs and --max-num-batched-tokens must be positive")
     if a.data_parallel_size < 1:
         raise ConfigError("--data-parallel-size must be at least 1")
+    if a.dp_collective_timeout <= 0:
+        raise ConfigError("--dp-collective-timeout must be positive")
     if not 0 < a.gpu_memory_utilization <= 1:
         raise ConfigError("--gpu-memory-utilization must be in (0, 1]")
     if not a.model.startswith("builtin:") and not os.path.isdir(a.model):
@@ -72,7 +78,9 @@ def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
         scheduler=SchedulerConfig(max_num_seqs=a.max_num_seqs,
                                   max_num_batched_tokens=a.max_num_batched_tokens,
                                   enable_chunked_prefill=not a.no_chunked_prefill),
-        parallel=ParallelConfig(data_parallel_size=a.data_parallel_size),
+        parallel=ParallelConfig(data_parallel_size=a.data_parallel_size,
+                                data_parallel_lockstep=a.dp_lockstep or envs.dp_lockstep(),
+                                data_parallel_timeout_s=a.dp_collective_timeout),
         kv_transfer=KVTransferConfig.from_json(a.kv_transfer_config))
 
 

@@ -51,3 +51,18 @@ def child_env(env: dict[str, str]) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def cpu_threads_per_rank(dp_size: int, device: str) -> int | None:
+    """CPU ranks share the cores: each gets its slice, or their OpenMP pools spin against each
+    other (3 ranks on 2 cores ran 25x slower). None: leave torch's default (one rank, a GPU,
+    or the user chose OMP_NUM_THREADS)."""
+    if dp_size == 1 or device not in ("cpu", "auto") or os.environ.get("OMP_NUM_THREADS"):
+        return None
+    if device == "auto":
+        from disagg.platform import is_gpu
+
+        if is_gpu():
+            return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // dp_size)

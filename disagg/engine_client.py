@@ -236,11 +236,17 @@ class EngineClient:
         return list(await asyncio.wait_for(asyncio.gather(*futures), timeout_s))
 
     async def _broadcast(self, msg: Any) -> None:
-        """Send to every rank, in rank order, with no other broadcast in between."""
-        frame = encoder.encode(msg)
-        async with self._bcast_lock:
-            for sock in self._inputs:
-                await sock.send(frame)
+        """Send to every rank, in rank order, with no other broadcast in between; shielded, so
+        a cancelled caller (an HTTP client gone) never leaves some ranks without it."""
+        await self._send_all([encoder.encode(msg)] * len(self._inputs))
+
+    async def _send_all(self, frames: list[bytes]) -> None:
+        async def send() -> None:
+            async with self._bcast_lock:
+                for sock, frame in zip(self._inputs, frames):
+                    await sock.send(frame)
+
+        await asyncio.shield(asyncio.ensure_future(send()))
 
     async def pause(self, mode: PauseMode, timeout_s: float) -> bool:
         """Pause every rank; True once all are paused, False if the deadline passed first
@@ -261,10 +267,13 @@ class EngineClient:
     async def _until_acked(self, timeout_s: float) -> bool:
         acked = asyncio.ensure_future(self.pause_state.wait(timeout_s))
         dead = asyncio.ensure_future(self.dead_event.wait())
-        await asyncio.wait({acked, dead}, return_when=asyncio.FIRST_COMPLETED)
-        dead.cancel()
+        try:
+            await asyncio.wait({acked, dead}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            dead.cancel()
+            if not acked.done():
+                acked.cancel()
         if self.dead:
-            acked.cancel()
             raise EngineDeadError(self.dead)
         return bool(acked.result())
 
@@ -280,10 +289,8 @@ class EngineClient:
             futures.append(loop.create_future())
             self._calls[call_id] = futures[-1]
         try:
-            async with self._bcast_lock:
-                for call_id, sock in zip(call_ids, self._inputs):
-                    await sock.send(encoder.encode(EngineCoreCollectiveRpc(
-                        call_id=call_id, method=method, args=args)))
+            await self._send_all([encoder.encode(EngineCoreCollectiveRpc(
+                call_id=call_id, method=method, args=args)) for call_id in call_ids])
             return list(await asyncio.wait_for(asyncio.gather(*futures), timeout_s))
         finally:
             for call_id in call_ids:

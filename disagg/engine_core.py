@@ -167,6 +167,10 @@ class EngineCore:
         """Requests queued, running or waiting for remote KV (held ones excluded)."""
         return self.scheduler.has_work()
 
+    def has_runnable_work(self) -> bool:
+        """Requests the model could step now (not ones only waiting for remote KV)."""
+        return bool(self.scheduler.waiting or self.scheduler.running)
+
     def connector_busy(self) -> bool:
         """KV transfers or holds outstanding."""
         return bool(self.connector and self.connector.busy())

@@ -27,6 +27,7 @@ import zmq
 
 from disagg import envs
 from disagg.config import ConfigError, EngineConfig
+from disagg.dp_devices import cpu_threads_per_rank
 from disagg.dp_group import DPGroup, DPGroupError
 from disagg.dp_lockstep import Lockstep, WaveEnd
 from disagg.dp_rpc import (
@@ -61,6 +62,7 @@ logger = logging.getLogger(__name__)
 IDLE_POLL_MS = 100
 CONNECTOR_POLL_MS = 1
 """Poll interval while only KV transfers are outstanding (no spinning on a paused rank)."""
+STATS_INTERVAL_S = 0.05
 EXIT_DP_GROUP_FAILED = 3
 
 
@@ -79,7 +81,8 @@ class EngineLoop:
         self._errors: list[EngineCoreOutput] = []
         self._reports: list[EngineCorePauseStatus] = []
         """Sent after the step's outputs, so the frontend sees what a pause ended first."""
-        self._last_beat = time.monotonic()
+        self._last_beat = self._last_stats = time.monotonic()
+        self._was_busy = False
 
     # ---- the loop -------------------------------------------------------------------------
     def run(self, parent: int) -> None:
@@ -96,8 +99,10 @@ class EngineLoop:
         ls = self.lockstep
         if ls is not None and ls.running:
             return 0
-        if ls is None and self.pause.may_schedule and self.engine.has_inflight():
+        if ls is None and self.pause.may_schedule and self.engine.has_runnable_work():
             return 0
+        # requests waiting for remote KV, or frozen by a pause, need no spinning: the connector
+        # (polled often while it has transfers) or an input message moves them on
         return CONNECTOR_POLL_MS if self.engine.connector_busy() else IDLE_POLL_MS
 
     def _read(self, block_ms: int) -> list[bytes]:
@@ -136,12 +141,19 @@ class EngineLoop:
         return list(outputs)
 
     def _send_outputs(self, outputs: list[EngineCoreOutput], parent: int) -> bool:
+        """Outputs at once; stats with them, every STATS_INTERVAL_S while work is in flight (a
+        rank waiting on a peer must not flood its frontend), once more when the work ends (so
+        the final counters are fresh), and with the 1 s beat."""
         now = time.monotonic()
         beat = now - self._last_beat >= 1.0
-        stepping = self.pause.may_schedule and self.engine.has_work()
-        if outputs or stepping or beat or self._reports:
+        busy = self.engine.has_work()
+        fresh = (busy and now - self._last_stats >= STATS_INTERVAL_S) or (self._was_busy
+                                                                          and not busy)
+        self._was_busy = busy
+        if outputs or fresh or beat or self._reports:
             self._send(EngineCoreOutputs(dp_rank=self.rank, outputs=outputs,
                                          stats=self.engine.stats()))
+            self._last_stats = now
         for report in self._reports:
             self._send(report)
         self._reports = []
@@ -227,7 +239,11 @@ class EngineLoop:
 
     def _dp_state(self) -> dict[str, Any]:
         mode = self.pause.mode
-        state: dict[str, Any] = {"pid": os.getpid(), "pause_state": self.pause.state.value,
+        from disagg.platform import visible_devices_env
+
+        state: dict[str, Any] = {"pid": os.getpid(), "device": str(self.engine.device),
+                                 "visible_devices": os.environ.get(visible_devices_env()),
+                                 "pause_state": self.pause.state.value,
                                  "pause_mode": mode.value if mode else None,
                                  "num_held": self.engine.num_held,
                                  "lockstep": self.lockstep is not None}
@@ -244,6 +260,14 @@ def _for_this_rank(cfg: EngineConfig) -> EngineConfig:
         return cfg
     return dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache,
                                                               kv_cache_memory_bytes=budget))
+
+
+def _share_cpu(cfg: EngineConfig) -> None:
+    threads = cpu_threads_per_rank(cfg.parallel.data_parallel_size, cfg.model.device)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def _join_group(cfg: EngineConfig) -> DPGroup | None:
@@ -269,10 +293,22 @@ def run_engine_core(cfg_bytes: bytes, input_addr: str, output_addr: str) -> None
     out_sock = ctx.socket(zmq.PUSH)
     out_sock.setsockopt(zmq.LINGER, 2000)
     out_sock.connect(output_addr)
+    try:
+        code = _serve(cfg_bytes, in_sock, out_sock, parent)
+    finally:
+        out_sock.close(linger=1000)
+        in_sock.close(linger=0)
+        ctx.term()
+    sys.exit(code)
+
+
+def _serve(cfg_bytes: bytes, in_sock: zmq.Socket, out_sock: zmq.Socket, parent: int) -> int:
+    """Join the group, build the engine, hand-shake, loop; returns the exit code."""
     engine = group = None
     started = False
     try:
         cfg = _for_this_rank(msgspec.msgpack.decode(cfg_bytes, type=EngineConfig))
+        _share_cpu(cfg)
         group = _join_group(cfg)
         from disagg.engine_core import build_engine
 
@@ -280,23 +316,21 @@ def run_engine_core(cfg_bytes: bytes, input_addr: str, output_addr: str) -> None
         out_sock.send(encoder.encode(engine.ready_response()))
         started = True
         EngineLoop(engine, in_sock, out_sock, group).run(parent)
+        return 0
     except ConfigError as exc:
         out_sock.send(encoder.encode(EngineCoreStartupError(str(exc))))
-        sys.exit(2)
+        return 2
     except DPGroupError as exc:
         logger.error("%s; engine core exits", exc)
         if not started:
             out_sock.send(encoder.encode(EngineCoreStartupError(str(exc))))
-        sys.exit(EXIT_DP_GROUP_FAILED)
+        return EXIT_DP_GROUP_FAILED
     except Exception as exc:
         logger.error("engine core failed: %s", traceback.format_exc())
         out_sock.send(encoder.encode(EngineCoreStartupError(f"{type(exc).__name__}: {exc}")))
-        sys.exit(1)
+        return 1
     finally:
         if engine is not None:
             engine.close()
         if group is not None:
             group.close()
-        out_sock.close(linger=1000)
-        in_sock.close(linger=0)
-        ctx.term()

@@ -11,6 +11,7 @@ from disagg.detokenizer import IncrementalDetokenizer
 from disagg.engine_client import EngineClient
 from disagg.metrics import ServerMetrics
 from disagg.openai_api import ApiError
+from disagg.pause import PAUSE_ABORT_ERROR
 from disagg.protocol import TokenLogprob
 from disagg.sampling_params import SamplingParams
 from disagg.tokenizer import Tokenizer
@@ -42,6 +43,8 @@ def _engine_error(message: str) -> ApiError:
     """Engine-side failures: length/empty checks are the user's (400), the rest 500."""
     if "exceeds max_model_len" in message or "prompt is empty" in message:
         return ApiError(400, message, code="context_length_exceeded")
+    if message == PAUSE_ABORT_ERROR:
+        return ApiError(503, message, err_type="server_error", code="paused")
     return ApiError(500, message, err_type="server_error")
 
 

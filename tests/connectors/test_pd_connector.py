@@ -264,3 +264,35 @@ def test_512_concurrent_requests_tcp(instance_factory, mode: str) -> None:
     wait_clean(d.url)
     assert metric(p.url, "disagg_kv_connector_transfers_failed_total") == 0
     assert os.path.exists(p.log_path)
+
+
+def test_write_decode_gave_up_before_prefill_arrived_fails_fast(instance_factory) -> None:
+    """remote_blocks then transfer_failed from the decode, before the prefill request comes:
+    the prefill must not write into blocks the decode already freed."""
+    p, d = _pair(instance_factory, "write")
+    p_info, d_info = info(p.url), info(d.url)
+
+    async def go(s: aiohttp.ClientSession) -> None:
+        d_task = asyncio.create_task(s.post(d.url + "/v1/completions", json={
+            **BODY, "kv_transfer_params": {"transfer_id": "gave-up", "do_remote_prefill": True,
+                                           "mode": "write", **remote_of(p_info)}}))
+        await asyncio.sleep(1.0)  # the decode allocated and announced its blocks
+        async with s.post(d.url + "/v1/kv_transfer/abort",
+                          json={"transfer_id": "gave-up"}) as r:
+            assert r.status == 200
+        resp = await d_task
+        body = await resp.json()
+        assert resp.status != 200 or body["choices"][0]["finish_reason"] == "abort"
+        await asyncio.sleep(0.5)
+        t0 = time.monotonic()
+        async with s.post(p.url + "/v1/completions", json={
+                **BODY, "max_tokens": 1, "kv_transfer_params": {
+                    "transfer_id": "gave-up", "do_remote_decode": True, "mode": "write",
+                    **remote_of(d_info)}}) as r:
+            assert r.status >= 500
+            assert "gave up" in (await r.json())["error"]["message"]
+        assert time.monotonic() - t0 < FAST["defer_timeout"]  # failed at once, no expiry
+
+    _run(_session_run(go))
+    wait_clean(p.url)
+    wait_clean(d.url)
