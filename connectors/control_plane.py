@@ -3,6 +3,9 @@
 One background thread owns the two bound sockets:
   ROUTER (handshake_port): answers HandshakeRequest with our metadata or a refusal.
   PULL   (notify_port):    decodes notifications into a queue the engine thread drains.
+It also sends the leases (heartbeats) on its own timer, from a snapshot of live transfers the
+engine thread refreshes each step: a lease says "this process is alive", so a long engine step
+must not make a peer reap transfers that are merely waiting their turn.
 The engine thread owns the PUSH sockets to peers (never blocks: NOBLOCK + bounded HWM).
 Handshakes to peers run on a small thread pool and return futures, so the step loop never waits.
 """
@@ -13,6 +16,7 @@ import concurrent.futures
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 
 import msgspec
@@ -23,6 +27,7 @@ from connectors.protocol import (
     EngineMetadata,
     HandshakeRequest,
     HandshakeResponse,
+    Lease,
     Notification,
     encoder,
     hello_ack_decoder,
@@ -52,6 +57,9 @@ class ControlPlane:
         self.refused = 0
         self.dropped_sends = 0
         self._push: dict[tuple[str, int], zmq.Socket] = {}
+        self._lease_push: dict[tuple[str, int], zmq.Socket] = {}
+        self._lease_targets: dict[tuple[str, int], list[str]] = {}
+        self.heartbeat_interval_s = 1.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="kv-control", daemon=True)
         self._pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="kv-hello")
@@ -72,12 +80,41 @@ class ControlPlane:
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._pull, zmq.POLLIN)
+        last_lease = 0.0
         while not self._stop.is_set():
             for sock, _ in poller.poll(100):
                 if sock is self._router:
                     self._answer_hello()
                 else:
                     self._receive_notification()
+            now = time.monotonic()
+            if now - last_lease >= self.heartbeat_interval_s:
+                last_lease = now
+                self._send_leases()
+
+    def set_leases(self, targets: dict[tuple[str, int], list[str]]) -> None:
+        """Engine thread: the live transfers to lease, per peer (swapped in atomically)."""
+        self._lease_targets = targets
+
+    def _send_leases(self) -> None:
+        assert self.metadata is not None
+        for addr, tids in self._lease_targets.items():
+            sock = self._lease_push.get(addr)
+            if sock is None:
+                sock = self._connect_push(addr)
+                self._lease_push[addr] = sock
+            try:
+                sock.send(encoder.encode(Lease(engine_id=self.metadata.engine_id,
+                                               transfer_ids=tids)), zmq.NOBLOCK)
+            except zmq.Again:
+                self.dropped_sends += 1
+
+    def _connect_push(self, addr: tuple[str, int]) -> zmq.Socket:
+        sock = self._ctx.socket(zmq.PUSH)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 10000)
+        sock.connect(f"tcp://{addr[0]}:{addr[1]}")
+        return sock
 
     def _answer_hello(self) -> None:
         ident, _, raw = self._router.recv_multipart()
@@ -116,11 +153,7 @@ class ControlPlane:
         """Fire-and-forget notify to a peer (engine thread only); False if dropped."""
         sock = self._push.get(addr)
         if sock is None:
-            sock = self._ctx.socket(zmq.PUSH)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.SNDHWM, 10000)
-            sock.setsockopt(zmq.IMMEDIATE, 0)
-            sock.connect(f"tcp://{addr[0]}:{addr[1]}")
+            sock = self._connect_push(addr)
             self._push[addr] = sock
         try:
             sock.send(encoder.encode(msg), zmq.NOBLOCK)
@@ -161,6 +194,7 @@ class ControlPlane:
         if self._thread.is_alive():
             self._thread.join(2.0)
         self._pool.shutdown(wait=False, cancel_futures=True)
-        for sock in [self._router, self._pull, *self._push.values()]:
+        for sock in [self._router, self._pull, *self._push.values(),
+                     *self._lease_push.values()]:
             sock.close(linger=0)
         self._ctx.term()

@@ -86,6 +86,7 @@ class PDConnector(KVConnector):
         self.worker = PDWorkerSide(str(extra.get("transport", "tcp")), self.engine_id,
                                    self.host, kv_cache, dict(extra.get("transport_options", {})))
         self.control = ControlPlane(self.host, hs, nt, self._compat_error)
+        self.control.heartbeat_interval_s = self.timeouts.heartbeat_interval_s
         self.handshake_port = self.control.handshake_port
         self.notify_port = self.control.notify_port
         self.metadata = self._metadata(engine, kv_cache)
@@ -100,7 +101,6 @@ class PDConnector(KVConnector):
         self._tombstones: dict[str, tuple[str, float]] = {}
         self._hellos: dict[tuple[str, int], concurrent.futures.Future[EngineMetadata]] = {}
         self._draining: list[tuple[Transfer, float]] = []
-        self._last_lease_s = 0.0
         self.counters: dict[str, float] = dict.fromkeys(
             ("bytes_moved_total", "transfers_done_total", "transfers_failed_total",
              "transfers_expired_total", "notifications_unknown_total",
@@ -280,9 +280,7 @@ class PDConnector(KVConnector):
                           state=TransferState.EXPIRED)
         self._drain_settled(now)
         self._expire_early(now)
-        if now - self._last_lease_s >= self.timeouts.heartbeat_interval_s:
-            self._send_leases()
-            self._last_lease_s = now
+        self._refresh_leases()
 
     def _on_notification(self, msg: Notification, now: float) -> None:
         if isinstance(msg, Lease):
@@ -477,14 +475,14 @@ class PDConnector(KVConnector):
         if addr is not None:
             self.control.send((addr[0], int(addr[1])), msg)
 
-    def _send_leases(self) -> None:
+    def _refresh_leases(self) -> None:
+        """Hand the control thread the transfers to lease (it sends them on its own timer)."""
         by_peer: dict[tuple[str, int], list[str]] = {}
         for t in self.transfers.values():
             addr = t.peer_notify
             if addr is not None and not t.terminal:
                 by_peer.setdefault((addr[0], int(addr[1])), []).append(t.transfer_id)
-        for addr, tids in by_peer.items():
-            self.control.send(addr, Lease(engine_id=self.engine_id, transfer_ids=tids))
+        self.control.set_leases(by_peer)
 
     def _expire_early(self, now: float) -> None:
         limit = self.timeouts.defer_timeout_s

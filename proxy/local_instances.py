@@ -141,7 +141,19 @@ def _dp_size(instance_args: tuple[str, ...]) -> int:
 
 
 def _ports(cfg: LaunchConfig, num_instances: int) -> tuple[list[int], list[int]]:
-    """HTTP ports and connector base ports, given or found (a stride per DP rank)."""
+    """HTTP ports and connector base ports; searched ports that collide are searched again
+    (each search releases its probe sockets, so two searches can pick overlapping ports)."""
+    for _ in range(9):
+        try:
+            return _ports_once(cfg, num_instances)
+        except LaunchError:
+            if cfg.instance_base_port is not None and cfg.kv_base_port is not None:
+                raise
+    return _ports_once(cfg, num_instances)
+
+
+def _ports_once(cfg: LaunchConfig, num_instances: int) -> tuple[list[int], list[int]]:
+    """One try at HTTP ports and connector base ports (a stride per DP rank)."""
     stride = KV_PORT_STRIDE * _dp_size(cfg.instance_args)
     if cfg.instance_base_port is not None:
         http_ports = [cfg.instance_base_port + i for i in range(num_instances)]
