@@ -13,13 +13,13 @@ Blocks with a one-sided op still pending are never freed until the op settles ("
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
 import logging
 import time
 from typing import TYPE_CHECKING, Any
 
 from connectors.base import KVConnector
 from connectors.control_plane import ControlPlane
+from connectors.pd_metadata import build_metadata, compat_error, parse_timeouts
 from connectors.pd_scheduler import PDSchedulerSide
 from connectors.pd_worker import PDWorkerSide
 from connectors.protocol import (
@@ -32,7 +32,7 @@ from connectors.protocol import (
     WriteDone,
     kv_ports,
 )
-from connectors.transfer import Timeouts, Transfer, TransferRole, TransferState
+from connectors.transfer import Transfer, TransferRole, TransferState
 from connectors.transports.base import TransferOp, TransferStatus
 from disagg.config import ConfigError, KVTransferConfig
 
@@ -44,21 +44,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 _OK_FINISH = frozenset({"finished_stopped", "finished_length"})
-
-
-def _timeouts(extra: dict[str, Any]) -> Timeouts:
-    try:
-        t = Timeouts(transfer_timeout_s=float(extra.get("transfer_timeout", 30.0)),
-                     defer_timeout_s=float(extra.get("defer_timeout", 60.0)),
-                     lease_timeout_s=float(extra.get("lease_timeout", 5.0)),
-                     heartbeat_interval_s=float(extra.get("heartbeat_interval", 1.0)))
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"kv_connector_extra_config timeouts must be numbers: {exc}") from exc
-    if min(t.transfer_timeout_s, t.defer_timeout_s, t.lease_timeout_s,
-           t.heartbeat_interval_s) <= 0:
-        raise ConfigError("transfer_timeout, defer_timeout, lease_timeout and "
-                          "heartbeat_interval must be positive")
-    return t
 
 
 class PDConnector(KVConnector):
@@ -78,7 +63,7 @@ class PDConnector(KVConnector):
                 and engine.cfg.parallel.data_parallel_size > 1):
             raise ConfigError("WRITE mode with a data-parallel prefill instance is not "
                               "supported yet; use mode=read or one prefill rank per instance")
-        self.timeouts = _timeouts(extra)
+        self.timeouts = parse_timeouts(extra)
         self.engine_id: str = engine.engine_id
         self.host = str(extra.get("host", "127.0.0.1"))
         hs, nt = kv_ports(int(extra.get("base_port", 0)),
@@ -108,30 +93,10 @@ class PDConnector(KVConnector):
 
     # ---- metadata and compatibility ----------------------------------------------------
     def _metadata(self, engine: Any, kv_cache: torch.Tensor) -> EngineMetadata:
-        a = engine.arch
-        layout = (f"blocks-outermost[L={a.num_layers},2,bs={engine.cfg.cache.block_size},"
-                  f"Hkv={a.num_kv_heads},D={a.head_dim}]")
-        dtype = str(kv_cache.dtype).removeprefix("torch.")
-        model_sig = (f"{a.model_type}:{a.vocab_size}:{a.hidden_size}:{a.num_layers}:"
-                     f"{a.num_heads}:{a.num_kv_heads}:{a.head_dim}:{a.intermediate_size}")
-        digest = hashlib.sha256(f"{model_sig}|{dtype}|{layout}".encode()).hexdigest()[:16]
-        return EngineMetadata(
-            engine_id=self.engine_id, host=self.control.host,
-            handshake_port=self.control.handshake_port,
-            notify_port=self.control.notify_port, transport=self.worker.transport.name,
-            transport_descriptor=self.worker.descriptor(),
-            block_size=engine.cfg.cache.block_size, block_bytes=self.worker.block_bytes,
-            num_blocks=kv_cache.shape[0], dtype=dtype, compat_hash=digest, layout=layout)
+        return build_metadata(engine, kv_cache, self.engine_id, self.control, self.worker)
 
     def _compat_error(self, peer: EngineMetadata) -> str | None:
-        ours = self.metadata
-        for name in ("block_size", "dtype", "layout", "transport"):
-            if getattr(peer, name) != getattr(ours, name):
-                return (f"{name} differs: peer {peer.engine_id} has {getattr(peer, name)!r}, "
-                        f"this engine has {getattr(ours, name)!r}")
-        if peer.compat_hash != ours.compat_hash:
-            return f"peer {peer.engine_id} serves a different model (compatibility hash)"
-        return None
+        return compat_error(self.metadata, peer)
 
     def bind(self, scheduler: Scheduler) -> None:
         """Remember the scheduler (finished loads and freed holds go to it)."""

@@ -1,0 +1,61 @@
+"""What the P/D connector tells peers about itself, the compatibility check, and timeouts.
+
+Two engines may exchange KV only if their blocks mean the same bytes: same block size, dtype,
+layout (blocks outermost: layers, K/V, tokens, kv heads, head dim), transport and model shape.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+
+from connectors.protocol import EngineMetadata
+from connectors.transfer import Timeouts
+from disagg.config import ConfigError
+
+
+def parse_timeouts(extra: dict[str, Any]) -> Timeouts:
+    """Deadlines from kv_connector_extra_config, validated (numbers, positive)."""
+    try:
+        t = Timeouts(transfer_timeout_s=float(extra.get("transfer_timeout", 30.0)),
+                     defer_timeout_s=float(extra.get("defer_timeout", 60.0)),
+                     lease_timeout_s=float(extra.get("lease_timeout", 5.0)),
+                     heartbeat_interval_s=float(extra.get("heartbeat_interval", 1.0)))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"kv_connector_extra_config timeouts must be numbers: {exc}") from exc
+    if min(t.transfer_timeout_s, t.defer_timeout_s, t.lease_timeout_s,
+           t.heartbeat_interval_s) <= 0:
+        raise ConfigError("transfer_timeout, defer_timeout, lease_timeout and "
+                          "heartbeat_interval must be positive")
+    return t
+
+
+def build_metadata(engine: Any, kv_cache: torch.Tensor, engine_id: str, control: Any,
+                   worker: Any) -> EngineMetadata:
+    """This engine's handshake metadata, with a hash of model shape, dtype and layout."""
+    a = engine.arch
+    layout = (f"blocks-outermost[L={a.num_layers},2,bs={engine.cfg.cache.block_size},"
+              f"Hkv={a.num_kv_heads},D={a.head_dim}]")
+    dtype = str(kv_cache.dtype).removeprefix("torch.")
+    model_sig = (f"{a.model_type}:{a.vocab_size}:{a.hidden_size}:{a.num_layers}:"
+                 f"{a.num_heads}:{a.num_kv_heads}:{a.head_dim}:{a.intermediate_size}")
+    digest = hashlib.sha256(f"{model_sig}|{dtype}|{layout}".encode()).hexdigest()[:16]
+    return EngineMetadata(
+        engine_id=engine_id, host=control.host, handshake_port=control.handshake_port,
+        notify_port=control.notify_port, transport=worker.transport.name,
+        transport_descriptor=worker.descriptor(), block_size=engine.cfg.cache.block_size,
+        block_bytes=worker.block_bytes, num_blocks=kv_cache.shape[0], dtype=dtype,
+        compat_hash=digest, layout=layout)
+
+
+def compat_error(ours: EngineMetadata, peer: EngineMetadata) -> str | None:
+    """Why a peer's KV is not interchangeable with ours (None if it is)."""
+    for name in ("block_size", "dtype", "layout", "transport"):
+        if getattr(peer, name) != getattr(ours, name):
+            return (f"{name} differs: peer {peer.engine_id} has {getattr(peer, name)!r}, "
+                    f"this engine has {getattr(ours, name)!r}")
+    if peer.compat_hash != ours.compat_hash:
+        return f"peer {peer.engine_id} serves a different model (compatibility hash)"
+    return None
