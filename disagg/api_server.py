@@ -19,7 +19,7 @@ from aiohttp import web
 from disagg import __version__
 from disagg.dp_admin import AdminApi
 from disagg.engine_client import EngineClient
-from disagg.metrics import ServerMetrics, counter, gauge
+from disagg.metrics import ServerMetrics
 from disagg.openai_api import (
     ApiError,
     ChatCompletionRequest,
@@ -31,7 +31,7 @@ from disagg.openai_api import (
 )
 from disagg.protocol import TokenLogprob
 from disagg.serving import Delta, collect, generate
-from disagg.sse import DONE_FRAME, sse_frame
+from disagg.sse import DONE_EVENT, SSE_HEADERS, encode_event
 from disagg.tokenizer import Tokenizer
 
 
@@ -156,8 +156,7 @@ async def _completions(request: web.Request, chat: bool) -> web.StreamResponse:
 async def _stream(request: web.Request, call: _Call) -> web.StreamResponse:
     deltas = call.deltas()
     first = await anext(deltas)  # errors before the first byte still become JSON errors
-    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                       "Cache-Control": "no-cache"})
+    resp = web.StreamResponse(headers=SSE_HEADERS)
     await resp.prepare(request)
     obj = call.object + ".chunk" if call.chat else call.object
     head = {"id": call.id, "object": obj, "created": call.created, "model": call.model}
@@ -166,15 +165,15 @@ async def _stream(request: web.Request, call: _Call) -> web.StreamResponse:
         delta: Delta | None = first
         while delta is not None:
             num_out += len(delta.token_ids)
-            await resp.write(sse_frame({**head, "choices": [call.choice(
+            await resp.write(encode_event({**head, "choices": [call.choice(
                 delta.text, delta.token_ids, delta.logprobs, delta.finish_reason, True)]}))
             delta = await anext(deltas, None)
         opts = call.req.stream_options
         if opts is not None and opts.include_usage:
-            await resp.write(sse_frame({**head, "choices": [], "usage": call.usage(num_out)}))
-        await resp.write(DONE_FRAME)
+            await resp.write(encode_event({**head, "choices": [], "usage": call.usage(num_out)}))
+        await resp.write(DONE_EVENT)
     except ApiError as err:
-        await resp.write(sse_frame(err.body()))
+        await resp.write(encode_event(err.body()))
     finally:
         await deltas.aclose()
     return resp
@@ -273,5 +272,3 @@ def make_app(engine: EngineClient, tokenizer: Tokenizer, info: ServerInfo) -> we
     AdminApi(engine, info.admin_key).routes(app)
     return app
 
-
-__all__ = ["make_app", "ServerInfo", "counter", "gauge"]

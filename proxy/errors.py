@@ -5,6 +5,8 @@ from __future__ import annotations
 import msgspec
 from aiohttp import web
 
+from disagg.sse import encode_event
+
 # OpenAI's own error ``type`` strings where one fits, plain descriptive ones otherwise.
 _TYPE_BY_STATUS = {
     400: "invalid_request_error",
@@ -48,3 +50,8 @@ def error_response(status: int, message: str, param: str | None = None) -> web.R
 def from_proxy_error(exc: ProxyError) -> web.Response:
     """The response for a raised ProxyError."""
     return error_response(exc.status, exc.message, exc.param)
+
+
+def error_event(status: int, message: str) -> bytes:
+    """An in-stream OpenAI-style error event (the stream's headers are already sent)."""
+    return encode_event(error_body(status, message))

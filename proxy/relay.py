@@ -9,8 +9,9 @@ import sys
 import aiohttp
 from aiohttp import web
 
+from disagg.sse import SSE_HEADERS, SSEFramingError, is_done
+from proxy.errors import error_event
 from proxy.metrics import Outcome
-from proxy.sse import SSE_HEADERS, SSEFramingError, error_event, is_done
 from proxy.upstream import OpenStream
 
 logger = logging.getLogger(__name__)

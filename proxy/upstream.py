@@ -15,9 +15,9 @@ from typing import Any
 import aiohttp
 import msgspec
 
+from disagg.sse import SSEDecoder, is_done
 from proxy.registration import InstanceInfo
 from proxy.registry import Instance
-from proxy.sse import SSEDecoder, is_done
 
 logger = logging.getLogger(__name__)
 

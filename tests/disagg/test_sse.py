@@ -5,15 +5,15 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from proxy.sse import (
+from disagg.sse import (
     DONE_EVENT,
     SSEDecoder,
     SSEFramingError,
     encode_event,
-    error_event,
     event_data,
     is_done,
 )
+from proxy.errors import error_event
 
 STREAM = b'data: {"a": 1}\n\ndata: {"b": 2}\r\n\r\n: comment\n\ndata: [DONE]\n\n'
 
