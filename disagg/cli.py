@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import sys
 
 from disagg import __version__, envs
@@ -126,11 +125,6 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(serve(cfg, args))
     except KeyboardInterrupt:
         return 130
-
-
-def _ignore_sigpipe() -> None:
-    if hasattr(signal, "SIGPIPE"):
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import time
 import uuid
 from collections import deque
 from typing import Any
@@ -273,8 +272,3 @@ def build_engine(cfg: EngineConfig) -> EngineCore:
         raise
     except (OSError, ValueError) as exc:
         raise ConfigError(str(exc)) from exc
-
-
-def monotonic_s() -> float:
-    """Clock used for deadlines in the engine process."""
-    return time.monotonic()

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from disagg.config import SchedulerConfig
 from disagg.kv_cache import BlockPool, Owner, OwnerKind
-from disagg.request import FINISHED_STATUSES, Request, RequestStatus
+from disagg.request import Request, RequestStatus
 
 if TYPE_CHECKING:
     from connectors.base import SchedulerConnector
@@ -272,7 +272,3 @@ class Scheduler:
     def free_held(self, transfer_key: str, block_ids: Iterable[int]) -> None:
         """Connector callback: a held transfer ended, its blocks go back to the pool."""
         self.pool.free(list(block_ids), Owner(OwnerKind.TRANSFER, transfer_key))
-
-    def all_finished_statuses(self) -> frozenset[RequestStatus]:
-        """The terminal states (a frozenset, never an ordinal comparison)."""
-        return FINISHED_STATUSES

@@ -52,7 +52,7 @@ def hf_param_shapes(arch: ArchConfig) -> dict[str, tuple[int, ...]]:
 def builtin_state_dict(model: str, seed: int = 0) -> dict[str, torch.Tensor]:
     """The exact fp32 weights of a builtin model (also used by tests to build the HF twin)."""
     arch = resolve_arch(model)
-    return seeded_hf_state_dict(torch.nn.Module(), seed, hf_param_shapes(arch))
+    return seeded_hf_state_dict(seed, hf_param_shapes(arch))
 
 
 def _safetensor_weights(model_dir: str):
