@@ -9,25 +9,27 @@ from disagg.sampling_params import SamplingParams
 
 
 class Sampler:
-    """Samples one token per row of logits. Keeps a torch.Generator per seeded request."""
+    """Samples one token per row of logits, all rows at once on the logits' device.
+
+    Random rows draw by the exponential race (``argmax(p / q)``, ``q ~ Exp(1)``), which samples
+    exactly from ``p`` and needs no per-row multinomial or host sync: one ``tolist`` per step.
+    A seeded request fills its own row of ``q`` from its own generator (reproducible whatever
+    the batch); unseeded rows share one generator seeded from the engine's seed.
+    """
 
     def __init__(self, device: torch.device, default_seed: int) -> None:
         self.device = device
         self.default_seed = default_seed
         self._generators: dict[str, torch.Generator] = {}
-        self._counter = 0
+        self._shared = torch.Generator(device=device).manual_seed(default_seed & 0x7FFFFFFF)
 
     def forget(self, request_id: str) -> None:
         """Drop a finished request's generator."""
         self._generators.pop(request_id, None)
 
-    def _generator(self, request_id: str, sp: SamplingParams) -> torch.Generator:
+    def _generator(self, request_id: str, seed: int) -> torch.Generator:
         gen = self._generators.get(request_id)
         if gen is None:
-            seed = sp.seed
-            if seed is None:
-                self._counter += 1
-                seed = hash((self.default_seed, self._counter)) & 0x7FFFFFFF
             gen = torch.Generator(device=self.device).manual_seed(seed)
             self._generators[request_id] = gen
         return gen
@@ -39,8 +41,10 @@ class Sampler:
             return [], []
         tokens = logits.argmax(dim=-1)
         random_rows = [i for i, sp in enumerate(params) if not sp.greedy]
-        for i in random_rows:
-            tokens[i] = self._sample_row(logits[i], params[i], request_ids[i])
+        if random_rows:
+            rows = torch.tensor(random_rows, device=logits.device)
+            tokens[rows] = self._sample_random(logits[rows], [params[i] for i in random_rows],
+                                               [request_ids[i] for i in random_rows])
         token_list = tokens.tolist()
         logprobs: list[TokenLogprob | None] = [None] * len(params)
         want = [i for i, sp in enumerate(params) if sp.logprobs is not None]
@@ -53,17 +57,31 @@ class Sampler:
                                            list(zip(top_i.tolist(), top_v.tolist(), strict=False)))
         return token_list, logprobs
 
-    def _sample_row(self, logits: torch.Tensor, sp: SamplingParams, request_id: str) -> int:
-        scaled = logits / max(sp.temperature, 1e-5)
-        if sp.top_k > 0 and sp.top_k < scaled.shape[-1]:
-            kth = torch.topk(scaled, sp.top_k).values[-1]
-            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    def _sample_random(self, logits: torch.Tensor, params: list[SamplingParams],
+                       request_ids: list[str]) -> torch.Tensor:
+        """One token per row of ``logits`` [m, V] under each row's temperature/top-k/top-p."""
+        m, vocab = logits.shape
+        dev = logits.device
+        temps = torch.tensor([max(sp.temperature, 1e-5) for sp in params], device=dev)
+        scaled = logits / temps[:, None]
+        top_k = [sp.top_k if 0 < sp.top_k < vocab else vocab for sp in params]
+        top_p = [sp.top_p for sp in params]
+        if min(top_k) < vocab or min(top_p) < 1.0:
+            ordered, order = scaled.sort(dim=-1, descending=True)
+            if min(top_k) < vocab:
+                ranks = torch.arange(vocab, device=dev)[None, :]
+                ordered.masked_fill_(ranks >= torch.tensor(top_k, device=dev)[:, None],
+                                     float("-inf"))
+            if min(top_p) < 1.0:
+                probs = torch.softmax(ordered, dim=-1)
+                # keep the smallest prefix whose mass reaches top_p (the top token always stays)
+                drop = probs.cumsum(dim=-1) - probs > torch.tensor(top_p, device=dev)[:, None]
+                ordered.masked_fill_(drop, float("-inf"))
+            scaled = torch.empty_like(scaled).scatter_(1, order, ordered)
         probs = torch.softmax(scaled, dim=-1)
-        if sp.top_p < 1.0:
-            sorted_p, idx = probs.sort(descending=True)
-            cum = sorted_p.cumsum(0)
-            drop = cum - sorted_p > sp.top_p  # keep the smallest prefix reaching top_p
-            sorted_p = sorted_p.masked_fill(drop, 0.0)
-            probs = torch.zeros_like(probs).scatter_(0, idx, sorted_p)
-        gen = self._generator(request_id, sp)
-        return int(torch.multinomial(probs, 1, generator=gen).item())
+        race = torch.empty_like(probs).exponential_(generator=self._shared)
+        for row, (sp, rid) in enumerate(zip(params, request_ids, strict=True)):
+            if sp.seed is not None:
+                race[row].exponential_(generator=self._generator(rid, sp.seed))
+        # Exp(1) can round to 0; then a zero-probability token would give 0/0 = NaN and win.
+        return (probs / race.clamp_min_(torch.finfo(race.dtype).tiny)).argmax(dim=-1)

@@ -66,8 +66,21 @@ class NixlOptions:
     """NIXL backend plugins to create."""
     num_threads: int = 0
     """Backend worker threads (0 = NIXL's default)."""
+    num_workers: int = 0
+    """UCX backend ``num_workers`` (UCX workers; 0 = NIXL's default of 1)."""
+    split: int = 1
+    """Post a batch as up to this many NIXL requests of about equal bytes, all in flight at
+    once (with several UCX workers or threads they progress in parallel); the handle is DONE
+    when all are."""
     transfer_timeout_s: float | None = 120.0
     """Backstop: a batch still PENDING this long after post is failed by poll."""
+
+    def __post_init__(self) -> None:
+        for name in ("num_threads", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"nixl option {name} must be >= 0, got {getattr(self, name)}")
+        if self.split < 1:
+            raise ValueError(f"nixl option split must be >= 1, got {self.split}")
 
 
 @dataclass(slots=True)
@@ -116,10 +129,17 @@ class NixlTransport(Transport):
         self._opts = options or NixlOptions()
         # NIXL's progress thread stays on: without it transfers stall (measured on UCX cma),
         # at the price of about half a core spinning per agent.
-        config = api.nixl_agent_config(enable_prog_thread=True,
-                                       backends=list(self._opts.backends),
-                                       num_threads=self._opts.num_threads)
+        custom_ucx = self._opts.num_workers > 0 and "UCX" in self._opts.backends
+        config = api.nixl_agent_config(
+            enable_prog_thread=True,
+            backends=[b for b in self._opts.backends if not (custom_ucx and b == "UCX")],
+            num_threads=self._opts.num_threads)
         self._agent = api.nixl_agent(agent_name, config)
+        if custom_ucx:
+            params = {"num_workers": str(self._opts.num_workers)}
+            if self._opts.num_threads > 0:
+                params["num_threads"] = str(self._opts.num_threads)
+            self._agent.create_backend("UCX", params)
         self._agent_name = agent_name
         self._lock = threading.RLock()
         self._table = HandleTable(self._opts.transfer_timeout_s)
@@ -221,26 +241,29 @@ class NixlTransport(Transport):
 
     def _start(self, handle: int, op: TransferOp, local: _Local, peer: _Peer,
                merged: list[Segment]) -> None:
-        """initialize_xfer + transfer (lock held)."""
-        lo = np.array([(local.base_addr + s.local_offset, s.length, local.device_id)
-                       for s in merged], dtype=np.uint64)
-        ro = np.array([(peer.desc.base_addr + s.remote_offset, s.length, peer.desc.device_id)
-                       for s in merged], dtype=np.uint64)
-        local_descs = self._agent.get_xfer_descs(lo, local.mem_type)
-        remote_descs = self._agent.get_xfer_descs(ro, peer.desc.mem_type)
-        xfer = self._agent.initialize_xfer(op.value.upper(), local_descs, remote_descs,
-                                           peer.remote_name)
-        self._table.get(handle).context = xfer
-        state = self._agent.transfer(xfer)
-        self._apply_state(handle, state)
+        """initialize_xfer + transfer for each part of the batch (lock held)."""
+        xfers: list[Any] = []
+        self._table.get(handle).context = xfers
+        states = []
+        for part in _split(merged, self._opts.split):
+            lo = np.array([(local.base_addr + s.local_offset, s.length, local.device_id)
+                           for s in part], dtype=np.uint64)
+            ro = np.array([(peer.desc.base_addr + s.remote_offset, s.length, peer.desc.device_id)
+                           for s in part], dtype=np.uint64)
+            local_descs = self._agent.get_xfer_descs(lo, local.mem_type)
+            remote_descs = self._agent.get_xfer_descs(ro, peer.desc.mem_type)
+            xfers.append(self._agent.initialize_xfer(op.value.upper(), local_descs,
+                                                     remote_descs, peer.remote_name))
+            states.append(self._agent.transfer(xfers[-1]))
+        self._apply_states(handle, states)
 
-    def _apply_state(self, handle: int, state: str) -> None:
-        """Map NIXL's DONE / PROC / ERR onto the handle."""
-        if state == "DONE":
-            self._table.finish(handle)
-        elif state == "ERR":
+    def _apply_states(self, handle: int, states: list[str]) -> None:
+        """Map NIXL's DONE / PROC / ERR of every part onto the handle."""
+        if "ERR" in states:
             peer = self._table.get(handle).peer_name
             self._table.finish(handle, f"nixl transfer to peer {peer!r} reported ERR")
+        elif all(state == "DONE" for state in states):
+            self._table.finish(handle)
 
     def poll(self, handle: int) -> TransferStatus:
         """Ask NIXL about a pending batch; PENDING, DONE or FAILED."""
@@ -248,7 +271,8 @@ class NixlTransport(Transport):
             state = self._table.get(handle)
             if state.status is TransferStatus.PENDING and state.context is not None:
                 try:
-                    self._apply_state(handle, self._agent.check_xfer_state(state.context))
+                    self._apply_states(handle, [self._agent.check_xfer_state(xfer)
+                                                for xfer in state.context])
                 except Exception as exc:
                     self._table.finish(handle, f"nixl transfer to peer {state.peer_name!r} "
                                                f"failed: {type(exc).__name__}: {exc}")
@@ -265,13 +289,12 @@ class NixlTransport(Transport):
             with self._lock:
                 self._release_xfer(state.context)
 
-    def _release_xfer(self, xfer: Any) -> None:
-        if xfer is None:
-            return
-        try:
-            self._agent.release_xfer_handle(xfer)
-        except Exception as exc:  # an uncancellable request: NIXL keeps it on its leak list
-            logger.warning("nixl could not release a transfer request: %s", exc)
+    def _release_xfer(self, xfers: list[Any] | None) -> None:
+        for xfer in xfers or ():
+            try:
+                self._agent.release_xfer_handle(xfer)
+            except Exception as exc:  # an uncancellable request: NIXL keeps it on its leak list
+                logger.warning("nixl could not release a transfer request: %s", exc)
 
     def close(self) -> None:
         """Fail pending batches, free requests, unload peers, deregister memory."""
@@ -291,6 +314,21 @@ class NixlTransport(Transport):
                     self._agent.deregister_memory(self._local.reg_descs)
                 except Exception as exc:
                     logger.debug("nixl deregister_memory: %s", exc)
+
+
+def _split(merged: list[Segment], parts: int) -> list[list[Segment]]:
+    """Cut a batch into at most ``parts`` runs of consecutive segments of about equal bytes."""
+    if parts <= 1 or len(merged) <= 1:
+        return [merged]
+    total = sum(s.length for s in merged)
+    out: list[list[Segment]] = [[]]
+    done = 0
+    for seg in merged:
+        if out[-1] and done >= total * len(out) / parts:
+            out.append([])
+        out[-1].append(seg)
+        done += seg.length
+    return out
 
 
 def make_nixl_transport(agent_name: str, host: str, **options: Any) -> NixlTransport:

@@ -16,6 +16,7 @@ from connectors.transports import (
     available_transports,
     make_transport,
 )
+from connectors.transports.ipc import IpcOptions
 
 MakeLocal = Callable[..., Transport]
 SpawnPeer = Callable[..., PeerProcess]
@@ -30,20 +31,36 @@ def test_unavailable_on_cpu_says_why() -> None:
         make_transport("ipc", agent_name="x")
 
 
+# The batches mix whole blocks (64-byte aligned: the copy kernel) with odd pieces (copy_).
+COPY_OPTIONS = [{"copy": "kernel", "kernel_device": "local"},
+                {"copy": "kernel", "kernel_device": "source"}, {"copy": "memcpy"}]
+
+
+def test_bad_options_are_clear_errors() -> None:
+    with pytest.raises(ValueError, match="copy='dma'"):
+        IpcOptions(copy="dma")
+    with pytest.raises(ValueError, match="kernel_device='peer'"):
+        IpcOptions(kernel_device="peer")
+
+
 @pytest.mark.multi_gpu
-def test_read_and_write_between_two_gpus(make_local: MakeLocal, spawn_peer: SpawnPeer) -> None:
+@pytest.mark.parametrize("options", COPY_OPTIONS, ids=lambda o: "-".join(o.values()))
+def test_read_and_write_between_two_gpus(make_local: MakeLocal, spawn_peer: SpawnPeer,
+                                         options: dict[str, str]) -> None:
     """Peer process on cuda:1, this process on cuda:0: NVLink / xGMI peer copies."""
     peer = spawn_peer("ipc", device="cuda:1")
-    check_read(make_local("ipc"), peer, device="cuda:0")
-    check_write(make_local("ipc"), peer, peer_fill="pattern1", device="cuda:0")
+    check_read(make_local("ipc", **options), peer, device="cuda:0")
+    check_write(make_local("ipc", **options), peer, peer_fill="pattern1", device="cuda:0")
 
 
 @pytest.mark.gpu
-def test_read_and_write_on_one_gpu(make_local: MakeLocal, spawn_peer: SpawnPeer) -> None:
+@pytest.mark.parametrize("options", COPY_OPTIONS, ids=lambda o: "-".join(o.values()))
+def test_read_and_write_on_one_gpu(make_local: MakeLocal, spawn_peer: SpawnPeer,
+                                   options: dict[str, str]) -> None:
     """Two processes sharing one GPU (the IPC path inside a device)."""
     peer = spawn_peer("ipc", device="cuda:0")
-    check_read(make_local("ipc"), peer, device="cuda:0")
-    check_write(make_local("ipc"), peer, peer_fill="pattern1", device="cuda:0")
+    check_read(make_local("ipc", **options), peer, device="cuda:0")
+    check_write(make_local("ipc", **options), peer, peer_fill="pattern1", device="cuda:0")
 
 
 @pytest.mark.gpu

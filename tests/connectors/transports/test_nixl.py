@@ -15,6 +15,7 @@ from connectors.transports import (
     TransportError,
     available_transports,
 )
+from connectors.transports.nixl import NixlOptions, _split
 
 _REASON = available_transports()["nixl"]
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"nixl unavailable: {_REASON}")
@@ -23,11 +24,29 @@ MakeLocal = Callable[..., Transport]
 SpawnPeer = Callable[..., PeerProcess]
 
 
+@pytest.mark.parametrize("options", [{}, {"split": 3, "num_workers": 2}],
+                         ids=["one-request", "split-3-workers-2"])
 def test_read_and_write_with_peer_process_are_byte_exact(make_local: MakeLocal,
-                                                          spawn_peer: SpawnPeer) -> None:
+                                                          spawn_peer: SpawnPeer,
+                                                          options: dict[str, int]) -> None:
     peer = spawn_peer("nixl")
-    check_read(make_local("nixl"), peer)
-    check_write(make_local("nixl"), peer, peer_fill="pattern1")
+    check_read(make_local("nixl", **options), peer)
+    check_write(make_local("nixl", **options), peer, peer_fill="pattern1")
+
+
+def test_split_cuts_a_batch_into_parts_of_about_equal_bytes() -> None:
+    segs = [Segment(i * 10, i * 10, 10) for i in range(10)]
+    parts = _split(segs, 3)
+    assert len(parts) == 3 and [s for p in parts for s in p] == segs
+    assert max(sum(s.length for s in p) for p in parts) <= 40
+    assert _split(segs, 1) == [segs] and _split(segs[:1], 4) == [segs[:1]]
+
+
+def test_bad_options_are_clear_errors() -> None:
+    with pytest.raises(ValueError, match="split must be >= 1"):
+        NixlOptions(split=0)
+    with pytest.raises(ValueError, match="num_workers must be >= 0"):
+        NixlOptions(num_workers=-1)
 
 
 def test_dead_peer_fails_without_hanging(make_local: MakeLocal, spawn_peer: SpawnPeer) -> None:
