@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,25 +52,39 @@ class Instance:
 
 
 def start_instance(args: list[str], tmp_path: object, ready_timeout_s: float = 60.0,
-                   expect_ready: bool = True, env: dict[str, str] | None = None) -> Instance:
-    """Start `disagg serve` with args; wait (bounded) for its ready line or its exit."""
+                   expect_ready: bool = True, env: dict[str, str] | None = None, *,
+                   host: str = "127.0.0.1", prefix: Sequence[str] = ()) -> Instance:
+    """Start `disagg serve` with args; wait (bounded) for its ready line or its exit.
+
+    ``host`` is the HTTP listen address; ``prefix`` goes before the interpreter and must exec
+    it in place (e.g. ``ip netns exec NS``), so that killing the process group kills the server.
+    The port is picked free on this namespace's loopback; a fresh namespace has every port free.
+    """
     port = free_port()
     log_path = os.path.join(str(tmp_path), f"serve-{port}.log")
     env = dict(os.environ, PYTHONUNBUFFERED="1", DISAGG_LOG_LEVEL="WARNING", **(env or {}))
     with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
-        proc = subprocess.Popen([sys.executable, "-m", "disagg.cli", "serve", *args,
-                                 "--host", "127.0.0.1", "--port", str(port)],
+        proc = subprocess.Popen([*prefix, sys.executable, "-m", "disagg.cli", "serve", *args,
+                                 "--host", host, "--port", str(port)],
                                 stdout=log, stderr=subprocess.STDOUT, text=True, cwd=REPO,
                                 env=env, start_new_session=True)
-    inst = Instance(proc, f"http://127.0.0.1:{port}", log_path)
+    inst = Instance(proc, f"http://{host}:{port}", log_path)
+    try:
+        return _wait_ready(inst, ready_timeout_s, expect_ready)
+    except BaseException:
+        inst.stop()  # nobody owns it yet: an interrupted or failed wait must not leak it
+        raise
+
+
+def _wait_ready(inst: Instance, ready_timeout_s: float, expect_ready: bool) -> Instance:
+    """The instance once its ready line shows (or it exits, when that is expected)."""
     deadline = time.monotonic() + ready_timeout_s
     while time.monotonic() < deadline:
         if "ready on" in inst.log():
             return inst
-        if proc.poll() is not None:
+        if inst.proc.poll() is not None:
             if expect_ready:
-                raise AssertionError(f"instance exited {proc.returncode}: {inst.log()}")
+                raise AssertionError(f"instance exited {inst.proc.returncode}: {inst.log()}")
             return inst
         time.sleep(0.1)
-    inst.stop()
     raise AssertionError(f"instance not ready in {ready_timeout_s} s: {inst.log()}")
