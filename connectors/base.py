@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     import torch
 
     from disagg.config import KVTransferConfig
+    from disagg.models.llama import LayerHook
     from disagg.request import Request
     from disagg.scheduler import Scheduler, SchedulerOutput
 
@@ -76,6 +77,12 @@ class KVConnector(abc.ABC):
 
     def before_execute(self, out: SchedulerOutput) -> None:
         """Hook before the model runs a step."""
+
+    def layer_hook(self, out: SchedulerOutput) -> LayerHook | None:
+        """Called after before_execute: a callback the model calls with each layer's index
+        once that layer's K/V of this step are in the cache (e.g. to stream them out while
+        later layers compute), or None when there is nothing to do per layer this step."""
+        return None
 
     def after_execute(self, out: SchedulerOutput) -> None:
         """Hook after the model ran a step (KV of the step is in the cache)."""

@@ -60,6 +60,9 @@ class Transport(abc.ABC):
     """One-sided byte mover between registered regions of two engines."""
 
     name: str = "base"
+    stream_ordered: bool = False
+    """``post`` orders its copies of GPU memory after the caller's current CUDA stream, so
+    work queued there (a layer's KV writes) needs no host-side wait before posting."""
 
     @abc.abstractmethod
     def register_region(self, tensor: torch.Tensor) -> None:

@@ -108,9 +108,19 @@ def test_plan_fills_at_most_one_wave_of_programs():
     assert 8 * 8 * plan.num_splits <= 528
 
 
-def test_plan_never_splits_below_the_minimum_split():
-    plan = decode_plan(batch_size=1, num_kv_heads=1, max_context_tokens=300, arch="sm_90")
-    assert plan.num_splits <= 2
+@pytest.mark.parametrize("arch", ["default", "sm_90", "gfx942"])
+def test_plan_never_splits_below_the_minimum_split(arch: str):
+    from hip_kernels.launch_config import get_int, load_config
+
+    minimum = get_int(load_config("paged_decode_attention", arch), "min_split_tokens")
+    plan = decode_plan(batch_size=1, num_kv_heads=1, max_context_tokens=300, arch=arch)
+    assert 1 < plan.num_splits <= -(-300 // minimum)
+
+
+def test_batch_1_on_sm_90_cuts_one_tile_per_program():
+    # 1 sequence x 8 kv heads at a 4k-token table: 64 splits of one 64-token tile each.
+    plan = decode_plan(batch_size=1, num_kv_heads=8, max_context_tokens=4096, arch="sm_90")
+    assert plan.split_tokens == plan.block_n == 64 and plan.num_splits == 64
 
 
 def test_q_heads_not_a_multiple_of_kv_heads_is_a_clear_error():

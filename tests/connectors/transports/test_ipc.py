@@ -32,15 +32,12 @@ def test_unavailable_on_cpu_says_why() -> None:
 
 
 # The batches mix whole blocks (64-byte aligned: the copy kernel) with odd pieces (copy_).
-COPY_OPTIONS = [{"copy": "kernel", "kernel_device": "local"},
-                {"copy": "kernel", "kernel_device": "source"}, {"copy": "memcpy"}]
+COPY_OPTIONS = [{"copy": "runtime"}, {"copy": "kernel"}, {"copy": "torch"}]
 
 
 def test_bad_options_are_clear_errors() -> None:
     with pytest.raises(ValueError, match="copy='dma'"):
         IpcOptions(copy="dma")
-    with pytest.raises(ValueError, match="kernel_device='peer'"):
-        IpcOptions(kernel_device="peer")
 
 
 @pytest.mark.multi_gpu
