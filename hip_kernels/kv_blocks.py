@@ -215,7 +215,9 @@ def copy_segments(src: torch.Tensor, dst: torch.Tensor,
     block, chunk, num_warps = _copy_plan(None)
     on_gpu = src.is_cuda or dst.is_cuda
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else src.device
-    table = torch.from_numpy(chunk_table(runs, 4, chunk)).to(device)
+    table = torch.from_numpy(chunk_table(runs, 4, chunk))
+    # pinned + non_blocking: no host stall (torch keeps the pinned block until the copy ran)
+    table = table.pin_memory().to(device, non_blocking=True) if on_gpu else table
     num_chunks = table.shape[1]
     _copy_segments_kernel[(num_chunks,)](src.view(torch.int32), dst.view(torch.int32), table,
                                          num_chunks, BLOCK=block, CHUNK=chunk,

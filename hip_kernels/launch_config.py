@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,18 +79,42 @@ def _read(arch: str, kernel: str) -> dict[str, ConfigValue]:
     return {key: value for key, value in data.items() if not key.startswith("_")}
 
 
+OVERRIDE_ENV = "DISAGG_KERNEL_CONFIG"
+"""JSON ``{"<kernel>": {"<key>": value}}`` applied over the files, for sweeps on a lent GPU
+(e.g. ``DISAGG_KERNEL_CONFIG='{"kv_blocks": {"copy_block": 8192}}'``); keys must exist."""
+
+
 def load_config(kernel: str, arch: str | None = None) -> dict[str, ConfigValue]:
     """Merged launch config of ``kernel`` for ``arch`` (default: the running GPU's arch)."""
     arch = arch if arch is not None else current_arch()
     merged = dict(_read(DEFAULT_ARCH, kernel))
     if arch and arch != DEFAULT_ARCH:
-        overrides = _read(arch, kernel)
-        unknown = sorted(set(overrides) - set(merged))
-        if unknown:
-            raise ValueError(f"configs/{arch}/{kernel}.json: unknown keys {unknown}; "
-                             f"allowed: {sorted(merged)}")
-        merged.update(overrides)
+        _merge(merged, _read(arch, kernel), f"configs/{arch}/{kernel}.json")
+    env = _env_overrides().get(kernel)
+    if env:
+        _merge(merged, env, f"{OVERRIDE_ENV}[{kernel!r}]")
     return merged
+
+
+def _merge(merged: dict[str, ConfigValue], overrides: Mapping[str, ConfigValue],
+           where: str) -> None:
+    unknown = sorted(set(overrides) - set(merged))
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}; allowed: {sorted(merged)}")
+    merged.update(overrides)
+
+
+def _env_overrides() -> dict[str, dict[str, ConfigValue]]:
+    text = os.environ.get(OVERRIDE_ENV, "").strip()
+    if not text:
+        return {}
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{OVERRIDE_ENV} is not JSON: {exc}") from exc
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise ValueError(f"{OVERRIDE_ENV} must be a JSON object of objects, got {text!r}")
+    return data
 
 
 def get_int(config: Mapping[str, ConfigValue], key: str) -> int:

@@ -73,3 +73,16 @@ def test_targets_map_to_config_archs():
     assert arch_for_target("cuda:90") == "sm_90"
     with pytest.raises(ValueError, match="unknown target"):
         arch_for_target("metal:m3")
+
+
+def test_environment_overrides_apply_over_the_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hip_kernels.launch_config import OVERRIDE_ENV, load_config
+
+    monkeypatch.setenv(OVERRIDE_ENV, '{"kv_blocks": {"copy_block": 8192}}')
+    assert load_config("kv_blocks", "gfx942")["copy_block"] == 8192
+    monkeypatch.setenv(OVERRIDE_ENV, '{"kv_blocks": {"copy_blok": 1}}')
+    with pytest.raises(ValueError, match="unknown keys"):
+        load_config("kv_blocks", "gfx942")
+    monkeypatch.setenv(OVERRIDE_ENV, "not json")
+    with pytest.raises(ValueError, match="not JSON"):
+        load_config("kv_blocks")
