@@ -266,7 +266,8 @@ def _row(cfg: BenchConfig, times: list[float], verified: bool,
         "ceiling": {"what": ceiling_what, "gb_per_s": round(ceiling, 4)},
         "ratio_to_ceiling": round(gbps / ceiling, 5),
         "verified": verified,
-        "kernel_config_env": os.environ.get("DISAGG_KERNEL_CONFIG") or None,
+        "env": {k: v for k, v in sorted(os.environ.items())
+                if k == "DISAGG_KERNEL_CONFIG" or k.startswith(("NIXL_", "UCX_"))},
     }
 
 

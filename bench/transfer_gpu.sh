@@ -6,19 +6,25 @@
 set -uo pipefail
 out="${1:?usage: transfer_gpu.sh OUT_DIR}"
 mkdir -p "$out"
-run() {  # transport mode [option ...]
+run() {  # transport mode [option ... | ENV=value ...] (NAME=value in capitals sets the env)
   local transport=$1 mode=$2
   shift 2
-  local opts=()
-  for o in "$@"; do opts+=(--option "$o"); done
-  python3 -m bench.transfer --transport "$transport" --mode "$mode" --device cuda \
+  local opts=() envs=()
+  for o in "$@"; do
+    if [[ $o =~ ^[A-Z_]+= ]]; then envs+=("$o"); else opts+=(--option "$o"); fi
+  done
+  env "${envs[@]}" python3 -m bench.transfer --transport "$transport" --mode "$mode" --device cuda \
     --num-blocks 256 --block-bytes 2097152 --iters 10 --warmup 2 "${opts[@]}" \
     --output "$out/transfer.jsonl" 2>&1 | grep -E "GB/s|Error|error" | tail -2
 }
 for mode in read write; do
-  for copy in runtime kernel torch; do
+  for copy in runtime kernel; do
     run ipc "$mode" copy=$copy
   done
   run nixl "$mode"
-  run nixl "$mode" num_workers=4 split=8
+  run nixl "$mode" progress_thread=false
+  run nixl "$mode" progress_thread=false NIXL_UCX_SGL_ENABLE=1
+  run nixl "$mode" progress_thread=false 'ucx_params={"num_threads":"4","split_batch_size":"64"}'
+  run nixl "$mode" progress_thread=false NIXL_UCX_SGL_ENABLE=1 \
+    'ucx_params={"num_threads":"4","split_batch_size":"64"}'
 done

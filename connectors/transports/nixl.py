@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +68,13 @@ class NixlOptions:
     """Backend worker threads (0 = NIXL's default)."""
     num_workers: int = 0
     """UCX backend ``num_workers`` (UCX workers; 0 = NIXL's default of 1)."""
+    ucx_params: tuple[tuple[str, str], ...] | Mapping[str, object] = ()
+    """More UCX backend init parameters, e.g. ``{"split_batch_size": "64"}`` (NIXL splits a
+    request over its ``num_threads`` workers only past that many descriptors, 1024 by
+    default)."""
+    progress_thread: bool = True
+    """NIXL's progress thread (needed on host memory over UCX cma, where transfers stall
+    without it; on GPUs it arms the worker, which queues host callbacks into the copy stream)."""
     split: int = 1
     """Post a batch as up to this many NIXL requests of about equal bytes, all in flight at
     once (with several UCX workers or threads they progress in parallel); the handle is DONE
@@ -81,6 +88,9 @@ class NixlOptions:
                 raise ValueError(f"nixl option {name} must be >= 0, got {getattr(self, name)}")
         if self.split < 1:
             raise ValueError(f"nixl option split must be >= 1, got {self.split}")
+        if isinstance(self.ucx_params, Mapping):  # from JSON config: freeze it
+            object.__setattr__(self, "ucx_params",
+                               tuple(sorted((str(k), str(v)) for k, v in self.ucx_params.items())))
 
 
 @dataclass(slots=True)
@@ -127,18 +137,21 @@ class NixlTransport(Transport):
     def __init__(self, *, agent_name: str, options: NixlOptions | None = None) -> None:
         api = _import_nixl()
         self._opts = options or NixlOptions()
-        # NIXL's progress thread stays on: without it transfers stall (measured on UCX cma),
-        # at the price of about half a core spinning per agent.
-        custom_ucx = self._opts.num_workers > 0 and "UCX" in self._opts.backends
+        # NIXL's progress thread is on by default: without it transfers stall on host memory
+        # (measured on UCX cma), at the price of about half a core spinning per agent.
+        opts = self._opts
+        custom_ucx = (opts.num_workers > 0 or bool(opts.ucx_params)) and "UCX" in opts.backends
         config = api.nixl_agent_config(
-            enable_prog_thread=True,
-            backends=[b for b in self._opts.backends if not (custom_ucx and b == "UCX")],
-            num_threads=self._opts.num_threads)
+            enable_prog_thread=opts.progress_thread,
+            backends=[b for b in opts.backends if not (custom_ucx and b == "UCX")],
+            num_threads=opts.num_threads)
         self._agent = api.nixl_agent(agent_name, config)
         if custom_ucx:
-            params = {"num_workers": str(self._opts.num_workers)}
-            if self._opts.num_threads > 0:
-                params["num_threads"] = str(self._opts.num_threads)
+            params = dict(opts.ucx_params)
+            if opts.num_workers > 0:
+                params["num_workers"] = str(opts.num_workers)
+            if opts.num_threads > 0:
+                params["num_threads"] = str(opts.num_threads)
             self._agent.create_backend("UCX", params)
         self._agent_name = agent_name
         self._lock = threading.RLock()

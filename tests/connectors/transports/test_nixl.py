@@ -24,11 +24,13 @@ MakeLocal = Callable[..., Transport]
 SpawnPeer = Callable[..., PeerProcess]
 
 
-@pytest.mark.parametrize("options", [{}, {"split": 3, "num_workers": 2}],
-                         ids=["one-request", "split-3-workers-2"])
+@pytest.mark.parametrize("options", [{}, {"split": 3, "num_workers": 2},
+                                     {"ucx_params": {"num_threads": "2",
+                                                     "split_batch_size": "16"}}],
+                         ids=["one-request", "split-3-workers-2", "ucx-threads-2"])
 def test_read_and_write_with_peer_process_are_byte_exact(make_local: MakeLocal,
                                                           spawn_peer: SpawnPeer,
-                                                          options: dict[str, int]) -> None:
+                                                          options: dict[str, object]) -> None:
     peer = spawn_peer("nixl")
     check_read(make_local("nixl", **options), peer)
     check_write(make_local("nixl", **options), peer, peer_fill="pattern1")
@@ -47,6 +49,7 @@ def test_bad_options_are_clear_errors() -> None:
         NixlOptions(split=0)
     with pytest.raises(ValueError, match="num_workers must be >= 0"):
         NixlOptions(num_workers=-1)
+    assert NixlOptions(ucx_params={"b": 2, "a": "1"}).ucx_params == (("a", "1"), ("b", "2"))
 
 
 def test_dead_peer_fails_without_hanging(make_local: MakeLocal, spawn_peer: SpawnPeer) -> None:
