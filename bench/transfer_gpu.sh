@@ -22,9 +22,6 @@ for mode in read write; do
     run ipc "$mode" copy=$copy
   done
   run nixl "$mode"
-  run nixl "$mode" progress_thread=false
-  run nixl "$mode" progress_thread=false NIXL_UCX_SGL_ENABLE=1
-  run nixl "$mode" progress_thread=false 'ucx_params={"num_threads":"4","split_batch_size":"64"}'
-  run nixl "$mode" progress_thread=false NIXL_UCX_SGL_ENABLE=1 \
-    'ucx_params={"num_threads":"4","split_batch_size":"64"}'
+  run nixl "$mode" NIXL_UCX_SGL_ENABLE=1
+  run nixl "$mode" 'ucx_params={"num_threads":"4","split_batch_size":"64"}'
 done

@@ -72,9 +72,7 @@ class NixlOptions:
     """More UCX backend init parameters, e.g. ``{"split_batch_size": "64"}`` (NIXL splits a
     request over its ``num_threads`` workers only past that many descriptors, 1024 by
     default)."""
-    progress_thread: bool = True
-    """NIXL's progress thread (needed on host memory over UCX cma, where transfers stall
-    without it; on GPUs it arms the worker, which queues host callbacks into the copy stream)."""
+
     split: int = 1
     """Post a batch as up to this many NIXL requests of about equal bytes, all in flight at
     once (with several UCX workers or threads they progress in parallel); the handle is DONE
@@ -137,12 +135,13 @@ class NixlTransport(Transport):
     def __init__(self, *, agent_name: str, options: NixlOptions | None = None) -> None:
         api = _import_nixl()
         self._opts = options or NixlOptions()
-        # NIXL's progress thread is on by default: without it transfers stall on host memory
-        # (measured on UCX cma), at the price of about half a core spinning per agent.
+        # NIXL's progress thread stays on: without it transfers stall, on host memory over UCX
+        # cma and on H200s over cuda_ipc alike (a READ never completed in 300 s), at the price
+        # of about half a core spinning per agent.
         opts = self._opts
         custom_ucx = (opts.num_workers > 0 or bool(opts.ucx_params)) and "UCX" in opts.backends
         config = api.nixl_agent_config(
-            enable_prog_thread=opts.progress_thread,
+            enable_prog_thread=True,
             backends=[b for b in opts.backends if not (custom_ucx and b == "UCX")],
             num_threads=opts.num_threads)
         self._agent = api.nixl_agent(agent_name, config)
