@@ -148,6 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     host = _host_profile(llm)
     meta = run_metadata("in-process engine, 1 GPU", None)
     row = {"kind": "decode_profile", "shape": args.shape, "context": args.context,
+           "model": f"{args.shape} shape, dummy bf16",
+           "workload": f"batch-1 decode step at context {args.context}: host, graph, kernels",
+           "command": "python -m bench.decode_profile",
+           "figures": {"step": f"{step:.2f} ms", "graph replay": f"{replay:.2f} ms",
+                       "kernels": f"{kernel_us / 1000:.2f} ms/step"},
            "ceilings": ceil, "step_ms": step, "replay_ms": replay,
            "kernel_ms_per_step": kernel_us / 1000, "gemv_gbps": gemv, "top_kernels": kernels,
            "host_profile": host,
