@@ -5,6 +5,9 @@
     WRITE  D: alloc, remote_blocks -> P (CONSUMER_WRITE) ---- write_done -> decode
            P: prefill, hold, [deferred until remote_blocks] WRITE (PRODUCER_WRITE)
               -> write_done -> free
+           layerwise P: [deferred until remote_blocks + handshake] prefill, each layer's
+              blocks WRITTEN as soon as computed (pd_stream.py), hold -> all landed
+              -> write_done -> free
 Every side leases its live transfers to the peer each heartbeat; a transfer whose deadline
 passes is EXPIRED, frees or releases its blocks and tells the peer (connectors/transfer.py).
 Blocks with a one-sided op still pending are never freed until the op settles ("draining").
@@ -19,8 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 from connectors.base import KVConnector
 from connectors.control_plane import ControlPlane
-from connectors.pd_metadata import build_metadata, compat_error, parse_timeouts
+from connectors.pd_metadata import build_metadata, compat_error, parse_layerwise, parse_timeouts
 from connectors.pd_scheduler import PDSchedulerSide
+from connectors.pd_stream import LayerPlan, LayerStreamer, plan_chunk
 from connectors.pd_worker import PDWorkerSide
 from connectors.protocol import (
     EngineMetadata,
@@ -39,8 +43,9 @@ from disagg.config import ConfigError, KVTransferConfig
 if TYPE_CHECKING:
     import torch
 
+    from disagg.models.llama import LayerHook
     from disagg.request import Request
-    from disagg.scheduler import Scheduler
+    from disagg.scheduler import Scheduler, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 _OK_FINISH = frozenset({"finished_stopped", "finished_length"})
@@ -64,12 +69,14 @@ class PDConnector(KVConnector):
             raise ConfigError("WRITE mode with a data-parallel prefill instance is not "
                               "supported yet; use mode=read or one prefill rank per instance")
         self.timeouts = parse_timeouts(extra)
+        self.layerwise = parse_layerwise(extra, kv_cache.is_cuda)
         self.engine_id: str = engine.engine_id
         self.host = str(extra.get("host", "127.0.0.1"))
         hs, nt = kv_ports(int(extra.get("base_port", 0)),
                           engine.cfg.parallel.data_parallel_rank)
         self.worker = PDWorkerSide(str(extra.get("transport", "tcp")), self.engine_id,
-                                   self.host, kv_cache, dict(extra.get("transport_options", {})))
+                                   self.host, kv_cache, dict(extra.get("transport_options", {})),
+                                   ready_timeout_s=self.timeouts.transfer_timeout_s)
         self.control = ControlPlane(self.host, hs, nt, self._compat_error)
         self.control.heartbeat_interval_s = self.timeouts.heartbeat_interval_s
         self.handshake_port = self.control.handshake_port
@@ -87,8 +94,8 @@ class PDConnector(KVConnector):
         self._hellos: dict[tuple[str, int], concurrent.futures.Future[EngineMetadata]] = {}
         self._draining: list[tuple[Transfer, float]] = []
         self.counters: dict[str, float] = dict.fromkeys(
-            ("bytes_moved_total", "transfers_done_total", "transfers_failed_total",
-             "transfers_expired_total", "notifications_unknown_total",
+            ("bytes_moved_total", "layer_posts_total", "transfers_done_total",
+             "transfers_failed_total", "transfers_expired_total", "notifications_unknown_total",
              "transfer_seconds_sum", "transfer_seconds_count"), 0.0)
 
     # ---- metadata and compatibility ----------------------------------------------------
@@ -127,7 +134,8 @@ class PDConnector(KVConnector):
         t = Transfer(str(tid), role, req.request_id, time.monotonic(),
                      peer_engine_id=p.get("remote_engine_id"), peer_host=p.get("remote_host"),
                      peer_handshake_port=p.get("remote_handshake_port"),
-                     peer_notify_port=p.get("remote_notify_port"))
+                     peer_notify_port=p.get("remote_notify_port"),
+                     layerwise=self.layerwise and role is TransferRole.PRODUCER_WRITE)
         self.transfers[t.transfer_id] = t
         self._by_request[req.request_id] = t.transfer_id
         if tomb is not None:
@@ -149,10 +157,15 @@ class PDConnector(KVConnector):
 
     def can_schedule(self, req: Request) -> bool:
         """A WRITE prefill waits until the decode has allocated its destination blocks, so a
-        prefill never holds blocks a busy decode cannot take (that would deadlock P and D)."""
+        prefill never holds blocks a busy decode cannot take (that would deadlock P and D).
+        A layerwise one also waits for the peer's handshake (it posts inside the forward) and,
+        after a preemption, for its earlier layer writes to settle before it rewrites them."""
         t = self.transfers.get(self._by_request.get(req.request_id, ""))
-        return (t is None or t.terminal or t.role is not TransferRole.PRODUCER_WRITE
-                or t.remote_block_ids is not None)
+        if t is None or t.terminal or t.role is not TransferRole.PRODUCER_WRITE:
+            return True
+        if t.remote_block_ids is None:
+            return False
+        return not t.layerwise or (t.stream_peer is not None and not t.handles)
 
     def consumer_transfer(self, req: Request) -> Transfer | None:
         """The live consumer transfer of a request, if its KV comes from a peer."""
@@ -201,8 +214,7 @@ class PDConnector(KVConnector):
 
             req.status, req.error = RequestStatus.FINISHED_ERROR, \
                 f"KV transfer {t.transfer_id} {t.state.value}: {t.error}"
-            return None
-        if t.role.is_producer and not t.terminal and req.status.value in _OK_FINISH:
+        elif t.role.is_producer and not t.terminal and req.status.value in _OK_FINISH:
             t.start_clock(time.monotonic())
             t.request_finished, t.holds_blocks = True, True
             t.local_block_ids, t.num_tokens = list(req.block_ids), req.num_prompt_tokens
@@ -214,9 +226,9 @@ class PDConnector(KVConnector):
         if not t.terminal:
             self.fail(t, req.error or f"request ended ({req.status.value}) before the KV "
                                       "transfer completed", notify_request=False)
-        if t.handles and not t.holds_blocks and not t.role.is_producer:
+        if t.handles and not t.holds_blocks:
             t.holds_blocks, t.local_block_ids = True, list(req.block_ids)
-            return t.transfer_id  # a one-sided op may still write into these blocks
+            return t.transfer_id  # a one-sided op may still read or write these blocks
         return None
 
     def _read_params(self, t: Transfer, req: Request) -> dict[str, Any]:
@@ -236,7 +248,7 @@ class PDConnector(KVConnector):
                 continue
             if t.handles:
                 self._poll(t)
-            elif t.role.posts_ops:
+            if not t.terminal and not t.handles and t.role.posts_ops:
                 self._try_post(t)
             if not t.terminal and now > t.deadline_s(self.timeouts):
                 self.fail(t, f"transfer {t.transfer_id} expired after {now - t.created_s:.1f} s "
@@ -279,6 +291,8 @@ class PDConnector(KVConnector):
 
     def _on_remote_blocks(self, t: Transfer, msg: RemoteBlocks) -> None:
         t.remote_block_ids = list(msg.block_ids)
+        if not t.remote_block_ids:
+            t.layerwise = False  # a one-token prompt: nothing to stream, done at its end
         t.peer_engine_id, t.peer_host = msg.engine_id, msg.host
         t.peer_handshake_port, t.peer_notify_port = msg.handshake_port, msg.notify_port
         self._start_hello(t)
@@ -318,8 +332,13 @@ class PDConnector(KVConnector):
         if t.terminal or t.handles:
             return
         if t.role is TransferRole.PRODUCER_WRITE:
-            if not t.request_finished or t.remote_block_ids is None:
-                return  # deferred: waits for the prefill or for remote_blocks
+            if t.remote_block_ids is None:
+                return  # deferred: waits for remote_blocks
+            if t.layerwise:
+                self._advance_stream(t)
+                return
+            if not t.request_finished:
+                return  # deferred: waits for the prefill
             if not t.remote_block_ids:
                 self._complete(t)
                 return
@@ -334,28 +353,52 @@ class PDConnector(KVConnector):
             return
         n = min(len(t.local_block_ids), len(t.remote_block_ids))
         op = TransferOp.WRITE if t.role is TransferRole.PRODUCER_WRITE else TransferOp.READ
-        try:
-            handle, nbytes = self.worker.post(op, peer, t.local_block_ids[:n],
-                                              t.remote_block_ids[:n])
-        except Exception as exc:  # transport refused the batch: fail this transfer only
-            self.fail(t, f"could not post KV {op.value}: {exc}")
-            return
+        handle, nbytes = self.worker.post(op, peer, t.local_block_ids[:n], t.remote_block_ids[:n])
         t.handles, t.bytes_moved, t.posted_s = [handle], nbytes, time.monotonic()
         t.move(TransferState.IN_FLIGHT)
 
+    def _advance_stream(self, t: Transfer) -> None:
+        """A layerwise WRITE with no op pending: first resolve its peer (the prefill waits for
+        it, see can_schedule); once its prefill finished, every layer write has landed."""
+        if t.stream_peer is None:
+            t.stream_peer = self._peer(t)
+        elif t.request_finished:
+            self._complete(t)
+
     def _poll(self, t: Transfer) -> None:
-        states = [self.worker.poll(h) for h in t.handles]
-        if any(s is TransferStatus.FAILED for s in states):
-            errors = [self.worker.error(h) for h in t.handles]
-            self.fail(t, "KV transfer failed: " + "; ".join(e for e in errors if e))
-        elif all(s is TransferStatus.DONE for s in states):
-            self._release_handles(t)
+        """Fail on any failed op; release the settled ones; a posted whole batch is done."""
+        states = [(h, self.worker.poll(h)) for h in t.handles]
+        failed = [h for h, s in states if s is TransferStatus.FAILED]
+        if failed:
+            more = f" (and {len(failed) - 1} more failed ops)" if len(failed) > 1 else ""
+            self.fail(t, f"KV transfer failed: {self.worker.error(failed[0])}{more}")
+            return
+        for h, s in states:
+            if s is TransferStatus.DONE:
+                self.worker.release(h)
+        t.handles = [h for h, s in states if s is TransferStatus.PENDING]
+        if not t.handles and not t.layerwise:
             self._complete(t)
 
     def _release_handles(self, t: Transfer) -> None:
         for h in t.handles:
             self.worker.release(h)
         t.handles = []
+
+    # ---- layerwise WRITE -----------------------------------------------------------------
+    def layer_hook(self, out: SchedulerOutput) -> LayerHook | None:
+        """Per-layer posts of this step's streaming WRITE prefills (None: none this step)."""
+        plans: list[LayerPlan] = []
+        for chunk in out.chunks:
+            t = self.transfers.get(self._by_request.get(chunk.request.request_id, ""))
+            if t is None or not t.layerwise or t.terminal or t.stream_peer is None:
+                continue
+            plan = plan_chunk(t, chunk.request, chunk.num_tokens, self.metadata.block_size)
+            if plan is not None:
+                plans.append(plan)
+                if t.state is TransferState.WAITING_REMOTE:
+                    t.move(TransferState.IN_FLIGHT)
+        return LayerStreamer(self.worker, plans, self.counters) if plans else None
 
     # ---- terminal states ---------------------------------------------------------------
     def _complete(self, t: Transfer) -> None:
@@ -380,6 +423,7 @@ class PDConnector(KVConnector):
         if t.terminal:
             return
         t.move(state, reason)
+        t.handles = self.worker.drop_unposted(t.handles)  # start no write the peer gave up on
         key = "transfers_expired_total" if state is TransferState.EXPIRED \
             else "transfers_failed_total"
         self.counters[key] += 1

@@ -32,6 +32,19 @@ def parse_timeouts(extra: dict[str, Any]) -> Timeouts:
     return t
 
 
+def parse_layerwise(extra: dict[str, Any], kv_cache_on_gpu: bool) -> bool:
+    """kv_connector_extra_config.layerwise: "auto" (default: on when the KV cache is on a GPU,
+    where the forward is asynchronous and streaming overlaps it), true or false. It applies to
+    WRITE transfers this engine produces."""
+    value = extra.get("layerwise", "auto")
+    if value == "auto":
+        return kv_cache_on_gpu
+    if isinstance(value, bool):
+        return value
+    raise ConfigError(f'kv_connector_extra_config.layerwise must be "auto", true or false, '
+                      f"got {value!r}")
+
+
 def build_metadata(engine: Any, kv_cache: torch.Tensor, engine_id: str, control: Any,
                    worker: Any) -> EngineMetadata:
     """This engine's handshake metadata, with a hash of model shape, dtype and layout."""

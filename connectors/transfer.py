@@ -5,13 +5,18 @@ non-terminal state.
          |                      |
          +--- failed/expired ---+--> FAILED | EXPIRED      (terminal: free/release + tell peer)
 
+A layerwise WRITE producer (connectors/pd_stream.py) goes IN_FLIGHT with its first layer
+post, while its prefill still runs, and is DONE once the prefill finished and every layer
+write has landed.
+
 Deadlines (the clock starts when this engine begins to wait on its peer: a producer's hold at
 request finish, a consumer at block allocation, a WRITE producer at arrival, since it will not
 prefill before the decode has allocated):
-  WAITING_REMOTE  started + defer_timeout, or (once the peer leased it) last lease + lease_timeout
-  IN_FLIGHT       the side that posted the one-sided op: posted + transfer_timeout
-                  the passive side (its memory is read/written): last lease + lease_timeout,
-                  so a live but slow peer keeps the transfer and a dead one is reaped promptly.
+  ops pending     the side that posted one-sided ops: last post + transfer_timeout
+  otherwise       started + defer_timeout, or (once the peer leased it) last lease +
+                  lease_timeout; this covers the passive side (its memory is read/written),
+                  so a live but slow peer keeps the transfer and a dead one is reaped promptly,
+                  and a layerwise producer between two chunks of its prefill.
 """
 
 from __future__ import annotations
@@ -92,13 +97,19 @@ class Transfer:
     peer_handshake_port: int | None = None
     peer_notify_port: int | None = None
     handles: list[int] = field(default_factory=list)
+    """The worker's ids of this side's posted ops that have not settled yet."""
     started_s: float | None = None
     """When the deadline clock started; None = not waiting on the peer yet (no expiry)."""
     posted_s: float | None = None
+    """When the latest op was posted."""
     last_lease_s: float | None = None
     holds_blocks: bool = False
     """Producer: the finished request's blocks are held under this transfer's key."""
     request_finished: bool = False
+    layerwise: bool = False
+    """WRITE producer: posts each layer's blocks during the prefill, not the prompt after it."""
+    stream_peer: str | None = None
+    """Layerwise: the peer's engine id once its handshake is done (the prefill waits for it)."""
     bytes_moved: int = 0
     error: str | None = None
 
@@ -111,7 +122,7 @@ class Transfer:
         """When this transfer expires if nothing changes (inf before the clock starts)."""
         if self.started_s is None:
             return float("inf")
-        if self.state is TransferState.IN_FLIGHT and self.role.posts_ops:
+        if self.handles and self.role.posts_ops:
             assert self.posted_s is not None
             return self.posted_s + t.transfer_timeout_s
         if self.last_lease_s is not None:

@@ -189,9 +189,11 @@ class EngineCore:
         out = self.scheduler.schedule()
         touched: list[Request] = []
         if not out.is_empty:
+            layer_hook = None
             if self.connector is not None:
                 self.connector.before_execute(out)
-            sampled, logprobs = self.runner.execute(out)
+                layer_hook = self.connector.layer_hook(out)
+            sampled, logprobs = self.runner.execute(out, layer_hook)
             for rid, lp in logprobs.items():
                 self._pending_logprobs.setdefault(rid, []).append(lp)
             touched = [c.request for c in out.chunks if c.request.request_id in sampled]

@@ -15,7 +15,7 @@ from disagg import envs
 from disagg.config import EngineConfig
 from disagg.cuda_graphs import DecodeGraphs
 from disagg.models.arch import ArchConfig
-from disagg.models.llama import AttentionMetadata
+from disagg.models.llama import AttentionMetadata, LayerHook
 from disagg.models.loader import load_model
 from disagg.ops import select_ops
 from disagg.protocol import TokenLogprob
@@ -117,8 +117,8 @@ class ModelRunner:
         self.kv_cache = None
         del cache
 
-    def _prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor,
-                                                      AttentionMetadata, list[int]]:
+    def _prepare(self, out: SchedulerOutput, layer_hook: LayerHook | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         """Flatten the scheduled chunks into input ids, positions and attention metadata."""
         bs = self.block_size
         ids: list[int] = []
@@ -148,7 +148,7 @@ class ModelRunner:
             block_tables=torch.from_numpy(table).to(dev, non_blocking=True),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
             query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
-            decode_only=len(ids) == len(out.chunks))
+            decode_only=len(ids) == len(out.chunks), layer_hook=layer_hook)
         return (torch.tensor(ids, dtype=torch.long, device=dev),
                 torch.from_numpy(np.concatenate(positions)).to(dev, non_blocking=True),
                 attn, sample_rows)
@@ -174,13 +174,18 @@ class ModelRunner:
         return g.run_host(ids, pos, slots, pos + 1, table)
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> tuple[dict[str, int], dict[str, TokenLogprob]]:
-        """Run one step; returns sampled token and logprobs per request that samples."""
+    def execute(self, out: SchedulerOutput, layer_hook: LayerHook | None = None
+                ) -> tuple[dict[str, int], dict[str, TokenLogprob]]:
+        """Run one step; returns sampled token and logprobs per request that samples.
+
+        ``layer_hook`` is called after each layer's K/V are in the cache; a step that has one
+        runs eagerly (a replayed decode graph calls no Python per layer).
+        """
         assert self.kv_cache is not None, "allocate_kv_cache first"
-        logits = self._graph_decode_logits(out)
+        logits = self._graph_decode_logits(out) if layer_hook is None else None
         if logits is not None:
             return self._sample(out.chunks, logits)
-        input_ids, positions, attn, sample_rows = self._prepare(out)
+        input_ids, positions, attn, sample_rows = self._prepare(out, layer_hook)
         sampling = [c for c in out.chunks if c.samples]
         hidden = self.model(input_ids, positions, attn, self.kv_cache)
         if not sampling:

@@ -115,6 +115,8 @@ class TcpTransport(Transport):
     """One-sided READ/WRITE over TCP between registered regions."""
 
     name = "tcp"
+    stream_ordered = True
+    """post() records an event on the caller's stream; staging waits on it (``_ready_event``)."""
 
     def __init__(self, *, agent_name: str, host: str = "127.0.0.1",
                  options: TcpOptions | None = None) -> None:

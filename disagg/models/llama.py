@@ -7,7 +7,7 @@ loader maps Hugging Face's separate tensors into them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +15,9 @@ from torch import nn
 
 from disagg.models.arch import ArchConfig
 from disagg.ops import Ops
+
+LayerHook = Callable[[int], None]
+"""Called with a layer's index right after that layer wrote this step's K/V into the cache."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +34,8 @@ class AttentionMetadata:
     """[B+1] int32: row ranges of each sequence in the flattened batch."""
     decode_only: bool
     """Every sequence contributes exactly one query token."""
+    layer_hook: LayerHook | None = None
+    """Eager steps only (never a captured graph): e.g. a KV connector streaming each layer out."""
 
 
 class RMSNorm(nn.Module):
@@ -79,6 +84,8 @@ class Attention(nn.Module):
         q, k = self.ops.rotary_embedding(positions, q, k, cos_sin)
         kv_layer = kv_cache[:, self.layer_idx]
         self.ops.reshape_and_cache(k, v, kv_layer, attn.slot_mapping)
+        if attn.layer_hook is not None:
+            attn.layer_hook(self.layer_idx)
         if attn.decode_only:
             out = self.ops.paged_decode_attention(q, kv_layer, attn.block_tables,
                                                   attn.seq_lens, self.scale)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import time
 from typing import Any
 
@@ -11,6 +12,9 @@ import aiohttp
 import pytest
 import requests  # type: ignore[import-untyped]
 from pd_helpers import BASE, info, kv_config, metric, pd_request, remote_of, wait_clean
+
+from disagg.kv_sizing import bytes_per_block
+from disagg.models.loader import resolve_arch
 
 MAX_MODEL_LEN = 256
 
@@ -69,16 +73,50 @@ def test_pd_equals_monolithic(instance_factory, transport: str, mode: str) -> No
     wait_clean(d.url)
 
 
+def test_pd_layerwise_write_equals_monolithic(instance_factory) -> None:
+    """tcp WRITE streaming each layer; P chunks its prefill every 24 tokens, so chunks end both
+    inside a block and on a block boundary. Each transferred block is written exactly once."""
+    common = [*BASE, "--max-model-len", str(MAX_MODEL_LEN)]
+    p = instance_factory([*common, "--max-num-batched-tokens", "24", "--kv-transfer-config",
+                          kv_config("kv_producer", "write", layerwise=True)])
+    d = instance_factory([*common, "--kv-transfer-config",
+                          kv_config("kv_consumer", "write", layerwise=True)])
+    mono = instance_factory(common)
+    p_info, d_info = info(p.url), info(d.url)
+
+    async def go(s: aiohttp.ClientSession) -> None:
+        for prompt in _prompts():
+            body = {"prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True,
+                    "return_token_ids": True}
+            async with s.post(mono.url + "/v1/completions", json=body) as r:
+                expected = (await r.json())["choices"][0]["token_ids"]
+            status, out = await pd_request(s, p.url, d.url, body, "write", p_info, d_info)
+            assert status == 200, out
+            assert out["choices"][0]["token_ids"] == expected, len(prompt)
+
+    _run(_session_run(go))
+    a = resolve_arch("builtin:tiny-llama")
+    block_bytes = bytes_per_block(a.num_layers, 16, a.num_kv_heads, a.head_dim, 4)
+    # the decode's blocks: ceil((n - 1) / 16) per prompt, as the whole-prompt WRITE moves
+    num_blocks = sum(-(-(len(prompt) - 1) // 16) for prompt in _prompts())
+    assert metric(p.url, "disagg_kv_connector_bytes_moved_total") == num_blocks * block_bytes
+    posts = metric(p.url, "disagg_kv_connector_layer_posts_total")
+    assert posts > 0 and posts % a.num_layers == 0
+    assert metric(p.url, "disagg_kv_connector_transfers_done_total") == len(_prompts())
+    wait_clean(p.url)
+    wait_clean(d.url)
+
+
 FAST: dict[str, Any] = {"transfer_timeout": 3, "defer_timeout": 3, "lease_timeout": 2,
         "heartbeat_interval": 0.5}
 
 
 def _pair(instance_factory, mode: str, p_extra: list[str] | None = None,
-          d_extra: list[str] | None = None) -> tuple[Any, Any]:
+          d_extra: list[str] | None = None, **extra: Any) -> tuple[Any, Any]:
     p = instance_factory([*BASE, *(p_extra or []), "--kv-transfer-config",
-                          kv_config("kv_producer", mode, **FAST)])
+                          kv_config("kv_producer", mode, **FAST, **extra)])
     d = instance_factory([*BASE, *(d_extra or []), "--kv-transfer-config",
-                          kv_config("kv_consumer", mode, **FAST)])
+                          kv_config("kv_consumer", mode, **FAST, **extra)])
     return p, d
 
 
@@ -178,6 +216,47 @@ def test_decode_killed_mid_transfer_prefill_frees_by_expiry(instance_factory) ->
     asyncio.run(send_and_kill())
     wait_clean(p.url, timeout_s=15)
     _still_serves(p.url)
+
+
+@pytest.mark.parametrize("fault", ["kill", "stop"])
+def test_write_layerwise_decode_dies_mid_stream_prefill_frees(instance_factory,
+                                                              fault: str) -> None:
+    """The decode crashes (SIGKILL: the layer writes fail) or hangs (SIGSTOP: they stay pending
+    until the lease and transfer deadlines expire them) while the prefill streams its layers:
+    the prefill frees every block, by failure or expiry, and keeps serving."""
+    p, d = _pair(instance_factory, "write", p_extra=["--max-num-batched-tokens", "16"],
+                 layerwise=True)
+    p_info, d_info = info(p.url), info(d.url)
+    warm = {**BODY, "max_tokens": 2}
+    status, _ = _run(_session_run(lambda s: pd_request(s, p.url, d.url, warm, "write", p_info,
+                                                       d_info)))
+    assert status == 200  # the prefill now knows the decode (handshake, connections)
+    posts_before = metric(p.url, "disagg_kv_connector_layer_posts_total")
+    body = {**BODY, "prompt": "a long prompt streamed layer by layer " * 12}
+
+    async def go(s: aiohttp.ClientSession) -> None:
+        d_task = asyncio.create_task(s.post(d.url + "/v1/completions", json={
+            **body, "kv_transfer_params": {"transfer_id": "dies", "do_remote_prefill": True,
+                                           "mode": "write", **remote_of(p_info)}}))
+        await asyncio.sleep(1.0)  # the decode allocated and announced its blocks
+        os.killpg(d.proc.pid, signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
+        async with s.post(p.url + "/v1/completions", json={
+                **body, "max_tokens": 1, "kv_transfer_params": {
+                    "transfer_id": "dies", "do_remote_decode": True, "mode": "write",
+                    **remote_of(d_info)}}) as r:
+            await r.read()
+        d_task.cancel()
+
+    _run(_session_run(go))
+    wait_clean(p.url, timeout_s=20)
+    assert metric(p.url, "disagg_kv_connector_layer_posts_total") > posts_before
+    gave_up = (metric(p.url, "disagg_kv_connector_transfers_failed_total")
+               + metric(p.url, "disagg_kv_connector_transfers_expired_total"))
+    assert gave_up == 1
+    if fault == "stop":
+        assert metric(p.url, "disagg_kv_connector_transfers_expired_total") == 1
+    _still_serves(p.url)
+    d.kill()
 
 
 def test_unknown_and_malformed_notifications_are_counted(instance_factory) -> None:

@@ -1,0 +1,78 @@
+"""Layerwise WRITE: which blocks a prefill chunk streams, and the hook that posts them per layer.
+
+A WRITE producer whose destination is known (the decode's ``remote_blocks``) posts, right
+after each layer wrote this step's K/V, one WRITE of that layer's run of every block the chunk
+completes (byte layout: connectors/pd_worker.py), so the transfer overlaps the prefill.
+
+Transferred blocks are the decode's, [0, R) with R = len(remote_block_ids): the KV of
+prompt[:-1] rounded up to whole blocks (the decode recomputes the last prompt token), exactly
+what the whole-prompt WRITE moves. Block b is posted once, by the chunk that computes its last
+position min((b + 1) * block_size, N) - 1 (N prompt tokens): transports do not order separate
+batches (tcp spreads them over connections, nixl and mori run them concurrently), so a block
+written twice could end with its older, partial copy.
+
+    chunk [start, end), start < N:   blocks [start // bs, min(R, end // bs))   if end < N
+                                     blocks [start // bs, R)                   if end >= N
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from connectors.pd_worker import PDWorkerSide
+    from connectors.transfer import Transfer
+    from disagg.request import Request
+
+
+def blocks_to_stream(start: int, end: int, num_prompt_tokens: int, num_remote_blocks: int,
+                     block_size: int) -> range:
+    """Indices of the transferred blocks that the chunk [start, end) completes."""
+    if start >= num_prompt_tokens:
+        return range(0)  # a decode step of the producer: its prompt was streamed already
+    stop = num_remote_blocks if end >= num_prompt_tokens else end // block_size
+    return range(start // block_size, min(stop, num_remote_blocks))
+
+
+class LayerPlan(NamedTuple):
+    """One transfer's share of a step: the block pairs it writes, layer by layer."""
+
+    transfer: Transfer
+    peer: str
+    local_blocks: list[int]
+    remote_blocks: list[int]
+
+
+def plan_chunk(t: Transfer, req: Request, num_tokens: int, block_size: int) -> LayerPlan | None:
+    """What a streaming transfer writes for this step's chunk of its request (None: nothing)."""
+    assert t.remote_block_ids is not None and t.stream_peer is not None
+    start = req.num_computed_tokens
+    blocks = blocks_to_stream(start, start + num_tokens, req.num_prompt_tokens,
+                              len(t.remote_block_ids), block_size)
+    if not blocks:
+        return None
+    return LayerPlan(t, t.stream_peer, [req.block_ids[b] for b in blocks],
+                     [t.remote_block_ids[b] for b in blocks])
+
+
+class LayerStreamer:
+    """The layer hook of one step: posts each plan's run of a layer once it is cached."""
+
+    def __init__(self, worker: PDWorkerSide, plans: list[LayerPlan],
+                 counters: dict[str, float]) -> None:
+        self._worker = worker
+        self._plans = plans
+        self._counters = counters
+
+    def __call__(self, layer: int) -> None:
+        """Post layer ``layer`` of every plan (called by the model, inside the forward)."""
+        now = time.monotonic()
+        for p in self._plans:
+            op_id, nbytes = self._worker.post_layer(p.peer, layer, p.local_blocks,
+                                                    p.remote_blocks)
+            t = p.transfer
+            t.handles.append(op_id)
+            t.bytes_moved += nbytes
+            t.posted_s = now
+        self._counters["layer_posts_total"] += len(self._plans)

@@ -1,0 +1,227 @@
+"""Layerwise WRITE in one process: which blocks each chunk streams, the exact per-layer segments
+the hook posts (fake transport, real control plane and scheduler), completion and failure."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from fake_transport import FakeTransport
+
+from connectors import pd_worker
+from connectors.pd_connector import PDConnector
+from connectors.pd_stream import blocks_to_stream
+from connectors.protocol import RemoteBlocks
+from connectors.transfer import TransferState
+from connectors.transports.base import Segment, TransferOp, TransferStatus
+from disagg.config import KVTransferConfig, SchedulerConfig
+from disagg.kv_cache import BlockPool
+from disagg.request import Request, RequestStatus
+from disagg.sampling_params import SamplingParams
+from disagg.scheduler import Scheduler, SchedulerOutput
+
+BLOCK_SIZE, NUM_LAYERS, NUM_BLOCKS = 4, 3, 16
+LAYER_BYTES = 2 * BLOCK_SIZE * 1 * 2 * 4  # K and V, block_size tokens, 1 head, dim 2, fp32
+BLOCK_BYTES = NUM_LAYERS * LAYER_BYTES
+
+
+@pytest.mark.parametrize(("start", "end", "n", "r", "expected"), [
+    (0, 11, 11, 3, [0, 1, 2]),      # one chunk: every transferred block
+    (0, 6, 11, 3, [0]),             # block 1 is only partly computed: it waits
+    (6, 11, 11, 3, [1, 2]),         # ... for the chunk that completes it
+    (0, 8, 12, 3, [0, 1]),          # a chunk ending on a block boundary
+    (8, 12, 12, 3, [2]),
+    (0, 8, 9, 2, [0, 1]),           # prompt of 9: block 2 holds only the recomputed token
+    (8, 9, 9, 2, []),
+    (0, 1, 1, 0, []),               # one-token prompt: nothing transferred
+    (11, 12, 11, 3, []),            # a decode step after the prompt
+])
+def test_blocks_to_stream_writes_each_block_once(start: int, end: int, n: int, r: int,
+                                                  expected: list[int]) -> None:
+    assert list(blocks_to_stream(start, end, n, r, BLOCK_SIZE)) == expected
+
+
+def _engine(engine_id: str) -> Any:
+    arch = SimpleNamespace(model_type="llama", vocab_size=64, hidden_size=8,
+                           num_layers=NUM_LAYERS, num_heads=2, num_kv_heads=1, head_dim=2,
+                           intermediate_size=16)
+    parallel = SimpleNamespace(data_parallel_size=1, data_parallel_rank=0)
+    return SimpleNamespace(engine_id=engine_id, arch=arch, cfg=SimpleNamespace(
+        parallel=parallel, cache=SimpleNamespace(block_size=BLOCK_SIZE)))
+
+
+def _connector(role: str, engine_id: str, layerwise: bool = True) -> PDConnector:
+    cfg = KVTransferConfig(kv_connector="PDConnector", kv_role=role, kv_connector_extra_config={
+        "transport": "fake", "mode": "write", "layerwise": layerwise, "transfer_timeout": 5})
+    kv = torch.zeros(NUM_BLOCKS, NUM_LAYERS, 2, BLOCK_SIZE, 1, 2)
+    return PDConnector(cfg, _engine(engine_id), kv)
+
+
+class Pair(SimpleNamespace):
+    """A layerwise producer with its scheduler, a consumer answering handshakes, and the
+    producer's fake transport."""
+
+    p: PDConnector
+    d: PDConnector
+    sched: Scheduler
+    transport: FakeTransport
+
+
+@pytest.fixture
+def pair(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pair]:
+    """Layerwise unless parametrized indirectly with False."""
+    transports: list[FakeTransport] = []
+
+    def make(name: str, **_: Any) -> FakeTransport:
+        transports.append(FakeTransport())
+        return transports[-1]
+
+    monkeypatch.setattr(pd_worker, "make_transport", make)
+    p = _connector("kv_producer", "engine-P", getattr(request, "param", True))
+    d = _connector("kv_consumer", "engine-D")
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=6), BlockPool(NUM_BLOCKS),
+                      BLOCK_SIZE, 64, p.scheduler)
+    p.bind(sched)
+    try:
+        yield Pair(p=p, d=d, sched=sched, transport=transports[0])
+    finally:
+        p.close()
+        d.close()
+
+
+def _request(rid: str, n: int, params: dict[str, Any] | None) -> Request:
+    return Request(rid, list(range(1, n + 1)), SamplingParams(max_tokens=1, temperature=0),
+                   None, kv_transfer_params=params)
+
+
+def _write_producer(pair: Pair, rid: str, n: int, remote: list[int]) -> Request:
+    """A WRITE prefill whose decode announced ``remote``, ready to stream."""
+    d = pair.d.metadata
+    req = _request(rid, n, {"transfer_id": rid, "do_remote_decode": True, "mode": "write",
+                            "remote_engine_id": d.engine_id, "remote_host": d.host,
+                            "remote_handshake_port": d.handshake_port,
+                            "remote_notify_port": d.notify_port})
+    pair.sched.add_request(req)
+    pair.p.on_request_arrival(req)
+    pair.p.control.inbox.put(RemoteBlocks(
+        transfer_id=rid, engine_id=d.engine_id, block_ids=remote, num_tokens=n - 1,
+        host=d.host, handshake_port=d.handshake_port, notify_port=d.notify_port))
+    deadline = time.monotonic() + 10
+    while not pair.p.can_schedule(req):  # the handshake with the consumer completes
+        assert time.monotonic() < deadline, "handshake did not complete"
+        pair.p.update_connector_output()
+        time.sleep(0.01)
+    return req
+
+
+def _step(pair: Pair) -> list[str]:
+    """One engine step without a model: schedule, call the layer hook per layer, advance.
+    Returns the ids of the requests that ran."""
+    out = pair.sched.schedule()
+    hook = pair.p.layer_hook(out)
+    if hook is not None:
+        for layer in range(NUM_LAYERS):
+            hook(layer)
+    sampled = {c.request.request_id: 0 for c in out.chunks if c.samples}
+    pair.sched.update_from_output(out, sampled)
+    return [c.request.request_id for c in out.chunks]
+
+
+def _layer_runs(local: list[int], remote: list[int], layer: int) -> list[Segment]:
+    off = layer * LAYER_BYTES
+    return [Segment(lb * BLOCK_BYTES + off, rb * BLOCK_BYTES + off, LAYER_BYTES)
+            for lb, rb in zip(local, remote)]
+
+
+def test_hook_posts_each_layer_of_the_blocks_each_chunk_completes(pair: Pair) -> None:
+    remote = [9, 3, 7]  # the decode's blocks for prompt[:-1] of an 11-token prompt
+    req = _write_producer(pair, "w", 11, remote)
+    plain = _request("plain", 5, None)
+    read = _request("read", 9, {"transfer_id": "r", "do_remote_decode": True, "mode": "read"})
+    for other in (plain, read):
+        pair.sched.add_request(other)
+        pair.p.on_request_arrival(other)
+    assert _step(pair) == ["w"]  # chunk [0, 6): completes block 0 only
+    # chunk [6, 11): blocks 1 and 2 (2 is partial: the prompt's end); "plain" shares the step
+    assert _step(pair) == ["w", "plain"]
+    assert req.status is RequestStatus.FINISHED_LENGTH
+    t = pair.p.transfers["w"]
+    local = t.local_block_ids  # the prompt's blocks, held for the transfer
+    assert len(local) == 3
+    expected = ([_layer_runs(local[:1], remote[:1], layer) for layer in range(NUM_LAYERS)]
+                + [_layer_runs(local[1:3], remote[1:3], layer) for layer in range(NUM_LAYERS)])
+    assert [(op, peer) for op, peer, _ in pair.transport.posts] == \
+        [(TransferOp.WRITE, "engine-D")] * 2 * NUM_LAYERS
+    assert [segs for _, _, segs in pair.transport.posts] == expected
+    steps = 0
+    while pair.sched.has_work():  # the plain and READ-producer requests: no layer posts
+        assert _step(pair) and steps < 20
+        steps += 1
+    assert len(pair.transport.posts) == 2 * NUM_LAYERS
+    assert t.state is TransferState.IN_FLIGHT and len(t.handles) == 2 * NUM_LAYERS
+    pair.transport.settle_all(TransferStatus.DONE)
+    pair.p.update_connector_output()
+    assert "w" not in pair.p.transfers  # done: write_done sent, blocks freed
+    assert pair.p.counters["bytes_moved_total"] == 3 * BLOCK_BYTES
+    assert pair.p.counters["layer_posts_total"] == 2 * NUM_LAYERS
+    assert pair.p.counters["transfers_done_total"] == 1
+    pair.p.abort_transfer("r")
+    assert pair.sched.pool.snapshot().free == NUM_BLOCKS
+
+
+def test_failed_layer_write_fails_the_prefill_and_frees_after_settling(pair: Pair) -> None:
+    req = _write_producer(pair, "w", 11, [9, 3, 7])
+    _step(pair)
+    pair.transport.status[2] = TransferStatus.FAILED  # layer 1 of the first chunk
+    pair.p.update_connector_output()
+    assert req.status is RequestStatus.FINISHED_ERROR
+    assert "layer 1 write to engine-D: link down" in (req.error or "")
+    assert pair.p.counters["transfers_failed_total"] == 1
+    held = pair.sched.pool.snapshot()
+    assert held.free < NUM_BLOCKS  # the other layer writes still read the blocks
+    pair.transport.settle_all(TransferStatus.DONE)
+    pair.p.update_connector_output()
+    assert pair.sched.pool.snapshot().free == NUM_BLOCKS
+    assert not pair.p.busy()
+
+
+def test_preempted_stream_restarts_only_after_its_writes_settled(pair: Pair) -> None:
+    req = _write_producer(pair, "w", 11, [9, 3, 7])
+    _step(pair)
+    first = len(pair.transport.posts)
+    pair.sched._preempt(req, SchedulerOutput())  # memory pressure took its blocks
+    assert not pair.p.can_schedule(req)
+    assert _step(pair) == []  # its old layer writes are still pending
+    pair.transport.settle_all(TransferStatus.DONE)
+    pair.p.update_connector_output()
+    assert _step(pair) == ["w"]  # recomputed from position 0: block 0 written again
+    assert _step(pair) == ["w"]
+    assert len(pair.transport.posts) == first + 2 * NUM_LAYERS
+    pair.transport.settle_all(TransferStatus.DONE)
+    pair.p.update_connector_output()
+    assert pair.p.counters["transfers_done_total"] == 1
+    assert pair.sched.pool.snapshot().free == NUM_BLOCKS
+
+
+@pytest.mark.parametrize("pair", [False], indirect=True)
+def test_whole_prompt_write_when_layerwise_is_off(pair: Pair) -> None:
+    req = _write_producer(pair, "w", 11, [9, 3, 7])
+    for _ in range(2):
+        out = pair.sched.schedule()
+        assert [c.request.request_id for c in out.chunks] == ["w"]
+        assert pair.p.layer_hook(out) is None
+        pair.sched.update_from_output(out, {"w": 0} if out.chunks[0].samples else {})
+    assert req.status is RequestStatus.FINISHED_LENGTH and not pair.transport.posts
+    local = pair.p.transfers["w"].local_block_ids
+    pair.p.update_connector_output()  # the prefill ended: one WRITE of whole blocks
+    assert pair.transport.posts == [(TransferOp.WRITE, "engine-D", [
+        Segment(lb * BLOCK_BYTES, rb * BLOCK_BYTES, BLOCK_BYTES)
+        for lb, rb in zip(local, [9, 3, 7])])]
+    pair.transport.settle_all(TransferStatus.DONE)
+    pair.p.update_connector_output()
+    assert pair.p.counters["bytes_moved_total"] == 3 * BLOCK_BYTES
+    assert pair.sched.pool.snapshot().free == NUM_BLOCKS
