@@ -43,16 +43,8 @@ async def _session_run(fn: Any) -> Any:
         return await fn(s)
 
 
-@pytest.mark.parametrize("transport", ["tcp", pytest.param("nixl", marks=pytest.mark.skipif(
-    not _nixl_ok(), reason="nixl is not installed"))])
-@pytest.mark.parametrize("mode", ["read", "write"])
-def test_pd_equals_monolithic(instance_factory, transport: str, mode: str) -> None:
-    common = [*BASE, "--max-model-len", str(MAX_MODEL_LEN)]
-    p = instance_factory([*common, "--kv-transfer-config", kv_config("kv_producer", mode,
-                                                                     transport)])
-    d = instance_factory([*common, "--kv-transfer-config", kv_config("kv_consumer", mode,
-                                                                     transport)])
-    mono = instance_factory(common)
+def _assert_pd_equals_monolithic(p: Any, d: Any, mono: Any, mode: str) -> None:
+    """Every prompt of ``_prompts()`` through P then D gives the monolithic greedy tokens."""
     p_info, d_info = info(p.url), info(d.url)
 
     async def go(s: aiohttp.ClientSession) -> None:
@@ -66,6 +58,19 @@ def test_pd_equals_monolithic(instance_factory, transport: str, mode: str) -> No
             assert out["choices"][0]["token_ids"] == expected, len(prompt)
 
     _run(_session_run(go))
+
+
+@pytest.mark.parametrize("transport", ["tcp", pytest.param("nixl", marks=pytest.mark.skipif(
+    not _nixl_ok(), reason="nixl is not installed"))])
+@pytest.mark.parametrize("mode", ["read", "write"])
+def test_pd_equals_monolithic(instance_factory, transport: str, mode: str) -> None:
+    common = [*BASE, "--max-model-len", str(MAX_MODEL_LEN)]
+    p = instance_factory([*common, "--kv-transfer-config", kv_config("kv_producer", mode,
+                                                                     transport)])
+    d = instance_factory([*common, "--kv-transfer-config", kv_config("kv_consumer", mode,
+                                                                     transport)])
+    mono = instance_factory(common)
+    _assert_pd_equals_monolithic(p, d, mono, mode)
     moved_side = d.url if mode == "read" else p.url
     assert metric(moved_side, "disagg_kv_connector_bytes_moved_total") > 0
     assert metric(moved_side, "disagg_kv_connector_transfers_done_total") >= 3
@@ -82,19 +87,7 @@ def test_pd_layerwise_write_equals_monolithic(instance_factory) -> None:
     d = instance_factory([*common, "--kv-transfer-config",
                           kv_config("kv_consumer", "write", layerwise=True)])
     mono = instance_factory(common)
-    p_info, d_info = info(p.url), info(d.url)
-
-    async def go(s: aiohttp.ClientSession) -> None:
-        for prompt in _prompts():
-            body = {"prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True,
-                    "return_token_ids": True}
-            async with s.post(mono.url + "/v1/completions", json=body) as r:
-                expected = (await r.json())["choices"][0]["token_ids"]
-            status, out = await pd_request(s, p.url, d.url, body, "write", p_info, d_info)
-            assert status == 200, out
-            assert out["choices"][0]["token_ids"] == expected, len(prompt)
-
-    _run(_session_run(go))
+    _assert_pd_equals_monolithic(p, d, mono, "write")
     a = resolve_arch("builtin:tiny-llama")
     block_bytes = bytes_per_block(a.num_layers, 16, a.num_kv_heads, a.head_dim, 4)
     # the decode's blocks: ceil((n - 1) / 16) per prompt, as the whole-prompt WRITE moves

@@ -29,20 +29,18 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
-import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import pytest
+from netns import ip, netns_unavailable
 from pd_helpers import BASE, info, kv_config, metric, pd_request, wait_clean
 from support import Instance, start_instance
 
 MAX_MODEL_LEN = 128
 MAX_TOKENS = 6
-_IP_TIMEOUT_S = 20.0
 _HTTP_TIMEOUT_S = 60.0
 
 
@@ -62,24 +60,6 @@ class Host:
     def prefix(self) -> list[str]:
         """Command prefix that runs a program inside this namespace (exec, no fork)."""
         return ["ip", "netns", "exec", self.ns]
-
-
-def _ip(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=_IP_TIMEOUT_S)
-
-
-def _netns_unavailable() -> str | None:
-    """Why namespaces cannot be made here, or None when they can."""
-    if shutil.which("ip") is None:
-        return "the `ip` command is not installed"
-    if os.geteuid() != 0:
-        return "creating network namespaces needs root"
-    probe = f"dgpdprobe{os.getpid() % 100000}"
-    result = _ip("netns", "add", probe)
-    if result.returncode != 0:
-        return f"`ip netns add` failed: {result.stderr.strip()}"
-    _ip("netns", "del", probe)
-    return None
 
 
 def _setup_steps(a: Host, b: Host, mgmt: tuple[str, str], octet: int) -> list[tuple[str, ...]]:
@@ -108,7 +88,7 @@ def _setup_steps(a: Host, b: Host, mgmt: tuple[str, str], octet: int) -> list[tu
 @pytest.fixture(scope="module")
 def two_hosts() -> Iterator[tuple[Host, Host]]:
     """(prefill host, decode host): two namespaces, a data veth between them, mgmt veths."""
-    reason = _netns_unavailable()
+    reason = netns_unavailable("dgpdprobe")
     if reason is not None:
         pytest.skip(f"network namespaces unavailable: {reason}")
     tag = os.getpid() % 100000
@@ -120,15 +100,15 @@ def two_hosts() -> Iterator[tuple[Host, Host]]:
     mgmt = (f"dgma{tag}", f"dgmb{tag}")
     try:
         for step in _setup_steps(a, b, mgmt, octet):
-            result = _ip(*step)
+            result = ip(*step)
             assert result.returncode == 0, f"ip {' '.join(step)}: {result.stderr}"
         yield a, b
     finally:
         # Deleting a namespace deletes the veth ends inside it and with them their peers.
         for ns in (a.ns, b.ns):
-            _ip("netns", "del", ns)
+            ip("netns", "del", ns)
         for dev in (a.data_dev, *mgmt):
-            _ip("link", "del", dev)
+            ip("link", "del", dev)
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +124,7 @@ def monolithic(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Instance]:
 
 def _tx_bytes(host: Host) -> int:
     """Bytes sent so far by the host's data veth end."""
-    result = _ip("-n", host.ns, "-s", "-j", "link", "show", "dev", host.data_dev)
+    result = ip("-n", host.ns, "-s", "-j", "link", "show", "dev", host.data_dev)
     assert result.returncode == 0, result.stderr
     return int(json.loads(result.stdout)[0]["stats64"]["tx"]["bytes"])
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -17,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from netns import ip, netns_unavailable
 
 _HARNESS = Path(__file__).resolve().parent / "transport_harness.py"
 _REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -24,27 +24,10 @@ _NBYTES = 1 << 20
 _STEP_TIMEOUT_S = 60.0
 
 
-def _ip(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=20)
-
-
-def _netns_unavailable() -> str | None:
-    if shutil.which("ip") is None:
-        return "the `ip` command is not installed"
-    if os.geteuid() != 0:
-        return "creating network namespaces needs root"
-    probe = f"dgprobe{os.getpid() % 100000}"
-    result = _ip("netns", "add", probe)
-    if result.returncode != 0:
-        return f"`ip netns add` failed: {result.stderr.strip()}"
-    _ip("netns", "del", probe)
-    return None
-
-
 @pytest.fixture
 def two_hosts() -> Iterator[tuple[str, str, str, str]]:
     """(ns_a, addr_a, ns_b, addr_b): two namespaces linked by a veth pair."""
-    reason = _netns_unavailable()
+    reason = netns_unavailable("dgprobe")
     if reason is not None:
         pytest.skip(f"network namespaces unavailable: {reason}")
     tag = os.getpid() % 100000
@@ -62,14 +45,14 @@ def two_hosts() -> Iterator[tuple[str, str, str, str]]:
             ("-n", ns_a, "link", "set", "lo", "up"), ("-n", ns_b, "link", "set", "lo", "up"),
         ]
         for step in setup:
-            result = _ip(*step)
+            result = ip(*step)
             assert result.returncode == 0, f"ip {' '.join(step)}: {result.stderr}"
         yield ns_a, addr_a, ns_b, addr_b
     finally:
         # Deleting a namespace also deletes the veth end inside it (and so the pair).
-        _ip("netns", "del", ns_a)
-        _ip("netns", "del", ns_b)
-        _ip("link", "del", veth_a)
+        ip("netns", "del", ns_a)
+        ip("netns", "del", ns_b)
+        ip("link", "del", veth_a)
 
 
 def _in_netns(ns: str, *args: str, stdin: int | None = None) -> subprocess.Popen[str]:
