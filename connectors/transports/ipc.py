@@ -50,7 +50,7 @@ from connectors.transports.base import (
     merge_segments,
 )
 from connectors.transports.handles import HandleTable
-from connectors.transports.validation import build_options, check_segments
+from connectors.transports.validation import build_options, open_batch
 
 logger = logging.getLogger(__name__)
 
@@ -297,16 +297,12 @@ class IpcTransport(Transport):
         """Queue the copies on the copy streams; completion is one event."""
         region = self._require_region()
         merged = merge_segments(segments)
-        handle = self._table.new(peer_name)
         with self._lock:
             peer = self._peers.get(peer_name)
-            if peer is None:
-                self._table.finish(handle, f"unknown peer {peer_name!r} (add_peer first)")
+            handle, start = open_batch(self._table, self.name, peer_name, merged, region.numel(),
+                                       None if peer is None else peer.remote.numel())
+            if not start or peer is None:
                 return handle
-            problem = check_segments(merged, region.numel(), peer.remote.numel())
-            if problem is not None:
-                self._table.pop(handle)
-                raise ValueError(f"ipc transport post to {peer_name!r}: {problem}")
             try:
                 event = self._issue(op, region, peer.remote, merged)
             except RuntimeError as exc:

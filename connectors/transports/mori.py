@@ -43,7 +43,7 @@ from connectors.transports.base import (
     merge_segments,
 )
 from connectors.transports.handles import HandleTable
-from connectors.transports.validation import build_options, check_segments
+from connectors.transports.validation import build_options, open_batch
 
 logger = logging.getLogger(__name__)
 
@@ -204,18 +204,12 @@ class MoriTransport(Transport):
         """One ``batch_read`` / ``batch_write`` on the peer's session."""
         self._require_mem()
         merged = merge_segments(segments)
-        handle = self._table.new(peer_name)
         with self._lock:
             peer = self._peers.get(peer_name)
-            if peer is None:
-                self._table.finish(handle, f"unknown peer {peer_name!r} (add_peer first)")
-                return handle
-            problem = check_segments(merged, self._region_bytes, peer.desc.region_bytes)
-            if problem is not None:
-                self._table.pop(handle)
-                raise ValueError(f"mori transport post to {peer_name!r}: {problem}")
-            if not merged:
-                self._table.finish(handle)
+            handle, start = open_batch(self._table, self.name, peer_name, merged,
+                                       self._region_bytes,
+                                       None if peer is None else peer.desc.region_bytes)
+            if not start or peer is None:
                 return handle
             session = peer.session
             call = session.batch_read if op is TransferOp.READ else session.batch_write

@@ -37,7 +37,7 @@ from connectors.transports.base import (
     merge_segments,
 )
 from connectors.transports.handles import HandleTable
-from connectors.transports.validation import build_options, check_segments
+from connectors.transports.validation import build_options, open_batch
 
 logger = logging.getLogger(__name__)
 
@@ -231,18 +231,11 @@ class NixlTransport(Transport):
         """Create and start one NIXL transfer request for the merged batch."""
         local = self._require_local()
         merged = merge_segments(segments)
-        handle = self._table.new(peer_name)
         with self._lock:
             peer = self._peers.get(peer_name)
-            if peer is None:
-                self._table.finish(handle, f"unknown peer {peer_name!r} (add_peer first)")
-                return handle
-            problem = check_segments(merged, local.nbytes, peer.desc.region_bytes)
-            if problem is not None:
-                self._table.pop(handle)
-                raise ValueError(f"nixl transport post to {peer_name!r}: {problem}")
-            if not merged:
-                self._table.finish(handle)
+            handle, start = open_batch(self._table, self.name, peer_name, merged, local.nbytes,
+                                       None if peer is None else peer.desc.region_bytes)
+            if not start or peer is None:
                 return handle
             try:
                 self._start(handle, op, local, peer, merged)

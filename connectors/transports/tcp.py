@@ -42,7 +42,7 @@ from connectors.transports.tcp_wire import (
     decode_descriptor,
     encode_descriptor,
 )
-from connectors.transports.validation import build_options, check_segments
+from connectors.transports.validation import build_options, open_batch
 
 MiB = 1 << 20
 
@@ -192,16 +192,9 @@ class TcpTransport(Transport):
         with self._lock:
             link = self._peers.get(peer_name)
         merged = merge_segments(segments)
-        handle = self._table.new(peer_name)
-        if link is None:
-            self._table.finish(handle, f"unknown peer {peer_name!r} (add_peer first)")
-            return handle
-        problem = check_segments(merged, region.nbytes, link.desc.region_bytes)
-        if problem is not None:
-            self._table.pop(handle)
-            raise ValueError(f"tcp transport post to {peer_name!r}: {problem}")
-        if not merged:
-            self._table.finish(handle)
+        handle, start = open_batch(self._table, self.name, peer_name, merged, region.nbytes,
+                                   None if link is None else link.desc.region_bytes)
+        if not start or link is None:
             return handle
         total = sum(s.length for s in merged)
         num_parts = max(1, min(self._opts.max_connections_per_peer,

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from connectors.transports.base import Segment, TransportError
+from connectors.transports.handles import HandleTable
 
 T = TypeVar("T")
 
@@ -32,3 +33,24 @@ def build_options(cls: type[T], transport: str, options: dict[str, Any]) -> T:
         raise TransportError(f"unknown {transport} transport option(s) {unknown}; "
                              f"known: {sorted(known)}")
     return cls(**options)
+
+
+def open_batch(table: HandleTable, transport: str, peer_name: str, merged: Sequence[Segment],
+               local_bytes: int, remote_bytes: int | None) -> tuple[int, bool]:
+    """The handle of a new batch, and whether the transport must start it.
+
+    ``remote_bytes`` None means the peer is unknown: the handle is already FAILED. An empty
+    batch is already DONE. Segments outside either region raise ValueError (a caller bug).
+    """
+    handle = table.new(peer_name)
+    if remote_bytes is None:
+        table.finish(handle, f"unknown peer {peer_name!r} (add_peer first)")
+        return handle, False
+    problem = check_segments(merged, local_bytes, remote_bytes)
+    if problem is not None:
+        table.pop(handle)
+        raise ValueError(f"{transport} transport post to {peer_name!r}: {problem}")
+    if not merged:
+        table.finish(handle)
+        return handle, False
+    return handle, True
