@@ -126,21 +126,26 @@ def _wait(transport: Any, handle: int) -> None:
     transport.release(handle)
 
 
-def _timed_runs(transport: Any, cfg: BenchConfig) -> list[float]:
-    """Warm-up, then ``iters`` timed batches; seconds per batch."""
+def _timed_runs(transport: Any, cfg: BenchConfig) -> tuple[list[float], list[float]]:
+    """Warm-up, then ``iters`` timed batches; seconds per batch, and per ``post`` call alone
+    (the host's share: the copies cannot start before it)."""
     from connectors.transports import TransferOp
 
     op = TransferOp.READ if cfg.mode == "read" else TransferOp.WRITE
     segments = _segments(cfg)
     times: list[float] = []
+    posts: list[float] = []
     for i in range(cfg.warmup + cfg.iters):
         start = time.perf_counter()
-        _wait(transport, transport.post(op, "bench-target", segments))
+        handle = transport.post(op, "bench-target", segments)
+        posted = time.perf_counter()
+        _wait(transport, handle)
         if cfg.device != "cpu":
             torch.cuda.synchronize()
         if i >= cfg.warmup:
             times.append(time.perf_counter() - start)
-    return times
+            posts.append(posted - start)
+    return times, posts
 
 
 def _ceiling_gbps(cfg: BenchConfig) -> tuple[str, float]:
@@ -212,7 +217,7 @@ def run_config(cfg: BenchConfig) -> dict[str, Any]:
         transport.add_peer("bench-target", _recv_bytes(parent, proc))
         if not parent.poll(_PIPE_TIMEOUT_S) or parent.recv() != "ready":
             raise BenchError("the target process did not get ready")
-        times = _timed_runs(transport, cfg)
+        times, posts = _timed_runs(transport, cfg)
         if cfg.mode == "read":
             verified = _verify_read(region, cfg)
         else:
@@ -223,7 +228,7 @@ def run_config(cfg: BenchConfig) -> dict[str, Any]:
         if transport is not None:
             transport.close()
         _reap(proc)
-    return _row(cfg, times, verified, ceiling)
+    return _row(cfg, times, posts, verified, ceiling)
 
 
 def _recv_bytes(parent: Connection, proc: Any) -> bytes:
@@ -243,7 +248,7 @@ def _reap(proc: Any) -> None:
         proc.join(5)
 
 
-def _row(cfg: BenchConfig, times: list[float], verified: bool,
+def _row(cfg: BenchConfig, times: list[float], posts: list[float], verified: bool,
          ceiling_measured: tuple[str, float]) -> dict[str, Any]:
     """The JSON row: commit, hardware, versions, config, GB/s and ratio to the ceiling."""
     nbytes = cfg.num_blocks * cfg.block_bytes
@@ -260,7 +265,7 @@ def _row(cfg: BenchConfig, times: list[float], verified: bool,
         "config": asdict(cfg),
         "total_bytes": nbytes,
         "seconds": {"p50": p50, "p90": _quantile(ordered, 0.9), "p99": _quantile(ordered, 0.99),
-                    "min": ordered[0]},
+                    "min": ordered[0], "post_p50": statistics.median(posts)},
         "gb_per_s": round(gbps, 4),
         "gb_per_s_best": round(nbytes / ordered[0] / 1e9, 4),
         "ceiling": {"what": ceiling_what, "gb_per_s": round(ceiling, 4)},

@@ -82,7 +82,11 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     def post(self, op: TransferOp, peer_name: str, segments: Sequence[Segment]) -> int:
-        """Start a batch of one-sided copies; returns a handle. Never blocks on the network."""
+        """Start a batch of one-sided copies; returns a handle. Never blocks on the network.
+
+        The copies of one batch may run in any order and concurrently (NIXL, cuMemcpyBatchAsync
+        and the copy kernel all do), so no two segments may write the same bytes; a KV batch
+        never does (each block id appears once per request)."""
 
     @abc.abstractmethod
     def poll(self, handle: int) -> TransferStatus:
@@ -114,3 +118,18 @@ def merge_segments(segments: Sequence[Segment]) -> list[Segment]:
                 continue
         merged.append(seg)
     return merged
+
+
+def group_segments(merged: list[Segment], parts: int) -> list[list[Segment]]:
+    """Cut a batch into at most ``parts`` runs of consecutive segments of about equal bytes."""
+    if parts <= 1 or len(merged) <= 1:
+        return [merged]
+    total = sum(s.length for s in merged)
+    out: list[list[Segment]] = [[]]
+    done = 0
+    for seg in merged:
+        if out[-1] and done >= total * len(out) / parts:
+            out.append([])
+        out[-1].append(seg)
+        done += seg.length
+    return out

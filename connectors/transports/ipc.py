@@ -5,21 +5,12 @@ builds this is ``hipIpcGetMemHandle``); the descriptor carries those fields as p
 ints (msgpack, no pickle). ``add_peer`` opens the handle with
 ``UntypedStorage._new_shared_cuda(...)`` and wraps it as a uint8 tensor, so a READ is
 ``local[lo:lo+n] <- remote[ro:ro+n]`` and a WRITE the reverse, over NVLink / xGMI (or inside
-one GPU). How a batch of runs is copied (option ``copy``):
+one GPU).
 
-- ``kernel`` (default): one Triton ``copy_segments`` launch for the 64-byte-aligned runs, run
-  on the PEER's GPU, the one context in which Triton accepts the IPC-mapped pointer (it pushes
-  a READ, pulls a WRITE). Best measured: 65-68 % of the peer-copy rate on 2x H200 (256 x 2 MiB).
-  Unaligned runs, and every run if the kernel cannot launch, take the ``runtime`` path.
-- ``runtime``: one ``cudaMemcpyAsync`` / ``hipMemcpyAsync`` per run, called through ctypes on
-  the runtime library torch has loaded (the copy engines; ~2 us of host per run). 34-37 %:
-  each peer copy of a 2 MiB block costs the copy engine ~10 us of setup.
-- ``torch``: one ``copy_`` per run (the portable fallback, also when no runtime library is
-  found); its cross-device stream handshakes cost ~20 us a run: 20-31 %.
-
-Copies are issued on dedicated streams (one per device involved) after the caller's current
-stream, and completion is a CUDA event per batch, so ``post`` returns at once and ``poll`` is
-``event.query()``.
+How a batch of runs is copied (option ``copy``: batch, kernel, runtime, torch) and what
+each measured is in ``ipc_copy``. Copies are issued on dedicated streams after the caller's
+current stream, and completion is a CUDA event per batch, so ``post`` returns at once and
+``poll`` is ``event.query()``.
 
 Limits: both processes must be on one host and see both GPUs (the peer's device is found by
 UUID, so CUDA_VISIBLE_DEVICES may order them differently, but must not hide one). A dead peer
@@ -34,7 +25,7 @@ import os
 import socket
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -48,15 +39,14 @@ from connectors.transports.base import (
     TransportError,
     merge_segments,
 )
-from connectors.transports.gpu_runtime import RuntimeMemcpy, enable_peer_access
+from connectors.transports.gpu_runtime import enable_peer_access
 from connectors.transports.handles import HandleTable
+from connectors.transports.ipc_copy import COPY_MODES, ISSUE_SIDES, STREAM_MIN_BYTES, PeerCopier
 from connectors.transports.validation import build_options, open_batch
 
 logger = logging.getLogger(__name__)
 
 DESCRIPTOR_VERSION = 1
-COPY_MODES = ("runtime", "kernel", "torch")
-
 
 class IpcDescriptor(msgspec.Struct, frozen=True):
     """The fields of ``_share_cuda_()`` plus where the region sits in the allocation."""
@@ -86,13 +76,27 @@ class IpcOptions:
 
     transfer_timeout_s: float | None = 120.0
     """Backstop: a batch still PENDING this long after post is failed by poll."""
-    copy: str = "kernel"
-    """``runtime``: a runtime memcpy per run; ``kernel``: one Triton launch per batch;
-    ``torch``: a torch ``copy_`` per run (see the module docstring)."""
+    copy: str = "auto"
+    """``batch``: batched copy-engine calls; ``kernel``: one Triton launch per batch;
+    ``runtime``: a runtime memcpy per run; ``torch``: a torch ``copy_`` per run; ``auto``:
+    ``batch`` where the driver has it, else ``kernel`` (see ``ipc_copy``)."""
+    streams: int = 8
+    """Copy streams on the source GPU for ``batch`` and ``runtime``."""
+    stream_min_bytes: int = STREAM_MIN_BYTES
+    """A batch takes one more of those streams for each this many bytes."""
+    issue_on: str = "local"
+    """Whose copy engines run ``batch`` / ``runtime`` copies: ``local`` (this process's GPU:
+    the cheapest to issue from, measured), ``source`` (push) or ``destination`` (pull)."""
 
     def __post_init__(self) -> None:
         if self.copy not in COPY_MODES:
             raise ValueError(f"ipc option copy={self.copy!r}: expected one of {COPY_MODES}")
+        if self.issue_on not in ISSUE_SIDES:
+            raise ValueError(f"ipc option issue_on={self.issue_on!r}: expected one of "
+                             f"{ISSUE_SIDES}")
+        for name in ("streams", "stream_min_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ipc option {name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass(slots=True)
@@ -159,14 +163,14 @@ class IpcTransport(Transport):
         self._lock = threading.Lock()
         self._peers: dict[str, _Peer] = {}
         self._region: torch.Tensor | None = None
-        self._streams: dict[int, torch.cuda.Stream] = {}
         self._closed = False
-        self._memcpy: RuntimeMemcpy | None = None
-        if self._opts.copy != "torch":  # the kernel's leftovers take the runtime path too
-            try:
-                self._memcpy = RuntimeMemcpy()
-            except (TransportError, OSError, AttributeError) as exc:
-                logger.warning("ipc: runtime memcpy unavailable (%s); using torch copy_", exc)
+        self._copier = PeerCopier(self._opts.copy, self._opts.streams, self._opts.stream_min_bytes,
+                                   issue_on=self._opts.issue_on)
+
+    @property
+    def copy_mode(self) -> str:
+        """The copy path in use (``auto`` resolved; after a fallback, the fallback)."""
+        return self._copier.mode
 
     def register_region(self, tensor: torch.Tensor) -> None:
         """Register the KV tensor (must live on a GPU)."""
@@ -235,13 +239,6 @@ class IpcTransport(Transport):
         with self._lock:
             self._drop_peer(peer_name, "removed")
 
-    def _stream(self, index: int) -> torch.cuda.Stream:
-        """The dedicated copy stream of one device (created once)."""
-        stream = self._streams.get(index)
-        if stream is None:
-            stream = self._streams[index] = torch.cuda.Stream(torch.device("cuda", index))
-        return stream
-
     def post(self, op: TransferOp, peer_name: str, segments: Sequence[Segment]) -> int:
         """Queue the copies on the copy streams; completion is one event."""
         region = self._require_region()
@@ -253,70 +250,15 @@ class IpcTransport(Transport):
             if not start or peer is None:
                 return handle
             try:
-                event = self._issue(op, region, peer.remote, merged)
+                write = op is TransferOp.WRITE
+                event = self._copier.issue(region if write else peer.remote,
+                                           peer.remote if write else region, merged,
+                                           src_is_local=write)
             except RuntimeError as exc:
                 self._table.finish(handle, f"ipc {op.value} to {peer_name!r} failed: {exc}")
                 return handle
             self._table.get(handle).context = event
         return handle
-
-    def _issue(self, op: TransferOp, local: torch.Tensor, remote: torch.Tensor,
-               merged: list[Segment]) -> torch.cuda.Event:
-        """Issue the batch's copies; returns the completion event."""
-        local_stream = self._stream(local.device.index or 0)
-        remote_stream = self._stream(remote.device.index or 0)
-        # Run after whatever the caller queued on its stream (the KV it just computed).
-        local_stream.wait_stream(torch.cuda.current_stream(local.device))
-        remote_stream.wait_stream(local_stream)
-        if op is TransferOp.READ:
-            src, dst = remote, local
-            runs = [(seg.remote_offset, seg.local_offset, seg.length) for seg in merged]
-        else:
-            src, dst = local, remote
-            runs = [(seg.local_offset, seg.remote_offset, seg.length) for seg in merged]
-        leftover = self._copy_kernel(src, dst, runs, remote_stream)
-        if leftover and self._memcpy is not None:
-            with torch.cuda.device(local.device):
-                handle = local_stream.cuda_stream
-                for s, d, n in leftover:
-                    self._memcpy.copy(dst.data_ptr() + d, src.data_ptr() + s, n, handle)
-        elif leftover:
-            # Cross-device copy_ runs on the source device's current stream and makes the
-            # destination's current stream wait: making both ours current keeps it off the
-            # engine's streams and leaves local_stream after every copy.
-            with torch.cuda.stream(remote_stream), torch.cuda.stream(local_stream):
-                for s, d, n in leftover:
-                    dst[d:d + n].copy_(src[s:s + n], non_blocking=True)
-        local_stream.wait_stream(remote_stream)
-        event = torch.cuda.Event()
-        event.record(local_stream)
-        return event
-
-    def _copy_kernel(self, src: torch.Tensor, dst: torch.Tensor, runs: list[tuple[int, int, int]],
-                     remote_stream: torch.cuda.Stream) -> list[tuple[int, int, int]]:
-        """One copy_segments launch for the 64-byte-aligned runs; returns the runs left over.
-
-        It runs on the peer's GPU and stream: Triton refuses an IPC-mapped pointer in any other
-        device's context ("cannot be accessed from Triton"), while our own allocation is
-        reachable from the peer's context once peer access is on.
-        """
-        from hip_kernels.kv_blocks import copy_segments, segments_aligned
-        from hip_kernels.triton_compat import HAS_TRITON
-
-        if self._opts.copy != "kernel" or not HAS_TRITON:
-            return runs
-        aligned = [run for run in runs if segments_aligned([run])]
-        if not aligned:
-            return runs
-        try:
-            with torch.cuda.device(remote_stream.device), torch.cuda.stream(remote_stream):
-                copy_segments(src, dst, aligned)
-        except Exception as exc:  # Triton launch/compile errors have their own types
-            logger.warning("ipc copy kernel unavailable (%s: %s); copying run by run from now "
-                           "on", type(exc).__name__, exc)
-            self._opts = replace(self._opts, copy="runtime")
-            return runs
-        return [run for run in runs if not segments_aligned([run])]
 
     def poll(self, handle: int) -> TransferStatus:
         """DONE once the batch's event has completed."""
@@ -349,8 +291,7 @@ class IpcTransport(Transport):
             for name in list(self._peers):
                 self._drop_peer(name, "closed")
             self._table.fail_all("ipc transport closed")
-            for stream in self._streams.values():
-                stream.synchronize()
+            self._copier.synchronize()
 
 
 def make_ipc_transport(agent_name: str, host: str, **options: Any) -> IpcTransport:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 from transport_harness import PeerProcess, check_read, check_write, wait_done
@@ -16,7 +17,9 @@ from connectors.transports import (
     available_transports,
     make_transport,
 )
+from connectors.transports.gpu_runtime import BatchMemcpy
 from connectors.transports.ipc import IpcOptions
+from connectors.transports.ipc_copy import split_runs
 
 MakeLocal = Callable[..., Transport]
 SpawnPeer = Callable[..., PeerProcess]
@@ -31,29 +34,56 @@ def test_unavailable_on_cpu_says_why() -> None:
         make_transport("ipc", agent_name="x")
 
 
-# The batches mix whole blocks (64-byte aligned: the copy kernel) with odd pieces (copy_).
-COPY_OPTIONS = [{"copy": "runtime"}, {"copy": "kernel"}, {"copy": "torch"}]
+# The batches mix whole blocks (64-byte aligned: the copy kernel) with odd pieces (copy_);
+# stream_min_bytes=64 KiB spreads the ~1 MiB batches over every copy stream.
+COPY_OPTIONS: list[dict[str, object]] = [
+    {"copy": "auto"}, {"copy": "batch", "streams": 4, "stream_min_bytes": 65536},
+    {"copy": "batch", "streams": 2, "stream_min_bytes": 65536, "issue_on": "destination"},
+    {"copy": "runtime", "streams": 3, "stream_min_bytes": 65536, "issue_on": "source"},
+    {"copy": "kernel"},
+    {"copy": "torch"}]
+
+
+def _ids(options: dict[str, object]) -> str:
+    return "-".join(f"{k}={v}" for k, v in options.items())
 
 
 def test_bad_options_are_clear_errors() -> None:
     with pytest.raises(ValueError, match="copy='dma'"):
         IpcOptions(copy="dma")
+    with pytest.raises(ValueError, match="streams must be >= 1"):
+        IpcOptions(streams=0)
+    with pytest.raises(ValueError, match="issue_on='peer'"):
+        IpcOptions(issue_on="peer")
 
 
 @pytest.mark.multi_gpu
-@pytest.mark.parametrize("options", COPY_OPTIONS, ids=lambda o: "-".join(o.values()))
+@pytest.mark.parametrize("options", COPY_OPTIONS, ids=_ids)
 def test_read_and_write_between_two_gpus(make_local: MakeLocal, spawn_peer: SpawnPeer,
-                                         options: dict[str, str]) -> None:
+                                         options: dict[str, object]) -> None:
     """Peer process on cuda:1, this process on cuda:0: NVLink / xGMI peer copies."""
     peer = spawn_peer("ipc", device="cuda:1")
-    check_read(make_local("ipc", **options), peer, device="cuda:0")
+    local = make_local("ipc", **options)
+    check_read(local, peer, device="cuda:0")
     check_write(make_local("ipc", **options), peer, peer_fill="pattern1", device="cuda:0")
+    assert local.copy_mode == _resolved(str(options["copy"]))  # type: ignore[attr-defined]
+
+
+def _resolved(copy: str) -> str:
+    """The mode a working GPU stack must end up in: no silent fallback after the batch ran."""
+    if copy != "auto":
+        return copy
+    try:
+        BatchMemcpy()
+    except TransportError:
+        return "kernel"
+    return "batch"
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("options", COPY_OPTIONS, ids=lambda o: "-".join(o.values()))
+@pytest.mark.parametrize("options", COPY_OPTIONS, ids=_ids)
 def test_read_and_write_on_one_gpu(make_local: MakeLocal, spawn_peer: SpawnPeer,
-                                   options: dict[str, str]) -> None:
+                                   options: dict[str, object]) -> None:
     """Two processes sharing one GPU (the IPC path inside a device)."""
     peer = spawn_peer("ipc", device="cuda:0")
     check_read(make_local("ipc", **options), peer, device="cuda:0")
@@ -70,3 +100,16 @@ def test_in_process_errors(make_local: MakeLocal) -> None:
         a.add_peer("junk", b"junk")
     status, error = wait_done(a, a.post(TransferOp.READ, "ghost", [Segment(0, 0, 1)]))
     assert status == "failed" and "unknown peer" in (error or "")
+
+
+def test_split_runs_groups_consecutive_runs_of_about_equal_bytes() -> None:
+    runs = np.array([(i * 100, i * 300, 100) for i in range(10)], dtype=np.int64)
+    parts = split_runs(runs, max_parts=4, min_bytes=1)
+    assert len(parts) == 4 and np.array_equal(np.concatenate(parts), runs)
+    assert max(int(p[:, 2].sum()) for p in parts) <= 300
+    # one part per min_bytes started, never more parts than runs, never an empty part
+    assert len(split_runs(runs, max_parts=8, min_bytes=450)) == 3
+    assert len(split_runs(runs[:2], max_parts=8, min_bytes=1)) == 2
+    assert [len(p) for p in split_runs(runs[:0], max_parts=8, min_bytes=1)] == []
+    uneven = np.array([(0, 0, 1000), (0, 0, 1), (0, 0, 1)], dtype=np.int64)
+    assert [len(p) for p in split_runs(uneven, max_parts=3, min_bytes=1)] == [1, 2]

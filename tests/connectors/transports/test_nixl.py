@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import pytest
@@ -15,7 +16,8 @@ from connectors.transports import (
     TransportError,
     available_transports,
 )
-from connectors.transports.nixl import NixlOptions, _split
+from connectors.transports.base import group_segments
+from connectors.transports.nixl import SGL_ENV, NixlOptions
 
 _REASON = available_transports()["nixl"]
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"nixl unavailable: {_REASON}")
@@ -38,10 +40,10 @@ def test_read_and_write_with_peer_process_are_byte_exact(make_local: MakeLocal,
 
 def test_split_cuts_a_batch_into_parts_of_about_equal_bytes() -> None:
     segs = [Segment(i * 10, i * 10, 10) for i in range(10)]
-    parts = _split(segs, 3)
+    parts = group_segments(segs, 3)
     assert len(parts) == 3 and [s for p in parts for s in p] == segs
     assert max(sum(s.length for s in p) for p in parts) <= 40
-    assert _split(segs, 1) == [segs] and _split(segs[:1], 4) == [segs[:1]]
+    assert group_segments(segs, 1) == [segs] and group_segments(segs[:1], 4) == [segs[:1]]
 
 
 def test_bad_options_are_clear_errors() -> None:
@@ -50,6 +52,21 @@ def test_bad_options_are_clear_errors() -> None:
     with pytest.raises(ValueError, match="num_workers must be >= 0"):
         NixlOptions(num_workers=-1)
     assert NixlOptions(ucx_params={"b": 2, "a": "1"}).ucx_params == (("a", "1"), ("b", "2"))
+
+
+def test_agent_waits_for_the_region_and_sgl_follows_the_memory_type(
+        make_local: MakeLocal, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(SGL_ENV, "0")  # records the original state, restored after the test
+    monkeypatch.delenv(SGL_ENV)
+    idle = make_local("nixl")
+    with pytest.raises(TransportError, match="register_region"):
+        idle.add_peer("p", b"x")
+    host = make_local("nixl")
+    host.register_region(torch.zeros(4096, dtype=torch.uint8))
+    assert SGL_ENV not in os.environ  # host memory: NIXL's defaults
+    forced = make_local("nixl", sgl=True, ucx_params={"num_threads": "2"})
+    forced.register_region(torch.zeros(4096, dtype=torch.uint8))
+    assert os.environ.get(SGL_ENV) == "1"
 
 
 def test_dead_peer_fails_without_hanging(make_local: MakeLocal, spawn_peer: SpawnPeer) -> None:

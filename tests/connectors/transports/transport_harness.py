@@ -142,15 +142,18 @@ BLOCK_BYTES = 4096
 
 
 def scattered_segments(seed: int = 0) -> list[Any]:
-    """200 whole blocks in a shuffled order, plus odd-sized, odd-aligned pieces after them."""
+    """200 whole blocks in a shuffled order, plus odd-sized, odd-aligned pieces after them,
+    written to blocks no whole block lands on (a batch's segments never overlap on the remote
+    side: their order is unspecified)."""
     from connectors.transports import Segment
 
     gen = torch.Generator().manual_seed(seed)
     perm = torch.randperm(REGION_BYTES // BLOCK_BYTES, generator=gen).tolist()
     segs = [Segment(i * BLOCK_BYTES, perm[i] * BLOCK_BYTES, BLOCK_BYTES) for i in range(200)]
+    free = [b * BLOCK_BYTES for b in perm[200:203]]
     tail = 200 * BLOCK_BYTES
-    segs += [Segment(tail + 1, 5, 7), Segment(tail + 100, 1001, 333),
-             Segment(tail + 5000, REGION_BYTES - 1, 1)]
+    segs += [Segment(tail + 1, free[0] + 5, 7), Segment(tail + 100, free[1] + 1001, 333),
+             Segment(tail + 5000, free[2] + BLOCK_BYTES - 1, 1)]
     return segs
 
 
