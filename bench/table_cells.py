@@ -7,6 +7,7 @@ cells are rebuilt from it here.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from bench.metadata import hardware_summary
@@ -109,9 +110,12 @@ def figures(row: dict[str, Any]) -> str:
 def _config_workload(row: dict[str, Any]) -> str:
     cfg = _config(row)
     if kind(row) == "transfer" and "num_blocks" in cfg:
+        settings = {**(cfg.get("options") or {}), **(row.get("env") or {})}
+        opts = " ".join(f"{k}={json.dumps(v) if isinstance(v, dict) else v}"
+                        for k, v in settings.items())
         return (f"{cfg.get('transport')} {cfg.get('mode')}, {cfg['num_blocks']} x "
                 f"{_size(int(cfg.get('block_bytes', 0)))} blocks "
-                f"({cfg.get('layout')}, {cfg.get('device')})")
+                f"({cfg.get('layout')}, {cfg.get('device')})" + (f", {opts}" if opts else ""))
     if kind(row) == "proxy_overhead" and cfg:
         return (f"{cfg.get('requests')} requests, concurrency {cfg.get('concurrency')}, "
                 f"{cfg.get('stream_tokens')} streamed tokens, {cfg.get('proxy_policy')}")
@@ -140,7 +144,9 @@ def command(row: dict[str, Any]) -> str:
         flags = " ".join(f"--{key.replace('_', '-')} {cfg[key]}" for key in
                          ("transport", "mode", "num_blocks", "block_bytes", "device")
                          if key in cfg)
-        return f"disagg bench transfer {flags}".strip()
+        options = " ".join(f"--option '{k}={json.dumps(v) if isinstance(v, dict) else v}'"
+                           for k, v in (cfg.get("options") or {}).items())
+        return f"disagg bench transfer {flags} {options}".strip()
     if kind(row) == "proxy_overhead":
         return "python -m bench.proxy_overhead"
     return ""

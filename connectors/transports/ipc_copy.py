@@ -8,7 +8,7 @@ processes (IPC-mapped memory, host time of ``post`` included).
 - ``batch`` (what ``auto`` picks where the CUDA driver has ``cuMemcpyBatchAsync``, 12.8+): the
   copy engines, one batched call per stream for up to ``streams`` streams (a batch takes one
   more stream per ``stream_min_bytes``), issued on the local GPU by default (``issue_on``).
-  In one process 90-93 % with 4-8 streams (1 stream 72 %); through the transport 75-80 %:
+  In one process 90-93 % with 4-8 streams (1 stream 72 %); through the transport 60-79 %:
   issuing costs the host 0.5-0.7 ms per 256 copies from the local GPU, 1.2 ms from the peer's.
 - ``kernel`` (what ``auto`` picks elsewhere, e.g. ROCm): one Triton ``copy_segments`` launch
   for the 64-byte-aligned runs, run on the PEER's GPU, the one context in which Triton accepts

@@ -47,8 +47,8 @@ DESCRIPTOR_VERSION = 1
 SGL_ENV = "NIXL_UCX_SGL_ENABLE"
 GPU_UCX_PARAMS = (("num_threads", "4"), ("split_batch_size", "64"))
 """UCX backend parameters for a VRAM region when the options set none: 4 worker threads, a
-request split past 64 descriptors. With SGL, on 2x H200 (256 x 2 MiB): WRITE 65-76 %, READ
-45-51 % of the peer-copy rate; NIXL's defaults gave 28-38 % and 18-29 %."""
+request split past 64 descriptors. With SGL, on 2x H200 (256 x 2 MiB): WRITE 64-76 %, READ
+45-52 % of the peer-copy rate; NIXL's defaults gave 21-38 % and 18-29 %."""
 
 
 class NixlDescriptor(msgspec.Struct, frozen=True):
