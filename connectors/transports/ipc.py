@@ -37,7 +37,7 @@ from connectors.transports.base import (
     TransferStatus,
     Transport,
     TransportError,
-    merge_segments,
+    merge_array,
 )
 from connectors.transports.gpu_runtime import enable_peer_access
 from connectors.transports.handles import HandleTable
@@ -242,7 +242,7 @@ class IpcTransport(Transport):
     def post(self, op: TransferOp, peer_name: str, segments: Sequence[Segment]) -> int:
         """Queue the copies on the copy streams; completion is one event."""
         region = self._require_region()
-        merged = merge_segments(segments)
+        merged = merge_array(segments)
         with self._lock:
             peer = self._peers.get(peer_name)
             handle, start = open_batch(self._table, self.name, peer_name, merged, region.numel(),

@@ -34,7 +34,7 @@ import logging
 import numpy as np
 import torch
 
-from connectors.transports.base import Segment, TransportError
+from connectors.transports.base import TransportError
 from connectors.transports.gpu_runtime import BatchMemcpy, RuntimeMemcpy
 
 logger = logging.getLogger(__name__)
@@ -91,17 +91,16 @@ class PeerCopier:
             pool.append(torch.cuda.Stream(torch.device("cuda", index)))
         return pool[k]
 
-    def issue(self, src: torch.Tensor, dst: torch.Tensor, merged: list[Segment], *,
+    def issue(self, src: torch.Tensor, dst: torch.Tensor, merged: np.ndarray, *,
               src_is_local: bool) -> torch.cuda.Event:
-        """Copy every run of ``merged`` from ``src`` to ``dst`` after the caller's current
-        stream on the local device; returns the completion event (recorded on a local
-        stream). Segment offsets are (local, remote); ``src_is_local`` says which is which."""
+        """Copy every (local, remote, length) row of ``merged`` from ``src`` to ``dst`` after
+        the caller's current stream on the local device; returns the completion event
+        (recorded on a local stream). ``src_is_local`` says which offset is the source's."""
         local, remote = (src, dst) if src_is_local else (dst, src)
         local_stream = self.stream(local.device.index or 0)
         # Run after whatever the caller queued on its stream (the KV it just computed).
         local_stream.wait_stream(torch.cuda.current_stream(local.device))
-        segs = np.array(merged, dtype=np.int64).reshape(-1, 3)
-        runs = segs[:, [0, 1, 2] if src_is_local else [1, 0, 2]]
+        runs = merged if src_is_local else merged[:, [1, 0, 2]]
         used: list[torch.cuda.Stream] = []
         if ((self.mode == "batch" and self._batch is not None)
                 or (self.mode == "runtime" and self._memcpy is not None)):

@@ -6,6 +6,8 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
+import numpy as np
+
 from connectors.transports.base import Segment, TransportError
 from connectors.transports.handles import HandleTable
 
@@ -25,6 +27,17 @@ def check_segments(segments: Sequence[Segment], local_bytes: int,
     return None
 
 
+def check_array(runs: np.ndarray, local_bytes: int, remote_bytes: int) -> str | None:
+    """``check_segments`` for [n, 3] (local, remote, length) rows: the same answer, found
+    without a Python loop over the rows."""
+    bad = ((runs < 0).any(axis=1) | (runs[:, 0] + runs[:, 2] > local_bytes)
+           | (runs[:, 1] + runs[:, 2] > remote_bytes))
+    if not bad.any():
+        return None
+    first = Segment(*runs[int(bad.argmax())].tolist())
+    return check_segments([first], local_bytes, remote_bytes)
+
+
 def build_options(cls: type[T], transport: str, options: dict[str, Any]) -> T:
     """Instantiate an options dataclass, naming unknown keys in a clear error."""
     known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
@@ -35,22 +48,25 @@ def build_options(cls: type[T], transport: str, options: dict[str, Any]) -> T:
     return cls(**options)
 
 
-def open_batch(table: HandleTable, transport: str, peer_name: str, merged: Sequence[Segment],
-               local_bytes: int, remote_bytes: int | None) -> tuple[int, bool]:
+def open_batch(table: HandleTable, transport: str, peer_name: str,
+               merged: Sequence[Segment] | np.ndarray, local_bytes: int,
+               remote_bytes: int | None) -> tuple[int, bool]:
     """The handle of a new batch, and whether the transport must start it.
 
-    ``remote_bytes`` None means the peer is unknown: the handle is already FAILED. An empty
-    batch is already DONE. Segments outside either region raise ValueError (a caller bug).
+    ``merged`` is a list of segments or ``merge_array``'s rows. ``remote_bytes`` None means
+    the peer is unknown: the handle is already FAILED. An empty batch is already DONE.
+    Segments outside either region raise ValueError (a caller bug).
     """
     handle = table.new(peer_name)
     if remote_bytes is None:
         table.finish(handle, f"unknown peer {peer_name!r} (add_peer first)")
         return handle, False
-    problem = check_segments(merged, local_bytes, remote_bytes)
+    problem = (check_array(merged, local_bytes, remote_bytes) if isinstance(merged, np.ndarray)
+               else check_segments(merged, local_bytes, remote_bytes))
     if problem is not None:
         table.pop(handle)
         raise ValueError(f"{transport} transport post to {peer_name!r}: {problem}")
-    if not merged:
+    if not len(merged):
         table.finish(handle)
         return handle, False
     return handle, True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,6 +14,8 @@ from connectors.transports import (
     merge_segments,
     transport_names,
 )
+from connectors.transports.base import merge_array
+from connectors.transports.validation import check_array, check_segments
 
 
 def test_every_transport_has_a_probe_answer() -> None:
@@ -43,3 +46,19 @@ def test_factory_builds_a_working_tcp_transport() -> None:
 def test_merge_segments_joins_runs_contiguous_on_both_sides() -> None:
     segs = [Segment(8, 108, 8), Segment(0, 100, 8), Segment(16, 200, 8)]
     assert merge_segments(segs) == [Segment(0, 100, 16), Segment(16, 200, 8)]
+
+
+def test_merge_array_and_check_array_agree_with_the_list_versions() -> None:
+    gen = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(gen.integers(0, 12))
+        starts = gen.integers(0, 6, size=(n, 2)) * 8
+        segs = [Segment(int(a), int(b), int(k)) for (a, b), k in
+                zip(starts, gen.integers(0, 3, size=n) * 8)]
+        merged = merge_array(segs)
+        assert [Segment(*row) for row in merged.tolist()] == merge_segments(segs)
+        for local_bytes, remote_bytes in ((64, 64), (40, 48), (8, 8)):
+            assert (check_array(merged, local_bytes, remote_bytes)
+                    == check_segments(merge_segments(segs), local_bytes, remote_bytes))
+    negative = merge_array([Segment(0, 0, 8), Segment(16, -8, 8)])
+    assert check_array(negative, 64, 64) == check_segments([Segment(16, -8, 8)], 64, 64)
