@@ -139,16 +139,12 @@ def merge_array(segments: Sequence[Segment]) -> np.ndarray:
     return merged
 
 
-def group_segments(merged: list[Segment], parts: int) -> list[list[Segment]]:
-    """Cut a batch into at most ``parts`` runs of consecutive segments of about equal bytes."""
-    if parts <= 1 or len(merged) <= 1:
-        return [merged]
-    total = sum(s.length for s in merged)
-    out: list[list[Segment]] = [[]]
-    done = 0
-    for seg in merged:
-        if out[-1] and done >= total * len(out) / parts:
-            out.append([])
-        out[-1].append(seg)
-        done += seg.length
-    return out
+def split_runs(runs: np.ndarray, max_parts: int, min_bytes: int = 1) -> list[np.ndarray]:
+    """Cut [n, 3] rows (``merge_array``'s, or any column order with bytes last) into
+    consecutive groups of about equal bytes: one group per ``min_bytes`` started, at most
+    ``max_parts``, none empty, no row split."""
+    ends = np.cumsum(runs[:, 2])
+    total = int(ends[-1]) if len(ends) else 0
+    k = max(1, min(max_parts, -(-total // max(1, min_bytes)), len(runs)))
+    cuts = np.searchsorted(ends, total * np.arange(1, k) / k, side="left") + 1
+    return [part for part in np.split(runs, cuts) if len(part)]

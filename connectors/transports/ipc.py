@@ -48,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 DESCRIPTOR_VERSION = 1
 
+
 class IpcDescriptor(msgspec.Struct, frozen=True):
     """The fields of ``_share_cuda_()`` plus where the region sits in the allocation."""
 

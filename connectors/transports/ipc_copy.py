@@ -34,7 +34,7 @@ import logging
 import numpy as np
 import torch
 
-from connectors.transports.base import TransportError
+from connectors.transports.base import TransportError, split_runs
 from connectors.transports.gpu_runtime import BatchMemcpy, RuntimeMemcpy
 
 logger = logging.getLogger(__name__)
@@ -46,16 +46,6 @@ STREAM_MIN_BYTES = 32 << 20
 ``streams``): small per-layer batches stay on one stream, 512 MiB uses all of them."""
 Run = tuple[int, int, int]
 """(source offset, destination offset, bytes)."""
-
-
-def split_runs(runs: np.ndarray, max_parts: int, min_bytes: int) -> list[np.ndarray]:
-    """Cut [n, 3] (src, dst, bytes) runs into consecutive groups of about equal bytes: one
-    group per ``min_bytes`` started, at most ``max_parts``, none empty, none split."""
-    ends = np.cumsum(runs[:, 2])
-    total = int(ends[-1]) if len(ends) else 0
-    k = max(1, min(max_parts, -(-total // min_bytes), len(runs)))
-    cuts = np.searchsorted(ends, total * np.arange(1, k) / k, side="left") + 1
-    return [part for part in np.split(runs, cuts) if len(part)]
 
 
 class PeerCopier:

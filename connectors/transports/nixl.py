@@ -35,8 +35,8 @@ from connectors.transports.base import (
     TransferStatus,
     Transport,
     TransportError,
-    group_segments,
-    merge_segments,
+    merge_array,
+    split_runs,
 )
 from connectors.transports.handles import HandleTable
 from connectors.transports.validation import build_options, open_batch
@@ -256,7 +256,7 @@ class NixlTransport(Transport):
     def post(self, op: TransferOp, peer_name: str, segments: Sequence[Segment]) -> int:
         """Create and start one NIXL transfer request for the merged batch."""
         local = self._require_local()
-        merged = merge_segments(segments)
+        merged = merge_array(segments)
         with self._lock:
             peer = self._peers.get(peer_name)
             handle, start = open_batch(self._table, self.name, peer_name, merged, local.nbytes,
@@ -271,16 +271,14 @@ class NixlTransport(Transport):
         return handle
 
     def _start(self, handle: int, op: TransferOp, local: _Local, peer: _Peer,
-               merged: list[Segment]) -> None:
+               merged: np.ndarray) -> None:
         """initialize_xfer + transfer for each part of the batch (lock held)."""
         xfers: list[Any] = []
         self._table.get(handle).context = xfers
         states = []
-        for part in group_segments(merged, self._opts.split):
-            lo = np.array([(local.base_addr + s.local_offset, s.length, local.device_id)
-                           for s in part], dtype=np.uint64)
-            ro = np.array([(peer.desc.base_addr + s.remote_offset, s.length, peer.desc.device_id)
-                           for s in part], dtype=np.uint64)
+        for part in split_runs(merged, self._opts.split):
+            lo = _xfer_rows(local.base_addr, part[:, 0], part[:, 2], local.device_id)
+            ro = _xfer_rows(peer.desc.base_addr, part[:, 1], part[:, 2], peer.desc.device_id)
             local_descs = self._agent.get_xfer_descs(lo, local.mem_type)
             remote_descs = self._agent.get_xfer_descs(ro, peer.desc.mem_type)
             xfers.append(self._agent.initialize_xfer(op.value.upper(), local_descs,
@@ -345,6 +343,12 @@ class NixlTransport(Transport):
                     self._agent.deregister_memory(self._local.reg_descs)
                 except Exception as exc:
                     logger.debug("nixl deregister_memory: %s", exc)
+
+
+def _xfer_rows(base: int, offsets: np.ndarray, lengths: np.ndarray, device: int) -> np.ndarray:
+    """NIXL's Nx3 uint64 (address, length, device id) descriptor rows."""
+    return np.column_stack((offsets + base, lengths, np.full_like(lengths, device))).astype(
+        np.uint64)
 
 
 def make_nixl_transport(agent_name: str, host: str, **options: Any) -> NixlTransport:

@@ -17,9 +17,9 @@ from connectors.transports import (
     available_transports,
     make_transport,
 )
+from connectors.transports.base import split_runs
 from connectors.transports.gpu_runtime import BatchMemcpy
 from connectors.transports.ipc import IpcOptions
-from connectors.transports.ipc_copy import split_runs
 
 MakeLocal = Callable[..., Transport]
 SpawnPeer = Callable[..., PeerProcess]

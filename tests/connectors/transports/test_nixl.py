@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 from transport_harness import PeerProcess, check_dead_peer, check_read, check_write, wait_done
@@ -16,7 +17,7 @@ from connectors.transports import (
     TransportError,
     available_transports,
 )
-from connectors.transports.base import group_segments
+from connectors.transports.base import split_runs
 from connectors.transports.nixl import SGL_ENV, NixlOptions
 
 _REASON = available_transports()["nixl"]
@@ -39,11 +40,13 @@ def test_read_and_write_with_peer_process_are_byte_exact(make_local: MakeLocal,
 
 
 def test_split_cuts_a_batch_into_parts_of_about_equal_bytes() -> None:
-    segs = [Segment(i * 10, i * 10, 10) for i in range(10)]
-    parts = group_segments(segs, 3)
-    assert len(parts) == 3 and [s for p in parts for s in p] == segs
-    assert max(sum(s.length for s in p) for p in parts) <= 40
-    assert group_segments(segs, 1) == [segs] and group_segments(segs[:1], 4) == [segs[:1]]
+    """The rows nixl's ``split`` option cuts a batch into (one NIXL request each)."""
+    segs = np.array([(i * 10, i * 10, 10) for i in range(10)], dtype=np.int64)
+    parts = split_runs(segs, 3)
+    assert len(parts) == 3 and np.array_equal(np.concatenate(parts), segs)
+    assert max(int(p[:, 2].sum()) for p in parts) <= 40
+    assert [p.tolist() for p in split_runs(segs, 1)] == [segs.tolist()]
+    assert [p.tolist() for p in split_runs(segs[:1], 4)] == [segs[:1].tolist()]
 
 
 def test_bad_options_are_clear_errors() -> None:
