@@ -111,6 +111,8 @@ class PeerProcess:
         """Send a signal to the peer (SIGKILL = dead peer, SIGSTOP = stalled peer)."""
         if self.proc.pid is not None and self.proc.is_alive():
             os.kill(self.proc.pid, signum)
+            if signum == signal.SIGSTOP:
+                _wait_stopped(self.proc.pid)
         if signum == signal.SIGKILL:
             self.proc.join(10)
 
@@ -135,6 +137,26 @@ class PeerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _wait_stopped(pid: int, timeout_s: float = 5.0) -> None:
+    """Block until every thread of ``pid`` is stopped: kill() returns before a busy thread on
+    the other core has taken the SIGSTOP, and may still answer one more request meanwhile."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if all(_task_state(pid, tid) == "T" for tid in os.listdir(f"/proc/{pid}/task")):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"peer process {pid} did not stop within {timeout_s} s of SIGSTOP")
+
+
+def _task_state(pid: int, tid: str) -> str:
+    """One thread's state letter from /proc ("T": stopped; a thread gone counts as stopped)."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/stat", encoding="ascii") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "T"  # an exited thread cannot answer either
 
 
 REGION_BYTES = 1 << 20
