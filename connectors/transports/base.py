@@ -139,12 +139,19 @@ def merge_array(segments: Sequence[Segment]) -> np.ndarray:
     return merged
 
 
-def split_runs(runs: np.ndarray, max_parts: int, min_bytes: int = 1) -> list[np.ndarray]:
-    """Cut [n, 3] rows (``merge_array``'s, or any column order with bytes last) into
-    consecutive groups of about equal bytes: one group per ``min_bytes`` started, at most
-    ``max_parts``, none empty, no row split."""
-    ends = np.cumsum(runs[:, 2])
+def split_bounds(sizes: np.ndarray, max_parts: int, min_bytes: int = 1) -> list[int]:
+    """Row bounds ``[0, b1, ..., n]`` cutting rows of ``sizes`` bytes into consecutive groups
+    of about equal bytes: one group per ``min_bytes`` started, at most ``max_parts``, none
+    empty, no row split (``[0]`` for no rows)."""
+    ends = np.cumsum(sizes)
     total = int(ends[-1]) if len(ends) else 0
-    k = max(1, min(max_parts, -(-total // max(1, min_bytes)), len(runs)))
+    k = max(1, min(max_parts, -(-total // max(1, min_bytes)), len(sizes)))
     cuts = np.searchsorted(ends, total * np.arange(1, k) / k, side="left") + 1
-    return [part for part in np.split(runs, cuts) if len(part)]
+    return sorted({0, len(sizes), *cuts.tolist()})
+
+
+def split_runs(runs: np.ndarray, max_parts: int, min_bytes: int = 1) -> list[np.ndarray]:
+    """Cut [n, 3] rows (``merge_array``'s, or any column order with bytes last) into the
+    consecutive groups of ``split_bounds``."""
+    bounds = split_bounds(runs[:, 2], max_parts, min_bytes)
+    return [runs[a:b] for a, b in zip(bounds, bounds[1:])]

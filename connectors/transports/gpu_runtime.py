@@ -51,6 +51,42 @@ _LOCATION_DEVICE = 1
 """CU_MEM_LOCATION_TYPE_DEVICE."""
 
 
+class BatchRows:
+    """One batch of copies laid out for ``cuMemcpyBatchAsync``: one [3, n] uint64 array of
+    destination addresses, source addresses and sizes, plus the shared attributes. Issuing a
+    slice of it costs pointer arithmetic only."""
+
+    def __init__(self, dst_offsets: np.ndarray, src_offsets: np.ndarray, sizes: np.ndarray, *,
+                 dst_base: int, src_base: int, src_device: int, dst_device: int) -> None:
+        count = len(sizes)
+        table = np.empty((3, count), dtype=np.uint64)
+        table[0], table[1], table[2] = dst_offsets, src_offsets, sizes
+        table[0] += np.uint64(dst_base)  # in uint64: int64 + uint64 would promote to float
+        table[1] += np.uint64(src_base)
+        self.table = table
+        base = table.ctypes.data
+        self.bases = (base, base + 8 * count, base + 16 * count)
+        self.attrs = _attributes(src_device, dst_device)
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+
+_ATTRIBUTES: dict[tuple[int, int], tuple[_MemcpyAttributes, int]] = {}
+
+
+def _attributes(src_device: int, dst_device: int) -> int:
+    """Address of the (kept alive) CUmemcpyAttributes for copies between two devices."""
+    key = (src_device, dst_device)
+    if key not in _ATTRIBUTES:
+        attrs = _MemcpyAttributes(_SRC_ACCESS_ORDER_STREAM,
+                                  _MemLocation(_LOCATION_DEVICE, src_device),
+                                  _MemLocation(_LOCATION_DEVICE, dst_device), 0)
+        _ATTRIBUTES[key] = (attrs, ctypes.addressof(attrs))
+    return _ATTRIBUTES[key][1]
+
+
 class BatchMemcpy:
     """``cuMemcpyBatchAsync`` (CUDA >= 12.8 driver): many device copies in one call.
 
@@ -70,29 +106,33 @@ class BatchMemcpy:
         if fn is None:
             raise TransportError("batched memcpy: the CUDA driver lacks cuMemcpyBatchAsync "
                                  "(needs a 12.8+ driver)")
-        ptrs = ctypes.POINTER(ctypes.c_uint64)
-        sizes = ctypes.POINTER(ctypes.c_size_t)
-        args = [ptrs, ptrs, ptrs, ctypes.c_size_t, ctypes.POINTER(_MemcpyAttributes), sizes,
-                ctypes.c_size_t]
-        fn.argtypes = args + ([sizes] if self._has_fail_idx else []) + [ctypes.c_void_p]
+        # Arrays go as plain addresses (c_void_p from int): a slice of a batch is base + 8 * i.
+        # Argument order: dsts, srcs, sizes, count, attrs, attrsIdxs, numAttrs[, failIdx], stream
+        ptr = ctypes.c_void_p
+        fn.argtypes = [ptr, ptr, ptr, ctypes.c_size_t, ptr, ptr, ctypes.c_size_t,
+                       *([ptr] if self._has_fail_idx else []), ptr]
         fn.restype = ctypes.c_int
         self._fn = fn
+        self._attrs_idx = (ctypes.c_size_t * 1)(0)  # every copy uses attribute set 0
+        self._fail_idx = (ctypes.c_size_t * 1)(0)
+        self._tail = ((ctypes.addressof(self._attrs_idx), 1)
+                      + ((ctypes.addressof(self._fail_idx),) if self._has_fail_idx else ()))
 
     def copy(self, dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray, stream: int, *,
              src_device: int, dst_device: int) -> None:
         """Queue ``dsts[i] <- srcs[i]`` (``sizes[i]`` bytes; uint64 arrays of addresses) for
         every i on ``stream`` (the current device's)."""
-        count = len(sizes)
-        if count == 0:
+        rows = BatchRows(dsts, srcs, sizes, dst_base=0, src_base=0, src_device=src_device,
+                         dst_device=dst_device)
+        self.copy_rows(rows, 0, len(rows), stream)
+
+    def copy_rows(self, rows: BatchRows, start: int, stop: int, stream: int) -> None:
+        """Queue copies ``start:stop`` of ``rows`` on ``stream`` (the current device's)."""
+        count = stop - start
+        if count <= 0:
             return
-        attrs = _MemcpyAttributes(_SRC_ACCESS_ORDER_STREAM, _MemLocation(_LOCATION_DEVICE,
-                                  src_device), _MemLocation(_LOCATION_DEVICE, dst_device), 0)
-        arrays = [np.ascontiguousarray(a, dtype=np.uint64) for a in (dsts, srcs, sizes)]
-        ptrs = [a.ctypes.data_as(ctypes.POINTER(ctypes.c_uint64)) for a in arrays]
-        args: list[object] = [*ptrs, count, ctypes.byref(attrs), (ctypes.c_size_t * 1)(0), 1]
-        if self._has_fail_idx:
-            args.append((ctypes.c_size_t * 1)(0))
-        rc = self._fn(*args, stream)
+        dsts, srcs, sizes = (base + 8 * start for base in rows.bases)
+        rc = self._fn(dsts, srcs, sizes, count, rows.attrs, *self._tail, stream)
         if rc != 0:
             raise RuntimeError(f"cuMemcpyBatchAsync of {count} copies failed with error {rc}")
 

@@ -8,8 +8,14 @@ processes (IPC-mapped memory, host time of ``post`` included).
 - ``batch`` (what ``auto`` picks where the CUDA driver has ``cuMemcpyBatchAsync``, 12.8+): the
   copy engines, one batched call per stream for up to ``streams`` streams (a batch takes one
   more stream per ``stream_min_bytes``), issued on the local GPU by default (``issue_on``).
-  In one process 90-93 % with 4-8 streams (1 stream 72 %); through the transport 60-79 %:
-  issuing costs the host 0.5-0.7 ms per 256 copies from the local GPU, 1.2 ms from the peer's.
+  In one process 90-93 % with 4-8 streams (1 stream 72 %); through the transport p50 79-82 %
+  (read 78.6-82.1 %, write 79.0-81.9 %). ``python -m bench.ipc_profile`` times both sides:
+  once the first call returns, the copy engines move the rest at ~98 % of a contiguous copy;
+  what is lost is host time before the first copy (~0.2 ms: merging, bounds-checking and
+  addressing the 256 rows in numpy, ~3x slower on that host than on a desktop core) and
+  noticing the end. Splitting the streams' calls into doubling slices, so that every stream
+  starts after one copy, made it worse (48 calls instead of 8: 53-68 %); issuing from the
+  peer's GPU costs ~1.2 ms per 256 copies instead of ~0.4.
 - ``kernel`` (what ``auto`` picks elsewhere, e.g. ROCm): one Triton ``copy_segments`` launch
   for the 64-byte-aligned runs, run on the PEER's GPU, the one context in which Triton accepts
   the IPC-mapped pointer (it pushes a READ, pulls a WRITE). 78-80 % in one process, 47-68 %
@@ -34,8 +40,8 @@ import logging
 import numpy as np
 import torch
 
-from connectors.transports.base import TransportError, split_runs
-from connectors.transports.gpu_runtime import BatchMemcpy, RuntimeMemcpy
+from connectors.transports.base import TransportError, split_bounds
+from connectors.transports.gpu_runtime import BatchMemcpy, BatchRows, RuntimeMemcpy
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +60,7 @@ class PeerCopier:
     def __init__(self, copy: str, streams: int, stream_min_bytes: int = STREAM_MIN_BYTES, *,
                  issue_on: str = "local") -> None:
         self._streams: dict[int, list[torch.cuda.Stream]] = {}
+        self._events: dict[tuple[int, int], torch.cuda.Event] = {}
         self._issue_on = issue_on
         self._num_streams = streams
         self._stream_min_bytes = stream_min_bytes
@@ -81,23 +88,33 @@ class PeerCopier:
             pool.append(torch.cuda.Stream(torch.device("cuda", index)))
         return pool[k]
 
+    def _event(self, index: int, k: int) -> torch.cuda.Event:
+        """Reusable event ``k`` of one device: re-recording it is safe, a wait enqueued
+        earlier keeps waiting for the record it saw."""
+        event = self._events.get((index, k))
+        if event is None:
+            event = self._events[(index, k)] = torch.cuda.Event()
+        return event
+
     def issue(self, src: torch.Tensor, dst: torch.Tensor, merged: np.ndarray, *,
               src_is_local: bool) -> torch.cuda.Event:
         """Copy every (local, remote, length) row of ``merged`` from ``src`` to ``dst`` after
         the caller's current stream on the local device; returns the completion event
         (recorded on a local stream). ``src_is_local`` says which offset is the source's."""
         local, remote = (src, dst) if src_is_local else (dst, src)
-        local_stream = self.stream(local.device.index or 0)
+        local_index = local.device.index or 0
+        local_stream = self.stream(local_index)
+        caller = torch.cuda.current_stream(local.device)
+        if self.mode == "batch" and self._batch is not None:
+            event = self._issue_batch(src, dst, merged, src_is_local, caller, local_stream)
+            if event is not None:
+                return event
         # Run after whatever the caller queued on its stream (the KV it just computed).
-        local_stream.wait_stream(torch.cuda.current_stream(local.device))
+        local_stream.wait_stream(caller)
         runs = merged if src_is_local else merged[:, [1, 0, 2]]
         used: list[torch.cuda.Stream] = []
-        if ((self.mode == "batch" and self._batch is not None)
-                or (self.mode == "runtime" and self._memcpy is not None)):
-            engine = {"local": local, "source": src, "destination": dst}[self._issue_on].device
-            used = self._copy_on_streams(
-                src, dst, split_runs(runs, self._num_streams, self._stream_min_bytes), engine,
-                local_stream)
+        if self.mode == "runtime" and self._memcpy is not None:
+            used = self._runtime_on_streams(src, dst, runs, local, local_stream)
         if not used:
             used = [self._copy_on_peer(src, dst, [(int(s), int(d), int(n)) for s, d, n in runs],
                                        local_stream, self.stream(remote.device.index or 0))]
@@ -107,37 +124,70 @@ class PeerCopier:
         event.record(local_stream)
         return event
 
-    def _copy_on_streams(self, src: torch.Tensor, dst: torch.Tensor, parts: list[np.ndarray],
-                         engine: torch.device,
-                         after: torch.cuda.Stream) -> list[torch.cuda.Stream]:
-        """``batch`` / ``runtime``: one copy stream of ``engine`` per part, each after
-        ``after``. Returns the streams used, or [] once a batched call failed (``batch`` is
-        then off for good)."""
-        index = engine.index or 0
-        ready = torch.cuda.Event()
-        ready.record(after)
-        streams = [self.stream(index, k + 1) for k in range(len(parts))]
+    def _engine(self, src: torch.Tensor, dst: torch.Tensor, local: torch.Tensor) -> int:
+        """The device whose copy engines run ``batch`` / ``runtime`` copies (``issue_on``)."""
+        tensor = {"local": local, "source": src, "destination": dst}[self._issue_on]
+        return tensor.device.index or 0
+
+    def _issue_batch(self, src: torch.Tensor, dst: torch.Tensor, merged: np.ndarray,
+                     src_is_local: bool, caller: torch.cuda.Stream,
+                     local_stream: torch.cuda.Stream) -> torch.cuda.Event | None:
+        """``batch``: byte-balanced groups of rows, one batched call per copy stream, each
+        stream starting after ``caller``; returns the completion event, or None once a
+        batched call failed (``batch`` is then off for good).
+
+        Host time before the first copy is what the copy engines lose (once started they run
+        at ~98 % of a contiguous copy on 2x H200), so each stream's wait, call and done-record
+        are issued in turn, with events reused across batches, rather than set up for every
+        stream first.
+        """
+        assert self._batch is not None
+        local_index = local_stream.device.index or 0
+        engine = self._engine(src, dst, src if src_is_local else dst)
+        ready = self._event(local_index, 0)
+        ready.record(caller)
+        src_col, dst_col = (0, 1) if src_is_local else (1, 0)
+        rows = BatchRows(merged[:, dst_col], merged[:, src_col], merged[:, 2],
+                         dst_base=dst.data_ptr(), src_base=src.data_ptr(),
+                         src_device=src.device.index or 0, dst_device=dst.device.index or 0)
+        bounds = split_bounds(merged[:, 2], self._num_streams, self._stream_min_bytes)
+        issued: list[torch.cuda.Stream] = []
+        with torch.cuda.device(engine):
+            for k in range(len(bounds) - 1):
+                stream = self.stream(engine, k + 1)
+                stream.wait_event(ready)
+                try:
+                    self._batch.copy_rows(rows, bounds[k], bounds[k + 1], stream.cuda_stream)
+                except RuntimeError as exc:
+                    logger.warning("ipc batched memcpy failed (%s); using the copy kernel "
+                                   "from now on", exc)
+                    self.mode = "kernel"
+                    for done in issued:  # the fallback's event must cover what did start
+                        caller.wait_stream(done)
+                    return None
+                self._event(engine, k + 1).record(stream)
+                issued.append(stream)
+        for k in range(len(issued)):
+            local_stream.wait_event(self._event(engine, k + 1))
+        event = torch.cuda.Event()
+        event.record(local_stream)
+        return event
+
+    def _runtime_on_streams(self, src: torch.Tensor, dst: torch.Tensor, runs: np.ndarray,
+                            local: torch.Tensor,
+                            after: torch.cuda.Stream) -> list[torch.cuda.Stream]:
+        """``runtime``: one runtime memcpy per (source, destination, length) row, the rows
+        spread over the engine's copy streams, each stream after ``after``."""
+        assert self._memcpy is not None
+        engine = self._engine(src, dst, local)
+        bounds = split_bounds(runs[:, 2], self._num_streams, self._stream_min_bytes)
+        streams = [self.stream(engine, k + 1) for k in range(len(bounds) - 1)]
         src_ptr, dst_ptr = src.data_ptr(), dst.data_ptr()
         with torch.cuda.device(engine):
-            for k, (stream, part) in enumerate(zip(streams, parts)):
-                stream.wait_event(ready)
-                if self.mode == "runtime":
-                    assert self._memcpy is not None
-                    for s, d, n in part.tolist():
-                        self._memcpy.copy(dst_ptr + d, src_ptr + s, n, stream.cuda_stream)
-                    continue
-                assert self._batch is not None
-                try:
-                    self._batch.copy(part[:, 1] + dst_ptr, part[:, 0] + src_ptr, part[:, 2],
-                                     stream.cuda_stream, src_device=src.device.index or 0,
-                                     dst_device=dst.device.index or 0)
-                except RuntimeError as exc:
-                    logger.warning("ipc batched memcpy failed (%s); using the copy kernel from "
-                                   "now on", exc)
-                    self.mode = "kernel"
-                    for issued in streams[:k]:  # the batch's event must cover them too
-                        after.wait_stream(issued)
-                    return []
+            for k, stream in enumerate(streams):
+                stream.wait_stream(after)
+                for s, d, n in runs[bounds[k]:bounds[k + 1]].tolist():
+                    self._memcpy.copy(dst_ptr + d, src_ptr + s, n, stream.cuda_stream)
         return streams
 
     def _copy_on_peer(self, src: torch.Tensor, dst: torch.Tensor, runs: list[Run],
@@ -191,3 +241,4 @@ class PeerCopier:
         for pool in self._streams.values():
             for stream in pool:
                 stream.synchronize()
+

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable
 
 import numpy as np
@@ -17,8 +18,8 @@ from connectors.transports import (
     available_transports,
     make_transport,
 )
-from connectors.transports.base import split_runs
-from connectors.transports.gpu_runtime import BatchMemcpy
+from connectors.transports.base import split_bounds, split_runs
+from connectors.transports.gpu_runtime import BatchMemcpy, BatchRows
 from connectors.transports.ipc import IpcOptions
 
 MakeLocal = Callable[..., Transport]
@@ -113,3 +114,21 @@ def test_split_runs_groups_consecutive_runs_of_about_equal_bytes() -> None:
     assert [len(p) for p in split_runs(runs[:0], max_parts=8, min_bytes=1)] == []
     uneven = np.array([(0, 0, 1000), (0, 0, 1), (0, 0, 1)], dtype=np.int64)
     assert [len(p) for p in split_runs(uneven, max_parts=3, min_bytes=1)] == [1, 2]
+    assert split_bounds(uneven[:, 2], max_parts=3) == [0, 1, 3]
+    assert split_bounds(uneven[:0, 2], max_parts=3) == [0]
+
+
+def test_batch_rows_lay_out_addresses_for_the_driver() -> None:
+    """The three arrays cuMemcpyBatchAsync reads: destination and source addresses (offset +
+    region base, also past 2**63) and sizes, each contiguous uint64 at its base address."""
+    runs = np.array([(0, 4096, 100), (8192, 0, 200), (512, 65536, 300)], dtype=np.int64)
+    dst_base, src_base = 0x7F00_0000_0000, 0x8000_0000_0000_0000
+    rows = BatchRows(runs[:, 1], runs[:, 0], runs[:, 2], dst_base=dst_base, src_base=src_base,
+                     src_device=1, dst_device=0)
+    assert len(rows) == 3
+    read = [[ctypes.c_uint64.from_address(base + 8 * i).value for i in range(3)]
+            for base in rows.bases]
+    assert read == [[dst_base + 4096, dst_base, dst_base + 65536],
+                    [src_base, src_base + 8192, src_base + 512], [100, 200, 300]]
+    attrs = ctypes.cast(rows.attrs, ctypes.POINTER(ctypes.c_int * 5)).contents
+    assert list(attrs) == [1, 1, 1, 1, 0]  # stream order; source on device 1, dest. on 0
