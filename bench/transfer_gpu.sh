@@ -22,6 +22,7 @@ for mode in read write; do
     run ipc "$mode"                       # auto: batched copy engines (CUDA 12.8+), 8 streams
     run nixl "$mode"                      # VRAM defaults: SGL, 4 UCX threads, split past 64
   done
+  run ipc "$mode" streams=4
   run ipc "$mode" copy=kernel
   run nixl "$mode" sgl=false num_workers=1  # NIXL's own defaults, for comparison
 done
