@@ -47,8 +47,11 @@ DESCRIPTOR_VERSION = 1
 SGL_ENV = "NIXL_UCX_SGL_ENABLE"
 GPU_UCX_PARAMS = (("num_threads", "4"), ("split_batch_size", "64"))
 """UCX backend parameters for a VRAM region when the options set none: 4 worker threads, a
-request split past 64 descriptors. With SGL, on 2x H200 (256 x 2 MiB): WRITE 64-76 %, READ
-45-52 % of the peer-copy rate; NIXL's defaults gave 21-38 % and 18-29 %."""
+request split past 64 descriptors. With SGL, on 2x H200 (256 x 2 MiB): WRITE 64-77 %, READ
+45-52 % of the peer-copy rate; NIXL's defaults gave 21-41 %. READ stays lower because UCX
+1.23's cuda_ipc queues all copies to one peer GPU on a single stream per worker (its stream id
+is the remote device) and issues them in the reader's context, i.e. as pulls;
+``UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y`` changes nothing (51.7 %)."""
 
 
 class NixlDescriptor(msgspec.Struct, frozen=True):
