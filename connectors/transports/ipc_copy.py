@@ -8,8 +8,8 @@ processes (IPC-mapped memory, host time of ``post`` included).
 - ``batch`` (what ``auto`` picks where the CUDA driver has ``cuMemcpyBatchAsync``, 12.8+): the
   copy engines, one batched call per stream for up to ``streams`` streams (a batch takes one
   more stream per ``stream_min_bytes``), issued on the local GPU by default (``issue_on``).
-  In one process 90-93 % with 4-8 streams (1 stream 72 %); through the transport p50 79-82 %
-  (read 78.6-82.1 %, write 79.0-81.9 %). ``python -m bench.ipc_profile`` times both sides:
+  In one process 90-93 % with 4-8 streams (1 stream 72 %); through the transport p50 78-82 %
+  (read 78.2-82.1 %, write 79.0-81.9 %). ``python -m bench.ipc_profile`` times both sides:
   once the first call returns, the copy engines move the rest at ~98 % of a contiguous copy;
   what is lost is host time before the first copy (~0.2 ms: merging, bounds-checking and
   addressing the 256 rows in numpy, ~3x slower on that host than on a desktop core) and
