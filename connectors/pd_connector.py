@@ -11,18 +11,26 @@
 Every side leases its live transfers to the peer each heartbeat; a transfer whose deadline
 passes is EXPIRED, frees or releases its blocks and tells the peer (connectors/transfer.py).
 Blocks with a one-sided op still pending are never freed until the op settles ("draining").
+Peers (handshakes, sends, leases) live in pd_peers.py, terminal states in pd_outcome.py.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import time
 from typing import TYPE_CHECKING, Any
 
 from connectors.base import KVConnector
 from connectors.control_plane import ControlPlane
-from connectors.pd_metadata import build_metadata, compat_error, parse_layerwise, parse_timeouts
+from connectors.pd_metadata import (
+    build_metadata,
+    compat_error,
+    parse_layerwise,
+    parse_mode_policy,
+    parse_timeouts,
+)
+from connectors.pd_outcome import Outcomes
+from connectors.pd_peers import PeerLinks
 from connectors.pd_scheduler import PDSchedulerSide
 from connectors.pd_stream import LayerPlan, LayerStreamer, plan_chunk
 from connectors.pd_worker import PDWorkerSide
@@ -36,9 +44,9 @@ from connectors.protocol import (
     WriteDone,
     kv_ports,
 )
-from connectors.transfer import Transfer, TransferRole, TransferState
+from connectors.transfer import Transfer, TransferRole, TransferState, transfer_from_params
 from connectors.transports.base import TransferOp, TransferStatus
-from disagg.config import ConfigError, KVTransferConfig
+from disagg.config import KVTransferConfig
 
 if TYPE_CHECKING:
     import torch
@@ -57,17 +65,9 @@ class PDConnector(KVConnector):
     def __init__(self, cfg: KVTransferConfig, engine: Any, kv_cache: torch.Tensor) -> None:
         extra = cfg.kv_connector_extra_config
         self.kv_role = cfg.kv_role
-        self.mode = str(extra.get("mode", "read"))
-        if self.mode not in ("read", "write"):
-            raise ConfigError(f"kv_connector_extra_config.mode must be read or write, "
-                              f"got {self.mode!r}")
-        self.policy = str(extra.get("kv_load_failure_policy", "fail"))
-        if self.policy not in ("fail", "recompute"):
-            raise ConfigError("kv_load_failure_policy must be fail or recompute")
-        if (self.mode == "write" and cfg.kv_role != "kv_consumer"
-                and engine.cfg.parallel.data_parallel_size > 1):
-            raise ConfigError("WRITE mode with a data-parallel prefill instance is not "
-                              "supported yet; use mode=read or one prefill rank per instance")
+        mode, self.policy = parse_mode_policy(extra, cfg.kv_role,
+                                              engine.cfg.parallel.data_parallel_size)
+        self.mode: str = mode
         self.timeouts = parse_timeouts(extra)
         self.layerwise = parse_layerwise(extra, kv_cache.is_cuda)
         self.engine_id: str = engine.engine_id
@@ -87,16 +87,14 @@ class PDConnector(KVConnector):
         self._sched: Scheduler | None = None
         self.transfers: dict[str, Transfer] = {}
         self._by_request: dict[str, str] = {}
-        self._early: dict[str, tuple[RemoteBlocks, float]] = {}
-        # transfers the peer failed before this side knew them: a late request for one must
-        # not use stale remote_blocks (the decode already freed those blocks)
-        self._tombstones: dict[str, tuple[str, float]] = {}
-        self._hellos: dict[tuple[str, int], concurrent.futures.Future[EngineMetadata]] = {}
-        self._draining: list[tuple[Transfer, float]] = []
         self.counters: dict[str, float] = dict.fromkeys(
             ("bytes_moved_total", "layer_posts_total", "transfers_done_total",
              "transfers_failed_total", "transfers_expired_total", "notifications_unknown_total",
              "transfer_seconds_sum", "transfer_seconds_count"), 0.0)
+        self.peers = PeerLinks(self.control, self.worker, self.timeouts, self.counters)
+        self.outcomes = Outcomes(self.engine_id, self.worker, self.peers, self.transfers,
+                                 lambda: self.sched, timeouts=self.timeouts, policy=self.policy,
+                                 counters=self.counters)
 
     # ---- metadata and compatibility ----------------------------------------------------
     def _metadata(self, engine: Any, kv_cache: torch.Tensor) -> EngineMetadata:
@@ -119,23 +117,15 @@ class PDConnector(KVConnector):
     def on_request_arrival(self, req: Request) -> None:
         """Create the transfer for a request that carries kv_transfer_params."""
         p = req.kv_transfer_params or {}
-        tid = p.get("transfer_id")
-        consumer, producer = p.get("do_remote_prefill"), p.get("do_remote_decode")
-        if not tid or not (consumer or producer):
+        t = transfer_from_params(p, req.request_id, self.mode, time.monotonic(),
+                                 layerwise=self.layerwise)
+        if t is None:
             return
-        if tid in self.transfers:
-            logger.warning("duplicate transfer_id %s ignored", tid)
+        if t.transfer_id in self.transfers:
+            logger.warning("duplicate transfer_id %s ignored", t.transfer_id)
             return
-        tomb = self._tombstones.pop(str(tid), None)
-        mode = str(p.get("mode", self.mode))
-        role = ((TransferRole.CONSUMER_READ if mode == "read" else TransferRole.CONSUMER_WRITE)
-                if consumer else
-                (TransferRole.PRODUCER_READ if mode == "read" else TransferRole.PRODUCER_WRITE))
-        t = Transfer(str(tid), role, req.request_id, time.monotonic(),
-                     peer_engine_id=p.get("remote_engine_id"), peer_host=p.get("remote_host"),
-                     peer_handshake_port=p.get("remote_handshake_port"),
-                     peer_notify_port=p.get("remote_notify_port"),
-                     layerwise=self.layerwise and role is TransferRole.PRODUCER_WRITE)
+        role = t.role
+        tomb = self.peers.tombstones.pop(t.transfer_id, None)
         self.transfers[t.transfer_id] = t
         self._by_request[req.request_id] = t.transfer_id
         if tomb is not None:
@@ -149,11 +139,11 @@ class PDConnector(KVConnector):
                              f"request has {req.num_prompt_tokens}")
                 return
         if role.posts_ops:
-            self._start_hello(t)
+            self.peers.start_hello(t)
         if role is TransferRole.PRODUCER_WRITE:
             t.start_clock(time.monotonic())  # waits for the decode's remote_blocks
-        if role is TransferRole.PRODUCER_WRITE and t.transfer_id in self._early:
-            self._on_remote_blocks(t, self._early.pop(t.transfer_id)[0])
+        if role is TransferRole.PRODUCER_WRITE and t.transfer_id in self.peers.early:
+            self._on_remote_blocks(t, self.peers.early.pop(t.transfer_id)[0])
 
     def can_schedule(self, req: Request) -> bool:
         """A WRITE prefill waits until the decode has allocated its destination blocks, so a
@@ -177,11 +167,11 @@ class PDConnector(KVConnector):
     def complete_without_data(self, t: Transfer) -> None:
         """A one-token prompt: nothing to move; let the prefill free at once."""
         if t.role is TransferRole.CONSUMER_WRITE:
-            self._send(t, self._remote_blocks_msg(t, []))
+            self.peers.send(t, self._remote_blocks_msg(t, []))
         else:
-            self._send(t, Release(transfer_id=t.transfer_id, engine_id=self.engine_id))
+            self.peers.send(t, Release(transfer_id=t.transfer_id, engine_id=self.engine_id))
         t.move(TransferState.DONE)
-        self._forget(t)
+        self.outcomes.forget(t)
 
     def on_allocated(self, req: Request) -> None:
         """Consumer blocks exist: READ posts when the peer is known, WRITE sends them to P."""
@@ -193,7 +183,7 @@ class PDConnector(KVConnector):
         t.local_block_ids = list(req.block_ids[:num_blocks])
         t.num_tokens = req.num_external_tokens
         if t.role is TransferRole.CONSUMER_WRITE:
-            self._send(t, self._remote_blocks_msg(t, t.local_block_ids))
+            self.peers.send(t, self._remote_blocks_msg(t, t.local_block_ids))
         else:
             self._try_post(t)
 
@@ -255,9 +245,9 @@ class PDConnector(KVConnector):
                              f"in state {t.state.value} (peer {t.peer_engine_id} at "
                              f"{t.peer_host}:{t.peer_handshake_port})",
                           state=TransferState.EXPIRED)
-        self._drain_settled(now)
-        self._expire_early(now)
-        self._refresh_leases()
+        self.outcomes.drain_settled(now)
+        self.peers.expire(now)
+        self.peers.refresh_leases(self.transfers.values())
 
     def _on_notification(self, msg: Notification, now: float) -> None:
         if isinstance(msg, Lease):
@@ -269,10 +259,10 @@ class PDConnector(KVConnector):
         t = self.transfers.get(msg.transfer_id)
         if t is None:
             if isinstance(msg, RemoteBlocks):
-                self._early[msg.transfer_id] = (msg, now)  # WRITE: D raced ahead of P
+                self.peers.early[msg.transfer_id] = (msg, now)  # WRITE: D raced ahead of P
             elif isinstance(msg, TransferFailed):  # the peer gave up before we knew it
-                self._early.pop(msg.transfer_id, None)
-                self._tombstones[msg.transfer_id] = (msg.reason, now)
+                self.peers.early.pop(msg.transfer_id, None)
+                self.peers.tombstones[msg.transfer_id] = (msg.reason, now)
             else:
                 self.counters["notifications_unknown_total"] += 1
             return
@@ -280,9 +270,9 @@ class PDConnector(KVConnector):
         if isinstance(msg, RemoteBlocks) and t.role is TransferRole.PRODUCER_WRITE:
             self._on_remote_blocks(t, msg)
         elif isinstance(msg, WriteDone) and t.role is TransferRole.CONSUMER_WRITE:
-            self._complete(t)
+            self.outcomes.complete(t)
         elif isinstance(msg, Release) and t.role is TransferRole.PRODUCER_READ:
-            self._complete(t)
+            self.outcomes.complete(t)
         elif isinstance(msg, TransferFailed):
             self.fail(t, f"peer {msg.engine_id} failed the transfer: {msg.reason}",
                       notify_peer=False)
@@ -295,38 +285,16 @@ class PDConnector(KVConnector):
             t.layerwise = False  # a one-token prompt: nothing to stream, done at its end
         t.peer_engine_id, t.peer_host = msg.engine_id, msg.host
         t.peer_handshake_port, t.peer_notify_port = msg.handshake_port, msg.notify_port
-        self._start_hello(t)
+        self.peers.start_hello(t)
         self._try_post(t)
 
     # ---- posting and polling -------------------------------------------------------------
-    def _start_hello(self, t: Transfer) -> None:
-        if t.peer_host is None or t.peer_handshake_port is None:
-            return
-        addr = (t.peer_host, int(t.peer_handshake_port))
-        fut = self._hellos.get(addr)
-        if fut is None or (fut.done() and fut.exception() is not None):
-            timeout = min(self.timeouts.transfer_timeout_s, 10.0)
-            self._hellos[addr] = self.control.handshake(*addr, timeout)
-
     def _peer(self, t: Transfer) -> str | None:
         """The peer's engine id once its handshake succeeded; fails t if it was refused."""
-        if t.peer_host is None or t.peer_handshake_port is None:
-            return None
-        fut = self._hellos.get((t.peer_host, int(t.peer_handshake_port)))
-        if fut is None or not fut.done():
-            return None
-        exc = fut.exception()
-        if exc is not None:
-            self.fail(t, str(exc))
-            return None
-        meta = fut.result()
-        if t.peer_engine_id is not None and meta.engine_id != t.peer_engine_id:
-            # The peer restarted on the same ports: its cached metadata is stale.
-            del self._hellos[(t.peer_host, int(t.peer_handshake_port))]
-            self._start_hello(t)
-            return None
-        self.worker.add_peer(meta.engine_id, meta.transport_descriptor)
-        return meta.engine_id
+        peer, error = self.peers.resolve(t)
+        if error is not None:
+            self.fail(t, error)
+        return peer
 
     def _try_post(self, t: Transfer) -> None:
         if t.terminal or t.handles:
@@ -340,7 +308,7 @@ class PDConnector(KVConnector):
             if not t.request_finished:
                 return  # deferred: waits for the prefill
             if not t.remote_block_ids:
-                self._complete(t)
+                self.outcomes.complete(t)
                 return
         elif not t.local_block_ids:
             return
@@ -363,7 +331,7 @@ class PDConnector(KVConnector):
         if t.stream_peer is None:
             t.stream_peer = self._peer(t)
         elif t.request_finished:
-            self._complete(t)
+            self.outcomes.complete(t)
 
     def _poll(self, t: Transfer) -> None:
         """Fail on any failed op; release the settled ones; a posted whole batch is done."""
@@ -378,12 +346,7 @@ class PDConnector(KVConnector):
                 self.worker.release(h)
         t.handles = [h for h, s in states if s is TransferStatus.PENDING]
         if not t.handles and not t.layerwise:
-            self._complete(t)
-
-    def _release_handles(self, t: Transfer) -> None:
-        for h in t.handles:
-            self.worker.release(h)
-        t.handles = []
+            self.outcomes.complete(t)
 
     # ---- layerwise WRITE -----------------------------------------------------------------
     def layer_hook(self, out: SchedulerOutput) -> LayerHook | None:
@@ -400,111 +363,17 @@ class PDConnector(KVConnector):
                     t.move(TransferState.IN_FLIGHT)
         return LayerStreamer(self.worker, plans, self.counters) if plans else None
 
-    # ---- terminal states ---------------------------------------------------------------
-    def _complete(self, t: Transfer) -> None:
-        t.move(TransferState.DONE)
-        self.counters["transfers_done_total"] += 1
-        self.counters["bytes_moved_total"] += t.bytes_moved
-        if t.posted_s is not None:
-            self.counters["transfer_seconds_sum"] += time.monotonic() - t.posted_s
-            self.counters["transfer_seconds_count"] += 1
-        if t.role is TransferRole.CONSUMER_READ:
-            self._send(t, Release(transfer_id=t.transfer_id, engine_id=self.engine_id))
-        elif t.role is TransferRole.PRODUCER_WRITE:
-            self._send(t, WriteDone(transfer_id=t.transfer_id, engine_id=self.engine_id))
-        if not t.role.is_producer:
-            self.sched.on_remote_kv(t.request_id, None, recompute=False)
-        self._free_if_held(t)
-        self._forget(t)
-
+    # ---- terminal states (pd_outcome.py) ------------------------------------------------
     def fail(self, t: Transfer, reason: str, *, state: TransferState = TransferState.FAILED,
              notify_peer: bool = True, notify_request: bool = True) -> None:
         """Terminal failure: tell the peer, settle the request, free what is safe to free."""
-        if t.terminal:
-            return
-        t.move(state, reason)
-        t.handles = self.worker.drop_unposted(t.handles)  # start no write the peer gave up on
-        key = "transfers_expired_total" if state is TransferState.EXPIRED \
-            else "transfers_failed_total"
-        self.counters[key] += 1
-        logger.warning("KV transfer %s %s: %s", t.transfer_id, state.value, reason)
-        if notify_peer:
-            self._send(t, TransferFailed(transfer_id=t.transfer_id, engine_id=self.engine_id,
-                                         reason=reason))
-        if notify_request:
-            self._settle_request(t, reason)
-        if t.peer_host is not None and t.peer_handshake_port is not None and t.handles:
-            # a failed one-sided op may mean a restarted peer: handshake afresh next time
-            self._hellos.pop((t.peer_host, int(t.peer_handshake_port)), None)
-        if t.handles:
-            self._draining.append((t, time.monotonic() + self.timeouts.transfer_timeout_s))
-        else:
-            self._free_if_held(t)
-        self._forget(t)
-
-    def _settle_request(self, t: Transfer, reason: str) -> None:
-        req = self.sched.requests.get(t.request_id)
-        if req is None or req.is_finished:
-            return
-        from disagg.request import RequestStatus
-
-        if t.role.is_producer:  # nobody will consume this prefill: end it with the reason
-            self.sched.finish(req, RequestStatus.FINISHED_ERROR, f"KV transfer failed: {reason}")
-        elif t.request_id in self.sched.remote_wait:
-            self.sched.on_remote_kv(t.request_id, f"KV transfer failed: {reason}",
-                                    recompute=self.policy == "recompute")
-        elif self.policy == "recompute":
-            req.kv_transfer_params = None  # still queued: it will prefill locally
-        else:
-            self.sched.finish(req, RequestStatus.FINISHED_ERROR, f"KV transfer failed: {reason}")
-
-    def _drain_settled(self, now: float) -> None:
-        """Free blocks of failed transfers once their pending ops settle (or time out)."""
-        keep = []
-        for t, deadline in self._draining:
-            if now < deadline and any(self.worker.poll(h) is TransferStatus.PENDING
-                                      for h in t.handles):
-                keep.append((t, deadline))
-                continue
-            self._release_handles(t)
-            self._free_if_held(t)
-        self._draining = keep
-
-    def _free_if_held(self, t: Transfer) -> None:
-        if t.holds_blocks:
-            t.holds_blocks = False
-            self.sched.free_held(t.transfer_id, t.local_block_ids)
-
-    def _forget(self, t: Transfer) -> None:
-        self.transfers.pop(t.transfer_id, None)
-
-    # ---- peers -------------------------------------------------------------------------
-    def _send(self, t: Transfer, msg: Notification) -> None:
-        addr = t.peer_notify
-        if addr is not None:
-            self.control.send((addr[0], int(addr[1])), msg)
-
-    def _refresh_leases(self) -> None:
-        """Hand the control thread the transfers to lease (it sends them on its own timer)."""
-        by_peer: dict[tuple[str, int], list[str]] = {}
-        for t in self.transfers.values():
-            addr = t.peer_notify
-            if addr is not None and not t.terminal:
-                by_peer.setdefault((addr[0], int(addr[1])), []).append(t.transfer_id)
-        self.control.set_leases(by_peer)
-
-    def _expire_early(self, now: float) -> None:
-        limit = self.timeouts.defer_timeout_s
-        for tid in [k for k, (_, t0) in self._tombstones.items() if now - t0 > limit]:
-            del self._tombstones[tid]
-        for tid in [k for k, (_, t0) in self._early.items() if now - t0 > limit]:
-            del self._early[tid]
-            self.counters["notifications_unknown_total"] += 1
+        self.outcomes.fail(t, reason, state=state, notify_peer=notify_peer,
+                           notify_request=notify_request)
 
     # ---- KVConnector API -----------------------------------------------------------------
     def busy(self) -> bool:
         """Outstanding transfers, draining ops or early notifications."""
-        return bool(self.transfers or self._draining or self._early)
+        return bool(self.transfers or self.outcomes.draining or self.peers.early)
 
     def metrics(self) -> dict[str, float]:
         """Counters plus gauges."""
@@ -514,7 +383,7 @@ class PDConnector(KVConnector):
 
     def abort_transfer(self, transfer_id: str) -> bool:
         """Proxy cleanup: fail a transfer (the request, if any, is aborted by the engine)."""
-        self._early.pop(transfer_id, None)
+        self.peers.early.pop(transfer_id, None)
         t = self.transfers.get(transfer_id)
         if t is None:
             return False

@@ -1,4 +1,4 @@
-"""What the P/D connector tells peers about itself, the compatibility check, and timeouts.
+"""What the P/D connector tells peers about itself, the compatibility check, and its options.
 
 Two engines may exchange KV only if their blocks mean the same bytes: same block size, dtype,
 layout (blocks outermost: layers, K/V, tokens, kv heads, head dim), transport and model shape.
@@ -30,6 +30,22 @@ def parse_timeouts(extra: dict[str, Any]) -> Timeouts:
         raise ConfigError("transfer_timeout, defer_timeout, lease_timeout and "
                           "heartbeat_interval must be positive")
     return t
+
+
+def parse_mode_policy(extra: dict[str, Any], kv_role: str,
+                      data_parallel_size: int) -> tuple[str, str]:
+    """kv_connector_extra_config ``mode`` (read | write) and ``kv_load_failure_policy``
+    (fail | recompute), validated against what this engine can do."""
+    mode = str(extra.get("mode", "read"))
+    if mode not in ("read", "write"):
+        raise ConfigError(f"kv_connector_extra_config.mode must be read or write, got {mode!r}")
+    policy = str(extra.get("kv_load_failure_policy", "fail"))
+    if policy not in ("fail", "recompute"):
+        raise ConfigError("kv_load_failure_policy must be fail or recompute")
+    if mode == "write" and kv_role != "kv_consumer" and data_parallel_size > 1:
+        raise ConfigError("WRITE mode with a data-parallel prefill instance is not "
+                          "supported yet; use mode=read or one prefill rank per instance")
+    return mode, policy
 
 
 def parse_layerwise(extra: dict[str, Any], kv_cache_on_gpu: bool) -> bool:

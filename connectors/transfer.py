@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class TransferState(enum.Enum):
@@ -149,3 +150,24 @@ class Transfer:
         if self.peer_host is None or self.peer_notify_port is None:
             return None
         return self.peer_host, self.peer_notify_port
+
+
+def transfer_from_params(params: dict[str, Any], request_id: str, default_mode: str,
+                         now_s: float, *, layerwise: bool) -> Transfer | None:
+    """The transfer a request's ``kv_transfer_params`` ask for (None: it asks for none).
+
+    ``do_remote_prefill`` makes this side the consumer, ``do_remote_decode`` the producer;
+    the request's ``mode`` overrides the engine's. Only a WRITE producer streams layerwise."""
+    tid = params.get("transfer_id")
+    consumer, producer = params.get("do_remote_prefill"), params.get("do_remote_decode")
+    if not tid or not (consumer or producer):
+        return None
+    read = str(params.get("mode", default_mode)) == "read"
+    role = ((TransferRole.CONSUMER_READ if read else TransferRole.CONSUMER_WRITE) if consumer
+            else (TransferRole.PRODUCER_READ if read else TransferRole.PRODUCER_WRITE))
+    return Transfer(str(tid), role, request_id, now_s,
+                    peer_engine_id=params.get("remote_engine_id"),
+                    peer_host=params.get("remote_host"),
+                    peer_handshake_port=params.get("remote_handshake_port"),
+                    peer_notify_port=params.get("remote_notify_port"),
+                    layerwise=layerwise and role is TransferRole.PRODUCER_WRITE)
