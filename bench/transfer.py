@@ -71,11 +71,13 @@ def _remote_slot(i: int, layout: str) -> int:
     return 2 * i if layout == "strided" else i
 
 
-def _segments(cfg: BenchConfig) -> list[Any]:
-    from connectors.transports import Segment
+def _segments(cfg: BenchConfig) -> Any:
+    """The batch as the P/D worker posts it: (local, remote, length) rows of whole blocks."""
+    from connectors.pd_worker import block_rows
 
-    return [Segment(i * cfg.block_bytes, _remote_slot(i, cfg.layout) * cfg.block_bytes,
-                    cfg.block_bytes) for i in range(cfg.num_blocks)]
+    local = list(range(cfg.num_blocks))
+    return block_rows(local, [_remote_slot(i, cfg.layout) for i in local], cfg.block_bytes,
+                      0, cfg.block_bytes)
 
 
 def _target_main(conn: Connection, cfg: BenchConfig) -> None:

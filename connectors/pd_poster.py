@@ -18,11 +18,10 @@ import itertools
 import queue
 import threading
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from connectors.transports.base import Segment, TransferOp, TransferStatus, Transport
+from connectors.transports.base import Batch, TransferOp, TransferStatus, Transport
 
 READY_POLL_S = 1e-4
 """How often the poster thread queries a pending CUDA event."""
@@ -44,7 +43,7 @@ class _Queued:
     op_id: int
     event: Any
     peer: str
-    segments: list[Segment]
+    segments: Batch
 
 
 class Posts:
@@ -60,14 +59,14 @@ class Posts:
         self._thread: threading.Thread | None = None
         self._closed = threading.Event()
 
-    def post(self, op: TransferOp, peer: str, segments: Sequence[Segment], label: str) -> int:
+    def post(self, op: TransferOp, peer: str, segments: Batch, label: str) -> int:
         """Post now; a batch the transport refuses is an op that is already FAILED."""
         op_id = self._new(label)
         with self._lock:
             self._start_locked(op_id, op, peer, segments)
         return op_id
 
-    def post_after(self, event: Any, peer: str, segments: list[Segment], label: str) -> int:
+    def post_after(self, event: Any, peer: str, segments: Batch, label: str) -> int:
         """Queue a WRITE that the poster thread posts once ``event`` (``query()``) is done."""
         op_id = self._new(label)
         if self._thread is None:
@@ -129,7 +128,7 @@ class Posts:
         return op_id
 
     def _start_locked(self, op_id: int, op: TransferOp, peer: str,
-                      segments: Sequence[Segment]) -> None:
+                      segments: Batch) -> None:
         """Post a live op (under the lock, so a concurrent release cannot miss its handle)."""
         entry = self._ops.get(op_id)
         if entry is None:

@@ -11,11 +11,12 @@ block b is the run [b * block_bytes + l * layer_bytes, + layer_bytes):
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from connectors.pd_poster import Posts
 from connectors.transports import make_transport
-from connectors.transports.base import Segment, TransferOp, TransferStatus, merge_segments
+from connectors.transports.base import TransferOp, TransferStatus, merge_array
 
 
 class PDWorkerSide:
@@ -43,27 +44,24 @@ class PDWorkerSide:
             self.transport.add_peer(engine_id, descriptor)
             self.peers.add(engine_id)
 
-    def segments(self, local_blocks: list[int], remote_blocks: list[int]) -> list[Segment]:
-        """Whole-block segments, consecutive runs merged."""
-        bb = self.block_bytes
-        return merge_segments([Segment(lb * bb, rb * bb, bb)
-                               for lb, rb in zip(local_blocks, remote_blocks)])
+    def rows(self, local_blocks: list[int], remote_blocks: list[int]) -> np.ndarray:
+        """Whole-block (local, remote, length) rows, consecutive runs merged."""
+        return block_rows(local_blocks, remote_blocks, self.block_bytes, 0, self.block_bytes)
 
-    def layer_segments(self, layer: int, local_blocks: list[int],
-                       remote_blocks: list[int]) -> list[Segment]:
+    def layer_rows(self, layer: int, local_blocks: list[int],
+                       remote_blocks: list[int]) -> np.ndarray:
         """Layer ``layer`` of each block: one run of layer_bytes per block pair."""
-        bb, lb, off = self.block_bytes, self.layer_bytes, layer * self.layer_bytes
-        return merge_segments([Segment(loc * bb + off, rem * bb + off, lb)
-                               for loc, rem in zip(local_blocks, remote_blocks)])
+        return block_rows(local_blocks, remote_blocks, self.block_bytes,
+                          layer * self.layer_bytes, self.layer_bytes)
 
     def post(self, op: TransferOp, peer: str, local_blocks: list[int],
              remote_blocks: list[int]) -> tuple[int, int]:
         """Start the copy of whole blocks after the step's KV writes; returns (op id, bytes)."""
         if self.kv_cache.is_cuda:
             torch.cuda.current_stream().synchronize()  # the step's KV writes are complete
-        segs = self.segments(local_blocks, remote_blocks)
-        label = f"{op.value} of {len(segs)} runs to {peer}"
-        return self.posts.post(op, peer, segs, label), sum(s.length for s in segs)
+        rows = self.rows(local_blocks, remote_blocks)
+        label = f"{op.value} of {len(rows)} runs to {peer}"
+        return self.posts.post(op, peer, rows, label), int(rows[:, 2].sum())
 
     def post_layer(self, peer: str, layer: int, local_blocks: list[int],
                    remote_blocks: list[int]) -> tuple[int, int]:
@@ -71,14 +69,14 @@ class PDWorkerSide:
         host: on a GPU cache the copy is ordered after the work queued on the current stream,
         by the transport itself (``stream_ordered``) or by the poster thread waiting on an
         event. Returns (op id, bytes)."""
-        segs = self.layer_segments(layer, local_blocks, remote_blocks)
+        rows = self.layer_rows(layer, local_blocks, remote_blocks)
         label = f"layer {layer} write to {peer}"
-        nbytes = sum(s.length for s in segs)
+        nbytes = int(rows[:, 2].sum())
         if not self.kv_cache.is_cuda or self.transport.stream_ordered:
-            return self.posts.post(TransferOp.WRITE, peer, segs, label), nbytes
+            return self.posts.post(TransferOp.WRITE, peer, rows, label), nbytes
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(self.kv_cache.device))
-        return self.posts.post_after(event, peer, segs, label), nbytes
+        return self.posts.post_after(event, peer, rows, label), nbytes
 
     def poll(self, op_id: int) -> TransferStatus:
         """State of a posted copy."""
@@ -100,3 +98,17 @@ class PDWorkerSide:
         """Stop the poster thread, then close the transport."""
         self.posts.close()
         self.transport.close()
+
+
+def block_rows(local_blocks: list[int], remote_blocks: list[int], block_bytes: int,
+               offset: int, length: int) -> np.ndarray:
+    """(local, remote, length) rows of ``length`` bytes at ``offset`` inside each block pair,
+    runs contiguous on both sides merged; built in numpy (256 blocks: ~10 us, against ~100 us
+    for a list of Segments merged in Python)."""
+    n = min(len(local_blocks), len(remote_blocks))
+    rows = np.empty((n, 3), dtype=np.int64)
+    rows[:, 0], rows[:, 1] = local_blocks[:n], remote_blocks[:n]
+    rows[:, :2] *= block_bytes
+    rows[:, :2] += offset
+    rows[:, 2] = length
+    return merge_array(rows)

@@ -54,6 +54,11 @@ class Segment(NamedTuple):
     length: int
 
 
+Batch = Sequence[Segment] | np.ndarray
+"""What ``Transport.post`` takes: segments, or an [n, 3] int64 array of (local offset, remote
+offset, length) rows (what the P/D worker builds: no Python object per block)."""
+
+
 class TransportError(RuntimeError):
     """A transport could not be set up or a peer descriptor is unusable."""
 
@@ -83,7 +88,7 @@ class Transport(abc.ABC):
         """Forget a peer; its pending handles become FAILED."""
 
     @abc.abstractmethod
-    def post(self, op: TransferOp, peer_name: str, segments: Sequence[Segment]) -> int:
+    def post(self, op: TransferOp, peer_name: str, segments: Batch) -> int:
         """Start a batch of one-sided copies; returns a handle. Never blocks on the network.
 
         The copies of one batch may run in any order and concurrently (NIXL, cuMemcpyBatchAsync
@@ -107,10 +112,17 @@ class Transport(abc.ABC):
         """Stop threads, deregister memory, close connections. Idempotent."""
 
 
-def merge_segments(segments: Sequence[Segment]) -> list[Segment]:
+def as_segments(segments: Batch) -> Sequence[Segment]:
+    """A batch as segments (rows of an array become Segments)."""
+    if isinstance(segments, np.ndarray):
+        return [Segment(*row) for row in segments.tolist()]
+    return segments
+
+
+def merge_segments(segments: Batch) -> list[Segment]:
     """Merge runs that are contiguous on both sides (sorted by local offset)."""
     merged: list[Segment] = []
-    for seg in sorted(segments, key=lambda s: s.local_offset):
+    for seg in sorted(as_segments(segments), key=lambda s: s.local_offset):
         if merged:
             last = merged[-1]
             if (last.local_offset + last.length == seg.local_offset
@@ -122,12 +134,14 @@ def merge_segments(segments: Sequence[Segment]) -> list[Segment]:
     return merged
 
 
-def merge_array(segments: Sequence[Segment]) -> np.ndarray:
+def merge_array(segments: Batch) -> np.ndarray:
     """``merge_segments`` as one [n, 3] int64 array of (local, remote, length) rows, computed
     without a Python loop (for transports that hand the batch to numpy-speaking APIs)."""
-    # fromiter over the flattened tuples: ~5x faster than np.array on a list of NamedTuples
-    arr = np.fromiter(itertools.chain.from_iterable(segments), dtype=np.int64,
-                      count=3 * len(segments)).reshape(-1, 3)
+    if isinstance(segments, np.ndarray):
+        arr = np.asarray(segments, dtype=np.int64).reshape(-1, 3)
+    else:  # fromiter over the flattened tuples: ~5x faster than np.array on NamedTuples
+        arr = np.fromiter(itertools.chain.from_iterable(segments), dtype=np.int64,
+                          count=3 * len(segments)).reshape(-1, 3)
     if len(arr) < 2:
         return arr
     arr = arr[np.argsort(arr[:, 0], kind="stable")]

@@ -24,7 +24,6 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +31,7 @@ import msgspec
 import torch
 
 from connectors.transports.base import (
-    Segment,
+    Batch,
     TransferOp,
     TransferStatus,
     Transport,
@@ -240,7 +239,7 @@ class IpcTransport(Transport):
         with self._lock:
             self._drop_peer(peer_name, "removed")
 
-    def post(self, op: TransferOp, peer_name: str, segments: Sequence[Segment]) -> int:
+    def post(self, op: TransferOp, peer_name: str, segments: Batch) -> int:
         """Queue the copies on the copy streams; completion is one event."""
         region = self._require_region()
         merged = merge_array(segments)

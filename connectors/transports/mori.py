@@ -27,7 +27,6 @@ from __future__ import annotations
 import importlib
 import logging
 import threading
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +34,7 @@ import msgspec
 import torch
 
 from connectors.transports.base import (
-    Segment,
+    Batch,
     TransferOp,
     TransferStatus,
     Transport,
@@ -200,7 +199,7 @@ class MoriTransport(Transport):
         with self._lock:
             self._drop_peer(peer_name, "removed")
 
-    def post(self, op: TransferOp, peer_name: str, segments: Sequence[Segment]) -> int:
+    def post(self, op: TransferOp, peer_name: str, segments: Batch) -> int:
         """One ``batch_read`` / ``batch_write`` on the peer's session."""
         self._require_mem()
         merged = merge_segments(segments)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from connectors.transports.base import (
-    Segment,
+    Batch,
     TransferOp,
     TransferStatus,
     Transport,
@@ -256,7 +256,7 @@ class NixlTransport(Transport):
             else:
                 self._table.fail_peer(peer_name, f"peer {peer_name!r} removed")
 
-    def post(self, op: TransferOp, peer_name: str, segments: Sequence[Segment]) -> int:
+    def post(self, op: TransferOp, peer_name: str, segments: Batch) -> int:
         """Create and start one NIXL transfer request for the merged batch."""
         local = self._require_local()
         merged = merge_array(segments)

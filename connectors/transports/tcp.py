@@ -25,6 +25,7 @@ import msgspec
 import torch
 
 from connectors.transports.base import (
+    Batch,
     Segment,
     TransferOp,
     TransferStatus,
@@ -186,7 +187,7 @@ class TcpTransport(Transport):
         if link is not None:
             link.close()
 
-    def post(self, op: TransferOp, peer_name: str, segments: Sequence[Segment]) -> int:
+    def post(self, op: TransferOp, peer_name: str, segments: Batch) -> int:
         """Queue a batch; an unknown peer gives a handle that is already FAILED."""
         region = self._require_region()
         with self._lock:

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
 
 import torch
 
-from connectors.transports.base import Segment, TransferOp, TransferStatus, Transport
+from connectors.transports.base import (
+    Batch,
+    Segment,
+    TransferOp,
+    TransferStatus,
+    Transport,
+    as_segments,
+)
 
 
 class FakeTransport(Transport):
@@ -33,8 +39,8 @@ class FakeTransport(Transport):
     def remove_peer(self, peer_name: str) -> None:
         """Nothing to forget."""
 
-    def post(self, op: TransferOp, peer_name: str, segments: Sequence[Segment]) -> int:
-        self.posts.append((op, peer_name, list(segments)))
+    def post(self, op: TransferOp, peer_name: str, segments: Batch) -> int:
+        self.posts.append((op, peer_name, list(as_segments(segments))))
         handle = next(self._ids)
         self.status[handle] = TransferStatus.PENDING
         return handle

@@ -57,6 +57,9 @@ def test_merge_array_and_check_array_agree_with_the_list_versions() -> None:
                 zip(starts, gen.integers(0, 3, size=n) * 8)]
         merged = merge_array(segs)
         assert [Segment(*row) for row in merged.tolist()] == merge_segments(segs)
+        rows = np.array(segs, dtype=np.int64).reshape(-1, 3)  # a batch given as rows
+        assert np.array_equal(merge_array(rows), merged)
+        assert merge_segments(rows) == merge_segments(segs)
         for local_bytes, remote_bytes in ((64, 64), (40, 48), (8, 8)):
             assert (check_array(merged, local_bytes, remote_bytes)
                     == check_segments(merge_segments(segs), local_bytes, remote_bytes))

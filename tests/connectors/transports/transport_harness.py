@@ -21,6 +21,7 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any
 
+import numpy as np
 import torch
 
 PIPE_TIMEOUT_S = 60.0
@@ -200,14 +201,16 @@ def check_read(local: Any, peer: PeerProcess, device: str = "cpu") -> None:
 
 def check_write(local: Any, peer: PeerProcess, peer_fill: str = "zeros",
                 device: str = "cpu") -> None:
-    """WRITE many scattered segments into a peer; read its whole region back and compare."""
+    """WRITE many scattered segments into a peer, given as an [n, 3] array of rows (READs
+    post Segment lists); read its whole region back and compare."""
     from connectors.transports import TransferOp
 
     region = pattern(REGION_BYTES, seed=2, device=device)
     local.register_region(region)
     local.add_peer("peer", peer.descriptor)
     segs = scattered_segments(seed=3)
-    assert wait_done(local, local.post(TransferOp.WRITE, "peer", segs)) == ("done", None)
+    rows = np.array(segs, dtype=np.int64)  # as the P/D worker posts; check_read posts a list
+    assert wait_done(local, local.post(TransferOp.WRITE, "peer", rows)) == ("done", None)
     remote = torch.frombuffer(bytearray(peer.read_back(0, REGION_BYTES)), dtype=torch.uint8)
     expected = _make_region(REGION_BYTES, peer_fill, "cpu")
     source = region.cpu()
