@@ -49,7 +49,7 @@ class PDWorkerSide:
         return block_rows(local_blocks, remote_blocks, self.block_bytes, 0, self.block_bytes)
 
     def layer_rows(self, layer: int, local_blocks: list[int],
-                       remote_blocks: list[int]) -> np.ndarray:
+                   remote_blocks: list[int]) -> np.ndarray:
         """Layer ``layer`` of each block: one run of layer_bytes per block pair."""
         return block_rows(local_blocks, remote_blocks, self.block_bytes,
                           layer * self.layer_bytes, self.layer_bytes)

@@ -163,7 +163,7 @@ class PeerCopier:
                                    "from now on", exc)
                     self.mode = "kernel"
                     for done in issued:  # the fallback's event must cover what did start
-                        caller.wait_stream(done)
+                        local_stream.wait_stream(done)
                     return None
                 self._event(engine, k + 1).record(stream)
                 issued.append(stream)
