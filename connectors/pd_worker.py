@@ -56,8 +56,10 @@ class PDWorkerSide:
 
     def post(self, op: TransferOp, peer: str, local_blocks: list[int],
              remote_blocks: list[int]) -> tuple[int, int]:
-        """Start the copy of whole blocks after the step's KV writes; returns (op id, bytes)."""
-        if self.kv_cache.is_cuda:
+        """Start the copy of whole blocks after the step's KV writes; returns (op id, bytes).
+        A ``stream_ordered`` transport orders the copy after the current stream itself; for
+        the others the host waits for the stream here."""
+        if self.kv_cache.is_cuda and not self.transport.stream_ordered:
             torch.cuda.current_stream().synchronize()  # the step's KV writes are complete
         rows = self.rows(local_blocks, remote_blocks)
         label = f"{op.value} of {len(rows)} runs to {peer}"
