@@ -73,6 +73,16 @@ def metric(url: str, name: str) -> float:
     return float(m.group(1)) if m else 0.0
 
 
+def settled_metric(url: str, name: str, expected: float, timeout_s: float = 5.0) -> float:
+    """``metric`` once it equals ``expected``, or its value at the deadline. The frontend's
+    counters are the engine's last stats message, which can trail the response a peer got
+    (P's final stats of a transfer race D's answer to the client) by a step."""
+    deadline = time.monotonic() + timeout_s
+    while (value := metric(url, name)) != expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return value
+
+
 def wait_clean(url: str, timeout_s: float = 10.0) -> None:
     """Every block free and nothing held, within the deadline."""
     deadline = time.monotonic() + timeout_s

@@ -11,7 +11,16 @@ from typing import Any
 import aiohttp
 import pytest
 import requests  # type: ignore[import-untyped]
-from pd_helpers import BASE, info, kv_config, metric, pd_request, remote_of, wait_clean
+from pd_helpers import (
+    BASE,
+    info,
+    kv_config,
+    metric,
+    pd_request,
+    remote_of,
+    settled_metric,
+    wait_clean,
+)
 
 from disagg.kv_sizing import bytes_per_block
 from disagg.models.loader import resolve_arch
@@ -92,10 +101,13 @@ def test_pd_layerwise_write_equals_monolithic(instance_factory) -> None:
     block_bytes = bytes_per_block(a.num_layers, 16, a.num_kv_heads, a.head_dim, 4)
     # the decode's blocks: ceil((n - 1) / 16) per prompt, as the whole-prompt WRITE moves
     num_blocks = sum(-(-(len(prompt) - 1) // 16) for prompt in _prompts())
-    assert metric(p.url, "disagg_kv_connector_bytes_moved_total") == num_blocks * block_bytes
+    expected_bytes = num_blocks * block_bytes
+    assert settled_metric(p.url, "disagg_kv_connector_bytes_moved_total",
+                          expected_bytes) == expected_bytes
     posts = metric(p.url, "disagg_kv_connector_layer_posts_total")
     assert posts > 0 and posts % a.num_layers == 0
-    assert metric(p.url, "disagg_kv_connector_transfers_done_total") == len(_prompts())
+    assert settled_metric(p.url, "disagg_kv_connector_transfers_done_total",
+                          len(_prompts())) == len(_prompts())
     wait_clean(p.url)
     wait_clean(d.url)
 

@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 import torch
-from pd_helpers import info, kv_config, metric, pd_request, wait_clean
+from pd_helpers import info, kv_config, metric, pd_request, settled_metric, wait_clean
 
 from disagg.kv_sizing import bytes_per_block
 from disagg.model_runner import resolve_dtype
@@ -77,8 +77,10 @@ def test_pd_two_gpus_layerwise_write_equals_monolithic(instance_factory, transpo
     bs = info(p.url)["block_size"]
     itemsize = resolve_dtype("auto", torch.device("cuda"), arch).itemsize
     num_blocks = sum(-(-(n - 1) // bs) for n in PROMPT_LENS)
-    assert metric(p.url, "disagg_kv_connector_bytes_moved_total") == num_blocks * \
-        bytes_per_block(arch.num_layers, bs, arch.num_kv_heads, arch.head_dim, itemsize)
+    expected_bytes = num_blocks * bytes_per_block(arch.num_layers, bs, arch.num_kv_heads,
+                                                  arch.head_dim, itemsize)
+    assert settled_metric(p.url, "disagg_kv_connector_bytes_moved_total",
+                          expected_bytes) == expected_bytes
     assert (metric(p.url, "disagg_kv_connector_layer_posts_total") > 0) is layerwise
     wait_clean(p.url)
     wait_clean(d.url)
