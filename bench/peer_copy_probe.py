@@ -75,6 +75,121 @@ def summary_row(rows: list[dict[str, Any]], num_blocks: int, block_bytes: int,
             "torch": torch.__version__, "variants": rows}
 
 
+class _Probe:
+    """The two regions, their streams and the copy primitives; ``record`` times one variant."""
+
+    def __init__(self, num_blocks: int, block_bytes: int, iters: int, only: set[str]) -> None:
+        sys.path.insert(0, str(_REPO_ROOT))
+        from connectors.transports.gpu_runtime import (
+            BatchMemcpy,
+            RuntimeMemcpy,
+            enable_peer_access,
+        )
+        from hip_kernels.kv_blocks import _copy_segments_kernel, chunk_table
+
+        self._kernel, self._chunk_table = _copy_segments_kernel, chunk_table
+        n, bb = num_blocks, block_bytes
+        self.src = torch.full((2 * n * bb,), 7, dtype=torch.uint8, device="cuda:0")
+        self.dst = torch.zeros((2 * n * bb,), dtype=torch.uint8, device="cuda:1")
+        enable_peer_access(self.src.device, self.dst.device)
+        self.runs: Runs = [(2 * i * bb, (2 * i + 1) * bb, bb) for i in range(n)]
+        self.nbytes = n * bb
+        self.iters, self.only = iters, only
+        self.memcpy = RuntimeMemcpy()
+        self.batch: Any = None
+        try:
+            self.batch = BatchMemcpy()
+        except Exception as exc:  # noqa: BLE001 - report and skip the method
+            print(f"ce_batch unavailable: {exc}")
+        self.streams = {d: [torch.cuda.Stream(torch.device("cuda", d)) for _ in range(8)]
+                        for d in (0, 1)}
+        self.rows: list[dict[str, Any]] = []
+
+    def record(self, method: str, variant: dict[str, Any], fn: Callable[[], object]) -> None:
+        """Time ``fn`` (all-7 bytes into a zeroed destination), check the copied blocks' edges
+        and keep one row; a variant that raises is printed, not recorded."""
+        if self.only and method not in self.only and method != "ce_contiguous":
+            return
+        self.dst.zero_()
+        try:
+            times = _time(fn, (0, 1), self.iters)
+        except Exception as exc:  # noqa: BLE001 - a failing variant is a row, not a crash
+            print(f"{method} {variant}: failed: {type(exc).__name__}: {exc}")
+            return
+        dst = self.dst
+        ok = all(bool((dst[d:d + 64] == 7).all()) and bool((dst[d + k - 64:d + k] == 7).all())
+                 for _, d, k in self.runs) if method != "ce_contiguous" else True
+        p50 = statistics.median(times)
+        row = {"method": method, "variant": variant, "p50_s": p50, "best_s": min(times),
+               "gb_per_s": round(self.nbytes / p50 / 1e9, 2),
+               "gb_per_s_best": round(self.nbytes / min(times) / 1e9, 2), "verified": ok}
+        self.rows.append(row)
+        print(f"{method:14s} {json.dumps(variant):60s} {row['gb_per_s']:8.1f} GB/s "
+              f"(best {row['gb_per_s_best']:.1f}) ok={ok}", flush=True)
+
+    def contiguous(self) -> None:
+        self.dst[: self.nbytes].copy_(self.src[: self.nbytes])
+
+    def ce_runs(self, rs: Runs, dev: int, s: int) -> None:
+        """One runtime memcpy per run, round-robin over ``s`` streams of GPU ``dev``."""
+        with torch.cuda.device(dev):
+            for i, (a, b, k) in enumerate(rs):
+                self.memcpy.copy(self.dst.data_ptr() + b, self.src.data_ptr() + a, k,
+                                 self.streams[dev][i % s].cuda_stream)
+
+    def ce_batch(self, rs: Runs, dev: int, s: int) -> None:
+        """One ``cuMemcpyBatchAsync`` per stream, each taking every s-th run."""
+        with torch.cuda.device(dev):
+            for j in range(s):
+                arr = np.array(rs[j::s], dtype=np.int64).reshape(-1, 3)
+                self.batch.copy(arr[:, 1] + self.dst.data_ptr(), arr[:, 0] + self.src.data_ptr(),
+                                arr[:, 2], self.streams[dev][j].cuda_stream,
+                                src_device=0, dst_device=1)
+
+    def sm(self, rs: Runs, dev: int, block: int, chunk: int, warps: int) -> None:
+        """The ``copy_segments`` Triton kernel on GPU ``dev``."""
+        table = torch.from_numpy(self._chunk_table(rs, 4, chunk)).to(f"cuda:{dev}")
+        with torch.cuda.device(dev):
+            self._kernel[(table.shape[1],)](
+                self.src.view(torch.int32), self.dst.view(torch.int32), table, table.shape[1],
+                BLOCK=block, CHUNK=chunk, num_warps=warps)
+
+    def hybrid(self, share: float, dev: int, s: int, cfg: tuple[int, int, int]) -> None:
+        """The kernel on the last ``share`` of the runs, copy engines on the rest."""
+        cut = int(len(self.runs) * share)
+        self.ce_runs(self.runs[:len(self.runs) - cut], dev, s)
+        self.sm(self.runs[len(self.runs) - cut:], dev, *cfg)
+
+
+SIDES = ((0, "push"), (1, "pull"))
+SM_CONFIGS = [(4096, 32768, 8), (4096, 4096, 4), (8192, 8192, 8), (16384, 16384, 16),
+              (2048, 2048, 4), (4096, 131072, 8), (16384, 65536, 16), (1024, 1024, 2)]
+"""(BLOCK words per step, CHUNK words per program, num_warps) of the kernel variants."""
+
+
+def sweep(probe: _Probe) -> None:
+    """Every method and variant, in the order of the module docstring."""
+    probe.record("ce_contiguous", {}, probe.contiguous)
+    runs = probe.runs
+    for dev, where in SIDES:
+        for s in (1, 2, 4, 8):
+            probe.record("ce_runs", {"side": where, "streams": s},
+                         partial(probe.ce_runs, runs, dev, s))
+    if probe.batch is not None:
+        for dev, where in SIDES:
+            for s in (1, 2, 4, 8):
+                probe.record("ce_batch", {"side": where, "streams": s},
+                             partial(probe.ce_batch, runs, dev, s))
+    for dev, where in SIDES:
+        for block, chunk, warps in SM_CONFIGS:
+            probe.record("sm", {"side": where, "block": block, "chunk": chunk, "warps": warps},
+                         partial(probe.sm, runs, dev, block, chunk, warps))
+    for share in (0.5, 0.6, 0.7, 0.8):
+        for dev, where in SIDES:
+            probe.record("hybrid", {"side": where, "sm_share": share, "streams": 4},
+                         partial(probe.hybrid, share, dev, 4, SM_CONFIGS[0]))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--num-blocks", type=int, default=256)
@@ -86,104 +201,14 @@ def main(argv: list[str] | None = None) -> int:
     if torch.cuda.device_count() < 2 or not torch.cuda.can_device_access_peer(0, 1):
         print("peer_copy_probe: needs two GPUs with peer access", file=sys.stderr)
         return 2
-    sys.path.insert(0, str(_REPO_ROOT))
-    from connectors.transports.gpu_runtime import BatchMemcpy, RuntimeMemcpy, enable_peer_access
-    from hip_kernels.kv_blocks import _copy_segments_kernel, chunk_table
-
-    n, bb = args.num_blocks, args.block_bytes
-    src = torch.full((2 * n * bb,), 7, dtype=torch.uint8, device="cuda:0")
-    dst = torch.zeros((2 * n * bb,), dtype=torch.uint8, device="cuda:1")
-    enable_peer_access(src.device, dst.device)
-    runs: Runs = [(2 * i * bb, (2 * i + 1) * bb, bb) for i in range(n)]
-    nbytes = n * bb
-    memcpy = RuntimeMemcpy()
-    try:
-        batch: BatchMemcpy | None = BatchMemcpy()
-    except Exception as exc:  # noqa: BLE001 - report and skip the method
-        print(f"ce_batch unavailable: {exc}")
-        batch = None
-    streams = {d: [torch.cuda.Stream(torch.device("cuda", d)) for _ in range(8)] for d in (0, 1)}
-    only = {m for m in args.only.split(",") if m}
-    rows: list[dict[str, Any]] = []
-
-    def record(method: str, variant: dict[str, Any], fn: Callable[[], object]) -> None:
-        if only and method not in only and method != "ce_contiguous":
-            return
-        dst.zero_()
-        try:
-            times = _time(fn, (0, 1), args.iters)
-        except Exception as exc:  # noqa: BLE001 - a failing variant is a row, not a crash
-            print(f"{method} {variant}: failed: {type(exc).__name__}: {exc}")
-            return
-        ok = all(bool((dst[d:d + 64] == 7).all()) and bool((dst[d + k - 64:d + k] == 7).all())
-                 for _, d, k in runs) if method != "ce_contiguous" else True
-        p50 = statistics.median(times)
-        row = {"method": method, "variant": variant, "p50_s": p50, "best_s": min(times),
-               "gb_per_s": round(nbytes / p50 / 1e9, 2),
-               "gb_per_s_best": round(nbytes / min(times) / 1e9, 2), "verified": ok}
-        rows.append(row)
-        print(f"{method:14s} {json.dumps(variant):60s} {row['gb_per_s']:8.1f} GB/s "
-              f"(best {row['gb_per_s_best']:.1f}) ok={ok}", flush=True)
-
-    flat_src, flat_dst = src[: nbytes], dst[: nbytes]
-    record("ce_contiguous", {}, lambda: flat_dst.copy_(flat_src))
-
-    def ce_runs(rs: Runs, dev: int, s: int) -> None:
-        with torch.cuda.device(dev):
-            for i, (a, b, k) in enumerate(rs):
-                memcpy.copy(dst.data_ptr() + b, src.data_ptr() + a, k,
-                            streams[dev][i % s].cuda_stream)
-
-    for dev, where in ((0, "push"), (1, "pull")):
-        for s in (1, 2, 4, 8):
-            record("ce_runs", {"side": where, "streams": s},
-                   partial(ce_runs, runs, dev, s))
-
-    def ce_batch(rs: Runs, dev: int, s: int) -> None:
-        assert batch is not None
-        with torch.cuda.device(dev):
-            for j in range(s):
-                part = rs[j::s]
-                arr = np.array(part, dtype=np.int64).reshape(-1, 3)
-                batch.copy(arr[:, 1] + dst.data_ptr(), arr[:, 0] + src.data_ptr(), arr[:, 2],
-                           streams[dev][j].cuda_stream,
-                           src_device=0, dst_device=1)
-
-    if batch is not None:
-        for dev, where in ((0, "push"), (1, "pull")):
-            for s in (1, 2, 4, 8):
-                record("ce_batch", {"side": where, "streams": s},
-                       partial(ce_batch, runs, dev, s))
-
-    def sm(rs: Runs, dev: int, block: int, chunk: int, warps: int) -> None:
-        table = torch.from_numpy(chunk_table(rs, 4, chunk)).to(f"cuda:{dev}")
-        with torch.cuda.device(dev):
-            _copy_segments_kernel[(table.shape[1],)](
-                src.view(torch.int32), dst.view(torch.int32), table, table.shape[1],
-                BLOCK=block, CHUNK=chunk, num_warps=warps)
-
-    configs = [(4096, 32768, 8), (4096, 4096, 4), (8192, 8192, 8), (16384, 16384, 16),
-               (2048, 2048, 4), (4096, 131072, 8), (16384, 65536, 16), (1024, 1024, 2)]
-    for dev, where in ((0, "push"), (1, "pull")):
-        for block, chunk, warps in configs:
-            record("sm", {"side": where, "block": block, "chunk": chunk, "warps": warps},
-                   partial(sm, runs, dev, block, chunk, warps))
-
-    def hybrid(share: float, dev: int, s: int, cfg: tuple[int, int, int]) -> None:
-        cut = int(len(runs) * share)
-        ce_part, sm_part = runs[:len(runs) - cut], runs[len(runs) - cut:]
-        ce_runs(ce_part, dev, s)
-        sm(sm_part, dev, *cfg)
-
-    for share in (0.5, 0.6, 0.7, 0.8):
-        for dev, where in ((0, "push"), (1, "pull")):
-            record("hybrid", {"side": where, "sm_share": share, "streams": 4},
-                   partial(hybrid, share, dev, 4, (4096, 32768, 8)))
-
+    probe = _Probe(args.num_blocks, args.block_bytes, args.iters,
+                   {m for m in args.only.split(",") if m})
+    sweep(probe)
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     with args.output.open("a") as out:
-        out.write(json.dumps(summary_row(rows, n, bb, stamp)) + "\n")
+        out.write(json.dumps(summary_row(probe.rows, args.num_blocks, args.block_bytes, stamp))
+                  + "\n")
     return 0
 
 
