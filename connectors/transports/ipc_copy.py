@@ -8,9 +8,10 @@ processes (IPC-mapped memory, host time of ``post`` included).
 - ``batch`` (what ``auto`` picks where the CUDA driver has ``cuMemcpyBatchAsync``, 12.8+): the
   copy engines, one batched call per stream for up to ``streams`` streams (a batch takes one
   more stream per ``stream_min_bytes``), issued on the local GPU by default (``issue_on``).
-  In one process 90-93 % with 4-8 streams (1 stream 72 %); through the transport p50 78-82 %
-  (read 78.2-82.1 %, write 79.0-81.9 %). ``python -m bench.ipc_profile`` times both sides:
-  once the first call returns, the copy engines move the rest at ~98 % of a contiguous copy;
+  In one process 90-97 % with 4-8 streams (1 stream 72-88 %); through the transport p50
+  78-87 % over three sessions (latest: read 79.5-86.0 %, write 84.5-87.0 %).
+  ``python -m bench.ipc_profile`` times both sides: once the first call returns, the copy
+  engines move the rest at ~98 % of a contiguous copy;
   what is lost is host time before the first copy (~0.2 ms: merging, bounds-checking and
   addressing the 256 rows in numpy, ~3x slower on that host than on a desktop core) and
   noticing the end. Splitting the streams' calls into doubling slices, so that every stream

@@ -47,11 +47,20 @@ DESCRIPTOR_VERSION = 1
 SGL_ENV = "NIXL_UCX_SGL_ENABLE"
 GPU_UCX_PARAMS = (("num_threads", "4"), ("split_batch_size", "64"))
 """UCX backend parameters for a VRAM region when the options set none: 4 worker threads, a
-request split past 64 descriptors. With SGL, on 2x H200 (256 x 2 MiB): WRITE 64-77 %, READ
-45-52 % of the peer-copy rate; NIXL's defaults gave 21-41 %. READ stays lower because UCX
-1.23's cuda_ipc queues all copies to one peer GPU on a single stream per worker (its stream id
-is the remote device) and issues them in the reader's context, i.e. as pulls;
-``UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y`` changes nothing (51.7 %)."""
+request split past 64 descriptors. With SGL, on 2x H200 (256 x 2 MiB): WRITE 74-84 %, READ
+45-52 % of the peer-copy rate; NIXL's defaults gave 20-41 %.
+
+READ stays lower because NIXL 1.5's UCX backend takes the scatter-gather path only for WRITE
+(``prepXfer``: SGL when the operation is ``NIXL_WRITE``): a READ is one ``ucp_get`` per
+descriptor, which UCX cuda_ipc runs as one ``cuMemcpyDtoDAsync`` pull per block on one stream
+per worker. Each pulled copy costs the copy engine ~10 us of setup: in one process one runtime
+memcpy per block pulled reaches 38-46 % (``bench/peer_copy_probe.py``, ``ce_runs`` pull), the
+same band as nixl READ. It also shows on the host: ``transfer()`` of a 256-descriptor READ
+returns after ~650 us with these 4 threads (1.2 ms on one), a WRITE after ~270 us.
+``UCX_PROTO_INFO`` shows both as zero-copy cuda_ipc. Tried without gain: 2-8 threads,
+``split_batch_size``, ``split``, ``num_workers``, ``UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y``
+(51.7 %), and spreading a batch over 2-8 NIXL agents, i.e. separate UCX contexts and streams
+(49-52 %). Between GPUs, WRITE mode is the fast one with nixl."""
 
 
 class NixlDescriptor(msgspec.Struct, frozen=True):
