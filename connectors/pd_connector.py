@@ -28,6 +28,7 @@ from connectors.pd_metadata import (
     parse_layerwise,
     parse_mode_policy,
     parse_timeouts,
+    slow_path_hint,
 )
 from connectors.pd_outcome import Outcomes
 from connectors.pd_peers import PeerLinks
@@ -74,9 +75,13 @@ class PDConnector(KVConnector):
         self.host = str(extra.get("host", "127.0.0.1"))
         hs, nt = kv_ports(int(extra.get("base_port", 0)),
                           engine.cfg.parallel.data_parallel_rank)
-        self.worker = PDWorkerSide(str(extra.get("transport", "tcp")), self.engine_id,
-                                   self.host, kv_cache, dict(extra.get("transport_options", {})),
+        transport = str(extra.get("transport", "tcp"))
+        self.worker = PDWorkerSide(transport, self.engine_id, self.host, kv_cache,
+                                   dict(extra.get("transport_options", {})),
                                    ready_timeout_s=self.timeouts.transfer_timeout_s)
+        hint = slow_path_hint(transport, mode, cfg.kv_role, kv_cache.is_cuda)
+        if hint is not None:
+            logger.warning("%s: %s", self.engine_id, hint)
         self.control = ControlPlane(self.host, hs, nt, self._compat_error)
         self.control.heartbeat_interval_s = self.timeouts.heartbeat_interval_s
         self.handshake_port = self.control.handshake_port

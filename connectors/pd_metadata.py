@@ -48,6 +48,20 @@ def parse_mode_policy(extra: dict[str, Any], kv_role: str,
     return mode, policy
 
 
+def slow_path_hint(transport: str, mode: str, kv_role: str, kv_cache_on_gpu: bool) -> str | None:
+    """A line for the operator when the configuration takes a known slow path, else None.
+
+    nixl READ between GPUs: NIXL 1.5 batches a WRITE into one scatter-gather copy but posts a
+    READ as one pulled copy per block, ~50 % of the peer-copy rate against 75-84 % for WRITE on
+    2x H200 (see connectors/transports/nixl.py). Only the reading side (the consumer) pays it.
+    """
+    if transport == "nixl" and mode == "read" and kv_cache_on_gpu and kv_role != "kv_producer":
+        return ("nixl READ between GPUs runs at about half the peer-copy rate (NIXL posts one "
+                "pulled copy per block); kv_connector_extra_config mode=write, or transport=ipc "
+                "on one host, moves KV faster")
+    return None
+
+
 def parse_layerwise(extra: dict[str, Any], kv_cache_on_gpu: bool) -> bool:
     """kv_connector_extra_config.layerwise: "auto" (default: on when the KV cache is on a GPU,
     where the forward is asynchronous and streaming overlaps it), true or false. It applies to
