@@ -60,7 +60,10 @@ returns after ~650 us with these 4 threads (1.2 ms on one), a WRITE after ~270 u
 ``UCX_PROTO_INFO`` shows both as zero-copy cuda_ipc. Tried without gain: 2-8 threads,
 ``split_batch_size``, ``split``, ``num_workers``, ``UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y``
 (51.7 %), and spreading a batch over 2-8 NIXL agents, i.e. separate UCX contexts and streams
-(49-52 %). Between GPUs, WRITE mode is the fast one with nixl."""
+(49-52 %). The layout does not matter either: 256 unmerged descriptors of adjacent blocks read
+at 52-54 %. (DESIGN.md §8 lists 242-304 GB/s for a NIXL READ of 256 x 2 MiB, conditions not
+stated; NIXL 1.5.1 with its UCX 1.23 did not reproduce it.) Between GPUs, WRITE mode is the
+fast one with nixl."""
 
 
 class NixlDescriptor(msgspec.Struct, frozen=True):
