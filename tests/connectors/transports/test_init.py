@@ -59,6 +59,7 @@ def test_merge_array_and_check_array_agree_with_the_list_versions() -> None:
         assert [Segment(*row) for row in merged.tolist()] == merge_segments(segs)
         rows = np.array(segs, dtype=np.int64).reshape(-1, 3)  # a batch given as rows
         assert np.array_equal(merge_array(rows), merged)
+        assert np.array_equal(merge_array(merged), merged)  # merged rows pass through as they are
         assert merge_segments(rows) == merge_segments(segs)
         for local_bytes, remote_bytes in ((64, 64), (40, 48), (8, 8)):
             assert (check_array(merged, local_bytes, remote_bytes)
