@@ -79,8 +79,7 @@ class PDConnector(KVConnector):
         self.worker = PDWorkerSide(transport, self.engine_id, self.host, kv_cache,
                                    dict(extra.get("transport_options", {})),
                                    ready_timeout_s=self.timeouts.transfer_timeout_s)
-        hint = slow_path_hint(transport, mode, cfg.kv_role, kv_cache.is_cuda)
-        if hint is not None:
+        if (hint := slow_path_hint(transport, mode, cfg.kv_role, kv_cache.is_cuda)) is not None:
             logger.warning("%s: %s", self.engine_id, hint)
         self.control = ControlPlane(self.host, hs, nt, self._compat_error)
         self.control.heartbeat_interval_s = self.timeouts.heartbeat_interval_s
