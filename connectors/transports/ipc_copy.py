@@ -9,7 +9,7 @@ processes (IPC-mapped memory, host time of ``post`` included).
   copy engines, one batched call per stream for up to ``streams`` streams (a batch takes one
   more stream per ``stream_min_bytes``), issued on the local GPU by default (``issue_on``).
   In one process 90-97 % with 4-8 streams (1 stream 72-88 %); through the transport p50
-  78-87 % over three sessions (latest: read 79.5-86.0 %, write 84.5-87.0 %).
+  78-87 % over three sessions (latest: read 86.9-87.3 %, write 84.0-87.2 %).
   ``python -m bench.ipc_profile`` times both sides: once the first call returns, the copy
   engines move the rest at ~98 % of a contiguous copy;
   what is lost is host time before the first copy (~0.2 ms: merging, bounds-checking and
