@@ -19,6 +19,7 @@ from aiohttp import web
 from disagg import __version__
 from disagg.dp_admin import AdminApi
 from disagg.engine_client import EngineClient
+from disagg.kv_transfer_params import kv_params_to_json
 from disagg.metrics import ServerMetrics
 from disagg.openai_api import (
     ApiError,
@@ -27,6 +28,7 @@ from disagg.openai_api import (
     chat_prompt_ids,
     completion_prompt_ids,
     decode_body,
+    kv_params,
     sampling_params,
 )
 from disagg.protocol import TokenLogprob
@@ -113,6 +115,7 @@ class _Call:
         synced = self.engine.synced
         assert synced is not None
         self.sp = sampling_params(req, len(self.prompt_ids), synced.max_model_len)
+        self.kv_params = kv_params(req)
 
     def usage(self, num_out: int) -> dict[str, int]:
         n = len(self.prompt_ids)
@@ -120,7 +123,7 @@ class _Call:
 
     def deltas(self) -> AsyncGenerator[Delta, None]:
         return generate(self.engine, self.tok, self.app[METRICS], self.id, self.prompt_ids,
-                        self.sp, self.req.kv_transfer_params)
+                        self.sp, self.kv_params)
 
     def choice(self, text: str, ids: list[int], lps: list[TokenLogprob] | None,
                reason: str | None, stream: bool) -> dict[str, Any]:
@@ -149,7 +152,7 @@ async def _completions(request: web.Request, chat: bool) -> web.StreamResponse:
     if call.req.return_token_ids:
         body["prompt_token_ids"] = call.prompt_ids
     if res.kv_transfer_params is not None:
-        body["kv_transfer_params"] = res.kv_transfer_params
+        body["kv_transfer_params"] = kv_params_to_json(res.kv_transfer_params)
     return web.json_response(body)
 
 

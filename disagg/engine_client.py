@@ -33,6 +33,7 @@ from disagg import envs
 from disagg.config import ConfigError, EngineConfig
 from disagg.dp_balance import pick_rank, rank_loads
 from disagg.dp_devices import child_env, rank_device_env
+from disagg.kv_transfer_params import KVTransferParams
 from disagg.pause import FrontendPause, PauseMode
 from disagg.protocol import (
     EngineCoreAbort,
@@ -200,7 +201,7 @@ class EngineClient:
 
     async def add_request(self, request_id: str, prompt_token_ids: list[int],
                           params: SamplingParams,
-                          kv_transfer_params: dict[str, Any] | None = None) -> RequestHandle:
+                          kv_transfer_params: KVTransferParams | None = None) -> RequestHandle:
         """Send a request to the least-loaded rank; outputs arrive on handle.queue."""
         if self.dead:
             raise EngineDeadError(self.dead)

@@ -240,8 +240,8 @@ class EngineCore:
         """Abort a request and drop any held blocks for a transfer id (proxy cleanup)."""
         found = False
         for req in list(self.scheduler.requests.values()):
-            params = req.kv_transfer_params or {}
-            if params.get("transfer_id") == transfer_id:
+            params = req.kv_transfer_params
+            if params is not None and params.transfer_id == transfer_id:
                 self.scheduler.abort_request(req.request_id)
                 found = True
         if self.connector is not None:

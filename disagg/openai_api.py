@@ -6,6 +6,7 @@ from typing import Any
 
 import msgspec
 
+from disagg.kv_transfer_params import KVParamsError, KVTransferParams, parse_kv_params
 from disagg.sampling_params import SamplingParams
 from disagg.tokenizer import Tokenizer
 
@@ -96,8 +97,16 @@ def _check_common(req: _Common) -> None:
     if req.presence_penalty or req.frequency_penalty:
         raise ApiError(400, "presence_penalty and frequency_penalty are not supported",
                        param="presence_penalty")
-    if req.kv_transfer_params is not None and not isinstance(req.kv_transfer_params, dict):
-        raise ApiError(400, "kv_transfer_params must be an object", param="kv_transfer_params")
+
+
+def kv_params(req: CompletionRequest | ChatCompletionRequest) -> KVTransferParams | None:
+    """The request's ``kv_transfer_params``, parsed into the typed struct (400 if invalid)."""
+    if req.kv_transfer_params is None:
+        return None
+    try:
+        return parse_kv_params(req.kv_transfer_params)
+    except KVParamsError as exc:
+        raise ApiError(400, str(exc), param="kv_transfer_params") from None
 
 
 def completion_prompt_ids(req: CompletionRequest, tok: Tokenizer) -> list[int]:

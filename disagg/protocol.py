@@ -21,6 +21,7 @@ from typing import Any
 
 import msgspec
 
+from disagg.kv_transfer_params import KVTransferParams
 from disagg.pause import PauseMode, RankPauseState
 from disagg.sampling_params import SamplingParams
 
@@ -61,7 +62,7 @@ class EngineCoreRequest(msgspec.Struct, tag="add", kw_only=True):
     request_id: str
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
-    kv_transfer_params: dict[str, Any] | None = None
+    kv_transfer_params: KVTransferParams | None = None
 
 
 class EngineCoreAbort(msgspec.Struct, tag="abort"):
@@ -144,7 +145,7 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     new_token_ids: list[int]
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] | None = None
-    kv_transfer_params: dict[str, Any] | None = None
+    kv_transfer_params: KVTransferParams | None = None
     error: str | None = None
     num_prompt_tokens: int = 0
 

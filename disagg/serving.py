@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
 
 from disagg.detokenizer import IncrementalDetokenizer
 from disagg.engine_client import EngineClient
+from disagg.kv_transfer_params import KVTransferParams
 from disagg.metrics import ServerMetrics
 from disagg.openai_api import ApiError
 from disagg.pause import PAUSE_ABORT_ERROR
@@ -25,7 +25,7 @@ class Delta:
     token_ids: list[int]
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
-    kv_transfer_params: dict[str, Any] | None = None
+    kv_transfer_params: KVTransferParams | None = None
 
 
 @dataclass(slots=True)
@@ -36,7 +36,7 @@ class GenerationResult:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
-    kv_transfer_params: dict[str, Any] | None = None
+    kv_transfer_params: KVTransferParams | None = None
 
 
 def _engine_error(message: str) -> ApiError:
@@ -50,7 +50,7 @@ def _engine_error(message: str) -> ApiError:
 
 async def generate(engine: EngineClient, tok: Tokenizer, metrics: ServerMetrics,
                    request_id: str, prompt_ids: list[int], sp: SamplingParams,
-                   kv_params: dict[str, Any] | None) -> AsyncGenerator[Delta, None]:
+                   kv_params: KVTransferParams | None) -> AsyncGenerator[Delta, None]:
     """Submit and stream; aborts the engine request if the consumer stops early."""
     start = time.monotonic()
     first: float | None = None

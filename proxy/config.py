@@ -5,14 +5,9 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from disagg.kv_transfer_params import TransferMode
 
-class TransferMode(enum.Enum):
-    """How KV moves from prefill to decode (DESIGN.md §4)."""
-
-    READ = "read"
-    """Decode pulls: P runs first and returns its block ids, then D reads them."""
-    WRITE = "write"
-    """Prefill pushes: P and D get the request at once and P writes into D's blocks."""
+__all__ = ["PolicyName", "ProxyConfig", "TransferMode"]
 
 
 class PolicyName(enum.Enum):

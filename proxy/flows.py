@@ -23,6 +23,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
+from disagg.kv_transfer_params import KVParamsError, kv_params_to_json, parse_kv_params
 from proxy.bodies import ClientRequest, decode_body, prefill_body
 from proxy.config import ProxyConfig, TransferMode
 from proxy.errors import ProxyError
@@ -252,9 +253,13 @@ class Flow:
 def _returned_params(p: Instance, reply: Reply) -> dict[str, Any]:
     """The ``kv_transfer_params`` object of a READ prefill's response."""
     try:
-        params = msgspec.json.decode(reply.body).get("kv_transfer_params")
-    except (msgspec.DecodeError, AttributeError):
-        params = None
-    if not isinstance(params, dict):
+        raw = msgspec.json.decode(reply.body).get("kv_transfer_params")
+    except (msgspec.DecodeError, AttributeError, RecursionError):
+        raw = None
+    if not isinstance(raw, dict):
         raise UpstreamFailure(p, "prefill response carries no kv_transfer_params object")
-    return params
+    try:
+        params = parse_kv_params(raw, require_role=False)
+    except KVParamsError as exc:
+        raise UpstreamFailure(p, f"prefill answered unusable kv_transfer_params: {exc}") from None
+    return kv_params_to_json(params)
