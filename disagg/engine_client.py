@@ -7,7 +7,9 @@
                      the least loaded by open requests and tokens (disagg/dp_balance.py)
     pause()/resume()/collective_rpc(): sent to every rank under one lock (_broadcast), so all
                      ranks read them, and lockstep start-wave messages, in the same order
-    a dead engine core fails every open request and sets ``dead`` (the server then exits).
+    a dead engine core fails every open request and sets ``dead`` (the server then exits):
+                     its process sentinel wakes _monitor at once; every send races the death,
+                     since a PUSH socket whose engine is gone blocks its sender forever.
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ import dataclasses
 import itertools
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
+from multiprocessing.process import BaseProcess
 from typing import Any
 
 import msgspec
@@ -57,6 +61,12 @@ from disagg.protocol import (
 from disagg.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+MONITOR_POLL_S = 0.25
+"""Backstop poll of the engine processes; a sentinel normally reports an exit at once (it stays
+unreadable only while a grandchild still holds the engine's end of the pipe)."""
+EXIT_CODE_WAIT_S = 0.5
+"""How long to wait for the exit code of a process whose sentinel fired (it is reaped a moment
+after its descriptors close)."""
 
 
 class EngineStartupError(RuntimeError):
@@ -160,8 +170,10 @@ class EngineClient:
             self._procs.append(proc)
         responses = await self._wait_ready()
         self.synced = apply_ready_responses(self.cfg.model.max_model_len, responses)
-        self._tasks = [asyncio.create_task(self._output_loop()),
-                       asyncio.create_task(self._monitor())]
+        self._tasks = [asyncio.create_task(self._output_loop(), name="output loop"),
+                       asyncio.create_task(self._monitor(), name="engine monitor")]
+        for task in self._tasks:
+            task.add_done_callback(self._on_task_done)
         return self.synced
 
     async def _wait_ready(self) -> list[EngineCoreReadyResponse]:
@@ -203,28 +215,34 @@ class EngineClient:
                           params: SamplingParams,
                           kv_transfer_params: KVTransferParams | None = None) -> RequestHandle:
         """Send a request to the least-loaded rank; outputs arrive on handle.queue."""
-        if self.dead:
-            raise EngineDeadError(self.dead)
+        self._check_alive()  # no handle is ever created after the death
         rank = self._pick_rank()
         handle = RequestHandle(request_id, rank, len(prompt_token_ids), params.max_tokens)
         self.handles[request_id] = handle
-        await self._inputs[rank].send(encoder.encode(EngineCoreRequest(
-            request_id=request_id, prompt_token_ids=prompt_token_ids, sampling_params=params,
-            kv_transfer_params=kv_transfer_params)))
+        try:
+            await self._send(self._inputs[rank], encoder.encode(EngineCoreRequest(
+                request_id=request_id, prompt_token_ids=prompt_token_ids,
+                sampling_params=params, kv_transfer_params=kv_transfer_params)))
+            # a death noticed during the send already failed the handle's queue, but the caller
+            # gets a clear error rather than a handle that only ever yields one
+            self._check_alive()
+        except BaseException:
+            self.handles.pop(request_id, None)
+            raise
         return handle
 
     async def abort(self, request_id: str) -> None:
         """Abort a request (no-op if it already finished)."""
         handle = self.handles.pop(request_id, None)
         if handle is not None and not self.dead:
-            await self._inputs[handle.dp_rank].send(
-                encoder.encode(EngineCoreAbort([request_id])))
+            with contextlib.suppress(EngineDeadError):  # a dead engine has nothing to abort
+                await self._send(self._inputs[handle.dp_rank],
+                                 encoder.encode(EngineCoreAbort([request_id])))
 
     async def utility(self, method: str, args: dict[str, Any] | None = None,
                       timeout_s: float = 10.0) -> list[Any]:
         """Call a utility on every rank; results in rank order."""
-        if self.dead:
-            raise EngineDeadError(self.dead)
+        self._check_alive()
         loop = asyncio.get_running_loop()
         futures = []
         for sock in self._inputs:
@@ -232,8 +250,8 @@ class EngineClient:
             fut: asyncio.Future[Any] = loop.create_future()
             self._calls[call_id] = fut
             futures.append(fut)
-            await sock.send(encoder.encode(EngineCoreUtility(call_id=call_id, method=method,
-                                                             args=args or {})))
+            await self._send(sock, encoder.encode(EngineCoreUtility(
+                call_id=call_id, method=method, args=args or {})))
         return list(await asyncio.wait_for(asyncio.gather(*futures), timeout_s))
 
     async def _broadcast(self, msg: Any) -> None:
@@ -245,7 +263,7 @@ class EngineClient:
         async def send() -> None:
             async with self._bcast_lock:
                 for sock, frame in zip(self._inputs, frames):
-                    await sock.send(frame)
+                    await self._send(sock, frame)
 
         await asyncio.shield(asyncio.ensure_future(send()))
 
@@ -301,6 +319,22 @@ class EngineClient:
         if self.dead:
             raise EngineDeadError(self.dead)
 
+    async def _send(self, sock: zmq.asyncio.Socket, frame: bytes) -> None:
+        """Send one frame, or raise EngineDeadError once an engine core is known dead: a PUSH
+        socket whose peer is gone has no pipe to queue on, so its send never completes."""
+        self._check_alive()
+        sent = asyncio.ensure_future(sock.send(frame))  # pyzmq's future, as it is
+        if not sent.done():  # the usual case completes at once (pyzmq tries DONTWAIT first)
+            dead = asyncio.ensure_future(self.dead_event.wait())
+            try:
+                await asyncio.wait({sent, dead}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                dead.cancel()
+                if not sent.done():
+                    sent.cancel()  # pyzmq drops a cancelled send from its queue
+            self._check_alive()
+        await sent
+
     async def _on_control(self, msg: Any) -> None:
         """Pause reports and lockstep wave requests from the ranks."""
         if isinstance(msg, EngineCorePauseStatus):
@@ -334,14 +368,53 @@ class EngineClient:
                 await self._on_control(msg)
 
     async def _monitor(self) -> None:
-        while not self.dead:
-            await asyncio.sleep(0.5)
-            for rank, proc in enumerate(self._procs):
-                if not proc.is_alive():
-                    self._mark_dead(f"engine core dp{rank} died (exit code {proc.exitcode})")
-                    break
+        """Mark the client dead as soon as an engine core exits (its sentinel turns readable),
+        polling as a backstop."""
+        exited = asyncio.Event()
+        watched = self._watch_sentinels(exited)
+        try:
+            while not self.dead:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(exited.wait(), MONITOR_POLL_S)
+                exited.clear()
+                await self._check_exits()
+        finally:
+            loop = asyncio.get_running_loop()
+            for fd in watched:
+                loop.remove_reader(fd)
+
+    def _watch_sentinels(self, exited: asyncio.Event) -> list[int]:
+        """Set ``exited`` when any engine process ends; each reader fires once (a readable
+        sentinel stays readable, and a level-triggered reader left on would spin the loop)."""
+        loop = asyncio.get_running_loop()
+
+        def on_readable(fd: int) -> None:
+            loop.remove_reader(fd)
+            exited.set()
+
+        fds = [proc.sentinel for proc in self._procs]
+        for fd in fds:
+            loop.add_reader(fd, on_readable, fd)
+        return fds
+
+    async def _check_exits(self) -> None:
+        """Mark the client dead if an engine process has exited."""
+        for rank, proc in enumerate(self._procs):
+            if proc.exitcode is None and not multiprocessing.connection.wait([proc.sentinel], 0):
+                continue
+            code = await _exit_code(proc, EXIT_CODE_WAIT_S)
+            self._mark_dead(f"engine core dp{rank} died (exit code "
+                            f"{'unknown' if code is None else code})")
+            return
+
+    def _on_task_done(self, task: asyncio.Task[None]) -> None:
+        """A background task that fails would leave every request waiting: treat it as a death."""
+        if task.cancelled() or self.dead or task.exception() is None:
+            return
+        self._mark_dead(f"engine client {task.get_name()} failed: {task.exception()!r}")
 
     def _mark_dead(self, reason: str) -> None:
+        """Fail every open request and call, refuse new ones, and wake whoever waits on it."""
         logger.error("%s; failing %d open requests", reason, len(self.handles))
         self.dead = reason
         for handle in self.handles.values():
@@ -375,6 +448,14 @@ class EngineClient:
             for name in os.listdir(self._dir):
                 os.unlink(os.path.join(self._dir, name))
             os.rmdir(self._dir)
+
+
+async def _exit_code(proc: BaseProcess, timeout_s: float) -> int | None:
+    """The exit code of a process that is exiting, or None if it is not reaped in time."""
+    deadline = time.monotonic() + timeout_s
+    while proc.exitcode is None and time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
+    return proc.exitcode
 
 
 def _free_port() -> int:

@@ -8,10 +8,14 @@ The loop blocks on input only while idle (100 ms at most, so connector deadlines
 and a dead parent is noticed), and never blocks while it may step requests. A paused rank keeps
 running its KV connector. In lockstep mode the stepping follows disagg/dp_lockstep.py. A
 collective that fails (peer dead or hung) ends this process with EXIT_DP_GROUP_FAILED.
+No input message ends it: a frame that does not decode is dropped, a message whose handling
+raises is dropped (a request is answered with an error output), each counted and logged at most
+once a second per kind (MessageFailures). An exception from a step still ends it (see run).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -20,6 +24,7 @@ import sys
 import time
 import traceback
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -64,6 +69,36 @@ CONNECTOR_POLL_MS = 1
 """Poll interval while only KV transfers are outstanding (no spinning on a paused rank)."""
 STATS_INTERVAL_S = 0.05
 EXIT_DP_GROUP_FAILED = 3
+FAILURE_LOG_INTERVAL_S = 1.0
+"""At most one log line per kind of failed input message in this long."""
+MALFORMED = "malformed frame"
+"""The kind under which frames that do not decode are counted."""
+
+
+class MessageFailures:
+    """Input messages whose handling failed, counted by kind; each kind is logged at most once
+    per interval, so a client bug repeated on every request neither floods the log nor slows
+    the loop. The first failure of a kind is logged with its traceback."""
+
+    def __init__(self, rank: int, interval_s: float = FAILURE_LOG_INTERVAL_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.rank, self.interval_s, self.clock = rank, interval_s, clock
+        self.counts: dict[str, int] = {}
+        self._unlogged: dict[str, int] = {}
+        self._logged_at: dict[str, float] = {}
+
+    def record(self, kind: str, exc: Exception) -> None:
+        """Count one failure of ``kind``; log it unless that kind was logged within the
+        interval (the next line then says how many it stood for)."""
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        self._unlogged[kind] = self._unlogged.get(kind, 0) + 1
+        now, last = self.clock(), self._logged_at.get(kind)
+        if last is not None and now - last < self.interval_s:
+            return
+        logger.error("dp%d: dropped %d %s message(s) (%d in all); last error: %s: %s",
+                     self.rank, self._unlogged[kind], kind, self.counts[kind],
+                     type(exc).__name__, exc, exc_info=exc if last is None else None)
+        self._logged_at[kind], self._unlogged[kind] = now, 0
 
 
 class EngineLoop:
@@ -83,13 +118,19 @@ class EngineLoop:
         """Sent after the step's outputs, so the frontend sees what a pause ended first."""
         self._last_beat = self._last_stats = time.monotonic()
         self._was_busy = False
+        self.failures = MessageFailures(self.rank)
 
     # ---- the loop -------------------------------------------------------------------------
     def run(self, parent: int) -> None:
         """Step forever; stats go out at least every second; return when orphaned."""
         while True:
             for frame in self._read(self._block_ms()):
-                self._dispatch(inbound_decoder.decode(frame))
+                self._handle_frame(frame)
+            # Only input handling is guarded. An exception from a step (model, scheduler, KV
+            # connector) leaves the batch and block ownership in an unknown state, where going
+            # on could stream wrong tokens for every request; it ends the process instead
+            # (_serve logs the traceback), the frontend sees the exit at once through the
+            # process sentinel, answers every open request 503 and exits to be restarted.
             outputs = self._errors + self._advance()
             self._errors = []
             if not self._send_outputs(outputs, parent):
@@ -168,6 +209,31 @@ class EngineLoop:
         self.out_sock.send(encoder.encode(msg))
 
     # ---- commands -------------------------------------------------------------------------
+    def _handle_frame(self, frame: bytes) -> None:
+        """Decode and apply one input message; a failure costs that message, never the loop."""
+        try:
+            msg = inbound_decoder.decode(frame)
+        except Exception as exc:  # decoding touches no engine state: drop the frame
+            self.failures.record(MALFORMED, exc)
+            return
+        try:
+            self._dispatch(msg)
+        except (DPGroupError, zmq.ZMQError):
+            raise  # a broken DP group or socket: this process cannot serve anyone any more
+        except Exception as exc:
+            self.failures.record(type(msg).__name__, exc)
+            if isinstance(msg, EngineCoreRequest):
+                self._fail_request(msg.request_id, exc)
+
+    def _fail_request(self, request_id: str, exc: Exception) -> None:
+        """Answer a request whose admission raised with an error output, after undoing whatever
+        part of the admission happened (its later abort output finds no frontend handle)."""
+        with contextlib.suppress(Exception):  # the failure is logged; the answer matters more
+            self.engine.abort([request_id])
+        self._errors.append(EngineCoreOutput(
+            request_id, [], "error",
+            error=f"engine core could not add the request: {type(exc).__name__}: {exc}"))
+
     def _dispatch(self, msg: Any) -> None:
         if isinstance(msg, EngineCoreRequest):
             err = self.engine.add_request(msg, hold=not self.pause.admits_new)

@@ -19,6 +19,9 @@ from disagg.engine_client import EngineClient, EngineStartupError
 from disagg.tokenizer import get_tokenizer
 
 logger = logging.getLogger("disagg.serve")
+DEAD_CLEANUP_S = 0.5
+"""After an engine core died: how long open handlers get to finish their 503s and error events
+before the server exits anyway (a supervisor restarts it; aiohttp's own drain is 60 s)."""
 
 
 def _start_registrar(args: argparse.Namespace, engine: EngineClient, info: ServerInfo) -> Any:
@@ -70,13 +73,26 @@ async def serve(cfg: EngineConfig, args: argparse.Namespace) -> int:
     await asyncio.wait({stop_task, dead_task}, return_when=asyncio.FIRST_COMPLETED)
     for t in (stop_task, dead_task):
         t.cancel()
+    if engine.dead:
+        print(f"disagg: error: {engine.dead}; shutting down", file=sys.stderr, flush=True)
+        await _stop_after_death(runner, engine, registrar)
+        return 1
     if registrar is not None:
         with contextlib.suppress(Exception):
             registrar.stop()
-    code = 0
-    if engine.dead:
-        print(f"disagg: error: {engine.dead}; shutting down", file=sys.stderr)
-        code = 1
     await runner.cleanup()
     await engine.shutdown()
-    return code
+    return 0
+
+
+async def _stop_after_death(runner: web.AppRunner, engine: EngineClient, registrar: Any) -> None:
+    """Exit fast once an engine core died: every open request already got its 503, so nothing
+    is worth aiohttp's graceful drain, and the other ranks are only terminated."""
+    if registrar is not None:
+        with contextlib.suppress(Exception):
+            registrar.stop(timeout_s=DEAD_CLEANUP_S)
+    try:
+        await asyncio.wait_for(runner.cleanup(), DEAD_CLEANUP_S)
+    except Exception as exc:  # a timeout, or a failing handler: exiting anyway, say why
+        logger.warning("HTTP shutdown cut short after the engine death: %r", exc)
+    await engine.shutdown(timeout_s=DEAD_CLEANUP_S)

@@ -7,7 +7,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 
 from disagg.detokenizer import IncrementalDetokenizer
-from disagg.engine_client import EngineClient
+from disagg.engine_client import EngineClient, EngineDeadError
 from disagg.kv_transfer_params import KVTransferParams
 from disagg.metrics import ServerMetrics
 from disagg.openai_api import ApiError
@@ -48,6 +48,12 @@ def _engine_error(message: str) -> ApiError:
     return ApiError(500, message, err_type="server_error")
 
 
+def _dead_error(exc: Exception) -> ApiError:
+    """A dead engine core (or a lost connection to it): 503, so clients and proxies retry
+    elsewhere while a supervisor restarts this instance."""
+    return ApiError(503, f"engine unavailable: {exc}", err_type="server_error")
+
+
 async def generate(engine: EngineClient, tok: Tokenizer, metrics: ServerMetrics,
                    request_id: str, prompt_ids: list[int], sp: SamplingParams,
                    kv_params: KVTransferParams | None) -> AsyncGenerator[Delta, None]:
@@ -57,13 +63,17 @@ async def generate(engine: EngineClient, tok: Tokenizer, metrics: ServerMetrics,
     num_out = 0
     reason: str | None = None
     done = engine_done = False
-    handle = await engine.add_request(request_id, prompt_ids, sp, kv_params)
+    try:
+        handle = await engine.add_request(request_id, prompt_ids, sp, kv_params)
+    except EngineDeadError as exc:  # dead before or while sending: nothing to abort
+        raise _dead_error(exc) from None
     detok = IncrementalDetokenizer(tok, sp.stop)
     try:
         while not done:
             item = await handle.queue.get()
-            if isinstance(item, Exception):
-                raise ApiError(503, f"engine unavailable: {item}", err_type="server_error")
+            if isinstance(item, Exception):  # the engine died: an error, not a client abort
+                done = engine_done = True
+                raise _dead_error(item)
             if item.finish_reason == "error":
                 done = engine_done = True
                 raise _engine_error(item.error or "the engine failed the request")
