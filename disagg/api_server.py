@@ -6,25 +6,27 @@ Only built after every engine core's ready handshake, so every check below uses 
 from __future__ import annotations
 
 import asyncio
-import json
+import hmac
 import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
-from disagg import __version__
+from disagg import __version__, envs
 from disagg.dp_admin import AdminApi
 from disagg.engine_client import EngineClient
 from disagg.kv_transfer_params import kv_params_to_json
 from disagg.metrics import ServerMetrics
 from disagg.openai_api import (
+    KV_KEY_HEADER,
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
+    KVAbortRequest,
     chat_prompt_ids,
     completion_prompt_ids,
     decode_body,
@@ -45,6 +47,8 @@ class ServerInfo:
     model: str
     http_url: str
     admin_key: str | None = None
+    kv_params_key: str | None = field(default_factory=envs.kv_params_key)
+    """When set, kv_transfer_params and KV aborts need header X-Disagg-KV-Key with it."""
 
 
 logger = logging.getLogger(__name__)
@@ -53,6 +57,19 @@ ENGINE = web.AppKey("engine", EngineClient)
 TOKENIZER = web.AppKey("tokenizer", Tokenizer)
 INFO = web.AppKey("info", ServerInfo)
 METRICS = web.AppKey("metrics", ServerMetrics)
+
+
+def check_kv_key(request: web.Request) -> None:
+    """401 unless the request carries the instance's --kv-params-key (when it has one)."""
+    key = request.app[INFO].kv_params_key
+    if key is None:
+        return
+    # Headers arrive decoded with surrogateescape: encoding back gives the bytes as sent.
+    sent = request.headers.get(KV_KEY_HEADER, "").encode("utf-8", "surrogateescape")
+    if not hmac.compare_digest(sent, key.encode()):
+        raise ApiError(401, f"kv_transfer_params and KV aborts need header {KV_KEY_HEADER} "
+                            "with the instance's --kv-params-key",
+                       err_type="authentication_error", code="invalid_kv_params_key")
 
 
 def json_error(err: ApiError) -> web.Response:
@@ -105,6 +122,8 @@ class _Call:
         body = await request.read()
         kind = ChatCompletionRequest if self.chat else CompletionRequest
         self.req = req = decode_body(body, kind)
+        if req.kv_transfer_params is not None:
+            check_kv_key(request)
         info = self.app[INFO]
         if req.model is not None and req.model not in (info.served_model_name, info.model):
             raise ApiError(404, f"The model `{req.model}` does not exist; this server serves "
@@ -234,11 +253,8 @@ async def instance_info(request: web.Request) -> web.Response:
 
 async def kv_abort(request: web.Request) -> web.Response:
     """POST /v1/kv_transfer/abort {"transfer_id": ...}: drop a transfer's request and blocks."""
-    try:
-        body = json.loads(await request.read() or b"{}")
-        transfer_id = str(body["transfer_id"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ApiError(400, "body must be a JSON object with a transfer_id") from exc
+    check_kv_key(request)
+    transfer_id = decode_body(await request.read(), KVAbortRequest).transfer_id
     found = await request.app[ENGINE].utility("kv_abort", {"transfer_id": transfer_id})
     return web.json_response({"transfer_id": transfer_id, "found": any(found)})
 

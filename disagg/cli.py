@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--admin-key", default=None)
+    serve.add_argument("--kv-params-key", default=None,
+                       help="shared secret: requests with kv_transfer_params and KV aborts "
+                            "must send it in header X-Disagg-KV-Key (the proxy does; env "
+                            "DISAGG_KV_PARAMS_KEY)")
     serve.add_argument("--proxy-address", default=None,
                        help="tcp://HOST:PORT of a disagg proxy to register with")
     sub.add_parser("bench", help="benchmarks: serve | throughput | transfer", add_help=False)

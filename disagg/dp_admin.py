@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -25,7 +24,7 @@ from aiohttp import web
 
 from disagg.dp_rpc import RPC_METHODS, RpcArgError, validate_rpc
 from disagg.engine_client import EngineClient, EngineDeadError
-from disagg.openai_api import ApiError
+from disagg.openai_api import ApiError, decode_body
 from disagg.pause import PauseConflict, PauseMode
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -39,8 +38,9 @@ def _check_key(key: str | None, request: web.Request) -> None:
         raise ApiError(403, "admin endpoints are disabled; start the server with --admin-key",
                        err_type="permission_error", code="admin_disabled")
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
-                                                             key.encode()):
+    # Headers arrive decoded with surrogateescape: encoding back gives the bytes as sent.
+    sent = token.strip().encode("utf-8", "surrogateescape")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(sent, key.encode()):
         raise ApiError(401, "missing or wrong admin key; send 'Authorization: Bearer KEY'",
                        err_type="authentication_error", code="invalid_admin_key")
 
@@ -143,10 +143,7 @@ class AdminApi:
 
 def _rpc_body(body: bytes) -> tuple[str, dict[str, Any], float]:
     """Parse and validate the collective_rpc body; ApiError(400) on anything wrong."""
-    try:
-        data = json.loads(body or b"{}")
-    except ValueError as exc:
-        raise ApiError(400, f"body is not valid JSON: {exc}") from None
+    data = decode_body(body) if body.strip() else {}
     if not isinstance(data, dict) or not isinstance(data.get("method"), str):
         raise ApiError(400, "body must be a JSON object with a 'method' string",
                        param="method")

@@ -63,6 +63,14 @@ def dp_collective_timeout_s() -> float | None:
     return value
 
 
+KV_PARAMS_KEY_ENV = "DISAGG_KV_PARAMS_KEY"
+
+
+def kv_params_key() -> str | None:
+    """Shared secret the proxy sends with kv_transfer_params (as ``--kv-params-key``)."""
+    return os.environ.get(KV_PARAMS_KEY_ENV) or None
+
+
 def rank_kv_bytes_for_tests() -> dict[int, int]:
     """TEST-ONLY: per-rank KV budgets, ``DISAGG_TEST_RANK_KV_BYTES="0:8MiB,1:4MiB"``, so tests
     can make DP ranks auto-fit to different max_model_len. Never set it in production."""

@@ -1,14 +1,60 @@
-"""OpenAI request bodies: strict decoding, validation, conversion to engine inputs."""
+"""OpenAI request bodies: strict decoding, validation, conversion to engine inputs.
+
+Every client-controlled value is bounded here, at the edge, so nothing past it can overflow a
+64-bit wire field, recurse without limit or see a NaN: a body that does not fit is a 400 with an
+OpenAI-style error. The proxy validates with the same types (``validate_object``), so it rejects
+what an instance would reject before routing anything.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import Annotated, Any
 
 import msgspec
 
-from disagg.kv_transfer_params import KVParamsError, KVTransferParams, parse_kv_params
-from disagg.sampling_params import SamplingParams
+from disagg.kv_transfer_params import (
+    KVParamsError,
+    KVTransferParams,
+    TransferId,
+    parse_kv_params,
+)
+from disagg.sampling_params import (
+    MAX_LOGPROBS,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+    MAX_TOKEN_ID,
+    SEED_MAX,
+    SEED_MIN,
+    SamplingParams,
+)
 from disagg.tokenizer import Tokenizer
+
+MAX_JSON_DEPTH = 64
+"""Deepest array/object nesting a body may have (OpenAI bodies need < 10; msgspec recurses)."""
+MAX_COUNT = 2**31 - 1
+"""Upper bound of every token count (max_tokens, min_tokens, top_k)."""
+MAX_N = 128
+MAX_STOP_STRING_CHARS = 1024
+KV_KEY_HEADER = "X-Disagg-KV-Key"
+"""Header carrying ``--kv-params-key`` from the proxy to an instance."""
+
+Count = Annotated[int, msgspec.Meta(ge=1, le=MAX_COUNT)]
+NonNegCount = Annotated[int, msgspec.Meta(ge=0, le=MAX_COUNT)]
+TopK = Annotated[int, msgspec.Meta(ge=-1, le=MAX_COUNT)]
+"""-1 or 0 disable top-k (as vLLM), k >= 1 keeps the k most likely tokens."""
+N = Annotated[int, msgspec.Meta(ge=1, le=MAX_N)]
+Seed = Annotated[int, msgspec.Meta(ge=SEED_MIN, le=SEED_MAX)]
+"""Signed 64-bit, as vLLM (torch.Generator.manual_seed takes the whole range)."""
+TokenId = Annotated[int, msgspec.Meta(ge=0, le=MAX_TOKEN_ID)]
+NumLogprobs = Annotated[int, msgspec.Meta(ge=0, le=MAX_LOGPROBS)]
+Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
+"""OpenAI's range; the bounds also refuse NaN and infinities."""
+TopP = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
+Penalty = Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)]
+StopString = Annotated[str, msgspec.Meta(max_length=MAX_STOP_STRING_CHARS)]
+StopStrings = Annotated[list[StopString], msgspec.Meta(max_length=MAX_STOP_STRINGS)]
+StopTokenIds = Annotated[list[TokenId], msgspec.Meta(max_length=MAX_STOP_TOKEN_IDS)]
 
 
 class ApiError(Exception):
@@ -34,19 +80,19 @@ class StreamOptions(msgspec.Struct):
 
 class _Common(msgspec.Struct, kw_only=True):
     model: str | None = None
-    temperature: float | None = None
-    top_p: float = 1.0
-    top_k: int = 0
-    n: int = 1
+    temperature: Temperature | None = None
+    top_p: TopP = 1.0
+    top_k: TopK = 0
+    n: N = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    seed: int | None = None
+    stop: StopString | StopStrings | None = None
+    stop_token_ids: StopTokenIds | None = None
+    seed: Seed | None = None
     ignore_eos: bool = False
-    min_tokens: int = 0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    min_tokens: NonNegCount = 0
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
     kv_transfer_params: dict[str, Any] | None = None
     return_token_ids: bool = False
     """Extension: include prompt and output token ids in the response."""
@@ -57,46 +103,138 @@ class CompletionRequest(_Common, kw_only=True):
     """POST /v1/completions."""
 
     prompt: str | list[Any]
-    max_tokens: int | None = 16
-    logprobs: int | None = None
+    max_tokens: Count | None = 16
+    logprobs: NumLogprobs | None = None
     echo: bool = False
+
+
+class ContentPart(msgspec.Struct):
+    """One part of a chat message's content; only ``text`` parts reach the prompt."""
+
+    type: str
+    text: str | None = None
 
 
 class ChatMessage(msgspec.Struct):
     """One chat message; content may be a string or a list of text parts."""
 
     role: str
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[ContentPart] | None = None
 
 
 class ChatCompletionRequest(_Common, kw_only=True):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage]
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: Count | None = None
+    max_completion_tokens: Count | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: NumLogprobs | None = None
 
 
-def decode_body(body: bytes, kind: type[msgspec.Struct]) -> Any:
-    """Strict JSON decode with a 400 naming the offending field."""
-    if not body.strip():
+class KVAbortRequest(msgspec.Struct):
+    """POST /v1/kv_transfer/abort."""
+
+    transfer_id: TransferId
+
+
+# A JSON string (escapes included), skipped when measuring nesting: brackets in text do not nest.
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_INNERMOST_PAIR = re.compile(rb"\[\]|\{\}")
+_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def nesting_exceeds(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> bool:
+    """True when JSON text nests arrays/objects deeper than ``max_depth`` (before decoding it:
+    msgspec recurses once per level, so a deep body would end in RecursionError)."""
+    if raw.count(b"[") + raw.count(b"{") <= max_depth:
+        return False  # the usual body: too few brackets to be deep
+    brackets = _JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKET)
+    # Each round removes the innermost level exactly once; what is left after max_depth
+    # rounds is deeper than allowed (or unbalanced, which the decoder refuses anyway).
+    for _ in range(max_depth):
+        brackets, num_removed = _INNERMOST_PAIR.subn(b"", brackets)
+        if num_removed == 0:
+            return False
+    return _INNERMOST_PAIR.search(brackets) is not None
+
+
+def check_json_text(raw: bytes) -> None:
+    """400 for an empty body or one nested deeper than MAX_JSON_DEPTH."""
+    if not raw.strip():
         raise ApiError(400, "the request body is empty; send a JSON object")
+    if nesting_exceeds(raw):
+        raise _too_deep()
+
+
+def _too_deep() -> ApiError:
+    return ApiError(400, f"the request body nests arrays/objects more than {MAX_JSON_DEPTH} "
+                         "levels deep")
+
+
+_BOUND_WORDS = {">=": "at least", "<=": "at most", ">": "greater than", "<": "less than"}
+_BOUND = re.compile(r"^Expected `\w+` (>=|<=|>|<) (\S+) - at `\$\.(\w+)`$")
+_PATH = re.compile(r" - at `\$\.(\w+)")
+
+
+def validation_error(exc: msgspec.ValidationError) -> ApiError:
+    """A 400 for a body that decodes but does not fit the types; ``param`` names the field."""
+    text = str(exc)
+    bound = _BOUND.match(text)
+    if bound is not None:
+        op, limit, field = bound.groups()
+        return ApiError(400, f"{field} must be {_BOUND_WORDS[op]} {limit}", param=field)
+    path = _PATH.search(text)
+    return ApiError(400, f"invalid request: {text}", param=path.group(1) if path else None)
+
+
+def decode_body(raw: bytes, kind: Any = Any) -> Any:
+    """Decode an untrusted JSON body into ``kind``; every failure is a 400 naming the field."""
+    check_json_text(raw)
     try:
-        return msgspec.json.decode(body, type=kind)
+        return msgspec.json.decode(raw, type=kind)
     except msgspec.ValidationError as exc:
-        raise ApiError(400, f"invalid request: {exc}") from exc
+        raise validation_error(exc) from None
     except msgspec.DecodeError as exc:
-        raise ApiError(400, f"the request body is not valid JSON: {exc}") from exc
+        raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:  # belt and braces: nesting_exceeds should have caught it
+        raise _too_deep() from None
 
 
-def _check_common(req: _Common) -> None:
+def validate_object(obj: Any, kind: type[msgspec.Struct]) -> Any:
+    """Validate an already decoded body against ``kind`` (the proxy's check); 400 if unfit."""
+    try:
+        return msgspec.convert(obj, kind)
+    except msgspec.ValidationError as exc:
+        raise validation_error(exc) from None
+    except RecursionError:
+        raise _too_deep() from None
+
+
+def check_request(req: CompletionRequest | ChatCompletionRequest) -> None:
+    """The checks beyond the types that need no tokenizer (the proxy runs them too)."""
     if req.n != 1:
         raise ApiError(400, "only n=1 is supported", param="n")
     if req.presence_penalty or req.frequency_penalty:
         raise ApiError(400, "presence_penalty and frequency_penalty are not supported",
                        param="presence_penalty")
+    if isinstance(req, CompletionRequest):
+        if req.echo:
+            raise ApiError(400, "echo is not supported", param="echo")
+        single_prompt(req.prompt)
+    elif not req.messages:
+        raise ApiError(400, "messages must not be empty", param="messages")
+    max_tokens = requested_max_tokens(req)
+    if max_tokens is not None and req.min_tokens > max_tokens:
+        raise ApiError(400, f"min_tokens ({req.min_tokens}) must not exceed max_tokens "
+                            f"({max_tokens})", param="min_tokens")
+
+
+def requested_max_tokens(req: CompletionRequest | ChatCompletionRequest) -> int | None:
+    """The client's output limit (chat: ``max_completion_tokens`` wins); None: unlimited."""
+    if isinstance(req, ChatCompletionRequest) and req.max_completion_tokens is not None:
+        return req.max_completion_tokens
+    return req.max_tokens
 
 
 def kv_params(req: CompletionRequest | ChatCompletionRequest) -> KVTransferParams | None:
@@ -109,25 +247,39 @@ def kv_params(req: CompletionRequest | ChatCompletionRequest) -> KVTransferParam
         raise ApiError(400, str(exc), param="kv_transfer_params") from None
 
 
-def completion_prompt_ids(req: CompletionRequest, tok: Tokenizer) -> list[int]:
-    """Token ids of a single completion prompt (text or ids)."""
-    prompt: Any = req.prompt
+def _is_token_ids(prompt: list[Any]) -> bool:
+    return all(type(t) is int for t in prompt)  # bool is an int subclass but no token id
+
+
+def single_prompt(prompt: object) -> str | list[int]:
+    """The one prompt of a completion request: text or token ids in [0, 2**31); 400 else."""
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
-    if isinstance(prompt, str):
-        if not prompt:
-            raise ApiError(400, "the prompt is empty", param="prompt")
-        return tok.encode(prompt)
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-        bad = [t for t in prompt if not 0 <= t < tok.vocab_size]
-        if bad:
-            raise ApiError(400, f"token id {bad[0]} is out of range [0, {tok.vocab_size})",
-                           param="prompt")
-        return list(prompt)
-    if isinstance(prompt, list) and not prompt:
+    if isinstance(prompt, str | list) and not prompt:
         raise ApiError(400, "the prompt is empty", param="prompt")
-    raise ApiError(400, "batched prompts are not supported: send one prompt per request",
-                   param="prompt")
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and _is_token_ids(prompt):
+        bad = [t for t in prompt if not 0 <= t <= MAX_TOKEN_ID]
+        if bad:
+            raise ApiError(400, f"token id {bad[0]} is out of range", param="prompt")
+        return prompt
+    if isinstance(prompt, list) and all(isinstance(p, str | list) for p in prompt):
+        raise ApiError(400, "batched prompts are not supported: send one prompt per request",
+                       param="prompt")
+    raise ApiError(400, "'prompt' must be a string or a list of token ids", param="prompt")
+
+
+def completion_prompt_ids(req: CompletionRequest, tok: Tokenizer) -> list[int]:
+    """Token ids of a single completion prompt (text or ids)."""
+    prompt = single_prompt(req.prompt)
+    if isinstance(prompt, str):
+        return tok.encode(prompt)
+    bad = [t for t in prompt if t >= tok.vocab_size]
+    if bad:
+        raise ApiError(400, f"token id {bad[0]} is out of range [0, {tok.vocab_size})",
+                       param="prompt")
+    return list(prompt)
 
 
 def chat_prompt_ids(req: ChatCompletionRequest, tok: Tokenizer) -> list[int]:
@@ -138,7 +290,7 @@ def chat_prompt_ids(req: ChatCompletionRequest, tok: Tokenizer) -> list[int]:
     for m in req.messages:
         content = m.content
         if isinstance(content, list):
-            content = "".join(str(p.get("text", "")) for p in content if p.get("type") == "text")
+            content = "".join(p.text or "" for p in content if p.type == "text")
         msgs.append({"role": m.role, "content": content or ""})
     text = tok.apply_chat_template(msgs)
     return tok.encode(text, add_special_tokens=not text.startswith("<|begin_of_text|>"))
@@ -147,14 +299,12 @@ def chat_prompt_ids(req: ChatCompletionRequest, tok: Tokenizer) -> list[int]:
 def sampling_params(req: CompletionRequest | ChatCompletionRequest, num_prompt_tokens: int,
                     max_model_len: int) -> SamplingParams:
     """Build validated SamplingParams; a prompt + max_tokens over max_model_len is a 400."""
-    _check_common(req)
+    check_request(req)
+    max_tokens = requested_max_tokens(req)
     if isinstance(req, ChatCompletionRequest):
-        max_tokens = req.max_completion_tokens or req.max_tokens
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
     else:
-        max_tokens, logprobs = req.max_tokens, req.logprobs
-        if req.echo:
-            raise ApiError(400, "echo is not supported", param="echo")
+        logprobs = req.logprobs
     if max_tokens is None:
         max_tokens = max(1, max_model_len - num_prompt_tokens)
     if num_prompt_tokens + max_tokens > max_model_len:

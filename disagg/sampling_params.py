@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+import math
+
 import msgspec
+
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+"""Seeds are signed 64-bit (vLLM's range; torch.Generator.manual_seed takes all of it)."""
+MAX_TOKEN_ID = 2**31 - 1
+"""Token ids fit in int32 (the model checks its own vocab; this bounds the wire)."""
+MAX_LOGPROBS = 20
+"""Most top alternatives a request may ask for (OpenAI's limit)."""
+MAX_STOP_STRINGS = 16
+MAX_STOP_TOKEN_IDS = 1024
 
 
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -33,16 +44,28 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
         """Raise ValueError with a user-facing message for out-of-range values."""
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 disables), got {self.top_k}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise ValueError(f"logprobs must be between 0 and 20, got {self.logprobs}")
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            raise ValueError(f"seed must be a signed 64-bit integer, got {self.seed}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be between 0 and {MAX_LOGPROBS}, "
+                             f"got {self.logprobs}")
         if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
             raise ValueError("min_tokens must be between 0 and max_tokens")
+        self._validate_stops()
+
+    def _validate_stops(self) -> None:
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are allowed")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids are allowed")
+        if any(not 0 <= t <= MAX_TOKEN_ID for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be in [0, {MAX_TOKEN_ID}]")
 
     @property
     def greedy(self) -> bool:

@@ -48,7 +48,8 @@ async def serve(cfg: EngineConfig, args: argparse.Namespace) -> int:
         print(f"disagg: error: {exc}", file=sys.stderr)
         return 2
     url = f"http://{args.host}:{args.port}"
-    info = ServerInfo(cfg.model.served_model_name, cfg.model.model, url, args.admin_key)
+    info = ServerInfo(cfg.model.served_model_name, cfg.model.model, url, args.admin_key,
+                      kv_params_key=args.kv_params_key or envs.kv_params_key())
     app = make_app(engine, get_tokenizer(cfg.model.model), info)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()

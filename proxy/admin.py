@@ -13,9 +13,9 @@ import hmac
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import msgspec
 from aiohttp import web
 
+from disagg.openai_api import ApiError, decode_body
 from proxy.errors import ProxyError, error_response, from_proxy_error
 from proxy.health import probe_instance
 from proxy.registry import InstanceState, Origin, Pool, normalize_url
@@ -30,8 +30,9 @@ def _auth_error(request: web.Request) -> web.Response | None:
     if key is None:
         return error_response(403, "the admin API is disabled; start the proxy with --admin-key")
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
-                                                             key.encode()):
+    # Headers arrive decoded with surrogateescape: encoding back gives the bytes as sent.
+    sent = token.strip().encode("utf-8", "surrogateescape")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(sent, key.encode()):
         return error_response(401, "missing or wrong admin key; send 'Authorization: Bearer KEY'")
     return None
 
@@ -53,9 +54,9 @@ def admin_only(handler: Handler) -> Handler:
 async def _json_object(request: web.Request) -> tuple[dict[str, Any], str]:
     """The body as a dict, and its ``url`` normalized; 400 on anything else."""
     try:
-        body = msgspec.json.decode(await request.read())
-    except msgspec.DecodeError as exc:
-        raise ProxyError(400, f"request body is not valid JSON: {exc}") from None
+        body = decode_body(await request.read())
+    except ApiError as exc:
+        raise ProxyError(exc.status, exc.message, param=exc.param) from None
     if not isinstance(body, dict) or not isinstance(body.get("url"), str):
         raise ProxyError(400, "body must be a JSON object with a 'url' string", param="url")
     try:

@@ -28,6 +28,7 @@ from proxy.registration import Deregister, Heartbeat, RegistrationServer
 from proxy.registry import Origin, Pool, Registry
 from proxy.scope import BackgroundTasks
 from proxy.state import STATE_KEY, ProxyState
+from proxy.upstream import upstream_headers
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +37,12 @@ ABORT_DRAIN_TIMEOUT_S = 3.0
 
 
 def _upstream_session(cfg: ProxyConfig) -> aiohttp.ClientSession:
-    """One pool's session: room for thousands of concurrent streams, no cookies."""
+    """One pool's session: room for thousands of concurrent streams, no cookies, and the KV
+    params key on every call."""
     connector = aiohttp.TCPConnector(limit=cfg.max_upstream_connections, limit_per_host=0,
                                      keepalive_timeout=30.0)
     return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
+                                 headers=upstream_headers(cfg.kv_params_key),
                                  timeout=aiohttp.ClientTimeout(
                                      total=None, sock_connect=cfg.connect_timeout_s))
 

@@ -8,8 +8,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import msgspec
-
+from disagg.openai_api import (
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    check_request,
+    requested_max_tokens,
+    single_prompt,
+    validate_object,
+)
+from disagg.openai_api import decode_body as decode_json
 from disagg.tokenizer import ByteTokenizer, Tokenizer, get_tokenizer
 from proxy.errors import ProxyError
 
@@ -78,51 +86,73 @@ def _message_text(message: dict[str, Any]) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "\n".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+        return "\n".join(str(p.get("text") or "") for p in content if isinstance(p, dict))
     return ""
 
 
 def _single_prompt(prompt: object) -> str | list[int]:
     """The one prompt of a completion request; batches are refused."""
-    if isinstance(prompt, str):
-        return prompt
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-        return prompt
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        return _single_prompt(prompt[0])
-    if isinstance(prompt, list) and len(prompt) > 1:
+    if isinstance(prompt, list) and len(prompt) > 1 and not all(type(t) is int for t in prompt):
         raise ProxyError(400, "batched prompts are not supported by the P/D proxy; "
                               "send one prompt per request", param="prompt")
-    raise ProxyError(400, "'prompt' must be a string or a list of token ids", param="prompt")
+    return single_prompt(prompt)
 
 
-def parse_request(endpoint: Endpoint, raw: bytes, counter: PromptCounter) -> ClientRequest:
-    """Validate a client's body and count its prompt; raises ProxyError(400) on bad input."""
-    try:
-        body = msgspec.json.decode(raw)
-    except msgspec.DecodeError as exc:
-        raise ProxyError(400, f"request body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise ProxyError(400, "request body must be a JSON object")
-    body.pop("kv_transfer_params", None)  # only the proxy sets these
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
+def _check_shape(endpoint: Endpoint, body: dict[str, Any]) -> None:
+    """The required fields, with the proxy's own messages (before the typed check)."""
+    if not isinstance(body.get("stream", False), bool):
         raise ProxyError(400, "'stream' must be true or false", param="stream")
     if endpoint is Endpoint.COMPLETIONS:
         if "prompt" not in body:
             raise ProxyError(400, "'prompt' is required", param="prompt")
-        num_tokens = counter.count_prompt(_single_prompt(body["prompt"]))
+        _single_prompt(body["prompt"])
+        return
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ProxyError(400, "'messages' must be a non-empty list", param="messages")
+    if not all(isinstance(m, dict) for m in messages):
+        raise ProxyError(400, "each message must be an object", param="messages")
+
+
+def _validated(endpoint: Endpoint, raw: bytes) -> tuple[dict[str, Any], Any]:
+    """The body as a dict (what is forwarded) and as the instance's typed request, checked
+    with the instance's own bounds so the proxy refuses what an instance would refuse."""
+    body = decode_json(raw)
+    if not isinstance(body, dict):
+        raise ProxyError(400, "request body must be a JSON object")
+    body.pop("kv_transfer_params", None)  # only the proxy sets these
+    _check_shape(endpoint, body)
+    kind = CompletionRequest if endpoint is Endpoint.COMPLETIONS else ChatCompletionRequest
+    req = validate_object(body, kind)
+    check_request(req)
+    return body, req
+
+
+def _check_max_tokens(requested: int | None, max_model_len: int | None) -> None:
+    """400 for an output limit no prompt leaves room for (every prompt has >= 1 token); the
+    exact prompt + max_tokens check is the instance's, with its own tokenizer."""
+    if requested is not None and max_model_len is not None and requested >= max_model_len:
+        raise ProxyError(400, f"This model's maximum context length is {max_model_len} "
+                              f"tokens; max_tokens {requested} leaves no room for the prompt",
+                         param="max_tokens")
+
+
+def parse_request(endpoint: Endpoint, raw: bytes, counter: PromptCounter,
+                  max_model_len: int | None = None) -> ClientRequest:
+    """Validate a client's body and count its prompt; raises ProxyError(400) on bad input.
+    ``max_model_len``: the pools' limit, when known."""
+    try:
+        body, req = _validated(endpoint, raw)
+    except ApiError as exc:
+        raise ProxyError(exc.status, exc.message, param=exc.param) from None
+    max_tokens = requested_max_tokens(req)
+    _check_max_tokens(max_tokens, max_model_len)
+    if endpoint is Endpoint.COMPLETIONS:
+        num_tokens = counter.count_prompt(single_prompt(req.prompt))
     else:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise ProxyError(400, "'messages' must be a non-empty list", param="messages")
-        if not all(isinstance(m, dict) for m in messages):
-            raise ProxyError(400, "each message must be an object", param="messages")
-        num_tokens = counter.count_chat(messages)
-    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
-    if not isinstance(max_tokens, int):
-        max_tokens = DEFAULT_COMPLETION_MAX_TOKENS
-    return ClientRequest(endpoint, body, stream, num_tokens, max_tokens)
+        num_tokens = counter.count_chat(body["messages"])
+    return ClientRequest(endpoint, body, req.stream, num_tokens,
+                         DEFAULT_COMPLETION_MAX_TOKENS if max_tokens is None else max_tokens)
 
 
 def prefill_body(body: dict[str, Any], kv_params: dict[str, Any]) -> dict[str, Any]:

@@ -44,6 +44,9 @@ class ProxyConfig:
     """A registered instance that misses this many heartbeat intervals leaves the pool."""
     admin_key: str | None = None
     """Bearer key for the admin API; None disables the admin API."""
+    kv_params_key: str | None = None
+    """Sent to every instance in header X-Disagg-KV-Key (instances started with the same
+    ``--kv-params-key`` accept kv_transfer_params and KV aborts only with it); None: not sent."""
     health_check_interval_s: float = 2.0
     """How often every instance's ``/instance_info`` is probed."""
     probe_timeout_s: float = 3.0

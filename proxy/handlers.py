@@ -57,7 +57,7 @@ def _without_kv_params(body: bytes) -> bytes:
         return body
     try:
         data = msgspec.json.decode(body)
-    except msgspec.DecodeError:
+    except (msgspec.MsgspecError, RecursionError):
         return body
     if isinstance(data, dict):
         data.pop("kv_transfer_params", None)
@@ -72,7 +72,8 @@ async def _generate(request: web.Request, endpoint: Endpoint) -> web.StreamRespo
     outcome = Outcome.FAILED
     st.metrics.in_flight += 1
     try:
-        req = parse_request(endpoint, await _read_body(request), st.counter)
+        req = parse_request(endpoint, await _read_body(request), st.counter,
+                            st.registry.min_max_model_len())
         result = await Flow(st.deps, scope, req).run()
         if isinstance(result, Reply):
             scope.succeeded, outcome = True, Outcome.OK

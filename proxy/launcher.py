@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import logging
 import resource
+import secrets
 import shlex
 import signal
 import sys
@@ -22,6 +23,7 @@ from dataclasses import replace
 
 from aiohttp import web
 
+from disagg import envs
 from proxy.app import bound_url, start_site
 from proxy.app import make_app as make_proxy_app
 from proxy.config import PolicyName, ProxyConfig, TransferMode
@@ -62,6 +64,9 @@ def _add_proxy_args(parser: argparse.ArgumentParser) -> None:
         help="ZMQ address where instances started with --proxy-address register")
     add("--max-missed-heartbeats", type=int, default=d.max_missed_heartbeats)
     add("--admin-key", default=None, help="Bearer key enabling the /admin API")
+    add("--kv-params-key", default=None,
+        help="secret sent to instances in header X-Disagg-KV-Key (their --kv-params-key; "
+             "env DISAGG_KV_PARAMS_KEY); --launch makes a random one when none is given")
     add("--health-check-interval-s", type=float, default=d.health_check_interval_s)
     add("--unhealthy-after-failures", type=int, default=d.unhealthy_after_failures,
         help="failed or slow probes in a row before an instance leaves the rotation")
@@ -122,6 +127,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def kv_params_key(args: argparse.Namespace) -> str | None:
+    """The flag, else the environment, else (for --launch, whose instances get it) a new one."""
+    key: str | None = args.kv_params_key or envs.kv_params_key()
+    if key is None and args.launch:
+        key = secrets.token_hex(16)
+    return key
+
+
 def proxy_config(args: argparse.Namespace) -> ProxyConfig:
     """The ProxyConfig the arguments describe (static URLs only; launched ones added later)."""
     return ProxyConfig(
@@ -132,6 +145,7 @@ def proxy_config(args: argparse.Namespace) -> ProxyConfig:
         local_prefill_threshold_tokens=args.local_prefill_threshold,
         registration_address=args.registration_address,
         max_missed_heartbeats=args.max_missed_heartbeats, admin_key=args.admin_key,
+        kv_params_key=kv_params_key(args),
         health_check_interval_s=args.health_check_interval_s,
         unhealthy_after_failures=args.unhealthy_after_failures,
         connect_timeout_s=args.connect_timeout_s, prefill_timeout_s=args.prefill_timeout_s,
@@ -142,8 +156,9 @@ def proxy_config(args: argparse.Namespace) -> ProxyConfig:
         max_decode_attempts=args.max_decode_attempts, access_log=args.access_log)
 
 
-def launch_config(args: argparse.Namespace) -> LaunchConfig:
-    """The LaunchConfig the arguments describe (resolves ``--device auto``)."""
+def launch_config(args: argparse.Namespace, kv_params_key: str | None = None) -> LaunchConfig:
+    """The LaunchConfig the arguments describe (resolves ``--device auto``); the instances
+    get ``kv_params_key`` (the proxy's own)."""
     command = tuple(shlex.split(args.instance_command)) if args.instance_command \
         else DEFAULT_INSTANCE_COMMAND
     return LaunchConfig(
@@ -152,7 +167,7 @@ def launch_config(args: argparse.Namespace) -> LaunchConfig:
         mode=TransferMode(args.mode), device=resolve_device(args.device, args.model is not None),
         gpus_per_instance=args.gpus_per_instance, instance_args=tuple(args.instance_args),
         instance_command=command, instance_base_port=args.instance_base_port,
-        kv_base_port=args.kv_base_port)
+        kv_base_port=args.kv_base_port, kv_params_key=kv_params_key)
 
 
 def _stop_event() -> asyncio.Event:
@@ -229,7 +244,7 @@ async def _supervise(sup: Supervisor, stop: asyncio.Event, restart: bool,
 
 async def _run_launch(args: argparse.Namespace, cfg: ProxyConfig) -> int:
     stop = _stop_event()
-    launch = launch_config(args)
+    launch = launch_config(args, cfg.kv_params_key)
     sup = Supervisor(plan_instances(launch))
     runner: web.AppRunner | None = None
     try:

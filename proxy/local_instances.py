@@ -9,6 +9,7 @@ import socket
 import sys
 from dataclasses import dataclass
 
+from disagg.envs import KV_PARAMS_KEY_ENV
 from proxy.config import TransferMode
 from proxy.registration import KVRole
 from proxy.supervisor import InstanceSpec, LaunchError
@@ -41,6 +42,8 @@ class LaunchConfig:
     """HTTP port of the first instance (then +1 each); None: free ports are found."""
     kv_base_port: int | None = None
     """Connector base port of the first instance (then +16 each); None: found."""
+    kv_params_key: str | None = None
+    """Every instance's ``--kv-params-key``, passed in its environment (not visible in ps)."""
 
 
 def kv_transfer_config(role: KVRole, transport: str, mode: TransferMode, base_port: int) -> str:
@@ -170,7 +173,13 @@ def _ports_once(cfg: LaunchConfig, num_instances: int) -> tuple[list[int], list[
     return http_ports, kv_ports
 
 
-def _instance_env(gpus: list[str] | None, num_instances: int) -> dict[str, str]:
+def _instance_env(cfg: LaunchConfig, gpus: list[str] | None,
+                  num_instances: int) -> dict[str, str]:
+    env = {} if cfg.kv_params_key is None else {KV_PARAMS_KEY_ENV: cfg.kv_params_key}
+    return {**env, **_device_env(gpus, num_instances)}
+
+
+def _device_env(gpus: list[str] | None, num_instances: int) -> dict[str, str]:
     if gpus is not None:
         from disagg.platform import visible_devices_env
 
@@ -197,6 +206,6 @@ def plan_instances(cfg: LaunchConfig) -> list[InstanceSpec]:
                 "--kv-transfer-config",
                 kv_transfer_config(role, cfg.transport, cfg.mode, kv_ports[i]),
                 *cfg.instance_args)
-        env = _instance_env(gpu_groups[i] if gpu_groups else None, len(roles))
+        env = _instance_env(cfg, gpu_groups[i] if gpu_groups else None, len(roles))
         specs.append(InstanceSpec(name=name, role=role, port=http_ports[i], argv=argv, env=env))
     return specs

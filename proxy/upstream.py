@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
+from disagg.openai_api import KV_KEY_HEADER
 from disagg.sse import SSEDecoder, is_done
 from proxy.registration import InstanceInfo
 from proxy.registry import Instance
@@ -24,6 +25,12 @@ logger = logging.getLogger(__name__)
 JSON_HEADERS = {"Content-Type": "application/json"}
 ABORT_PATH = "/v1/kv_transfer/abort"
 INFO_PATH = "/instance_info"
+
+
+def upstream_headers(kv_params_key: str | None) -> dict[str, str]:
+    """Headers every call to an instance carries: the KV params key, when configured (set on
+    each pool's session, so posts, streams, aborts and probes all send it)."""
+    return {} if kv_params_key is None else {KV_KEY_HEADER: kv_params_key}
 
 
 class UpstreamFailure(Exception):

@@ -6,6 +6,7 @@ import asyncio
 import json
 import re
 import time
+from typing import Any
 
 import aiohttp
 import pytest
@@ -156,3 +157,38 @@ def test_openai_client_works(instance_factory, chat: bool) -> None:
         assert comp.usage is not None and comp.usage.completion_tokens == 5
         logprobs = comp.choices[0].logprobs
         assert logprobs is not None and len(logprobs.token_logprobs or []) == 5
+
+
+def test_kv_params_key_flag_guards_params_and_aborts(instance_factory) -> None:
+    inst = instance_factory([*TINY, "--kv-params-key", "s3cret"])
+    abort = {"transfer_id": "xfer-1"}
+    r = requests.post(inst.url + "/v1/kv_transfer/abort", json=abort, timeout=5)
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    r = requests.post(inst.url + "/v1/kv_transfer/abort", json=abort, timeout=5,
+                      headers={"X-Disagg-KV-Key": "s3cret"})
+    assert r.status_code == 200 and r.json() == {"transfer_id": "xfer-1", "found": False}
+    body: dict[str, Any] = {"prompt": "hi", "max_tokens": 1, "kv_transfer_params": {
+        "transfer_id": "xfer-2", "do_remote_decode": True}}
+    r = requests.post(inst.url + "/v1/completions", json=body, timeout=10)
+    assert r.status_code == 401
+    r = requests.post(inst.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1},
+                      timeout=10)
+    assert r.status_code == 200  # a plain request needs no key
+
+
+def test_user_errors_never_reach_the_engine_as_500s(instance_factory) -> None:
+    inst = instance_factory(TINY)
+    cases: list[dict[str, Any]] = [
+             {"prompt": "a", "seed": 2**64}, {"prompt": "a", "stop_token_ids": [2**70]},
+             {"prompt": [2**64]}, {"prompt": "a", "top_k": -5},
+             {"prompt": "a", "max_tokens": 2**65}]
+    for body in cases:
+        r = requests.post(inst.url + "/v1/completions", json=body, timeout=5)
+        assert r.status_code == 400 and r.json()["error"]["message"], (body, r.text)
+    r = requests.post(inst.url + "/v1/chat/completions", timeout=5, json={
+        "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0})
+    assert r.status_code == 400
+    assert r.json()["error"]["message"] == "max_completion_tokens must be at least 1"
+    r = requests.post(inst.url + "/v1/completions", timeout=30,
+                      json={"prompt": "a", "max_tokens": 2, "seed": -(2**63)})
+    assert r.status_code == 200  # the whole signed 64-bit range reaches the sampler

@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import hashlib
 import json
+import os
 import signal
 import sys
 import uuid
@@ -25,6 +26,7 @@ from typing import Any
 from aiohttp import web
 
 OUTPUT_PREFIX = "tok"
+KV_KEY_HEADER = "X-Disagg-KV-Key"
 
 
 @dataclass
@@ -74,6 +76,10 @@ class FakeInstance:
     aborts: list[str] = field(default_factory=list)
     disconnects: int = 0
     """Streams cut short because the proxy closed the connection."""
+    kv_params_key: str | None = None
+    """Like ``disagg serve --kv-params-key``: kv_transfer_params and aborts need it (else 401)."""
+    kv_keys: list[str | None] = field(default_factory=list)
+    """The X-Disagg-KV-Key header of every generation and abort request."""
     url: str = ""
     _runner: web.AppRunner | None = None
 
@@ -126,12 +132,28 @@ class FakeInstance:
         card = {"id": self.model, "object": "model", "max_model_len": self.max_model_len}
         return web.json_response({"object": "list", "data": [card]})
 
+    def _key_refused(self, request: web.Request, needs_key: bool) -> web.Response | None:
+        """Record the request's KV key; a 401 when it is needed and wrong."""
+        sent = request.headers.get(KV_KEY_HEADER)
+        self.kv_keys.append(sent)
+        if self.kv_params_key is None or not needs_key or sent == self.kv_params_key:
+            return None
+        err = {"message": "wrong KV params key", "type": "authentication_error",
+               "param": None, "code": 401}
+        return web.json_response({"error": err}, status=401)
+
     async def _abort(self, request: web.Request) -> web.Response:
+        refused = self._key_refused(request, needs_key=True)
+        if refused is not None:
+            return refused
         self.aborts.append((await request.json())["transfer_id"])
         return web.json_response({"aborted": True})
 
     async def _generate(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
+        refused = self._key_refused(request, "kv_transfer_params" in body)
+        if refused is not None:
+            return refused
         self.requests.append(body)
         b = self.behavior
         if b.hang_s:
@@ -223,7 +245,8 @@ async def _serve_main(args: argparse.Namespace) -> int:
     kv = json.loads(args.kv_transfer_config) if args.kv_transfer_config else {}
     extra = kv.get("kv_connector_extra_config", {})
     fake = FakeInstance(role=kv.get("kv_role", "kv_both"), mode=extra.get("mode"),
-                        model=args.model, kv_handshake_port=int(extra.get("base_port", 17000)))
+                        model=args.model, kv_handshake_port=int(extra.get("base_port", 17000)),
+                        kv_params_key=os.environ.get("DISAGG_KV_PARAMS_KEY"))
     await fake.start(args.host, args.port)
     print(f"disagg: ready on {fake.url}", flush=True)
     stop = asyncio.Event()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 from typing import Any
 
 KEY = "s3cret"
@@ -68,3 +70,30 @@ async def test_drain_stops_new_requests_and_resume_restores(fakes: Any, proxies:
     async with http.post(proxy.url + "/admin/instances/drain", json={"url": "http://x:1"},
                          headers=AUTH) as resp:
         assert resp.status == 404
+
+
+async def test_admin_bodies_that_cannot_be_decoded_are_400s(proxies: Any, http: Any) -> None:
+    proxy = await proxies(decode_urls=("http://127.0.0.1:9",), admin_key=KEY)
+    bodies = [b'{"url": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+              b'{"url": "h:1", "x": ' + b'{"a":' * 3000 + b"1" + b"}" * 3000 + b"}",
+              b'{"url": 1e400}', b'{"url": NaN}', b'{"url": "\xff"}', b""]
+    for body in bodies:
+        for method in ("POST", "DELETE"):
+            async with http.request(method, proxy.url + "/admin/instances", data=body,
+                                    headers=AUTH) as resp:
+                assert resp.status == 400, (method, body[:40])
+                assert set((await resp.json())["error"]) == {"message", "type", "param",
+                                                             "code"}
+
+
+async def test_a_key_that_is_not_utf8_is_a_401(proxies: Any) -> None:
+    proxy = await proxies(decode_urls=("http://127.0.0.1:9",), admin_key=KEY)
+    host, port = proxy.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET /admin/instances HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                 b"Authorization: Bearer \xff\xed\xa0\x80" + KEY.encode() + b"\r\n\r\n")
+    response = await reader.read()
+    writer.close()
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.split()[1] == b"401"
+    assert json.loads(body)["error"]["type"] == "authentication_error"

@@ -76,3 +76,59 @@ def test_counter_waits_for_the_instances_model_name() -> None:
     assert counter.count_prompt("ab") == 3  # a byte tokenizer stands in
     names[0] = "builtin:tiny-llama"
     assert counter.count_prompt("abc") == 4
+
+
+def _parse_error(endpoint: Endpoint, raw: bytes, max_model_len: int | None = None) -> ProxyError:
+    with pytest.raises(ProxyError) as info:
+        parse_request(endpoint, raw, _counter(), max_model_len)
+    assert info.value.status == 400
+    return info.value
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"prompt": ' + b"[" * 1000 + b"]" * 1000 + b"}",
+    b'{"prompt": "x", "extra": ' + b'{"a":' * 5000 + b"1" + b"}" * 5000 + b"}",
+    b"[" * 100_000,
+])
+@pytest.mark.parametrize("endpoint", list(Endpoint))
+def test_deep_json_is_a_400_not_a_recursion_error(endpoint: Endpoint, raw: bytes) -> None:
+    assert "levels deep" in _parse_error(endpoint, raw).message
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("seed", 2**64), ("seed", 2**63), ("top_k", 2**70), ("top_k", -5),
+    ("stop_token_ids", [2**64]), ("max_tokens", 2**64), ("logprobs", 2**64), ("n", 2**64),
+    ("min_tokens", 2**64), ("temperature", 2**80), ("max_tokens", 0),
+])
+def test_out_of_range_fields_are_refused_before_routing(field: str, value: object) -> None:
+    raw = msgspec.json.encode({"prompt": "x", field: value})
+    assert _parse_error(Endpoint.COMPLETIONS, raw).param == field
+
+
+def test_zero_max_completion_tokens_is_refused() -> None:
+    raw = msgspec.json.encode({"messages": [{"role": "user", "content": "hi"}],
+                               "max_completion_tokens": 0})
+    err = _parse_error(Endpoint.CHAT, raw)
+    assert err.message == "max_completion_tokens must be at least 1"
+    ok = parse_request(Endpoint.CHAT, msgspec.json.encode(
+        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 9,
+         "max_completion_tokens": 3}), _counter())
+    assert ok.max_tokens == 3
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"prompt": "x", "temperature": NaN}', b'{"prompt": "x", "top_p": Infinity}',
+    b'{"prompt": "x", "temperature": 1e400}', b'{"prompt": "x", "seed": 1e400}',
+    b'{"prompt": [true]}', b'{"prompt": [1, -2]}', b'{"prompt": "x", "n": 2}',
+    b'{"prompt": "x", "stop": ' + msgspec.json.encode(["s"] * 17) + b"}",
+    b'{"prompt": "\xff"}', b'{"prompt": "\\ud800"}', b"",
+])
+def test_non_finite_and_wrong_values_are_400(raw: bytes) -> None:
+    _parse_error(Endpoint.COMPLETIONS, raw)
+
+
+def test_max_tokens_that_leave_no_room_for_a_prompt_are_refused() -> None:
+    raw = b'{"prompt": "x", "max_tokens": 2048}'
+    assert _parse_error(Endpoint.COMPLETIONS, raw, max_model_len=2048).param == "max_tokens"
+    assert parse_request(Endpoint.COMPLETIONS, raw, _counter(), 2049).max_tokens == 2048
+    assert parse_request(Endpoint.COMPLETIONS, raw, _counter(), None).max_tokens == 2048

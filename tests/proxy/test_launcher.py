@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 
 from proxy.config import PolicyName, TransferMode
-from proxy.launcher import main, parse_args, proxy_config
+from proxy.launcher import launch_config, main, parse_args, proxy_config
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FAKE_INSTANCE = Path(__file__).with_name("fake_instance.py")
@@ -228,3 +228,35 @@ async def test_real_launch_matches_a_monolithic_instance(launchers: Any, mode: s
     finally:
         mono.terminate()
         await asyncio.wait_for(mono.wait(), 20)
+
+
+def test_kv_params_key_comes_from_the_flag_the_environment_or_is_made_for_launch(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DISAGG_KV_PARAMS_KEY", raising=False)
+    assert proxy_config(parse_args(["--decode", "h:1"])).kv_params_key is None
+    assert proxy_config(parse_args(["--decode", "h:1", "--kv-params-key", "k"])).kv_params_key \
+        == "k"
+    made = {proxy_config(parse_args(["--launch"])).kv_params_key for _ in range(2)}
+    assert len(made) == 2 and all(re.fullmatch(r"[0-9a-f]{32}", k or "") for k in made)
+    monkeypatch.setenv("DISAGG_KV_PARAMS_KEY", "env-key")
+    assert proxy_config(parse_args(["--launch"])).kv_params_key == "env-key"
+    assert proxy_config(parse_args(["--decode", "h:1", "--kv-params-key", "k"])).kv_params_key \
+        == "k"
+
+
+def test_launched_instances_get_the_proxys_key() -> None:
+    args = parse_args(["--launch", "--device", "cpu"])
+    cfg = proxy_config(args)
+    assert launch_config(args, cfg.kv_params_key).kv_params_key == cfg.kv_params_key
+
+
+async def test_launch_shares_a_generated_key_with_its_instances(
+        launchers: Any, http: aiohttp.ClientSession) -> None:
+    launcher = await launchers(*_launch_args())
+    url = await launcher.ready_url()
+    async with http.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}) as resp:
+        assert resp.status == 200  # the fakes refuse kv_transfer_params without the key
+    for instance in await _instance_urls(http, url):
+        async with http.post(instance + "/v1/kv_transfer/abort",
+                             json={"transfer_id": "t"}) as resp:
+            assert resp.status == 401  # a key was made, and nobody else has it

@@ -90,3 +90,10 @@ def test_gpus_are_split_from_the_visible_devices(monkeypatch: pytest.MonkeyPatch
     assert [s.env[env_name] for s in specs] == ["4,5", "6,7"]
     with pytest.raises(LaunchError, match="need 6 GPUs; 4 visible"):
         plan_instances(_cfg(device="cuda", num_prefill=2, num_decode=1, gpus_per_instance=2))
+
+
+def test_the_kv_params_key_goes_to_every_instance_in_its_environment() -> None:
+    specs = plan_instances(_cfg(kv_params_key="k" * 32))
+    assert all(s.env["DISAGG_KV_PARAMS_KEY"] == "k" * 32 for s in specs)
+    assert all("k" * 32 not in " ".join(s.argv) for s in specs)  # not visible in ps
+    assert all("DISAGG_KV_PARAMS_KEY" not in s.env for s in plan_instances(_cfg()))

@@ -1,0 +1,81 @@
+"""Calls to instances: the ``--kv-params-key`` header on every one, and instance refusals
+relayed as the instance sent them (a user's mistake is never a 502)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from proxy.config import PolicyName, TransferMode
+from proxy.upstream import upstream_headers
+
+KEY = "0123456789abcdef0123456789abcdef"
+BODY = {"prompt": "The capital of France is", "max_tokens": 4}
+
+
+async def _until(predicate: Any, timeout_s: float = 3.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not predicate():
+        assert loop.time() < deadline, "condition not met before the deadline"
+        await asyncio.sleep(0.02)
+
+
+async def _pair(fakes: Any, proxies: Any, mode: str, instance_key: str | None,
+                proxy_key: str | None) -> tuple[Any, Any, Any]:
+    p = await fakes(role="kv_producer", mode=mode, kv_params_key=instance_key)
+    d = await fakes(role="kv_consumer", mode=mode, kv_params_key=instance_key,
+                    kv_handshake_port=18000)
+    proxy = await proxies(prefill_urls=(p.url,), decode_urls=(d.url,), mode=TransferMode(mode),
+                          policy=PolicyName.ROUND_ROBIN, kv_params_key=proxy_key)
+    return p, d, proxy
+
+
+def test_headers_carry_the_key_only_when_configured() -> None:
+    assert upstream_headers(None) == {}
+    assert upstream_headers(KEY) == {"X-Disagg-KV-Key": KEY}
+
+
+@pytest.mark.parametrize("mode", ["read", "write"])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_every_call_carries_the_key(fakes: Any, proxies: Any, http: Any, mode: str,
+                                          stream: bool) -> None:
+    p, d, proxy = await _pair(fakes, proxies, mode, instance_key=KEY, proxy_key=KEY)
+    async with http.post(proxy.url + "/v1/completions",
+                         json={**BODY, "stream": stream}) as resp:
+        assert resp.status == 200
+        await resp.read()
+    assert len(p.requests) == 1 and len(d.requests) == 1
+    d.behavior.fail_status = 400  # refused by D: the prefill is aborted, with the key
+    async with http.post(proxy.url + "/v1/completions", json=BODY) as resp:
+        assert resp.status == 400
+    await _until(lambda: len(p.aborts) == 1)
+    assert p.kv_keys and all(k == KEY for k in p.kv_keys + d.kv_keys)
+
+
+async def test_without_a_key_none_is_sent(fakes: Any, proxies: Any, http: Any) -> None:
+    p, d, proxy = await _pair(fakes, proxies, "read", instance_key=None, proxy_key=None)
+    async with http.post(proxy.url + "/v1/completions", json=BODY) as resp:
+        assert resp.status == 200
+    assert p.kv_keys == [None] and d.kv_keys == [None]
+
+
+async def test_a_wrong_key_is_relayed_as_the_instances_401(fakes: Any, proxies: Any,
+                                                           http: Any) -> None:
+    p, _, proxy = await _pair(fakes, proxies, "read", instance_key=KEY, proxy_key="other")
+    async with http.post(proxy.url + "/v1/completions", json=BODY) as resp:
+        assert resp.status == 401
+        assert (await resp.json())["error"]["type"] == "authentication_error"
+    assert p.requests == []
+
+
+async def test_an_instance_400_is_relayed_as_400_not_502(fakes: Any, proxies: Any,
+                                                         http: Any) -> None:
+    p, d, proxy = await _pair(fakes, proxies, "read", instance_key=None, proxy_key=None)
+    p.behavior.fail_status = 400
+    async with http.post(proxy.url + "/v1/completions", json=BODY) as resp:
+        assert resp.status == 400
+        assert (await resp.json())["error"]["message"] == "fake failure"
+    assert d.requests == []
