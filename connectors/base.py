@@ -5,6 +5,12 @@ Two halves, as in vLLM's v1 connector API:
       to do after blocks are allocated, whether a finished request's blocks must be held.
   WorkerConnector (next to the KV tensors): register memory, start loads/saves, poll them.
 KVConnector bundles both for one engine core and adds the per-step hooks the engine calls.
+
+The connector reports, the scheduler acts (as in vLLM's connector API): the connector never
+writes a request's state or frees a block. Each step ``update_connector_output`` returns a
+ConnectorOutput (loads that finished or failed, prefills nobody will consume, requests whose
+blocks must be parked under a hold because a one-sided op or a peer may still touch them, holds
+to free) and the scheduler applies it; ``request_finished`` returns a FinishAction.
 """
 
 from __future__ import annotations
@@ -12,15 +18,60 @@ from __future__ import annotations
 import abc
 import importlib
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import torch
 
     from disagg.config import KVTransferConfig
+    from disagg.kv_transfer_params import KVTransferParams
     from disagg.models.llama import LayerHook
     from disagg.request import Request
-    from disagg.scheduler import Scheduler, SchedulerOutput
+    from disagg.scheduler import SchedulerOutput
+
+
+@dataclass(frozen=True, slots=True)
+class LoadFailure:
+    """A consumer request's remote KV could not be loaded or vouched for."""
+
+    request_id: str
+    error: str
+    recompute: bool
+    """Prefill locally instead of failing the request (kv_load_failure_policy=recompute)."""
+
+
+@dataclass(slots=True)
+class ConnectorOutput:
+    """What the connector found this step; the scheduler acts on it in this order."""
+
+    park: list[tuple[str, str]] = field(default_factory=list)
+    """(request id, hold key): move the request's blocks under the hold before anything else
+    (a one-sided op or a peer may still write them; the hold is freed via ``free_holds``)."""
+    loaded: list[str] = field(default_factory=list)
+    """Consumer requests whose KV landed and was vouched for: they may run."""
+    load_failed: list[LoadFailure] = field(default_factory=list)
+    producer_failed: list[tuple[str, str]] = field(default_factory=list)
+    """(request id, error): prefills whose KV nobody will consume; they end with the error."""
+    free_holds: list[str] = field(default_factory=list)
+    """Hold keys whose blocks go back to the free pool."""
+
+    def __bool__(self) -> bool:
+        return bool(self.park or self.loaded or self.load_failed or self.producer_failed
+                    or self.free_holds)
+
+
+@dataclass(frozen=True, slots=True)
+class FinishAction:
+    """The connector's answer when a request ends."""
+
+    hold_key: str | None = None
+    """Keep the request's blocks held under this key (a peer reads them, or an op may still
+    touch them); the connector frees the hold later through ConnectorOutput.free_holds."""
+    error: str | None = None
+    """End the request with this error instead (a prefill whose KV nobody can consume)."""
+    kv_transfer_params: KVTransferParams | None = None
+    """Params to return to the caller (a READ prefill's block ids for the decode)."""
 
 
 class SchedulerConnector(Protocol):
@@ -38,8 +89,8 @@ class SchedulerConnector(Protocol):
         """The request's blocks are allocated; start receiving into them."""
         ...
 
-    def request_finished(self, req: Request) -> str | None:
-        """A request ended. Return a transfer key to keep its blocks held under that key."""
+    def request_finished(self, req: Request) -> FinishAction:
+        """A request ended: hold its blocks, turn it into an error, or nothing."""
         ...
 
 
@@ -65,12 +116,9 @@ class KVConnector(abc.ABC):
     mode: str | None = None
 
     @abc.abstractmethod
-    def bind(self, scheduler: Scheduler) -> None:
-        """Give the connector the scheduler it reports finished loads and freed holds to."""
-
-    @abc.abstractmethod
-    def update_connector_output(self) -> None:
-        """Each step: consume notifications, poll transfers, reap expired work."""
+    def update_connector_output(self) -> ConnectorOutput:
+        """Each step: consume notifications, poll transfers, reap expired work; returns what
+        the scheduler must apply."""
 
     def on_request_arrival(self, req: Request) -> None:
         """A request entered the engine (before scheduling)."""

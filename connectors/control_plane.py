@@ -8,22 +8,33 @@ engine thread refreshes each step: a lease says "this process is alive", so a lo
 must not make a peer reap transfers that are merely waiting their turn.
 The engine thread owns the PUSH sockets to peers (never blocks: NOBLOCK + bounded HWM).
 Handshakes to peers run on a small thread pool and return futures, so the step loop never waits.
+
+Nothing a peer sends can stop the thread: every frame is handled in its own try, anything that
+does not parse into the typed messages is counted and dropped (logged at most once a second),
+frames over MAX_FRAME_BYTES are refused by ZMQ itself. A handshake from this engine itself (two
+hosts with the same ``host``/``base_port`` settings) or without the shared key is refused.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
+import hmac
 import logging
 import queue
+import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import msgspec
 import zmq
 
+from connectors.faults import FaultPlan, corrupt
 from connectors.protocol import (
     CONTROL_VERSION,
+    MAX_FRAME_BYTES,
     EngineMetadata,
     HandshakeRequest,
     HandshakeResponse,
@@ -33,17 +44,56 @@ from connectors.protocol import (
     hello_ack_decoder,
     hello_decoder,
     notify_decoder,
+    tag_of,
 )
 
 logger = logging.getLogger(__name__)
 CompatCheck = Callable[[EngineMetadata], str | None]
+Address = tuple[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class PeerHello:
+    """Engine thread event: a peer identified itself with a handshake we accepted."""
+
+    metadata: EngineMetadata
+
+
+class RateLimitedLog:
+    """At most one log line per second per kind; the rest are only counted."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, float] = {}
+
+    def warning(self, kind: str, msg: str, *args: object) -> None:
+        """Log unless ``kind`` was logged within the last second."""
+        now = time.monotonic()
+        if now - self._last.get(kind, -1e9) >= 1.0:
+            self._last[kind] = now
+            logger.warning(msg, *args)
+
+
+def proof_of(key: str | None, meta: EngineMetadata) -> bytes:
+    """HMAC of a peer's identity under the shared key (empty without a key)."""
+    if key is None:
+        return b""
+    return hmac.new(key.encode(), f"{meta.engine_id}|{meta.epoch}".encode(),
+                    hashlib.sha256).digest()
+
+
+def self_handshake_error(host: str, port: int) -> str:
+    """The refusal when a handshake reaches this engine itself."""
+    return (f"the KV peer at {host}:{port} is this engine itself: each instance's "
+            "kv_connector_extra_config 'host' must be an address its peers can reach (not "
+            "127.0.0.1 across hosts) and 'base_port' must not collide with the peer's")
 
 
 class ControlPlane:
     """Handshake + notifications for one engine core's connector."""
 
     def __init__(self, host: str, handshake_port: int, notify_port: int,
-                 compat_check: CompatCheck) -> None:
+                 compat_check: CompatCheck, *, auth_key: str | None = None,
+                 faults: FaultPlan | None = None) -> None:
         self.host = host
         self._ctx = zmq.Context()
         self._router = self._ctx.socket(zmq.ROUTER)
@@ -51,14 +101,20 @@ class ControlPlane:
         self.handshake_port = self._bind(self._router, handshake_port)
         self.notify_port = self._bind(self._pull, notify_port)
         self._compat_check = compat_check
+        self._auth_key = auth_key
+        self._faults = faults
         self.metadata: EngineMetadata | None = None
-        self.inbox: queue.SimpleQueue[Notification] = queue.SimpleQueue()
+        self.inbox: queue.SimpleQueue[Notification | PeerHello] = queue.SimpleQueue()
         self.malformed = 0
         self.refused = 0
         self.dropped_sends = 0
-        self._push: dict[tuple[str, int], zmq.Socket] = {}
-        self._lease_push: dict[tuple[str, int], zmq.Socket] = {}
-        self._lease_targets: dict[tuple[str, int], list[str]] = {}
+        self.handler_errors = 0
+        self._log = RateLimitedLog()
+        self._push: dict[Address, zmq.Socket] = {}
+        self._lease_push: dict[Address, zmq.Socket] = {}
+        self._lease_targets: dict[Address, list[str]] = {}
+        self._delayed: list[tuple[float, Address, bytes]] = []
+        self._delayed_lock = threading.Lock()
         self.heartbeat_interval_s = 1.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="kv-control", daemon=True)
@@ -66,6 +122,7 @@ class ControlPlane:
 
     def _bind(self, sock: zmq.Socket, port: int) -> int:
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
         if port == 0:
             return int(sock.bind_to_random_port(f"tcp://{self.host}"))
         sock.bind(f"tcp://{self.host}:{port}")
@@ -82,85 +139,147 @@ class ControlPlane:
         poller.register(self._pull, zmq.POLLIN)
         last_lease = 0.0
         while not self._stop.is_set():
-            for sock, _ in poller.poll(100):
-                if sock is self._router:
-                    self._answer_hello()
-                else:
-                    self._receive_notification()
-            now = time.monotonic()
-            if now - last_lease >= self.heartbeat_interval_s:
-                last_lease = now
-                self._send_leases()
+            try:
+                for sock, _ in poller.poll(100):
+                    if sock is self._router:
+                        self._answer_hello()
+                    else:
+                        self._receive_notification()
+                now = time.monotonic()
+                self._send_due(now)
+                if now - last_lease >= self.heartbeat_interval_s:
+                    last_lease = now
+                    self._send_leases()
+            except zmq.ContextTerminated:
+                return
+            except Exception as exc:  # no frame may end this thread; count and go on
+                self.handler_errors += 1
+                self._log.warning("error", "KV control plane: %s: %s", type(exc).__name__, exc)
 
-    def set_leases(self, targets: dict[tuple[str, int], list[str]]) -> None:
+    def set_leases(self, targets: dict[Address, list[str]]) -> None:
         """Engine thread: the live transfers to lease, per peer (swapped in atomically)."""
         self._lease_targets = targets
 
     def _send_leases(self) -> None:
         assert self.metadata is not None
         for addr, tids in self._lease_targets.items():
-            sock = self._lease_push.get(addr)
-            if sock is None:
-                sock = self._connect_push(addr)
-                self._lease_push[addr] = sock
-            try:
-                sock.send(encoder.encode(Lease(engine_id=self.metadata.engine_id,
-                                               transfer_ids=tids)), zmq.NOBLOCK)
-            except zmq.Again:
-                self.dropped_sends += 1
+            msg = Lease(engine_id=self.metadata.engine_id, epoch=self.metadata.epoch,
+                        transfer_ids=tids)
+            for frame in self._with_faults(msg, addr):
+                self._send_frame(self._lease_push, addr, frame)
 
-    def _connect_push(self, addr: tuple[str, int]) -> zmq.Socket:
+    def _send_due(self, now: float) -> None:
+        """Send the delayed frames whose time has come (fault injection only)."""
+        if not self._delayed:
+            return
+        with self._delayed_lock:
+            due = [d for d in self._delayed if d[0] <= now]
+            self._delayed = [d for d in self._delayed if d[0] > now]
+        for _, addr, frame in due:
+            self._send_frame(self._lease_push, addr, frame)
+
+    def _connect_push(self, addr: Address) -> zmq.Socket:
         sock = self._ctx.socket(zmq.PUSH)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 10000)
         sock.connect(f"tcp://{addr[0]}:{addr[1]}")
         return sock
 
+    def _send_frame(self, sockets: dict[Address, zmq.Socket], addr: Address,
+                    frame: bytes) -> bool:
+        sock = sockets.get(addr)
+        if sock is None:
+            sock = sockets[addr] = self._connect_push(addr)
+        try:
+            sock.send(frame, zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            self.dropped_sends += 1
+            return False
+
+    def _with_faults(self, msg: Notification, addr: Address) -> list[bytes]:
+        """The frames to send now for ``msg`` (injected faults may drop, delay, duplicate or
+        corrupt it)."""
+        frame = encoder.encode(msg)
+        if self._faults is None:
+            return [frame]
+        frames = [frame]
+        for f in self._faults.fire(tag_of(msg)):
+            if f.action == "drop":
+                frames = []
+            elif f.action == "duplicate":
+                frames = frames * 2
+            elif f.action == "corrupt":
+                frames = [corrupt(x) for x in frames]
+            elif f.action == "delay":
+                with self._delayed_lock:
+                    self._delayed += [(time.monotonic() + f.s, addr, x) for x in frames]
+                frames = []
+        return frames
+
     def _answer_hello(self) -> None:
-        ident, _, raw = self._router.recv_multipart()
+        frames = self._router.recv_multipart()
+        if len(frames) != 3 or frames[1] != b"":  # not a REQ peer's [identity, "", body]
+            self.malformed += 1
+            self._log.warning("hello", "ignored a malformed KV handshake (%d frames)",
+                              len(frames))
+            return
+        ident, _, raw = frames
+        assert self.metadata is not None
+        reply = self._hello_reply(raw)
+        if reply.error is not None:
+            self.refused += 1
+            self._log.warning("refused", "refused KV handshake: %s", reply.error)
+        self._router.send_multipart([ident, b"", encoder.encode(reply)], zmq.NOBLOCK)
+
+    def _hello_reply(self, raw: bytes) -> HandshakeResponse:
+        """Our metadata for an acceptable handshake (the peer becomes identified), else why
+        not."""
+        assert self.metadata is not None
         try:
             req = hello_decoder.decode(raw)
-            error = (f"control protocol version {req.version} != {CONTROL_VERSION}"
-                     if req.version != CONTROL_VERSION else self._compat_check(req.metadata))
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            error = f"malformed handshake: {exc}"
+            return HandshakeResponse(error=f"malformed handshake: {exc}")
+        peer = req.metadata
+        if req.version != CONTROL_VERSION:
+            return HandshakeResponse(
+                error=f"control protocol version {req.version} != {CONTROL_VERSION}")
+        if peer.engine_id == self.metadata.engine_id:
+            return HandshakeResponse(error=self_handshake_error(self.host, self.handshake_port))
+        if not hmac.compare_digest(req.proof, proof_of(self._auth_key, peer)):
+            return HandshakeResponse(error="the handshake does not carry this cluster's "
+                                           "auth_key (kv_connector_extra_config)")
+        error = self._compat_check(peer)
         if error is not None:
-            self.refused += 1
-            logger.error("refused KV handshake: %s", error)
-            reply = HandshakeResponse(error=error)
-        else:
-            reply = HandshakeResponse(metadata=self.metadata)
-        self._router.send_multipart([ident, b"", encoder.encode(reply)])
+            return HandshakeResponse(error=error)
+        self.inbox.put(PeerHello(peer))
+        return HandshakeResponse(metadata=self.metadata,
+                                 proof=proof_of(self._auth_key, self.metadata))
 
     def _receive_notification(self) -> None:
         raw = self._pull.recv()
         try:
             self.inbox.put(notify_decoder.decode(raw))
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             self.malformed += 1
-            logger.warning("ignored a malformed KV notification (%d bytes)", len(raw))
+            self._log.warning("notify", "ignored a malformed KV notification (%d bytes): %s",
+                              len(raw), exc)
 
-    def drain(self) -> list[Notification]:
-        """Every notification received since the last call."""
-        out: list[Notification] = []
+    def drain(self) -> list[Notification | PeerHello]:
+        """Every notification (and peer hello) received since the last call."""
+        out: list[Notification | PeerHello] = []
         while True:
             try:
                 out.append(self.inbox.get_nowait())
             except queue.Empty:
                 return out
 
-    def send(self, addr: tuple[str, int], msg: Notification) -> bool:
+    def send(self, addr: Address, msg: Notification) -> bool:
         """Fire-and-forget notify to a peer (engine thread only); False if dropped."""
-        sock = self._push.get(addr)
-        if sock is None:
-            sock = self._connect_push(addr)
-            self._push[addr] = sock
-        try:
-            sock.send(encoder.encode(msg), zmq.NOBLOCK)
-            return True
-        except zmq.Again:
-            self.dropped_sends += 1
-            return False
+        ok = True
+        for frame in self._with_faults(msg, addr):
+            ok = self._send_frame(self._push, addr, frame) and ok
+        return ok
 
     def handshake(self, host: str, port: int, timeout_s: float
                   ) -> concurrent.futures.Future[EngineMetadata]:
@@ -172,21 +291,61 @@ class ControlPlane:
                ours: EngineMetadata) -> EngineMetadata:
         sock = self._ctx.socket(zmq.REQ)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
         try:
             sock.connect(f"tcp://{host}:{port}")
-            sock.send(encoder.encode(HandshakeRequest(version=CONTROL_VERSION, metadata=ours)))
+            sock.send(encoder.encode(HandshakeRequest(version=CONTROL_VERSION, metadata=ours,
+                                                      proof=proof_of(self._auth_key, ours))))
             if not sock.poll(int(timeout_s * 1000)):
                 raise ConnectionError(f"KV peer {host}:{port} did not answer the handshake "
                                       f"within {timeout_s:.0f} s")
-            reply = hello_ack_decoder.decode(sock.recv())
+            try:
+                reply = hello_ack_decoder.decode(sock.recv())
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                raise ConnectionError(f"KV peer {host}:{port} answered a malformed "
+                                      f"handshake: {exc}") from None
         finally:
             sock.close(linger=0)
+        return self._check_reply(host, port, reply, ours)
+
+    def _check_reply(self, host: str, port: int, reply: HandshakeResponse,
+                     ours: EngineMetadata) -> EngineMetadata:
         if reply.error is not None or reply.metadata is None:
             raise ConnectionError(f"KV handshake refused by {host}:{port}: {reply.error}")
-        error = self._compat_check(reply.metadata)
+        peer = reply.metadata
+        if peer.engine_id == ours.engine_id:
+            raise ConnectionError(self_handshake_error(host, port))
+        if not hmac.compare_digest(reply.proof, proof_of(self._auth_key, peer)):
+            raise ConnectionError(f"KV peer {host}:{port} did not prove this cluster's "
+                                  "auth_key")
+        error = self._compat_check(peer)
         if error is not None:
             raise ConnectionError(f"KV peer {host}:{port} is incompatible: {error}")
-        return reply.metadata
+        return peer
+
+    def probe_gone(self, host: str, port: int, engine_id: str, epoch: int
+                   ) -> concurrent.futures.Future[bool]:
+        """True once the engine (``engine_id``, ``epoch``) at a handshake address is gone for
+        sure: nothing listens there (the connection is refused) or another engine answers.
+        A frozen or slow process still accepts, and an unreachable host times out: both are
+        False, since such a peer may yet act."""
+        assert self.metadata is not None
+        ours = self.metadata
+
+        def probe() -> bool:
+            try:
+                socket.create_connection((host, port), timeout=1.0).close()
+            except ConnectionRefusedError:
+                return True
+            except OSError:
+                return False
+            try:
+                meta = self._hello(host, port, 1.0, ours)
+            except ConnectionError:
+                return False
+            return (meta.engine_id, meta.epoch) != (engine_id, epoch)
+
+        return self._pool.submit(probe)
 
     def close(self) -> None:
         """Stop the thread and close every socket."""

@@ -1,153 +1,156 @@
 """The P/D connector: READ mode (decode pulls) and WRITE mode (prefill pushes).
 
-    READ   P: prefill, hold blocks (PRODUCER_READ) ---------- release/failed/expiry -> free
-           D: handshake P, alloc, READ blocks (CONSUMER_READ) -> release -> decode
-    WRITE  D: alloc, remote_blocks -> P (CONSUMER_WRITE) ---- write_done -> decode
-           P: prefill, hold, [deferred until remote_blocks] WRITE (PRODUCER_WRITE)
+    READ   P: prefill, hold blocks (PRODUCER_READ) ---------- release -> ack(held?) -> free
+           D: handshake P, alloc, READ blocks (CONSUMER_READ) -> release -> ack(held) -> decode
+    WRITE  D: handshake P, alloc, remote_blocks -> P (CONSUMER_WRITE) -- write_done -> decode
+           P: prefill, hold, [deferred until remote_blocks + handshake] WRITE (PRODUCER_WRITE)
               -> write_done -> free
            layerwise P: [deferred until remote_blocks + handshake] prefill, each layer's
               blocks WRITTEN as soon as computed (pd_stream.py), hold -> all landed
               -> write_done -> free
 Every side leases its live transfers to the peer each heartbeat; a transfer whose deadline
 passes is EXPIRED, frees or releases its blocks and tells the peer (connectors/transfer.py).
-Blocks with a one-sided op still pending are never freed until the op settles ("draining").
-Peers (handshakes, sends, leases) live in pd_peers.py, terminal states in pd_outcome.py.
+Received KV is used only once the producer vouched for it (protocol.py); blocks that an op or
+a peer may still write are parked, never reused (pd_outcome.py). The connector reports and the
+scheduler acts: ``update_connector_output`` returns a ConnectorOutput (connectors/base.py).
+Peers live in pd_peers.py, incoming messages in pd_inbox.py, terminal states in pd_outcome.py.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from typing import TYPE_CHECKING, Any
 
-from connectors.base import KVConnector
+from connectors.base import ConnectorOutput, FinishAction, KVConnector
 from connectors.control_plane import ControlPlane
-from connectors.pd_metadata import (
-    build_metadata,
-    compat_error,
-    parse_layerwise,
-    parse_mode_policy,
-    parse_timeouts,
-    slow_path_hint,
-)
+from connectors.pd_config import parse_pd_config
+from connectors.pd_inbox import Inbox
+from connectors.pd_metadata import build_metadata, compat_error, slow_path_hint
 from connectors.pd_outcome import Outcomes
 from connectors.pd_peers import PeerLinks
 from connectors.pd_scheduler import PDSchedulerSide
 from connectors.pd_stream import LayerPlan, LayerStreamer, plan_chunk
 from connectors.pd_worker import PDWorkerSide
-from connectors.protocol import (
-    EngineMetadata,
-    Lease,
-    Notification,
-    Release,
-    RemoteBlocks,
-    TransferFailed,
-    WriteDone,
-    kv_ports,
-)
+from connectors.protocol import EngineMetadata, Release, RemoteBlocks, kv_ports
 from connectors.transfer import Transfer, TransferRole, TransferState, transfer_from_params
 from connectors.transports.base import TransferOp, TransferStatus
 from disagg.config import KVTransferConfig
+from disagg.kv_transfer_params import KVTransferParams, TransferMode
 
 if TYPE_CHECKING:
     import torch
 
     from disagg.models.llama import LayerHook
     from disagg.request import Request
-    from disagg.scheduler import Scheduler, SchedulerOutput
+    from disagg.scheduler import SchedulerOutput
 
 logger = logging.getLogger(__name__)
 _OK_FINISH = frozenset({"finished_stopped", "finished_length"})
+_COUNTERS = ("bytes_moved_total", "layer_posts_total", "transfers_done_total",
+             "transfers_failed_total", "transfers_expired_total", "kv_refused_total",
+             "notifications_unknown_total", "notifications_unidentified_total",
+             "notifications_wrong_peer_total", "leases_ignored_total", "transfer_seconds_sum",
+             "transfer_seconds_count")
 
 
 class PDConnector(KVConnector):
     """One engine core's P/D connector (either role, either mode)."""
 
     def __init__(self, cfg: KVTransferConfig, engine: Any, kv_cache: torch.Tensor) -> None:
-        extra = cfg.kv_connector_extra_config
+        self.cfg = c = parse_pd_config(cfg.kv_connector_extra_config, cfg.kv_role,
+                                       kv_cache.is_cuda, engine.cfg.parallel.data_parallel_size)
         self.kv_role = cfg.kv_role
-        mode, self.policy = parse_mode_policy(extra, cfg.kv_role,
-                                              engine.cfg.parallel.data_parallel_size)
-        self.mode: str = mode
-        self.timeouts = parse_timeouts(extra)
-        self.layerwise = parse_layerwise(extra, kv_cache.is_cuda)
+        self.mode: str = c.mode.value
+        self.timeouts = c.timeouts
+        self.layerwise = c.layerwise
         self.engine_id: str = engine.engine_id
-        self.host = str(extra.get("host", "127.0.0.1"))
-        hs, nt = kv_ports(int(extra.get("base_port", 0)),
-                          engine.cfg.parallel.data_parallel_rank)
-        transport = str(extra.get("transport", "tcp"))
-        self.worker = PDWorkerSide(transport, self.engine_id, self.host, kv_cache,
-                                   dict(extra.get("transport_options", {})),
-                                   ready_timeout_s=self.timeouts.transfer_timeout_s)
-        if (hint := slow_path_hint(transport, mode, cfg.kv_role, kv_cache.is_cuda)) is not None:
+        self.epoch = secrets.randbits(62)
+        """Random per start: a restarted engine is another peer (protocol.py)."""
+        self.host = c.host
+        hs, nt = kv_ports(c.base_port, engine.cfg.parallel.data_parallel_rank)
+        self.worker = PDWorkerSide(c.transport, self.engine_id, self.host, kv_cache,
+                                   dict(c.transport_options),
+                                   ready_timeout_s=self.timeouts.transfer_timeout_s,
+                                   faults=c.faults)
+        if (hint := slow_path_hint(c.transport, self.mode, cfg.kv_role,
+                                   kv_cache.is_cuda)) is not None:
             logger.warning("%s: %s", self.engine_id, hint)
-        self.control = ControlPlane(self.host, hs, nt, self._compat_error)
+        self.control = ControlPlane(self.host, hs, nt, self._compat_error,
+                                    auth_key=c.auth_key, faults=c.faults)
         self.control.heartbeat_interval_s = self.timeouts.heartbeat_interval_s
         self.handshake_port = self.control.handshake_port
         self.notify_port = self.control.notify_port
-        self.metadata = self._metadata(engine, kv_cache)
+        self.metadata = build_metadata(engine, kv_cache, self.engine_id, self.epoch,
+                                       self.control, self.worker)
         self.control.start(self.metadata)
         self.scheduler = PDSchedulerSide(self)
-        self._sched: Scheduler | None = None
         self.transfers: dict[str, Transfer] = {}
         self._by_request: dict[str, str] = {}
-        self.counters: dict[str, float] = dict.fromkeys(
-            ("bytes_moved_total", "layer_posts_total", "transfers_done_total",
-             "transfers_failed_total", "transfers_expired_total", "notifications_unknown_total",
-             "transfer_seconds_sum", "transfer_seconds_count"), 0.0)
+        self.counters: dict[str, float] = dict.fromkeys(_COUNTERS, 0.0)
         self.peers = PeerLinks(self.control, self.worker, self.timeouts, self.counters)
-        self.outcomes = Outcomes(self.engine_id, self.worker, self.peers, self.transfers,
-                                 lambda: self.sched, timeouts=self.timeouts, policy=self.policy,
+        self.outcomes = Outcomes(self.engine_id, self.epoch, self.worker, self.peers,
+                                 self.transfers, timeouts=self.timeouts,
+                                 recompute=c.kv_load_failure_policy == "recompute",
                                  counters=self.counters)
-
-    # ---- metadata and compatibility ----------------------------------------------------
-    def _metadata(self, engine: Any, kv_cache: torch.Tensor) -> EngineMetadata:
-        return build_metadata(engine, kv_cache, self.engine_id, self.control, self.worker)
+        self.inbox = Inbox(self)
 
     def _compat_error(self, peer: EngineMetadata) -> str | None:
         return compat_error(self.metadata, peer)
 
-    def bind(self, scheduler: Scheduler) -> None:
-        """Remember the scheduler (finished loads and freed holds go to it)."""
-        self._sched = scheduler
-
-    @property
-    def sched(self) -> Scheduler:
-        """The bound scheduler."""
-        assert self._sched is not None, "bind() first"
-        return self._sched
-
     # ---- request life cycle ------------------------------------------------------------
     def on_request_arrival(self, req: Request) -> None:
         """Create the transfer for a request that carries kv_transfer_params."""
-        p = req.kv_transfer_params or {}
-        t = transfer_from_params(p, req.request_id, self.mode, time.monotonic(),
+        p = req.kv_transfer_params
+        if p is None or p.role_error() is not None:
+            return
+        t = transfer_from_params(p, req.request_id, TransferMode(self.mode), time.monotonic(),
                                  layerwise=self.layerwise)
-        if t is None:
+        if t.transfer_id in self.transfers or t.transfer_id in self.outcomes.parked:
+            t.request_id = req.request_id  # fails this request alone, not the live transfer
+            self.outcomes.out.load_failed.append(self._reused_id_failure(t))
             return
-        if t.transfer_id in self.transfers:
-            logger.warning("duplicate transfer_id %s ignored", t.transfer_id)
-            return
-        role = t.role
-        tomb = self.peers.tombstones.pop(t.transfer_id, None)
         self.transfers[t.transfer_id] = t
         self._by_request[req.request_id] = t.transfer_id
-        if tomb is not None:
-            self.fail(t, f"the peer already gave up on this transfer: {tomb[0]}",
-                      notify_peer=False)
+        t.num_tokens = req.num_prompt_tokens
+        tomb = self.peers.tombstones.pop(t.transfer_id, None)
+        error = self._params_error(t, p, req) if tomb is None else \
+            f"the peer already gave up on this transfer: {tomb[0]}"
+        if error is not None:
+            self.fail(t, error, notify_peer=tomb is None)
             return
-        if role is TransferRole.CONSUMER_READ:
-            t.remote_block_ids = list(p.get("remote_block_ids") or [])
-            if int(p.get("remote_num_tokens", -1)) != req.num_prompt_tokens:
-                self.fail(t, f"prefill computed {p.get('remote_num_tokens')} tokens but this "
-                             f"request has {req.num_prompt_tokens}")
-                return
-        if role.posts_ops:
-            self.peers.start_hello(t)
-        if role is TransferRole.PRODUCER_WRITE:
+        if t.role is not TransferRole.PRODUCER_READ:
+            self.peers.start_hello(t)  # identifies the peer before any of its messages count
+        if t.role is TransferRole.PRODUCER_WRITE:
             t.start_clock(time.monotonic())  # waits for the decode's remote_blocks
-        if role is TransferRole.PRODUCER_WRITE and t.transfer_id in self.peers.early:
-            self._on_remote_blocks(t, self.peers.early.pop(t.transfer_id)[0])
+            if t.transfer_id in self.peers.early:
+                self.inbox.on_remote_blocks(t, self.peers.early.pop(t.transfer_id)[0])
+
+    def _reused_id_failure(self, t: Transfer) -> Any:
+        from connectors.base import LoadFailure
+
+        logger.warning("transfer_id %s is already in use; request %s refused", t.transfer_id,
+                       t.request_id)
+        return LoadFailure(t.request_id, f"transfer_id {t.transfer_id} is already in use",
+                           recompute=False)
+
+    def _params_error(self, t: Transfer, p: KVTransferParams, req: Request) -> str | None:
+        """Why a request's params cannot start its transfer (None when they can)."""
+        if t.role is not TransferRole.PRODUCER_READ and (
+                t.peer_host is None or t.peer_handshake_port is None
+                or t.peer_notify_port is None or t.peer_engine_id is None):
+            return "kv_transfer_params lack the peer's engine id, host or ports"
+        if t.role is not TransferRole.CONSUMER_READ:
+            return None
+        if p.remote_epoch is None or p.remote_generation is None or p.remote_block_ids is None:
+            return ("kv_transfer_params lack the prefill's epoch, generation or block ids: "
+                    "that KV cannot be vouched for")
+        if p.remote_num_tokens != req.num_prompt_tokens:
+            return (f"prefill computed {p.remote_num_tokens} tokens but this request has "
+                    f"{req.num_prompt_tokens}")
+        t.remote_block_ids = list(p.remote_block_ids)
+        return None  # counted and bounded once the handshake gave the peer's pool
 
     def can_schedule(self, req: Request) -> bool:
         """A WRITE prefill waits until the decode has allocated its destination blocks, so a
@@ -173,7 +176,9 @@ class PDConnector(KVConnector):
         if t.role is TransferRole.CONSUMER_WRITE:
             self.peers.send(t, self._remote_blocks_msg(t, []))
         else:
-            self.peers.send(t, Release(transfer_id=t.transfer_id, engine_id=self.engine_id))
+            assert t.peer_generation is not None
+            self.peers.send(t, Release(transfer_id=t.transfer_id, engine_id=self.engine_id,
+                                       epoch=self.epoch, generation=t.peer_generation))
         t.move(TransferState.DONE)
         self.outcomes.forget(t)
 
@@ -187,6 +192,7 @@ class PDConnector(KVConnector):
         t.local_block_ids = list(req.block_ids[:num_blocks])
         t.num_tokens = req.num_external_tokens
         if t.role is TransferRole.CONSUMER_WRITE:
+            t.announced = True
             self.peers.send(t, self._remote_blocks_msg(t, t.local_block_ids))
         else:
             self._try_post(t)
@@ -194,49 +200,56 @@ class PDConnector(KVConnector):
     def _remote_blocks_msg(self, t: Transfer, blocks: list[int]) -> RemoteBlocks:
         m = self.metadata
         return RemoteBlocks(transfer_id=t.transfer_id, engine_id=self.engine_id,
-                            block_ids=blocks, num_tokens=t.num_tokens, host=m.host,
+                            epoch=self.epoch, generation=t.generation, block_ids=blocks,
+                            num_tokens=t.num_tokens, host=m.host,
                             handshake_port=m.handshake_port, notify_port=m.notify_port)
 
-    def on_request_finished(self, req: Request) -> str | None:
-        """Return the hold key if the request's blocks must outlive it."""
+    def on_request_finished(self, req: Request) -> FinishAction:
+        """Hold the blocks of a prefill whose KV a peer will consume (or that an op may still
+        touch); a prefill whose transfer already failed ends with that error."""
         tid = self._by_request.pop(req.request_id, None)
-        t = self.transfers.get(tid or "")
+        t = self.transfers.get(tid or "") or self._parked(tid)
         if t is None:
-            return None
-        if t.role.is_producer and t.terminal and req.status.value in _OK_FINISH:
-            from disagg.request import RequestStatus  # the prefill is useless without its KV
-
-            req.status, req.error = RequestStatus.FINISHED_ERROR, \
-                f"KV transfer {t.transfer_id} {t.state.value}: {t.error}"
-        elif t.role.is_producer and not t.terminal and req.status.value in _OK_FINISH:
+            return FinishAction()
+        ok = req.status.value in _OK_FINISH
+        if t.role.is_producer and t.terminal and ok:
+            return FinishAction(error=f"KV transfer {t.transfer_id} {t.state.value}: {t.error}")
+        if t.role.is_producer and not t.terminal and ok:
             t.start_clock(time.monotonic())
             t.request_finished, t.holds_blocks = True, True
             t.local_block_ids, t.num_tokens = list(req.block_ids), req.num_prompt_tokens
-            if t.role is TransferRole.PRODUCER_READ:
-                req.kv_transfer_params = self._read_params(t, req)
+            if self.cfg.verify_kv and t.role is TransferRole.PRODUCER_READ:
+                t.digests = self.worker.digests(t.local_block_ids)
             # WRITE posts at the next update_connector_output: the scheduler moves the blocks
             # to this transfer's key only after this hook returns.
-            return t.transfer_id
+            return FinishAction(hold_key=t.transfer_id, kv_transfer_params=self._read_params(t)
+                                if t.role is TransferRole.PRODUCER_READ else None)
         if not t.terminal:
             self.fail(t, req.error or f"request ended ({req.status.value}) before the KV "
                                       "transfer completed", notify_request=False)
-        if t.handles and not t.holds_blocks:
+        if t.handles and not t.holds_blocks and req.block_ids:
             t.holds_blocks, t.local_block_ids = True, list(req.block_ids)
-            return t.transfer_id  # a one-sided op may still read or write these blocks
-        return None
+            return FinishAction(hold_key=t.transfer_id)  # an op may still touch these blocks
+        return FinishAction()
 
-    def _read_params(self, t: Transfer, req: Request) -> dict[str, Any]:
-        return {"transfer_id": t.transfer_id, "remote_engine_id": self.engine_id,
-                "remote_host": self.host, "remote_handshake_port": self.handshake_port,
-                "remote_notify_port": self.notify_port, "remote_block_ids": t.local_block_ids,
-                "remote_num_tokens": req.num_prompt_tokens, "mode": "read"}
+    def _parked(self, tid: str | None) -> Transfer | None:
+        p = self.outcomes.parked.get(tid or "")
+        return None if p is None else p.transfer
+
+    def _read_params(self, t: Transfer) -> KVTransferParams:
+        return KVTransferParams(
+            transfer_id=t.transfer_id, remote_engine_id=self.engine_id, remote_host=self.host,
+            remote_handshake_port=self.handshake_port, remote_notify_port=self.notify_port,
+            remote_block_ids=t.local_block_ids, remote_num_tokens=t.num_tokens,
+            remote_epoch=self.epoch, remote_generation=t.generation, mode=TransferMode.READ)
 
     # ---- the step hook -------------------------------------------------------------------
-    def update_connector_output(self) -> None:
-        """Notifications, posting deferred work, polling, expiry, leases: once per step."""
+    def update_connector_output(self) -> ConnectorOutput:
+        """Notifications, posting deferred work, polling, expiry, leases: once per step.
+        Returns what the scheduler must apply."""
         now = time.monotonic()
         for msg in self.control.drain():
-            self._on_notification(msg, now)
+            self.inbox.handle(msg, now)
         for t in list(self.transfers.values()):
             if t.terminal:
                 continue
@@ -249,59 +262,25 @@ class PDConnector(KVConnector):
                              f"in state {t.state.value} (peer {t.peer_engine_id} at "
                              f"{t.peer_host}:{t.peer_handshake_port})",
                           state=TransferState.EXPIRED)
-        self.outcomes.drain_settled(now)
+        self.outcomes.step_parked(now)
         self.peers.expire(now)
         self.peers.refresh_leases(self.transfers.values())
-
-    def _on_notification(self, msg: Notification, now: float) -> None:
-        if isinstance(msg, Lease):
-            for tid in msg.transfer_ids:
-                t = self.transfers.get(tid)
-                if t is not None:
-                    t.last_lease_s = now
-            return
-        t = self.transfers.get(msg.transfer_id)
-        if t is None:
-            if isinstance(msg, RemoteBlocks):
-                self.peers.early[msg.transfer_id] = (msg, now)  # WRITE: D raced ahead of P
-            elif isinstance(msg, TransferFailed):  # the peer gave up before we knew it
-                self.peers.early.pop(msg.transfer_id, None)
-                self.peers.tombstones[msg.transfer_id] = (msg.reason, now)
-            else:
-                self.counters["notifications_unknown_total"] += 1
-            return
-        t.last_lease_s = now
-        if isinstance(msg, RemoteBlocks) and t.role is TransferRole.PRODUCER_WRITE:
-            self._on_remote_blocks(t, msg)
-        elif isinstance(msg, WriteDone) and t.role is TransferRole.CONSUMER_WRITE:
-            self.outcomes.complete(t)
-        elif isinstance(msg, Release) and t.role is TransferRole.PRODUCER_READ:
-            self.outcomes.complete(t)
-        elif isinstance(msg, TransferFailed):
-            self.fail(t, f"peer {msg.engine_id} failed the transfer: {msg.reason}",
-                      notify_peer=False)
-        else:
-            self.counters["notifications_unknown_total"] += 1
-
-    def _on_remote_blocks(self, t: Transfer, msg: RemoteBlocks) -> None:
-        t.remote_block_ids = list(msg.block_ids)
-        if not t.remote_block_ids:
-            t.layerwise = False  # a one-token prompt: nothing to stream, done at its end
-        t.peer_engine_id, t.peer_host = msg.engine_id, msg.host
-        t.peer_handshake_port, t.peer_notify_port = msg.handshake_port, msg.notify_port
-        self.peers.start_hello(t)
-        self._try_post(t)
+        return self.outcomes.take_output()
 
     # ---- posting and polling -------------------------------------------------------------
     def _peer(self, t: Transfer) -> str | None:
-        """The peer's engine id once its handshake succeeded; fails t if it was refused."""
+        """The peer's engine id once its handshake succeeded and t's remote block ids fit its
+        pool; fails t otherwise."""
         peer, error = self.peers.resolve(t)
+        if error is None and peer is not None:
+            error = remote_blocks_error(t, self.metadata.block_size)
         if error is not None:
             self.fail(t, error)
+            return None
         return peer
 
     def _try_post(self, t: Transfer) -> None:
-        if t.terminal or t.handles:
+        if t.terminal or t.handles or t.verifying_s is not None:
             return
         if t.role is TransferRole.PRODUCER_WRITE:
             if t.remote_block_ids is None:
@@ -320,9 +299,6 @@ class PDConnector(KVConnector):
         if peer is None or t.terminal:
             return
         assert t.remote_block_ids is not None
-        if len(t.remote_block_ids) < len(t.local_block_ids) and not t.role.is_producer:
-            self.fail(t, "the prefill returned fewer blocks than the prompt needs")
-            return
         n = min(len(t.local_block_ids), len(t.remote_block_ids))
         op = TransferOp.WRITE if t.role is TransferRole.PRODUCER_WRITE else TransferOp.READ
         handle, nbytes = self.worker.post(op, peer, t.local_block_ids[:n], t.remote_block_ids[:n])
@@ -335,7 +311,7 @@ class PDConnector(KVConnector):
         if t.stream_peer is None:
             t.stream_peer = self._peer(t)
         elif t.request_finished:
-            self.outcomes.complete(t)
+            self._producer_done(t)
 
     def _poll(self, t: Transfer) -> None:
         """Fail on any failed op; release the settled ones; a posted whole batch is done."""
@@ -349,8 +325,19 @@ class PDConnector(KVConnector):
             if s is TransferStatus.DONE:
                 self.worker.release(h)
         t.handles = [h for h, s in states if s is TransferStatus.PENDING]
-        if not t.handles and not t.layerwise:
-            self.outcomes.complete(t)
+        if t.handles or t.layerwise:
+            return
+        if t.role is TransferRole.CONSUMER_READ:
+            self.inbox.landed(t)
+        else:
+            self._producer_done(t)
+
+    def _producer_done(self, t: Transfer) -> None:
+        """Every write landed: digests (verify_kv), then write_done."""
+        if self.cfg.verify_kv and t.remote_block_ids:
+            n = min(len(t.local_block_ids), len(t.remote_block_ids))
+            t.digests = self.worker.digests(t.local_block_ids[:n])
+        self.outcomes.complete(t)
 
     # ---- layerwise WRITE -----------------------------------------------------------------
     def layer_hook(self, out: SchedulerOutput) -> LayerHook | None:
@@ -369,21 +356,26 @@ class PDConnector(KVConnector):
 
     # ---- terminal states (pd_outcome.py) ------------------------------------------------
     def fail(self, t: Transfer, reason: str, *, state: TransferState = TransferState.FAILED,
-             notify_peer: bool = True, notify_request: bool = True) -> None:
+             notify_peer: bool = True, notify_request: bool = True,
+             refused: bool = False) -> None:
         """Terminal failure: tell the peer, settle the request, free what is safe to free."""
         self.outcomes.fail(t, reason, state=state, notify_peer=notify_peer,
-                           notify_request=notify_request)
+                           notify_request=notify_request, refused=refused)
 
     # ---- KVConnector API -----------------------------------------------------------------
     def busy(self) -> bool:
-        """Outstanding transfers, draining ops or early notifications."""
-        return bool(self.transfers or self.outcomes.draining or self.peers.early)
+        """Outstanding transfers, parked blocks or early notifications."""
+        return bool(self.transfers or self.outcomes.parked or self.peers.early)
 
     def metrics(self) -> dict[str, float]:
         """Counters plus gauges."""
+        faults = self.cfg.faults
         return {**self.counters, "transfers_active": float(len(self.transfers)),
+                "blocks_parked": float(self.outcomes.num_parked_blocks),
                 "notifications_malformed_total": float(self.control.malformed),
-                "handshakes_refused_total": float(self.control.refused)}
+                "control_errors_total": float(self.control.handler_errors),
+                "handshakes_refused_total": float(self.control.refused),
+                "faults_injected_total": float(faults.injected if faults else 0)}
 
     def abort_transfer(self, transfer_id: str) -> bool:
         """Proxy cleanup: fail a transfer (the request, if any, is aborted by the engine)."""
@@ -398,3 +390,23 @@ class PDConnector(KVConnector):
         """Stop the control plane and the transport."""
         self.control.close()
         self.worker.close()
+
+
+def remote_blocks_error(t: Transfer, block_size: int) -> str | None:
+    """Why t's remote block ids cannot be used against its (handshaken) peer, else None:
+    every id must lie in the peer's pool and none may repeat (a repeated destination would
+    overlap two writes)."""
+    ids = t.remote_block_ids or []
+    if t.peer_num_blocks is not None and ids and max(ids) >= t.peer_num_blocks:
+        return (f"block id {max(ids)} is outside peer {t.peer_engine_id}'s pool of "
+                f"{t.peer_num_blocks} blocks")
+    if len(set(ids)) != len(ids):
+        return "the peer's block ids repeat"
+    if t.role is TransferRole.PRODUCER_WRITE and t.num_tokens:
+        need = -(-(t.num_tokens - 1) // block_size)
+        if len(ids) != need:
+            return (f"the decode announced {len(ids)} blocks for a prompt that needs {need}: "
+                    "not the same prompt")
+    if t.role is TransferRole.CONSUMER_READ and len(ids) < len(t.local_block_ids):
+        return "the prefill returned fewer blocks than the prompt needs"
+    return None

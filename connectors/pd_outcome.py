@@ -1,67 +1,94 @@
 """How a transfer ends on this side of the P/D connector.
 
 Every terminal state (DONE, FAILED, EXPIRED) counts itself, tells the peer what it must know,
-settles the request (a consumer's request resumes, recomputes or fails; a producer's fails if
-nobody will consume it) and frees the blocks it holds, but only once no one-sided op can still
-touch them: a failed transfer with ops pending is "draining" until they settle or time out.
+reports what the scheduler must do with the request (it resumes, recomputes or fails; a
+producer's fails if nobody will consume it) and which holds to free. Blocks are given back
+only once nothing can still touch them; until then the transfer is *parked*:
+  - ops this side posted are pending: parked until they settle (or ``transfer_timeout``, then
+    cancelled);
+  - a WRITE consumer that announced its blocks: parked until the producer says ``quiesced``
+    (no op of it can still write them), sends ``write_done``/``transfer_failed(quiesced)``, or
+    is gone for sure (its port refuses connections or another engine answers there). Until then
+    it is asked again each heartbeat. A producer frozen for good keeps those blocks held
+    (counted, visible in the ledger), never handed to another request.
+A WRITE producer whose ops settled tells its consumer ``quiesced``.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
+from connectors.base import ConnectorOutput, LoadFailure
 from connectors.pd_peers import PeerLinks
 from connectors.pd_worker import PDWorkerSide
-from connectors.protocol import Release, TransferFailed, WriteDone
+from connectors.protocol import Quiesce, Quiesced, TransferFailed, WriteDone
 from connectors.transfer import Timeouts, Transfer, TransferRole, TransferState
 from connectors.transports.base import TransferStatus
-
-if TYPE_CHECKING:
-    from disagg.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 
 
-class Outcomes:
-    """The terminal transitions of one connector's transfers."""
+@dataclass(eq=False, slots=True)
+class Parked:
+    """A terminal transfer whose blocks must not be reused yet."""
 
-    def __init__(self, engine_id: str, worker: PDWorkerSide, peers: PeerLinks,
-                 transfers: dict[str, Transfer], sched: Callable[[], Scheduler], *,
-                 timeouts: Timeouts, policy: str, counters: dict[str, float]) -> None:
-        self.engine_id = engine_id
+    transfer: Transfer
+    drain_deadline_s: float
+    """Pending ops are cancelled after this."""
+    needs_quiesce: bool
+    """WRITE consumer: wait until the producer cannot write our blocks any more."""
+    quiesced: bool = False
+    next_ask_s: float = 0.0
+    probe: concurrent.futures.Future[bool] | None = None
+
+
+class Outcomes:
+    """The terminal transitions of one connector's transfers, and the parked ones."""
+
+    def __init__(self, engine_id: str, epoch: int, worker: PDWorkerSide, peers: PeerLinks,
+                 transfers: dict[str, Transfer], *, timeouts: Timeouts, recompute: bool,
+                 counters: dict[str, float]) -> None:
+        self.engine_id, self.epoch = engine_id, epoch
         self.worker = worker
         self.peers = peers
         self.transfers = transfers
-        self._sched = sched
         self.timeouts = timeouts
-        self.policy = policy
+        self.recompute = recompute
         self.counters = counters
-        self.draining: list[tuple[Transfer, float]] = []
-        """Failed transfers whose blocks wait for their pending ops (with a deadline)."""
+        self.parked: dict[str, Parked] = {}
+        self.out = ConnectorOutput()
+
+    def take_output(self) -> ConnectorOutput:
+        """What the scheduler must apply (reset after each call)."""
+        out, self.out = self.out, ConnectorOutput()
+        return out
 
     def complete(self, t: Transfer) -> None:
-        """DONE: count it, tell the peer (release / write_done), wake a consumer's request."""
+        """DONE: count it, tell a WRITE consumer (write_done), let a consumer's request run."""
         t.move(TransferState.DONE)
         self.counters["transfers_done_total"] += 1
         self.counters["bytes_moved_total"] += t.bytes_moved
         if t.posted_s is not None:
             self.counters["transfer_seconds_sum"] += time.monotonic() - t.posted_s
             self.counters["transfer_seconds_count"] += 1
-        if t.role is TransferRole.CONSUMER_READ:
-            self.peers.send(t, Release(transfer_id=t.transfer_id, engine_id=self.engine_id))
-        elif t.role is TransferRole.PRODUCER_WRITE:
-            self.peers.send(t, WriteDone(transfer_id=t.transfer_id, engine_id=self.engine_id))
+        if t.role is TransferRole.PRODUCER_WRITE:
+            assert t.peer_generation is not None
+            self.peers.send(t, WriteDone(transfer_id=t.transfer_id, engine_id=self.engine_id,
+                                         epoch=self.epoch, generation=t.peer_generation,
+                                         digests=t.digests))
         if not t.role.is_producer:
-            self._sched().on_remote_kv(t.request_id, None, recompute=False)
+            self.out.loaded.append(t.request_id)
         self.free_if_held(t)
         self.forget(t)
 
     def fail(self, t: Transfer, reason: str, *, state: TransferState = TransferState.FAILED,
-             notify_peer: bool = True, notify_request: bool = True) -> None:
-        """Terminal failure: tell the peer, settle the request, free what is safe to free."""
+             notify_peer: bool = True, notify_request: bool = True,
+             refused: bool = False) -> None:
+        """Terminal failure: tell the peer, settle the request, free what is safe to free.
+        ``refused``: the KV landed but could not be vouched for (counted apart)."""
         if t.terminal:
             return
         t.move(state, reason)
@@ -69,60 +96,115 @@ class Outcomes:
         key = "transfers_expired_total" if state is TransferState.EXPIRED \
             else "transfers_failed_total"
         self.counters[key] += 1
+        if refused:
+            self.counters["kv_refused_total"] += 1
         logger.warning("KV transfer %s %s: %s", t.transfer_id, state.value, reason)
         if notify_peer:
-            self.peers.send(t, TransferFailed(transfer_id=t.transfer_id,
-                                              engine_id=self.engine_id, reason=reason))
+            quiesced = t.role is TransferRole.PRODUCER_WRITE and not t.handles
+            self.peers.send(t, TransferFailed(transfer_id=t.transfer_id, engine_id=self.engine_id,
+                                              epoch=self.epoch, reason=reason[:2000],
+                                              quiesced=quiesced))
+        needs_quiesce = t.role is TransferRole.CONSUMER_WRITE and t.announced
+        if (t.handles or needs_quiesce) and not t.role.is_producer and not t.holds_blocks:
+            self.out.park.append((t.request_id, t.transfer_id))  # keep them off other requests
+            t.holds_blocks = True
         if notify_request:
-            self._settle_request(t, reason)
-        if t.handles:
-            self.peers.forget_hello(t)  # a failed one-sided op may mean a restarted peer
-            self.draining.append((t, time.monotonic() + self.timeouts.transfer_timeout_s))
+            self._settle_request(t, f"KV transfer failed: {reason}")
+        if t.handles or needs_quiesce:
+            if t.handles:
+                self.peers.forget_hello(t)  # a failed one-sided op may mean a restarted peer
+            self.parked[t.transfer_id] = Parked(
+                t, time.monotonic() + self.timeouts.transfer_timeout_s, needs_quiesce)
         else:
             self.free_if_held(t)
         self.forget(t)
 
-    def _settle_request(self, t: Transfer, reason: str) -> None:
-        sched = self._sched()
-        req = sched.requests.get(t.request_id)
-        if req is None or req.is_finished:
-            return
-        from disagg.request import RequestStatus
-
-        if t.role.is_producer:  # nobody will consume this prefill: end it with the reason
-            sched.finish(req, RequestStatus.FINISHED_ERROR, f"KV transfer failed: {reason}")
-        elif t.request_id in sched.remote_wait:
-            sched.on_remote_kv(t.request_id, f"KV transfer failed: {reason}",
-                               recompute=self.policy == "recompute")
-        elif self.policy == "recompute":
-            req.kv_transfer_params = None  # still queued: it will prefill locally
+    def _settle_request(self, t: Transfer, error: str) -> None:
+        if t.role.is_producer:
+            if not t.request_finished:  # nobody will consume this prefill: end it
+                self.out.producer_failed.append((t.request_id, error))
         else:
-            sched.finish(req, RequestStatus.FINISHED_ERROR, f"KV transfer failed: {reason}")
+            self.out.load_failed.append(LoadFailure(t.request_id, error, self.recompute))
 
-    def drain_settled(self, now: float) -> None:
-        """Free blocks of failed transfers once their pending ops settle (or time out)."""
-        keep = []
-        for t, deadline in self.draining:
-            if now < deadline and any(self.worker.poll(h) is TransferStatus.PENDING
-                                      for h in t.handles):
-                keep.append((t, deadline))
+    def _settled(self, t: Transfer) -> None:
+        """Nothing of ours can touch t's blocks any more: free them, and tell a WRITE consumer
+        that we will not write its blocks."""
+        self.free_if_held(t)
+        if t.role is TransferRole.PRODUCER_WRITE and t.remote_block_ids:
+            self.peers.send(t, Quiesced(transfer_id=t.transfer_id, engine_id=self.engine_id,
+                                        epoch=self.epoch))
+
+    # ---- parked transfers --------------------------------------------------------------
+    def step_parked(self, now: float) -> None:
+        """Free the parked transfers that became safe; ask the others' peers again."""
+        for tid, p in list(self.parked.items()):
+            t = p.transfer
+            if t.handles and now < p.drain_deadline_s and any(
+                    self.worker.poll(h) is TransferStatus.PENDING for h in t.handles):
                 continue
             self.release_handles(t)
-            self.free_if_held(t)
-        self.draining = keep
+            if p.needs_quiesce and not p.quiesced:
+                self._ask_quiesce(p, now)
+                if not p.quiesced:
+                    continue
+            del self.parked[tid]
+            self._settled(t)
 
+    def _ask_quiesce(self, p: Parked, now: float) -> None:
+        t = p.transfer
+        if p.probe is not None and p.probe.done():
+            p.quiesced = not p.probe.exception() and p.probe.result()
+            p.probe = None
+            if p.quiesced:
+                logger.warning("KV transfer %s: producer %s is gone; its blocks are freed",
+                               t.transfer_id, t.peer_engine_id)
+                return
+        if now < p.next_ask_s:
+            return
+        p.next_ask_s = now + self.timeouts.heartbeat_interval_s
+        self.peers.send(t, Quiesce(transfer_id=t.transfer_id, engine_id=self.engine_id,
+                                   epoch=self.epoch))
+        if p.probe is None and t.peer_host is not None and t.peer_handshake_port is not None \
+                and t.peer_engine_id is not None and t.peer_epoch is not None:
+            p.probe = self.peers.control.probe_gone(t.peer_host, int(t.peer_handshake_port),
+                                                    t.peer_engine_id, t.peer_epoch)
+
+    def on_quiesced(self, transfer_id: str, engine_id: str, epoch: int) -> bool:
+        """The producer of a parked WRITE cannot write our blocks any more; True if that
+        parked transfer was waiting for it."""
+        p = self.parked.get(transfer_id)
+        if p is None or not p.needs_quiesce:
+            return False
+        t = p.transfer
+        if (t.peer_engine_id, t.peer_epoch) not in ((engine_id, epoch), (engine_id, None)):
+            self.counters["notifications_wrong_peer_total"] += 1
+            return False
+        p.quiesced = True
+        return True
+
+    def draining(self, transfer_id: str) -> bool:
+        """A parked transfer with ops of ours still pending."""
+        p = self.parked.get(transfer_id)
+        return p is not None and bool(p.transfer.handles)
+
+    # ---- helpers -----------------------------------------------------------------------
     def release_handles(self, t: Transfer) -> None:
-        """Forget t's ops in the worker."""
+        """Forget t's ops in the worker (cancelling pending ones)."""
         for h in t.handles:
             self.worker.release(h)
         t.handles = []
 
     def free_if_held(self, t: Transfer) -> None:
-        """Give t's held blocks back to the scheduler."""
+        """Give t's held blocks back (the scheduler frees them)."""
         if t.holds_blocks:
             t.holds_blocks = False
-            self._sched().free_held(t.transfer_id, t.local_block_ids)
+            self.out.free_holds.append(t.transfer_id)
 
     def forget(self, t: Transfer) -> None:
         """Drop a terminal transfer from the live table."""
         self.transfers.pop(t.transfer_id, None)
+
+    @property
+    def num_parked_blocks(self) -> int:
+        """Blocks held by parked transfers (a gauge)."""
+        return sum(len(p.transfer.local_block_ids) for p in self.parked.values())

@@ -1,15 +1,21 @@
-"""The P/D connector's view of its peers: cached handshakes, notifications sent to them, the
-leases it keeps on their transfers, and notifications that arrived before their transfer.
+"""The P/D connector's view of its peers: who they are (identified by handshake), cached
+handshakes, notifications sent to them, the leases it keeps on their transfers, and
+notifications that arrived before their transfer.
 
 A handshake is started once per peer address and shared by every transfer with that peer; a
-failed one is retried on the next transfer, and one whose engine id no longer matches (the
-peer restarted on the same ports) is replaced.
+failed one is retried on the next transfer. A peer is the pair (engine id, epoch): one that
+restarted on the same ports is another peer, and the KV its predecessor held is gone, so a
+transfer that expected the old one fails (after one fresh handshake to rule out a stale cache)
+instead of retrying forever.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import time
+from collections import OrderedDict
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from connectors.control_plane import ControlPlane
 from connectors.pd_worker import PDWorkerSide
@@ -17,10 +23,17 @@ from connectors.protocol import EngineMetadata, Notification, RemoteBlocks
 from connectors.transfer import Timeouts, Transfer
 
 Address = tuple[str, int]
+MAX_KNOWN_PEERS = 4096
+
+
+@dataclass(slots=True)
+class _Hello:
+    future: concurrent.futures.Future[EngineMetadata]
+    started_s: float
 
 
 class PeerLinks:
-    """Handshakes, sends, leases, early notifications and tombstones of one connector."""
+    """Identified peers, handshakes, sends, leases, early notifications and tombstones."""
 
     def __init__(self, control: ControlPlane, worker: PDWorkerSide, timeouts: Timeouts,
                  counters: dict[str, float]) -> None:
@@ -28,45 +41,71 @@ class PeerLinks:
         self.worker = worker
         self.timeouts = timeouts
         self.counters = counters
-        self._hellos: dict[Address, concurrent.futures.Future[EngineMetadata]] = {}
+        self._hellos: dict[Address, _Hello] = {}
+        self.known: OrderedDict[str, EngineMetadata] = OrderedDict()
+        """Peers identified by a handshake (ours to them or theirs to us), by engine id."""
         self.early: dict[str, tuple[RemoteBlocks, float]] = {}
         """WRITE: remote_blocks from a decode that raced ahead of the prefill's request."""
         self.tombstones: dict[str, tuple[str, float]] = {}
         """Transfers the peer failed before this side knew them: a late request for one must
         not use stale remote_blocks (the decode already freed those blocks)."""
 
+    # ---- identity ------------------------------------------------------------------------
+    def learn(self, meta: EngineMetadata) -> None:
+        """Remember an identified peer (bounded: the oldest is forgotten first)."""
+        self.known[meta.engine_id] = meta
+        self.known.move_to_end(meta.engine_id)
+        while len(self.known) > MAX_KNOWN_PEERS:
+            self.known.popitem(last=False)
+
+    def identify(self, engine_id: str, epoch: int) -> EngineMetadata | None:
+        """The handshaken peer that sent a message with this identity, else None."""
+        meta = self.known.get(engine_id)
+        return meta if meta is not None and meta.epoch == epoch else None
+
+    # ---- handshakes ----------------------------------------------------------------------
     @staticmethod
     def _address(t: Transfer) -> Address | None:
         if t.peer_host is None or t.peer_handshake_port is None:
             return None
         return t.peer_host, int(t.peer_handshake_port)
 
-    def start_hello(self, t: Transfer) -> None:
+    def start_hello(self, t: Transfer, *, fresh: bool = False) -> None:
         """Start the handshake with t's peer unless one is running or has succeeded."""
         addr = self._address(t)
         if addr is None:
             return
-        fut = self._hellos.get(addr)
-        if fut is None or (fut.done() and fut.exception() is not None):
+        hello = self._hellos.get(addr)
+        if fresh or hello is None or (hello.future.done() and
+                                      hello.future.exception() is not None):
             timeout = min(self.timeouts.transfer_timeout_s, 10.0)
-            self._hellos[addr] = self.control.handshake(*addr, timeout)
+            self._hellos[addr] = _Hello(self.control.handshake(*addr, timeout),
+                                        time.monotonic())
 
     def resolve(self, t: Transfer) -> tuple[str | None, str | None]:
         """``(peer engine id, None)`` once its handshake succeeded (its transport descriptor
-        is then added), ``(None, why)`` if it was refused, ``(None, None)`` while pending."""
+        is then added), ``(None, why)`` if it was refused or is not the peer t expects,
+        ``(None, None)`` while pending."""
         addr = self._address(t)
-        fut = None if addr is None else self._hellos.get(addr)
-        if addr is None or fut is None or not fut.done():
+        hello = None if addr is None else self._hellos.get(addr)
+        if addr is None or hello is None or not hello.future.done():
             return None, None
-        exc = fut.exception()
+        exc = hello.future.exception()
         if exc is not None:
             return None, str(exc)
-        meta = fut.result()
-        if t.peer_engine_id is not None and meta.engine_id != t.peer_engine_id:
-            # The peer restarted on the same ports: its cached metadata is stale.
-            del self._hellos[addr]
-            self.start_hello(t)
-            return None, None
+        meta = hello.future.result()
+        expected = (meta.engine_id if t.peer_engine_id is None else t.peer_engine_id,
+                    meta.epoch if t.peer_epoch is None else t.peer_epoch)
+        if (meta.engine_id, meta.epoch) != expected:
+            if hello.started_s < t.created_s:  # a cached answer may predate a restart
+                self.start_hello(t, fresh=True)
+                return None, None
+            return None, (f"the KV peer at {addr[0]}:{addr[1]} is now engine {meta.engine_id} "
+                          f"(epoch {meta.epoch}), not the {t.peer_engine_id} that this "
+                          "transfer's KV belongs to: it restarted, its KV is gone")
+        self.learn(meta)
+        t.peer_engine_id, t.peer_epoch, t.peer_num_blocks = (meta.engine_id, meta.epoch,
+                                                              meta.num_blocks)
         self.worker.add_peer(meta.engine_id, meta.transport_descriptor)
         return meta.engine_id, None
 
@@ -76,11 +115,16 @@ class PeerLinks:
         if addr is not None:
             self._hellos.pop(addr, None)
 
+    # ---- sending -------------------------------------------------------------------------
     def send(self, t: Transfer, msg: Notification) -> None:
         """Notify t's peer (nothing when its notify address is unknown)."""
         addr = t.peer_notify
         if addr is not None:
             self.control.send((addr[0], int(addr[1])), msg)
+
+    def reply(self, meta: EngineMetadata, msg: Notification) -> None:
+        """Notify an identified peer at the address of its handshake."""
+        self.control.send((meta.host, meta.notify_port), msg)
 
     def refresh_leases(self, transfers: Iterable[Transfer]) -> None:
         """Hand the control thread the transfers to lease (it sends them on its own timer)."""

@@ -34,6 +34,8 @@ class _Op:
     label: str
     handle: int | None = None
     error: str | None = None
+    stalled: bool = False
+    """Injected fault: counts as posted, never settles (until released)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +66,15 @@ class Posts:
         op_id = self._new(label)
         with self._lock:
             self._start_locked(op_id, op, peer, segments)
+        return op_id
+
+    def inject(self, label: str, error: str | None) -> int:
+        """An op that already failed with ``error``, or (None) one that stalls forever: what
+        an injected ``post`` fault returns instead of posting (connectors/faults.py)."""
+        op_id = self._new(label)
+        with self._lock:
+            self._ops[op_id].error = error
+            self._ops[op_id].stalled = error is None
         return op_id
 
     def post_after(self, event: Any, peer: str, segments: Batch, label: str) -> int:
@@ -109,7 +120,7 @@ class Posts:
         """Release the ops not posted yet, so they never will be; returns the other ids."""
         with self._lock:
             dropped = {i for i in op_ids if (op := self._ops.get(i)) is not None
-                       and op.handle is None and op.error is None}
+                       and op.handle is None and op.error is None and not op.stalled}
             for i in dropped:
                 del self._ops[i]
         return [i for i in op_ids if i not in dropped]

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from connectors.base import FinishAction
     from connectors.pd_connector import PDConnector
     from disagg.request import Request
 
@@ -40,6 +41,6 @@ class PDSchedulerSide:
         """Blocks exist: READ posts the read, WRITE tells the prefill where to write."""
         self._c.on_allocated(req)
 
-    def request_finished(self, req: Request) -> str | None:
+    def request_finished(self, req: Request) -> FinishAction:
         """Producer: hold the prompt's blocks for the peer. Consumer: settle the transfer."""
         return self._c.on_request_finished(req)

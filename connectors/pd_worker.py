@@ -11,9 +11,12 @@ block b is the run [b * block_bytes + l * layer_bytes, + layer_bytes):
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import torch
 
+from connectors.faults import FaultPlan
 from connectors.pd_poster import Posts
 from connectors.transports import make_transport
 from connectors.transports.base import TransferOp, TransferStatus, merge_array
@@ -24,7 +27,7 @@ class PDWorkerSide:
 
     def __init__(self, transport_name: str, agent_name: str, host: str,
                  kv_cache: torch.Tensor, options: dict[str, object],
-                 ready_timeout_s: float) -> None:
+                 ready_timeout_s: float, faults: FaultPlan | None = None) -> None:
         self.transport = make_transport(transport_name, agent_name=agent_name, host=host,
                                         **options)
         self.kv_cache = kv_cache
@@ -33,6 +36,7 @@ class PDWorkerSide:
         self.transport.register_region(kv_cache)
         self.posts = Posts(self.transport, ready_timeout_s)
         self.peers: set[str] = set()
+        self._faults = faults
 
     def descriptor(self) -> bytes:
         """This side's transport descriptor (sent in handshakes)."""
@@ -63,7 +67,30 @@ class PDWorkerSide:
             torch.cuda.current_stream().synchronize()  # the step's KV writes are complete
         rows = self.rows(local_blocks, remote_blocks)
         label = f"{op.value} of {len(rows)} runs to {peer}"
+        injected = self._injected(label)
+        if injected is not None:
+            return injected, int(rows[:, 2].sum())
         return self.posts.post(op, peer, rows, label), int(rows[:, 2].sum())
+
+    def _injected(self, label: str) -> int | None:
+        """An injected ``post`` fault's op instead of a real post (connectors/faults.py)."""
+        for f in self._faults.fire("post") if self._faults is not None else ():
+            return self.posts.inject(label, "injected fault: post failed"
+                                     if f.action == "fail" else None)
+        return None
+
+    def digests(self, block_ids: list[int]) -> list[bytes]:
+        """An 8-byte digest of each block's bytes (verify_kv; a GPU cache is copied to host)."""
+        out = []
+        for b in block_ids:
+            data = self.kv_cache[b].detach().contiguous().view(torch.uint8).cpu().numpy()
+            out.append(hashlib.blake2b(data.tobytes(), digest_size=8).digest())
+        return out
+
+    def flip_byte(self, block_id: int) -> None:
+        """Flip the first byte of a block (an injected ``landed`` fault: corruption in flight)."""
+        view = self.kv_cache[block_id].view(-1).view(torch.uint8)
+        view[0] ^= 0xFF
 
     def post_layer(self, peer: str, layer: int, local_blocks: list[int],
                    remote_blocks: list[int]) -> tuple[int, int]:
@@ -74,6 +101,9 @@ class PDWorkerSide:
         rows = self.layer_rows(layer, local_blocks, remote_blocks)
         label = f"layer {layer} write to {peer}"
         nbytes = int(rows[:, 2].sum())
+        injected = self._injected(label)
+        if injected is not None:
+            return injected, nbytes
         if not self.kv_cache.is_cuda or self.transport.stream_ordered:
             return self.posts.post(TransferOp.WRITE, peer, rows, label), nbytes
         event = torch.cuda.Event()
@@ -108,6 +138,10 @@ def block_rows(local_blocks: list[int], remote_blocks: list[int], block_bytes: i
     runs contiguous on both sides merged; built in numpy (256 blocks: ~10 us, against ~100 us
     for a list of Segments merged in Python)."""
     n = min(len(local_blocks), len(remote_blocks))
+    top = max([*local_blocks[:n], *remote_blocks[:n], 0])
+    if min([*local_blocks[:n], *remote_blocks[:n], 0]) < 0 or \
+            (top + 1) * block_bytes >= 2**62:  # int64 rows must not wrap (checked at the edge)
+        raise ValueError(f"block id {top} is out of range for {block_bytes}-byte blocks")
     rows = np.empty((n, 3), dtype=np.int64)
     rows[:, 0], rows[:, 1] = local_blocks[:n], remote_blocks[:n]
     rows[:, :2] *= block_bytes

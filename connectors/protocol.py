@@ -1,94 +1,174 @@
 """P <-> D control-plane messages (ZMQ, msgpack via msgspec). All keyed by transfer_id.
 
   handshake (REQ -> ROUTER): HandshakeRequest -> HandshakeResponse (metadata or refusal)
-  notify (PUSH -> PULL):     RemoteBlocks | WriteDone | Release | TransferFailed | Lease
+  notify (PUSH -> PULL):     RemoteBlocks | WriteDone | Release | ReleaseAck | TransferFailed
+                             | Quiesce | Quiesced | Lease
+
+Every field is typed and bounded, so a frame that decodes is already safe to read: block ids
+are in [0, 2**31), lists and strings have a length cap, ports are ports. Whether a block id is
+inside the *peer's* pool is checked against its handshake (``num_blocks``) before any use.
+
+Identity: every message names its sender's ``engine_id`` and ``epoch`` (random per engine
+start). A notification counts only when that pair is a peer this engine has identified by a
+handshake (its own to the peer, or the peer's to it), never this engine itself.
+
+Vouching for KV (the fail-closed handoff):
+  READ   D reads P's blocks, then sends ``release`` with P's epoch and generation of the hold.
+         P answers ``release_ack``: held=true only if that hold was still live when the
+         release arrived, i.e. through the whole read. D uses the KV only on held=true.
+  WRITE  D sends ``remote_blocks`` with its generation; P's ``write_done`` must echo it.
+         A consumer that gives up keeps its blocks quarantined (never reused) until the
+         producer says ``quiesced`` (no op of it can still write them) or is gone.
+  verify_kv  ``release_ack`` / ``write_done`` also carry an 8-byte digest per block, which the
+         consumer compares with what landed.
 """
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
 
-CONTROL_VERSION = 1
+from disagg.kv_transfer_params import (
+    BlockIds,
+    EngineId,
+    Epoch,
+    Generation,
+    Host,
+    NumTokens,
+    TransferId,
+)
+
+CONTROL_VERSION = 2
+MAX_FRAME_BYTES = 64 * 1024 * 1024
+"""ZMQ drops (and disconnects) any frame above this: no message can exhaust memory."""
+
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+Reason = Annotated[str, msgspec.Meta(max_length=2000)]
+Digests = Annotated[list[Annotated[bytes, msgspec.Meta(max_length=32)]],
+                    msgspec.Meta(max_length=1 << 20)]
+ShortStr = Annotated[str, msgspec.Meta(max_length=512)]
 
 
 class EngineMetadata(msgspec.Struct, kw_only=True, frozen=True):
     """What a peer must know to move KV to or from this engine."""
 
-    engine_id: str
-    host: str
-    handshake_port: int
-    notify_port: int
-    transport: str
-    transport_descriptor: bytes
-    block_size: int
-    block_bytes: int
-    num_blocks: int
-    dtype: str
-    compat_hash: str
+    engine_id: EngineId
+    epoch: Epoch
+    """Random per engine start: a restarted engine is a different peer."""
+    host: Host
+    handshake_port: Port
+    notify_port: Port
+    transport: ShortStr
+    transport_descriptor: Annotated[bytes, msgspec.Meta(max_length=1 << 20)]
+    block_size: Annotated[int, msgspec.Meta(ge=1, le=1 << 16)]
+    block_bytes: Annotated[int, msgspec.Meta(ge=1, le=1 << 40)]
+    num_blocks: Annotated[int, msgspec.Meta(ge=0, le=1 << 31)]
+    dtype: ShortStr
+    compat_hash: ShortStr
     """Hash of model, dtype and KV layout; peers must match exactly."""
-    layout: str
+    layout: ShortStr
 
 
 class HandshakeRequest(msgspec.Struct, tag="hello", kw_only=True):
     """Sent by the side that starts talking to a peer."""
 
-    version: int
+    version: Annotated[int, msgspec.Meta(ge=0, le=1 << 31)]
     metadata: EngineMetadata
+    proof: Annotated[bytes, msgspec.Meta(max_length=64)] = b""
+    """HMAC of (engine_id, epoch) under the shared auth_key, when one is configured."""
 
 
 class HandshakeResponse(msgspec.Struct, tag="hello_ack", kw_only=True):
     """Peer metadata, or why the peer refused."""
 
     metadata: EngineMetadata | None = None
-    error: str | None = None
+    error: Reason | None = None
+    proof: Annotated[bytes, msgspec.Meta(max_length=64)] = b""
 
 
-class RemoteBlocks(msgspec.Struct, tag="remote_blocks", kw_only=True):
+class _Sent(msgspec.Struct, kw_only=True):
+    """Who sent a notification (checked against the handshaken peers)."""
+
+    engine_id: EngineId
+    epoch: Epoch
+
+
+class RemoteBlocks(_Sent, tag="remote_blocks", kw_only=True):
     """D -> P (WRITE): destination blocks for a transfer are allocated."""
 
-    transfer_id: str
-    engine_id: str
-    block_ids: list[int]
-    num_tokens: int
-    host: str
-    handshake_port: int
-    notify_port: int
+    transfer_id: TransferId
+    generation: Generation
+    block_ids: BlockIds
+    num_tokens: NumTokens
+    host: Host
+    handshake_port: Port
+    notify_port: Port
 
 
-class WriteDone(msgspec.Struct, tag="write_done", kw_only=True):
-    """P -> D (WRITE): every block of the transfer is written."""
+class WriteDone(_Sent, tag="write_done", kw_only=True):
+    """P -> D (WRITE): every block of the transfer is written; echoes D's generation."""
 
-    transfer_id: str
-    engine_id: str
-
-
-class Release(msgspec.Struct, tag="release", kw_only=True):
-    """D -> P (READ): the blocks were read; free them."""
-
-    transfer_id: str
-    engine_id: str
+    transfer_id: TransferId
+    generation: Generation
+    digests: Digests | None = None
 
 
-class TransferFailed(msgspec.Struct, tag="transfer_failed", kw_only=True):
-    """Either side gave up; the receiver frees at once."""
+class Release(_Sent, tag="release", kw_only=True):
+    """D -> P (READ): the blocks were read; free them and say whether the hold was live."""
 
-    transfer_id: str
-    engine_id: str
-    reason: str
+    transfer_id: TransferId
+    generation: Generation
+    """P's generation of the hold, from P's kv_transfer_params."""
 
 
-class Lease(msgspec.Struct, tag="lease", kw_only=True):
+class ReleaseAck(_Sent, tag="release_ack", kw_only=True):
+    """P -> D (READ): whether the hold of ``generation`` was live until the release came."""
+
+    transfer_id: TransferId
+    generation: Generation
+    held: bool
+    digests: Digests | None = None
+
+
+class TransferFailed(_Sent, tag="transfer_failed", kw_only=True):
+    """Either side gave up; the receiver frees at once (a consumer: once quiesced)."""
+
+    transfer_id: TransferId
+    reason: Reason
+    quiesced: bool = False
+    """Sent by a WRITE producer: none of its ops can still write the peer's blocks."""
+
+
+class Quiesce(_Sent, tag="quiesce", kw_only=True):
+    """D -> P (WRITE): D gave up; answer ``quiesced`` once no op of yours can write my blocks."""
+
+    transfer_id: TransferId
+
+
+class Quiesced(_Sent, tag="quiesced", kw_only=True):
+    """P -> D (WRITE): no op of P can write D's blocks of this transfer any more."""
+
+    transfer_id: TransferId
+
+
+class Lease(_Sent, tag="lease", kw_only=True):
     """Heartbeat: the sender is alive and still working on these transfers."""
 
-    engine_id: str
-    transfer_ids: list[str]
+    transfer_ids: Annotated[list[TransferId], msgspec.Meta(max_length=1 << 20)]
 
 
-Notification = RemoteBlocks | WriteDone | Release | TransferFailed | Lease
+Notification = (RemoteBlocks | WriteDone | Release | ReleaseAck | TransferFailed | Quiesce
+                | Quiesced | Lease)
 notify_decoder = msgspec.msgpack.Decoder(Notification)
 hello_decoder = msgspec.msgpack.Decoder(HandshakeRequest)
 hello_ack_decoder = msgspec.msgpack.Decoder(HandshakeResponse)
 encoder = msgspec.msgpack.Encoder()
+
+
+def tag_of(msg: Notification) -> str:
+    """The wire tag of a notification (``release``, ``lease``, ...)."""
+    return str(type(msg).__struct_config__.tag)
 
 
 def kv_ports(base_port: int, dp_rank: int, tp_rank: int = 0) -> tuple[int, int]:

@@ -9,10 +9,15 @@ A layerwise WRITE producer (connectors/pd_stream.py) goes IN_FLIGHT with its fir
 post, while its prefill still runs, and is DONE once the prefill finished and every layer
 write has landed.
 
+A READ consumer stays IN_FLIGHT after its read landed until the producer's release_ack vouches
+for the hold ("verifying"); a WRITE consumer that failed keeps its blocks "quarantined" until
+the producer is quiesced (protocol.py says why).
+
 Deadlines (the clock starts when this engine begins to wait on its peer: a producer's hold at
 request finish, a consumer at block allocation, a WRITE producer at arrival, since it will not
 prefill before the decode has allocated):
   ops pending     the side that posted one-sided ops: last post + transfer_timeout
+  verifying       release sent + transfer_timeout (no ack: the KV is refused)
   otherwise       started + defer_timeout, or (once the peer leased it) last lease +
                   lease_timeout; this covers the passive side (its memory is read/written),
                   so a live but slow peer keeps the transfer and a dead one is reaped promptly,
@@ -22,8 +27,10 @@ prefill before the decode has allocated):
 from __future__ import annotations
 
 import enum
+import secrets
 from dataclasses import dataclass, field
-from typing import Any
+
+from disagg.kv_transfer_params import KVTransferParams, TransferMode
 
 
 class TransferState(enum.Enum):
@@ -113,6 +120,21 @@ class Transfer:
     """Layerwise: the peer's engine id once its handshake is done (the prefill waits for it)."""
     bytes_moved: int = 0
     error: str | None = None
+    generation: int = field(default_factory=lambda: secrets.randbits(62))
+    """This side's number for this transfer: a producer's hold (READ) or a consumer's
+    destination blocks (WRITE); the peer must echo it to be believed."""
+    peer_epoch: int | None = None
+    """The peer engine's epoch (from the params or its first identified message)."""
+    peer_generation: int | None = None
+    """The peer's generation: READ consumer (P's hold) or WRITE producer (D's blocks)."""
+    peer_num_blocks: int | None = None
+    """Size of the peer's block pool, from its handshake (bounds remote block ids)."""
+    verifying_s: float | None = None
+    """READ consumer: when the release went out; the KV waits for the producer's ack."""
+    digests: list[bytes] | None = None
+    """Producer with verify_kv: one digest per block, in transfer order."""
+    announced: bool = False
+    """WRITE consumer: its block ids went to the producer (which may write them from then)."""
 
     @property
     def terminal(self) -> bool:
@@ -126,6 +148,8 @@ class Transfer:
         if self.handles and self.role.posts_ops:
             assert self.posted_s is not None
             return self.posted_s + t.transfer_timeout_s
+        if self.verifying_s is not None:
+            return self.verifying_s + t.transfer_timeout_s
         if self.last_lease_s is not None:
             return max(self.last_lease_s + t.lease_timeout_s,
                        self.started_s + min(t.defer_timeout_s, t.lease_timeout_s))
@@ -152,22 +176,20 @@ class Transfer:
         return self.peer_host, self.peer_notify_port
 
 
-def transfer_from_params(params: dict[str, Any], request_id: str, default_mode: str,
-                         now_s: float, *, layerwise: bool) -> Transfer | None:
-    """The transfer a request's ``kv_transfer_params`` ask for (None: it asks for none).
+def transfer_from_params(params: KVTransferParams, request_id: str, default_mode: TransferMode,
+                         now_s: float, *, layerwise: bool) -> Transfer:
+    """The transfer a request's (already validated) ``kv_transfer_params`` ask for.
 
     ``do_remote_prefill`` makes this side the consumer, ``do_remote_decode`` the producer;
     the request's ``mode`` overrides the engine's. Only a WRITE producer streams layerwise."""
-    tid = params.get("transfer_id")
-    consumer, producer = params.get("do_remote_prefill"), params.get("do_remote_decode")
-    if not tid or not (consumer or producer):
-        return None
-    read = str(params.get("mode", default_mode)) == "read"
+    read = (params.mode or default_mode) is TransferMode.READ
+    consumer = params.do_remote_prefill
     role = ((TransferRole.CONSUMER_READ if read else TransferRole.CONSUMER_WRITE) if consumer
             else (TransferRole.PRODUCER_READ if read else TransferRole.PRODUCER_WRITE))
-    return Transfer(str(tid), role, request_id, now_s,
-                    peer_engine_id=params.get("remote_engine_id"),
-                    peer_host=params.get("remote_host"),
-                    peer_handshake_port=params.get("remote_handshake_port"),
-                    peer_notify_port=params.get("remote_notify_port"),
+    return Transfer(params.transfer_id, role, request_id, now_s,
+                    peer_engine_id=params.remote_engine_id, peer_host=params.remote_host,
+                    peer_handshake_port=params.remote_handshake_port,
+                    peer_notify_port=params.remote_notify_port,
+                    peer_epoch=params.remote_epoch if consumer else None,
+                    peer_generation=params.remote_generation if consumer else None,
                     layerwise=layerwise and role is TransferRole.PRODUCER_WRITE)

@@ -61,8 +61,6 @@ class EngineCore:
         self.scheduler = Scheduler(cfg.scheduler, self.pool, cfg.cache.block_size,
                                    self.plan.max_model_len,
                                    self.connector.scheduler if self.connector else None)
-        if self.connector is not None:
-            self.connector.bind(self.scheduler)
         self._sent: dict[str, int] = {}
         self._pending_logprobs: dict[str, list[TokenLogprob]] = {}
         self.held: deque[Request] = deque()
@@ -178,14 +176,18 @@ class EngineCore:
         """A step without the model: connector bookkeeping only. Runs while paused (peers'
         transfers finish or fail explicitly) and as a lockstep dummy step (an expert-parallel
         model would also run a dummy forward here to join the MoE collectives)."""
-        if self.connector is not None:
-            self.connector.update_connector_output()
+        self._connector_output()
         return self._collect_outputs([])
+
+    def _connector_output(self) -> None:
+        """The connector reports (finished and failed loads, holds to free), the scheduler
+        acts on it."""
+        if self.connector is not None:
+            self.scheduler.apply_connector_output(self.connector.update_connector_output())
 
     def step(self) -> list[EngineCoreOutput]:
         """One scheduler iteration: connector bookkeeping, schedule, execute, emit outputs."""
-        if self.connector is not None:
-            self.connector.update_connector_output()
+        self._connector_output()
         out = self.scheduler.schedule()
         touched: list[Request] = []
         if not out.is_empty:

@@ -6,15 +6,16 @@ request that needs a block when none is free preempts the newest running request
 are freed, it goes back to the front of the queue and recomputes later).
 
 Block ownership: a request owns ``request.block_ids`` from allocation until it finishes or is
-preempted; then the scheduler frees them, unless a KV connector takes them over as a held
-transfer (producer side), in which case the connector frees them in a terminal state.
+preempted; then the scheduler frees them, unless a KV connector asks to hold them under a
+transfer key (``holds``), which the scheduler frees when the connector reports the hold over.
+The connector reports, the scheduler acts: only this module changes a request's state or a
+block's owner in answer to the connector (``apply_connector_output``).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections import deque
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -23,7 +24,7 @@ from disagg.kv_cache import BlockPool, Owner, OwnerKind
 from disagg.request import Request, RequestStatus
 
 if TYPE_CHECKING:
-    from connectors.base import SchedulerConnector
+    from connectors.base import ConnectorOutput, SchedulerConnector
 
 
 @dataclass(slots=True)
@@ -53,6 +54,9 @@ class SchedulerOutput:
         return not self.chunks
 
 
+_OK_FINISH = frozenset({RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH})
+
+
 def _blocks_for(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
 
@@ -72,6 +76,8 @@ class Scheduler:
         self.remote_wait: dict[str, Request] = {}
         self.requests: dict[str, Request] = {}
         self.finished_this_step: list[Request] = []
+        self.holds: dict[str, list[int]] = {}
+        """Blocks held under a connector's transfer key (owner TRANSFER in the pool)."""
 
     # ---- queue management -------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -93,12 +99,15 @@ class Scheduler:
         self.remote_wait.pop(req.request_id, None)
         with contextlib.suppress(ValueError):
             self.waiting.remove(req)
-        held = self.connector.request_finished(req) if self.connector else None
-        owner = Owner(OwnerKind.REQUEST, req.request_id)
-        if held is not None and req.block_ids:
-            self.pool.transfer_ownership(req.block_ids, owner, Owner(OwnerKind.TRANSFER, held))
+        action = self.connector.request_finished(req) if self.connector else None
+        if action is not None and action.error is not None and status in _OK_FINISH:
+            req.status, req.error = RequestStatus.FINISHED_ERROR, action.error
+        if action is not None and action.kv_transfer_params is not None:
+            req.kv_transfer_params = action.kv_transfer_params
+        if action is not None and action.hold_key is not None:
+            self._hold(req, action.hold_key)
         elif req.block_ids:
-            self.pool.free(req.block_ids, owner)
+            self.pool.free(req.block_ids, Owner(OwnerKind.REQUEST, req.request_id))
         req.block_ids = []
         self.requests.pop(req.request_id, None)
         self.finished_this_step.append(req)
@@ -250,6 +259,41 @@ class Scheduler:
             return RequestStatus.FINISHED_LENGTH
         return None
 
+    def _hold(self, req: Request, key: str) -> None:
+        """Move a request's blocks under a connector hold (the request keeps none)."""
+        if req.block_ids:
+            self.pool.transfer_ownership(req.block_ids, Owner(OwnerKind.REQUEST, req.request_id),
+                                         Owner(OwnerKind.TRANSFER, key))
+            self.holds.setdefault(key, []).extend(req.block_ids)
+        req.block_ids = []
+
+    def apply_connector_output(self, out: ConnectorOutput) -> None:
+        """Act on what the connector reported this step (see connectors/base.py)."""
+        for request_id, key in out.park:
+            req = self.requests.get(request_id)
+            if req is not None and not req.is_finished:
+                self._hold(req, key)
+                req.num_computed_tokens = req.num_external_tokens = 0
+        for request_id in out.loaded:
+            self.on_remote_kv(request_id, None, recompute=False)
+        for f in out.load_failed:
+            self._load_failed(f.request_id, f.error, f.recompute)
+        for request_id, error in out.producer_failed:
+            req = self.requests.get(request_id)
+            if req is not None and not req.is_finished:
+                self.finish(req, RequestStatus.FINISHED_ERROR, error)
+        for key in out.free_holds:
+            self.free_held(key)
+
+    def _load_failed(self, request_id: str, error: str, recompute: bool) -> None:
+        req = self.requests.get(request_id)
+        if req is None or req.is_finished:
+            return
+        if request_id in self.remote_wait:
+            self.on_remote_kv(request_id, error, recompute)
+        elif not recompute:  # still queued: it never got its blocks
+            self.finish(req, RequestStatus.FINISHED_ERROR, error)
+
     def on_remote_kv(self, request_id: str, error: str | None, recompute: bool) -> None:
         """The connector finished receiving a request's KV (or failed to)."""
         req = self.remote_wait.pop(request_id, None)
@@ -269,6 +313,8 @@ class Scheduler:
         done, self.finished_this_step = self.finished_this_step, []
         return done
 
-    def free_held(self, transfer_key: str, block_ids: Iterable[int]) -> None:
-        """Connector callback: a held transfer ended, its blocks go back to the pool."""
-        self.pool.free(list(block_ids), Owner(OwnerKind.TRANSFER, transfer_key))
+    def free_held(self, transfer_key: str) -> None:
+        """A hold ended: its blocks go back to the pool."""
+        blocks = self.holds.pop(transfer_key, [])
+        if blocks:
+            self.pool.free(blocks, Owner(OwnerKind.TRANSFER, transfer_key))

@@ -35,11 +35,11 @@ class HandleState:
 class HandleTable:
     """Thread-safe map from integer handles to :class:`HandleState`."""
 
-    def __init__(self, transfer_timeout_s: float | None) -> None:
+    def __init__(self, op_timeout_s: float | None) -> None:
         self._lock = threading.Lock()
         self._states: dict[int, HandleState] = {}
         self._ids = itertools.count(1)
-        self._timeout_s = transfer_timeout_s
+        self._timeout_s = op_timeout_s
 
     def new(self, peer_name: str, context: Any = None) -> int:
         """Register a PENDING batch towards ``peer_name``; returns its handle."""
@@ -92,7 +92,7 @@ class HandleTable:
         if (state.status is TransferStatus.PENDING and state.deadline_s is not None
                 and time.monotonic() > state.deadline_s):
             self.finish(handle, f"transfer still pending after {self._timeout_s:.1f} s "
-                                f"(transport transfer_timeout_s) towards {state.peer_name!r}")
+                                f"(transport op_timeout_s) towards {state.peer_name!r}")
         return state.status
 
     def error(self, handle: int) -> str | None:

@@ -74,7 +74,7 @@ class IpcDescriptor(msgspec.Struct, frozen=True):
 class IpcOptions:
     """Knobs of the ipc transport."""
 
-    transfer_timeout_s: float | None = 120.0
+    op_timeout_s: float | None = 120.0
     """Backstop: a batch still PENDING this long after post is failed by poll."""
     copy: str = "auto"
     """``batch``: batched copy-engine calls; ``kernel``: one Triton launch per batch;
@@ -159,7 +159,7 @@ class IpcTransport(Transport):
             raise TransportError(reason)
         self._agent_name = agent_name
         self._opts = options or IpcOptions()
-        self._table = HandleTable(self._opts.transfer_timeout_s)
+        self._table = HandleTable(self._opts.op_timeout_s)
         self._lock = threading.Lock()
         self._peers: dict[str, _Peer] = {}
         self._region: torch.Tensor | None = None

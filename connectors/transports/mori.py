@@ -74,7 +74,7 @@ class MoriOptions:
     xgmi_num_streams: int = 64
     use_fake: bool = False
     """Run against ``connectors.transports.fake_mori`` (host memory, CPU tests)."""
-    transfer_timeout_s: float | None = 120.0
+    op_timeout_s: float | None = 120.0
     """Backstop: a batch still PENDING this long after post is failed by poll."""
 
 
@@ -132,7 +132,7 @@ class MoriTransport(Transport):
                                                self._api.IOEngineConfig(host, self._opts.port))
         _create_backend(self._api, self._engine, self._opts)
         self._lock = threading.Lock()
-        self._table = HandleTable(self._opts.transfer_timeout_s)
+        self._table = HandleTable(self._opts.op_timeout_s)
         self._peers: dict[str, _Peer] = {}
         self._mem: Any = None
         self._tensor: torch.Tensor | None = None

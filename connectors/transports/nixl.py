@@ -103,7 +103,7 @@ class NixlOptions:
     """Post a batch as up to this many NIXL requests of about equal bytes, all in flight at
     once (with several UCX workers or threads they progress in parallel); the handle is DONE
     when all are."""
-    transfer_timeout_s: float | None = 120.0
+    op_timeout_s: float | None = 120.0
     """Backstop: a batch still PENDING this long after post is failed by poll."""
 
     def __post_init__(self) -> None:
@@ -165,7 +165,7 @@ class NixlTransport(Transport):
         self._agent: Any = None
         """Created by register_region, once the memory type (and so the defaults) is known."""
         self._lock = threading.RLock()
-        self._table = HandleTable(self._opts.transfer_timeout_s)
+        self._table = HandleTable(self._opts.op_timeout_s)
         self._peers: dict[str, _Peer] = {}
         self._local: _Local | None = None
         self._closed = False

@@ -9,7 +9,7 @@ through double-buffered pinned host memory (``tcp_region``).
 
 Failure model: every socket call has a timeout (``io_timeout_s``), a dead peer shows up as a
 refused connection, a reset or EOF, a hung one as a timeout; the handle then turns FAILED with
-the reason. ``transfer_timeout_s`` is a last backstop for a batch stuck in the queue.
+the reason. ``op_timeout_s`` is a last backstop for a batch stuck in the queue.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class TcpOptions:
     """Deadline to open and authenticate one connection."""
     io_timeout_s: float = 10.0
     """Deadline of every single socket send/recv (a stalled peer fails the batch)."""
-    transfer_timeout_s: float | None = 120.0
+    op_timeout_s: float | None = 120.0
     """Backstop: a batch still PENDING this long after post is failed by poll."""
     force_staging: bool = False
     """Stage CPU regions too (tests the GPU code path on CPU)."""
@@ -127,7 +127,7 @@ class TcpTransport(Transport):
         if self._opts.max_connections_per_peer < 1:
             raise TransportError("max_connections_per_peer must be at least 1")
         self._token = secrets.token_bytes(16)
-        self._table = HandleTable(self._opts.transfer_timeout_s)
+        self._table = HandleTable(self._opts.op_timeout_s)
         self._lock = threading.Lock()
         self._peers: dict[str, PeerLink] = {}
         self._region: Region | None = None

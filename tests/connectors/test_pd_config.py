@@ -1,4 +1,4 @@
-"""kv_connector_extra_config parsing of the P/D connector."""
+"""kv_connector_extra_config parsing of the P/D connector (pd_config) and the start-up hint."""
 
 from __future__ import annotations
 
@@ -6,8 +6,14 @@ from typing import Any
 
 import pytest
 
-from connectors.pd_metadata import parse_layerwise, slow_path_hint
+from connectors.pd_config import FAULTS_ENV, parse_pd_config
+from connectors.pd_metadata import slow_path_hint
 from disagg.config import ConfigError
+from disagg.kv_transfer_params import TransferMode
+
+
+def parse_layerwise(extra: dict[str, Any], on_gpu: bool) -> bool:
+    return parse_pd_config(extra, "kv_both", on_gpu).layerwise
 
 
 @pytest.mark.parametrize(("extra", "on_gpu", "expected"), [
@@ -42,3 +48,61 @@ def test_slow_path_hint_names_only_nixl_reads_between_gpus(transport: str, mode:
     assert (hint is not None) == hinted
     if hint is not None:
         assert "mode=write" in hint and "transport=ipc" in hint
+
+
+def test_defaults_and_values_are_parsed_once() -> None:
+    cfg = parse_pd_config({"mode": "write", "kv_load_failure_policy": "recompute",
+                           "transfer_timeout": 2, "base_port": 7000, "verify_kv": True},
+                          "kv_both", False)
+    assert cfg.mode is TransferMode.WRITE and cfg.kv_load_failure_policy == "recompute"
+    assert cfg.timeouts.transfer_timeout_s == 2.0 and cfg.timeouts.defer_timeout_s == 60.0
+    assert cfg.base_port == 7000 and cfg.verify_kv and cfg.transport == "tcp"
+
+
+@pytest.mark.parametrize(("extra", "match"), [
+    ({"tranport": "tcp"}, r"unknown option\(s\) \['tranport'\]"),
+    ({"transport": "rdma"}, "transport must be one of"),
+    ({"mode": "push"}, "mode must be one of"),
+    ({"kv_load_failure_policy": "retry"}, "kv_load_failure_policy must be one of"),
+    ({"transfer_timeout": 0}, "transfer_timeout must be a positive number"),
+    ({"lease_timeout": "5"}, "lease_timeout must be a positive number"),
+    ({"defer_timeout": float("nan")}, "defer_timeout must be a positive number"),
+    ({"base_port": 70000}, r"base_port must be an integer in \[0, 65535\]"),
+    ({"host": ""}, "host must be"),
+    ({"verify_kv": "yes"}, "verify_kv must be true or false"),
+    ({"transport_options": []}, "transport_options must be an object"),
+    ({"auth_key": "short"}, "auth_key must be"),
+])
+def test_bad_options_are_one_line_errors(extra: dict[str, Any], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        parse_pd_config(extra, "kv_both", False)
+
+
+def test_write_with_a_data_parallel_prefill_is_refused() -> None:
+    with pytest.raises(ConfigError, match="data-parallel prefill"):
+        parse_pd_config({"mode": "write"}, "kv_producer", False, data_parallel_size=2)
+    assert parse_pd_config({"mode": "write"}, "kv_consumer", False, 2).mode is TransferMode.WRITE
+
+
+def test_faults_are_refused_unless_enabled(monkeypatch: pytest.MonkeyPatch) -> None:
+    faults = [{"at": "write_done", "action": "drop"}]
+    monkeypatch.delenv(FAULTS_ENV, raising=False)
+    with pytest.raises(ConfigError, match=FAULTS_ENV):
+        parse_pd_config({"faults": faults}, "kv_both", False)
+    monkeypatch.setenv(FAULTS_ENV, "1")
+    plan = parse_pd_config({"faults": faults}, "kv_both", False).faults
+    assert plan is not None and plan.faults[0].at == "write_done"
+
+
+@pytest.mark.parametrize(("faults", "match"), [
+    ([{"at": "nowhere", "action": "drop"}], "unknown point"),
+    ([{"at": "post", "action": "drop"}], "post takes"),
+    ([{"at": "landed", "action": "flip", "nth": 0}], "nth and count start at 1"),
+    ([{"at": "lease", "action": "drop", "bogus": 1}], "faults"),
+    ({"at": "lease"}, "faults"),
+])
+def test_bad_fault_rules_are_refused(monkeypatch: pytest.MonkeyPatch, faults: Any,
+                                     match: str) -> None:
+    monkeypatch.setenv(FAULTS_ENV, "1")
+    with pytest.raises(ConfigError, match=match):
+        parse_pd_config({"faults": faults}, "kv_both", False)

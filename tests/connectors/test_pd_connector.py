@@ -276,17 +276,18 @@ def test_unknown_and_malformed_notifications_are_counted(instance_factory) -> No
     sock.setsockopt(zmq.LINGER, 1000)
     sock.connect(f"tcp://{i['kv_host']}:{i['kv_notify_port']}")
     sock.send(b"\x00garbage")
-    sock.send(encoder.encode(Release(transfer_id="no-such-transfer", engine_id="x")))
+    sock.send(encoder.encode(Release(transfer_id="no-such-transfer", engine_id="x", epoch=1,
+                                     generation=1)))  # nobody this engine has handshaken
     sock.close()
     ctx.term()
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if (metric(p.url, "disagg_kv_connector_notifications_malformed_total") == 1
-                and metric(p.url, "disagg_kv_connector_notifications_unknown_total") == 1):
+                and metric(p.url, "disagg_kv_connector_notifications_unidentified_total") == 1):
             break
         time.sleep(0.2)
     assert metric(p.url, "disagg_kv_connector_notifications_malformed_total") == 1
-    assert metric(p.url, "disagg_kv_connector_notifications_unknown_total") == 1
+    assert metric(p.url, "disagg_kv_connector_notifications_unidentified_total") == 1
     _still_serves(p.url)
 
 

@@ -1,22 +1,23 @@
-"""The connector's peer links, transfers from kv_transfer_params, and option parsing, in
-isolation (the end-to-end behaviour is in test_pd_connector.py)."""
+"""The connector's peer links (identity, handshakes, sends, leases) and transfers from
+kv_transfer_params, in isolation (the end-to-end behaviour is in test_pd_connector.py)."""
 
 from __future__ import annotations
 
 import concurrent.futures
+import time
 from typing import Any
 
 import pytest
 
-from connectors.pd_metadata import parse_mode_policy
+from connectors import pd_peers
 from connectors.pd_peers import PeerLinks
 from connectors.protocol import EngineMetadata, Release, RemoteBlocks
 from connectors.transfer import Timeouts, Transfer, TransferRole, transfer_from_params
-from disagg.config import ConfigError
+from disagg.kv_transfer_params import KVParamsError, TransferMode, parse_kv_params
 
 
-def _meta(engine_id: str) -> EngineMetadata:
-    return EngineMetadata(engine_id=engine_id, host="127.0.0.1", handshake_port=7000,
+def _meta(engine_id: str, epoch: int = 1) -> EngineMetadata:
+    return EngineMetadata(engine_id=engine_id, epoch=epoch, host="127.0.0.1", handshake_port=7000,
                           notify_port=7001, transport="tcp",
                           transport_descriptor=engine_id.encode(), block_size=16,
                           block_bytes=4096, num_blocks=8, dtype="float32", compat_hash="h",
@@ -61,8 +62,8 @@ def _links() -> tuple[PeerLinks, _Control, _Worker, dict[str, float]]:
     return PeerLinks(control, worker, timeouts, counters), control, worker, counters  # type: ignore[arg-type]
 
 
-def _transfer(tid: str = "t1", peer: str | None = "P") -> Transfer:
-    return Transfer(tid, TransferRole.CONSUMER_READ, "r-" + tid, 0.0, peer_engine_id=peer,
+def _transfer(tid: str = "t1", peer: str | None = "P", created_s: float = 0.0) -> Transfer:
+    return Transfer(tid, TransferRole.CONSUMER_READ, "r-" + tid, created_s, peer_engine_id=peer,
                     peer_host="127.0.0.1", peer_handshake_port=7000, peer_notify_port=7001)
 
 
@@ -89,25 +90,57 @@ def test_refused_handshake_is_reported_and_retried_by_the_next_transfer() -> Non
     assert len(control.hellos) == 2
 
 
-def test_a_restarted_peer_is_handshaken_afresh() -> None:
+def test_a_cached_answer_older_than_the_transfer_is_handshaken_afresh_once() -> None:
     links, control, worker, _ = _links()
-    t = _transfer(peer="P-new")  # the proxy already knows the new engine id
-    links.start_hello(t)
+    old = _transfer("old", peer="P-old")
+    links.start_hello(old)
     control.futures[0].set_result(_meta("P-old"))  # cached answer of the old process
+    assert links.resolve(old) == ("P-old", None)
+    t = _transfer(peer="P-new", created_s=time.monotonic() + 1)  # the proxy knows the new id
     assert links.resolve(t) == (None, None)
-    assert len(control.hellos) == 2 and not worker.peers
+    assert len(control.hellos) == 2 and len(worker.peers) == 1
     control.futures[1].set_result(_meta("P-new"))
     assert links.resolve(t) == ("P-new", None)
+    assert t.peer_epoch == 1 and t.peer_num_blocks == 8
     links.forget_hello(t)  # after a failed op: next transfer handshakes again
     links.start_hello(t)
     assert len(control.hellos) == 3
 
 
+@pytest.mark.parametrize(("answer", "expected_epoch"), [(_meta("P-new"), None),
+                                                          (_meta("P", epoch=2), 1)])
+def test_a_fresh_answer_from_another_engine_fails_the_transfer(answer: EngineMetadata,
+                                                               expected_epoch: int | None
+                                                               ) -> None:
+    """The address now answers as another engine (or the same id, another epoch): the KV the
+    transfer expected is gone, so it fails instead of handshaking forever."""
+    links, control, worker, _ = _links()
+    t = _transfer(peer="P")
+    t.peer_epoch = expected_epoch
+    links.start_hello(t)
+    control.futures[0].set_result(answer)
+    peer, error = links.resolve(t)
+    assert peer is None and error is not None and "restarted" in error
+    assert len(control.hellos) == 1 and not worker.peers
+
+
+def test_identity_is_engine_id_and_epoch_and_the_table_is_bounded(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    links, _, _, _ = _links()
+    links.learn(_meta("P", epoch=5))
+    assert links.identify("P", 5) is not None
+    assert links.identify("P", 6) is None and links.identify("Q", 5) is None
+    monkeypatch.setattr(pd_peers, "MAX_KNOWN_PEERS", 3)
+    for i in range(5):
+        links.learn(_meta(f"E{i}"))
+    assert list(links.known) == ["E2", "E3", "E4"]
+
+
 def test_sends_and_leases_go_to_the_peers_notify_address() -> None:
     links, control, _, _ = _links()
     t, unknown = _transfer(), Transfer("u", TransferRole.PRODUCER_READ, "r-u", 0.0)
-    links.send(t, Release(transfer_id="t1", engine_id="D"))
-    links.send(unknown, Release(transfer_id="u", engine_id="D"))  # no address: dropped
+    links.send(t, Release(transfer_id="t1", engine_id="D", epoch=1, generation=2))
+    links.send(unknown, Release(transfer_id="u", engine_id="D", epoch=1, generation=2))
     assert [addr for addr, _ in control.sent] == [("127.0.0.1", 7001)]
     links.refresh_leases([t, unknown, _transfer("t3")])
     assert control.leases == {("127.0.0.1", 7001): ["t1", "t3"]}
@@ -115,7 +148,8 @@ def test_sends_and_leases_go_to_the_peers_notify_address() -> None:
 
 def test_expire_drops_old_early_notifications_and_tombstones() -> None:
     links, _, _, counters = _links()
-    early = RemoteBlocks(transfer_id="e", engine_id="D", block_ids=[1], num_tokens=3,
+    early = RemoteBlocks(transfer_id="e", engine_id="D", epoch=1, generation=2, block_ids=[1],
+                         num_tokens=3,
                          host="h", handshake_port=1, notify_port=2)
     links.early["e"], links.early["fresh"] = (early, 0.0), (early, 50.0)
     links.tombstones["x"] = ("gave up", 0.0)
@@ -134,25 +168,24 @@ def test_expire_drops_old_early_notifications_and_tombstones() -> None:
 ])
 def test_transfer_from_params_roles(params: dict[str, Any], role: TransferRole,
                                     layerwise: bool) -> None:
-    t = transfer_from_params(params, "r", "read", 1.0, layerwise=True)
-    assert t is not None and t.role is role and t.layerwise is layerwise
+    t = transfer_from_params(parse_kv_params(params), "r", TransferMode.READ, 1.0,
+                             layerwise=True)
+    assert t.role is role and t.layerwise is layerwise
     assert t.transfer_id == "a" and t.request_id == "r" and t.created_s == 1.0
 
 
-def test_transfer_from_params_without_a_transfer_is_none() -> None:
-    assert transfer_from_params({}, "r", "read", 0.0, layerwise=False) is None
-    assert transfer_from_params({"transfer_id": "a"}, "r", "read", 0.0, layerwise=False) is None
-    assert transfer_from_params({"do_remote_decode": True}, "r", "read", 0.0,
-                                layerwise=False) is None
-
-
-def test_mode_and_policy_are_validated() -> None:
-    assert parse_mode_policy({}, "kv_both", 1) == ("read", "fail")
-    assert parse_mode_policy({"mode": "write", "kv_load_failure_policy": "recompute"},
-                             "kv_consumer", 4) == ("write", "recompute")
-    with pytest.raises(ConfigError, match="mode must be read or write, got 'push'"):
-        parse_mode_policy({"mode": "push"}, "kv_both", 1)
-    with pytest.raises(ConfigError, match="kv_load_failure_policy must be fail or recompute"):
-        parse_mode_policy({"kv_load_failure_policy": "retry"}, "kv_both", 1)
-    with pytest.raises(ConfigError, match="WRITE mode with a data-parallel prefill"):
-        parse_mode_policy({"mode": "write"}, "kv_producer", 2)
+@pytest.mark.parametrize("params", [
+    {}, {"transfer_id": "a"}, {"do_remote_decode": True},
+    {"transfer_id": "a", "do_remote_decode": True, "do_remote_prefill": True},
+    {"transfer_id": "a b", "do_remote_decode": True},
+    {"transfer_id": "a", "do_remote_prefill": True, "remote_block_ids": [2**64 - 1]},
+    {"transfer_id": "a", "do_remote_prefill": True, "remote_block_ids": [2**49 + 3]},
+    {"transfer_id": "a", "do_remote_prefill": True, "remote_num_tokens": "abc"},
+    {"transfer_id": "a", "do_remote_prefill": True, "remote_handshake_port": 0},
+    {"transfer_id": "a", "do_remote_prefill": True, "mode": "push"},
+    {"transfer_id": "a", "do_remote_prefill": True, "surprise": 1},
+    [], "x", None,
+])
+def test_params_that_cannot_describe_a_transfer_are_refused_at_the_edge(params: Any) -> None:
+    with pytest.raises(KVParamsError):
+        parse_kv_params(params)

@@ -20,6 +20,7 @@ from connectors.transfer import TransferState
 from connectors.transports.base import Segment, TransferOp, TransferStatus
 from disagg.config import KVTransferConfig, SchedulerConfig
 from disagg.kv_cache import BlockPool
+from disagg.kv_transfer_params import parse_kv_params
 from disagg.request import Request, RequestStatus
 from disagg.sampling_params import SamplingParams
 from disagg.scheduler import Scheduler, SchedulerOutput
@@ -85,7 +86,6 @@ def pair(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Ite
     d = _connector("kv_consumer", "engine-D")
     sched = Scheduler(SchedulerConfig(max_num_batched_tokens=6), BlockPool(NUM_BLOCKS),
                       BLOCK_SIZE, 64, p.scheduler)
-    p.bind(sched)
     try:
         yield Pair(p=p, d=d, sched=sched, transport=transports[0])
     finally:
@@ -95,7 +95,7 @@ def pair(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Ite
 
 def _request(rid: str, n: int, params: dict[str, Any] | None) -> Request:
     return Request(rid, list(range(1, n + 1)), SamplingParams(max_tokens=1, temperature=0),
-                   None, kv_transfer_params=params)
+                   None, kv_transfer_params=None if params is None else parse_kv_params(params))
 
 
 def _write_producer(pair: Pair, rid: str, n: int, remote: list[int]) -> Request:
@@ -108,14 +108,20 @@ def _write_producer(pair: Pair, rid: str, n: int, remote: list[int]) -> Request:
     pair.sched.add_request(req)
     pair.p.on_request_arrival(req)
     pair.p.control.inbox.put(RemoteBlocks(
-        transfer_id=rid, engine_id=d.engine_id, block_ids=remote, num_tokens=n - 1,
+        transfer_id=rid, engine_id=d.engine_id, epoch=d.epoch, generation=5,
+        block_ids=remote, num_tokens=n - 1,
         host=d.host, handshake_port=d.handshake_port, notify_port=d.notify_port))
     deadline = time.monotonic() + 10
     while not pair.p.can_schedule(req):  # the handshake with the consumer completes
         assert time.monotonic() < deadline, "handshake did not complete"
-        pair.p.update_connector_output()
+        _update(pair)
         time.sleep(0.01)
     return req
+
+
+def _update(pair: Pair) -> None:
+    """The connector's step hook, applied by the scheduler (as the engine does)."""
+    pair.sched.apply_connector_output(pair.p.update_connector_output())
 
 
 def _step(pair: Pair) -> list[str]:
@@ -164,12 +170,13 @@ def test_hook_posts_each_layer_of_the_blocks_each_chunk_completes(pair: Pair) ->
     assert len(pair.transport.posts) == 2 * NUM_LAYERS
     assert t.state is TransferState.IN_FLIGHT and len(t.handles) == 2 * NUM_LAYERS
     pair.transport.settle_all(TransferStatus.DONE)
-    pair.p.update_connector_output()
+    _update(pair)
     assert "w" not in pair.p.transfers  # done: write_done sent, blocks freed
     assert pair.p.counters["bytes_moved_total"] == 3 * BLOCK_BYTES
     assert pair.p.counters["layer_posts_total"] == 2 * NUM_LAYERS
     assert pair.p.counters["transfers_done_total"] == 1
     pair.p.abort_transfer("r")
+    _update(pair)
     assert pair.sched.pool.snapshot().free == NUM_BLOCKS
 
 
@@ -177,14 +184,14 @@ def test_failed_layer_write_fails_the_prefill_and_frees_after_settling(pair: Pai
     req = _write_producer(pair, "w", 11, [9, 3, 7])
     _step(pair)
     pair.transport.status[2] = TransferStatus.FAILED  # layer 1 of the first chunk
-    pair.p.update_connector_output()
+    _update(pair)
     assert req.status is RequestStatus.FINISHED_ERROR
     assert "layer 1 write to engine-D: link down" in (req.error or "")
     assert pair.p.counters["transfers_failed_total"] == 1
     held = pair.sched.pool.snapshot()
     assert held.free < NUM_BLOCKS  # the other layer writes still read the blocks
     pair.transport.settle_all(TransferStatus.DONE)
-    pair.p.update_connector_output()
+    _update(pair)
     assert pair.sched.pool.snapshot().free == NUM_BLOCKS
     assert not pair.p.busy()
 
@@ -197,12 +204,12 @@ def test_preempted_stream_restarts_only_after_its_writes_settled(pair: Pair) -> 
     assert not pair.p.can_schedule(req)
     assert _step(pair) == []  # its old layer writes are still pending
     pair.transport.settle_all(TransferStatus.DONE)
-    pair.p.update_connector_output()
+    _update(pair)
     assert _step(pair) == ["w"]  # recomputed from position 0: block 0 written again
     assert _step(pair) == ["w"]
     assert len(pair.transport.posts) == first + 2 * NUM_LAYERS
     pair.transport.settle_all(TransferStatus.DONE)
-    pair.p.update_connector_output()
+    _update(pair)
     assert pair.p.counters["transfers_done_total"] == 1
     assert pair.sched.pool.snapshot().free == NUM_BLOCKS
 
@@ -217,11 +224,11 @@ def test_whole_prompt_write_when_layerwise_is_off(pair: Pair) -> None:
         pair.sched.update_from_output(out, {"w": 0} if out.chunks[0].samples else {})
     assert req.status is RequestStatus.FINISHED_LENGTH and not pair.transport.posts
     local = pair.p.transfers["w"].local_block_ids
-    pair.p.update_connector_output()  # the prefill ended: one WRITE of whole blocks
+    _update(pair)  # the prefill ended: one WRITE of whole blocks
     assert pair.transport.posts == [(TransferOp.WRITE, "engine-D", [
         Segment(lb * BLOCK_BYTES, rb * BLOCK_BYTES, BLOCK_BYTES)
         for lb, rb in zip(local, [9, 3, 7])])]
     pair.transport.settle_all(TransferStatus.DONE)
-    pair.p.update_connector_output()
+    _update(pair)
     assert pair.p.counters["bytes_moved_total"] == 3 * BLOCK_BYTES
     assert pair.sched.pool.snapshot().free == NUM_BLOCKS

@@ -11,7 +11,7 @@ from connectors.transports.handles import HandleTable
 
 
 def test_finish_happens_once() -> None:
-    table = HandleTable(transfer_timeout_s=None)
+    table = HandleTable(op_timeout_s=None)
     handle = table.new("p")
     assert table.status(handle) is TransferStatus.PENDING
     assert table.finish(handle)
@@ -21,15 +21,15 @@ def test_finish_happens_once() -> None:
 
 
 def test_deadline_fails_pending_on_poll() -> None:
-    table = HandleTable(transfer_timeout_s=0.05)
+    table = HandleTable(op_timeout_s=0.05)
     handle = table.new("p")
     time.sleep(0.1)
     assert table.status(handle) is TransferStatus.FAILED
-    assert "transfer_timeout_s" in (table.error(handle) or "")
+    assert "op_timeout_s" in (table.error(handle) or "")
 
 
 def test_cancel_hooks_run_on_failure_and_release_only() -> None:
-    table = HandleTable(transfer_timeout_s=None)
+    table = HandleTable(op_timeout_s=None)
     calls: list[str] = []
     done, failed, released = table.new("p"), table.new("p"), table.new("p")
     for name, handle in (("done", done), ("failed", failed), ("released", released)):
@@ -44,7 +44,7 @@ def test_cancel_hooks_run_on_failure_and_release_only() -> None:
 
 
 def test_fail_peer_touches_only_that_peer() -> None:
-    table = HandleTable(transfer_timeout_s=None)
+    table = HandleTable(op_timeout_s=None)
     a1, a2, b1 = table.new("a"), table.new("a"), table.new("b")
     table.finish(a2)
     assert table.fail_peer("a", "gone") == [a1]

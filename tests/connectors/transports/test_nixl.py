@@ -73,7 +73,7 @@ def test_agent_waits_for_the_region_and_sgl_follows_the_memory_type(
 
 
 def test_dead_peer_fails_without_hanging(make_local: MakeLocal, spawn_peer: SpawnPeer) -> None:
-    error = check_dead_peer(make_local("nixl", transfer_timeout_s=5.0), spawn_peer("nixl"),
+    error = check_dead_peer(make_local("nixl", op_timeout_s=5.0), spawn_peer("nixl"),
                             bound_s=8.0)
     assert "peer 'peer'" in error
 

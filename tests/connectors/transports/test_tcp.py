@@ -147,12 +147,12 @@ def test_release_pending_handle_forgets_it(make_local: MakeLocal,
 
 def test_backstop_deadline_fails_a_stuck_batch(make_local: MakeLocal,
                                                silent_server: socket.socket) -> None:
-    a = make_local("tcp", io_timeout_s=30.0, transfer_timeout_s=0.3)
+    a = make_local("tcp", io_timeout_s=30.0, op_timeout_s=0.3)
     a.register_region(torch.zeros(4096, dtype=torch.uint8))
     a.add_peer("stalled", _stalled_descriptor(a, silent_server.getsockname()[1]))
     status, error = wait_done(a, a.post(TransferOp.READ, "stalled", [Segment(0, 0, 16)]), 5)
     assert status == "failed"
-    assert error is not None and "transfer_timeout_s" in error
+    assert error is not None and "op_timeout_s" in error
 
 
 def _capture_requests(monkeypatch: pytest.MonkeyPatch) -> list[TcpRequest]:
