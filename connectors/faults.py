@@ -63,6 +63,12 @@ class FaultPlan:
         self._lock = threading.Lock()
         self.injected = 0
 
+    def replace(self, other: FaultPlan) -> None:
+        """Take ``other``'s rules and start counting afresh (``injected`` keeps counting)."""
+        with self._lock:
+            self.faults = other.faults
+            self._seen, self._fired = {}, {}
+
     def fire(self, point: str) -> list[Fault]:
         """Count one occurrence of ``point``; the faults that fire on it (an ``exit`` fault
         ends the process here)."""

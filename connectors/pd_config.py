@@ -7,17 +7,17 @@ nowhere else (connectors/transfer.py says which state each one bounds).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from connectors.faults import FaultPlan, parse_faults
 from connectors.transfer import Timeouts
+from disagg import envs
 from disagg.config import ConfigError
 from disagg.kv_transfer_params import TransferMode
 
 TRANSPORTS = ("tcp", "nixl", "ipc", "mori", "fake")
-FAULTS_ENV = "DISAGG_FAULT_INJECTION"
+FAULTS_ENV = envs.FAULT_INJECTION_ENV
 """Fault injection is refused unless this is 1 in the engine's environment (tests, drills)."""
 
 _KNOWN = frozenset({
@@ -71,9 +71,11 @@ def parse_pd_config(extra: dict[str, Any], kv_role: str, kv_cache_on_gpu: bool,
     if not isinstance(options, dict):
         raise ConfigError("kv_connector_extra_config.transport_options must be an object")
     faults = parse_faults(extra.get("faults"))
-    if faults is not None and os.environ.get(FAULTS_ENV) != "1":
+    if faults is not None and not faults_enabled():
         raise ConfigError(f"kv_connector_extra_config.faults is refused unless {FAULTS_ENV}=1 "
                           "is set for the engine (fault injection is for tests and drills)")
+    if faults is None and faults_enabled():
+        faults = FaultPlan([])  # rules may be set while running (EngineCore.kv_faults)
     auth_key = extra.get("auth_key")
     if auth_key is not None and (not isinstance(auth_key, str) or len(auth_key) < 8):
         raise ConfigError("kv_connector_extra_config.auth_key must be a string of 8+ characters")
@@ -83,6 +85,11 @@ def parse_pd_config(extra: dict[str, Any], kv_role: str, kv_cache_on_gpu: bool,
         base_port=_int(extra, "base_port", 0, 0, 65535), host=_host(extra),
         transport_options=dict(options), verify_kv=_bool(extra, "verify_kv", False),
         faults=faults, auth_key=auth_key)
+
+
+def faults_enabled() -> bool:
+    """Whether this process may inject faults (DISAGG_FAULT_INJECTION=1)."""
+    return envs.fault_injection()
 
 
 def _choice(extra: dict[str, Any], key: str, default: str, allowed: tuple[str, ...]) -> str:

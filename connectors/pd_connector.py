@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from connectors.base import ConnectorOutput, FinishAction, KVConnector
 from connectors.control_plane import ControlPlane
+from connectors.faults import parse_faults
 from connectors.pd_config import parse_pd_config
 from connectors.pd_inbox import Inbox
 from connectors.pd_metadata import build_metadata, compat_error, slow_path_hint
@@ -192,10 +193,15 @@ class PDConnector(KVConnector):
         t.local_block_ids = list(req.block_ids[:num_blocks])
         t.num_tokens = req.num_external_tokens
         if t.role is TransferRole.CONSUMER_WRITE:
-            t.announced = True
-            self.peers.send(t, self._remote_blocks_msg(t, t.local_block_ids))
+            self._announce(t, time.monotonic())
         else:
             self._try_post(t)
+
+    def _announce(self, t: Transfer, now: float) -> None:
+        """WRITE consumer: (re)send our destination blocks; the producer takes the first copy
+        and ignores the rest, so a lost one is recovered by the next heartbeat."""
+        t.announced, t.next_resend_s = True, now + self.timeouts.heartbeat_interval_s
+        self.peers.send(t, self._remote_blocks_msg(t, t.local_block_ids))
 
     def _remote_blocks_msg(self, t: Transfer, blocks: list[int]) -> RemoteBlocks:
         m = self.metadata
@@ -257,6 +263,8 @@ class PDConnector(KVConnector):
                 self._poll(t)
             if not t.terminal and not t.handles and t.role.posts_ops:
                 self._try_post(t)
+            if t.announced and not t.terminal and now >= t.next_resend_s:
+                self._announce(t, now)
             if not t.terminal and now > t.deadline_s(self.timeouts):
                 self.fail(t, f"transfer {t.transfer_id} expired after {now - t.created_s:.1f} s "
                              f"in state {t.state.value} (peer {t.peer_engine_id} at "
@@ -376,6 +384,16 @@ class PDConnector(KVConnector):
                 "control_errors_total": float(self.control.handler_errors),
                 "handshakes_refused_total": float(self.control.refused),
                 "faults_injected_total": float(faults.injected if faults else 0)}
+
+    def set_faults(self, raw: Any) -> int:
+        """Replace the fault-injection rules while running (connectors/faults.py)."""
+        if self.cfg.faults is None:
+            raise ValueError("fault injection is disabled; start the engine with "
+                             "DISAGG_FAULT_INJECTION=1")
+        plan = parse_faults(raw if raw is not None else [])
+        assert plan is not None
+        self.cfg.faults.replace(plan)
+        return len(plan.faults)
 
     def abort_transfer(self, transfer_id: str) -> bool:
         """Proxy cleanup: fail a transfer (the request, if any, is aborted by the engine)."""

@@ -143,8 +143,8 @@ class Inbox:
                 c.peers.early[msg.transfer_id] = (msg, now)  # D raced ahead of P's request
         elif t.role is TransferRole.PRODUCER_WRITE and t.remote_block_ids is None:
             self.on_remote_blocks(t, msg)
-        else:
-            c.counters["notifications_unknown_total"] += 1
+        elif t.role is not TransferRole.PRODUCER_WRITE or t.peer_generation != msg.generation:
+            c.counters["notifications_unknown_total"] += 1  # a resent copy is not counted
 
     def on_remote_blocks(self, t: Transfer, msg: RemoteBlocks) -> None:
         """The decode's destination: remember it, handshake the announced address (the

@@ -131,7 +131,7 @@ class PeerLinks:
         by_peer: dict[Address, list[str]] = {}
         for t in transfers:
             addr = t.peer_notify
-            if addr is not None and not t.terminal:
+            if addr is not None and not t.terminal and t.owes_peer:
                 by_peer.setdefault((addr[0], int(addr[1])), []).append(t.transfer_id)
         self.control.set_leases(by_peer)
 

@@ -18,10 +18,13 @@ request finish, a consumer at block allocation, a WRITE producer at arrival, sin
 prefill before the decode has allocated):
   ops pending     the side that posted one-sided ops: last post + transfer_timeout
   verifying       release sent + transfer_timeout (no ack: the KV is refused)
+  own move        a WRITE producer that has its destination owes the next step itself (its
+                  prefill may be queued): no peer deadline; its writes carry their own
   otherwise       started + defer_timeout, or (once the peer leased it) last lease +
-                  lease_timeout; this covers the passive side (its memory is read/written),
-                  so a live but slow peer keeps the transfer and a dead one is reaped promptly,
-                  and a layerwise producer between two chunks of its prefill.
+                  lease_timeout; this covers the side waiting on its peer, so a live but slow
+                  peer keeps the transfer and a dead one is reaped promptly.
+Leases: a side leases a transfer only while the next move is its own (``owes_peer``), so a
+lost message can never leave both sides leasing each other while each waits for the other.
 """
 
 from __future__ import annotations
@@ -135,6 +138,9 @@ class Transfer:
     """Producer with verify_kv: one digest per block, in transfer order."""
     announced: bool = False
     """WRITE consumer: its block ids went to the producer (which may write them from then)."""
+    next_resend_s: float = 0.0
+    """WRITE consumer: when to send remote_blocks again (a lost one must not leave both sides
+    leasing each other forever)."""
 
     @property
     def terminal(self) -> bool:
@@ -150,10 +156,21 @@ class Transfer:
             return self.posted_s + t.transfer_timeout_s
         if self.verifying_s is not None:
             return self.verifying_s + t.transfer_timeout_s
+        if self.role is TransferRole.PRODUCER_WRITE and self.remote_block_ids is not None:
+            return float("inf")
         if self.last_lease_s is not None:
             return max(self.last_lease_s + t.lease_timeout_s,
                        self.started_s + min(t.defer_timeout_s, t.lease_timeout_s))
         return self.started_s + t.defer_timeout_s
+
+    @property
+    def owes_peer(self) -> bool:
+        """The next move is this side's (the peer waits on it): lease the transfer to it."""
+        if self.role is TransferRole.PRODUCER_WRITE:
+            return self.remote_block_ids is not None
+        if self.role is TransferRole.CONSUMER_WRITE:
+            return not self.announced
+        return self.role is TransferRole.CONSUMER_READ
 
     def start_clock(self, now_s: float) -> None:
         """Begin counting toward this transfer's deadline (idempotent)."""

@@ -27,6 +27,7 @@ from disagg.openai_api import (
     ChatCompletionRequest,
     CompletionRequest,
     KVAbortRequest,
+    KVFaultsRequest,
     chat_prompt_ids,
     completion_prompt_ids,
     decode_body,
@@ -259,6 +260,18 @@ async def kv_abort(request: web.Request) -> web.Response:
     return web.json_response({"transfer_id": transfer_id, "found": any(found)})
 
 
+async def kv_faults(request: web.Request) -> web.Response:
+    """POST /v1/kv_faults {"faults": [...]}: replace every rank's fault-injection rules
+    (connectors/faults.py). Only with DISAGG_FAULT_INJECTION=1; guarded like the KV params."""
+    check_kv_key(request)
+    body = decode_body(await request.read(), KVFaultsRequest)
+    try:
+        counts = await request.app[ENGINE].utility("kv_faults", {"faults": body.faults})
+    except RuntimeError as exc:
+        raise ApiError(400, str(exc), param="faults") from None
+    return web.json_response({"rules": counts})
+
+
 async def kv_ledger(request: web.Request) -> web.Response:
     """GET /v1/kv_ledger: per-rank block ledger (checked for consistency on each call)."""
     ranks = await request.app[ENGINE].utility("ledger")
@@ -288,6 +301,8 @@ def make_app(engine: EngineClient, tokenizer: Tokenizer, info: ServerInfo) -> we
     app.router.add_get("/instance_info", instance_info)
     app.router.add_post("/v1/kv_transfer/abort", kv_abort)
     app.router.add_get("/v1/kv_ledger", kv_ledger)
+    if envs.fault_injection():
+        app.router.add_post("/v1/kv_faults", kv_faults)
     AdminApi(engine, info.admin_key).routes(app)
     return app
 

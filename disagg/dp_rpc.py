@@ -1,6 +1,6 @@
 """The methods a frontend may run on engine cores: a whitelist, never arbitrary names.
 
-    utility (one rank, internal):      stats, ledger, dp_state, kv_abort
+    utility (one rank, internal):      stats, ledger, dp_state, kv_abort, kv_faults
     collective_rpc (every rank, HTTP): barrier, stats, ledger, dp_state
 
 ``barrier`` is the one collective: it uses the DP group, so in lockstep mode a rank that is
@@ -17,7 +17,7 @@ import msgspec
 
 COLLECTIVE_METHODS = frozenset({"barrier"})
 RPC_METHODS = frozenset({"barrier", "stats", "ledger", "dp_state"})
-UTILITY_METHODS = frozenset({"stats", "ledger", "dp_state", "kv_abort"})
+UTILITY_METHODS = frozenset({"stats", "ledger", "dp_state", "kv_abort", "kv_faults"})
 MAX_BARRIER_TIMEOUT_S = 600.0
 MAX_STAGGER_S = 10.0
 
@@ -38,8 +38,8 @@ def validate_rpc(method: str, args: dict[str, Any], allowed: frozenset[str]) -> 
     """Raise RpcArgError for a method outside ``allowed`` or arguments it does not take."""
     if method not in allowed:
         raise RpcArgError(f"unknown method {method!r}; allowed: {', '.join(sorted(allowed))}")
-    known = {"barrier": {"timeout_s", "stagger_s"}, "kv_abort": {"transfer_id"}}.get(method,
-                                                                                     set())
+    known = {"barrier": {"timeout_s", "stagger_s"}, "kv_abort": {"transfer_id"},
+             "kv_faults": {"faults"}}.get(method, set())
     extra = set(args) - known
     if extra:
         raise RpcArgError(f"method {method!r} does not take {sorted(extra)}")
@@ -71,6 +71,8 @@ def run_rpc(ctx: RpcContext, method: str, args: dict[str, Any]) -> Any:
         return engine.pool.snapshot()._asdict()
     if method == "kv_abort":
         return engine.kv_abort(str(args["transfer_id"]))
+    if method == "kv_faults":
+        return engine.kv_faults(args.get("faults"))
     if method == "dp_state":
         return {"dp_rank": ctx.rank, **ctx.dp_state}
     if method == "barrier":

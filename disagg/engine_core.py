@@ -250,6 +250,14 @@ class EngineCore:
             found = self.connector.abort_transfer(transfer_id) or found
         return found
 
+    def kv_faults(self, faults: Any) -> int:
+        """Replace the connector's fault-injection rules (tests and drills; refused unless
+        DISAGG_FAULT_INJECTION=1). Returns the number of rules now active."""
+        set_faults = getattr(self.connector, "set_faults", None)
+        if set_faults is None:
+            raise ValueError("this engine has no connector that injects faults")
+        return int(set_faults(faults))
+
     def close(self) -> None:
         """Release connector resources."""
         if self.connector is not None:

@@ -64,6 +64,13 @@ def dp_collective_timeout_s() -> float | None:
 
 
 KV_PARAMS_KEY_ENV = "DISAGG_KV_PARAMS_KEY"
+FAULT_INJECTION_ENV = "DISAGG_FAULT_INJECTION"
+
+
+def fault_injection() -> bool:
+    """TEST/DRILL-ONLY: ``DISAGG_FAULT_INJECTION=1`` lets the KV connector inject faults
+    (connectors/faults.py) and opens ``POST /v1/kv_faults``; refused otherwise."""
+    return os.environ.get(FAULT_INJECTION_ENV) == "1"
 
 
 def kv_params_key() -> str | None:

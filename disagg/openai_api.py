@@ -132,6 +132,12 @@ class ChatCompletionRequest(_Common, kw_only=True):
     top_logprobs: NumLogprobs | None = None
 
 
+class KVFaultsRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """POST /v1/kv_faults (only with DISAGG_FAULT_INJECTION=1)."""
+
+    faults: Annotated[list[dict[str, Any]], msgspec.Meta(max_length=64)]
+
+
 class KVAbortRequest(msgspec.Struct):
     """POST /v1/kv_transfer/abort."""
 

@@ -1,0 +1,192 @@
+"""The fault matrix: every injected fault x {tcp, nixl host memory} x {read, write}.
+
+Real prefill and decode processes with ``DISAGG_FAULT_INJECTION=1`` and ``verify_kv``; the rules
+are swapped between cases through ``POST /v1/kv_faults`` (connectors/faults.py). For every
+case: each request either returns exactly the monolithic greedy tokens or an error response,
+never a 200 with other tokens; a fault that must break the transfer breaks it and raises the
+counter that names it; both engines keep serving; both ledgers are clean once idle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import pytest
+import requests  # type: ignore[import-untyped]
+from pd_helpers import BASE, info, kv_config, metric, pd_request, wait_clean
+
+from support import Instance, start_instance
+
+TIMEOUTS = {"transfer_timeout": 2, "defer_timeout": 2, "lease_timeout": 1.5,
+            "heartbeat_interval": 0.3}
+PROMPTS = [[(5 * i + n) % 200 + 1 for i in range(n)] for n in (1, 17, 40)]
+FAILED = ("transfers_failed_total", "transfers_expired_total")
+REFUSED = ("kv_refused_total",)
+
+
+def _nixl_ok() -> bool:
+    try:
+        import nixl  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class Case:
+    """One fault: where it is injected, in which modes, and what it must cause."""
+
+    name: str
+    side: str
+    """p or d: the engine whose rules are set."""
+    rules: list[dict[str, Any]]
+    modes: tuple[str, ...]
+    must_fail: tuple[str, ...] = ()
+    """Consumer counters of which at least one must rise (empty: the fault may be absorbed)."""
+
+
+CASES = [
+    Case("drop release", "d", [{"at": "release", "action": "drop"}], ("read",), FAILED),
+    Case("drop release_ack", "p", [{"at": "release_ack", "action": "drop"}], ("read",), FAILED),
+    Case("corrupt release_ack", "p", [{"at": "release_ack", "action": "corrupt"}], ("read",),
+         FAILED),
+    Case("drop remote_blocks", "d", [{"at": "remote_blocks", "action": "drop"}], ("write",),
+         FAILED),
+    Case("corrupt remote_blocks", "d", [{"at": "remote_blocks", "action": "corrupt"}],
+         ("write",), FAILED),
+    Case("drop write_done", "p", [{"at": "write_done", "action": "drop"}], ("write",), FAILED),
+    Case("fail post", "poster", [{"at": "post", "action": "fail"}], ("read", "write"), FAILED),
+    Case("stall post", "poster", [{"at": "post", "action": "stall"}], ("read", "write"),
+         FAILED),
+    Case("flip a landed byte", "d", [{"at": "landed", "action": "flip"}], ("read", "write"),
+         REFUSED),
+    Case("duplicate every message", "both", [{"at": "notify", "action": "duplicate"}],
+         ("read", "write")),
+    Case("delay every message", "both", [{"at": "notify", "action": "delay", "s": 0.5}],
+         ("read", "write")),
+    Case("drop leases of slow transfers", "both", [{"at": "lease", "action": "drop"}, {
+        "at": "notify", "action": "delay", "s": 0.8}], ("read", "write")),
+    Case("drop the second post", "poster", [{"at": "post", "nth": 2, "action": "fail"}],
+         ("read", "write")),
+]
+
+
+@dataclass
+class Deployment:
+    """A faulty P/D pair and the monolithic tokens of every prompt."""
+
+    mode: str
+    p: Instance
+    d: Instance
+    p_info: dict[str, Any]
+    d_info: dict[str, Any]
+    expected: list[list[int]]
+
+
+TRANSPORTS = ["tcp", pytest.param("nixl", marks=pytest.mark.skipif(
+    not _nixl_ok(), reason="nixl is not installed"))]
+
+
+@pytest.fixture(scope="module", params=[(t, m) for t in ("tcp", "nixl") for m in ("read",
+                                                                                   "write")],
+                ids=lambda tm: f"{tm[0]}-{tm[1]}")
+def deployment(request: pytest.FixtureRequest,
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    transport, mode = request.param
+    if transport == "nixl" and not _nixl_ok():
+        pytest.skip("nixl is not installed")
+    tmp = tmp_path_factory.mktemp(f"faults-{transport}-{mode}")
+    env = {"DISAGG_FAULT_INJECTION": "1"}
+    extra = {**TIMEOUTS, "verify_kv": True}
+    started: list[Instance] = []
+    try:
+        for role in ("kv_producer", "kv_consumer"):
+            started.append(start_instance(
+                [*BASE, "--kv-transfer-config", kv_config(role, mode, transport, **extra)],
+                tmp, env=env))
+        p, d = started
+        expected = [_generate(p.url, prompt) for prompt in PROMPTS]
+        yield Deployment(mode, p, d, info(p.url), info(d.url), expected)
+    finally:
+        for inst in started:
+            inst.stop()
+
+
+def _body(prompt: list[int]) -> dict[str, Any]:
+    return {"prompt": prompt, "max_tokens": 4, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True}
+
+
+def _generate(url: str, prompt: list[int]) -> list[int]:
+    r = requests.post(url + "/v1/completions", json=_body(prompt), timeout=60)
+    assert r.status_code == 200, r.text
+    return list(r.json()["choices"][0]["token_ids"])
+
+
+def _set_faults(url: str, rules: list[dict[str, Any]]) -> None:
+    r = requests.post(url + "/v1/kv_faults", json={"faults": rules}, timeout=10)
+    assert r.status_code == 200, r.text
+
+
+def _counters(url: str, names: tuple[str, ...]) -> float:
+    return sum(metric(url, f"disagg_kv_connector_{n}") for n in names)
+
+
+def _rose(urls: list[str], names: tuple[str, ...], before: float, timeout_s: float = 5.0) -> bool:
+    """The summed counters exceed ``before`` within the deadline (/metrics shows the engine's
+    last stats message, which can trail the responses by a step)."""
+    deadline = time.monotonic() + timeout_s
+    while sum(_counters(u, names) for u in urls) <= before:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+async def _run_all(dep: Deployment) -> list[tuple[int, dict[str, Any]]]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as s:
+        return await asyncio.gather(*(
+            pd_request(s, dep.p.url, dep.d.url, _body(prompt), dep.mode, dep.p_info,
+                       dep.d_info) for prompt in PROMPTS))
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name.replace(" ", "-"))
+def test_fault_never_yields_wrong_tokens(deployment: Deployment, case: Case) -> None:
+    dep = deployment
+    if dep.mode not in case.modes:
+        pytest.skip(f"{case.name} is a {'/'.join(case.modes)} fault")
+    poster = "d" if dep.mode == "read" else "p"
+    sides = {"p": ["p"], "d": ["d"], "both": ["p", "d"], "poster": [poster]}[case.side]
+    before = _counters(dep.d.url, case.must_fail) if case.must_fail else 0.0
+    injected = sum(_counters(getattr(dep, x).url, ("faults_injected_total",)) for x in sides)
+    for side in sides:
+        _set_faults(getattr(dep, side).url, case.rules)
+    try:
+        results = asyncio.run(_run_all(dep))
+    finally:
+        for side in ("p", "d"):
+            _set_faults(getattr(dep, side).url, [])
+    moved = 0
+    for (status, body), expected, prompt in zip(results, dep.expected, PROMPTS):
+        if status == 200:
+            assert body["choices"][0]["token_ids"] == expected, (case.name, len(prompt))
+        else:
+            assert 400 <= status < 600 and body["error"]["message"], body
+            moved += len(prompt) > 1
+    if case.must_fail:
+        assert moved == sum(len(p) > 1 for p in PROMPTS), (case.name, results)
+        assert _rose([dep.d.url], case.must_fail, before), case.name
+    urls = [getattr(dep, x).url for x in sides]
+    assert _rose(urls, ("faults_injected_total",), injected), "the fault never fired"
+    wait_clean(dep.p.url, timeout_s=15)
+    wait_clean(dep.d.url, timeout_s=15)
+    for inst in (dep.p, dep.d):  # the engines survived and still serve
+        assert inst.proc.poll() is None
+        assert _generate(inst.url, PROMPTS[1]) == dep.expected[1]
+    assert os.environ.get("DISAGG_FAULT_INJECTION") != "1"  # only the engines inject
