@@ -20,7 +20,6 @@ import aiohttp
 import pytest
 import requests  # type: ignore[import-untyped]
 from pd_helpers import BASE, info, kv_config, metric, pd_request, wait_clean
-
 from support import Instance, start_instance
 
 TIMEOUTS = {"transfer_timeout": 2, "defer_timeout": 2, "lease_timeout": 1.5,
