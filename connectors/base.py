@@ -53,12 +53,15 @@ class ConnectorOutput:
     load_failed: list[LoadFailure] = field(default_factory=list)
     producer_failed: list[tuple[str, str]] = field(default_factory=list)
     """(request id, error): prefills whose KV nobody will consume; they end with the error."""
+    producer_settled: list[tuple[str, str | None]] = field(default_factory=list)
+    """(request id, error or None): finished prefills whose answer waited for their transfer
+    (FinishAction.await_transfer); with an error the answer is that error."""
     free_holds: list[str] = field(default_factory=list)
     """Hold keys whose blocks go back to the free pool."""
 
     def __bool__(self) -> bool:
         return bool(self.park or self.loaded or self.load_failed or self.producer_failed
-                    or self.free_holds)
+                    or self.producer_settled or self.free_holds)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +75,8 @@ class FinishAction:
     """End the request with this error instead (a prefill whose KV nobody can consume)."""
     kv_transfer_params: KVTransferParams | None = None
     """Params to return to the caller (a READ prefill's block ids for the decode)."""
+    await_transfer: bool = False
+    """Hold the request's answer until ConnectorOutput.producer_settled names it."""
 
 
 class SchedulerConnector(Protocol):

@@ -228,8 +228,9 @@ class PDConnector(KVConnector):
                 t.digests = self.worker.digests(t.local_block_ids)
             # WRITE posts at the next update_connector_output: the scheduler moves the blocks
             # to this transfer's key only after this hook returns.
-            return FinishAction(hold_key=t.transfer_id, kv_transfer_params=self._read_params(t)
-                                if t.role is TransferRole.PRODUCER_READ else None)
+            if t.role is TransferRole.PRODUCER_READ:
+                return FinishAction(hold_key=t.transfer_id, kv_transfer_params=self._read_params(t))
+            return FinishAction(hold_key=t.transfer_id, await_transfer=True)
         if not t.terminal:
             self.fail(t, req.error or f"request ended ({req.status.value}) before the KV "
                                       "transfer completed", notify_request=False)

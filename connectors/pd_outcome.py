@@ -81,6 +81,8 @@ class Outcomes:
                                          digests=t.digests))
         if not t.role.is_producer:
             self.out.loaded.append(t.request_id)
+        elif t.role is TransferRole.PRODUCER_WRITE and t.request_finished:
+            self.out.producer_settled.append((t.request_id, None))
         self.free_if_held(t)
         self.forget(t)
 
@@ -123,6 +125,8 @@ class Outcomes:
         if t.role.is_producer:
             if not t.request_finished:  # nobody will consume this prefill: end it
                 self.out.producer_failed.append((t.request_id, error))
+            elif t.role is TransferRole.PRODUCER_WRITE:  # its answer waited for this
+                self.out.producer_settled.append((t.request_id, error))
         else:
             self.out.load_failed.append(LoadFailure(t.request_id, error, self.recompute))
 

@@ -62,6 +62,10 @@ class EngineCore:
                                    self.plan.max_model_len,
                                    self.connector.scheduler if self.connector else None)
         self._sent: dict[str, int] = {}
+        self._awaiting: dict[str, Request] = {}
+        """Finished WRITE prefills whose answer waits for their transfer's end."""
+        self._settled: dict[str, str | None] = {}
+        """Transfer ends reported for requests (error or None), consumed by the next collect."""
         self._pending_logprobs: dict[str, list[TokenLogprob]] = {}
         self.held: deque[Request] = deque()
         """Requests that arrived while paused: known to the scheduler's table (so aborts and
@@ -182,8 +186,11 @@ class EngineCore:
     def _connector_output(self) -> None:
         """The connector reports (finished and failed loads, holds to free), the scheduler
         acts on it."""
-        if self.connector is not None:
-            self.scheduler.apply_connector_output(self.connector.update_connector_output())
+        if self.connector is None:
+            return
+        out = self.connector.update_connector_output()
+        self._settled.update(out.producer_settled)
+        self.scheduler.apply_connector_output(out)
 
     def step(self) -> list[EngineCoreOutput]:
         """One scheduler iteration: connector bookkeeping, schedule, execute, emit outputs."""
@@ -206,7 +213,8 @@ class EngineCore:
 
     def _collect_outputs(self, touched: list[Request]) -> list[EngineCoreOutput]:
         outputs = []
-        finished = self.scheduler.take_finished()
+        finished = self._answerable(self.scheduler.take_finished())
+        touched = [r for r in touched if not r.awaiting_transfer]
         seen: set[str] = set()
         for req in [*touched, *finished]:
             if req.request_id in seen:
@@ -226,6 +234,22 @@ class EngineCore:
             self._pending_logprobs.pop(req.request_id, None)
             self.runner.sampler.forget(req.request_id)
         return outputs
+
+    def _answerable(self, finished: list[Request]) -> list[Request]:
+        """Finished requests whose answer may go now: all but WRITE prefills still waiting for
+        their transfer, plus those whose transfer ended (with its error, if it failed)."""
+        for req in finished:
+            if req.awaiting_transfer:
+                self._awaiting[req.request_id] = req
+        out = [r for r in finished if not r.awaiting_transfer]
+        for rid in [r for r in self._settled if r in self._awaiting]:
+            req, error = self._awaiting.pop(rid), self._settled.pop(rid)
+            req.awaiting_transfer = False
+            if error is not None:
+                req.status, req.error = RequestStatus.FINISHED_ERROR, error
+            out.append(req)
+        self._settled.clear()  # ends of requests already answered (aborted ones)
+        return out
 
     def stats(self) -> EngineStats:
         """Gauges for /metrics."""

@@ -50,6 +50,9 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     error: str | None = None
     num_external_tokens: int = 0
+    awaiting_transfer: bool = False
+    """Finished, but its answer waits until its KV transfer ends (a WRITE prefill: the proxy
+    must learn from it whether the decode got the KV)."""
     """Prompt tokens whose KV comes from a remote instance (consumer side)."""
 
     def __post_init__(self) -> None:

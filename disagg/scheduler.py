@@ -104,6 +104,7 @@ class Scheduler:
             req.status, req.error = RequestStatus.FINISHED_ERROR, action.error
         if action is not None and action.kv_transfer_params is not None:
             req.kv_transfer_params = action.kv_transfer_params
+        req.awaiting_transfer = action is not None and action.await_transfer
         if action is not None and action.hold_key is not None:
             self._hold(req, action.hold_key)
         elif req.block_ids:
