@@ -10,6 +10,7 @@ counter that names it; both engines keep serving; both ledgers are clean once id
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -80,6 +81,7 @@ CASES = [
 class Deployment:
     """A faulty P/D pair and the monolithic tokens of every prompt."""
 
+    transport: str
     mode: str
     p: Instance
     d: Instance
@@ -111,7 +113,7 @@ def deployment(request: pytest.FixtureRequest,
                 tmp, env=env))
         p, d = started
         expected = [_generate(p.url, prompt) for prompt in PROMPTS]
-        yield Deployment(mode, p, d, info(p.url), info(d.url), expected)
+        yield Deployment(transport, mode, p, d, info(p.url), info(d.url), expected)
     finally:
         for inst in started:
             inst.stop()
@@ -155,6 +157,24 @@ async def _run_all(dep: Deployment) -> list[tuple[int, dict[str, Any]]]:
                        dep.d_info) for prompt in PROMPTS))
 
 
+def _outcome(status: int, body: dict[str, Any], expected: list[int]) -> str:
+    """equal (200, monolithic tokens), error (4xx/5xx with a message), wrong or bad_error."""
+    if status == 200:
+        return "equal" if body["choices"][0]["token_ids"] == expected else "wrong"
+    ok = 400 <= status < 600 and bool(body.get("error", {}).get("message"))
+    return "error" if ok else "bad_error"
+
+
+def _record(dep: Deployment, case: Case, outcomes: list[str]) -> None:
+    """Append this case's counts where ``python -m bench.fault_matrix`` collects them."""
+    path = os.environ.get("DISAGG_FAULT_MATRIX_OUT")
+    if path:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"transport": dep.transport, "mode": dep.mode, "fault": case.name,
+                                **{k: outcomes.count(k) for k in ("equal", "error", "wrong",
+                                                                  "bad_error")}}) + "\n")
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name.replace(" ", "-"))
 def test_fault_never_yields_wrong_tokens(deployment: Deployment, case: Case) -> None:
     dep = deployment
@@ -171,13 +191,12 @@ def test_fault_never_yields_wrong_tokens(deployment: Deployment, case: Case) -> 
     finally:
         for side in ("p", "d"):
             _set_faults(getattr(dep, side).url, [])
-    moved = 0
-    for (status, body), expected, prompt in zip(results, dep.expected, PROMPTS):
-        if status == 200:
-            assert body["choices"][0]["token_ids"] == expected, (case.name, len(prompt))
-        else:
-            assert 400 <= status < 600 and body["error"]["message"], body
-            moved += len(prompt) > 1
+    outcomes = [_outcome(status, body, expected)
+                for (status, body), expected in zip(results, dep.expected)]
+    _record(dep, case, outcomes)
+    assert "wrong" not in outcomes, (case.name, results)
+    assert all(o != "bad_error" for o in outcomes), (case.name, results)
+    moved = sum(o == "error" and len(p) > 1 for o, p in zip(outcomes, PROMPTS))
     if case.must_fail:
         assert moved == sum(len(p) > 1 for p in PROMPTS), (case.name, results)
         assert _rose([dep.d.url], case.must_fail, before), case.name
