@@ -10,6 +10,10 @@
     a dead engine core fails every open request and sets ``dead`` (the server then exits):
                      its process sentinel wakes _monitor at once; every send races the death,
                      since a PUSH socket whose engine is gone blocks its sender forever.
+    a stalled engine core (frozen: alive, but no heartbeat or output past the stall deadline)
+                     fails its open requests, and new ones, with EngineStalledError (503); the
+                     watchdog aborts them in the engine, read once it runs again (their blocks
+                     are freed), and the first message heard from it makes it usable again.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import math
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -35,13 +40,14 @@ import zmq.asyncio
 
 from disagg import envs
 from disagg.config import ConfigError, EngineConfig
-from disagg.dp_balance import pick_rank, rank_loads
+from disagg.dp_balance import RankLoad, pick_rank, rank_loads
 from disagg.dp_devices import child_env, rank_device_env
 from disagg.kv_transfer_params import KVTransferParams
 from disagg.pause import FrontendPause, PauseMode
 from disagg.protocol import (
     EngineCoreAbort,
     EngineCoreCollectiveRpc,
+    EngineCoreHeartbeat,
     EngineCoreNeedWave,
     EngineCoreOutput,
     EngineCoreOutputs,
@@ -67,14 +73,91 @@ unreadable only while a grandchild still holds the engine's end of the pipe)."""
 EXIT_CODE_WAIT_S = 0.5
 """How long to wait for the exit code of a process whose sentinel fired (it is reaped a moment
 after its descriptors close)."""
+STALL_POLL_S = 0.25
+"""How often the watchdog looks for silent ranks; also how long one abort send toward a stalled
+rank may wait (a frozen engine does not drain its input), before it is tried again."""
+LATE_TICK_S = 1.0
+"""A watchdog tick this late means this process did not run either, so heartbeats may still
+wait unread: that tick judges no rank."""
+DEFAULT_STALL_TIMEOUT_S = 30.0
+"""Stall deadline without DISAGG_ENGINE_STALL_TIMEOUT_S or a P/D connector."""
+DEFAULT_LEASE_TIMEOUT_S = 5.0
+"""The P/D connector's default lease_timeout (connectors/pd_config.py; not imported here)."""
+STALLED_LOAD = 1 << 62
+"""Load given a stalled rank when balancing, so it gets a request only when every rank is."""
 
 
 class EngineStartupError(RuntimeError):
     """An engine core failed to start; the message is one readable line."""
 
 
-class EngineDeadError(RuntimeError):
+class EngineUnavailableError(RuntimeError):
+    """An engine core cannot serve a request now (dead or stalled): HTTP 503."""
+
+
+class EngineDeadError(EngineUnavailableError):
     """An engine core died after start-up."""
+
+
+class EngineStalledError(EngineUnavailableError):
+    """An engine core alive but silent past the stall deadline (frozen, or its host does not
+    run it); unlike a death this passes once it responds again."""
+
+
+def stall_timeout_s(cfg: EngineConfig) -> float:
+    """How long a rank may stay silent: DISAGG_ENGINE_STALL_TIMEOUT_S, else the P/D connector's
+    lease_timeout (its peers give up on a frozen rank then), else 30 s."""
+    from_env = envs.engine_stall_timeout_s()
+    if from_env is not None:
+        return from_env
+    kt = cfg.kv_transfer
+    if kt is None or kt.kv_connector is None:
+        return DEFAULT_STALL_TIMEOUT_S
+    value = kt.extra("lease_timeout", DEFAULT_LEASE_TIMEOUT_S)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not 0 < value < 1e6 or not math.isfinite(value):
+        raise ConfigError(f"kv_connector_extra_config.lease_timeout must be a positive number "
+                          f"of seconds, got {value!r}")
+    return float(value)
+
+
+class StallWatch:
+    """When each rank was last heard from (any message, heartbeats included), and which ranks
+    the watchdog found silent past the deadline (their event is set until heard again)."""
+
+    def __init__(self, dp_size: int, deadline_s: float, now: float) -> None:
+        self.deadline_s = deadline_s
+        self.last_heard = [now] * dp_size
+        self.events = [asyncio.Event() for _ in range(dp_size)]
+
+    def heard(self, rank: int, now: float) -> float | None:
+        """Note a message from ``rank``; returns its silence if it was marked stalled."""
+        if not 0 <= rank < len(self.last_heard):
+            return None
+        silent = now - self.last_heard[rank]
+        self.last_heard[rank] = max(now, self.last_heard[rank])
+        if not self.events[rank].is_set():
+            return None
+        self.events[rank].clear()
+        return silent
+
+    def silent_s(self, rank: int, now: float) -> float:
+        """Seconds since ``rank`` was last heard from."""
+        return now - self.last_heard[rank]
+
+    def overdue(self, rank: int, now: float) -> bool:
+        """Silent longer than the deadline."""
+        return self.silent_s(rank, now) > self.deadline_s
+
+    def stalled(self, rank: int) -> bool:
+        """Marked stalled by the watchdog and not heard from since."""
+        return self.events[rank].is_set()
+
+    def error(self, rank: int, now: float) -> EngineStalledError:
+        """The error that fails the rank's requests: names the rank and its silence."""
+        return EngineStalledError(
+            f"engine core dp{rank} is not responding: silent for "
+            f"{self.silent_s(rank, now):.1f} s (stall deadline {self.deadline_s:g} s)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,10 +223,18 @@ class EngineClient:
         self._bcast_lock = asyncio.Lock()
         self._wave_started = -1
         self._next_rank = 0
+        self.stall_timeout_s = DEFAULT_STALL_TIMEOUT_S
+        self._watch = StallWatch(self.dp_size, self.stall_timeout_s, time.monotonic())
+        self._stall_aborts: dict[int, list[str]] = {rank: [] for rank in range(self.dp_size)}
+        """Ids failed as stalled whose abort has not reached the rank's input socket yet."""
 
     # ---- start-up -------------------------------------------------------------------------
     async def start(self) -> SyncedConfig:
         """Spawn engine cores and wait for every ready handshake (bounded)."""
+        try:
+            self.stall_timeout_s = stall_timeout_s(self.cfg)
+        except (ConfigError, ValueError) as exc:
+            raise EngineStartupError(str(exc)) from exc
         out_addr = f"ipc://{self._dir}/out"
         self._output = self._ctx.socket(zmq.PULL)
         self._output.bind(out_addr)
@@ -170,8 +261,11 @@ class EngineClient:
             self._procs.append(proc)
         responses = await self._wait_ready()
         self.synced = apply_ready_responses(self.cfg.model.max_model_len, responses)
+        # silence counts from here: loading a model is not a stall
+        self._watch = StallWatch(self.dp_size, self.stall_timeout_s, time.monotonic())
         self._tasks = [asyncio.create_task(self._output_loop(), name="output loop"),
-                       asyncio.create_task(self._monitor(), name="engine monitor")]
+                       asyncio.create_task(self._monitor(), name="engine monitor"),
+                       asyncio.create_task(self._watchdog(), name="stall watchdog")]
         for task in self._tasks:
             task.add_done_callback(self._on_task_done)
         return self.synced
@@ -207,6 +301,9 @@ class EngineClient:
         loads = rank_loads(self.dp_size, (
             (h.dp_rank, h.num_prompt_tokens + h.max_tokens - h.num_output_tokens)
             for h in self.handles.values()))
+        for r in range(self.dp_size):
+            if self._watch.stalled(r):  # its handles were failed: it would look idle
+                loads[r] = RankLoad(num_requests=STALLED_LOAD)
         rank = pick_rank(loads, self.cfg.scheduler.max_num_batched_tokens, self._next_rank)
         self._next_rank = (rank + 1) % self.dp_size
         return rank
@@ -217,12 +314,14 @@ class EngineClient:
         """Send a request to the least-loaded rank; outputs arrive on handle.queue."""
         self._check_alive()  # no handle is ever created after the death
         rank = self._pick_rank()
+        if self._watch.stalled(rank):  # known stalled: fail at once
+            raise self._watch.error(rank, time.monotonic())
         handle = RequestHandle(request_id, rank, len(prompt_token_ids), params.max_tokens)
         self.handles[request_id] = handle
         try:
             await self._send(self._inputs[rank], encoder.encode(EngineCoreRequest(
                 request_id=request_id, prompt_token_ids=prompt_token_ids,
-                sampling_params=params, kv_transfer_params=kv_transfer_params)))
+                sampling_params=params, kv_transfer_params=kv_transfer_params)), rank)
             # a death noticed during the send already failed the handle's queue, but the caller
             # gets a clear error rather than a handle that only ever yields one
             self._check_alive()
@@ -234,10 +333,15 @@ class EngineClient:
     async def abort(self, request_id: str) -> None:
         """Abort a request (no-op if it already finished)."""
         handle = self.handles.pop(request_id, None)
-        if handle is not None and not self.dead:
-            with contextlib.suppress(EngineDeadError):  # a dead engine has nothing to abort
-                await self._send(self._inputs[handle.dp_rank],
-                                 encoder.encode(EngineCoreAbort([request_id])))
+        if handle is None or self.dead:
+            return
+        try:
+            await self._send(self._inputs[handle.dp_rank],
+                             encoder.encode(EngineCoreAbort([request_id])), handle.dp_rank)
+        except EngineStalledError:  # the watchdog sends it once the rank's input moves again
+            self._stall_aborts[handle.dp_rank].append(request_id)
+        except EngineDeadError:  # a dead engine has nothing to abort
+            pass
 
     async def utility(self, method: str, args: dict[str, Any] | None = None,
                       timeout_s: float = 10.0) -> list[Any]:
@@ -319,20 +423,26 @@ class EngineClient:
         if self.dead:
             raise EngineDeadError(self.dead)
 
-    async def _send(self, sock: zmq.asyncio.Socket, frame: bytes) -> None:
-        """Send one frame, or raise EngineDeadError once an engine core is known dead: a PUSH
-        socket whose peer is gone has no pipe to queue on, so its send never completes."""
+    async def _send(self, sock: zmq.asyncio.Socket, frame: bytes,
+                    rank: int | None = None) -> None:
+        """Send one frame, or raise EngineDeadError once an engine core is known dead (a PUSH
+        socket whose peer is gone has no pipe to queue on, so its send never completes), or
+        EngineStalledError once ``rank`` is known stalled (a frozen engine may fill the pipe)."""
         self._check_alive()
         sent = asyncio.ensure_future(sock.send(frame))  # pyzmq's future, as it is
         if not sent.done():  # the usual case completes at once (pyzmq tries DONTWAIT first)
-            dead = asyncio.ensure_future(self.dead_event.wait())
+            events = [self.dead_event, *([] if rank is None else [self._watch.events[rank]])]
+            waits = [asyncio.ensure_future(ev.wait()) for ev in events]
             try:
-                await asyncio.wait({sent, dead}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({sent, *waits}, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                dead.cancel()
+                for wait in waits:
+                    wait.cancel()
                 if not sent.done():
                     sent.cancel()  # pyzmq drops a cancelled send from its queue
             self._check_alive()
+            if sent.cancelled() and rank is not None:
+                raise self._watch.error(rank, time.monotonic())
         await sent
 
     async def _on_control(self, msg: Any) -> None:
@@ -347,6 +457,9 @@ class EngineClient:
         assert self._output is not None
         while True:
             msg = outbound_decoder.decode(await self._output.recv())
+            self._heard(msg)
+            if isinstance(msg, EngineCoreHeartbeat):
+                continue  # being heard was its whole job
             if isinstance(msg, EngineCoreOutputs):
                 if msg.stats is not None:
                     self.stats[msg.dp_rank] = msg.stats
@@ -366,6 +479,56 @@ class EngineClient:
                         fut.set_result(msg.result)
             else:
                 await self._on_control(msg)
+
+    def _heard(self, msg: Any) -> None:
+        """Note that the message's rank runs (a utility result names no rank; heartbeats and
+        output batches do)."""
+        rank = getattr(msg, "dp_rank", None)
+        if not isinstance(rank, int):
+            return
+        silent = self._watch.heard(rank, time.monotonic())
+        if silent is not None:
+            logger.warning("engine core dp%d responds again after %.1f s of silence; it takes "
+                           "new requests again", rank, silent)
+
+    async def _watchdog(self) -> None:
+        """Every tick: mark ranks silent past the stall deadline, fail their open requests, and
+        send the aborts of failed requests (each send bounded by one tick)."""
+        last_tick = time.monotonic()
+        while not self.dead:
+            await asyncio.sleep(STALL_POLL_S)
+            now = time.monotonic()
+            late, last_tick = now - last_tick > STALL_POLL_S + LATE_TICK_S, now
+            if not late:
+                for rank in range(self.dp_size):
+                    if self._watch.overdue(rank, now):
+                        self._fail_stalled(rank, now)
+            await self._send_stall_aborts()
+
+    def _fail_stalled(self, rank: int, now: float) -> None:
+        """Mark ``rank`` stalled (not dead: it may resume) and fail its open requests."""
+        failed = [h for h in self.handles.values() if h.dp_rank == rank]
+        err = self._watch.error(rank, now)
+        if not self._watch.stalled(rank):
+            logger.error("%s; failing its %d open requests, and new ones until it responds",
+                         err, len(failed))
+            self._watch.events[rank].set()
+        for handle in failed:
+            del self.handles[handle.request_id]
+            handle.queue.put_nowait(err)
+            self._stall_aborts[rank].append(handle.request_id)
+
+    async def _send_stall_aborts(self) -> None:
+        """Abort failed requests in their engines, which read them when they run again (their
+        blocks are then freed); a send that does not complete in a tick is tried again."""
+        for rank, ids in self._stall_aborts.items():
+            if not ids or self.dead:
+                continue
+            batch = list(ids)
+            frame = encoder.encode(EngineCoreAbort(batch))
+            with contextlib.suppress(asyncio.TimeoutError, EngineDeadError):
+                await asyncio.wait_for(self._send(self._inputs[rank], frame), STALL_POLL_S)
+                del ids[:len(batch)]
 
     async def _monitor(self) -> None:
         """Mark the client dead as soon as an engine core exits (its sentinel turns readable),

@@ -1,6 +1,7 @@
 """The engine-core process: a ZMQ loop around EngineCore, with pause and data parallelism.
 
     frontend PUSH --input--> [this process] --output--> frontend PULL
+                             [heartbeat thread] --own PUSH--^  EngineCoreHeartbeat every 0.25 s
     first output message: EngineCoreReadyResponse (or EngineCoreStartupError), then batches.
 
 Start-up: join the DP group (dp_size > 1), build the engine, then the ready handshake.
@@ -11,6 +12,8 @@ collective that fails (peer dead or hung) ends this process with EXIT_DP_GROUP_F
 No input message ends it: a frame that does not decode is dropped, a message whose handling
 raises is dropped (a request is answered with an error output), each counted and logged at most
 once a second per kind (MessageFailures). An exception from a step still ends it (see run).
+The heartbeat thread starts after the ready handshake; a long step does not stop it, a frozen
+process (SIGSTOP, a host that does not run it) does, so the frontend can tell the two apart.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections import deque
@@ -48,6 +52,7 @@ from disagg.pause import PAUSE_ABORT_ERROR, PauseMode, RankPause, RankPauseState
 from disagg.protocol import (
     EngineCoreAbort,
     EngineCoreCollectiveRpc,
+    EngineCoreHeartbeat,
     EngineCoreNeedWave,
     EngineCoreOutput,
     EngineCoreOutputs,
@@ -73,6 +78,52 @@ FAILURE_LOG_INTERVAL_S = 1.0
 """At most one log line per kind of failed input message in this long."""
 MALFORMED = "malformed frame"
 """The kind under which frames that do not decode are counted."""
+HEARTBEAT_INTERVAL_S = 0.25
+"""How often the heartbeat thread says this process runs (well under any stall deadline)."""
+HEARTBEAT_STOP_S = 1.0
+"""How long stopping waits for the heartbeat thread (it wakes every interval)."""
+
+
+class Heartbeat:
+    """A daemon thread sending EngineCoreHeartbeat every interval on a PUSH socket of its own
+    (zmq sockets are not thread-safe). Torch releases the GIL and Python switches threads, so a
+    long model step does not stop it; SIGSTOP does."""
+
+    def __init__(self, ctx: zmq.Context, address: str,
+                 interval_s: float = HEARTBEAT_INTERVAL_S) -> None:
+        self.ctx, self.address, self.interval_s = ctx, address, interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, rank: int) -> None:
+        """Start beating for ``rank``; call it after the ready handshake."""
+        frame = encoder.encode(EngineCoreHeartbeat(dp_rank=rank))
+        self._thread = threading.Thread(target=self._run, args=(frame,),
+                                        name=f"heartbeat-dp{rank}", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = HEARTBEAT_STOP_S) -> bool:
+        """Stop the thread; True once it has ended and closed its socket."""
+        self._stop.set()
+        if self._thread is None:
+            return True
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
+    def _run(self, frame: bytes) -> None:
+        sock = self.ctx.socket(zmq.PUSH)
+        try:
+            sock.connect(self.address)
+            while True:
+                # never block: a frontend that does not read has no use for a queue of beats
+                with contextlib.suppress(zmq.Again):
+                    sock.send(frame, zmq.NOBLOCK)
+                if self._stop.wait(self.interval_s):
+                    return
+        except zmq.ZMQError as exc:  # the frontend then sees silence, as for a frozen process
+            logger.error("heartbeat thread stopped: %s", exc)
+        finally:
+            sock.close(linger=0)
 
 
 class MessageFailures:
@@ -359,17 +410,21 @@ def run_engine_core(cfg_bytes: bytes, input_addr: str, output_addr: str) -> None
     out_sock = ctx.socket(zmq.PUSH)
     out_sock.setsockopt(zmq.LINGER, 2000)
     out_sock.connect(output_addr)
+    heartbeat = Heartbeat(ctx, output_addr)
     try:
-        code = _serve(cfg_bytes, in_sock, out_sock, parent)
+        code = _serve(cfg_bytes, in_sock, out_sock, parent, heartbeat)
     finally:
+        stopped = heartbeat.stop()
         out_sock.close(linger=1000)
         in_sock.close(linger=0)
-        ctx.term()
+        if stopped:  # term() waits for every socket, the heartbeat's too
+            ctx.term()
     sys.exit(code)
 
 
-def _serve(cfg_bytes: bytes, in_sock: zmq.Socket, out_sock: zmq.Socket, parent: int) -> int:
-    """Join the group, build the engine, hand-shake, loop; returns the exit code."""
+def _serve(cfg_bytes: bytes, in_sock: zmq.Socket, out_sock: zmq.Socket, parent: int,
+           heartbeat: Heartbeat) -> int:
+    """Join the group, build the engine, hand-shake, beat, loop; returns the exit code."""
     engine = group = None
     started = False
     try:
@@ -381,6 +436,7 @@ def _serve(cfg_bytes: bytes, in_sock: zmq.Socket, out_sock: zmq.Socket, parent: 
         engine = build_engine(cfg)
         out_sock.send(encoder.encode(engine.ready_response()))
         started = True
+        heartbeat.start(cfg.parallel.data_parallel_rank)  # no silence counts before the ready
         EngineLoop(engine, in_sock, out_sock, group).run(parent)
         return 0
     except ConfigError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 
@@ -60,6 +61,18 @@ def dp_collective_timeout_s() -> float | None:
     value = _get_float("DISAGG_DP_COLLECTIVE_TIMEOUT_S", 0.0)
     if value <= 0:
         raise ValueError(f"DISAGG_DP_COLLECTIVE_TIMEOUT_S={raw!r} must be positive")
+    return value
+
+
+def engine_stall_timeout_s() -> float | None:
+    """How long a rank with open requests may stay silent (no heartbeat, no output) before the
+    frontend fails them with 503 (None: the P/D connector's lease_timeout, else 30 s)."""
+    raw = os.environ.get("DISAGG_ENGINE_STALL_TIMEOUT_S")
+    if raw is None or raw == "":
+        return None
+    value = _get_float("DISAGG_ENGINE_STALL_TIMEOUT_S", 0.0)
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"DISAGG_ENGINE_STALL_TIMEOUT_S={raw!r} must be a positive number")
     return value
 
 

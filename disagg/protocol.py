@@ -7,7 +7,8 @@ Sockets per engine core (ipc:// paths chosen by the frontend):
   output (engine PUSH -> frontend PULL): first EngineCoreReadyResponse (after KV sizing) or
                                          EngineCoreStartupError, then EngineCoreOutputs batches,
                                          EngineCoreUtilityResult, EngineCorePauseStatus,
-                                         EngineCoreNeedWave
+                                         EngineCoreNeedWave; and, on a socket of its own,
+                                         EngineCoreHeartbeat every 0.25 s after the handshake
 
 Ordering contract (DESIGN.md section 6): the frontend sends every message that can lead to a
 collective (pause, resume, start-wave, collective RPC) to all ranks under one lock, so every rank
@@ -131,6 +132,13 @@ class EngineCoreNeedWave(msgspec.Struct, tag="need_wave", kw_only=True):
     wave: int
 
 
+class EngineCoreHeartbeat(msgspec.Struct, tag="heartbeat", kw_only=True):
+    """This rank's process runs (sent by a thread of its own, so a long step does not stop it,
+    a frozen process does); the frontend fails requests on a rank silent past its deadline."""
+
+    dp_rank: int
+
+
 class TokenLogprob(msgspec.Struct, array_like=True):
     """Logprob of the sampled token and the top alternatives as (token_id, logprob) pairs."""
 
@@ -176,7 +184,8 @@ class EngineCoreOutputs(msgspec.Struct, tag="outputs", kw_only=True):
 EngineInbound = (EngineCoreRequest | EngineCoreAbort | EngineCoreUtility | EngineCorePause
                  | EngineCoreResume | EngineCoreStartWave | EngineCoreCollectiveRpc)
 EngineOutbound = (EngineCoreReadyResponse | EngineCoreStartupError | EngineCoreOutputs
-                  | EngineCoreUtilityResult | EngineCorePauseStatus | EngineCoreNeedWave)
+                  | EngineCoreUtilityResult | EngineCorePauseStatus | EngineCoreNeedWave
+                  | EngineCoreHeartbeat)
 
 encoder = msgspec.msgpack.Encoder()
 inbound_decoder = msgspec.msgpack.Decoder(EngineInbound)

@@ -7,7 +7,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 
 from disagg.detokenizer import IncrementalDetokenizer
-from disagg.engine_client import EngineClient, EngineDeadError
+from disagg.engine_client import EngineClient, EngineUnavailableError
 from disagg.kv_transfer_params import KVTransferParams
 from disagg.metrics import ServerMetrics
 from disagg.openai_api import ApiError
@@ -49,8 +49,8 @@ def _engine_error(message: str) -> ApiError:
 
 
 def _dead_error(exc: Exception) -> ApiError:
-    """A dead engine core (or a lost connection to it): 503, so clients and proxies retry
-    elsewhere while a supervisor restarts this instance."""
+    """A dead or stalled engine core (or a lost connection to it): 503, so clients and proxies
+    retry elsewhere while a supervisor restarts this instance or the engine resumes."""
     return ApiError(503, f"engine unavailable: {exc}", err_type="server_error")
 
 
@@ -65,7 +65,7 @@ async def generate(engine: EngineClient, tok: Tokenizer, metrics: ServerMetrics,
     done = engine_done = False
     try:
         handle = await engine.add_request(request_id, prompt_ids, sp, kv_params)
-    except EngineDeadError as exc:  # dead before or while sending: nothing to abort
+    except EngineUnavailableError as exc:  # dead or stalled, before or while sending: no abort
         raise _dead_error(exc) from None
     detok = IncrementalDetokenizer(tok, sp.stop)
     try:

@@ -93,3 +93,92 @@ def wait_clean(url: str, timeout_s: float = 10.0) -> None:
             return
         time.sleep(0.2)
     raise AssertionError(f"ledger not clean on {url}: {last}")
+
+
+# ---- raw control-plane access (fuzz and regression tests) --------------------------------
+def engine_core(server_pid: int) -> Any:
+    """The engine-core process (a psutil.Process) of a single-rank instance: the child of its
+    API server that multiprocessing spawned (not the resource tracker)."""
+    import psutil
+
+    kids = [c for c in psutil.Process(server_pid).children()
+            if "spawn_main" in " ".join(c.cmdline())]
+    assert len(kids) == 1, kids
+    return kids[0]
+
+
+def compatible_metadata(i: dict[str, Any], engine_id: str, epoch: int, *,
+                        host: str = "127.0.0.1", handshake_port: int = 1,
+                        notify_port: int = 1) -> Any:
+    """EngineMetadata that an instance started with ``BASE`` (tiny-llama, CPU, float32, tcp)
+    accepts from a peer: what another such instance would send, under any identity. Built by
+    the connector's own build_metadata, so it tracks the real compatibility hash."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from connectors.pd_metadata import build_metadata
+    from disagg.models.loader import resolve_arch
+
+    engine = SimpleNamespace(arch=resolve_arch("builtin:tiny-llama"),
+                             cfg=SimpleNamespace(cache=SimpleNamespace(block_size=i["block_size"])))
+    control = SimpleNamespace(host=host, handshake_port=handshake_port, notify_port=notify_port)
+    worker = SimpleNamespace(transport=SimpleNamespace(name="tcp"), descriptor=lambda: b"",
+                             block_bytes=1)
+    kv_cache = torch.empty((i["num_gpu_blocks"], 0), dtype=torch.float32)
+    return build_metadata(engine, kv_cache, engine_id, epoch, control, worker)
+
+
+def handshake(host: str, port: int, meta: Any, timeout_s: float = 5.0) -> Any:
+    """Send one HandshakeRequest with ``meta`` over a fresh REQ socket; the decoded
+    HandshakeResponse (AssertionError if none comes within the deadline)."""
+    import zmq
+
+    from connectors.protocol import CONTROL_VERSION, HandshakeRequest, encoder, hello_ack_decoder
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.REQ)
+    try:
+        sock.connect(f"tcp://{host}:{port}")
+        sock.send(encoder.encode(HandshakeRequest(version=CONTROL_VERSION, metadata=meta)))
+        assert sock.poll(int(timeout_s * 1000)), f"no handshake reply from {host}:{port}"
+        return hello_ack_decoder.decode(sock.recv())
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+
+
+def push_frames(host: str, port: int, frames: list[bytes], linger_s: float = 5.0) -> None:
+    """Send each frame as one message to a PULL socket (waits, bounded, until they left)."""
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, int(linger_s * 1000))
+    sock.setsockopt(zmq.SNDHWM, 0)
+    try:
+        sock.connect(f"tcp://{host}:{port}")
+        for frame in frames:
+            sock.send(frame, copy=len(frame) < 1 << 16)
+    finally:
+        sock.close()
+        ctx.term()
+
+
+def metric_at_least(url: str, name: str, value: float, timeout_s: float = 10.0) -> float:
+    """``metric`` once it reaches ``value``, or its value at the deadline (/metrics shows the
+    engine's last stats message, at least one a second)."""
+    deadline = time.monotonic() + timeout_s
+    while (got := metric(url, name)) < value and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return got
+
+
+def alive(inst: Any) -> bool:
+    """The instance's server process runs and its /health answers 200."""
+    if inst.proc.poll() is not None:
+        return False
+    try:
+        return bool(requests.get(inst.url + "/health", timeout=5).status_code == 200)
+    except requests.RequestException:
+        return False
