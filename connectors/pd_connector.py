@@ -266,6 +266,8 @@ class PDConnector(KVConnector):
                 self._try_post(t)
             if t.announced and not t.terminal and now >= t.next_resend_s:
                 self._announce(t, now)
+            if not t.terminal and (error := self.peers.hello_error(t)) is not None:
+                self.fail(t, error)  # refused, incompatible, ourselves: no use waiting
             if not t.terminal and now > t.deadline_s(self.timeouts):
                 self.fail(t, f"transfer {t.transfer_id} expired after {now - t.created_s:.1f} s "
                              f"in state {t.state.value} (peer {t.peer_engine_id} at "

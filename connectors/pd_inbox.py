@@ -35,6 +35,10 @@ from connectors.transfer import Transfer, TransferRole
 if TYPE_CHECKING:
     from connectors.pd_connector import PDConnector
 
+MAX_EARLY = 65536
+"""remote_blocks kept for transfers this engine does not know yet (each expires after
+defer_timeout)."""
+
 
 class Inbox:
     """Incoming messages of one connector (engine thread)."""
@@ -139,7 +143,9 @@ class Inbox:
         if msg.engine_id == c.engine_id:
             c.counters["notifications_unidentified_total"] += 1
         elif t is None:
-            if msg.transfer_id not in c.peers.tombstones:
+            if len(c.peers.early) >= MAX_EARLY:
+                c.counters["notifications_unknown_total"] += 1  # bounded: a flood is dropped
+            elif msg.transfer_id not in c.peers.tombstones:
                 c.peers.early[msg.transfer_id] = (msg, now)  # D raced ahead of P's request
         elif t.role is TransferRole.PRODUCER_WRITE and t.remote_block_ids is None:
             self.on_remote_blocks(t, msg)

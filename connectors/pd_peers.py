@@ -24,6 +24,7 @@ from connectors.transfer import Timeouts, Transfer
 
 Address = tuple[str, int]
 MAX_KNOWN_PEERS = 4096
+MAX_EPOCHS_PER_ENGINE = 8
 
 
 @dataclass(slots=True)
@@ -42,8 +43,11 @@ class PeerLinks:
         self.timeouts = timeouts
         self.counters = counters
         self._hellos: dict[Address, _Hello] = {}
-        self.known: OrderedDict[str, EngineMetadata] = OrderedDict()
-        """Peers identified by a handshake (ours to them or theirs to us), by engine id."""
+        self.known: OrderedDict[str, OrderedDict[int, EngineMetadata]] = OrderedDict()
+        """Peers identified by a handshake (ours to them or theirs to us): engine id -> epoch
+        -> metadata. A peer is the pair, so a handshake naming a known engine id with another
+        epoch (a restart, or a stranger claiming that id) adds one and unseats none: the
+        engine that did handshake stays identified."""
         self.early: dict[str, tuple[RemoteBlocks, float]] = {}
         """WRITE: remote_blocks from a decode that raced ahead of the prefill's request."""
         self.tombstones: dict[str, tuple[str, float]] = {}
@@ -52,16 +56,26 @@ class PeerLinks:
 
     # ---- identity ------------------------------------------------------------------------
     def learn(self, meta: EngineMetadata) -> None:
-        """Remember an identified peer (bounded: the oldest is forgotten first)."""
-        self.known[meta.engine_id] = meta
+        """Remember an identified peer (bounded: the least recently used is forgotten first,
+        by engine id and by epoch within one)."""
+        epochs = self.known.setdefault(meta.engine_id, OrderedDict())
+        epochs[meta.epoch] = meta
+        epochs.move_to_end(meta.epoch)
         self.known.move_to_end(meta.engine_id)
+        while len(epochs) > MAX_EPOCHS_PER_ENGINE:
+            epochs.popitem(last=False)
         while len(self.known) > MAX_KNOWN_PEERS:
             self.known.popitem(last=False)
 
     def identify(self, engine_id: str, epoch: int) -> EngineMetadata | None:
-        """The handshaken peer that sent a message with this identity, else None."""
-        meta = self.known.get(engine_id)
-        return meta if meta is not None and meta.epoch == epoch else None
+        """The handshaken peer that sent a message with this identity, else None (a peer that
+        keeps talking stays the most recently used)."""
+        epochs = self.known.get(engine_id)
+        meta = None if epochs is None else epochs.get(epoch)
+        if meta is not None and epochs is not None:
+            epochs.move_to_end(epoch)
+            self.known.move_to_end(engine_id)
+        return meta
 
     # ---- handshakes ----------------------------------------------------------------------
     @staticmethod
@@ -108,6 +122,14 @@ class PeerLinks:
                                                               meta.num_blocks)
         self.worker.add_peer(meta.engine_id, meta.transport_descriptor)
         return meta.engine_id, None
+
+    def hello_error(self, t: Transfer) -> str | None:
+        """Why the handshake with t's peer failed, once it has (None: pending or fine)."""
+        addr = self._address(t)
+        hello = None if addr is None else self._hellos.get(addr)
+        if hello is None or not hello.future.done() or hello.future.exception() is None:
+            return None
+        return str(hello.future.exception())
 
     def forget_hello(self, t: Transfer) -> None:
         """Handshake afresh next time (a failed one-sided op may mean a restarted peer)."""
