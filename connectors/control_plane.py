@@ -11,7 +11,9 @@ Handshakes to peers run on a small thread pool and return futures, so the step l
 
 Nothing a peer sends can stop the thread: every frame is handled in its own try, anything that
 does not parse into the typed messages is counted and dropped (logged at most once a second),
-frames over MAX_FRAME_BYTES are refused by ZMQ itself. A handshake from this engine itself (two
+frames over MAX_FRAME_BYTES are refused by ZMQ itself. A peer address ZMQ cannot connect to
+(hosts are only length-bounded on the wire and in kv_transfer_params) fails that handshake or
+drops that send, never raising into the engine step. A handshake from this engine itself (two
 hosts with the same ``host``/``base_port`` settings) or without the shared key is refused.
 """
 
@@ -71,6 +73,13 @@ class RateLimitedLog:
         if now - self._last.get(kind, -1e9) >= 1.0:
             self._last[kind] = now
             logger.warning(msg, *args)
+
+
+def brief(exc: BaseException, limit: int = 300) -> str:
+    """An exception's text cut to ``limit`` characters: msgspec quotes the offending value (a
+    tag can be megabytes long), and a refusal must fit the protocol's 2000-character Reason."""
+    text = str(exc)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def proof_of(key: str | None, meta: EngineMetadata) -> bytes:
@@ -154,7 +163,8 @@ class ControlPlane:
                 return
             except Exception as exc:  # no frame may end this thread; count and go on
                 self.handler_errors += 1
-                self._log.warning("error", "KV control plane: %s: %s", type(exc).__name__, exc)
+                self._log.warning("error", "KV control plane: %s: %s", type(exc).__name__,
+                                  brief(exc))
 
     def set_leases(self, targets: dict[Address, list[str]]) -> None:
         """Engine thread: the live transfers to lease, per peer (swapped in atomically)."""
@@ -178,18 +188,31 @@ class ControlPlane:
         for _, addr, frame in due:
             self._send_frame(self._lease_push, addr, frame)
 
-    def _connect_push(self, addr: Address) -> zmq.Socket:
+    def _connect_push(self, addr: Address) -> zmq.Socket | None:
+        """A PUSH socket to a peer's notify address; None if ZMQ refuses the address (a host
+        such as ``a b`` passes the protocol's length bound but is no endpoint: sending to it
+        must drop the message, not raise into the engine step)."""
         sock = self._ctx.socket(zmq.PUSH)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 10000)
-        sock.connect(f"tcp://{addr[0]}:{addr[1]}")
+        try:
+            sock.connect(f"tcp://{addr[0]}:{addr[1]}")
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            self._log.warning("address", "cannot send to KV peer %s:%s: %s", addr[0], addr[1],
+                              exc)
+            return None
         return sock
 
     def _send_frame(self, sockets: dict[Address, zmq.Socket], addr: Address,
                     frame: bytes) -> bool:
         sock = sockets.get(addr)
         if sock is None:
-            sock = sockets[addr] = self._connect_push(addr)
+            sock = self._connect_push(addr)
+            if sock is None:
+                self.dropped_sends += 1
+                return False
+            sockets[addr] = sock
         try:
             sock.send(frame, zmq.NOBLOCK)
             return True
@@ -239,7 +262,7 @@ class ControlPlane:
         try:
             req = hello_decoder.decode(raw)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            return HandshakeResponse(error=f"malformed handshake: {exc}")
+            return HandshakeResponse(error=f"malformed handshake: {brief(exc)}")
         peer = req.metadata
         if req.version != CONTROL_VERSION:
             return HandshakeResponse(
@@ -263,7 +286,7 @@ class ControlPlane:
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             self.malformed += 1
             self._log.warning("notify", "ignored a malformed KV notification (%d bytes): %s",
-                              len(raw), exc)
+                              len(raw), brief(exc))
 
     def drain(self) -> list[Notification | PeerHello]:
         """Every notification (and peer hello) received since the last call."""
@@ -294,6 +317,11 @@ class ControlPlane:
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
         try:
             sock.connect(f"tcp://{host}:{port}")
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            raise ConnectionError(f"KV peer address {host}:{port} is not a valid endpoint: "
+                                  f"{exc}") from None
+        try:
             sock.send(encoder.encode(HandshakeRequest(version=CONTROL_VERSION, metadata=ours,
                                                       proof=proof_of(self._auth_key, ours))))
             if not sock.poll(int(timeout_s * 1000)):
@@ -303,7 +331,7 @@ class ControlPlane:
                 reply = hello_ack_decoder.decode(sock.recv())
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 raise ConnectionError(f"KV peer {host}:{port} answered a malformed "
-                                      f"handshake: {exc}") from None
+                                      f"handshake: {brief(exc)}") from None
         finally:
             sock.close(linger=0)
         return self._check_reply(host, port, reply, ours)

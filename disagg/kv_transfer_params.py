@@ -33,7 +33,9 @@ MAX_TOKENS = 1 << 30
 TransferId = Annotated[str, msgspec.Meta(min_length=1, max_length=128,
                                          pattern=r"^[A-Za-z0-9._:\-]+$")]
 EngineId = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
-Host = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
+Host = Annotated[str, msgspec.Meta(min_length=1, max_length=255,
+                                    pattern=r"^[A-Za-z0-9._\-:\[\]%]+$")]
+"""A DNS name, IPv4 or IPv6 address: nothing a ZMQ or TCP endpoint could not be."""
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 BlockId = Annotated[int, msgspec.Meta(ge=0, le=MAX_BLOCK_ID)]
 BlockIds = Annotated[list[BlockId], msgspec.Meta(max_length=MAX_BLOCKS_PER_TRANSFER)]

@@ -159,7 +159,7 @@ def push_frames(host: str, port: int, frames: list[bytes], linger_s: float = 5.0
     try:
         sock.connect(f"tcp://{host}:{port}")
         for frame in frames:
-            sock.send(frame, copy=len(frame) < 1 << 16)
+            sock.send(frame, 0, copy=len(frame) < 1 << 16)
     finally:
         sock.close()
         ctx.term()
