@@ -428,22 +428,33 @@ class EngineClient:
         """Send one frame, or raise EngineDeadError once an engine core is known dead (a PUSH
         socket whose peer is gone has no pipe to queue on, so its send never completes), or
         EngineStalledError once ``rank`` is known stalled (a frozen engine may fill the pipe)."""
+        events = () if rank is None else (self._watch.events[rank],)
+        if not await self._send_unless(sock, frame, events) and rank is not None:
+            raise self._watch.error(rank, time.monotonic())
+
+    async def _send_unless(self, sock: zmq.asyncio.Socket, frame: bytes,
+                           events: tuple[asyncio.Event, ...],
+                           timeout_s: float | None = None) -> bool:
+        """Send one frame; False (the frame dropped) if one of ``events`` is set or timeout_s
+        passes first; EngineDeadError once an engine core is known dead. No asyncio.wait_for:
+        on 3.11 it can swallow a cancellation that arrives as the send completes."""
         self._check_alive()
         sent = asyncio.ensure_future(sock.send(frame))  # pyzmq's future, as it is
         if not sent.done():  # the usual case completes at once (pyzmq tries DONTWAIT first)
-            events = [self.dead_event, *([] if rank is None else [self._watch.events[rank]])]
-            waits = [asyncio.ensure_future(ev.wait()) for ev in events]
+            waits = [asyncio.ensure_future(ev.wait()) for ev in (self.dead_event, *events)]
             try:
-                await asyncio.wait({sent, *waits}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({sent, *waits}, timeout=timeout_s,
+                                   return_when=asyncio.FIRST_COMPLETED)
             finally:
                 for wait in waits:
                     wait.cancel()
                 if not sent.done():
                     sent.cancel()  # pyzmq drops a cancelled send from its queue
             self._check_alive()
-            if sent.cancelled() and rank is not None:
-                raise self._watch.error(rank, time.monotonic())
+            if sent.cancelled():
+                return False
         await sent
+        return True
 
     async def _on_control(self, msg: Any) -> None:
         """Pause reports and lockstep wave requests from the ranks."""
@@ -526,9 +537,9 @@ class EngineClient:
                 continue
             batch = list(ids)
             frame = encoder.encode(EngineCoreAbort(batch))
-            with contextlib.suppress(asyncio.TimeoutError, EngineDeadError):
-                await asyncio.wait_for(self._send(self._inputs[rank], frame), STALL_POLL_S)
-                del ids[:len(batch)]
+            with contextlib.suppress(EngineDeadError):  # a dead engine has nothing to abort
+                if await self._send_unless(self._inputs[rank], frame, (), STALL_POLL_S):
+                    del ids[:len(batch)]
 
     async def _monitor(self) -> None:
         """Mark the client dead as soon as an engine core exits (its sentinel turns readable),

@@ -66,7 +66,8 @@ def dp_collective_timeout_s() -> float | None:
 
 def engine_stall_timeout_s() -> float | None:
     """How long a rank with open requests may stay silent (no heartbeat, no output) before the
-    frontend fails them with 503 (None: the P/D connector's lease_timeout, else 30 s)."""
+    frontend fails them with 503 (None: the P/D connector's lease_timeout, else 30 s); keep it
+    well above the engine's 0.25 s heartbeat."""
     raw = os.environ.get("DISAGG_ENGINE_STALL_TIMEOUT_S")
     if raw is None or raw == "":
         return None

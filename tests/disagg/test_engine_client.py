@@ -1,23 +1,37 @@
-"""Applying ready handshakes (min max_model_len, summed blocks, agreeing block_size), and the
-death path: a killed engine process fails pending and new requests at once."""
+"""Applying ready handshakes (min max_model_len, summed blocks, agreeing block_size), the
+death path (a killed engine process fails pending and new requests at once) and the stall path
+(a frozen engine fails them after the stall deadline, a slow one that heartbeats does not)."""
 
 import asyncio
 import multiprocessing
+import threading
 import time
 from multiprocessing.process import BaseProcess
 
 import pytest
 import zmq
 
-from disagg.config import EngineConfig, ModelConfig
+from disagg.config import ConfigError, EngineConfig, KVTransferConfig, ModelConfig
 from disagg.engine_client import (
     EngineClient,
     EngineDeadError,
+    EngineStalledError,
     EngineStartupError,
     RequestHandle,
+    StallWatch,
     apply_ready_responses,
+    stall_timeout_s,
 )
-from disagg.protocol import EngineCoreReadyResponse
+from disagg.protocol import (
+    EngineCoreAbort,
+    EngineCoreHeartbeat,
+    EngineCoreOutput,
+    EngineCoreOutputs,
+    EngineCoreReadyResponse,
+    EngineCoreRequest,
+    encoder,
+    inbound_decoder,
+)
 from disagg.sampling_params import SamplingParams
 
 
@@ -114,6 +128,162 @@ def test_failed_output_loop_counts_as_a_death() -> None:
             push.close(linger=0)
         finally:
             peer.term()
+            await client.shutdown(timeout_s=1.0)
+
+    asyncio.run(run())
+
+
+# ---- stall path: a frozen engine (alive, silent) fails its requests; a slow one does not ------
+def test_stall_deadline_from_env_then_lease_timeout_then_default(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DISAGG_ENGINE_STALL_TIMEOUT_S", raising=False)
+    model = ModelConfig(model="builtin:tiny-llama", served_model_name="tiny")
+
+    def cfg(extra: dict[str, object] | None) -> EngineConfig:
+        kt = None if extra is None else KVTransferConfig(kv_connector="PDConnector",
+                                                         kv_connector_extra_config=extra)
+        return EngineConfig(model=model, kv_transfer=kt)
+
+    assert stall_timeout_s(cfg(None)) == 30.0
+    assert stall_timeout_s(cfg({})) == 5.0  # the connector's default lease_timeout
+    assert stall_timeout_s(cfg({"lease_timeout": 2})) == 2.0
+    for bad in (0, -1, True, "5", float("nan"), 1e9):
+        with pytest.raises(ConfigError, match="lease_timeout"):
+            stall_timeout_s(cfg({"lease_timeout": bad}))
+    monkeypatch.setenv("DISAGG_ENGINE_STALL_TIMEOUT_S", "1.5")
+    assert stall_timeout_s(cfg({"lease_timeout": 2})) == 1.5
+    for bad_env in ("0", "-2", "nan", "soon"):
+        monkeypatch.setenv("DISAGG_ENGINE_STALL_TIMEOUT_S", bad_env)
+        with pytest.raises(ValueError, match="DISAGG_ENGINE_STALL_TIMEOUT_S"):
+            stall_timeout_s(cfg(None))
+
+
+def test_stall_watch_counts_silence_from_the_last_message() -> None:
+    watch = StallWatch(2, deadline_s=2.0, now=100.0)
+    assert not watch.overdue(0, 101.9)  # counted from the handshake, not from process start
+    assert watch.heard(0, 101.0) is None  # never marked: nothing to report
+    assert not watch.overdue(0, 102.9) and watch.overdue(1, 102.1)
+    assert watch.overdue(0, 103.1)
+    err = watch.error(0, 103.1)
+    assert isinstance(err, EngineStalledError)
+    assert str(err) == ("engine core dp0 is not responding: silent for 2.1 s "
+                        "(stall deadline 2 s)")
+    watch.events[1].set()
+    assert watch.stalled(1) and not watch.stalled(0)
+    assert watch.heard(1, 110.0) == pytest.approx(10.0)  # marked: how long it was silent
+    assert not watch.stalled(1) and not watch.overdue(1, 111.0)
+    assert watch.heard(7, 110.0) is None  # a rank that does not exist changes nothing
+
+
+class FakeEngineThread:
+    """A stand-in engine core in a thread, over the client's ipc sockets: heartbeats every
+    50 ms and answers each request ``answer_after_s`` later (a long step); while ``frozen`` it
+    neither beats nor reads, as under SIGSTOP."""
+
+    def __init__(self, client_dir: str, answer_after_s: float) -> None:
+        self.dir, self.answer_after_s = client_dir, answer_after_s
+        self.frozen, self.stop = threading.Event(), threading.Event()
+        self.received: list[object] = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        ctx = zmq.Context()
+        inp, out = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+        inp.connect(f"ipc://{self.dir}/in0")
+        out.connect(f"ipc://{self.dir}/out")
+        due: dict[str, float] = {}
+        next_beat = 0.0
+        try:
+            while not self.stop.is_set():
+                if self.frozen.is_set():
+                    time.sleep(0.01)
+                    continue
+                now = time.monotonic()
+                if now >= next_beat:
+                    out.send(encoder.encode(EngineCoreHeartbeat(dp_rank=0)))
+                    next_beat = now + 0.05
+                if inp.poll(10):
+                    msg = inbound_decoder.decode(inp.recv())
+                    self.received.append(msg)
+                    if isinstance(msg, EngineCoreRequest):
+                        due[msg.request_id] = now + self.answer_after_s
+                for rid in [r for r, t in due.items() if now >= t]:
+                    del due[rid]
+                    out.send(encoder.encode(EngineCoreOutputs(
+                        dp_rank=0, outputs=[EngineCoreOutput(rid, [7], "length")])))
+        finally:
+            inp.close(0)
+            out.close(0)
+            ctx.term()
+
+    def aborted(self) -> list[str]:
+        return [rid for m in list(self.received) if isinstance(m, EngineCoreAbort)
+                for rid in m.request_ids]
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+
+
+async def _wired_client(deadline_s: float) -> EngineClient:
+    """A client whose output loop and watchdog run, with no engine process behind it."""
+    client = _client()
+    client._output = client._ctx.socket(zmq.PULL)
+    client._output.bind(f"ipc://{client._dir}/out")
+    sock = client._ctx.socket(zmq.PUSH)
+    sock.bind(f"ipc://{client._dir}/in0")
+    client._inputs = [sock]
+    client._watch = StallWatch(1, deadline_s, time.monotonic())
+    client._tasks = [asyncio.create_task(client._output_loop(), name="output loop"),
+                     asyncio.create_task(client._watchdog(), name="stall watchdog")]
+    return client
+
+
+def test_slow_step_that_heartbeats_is_not_a_stall() -> None:
+    async def run() -> None:
+        client = await _wired_client(deadline_s=0.5)
+        engine = FakeEngineThread(client._dir, answer_after_s=1.5)  # 3x the deadline
+        try:
+            handle = await client.add_request("slow", [1], SamplingParams(max_tokens=1))
+            item = await asyncio.wait_for(handle.queue.get(), 5.0)
+            assert isinstance(item, EngineCoreOutput) and item.finish_reason == "length"
+            assert not client._watch.stalled(0) and engine.aborted() == []
+            assert client.dead is None
+        finally:
+            engine.close()
+            await client.shutdown(timeout_s=1.0)
+
+    asyncio.run(run())
+
+
+def test_frozen_engine_fails_requests_aborts_them_and_serves_again_once_heard() -> None:
+    async def run() -> None:
+        client = await _wired_client(deadline_s=0.5)
+        engine = FakeEngineThread(client._dir, answer_after_s=30.0)  # never answers in time
+        try:
+            handle = await client.add_request("open", [1], SamplingParams(max_tokens=8))
+            await asyncio.sleep(0.2)
+            t0 = time.monotonic()
+            engine.frozen.set()
+            item = await asyncio.wait_for(handle.queue.get(), 3.0)
+            assert isinstance(item, EngineStalledError) and "dp0" in str(item), item
+            assert time.monotonic() - t0 < 0.5 + 0.5  # the deadline and a tick or two
+            assert client.handles == {} and client.dead is None
+            t1 = time.monotonic()
+            with pytest.raises(EngineStalledError, match="silent for"):  # known: at once
+                await client.add_request("new", [1], SamplingParams(max_tokens=8))
+            assert time.monotonic() - t1 < 0.1
+            engine.frozen.clear()  # SIGCONT: it reads the abort and beats again
+            deadline = time.monotonic() + 3.0
+            while (client._watch.stalled(0) or "open" not in engine.aborted()) \
+                    and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert engine.aborted() == ["open"] and not client._watch.stalled(0)
+            again = await client.add_request("again", [1], SamplingParams(max_tokens=8))
+            assert again.dp_rank == 0 and "again" in client.handles
+        finally:
+            engine.close()
             await client.shutdown(timeout_s=1.0)
 
     asyncio.run(run())

@@ -1,6 +1,7 @@
 """The engine-core loop survives every input message: a request whose admission raises fails
 alone with an error output, malformed frames and failing commands are dropped, counted and
-logged at most once a second per kind; an exception from a step still ends the loop."""
+logged at most once a second per kind; an exception from a step still ends the loop. The
+heartbeat thread beats through a long step and stops when told."""
 
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ import pytest
 import zmq
 
 from disagg.config import ParallelConfig
-from disagg.engine_process import MALFORMED, EngineLoop, MessageFailures
+from disagg.engine_process import MALFORMED, EngineLoop, Heartbeat, MessageFailures
 from disagg.protocol import (
     EngineCoreAbort,
+    EngineCoreHeartbeat,
     EngineCoreOutput,
     EngineCoreOutputs,
     EngineCoreRequest,
@@ -206,3 +208,28 @@ def test_an_exception_from_a_step_still_ends_the_loop() -> None:
         assert isinstance(h.error, RuntimeError) and "kernel fault" in str(h.error)
     finally:
         h.close()
+
+
+def test_heartbeat_thread_beats_through_a_long_step_and_stops() -> None:
+    ctx = zmq.Context()
+    beats = ctx.socket(zmq.PULL)
+    beats.bind("inproc://beats")
+    heartbeat = Heartbeat(ctx, "inproc://beats", interval_s=0.05)
+    try:
+        heartbeat.start(3)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 0.5:  # a long step holding the GIL between switches
+            sum(range(1000))
+        got = []
+        while beats.poll(0):
+            got.append(outbound_decoder.decode(beats.recv()))
+        assert len(got) >= 4, got  # ~10 due; the thread ran while the main thread was busy
+        assert all(b == EngineCoreHeartbeat(dp_rank=3) for b in got)
+        assert heartbeat.stop(timeout_s=2.0)
+        while beats.poll(100):  # what was sent before the stop
+            beats.recv()
+        assert not beats.poll(200)  # and nothing after it
+    finally:
+        heartbeat.stop(timeout_s=2.0)
+        beats.close(0)
+        ctx.term()
