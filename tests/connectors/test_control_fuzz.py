@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import socket
 import time
 from typing import Any
@@ -64,6 +65,8 @@ PROMPT = [(11 * i) % 240 + 1 for i in range(40)]
 BODY: dict[str, Any] = {"prompt": PROMPT, "max_tokens": 6, "temperature": 0,
                         "ignore_eos": True, "return_token_ids": True}
 BAD_HOSTS = ["a b", "x/y", "-", "*"]
+HOST_PATTERN = re.compile(r"^[A-Za-z0-9._\-:\[\]%]+$")
+"""disagg/kv_transfer_params.py's Host: the wire refuses the others at decode."""
 """Hosts that pass the protocol's length bound but that ZMQ refuses to connect to."""
 COUNTERS = ("notifications_malformed_total", "notifications_unidentified_total",
             "handshakes_refused_total")
@@ -186,7 +189,8 @@ def _fuzz_handshake(rng: random.Random, target: dict[str, Any],
     good = compatible_metadata(target, "fuzz-peer", rng.randrange(2**63))
     frames: list[tuple[bytes, bool | None]] = [
         (_hello(compatible_metadata(target, s, 1, host=h, notify_port=rng.randrange(65536))),
-         True) for s, h in zip(strangers, BAD_HOSTS)]
+         HOST_PATTERN.match(h) is not None)  # "-" passes the wire's host pattern, "a b" not
+        for s, h in zip(strangers, BAD_HOSTS)]
     frames += [
         (_hello(compatible_metadata(target, peer["engine_id"], rng.randrange(2**63))), None),
         (_hello(compatible_metadata(target, target["engine_id"], 5)), False),  # itself

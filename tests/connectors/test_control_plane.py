@@ -42,7 +42,7 @@ def _hello(a: ControlPlane, b: ControlPlane) -> EngineMetadata:
 
 
 def _drain_until(cp: ControlPlane, kind: type, timeout_s: float = 5.0) -> list[object]:
-    deadline, got = time.monotonic() + timeout_s, []
+    deadline, got = time.monotonic() + timeout_s, list[object]()
     while time.monotonic() < deadline:
         got += cp.drain()
         if any(isinstance(m, kind) for m in got):
