@@ -50,7 +50,7 @@ from bench.client import COMPLETIONS, ENDPOINTS
 from bench.datasets import DatasetConfig, sample_requests
 from bench.metadata import run_metadata
 from bench.results import append_row
-from disagg.tokenizer import get_tokenizer
+from disagg.common.tokenizer import get_tokenizer
 
 PROG = "python -m bench.crosscheck"
 DEFAULT_AIPERF = "/tmp/aiperf-venv/bin/aiperf"

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from disagg.tokenizer import Tokenizer
+from disagg.common.tokenizer import Tokenizer
 
 DATASET_NAMES = ("random", "conversation", "shared-prefix")
 _MAX_ADJUST_ROUNDS = 64

@@ -24,8 +24,8 @@ from bench.results import append_row
 
 
 def _start_decode(llm: Any, context: int, steps: int) -> None:
-    from disagg.protocol import EngineCoreRequest
-    from disagg.sampling_params import SamplingParams
+    from disagg.common.protocol import EngineCoreRequest
+    from disagg.common.sampling_params import SamplingParams
 
     eng = llm.engine
     eng.add_request(EngineCoreRequest(

@@ -69,8 +69,8 @@ def _decode(llm: Any, batch: int, context: int, steps: int) -> float:
     """Median step time (ms) of decode-only steps for ``batch`` sequences at ``context``."""
     import torch
 
-    from disagg.protocol import EngineCoreRequest
-    from disagg.sampling_params import SamplingParams
+    from disagg.common.protocol import EngineCoreRequest
+    from disagg.common.sampling_params import SamplingParams
 
     eng = llm.engine
     sp = SamplingParams(max_tokens=steps + 8, temperature=0, ignore_eos=True)
@@ -96,8 +96,8 @@ def _prefill(llm: Any, tokens: int) -> float:
     """Seconds for one prefill step of ``tokens`` tokens (one sequence, max_tokens=1)."""
     import torch
 
-    from disagg.protocol import EngineCoreRequest
-    from disagg.sampling_params import SamplingParams
+    from disagg.common.protocol import EngineCoreRequest
+    from disagg.common.sampling_params import SamplingParams
 
     eng = llm.engine
     best = float("inf")
@@ -124,7 +124,7 @@ def _workload(n: int, seed: int = 0, fixed_out: int | None = None
 
 
 def _throughput(llm: Any, n: int, fixed_out: int | None = None) -> dict[str, float]:
-    from disagg.sampling_params import SamplingParams
+    from disagg.common.sampling_params import SamplingParams
 
     prompts, outs = _workload(n, fixed_out=fixed_out)
     sps = [SamplingParams(max_tokens=o, temperature=0, ignore_eos=True) for o in outs]

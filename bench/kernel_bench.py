@@ -88,7 +88,7 @@ def _decode_cases() -> Iterator[KernelCase]:
         paged_decode_attention,
         paged_decode_attention_ref,
     )
-    from hip_kernels.testing import make_paged_kv
+    from hip_kernels.paged_kv import make_paged_kv
 
     for batch, context in ((64, 4096), (8, 32768), (256, 1024), (1, 4096)):
         kv = make_paged_kv([context] * batch, KV_HEADS, HEAD_DIM, BLOCK_SIZE, torch.bfloat16,
@@ -114,7 +114,7 @@ def _prefill_cases() -> Iterator[KernelCase]:
     import torch
 
     from hip_kernels.paged_attention import paged_prefill_attention, paged_prefill_attention_ref
-    from hip_kernels.testing import make_paged_kv
+    from hip_kernels.paged_kv import make_paged_kv
 
     for prefix, chunk, num_seqs in ((0, 2048, 8), (8192, 512, 4)):
         kv = make_paged_kv([prefix + chunk] * num_seqs, KV_HEADS, HEAD_DIM, BLOCK_SIZE,
@@ -233,7 +233,7 @@ def _metadata(commit: str | None) -> dict[str, Any]:
     import triton
 
     from bench.metadata import run_metadata
-    from disagg.platform import current_platform
+    from disagg.common.platform import current_platform
 
     meta = run_metadata()
     meta["versions"] = {**meta["versions"], "triton": triton.__version__,
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kernel_bench: unknown --kernels {unknown}; choose from {list(CASE_GROUPS)}",
               file=sys.stderr)
         return 2
-    from disagg.platform import is_gpu
+    from disagg.common.platform import is_gpu
 
     if not is_gpu():
         print("kernel_bench: needs a GPU (ROCm or CUDA); none is visible on this machine",

@@ -86,7 +86,7 @@ def _version(dist: str) -> str | None:
 
 def versions() -> dict[str, str | None]:
     """python, torch, disagg and the HTTP client's versions."""
-    from disagg import __version__ as disagg_version
+    from disagg.common.version import __version__ as disagg_version
 
     return {"python": platform.python_version(), "torch": _version("torch"),
             "disagg": disagg_version, "aiohttp": _version("aiohttp")}

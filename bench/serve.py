@@ -30,7 +30,7 @@ from bench.metrics import (
 )
 from bench.results import append_row, format_summary, rate_label, summary_row, write_json
 from bench.serve_args import Point, ServePlan, dataset_config, parse, workload_label
-from disagg.tokenizer import get_tokenizer
+from disagg.common.tokenizer import get_tokenizer
 
 PROG = "disagg bench serve"
 _PROBE_OUTPUT_TOKENS = 4

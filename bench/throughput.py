@@ -21,7 +21,7 @@ from bench.argparsing import Parser, UsageError, run_cli
 from bench.datasets import safe_token_ids
 from bench.metadata import run_metadata
 from bench.results import append_row
-from disagg.tokenizer import Tokenizer, get_tokenizer
+from disagg.common.tokenizer import Tokenizer, get_tokenizer
 
 PROG = "disagg bench throughput"
 _LLM_OPTIONS = ("device", "dtype", "max_num_seqs", "max_num_batched_tokens",
@@ -81,7 +81,7 @@ def _import_engine() -> tuple[Any, Any]:
         from disagg.llm import LLM
     except ImportError as exc:
         raise UsageError(f"the offline engine (disagg.llm) is not available: {exc}") from exc
-    from disagg.sampling_params import SamplingParams
+    from disagg.common.sampling_params import SamplingParams
 
     return LLM, SamplingParams
 

@@ -373,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
 
         reason = available_transports().get(args.transport)
         if reason is not None and not (args.transport == "mori" and any(
-                o.startswith("use_fake=") for o in args.option)):
+                o.startswith("api_module=") for o in args.option)):
             raise BenchError(f"transport {args.transport!r} is not usable here: {reason}")
         args.output.parent.mkdir(parents=True, exist_ok=True)
         for cfg in _configs(args):

@@ -30,7 +30,7 @@ from typing import Any
 
 import msgspec
 
-from disagg.config import ConfigError
+from disagg.common.config import ConfigError
 
 MESSAGE_POINTS = frozenset({"remote_blocks", "write_done", "release", "release_ack",
                             "transfer_failed", "lease", "quiesce", "quiesced", "notify"})

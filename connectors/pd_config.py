@@ -12,9 +12,9 @@ from typing import Any
 
 from connectors.faults import FaultPlan, parse_faults
 from connectors.transfer import Timeouts
-from disagg import envs
-from disagg.config import ConfigError
-from disagg.kv_transfer_params import TransferMode
+from disagg.common import envs
+from disagg.common.config import ConfigError
+from disagg.common.kv_transfer_params import TransferMode
 
 TRANSPORTS = ("tcp", "nixl", "ipc", "mori", "fake")
 FAULTS_ENV = envs.FAULT_INJECTION_ENV

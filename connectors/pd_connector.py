@@ -12,7 +12,8 @@ Every side leases its live transfers to the peer each heartbeat; a transfer whos
 passes is EXPIRED, frees or releases its blocks and tells the peer (connectors/transfer.py).
 Received KV is used only once the producer vouched for it (protocol.py); blocks that an op or
 a peer may still write are parked, never reused (pd_outcome.py). The connector reports and the
-scheduler acts: ``update_connector_output`` returns a ConnectorOutput (connectors/base.py).
+scheduler acts: ``update_connector_output`` returns a ConnectorOutput
+(disagg/engine/kv_connector.py).
 Peers live in pd_peers.py, incoming messages in pd_inbox.py, terminal states in pd_outcome.py.
 """
 
@@ -23,7 +24,6 @@ import secrets
 import time
 from typing import TYPE_CHECKING, Any
 
-from connectors.base import ConnectorOutput, FinishAction, KVConnector
 from connectors.control_plane import ControlPlane
 from connectors.faults import parse_faults
 from connectors.pd_config import parse_pd_config
@@ -37,15 +37,16 @@ from connectors.pd_worker import PDWorkerSide
 from connectors.protocol import EngineMetadata, Release, RemoteBlocks, kv_ports
 from connectors.transfer import Transfer, TransferRole, TransferState, transfer_from_params
 from connectors.transports.base import TransferOp, TransferStatus
-from disagg.config import KVTransferConfig
-from disagg.kv_transfer_params import KVTransferParams, TransferMode
+from disagg.common.config import KVTransferConfig
+from disagg.common.kv_transfer_params import KVTransferParams, TransferMode
+from disagg.engine.kv_connector import ConnectorOutput, FinishAction, KVConnector, LoadFailure
 
 if TYPE_CHECKING:
     import torch
 
+    from disagg.engine.request import Request
+    from disagg.engine.scheduler import SchedulerOutput
     from disagg.models.llama import LayerHook
-    from disagg.request import Request
-    from disagg.scheduler import SchedulerOutput
 
 logger = logging.getLogger(__name__)
 _OK_FINISH = frozenset({"finished_stopped", "finished_length"})
@@ -129,8 +130,6 @@ class PDConnector(KVConnector):
                 self.inbox.on_remote_blocks(t, self.peers.early.pop(t.transfer_id)[0])
 
     def _reused_id_failure(self, t: Transfer) -> Any:
-        from connectors.base import LoadFailure
-
         logger.warning("transfer_id %s is already in use; request %s refused", t.transfer_id,
                        t.request_id)
         return LoadFailure(t.request_id, f"transfer_id {t.transfer_id} is already in use",

@@ -21,12 +21,12 @@ import logging
 import time
 from dataclasses import dataclass
 
-from connectors.base import ConnectorOutput, LoadFailure
 from connectors.pd_peers import PeerLinks
 from connectors.pd_worker import PDWorkerSide
 from connectors.protocol import Quiesce, Quiesced, TransferFailed, WriteDone
 from connectors.transfer import Timeouts, Transfer, TransferRole, TransferState
 from connectors.transports.base import TransferStatus
+from disagg.engine.kv_connector import ConnectorOutput, LoadFailure
 
 logger = logging.getLogger(__name__)
 

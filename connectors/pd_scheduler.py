@@ -11,9 +11,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from connectors.base import FinishAction
     from connectors.pd_connector import PDConnector
-    from disagg.request import Request
+    from disagg.engine.kv_connector import FinishAction
+    from disagg.engine.request import Request
 
 
 class PDSchedulerSide:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, NamedTuple
 if TYPE_CHECKING:
     from connectors.pd_worker import PDWorkerSide
     from connectors.transfer import Transfer
-    from disagg.request import Request
+    from disagg.engine.request import Request
 
 
 def blocks_to_stream(start: int, end: int, num_prompt_tokens: int, num_remote_blocks: int,

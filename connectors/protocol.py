@@ -29,7 +29,7 @@ from typing import Annotated
 
 import msgspec
 
-from disagg.kv_transfer_params import (
+from disagg.common.kv_transfer_params import (
     BlockIds,
     EngineId,
     Epoch,

@@ -33,7 +33,7 @@ import enum
 import secrets
 from dataclasses import dataclass, field
 
-from disagg.kv_transfer_params import KVTransferParams, TransferMode
+from disagg.common.kv_transfer_params import KVTransferParams, TransferMode
 
 
 class TransferState(enum.Enum):

@@ -7,9 +7,11 @@ import asyncio
 import logging
 import os
 import sys
+from collections.abc import Callable
+from importlib.metadata import entry_points
 
-from disagg import __version__, envs
-from disagg.config import (
+from disagg.common import envs
+from disagg.common.config import (
     CacheConfig,
     ConfigError,
     EngineConfig,
@@ -20,6 +22,7 @@ from disagg.config import (
     parse_bytes,
     parse_max_model_len,
 )
+from disagg.common.version import __version__
 
 logger = logging.getLogger("disagg")
 
@@ -104,13 +107,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run_subcommand(name: str, argv: list[str]) -> int:
+    """A command another package provides through the ``disagg.commands`` entry points (the
+    CLI does not import the bench package; pyproject.toml names it)."""
+    found = entry_points(group="disagg.commands", name=name)
+    if not found:
+        print(f"disagg: error: 'disagg {name}' is not installed (pip install -e . from the "
+              "repository)", file=sys.stderr)
+        return 2
+    command: Callable[[list[str]], int] = next(iter(found)).load()
+    return command(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``disagg`` console script."""
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "bench":
-        from bench.cli import main as bench_main
-
-        return bench_main(argv[1:])
+        return _run_subcommand("bench", argv[1:])
     if argv and argv[0] == "doctor":
         from disagg.doctor import main as doctor_main
 
@@ -123,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"disagg: error: {exc}", file=sys.stderr)
         return 2
-    from disagg.server_main import serve
+    from disagg.server.server_main import serve
 
     try:
         return asyncio.run(serve(cfg, args))

@@ -36,8 +36,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from disagg import __version__, envs
-from disagg import platform as plat
+from disagg.common import envs
+from disagg.common import platform as plat
+from disagg.common.version import __version__
 
 PROG = "disagg doctor"
 SCHEMA_VERSION = 1

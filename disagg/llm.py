@@ -6,10 +6,10 @@ import itertools
 from dataclasses import dataclass
 from typing import Any
 
-from disagg.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from disagg.engine_core import EngineCore
-from disagg.protocol import EngineCoreRequest
-from disagg.sampling_params import SamplingParams
+from disagg.common.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from disagg.common.protocol import EngineCoreRequest
+from disagg.common.sampling_params import SamplingParams
+from disagg.engine.engine_core import EngineCore
 
 
 @dataclass(slots=True)

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from disagg.common.platform import current_platform
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_ARCH = "default"
 KNOWN_ARCHS = ("gfx942", "gfx950", "sm_90")
@@ -50,7 +52,6 @@ class KernelSpec:
 
 def current_arch() -> str | None:
     """The running GPU's arch (``gfx942``, ``sm_90``), None on CPU."""
-    from disagg.platform import current_platform
 
     return current_platform().arch
 

@@ -52,6 +52,6 @@ def interpreter_upcasts_dot(dtype: Any) -> bool:
     """
     import torch
 
-    from disagg import envs
+    from disagg.common import envs
 
     return dtype == torch.bfloat16 and envs.triton_interpret()

@@ -15,7 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from disagg.openai_api import ApiError, decode_body
+from disagg.common.openai_api import ApiError, decode_body
 from proxy.errors import ProxyError, error_response, from_proxy_error
 from proxy.health import probe_instance
 from proxy.registry import InstanceState, Origin, Pool, normalize_url

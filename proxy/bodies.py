@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from disagg.openai_api import (
+from disagg.common.openai_api import (
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
@@ -17,8 +17,8 @@ from disagg.openai_api import (
     single_prompt,
     validate_object,
 )
-from disagg.openai_api import decode_body as decode_json
-from disagg.tokenizer import ByteTokenizer, Tokenizer, get_tokenizer
+from disagg.common.openai_api import decode_body as decode_json
+from disagg.common.tokenizer import ByteTokenizer, Tokenizer, get_tokenizer
 from proxy.errors import ProxyError
 
 logger = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from disagg.kv_transfer_params import TransferMode
+from disagg.common.kv_transfer_params import TransferMode
 
 __all__ = ["PolicyName", "ProxyConfig", "TransferMode"]
 

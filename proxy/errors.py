@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 from aiohttp import web
 
-from disagg.sse import encode_event
+from disagg.common.sse import encode_event
 
 # OpenAI's own error ``type`` strings where one fits, plain descriptive ones otherwise.
 _TYPE_BY_STATUS = {

@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from disagg.kv_transfer_params import KVParamsError, kv_params_to_json, parse_kv_params
+from disagg.common.kv_transfer_params import KVParamsError, kv_params_to_json, parse_kv_params
 from proxy.bodies import ClientRequest, decode_body, prefill_body
 from proxy.config import ProxyConfig, TransferMode
 from proxy.errors import ProxyError

@@ -23,7 +23,8 @@ from dataclasses import replace
 
 from aiohttp import web
 
-from disagg import envs
+from disagg.common import envs
+from disagg.common.envs import log_level
 from proxy.app import bound_url, start_site
 from proxy.app import make_app as make_proxy_app
 from proxy.config import PolicyName, ProxyConfig, TransferMode
@@ -287,7 +288,6 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(sys.argv[1:] if argv is None else list(argv))
     except SystemExit as exc:  # argparse already printed the usage and the error
         return int(exc.code or 0)
-    from disagg.envs import log_level
 
     logging.basicConfig(level=log_level(), format="%(asctime)s %(levelname)s %(name)s: "
                                                    "%(message)s")

@@ -9,7 +9,12 @@ import socket
 import sys
 from dataclasses import dataclass
 
-from disagg.envs import KV_PARAMS_KEY_ENV
+from disagg.common.envs import KV_PARAMS_KEY_ENV
+from disagg.common.platform import (
+    current_platform,
+    is_gpu,
+    visible_devices_env,
+)
 from proxy.config import TransferMode
 from proxy.registration import KVRole
 from proxy.supervisor import InstanceSpec, LaunchError
@@ -106,7 +111,6 @@ def resolve_device(requested: str, model_given: bool) -> str:
     """``auto``: the built-in demo model runs on CPU, a real model on a GPU when there is one."""
     if requested == "cpu" or (requested == "auto" and not model_given):
         return "cpu"
-    from disagg.platform import is_gpu  # imports torch: only when a GPU may be used
 
     if is_gpu():
         return "cuda"
@@ -117,7 +121,6 @@ def resolve_device(requested: str, model_given: bool) -> str:
 
 def device_groups(num_instances: int, gpus_per_instance: int) -> list[list[str]]:
     """Disjoint GPU ids per instance, taken from the visible devices in order."""
-    from disagg.platform import current_platform, visible_devices_env
 
     inherited = os.environ.get(visible_devices_env())
     if inherited:
@@ -181,8 +184,6 @@ def _instance_env(cfg: LaunchConfig, gpus: list[str] | None,
 
 def _device_env(gpus: list[str] | None, num_instances: int) -> dict[str, str]:
     if gpus is not None:
-        from disagg.platform import visible_devices_env
-
         return {visible_devices_env(): ",".join(gpus)}
     if "OMP_NUM_THREADS" in os.environ:
         return {}

@@ -1,159 +1,33 @@
-"""Dynamic registration over ZMQ: the message types and both ends of the channel.
-
-Instance side: ``Registrar`` (a daemon thread) PUSHes a ``Heartbeat`` carrying the instance's
-full ``InstanceInfo`` every ``interval_s``; ``stop()`` sends a ``Deregister``. Proxy side:
-``RegistrationServer`` binds a PULL socket and hands each message to callbacks. Every heartbeat
-is a complete registration, so a restarted proxy re-learns its pool within one interval.
-Messages are msgpack-encoded ``msgspec.Struct``s; nothing else is accepted on the socket.
-"""
+"""Dynamic registration over ZMQ, proxy side: ``RegistrationServer`` binds a PULL socket and
+hands each message to callbacks. The instance side (disagg/server/registrar.py) PUSHes a
+``Heartbeat`` carrying its full ``InstanceInfo`` every ``interval_s`` and a ``Deregister`` on
+shutdown; the messages live in disagg/common/registration.py, which both sides import. Every
+heartbeat is a complete registration, so a restarted proxy re-learns its pool within one
+interval. Nothing but those msgpack-encoded structs is accepted on the socket."""
 
 from __future__ import annotations
 
-import enum
 import logging
-import threading
 from collections.abc import Callable
 
 import msgspec
 import zmq
 import zmq.asyncio
 
-from proxy.config import TransferMode
+from disagg.common.registration import (
+    MAX_MESSAGE_BYTES,
+    PROTOCOL_VERSION,
+    Deregister,
+    Heartbeat,
+    InstanceInfo,
+    KVRole,
+    check_address,
+    decode_message,
+)
 
 logger = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 1
-"""Bumped when a message changes incompatibly; the proxy drops other versions."""
-MAX_MESSAGE_BYTES = 64 * 1024
-"""Larger frames are dropped by ZMQ before they reach the decoder."""
-
-
-class KVRole(enum.Enum):
-    """An instance's role in P/D (the ``kv_role`` of its kv-transfer-config)."""
-
-    PRODUCER = "kv_producer"
-    CONSUMER = "kv_consumer"
-    BOTH = "kv_both"
-
-
-class InstanceInfo(msgspec.Struct, kw_only=True, frozen=True):
-    """What an instance says about itself: the body of ``GET /instance_info``."""
-
-    role: KVRole
-    engine_id: str
-    http_url: str
-    max_model_len: int
-    mode: TransferMode | None = None
-    block_size: int | None = None
-    dp_size: int = 1
-    model: str | None = None
-    kv_host: str | None = None
-    kv_handshake_port: int | None = None
-    kv_notify_port: int | None = None
-
-
-class Heartbeat(msgspec.Struct, tag="heartbeat", kw_only=True, frozen=True):
-    """Instance -> proxy, every ``interval_s``: "I am alive and this is who I am"."""
-
-    info: InstanceInfo
-    interval_s: float
-    seq: int
-    version: int = PROTOCOL_VERSION
-
-
-class Deregister(msgspec.Struct, tag="deregister", kw_only=True, frozen=True):
-    """Instance -> proxy, once, on a clean shutdown: remove me now."""
-
-    http_url: str
-    engine_id: str
-    version: int = PROTOCOL_VERSION
-
-
-RegistrationMessage = Heartbeat | Deregister
-_encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(RegistrationMessage)
-
-
-def encode_message(msg: Heartbeat | Deregister) -> bytes:
-    """One message as msgpack bytes."""
-    return _encoder.encode(msg)
-
-
-def decode_message(data: bytes) -> Heartbeat | Deregister:
-    """Bytes back to a message; raises ``msgspec.DecodeError`` / ``ValidationError``."""
-    return _decoder.decode(data)
-
-
-def check_address(address: str) -> str:
-    """Refuse anything but a ZMQ ``tcp://`` or ``ipc://`` address, with a readable message."""
-    if not address.startswith(("tcp://", "ipc://")):
-        raise ValueError(f"proxy address {address!r} must look like tcp://HOST:PORT")
-    return address
-
-
-class Registrar:
-    """Instance side: heartbeats to the proxy from a daemon thread; ``stop()`` deregisters."""
-
-    def __init__(self, proxy_address: str, info: InstanceInfo, interval_s: float = 2.0) -> None:
-        if interval_s <= 0:
-            raise ValueError(f"heartbeat interval must be positive, got {interval_s}")
-        self._address = check_address(proxy_address)
-        self._info = info
-        self._interval_s = interval_s
-        self._stop_event = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.num_sent = 0
-        """Heartbeats handed to ZMQ (for tests and logs)."""
-
-    def start(self) -> None:
-        """Start the heartbeat thread (idempotent)."""
-        if self._thread is not None:
-            return
-        self._thread = threading.Thread(target=self._run, name="disagg-registrar", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout_s: float = 2.0) -> None:
-        """Send a deregister, stop the thread and wait for it at most ``timeout_s``."""
-        self._stop_event.set()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-            self._thread = None
-
-    def _run(self) -> None:
-        # The socket lives and dies in this thread: ZMQ sockets are not thread-safe.
-        ctx = zmq.Context()
-        sock = ctx.socket(zmq.PUSH)
-        # IMMEDIATE: queue nothing while no proxy is connected, so no stale heartbeats pile up.
-        sock.setsockopt(zmq.IMMEDIATE, 1)
-        sock.setsockopt(zmq.SNDHWM, 4)
-        sock.connect(self._address)
-        try:
-            self._heartbeat_loop(sock)
-            self._send(sock, Deregister(http_url=self._info.http_url,
-                                        engine_id=self._info.engine_id), wait_s=0.5)
-        finally:
-            sock.close(linger=500)
-            ctx.term()
-
-    def _heartbeat_loop(self, sock: zmq.Socket) -> None:
-        seq = 0
-        while not self._stop_event.is_set():
-            msg = Heartbeat(info=self._info, interval_s=self._interval_s, seq=seq)
-            if self._send(sock, msg, wait_s=min(self._interval_s, 0.2)):
-                seq += 1
-                self.num_sent += 1
-                self._stop_event.wait(self._interval_s)
-
-    @staticmethod
-    def _send(sock: zmq.Socket, msg: Heartbeat | Deregister, wait_s: float) -> bool:
-        # POLLOUT with IMMEDIATE means "a proxy is connected"; otherwise retry next round.
-        if not sock.poll(int(wait_s * 1000), zmq.POLLOUT):
-            return False
-        try:
-            sock.send(encode_message(msg), zmq.NOBLOCK)
-        except zmq.Again:
-            return False
-        return True
+__all__ = ["Deregister", "Heartbeat", "InstanceInfo", "KVRole", "RegistrationServer"]
 
 
 class RegistrationServer:

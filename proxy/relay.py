@@ -9,7 +9,7 @@ import sys
 import aiohttp
 from aiohttp import web
 
-from disagg.sse import SSE_HEADERS, SSEFramingError, is_done
+from disagg.common.sse import SSE_HEADERS, SSEFramingError, is_done
 from proxy.errors import error_event
 from proxy.metrics import Outcome
 from proxy.upstream import OpenStream

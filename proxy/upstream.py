@@ -15,8 +15,8 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from disagg.openai_api import KV_KEY_HEADER
-from disagg.sse import SSEDecoder, is_done
+from disagg.common.openai_api import KV_KEY_HEADER
+from disagg.common.sse import SSEDecoder, is_done
 from proxy.registration import InstanceInfo
 from proxy.registry import Instance
 

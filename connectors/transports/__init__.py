@@ -5,8 +5,8 @@
             host buffers
 ``nixl``    NVIDIA NIXL over UCX (``nixl.py``); host or GPU memory
 ``ipc``     same-host GPU peer copies through CUDA/HIP IPC handles (``ipc.py``)
-``mori``    AMD MoRI-IO ``IOEngine``, RDMA or XGMI backend (``mori.py``; ``fake_mori.py``
-            mirrors its API for CPU tests)
+``mori``    AMD MoRI-IO ``IOEngine``, RDMA or XGMI backend (``mori.py``; the CPU tests'
+            fake_mori.py mirrors its API)
 ==========  =================================================================================
 """
 

@@ -42,6 +42,7 @@ from connectors.transports.gpu_runtime import enable_peer_access
 from connectors.transports.handles import HandleTable
 from connectors.transports.ipc_copy import COPY_MODES, ISSUE_SIDES, STREAM_MIN_BYTES, PeerCopier
 from connectors.transports.validation import build_options, open_batch
+from disagg.common.platform import PlatformKind, current_platform
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +109,6 @@ class _Peer:
 
 def unavailable_reason() -> str | None:
     """None when torch sees a GPU and can share its memory across processes."""
-    from disagg.platform import PlatformKind, current_platform
 
     if current_platform().kind is PlatformKind.CPU:
         return ("no CUDA/HIP GPU visible to torch: the ipc transport copies GPU memory "

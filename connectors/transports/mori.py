@@ -17,9 +17,9 @@ Real ``mori.io`` calls used (ROCm/mori ``python/mori/io/engine.py``)::
     engine.deregister_memory(mem_desc)
 
 Notifications are off (``enable_notification=False``, as vLLM's MoRIIO connector does): the
-P/D connector's own control plane says when a transfer is done. ``fake_mori`` implements the
-same names and semantics on host memory; ``make_transport("mori", ..., use_fake=True)`` runs
-this module against it (CPU tests).
+P/D connector's own control plane says when a transfer is done. The CPU tests' fake
+(tests/connectors/transports/fake_mori.py) implements the same names and semantics on host
+memory; ``make_transport("mori", ..., api_module="fake_mori")`` runs this module against it.
 """
 
 from __future__ import annotations
@@ -72,8 +72,8 @@ class MoriOptions:
     post_batch_size: int = -1
     num_worker_threads: int = 1
     xgmi_num_streams: int = 64
-    use_fake: bool = False
-    """Run against ``connectors.transports.fake_mori`` (host memory, CPU tests)."""
+    api_module: str = "mori.io"
+    """Import path of the MoRI-IO API (tests point it at their host-memory fake)."""
     op_timeout_s: float | None = 120.0
     """Backstop: a batch still PENDING this long after post is failed by poll."""
 
@@ -85,9 +85,8 @@ class _Peer:
     session: Any
 
 
-def _import_mori(use_fake: bool) -> Any:
-    """``mori.io`` (or the fake), or a TransportError saying what is missing."""
-    name = "connectors.transports.fake_mori" if use_fake else "mori.io"
+def _import_mori(name: str = "mori.io") -> Any:
+    """The MoRI-IO API module, or a TransportError saying what is missing."""
     try:
         return importlib.import_module(name)
     except ImportError as exc:
@@ -98,7 +97,7 @@ def _import_mori(use_fake: bool) -> Any:
 def unavailable_reason() -> str | None:
     """None when the real ``mori.io`` imports, else why not."""
     try:
-        _import_mori(use_fake=False)
+        _import_mori()
     except TransportError as exc:
         return str(exc)
     return None
@@ -126,7 +125,7 @@ class MoriTransport(Transport):
     def __init__(self, *, agent_name: str, host: str = "127.0.0.1",
                  options: MoriOptions | None = None) -> None:
         self._opts = options or MoriOptions()
-        self._api = _import_mori(self._opts.use_fake)
+        self._api = _import_mori(self._opts.api_module)
         self._agent_name = agent_name
         self._engine: Any = self._api.IOEngine(agent_name,
                                                self._api.IOEngineConfig(host, self._opts.port))

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from disagg.tokenizer import BUILTIN_BOS_ID, BUILTIN_EOS_ID, BUILTIN_VOCAB_SIZE
+from disagg.common.tokenizer import BUILTIN_BOS_ID, BUILTIN_EOS_ID, BUILTIN_VOCAB_SIZE
 
 BUILTIN_MODELS: dict[str, dict[str, Any]] = {
     "tiny-llama": {

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from disagg.models.arch import ArchConfig
-from disagg.ops import Ops
+from disagg.models.ops import Ops
 
 LayerHook = Callable[[int], None]
 """Called with a layer's index right after that layer wrote this step's K/V into the cache."""

@@ -7,11 +7,11 @@ import os
 
 import torch
 
-from disagg.config import ConfigError, ModelConfig
+from disagg.common.config import ConfigError, ModelConfig
 from disagg.models.arch import ArchConfig, arch_from_hf_dict, load_arch
 from disagg.models.builtin import builtin_hf_config, seeded_hf_state_dict
 from disagg.models.llama import LlamaForCausalLM
-from disagg.ops import Ops
+from disagg.models.ops import Ops
 
 
 def resolve_arch(model: str) -> ArchConfig:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bench import crosscheck
-from disagg.tokenizer import ByteTokenizer
+from disagg.common.tokenizer import ByteTokenizer
 
 AIPERF = shutil.which("aiperf") or crosscheck.DEFAULT_AIPERF
 

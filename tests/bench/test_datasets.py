@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from bench.datasets import DatasetConfig, build_exact_prompt, safe_token_ids, sample_requests
-from disagg.tokenizer import ByteTokenizer
+from disagg.common.tokenizer import ByteTokenizer
 
 
 class _BPETokenizer:

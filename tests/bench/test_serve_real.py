@@ -8,7 +8,7 @@ import pytest
 
 from bench.datasets import DatasetConfig, sample_requests
 from bench.serve import main
-from disagg.tokenizer import get_tokenizer
+from disagg.common.tokenizer import get_tokenizer
 
 
 @pytest.mark.slow  # an engine start-up costs ~20 s on the 2-core CI machine

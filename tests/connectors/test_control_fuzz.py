@@ -66,7 +66,7 @@ BODY: dict[str, Any] = {"prompt": PROMPT, "max_tokens": 6, "temperature": 0,
                         "ignore_eos": True, "return_token_ids": True}
 BAD_HOSTS = ["a b", "x/y", "-", "*"]
 HOST_PATTERN = re.compile(r"^[A-Za-z0-9._\-:\[\]%]+$")
-"""disagg/kv_transfer_params.py's Host: the wire refuses the others at decode."""
+"""disagg/common/kv_transfer_params.py's Host: the wire refuses the others at decode."""
 """Hosts that pass the protocol's length bound but that ZMQ refuses to connect to."""
 COUNTERS = ("notifications_malformed_total", "notifications_unidentified_total",
             "handshakes_refused_total")

@@ -8,8 +8,8 @@ import pytest
 
 from connectors.pd_config import FAULTS_ENV, parse_pd_config
 from connectors.pd_metadata import slow_path_hint
-from disagg.config import ConfigError
-from disagg.kv_transfer_params import TransferMode
+from disagg.common.config import ConfigError
+from disagg.common.kv_transfer_params import TransferMode
 
 
 def parse_layerwise(extra: dict[str, Any], on_gpu: bool) -> bool:

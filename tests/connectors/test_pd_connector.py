@@ -22,7 +22,7 @@ from pd_helpers import (
     wait_clean,
 )
 
-from disagg.kv_sizing import bytes_per_block
+from disagg.engine.kv_sizing import bytes_per_block
 from disagg.models.loader import resolve_arch
 
 MAX_MODEL_LEN = 256

@@ -12,8 +12,8 @@ import pytest
 import torch
 from pd_helpers import info, kv_config, metric, pd_request, settled_metric, wait_clean
 
-from disagg.kv_sizing import bytes_per_block
-from disagg.model_runner import resolve_dtype
+from disagg.engine.kv_sizing import bytes_per_block
+from disagg.engine.model_runner import resolve_dtype
 from disagg.models.loader import resolve_arch
 
 pytestmark = [pytest.mark.multi_gpu,

@@ -13,7 +13,7 @@ from connectors import pd_peers
 from connectors.pd_peers import PeerLinks
 from connectors.protocol import EngineMetadata, Release, RemoteBlocks
 from connectors.transfer import Timeouts, Transfer, TransferRole, transfer_from_params
-from disagg.kv_transfer_params import KVParamsError, TransferMode, parse_kv_params
+from disagg.common.kv_transfer_params import KVParamsError, TransferMode, parse_kv_params
 
 
 def _meta(engine_id: str, epoch: int = 1) -> EngineMetadata:

@@ -18,12 +18,12 @@ from connectors.pd_stream import blocks_to_stream
 from connectors.protocol import RemoteBlocks
 from connectors.transfer import TransferState
 from connectors.transports.base import Segment, TransferOp, TransferStatus
-from disagg.config import KVTransferConfig, SchedulerConfig
-from disagg.kv_cache import BlockPool
-from disagg.kv_transfer_params import parse_kv_params
-from disagg.request import Request, RequestStatus
-from disagg.sampling_params import SamplingParams
-from disagg.scheduler import Scheduler, SchedulerOutput
+from disagg.common.config import KVTransferConfig, SchedulerConfig
+from disagg.common.kv_transfer_params import parse_kv_params
+from disagg.common.sampling_params import SamplingParams
+from disagg.engine.kv_cache import BlockPool
+from disagg.engine.request import Request, RequestStatus
+from disagg.engine.scheduler import Scheduler, SchedulerOutput
 
 BLOCK_SIZE, NUM_LAYERS, NUM_BLOCKS = 4, 3, 16
 LAYER_BYTES = 2 * BLOCK_SIZE * 1 * 2 * 4  # K and V, block_size tokens, 1 head, dim 2, fp32

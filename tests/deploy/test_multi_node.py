@@ -14,7 +14,7 @@ from connectors.transports.mori import MoriOptions
 from connectors.transports.tcp import TcpOptions
 from connectors.transports.validation import build_options
 from disagg.cli import build_parser
-from disagg.config import KVTransferConfig
+from disagg.common.config import KVTransferConfig
 from proxy.launcher import parse_args as parse_proxy_args
 
 SCRIPT = "multi_node.sh"

@@ -8,19 +8,19 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from disagg.api_server import ServerInfo, make_app
-from disagg.engine_client import RequestHandle, SyncedConfig
-from disagg.kv_transfer_params import KVTransferParams
-from disagg.pause import FrontendPause
-from disagg.protocol import (
+from disagg.common.kv_transfer_params import KVTransferParams
+from disagg.common.pause import FrontendPause
+from disagg.common.protocol import (
     EngineCoreOutput,
     EngineCoreRequest,
     TokenLogprob,
     encoder,
     inbound_decoder,
 )
-from disagg.sampling_params import SamplingParams
-from disagg.tokenizer import get_tokenizer
+from disagg.common.sampling_params import SamplingParams
+from disagg.common.tokenizer import get_tokenizer
+from disagg.server.api_server import ServerInfo, make_app
+from disagg.server.engine_client import RequestHandle, SyncedConfig
 
 MODEL = "builtin:tiny-llama"
 MAX_MODEL_LEN = 256

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from disagg import __version__, doctor
-from disagg import platform as plat
 from disagg.cli import main as cli_main
+from disagg.common import platform as plat
 
 GiB = 1 << 30
 CPU = plat.PlatformInfo(plat.PlatformKind.CPU, 0, None, 1, None, torch.__version__, None, None)

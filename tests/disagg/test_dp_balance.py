@@ -1,6 +1,6 @@
 """Rank choice: least loaded by requests and tokens, ties rotate."""
 
-from disagg.dp_balance import RankLoad, pick_rank, rank_loads
+from disagg.dp.balance import RankLoad, pick_rank, rank_loads
 
 
 def test_idle_ranks_rotate() -> None:

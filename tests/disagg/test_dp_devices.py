@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-from disagg import platform
-from disagg.config import ConfigError
-from disagg.dp_devices import child_env, cpu_threads_per_rank, rank_device_env
+from disagg.common import platform
+from disagg.common.config import ConfigError
+from disagg.dp.devices import child_env, cpu_threads_per_rank, rank_device_env
 
 
 @pytest.fixture

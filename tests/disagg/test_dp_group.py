@@ -11,7 +11,7 @@ from support import REPO, free_port
 
 WORKER = r"""
 import json, sys, time
-from disagg.dp_group import DPGroup, DPGroupError
+from disagg.dp.group import DPGroup, DPGroupError
 rank, size, port, scenario = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 timeout_s = 1.0 if scenario == "peer_hangs" else 10.0
 g = DPGroup(rank, size, port, timeout_s, rendezvous_timeout_s=60)

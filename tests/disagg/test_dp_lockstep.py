@@ -18,12 +18,9 @@ from typing import Any
 import pytest
 import zmq
 
-from disagg.config import ParallelConfig
-from disagg.dp_group import DPGroupError
-from disagg.dp_lockstep import SYNC_INTERVAL_STEPS, Lockstep, WaveEnd
-from disagg.engine_process import EngineLoop
-from disagg.pause import PAUSE_ABORT_ERROR, PauseMode
-from disagg.protocol import (
+from disagg.common.config import ParallelConfig
+from disagg.common.pause import PAUSE_ABORT_ERROR, PauseMode
+from disagg.common.protocol import (
     EngineCoreCollectiveRpc,
     EngineCoreNeedWave,
     EngineCoreOutput,
@@ -38,7 +35,10 @@ from disagg.protocol import (
     encoder,
     outbound_decoder,
 )
-from disagg.sampling_params import SamplingParams
+from disagg.common.sampling_params import SamplingParams
+from disagg.dp.engine_process import EngineLoop
+from disagg.dp.group import DPGroupError
+from disagg.dp.lockstep import SYNC_INTERVAL_STEPS, Lockstep, WaveEnd
 
 
 class _Sums:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from disagg.dp_rpc import (
+from disagg.dp.rpc import (
     RPC_METHODS,
     UTILITY_METHODS,
     RpcArgError,

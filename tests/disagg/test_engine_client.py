@@ -11,18 +11,8 @@ from multiprocessing.process import BaseProcess
 import pytest
 import zmq
 
-from disagg.config import ConfigError, EngineConfig, KVTransferConfig, ModelConfig
-from disagg.engine_client import (
-    EngineClient,
-    EngineDeadError,
-    EngineStalledError,
-    EngineStartupError,
-    RequestHandle,
-    StallWatch,
-    apply_ready_responses,
-    stall_timeout_s,
-)
-from disagg.protocol import (
+from disagg.common.config import ConfigError, EngineConfig, KVTransferConfig, ModelConfig
+from disagg.common.protocol import (
     EngineCoreAbort,
     EngineCoreHeartbeat,
     EngineCoreOutput,
@@ -32,7 +22,17 @@ from disagg.protocol import (
     encoder,
     inbound_decoder,
 )
-from disagg.sampling_params import SamplingParams
+from disagg.common.sampling_params import SamplingParams
+from disagg.server.engine_client import (
+    EngineClient,
+    EngineDeadError,
+    EngineStalledError,
+    EngineStartupError,
+    RequestHandle,
+    StallWatch,
+    apply_ready_responses,
+    stall_timeout_s,
+)
 
 
 def ready(rank: int, max_len: int, blocks: int, block_size: int = 16) -> EngineCoreReadyResponse:

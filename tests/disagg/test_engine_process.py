@@ -15,9 +15,8 @@ from types import SimpleNamespace
 import pytest
 import zmq
 
-from disagg.config import ParallelConfig
-from disagg.engine_process import MALFORMED, EngineLoop, Heartbeat, MessageFailures
-from disagg.protocol import (
+from disagg.common.config import ParallelConfig
+from disagg.common.protocol import (
     EngineCoreAbort,
     EngineCoreHeartbeat,
     EngineCoreOutput,
@@ -27,7 +26,8 @@ from disagg.protocol import (
     encoder,
     outbound_decoder,
 )
-from disagg.sampling_params import SamplingParams
+from disagg.common.sampling_params import SamplingParams
+from disagg.dp.engine_process import MALFORMED, EngineLoop, Heartbeat, MessageFailures
 
 POISON = [666]
 """A prompt whose admission raises (after half-adding the request, as a real bug might)."""
@@ -168,7 +168,7 @@ def test_request_whose_admission_raises_fails_alone(harness: Harness) -> None:
 
 def test_malformed_frames_and_failing_commands_are_dropped_and_logged_once(
         harness: Harness, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.ERROR, logger="disagg.engine_process")
+    caplog.set_level(logging.ERROR, logger="disagg.dp.engine_process")
     for _ in range(5):
         harness.send(b"\xc1 not msgpack")
         harness.send(encoder.encode(EngineCoreAbort([BAD_ABORT])))
@@ -183,7 +183,7 @@ def test_malformed_frames_and_failing_commands_are_dropped_and_logged_once(
 
 def test_failures_log_at_most_once_per_interval_per_kind(
         caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.ERROR, logger="disagg.engine_process")
+    caplog.set_level(logging.ERROR, logger="disagg.dp.engine_process")
     now = [100.0]
     failures = MessageFailures(rank=0, interval_s=1.0, clock=lambda: now[0])
     for t in (100.0, 100.4, 100.9, 101.2, 101.3):

@@ -7,8 +7,8 @@ import random
 import pytest
 import torch
 
+from disagg.common.sampling_params import SamplingParams
 from disagg.llm import LLM
-from disagg.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.gpu
 

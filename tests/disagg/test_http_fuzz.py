@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from disagg.openai_api import ChatCompletionRequest, CompletionRequest
+from disagg.common.openai_api import ChatCompletionRequest, CompletionRequest
 
 
 def _load_fuzz_bodies() -> Any:

@@ -2,8 +2,8 @@
 
 import pytest
 
-from disagg.config import ConfigError
-from disagg.kv_sizing import bytes_per_block, plan_kv_cache
+from disagg.common.config import ConfigError
+from disagg.engine.kv_sizing import bytes_per_block, plan_kv_cache
 
 BLOCK = bytes_per_block(4, 16, 2, 32, 4)
 

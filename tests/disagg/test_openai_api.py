@@ -13,14 +13,14 @@ from typing import Any
 import msgspec
 import pytest
 
-from disagg.api_server import ENGINE, ServerInfo
-from disagg.openai_api import (
+from disagg.common.openai_api import (
     MAX_JSON_DEPTH,
     ApiError,
     CompletionRequest,
     decode_body,
     nesting_exceeds,
 )
+from disagg.server.api_server import ENGINE, ServerInfo
 
 KEY = "kv-secret"
 KV_HEADER = {"X-Disagg-KV-Key": KEY}

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from disagg.pause import (
+from disagg.common.pause import (
     FrontendPause,
     InstancePauseState,
     PauseConflict,

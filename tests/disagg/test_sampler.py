@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from disagg.sampler import Sampler
-from disagg.sampling_params import SamplingParams
+from disagg.common.sampling_params import SamplingParams
+from disagg.engine.sampler import Sampler
 
 CPU = torch.device("cpu")
 

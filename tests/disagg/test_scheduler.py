@@ -1,10 +1,10 @@
 """Scheduler with a real block pool and no model: batching, chunking, preemption, ledger."""
 
-from disagg.config import SchedulerConfig
-from disagg.kv_cache import BlockPool
-from disagg.request import Request, RequestStatus
-from disagg.sampling_params import SamplingParams
-from disagg.scheduler import Scheduler
+from disagg.common.config import SchedulerConfig
+from disagg.common.sampling_params import SamplingParams
+from disagg.engine.kv_cache import BlockPool
+from disagg.engine.request import Request, RequestStatus
+from disagg.engine.scheduler import Scheduler
 
 
 def make(num_blocks: int = 64, max_seqs: int = 8, max_tokens_step: int = 64,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from disagg.sse import (
+from disagg.common.sse import (
     DONE_EVENT,
     SSEDecoder,
     SSEFramingError,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bench import kernel_bench
-from disagg.platform import is_gpu
+from disagg.common.platform import is_gpu
 
 
 @pytest.mark.skipif(is_gpu(), reason="the refusal is the CPU path")

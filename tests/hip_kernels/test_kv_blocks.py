@@ -4,6 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_testing import (
+    DTYPES,
+    Case,
+    CaseResult,
+    compare,
+    failure_message,
+    interpreter_results,
+    run_cases_main,
+)
 
 from hip_kernels.kv_blocks import (
     chunk_table,
@@ -13,15 +22,6 @@ from hip_kernels.kv_blocks import (
     gather_kv_blocks_ref,
     scatter_kv_blocks,
     scatter_kv_blocks_ref,
-)
-from hip_kernels.testing import (
-    DTYPES,
-    Case,
-    CaseResult,
-    compare,
-    failure_message,
-    interpreter_results,
-    run_cases_main,
 )
 
 # Block tails [layers, 2, block_size, kv_heads, head_dim]: odd sizes, and one block

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from kernel_testing import same_signature
+
 from hip_kernels import paged_attention, paged_decode_attention, paged_prefill_attention
-from hip_kernels.testing import same_signature
 
 
 def test_facade_exports_the_kernel_modules_functions():

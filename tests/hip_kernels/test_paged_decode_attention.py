@@ -6,6 +6,15 @@ import math
 
 import pytest
 import torch
+from kernel_testing import (
+    Case,
+    CaseResult,
+    compare,
+    failure_message,
+    interpreter_results,
+    run_cases_main,
+    same_signature,
+)
 
 from hip_kernels.paged_decode_attention import (
     DecodePlan,
@@ -14,16 +23,7 @@ from hip_kernels.paged_decode_attention import (
     paged_decode_attention,
     paged_decode_attention_ref,
 )
-from hip_kernels.testing import (
-    Case,
-    CaseResult,
-    compare,
-    failure_message,
-    interpreter_results,
-    make_paged_kv,
-    run_cases_main,
-    same_signature,
-)
+from hip_kernels.paged_kv import make_paged_kv
 
 # (q heads, kv heads): GQA groups 1, 2, 4 and a group of 3.
 CASES = [

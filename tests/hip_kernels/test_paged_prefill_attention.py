@@ -6,20 +6,20 @@ import math
 
 import pytest
 import torch
-
-from hip_kernels.paged_prefill_attention import (
-    paged_prefill_attention,
-    paged_prefill_attention_ref,
-)
-from hip_kernels.testing import (
+from kernel_testing import (
     Case,
     CaseResult,
     compare,
     failure_message,
     interpreter_results,
-    make_paged_kv,
     run_cases_main,
     same_signature,
+)
+
+from hip_kernels.paged_kv import make_paged_kv
+from hip_kernels.paged_prefill_attention import (
+    paged_prefill_attention,
+    paged_prefill_attention_ref,
 )
 
 # Each sequence: (cached prefix, new chunk). Covers a fresh prefill, chunked prefill over a

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from hip_kernels.reshape_and_cache import reshape_and_cache, reshape_and_cache_ref
-from hip_kernels.testing import (
+from kernel_testing import (
     DTYPES,
     Case,
     CaseResult,
@@ -15,6 +13,8 @@ from hip_kernels.testing import (
     interpreter_results,
     run_cases_main,
 )
+
+from hip_kernels.reshape_and_cache import reshape_and_cache, reshape_and_cache_ref
 
 NUM_LAYERS = 3
 LAYER = 1

@@ -4,14 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from hip_kernels.rms_norm import (
-    fused_add_rms_norm,
-    fused_add_rms_norm_ref,
-    rms_norm,
-    rms_norm_ref,
-)
-from hip_kernels.testing import (
+from kernel_testing import (
     Case,
     CaseResult,
     combine,
@@ -19,6 +12,13 @@ from hip_kernels.testing import (
     failure_message,
     interpreter_results,
     run_cases_main,
+)
+
+from hip_kernels.rms_norm import (
+    fused_add_rms_norm,
+    fused_add_rms_norm_ref,
+    rms_norm,
+    rms_norm_ref,
 )
 
 EPS = 1e-6

@@ -4,13 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from hip_kernels.rotary_embedding import (
-    make_cos_sin_cache,
-    rotary_embedding,
-    rotary_embedding_ref,
-)
-from hip_kernels.testing import (
+from kernel_testing import (
     Case,
     CaseResult,
     combine,
@@ -18,6 +12,12 @@ from hip_kernels.testing import (
     failure_message,
     interpreter_results,
     run_cases_main,
+)
+
+from hip_kernels.rotary_embedding import (
+    make_cos_sin_cache,
+    rotary_embedding,
+    rotary_embedding_ref,
 )
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,

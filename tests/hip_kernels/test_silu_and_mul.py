@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from hip_kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref
-from hip_kernels.testing import (
+from kernel_testing import (
     Case,
     CaseResult,
     compare,
@@ -14,6 +12,8 @@ from hip_kernels.testing import (
     interpreter_results,
     run_cases_main,
 )
+
+from hip_kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref
 
 CASES = [
     Case("silu_and_mul", dtype, {"shape": shape})

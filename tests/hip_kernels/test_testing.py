@@ -4,15 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_testing import Case, CaseResult, combine, compare, interpreter_results
 
-from hip_kernels.testing import (
-    Case,
-    CaseResult,
-    combine,
-    compare,
-    interpreter_results,
-    make_paged_kv,
-)
+from hip_kernels.paged_kv import make_paged_kv
 
 
 def test_case_ids_are_readable():

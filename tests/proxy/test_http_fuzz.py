@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from disagg.openai_api import ChatCompletionRequest, CompletionRequest
+from disagg.common.openai_api import ChatCompletionRequest, CompletionRequest
 from proxy.config import TransferMode
 
 

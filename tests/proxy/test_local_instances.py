@@ -81,7 +81,7 @@ def test_device_auto_is_cpu_for_the_builtin_model() -> None:
 
 
 def test_gpus_are_split_from_the_visible_devices(monkeypatch: pytest.MonkeyPatch) -> None:
-    from disagg.platform import visible_devices_env
+    from disagg.common.platform import visible_devices_env
 
     env_name = visible_devices_env()
     monkeypatch.setenv(env_name, "4,5,6,7")

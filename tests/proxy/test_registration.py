@@ -9,17 +9,17 @@ import msgspec
 import pytest
 import zmq
 
-from proxy.config import TransferMode
-from proxy.registration import (
+from disagg.common.registration import (
     Deregister,
     Heartbeat,
     InstanceInfo,
     KVRole,
-    Registrar,
-    RegistrationServer,
     decode_message,
     encode_message,
 )
+from disagg.server.registrar import Registrar
+from proxy.config import TransferMode
+from proxy.registration import RegistrationServer
 from proxy.registry import InstanceState, Origin, Pool
 
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import time
 
+import fake_mori as mori
 import torch
-
-from connectors.transports import fake_mori as mori
 
 
 def _pair(notify: bool = True) -> tuple[mori.IOEngine, mori.IOEngine]:

@@ -19,7 +19,7 @@ from connectors.transports import (
 
 MakeLocal = Callable[..., Transport]
 SpawnPeer = Callable[..., PeerProcess]
-FAKE = {"use_fake": True}
+FAKE = {"api_module": "fake_mori"}
 
 
 def test_read_and_write_with_peer_process_are_byte_exact(make_local: MakeLocal,
@@ -58,7 +58,7 @@ def test_in_process_pair_merging_and_errors(make_local: MakeLocal) -> None:
 
 def test_bad_backend_and_missing_real_mori_are_clear() -> None:
     with pytest.raises(TransportError, match="'rdma' or 'xgmi'"):
-        make_transport("mori", agent_name="x", backend="carrier-pigeon", use_fake=True)
+        make_transport("mori", agent_name="x", backend="carrier-pigeon", api_module="fake_mori")
     reason = available_transports()["mori"]
     try:
         import mori.io  # noqa: F401

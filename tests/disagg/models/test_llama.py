@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 import torch
 
+from disagg.common.sampling_params import SamplingParams
 from disagg.llm import LLM
 from disagg.models.builtin import builtin_hf_config
 from disagg.models.loader import builtin_state_dict
-from disagg.sampling_params import SamplingParams
 
 MAX_NEW = 12
 

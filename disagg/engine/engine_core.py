@@ -14,21 +14,22 @@ import uuid
 from collections import deque
 from typing import Any
 
-from disagg import __version__
-from disagg.config import ConfigError, EngineConfig
-from disagg.kv_cache import BlockPool
-from disagg.kv_sizing import KVPlan, bytes_per_block, plan_kv_cache
-from disagg.model_runner import ModelRunner, resolve_device, resolve_dtype
-from disagg.models.loader import resolve_arch
-from disagg.protocol import (
+from disagg.common.config import ConfigError, EngineConfig
+from disagg.common.protocol import (
     EngineCoreOutput,
     EngineCoreReadyResponse,
     EngineCoreRequest,
     EngineStats,
     TokenLogprob,
 )
-from disagg.request import FINISH_REASONS, Request, RequestStatus
-from disagg.scheduler import Scheduler
+from disagg.common.version import __version__
+from disagg.engine.kv_cache import BlockPool
+from disagg.engine.kv_connector import create_connector
+from disagg.engine.kv_sizing import KVPlan, bytes_per_block, plan_kv_cache
+from disagg.engine.model_runner import ModelRunner, resolve_device, resolve_dtype
+from disagg.engine.request import FINISH_REASONS, Request, RequestStatus
+from disagg.engine.scheduler import Scheduler
+from disagg.models.loader import resolve_arch
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +80,6 @@ class EngineCore:
         kt = self.cfg.kv_transfer
         if kt is None or kt.kv_connector is None:
             return None
-        from connectors.factory import create_connector
-
         return create_connector(kt, self, kv_cache)
 
     @property

@@ -16,12 +16,9 @@ from typing import Any
 
 from aiohttp import web
 
-from disagg import __version__, envs
-from disagg.dp_admin import AdminApi
-from disagg.engine_client import EngineClient
-from disagg.kv_transfer_params import kv_params_to_json
-from disagg.metrics import ServerMetrics
-from disagg.openai_api import (
+from disagg.common import envs
+from disagg.common.kv_transfer_params import kv_params_to_json
+from disagg.common.openai_api import (
     KV_KEY_HEADER,
     ApiError,
     ChatCompletionRequest,
@@ -34,10 +31,15 @@ from disagg.openai_api import (
     kv_params,
     sampling_params,
 )
-from disagg.protocol import TokenLogprob
-from disagg.serving import Delta, collect, generate
-from disagg.sse import DONE_EVENT, SSE_HEADERS, encode_event
-from disagg.tokenizer import Tokenizer
+from disagg.common.protocol import TokenLogprob
+from disagg.common.sse import DONE_EVENT, SSE_HEADERS, encode_event
+from disagg.common.tokenizer import Tokenizer
+from disagg.common.version import __version__
+from disagg.server.admin import AdminApi
+from disagg.server.engine_client import EngineClient
+from disagg.server.metrics import ServerMetrics
+from disagg.server.metrics_render import render_instance_metrics
+from disagg.server.serving import Delta, collect, generate
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,7 +282,6 @@ async def kv_ledger(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     """GET /metrics in Prometheus text format."""
-    from disagg.metrics_render import render_instance_metrics
 
     return web.Response(text=render_instance_metrics(request.app[ENGINE], request.app[METRICS],
                                                      request.app[INFO].served_model_name),

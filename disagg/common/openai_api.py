@@ -13,13 +13,13 @@ from typing import Annotated, Any
 
 import msgspec
 
-from disagg.kv_transfer_params import (
+from disagg.common.kv_transfer_params import (
     KVParamsError,
     KVTransferParams,
     TransferId,
     parse_kv_params,
 )
-from disagg.sampling_params import (
+from disagg.common.sampling_params import (
     MAX_LOGPROBS,
     MAX_STOP_STRINGS,
     MAX_STOP_TOKEN_IDS,
@@ -28,7 +28,7 @@ from disagg.sampling_params import (
     SEED_MIN,
     SamplingParams,
 )
-from disagg.tokenizer import Tokenizer
+from disagg.common.tokenizer import Tokenizer
 
 MAX_JSON_DEPTH = 64
 """Deepest array/object nesting a body may have (OpenAI bodies need < 10; msgspec recurses)."""

@@ -11,16 +11,17 @@ import logging
 import numpy as np
 import torch
 
-from disagg import envs
-from disagg.config import EngineConfig
-from disagg.cuda_graphs import DecodeGraphs
+from disagg.common import envs
+from disagg.common.config import ConfigError, EngineConfig
+from disagg.common.platform import default_device
+from disagg.common.protocol import TokenLogprob
+from disagg.engine.cuda_graphs import DecodeGraphs
+from disagg.engine.sampler import Sampler
+from disagg.engine.scheduler import ScheduledChunk, SchedulerOutput
 from disagg.models.arch import ArchConfig
 from disagg.models.llama import AttentionMetadata, LayerHook
 from disagg.models.loader import load_model
-from disagg.ops import select_ops
-from disagg.protocol import TokenLogprob
-from disagg.sampler import Sampler
-from disagg.scheduler import ScheduledChunk, SchedulerOutput
+from disagg.models.ops import select_ops
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +32,6 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def resolve_device(device: str) -> torch.device:
     """auto -> cuda when a GPU is visible, else cpu."""
-    from disagg.platform import default_device
 
     return torch.device(default_device() if device == "auto" else device)
 
@@ -40,8 +40,6 @@ def resolve_dtype(dtype: str, device: torch.device, arch: ArchConfig) -> torch.d
     """auto -> fp32 on CPU; the checkpoint's dtype (or bf16) on GPU."""
     if dtype != "auto":
         if dtype not in _DTYPES:
-            from disagg.config import ConfigError
-
             raise ConfigError(f"--dtype {dtype!r} is not one of auto, float32, bfloat16, float16")
         return _DTYPES[dtype]
     if device.type == "cpu":

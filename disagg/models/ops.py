@@ -7,8 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from disagg import envs
-from disagg.platform import is_gpu, triton_available
+from disagg.common import envs
+from disagg.common.platform import is_gpu, triton_available
 
 _KERNELS = {
     "reshape_and_cache": "hip_kernels.reshape_and_cache",

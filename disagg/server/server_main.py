@@ -10,13 +10,16 @@ import signal
 import sys
 from typing import Any
 
+import msgspec
 from aiohttp import web
 
-from disagg import envs
-from disagg.api_server import ServerInfo, instance_info_dict, make_app
-from disagg.config import EngineConfig
-from disagg.engine_client import EngineClient, EngineStartupError
-from disagg.tokenizer import get_tokenizer
+from disagg.common import envs
+from disagg.common.config import EngineConfig
+from disagg.common.registration import InstanceInfo
+from disagg.common.tokenizer import get_tokenizer
+from disagg.server.api_server import ServerInfo, instance_info_dict, make_app
+from disagg.server.engine_client import EngineClient, EngineStartupError
+from disagg.server.registrar import Registrar
 
 logger = logging.getLogger("disagg.serve")
 DEAD_CLEANUP_S = 0.5
@@ -28,9 +31,7 @@ def _start_registrar(args: argparse.Namespace, engine: EngineClient, info: Serve
     """Register with a proxy over ZMQ when --proxy-address is given."""
     if not args.proxy_address:
         return None
-    import msgspec
 
-    from proxy.registration import InstanceInfo, Registrar
 
     details = msgspec.convert(instance_info_dict(engine, info), InstanceInfo)
     registrar = Registrar(args.proxy_address, details)

@@ -19,12 +19,12 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from disagg.config import SchedulerConfig
-from disagg.kv_cache import BlockPool, Owner, OwnerKind
-from disagg.request import Request, RequestStatus
+from disagg.common.config import SchedulerConfig
+from disagg.engine.kv_cache import BlockPool, Owner, OwnerKind
+from disagg.engine.request import Request, RequestStatus
 
 if TYPE_CHECKING:
-    from connectors.base import ConnectorOutput, SchedulerConnector
+    from disagg.engine.kv_connector import ConnectorOutput, SchedulerConnector
 
 
 @dataclass(slots=True)
@@ -269,7 +269,7 @@ class Scheduler:
         req.block_ids = []
 
     def apply_connector_output(self, out: ConnectorOutput) -> None:
-        """Act on what the connector reported this step (see connectors/base.py)."""
+        """Act on what the connector reported this step (see disagg/engine/kv_connector.py)."""
         for request_id, key in out.park:
             req = self.requests.get(request_id)
             if req is not None and not req.is_finished:

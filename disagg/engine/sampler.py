@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from disagg.protocol import TokenLogprob
-from disagg.sampling_params import SamplingParams
+from disagg.common.protocol import TokenLogprob
+from disagg.common.sampling_params import SamplingParams
 
 
 class Sampler:

@@ -6,8 +6,8 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from disagg.kv_transfer_params import KVTransferParams
-from disagg.sampling_params import SamplingParams
+from disagg.common.kv_transfer_params import KVTransferParams
+from disagg.common.sampling_params import SamplingParams
 
 
 class RequestStatus(enum.Enum):

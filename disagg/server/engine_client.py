@@ -4,7 +4,7 @@
                            -> apply: max_model_len = min(frontend, each engine),
                                      num_gpu_blocks = sum, block_size = engines' (must agree)
     add_request() -> RequestHandle whose queue receives EngineCoreOutput items; the rank is
-                     the least loaded by open requests and tokens (disagg/dp_balance.py)
+                     the least loaded by open requests and tokens (disagg/dp/balance.py)
     pause()/resume()/collective_rpc(): sent to every rank under one lock (_broadcast), so all
                      ranks read them, and lockstep start-wave messages, in the same order
     a dead engine core fails every open request and sets ``dead`` (the server then exits):
@@ -38,13 +38,11 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from disagg import envs
-from disagg.config import ConfigError, EngineConfig
-from disagg.dp_balance import RankLoad, pick_rank, rank_loads
-from disagg.dp_devices import child_env, rank_device_env
-from disagg.kv_transfer_params import KVTransferParams
-from disagg.pause import FrontendPause, PauseMode
-from disagg.protocol import (
+from disagg.common import envs
+from disagg.common.config import ConfigError, EngineConfig
+from disagg.common.kv_transfer_params import KVTransferParams
+from disagg.common.pause import FrontendPause, PauseMode
+from disagg.common.protocol import (
     EngineCoreAbort,
     EngineCoreCollectiveRpc,
     EngineCoreHeartbeat,
@@ -64,7 +62,9 @@ from disagg.protocol import (
     encoder,
     outbound_decoder,
 )
-from disagg.sampling_params import SamplingParams
+from disagg.common.sampling_params import SamplingParams
+from disagg.dp.balance import RankLoad, pick_rank, rank_loads
+from disagg.dp.devices import child_env, rank_device_env
 
 logger = logging.getLogger(__name__)
 MONITOR_POLL_S = 0.25
@@ -240,7 +240,7 @@ class EngineClient:
         self._output.bind(out_addr)
         mp = multiprocessing.get_context("spawn")
         base = _dp_config(self.cfg)
-        from disagg.engine_process import run_engine_core
+        from disagg.dp.engine_process import run_engine_core
 
         for rank in range(self.dp_size):
             in_addr = f"ipc://{self._dir}/in{rank}"
@@ -402,7 +402,7 @@ class EngineClient:
 
     async def collective_rpc(self, method: str, args: dict[str, Any],
                              timeout_s: float) -> list[Any]:
-        """Run a whitelisted method on every rank (disagg/dp_rpc.py); results in rank order.
+        """Run a whitelisted method on every rank (disagg/dp/rpc.py); results in rank order.
         Raises asyncio.TimeoutError past the deadline, RuntimeError with a rank's error."""
         self._check_alive()
         loop = asyncio.get_running_loop()

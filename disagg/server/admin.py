@@ -10,7 +10,7 @@ started without --admin-key: 403). A pause while paused or pausing, or a resume 
 409. A pause that is not complete by its deadline: 504, and the instance stays "pausing"
 (GET /is_paused follows it; POST /resume cancels it). Requests that arrive while paused are
 held by the engine cores and run after resume, whatever the mode; in-flight requests ended by
-mode=abort get an error that says so (disagg.pause.PAUSE_ABORT_ERROR).
+mode=abort get an error that says so (disagg.common.pause.PAUSE_ABORT_ERROR).
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from typing import Any
 
 from aiohttp import web
 
-from disagg.dp_rpc import RPC_METHODS, RpcArgError, validate_rpc
-from disagg.engine_client import EngineClient, EngineDeadError
-from disagg.openai_api import ApiError, decode_body
-from disagg.pause import PauseConflict, PauseMode
+from disagg.common.openai_api import ApiError, decode_body
+from disagg.common.pause import PauseConflict, PauseMode
+from disagg.dp.rpc import RPC_METHODS, RpcArgError, validate_rpc
+from disagg.server.engine_client import EngineClient, EngineDeadError
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 DEFAULT_PAUSE_TIMEOUT_S = 60.0

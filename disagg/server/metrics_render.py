@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from disagg.engine_client import EngineClient
-from disagg.metrics import ServerMetrics, counter, gauge
+from disagg.server.engine_client import EngineClient
+from disagg.server.metrics import ServerMetrics, counter, gauge
 
 
 def render_instance_metrics(engine: EngineClient, m: ServerMetrics, model: str) -> str:

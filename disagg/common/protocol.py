@@ -22,9 +22,9 @@ from typing import Any
 
 import msgspec
 
-from disagg.kv_transfer_params import KVTransferParams
-from disagg.pause import PauseMode, RankPauseState
-from disagg.sampling_params import SamplingParams
+from disagg.common.kv_transfer_params import KVTransferParams
+from disagg.common.pause import PauseMode, RankPauseState
+from disagg.common.sampling_params import SamplingParams
 
 PROTOCOL_VERSION = "disagg-1"
 

@@ -37,8 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import msgspec
-
-from connectors.transports.fake_mori_types import (
+from fake_mori_types import (
     BackendType,
     EngineDesc,
     IOEngineConfig,

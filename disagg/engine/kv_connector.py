@@ -1,4 +1,8 @@
-"""The connector interfaces the engine calls, and the registry that resolves a connector name.
+"""The KV connector interface the engine calls, and the registry that resolves a connector name.
+
+It lives with the engine that calls it; ``connectors/`` holds implementations. Built-in
+connectors are registered by import path (loaded on first use, as vLLM's connector factory
+does), so the engine never imports the layer above it.
 
 Two halves, as in vLLM's v1 connector API:
   SchedulerConnector (in the scheduler loop): how many prompt tokens arrive from outside, what
@@ -21,14 +25,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from disagg.common.config import ConfigError
+
 if TYPE_CHECKING:
     import torch
 
-    from disagg.config import KVTransferConfig
-    from disagg.kv_transfer_params import KVTransferParams
+    from disagg.common.config import KVTransferConfig
+    from disagg.common.kv_transfer_params import KVTransferParams
+    from disagg.engine.request import Request
+    from disagg.engine.scheduler import SchedulerOutput
     from disagg.models.llama import LayerHook
-    from disagg.request import Request
-    from disagg.scheduler import SchedulerOutput
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +165,8 @@ class KVConnector(abc.ABC):
 
 ConnectorFactory = Callable[["KVTransferConfig", Any, "torch.Tensor"], KVConnector]
 _REGISTRY: dict[str, ConnectorFactory] = {}
+_BUILTIN = {"PDConnector": "connectors.pd_connector:PDConnector"}
+"""Connectors that ship with disagg, by import path."""
 
 
 def register_connector(name: str, factory: ConnectorFactory) -> None:
@@ -170,11 +178,23 @@ def resolve_connector(name: str) -> ConnectorFactory:
     """A registered name, or ``package.module:ClassOrFactory`` for third-party connectors."""
     if name in _REGISTRY:
         return _REGISTRY[name]
+    name = _BUILTIN.get(name, name)
     if ":" in name:
         module_name, attr = name.split(":", 1)
         try:
             return getattr(importlib.import_module(module_name), attr)  # type: ignore[no-any-return]
         except (ImportError, AttributeError) as exc:
             raise ValueError(f"cannot import kv_connector {name!r}: {exc}") from exc
-    raise ValueError(f"unknown kv_connector {name!r}; registered: {sorted(_REGISTRY)} "
-                     "(or give module:Class)")
+    raise ValueError(f"unknown kv_connector {name!r}; known: "
+                     f"{sorted({*_REGISTRY, *_BUILTIN})} (or give module:Class)")
+
+
+def create_connector(cfg: KVTransferConfig, engine: Any, kv_cache: torch.Tensor) -> KVConnector:
+    """Resolve ``cfg.kv_connector`` (a name or an import path) and construct the connector."""
+
+    assert cfg.kv_connector is not None
+    try:
+        factory = resolve_connector(cfg.kv_connector)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    return factory(cfg, engine, kv_cache)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from disagg.config import ConfigError
+from disagg.common.config import ConfigError
 
 
 @dataclass(frozen=True, slots=True)

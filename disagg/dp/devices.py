@@ -13,14 +13,14 @@ import contextlib
 import os
 from collections.abc import Iterator
 
-from disagg.config import ConfigError
+from disagg.common.config import ConfigError
+from disagg.common.platform import current_platform, is_gpu, visible_devices_env
 
 
 def rank_device_env(rank: int, dp_size: int, device: str) -> dict[str, str]:
     """The variables that give ``rank`` its own GPU; empty on CPU or with one rank."""
     if dp_size == 1 or device == "cpu":
         return {}
-    from disagg.platform import current_platform, visible_devices_env
 
     plat = current_platform()
     if plat.device_count == 0:
@@ -59,10 +59,7 @@ def cpu_threads_per_rank(dp_size: int, device: str) -> int | None:
     or the user chose OMP_NUM_THREADS)."""
     if dp_size == 1 or device not in ("cpu", "auto") or os.environ.get("OMP_NUM_THREADS"):
         return None
-    if device == "auto":
-        from disagg.platform import is_gpu
-
-        if is_gpu():
-            return None
+    if device == "auto" and is_gpu():
+        return None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return max(1, (cores or 1) // dp_size)

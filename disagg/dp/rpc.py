@@ -4,7 +4,7 @@
     collective_rpc (every rank, HTTP): barrier, stats, ledger, dp_state
 
 ``barrier`` is the one collective: it uses the DP group, so in lockstep mode a rank that is
-stepping runs it only once every rank has stopped (disagg/dp_lockstep.py says why).
+stepping runs it only once every rank has stopped (disagg/dp/lockstep.py says why).
 """
 
 from __future__ import annotations

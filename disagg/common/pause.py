@@ -9,7 +9,7 @@ One rank (engine core):   RUNNING --pause--> PENDING --ready (+ consensus in loc
                           PENDING | PAUSED --resume--> RUNNING
 "ready" is immediate for abort and keep, and waits for the rank's in-flight requests for wait.
 In lockstep mode PENDING lasts until the state all-reduce shows every rank ready (two-phase
-pause, disagg/dp_lockstep.py), so all ranks stop at the same collective.
+pause, disagg/dp/lockstep.py), so all ranks stop at the same collective.
 
 The instance (frontend): RUNNING --pause--> PAUSING --every rank PAUSED--> PAUSED
                          PAUSING | PAUSED --resume--> RUNNING

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from disagg.tokenizer import Tokenizer
+from disagg.common.tokenizer import Tokenizer
 
 _REPLACEMENT = "\ufffd"
 

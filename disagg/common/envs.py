@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import os
 
+from disagg.common.config import ConfigError, parse_bytes
+
 
 def _get_float(name: str, default: float) -> float:
     raw = os.environ.get(name)
@@ -98,7 +100,6 @@ def rank_kv_bytes_for_tests() -> dict[int, int]:
     raw = os.environ.get("DISAGG_TEST_RANK_KV_BYTES", "").strip()
     if not raw:
         return {}
-    from disagg.config import ConfigError, parse_bytes
 
     out: dict[int, int] = {}
     for item in raw.split(","):

@@ -6,15 +6,15 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 
-from disagg.detokenizer import IncrementalDetokenizer
-from disagg.engine_client import EngineClient, EngineUnavailableError
-from disagg.kv_transfer_params import KVTransferParams
-from disagg.metrics import ServerMetrics
-from disagg.openai_api import ApiError
-from disagg.pause import PAUSE_ABORT_ERROR
-from disagg.protocol import TokenLogprob
-from disagg.sampling_params import SamplingParams
-from disagg.tokenizer import Tokenizer
+from disagg.common.kv_transfer_params import KVTransferParams
+from disagg.common.openai_api import ApiError
+from disagg.common.pause import PAUSE_ABORT_ERROR
+from disagg.common.protocol import TokenLogprob
+from disagg.common.sampling_params import SamplingParams
+from disagg.common.tokenizer import Tokenizer
+from disagg.server.detokenizer import IncrementalDetokenizer
+from disagg.server.engine_client import EngineClient, EngineUnavailableError
+from disagg.server.metrics import ServerMetrics
 
 
 @dataclass(slots=True)

@@ -7,7 +7,7 @@
 Start-up: join the DP group (dp_size > 1), build the engine, then the ready handshake.
 The loop blocks on input only while idle (100 ms at most, so connector deadlines are reaped
 and a dead parent is noticed), and never blocks while it may step requests. A paused rank keeps
-running its KV connector. In lockstep mode the stepping follows disagg/dp_lockstep.py. A
+running its KV connector. In lockstep mode the stepping follows disagg/dp/lockstep.py. A
 collective that fails (peer dead or hung) ends this process with EXIT_DP_GROUP_FAILED.
 No input message ends it: a frame that does not decode is dropped, a message whose handling
 raises is dropped (a request is answered with an error output), each counted and logged at most
@@ -34,22 +34,11 @@ from typing import Any
 import msgspec
 import zmq
 
-from disagg import envs
-from disagg.config import ConfigError, EngineConfig
-from disagg.dp_devices import cpu_threads_per_rank
-from disagg.dp_group import DPGroup, DPGroupError
-from disagg.dp_lockstep import Lockstep, WaveEnd
-from disagg.dp_rpc import (
-    COLLECTIVE_METHODS,
-    RPC_METHODS,
-    UTILITY_METHODS,
-    RpcArgError,
-    RpcContext,
-    run_rpc,
-    validate_rpc,
-)
-from disagg.pause import PAUSE_ABORT_ERROR, PauseMode, RankPause, RankPauseState
-from disagg.protocol import (
+from disagg.common import envs
+from disagg.common.config import ConfigError, EngineConfig
+from disagg.common.pause import PAUSE_ABORT_ERROR, PauseMode, RankPause, RankPauseState
+from disagg.common.platform import visible_devices_env
+from disagg.common.protocol import (
     EngineCoreAbort,
     EngineCoreCollectiveRpc,
     EngineCoreHeartbeat,
@@ -66,6 +55,18 @@ from disagg.protocol import (
     EngineCoreUtilityResult,
     encoder,
     inbound_decoder,
+)
+from disagg.dp.devices import cpu_threads_per_rank
+from disagg.dp.group import DPGroup, DPGroupError
+from disagg.dp.lockstep import Lockstep, WaveEnd
+from disagg.dp.rpc import (
+    COLLECTIVE_METHODS,
+    RPC_METHODS,
+    UTILITY_METHODS,
+    RpcArgError,
+    RpcContext,
+    run_rpc,
+    validate_rpc,
 )
 
 logger = logging.getLogger(__name__)
@@ -356,7 +357,6 @@ class EngineLoop:
 
     def _dp_state(self) -> dict[str, Any]:
         mode = self.pause.mode
-        from disagg.platform import visible_devices_env
 
         state: dict[str, Any] = {"pid": os.getpid(), "device": str(self.engine.device),
                                  "visible_devices": os.environ.get(visible_devices_env()),
@@ -431,7 +431,7 @@ def _serve(cfg_bytes: bytes, in_sock: zmq.Socket, out_sock: zmq.Socket, parent: 
         cfg = _for_this_rank(msgspec.msgpack.decode(cfg_bytes, type=EngineConfig))
         _share_cpu(cfg)
         group = _join_group(cfg)
-        from disagg.engine_core import build_engine
+        from disagg.engine.engine_core import build_engine
 
         engine = build_engine(cfg)
         out_sock.send(encoder.encode(engine.ready_response()))

@@ -1,0 +1,83 @@
+"""Instance <-> proxy discovery messages (ZMQ, msgpack via msgspec): what an instance says
+about itself (``InstanceInfo``, also the body of ``GET /instance_info``), the heartbeat that
+carries it and the deregistration. Both the instance (disagg/server/registrar.py) and the proxy
+(proxy/registration.py) import these; nothing else is accepted on the channel.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+from disagg.common.kv_transfer_params import TransferMode
+
+PROTOCOL_VERSION = 1
+"""Bumped when a message changes incompatibly; the proxy drops other versions."""
+MAX_MESSAGE_BYTES = 64 * 1024
+"""Larger frames are dropped by ZMQ before they reach the decoder."""
+
+
+class KVRole(enum.Enum):
+    """An instance's role in P/D (the ``kv_role`` of its kv-transfer-config)."""
+
+    PRODUCER = "kv_producer"
+    CONSUMER = "kv_consumer"
+    BOTH = "kv_both"
+
+
+class InstanceInfo(msgspec.Struct, kw_only=True, frozen=True):
+    """What an instance says about itself: the body of ``GET /instance_info``."""
+
+    role: KVRole
+    engine_id: str
+    http_url: str
+    max_model_len: int
+    mode: TransferMode | None = None
+    block_size: int | None = None
+    dp_size: int = 1
+    model: str | None = None
+    kv_host: str | None = None
+    kv_handshake_port: int | None = None
+    kv_notify_port: int | None = None
+
+
+class Heartbeat(msgspec.Struct, tag="heartbeat", kw_only=True, frozen=True):
+    """Instance -> proxy, every ``interval_s``: "I am alive and this is who I am"."""
+
+    info: InstanceInfo
+    interval_s: float
+    seq: int
+    version: int = PROTOCOL_VERSION
+
+
+class Deregister(msgspec.Struct, tag="deregister", kw_only=True, frozen=True):
+    """Instance -> proxy, once, on a clean shutdown: remove me now."""
+
+    http_url: str
+    engine_id: str
+    version: int = PROTOCOL_VERSION
+
+
+RegistrationMessage = Heartbeat | Deregister
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(RegistrationMessage)
+
+
+def encode_message(msg: Heartbeat | Deregister) -> bytes:
+    """One message as msgpack bytes."""
+    return _encoder.encode(msg)
+
+
+def decode_message(data: bytes) -> Heartbeat | Deregister:
+    """Bytes back to a message; raises ``msgspec.DecodeError`` / ``ValidationError``."""
+    return _decoder.decode(data)
+
+
+def check_address(address: str) -> str:
+    """Refuse anything but a ZMQ ``tcp://`` or ``ipc://`` address, with a readable message."""
+    if not address.startswith(("tcp://", "ipc://")):
+        raise ValueError(f"proxy address {address!r} must look like tcp://HOST:PORT")
+    return address
+
+

@@ -1,0 +1,82 @@
+"""Instance side of dynamic registration: heartbeats carrying the instance's ``InstanceInfo``
+to the proxy from a daemon thread; ``stop()`` deregisters (disagg/common/registration.py has the
+messages, proxy/registration.py the receiving end)."""
+
+from __future__ import annotations
+
+import threading
+
+import zmq
+
+from disagg.common.registration import (
+    Deregister,
+    Heartbeat,
+    InstanceInfo,
+    check_address,
+    encode_message,
+)
+
+
+class Registrar:
+    """Instance side: heartbeats to the proxy from a daemon thread; ``stop()`` deregisters."""
+
+    def __init__(self, proxy_address: str, info: InstanceInfo, interval_s: float = 2.0) -> None:
+        if interval_s <= 0:
+            raise ValueError(f"heartbeat interval must be positive, got {interval_s}")
+        self._address = check_address(proxy_address)
+        self._info = info
+        self._interval_s = interval_s
+        self._stop_event = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.num_sent = 0
+        """Heartbeats handed to ZMQ (for tests and logs)."""
+
+    def start(self) -> None:
+        """Start the heartbeat thread (idempotent)."""
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="disagg-registrar", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 2.0) -> None:
+        """Send a deregister, stop the thread and wait for it at most ``timeout_s``."""
+        self._stop_event.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            self._thread = None
+
+    def _run(self) -> None:
+        # The socket lives and dies in this thread: ZMQ sockets are not thread-safe.
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.PUSH)
+        # IMMEDIATE: queue nothing while no proxy is connected, so no stale heartbeats pile up.
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.setsockopt(zmq.SNDHWM, 4)
+        sock.connect(self._address)
+        try:
+            self._heartbeat_loop(sock)
+            self._send(sock, Deregister(http_url=self._info.http_url,
+                                        engine_id=self._info.engine_id), wait_s=0.5)
+        finally:
+            sock.close(linger=500)
+            ctx.term()
+
+    def _heartbeat_loop(self, sock: zmq.Socket) -> None:
+        seq = 0
+        while not self._stop_event.is_set():
+            msg = Heartbeat(info=self._info, interval_s=self._interval_s, seq=seq)
+            if self._send(sock, msg, wait_s=min(self._interval_s, 0.2)):
+                seq += 1
+                self.num_sent += 1
+                self._stop_event.wait(self._interval_s)
+
+    @staticmethod
+    def _send(sock: zmq.Socket, msg: Heartbeat | Deregister, wait_s: float) -> bool:
+        # POLLOUT with IMMEDIATE means "a proxy is connected"; otherwise retry next round.
+        if not sock.poll(int(wait_s * 1000), zmq.POLLOUT):
+            return False
+        try:
+            sock.send(encode_message(msg), zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        return True
