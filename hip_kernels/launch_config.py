@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from disagg.common.platform import current_platform
+from disagg.common import platform
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_ARCH = "default"
@@ -53,7 +53,7 @@ class KernelSpec:
 def current_arch() -> str | None:
     """The running GPU's arch (``gfx942``, ``sm_90``), None on CPU."""
 
-    return current_platform().arch
+    return platform.current_platform().arch
 
 
 def arch_for_target(target: str) -> str:

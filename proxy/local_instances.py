@@ -9,12 +9,8 @@ import socket
 import sys
 from dataclasses import dataclass
 
+from disagg.common import platform
 from disagg.common.envs import KV_PARAMS_KEY_ENV
-from disagg.common.platform import (
-    current_platform,
-    is_gpu,
-    visible_devices_env,
-)
 from proxy.config import TransferMode
 from proxy.registration import KVRole
 from proxy.supervisor import InstanceSpec, LaunchError
@@ -112,7 +108,7 @@ def resolve_device(requested: str, model_given: bool) -> str:
     if requested == "cpu" or (requested == "auto" and not model_given):
         return "cpu"
 
-    if is_gpu():
+    if platform.is_gpu():
         return "cuda"
     if requested == "cuda":
         raise LaunchError("--device cuda was given but torch sees no GPU")
@@ -122,11 +118,11 @@ def resolve_device(requested: str, model_given: bool) -> str:
 def device_groups(num_instances: int, gpus_per_instance: int) -> list[list[str]]:
     """Disjoint GPU ids per instance, taken from the visible devices in order."""
 
-    inherited = os.environ.get(visible_devices_env())
+    inherited = os.environ.get(platform.visible_devices_env())
     if inherited:
         visible = [d.strip() for d in inherited.split(",") if d.strip()]
     else:
-        visible = [str(i) for i in range(current_platform().device_count)]
+        visible = [str(i) for i in range(platform.current_platform().device_count)]
     needed = num_instances * gpus_per_instance
     if needed > len(visible):
         raise LaunchError(f"{num_instances} instances x {gpus_per_instance} GPU(s) need "
@@ -184,7 +180,7 @@ def _instance_env(cfg: LaunchConfig, gpus: list[str] | None,
 
 def _device_env(gpus: list[str] | None, num_instances: int) -> dict[str, str]:
     if gpus is not None:
-        return {visible_devices_env(): ",".join(gpus)}
+        return {platform.visible_devices_env(): ",".join(gpus)}
     if "OMP_NUM_THREADS" in os.environ:
         return {}
     # CPU instances share the cores; unbounded torch thread pools would fight each other.

@@ -42,7 +42,8 @@ from connectors.transports.gpu_runtime import enable_peer_access
 from connectors.transports.handles import HandleTable
 from connectors.transports.ipc_copy import COPY_MODES, ISSUE_SIDES, STREAM_MIN_BYTES, PeerCopier
 from connectors.transports.validation import build_options, open_batch
-from disagg.common.platform import PlatformKind, current_platform
+from disagg.common import platform
+from disagg.common.platform import PlatformKind
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ class _Peer:
 def unavailable_reason() -> str | None:
     """None when torch sees a GPU and can share its memory across processes."""
 
-    if current_platform().kind is PlatformKind.CPU:
+    if platform.current_platform().kind is PlatformKind.CPU:
         return ("no CUDA/HIP GPU visible to torch: the ipc transport copies GPU memory "
                 "between processes on one host")
     if not hasattr(torch.UntypedStorage, "_new_shared_cuda"):

@@ -13,8 +13,8 @@ import contextlib
 import os
 from collections.abc import Iterator
 
+from disagg.common import platform
 from disagg.common.config import ConfigError
-from disagg.common.platform import current_platform, is_gpu, visible_devices_env
 
 
 def rank_device_env(rank: int, dp_size: int, device: str) -> dict[str, str]:
@@ -22,12 +22,12 @@ def rank_device_env(rank: int, dp_size: int, device: str) -> dict[str, str]:
     if dp_size == 1 or device == "cpu":
         return {}
 
-    plat = current_platform()
+    plat = platform.current_platform()
     if plat.device_count == 0:
         if device == "cuda":
             raise ConfigError("--device cuda but torch sees no GPU")
         return {}
-    var = visible_devices_env()
+    var = platform.visible_devices_env()
     current = os.environ.get(var, "").strip()
     ids = [d.strip() for d in current.split(",") if d.strip()] if current \
         else [str(i) for i in range(plat.device_count)]
@@ -59,7 +59,7 @@ def cpu_threads_per_rank(dp_size: int, device: str) -> int | None:
     or the user chose OMP_NUM_THREADS)."""
     if dp_size == 1 or device not in ("cpu", "auto") or os.environ.get("OMP_NUM_THREADS"):
         return None
-    if device == "auto" and is_gpu():
+    if device == "auto" and platform.is_gpu():
         return None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return max(1, (cores or 1) // dp_size)

@@ -11,9 +11,8 @@ import logging
 import numpy as np
 import torch
 
-from disagg.common import envs
+from disagg.common import envs, platform
 from disagg.common.config import ConfigError, EngineConfig
-from disagg.common.platform import default_device
 from disagg.common.protocol import TokenLogprob
 from disagg.engine.cuda_graphs import DecodeGraphs
 from disagg.engine.sampler import Sampler
@@ -33,7 +32,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 def resolve_device(device: str) -> torch.device:
     """auto -> cuda when a GPU is visible, else cpu."""
 
-    return torch.device(default_device() if device == "auto" else device)
+    return torch.device(platform.default_device() if device == "auto" else device)
 
 
 def resolve_dtype(dtype: str, device: torch.device, arch: ArchConfig) -> torch.dtype:
