@@ -81,7 +81,7 @@ def parse_pd_config(extra: dict[str, Any], kv_role: str, kv_cache_on_gpu: bool,
         raise ConfigError("kv_connector_extra_config.auth_key must be a string of 8+ characters")
     return PDConnectorConfig(
         transport=transport, mode=mode, layerwise=_layerwise(extra, kv_cache_on_gpu),
-        timeouts=_timeouts(extra), kv_load_failure_policy=policy,
+        timeouts=parse_timeouts(extra), kv_load_failure_policy=policy,
         base_port=_int(extra, "base_port", 0, 0, 65535), host=_host(extra),
         transport_options=dict(options), verify_kv=_bool(extra, "verify_kv", False),
         faults=faults, auth_key=auth_key)
@@ -123,8 +123,8 @@ def _host(extra: dict[str, Any]) -> str:
     return value
 
 
-def _timeouts(extra: dict[str, Any]) -> Timeouts:
-    """Deadlines, validated (finite positive numbers)."""
+def parse_timeouts(extra: dict[str, Any]) -> Timeouts:
+    """The deadlines of kv_connector_extra_config, validated (finite positive numbers)."""
     values = {}
     for key, default in (("transfer_timeout", 30.0), ("defer_timeout", 60.0),
                          ("lease_timeout", 5.0), ("heartbeat_interval", 1.0)):

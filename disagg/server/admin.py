@@ -25,7 +25,8 @@ from aiohttp import web
 from disagg.common.openai_api import ApiError, decode_body
 from disagg.common.pause import PauseConflict, PauseMode
 from disagg.dp.rpc import RPC_METHODS, RpcArgError, validate_rpc
-from disagg.server.engine_client import EngineClient, EngineDeadError
+from disagg.server.engine_client import EngineClient
+from disagg.server.engine_health import EngineDeadError
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 DEFAULT_PAUSE_TIMEOUT_S = 60.0

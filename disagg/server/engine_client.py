@@ -23,7 +23,6 @@ import contextlib
 import dataclasses
 import itertools
 import logging
-import math
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -65,6 +64,14 @@ from disagg.common.protocol import (
 from disagg.common.sampling_params import SamplingParams
 from disagg.dp.balance import RankLoad, pick_rank, rank_loads
 from disagg.dp.devices import child_env, rank_device_env
+from disagg.server.engine_health import (
+    DEFAULT_STALL_TIMEOUT_S,
+    EngineDeadError,
+    EngineStalledError,
+    EngineStartupError,
+    StallWatch,
+    stall_timeout_s,
+)
 
 logger = logging.getLogger(__name__)
 MONITOR_POLL_S = 0.25
@@ -79,85 +86,8 @@ rank may wait (a frozen engine does not drain its input), before it is tried aga
 LATE_TICK_S = 1.0
 """A watchdog tick this late means this process did not run either, so heartbeats may still
 wait unread: that tick judges no rank."""
-DEFAULT_STALL_TIMEOUT_S = 30.0
-"""Stall deadline without DISAGG_ENGINE_STALL_TIMEOUT_S or a P/D connector."""
-DEFAULT_LEASE_TIMEOUT_S = 5.0
-"""The P/D connector's default lease_timeout (connectors/pd_config.py; not imported here)."""
 STALLED_LOAD = 1 << 62
 """Load given a stalled rank when balancing, so it gets a request only when every rank is."""
-
-
-class EngineStartupError(RuntimeError):
-    """An engine core failed to start; the message is one readable line."""
-
-
-class EngineUnavailableError(RuntimeError):
-    """An engine core cannot serve a request now (dead or stalled): HTTP 503."""
-
-
-class EngineDeadError(EngineUnavailableError):
-    """An engine core died after start-up."""
-
-
-class EngineStalledError(EngineUnavailableError):
-    """An engine core alive but silent past the stall deadline (frozen, or its host does not
-    run it); unlike a death this passes once it responds again."""
-
-
-def stall_timeout_s(cfg: EngineConfig) -> float:
-    """How long a rank may stay silent: DISAGG_ENGINE_STALL_TIMEOUT_S, else the P/D connector's
-    lease_timeout (its peers give up on a frozen rank then), else 30 s."""
-    from_env = envs.engine_stall_timeout_s()
-    if from_env is not None:
-        return from_env
-    kt = cfg.kv_transfer
-    if kt is None or kt.kv_connector is None:
-        return DEFAULT_STALL_TIMEOUT_S
-    value = kt.extra("lease_timeout", DEFAULT_LEASE_TIMEOUT_S)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) \
-            or not 0 < value < 1e6 or not math.isfinite(value):
-        raise ConfigError(f"kv_connector_extra_config.lease_timeout must be a positive number "
-                          f"of seconds, got {value!r}")
-    return float(value)
-
-
-class StallWatch:
-    """When each rank was last heard from (any message, heartbeats included), and which ranks
-    the watchdog found silent past the deadline (their event is set until heard again)."""
-
-    def __init__(self, dp_size: int, deadline_s: float, now: float) -> None:
-        self.deadline_s = deadline_s
-        self.last_heard = [now] * dp_size
-        self.events = [asyncio.Event() for _ in range(dp_size)]
-
-    def heard(self, rank: int, now: float) -> float | None:
-        """Note a message from ``rank``; returns its silence if it was marked stalled."""
-        if not 0 <= rank < len(self.last_heard):
-            return None
-        silent = now - self.last_heard[rank]
-        self.last_heard[rank] = max(now, self.last_heard[rank])
-        if not self.events[rank].is_set():
-            return None
-        self.events[rank].clear()
-        return silent
-
-    def silent_s(self, rank: int, now: float) -> float:
-        """Seconds since ``rank`` was last heard from."""
-        return now - self.last_heard[rank]
-
-    def overdue(self, rank: int, now: float) -> bool:
-        """Silent longer than the deadline."""
-        return self.silent_s(rank, now) > self.deadline_s
-
-    def stalled(self, rank: int) -> bool:
-        """Marked stalled by the watchdog and not heard from since."""
-        return self.events[rank].is_set()
-
-    def error(self, rank: int, now: float) -> EngineStalledError:
-        """The error that fails the rank's requests: names the rank and its silence."""
-        return EngineStalledError(
-            f"engine core dp{rank} is not responding: silent for "
-            f"{self.silent_s(rank, now):.1f} s (stall deadline {self.deadline_s:g} s)")
 
 
 @dataclass(frozen=True, slots=True)

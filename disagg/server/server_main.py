@@ -18,7 +18,8 @@ from disagg.common.config import EngineConfig
 from disagg.common.registration import InstanceInfo
 from disagg.common.tokenizer import get_tokenizer
 from disagg.server.api_server import ServerInfo, instance_info_dict, make_app
-from disagg.server.engine_client import EngineClient, EngineStartupError
+from disagg.server.engine_client import EngineClient
+from disagg.server.engine_health import EngineStartupError
 from disagg.server.registrar import Registrar
 
 logger = logging.getLogger("disagg.serve")

@@ -13,7 +13,8 @@ from disagg.common.protocol import TokenLogprob
 from disagg.common.sampling_params import SamplingParams
 from disagg.common.tokenizer import Tokenizer
 from disagg.server.detokenizer import IncrementalDetokenizer
-from disagg.server.engine_client import EngineClient, EngineUnavailableError
+from disagg.server.engine_client import EngineClient
+from disagg.server.engine_health import EngineUnavailableError
 from disagg.server.metrics import ServerMetrics
 
 
