@@ -2,7 +2,12 @@
 
 Tokens of all scheduled requests are flattened into one batch of T rows; attention reads and
 writes the paged cache through ``AttentionMetadata``. Projections are fused (qkv, gate_up); the
-loader maps Hugging Face's separate tensors into them.
+loader maps Hugging Face's separate tensors into them. Under tensor parallelism (``TPContext``,
+disagg/models/parallel.py) each rank holds its heads and intermediate slice and its cache holds
+only its KV heads; the fused layouts become local:
+
+    qkv_proj rows:     [ q of local heads | k of local KV heads | v of local KV heads ]
+    gate_up_proj rows: [ gate of local slice | up of local slice ]
 """
 
 from __future__ import annotations
@@ -11,10 +16,19 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from disagg.models.arch import ArchConfig
 from disagg.models.ops import Ops
+from disagg.models.parallel import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    RowParallelLinear,
+    TPContext,
+    VocabParallelEmbedding,
+    kv_head_range,
+)
 
 LayerHook = Callable[[int], None]
 """Called with a layer's index right after that layer wrote this step's K/V into the cache."""
@@ -55,16 +69,17 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     """GQA self-attention with rotary embeddings over the paged cache."""
 
-    def __init__(self, arch: ArchConfig, layer_idx: int, ops: Ops) -> None:
+    def __init__(self, arch: ArchConfig, layer_idx: int, ops: Ops, tp: TPContext) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.num_heads, self.num_kv_heads = arch.num_heads, arch.num_kv_heads
+        self.num_heads = arch.num_heads // tp.size
+        self.num_kv_heads = kv_head_range(arch.num_kv_heads, tp.size, tp.rank)[1]
         self.head_dim = arch.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = nn.Linear(arch.hidden_size, self.q_size + 2 * self.kv_size,
-                                  bias=arch.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, arch.hidden_size, bias=False)
+        self.qkv_proj = ColumnParallelLinear(arch.hidden_size, self.q_size + 2 * self.kv_size,
+                                             bias=arch.attention_bias)
+        self.o_proj = RowParallelLinear(self.q_size, arch.hidden_size, bias=False, tp=tp)
         self.q_norm = RMSNorm(self.head_dim, arch.rms_norm_eps, ops) if arch.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, arch.rms_norm_eps, ops) if arch.qk_norm else None
         self.scale = self.head_dim ** -0.5
@@ -97,12 +112,13 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Gated SiLU MLP."""
+    """Gated SiLU MLP (this rank's slice of the intermediate features)."""
 
-    def __init__(self, arch: ArchConfig, ops: Ops) -> None:
+    def __init__(self, arch: ArchConfig, ops: Ops, tp: TPContext) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(arch.hidden_size, 2 * arch.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(arch.intermediate_size, arch.hidden_size, bias=False)
+        inter = arch.intermediate_size // tp.size
+        self.gate_up_proj = ColumnParallelLinear(arch.hidden_size, 2 * inter, bias=False)
+        self.down_proj = RowParallelLinear(inter, arch.hidden_size, bias=False, tp=tp)
         self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -113,10 +129,10 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm attention + MLP with the residual carried separately (fused add+norm)."""
 
-    def __init__(self, arch: ArchConfig, layer_idx: int, ops: Ops) -> None:
+    def __init__(self, arch: ArchConfig, layer_idx: int, ops: Ops, tp: TPContext) -> None:
         super().__init__()
-        self.self_attn = Attention(arch, layer_idx, ops)
-        self.mlp = MLP(arch, ops)
+        self.self_attn = Attention(arch, layer_idx, ops, tp)
+        self.mlp = MLP(arch, ops, tp)
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, ops)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, ops)
         self.ops = ops
@@ -139,15 +155,21 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """Embedding, decoder layers, final norm and LM head."""
+    """Embedding, decoder layers, final norm and LM head (this rank's shard of them)."""
 
-    def __init__(self, arch: ArchConfig, ops: Ops, max_positions: int) -> None:
+    def __init__(self, arch: ArchConfig, ops: Ops, max_positions: int,
+                 tp: TPContext = TPContext()) -> None:
         super().__init__()
         self.arch = arch
-        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(arch, i, ops) for i in range(arch.num_layers))
+        self.tp = tp
+        # This rank's KV heads: its cache is [blocks, layers, 2, bs, num_local_kv_heads, D].
+        self.kv_head_start, self.num_local_kv_heads = kv_head_range(arch.num_kv_heads,
+                                                                    tp.size, tp.rank)
+        self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, tp)
+        self.layers = nn.ModuleList(DecoderLayer(arch, i, ops, tp)
+                                    for i in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, ops)
-        self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size, tp)
         if arch.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         from hip_kernels.rotary_embedding import make_cos_sin_cache
@@ -173,7 +195,8 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Copy Hugging Face-named tensors in, fusing q/k/v and gate/up. Returns loaded names."""
+        """Copy full Hugging Face-named tensors in, fusing q/k/v and gate/up and keeping this
+        rank's shard of each. Returns loaded names."""
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for hf_name, tensor in weights:
@@ -182,15 +205,46 @@ class LlamaForCausalLM(nn.Module):
                 continue
             param = params[name]
             offset, size = self._shard_range(name, shard)
+            local = self._rank_slice(name, shard, tensor)
             with torch.no_grad():
-                param.data[offset:offset + size].copy_(tensor.to(param.dtype))
+                param.data[offset:offset + size].copy_(local.to(param.dtype))
             loaded.add(f"{name}:{shard}" if shard else name)
         return loaded
 
+    def _rank_slice(self, name: str, shard: str | None, full: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a full Hugging Face tensor (``full`` itself without TP).
+
+        q: rows of the local q heads; k/v: rows of the local KV heads (replicated ones too);
+        gate/up: rows of the local intermediate slice (biases split like their rows);
+        o_proj/down_proj: the matching input columns; embed/lm_head: the rank's vocab rows,
+        padding rows zero; norms (q_norm/k_norm included): the whole tensor.
+        """
+        tp, a = self.tp, self.arch
+        if tp.size == 1:
+            return full
+        d = a.head_dim
+        if shard == "q":
+            rows = a.num_heads // tp.size * d
+            return full.narrow(0, tp.rank * rows, rows)
+        if shard in ("k", "v"):
+            return full.narrow(0, self.kv_head_start * d, self.num_local_kv_heads * d)
+        if shard in ("gate", "up"):
+            rows = a.intermediate_size // tp.size
+            return full.narrow(0, tp.rank * rows, rows)
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            cols = full.shape[1] // tp.size
+            return full.narrow(1, tp.rank * cols, cols)
+        if name in ("embed_tokens.weight", "lm_head.weight"):
+            per_rank = self.embed_tokens.num_embeddings
+            rows_here = full[tp.rank * per_rank:(tp.rank + 1) * per_rank]
+            return F.pad(rows_here, (0, 0, 0, per_rank - rows_here.shape[0]))
+        return full
+
     def _shard_range(self, name: str, shard: str | None) -> tuple[int, int]:
-        """Row range of a fused parameter that a Hugging Face shard fills."""
-        a = self.arch
-        q, kv, inter = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim, a.intermediate_size
+        """Row range of a fused parameter (this rank's shard) that a Hugging Face shard fills."""
+        a, tp_size = self.arch, self.tp.size
+        q, kv = a.num_heads // tp_size * a.head_dim, self.num_local_kv_heads * a.head_dim
+        inter = a.intermediate_size // tp_size
         table = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv), "gate": (0, inter),
                  "up": (inter, inter)}
         if shard is None:

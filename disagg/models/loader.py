@@ -12,6 +12,7 @@ from disagg.models.arch import ArchConfig, arch_from_hf_dict, load_arch
 from disagg.models.builtin import builtin_hf_config, seeded_hf_state_dict
 from disagg.models.llama import LlamaForCausalLM
 from disagg.models.ops import Ops
+from disagg.models.parallel import TPContext, check_tp
 
 
 def resolve_arch(model: str) -> ArchConfig:
@@ -70,11 +71,14 @@ def _safetensor_weights(model_dir: str):
 
 
 def load_model(cfg: ModelConfig, arch: ArchConfig, ops: Ops, device: torch.device,
-               dtype: torch.dtype, max_positions: int) -> LlamaForCausalLM:
-    """Instantiate on ``device`` in ``dtype`` and load weights per ``cfg.load_format``."""
+               dtype: torch.dtype, max_positions: int,
+               tp: TPContext = TPContext()) -> LlamaForCausalLM:
+    """Instantiate this rank's shard on ``device`` in ``dtype`` and load weights per
+    ``cfg.load_format`` (every rank reads the full tensors and keeps its part)."""
+    check_tp(arch, tp.size)
     torch.manual_seed(cfg.seed)
     with torch.device(device):
-        model = LlamaForCausalLM(arch, ops, max_positions)
+        model = LlamaForCausalLM(arch, ops, max_positions, tp)
     model.to(dtype=dtype)
     model.cos_sin = model.cos_sin.float()  # rotary tables stay fp32
     if cfg.load_format == "dummy" and not cfg.model.startswith("builtin:"):
@@ -95,7 +99,12 @@ def load_model(cfg: ModelConfig, arch: ArchConfig, ops: Ops, device: torch.devic
 
 @torch.no_grad()
 def _init_dummy_(model: LlamaForCausalLM, seed: int) -> None:
-    """Random weights generated in place on the model's device (fast for 8B-sized models)."""
+    """Random weights generated in place on the model's device (fast for 8B-sized models).
+
+    Under tensor parallelism each rank draws its own shards from the same seed, so the shards
+    are not slices of one full random model (fine for dummy weights). Replicated weights
+    (norms, biases) are constants and agree on every rank.
+    """
     gen = torch.Generator(device=model.embed_tokens.weight.device).manual_seed(seed)
     for name, param in sorted(model.named_parameters()):
         if name.endswith("norm.weight"):

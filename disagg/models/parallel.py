@@ -1,0 +1,158 @@
+"""Megatron-style tensor parallelism: which shard each rank holds and the layers that use them.
+
+Column-parallel layers split their output rows, so each rank computes a slice of the features
+with no communication; the row-parallel layer after it splits its input columns to match and
+sums the partial products over the group (one all-reduce per attention block and per MLP):
+
+    x [T, hidden] --qkv / gate_up (column: local heads / local intermediate slice)-->
+      local features --o_proj / down_proj (row: local columns)--> partial sum --all_reduce-->
+
+The vocabulary is padded to a multiple of the TP size and split in rows: rank r owns token ids
+[r * per, (r + 1) * per). The embedding looks up its own ids and all-reduces (the other ranks
+add zeros); the LM head computes its logits slice and all-gathers them along the vocab dim.
+
+With ``size == 1`` every layer here is exactly the plain ``nn.Linear`` / ``nn.Embedding`` it
+subclasses: same parameter shapes, same kernels, no collective.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from disagg.common.config import ConfigError
+from disagg.models.arch import ArchConfig
+
+
+@dataclass(frozen=True)
+class TPContext:
+    """This rank's place in its tensor-parallel group and the group's collectives."""
+
+    rank: int = 0
+    """Rank in the TP group (0 .. size-1)."""
+    size: int = 1
+    """Ranks in the TP group."""
+    group: Any = None
+    """torch.distributed ProcessGroup of the collectives; None: the default group."""
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum ``x`` over the group, in place; returns ``x``. No-op when size == 1."""
+        if self.size == 1:
+            return x
+        import torch.distributed as dist
+
+        dist.all_reduce(x, group=self.group)
+        return x
+
+    def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate the ranks' ``x`` along the last dim in rank order; no-op at size 1."""
+        if self.size == 1:
+            return x
+        import torch.distributed as dist
+
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather(parts, x, group=self.group)
+        return torch.cat(parts, dim=-1)
+
+
+def kv_head_range(num_kv_heads: int, tp_size: int, rank: int) -> tuple[int, int]:
+    """(first global KV head, number of KV heads) that ``rank`` holds.
+
+    tp_size <= num_kv_heads: num_kv_heads // tp_size consecutive heads each. tp_size >
+    num_kv_heads: one head each, replicated over tp_size // num_kv_heads consecutive ranks
+    (2 heads, tp 4 -> ranks hold heads 0, 0, 1, 1), so every rank's query heads find their KV.
+    """
+    if not 0 <= rank < tp_size:
+        raise ValueError(f"rank {rank} is outside a tensor-parallel group of {tp_size}")
+    if tp_size <= num_kv_heads:
+        per_rank = num_kv_heads // tp_size
+        return rank * per_rank, per_rank
+    return rank // (tp_size // num_kv_heads), 1
+
+
+def check_tp(arch: ArchConfig, tp_size: int) -> None:
+    """Raise ConfigError unless ``arch`` splits evenly over ``tp_size`` ranks."""
+    heads, kv_heads, inter = arch.num_heads, arch.num_kv_heads, arch.intermediate_size
+    if tp_size < 1:
+        raise ConfigError(f"tensor_parallel_size must be >= 1, got {tp_size}")
+    if heads % tp_size or inter % tp_size or (kv_heads % tp_size and tp_size % kv_heads):
+        raise ConfigError(
+            f"tensor_parallel_size {tp_size} does not split this model: it must divide "
+            f"num_attention_heads ({heads}) and intermediate_size ({inter}), and divide or be "
+            f"a multiple of num_key_value_heads ({kv_heads})")
+
+
+def vocab_rows_per_rank(vocab_size: int, tp_size: int) -> int:
+    """Rows of the vocab-parallel embedding/LM head each rank owns (vocab padded up to tp)."""
+    return -(-vocab_size // tp_size)
+
+
+class ColumnParallelLinear(nn.Linear):
+    """y = x W_r^T (+ b_r) with W_r this rank's output rows; no communication.
+
+    ``out_features`` is this rank's width (the caller knows how a fused layout splits, e.g.
+    local q heads | local K heads | local V heads).
+    """
+
+
+class RowParallelLinear(nn.Linear):
+    """y = all_reduce(x_r W_r^T) (+ b) with W_r the input columns matching x_r's features.
+
+    ``in_features`` is this rank's width. The bias is added once, after the reduce.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPContext) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.tp = tp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in_features of this rank] -> [..., out_features], summed over the group."""
+        if self.tp.size == 1:
+            return F.linear(x, self.weight, self.bias)
+        y = self.tp.all_reduce(F.linear(x, self.weight))
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(nn.Embedding):
+    """Embedding whose rows [rank * per, (rank + 1) * per) of the padded vocab live here."""
+
+    def __init__(self, vocab_size: int, embedding_dim: int, tp: TPContext) -> None:
+        per_rank = vocab_rows_per_rank(vocab_size, tp.size)
+        super().__init__(per_rank, embedding_dim)
+        self.tp = tp
+        self.vocab_size = vocab_size
+        self.vocab_start = tp.rank * per_rank
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """ids [T] -> [T, dim]: own rows looked up, others zero, summed over the group."""
+        if self.tp.size == 1:
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.vocab_start
+        outside = (local < 0) | (local >= self.num_embeddings)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out.masked_fill_(outside.unsqueeze(-1), 0.0)
+        return self.tp.all_reduce(out)
+
+
+class ParallelLMHead(nn.Linear):
+    """LM head split in vocab rows like VocabParallelEmbedding (so tied weights can share)."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, tp: TPContext) -> None:
+        super().__init__(hidden_size, vocab_rows_per_rank(vocab_size, tp.size), bias=False)
+        self.tp = tp
+        self.vocab_size = vocab_size
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [n, hidden] -> logits [n, vocab_size] (all ranks get the full row)."""
+        logits = F.linear(hidden, self.weight)
+        if self.tp.size == 1:
+            return logits
+        logits = self.tp.all_gather_last(logits)
+        if logits.shape[-1] != self.vocab_size:  # drop the padding rows' logits
+            logits = logits[..., :self.vocab_size].contiguous()
+        return logits
