@@ -46,6 +46,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--no-chunked-prefill", action="store_true")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="GPUs (worker processes) per engine core; -dp M -tp N uses M*N GPUs")
+    p.add_argument("--tp-timeout", type=float, default=120.0,
+                   help="deadline in seconds for every tensor-parallel collective and worker "
+                        "start")
     p.add_argument("--data-parallel-size", "-dp", type=int, default=1)
     p.add_argument("--dp-lockstep", action="store_true",
                    help="data-parallel ranks step together (what expert-parallel MoE needs)")
@@ -63,6 +68,10 @@ def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
         raise ConfigError("--max-num-seqs and --max-num-batched-tokens must be positive")
     if a.data_parallel_size < 1:
         raise ConfigError("--data-parallel-size must be at least 1")
+    if not 1 <= a.tensor_parallel_size <= 64:
+        raise ConfigError("--tensor-parallel-size must be between 1 and 64")
+    if a.tp_timeout <= 0:
+        raise ConfigError("--tp-timeout must be positive")
     if a.dp_collective_timeout <= 0:
         raise ConfigError("--dp-collective-timeout must be positive")
     if not 0 < a.gpu_memory_utilization <= 1:
@@ -80,7 +89,9 @@ def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
         scheduler=SchedulerConfig(max_num_seqs=a.max_num_seqs,
                                   max_num_batched_tokens=a.max_num_batched_tokens,
                                   enable_chunked_prefill=not a.no_chunked_prefill),
-        parallel=ParallelConfig(data_parallel_size=a.data_parallel_size,
+        parallel=ParallelConfig(tensor_parallel_size=a.tensor_parallel_size,
+                                tensor_parallel_timeout_s=a.tp_timeout,
+                                data_parallel_size=a.data_parallel_size,
                                 data_parallel_lockstep=a.dp_lockstep or envs.dp_lockstep(),
                                 data_parallel_timeout_s=a.dp_collective_timeout),
         kv_transfer=KVTransferConfig.from_json(a.kv_transfer_config))

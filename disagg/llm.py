@@ -6,7 +6,13 @@ import itertools
 from dataclasses import dataclass
 from typing import Any
 
-from disagg.common.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from disagg.common.config import (
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+)
 from disagg.common.protocol import EngineCoreRequest
 from disagg.common.sampling_params import SamplingParams
 from disagg.engine.engine_core import EngineCore
@@ -31,7 +37,7 @@ class LLM:
                  load_format: str = "auto", max_model_len: int | None = None,
                  block_size: int = 16, num_gpu_blocks_override: int | None = None,
                  gpu_memory_utilization: float = 0.9, seed: int = 0,
-                 enable_chunked_prefill: bool = True) -> None:
+                 enable_chunked_prefill: bool = True, tensor_parallel_size: int = 1) -> None:
         cfg = EngineConfig(
             model=ModelConfig(model=model, served_model_name=model, device=device, dtype=dtype,
                               load_format=load_format, max_model_len=max_model_len, seed=seed),
@@ -40,7 +46,8 @@ class LLM:
                               gpu_memory_utilization=gpu_memory_utilization),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
                                       max_num_batched_tokens=max_num_batched_tokens,
-                                      enable_chunked_prefill=enable_chunked_prefill))
+                                      enable_chunked_prefill=enable_chunked_prefill),
+            parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size))
         self.engine = EngineCore(cfg)
         self._ids = itertools.count()
 
@@ -69,6 +76,16 @@ class LLM:
                     res.finish_reason = out.finish_reason
                     pending.discard(out.request_id)
         return [results[r] for r in order]
+
+    def close(self) -> None:
+        """Stop the engine (its tensor-parallel workers too)."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def ledger(self) -> dict[str, Any]:
         """Block ledger snapshot (asserted consistent)."""

@@ -61,8 +61,12 @@ class SchedulerConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ParallelConfig:
-    """Data parallelism of engine cores behind one frontend."""
+    """Data parallelism of engine cores behind one frontend, tensor parallelism inside each."""
 
+    tensor_parallel_size: int = 1
+    """GPUs (worker processes) one engine core drives; rank 0 is the engine-core process."""
+    tensor_parallel_timeout_s: float = 120.0
+    """Deadline of each TP collective, worker start and worker call (disagg/engine/tp.py)."""
     data_parallel_size: int = 1
     """Number of engine-core processes."""
     data_parallel_rank: int = 0

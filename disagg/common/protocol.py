@@ -49,6 +49,8 @@ class EngineCoreReadyResponse(msgspec.Struct, tag="ready", kw_only=True):
     kv_handshake_port: int | None = None
     kv_notify_port: int | None = None
     kv_mode: str | None = None
+    tp_size: int = 1
+    """Tensor-parallel ranks behind this engine core (the KV sizing is the min over them)."""
 
 
 class EngineCoreStartupError(msgspec.Struct, tag="startup_error"):

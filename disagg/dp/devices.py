@@ -17,9 +17,10 @@ from disagg.common import platform
 from disagg.common.config import ConfigError
 
 
-def rank_device_env(rank: int, dp_size: int, device: str) -> dict[str, str]:
-    """The variables that give ``rank`` its own GPU; empty on CPU or with one rank."""
-    if dp_size == 1 or device == "cpu":
+def rank_device_env(rank: int, dp_size: int, device: str, tp_size: int = 1) -> dict[str, str]:
+    """The variables that give ``rank`` its own ``tp_size`` GPUs (DP rank d, TP rank t ->
+    visible GPU d * tp_size + t); empty on CPU or with one rank of one GPU."""
+    if dp_size * tp_size == 1 or device == "cpu":
         return {}
 
     plat = platform.current_platform()
@@ -31,11 +32,13 @@ def rank_device_env(rank: int, dp_size: int, device: str) -> dict[str, str]:
     current = os.environ.get(var, "").strip()
     ids = [d.strip() for d in current.split(",") if d.strip()] if current \
         else [str(i) for i in range(plat.device_count)]
-    if len(ids) < dp_size:
-        raise ConfigError(f"--data-parallel-size {dp_size} needs one GPU per rank, but only "
-                          f"{len(ids)} are visible ({var}={current or 'unset'}); lower "
-                          "--data-parallel-size or make more GPUs visible")
-    return {var: ids[rank]}
+    need = dp_size * tp_size
+    if len(ids) < need:
+        raise ConfigError(f"--data-parallel-size {dp_size} x --tensor-parallel-size {tp_size} "
+                          f"needs {need} GPUs, but only {len(ids)} are visible "
+                          f"({var}={current or 'unset'}); lower the sizes or make more GPUs "
+                          "visible")
+    return {var: ",".join(ids[rank * tp_size:(rank + 1) * tp_size])}
 
 
 @contextlib.contextmanager
@@ -53,13 +56,14 @@ def child_env(env: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def cpu_threads_per_rank(dp_size: int, device: str) -> int | None:
+def cpu_threads_per_rank(dp_size: int, device: str, tp_size: int = 1) -> int | None:
     """CPU ranks share the cores: each gets its slice, or their OpenMP pools spin against each
     other (3 ranks on 2 cores ran 25x slower). None: leave torch's default (one rank, a GPU,
     or the user chose OMP_NUM_THREADS)."""
-    if dp_size == 1 or device not in ("cpu", "auto") or os.environ.get("OMP_NUM_THREADS"):
+    if dp_size * tp_size == 1 or device not in ("cpu", "auto") or \
+            os.environ.get("OMP_NUM_THREADS"):
         return None
     if device == "auto" and platform.is_gpu():
         return None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // dp_size)
+    return max(1, (cores or 1) // (dp_size * tp_size))

@@ -68,6 +68,7 @@ from disagg.dp.rpc import (
     run_rpc,
     validate_rpc,
 )
+from disagg.engine.tp import EXIT_TP_WORKER_FAILED, TPWorkerError
 
 logger = logging.getLogger(__name__)
 IDLE_POLL_MS = 100
@@ -173,20 +174,38 @@ class EngineLoop:
         self.failures = MessageFailures(self.rank)
 
     # ---- the loop -------------------------------------------------------------------------
-    def run(self, parent: int) -> None:
-        """Step forever; stats go out at least every second; return when orphaned."""
+    def run(self, parent: int) -> int:
+        """Step forever; stats go out at least every second; returns the exit code when
+        orphaned (0) or when a tensor-parallel worker died (EXIT_TP_WORKER_FAILED)."""
         while True:
-            for frame in self._read(self._block_ms()):
-                self._handle_frame(frame)
-            # Only input handling is guarded. An exception from a step (model, scheduler, KV
-            # connector) leaves the batch and block ownership in an unknown state, where going
-            # on could stream wrong tokens for every request; it ends the process instead
-            # (_serve logs the traceback), the frontend sees the exit at once through the
-            # process sentinel, answers every open request 503 and exits to be restarted.
-            outputs = self._errors + self._advance()
+            try:
+                for frame in self._read(self._block_ms()):
+                    self._handle_frame(frame)
+                # Only input handling is guarded. An exception from a step (model, scheduler,
+                # KV connector) leaves the batch and block ownership in an unknown state, where
+                # going on could stream wrong tokens for every request; it ends the process
+                # instead (_serve logs the traceback), the frontend sees the exit at once
+                # through the process sentinel, answers every open request 503 and exits to be
+                # restarted.
+                if self.engine.tp_failure is not None:
+                    raise TPWorkerError(self.engine.tp_failure)
+                outputs = self._errors + self._advance()
+            except TPWorkerError as exc:
+                self._tp_down(str(exc))
+                return EXIT_TP_WORKER_FAILED
             self._errors = []
             if not self._send_outputs(outputs, parent):
-                return
+                return 0
+
+    def _tp_down(self, line: str) -> None:
+        """A TP worker died: every request ends with that line (their peers' transfers fail
+        and free at once), the frontend gets the answers, then this process exits."""
+        logger.error("dp%d: %s; failing every request and exiting", self.rank, line)
+        outputs = self._errors + self.engine.fail_all(
+            f"the instance lost a tensor-parallel worker: {line}")
+        self._errors = []
+        self._send(EngineCoreOutputs(dp_rank=self.rank, outputs=outputs,
+                                     stats=self.engine.stats()))
 
     def _block_ms(self) -> int:
         ls = self.lockstep
@@ -380,7 +399,8 @@ def _for_this_rank(cfg: EngineConfig) -> EngineConfig:
 
 
 def _share_cpu(cfg: EngineConfig) -> None:
-    threads = cpu_threads_per_rank(cfg.parallel.data_parallel_size, cfg.model.device)
+    threads = cpu_threads_per_rank(cfg.parallel.data_parallel_size, cfg.model.device,
+                                   cfg.parallel.tensor_parallel_size)
     if threads is not None:
         import torch
 
@@ -437,8 +457,7 @@ def _serve(cfg_bytes: bytes, in_sock: zmq.Socket, out_sock: zmq.Socket, parent: 
         out_sock.send(encoder.encode(engine.ready_response()))
         started = True
         heartbeat.start(cfg.parallel.data_parallel_rank)  # no silence counts before the ready
-        EngineLoop(engine, in_sock, out_sock, group).run(parent)
-        return 0
+        return EngineLoop(engine, in_sock, out_sock, group).run(parent)
     except ConfigError as exc:
         out_sock.send(encoder.encode(EngineCoreStartupError(str(exc))))
         return 2

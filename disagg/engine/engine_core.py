@@ -25,11 +25,13 @@ from disagg.common.protocol import (
 from disagg.common.version import __version__
 from disagg.engine.kv_cache import BlockPool
 from disagg.engine.kv_connector import create_connector
-from disagg.engine.kv_sizing import KVPlan, bytes_per_block, plan_kv_cache
+from disagg.engine.kv_sizing import KVPlan, plan_kv_cache
 from disagg.engine.model_runner import ModelRunner, resolve_device, resolve_dtype
 from disagg.engine.request import FINISH_REASONS, Request, RequestStatus
 from disagg.engine.scheduler import Scheduler
+from disagg.engine.tp import TPGroup, TPWorkerError
 from disagg.models.loader import resolve_arch
+from disagg.models.parallel import check_tp
 
 logger = logging.getLogger(__name__)
 
@@ -46,16 +48,42 @@ class EngineCore:
         self.dtype = resolve_dtype(cfg.model.dtype, self.device, arch)
         model_max = arch.max_position_embeddings
         requested = cfg.model.max_model_len
-        self.runner = ModelRunner(cfg, arch, self.device, self.dtype, model_max)
-        block_bytes = bytes_per_block(arch.num_layers, cfg.cache.block_size, arch.num_kv_heads,
-                                      arch.head_dim, self.dtype.itemsize)
+        tp_size = cfg.parallel.tensor_parallel_size
+        self.tp: TPGroup | None = None
+        if tp_size > 1:
+            check_tp(arch, tp_size)  # before any worker starts: one clear line
+            self.tp = TPGroup(cfg, self.device.type)
+        try:
+            self._build(cfg, model_max, requested)
+        except BaseException:
+            if self.tp is not None:
+                self.tp.close()
+            raise
+
+    def _build(self, cfg: EngineConfig, model_max: int, requested: int | None) -> None:
+        """Model, KV sizing (the min over TP ranks), cache, connector, scheduler."""
+        tp = self.tp
+        self.runner = ModelRunner(cfg, self.arch, self.device, self.dtype, model_max,
+                                  tp=tp.context if tp else None,
+                                  send_step=tp.send_step if tp else None)
+        block_bytes = self.runner.block_bytes()
+        if tp is not None:
+            tp.post_all("kv_budget")  # each rank profiles its own memory (collectives in step)
+        budgets = [(self.runner.available_kv_bytes(), block_bytes)]
+        if tp is not None:
+            budgets += tp.collect("kv_budget")
+        fit = min(avail // bb for avail, bb in budgets)
         self.plan: KVPlan = plan_kv_cache(
-            available_bytes=self.runner.available_kv_bytes(), block_bytes=block_bytes,
+            available_bytes=fit * block_bytes, block_bytes=block_bytes,
             block_size=cfg.cache.block_size,
             num_blocks_override=cfg.cache.num_gpu_blocks_override,
             requested_max_model_len=requested, model_max_len=model_max)
+        if tp is not None:
+            tp.post_all("allocate", self.plan.num_blocks, self.plan.max_model_len)
         kv_cache = self.runner.allocate_kv_cache(self.plan.num_blocks)
         self.runner.enable_decode_graphs(self.plan.max_model_len)
+        if tp is not None:
+            tp.collect("allocate")
         assert kv_cache[0].numel() * kv_cache.element_size() == block_bytes
         self.pool = BlockPool(self.plan.num_blocks)
         self.connector = self._make_connector(kv_cache)
@@ -72,8 +100,9 @@ class EngineCore:
         """Requests that arrived while paused: known to the scheduler's table (so aborts and
         connector failures find them) but queued only by release_held() at resume."""
         self.num_requests_total = 0
-        logger.info("KV cache: %d blocks x %d tokens (%d bytes/block), max_model_len=%d%s",
+        logger.info("KV cache: %d blocks x %d tokens (%d bytes/block%s), max_model_len=%d%s",
                     self.plan.num_blocks, cfg.cache.block_size, block_bytes,
+                    f" on each of {tp.size} TP ranks" if tp else "",
                     self.plan.max_model_len, " (auto-fitted)" if self.plan.auto_fitted else "")
 
     def _make_connector(self, kv_cache: Any) -> Any:
@@ -100,7 +129,8 @@ class EngineCore:
             kv_role=self.cfg.kv_transfer.kv_role if self.cfg.kv_transfer else "kv_both",
             engine_id=self.engine_id, device=str(self.device), model=self.cfg.model.model,
             kv_host=c.host if c else None, kv_handshake_port=c.handshake_port if c else None,
-            kv_notify_port=c.notify_port if c else None, kv_mode=c.mode if c else None)
+            kv_notify_port=c.notify_port if c else None, kv_mode=c.mode if c else None,
+            tp_size=self.cfg.parallel.tensor_parallel_size)
 
     def add_request(self, msg: EngineCoreRequest, hold: bool = False) -> str | None:
         """Queue (or, while paused, hold) a request; returns an error string instead if it
@@ -201,7 +231,7 @@ class EngineCore:
             if self.connector is not None:
                 self.connector.before_execute(out)
                 layer_hook = self.connector.layer_hook(out)
-            sampled, logprobs = self.runner.execute(out, layer_hook)
+            sampled, logprobs = self._execute(out, layer_hook)
             for rid, lp in logprobs.items():
                 self._pending_logprobs.setdefault(rid, []).append(lp)
             touched = [c.request for c in out.chunks if c.request.request_id in sampled]
@@ -209,6 +239,38 @@ class EngineCore:
             if self.connector is not None:
                 self.connector.after_execute(out)
         return self._collect_outputs(touched)
+
+    def _execute(self, out: Any, layer_hook: Any) -> tuple[dict[str, int],
+                                                           dict[str, TokenLogprob]]:
+        """Run the model; with TP, a collective that fails means a worker died or hung."""
+        if self.tp is None:
+            return self.runner.execute(out, layer_hook)
+        try:
+            return self.runner.execute(out, layer_hook)
+        except TPWorkerError:
+            raise
+        except RuntimeError as exc:
+            self.tp.check()
+            raise TPWorkerError(f"a tensor-parallel collective failed: {exc}") from exc
+
+    @property
+    def tp_failure(self) -> str | None:
+        """Why the TP group is broken (a worker died), else None."""
+        return None if self.tp is None else self.tp.failure
+
+    def fail_all(self, error: str) -> list[EngineCoreOutput]:
+        """The instance goes down (a TP worker died): end every request, held ones too, with
+        ``error``; their transfers fail toward the peers (which free their blocks at once)
+        and their blocks are freed. Returns the outputs to send before exiting."""
+        if self.tp is not None:
+            self.tp.acknowledge()
+        for req in list(self.scheduler.requests.values()):
+            self.scheduler.finish(req, RequestStatus.FINISHED_ERROR, error)
+        self.held.clear()
+        for req in self._awaiting.values():
+            req.status, req.error = RequestStatus.FINISHED_ERROR, error
+            self._settled[req.request_id] = error
+        return self._collect_outputs([])
 
     def _collect_outputs(self, touched: list[Request]) -> list[EngineCoreOutput]:
         outputs = []
@@ -282,9 +344,11 @@ class EngineCore:
         return int(set_faults(faults))
 
     def close(self) -> None:
-        """Release connector resources."""
+        """Release connector resources, then stop the TP workers."""
         if self.connector is not None:
             self.connector.close()
+        if self.tp is not None:
+            self.tp.close()
 
 
 def align_block_size(cfg: EngineConfig) -> EngineConfig:
@@ -305,5 +369,5 @@ def build_engine(cfg: EngineConfig) -> EngineCore:
                                          f"-dp{cfg.parallel.data_parallel_rank}")
     except ConfigError:
         raise
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, TPWorkerError) as exc:
         raise ConfigError(str(exc)) from exc

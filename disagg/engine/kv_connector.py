@@ -198,3 +198,20 @@ def create_connector(cfg: KVTransferConfig, engine: Any, kv_cache: torch.Tensor)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     return factory(cfg, engine, kv_cache)
+
+
+def create_rank_worker(cfg: KVTransferConfig, engine_id: str, tp_rank: int,
+                       kv_cache: torch.Tensor) -> Any:
+    """The per-rank half of ``cfg.kv_connector`` in a tensor-parallel worker process: the
+    connector class's ``make_rank_worker(cfg, engine_id, tp_rank, kv_cache)``, an object with
+    ``descriptor()``, ``rpc(method, args)`` and ``close()``."""
+    assert cfg.kv_connector is not None
+    try:
+        factory = resolve_connector(cfg.kv_connector)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    make = getattr(factory, "make_rank_worker", None)
+    if make is None:
+        raise ConfigError(f"kv_connector {cfg.kv_connector!r} does not support tensor "
+                          "parallelism (it has no make_rank_worker)")
+    return make(cfg, engine_id, tp_rank, kv_cache)

@@ -7,6 +7,8 @@ per-layer views of it. Transports register this tensor whole.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -21,6 +23,7 @@ from disagg.models.arch import ArchConfig
 from disagg.models.llama import AttentionMetadata, LayerHook
 from disagg.models.loader import load_model
 from disagg.models.ops import select_ops
+from disagg.models.parallel import TPContext
 
 logger = logging.getLogger(__name__)
 
@@ -47,28 +50,65 @@ def resolve_dtype(dtype: str, device: torch.device, arch: ArchConfig) -> torch.d
         if arch.torch_dtype in ("bfloat16", "float16") else torch.bfloat16
 
 
+@dataclass(frozen=True, slots=True)
+class HostStep:
+    """One step's inputs on the host: what rank 0 hands every tensor-parallel worker, which
+    then runs the same forward (disagg/engine/tp.py)."""
+
+    graph: bool
+    """Replay a decode graph (ids, positions, slots, seq_lens [n], table [n, width])."""
+    ids: np.ndarray
+    positions: np.ndarray
+    slots: np.ndarray
+    seq_lens: np.ndarray
+    table: np.ndarray
+    query_start_loc: np.ndarray | None = None
+    sample_rows: list[int] = field(default_factory=list)
+    decode_only: bool = False
+
+
+StepSender = Callable[[HostStep], None]
+"""Rank 0 hands a step's inputs to the other TP ranks before running it itself."""
+
+
 class ModelRunner:
-    """Owns the model, the KV cache tensor and the sampler of one engine core."""
+    """Owns the model (this rank's shard), the KV cache tensor and the sampler."""
 
     def __init__(self, cfg: EngineConfig, arch: ArchConfig, device: torch.device,
-                 dtype: torch.dtype, max_positions: int) -> None:
+                 dtype: torch.dtype, max_positions: int, tp: TPContext | None = None,
+                 send_step: StepSender | None = None) -> None:
         self.cfg = cfg
         self.arch = arch
         self.device = device
         self.dtype = dtype
+        self.tp = tp or TPContext()
+        self.send_step = send_step
         self.ops = select_ops(device.type)
-        self.model = load_model(cfg.model, arch, self.ops, device, dtype, max_positions)
+        self.model = load_model(cfg.model, arch, self.ops, device, dtype, max_positions,
+                                self.tp)
         self.sampler = Sampler(device, cfg.model.seed)
         self.kv_cache: torch.Tensor | None = None
         self.block_size = cfg.cache.block_size
         self.graphs: DecodeGraphs | None = None
-        logger.info("model loaded on %s (%s), kernels: %s", device, dtype, self.ops.backend)
+        logger.info("model loaded on %s (%s), kernels: %s%s", device, dtype, self.ops.backend,
+                    f", tp rank {self.tp.rank} of {self.tp.size}" if self.tp.size > 1 else "")
+
+    @property
+    def num_kv_heads(self) -> int:
+        """KV heads in this rank's cache (all of them without tensor parallelism)."""
+        return int(getattr(self.model, "num_local_kv_heads", self.arch.num_kv_heads))
+
+    def block_bytes(self) -> int:
+        """Bytes of one block of this rank's cache (all layers, K and V, its KV heads)."""
+        a = self.arch
+        return a.num_layers * 2 * self.block_size * self.num_kv_heads * a.head_dim \
+            * self.dtype.itemsize
 
     def allocate_kv_cache(self, num_blocks: int) -> torch.Tensor:
-        """[num_blocks, layers, 2, block_size, kv_heads, head_dim], zero-filled."""
+        """[num_blocks, layers, 2, block_size, kv_heads of this rank, head_dim], zero-filled."""
         a = self.arch
         self.kv_cache = torch.zeros(num_blocks, a.num_layers, 2, self.block_size,
-                                    a.num_kv_heads, a.head_dim, dtype=self.dtype,
+                                    self.num_kv_heads, a.head_dim, dtype=self.dtype,
                                     device=self.device)
         return self.kv_cache
 
@@ -114,9 +154,8 @@ class ModelRunner:
         self.kv_cache = None
         del cache
 
-    def _prepare(self, out: SchedulerOutput, layer_hook: LayerHook | None
-                 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
-        """Flatten the scheduled chunks into input ids, positions and attention metadata."""
+    def _host_inputs(self, out: SchedulerOutput) -> HostStep:
+        """Flatten the scheduled chunks into host arrays (ids, positions, slots, tables)."""
         bs = self.block_size
         ids: list[int] = []
         positions: list[np.ndarray] = []
@@ -139,19 +178,27 @@ class ModelRunner:
             seq_lens.append(end)
             if chunk.samples:
                 sample_rows.append(qsl[-1] - 1)
-        dev = self.device
-        attn = AttentionMetadata(
-            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev, non_blocking=True),
-            block_tables=torch.from_numpy(table).to(dev, non_blocking=True),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
-            decode_only=len(ids) == len(out.chunks), layer_hook=layer_hook)
-        return (torch.tensor(ids, dtype=torch.long, device=dev),
-                torch.from_numpy(np.concatenate(positions)).to(dev, non_blocking=True),
-                attn, sample_rows)
+        return HostStep(graph=False, ids=np.asarray(ids, dtype=np.int64),
+                        positions=np.concatenate(positions), slots=np.concatenate(slots),
+                        seq_lens=np.asarray(seq_lens, dtype=np.int32), table=table,
+                        query_start_loc=np.asarray(qsl, dtype=np.int32),
+                        sample_rows=sample_rows, decode_only=len(ids) == len(out.chunks))
 
-    def _graph_decode_logits(self, out: SchedulerOutput) -> torch.Tensor | None:
-        """Logits of a pure decode batch replayed from a graph; None when not applicable."""
+    def _device_inputs(self, h: HostStep, layer_hook: LayerHook | None
+                       ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        dev = self.device
+        assert h.query_start_loc is not None
+        attn = AttentionMetadata(
+            slot_mapping=torch.from_numpy(h.slots).to(dev, non_blocking=True),
+            block_tables=torch.from_numpy(h.table).to(dev, non_blocking=True),
+            seq_lens=torch.from_numpy(h.seq_lens).to(dev),
+            query_start_loc=torch.from_numpy(h.query_start_loc).to(dev),
+            decode_only=h.decode_only, layer_hook=layer_hook)
+        return (torch.from_numpy(h.ids).to(dev),
+                torch.from_numpy(h.positions).to(dev, non_blocking=True), attn)
+
+    def _graph_inputs(self, out: SchedulerOutput) -> HostStep | None:
+        """A pure decode batch a graph can replay, as host arrays; None when not applicable."""
         g = self.graphs
         chunks = out.chunks
         if g is None or any(c.num_tokens != 1 or not c.samples for c in chunks):
@@ -168,26 +215,43 @@ class ModelRunner:
             table[i, :len(c.request.block_ids)] = c.request.block_ids
         rows = np.arange(len(chunks))
         slots = table[rows, pos // bs].astype(np.int64) * bs + pos % bs
-        return g.run_host(ids, pos, slots, pos + 1, table)
+        return HostStep(graph=True, ids=ids, positions=pos, slots=slots, seq_lens=pos + 1,
+                        table=table)
 
     @torch.inference_mode()
+    def execute_step(self, h: HostStep, layer_hook: LayerHook | None = None
+                     ) -> torch.Tensor | None:
+        """Run one step's forward from host inputs; the logits of its sampling rows (None when
+        no row samples). Every TP rank runs this with the same inputs."""
+        assert self.kv_cache is not None, "allocate_kv_cache first"
+        if h.graph:
+            assert self.graphs is not None
+            return self.graphs.run_host(h.ids, h.positions, h.slots, h.seq_lens, h.table)
+        input_ids, positions, attn = self._device_inputs(h, layer_hook)
+        hidden = self.model(input_ids, positions, attn, self.kv_cache)
+        if not h.sample_rows:
+            return None
+        return self.model.compute_logits(hidden[h.sample_rows])
+
     def execute(self, out: SchedulerOutput, layer_hook: LayerHook | None = None
                 ) -> tuple[dict[str, int], dict[str, TokenLogprob]]:
         """Run one step; returns sampled token and logprobs per request that samples.
 
         ``layer_hook`` is called after each layer's K/V are in the cache; a step that has one
-        runs eagerly (a replayed decode graph calls no Python per layer).
+        runs eagerly (a replayed decode graph calls no Python per layer). With tensor
+        parallelism the other ranks get the same host inputs first; only this rank samples.
         """
         assert self.kv_cache is not None, "allocate_kv_cache first"
-        logits = self._graph_decode_logits(out) if layer_hook is None else None
-        if logits is not None:
-            return self._sample(out.chunks, logits)
-        input_ids, positions, attn, sample_rows = self._prepare(out, layer_hook)
-        sampling = [c for c in out.chunks if c.samples]
-        hidden = self.model(input_ids, positions, attn, self.kv_cache)
-        if not sampling:
+        host = self._graph_inputs(out) if layer_hook is None else None
+        if host is None:
+            host = self._host_inputs(out)
+        if self.send_step is not None:
+            self.send_step(host)
+        logits = self.execute_step(host, layer_hook)
+        if logits is None:
             return {}, {}
-        return self._sample(sampling, self.model.compute_logits(hidden[sample_rows]))
+        sampling = out.chunks if host.graph else [c for c in out.chunks if c.samples]
+        return self._sample(sampling, logits)
 
     def _sample(self, sampling: list[ScheduledChunk], logits: torch.Tensor
                 ) -> tuple[dict[str, int], dict[str, TokenLogprob]]:

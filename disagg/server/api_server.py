@@ -244,6 +244,7 @@ def instance_info_dict(engine: EngineClient, info: ServerInfo) -> dict[str, Any]
         "role": r0.kv_role, "mode": r0.kv_mode, "engine_id": r0.engine_id,
         "http_url": info.http_url, "max_model_len": engine.synced.max_model_len,
         "block_size": engine.synced.block_size, "dp_size": engine.dp_size,
+        "tp_size": r0.tp_size,
         "model": info.served_model_name, "kv_host": r0.kv_host,
         "kv_handshake_port": r0.kv_handshake_port, "kv_notify_port": r0.kv_notify_port,
         "num_gpu_blocks": engine.synced.num_gpu_blocks}

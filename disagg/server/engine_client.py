@@ -180,7 +180,8 @@ class EngineClient:
             rank_cfg = dataclasses.replace(base, parallel=dataclasses.replace(
                 base.parallel, data_parallel_rank=rank))
             try:
-                env = rank_device_env(rank, self.dp_size, self.cfg.model.device)
+                env = rank_device_env(rank, self.dp_size, self.cfg.model.device,
+                                      self.cfg.parallel.tensor_parallel_size)
             except ConfigError as exc:
                 raise EngineStartupError(str(exc)) from exc
             proc = mp.Process(target=run_engine_core, name=f"disagg-engine-dp{rank}",

@@ -1,0 +1,81 @@
+"""Tensor parallelism of one engine core on CPU (gloo): the same greedy tokens as TP 1, the KV
+sizing taken over every rank, and a dead worker failing its requests with one clear line
+while every block comes back."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from disagg.common.config import ConfigError
+from disagg.common.protocol import EngineCoreRequest
+from disagg.common.sampling_params import SamplingParams
+from disagg.engine.tp import TPWorkerError
+from disagg.llm import LLM
+
+PROMPTS = [[5, 9, 200, 17], list(range(1, 40)), [(7 * i) % 250 + 1 for i in range(70)]]
+
+
+def _llm(tp: int, max_num_batched_tokens: int = 2048) -> LLM:
+    return LLM(device="cpu", kv_cache_memory_bytes=4 * 2**20, max_model_len=512,
+               tensor_parallel_size=tp, max_num_batched_tokens=max_num_batched_tokens)
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+
+
+def _generate(tp: int) -> tuple[list[list[int]], dict[str, int], int]:
+    with _llm(tp, max_num_batched_tokens=48) as llm:
+        outs = llm.generate(PROMPTS, GREEDY)
+        return ([o.output_token_ids for o in outs], llm.ledger(),
+                llm.engine.ready_response().tp_size)
+
+
+def test_tp_2_and_4_give_the_tp_1_tokens() -> None:
+    """Chunked prefill (48-token steps), then decodes; tp 4 replicates the 2 KV heads."""
+    ref, ref_ledger, _ = _generate(1)
+    for tp in (2, 4):
+        tokens, ledger, reported = _generate(tp)
+        assert tokens == ref, f"tp={tp}"
+        assert reported == tp
+        assert ledger["free"] == ledger["total"] and ledger["held"] == 0
+        # each rank holds fewer KV heads, so the same per-rank budget fits more blocks
+        assert ledger["total"] >= ref_ledger["total"]
+
+
+def test_tp_size_that_does_not_split_the_model_is_one_clear_line() -> None:
+    with pytest.raises(ConfigError, match="tensor"):
+        _llm(3)
+
+
+def test_killed_worker_fails_its_requests_and_frees_every_block() -> None:
+    llm = _llm(2)
+    engine = llm.engine
+    try:
+        for i in range(3):
+            assert engine.add_request(EngineCoreRequest(
+                request_id=f"r{i}", prompt_token_ids=PROMPTS[i],
+                sampling_params=SamplingParams(max_tokens=400, ignore_eos=True))) is None
+        for _ in range(3):
+            engine.step()
+        assert engine.pool.snapshot().free < engine.pool.snapshot().total
+        assert engine.tp is not None
+        victim = engine.tp._workers[0].proc
+        victim.kill()
+        victim.wait(5)
+        deadline = time.monotonic() + 3.0
+        while engine.tp_failure is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert engine.tp_failure is not None and "tp1" in engine.tp_failure
+        assert "killed by signal 9" in engine.tp_failure
+        with pytest.raises(TPWorkerError, match="tp1"):
+            engine.step()  # no step runs on a broken group
+        outs = engine.fail_all(f"the instance lost a tensor-parallel worker: "
+                               f"{engine.tp_failure}")
+        assert sorted(o.request_id for o in outs) == ["r0", "r1", "r2"]
+        assert all(o.finish_reason == "error" and "tp1" in (o.error or "") for o in outs)
+        snap = engine.pool.snapshot()
+        engine.pool.check()
+        assert snap.free == snap.total and snap.held == 0
+    finally:
+        llm.close()
