@@ -55,7 +55,8 @@ class PDConnectorConfig:
 
 
 def parse_pd_config(extra: dict[str, Any], kv_role: str, kv_cache_on_gpu: bool,
-                    data_parallel_size: int = 1) -> PDConnectorConfig:
+                    data_parallel_size: int = 1, tensor_parallel_size: int = 1
+                    ) -> PDConnectorConfig:
     """Check every option of ``kv_connector_extra_config``; ConfigError names the first bad one."""
     unknown = sorted(set(extra) - _KNOWN)
     if unknown:
@@ -80,7 +81,8 @@ def parse_pd_config(extra: dict[str, Any], kv_role: str, kv_cache_on_gpu: bool,
     if auth_key is not None and (not isinstance(auth_key, str) or len(auth_key) < 8):
         raise ConfigError("kv_connector_extra_config.auth_key must be a string of 8+ characters")
     return PDConnectorConfig(
-        transport=transport, mode=mode, layerwise=_layerwise(extra, kv_cache_on_gpu),
+        transport=transport, mode=mode,
+        layerwise=_layerwise(extra, kv_cache_on_gpu, tensor_parallel_size),
         timeouts=parse_timeouts(extra), kv_load_failure_policy=policy,
         base_port=_int(extra, "base_port", 0, 0, 65535), host=_host(extra),
         transport_options=dict(options), verify_kv=_bool(extra, "verify_kv", False),
@@ -140,12 +142,17 @@ def parse_timeouts(extra: dict[str, Any]) -> Timeouts:
                     heartbeat_interval_s=values["heartbeat_interval"])
 
 
-def _layerwise(extra: dict[str, Any], kv_cache_on_gpu: bool) -> bool:
+def _layerwise(extra: dict[str, Any], kv_cache_on_gpu: bool, tp_size: int = 1) -> bool:
     """"auto" (default: on when the KV cache is on a GPU, where the forward is asynchronous and
-    streaming overlaps it), true or false. It applies to WRITE transfers this engine produces."""
+    streaming overlaps it, and the engine has one TP rank), true or false. It applies to WRITE
+    transfers this engine produces. Streaming layers from several TP ranks is not built yet:
+    the per-layer posts run inside rank 0's forward only."""
     value = extra.get("layerwise", "auto")
     if value == "auto":
-        return kv_cache_on_gpu
+        return kv_cache_on_gpu and tp_size == 1
+    if value is True and tp_size > 1:
+        raise ConfigError("kv_connector_extra_config.layerwise=true is not supported with "
+                          "--tensor-parallel-size > 1 yet; leave it \"auto\" or false")
     if isinstance(value, bool):
         return value
     raise ConfigError(f'kv_connector_extra_config.layerwise must be "auto", true or false, '

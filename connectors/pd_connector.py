@@ -24,17 +24,21 @@ import secrets
 import time
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from connectors.control_plane import ControlPlane
 from connectors.faults import parse_faults
-from connectors.pd_config import parse_pd_config
+from connectors.pd_config import PDConnectorConfig, parse_pd_config
+from connectors.pd_heads import RankGeometry
 from connectors.pd_inbox import Inbox
 from connectors.pd_metadata import build_metadata, compat_error, slow_path_hint
 from connectors.pd_outcome import Outcomes
 from connectors.pd_peers import PeerLinks
+from connectors.pd_rank import RankKV, RemoteRank
 from connectors.pd_scheduler import PDSchedulerSide
 from connectors.pd_stream import LayerPlan, LayerStreamer, plan_chunk
-from connectors.pd_worker import PDWorkerSide
-from connectors.protocol import EngineMetadata, Release, RemoteBlocks, kv_ports
+from connectors.pd_worker import PDWorkerSide, rank_name
+from connectors.protocol import EngineMetadata, Release, RemoteBlocks, kv_ports, transport_port
 from connectors.transfer import Transfer, TransferRole, TransferState, transfer_from_params
 from connectors.transports.base import TransferOp, TransferStatus
 from disagg.common.config import KVTransferConfig
@@ -42,8 +46,6 @@ from disagg.common.kv_transfer_params import KVTransferParams, TransferMode
 from disagg.engine.kv_connector import ConnectorOutput, FinishAction, KVConnector, LoadFailure
 
 if TYPE_CHECKING:
-    import torch
-
     from disagg.engine.request import Request
     from disagg.engine.scheduler import SchedulerOutput
     from disagg.models.llama import LayerHook
@@ -61,8 +63,10 @@ class PDConnector(KVConnector):
     """One engine core's P/D connector (either role, either mode)."""
 
     def __init__(self, cfg: KVTransferConfig, engine: Any, kv_cache: torch.Tensor) -> None:
+        par = engine.cfg.parallel
         self.cfg = c = parse_pd_config(cfg.kv_connector_extra_config, cfg.kv_role,
-                                       kv_cache.is_cuda, engine.cfg.parallel.data_parallel_size)
+                                       kv_cache.is_cuda, par.data_parallel_size,
+                                       par.tensor_parallel_size)
         self.kv_role = cfg.kv_role
         self.mode: str = c.mode.value
         self.timeouts = c.timeouts
@@ -71,11 +75,8 @@ class PDConnector(KVConnector):
         self.epoch = secrets.randbits(62)
         """Random per start: a restarted engine is another peer (protocol.py)."""
         self.host = c.host
-        hs, nt = kv_ports(c.base_port, engine.cfg.parallel.data_parallel_rank)
-        self.worker = PDWorkerSide(c.transport, self.engine_id, self.host, kv_cache,
-                                   dict(c.transport_options),
-                                   ready_timeout_s=self.timeouts.transfer_timeout_s,
-                                   faults=c.faults)
+        hs, nt = kv_ports(c.base_port, par.data_parallel_rank)
+        self.worker = _worker_side(c, engine, kv_cache)
         if (hint := slow_path_hint(c.transport, self.mode, cfg.kv_role,
                                    kv_cache.is_cuda)) is not None:
             logger.warning("%s: %s", self.engine_id, hint)
@@ -99,7 +100,17 @@ class PDConnector(KVConnector):
         self.inbox = Inbox(self)
 
     def _compat_error(self, peer: EngineMetadata) -> str | None:
-        return compat_error(self.metadata, peer)
+        return compat_error(self.metadata, peer, self.worker.num_kv_heads)
+
+    @staticmethod
+    def make_rank_worker(cfg: KVTransferConfig, engine_id: str, tp_rank: int,
+                         kv_cache: torch.Tensor) -> RankKV:
+        """A TP worker rank's own KV endpoint (disagg/engine/tp_worker.py); rank 0 reaches it
+        through RemoteRank (connectors/pd_rank.py)."""
+        c = parse_pd_config(cfg.kv_connector_extra_config, cfg.kv_role, kv_cache.is_cuda)
+        return RankKV(c.transport, rank_name(engine_id, tp_rank), c.host, kv_cache,
+                      _rank_options(c.transport_options, 0, tp_rank),
+                      ready_timeout_s=c.timeouts.transfer_timeout_s)
 
     # ---- request life cycle ------------------------------------------------------------
     def on_request_arrival(self, req: Request) -> None:
@@ -410,6 +421,32 @@ class PDConnector(KVConnector):
         """Stop the control plane and the transport."""
         self.control.close()
         self.worker.close()
+
+
+def _rank_options(options: dict[str, Any], dp_rank: int, tp_rank: int) -> dict[str, Any]:
+    """A rank's transport options: a fixed ``port`` moves per rank (protocol.transport_port)."""
+    out = dict(options)
+    if isinstance(out.get("port"), int):
+        out["port"] = transport_port(out["port"], dp_rank, tp_rank)
+    return out
+
+
+def _worker_side(c: PDConnectorConfig, engine: Any, kv_cache: torch.Tensor) -> PDWorkerSide:
+    """Rank 0's endpoint here, the other TP ranks' in their worker processes."""
+    dp_rank = engine.cfg.parallel.data_parallel_rank
+    local = RankKV(c.transport, engine.engine_id, c.host, kv_cache,
+                   _rank_options(c.transport_options, dp_rank, 0),
+                   ready_timeout_s=c.timeouts.transfer_timeout_s, faults=c.faults)
+    ranks: list[Any] = [local]
+    group = getattr(engine, "tp", None)
+    if group is not None:
+        descriptors = group.call_all("kv_init", engine.engine_id)
+        ranks += [RemoteRank(group, r, d, local.block_bytes)
+                  for r, d in enumerate(descriptors, start=1)]
+    a = engine.arch
+    geometry = RankGeometry(a.num_layers, engine.cfg.cache.block_size, kv_cache.shape[4],
+                            kv_cache.shape[5] * kv_cache.element_size())
+    return PDWorkerSide(ranks, a.num_kv_heads, geometry, faults=c.faults)
 
 
 def remote_blocks_error(t: Transfer, block_size: int) -> str | None:

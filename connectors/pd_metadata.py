@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from connectors.protocol import EngineMetadata
+from disagg.models.parallel import kv_head_range
 
 
 def slow_path_hint(transport: str, mode: str, kv_role: str, kv_cache_on_gpu: bool) -> str | None:
@@ -43,10 +44,11 @@ def build_metadata(engine: Any, kv_cache: torch.Tensor, engine_id: str, epoch: i
         notify_port=control.notify_port, transport=worker.transport.name,
         transport_descriptor=worker.descriptor(), block_size=engine.cfg.cache.block_size,
         block_bytes=worker.block_bytes, num_blocks=kv_cache.shape[0], dtype=dtype,
-        compat_hash=digest, layout=layout)
+        compat_hash=digest, layout=layout, tp_size=worker.tp_size,
+        rank_descriptors=worker.descriptors())
 
 
-def compat_error(ours: EngineMetadata, peer: EngineMetadata) -> str | None:
+def compat_error(ours: EngineMetadata, peer: EngineMetadata, num_kv_heads: int) -> str | None:
     """Why a peer's KV is not interchangeable with ours (None if it is)."""
     for name in ("block_size", "dtype", "layout", "transport"):
         if getattr(peer, name) != getattr(ours, name):
@@ -54,4 +56,16 @@ def compat_error(ours: EngineMetadata, peer: EngineMetadata) -> str | None:
                     f"this engine has {getattr(ours, name)!r}")
     if peer.compat_hash != ours.compat_hash:
         return f"peer {peer.engine_id} serves a different model (compatibility hash)"
+    if len(peer.rank_descriptors) not in (0, peer.tp_size) or (
+            not peer.rank_descriptors and peer.tp_size != 1):
+        return (f"peer {peer.engine_id} says tp_size {peer.tp_size} but sends "
+                f"{len(peer.rank_descriptors)} rank descriptors")
+    if num_kv_heads % peer.tp_size and peer.tp_size % num_kv_heads:
+        return (f"peer {peer.engine_id}'s tp_size {peer.tp_size} does not split "
+                f"{num_kv_heads} KV heads")
+    expected = ours.block_bytes // kv_head_range(num_kv_heads, ours.tp_size, 0)[1] \
+        * kv_head_range(num_kv_heads, peer.tp_size, 0)[1]
+    if peer.block_bytes != expected:
+        return (f"peer {peer.engine_id} has {peer.block_bytes}-byte blocks at tp_size "
+                f"{peer.tp_size}; the model's layout gives {expected}")
     return None

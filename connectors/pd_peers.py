@@ -120,7 +120,7 @@ class PeerLinks:
         self.learn(meta)
         t.peer_engine_id, t.peer_epoch, t.peer_num_blocks = (meta.engine_id, meta.epoch,
                                                               meta.num_blocks)
-        self.worker.add_peer(meta.engine_id, meta.transport_descriptor)
+        self.worker.add_peer(meta)
         return meta.engine_id, None
 
     def hello_error(self, t: Transfer) -> str | None:

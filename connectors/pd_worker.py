@@ -1,9 +1,17 @@
-"""Worker side of the P/D connector: the transport, the registered KV tensor, block copies.
+"""Worker side of the P/D connector: one transfer fanned out over this engine's TP ranks.
 
-Memory layout (blocks outermost, see hip_kernels/__init__.py): block b of the cache is the
+Each rank has its own KV tensor and transport endpoint (connectors/pd_rank.py); a peer's ranks
+are named ``<engine id>#r<rank>`` to the transports. A transfer is posted as one op per
+(local rank, peer rank) route (connectors/pd_heads.py) and reported as one op id here:
+
+    poll   FAILED as soon as any part failed (the connector then releases the op, which
+           cancels every other part: no partially-loaded request runs); DONE only when every
+           part, on every rank, is DONE; PENDING otherwise.
+
+Same TP size on both sides and one rank each: one part, whole blocks, as without TP. Memory
+layout of one rank's blocks (blocks outermost, see hip_kernels/__init__.py): block b is the
 byte run [b * block_bytes, (b + 1) * block_bytes) of the registered region, all layers, K and V,
-so moving a block is one segment and runs of consecutive blocks merge into one. Layer l of
-block b is the run [b * block_bytes + l * layer_bytes, + layer_bytes):
+so moving a whole block is one segment and runs of consecutive blocks merge into one:
 
     block b:  | layer 0: K V | layer 1: K V | ... | layer L-1: K V |
               ^ b * block_bytes               ^ + l * layer_bytes, layer_bytes long
@@ -12,124 +20,227 @@ block b is the run [b * block_bytes + l * layer_bytes, + layer_bytes):
 from __future__ import annotations
 
 import hashlib
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
-import torch
 
 from connectors.faults import FaultPlan
-from connectors.pd_poster import Posts
-from connectors.transports import make_transport
+from connectors.pd_heads import RankGeometry, Route, route_rows, routes
+from connectors.pd_rank import RankKV
+from connectors.protocol import EngineMetadata
 from connectors.transports.base import TransferOp, TransferStatus, merge_array
+from disagg.models.parallel import kv_head_range
+
+
+def rank_name(engine_id: str, rank: int) -> str:
+    """A peer rank's name to this engine's transports (rank 0 keeps the engine id)."""
+    return engine_id if rank == 0 else f"{engine_id}#r{rank}"
+
+
+@dataclass(slots=True)
+class _Op:
+    """One transfer op: its parts still pending, as (local rank, that rank's op id)."""
+
+    parts: list[tuple[int, int]]
+    error: str | None = None
+    done: list[tuple[int, int]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class _Peer:
+    tp_size: int
+    geometry: RankGeometry
 
 
 class PDWorkerSide:
-    """Posts one-sided block copies (whole blocks, or one layer of blocks) and polls them."""
+    """Posts one-sided block copies over every TP rank of this engine and polls them."""
 
-    def __init__(self, transport_name: str, agent_name: str, host: str,
-                 kv_cache: torch.Tensor, options: dict[str, object],
-                 ready_timeout_s: float, faults: FaultPlan | None = None) -> None:
-        self.transport = make_transport(transport_name, agent_name=agent_name, host=host,
-                                        **options)
-        self.kv_cache = kv_cache
-        self.block_bytes = kv_cache[0].numel() * kv_cache.element_size()
-        self.layer_bytes = self.block_bytes // kv_cache.shape[1]
-        self.transport.register_region(kv_cache)
-        self.posts = Posts(self.transport, ready_timeout_s)
-        self.peers: set[str] = set()
+    def __init__(self, ranks: list[Any], num_kv_heads: int, geometry: RankGeometry,
+                 faults: FaultPlan | None = None) -> None:
+        self.ranks = ranks
+        """Rank 0: a RankKV in this process; ranks 1..: RemoteRank handles (pd_rank.py)."""
+        self.local: RankKV = ranks[0]
+        self.tp_size = len(ranks)
+        self.num_kv_heads = num_kv_heads
+        self.geometry = geometry
+        self.transport = self.local.transport
+        self.kv_cache = self.local.kv_cache
+        self.block_bytes = self.local.block_bytes
+        self.layer_bytes = self.local.layer_bytes
+        self.peers: dict[str, _Peer] = {}
+        self._ops: dict[int, _Op] = {}
+        self._ids = itertools.count(1)
         self._faults = faults
 
+    # ---- peers ---------------------------------------------------------------------------
     def descriptor(self) -> bytes:
-        """This side's transport descriptor (sent in handshakes)."""
-        return self.transport.descriptor()
+        """Rank 0's transport descriptor (sent in handshakes)."""
+        return self.local.descriptor()
 
-    def add_peer(self, engine_id: str, descriptor: bytes) -> None:
-        """Connect the transport to a peer once."""
-        if engine_id not in self.peers:
-            self.transport.add_peer(engine_id, descriptor)
-            self.peers.add(engine_id)
+    def descriptors(self) -> list[bytes]:
+        """Every rank's transport descriptor, in rank order."""
+        return [r.descriptor() for r in self.ranks]
 
+    def add_peer(self, meta: EngineMetadata) -> None:
+        """Connect each local rank to the peer ranks it exchanges heads with, once."""
+        if meta.engine_id in self.peers:
+            return
+        peer_heads = kv_head_range(self.num_kv_heads, meta.tp_size, 0)[1]
+        g = self.geometry
+        peer = _Peer(meta.tp_size, RankGeometry(g.num_layers, g.block_size, peer_heads,
+                                                g.head_bytes))
+        descriptors = meta.rank_descriptors or [meta.transport_descriptor]
+        for local, remote in self._pairs(peer):
+            self.ranks[local].add_peer(rank_name(meta.engine_id, remote), descriptors[remote])
+        self.peers[meta.engine_id] = peer
+
+    def _pairs(self, peer: _Peer) -> set[tuple[int, int]]:
+        """(local rank, peer rank) pairs with at least one route, either direction."""
+        as_producer = routes(self.num_kv_heads, self.tp_size, peer.tp_size)
+        as_consumer = routes(self.num_kv_heads, peer.tp_size, self.tp_size)
+        return {(r.producer_rank, r.consumer_rank) for r in as_producer} | \
+            {(r.consumer_rank, r.producer_rank) for r in as_consumer}
+
+    def _routes(self, op: TransferOp, peer: _Peer) -> list[tuple[int, int, int, int, int]]:
+        """(local rank, peer rank, local head, peer head, heads) of a transfer this engine
+        posts: READ pulls into the local (consumer) ranks, WRITE pushes from them."""
+        if op is TransferOp.READ:
+            return [(r.consumer_rank, r.producer_rank, r.consumer_head, r.producer_head,
+                     r.num_heads) for r in routes(self.num_kv_heads, peer.tp_size, self.tp_size)]
+        return [(r.producer_rank, r.consumer_rank, r.producer_head, r.consumer_head,
+                 r.num_heads) for r in routes(self.num_kv_heads, self.tp_size, peer.tp_size)]
+
+    # ---- posting -------------------------------------------------------------------------
     def rows(self, local_blocks: list[int], remote_blocks: list[int]) -> np.ndarray:
-        """Whole-block (local, remote, length) rows, consecutive runs merged."""
+        """Whole-block (local, remote, length) rows, consecutive runs merged (same TP)."""
         return block_rows(local_blocks, remote_blocks, self.block_bytes, 0, self.block_bytes)
 
     def layer_rows(self, layer: int, local_blocks: list[int],
                    remote_blocks: list[int]) -> np.ndarray:
-        """Layer ``layer`` of each block: one run of layer_bytes per block pair."""
+        """Layer ``layer`` of each block: one run of layer_bytes per block pair (same TP)."""
         return block_rows(local_blocks, remote_blocks, self.block_bytes,
                           layer * self.layer_bytes, self.layer_bytes)
 
     def post(self, op: TransferOp, peer: str, local_blocks: list[int],
              remote_blocks: list[int]) -> tuple[int, int]:
-        """Start the copy of whole blocks after the step's KV writes; returns (op id, bytes).
-        A ``stream_ordered`` transport orders the copy after the current stream itself; for
-        the others the host waits for the stream here."""
-        if self.kv_cache.is_cuda and not self.transport.stream_ordered:
-            torch.cuda.current_stream().synchronize()  # the step's KV writes are complete
-        rows = self.rows(local_blocks, remote_blocks)
-        label = f"{op.value} of {len(rows)} runs to {peer}"
+        """Start the copy of whole blocks (every rank its heads) after the step's KV writes;
+        returns (op id, bytes)."""
+        p = self.peers[peer]
+        plan = [(local, remote, route_rows(local_blocks, remote_blocks, self.geometry,
+                                           p.geometry, lh, ph, n))
+                for local, remote, lh, ph, n in self._routes(op, p)]
+        nbytes = int(sum(int(rows[:, 2].sum()) for _, _, rows in plan))
+        label = f"{op.value} of {sum(len(rows) for _, _, rows in plan)} runs to {peer}"
         injected = self._injected(label)
         if injected is not None:
-            return injected, int(rows[:, 2].sum())
-        return self.posts.post(op, peer, rows, label), int(rows[:, 2].sum())
-
-    def _injected(self, label: str) -> int | None:
-        """An injected ``post`` fault's op instead of a real post (connectors/faults.py)."""
-        for f in self._faults.fire("post") if self._faults is not None else ():
-            return self.posts.inject(label, "injected fault: post failed"
-                                     if f.action == "fail" else None)
-        return None
-
-    def digests(self, block_ids: list[int]) -> list[bytes]:
-        """An 8-byte digest of each block's bytes (verify_kv; a GPU cache is copied to host)."""
-        out = []
-        for b in block_ids:
-            data = self.kv_cache[b].detach().contiguous().view(torch.uint8).cpu().numpy()
-            out.append(hashlib.blake2b(data.tobytes(), digest_size=8).digest())
-        return out
-
-    def flip_byte(self, block_id: int) -> None:
-        """Flip the first byte of a block (an injected ``landed`` fault: corruption in flight)."""
-        view = self.kv_cache[block_id].view(-1).view(torch.uint8)
-        view[0] ^= 0xFF
+            return self._new([(0, injected)]), nbytes
+        parts: list[tuple[int, int]] = []
+        op_id = self._new(parts)
+        for local, remote, rows in plan:
+            parts.append((local, self.ranks[local].post_rows(op, rank_name(peer, remote), rows,
+                                                             label)))
+        return op_id, nbytes
 
     def post_layer(self, peer: str, layer: int, local_blocks: list[int],
                    remote_blocks: list[int]) -> tuple[int, int]:
-        """WRITE one layer of blocks whose K/V the current step just wrote; never blocks the
-        host: on a GPU cache the copy is ordered after the work queued on the current stream,
-        by the transport itself (``stream_ordered``) or by the poster thread waiting on an
-        event. Returns (op id, bytes)."""
+        """WRITE one layer of blocks whose K/V the current step just wrote (layerwise streaming:
+        one rank on each side, pd_config refuses it with TP); never blocks the host."""
         rows = self.layer_rows(layer, local_blocks, remote_blocks)
         label = f"layer {layer} write to {peer}"
         nbytes = int(rows[:, 2].sum())
         injected = self._injected(label)
         if injected is not None:
-            return injected, nbytes
-        if not self.kv_cache.is_cuda or self.transport.stream_ordered:
-            return self.posts.post(TransferOp.WRITE, peer, rows, label), nbytes
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(self.kv_cache.device))
-        return self.posts.post_after(event, peer, rows, label), nbytes
+            return self._new([(0, injected)]), nbytes
+        return self._new([(0, self.local.post_layer_rows(peer, rows, label))]), nbytes
 
+    def _new(self, parts: list[tuple[int, int]]) -> int:
+        op_id = next(self._ids)
+        self._ops[op_id] = _Op(parts)
+        return op_id
+
+    def _injected(self, label: str) -> int | None:
+        """An injected ``post`` fault's op instead of a real post (connectors/faults.py)."""
+        for f in self._faults.fire("post") if self._faults is not None else ():
+            return self.local.inject(label, "injected fault: post failed"
+                                     if f.action == "fail" else None)
+        return None
+
+    # ---- polling -------------------------------------------------------------------------
     def poll(self, op_id: int) -> TransferStatus:
-        """State of a posted copy."""
-        return self.posts.poll(op_id)
+        """FAILED once any part failed, DONE once every part is done, else PENDING."""
+        op = self._ops[op_id]
+        if op.error is not None:
+            return TransferStatus.FAILED
+        pending: list[tuple[int, int]] = []
+        for rank, part in op.parts:
+            state = self.ranks[rank].poll(part)
+            if state is TransferStatus.FAILED:
+                op.error = self.ranks[rank].error(part) or "a KV copy failed"
+                if self.tp_size > 1:
+                    op.error = f"tp rank {rank}: {op.error}"
+                return TransferStatus.FAILED
+            (op.done if state is TransferStatus.DONE else pending).append((rank, part))
+        op.parts = pending
+        return TransferStatus.PENDING if pending else TransferStatus.DONE
 
     def error(self, op_id: int) -> str | None:
-        """Why a copy failed."""
-        return self.posts.error(op_id)
+        """Why an op failed."""
+        op = self._ops.get(op_id)
+        return None if op is None else op.error
 
     def release(self, op_id: int) -> None:
-        """Forget a copy (cancelling it if still pending)."""
-        self.posts.release(op_id)
+        """Forget an op; its pending parts are cancelled on every rank."""
+        op = self._ops.pop(op_id, None)
+        if op is None:
+            return
+        for rank, part in [*op.parts, *op.done]:
+            self.ranks[rank].release(part)
 
     def drop_unposted(self, op_ids: list[int]) -> list[int]:
-        """Cancel the copies still waiting for their KV; returns the ids of the others."""
-        return self.posts.drop_unposted(op_ids)
+        """Cancel the parts still waiting for their KV; returns the ids of ops with parts that
+        were posted (those may still write)."""
+        keep = []
+        for op_id in op_ids:
+            op = self._ops.get(op_id)
+            if op is None:
+                continue
+            left: list[tuple[int, int]] = []
+            for rank in {r for r, _ in op.parts}:
+                ids = [p for r, p in op.parts if r == rank]
+                left += [(rank, p) for p in self.ranks[rank].drop_unposted(ids)]
+            op.parts = left
+            if left or op.done:
+                keep.append(op_id)
+            else:
+                del self._ops[op_id]
+        return keep
+
+    # ---- verify_kv and fault drills ------------------------------------------------------
+    def digests(self, block_ids: list[int]) -> list[bytes]:
+        """An 8-byte digest of each block's bytes in head order (the first rank holding a head
+        gives it), equal for the same KV whatever the TP size (verify_kv; a GPU cache is copied
+        to host)."""
+        per_rank = [r.head_digests(block_ids) for r in self.ranks]
+        out = []
+        for i in range(len(block_ids)):
+            heads: dict[int, bytes] = {}
+            for rank, digests in enumerate(per_rank):
+                start = kv_head_range(self.num_kv_heads, self.tp_size, rank)[0]
+                for j, d in enumerate(digests[i]):
+                    heads.setdefault(start + j, d)
+            out.append(hashlib.blake2b(b"".join(heads[h] for h in sorted(heads)),
+                                       digest_size=8).digest())
+        return out
+
+    def flip_byte(self, block_id: int) -> None:
+        """Corrupt rank 0's part of a block (an injected ``landed`` fault)."""
+        self.local.flip_byte(block_id)
 
     def close(self) -> None:
-        """Stop the poster thread, then close the transport."""
-        self.posts.close()
-        self.transport.close()
+        """Close this process's endpoint (worker ranks close theirs when they stop)."""
+        self.local.close()
 
 
 def block_rows(local_blocks: list[int], remote_blocks: list[int], block_bytes: int,
@@ -148,3 +259,6 @@ def block_rows(local_blocks: list[int], remote_blocks: list[int], block_bytes: i
     rows[:, :2] += offset
     rows[:, 2] = length
     return merge_array(rows)
+
+
+__all__ = ["PDWorkerSide", "Route", "block_rows", "rank_name"]

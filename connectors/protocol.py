@@ -68,6 +68,11 @@ class EngineMetadata(msgspec.Struct, kw_only=True, frozen=True):
     compat_hash: ShortStr
     """Hash of model, dtype and KV layout; peers must match exactly."""
     layout: ShortStr
+    tp_size: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
+    """Tensor-parallel ranks; each holds kv_head_range(H, tp_size, rank) of the KV heads."""
+    rank_descriptors: Annotated[list[Annotated[bytes, msgspec.Meta(max_length=1 << 20)]],
+                                msgspec.Meta(max_length=64)] = []
+    """Every rank's transport descriptor in rank order (tp_size of them)."""
 
 
 class HandshakeRequest(msgspec.Struct, tag="hello", kw_only=True):
@@ -172,7 +177,8 @@ def tag_of(msg: Notification) -> str:
 
 
 def kv_ports(base_port: int, dp_rank: int, tp_rank: int = 0) -> tuple[int, int]:
-    """(handshake_port, notify_port) of one rank: every control port comes from here.
+    """(handshake_port, notify_port) of one rank: every control port comes from here (the
+    control plane runs on TP rank 0 only; rank offsets leave room for 8 TP ranks).
 
     base_port 0 means "any free port" for both (the engine reports what it bound).
     """
@@ -180,3 +186,9 @@ def kv_ports(base_port: int, dp_rank: int, tp_rank: int = 0) -> tuple[int, int]:
         return 0, 0
     offset = 2 * (dp_rank * 8 + tp_rank)
     return base_port + offset, base_port + offset + 1
+
+
+def transport_port(port: int, dp_rank: int, tp_rank: int) -> int:
+    """The port of one rank's transport endpoint when the transport option ``port`` is set
+    (0 stays 0: any free port, carried in the rank's descriptor)."""
+    return 0 if port == 0 else port + dp_rank * 8 + tp_rank

@@ -120,11 +120,13 @@ def compatible_metadata(i: dict[str, Any], engine_id: str, epoch: int, *,
     from connectors.pd_metadata import build_metadata
     from disagg.models.loader import resolve_arch
 
-    engine = SimpleNamespace(arch=resolve_arch("builtin:tiny-llama"),
+    arch = resolve_arch("builtin:tiny-llama")
+    engine = SimpleNamespace(arch=arch,
                              cfg=SimpleNamespace(cache=SimpleNamespace(block_size=i["block_size"])))
     control = SimpleNamespace(host=host, handshake_port=handshake_port, notify_port=notify_port)
+    block_bytes = arch.num_layers * 2 * i["block_size"] * arch.num_kv_heads * arch.head_dim * 4
     worker = SimpleNamespace(transport=SimpleNamespace(name="tcp"), descriptor=lambda: b"",
-                             block_bytes=1)
+                             descriptors=lambda: [b""], tp_size=1, block_bytes=block_bytes)
     kv_cache = torch.empty((i["num_gpu_blocks"], 0), dtype=torch.float32)
     return build_metadata(engine, kv_cache, engine_id, epoch, control, worker)
 

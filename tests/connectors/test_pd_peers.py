@@ -50,8 +50,8 @@ class _Worker:
     def __init__(self) -> None:
         self.peers: list[tuple[str, bytes]] = []
 
-    def add_peer(self, engine_id: str, descriptor: bytes) -> None:
-        self.peers.append((engine_id, descriptor))
+    def add_peer(self, meta: EngineMetadata) -> None:
+        self.peers.append((meta.engine_id, meta.transport_descriptor))
 
 
 def _links() -> tuple[PeerLinks, _Control, _Worker, dict[str, float]]:

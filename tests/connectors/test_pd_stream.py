@@ -12,7 +12,7 @@ import pytest
 import torch
 from fake_transport import FakeTransport
 
-from connectors import pd_worker
+from connectors import pd_rank
 from connectors.pd_connector import PDConnector
 from connectors.pd_stream import blocks_to_stream
 from connectors.protocol import RemoteBlocks
@@ -50,7 +50,7 @@ def _engine(engine_id: str) -> Any:
     arch = SimpleNamespace(model_type="llama", vocab_size=64, hidden_size=8,
                            num_layers=NUM_LAYERS, num_heads=2, num_kv_heads=1, head_dim=2,
                            intermediate_size=16)
-    parallel = SimpleNamespace(data_parallel_size=1, data_parallel_rank=0)
+    parallel = SimpleNamespace(data_parallel_size=1, data_parallel_rank=0, tensor_parallel_size=1)
     return SimpleNamespace(engine_id=engine_id, arch=arch, cfg=SimpleNamespace(
         parallel=parallel, cache=SimpleNamespace(block_size=BLOCK_SIZE)))
 
@@ -81,7 +81,7 @@ def pair(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Ite
         transports.append(FakeTransport())
         return transports[-1]
 
-    monkeypatch.setattr(pd_worker, "make_transport", make)
+    monkeypatch.setattr(pd_rank, "make_transport", make)
     p = _connector("kv_producer", "engine-P", getattr(request, "param", True))
     d = _connector("kv_consumer", "engine-D")
     sched = Scheduler(SchedulerConfig(max_num_batched_tokens=6), BlockPool(NUM_BLOCKS),
