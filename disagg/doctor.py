@@ -3,6 +3,7 @@
     disagg doctor                 # plain text for people
     disagg doctor --json          # one JSON object for scripts (schema below is stable)
     disagg doctor --require ipc   # exit 1 with one line if that transport is not usable here
+    disagg doctor --model M       # also: which tensor-parallel sizes split this model
 
 JSON schema (``schema_version`` 1; keys are only ever added)::
 
@@ -15,7 +16,12 @@ JSON schema (``schema_version`` 1; keys are only ever added)::
      "transports": {name: {usable: bool, reason: str | null}},
      "triton": {available, version, aot: {target: {ok, kernel, detail}}},
      "versions": {python, disagg, torch, hip, cuda, triton, nixl, mori, pyzmq, msgspec,
-                  aiohttp, transformers}}
+                  aiohttp, transformers},
+     "tp_plans": {gpus, pairs: [[prefill_tp, decode_tp]], model: null | {name, num_heads,
+                  num_kv_heads, intermediate_size, tp: [{size, fits, reason}]} | {name, error}}}
+
+``tp_plans.pairs``: the ``--tp-prefill``/``--tp-decode`` pairs from TP_SIZES whose one prefill
+plus one decode instance fit the visible GPUs (and split ``--model`` when one is given).
 
 Every probe is fenced: a broken install shows up as a reason in the report, never a traceback.
 """
@@ -48,6 +54,8 @@ AOT_TARGET = "hip:gfx942"
 """MI300X: every machine is asked whether Triton can compile for it, GPU or not."""
 AOT_KERNEL = "silu_and_mul"
 """A small kernel (about a second to compile) that exercises the whole Triton backend."""
+TP_SIZES = (1, 2, 4, 8)
+"""Tensor-parallel sizes the TP plans are drawn from."""
 
 # report key -> (distribution names to ask importlib.metadata, module to import as a fallback)
 VERSION_SOURCES: dict[str, tuple[tuple[str, ...], str]] = {
@@ -235,7 +243,42 @@ def triton_facts(compile_kernels: bool) -> dict[str, Any]:
     return {"available": True, "version": version, "aot": aot}
 
 
-def collect(compile_kernels: bool = True) -> dict[str, Any]:
+def tp_split_problem(num_heads: int, num_kv_heads: int, intermediate_size: int,
+                     tp: int) -> str | None:
+    """Why ``tp`` ranks cannot split a model (the engine's rule), or None when they can."""
+    if num_heads % tp:
+        return f"{num_heads} attention heads are not divisible by {tp}"
+    if intermediate_size % tp:
+        return f"intermediate_size {intermediate_size} is not divisible by {tp}"
+    if num_kv_heads % tp and tp % num_kv_heads:
+        return f"{num_kv_heads} KV heads neither divide nor are divisible by {tp}"
+    return None
+
+
+def model_tp_fit(model: str) -> dict[str, Any]:
+    """The model's head and MLP sizes, and for each of TP_SIZES whether it splits them."""
+    from disagg.models.loader import resolve_arch
+
+    arch = resolve_arch(model)
+    sizes = []
+    for size in TP_SIZES:
+        reason = tp_split_problem(arch.num_heads, arch.num_kv_heads, arch.intermediate_size,
+                                  size)
+        sizes.append({"size": size, "fits": reason is None, "reason": reason})
+    return {"name": model, "num_heads": arch.num_heads, "num_kv_heads": arch.num_kv_heads,
+            "intermediate_size": arch.intermediate_size, "tp": sizes}
+
+
+def tp_plans(device_count: int, model: str | None) -> dict[str, Any]:
+    """(prefill tp, decode tp) pairs whose 1P1D fits the visible GPUs and splits the model."""
+    fit = None if model is None else _fenced(functools.partial(model_tp_fit, model),
+                                             lambda r: {"name": model, "error": r})
+    sizes = [s["size"] for s in fit["tp"] if s["fits"]] if fit and "tp" in fit else TP_SIZES
+    pairs = [[p, d] for p in sizes for d in sizes if p + d <= device_count]
+    return {"gpus": device_count, "pairs": pairs, "model": fit}
+
+
+def collect(compile_kernels: bool = True, model: str | None = None) -> dict[str, Any]:
     """The whole report as plain JSON-able data."""
     plat_facts = _fenced(platform_facts, lambda r: {"kind": "unknown", "error": r})
     count = int(plat_facts.get("device_count") or 0)
@@ -251,6 +294,7 @@ def collect(compile_kernels: bool = True) -> dict[str, Any]:
                           lambda r: {"available": False, "version": None, "aot": {},
                                      "error": r}),
         "versions": _fenced(versions, lambda r: {"error": r}),
+        "tp_plans": tp_plans(count, model),
     }
 
 
@@ -297,6 +341,30 @@ def _peer_lines(peers: dict[str, Any] | None) -> list[str]:
         return [f"every pair of the {len(peers['matrix'])} GPUs can access each other"]
     pairs = ", ".join(f"{i}->{j}" for i, j in peers["missing"])
     return [f"NO peer access for {pairs}: ipc copies between these GPUs will fail"]
+
+
+def render_tp_plans(plans: dict[str, Any]) -> list[str]:
+    """The tp plans section: the pairs that fit, then the model's verdict per TP size."""
+    gpus = plans["gpus"]
+    if gpus == 0:
+        lines = ["no GPU: no TP plan fits on GPU; on CPU any --tensor-parallel-size runs "
+                 "(gloo)"]
+    elif not plans["pairs"]:
+        lines = [f"{gpus} GPU(s): no --tp-prefill/--tp-decode pair from "
+                 f"{', '.join(map(str, TP_SIZES))} fits (1P1D needs tp_p + tp_d GPUs)"]
+    else:
+        lines = [f"{gpus} GPUs, 1P1D (--tp-prefill, --tp-decode) with tp_p + tp_d <= {gpus}:",
+                 " ".join(f"({p},{d})" for p, d in plans["pairs"])]
+    fit = plans["model"]
+    if fit is None:
+        return lines
+    if "error" in fit:
+        return [*lines, f"{fit['name']}: cannot read ({fit['error']})"]
+    splits = ", ".join(str(s["size"]) for s in fit["tp"] if s["fits"]) or "none"
+    lines.append(f"{fit['name']} ({fit['num_heads']} heads, {fit['num_kv_heads']} KV heads, "
+                 f"intermediate {fit['intermediate_size']}): tp {splits} split it")
+    lines += [f"tp {s['size']} does not: {s['reason']}" for s in fit["tp"] if not s["fits"]]
+    return lines
 
 
 def render_rdma(rdma: dict[str, Any]) -> list[str]:
@@ -346,6 +414,7 @@ def render(report: dict[str, Any]) -> str:
     lines += _section("platform", _platform_lines(report["platform"]))
     lines += _section("gpus", _gpu_lines(report["gpus"]))
     lines += _section("peer access", _peer_lines(report["peer_access"]))
+    lines += _section("tp plans", render_tp_plans(report["tp_plans"]))
     lines += _section("rdma", render_rdma(report["rdma"]))
     lines += _section("transports", _transport_lines(report["transports"]))
     lines += _section("triton", _triton_lines(report["triton"]))
@@ -362,11 +431,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip the Triton AOT compile check (about a second)")
     parser.add_argument("--require", action="append", default=[], metavar="TRANSPORT",
                         help="exit 1 unless this transport is usable (repeatable)")
+    parser.add_argument("--model", default=None,
+                        help="also say which tensor-parallel sizes split this model "
+                             "(builtin:tiny-llama or a Hugging Face model directory)")
     try:
         args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     except SystemExit as exc:  # argparse printed the usage and the error
         return int(exc.code or 0)
-    report = collect(compile_kernels=not args.no_compile)
+    report = collect(compile_kernels=not args.no_compile, model=args.model)
     try:
         print(json.dumps(report, indent=2) if args.json else render(report), flush=True)
     except BrokenPipeError:  # `disagg doctor | head`: the reader left, which is fine

@@ -3,8 +3,10 @@
     disagg-proxy --prefill http://h:8100 --decode http://h:8200          # proxy only
     disagg-proxy --launch                                                # 1P1D tiny model, CPU
     disagg-proxy --launch --num-prefill 2 --num-decode 2 --model M -- --max-num-seqs 64
+    disagg-proxy --launch --model M --tp-prefill 4 --tp-decode 2 --num-decode 2   # 8 GPUs
 
-Arguments after ``--`` (or each ``--instance-arg=ARG``) are passed to every instance.
+Arguments after ``--`` (or each ``--instance-arg=ARG``) are passed to every instance. On GPUs
+each instance gets its own contiguous GPUs (dp x tp of them; proxy/placement.py).
 Prints ``disagg-proxy: ready on http://HOST:PORT`` once it serves; Ctrl-C / SIGTERM stops
 everything (exit 0); an instance that dies stops everything too (exit 1, one line saying why).
 """
@@ -35,6 +37,7 @@ from proxy.local_instances import (
     plan_instances,
     resolve_device,
 )
+from proxy.placement import MAX_TP_SIZE, TP_FLAGS, instance_dp_size, instance_flag
 from proxy.registration import KVRole
 from proxy.registry import Pool
 from proxy.state import STATE_KEY
@@ -87,8 +90,13 @@ def _add_launch_args(parser: argparse.ArgumentParser) -> None:
     add("--num-decode", type=int, default=1)
     add("--transport", choices=["tcp", "nixl", "ipc", "mori"], default="tcp")
     add("--device", choices=["auto", "cpu", "cuda"], default="auto",
-        help="auto: CPU for the built-in model, a GPU per instance for a real one")
-    add("--gpus-per-instance", type=int, default=1)
+        help="auto: CPU for the built-in model, GPUs (dp x tp per instance) for a real one")
+    add("--tp-prefill", type=int, default=1, metavar="N",
+        help="--tensor-parallel-size of each prefill instance (default %(default)s)")
+    add("--tp-decode", type=int, default=1, metavar="N",
+        help="--tensor-parallel-size of each decode instance (default %(default)s)")
+    add("--gpus-per-instance", type=int, default=None,
+        help="GPUs per instance on a GPU (default: its dp x tp)")
     add("--instance-arg", action="append", default=[], metavar="ARG",
         help="one argument for every instance (use --instance-arg=--flag for dashes)")
     add("--instance-base-port", type=int, default=None, help="first instance HTTP port")
@@ -123,9 +131,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("arguments after '--' are for --launch instances")
     if not 0 <= args.port <= 65535:
         parser.error(f"--port {args.port} is not a TCP port")
-    if args.local_prefill_threshold < 0 or args.gpus_per_instance < 1:
+    if args.local_prefill_threshold < 0 or (args.gpus_per_instance or 1) < 1:
         parser.error("--local-prefill-threshold must be >= 0 and --gpus-per-instance >= 1")
+    _check_parallel_args(parser, args)
     return args
+
+
+def _check_parallel_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """TP sizes in range, given once (ours, not the instance arguments'), and a usable DP."""
+    for flag in ("--tp-prefill", "--tp-decode"):
+        size = getattr(args, flag[2:].replace("-", "_"))
+        if not 1 <= size <= MAX_TP_SIZE:
+            parser.error(f"{flag} must be between 1 and {MAX_TP_SIZE}, got {size}")
+    if instance_flag(args.instance_args, TP_FLAGS) is not None:
+        parser.error("give the instances' tensor-parallel size as --tp-prefill/--tp-decode, "
+                     "not as an instance argument")
+    try:
+        instance_dp_size(args.instance_args)
+    except ValueError as exc:
+        parser.error(f"instance argument --data-parallel-size: {exc}")
 
 
 def kv_params_key(args: argparse.Namespace) -> str | None:
@@ -166,6 +190,7 @@ def launch_config(args: argparse.Namespace, kv_params_key: str | None = None) ->
         num_prefill=args.num_prefill, num_decode=args.num_decode,
         model=args.model or DEFAULT_MODEL, transport=args.transport,
         mode=TransferMode(args.mode), device=resolve_device(args.device, args.model is not None),
+        tp_prefill=args.tp_prefill, tp_decode=args.tp_decode,
         gpus_per_instance=args.gpus_per_instance, instance_args=tuple(args.instance_args),
         instance_command=command, instance_base_port=args.instance_base_port,
         kv_base_port=args.kv_base_port, kv_params_key=kv_params_key)

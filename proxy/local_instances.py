@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import socket
 import sys
@@ -12,6 +11,7 @@ from dataclasses import dataclass
 from disagg.common import platform
 from disagg.common.envs import KV_PARAMS_KEY_ENV
 from proxy.config import TransferMode
+from proxy.placement import RoleShape, cpu_threads_env, instance_dp_size, place, role_shape
 from proxy.registration import KVRole
 from proxy.supervisor import InstanceSpec, LaunchError
 
@@ -36,7 +36,12 @@ class LaunchConfig:
     mode: TransferMode
     device: str
     """``cpu`` or ``cuda`` (a torch GPU: ROCm or CUDA)."""
-    gpus_per_instance: int = 1
+    tp_prefill: int = 1
+    """``--tensor-parallel-size`` of every prefill instance."""
+    tp_decode: int = 1
+    """``--tensor-parallel-size`` of every decode instance."""
+    gpus_per_instance: int | None = None
+    """GPUs each instance gets on ``cuda``; None: its DP size x its role's TP size."""
     instance_args: tuple[str, ...] = ()
     instance_command: tuple[str, ...] = DEFAULT_INSTANCE_COMMAND
     instance_base_port: int | None = None
@@ -115,31 +120,12 @@ def resolve_device(requested: str, model_given: bool) -> str:
     return "cpu"
 
 
-def device_groups(num_instances: int, gpus_per_instance: int) -> list[list[str]]:
-    """Disjoint GPU ids per instance, taken from the visible devices in order."""
-
-    inherited = os.environ.get(platform.visible_devices_env())
-    if inherited:
-        visible = [d.strip() for d in inherited.split(",") if d.strip()]
-    else:
-        visible = [str(i) for i in range(platform.current_platform().device_count)]
-    needed = num_instances * gpus_per_instance
-    if needed > len(visible):
-        raise LaunchError(f"{num_instances} instances x {gpus_per_instance} GPU(s) need "
-                          f"{needed} GPUs; {len(visible)} visible")
-    return [visible[i * gpus_per_instance:(i + 1) * gpus_per_instance]
-            for i in range(num_instances)]
-
-
-def _dp_size(instance_args: tuple[str, ...]) -> int:
-    """--data-parallel-size given to the instances (each rank takes KV_PORT_STRIDE ports)."""
-    args = list(instance_args)
-    for i, arg in enumerate(args):
-        if arg.startswith("--data-parallel-size="):
-            return max(1, int(arg.split("=", 1)[1]))
-        if arg in ("--data-parallel-size", "-dp") and i + 1 < len(args):
-            return max(1, int(args[i + 1]))
-    return 1
+def role_shapes(cfg: LaunchConfig) -> list[RoleShape]:
+    """Prefill's shape, then decode's (DP size from the instance arguments)."""
+    dp = instance_dp_size(cfg.instance_args)
+    gpus = cfg.gpus_per_instance if cfg.device == "cuda" else None  # CPU: nothing to place
+    return [role_shape("prefill", cfg.num_prefill, dp, cfg.tp_prefill, gpus),
+            role_shape("decode", cfg.num_decode, dp, cfg.tp_decode, gpus)]
 
 
 def _ports(cfg: LaunchConfig, num_instances: int) -> tuple[list[int], list[int]]:
@@ -156,7 +142,7 @@ def _ports(cfg: LaunchConfig, num_instances: int) -> tuple[list[int], list[int]]
 
 def _ports_once(cfg: LaunchConfig, num_instances: int) -> tuple[list[int], list[int]]:
     """One try at HTTP ports and connector base ports (a stride per DP rank)."""
-    stride = KV_PORT_STRIDE * _dp_size(cfg.instance_args)
+    stride = KV_PORT_STRIDE * instance_dp_size(cfg.instance_args)
     if cfg.instance_base_port is not None:
         http_ports = [cfg.instance_base_port + i for i in range(num_instances)]
         check_ports_free(http_ports)
@@ -173,36 +159,30 @@ def _ports_once(cfg: LaunchConfig, num_instances: int) -> tuple[list[int], list[
 
 
 def _instance_env(cfg: LaunchConfig, gpus: list[str] | None,
-                  num_instances: int) -> dict[str, str]:
+                  shapes: list[RoleShape]) -> dict[str, str]:
     env = {} if cfg.kv_params_key is None else {KV_PARAMS_KEY_ENV: cfg.kv_params_key}
-    return {**env, **_device_env(gpus, num_instances)}
-
-
-def _device_env(gpus: list[str] | None, num_instances: int) -> dict[str, str]:
     if gpus is not None:
-        return {platform.visible_devices_env(): ",".join(gpus)}
-    if "OMP_NUM_THREADS" in os.environ:
-        return {}
-    # CPU instances share the cores; unbounded torch thread pools would fight each other.
-    return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // num_instances))}
+        return {**env, platform.visible_devices_env(): ",".join(gpus)}
+    return {**env, **cpu_threads_env(shapes)}
 
 
 def plan_instances(cfg: LaunchConfig) -> list[InstanceSpec]:
-    """One spec per local instance: prefill ones first, then decode ones."""
+    """One spec per local instance: prefill ones first, then decode ones. On ``cuda`` each gets
+    its own GPUs (checked first: too few visible is a LaunchError before any port search)."""
     roles = [KVRole.PRODUCER] * cfg.num_prefill + [KVRole.CONSUMER] * cfg.num_decode
+    shapes = role_shapes(cfg)
+    gpu_groups = place(shapes) if cfg.device == "cuda" else None
     http_ports, kv_ports = _ports(cfg, len(roles))
-    gpu_groups: list[list[str]] | None = None
-    if cfg.device == "cuda":
-        gpu_groups = device_groups(len(roles), cfg.gpus_per_instance)
     specs = []
     for i, role in enumerate(roles):
-        index = i if role is KVRole.PRODUCER else i - cfg.num_prefill
-        name = f"{'prefill' if role is KVRole.PRODUCER else 'decode'}-{index}"
+        prefill = role is KVRole.PRODUCER
+        name = f"prefill-{i}" if prefill else f"decode-{i - cfg.num_prefill}"
         argv = (*cfg.instance_command, "serve", cfg.model, "--host", "127.0.0.1",
                 "--port", str(http_ports[i]), "--device", cfg.device,
+                "--tensor-parallel-size", str(cfg.tp_prefill if prefill else cfg.tp_decode),
                 "--kv-transfer-config",
                 kv_transfer_config(role, cfg.transport, cfg.mode, kv_ports[i]),
                 *cfg.instance_args)
-        env = _instance_env(cfg, gpu_groups[i] if gpu_groups else None, len(roles))
+        env = _instance_env(cfg, gpu_groups[i] if gpu_groups else None, shapes)
         specs.append(InstanceSpec(name=name, role=role, port=http_ports[i], argv=argv, env=env))
     return specs

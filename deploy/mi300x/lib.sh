@@ -10,7 +10,8 @@ CHILD_PIDS=()
 CHILD_NAMES=()
 KV_PORTS_PER_RANK=16
 # Every control port of one engine comes from connectors/protocol.py kv_ports():
-# base + 2 * (dp_rank * 8 + tp_rank) (+1 for notify), so a rank owns 16 ports above its base.
+# base + 2 * (dp_rank * 8 + tp_rank) (+1 for notify), so a DP rank owns 16 ports above its
+# base, room for its TP ranks (only TP rank 0 runs the control plane).
 
 die() {
   printf '%s: error: %s\n' "$SCRIPT_NAME" "$*" >&2
@@ -101,13 +102,25 @@ join_by() {  # join_by SEP ITEM...
   printf '%s' "$joined"
 }
 
-rank_text() {  # rank_text GPU_CSV: which GPU each DP rank of an instance runs on
+check_tp() {  # check_tp FLAG VALUE: a --tensor-parallel-size disagg serve accepts
+  check_positive_int "$1" "$2"
+  (( 10#$2 <= 64 )) || die "$1 must be between 1 and 64, got '$2'"
+}
+
+rank_text() {  # rank_text GPU_CSV [TP]: how an instance's GPUs become its DP and TP ranks
   local -a ids
   IFS=, read -r -a ids <<<"$1"
-  if (( ${#ids[@]} == 1 )); then
+  local n=${#ids[@]} tp=${2:-1}
+  local dp=$(( n / tp ))
+  if (( n == 1 )); then
     printf 'GPU %s (DP rank 0 on HIP device 0)' "$1"
+  elif (( tp == 1 )); then
+    printf 'GPUs %s as DP ranks 0-%s on HIP devices 0-%s' "$1" $(( n - 1 )) $(( n - 1 ))
+  elif (( dp == 1 )); then
+    printf 'GPUs %s as TP ranks 0-%s of one engine core on HIP devices 0-%s' "$1" $(( tp - 1 )) $(( n - 1 ))
   else
-    printf 'GPUs %s as DP ranks 0-%s on HIP devices 0-%s' "$1" $(( ${#ids[@]} - 1 )) $(( ${#ids[@]} - 1 ))
+    printf 'GPUs %s as DP ranks 0-%s x TP ranks 0-%s on HIP devices 0-%s (DP rank d, TP rank t on device d*%s+t)' \
+      "$1" $(( dp - 1 )) $(( tp - 1 )) $(( n - 1 )) "$tp"
   fi
 }
 

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # shellcheck source-path=SCRIPTDIR
 # Multi-node xPyD over RDMA: run once per node with its role. Prefill and decode nodes run one
-# instance per GPU (or per --gpus-per-instance GPUs, as DP ranks), each pinned to its GPU and
-# to that GPU's NIC; the proxy node runs disagg-proxy in front of every instance.
+# instance per GPU (or per --tp-prefill / --tp-decode GPUs as one tensor-parallel engine, or per
+# --gpus-per-instance GPUs as DP ranks of that TP size), each pinned to its GPUs and to their
+# NICs; the proxy node runs disagg-proxy in front of every instance.
 #
 #   multi_node.sh --role prefill --model M --node-ip auto --nics mlx5_0,...,mlx5_7   # node A
 #   multi_node.sh --role decode  --model M --node-ip auto --nics mlx5_0,...,mlx5_7   # node B
 #   multi_node.sh --role proxy --prefill-nodes nodeA --decode-nodes nodeB            # any node
+#   (add --tp-prefill A --tp-decode B on every node, the proxy's included: it counts instances)
 #
 # NIC selection: MoRI-IO (mori) uses exactly the devices in MORI_RDMA_DEVICES, in order; UCX
 # (nixl) the ones in UCX_NET_DEVICES. Each instance gets the NICs of its own GPUs only, so
@@ -27,7 +29,10 @@ usage: multi_node.sh --role prefill|decode --model MODEL --node-ip IP|auto [opti
   --node-ip IP|auto           this node's address on the KV network; auto: the address of
                               --socket-ifname, else the first of `hostname -I`
   --gpus LIST                 GPUs to use on each node (default 0,1,2,3,4,5,6,7)
-  --gpus-per-instance N       GPUs (DP ranks) per instance (default 1: one instance per GPU)
+  --tp-prefill N              --tensor-parallel-size of each prefill instance (default 1)
+  --tp-decode N               --tensor-parallel-size of each decode instance (default 1)
+  --gpus-per-instance N       GPUs per instance, DP ranks of --tp-prefill/--tp-decode GPUs
+                              each (default: the role's TP size, so one engine core each)
   --nics LIST|auto            one RDMA device per GPU of --gpus, in the same order; auto: the
                               devices under /sys/class/infiniband in natural order, GPU i
                               taking the i-th (required for mori and nixl)
@@ -37,7 +42,7 @@ usage: multi_node.sh --role prefill|decode --model MODEL --node-ip IP|auto [opti
   --socket-ifname IF          interface of the KV network (MORI_SOCKET_IFNAME)
   --http-host ADDR            address instances bind for HTTP (default 0.0.0.0)
   --http-base-port PORT       first instance HTTP port, then +1 each (default 8100)
-  --kv-base-port PORT         first connector port; 16 per GPU after it (default 20000)
+  --kv-base-port PORT         first connector port; 16 per DP rank after it (default 20000)
   --transport-base-port PORT  first mori/tcp transport port, +1 per instance (default 21000)
   --prefill-nodes HOSTS       proxy: comma list of prefill node names or addresses
   --decode-nodes HOSTS        proxy: comma list of decode node names or addresses
@@ -48,7 +53,8 @@ EOF
   printf '%s\n' "$COMMON_USAGE"
 }
 
-ROLE="" MODEL="" NODE_IP="" GPUS=0,1,2,3,4,5,6,7 GPUS_PER_INSTANCE=1 NICS="" TRANSPORT=mori
+ROLE="" MODEL="" NODE_IP="" GPUS=0,1,2,3,4,5,6,7 GPUS_PER_INSTANCE="" NICS="" TRANSPORT=mori
+TP_PREFILL=1 TP_DECODE=1
 MODE=read GID_INDEX="" SOCKET_IFNAME="" HTTP_HOST=0.0.0.0 HTTP_BASE_PORT=8100
 KV_BASE_PORT=20000 TRANSPORT_BASE_PORT=21000 PREFILL_NODES="" DECODE_NODES=""
 PROXY_HOST=0.0.0.0 PROXY_PORT=8000 POLICY=least_loaded
@@ -68,6 +74,8 @@ parse_args() {
       --node-ip) NODE_IP=$2 ;;
       --gpus) GPUS=$2 ;;
       --gpus-per-instance) GPUS_PER_INSTANCE=$2 ;;
+      --tp-prefill) TP_PREFILL=$2 ;;
+      --tp-decode) TP_DECODE=$2 ;;
       --nics) NICS=$2 ;;
       --transport) TRANSPORT=$2 ;;
       --mode) MODE=$2 ;;
@@ -91,14 +99,32 @@ parse_args() {
 validate_layout() {  # what every role needs: the GPUs and how they group into instances
   check_choice --role "$ROLE" prefill decode proxy
   check_choice --mode "$MODE" read write
-  check_positive_int --gpus-per-instance "$GPUS_PER_INSTANCE"
+  [[ -z $GPUS_PER_INSTANCE ]] || check_positive_int --gpus-per-instance "$GPUS_PER_INSTANCE"
+  check_tp --tp-prefill "$TP_PREFILL"
+  check_tp --tp-decode "$TP_DECODE"
   check_port --http-base-port "$HTTP_BASE_PORT"
   split_csv --gpus "$GPUS" GPU_IDS
   check_gpu_ids --gpus "${GPU_IDS[@]}"
-  (( ${#GPU_IDS[@]} % GPUS_PER_INSTANCE == 0 )) \
-    || die "${#GPU_IDS[@]} GPUs do not split evenly into instances of $GPUS_PER_INSTANCE"
-  NUM_INSTANCES=$(( ${#GPU_IDS[@]} / GPUS_PER_INSTANCE ))
+  if [[ $ROLE == proxy ]]; then
+    role_layout prefill; P_INSTANCES=$NUM_INSTANCES
+    role_layout decode; D_INSTANCES=$NUM_INSTANCES
+  else
+    role_layout "$ROLE"
+  fi
   validate_common
+}
+
+role_layout() {  # role_layout ROLE: sets TP, WIDTH (GPUs per instance), DP and NUM_INSTANCES
+  TP=$TP_PREFILL
+  [[ $1 == prefill ]] || TP=$TP_DECODE
+  WIDTH=${GPUS_PER_INSTANCE:-$TP}
+  (( WIDTH % TP == 0 )) || die "--gpus-per-instance $WIDTH is not a multiple of --tp-$1 $TP"
+  DP=$(( WIDTH / TP ))
+  (( WIDTH <= ${#GPU_IDS[@]} )) \
+    || die "a $1 instance needs $WIDTH GPUs (dp $DP x tp $TP); --gpus lists ${#GPU_IDS[@]}"
+  (( ${#GPU_IDS[@]} % WIDTH == 0 )) \
+    || die "${#GPU_IDS[@]} GPUs do not split evenly into instances of $WIDTH"
+  NUM_INSTANCES=$(( ${#GPU_IDS[@]} / WIDTH ))
 }
 
 validate_node() {
@@ -112,8 +138,8 @@ validate_node() {
   check_port --transport-base-port "$TRANSPORT_BASE_PORT"
   [[ -z $GID_INDEX ]] || check_uint --gid-index "$GID_INDEX"
   [[ -z $SOCKET_IFNAME ]] || check_word --socket-ifname "$SOCKET_IFNAME"
-  if [[ $MODE == write && $ROLE == prefill ]] && (( GPUS_PER_INSTANCE > 1 )); then
-    die "--mode write needs --gpus-per-instance 1 on prefill nodes (a data-parallel prefill cannot push yet)"
+  if [[ $MODE == write && $ROLE == prefill ]] && (( DP > 1 )); then
+    die "--mode write needs --gpus-per-instance $TP on prefill nodes (one engine core per instance: a data-parallel prefill cannot push yet)"
   fi
   [[ $TRANSPORT == tcp || -n $NICS ]] || die "--nics is required for --transport $TRANSPORT (one RDMA device per GPU, or auto)"
 }
@@ -164,11 +190,11 @@ resolve_node_ip() {
 }
 
 instance_gpus() {  # instance_gpus K: comma list of instance K's GPUs
-  join_by , "${GPU_IDS[@]:$1*GPUS_PER_INSTANCE:GPUS_PER_INSTANCE}"
+  join_by , "${GPU_IDS[@]:$1*WIDTH:WIDTH}"
 }
 
 instance_nics() {  # instance_nics K: comma list of the NICs beside instance K's GPUs
-  join_by , "${GPU_NIC[@]:$1*GPUS_PER_INSTANCE:GPUS_PER_INSTANCE}"
+  join_by , "${GPU_NIC[@]:$1*WIDTH:WIDTH}"
 }
 
 nic_env() {  # nic_env K ARRAY_NAME: the transport's NIC selection for instance K
@@ -187,11 +213,16 @@ nic_env() {  # nic_env K ARRAY_NAME: the transport's NIC selection for instance 
   return 0
 }
 
+transport_port() {  # transport_port K: instance K's first fixed transport port
+  # TP rank t of the instance listens on that port + t (connectors/protocol.py transport_port)
+  printf '%s' $(( TRANSPORT_BASE_PORT + $1 * TP ))
+}
+
 transport_options() {  # transport_options K: the transport_options JSON of instance K, or ""
   # A fixed port lets a firewall name it; with several DP ranks in one instance they would
   # all ask for it, so those take a free port instead (see deploy/README.md, ports).
   local port=""
-  (( GPUS_PER_INSTANCE > 1 )) || port=$(( TRANSPORT_BASE_PORT + $1 ))
+  (( DP > 1 )) || port=$(transport_port "$1")
   case $TRANSPORT in
     mori) printf '{"backend":"rdma"%s}' "${port:+,\"port\":$port}" ;;
     tcp) [[ -z $port ]] || printf '{"port":%s}' "$port" ;;
@@ -200,32 +231,32 @@ transport_options() {  # transport_options K: the transport_options JSON of inst
 }
 
 start_instance() {  # start_instance K
-  local k=$1 name="$ROLE-$1" gpus role=kv_producer dp=$GPUS_PER_INSTANCE
+  local k=$1 name="$ROLE-$1" gpus role=kv_producer dp=$DP
   [[ $ROLE == prefill ]] || role=kv_consumer
   gpus=$(instance_gpus "$k")
   local http=$(( HTTP_BASE_PORT + k )) kv=$(( KV_BASE_PORT + k * dp * KV_PORTS_PER_RANK ))
   local opts
   opts=$(transport_options "$k")
   local line
-  line="$name: $(rank_text "$gpus")"
+  line="$name: $(rank_text "$gpus" "$TP")"
   [[ $TRANSPORT == tcp ]] || line+=", NIC $(instance_nics "$k")"
   comment "$line, HTTP $http, connector ports $kv-$(( kv + dp * KV_PORTS_PER_RANK - 1 ))${opts:+, transport $opts}"
   local -a envs=("HIP_VISIBLE_DEVICES=$gpus")
   rocm_env envs
   nic_env "$k" envs
   launch "$name" "${envs[@]}" -- disagg serve "$MODEL" --host "$HTTP_HOST" --port "$http" \
-    --device cuda --data-parallel-size "$dp" --kv-transfer-config \
+    --device cuda --data-parallel-size "$dp" --tensor-parallel-size "$TP" --kv-transfer-config \
     "$(kv_transfer_config "$role" "$(kv_extra_fields "$TRANSPORT" "$MODE" "$kv" "$NODE_IP" "$opts")")" \
     ${INSTANCE_ARGS[@]+"${INSTANCE_ARGS[@]}"}
 }
 
 claim_node_ports() {
-  local k dp=$GPUS_PER_INSTANCE
+  local k dp=$DP
   for (( k = 0; k < NUM_INSTANCES; k++ )); do
     claim_ports "$ROLE-$k HTTP" $(( HTTP_BASE_PORT + k )) 1
     claim_ports "$ROLE-$k connector" $(( KV_BASE_PORT + k * dp * KV_PORTS_PER_RANK )) $(( dp * KV_PORTS_PER_RANK ))
     if [[ $TRANSPORT != nixl ]] && (( dp == 1 )); then
-      claim_ports "$ROLE-$k transport" $(( TRANSPORT_BASE_PORT + k )) 1
+      claim_ports "$ROLE-$k transport" "$(transport_port "$k")" "$TP"
     fi
   done
 }
@@ -235,7 +266,7 @@ run_node() {
   resolve_nics
   claim_node_ports
   resolve_node_ip
-  comment "disagg $ROLE node $NODE_IP: $NUM_INSTANCES instance(s) x $GPUS_PER_INSTANCE GPU(s), transport $TRANSPORT, mode $MODE"
+  comment "disagg $ROLE node $NODE_IP: $NUM_INSTANCES instance(s) x $WIDTH GPU(s) (dp $DP x tp $TP), transport $TRANSPORT, mode $MODE"
   preflight "HIP_VISIBLE_DEVICES=$GPUS" -- "$TRANSPORT"
   local k
   for (( k = 0; k < NUM_INSTANCES; k++ )); do start_instance "$k"; done
@@ -253,12 +284,12 @@ run_proxy() {
                 --policy "$POLICY")
   local node k
   for node in "${P_NODES[@]}"; do
-    for (( k = 0; k < NUM_INSTANCES; k++ )); do cmd+=(--prefill "http://$node:$(( HTTP_BASE_PORT + k ))"); done
+    for (( k = 0; k < P_INSTANCES; k++ )); do cmd+=(--prefill "http://$node:$(( HTTP_BASE_PORT + k ))"); done
   done
   for node in "${D_NODES[@]}"; do
-    for (( k = 0; k < NUM_INSTANCES; k++ )); do cmd+=(--decode "http://$node:$(( HTTP_BASE_PORT + k ))"); done
+    for (( k = 0; k < D_INSTANCES; k++ )); do cmd+=(--decode "http://$node:$(( HTTP_BASE_PORT + k ))"); done
   done
-  comment "disagg proxy: ${#P_NODES[@]} prefill node(s), ${#D_NODES[@]} decode node(s), $NUM_INSTANCES instance(s) each, mode $MODE"
+  comment "disagg proxy: ${#P_NODES[@]} prefill node(s) of $P_INSTANCES instance(s) (tp $TP_PREFILL), ${#D_NODES[@]} decode node(s) of $D_INSTANCES (tp $TP_DECODE), mode $MODE"
   launch proxy -- "${cmd[@]}"
   local probe=$PROXY_HOST
   [[ $probe != 0.0.0.0 ]] || probe=127.0.0.1

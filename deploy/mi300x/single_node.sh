@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # shellcheck source-path=SCRIPTDIR
-# One MI300X node: prefill and decode instances whose GPUs are data-parallel ranks, the KV
-# moving between GPUs over xGMI (ipc transport by default), and the proxy in front.
+# One MI300X node: prefill and decode instances whose GPUs are data-parallel (and
+# tensor-parallel) ranks, the KV moving between GPUs over xGMI (ipc transport by default), and
+# the proxy in front.
 #
 #   single_node.sh --model /models/Llama-3.1-8B-Instruct          # 1P on GPUs 0-3, 1D on 4-7
 #   single_node.sh --model M --num-prefill 2 --num-decode 2       # 2P2D, 2 GPUs each
+#   single_node.sh --model M --tp-prefill 4 --tp-decode 2         # 1P at TP 4, 1D at DP 2 x TP 2
 #   single_node.sh --model M --dry-run                            # print the plan, start nothing
 #
-# Every instance sees its own GPUs first, so DP rank r runs on HIP device r. With ipc (and
+# An instance's GPUs are dp x tp ranks: DP rank d, TP rank t runs on its HIP device d*tp+t.
+# Every instance sees its own GPUs first, so that numbering holds. With ipc (and
 # mori's xGMI backend) it also sees the other instances' GPUs after its own: opening a peer's
 # IPC handle needs the peer's GPU to be visible (connectors/transports/ipc.py).
 set -euo pipefail
@@ -25,11 +28,14 @@ usage: single_node.sh --model MODEL [options]
   --decode-gpus LIST          GPUs of the decode instances (default 4,5,6,7)
   --num-prefill N             prefill instances; their GPUs split evenly (default 1)
   --num-decode N              decode instances; their GPUs split evenly (default 1)
+  --tp-prefill N              --tensor-parallel-size of each prefill instance; its GPUs
+                              are DP ranks of N GPUs each (default 1)
+  --tp-decode N               the same for each decode instance (default 1)
   --transport NAME            ipc | mori | tcp | nixl (default ipc)
   --mode MODE                 read | write (default read)
   --host ADDR                 address instances bind (default 127.0.0.1)
   --http-base-port PORT       first instance HTTP port, then +1 each (default 8100)
-  --kv-base-port PORT         first connector port; 16 per GPU after it (default 20000)
+  --kv-base-port PORT         first connector port; 16 per DP rank after it (default 20000)
   --proxy-host ADDR           address the proxy binds (default 0.0.0.0)
   --proxy-port PORT           proxy HTTP port (default 8000)
   --policy NAME               round_robin | least_loaded | power_of_two (default least_loaded)
@@ -37,7 +43,8 @@ EOF
   printf '%s\n' "$COMMON_USAGE"
 }
 
-MODEL="" PREFILL_GPUS=0,1,2,3 DECODE_GPUS=4,5,6,7 NUM_PREFILL=1 NUM_DECODE=1
+MODEL="" PREFILL_GPUS=0,1,2,3 DECODE_GPUS=4,5,6,7 NUM_PREFILL=1 NUM_DECODE=1 TP_PREFILL=1
+TP_DECODE=1
 TRANSPORT=ipc MODE=read HOST=127.0.0.1 HTTP_BASE_PORT=8100 KV_BASE_PORT=20000
 PROXY_HOST=0.0.0.0 PROXY_PORT=8000 POLICY=least_loaded
 
@@ -55,6 +62,8 @@ parse_args() {
       --decode-gpus) DECODE_GPUS=$2 ;;
       --num-prefill) NUM_PREFILL=$2 ;;
       --num-decode) NUM_DECODE=$2 ;;
+      --tp-prefill) TP_PREFILL=$2 ;;
+      --tp-decode) TP_DECODE=$2 ;;
       --transport) TRANSPORT=$2 ;;
       --mode) MODE=$2 ;;
       --host) HOST=$2 ;;
@@ -79,6 +88,8 @@ validate() {
   check_choice --policy "$POLICY" round_robin least_loaded power_of_two
   check_positive_int --num-prefill "$NUM_PREFILL"
   check_positive_int --num-decode "$NUM_DECODE"
+  check_tp --tp-prefill "$TP_PREFILL"
+  check_tp --tp-decode "$TP_DECODE"
   check_port --http-base-port "$HTTP_BASE_PORT"
   check_port --kv-base-port "$KV_BASE_PORT"
   check_port --proxy-port "$PROXY_PORT"
@@ -91,32 +102,40 @@ validate() {
   for gpu in "${P_GPUS[@]}"; do
     [[ ",$DECODE_GPUS," != *",$gpu,"* ]] || die "GPU $gpu is in both --prefill-gpus and --decode-gpus"
   done
-  (( ${#P_GPUS[@]} % NUM_PREFILL == 0 )) \
-    || die "${#P_GPUS[@]} prefill GPUs do not split evenly into $NUM_PREFILL instances"
-  (( ${#D_GPUS[@]} % NUM_DECODE == 0 )) \
-    || die "${#D_GPUS[@]} decode GPUs do not split evenly into $NUM_DECODE instances"
-  if [[ $MODE == write ]] && (( ${#P_GPUS[@]} / NUM_PREFILL > 1 )); then
-    die "--mode write needs one GPU per prefill instance (a data-parallel prefill cannot push yet); use --num-prefill ${#P_GPUS[@]} or --mode read"
+  check_role_gpus prefill "${#P_GPUS[@]}" "$NUM_PREFILL" "$TP_PREFILL"
+  check_role_gpus decode "${#D_GPUS[@]}" "$NUM_DECODE" "$TP_DECODE"
+  if [[ $MODE == write ]] && (( ${#P_GPUS[@]} / NUM_PREFILL > TP_PREFILL )); then
+    die "--mode write needs one engine core per prefill instance (a data-parallel prefill cannot push yet); use --num-prefill $(( ${#P_GPUS[@]} / TP_PREFILL )) or --mode read"
   fi
 }
 
-# Fills NAMES, ROLES, GPU_GROUPS (comma GPU lists), HTTP_PORTS and KV_PORTS, prefill first.
+check_role_gpus() {  # check_role_gpus ROLE NUM_GPUS NUM_INSTANCES TP: enough, evenly split
+  local role=$1 gpus=$2 count=$3 tp=$4
+  (( count * tp <= gpus )) \
+    || die "$count $role instance(s) x tp $tp need $(( count * tp )) GPUs; --$role-gpus lists $gpus"
+  (( gpus % count == 0 )) || die "$gpus $role GPUs do not split evenly into $count instances"
+  (( gpus / count % tp == 0 )) \
+    || die "$(( gpus / count )) GPUs per $role instance do not split into TP groups of --tp-$role $tp"
+}
+
+# Fills NAMES, ROLES, GPU_GROUPS (comma GPU lists), TPS, HTTP_PORTS and KV_PORTS, prefill
+# first.
 plan_instances() {
-  NAMES=() ROLES=() GPU_GROUPS=() HTTP_PORTS=() KV_PORTS=()
+  NAMES=() ROLES=() GPU_GROUPS=() TPS=() HTTP_PORTS=() KV_PORTS=()
   local p_size=$(( ${#P_GPUS[@]} / NUM_PREFILL )) d_size=$(( ${#D_GPUS[@]} / NUM_DECODE ))
   local i
   for (( i = 0; i < NUM_PREFILL; i++ )); do
-    NAMES+=("prefill-$i") ROLES+=(kv_producer)
+    NAMES+=("prefill-$i") ROLES+=(kv_producer) TPS+=("$TP_PREFILL")
     GPU_GROUPS+=("$(join_by , "${P_GPUS[@]:i*p_size:p_size}")")
   done
   for (( i = 0; i < NUM_DECODE; i++ )); do
-    NAMES+=("decode-$i") ROLES+=(kv_consumer)
+    NAMES+=("decode-$i") ROLES+=(kv_consumer) TPS+=("$TP_DECODE")
     GPU_GROUPS+=("$(join_by , "${D_GPUS[@]:i*d_size:d_size}")")
   done
   claim_ports proxy "$PROXY_PORT" 1
   local kv_next=$KV_BASE_PORT dp
   for i in "${!NAMES[@]}"; do
-    dp=$(gpu_count "${GPU_GROUPS[$i]}")
+    dp=$(dp_size "$i")
     HTTP_PORTS+=($(( HTTP_BASE_PORT + i )))
     KV_PORTS+=("$kv_next")
     claim_ports "${NAMES[$i]} HTTP" "${HTTP_PORTS[$i]}" 1
@@ -129,6 +148,10 @@ gpu_count() {
   local -a ids
   IFS=, read -r -a ids <<<"$1"
   printf '%s' "${#ids[@]}"
+}
+
+dp_size() {  # dp_size INDEX: engine cores (DP ranks) of instance INDEX, each of TPS[INDEX] GPUs
+  printf '%s' $(( $(gpu_count "${GPU_GROUPS[$1]}") / TPS[$1] ))
 }
 
 visible_devices() {  # own GPUs first; the peers' after them when the transport maps peer memory
@@ -149,13 +172,14 @@ transport_options() {
 
 start_instance() {  # start_instance INDEX
   local i=$1 dp extra
-  dp=$(gpu_count "${GPU_GROUPS[$i]}")
-  comment "${NAMES[$i]}: $(rank_text "${GPU_GROUPS[$i]}"), HTTP ${HTTP_PORTS[$i]}, connector ports ${KV_PORTS[$i]}-$(( KV_PORTS[i] + dp * KV_PORTS_PER_RANK - 1 ))"
+  dp=$(dp_size "$i")
+  comment "${NAMES[$i]}: $(rank_text "${GPU_GROUPS[$i]}" "${TPS[$i]}"), HTTP ${HTTP_PORTS[$i]}, connector ports ${KV_PORTS[$i]}-$(( KV_PORTS[i] + dp * KV_PORTS_PER_RANK - 1 ))"
   extra=$(kv_extra_fields "$TRANSPORT" "$MODE" "${KV_PORTS[$i]}" "$HOST" "$(transport_options)")
   local -a envs=("HIP_VISIBLE_DEVICES=$(visible_devices "${GPU_GROUPS[$i]}")")
   rocm_env envs
   launch "${NAMES[$i]}" "${envs[@]}" -- disagg serve "$MODEL" --host "$HOST" \
     --port "${HTTP_PORTS[$i]}" --device cuda --data-parallel-size "$dp" \
+    --tensor-parallel-size "${TPS[$i]}" \
     --kv-transfer-config "$(kv_transfer_config "${ROLES[$i]}" "$extra")" \
     ${INSTANCE_ARGS[@]+"${INSTANCE_ARGS[@]}"}
 }
@@ -176,7 +200,7 @@ main() {
   parse_args "$@"
   validate
   plan_instances
-  comment "disagg on one MI300X node: $NUM_PREFILL prefill x $(( ${#P_GPUS[@]} / NUM_PREFILL )) GPU(s), $NUM_DECODE decode x $(( ${#D_GPUS[@]} / NUM_DECODE )) GPU(s), transport $TRANSPORT, mode $MODE"
+  comment "disagg on one MI300X node: $NUM_PREFILL prefill x $(( ${#P_GPUS[@]} / NUM_PREFILL )) GPU(s) at tp $TP_PREFILL, $NUM_DECODE decode x $(( ${#D_GPUS[@]} / NUM_DECODE )) GPU(s) at tp $TP_DECODE, transport $TRANSPORT, mode $MODE"
   local all_gpus
   all_gpus=$(join_by , "${P_GPUS[@]}" "${D_GPUS[@]}")
   comment "preflight: the transport must be usable with every GPU of this deployment visible"

@@ -15,7 +15,7 @@
 #   sbatch --nodes=4 deploy/mi300x/slurm_xpyd.sh --num-prefill-nodes 2 --num-decode-nodes 2 \
 #       --model /models/Llama-3.1-70B-Instruct --nics mlx5_0,mlx5_1,mlx5_2,mlx5_3,mlx5_4,mlx5_5,mlx5_6,mlx5_7
 #   deploy/mi300x/slurm_xpyd.sh --nodes n1,n2 --num-prefill-nodes 1 --num-decode-nodes 1 \
-#       --model M --nics auto --dry-run                                 # outside Slurm: print
+#       --model M --nics auto --tp-prefill 4 --tp-decode 2 --dry-run    # outside Slurm: print
 #
 # Options it does not know go to multi_node.sh on every prefill/decode node unchanged.
 # sbatch runs a copy of this file from a spool directory, so it finds multi_node.sh through
@@ -45,14 +45,15 @@ usage: slurm_xpyd.sh --num-prefill-nodes X --num-decode-nodes Y --model MODEL [o
   --proxy-port PORT           proxy HTTP port, on the first prefill node (default 8000)
   --policy NAME               proxy routing policy (default least_loaded)
   --dry-run                   print the srun and proxy commands, start nothing
-  (--model, --nics, --transport, --mode, --gpus, --gpus-per-instance, --gid-index,
-   --socket-ifname, --http-base-port, timeouts, --instance-arg: see multi_node.sh --help)
+  (--model, --nics, --transport, --mode, --gpus, --tp-prefill, --tp-decode,
+   --gpus-per-instance, --gid-index, --socket-ifname, --http-base-port, timeouts,
+   --instance-arg: see multi_node.sh --help)
 EOF
 }
 
 NUM_PREFILL_NODES="" NUM_DECODE_NODES="" NODES="" CONTAINER_IMAGE="" CONTAINER_MOUNTS=""
 DEPLOY_DIR="" PROXY_PORT=8000 POLICY=least_loaded MODE=read GPUS=0,1,2,3,4,5,6,7
-GPUS_PER_INSTANCE=1 HTTP_BASE_PORT=8100 KV_BASE_PORT=20000 TRANSPORT_BASE_PORT=21000
+GPUS_PER_INSTANCE="" TP_PREFILL=1 TP_DECODE=1 HTTP_BASE_PORT=8100 KV_BASE_PORT=20000 TRANSPORT_BASE_PORT=21000
 NODE_ARGS=()
 
 parse_args() {
@@ -78,6 +79,8 @@ parse_args() {
       --mode) MODE=$2; NODE_ARGS+=("$1" "$2") ;;
       --gpus) GPUS=$2; NODE_ARGS+=("$1" "$2") ;;
       --gpus-per-instance) GPUS_PER_INSTANCE=$2; NODE_ARGS+=("$1" "$2") ;;
+      --tp-prefill) TP_PREFILL=$2; NODE_ARGS+=("$1" "$2") ;;
+      --tp-decode) TP_DECODE=$2; NODE_ARGS+=("$1" "$2") ;;
       --http-base-port) HTTP_BASE_PORT=$2; NODE_ARGS+=("$1" "$2") ;;
       --kv-base-port) KV_BASE_PORT=$2; NODE_ARGS+=("$1" "$2") ;;
       --transport-base-port) TRANSPORT_BASE_PORT=$2; NODE_ARGS+=("$1" "$2") ;;
@@ -163,15 +166,16 @@ srun_prefix() {  # srun_prefix NODE ARRAY_NAME KIND: one step, one task, on NODE
 
 start_nodes() {  # one srun step per prefill/decode node; remembers each instance's URL
   URLS=() URL_CHILD=()
-  local role node index=0 k per_node
-  per_node=$(( $(gpu_total) / GPUS_PER_INSTANCE ))
+  local role node index=0 k per_node tp
   for role in prefill decode; do
     local -a nodes=("${P_NODES[@]}")
-    [[ $role == prefill ]] || nodes=("${D_NODES[@]}")
+    tp=$TP_PREFILL
+    [[ $role == prefill ]] || { nodes=("${D_NODES[@]}"); tp=$TP_DECODE; }
+    per_node=$(( $(gpu_total) / ${GPUS_PER_INSTANCE:-$tp} ))
     for node in "${nodes[@]}"; do
       local -a step
       srun_prefix "$node" step node
-      comment "$role node $node: $per_node instance(s)"
+      comment "$role node $node: $per_node instance(s) at tp $tp"
       launch "$role-$node" -- "${step[@]}" bash "$DEPLOY_DIR/multi_node.sh" --role "$role" \
         --node-ip auto "${NODE_ARGS[@]}"
       for (( k = 0; k < per_node; k++ )); do
@@ -193,8 +197,10 @@ main() {
   validate
   PROXY_ARGS=(--prefill-nodes "$(join_by , "${P_NODES[@]}")"
               --decode-nodes "$(join_by , "${D_NODES[@]}")" --gpus "$GPUS"
-              --gpus-per-instance "$GPUS_PER_INSTANCE" --http-base-port "$HTTP_BASE_PORT"
-              --mode "$MODE" --proxy-port "$PROXY_PORT" --policy "$POLICY")
+              --tp-prefill "$TP_PREFILL" --tp-decode "$TP_DECODE"
+              --http-base-port "$HTTP_BASE_PORT" --mode "$MODE" --proxy-port "$PROXY_PORT"
+              --policy "$POLICY")
+  [[ -z $GPUS_PER_INSTANCE ]] || PROXY_ARGS+=(--gpus-per-instance "$GPUS_PER_INSTANCE")
   check_node_args
   comment "disagg ${#P_NODES[@]}P${#D_NODES[@]}D over Slurm job ${SLURM_JOB_ID:-(none)}: prefill ${P_NODES[*]}, decode ${D_NODES[*]}, proxy on ${P_NODES[0]}:$PROXY_PORT"
   start_nodes

@@ -59,6 +59,7 @@ def _fake_bin(tmp_path: Path) -> Path:
 
 @contextlib.contextmanager
 def _deployment(tmp_path: Path, base: int | None = None,
+                gpu_args: tuple[str, ...] = ("--prefill-gpus", "0", "--decode-gpus", "1"),
                 **env: str) -> Iterator[tuple[subprocess.Popen[str], int]]:
     """single_node.sh (1P1D, fake binaries) running for real; its group killed at the end.
 
@@ -66,8 +67,8 @@ def _deployment(tmp_path: Path, base: int | None = None,
     """
     base = base if base is not None else _free_port_run(3)
     proc = subprocess.Popen(
-        ["bash", str(DEPLOY_DIR / "single_node.sh"), "--model", "m", "--prefill-gpus", "0",
-         "--decode-gpus", "1", "--transport", "tcp", "--http-base-port", str(base + 1),
+        ["bash", str(DEPLOY_DIR / "single_node.sh"), "--model", "m", *gpu_args,
+         "--transport", "tcp", "--http-base-port", str(base + 1),
          "--proxy-port", str(base), "--kv-base-port", str(_free_port_run(32)),
          "--log-dir", str(tmp_path / "logs"), "--ready-timeout", "20"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
@@ -136,6 +137,32 @@ def test_sigterm_stops_every_child_and_exits_0(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(DEADLINE_S) == 0
         assert all(_gone(pid) for pid in pids)
+
+
+def test_tp_instances_run_on_their_own_gpus_with_their_tp_size(tmp_path: Path) -> None:
+    gpus = ("--prefill-gpus", "0,1", "--decode-gpus", "2,3,4,5", "--tp-prefill", "2",
+            "--tp-decode", "2")
+    with _deployment(tmp_path, gpu_args=gpus) as (proc, base):
+        _wait_ready(proc)
+        records = _records(tmp_path)
+        prefill, decode = records[base + 1], records[base + 2]
+        assert (prefill["HIP_VISIBLE_DEVICES"], decode["HIP_VISIBLE_DEVICES"]) == \
+            ("0,1", "2,3,4,5")
+        for record, dp in ((prefill, "1"), (decode, "2")):
+            argv = record["argv"]
+            assert isinstance(argv, list)
+            assert argv[argv.index("--tensor-parallel-size") + 1] == "2"
+            assert argv[argv.index("--data-parallel-size") + 1] == dp
+
+
+def test_too_few_gpus_for_the_tp_size_start_nothing(tmp_path: Path) -> None:
+    gpus = ("--prefill-gpus", "0", "--decode-gpus", "1,2", "--tp-decode", "4")
+    with _deployment(tmp_path, gpu_args=gpus) as (proc, _):
+        assert proc.wait(DEADLINE_S) == 2
+        assert proc.stderr is not None
+        assert proc.stderr.read().strip() == ("single_node.sh: error: 1 decode instance(s) x "
+                                              "tp 4 need 4 GPUs; --decode-gpus lists 2")
+        assert _records(tmp_path) == {} and not (tmp_path / "logs").exists()
 
 
 def test_failed_preflight_starts_nothing(tmp_path: Path) -> None:

@@ -76,6 +76,44 @@ def test_dp_instances_list_their_gpus_nics_and_take_free_transport_ports() -> No
     assert not first_ports & second_ports
 
 
+def test_tp_instances_take_tp_gpus_their_nics_and_tp_transport_ports_each() -> None:
+    commands = dry_run(SCRIPT, "--role", "prefill", *NODE, "--nics", NICS, "--tp-prefill",
+                       "4", "--tp-decode", "2")
+    first, second = _serves(commands)
+    assert [c.env["HIP_VISIBLE_DEVICES"] for c in (first, second)] == ["0,1,2,3", "4,5,6,7"]
+    assert second.env["MORI_RDMA_DEVICES"] == "mlx5_4,mlx5_5,mlx5_6,mlx5_7"
+    assert (first.flag("--data-parallel-size"), first.flag("--tensor-parallel-size")) == \
+        ("1", "4")
+    # TP rank t listens on port + t: instance k's fixed port leaves room for its 4 ranks
+    options = [c.kv_config()["kv_connector_extra_config"]["transport_options"]
+               for c in (first, second)]
+    assert options == [{"backend": "rdma", "port": 21000}, {"backend": "rdma", "port": 21004}]
+    assert [c.kv_config()["kv_connector_extra_config"]["base_port"]
+            for c in (first, second)] == [20000, 20016]
+    args = build_parser().parse_args(first.argv[1:])
+    assert (args.tensor_parallel_size, args.data_parallel_size) == (4, 1)
+
+
+def test_gpus_per_instance_groups_tp_engines_as_dp_ranks() -> None:
+    commands = dry_run(SCRIPT, "--role", "decode", *NODE, "--nics", NICS, "--tp-decode", "2",
+                       "--gpus-per-instance", "4")
+    first, second = _serves(commands)
+    assert second.env["HIP_VISIBLE_DEVICES"] == "4,5,6,7"
+    assert (first.flag("--data-parallel-size"), first.flag("--tensor-parallel-size")) == \
+        ("2", "2")
+    assert "DP ranks 0-1 x TP ranks 0-1" in first.comment
+    assert [c.kv_config()["kv_connector_extra_config"]["base_port"]
+            for c in (first, second)] == [20000, 20032]
+
+
+def test_proxy_counts_each_roles_instances_from_its_tp_size() -> None:
+    proxy, = dry_run(SCRIPT, "--role", "proxy", "--prefill-nodes", "p1", "--decode-nodes",
+                     "d1,d2", "--tp-prefill", "8", "--tp-decode", "2")
+    args = parse_proxy_args(proxy.argv[1:])
+    assert args.prefill == ["http://p1:8100"]
+    assert args.decode == [f"http://{n}:{8100 + k}" for n in ("d1", "d2") for k in range(4)]
+
+
 def test_nixl_selects_nics_through_ucx() -> None:
     commands = dry_run(SCRIPT, "--role", "prefill", *NODE, "--nics", NICS, "--transport",
                        "nixl", "--gid-index", "3", "--gpus-per-instance", "2")
@@ -168,6 +206,16 @@ def test_proxy_role_lists_every_instance_of_every_node() -> None:
     (("--role", "prefill", *NODE, "--nics", NICS, "--transport-base-port", "20016"),
      "is wanted by both"),
     (("--role", "prefill", *NODE, "--transport", "ipc"), "--transport must be one of"),
+    (("--role", "prefill", *NODE, "--nics", NICS, "--tp-prefill", "16"),
+     "a prefill instance needs 16 GPUs (dp 1 x tp 16); --gpus lists 8"),
+    (("--role", "decode", *NODE, "--nics", NICS, "--gpus", "0,1,2", "--tp-decode", "2"),
+     "3 GPUs do not split evenly into instances of 2"),
+    (("--role", "decode", *NODE, "--nics", NICS, "--tp-decode", "4", "--gpus-per-instance",
+      "2"), "--gpus-per-instance 2 is not a multiple of --tp-decode 4"),
+    (("--role", "prefill", *NODE, "--nics", NICS, "--tp-prefill", "2", "--gpus-per-instance",
+      "4", "--mode", "write"), "--mode write needs --gpus-per-instance 2 on prefill nodes"),
+    (("--role", "proxy", "--prefill-nodes", "a", "--decode-nodes", "b", "--tp-decode", "99"),
+     "--tp-decode must be between 1 and 64"),
     (("--role", "prefill", *NODE, "--nics", NICS, "--gid-index", "x"), "--gid-index must be"),
     (("--role", "proxy", "--prefill-nodes", "a"), "--decode-nodes is required"),
     (("--role", "proxy", "--prefill-nodes", "a,a", "--decode-nodes", "b"), "lists 'a' twice"),

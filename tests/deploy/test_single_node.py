@@ -98,6 +98,38 @@ def test_instances_split_gpus_evenly_and_every_dp_rank_port_is_private() -> None
     assert not set(http_ports) & used
 
 
+def test_mixed_tp_gives_each_instance_dp_x_tp_gpus_of_its_own() -> None:
+    commands = dry_run(SCRIPT, "--model", "builtin:tiny-llama", "--prefill-gpus", "0,1,2,3",
+                       "--decode-gpus", "4,5,6,7", "--num-decode", "2", "--tp-prefill", "4",
+                       "--tp-decode", "2", "--transport", "tcp")
+    prefill, d0, d1 = _by_program(commands, "disagg", "serve")
+    assert [c.env["HIP_VISIBLE_DEVICES"] for c in (prefill, d0, d1)] == ["0,1,2,3", "4,5",
+                                                                        "6,7"]
+    assert [(c.flag("--data-parallel-size"), c.flag("--tensor-parallel-size"))
+            for c in (prefill, d0, d1)] == [("1", "4"), ("1", "2"), ("1", "2")]
+    assert "GPUs 0,1,2,3 as TP ranks 0-3 of one engine core" in prefill.comment
+    # one engine core each: 16 control ports per instance, not per GPU
+    assert [c.kv_config()["kv_connector_extra_config"]["base_port"]
+            for c in (prefill, d0, d1)] == [20000, 20016, 20032]
+    for serve in (prefill, d0, d1):
+        cfg = engine_config_from_args(build_parser().parse_args(serve.argv[1:]))
+        assert cfg.parallel.tensor_parallel_size == int(serve.flag("--tensor-parallel-size"))
+
+
+def test_dp_and_tp_together_keep_own_gpus_first_for_ipc() -> None:
+    commands = dry_run(SCRIPT, "--model", "m", "--tp-decode", "2")
+    prefill, decode = _by_program(commands, "disagg", "serve")
+    assert (prefill.flag("--data-parallel-size"), prefill.flag("--tensor-parallel-size")) == \
+        ("4", "1")
+    assert (decode.flag("--data-parallel-size"), decode.flag("--tensor-parallel-size")) == \
+        ("2", "2")
+    # DP rank d / TP rank t takes visible device d*2+t: the decode's own four GPUs come first
+    assert decode.env["HIP_VISIBLE_DEVICES"] == "4,5,6,7,0,1,2,3"
+    assert "DP ranks 0-1 x TP ranks 0-1 on HIP devices 0-3" in decode.comment
+    plan = run_script(SCRIPT, "--model", "m", "--tp-decode", "2", "--dry-run").stdout
+    assert "1 prefill x 4 GPU(s) at tp 1, 1 decode x 4 GPU(s) at tp 2" in plan
+
+
 def test_tcp_transport_keeps_each_instance_on_its_own_gpus() -> None:
     commands = dry_run(SCRIPT, "--model", "m", "--transport", "tcp")
     prefill, decode = _by_program(commands, "disagg", "serve")
@@ -134,7 +166,17 @@ def test_output_is_deterministic_and_the_callers_rocm_knobs_win() -> None:
     (("--model", "m", "--decode-gpus", "3,4"), "GPU 3 is in both"),
     (("--model", "m", "--prefill-gpus", "0,x"), "must list GPU indices"),
     (("--model", "m", "--num-prefill", "3"), "do not split evenly into 3 instances"),
-    (("--model", "m", "--mode", "write"), "--mode write needs one GPU per prefill instance"),
+    (("--model", "m", "--mode", "write"),
+     "--mode write needs one engine core per prefill instance"),
+    (("--model", "m", "--mode", "write", "--tp-prefill", "2"), "use --num-prefill 2"),
+    (("--model", "m", "--tp-prefill", "8"),
+     "1 prefill instance(s) x tp 8 need 8 GPUs; --prefill-gpus lists 4"),
+    (("--model", "m", "--num-decode", "2", "--tp-decode", "4"),
+     "2 decode instance(s) x tp 4 need 8 GPUs; --decode-gpus lists 4"),
+    (("--model", "m", "--tp-prefill", "3"),
+     "4 GPUs per prefill instance do not split into TP groups of --tp-prefill 3"),
+    (("--model", "m", "--tp-decode", "65"), "--tp-decode must be between 1 and 64"),
+    (("--model", "m", "--tp-decode", "0"), "--tp-decode must be at least 1"),
     (("--model", "m", "--transport", "rdma"), "--transport must be one of"),
     (("--model", "m", "--proxy-port", "8100"), "port 8100 is wanted by both proxy"),
     (("--model", "m", "--http-base-port", "20000"), "port 20000 is wanted by both"),
@@ -155,6 +197,7 @@ def test_bad_arguments_are_one_line_usage_errors(args: tuple[str, ...], message:
 def test_help_lists_every_option() -> None:
     proc = run_script(SCRIPT, "--help")
     assert proc.returncode == 0
-    for flag in ("--prefill-gpus", "--transport", "--kv-base-port", "--transfer-timeout",
+    for flag in ("--prefill-gpus", "--tp-prefill", "--tp-decode", "--transport",
+                 "--kv-base-port", "--transfer-timeout",
                  "--instance-arg", "--dry-run"):
         assert flag in proc.stdout

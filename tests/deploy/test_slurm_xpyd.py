@@ -7,7 +7,15 @@ import stat
 from pathlib import Path
 
 import pytest
-from deploy_plan import DEPLOY_DIR, REPO_ROOT, Command, clean_env, dry_run, usage_error
+from deploy_plan import (
+    DEPLOY_DIR,
+    REPO_ROOT,
+    Command,
+    clean_env,
+    dry_run,
+    run_script,
+    usage_error,
+)
 
 SCRIPT = "slurm_xpyd.sh"
 NICS = ",".join(f"mlx5_{i}" for i in range(8))
@@ -54,6 +62,27 @@ def test_layout_options_reach_both_the_nodes_and_the_proxy() -> None:
         assert args[args.index("--transfer-timeout") + 1] == "20"
     assert proxy.flag("--gpus-per-instance") == "4" and proxy.flag("--policy") == "round_robin"
     assert proxy.flag("--http-base-port") == "9100" and proxy.flag("--proxy-port") == "7000"
+
+
+def test_tp_sizes_reach_every_node_and_the_proxy_counts_instances_by_them() -> None:
+    commands = dry_run(SCRIPT, "--nodes", "a,b,c", "--num-prefill-nodes", "1",
+                       "--num-decode-nodes", "2", *BASE, "--tp-prefill", "4",
+                       "--tp-decode", "2")
+    prefill, d1, d2, proxy = commands
+    for step in (prefill, d1, d2):
+        args = _script_args(step)
+        assert args[args.index("--tp-prefill") + 1] == "4"
+        assert args[args.index("--tp-decode") + 1] == "2"
+    assert (proxy.flag("--tp-prefill"), proxy.flag("--tp-decode")) == ("4", "2")
+    assert "--gpus-per-instance" not in proxy.argv
+    # the launcher waits on each node's instances: 2 per prefill node, 4 per decode node
+    proc = run_script(SCRIPT, "--nodes", "a,b,c", "--num-prefill-nodes", "1",
+                      "--num-decode-nodes", "2", *BASE, "--tp-prefill", "4", "--tp-decode",
+                      "2", "--dry-run")
+    waits = [line.split()[3] for line in proc.stdout.splitlines()
+             if line.startswith("# wait until")]
+    assert waits == ["http://a:8100/health", "http://a:8101/health",
+                     *[f"http://{n}:{8100 + k}/health" for n in "bc" for k in range(4)]]
 
 
 def test_write_mode_errors_of_multi_node_surface_before_any_step() -> None:
@@ -105,6 +134,9 @@ def test_inside_a_job_nodes_come_from_scontrol_and_scripts_from_the_submit_dir(
       "--proxy-port", "8103"), "port 8103 is wanted by both proxy and the instances' HTTP"),
     (("--nodes", "a,b", "--num-prefill-nodes", "1", "--num-decode-nodes", "1", *BASE,
       "--node-ip", "1.2.3.4"), "--node-ip is set per node by this script"),
+    (("--nodes", "a,b", "--num-prefill-nodes", "1", "--num-decode-nodes", "1", *BASE,
+      "--tp-decode", "16"),
+     "for the decode nodes: a decode instance needs 16 GPUs (dp 1 x tp 16); --gpus lists 8"),
 ])
 def test_bad_arguments_are_one_line_usage_errors(args: tuple[str, ...], message: str) -> None:
     assert message in usage_error(SCRIPT, *args)

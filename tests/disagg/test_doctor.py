@@ -3,6 +3,7 @@ branches driven by faked facts."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -68,7 +69,7 @@ def test_cpu_machine_answers(capsys: pytest.CaptureFixture[str]) -> None:
 def test_json_schema_is_stable(capsys: pytest.CaptureFixture[str]) -> None:
     report = json.loads(_text(capsys, "--json"))
     assert list(report) == ["schema_version", "platform", "gpus", "peer_access", "rdma",
-                            "transports", "triton", "versions"]
+                            "transports", "triton", "versions", "tp_plans"]
     assert report["schema_version"] == 1
     assert set(report["platform"]) == {"kind", "arch", "device_count", "warp_size",
                                        "device_name", "kernels", "torch_build"}
@@ -78,6 +79,7 @@ def test_json_schema_is_stable(capsys: pytest.CaptureFixture[str]) -> None:
     assert set(report["versions"]) == {"python", "disagg", "torch", "hip", "cuda", "triton",
                                        "nixl", "mori", "pyzmq", "msgspec", "aiohttp",
                                        "transformers"}
+    assert report["tp_plans"] == {"gpus": 0, "pairs": [], "model": None}
 
 
 @pytest.mark.usefixtures("on_mi300x")
@@ -204,3 +206,77 @@ def test_disagg_cli_routes_doctor(capsys: pytest.CaptureFixture[str]) -> None:
 def test_package_version_of_what_is_missing_is_none() -> None:
     assert doctor.package_version(("surely-not-installed-dist",), "surely_not_a_module") is None
     assert doctor.package_version(("msgspec",), "msgspec") is not None
+
+
+@pytest.mark.usefixtures("on_cpu")
+def test_without_a_gpu_no_tp_plan_fits_and_cpu_runs_any(capsys: pytest.CaptureFixture[str]
+                                                        ) -> None:
+    assert "tp plans     no GPU: no TP plan fits on GPU; on CPU any --tensor-parallel-size " \
+        "runs (gloo)" in _text(capsys)
+    report = json.loads(_text(capsys, "--json", "--model", "builtin:tiny-llama"))
+    fit = report["tp_plans"]["model"]
+    assert (fit["num_heads"], fit["num_kv_heads"], fit["intermediate_size"]) == (4, 2, 384)
+    assert [(s["size"], s["fits"]) for s in fit["tp"]] == [(1, True), (2, True), (4, True),
+                                                           (8, False)]
+    assert report["tp_plans"]["pairs"] == []
+
+
+def test_tp_pairs_are_the_ones_whose_1p1d_fits_the_gpus() -> None:
+    eight = doctor.tp_plans(8, None)
+    assert eight["pairs"] == [[1, 1], [1, 2], [1, 4], [2, 1], [2, 2], [2, 4], [4, 1], [4, 2],
+                              [4, 4]]
+    assert doctor.tp_plans(3, None)["pairs"] == [[1, 1], [1, 2], [2, 1]]
+    assert [8, 8] in doctor.tp_plans(16, None)["pairs"]
+    lines = doctor.render_tp_plans(eight)
+    assert lines == ["8 GPUs, 1P1D (--tp-prefill, --tp-decode) with tp_p + tp_d <= 8:",
+                     "(1,1) (1,2) (1,4) (2,1) (2,2) (2,4) (4,1) (4,2) (4,4)"]
+    assert doctor.render_tp_plans(doctor.tp_plans(1, None))[0].startswith(
+        "1 GPU(s): no --tp-prefill/--tp-decode pair from 1, 2, 4, 8 fits")
+
+
+def test_a_model_limits_the_pairs_to_tp_sizes_that_split_it(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({  # Qwen2-7B's shapes
+        "model_type": "qwen2", "vocab_size": 152064, "hidden_size": 3584,
+        "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+        "num_key_value_heads": 4}))
+    plans = doctor.tp_plans(16, str(tmp_path))
+    assert [s["fits"] for s in plans["model"]["tp"]] == [True, True, True, False]
+    assert all(8 not in pair for pair in plans["pairs"]) and [4, 4] in plans["pairs"]
+    lines = doctor.render_tp_plans(plans)
+    assert lines[-2] == f"{tmp_path} (28 heads, 4 KV heads, intermediate 18944): tp 1, 2, 4 " \
+        "split it"
+    assert lines[-1] == "tp 8 does not: 28 attention heads are not divisible by 8"
+
+
+def test_an_unreadable_model_is_a_reason_and_the_pairs_ignore_it(tmp_path: Path) -> None:
+    plans = doctor.tp_plans(2, str(tmp_path / "missing"))
+    assert plans["pairs"] == [[1, 1]]
+    assert "is not a model directory" in plans["model"]["error"]
+    assert doctor.render_tp_plans(plans)[-1].startswith(f"{tmp_path / 'missing'}: cannot read")
+
+
+@pytest.mark.usefixtures("on_mi300x")
+def test_two_gpus_fit_only_tp_1_each(capsys: pytest.CaptureFixture[str]) -> None:
+    assert doctor.collect(compile_kernels=False)["tp_plans"]["pairs"] == [[1, 1]]
+    text = _text(capsys)
+    assert "tp plans     2 GPUs, 1P1D (--tp-prefill, --tp-decode) with tp_p + tp_d <= 2:" in text
+    assert "             (1,1)" in text
+
+
+def test_the_split_rule_matches_the_engines() -> None:
+    parallel = pytest.importorskip("disagg.models.parallel")
+    from disagg.common.config import ConfigError
+    from disagg.models.loader import resolve_arch
+
+    base = resolve_arch("builtin:tiny-llama")
+    for heads, kv_heads, inter in ((4, 2, 384), (28, 4, 18944), (12, 3, 96), (6, 6, 10)):
+        arch = dataclasses.replace(base, num_heads=heads, num_kv_heads=kv_heads,
+                                   intermediate_size=inter)
+        for tp in range(1, 17):
+            try:
+                parallel.check_tp(arch, tp)
+                engine_ok = True
+            except ConfigError:
+                engine_ok = False
+            assert (doctor.tp_split_problem(heads, kv_heads, inter, tp) is None) == engine_ok, \
+                (heads, kv_heads, inter, tp)

@@ -14,8 +14,10 @@ from typing import Any
 import aiohttp
 import pytest
 
+from disagg.common import platform as plat
 from proxy.config import PolicyName, TransferMode
 from proxy.launcher import launch_config, main, parse_args, proxy_config
+from proxy.local_instances import plan_instances
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FAKE_INSTANCE = Path(__file__).with_name("fake_instance.py")
@@ -205,10 +207,14 @@ async def _real_completions(http: aiohttp.ClientSession, url: str) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["read", "write"])
+@pytest.mark.parametrize(("mode", "tp"), [
+    ("read", ()), ("write", ()),
+    ("read", ("--tp-prefill", "2")), ("write", ("--tp-decode", "2"))])
 async def test_real_launch_matches_a_monolithic_instance(launchers: Any, mode: str,
+                                                         tp: tuple[str, ...],
                                                          http: aiohttp.ClientSession) -> None:
-    """``disagg serve`` for real: 1P1D through the proxy answers like one instance."""
+    """``disagg serve`` for real: 1P1D through the proxy answers like one instance, mixed
+    tensor-parallel sizes (gloo on CPU) included."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         mono_port = sock.getsockname()[1]
@@ -218,7 +224,7 @@ async def test_real_launch_matches_a_monolithic_instance(launchers: Any, mode: s
         "--port", str(mono_port), cwd=REPO_ROOT, env=env, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL)
     try:
-        launcher = await launchers("--launch", "--port", "0", "--mode", mode)
+        launcher = await launchers("--launch", "--port", "0", "--mode", mode, *tp)
         url = await launcher.ready_url(timeout_s=120)
         assert mono.stdout is not None
         line = await asyncio.wait_for(mono.stdout.readline(), 120)
@@ -260,3 +266,45 @@ async def test_launch_shares_a_generated_key_with_its_instances(
         async with http.post(instance + "/v1/kv_transfer/abort",
                              json={"transfer_id": "t"}) as resp:
             assert resp.status == 401  # a key was made, and nobody else has it
+
+
+def test_tp_sizes_are_checked_and_given_only_through_our_flags(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    for flag, value in (("--tp-prefill", "0"), ("--tp-decode", "65")):
+        assert main(["--launch", flag, value]) == 2
+        assert f"{flag} must be between 1 and 64, got {value}" in capsys.readouterr().err
+    assert main(["--launch", "--", "-tp", "2"]) == 2
+    assert "as --tp-prefill/--tp-decode, not as an instance argument" in \
+        capsys.readouterr().err
+    assert main(["--launch", "--instance-arg=--data-parallel-size=x"]) == 2
+    assert "instance argument --data-parallel-size" in capsys.readouterr().err
+
+
+def test_tp_flags_pass_through_to_each_role() -> None:
+    args = parse_args(["--launch", "--device", "cpu", "--tp-prefill", "2", "--tp-decode", "4",
+                       "--num-decode", "2"])
+    launch = launch_config(args)
+    assert (launch.tp_prefill, launch.tp_decode, launch.gpus_per_instance) == (2, 4, None)
+    specs = plan_instances(launch)
+    sizes = [s.argv[list(s.argv).index("--tensor-parallel-size") + 1] for s in specs]
+    assert sizes == ["2", "4", "4"]
+    assert launch_config(parse_args(["--launch"])).tp_prefill == 1
+
+
+def test_too_few_gpus_fail_the_launch_before_anything_starts(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    info = plat.PlatformInfo(plat.PlatformKind.CUDA, 4, "sm_90", 32, "H100", "2.6", None,
+                             "12.8")
+    monkeypatch.setattr(plat, "current_platform", lambda: info)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    marker = tmp_path / "started"
+    command = f"{sys.executable} -c 'open({str(marker)!r}, \"w\")'"
+    assert main(["--launch", "--port", "0", "--model", "m", "--tp-prefill", "4",
+                 "--tp-decode", "2", "--instance-command", command]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["disagg-proxy: error: 1 prefill x 4 GPU(s) (tp 4) + 1 decode x 2 GPU(s) "
+                   "(tp 2) need 6 GPUs; 4 visible (CUDA_VISIBLE_DEVICES=unset); lower "
+                   "--tp-prefill/--tp-decode or the instance counts, or make more GPUs "
+                   "visible"]
+    assert not marker.exists()

@@ -7,6 +7,7 @@ import socket
 
 import pytest
 
+from disagg.common import platform
 from proxy.config import TransferMode
 from proxy.local_instances import (
     KV_PORT_STRIDE,
@@ -90,6 +91,65 @@ def test_gpus_are_split_from_the_visible_devices(monkeypatch: pytest.MonkeyPatch
     assert [s.env[env_name] for s in specs] == ["4,5", "6,7"]
     with pytest.raises(LaunchError, match="need 6 GPUs; 4 visible"):
         plan_instances(_cfg(device="cuda", num_prefill=2, num_decode=1, gpus_per_instance=2))
+
+
+@pytest.fixture
+def eight_mi300x(monkeypatch: pytest.MonkeyPatch) -> str:
+    """Torch sees 8 faked ROCm GPUs and no *_VISIBLE_DEVICES is inherited; returns the
+    variable that selects GPUs for a child."""
+    info = platform.PlatformInfo(platform.PlatformKind.ROCM, 8, "gfx942", 64, "MI300X",
+                                 "2.6.0+rocm6.4", "6.4", None)
+    monkeypatch.setattr(platform, "current_platform", lambda: info)
+    for var in ("HIP_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES"):
+        monkeypatch.delenv(var, raising=False)
+    return "HIP_VISIBLE_DEVICES"
+
+
+def _argv_flag(argv: tuple[str, ...], flag: str) -> str:
+    return argv[list(argv).index(flag) + 1]
+
+
+def test_tp_sizes_reach_each_role_and_cpu_ranks_share_the_cores(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 64)
+    specs = plan_instances(_cfg(num_prefill=2, num_decode=1, tp_prefill=2, tp_decode=4,
+                                gpus_per_instance=1))  # ignored on CPU: nothing is placed
+    assert [_argv_flag(s.argv, "--tensor-parallel-size") for s in specs] == ["2", "2", "4"]
+    # 2 x 2 + 1 x 4 = 8 ranks, each with its eighth of the 64 cores; no GPU variable
+    assert all(s.env == {"OMP_NUM_THREADS": "8"} for s in specs)
+
+
+def test_mixed_tp_instances_get_disjoint_contiguous_gpus(eight_mi300x: str) -> None:
+    specs = plan_instances(_cfg(device="cuda", num_prefill=1, num_decode=2, tp_prefill=4,
+                                tp_decode=2))
+    assert [s.name for s in specs] == ["prefill-0", "decode-0", "decode-1"]
+    assert [s.env[eight_mi300x] for s in specs] == ["0,1,2,3", "4,5", "6,7"]
+    assert [_argv_flag(s.argv, "--tensor-parallel-size") for s in specs] == ["4", "2", "2"]
+    assert all("OMP_NUM_THREADS" not in s.env for s in specs)
+
+
+def test_placement_counts_data_parallel_ranks_from_the_instance_arguments(
+        eight_mi300x: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(eight_mi300x, "2,3,5,7,8,9,10,11")  # inherited ids are kept in order
+    specs = plan_instances(_cfg(device="cuda", num_prefill=1, num_decode=1, tp_prefill=2,
+                                instance_args=("--data-parallel-size=2",)))
+    assert [s.env[eight_mi300x] for s in specs] == ["2,3,5,7", "8,9"]
+    specs = plan_instances(_cfg(device="cuda", num_prefill=1, num_decode=1, tp_decode=2,
+                                instance_args=("-dp", "2")))
+    assert [s.env[eight_mi300x] for s in specs] == ["2,3", "5,7,8,9"]
+
+
+def test_too_few_gpus_is_one_line_naming_the_count_needed(eight_mi300x: str) -> None:
+    with pytest.raises(LaunchError) as info:
+        plan_instances(_cfg(device="cuda", num_prefill=2, num_decode=1, tp_prefill=4,
+                            tp_decode=2))
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("2 prefill x 4 GPU(s) (tp 4) + 1 decode x 2 GPU(s) (tp 2) "
+                              "need 10 GPUs; 8 visible (HIP_VISIBLE_DEVICES=unset)")
+    with pytest.raises(LaunchError, match="is fewer than the 4 GPUs a prefill instance needs"):
+        plan_instances(_cfg(device="cuda", tp_prefill=4, gpus_per_instance=2))
 
 
 def test_the_kv_params_key_goes_to_every_instance_in_its_environment() -> None:
