@@ -43,6 +43,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-memory-bytes", type=parse_bytes, default=None,
                    help="explicit KV cache budget, e.g. 256MiB (the sizing input on CPU)")
     p.add_argument("--num-gpu-blocks-override", type=int, default=None)
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                   default=True, help="reuse the KV of cached prompt prefixes (default on)")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--no-chunked-prefill", action="store_true")
@@ -85,7 +87,8 @@ def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
         cache=CacheConfig(block_size=a.block_size,
                           gpu_memory_utilization=a.gpu_memory_utilization,
                           kv_cache_memory_bytes=a.kv_cache_memory_bytes,
-                          num_gpu_blocks_override=a.num_gpu_blocks_override),
+                          num_gpu_blocks_override=a.num_gpu_blocks_override,
+                          enable_prefix_caching=a.enable_prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=a.max_num_seqs,
                                   max_num_batched_tokens=a.max_num_batched_tokens,
                                   enable_chunked_prefill=not a.no_chunked_prefill),

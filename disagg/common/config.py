@@ -45,6 +45,8 @@ class CacheConfig:
     """Explicit KV budget; the only sizing input on CPU (default 256 MiB there)."""
     num_gpu_blocks_override: int | None = None
     """Use exactly this many blocks; replaces the measured budget before auto-fit and checks."""
+    enable_prefix_caching: bool = True
+    """Keep full blocks of computed prefixes for reuse until evicted (vLLM's APC)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -173,6 +173,12 @@ class EngineStats(msgspec.Struct, kw_only=True):
     """Requests this rank has accepted since it started (shows how the frontend spreads load)."""
     num_held: int = 0
     """Requests that arrived while paused, waiting for resume (also counted in num_waiting)."""
+    kv_blocks_cached: int = 0
+    """Of the free blocks: those holding a cached prefix (reusable until evicted)."""
+    prefix_cache_queries: int = 0
+    """Prompt tokens looked up in the prefix cache (counter)."""
+    prefix_cache_hits: int = 0
+    """Of those, tokens found cached (counter)."""
 
 
 class EngineCoreOutputs(msgspec.Struct, tag="outputs", kw_only=True):

@@ -23,7 +23,7 @@ from disagg.common.protocol import (
     TokenLogprob,
 )
 from disagg.common.version import __version__
-from disagg.engine.kv_cache import BlockPool
+from disagg.engine.kv_cache import BlockPool, model_seed
 from disagg.engine.kv_connector import create_connector
 from disagg.engine.kv_sizing import KVPlan, plan_kv_cache
 from disagg.engine.model_runner import ModelRunner, resolve_device, resolve_dtype
@@ -85,11 +85,12 @@ class EngineCore:
         if tp is not None:
             tp.collect("allocate")
         assert kv_cache[0].numel() * kv_cache.element_size() == block_bytes
-        self.pool = BlockPool(self.plan.num_blocks)
+        self.pool = BlockPool(self.plan.num_blocks, cfg.cache.enable_prefix_caching)
         self.connector = self._make_connector(kv_cache)
         self.scheduler = Scheduler(cfg.scheduler, self.pool, cfg.cache.block_size,
                                    self.plan.max_model_len,
-                                   self.connector.scheduler if self.connector else None)
+                                   self.connector.scheduler if self.connector else None,
+                                   hash_seed=model_seed(cfg.model.model))
         self._sent: dict[str, int] = {}
         self._awaiting: dict[str, Request] = {}
         """Finished WRITE prefills whose answer waits for their transfer's end."""
@@ -321,7 +322,10 @@ class EngineCore:
                            kv_blocks_total=snap.total, kv_blocks_free=snap.free,
                            kv_blocks_held=snap.held,
                            connector=self.connector.metrics() if self.connector else {},
-                           num_requests_total=self.num_requests_total, num_held=held)
+                           num_requests_total=self.num_requests_total, num_held=held,
+                           kv_blocks_cached=snap.cached,
+                           prefix_cache_queries=self.scheduler.prefix_cache_queries,
+                           prefix_cache_hits=self.scheduler.prefix_cache_hits)
 
     def kv_abort(self, transfer_id: str) -> bool:
         """Abort a request and drop any held blocks for a transfer id (proxy cleanup)."""

@@ -97,7 +97,9 @@ class SchedulerConnector(Protocol):
         ...
 
     def update_state_after_alloc(self, req: Request) -> None:
-        """The request's blocks are allocated; start receiving into them."""
+        """The request's blocks are allocated; start receiving into them. The first
+        ``req.num_cached_tokens // block_size`` of them are the engine's own cached prefix
+        (shared, already holding that KV): a connector must not write them."""
         ...
 
     def request_finished(self, req: Request) -> FinishAction:

@@ -50,10 +50,16 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     error: str | None = None
     num_external_tokens: int = 0
+    """Prompt tokens whose KV comes from a remote instance (consumer side)."""
+    block_hashes: list[int] = field(default_factory=list)
+    """Hash chain of this request's full blocks known so far (disagg/engine/kv_cache.py)."""
+    num_registered_blocks: int = 0
+    """Leading blocks of ``block_ids`` already offered to the prefix cache."""
+    num_cached_tokens: int = 0
+    """Prompt tokens found in the prefix cache when it was last admitted (not computed)."""
     awaiting_transfer: bool = False
     """Finished, but its answer waits until its KV transfer ends (a WRITE prefill: the proxy
     must learn from it whether the decode got the KV)."""
-    """Prompt tokens whose KV comes from a remote instance (consumer side)."""
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from disagg.common.config import SchedulerConfig
-from disagg.engine.kv_cache import BlockPool, Owner, OwnerKind
+from disagg.engine.kv_cache import BlockPool, Owner, OwnerKind, block_hashes
 from disagg.engine.request import Request, RequestStatus
 
 if TYPE_CHECKING:
@@ -65,9 +65,16 @@ class Scheduler:
     """Decides, each step, which tokens of which requests to compute."""
 
     def __init__(self, cfg: SchedulerConfig, pool: BlockPool, block_size: int,
-                 max_model_len: int, connector: SchedulerConnector | None = None) -> None:
+                 max_model_len: int, connector: SchedulerConnector | None = None,
+                 hash_seed: int = 0) -> None:
         self.cfg = cfg
         self.pool = pool
+        self.hash_seed = hash_seed
+        """Root of every block hash chain (kv_cache.model_seed: the model's identity)."""
+        self.prefix_cache_queries = 0
+        """Prompt tokens looked up in the prefix cache at admission (vLLM's name)."""
+        self.prefix_cache_hits = 0
+        """Of those, tokens found cached (not computed)."""
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.connector = connector
@@ -175,7 +182,7 @@ class Scheduler:
         self.running.remove(req)
         self.pool.free(req.block_ids, Owner(OwnerKind.REQUEST, req.request_id))
         req.block_ids = []
-        req.num_computed_tokens = 0
+        req.num_computed_tokens = req.num_registered_blocks = 0
         req.status = RequestStatus.PREEMPTED
         self.waiting.appendleft(req)
         out.preempted_ids.append(req.request_id)
@@ -195,21 +202,64 @@ class Scheduler:
                 continue
             if self._try_remote(req):
                 continue
+            owner = Owner(OwnerKind.REQUEST, req.request_id)
+            fresh = not req.block_ids and not req.num_computed_tokens
+            hits = self._share_prefix(req, owner)
             remaining = req.num_tokens - req.num_computed_tokens
             n = min(remaining, budget) if self.cfg.enable_chunked_prefill else remaining
-            if n > budget:
-                break
             need = max(0, _blocks_for(req.num_computed_tokens + n, self.block_size)
                        - len(req.block_ids))
-            got = self.pool.allocate(need, Owner(OwnerKind.REQUEST, req.request_id))
+            got = None if n > budget else self.pool.allocate(need, owner)
             if got is None:
+                self._unshare_prefix(req, owner, hits)
                 break
+            if fresh and self.pool.enable_caching:
+                self.prefix_cache_queries += req.num_prompt_tokens
+                self.prefix_cache_hits += len(hits) * self.block_size
             req.block_ids.extend(got)
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             out.chunks.append(ScheduledChunk(req, n))
             budget -= n
+
+    # ---- prefix cache -------------------------------------------------------------------
+    def _share_prefix(self, req: Request, owner: Owner) -> list[int]:
+        """A request admitted from scratch takes the cached blocks of its longest cached
+        prefix and starts computing after them (at least its last prompt token is computed:
+        it needs that token's logits). Returns the shared blocks."""
+        if not self.pool.enable_caching or req.num_computed_tokens or req.block_ids:
+            return []
+        req.block_hashes = self._hashes(req, req.num_tokens)
+        hits = self.pool.lookup(req.block_hashes[:(req.num_tokens - 1) // self.block_size])
+        if hits:
+            self.pool.share(hits, owner)
+            req.block_ids = list(hits)
+            req.num_registered_blocks = len(hits)
+            req.num_computed_tokens = len(hits) * self.block_size
+        req.num_cached_tokens = len(hits) * self.block_size
+        return hits
+
+    def _unshare_prefix(self, req: Request, owner: Owner, hits: list[int]) -> None:
+        """Undo ``_share_prefix`` for a request that could not be admitted after all."""
+        if hits:
+            self.pool.free(hits, owner)
+            req.block_ids, req.num_computed_tokens, req.num_registered_blocks = [], 0, 0
+
+    def _hashes(self, req: Request, num_tokens: int) -> list[int]:
+        return block_hashes(req.all_token_ids[:num_tokens], self.block_size, self.hash_seed,
+                            req.block_hashes)
+
+    def _cache_computed(self, req: Request) -> None:
+        """Offer the request's newly computed full blocks to the prefix cache."""
+        full = min(req.num_computed_tokens // self.block_size, len(req.block_ids))
+        if not self.pool.enable_caching or full <= req.num_registered_blocks:
+            return
+        req.block_hashes = self._hashes(req, full * self.block_size)
+        owner = Owner(OwnerKind.REQUEST, req.request_id)
+        for i in range(req.num_registered_blocks, full):
+            self.pool.cache(req.block_ids[i], req.block_hashes[i], owner)
+        req.num_registered_blocks = full
 
     def _try_remote(self, req: Request) -> bool:
         """Park a request whose prompt KV comes from elsewhere; True if it left the queue."""
@@ -220,10 +270,16 @@ class Scheduler:
         num_external = self.connector.get_num_new_matched_tokens(req)
         if not num_external:
             return False
-        need = _blocks_for(req.num_tokens, self.block_size)
-        got = self.pool.allocate(need, Owner(OwnerKind.REQUEST, req.request_id))
+        owner = Owner(OwnerKind.REQUEST, req.request_id)
+        hits = self._share_prefix(req, owner)  # the connector moves only the blocks after them
+        need = _blocks_for(req.num_tokens, self.block_size) - len(req.block_ids)
+        got = self.pool.allocate(need, owner)
         if got is None:
+            self._unshare_prefix(req, owner, hits)
             return False
+        if self.pool.enable_caching:
+            self.prefix_cache_queries += req.num_prompt_tokens
+            self.prefix_cache_hits += len(hits) * self.block_size
         req.block_ids.extend(got)
         req.num_external_tokens = num_external
         req.status = RequestStatus.WAITING_FOR_REMOTE_KV
@@ -240,6 +296,7 @@ class Scheduler:
             if req.is_finished:
                 continue
             req.num_computed_tokens += chunk.num_tokens
+            self._cache_computed(req)
             token = sampled.get(req.request_id)
             if token is None:
                 continue

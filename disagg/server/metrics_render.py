@@ -30,6 +30,12 @@ def render_instance_metrics(engine: EngineClient, m: ServerMetrics, model: str) 
                    if stats else synced.num_gpu_blocks, lab)
     lines += gauge("disagg_kv_blocks_held", "KV blocks held for a peer transfer",
                    sum(s.kv_blocks_held for s in stats), lab)
+    lines += gauge("disagg_kv_blocks_cached", "Free KV blocks holding a cached prefix",
+                   sum(s.kv_blocks_cached for s in stats), lab)
+    lines += counter("disagg_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                     {lab: sum(s.prefix_cache_queries for s in stats)})
+    lines += counter("disagg_prefix_cache_hits", "Prompt tokens found in the prefix cache",
+                     {lab: sum(s.prefix_cache_hits for s in stats)})
     used = 1 - (sum(s.kv_blocks_free for s in stats) / max(1, synced.num_gpu_blocks)) \
         if stats else 0.0
     lines += gauge("disagg_kv_cache_usage_perc", "KV cache usage (0-1)", round(used, 6), lab)
