@@ -202,6 +202,7 @@ class PDConnector(KVConnector):
         t.start_clock(time.monotonic())
         t.local_block_ids = list(req.block_ids[:num_blocks])
         t.num_tokens = req.num_external_tokens
+        t.skip_blocks = min(req.num_cached_tokens // self.metadata.block_size, num_blocks)
         if t.role is TransferRole.CONSUMER_WRITE:
             self._announce(t, time.monotonic())
         else:
@@ -218,7 +219,8 @@ class PDConnector(KVConnector):
         return RemoteBlocks(transfer_id=t.transfer_id, engine_id=self.engine_id,
                             epoch=self.epoch, generation=t.generation, block_ids=blocks,
                             num_tokens=t.num_tokens, host=m.host,
-                            handshake_port=m.handshake_port, notify_port=m.notify_port)
+                            handshake_port=m.handshake_port, notify_port=m.notify_port,
+                            skip=min(t.skip_blocks, len(blocks)))
 
     def on_request_finished(self, req: Request) -> FinishAction:
         """Hold the blocks of a prefill whose KV a peer will consume (or that an op may still
@@ -321,8 +323,17 @@ class PDConnector(KVConnector):
             return
         assert t.remote_block_ids is not None
         n = min(len(t.local_block_ids), len(t.remote_block_ids))
+        skip = min(t.skip_blocks, n)
+        if skip == n:  # the consumer's prefix cache holds every block: nothing moves
+            t.move(TransferState.IN_FLIGHT)
+            if t.role is TransferRole.CONSUMER_READ:
+                self.inbox.landed(t)
+            else:
+                self._producer_done(t)
+            return
         op = TransferOp.WRITE if t.role is TransferRole.PRODUCER_WRITE else TransferOp.READ
-        handle, nbytes = self.worker.post(op, peer, t.local_block_ids[:n], t.remote_block_ids[:n])
+        handle, nbytes = self.worker.post(op, peer, t.local_block_ids[skip:n],
+                                          t.remote_block_ids[skip:n])
         t.handles, t.bytes_moved, t.posted_s = [handle], nbytes, time.monotonic()
         t.move(TransferState.IN_FLIGHT)
 

@@ -160,8 +160,11 @@ class Inbox:
             c.counters["notifications_wrong_peer_total"] += 1
             return
         t.remote_block_ids = list(msg.block_ids)
-        if not t.remote_block_ids:
-            t.layerwise = False  # a one-token prompt: nothing to stream, done at its end
+        t.skip_blocks = min(msg.skip, len(t.remote_block_ids))
+        if not t.remote_block_ids or t.skip_blocks:
+            # a one-token prompt: nothing to stream, done at its end; a decode-side prefix
+            # hit: the blocks after it go in one write once the prefill finished
+            t.layerwise = False
         t.peer_engine_id, t.peer_epoch, t.peer_generation = (msg.engine_id, msg.epoch,
                                                              msg.generation)
         t.peer_host, t.peer_handshake_port = msg.host, msg.handshake_port
@@ -241,9 +244,10 @@ class Inbox:
         """verify_kv: every received block's digest equals the producer's; then the request
         may use its KV. False if the KV was refused."""
         c = self._c
-        if c.cfg.verify_kv:
-            mine = c.worker.digests(t.local_block_ids)
-            if digests is None or list(digests[:len(mine)]) != mine:
+        if c.cfg.verify_kv:  # the blocks that moved (not the ones our prefix cache had)
+            skip = t.skip_blocks
+            mine = c.worker.digests(t.local_block_ids[skip:])
+            if digests is None or list(digests[skip:skip + len(mine)]) != mine:
                 why = "sent no digests (enable verify_kv on both sides)" if digests is None \
                     else "digests differ from the bytes that landed"
                 c.fail(t, f"KV from {t.peer_engine_id} refused: the producer {why}",

@@ -109,6 +109,8 @@ class RemoteBlocks(_Sent, tag="remote_blocks", kw_only=True):
     host: Host
     handshake_port: Port
     notify_port: Port
+    skip: Annotated[int, msgspec.Meta(ge=0, le=1 << 31)] = 0
+    """Leading blocks of ``block_ids`` the decode already holds (prefix cache): not written."""
 
 
 class WriteDone(_Sent, tag="write_done", kw_only=True):

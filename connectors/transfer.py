@@ -102,6 +102,8 @@ class Transfer:
     state: TransferState = TransferState.WAITING_REMOTE
     local_block_ids: list[int] = field(default_factory=list)
     remote_block_ids: list[int] | None = None
+    skip_blocks: int = 0
+    """Leading blocks the consumer already holds (its prefix cache): never moved."""
     num_tokens: int = 0
     peer_engine_id: str | None = None
     peer_host: str | None = None
