@@ -181,12 +181,24 @@ class EngineStats(msgspec.Struct, kw_only=True):
     """Of those, tokens found cached (counter)."""
 
 
+class KVCacheEvents(msgspec.Struct, kw_only=True):
+    """Prefix-cache changes of one rank, in order: (True, hash) stored, (False, hash) evicted.
+    ``dropped``: events lost to the engine's bound since the last message; such a message
+    carries ``snapshot`` (every hash held now) instead, which replaces the receiver's view."""
+
+    changes: list[tuple[bool, int]] = []
+    dropped: int = 0
+    snapshot: list[int] | None = None
+
+
 class EngineCoreOutputs(msgspec.Struct, tag="outputs", kw_only=True):
     """One batch of outputs from one engine core step."""
 
     dp_rank: int
     outputs: list[EngineCoreOutput]
     stats: EngineStats | None = None
+    kv_events: KVCacheEvents | None = None
+    """Block hashes this rank's prefix cache stored or evicted since its last message."""
 
 
 EngineInbound = (EngineCoreRequest | EngineCoreAbort | EngineCoreUtility | EngineCorePause

@@ -262,9 +262,10 @@ class EngineLoop:
         fresh = (busy and now - self._last_stats >= STATS_INTERVAL_S) or (self._was_busy
                                                                           and not busy)
         self._was_busy = busy
-        if outputs or fresh or beat or self._reports:
+        kv_events = self.engine.take_kv_events()
+        if outputs or fresh or beat or self._reports or kv_events is not None:
             self._send(EngineCoreOutputs(dp_rank=self.rank, outputs=outputs,
-                                         stats=self.engine.stats()))
+                                         stats=self.engine.stats(), kv_events=kv_events))
             self._last_stats = now
         for report in self._reports:
             self._send(report)

@@ -20,6 +20,7 @@ from disagg.common.protocol import (
     EngineCoreReadyResponse,
     EngineCoreRequest,
     EngineStats,
+    KVCacheEvents,
     TokenLogprob,
 )
 from disagg.common.version import __version__
@@ -326,6 +327,18 @@ class EngineCore:
                            kv_blocks_cached=snap.cached,
                            prefix_cache_queries=self.scheduler.prefix_cache_queries,
                            prefix_cache_hits=self.scheduler.prefix_cache_hits)
+
+    def take_kv_events(self) -> KVCacheEvents | None:
+        """The prefix cache's stored/evicted hashes since the last call (None: none); after
+        lost events, a snapshot of every hash held."""
+        pool = self.pool
+        events = pool.take_events()
+        dropped, pool.events_dropped = pool.events_dropped, 0
+        if not events and not dropped:
+            return None
+        if dropped:
+            return KVCacheEvents(dropped=dropped, snapshot=pool.cached_hashes())
+        return KVCacheEvents(changes=events)
 
     def kv_abort(self, transfer_id: str) -> bool:
         """Abort a request and drop any held blocks for a transfer id (proxy cleanup)."""

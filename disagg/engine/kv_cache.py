@@ -17,18 +17,21 @@ A block with an owner is never evicted, so a transfer's blocks stay put while it
 
 A block's hash is set once, by ``cache``, when its owner has computed its KV (a full block) and
 only the owner's own writes went into it; it is dropped only on eviction. Hashes chain: block i
-hashes (hash of block i-1, its tokens), seeded by the model's identity (``block_hashes``).
+hashes (hash of block i-1, its tokens), seeded by the model's identity
+(disagg/common/block_hash.py: the proxy computes the same chains to route by cached prefix).
 """
 
 from __future__ import annotations
 
 import enum
-import hashlib
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from typing import NamedTuple
 
-import numpy as np
+from disagg.common.block_hash import block_hashes, model_seed
+
+__all__ = ["BlockPool", "LedgerError", "LedgerSnapshot", "Owner", "OwnerKind", "block_hashes",
+           "model_seed"]
 
 
 class OwnerKind(enum.Enum):
@@ -66,28 +69,6 @@ class LedgerSnapshot(NamedTuple):
 MAX_EVENTS = 65536
 """Stored/removed hash events kept for the next ``take_events`` (older ones are dropped and
 counted: a consumer that fell behind rebuilds its view from a snapshot)."""
-
-
-def block_hashes(tokens: Sequence[int], block_size: int, seed: int,
-                 start: Sequence[int] = ()) -> list[int]:
-    """The hash chain of every full block of ``tokens``: 63-bit ints, the same in every process
-    and on every instance serving the same model (``seed``). ``start`` is a chain already known
-    for a prefix of the blocks (extended, not recomputed)."""
-    out = list(start)
-    parent = out[-1] if out else seed
-    arr = np.asarray(tokens, dtype=np.int64)
-    for i in range(len(out), len(tokens) // block_size):
-        h = hashlib.blake2b(parent.to_bytes(8, "little")
-                            + arr[i * block_size:(i + 1) * block_size].tobytes(), digest_size=8)
-        parent = int.from_bytes(h.digest(), "little") >> 1
-        out.append(parent)
-    return out
-
-
-def model_seed(model_id: str, salt: str = "") -> int:
-    """The root of a hash chain: the model's identity (and a cache salt, when one is given)."""
-    h = hashlib.blake2b(f"{model_id}\x00{salt}".encode(), digest_size=8)
-    return int.from_bytes(h.digest(), "little") >> 1
 
 
 class BlockPool:

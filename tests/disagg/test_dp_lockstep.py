@@ -203,6 +203,11 @@ class FakeEngine:
         out, self.done = self.done, []
         return out
 
+    tp_failure: str | None = None
+
+    def take_kv_events(self) -> None:
+        return None
+
     def stats(self) -> EngineStats:
         return EngineStats(num_running=len(self.left), num_waiting=len(self.held),
                            kv_blocks_total=1, kv_blocks_free=1, kv_blocks_held=0)

@@ -86,6 +86,11 @@ class FakeEngine:
 
     connector_step = step
 
+    tp_failure: str | None = None
+
+    def take_kv_events(self) -> None:
+        return None
+
     def stats(self) -> EngineStats:
         return EngineStats(num_running=len(self.left), num_waiting=0, kv_blocks_total=1,
                            kv_blocks_free=1, kv_blocks_held=0)
