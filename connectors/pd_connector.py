@@ -104,12 +104,12 @@ class PDConnector(KVConnector):
 
     @staticmethod
     def make_rank_worker(cfg: KVTransferConfig, engine_id: str, tp_rank: int,
-                         kv_cache: torch.Tensor) -> RankKV:
+                         kv_cache: torch.Tensor, dp_rank: int = 0) -> RankKV:
         """A TP worker rank's own KV endpoint (disagg/engine/tp_worker.py); rank 0 reaches it
         through RemoteRank (connectors/pd_rank.py)."""
         c = parse_pd_config(cfg.kv_connector_extra_config, cfg.kv_role, kv_cache.is_cuda)
         return RankKV(c.transport, rank_name(engine_id, tp_rank), c.host, kv_cache,
-                      _rank_options(c.transport_options, 0, tp_rank),
+                      _rank_options(c.transport_options, dp_rank, tp_rank),
                       ready_timeout_s=c.timeouts.transfer_timeout_s)
 
     # ---- request life cycle ------------------------------------------------------------
@@ -342,6 +342,8 @@ class PDConnector(KVConnector):
         it, see can_schedule); once its prefill finished, every layer write has landed."""
         if t.stream_peer is None:
             t.stream_peer = self._peer(t)
+            if t.stream_peer is not None and not self.worker.streams_layers_to(t.stream_peer):
+                t.stream_peer, t.layerwise = None, False  # one write once the prefill ended
         elif t.request_finished:
             self._producer_done(t)
 
@@ -418,6 +420,11 @@ class PDConnector(KVConnector):
         assert plan is not None
         self.cfg.faults.replace(plan)
         return len(plan.faults)
+
+    def fail_all(self, error: str) -> None:
+        """The engine is going down: every live transfer fails and its peer is told."""
+        for t in list(self.transfers.values()):
+            self.fail(t, error)
 
     def abort_transfer(self, transfer_id: str) -> bool:
         """Proxy cleanup: fail a transfer (the request, if any, is aborted by the engine)."""

@@ -120,7 +120,11 @@ class PeerLinks:
         self.learn(meta)
         t.peer_engine_id, t.peer_epoch, t.peer_num_blocks = (meta.engine_id, meta.epoch,
                                                               meta.num_blocks)
-        self.worker.add_peer(meta)
+        try:
+            self.worker.add_peer(meta)
+        except Exception as exc:  # a descriptor our transport (or a TP rank's) cannot use
+            return None, (f"cannot connect to peer {meta.engine_id}'s KV transport: "
+                          f"{type(exc).__name__}: {exc}")
         return meta.engine_id, None
 
     def hello_error(self, t: Transfer) -> str | None:

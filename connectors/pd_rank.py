@@ -14,6 +14,7 @@ Memory layout of a rank's cache (blocks outermost, see hip_kernels/__init__.py):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from typing import Any
 
@@ -24,6 +25,7 @@ from connectors.faults import FaultPlan
 from connectors.pd_poster import Posts
 from connectors.transports import make_transport
 from connectors.transports.base import TransferOp, TransferStatus
+from disagg.engine.tp import TPCallError
 
 RPC_METHODS = frozenset({"add_peer", "post_rows", "poll", "error", "release", "drop_unposted",
                          "head_digests"})
@@ -43,7 +45,7 @@ class RankKV:
         self.layer_bytes = self.block_bytes // kv_cache.shape[1]
         self.transport.register_region(kv_cache)
         self.posts = Posts(self.transport, ready_timeout_s)
-        self.peers: set[str] = set()
+        self.peers: dict[str, bytes] = {}
         self.faults = faults
 
     def descriptor(self) -> bytes:
@@ -51,10 +53,10 @@ class RankKV:
         return self.transport.descriptor()
 
     def add_peer(self, name: str, descriptor: bytes) -> None:
-        """Connect the transport to a peer rank once."""
-        if name not in self.peers:
+        """Connect the transport to a peer rank (again when its descriptor changed)."""
+        if self.peers.get(name) != descriptor:
             self.transport.add_peer(name, descriptor)
-            self.peers.add(name)
+            self.peers[name] = descriptor
 
     def post_rows(self, op: TransferOp, peer: str, rows: np.ndarray, label: str) -> int:
         """Start a copy of (local, remote, length) rows after the step's KV writes. A
@@ -124,13 +126,18 @@ class RankKV:
 
 
 class RemoteRank:
-    """Rank 0's handle on a worker rank's RankKV: the same calls, over the TP channel. Once the
-    group is broken (a worker died: the instance is going down) release and drop are no-ops
-    and polls fail, so failing the requests never waits on a dead rank."""
+    """Rank 0's handle on a worker rank's RankKV: the same calls, over the TP channel.
+
+    Once the group is broken (a worker died: the instance is going down) release and drop are
+    no-ops and polls fail, so failing the requests never waits on a dead rank. A call that the
+    worker answers with an error (the group is fine) fails that op, never the engine: a post
+    becomes an op that already failed (negative id), a poll of it FAILED."""
 
     def __init__(self, group: Any, rank: int, descriptor: bytes, block_bytes: int) -> None:
         self.group, self.rank = group, rank
         self._descriptor, self.block_bytes = descriptor, block_bytes
+        self._failed: dict[int, str] = {}
+        self._next_failed = -1
 
     def descriptor(self) -> bytes:
         return self._descriptor
@@ -138,30 +145,51 @@ class RemoteRank:
     def _call(self, method: str, *args: Any) -> Any:
         return self.group.call(self.rank, "kv", method, args)
 
+    def _fail_op(self, op_id: int, why: str) -> None:
+        self._failed[op_id] = why
+
     def add_peer(self, name: str, descriptor: bytes) -> None:
         self._call("add_peer", name, descriptor)
 
     def post_rows(self, op: TransferOp, peer: str, rows: np.ndarray, label: str) -> int:
-        return int(self._call("post_rows", op, peer, rows, label))
+        try:
+            return int(self._call("post_rows", op, peer, rows, label))
+        except TPCallError as exc:
+            op_id, self._next_failed = self._next_failed, self._next_failed - 1
+            self._fail_op(op_id, f"{label}: {exc}")
+            return op_id
 
     def poll(self, op_id: int) -> TransferStatus:
-        if self.group.failure is not None:
+        if self.group.failure is not None or op_id in self._failed:
             return TransferStatus.FAILED
-        return TransferStatus(self._call("poll", op_id))
+        try:
+            return TransferStatus(self._call("poll", op_id))
+        except TPCallError as exc:
+            self._fail_op(op_id, str(exc))
+            return TransferStatus.FAILED
 
     def error(self, op_id: int) -> str | None:
+        if op_id in self._failed:
+            return self._failed[op_id]
         if self.group.failure is not None:
             return str(self.group.failure)
         return self._call("error", op_id)  # type: ignore[no-any-return]
 
     def release(self, op_id: int) -> None:
-        if self.group.failure is None:
-            self._call("release", op_id)
+        if self._failed.pop(op_id, None) is None and self.group.failure is None:
+            with contextlib.suppress(TPCallError):
+                self._call("release", op_id)
 
     def drop_unposted(self, op_ids: list[int]) -> list[int]:
         if self.group.failure is not None:
             return []
-        return list(self._call("drop_unposted", op_ids))
+        live = [i for i in op_ids if i not in self._failed]
+        for i in op_ids:
+            self._failed.pop(i, None)
+        try:
+            return list(self._call("drop_unposted", live)) if live else []
+        except TPCallError:
+            return live  # unknown: treat them as posted (they stay parked until settled)
 
     def head_digests(self, block_ids: list[int]) -> list[list[bytes]]:
         return list(self._call("head_digests", block_ids))

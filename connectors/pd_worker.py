@@ -45,13 +45,18 @@ class _Op:
 
     parts: list[tuple[int, int]]
     error: str | None = None
-    done: list[tuple[int, int]] = field(default_factory=list)
+    reported: bool = False
+    """FAILED was answered once; later polls say PENDING while parts still run."""
+    ended: list[tuple[int, int]] = field(default_factory=list)
+    """Parts done or failed (released with the op)."""
 
 
 @dataclass(frozen=True, slots=True)
 class _Peer:
+    epoch: int
     tp_size: int
     geometry: RankGeometry
+    descriptors: tuple[bytes, ...]
 
 
 class PDWorkerSide:
@@ -84,17 +89,26 @@ class PDWorkerSide:
         return [r.descriptor() for r in self.ranks]
 
     def add_peer(self, meta: EngineMetadata) -> None:
-        """Connect each local rank to the peer ranks it exchanges heads with, once."""
-        if meta.engine_id in self.peers:
+        """Connect each local rank to the peer ranks it exchanges heads with; again when the
+        peer restarted (another epoch: maybe another TP size, other endpoints)."""
+        old = self.peers.get(meta.engine_id)
+        descriptors = tuple(meta.rank_descriptors or [meta.transport_descriptor])
+        if old is not None and (old.epoch, old.tp_size, old.descriptors) == (
+                meta.epoch, meta.tp_size, descriptors):
             return
         peer_heads = kv_head_range(self.num_kv_heads, meta.tp_size, 0)[1]
         g = self.geometry
-        peer = _Peer(meta.tp_size, RankGeometry(g.num_layers, g.block_size, peer_heads,
-                                                g.head_bytes))
-        descriptors = meta.rank_descriptors or [meta.transport_descriptor]
+        peer = _Peer(meta.epoch, meta.tp_size,
+                     RankGeometry(g.num_layers, g.block_size, peer_heads, g.head_bytes),
+                     descriptors)
         for local, remote in self._pairs(peer):
             self.ranks[local].add_peer(rank_name(meta.engine_id, remote), descriptors[remote])
         self.peers[meta.engine_id] = peer
+
+    def streams_layers_to(self, peer: str) -> bool:
+        """Layerwise WRITE needs one rank on both sides (rank 0's forward posts each layer)."""
+        p = self.peers.get(peer)
+        return self.tp_size == 1 and p is not None and p.tp_size == 1
 
     def _pairs(self, peer: _Peer) -> set[tuple[int, int]]:
         """(local rank, peer rank) pairs with at least one route, either direction."""
@@ -146,7 +160,9 @@ class PDWorkerSide:
     def post_layer(self, peer: str, layer: int, local_blocks: list[int],
                    remote_blocks: list[int]) -> tuple[int, int]:
         """WRITE one layer of blocks whose K/V the current step just wrote (layerwise streaming:
-        one rank on each side, pd_config refuses it with TP); never blocks the host."""
+        one rank on each side, see streams_layers_to); never blocks the host."""
+        if not self.streams_layers_to(peer):
+            raise ValueError(f"layerwise write to {peer}: both sides need one TP rank")
         rows = self.layer_rows(layer, local_blocks, remote_blocks)
         label = f"layer {layer} write to {peer}"
         nbytes = int(rows[:, 2].sum())
@@ -169,20 +185,26 @@ class PDWorkerSide:
 
     # ---- polling -------------------------------------------------------------------------
     def poll(self, op_id: int) -> TransferStatus:
-        """FAILED once any part failed, DONE once every part is done, else PENDING."""
+        """DONE once every part is done; FAILED as soon as one part failed (answered once:
+        afterwards PENDING while other parts still run, so the blocks they touch stay parked
+        until none can write any more, then FAILED again); else PENDING."""
         op = self._ops[op_id]
-        if op.error is not None:
-            return TransferStatus.FAILED
         pending: list[tuple[int, int]] = []
         for rank, part in op.parts:
             state = self.ranks[rank].poll(part)
-            if state is TransferStatus.FAILED:
-                op.error = self.ranks[rank].error(part) or "a KV copy failed"
-                if self.tp_size > 1:
-                    op.error = f"tp rank {rank}: {op.error}"
-                return TransferStatus.FAILED
-            (op.done if state is TransferStatus.DONE else pending).append((rank, part))
+            if state is TransferStatus.PENDING:
+                pending.append((rank, part))
+                continue
+            op.ended.append((rank, part))
+            if state is TransferStatus.FAILED and op.error is None:
+                why = self.ranks[rank].error(part) or "a KV copy failed"
+                op.error = f"tp rank {rank}: {why}" if self.tp_size > 1 else why
         op.parts = pending
+        if op.error is not None:
+            if not op.reported:
+                op.reported = True
+                return TransferStatus.FAILED
+            return TransferStatus.PENDING if pending else TransferStatus.FAILED
         return TransferStatus.PENDING if pending else TransferStatus.DONE
 
     def error(self, op_id: int) -> str | None:
@@ -195,26 +217,26 @@ class PDWorkerSide:
         op = self._ops.pop(op_id, None)
         if op is None:
             return
-        for rank, part in [*op.parts, *op.done]:
+        for rank, part in [*op.parts, *op.ended]:
             self.ranks[rank].release(part)
 
     def drop_unposted(self, op_ids: list[int]) -> list[int]:
         """Cancel the parts still waiting for their KV; returns the ids of ops with parts that
-        were posted (those may still write)."""
+        were posted and may still write (an op left with none is released)."""
         keep = []
         for op_id in op_ids:
             op = self._ops.get(op_id)
             if op is None:
                 continue
             left: list[tuple[int, int]] = []
-            for rank in {r for r, _ in op.parts}:
+            for rank in sorted({r for r, _ in op.parts}):
                 ids = [p for r, p in op.parts if r == rank]
                 left += [(rank, p) for p in self.ranks[rank].drop_unposted(ids)]
             op.parts = left
-            if left or op.done:
+            if left:
                 keep.append(op_id)
             else:
-                del self._ops[op_id]
+                self.release(op_id)
         return keep
 
     # ---- verify_kv and fault drills ------------------------------------------------------

@@ -39,7 +39,8 @@ from disagg.common.kv_transfer_params import (
     TransferId,
 )
 
-CONTROL_VERSION = 2
+CONTROL_VERSION = 3
+"""3: per-rank descriptors and tp_size in the metadata, ``skip`` in remote_blocks."""
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 """ZMQ drops (and disconnects) any frame above this: no message can exhaust memory."""
 

@@ -177,6 +177,8 @@ class EngineLoop:
     def run(self, parent: int) -> int:
         """Step forever; stats go out at least every second; returns the exit code when
         orphaned (0) or when a tensor-parallel worker died (EXIT_TP_WORKER_FAILED)."""
+        if getattr(self.engine, "tp", None) is not None:
+            self.engine.tp.arm_exit()
         while True:
             try:
                 for frame in self._read(self._block_ms()):
@@ -201,11 +203,15 @@ class EngineLoop:
         """A TP worker died: every request ends with that line (their peers' transfers fail
         and free at once), the frontend gets the answers, then this process exits."""
         logger.error("dp%d: %s; failing every request and exiting", self.rank, line)
-        outputs = self._errors + self.engine.fail_all(
-            f"the instance lost a tensor-parallel worker: {line}")
+        try:
+            outputs = self._errors + self.engine.fail_all(
+                f"the instance lost a tensor-parallel worker: {line}")
+            self._send(EngineCoreOutputs(dp_rank=self.rank, outputs=outputs,
+                                         stats=self.engine.stats()))
+        except Exception as exc:  # the exit still happens; the frontend answers 503 then
+            logger.error("dp%d: failing the requests failed too: %s: %s", self.rank,
+                         type(exc).__name__, exc)
         self._errors = []
-        self._send(EngineCoreOutputs(dp_rank=self.rank, outputs=outputs,
-                                     stats=self.engine.stats()))
 
     def _block_ms(self) -> int:
         ls = self.lockstep

@@ -25,7 +25,7 @@ from disagg.common.protocol import (
 )
 from disagg.common.version import __version__
 from disagg.engine.kv_cache import BlockPool, model_seed
-from disagg.engine.kv_connector import create_connector
+from disagg.engine.kv_connector import create_connector, supports_tensor_parallel
 from disagg.engine.kv_sizing import KVPlan, plan_kv_cache
 from disagg.engine.model_runner import ModelRunner, resolve_device, resolve_dtype
 from disagg.engine.request import FINISH_REASONS, Request, RequestStatus
@@ -111,6 +111,10 @@ class EngineCore:
         kt = self.cfg.kv_transfer
         if kt is None or kt.kv_connector is None:
             return None
+        if self.tp is not None and not supports_tensor_parallel(kt):
+            raise ConfigError(f"kv_connector {kt.kv_connector!r} has no per-rank half "
+                              "(make_rank_worker): it cannot move the KV of "
+                              "--tensor-parallel-size > 1")
         return create_connector(kt, self, kv_cache)
 
     @property
@@ -247,13 +251,16 @@ class EngineCore:
         """Run the model; with TP, a collective that fails means a worker died or hung."""
         if self.tp is None:
             return self.runner.execute(out, layer_hook)
+        self.tp.step_begin()
         try:
             return self.runner.execute(out, layer_hook)
         except TPWorkerError:
             raise
         except RuntimeError as exc:
             self.tp.check()
-            raise TPWorkerError(f"a tensor-parallel collective failed: {exc}") from exc
+            raise self.tp.fail(f"a tensor-parallel collective failed: {exc}") from exc
+        finally:
+            self.tp.step_end()
 
     @property
     def tp_failure(self) -> str | None:
@@ -268,6 +275,9 @@ class EngineCore:
             self.tp.acknowledge()
         for req in list(self.scheduler.requests.values()):
             self.scheduler.finish(req, RequestStatus.FINISHED_ERROR, error)
+        if self.connector is not None:  # finished prefills' transfers: their peers free now
+            self.connector.fail_all(error)
+            self._connector_output()
         self.held.clear()
         for req in self._awaiting.values():
             req.status, req.error = RequestStatus.FINISHED_ERROR, error

@@ -156,6 +156,10 @@ class KVConnector(abc.ABC):
     def metrics(self) -> dict[str, float]:
         """Counters and gauges for /metrics."""
 
+    def fail_all(self, error: str) -> None:
+        """The engine is going down: fail every live transfer toward its peer (they free at
+        once instead of waiting for a lease to run out). Default: nothing to fail."""
+
     @abc.abstractmethod
     def abort_transfer(self, transfer_id: str) -> bool:
         """Drop a transfer (proxy cleanup); True if it was known."""
@@ -202,18 +206,23 @@ def create_connector(cfg: KVTransferConfig, engine: Any, kv_cache: torch.Tensor)
     return factory(cfg, engine, kv_cache)
 
 
-def create_rank_worker(cfg: KVTransferConfig, engine_id: str, tp_rank: int,
-                       kv_cache: torch.Tensor) -> Any:
-    """The per-rank half of ``cfg.kv_connector`` in a tensor-parallel worker process: the
-    connector class's ``make_rank_worker(cfg, engine_id, tp_rank, kv_cache)``, an object with
-    ``descriptor()``, ``rpc(method, args)`` and ``close()``."""
+def supports_tensor_parallel(cfg: KVTransferConfig) -> bool:
+    """Whether ``cfg.kv_connector`` has a per-rank half (``make_rank_worker``)."""
     assert cfg.kv_connector is not None
     try:
         factory = resolve_connector(cfg.kv_connector)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    make = getattr(factory, "make_rank_worker", None)
-    if make is None:
+    return getattr(factory, "make_rank_worker", None) is not None
+
+
+def create_rank_worker(cfg: KVTransferConfig, engine_id: str, tp_rank: int,
+                       kv_cache: torch.Tensor, dp_rank: int = 0) -> Any:
+    """The per-rank half of ``cfg.kv_connector`` in a tensor-parallel worker process: the
+    connector class's ``make_rank_worker(cfg, engine_id, tp_rank, kv_cache, dp_rank)``, an
+    object with ``descriptor()``, ``rpc(method, args)`` and ``close()``."""
+    if not supports_tensor_parallel(cfg):
         raise ConfigError(f"kv_connector {cfg.kv_connector!r} does not support tensor "
                           "parallelism (it has no make_rank_worker)")
-    return make(cfg, engine_id, tp_rank, kv_cache)
+    make = resolve_connector(str(cfg.kv_connector)).make_rank_worker  # type: ignore[attr-defined]
+    return make(cfg, engine_id, tp_rank, kv_cache, dp_rank)

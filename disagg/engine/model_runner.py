@@ -132,7 +132,11 @@ class ModelRunner:
         self._profile_run()
         peak = torch.cuda.max_memory_allocated()
         total = torch.cuda.get_device_properties(self.device).total_memory
-        return int(total * self.cfg.cache.gpu_memory_utilization) - peak
+        budget = int(total * self.cfg.cache.gpu_memory_utilization) - peak
+        if self.tp.size > 1:  # NCCL/RCCL buffers live outside torch's allocator
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget -= max(0, (total - free) - torch.cuda.memory_reserved(self.device))
+        return budget
 
     @torch.inference_mode()
     def _profile_run(self) -> None:

@@ -46,6 +46,10 @@ WATCH_INTERVAL_S = 0.2
 SHUTDOWN_WAIT_S = 5.0
 
 
+class TPCallError(RuntimeError):
+    """A worker's call failed (its answer was an error); the group itself is fine."""
+
+
 def _torch_threads() -> int:
     import torch
 
@@ -56,29 +60,36 @@ class TPWorkerError(RuntimeError):
     """A tensor-parallel worker died, hung or failed: this engine core must go down."""
 
 
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (the group's rendezvous)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def backend_for(device_type: str) -> str:
     """nccl on a GPU (RCCL on ROCm answers to the same name), gloo on CPU."""
     return "nccl" if device_type == "cuda" else "gloo"
 
 
-def join_group(rank: int, size: int, port: int, device_type: str, timeout_s: float) -> None:
-    """Join this engine core's TP group (the process's default group)."""
+def make_store(rank: int, size: int, port: int, timeout_s: float) -> Any:
+    """The group's rendezvous store: rank 0 hosts it on a port the OS picks (no race for a
+    port picked earlier), the workers connect to it."""
     import torch.distributed as dist
 
+    return dist.TCPStore("127.0.0.1", port, size, rank == 0,
+                         timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
+
+
+def join_group(rank: int, size: int, store: Any, device_type: str, timeout_s: float) -> None:
+    """Join this engine core's TP group (the process's default group). On a GPU the process's
+    device is set first and NCCL starts eagerly on it, so its buffers exist before the KV
+    budget is measured."""
+    import torch
+    import torch.distributed as dist
+
+    kw: dict[str, Any] = {}
+    if device_type == "cuda":
+        kw["device_id"] = torch.device("cuda", torch.cuda.current_device())
     try:
-        dist.init_process_group(backend_for(device_type), init_method=f"tcp://127.0.0.1:{port}",
-                                world_size=size, rank=rank,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group(backend_for(device_type), store=store, world_size=size,
+                                rank=rank, timeout=datetime.timedelta(seconds=timeout_s), **kw)
     except Exception as exc:
         raise TPWorkerError(f"tp{rank}: cannot join the tensor-parallel group of {size} ranks "
-                            f"on 127.0.0.1:{port} within {timeout_s:.0f} s: {exc}") from exc
+                            f"within {timeout_s:.0f} s: {exc}") from exc
 
 
 class _Worker:
@@ -110,18 +121,20 @@ class TPGroup:
         self._stop = threading.Event()
         self._closing = False
         self._acknowledged = threading.Event()
-        port = free_port()
+        self._armed = False
+        self._step_started: float | None = None
         cfg_bytes = msgspec.msgpack.encode(cfg)
         try:
+            store = make_store(0, self.size, 0, self.timeout_s)
             for rank in range(1, self.size):
-                self._workers.append(self._spawn(rank, port, cfg_bytes))
-        except OSError as exc:
+                self._workers.append(self._spawn(rank, int(store.port), cfg_bytes))
+        except (OSError, RuntimeError) as exc:
             self.close()
             raise ConfigError(f"cannot start tensor-parallel workers: {exc}") from exc
         self._watch = threading.Thread(target=self._watch_loop, name="tp-watch", daemon=True)
         self._watch.start()
         try:
-            join_group(0, self.size, port, device_type, self.timeout_s)
+            join_group(0, self.size, store, device_type, self.timeout_s)
         except TPWorkerError as exc:
             self.close()
             raise ConfigError(self.failure or str(exc)) from exc
@@ -146,22 +159,50 @@ class TPGroup:
     # ---- liveness ------------------------------------------------------------------------
     def _watch_loop(self) -> None:
         while not self._stop.wait(WATCH_INTERVAL_S):
-            for w in self._workers:
-                line = w.exit_line()
-                if line is None or self._closing:
-                    continue
-                if self.failure is None:
-                    self.failure = line
-                    logger.error("%s; the instance goes down", line)
-                if not self._acknowledged.wait(EXIT_GRACE_S) and not self._closing:
-                    logger.error("%s and the engine did not stop within %.0f s (stuck in a "
-                                 "collective); exiting", line, EXIT_GRACE_S)
-                    os._exit(EXIT_TP_WORKER_FAILED)
+            if self._closing:
                 return
+            line = next((x for w in self._workers if (x := w.exit_line()) is not None), None)
+            started = self._step_started
+            if line is None and started is not None and \
+                    time.monotonic() - started > self.timeout_s:
+                line = (f"a tensor-parallel step did not finish within {self.timeout_s:.0f} s "
+                        "(--tp-timeout): a worker hung")
+            if line is None:
+                continue
+            if self.failure is None:
+                self.failure = line
+                logger.error("%s; the instance goes down", line)
+            # The engine loop fails every request and exits; if it is stuck in a collective
+            # that cannot fail (NCCL waiting for a dead peer), end the process here. Armed
+            # only once serving (before that, start-up reports the failure; an in-process LLM
+            # raises it from its next call).
+            if self._armed and not self._acknowledged.wait(EXIT_GRACE_S) and not self._closing:
+                logger.error("%s and the engine did not stop within %.0f s (stuck in a "
+                             "collective); exiting", line, EXIT_GRACE_S)
+                os._exit(EXIT_TP_WORKER_FAILED)
+            return
+
+    def arm_exit(self) -> None:
+        """Serving: a broken group that the engine loop cannot act on ends the process."""
+        self._armed = True
 
     def acknowledge(self) -> None:
         """The engine loop took ``failure`` up and is failing its requests and exiting."""
         self._acknowledged.set()
+
+    def fail(self, line: str) -> TPWorkerError:
+        """Record the group broken (the first reason wins) and return the error to raise."""
+        if self.failure is None:
+            self.failure = line
+        return TPWorkerError(self.failure)
+
+    def step_begin(self) -> None:
+        """Rank 0 starts a step (the watch thread enforces the deadline on it)."""
+        self._step_started = time.monotonic()
+
+    def step_end(self) -> None:
+        """Rank 0's step returned."""
+        self._step_started = None
 
     def check(self) -> None:
         """Raise TPWorkerError if a worker is known dead."""
@@ -174,11 +215,8 @@ class TPGroup:
 
     def _broken(self, w: _Worker, what: str, exc: BaseException | None = None) -> TPWorkerError:
         time.sleep(0.05)  # a worker that just closed its end has usually exited too
-        line = w.exit_line() or f"tensor-parallel worker tp{w.rank} {what}" + (
-            f": {exc}" if exc else "")
-        if self.failure is None:
-            self.failure = line
-        return TPWorkerError(line)
+        return self.fail(w.exit_line() or f"tensor-parallel worker tp{w.rank} {what}" + (
+            f": {exc}" if exc else ""))
 
     # ---- traffic -------------------------------------------------------------------------
     def send_step(self, payload: Any) -> None:
@@ -204,7 +242,7 @@ class TPGroup:
             if time.monotonic() >= deadline:
                 raise self._broken(w, f"did not answer {what} within {self.timeout_s:.0f} s")
         if kind == "error":
-            raise TPWorkerError(f"tensor-parallel worker tp{w.rank}: {what} failed: {value}")
+            raise TPCallError(f"tensor-parallel worker tp{w.rank}: {what} failed: {value}")
         return value
 
     def post_all(self, method: str, *args: Any) -> None:

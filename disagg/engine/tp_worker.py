@@ -24,7 +24,7 @@ from disagg.common import envs
 from disagg.common.config import EngineConfig
 from disagg.engine.kv_connector import create_rank_worker
 from disagg.engine.model_runner import ModelRunner, resolve_device, resolve_dtype
-from disagg.engine.tp import join_group
+from disagg.engine.tp import join_group, make_store
 from disagg.models.loader import resolve_arch
 from disagg.models.parallel import TPContext
 
@@ -39,12 +39,7 @@ class TPWorker:
     def __init__(self, cfg: EngineConfig, rank: int, size: int) -> None:
         self.cfg, self.rank = cfg, rank
         arch = resolve_arch(cfg.model.model)
-        device = resolve_device(cfg.model.device)
-        if device.type == "cuda":
-            import torch
-
-            device = torch.device("cuda", int(os.environ.get("DISAGG_TP_LOCAL_DEVICE", rank)))
-            torch.cuda.set_device(device)
+        device = local_device(cfg, rank)
         dtype = resolve_dtype(cfg.model.dtype, device, arch)
         self.runner = ModelRunner(cfg, arch, device, dtype, arch.max_position_embeddings,
                                   tp=TPContext(rank=rank, size=size))
@@ -63,7 +58,7 @@ class TPWorker:
         if method == "kv_init":
             assert self.cfg.kv_transfer is not None and r.kv_cache is not None
             self.kv = create_rank_worker(self.cfg.kv_transfer, str(args[0]), self.rank,
-                                         r.kv_cache)
+                                         r.kv_cache, self.cfg.parallel.data_parallel_rank)
             return self.kv.descriptor()
         if method == "kv":
             if self.kv is None:
@@ -75,6 +70,18 @@ class TPWorker:
     def close(self) -> None:
         if self.kv is not None:
             self.kv.close()
+
+
+def local_device(cfg: EngineConfig, rank: int) -> Any:
+    """This rank's device: cuda:rank of the engine core's visible GPUs (set as the process's
+    current device before the group starts, so NCCL binds to it), else the CPU."""
+    device = resolve_device(cfg.model.device)
+    if device.type == "cuda":
+        import torch
+
+        device = torch.device("cuda", int(os.environ.get("DISAGG_TP_LOCAL_DEVICE", rank)))
+        torch.cuda.set_device(device)
+    return device
 
 
 def serve(conn: Connection, worker: TPWorker, parent: int) -> int:
@@ -120,8 +127,10 @@ def main(fd: int) -> int:
         torch.set_num_threads(int(init["threads"]))
     worker = None
     try:
-        join_group(rank, int(init["size"]), int(init["port"]), str(init["device_type"]),
-                   float(init["timeout_s"]))
+        size, timeout_s = int(init["size"]), float(init["timeout_s"])
+        local_device(cfg, rank)
+        store = make_store(rank, size, int(init["port"]), timeout_s)
+        join_group(rank, size, store, str(init["device_type"]), timeout_s)
         worker = TPWorker(cfg, rank, int(init["size"]))
         return serve(conn, worker, int(init["parent"]))
     except Exception:

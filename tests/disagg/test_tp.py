@@ -79,3 +79,38 @@ def test_killed_worker_fails_its_requests_and_frees_every_block() -> None:
         assert snap.free == snap.total and snap.held == 0
     finally:
         llm.close()
+
+
+def test_frozen_worker_fails_the_step_within_the_tp_timeout() -> None:
+    """SIGSTOP a worker: the next step's collective cannot finish; it fails within
+    --tp-timeout (gloo's deadline), naming the cause, and every block comes back."""
+    import dataclasses
+    import os
+    import signal
+
+    from disagg.engine.engine_core import EngineCore
+
+    base = _llm(1).engine.cfg
+    cfg = dataclasses.replace(base, parallel=dataclasses.replace(
+        base.parallel, tensor_parallel_size=2, tensor_parallel_timeout_s=3.0))
+    engine = EngineCore(cfg)
+    assert engine.tp is not None
+    victim = engine.tp._workers[0].proc
+    try:
+        assert engine.add_request(EngineCoreRequest(
+            request_id="r", prompt_token_ids=PROMPTS[1],
+            sampling_params=SamplingParams(max_tokens=100, ignore_eos=True))) is None
+        engine.step()
+        os.kill(victim.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        with pytest.raises(TPWorkerError):
+            for _ in range(50):
+                engine.step()
+        assert time.monotonic() - t0 < 3.0 + 5.0
+        outs = engine.fail_all(f"lost a worker: {engine.tp_failure}")
+        assert [o.request_id for o in outs] == ["r"] and outs[0].finish_reason == "error"
+        snap = engine.pool.snapshot()
+        assert snap.free == snap.total
+    finally:
+        os.kill(victim.pid, signal.SIGCONT)
+        engine.close()
