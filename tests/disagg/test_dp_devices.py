@@ -23,11 +23,22 @@ def test_ranks_take_entries_of_the_users_list(four_gpus: None,
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
     assert [rank_device_env(r, 2, "auto") for r in range(2)] == [
         {"CUDA_VISIBLE_DEVICES": "4"}, {"CUDA_VISIBLE_DEVICES": "5"}]
-    with pytest.raises(ConfigError, match="needs one GPU per rank, but only 2 are visible"):
+    with pytest.raises(ConfigError, match="needs 3 GPUs, but only 2 are visible"):
         rank_device_env(0, 3, "auto")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert rank_device_env(3, 4, "cuda") == {"CUDA_VISIBLE_DEVICES": "3"}
     assert rank_device_env(1, 2, "cpu") == {} and rank_device_env(0, 1, "auto") == {}
+
+
+def test_tensor_parallel_ranks_take_contiguous_gpus(four_gpus: None,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert [rank_device_env(r, 2, "auto", tp_size=2) for r in range(2)] == [
+        {"CUDA_VISIBLE_DEVICES": "0,1"}, {"CUDA_VISIBLE_DEVICES": "2,3"}]
+    assert rank_device_env(0, 1, "cuda", tp_size=4) == {"CUDA_VISIBLE_DEVICES": "0,1,2,3"}
+    with pytest.raises(ConfigError, match="--data-parallel-size 2 x --tensor-parallel-size 4 "
+                                          "needs 8 GPUs, but only 4"):
+        rank_device_env(0, 2, "auto", tp_size=4)
 
 
 def test_child_env_restores_the_parent(monkeypatch: pytest.MonkeyPatch) -> None:
