@@ -64,6 +64,8 @@ class RequestInput:
     """Merged into the request body last."""
     headers: dict[str, str] | None = None
     """Extra HTTP headers (Authorization)."""
+    messages: list[dict[str, str]] | None = None
+    """The chat endpoint's whole message list (multi-turn); None: ``prompt`` as one user turn."""
 
 
 @dataclass(slots=True)
@@ -83,6 +85,8 @@ class RequestOutput:
     end_s: float = 0.0
     """``perf_counter`` when the request finished, failed or not."""
     error: str = ""
+    generated_text: str = ""
+    """The streamed text, joined: a multi-turn conversation puts it in its next prompt."""
 
 
 def build_payload(req: RequestInput) -> dict[str, Any]:
@@ -97,7 +101,7 @@ def build_payload(req: RequestInput) -> dict[str, Any]:
         "stream_options": {"include_usage": True},
     }
     if req.api_url.endswith(CHAT_COMPLETIONS):
-        body["messages"] = [{"role": "user", "content": req.prompt}]
+        body["messages"] = req.messages or [{"role": "user", "content": req.prompt}]
     else:
         body["prompt"] = req.prompt
     if req.extra_body:
@@ -118,6 +122,7 @@ async def _read_stream(response: aiohttp.ClientResponse, out: RequestOutput) -> 
     last_s = out.start_s
     num_chunks = 0
     usage_tokens: int | None = None
+    texts: list[str] = []
     async for raw_line in response.content:
         if not raw_line.startswith(b"data:"):
             continue  # blank separators, SSE comments (pings), event/id fields
@@ -131,8 +136,10 @@ async def _read_stream(response: aiohttp.ClientResponse, out: RequestOutput) -> 
             return
         if chunk.usage is not None and chunk.usage.completion_tokens is not None:
             usage_tokens = chunk.usage.completion_tokens
-        if not chunk.choices or not _chunk_text(chunk):
+        text = _chunk_text(chunk) if chunk.choices else None
+        if not text:
             continue  # role-only, finish-only or usage-only chunks carry no token
+        texts.append(text)
         if num_chunks == 0:
             out.ttft_s = now_s - out.start_s
         else:
@@ -143,6 +150,7 @@ async def _read_stream(response: aiohttp.ClientResponse, out: RequestOutput) -> 
         out.error = "the stream ended without any generated text"
         return
     out.latency_s = last_s - out.start_s
+    out.generated_text = "".join(texts)
     out.output_tokens = usage_tokens if usage_tokens is not None else num_chunks
     out.success = True
 

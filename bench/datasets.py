@@ -1,8 +1,12 @@
-"""Benchmark workloads: random, synthetic conversation lengths, shared prefix.
+"""Benchmark workloads: random, synthetic conversation lengths, shared prefix, multi-turn chat.
 
 Input lengths are token-exact: a prompt's ``prompt_len`` is ``len(tokenizer.encode(prompt))``
 *with* the tokenizer's special tokens (BOS), i.e. the number of tokens the server prefills on
 ``/v1/completions``. On ``/v1/chat/completions`` the server's chat template adds a few more.
+
+``multi-turn`` is not a list of prompts but of conversation scripts (``sample_conversations``):
+each turn's prompt holds the real answers to the earlier turns, so it is assembled while the
+benchmark runs (bench/multi_turn.py).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import numpy as np
 
 from disagg.common.tokenizer import Tokenizer
 
-DATASET_NAMES = ("random", "conversation", "shared-prefix")
+DATASET_NAMES = ("random", "conversation", "shared-prefix", "multi-turn")
 _MAX_ADJUST_ROUNDS = 64
 _MAX_PROBE_IDS = 4096
 
@@ -60,6 +64,28 @@ class DatasetConfig:
     """Distinct system prompts in the shared-prefix workload."""
     shared_prefix_len: int = 512
     """Tokens of each group's system prompt."""
+    multi_turn_conversations: int = 16
+    """Conversations of the multi-turn workload (each with its own system prompt)."""
+    multi_turn_turns: int = 4
+    """User turns per conversation; turn k's prompt holds turns 1..k-1 and their answers."""
+    multi_turn_system_len: int = 256
+    """Tokens of each conversation's system prompt."""
+    multi_turn_user_len: int = 64
+    """Mean tokens of one user message (``random_range_ratio`` spreads it)."""
+    multi_turn_output_len: int = 64
+    """Mean tokens of one answer (``random_range_ratio`` spreads it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationScript:
+    """One multi-turn conversation before it runs: everything but the model's answers."""
+
+    system_prompt: str
+    """Exactly ``multi_turn_system_len`` tokens (no special tokens)."""
+    user_messages: tuple[str, ...]
+    """One message per turn, each token-exact (no special tokens)."""
+    output_lens: tuple[int, ...]
+    """Answer tokens of each turn (sent as max_tokens = min_tokens)."""
 
 
 def safe_token_ids(tokenizer: Tokenizer, rng: np.random.Generator) -> np.ndarray:
@@ -152,6 +178,8 @@ def _make_prefixes(tokenizer: Tokenizer, rng: np.random.Generator, safe_ids: np.
 def sample_requests(cfg: DatasetConfig, tokenizer: Tokenizer) -> list[SampleRequest]:
     """Generate ``cfg.num_prompts`` requests of the named workload (seeded, reproducible)."""
     _validate(cfg)
+    if cfg.name == "multi-turn":
+        raise ValueError("multi-turn prompts depend on the answers: use sample_conversations")
     rng = np.random.default_rng(cfg.seed)
     safe_ids = safe_token_ids(tokenizer, rng)
     min_body = _special_tokens(tokenizer) + 1
@@ -177,6 +205,23 @@ def sample_requests(cfg: DatasetConfig, tokenizer: Tokenizer) -> list[SampleRequ
     return requests
 
 
+def sample_conversations(cfg: DatasetConfig, tokenizer: Tokenizer) -> list[ConversationScript]:
+    """``cfg.multi_turn_conversations`` seeded scripts, each with its own system prompt."""
+    _validate(cfg)
+    rng = np.random.default_rng(cfg.seed)
+    safe_ids = safe_token_ids(tokenizer, rng)
+    turns = cfg.multi_turn_turns
+    scripts = []
+    for _ in range(cfg.multi_turn_conversations):
+        system = _make_prefixes(tokenizer, rng, safe_ids, 1, cfg.multi_turn_system_len)[0][0]
+        user_lens = _uniform_lens(rng, cfg.multi_turn_user_len, cfg.random_range_ratio, turns, 1)
+        users = tuple(build_exact_prompt(tokenizer, rng, safe_ids, n, add_special_tokens=False)
+                      for n in user_lens)
+        outs = _uniform_lens(rng, cfg.multi_turn_output_len, cfg.random_range_ratio, turns, 1)
+        scripts.append(ConversationScript(system, users, tuple(outs)))
+    return scripts
+
+
 def _validate(cfg: DatasetConfig) -> None:
     """Raise ValueError with a user-facing message for an impossible workload."""
     if cfg.name not in DATASET_NAMES:
@@ -193,3 +238,8 @@ def _validate(cfg: DatasetConfig) -> None:
         raise ValueError("--shared-prefix-groups must be at least 1")
     if cfg.conv_input_mean < 4 or cfg.conv_output_mean < 4 or cfg.conv_sigma <= 0:
         raise ValueError("conversation means must be >= 4 tokens and --conv-sigma > 0")
+    if min(cfg.multi_turn_conversations, cfg.multi_turn_turns, cfg.multi_turn_user_len,
+           cfg.multi_turn_output_len) < 1 or cfg.multi_turn_system_len < 0:
+        raise ValueError("--multi-turn-conversations, --multi-turn-turns, --multi-turn-user-len "
+                         "and --multi-turn-output-len must be at least 1, "
+                         "--multi-turn-system-len >= 0")

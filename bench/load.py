@@ -4,6 +4,10 @@ Arrivals follow ``vllm bench serve``: gaps are gamma distributed with shape ``bu
 mean ``1 / request_rate`` (burstiness 1 = Poisson; < 1 burstier; > 1 more uniform). The
 concurrency cap is a semaphore taken when a request is due, so a capped run at an infinite rate
 keeps exactly ``max_concurrency`` requests in flight.
+
+A chain (``RequestChain``) is a run of requests that must go one after another, each built
+from the answer to the one before (the turns of a conversation): arrivals and the cap then
+count chains, and a chain holds its slot from its first request to its last answer.
 """
 
 from __future__ import annotations
@@ -13,7 +17,10 @@ import math
 import resource
 import sys
 import time
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import aiohttp
 import numpy as np
@@ -35,7 +42,7 @@ class LoadConfig:
     burstiness: float = 1.0
     """Gamma shape of the inter-arrival gaps; 1.0 is a Poisson process."""
     max_concurrency: int | None = None
-    """Most requests in flight at once; None = no cap."""
+    """Most requests (chains: conversations) in flight at once; None = no cap."""
     seed: int = 0
     """Seed of the arrival process."""
     request_timeout_s: float = 3600.0
@@ -56,6 +63,39 @@ class RunOutcome:
     loop_lag_ms: list[float] = field(default_factory=list)
     """How late each 10 ms event-loop probe woke up: high values mean the client is the
     bottleneck and its timestamps are late."""
+
+
+class RequestChain(Protocol):
+    """Requests sent one after another; each next one may depend on the last answer."""
+
+    @property
+    def num_requests(self) -> int:
+        """How many requests the chain sends when none fails (for the progress bar)."""
+        ...
+
+    def first(self) -> RequestInput:
+        """The first request."""
+        ...
+
+    def next(self, out: RequestOutput) -> RequestInput | None:
+        """The request after ``out`` (the last one's output), or None when the chain is done."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class SingleRequest:
+    """A chain of one independent request."""
+
+    req: RequestInput
+    num_requests: int = 1
+
+    def first(self) -> RequestInput:
+        """The request."""
+        return self.req
+
+    def next(self, out: RequestOutput) -> RequestInput | None:
+        """Nothing follows."""
+        return None
 
 
 def arrival_offsets_s(num_requests: int, request_rate: float, burstiness: float,
@@ -119,26 +159,48 @@ async def run_batch(session: aiohttp.ClientSession, inputs: list[RequestInput],
                                        for req in inputs)))
 
 
+async def _run_chain(sem: asyncio.Semaphore | None, session: aiohttp.ClientSession,
+                     chain: RequestChain, timeout_s: float,
+                     on_output: Callable[[], object]) -> list[RequestOutput]:
+    """Send a chain's requests in order under one slot of the cap."""
+    slot: AbstractAsyncContextManager[object] = sem if sem is not None else nullcontext()
+    outputs = []
+    async with slot:
+        req: RequestInput | None = chain.first()
+        while req is not None:
+            out = await send_request(session, req, timeout_s)
+            outputs.append(out)
+            on_output()
+            req = chain.next(out)
+    return outputs
+
+
 async def run_load(session: aiohttp.ClientSession, inputs: list[RequestInput],
                    load: LoadConfig) -> RunOutcome:
-    """Offer ``inputs`` on the arrival schedule; return every output and the timings."""
-    offsets_s = arrival_offsets_s(len(inputs), load.request_rate, load.burstiness, load.seed)
+    """Offer independent ``inputs`` on the arrival schedule; outputs in input order."""
+    return await run_chains(session, [SingleRequest(req) for req in inputs], load)
+
+
+async def run_chains(session: aiohttp.ClientSession, chains: list[RequestChain],
+                     load: LoadConfig) -> RunOutcome:
+    """Start ``chains`` on the arrival schedule; outputs chain by chain, each in send order."""
+    offsets_s = arrival_offsets_s(len(chains), load.request_rate, load.burstiness, load.seed)
     sem = asyncio.Semaphore(load.max_concurrency) if load.max_concurrency else None
-    bar = tqdm(total=len(inputs), disable=not (load.show_progress and sys.stderr.isatty()))
+    bar = tqdm(total=sum(c.num_requests for c in chains),
+               disable=not (load.show_progress and sys.stderr.isatty()))
     lags_ms: list[float] = []
     stop = asyncio.Event()
     lag_task = asyncio.create_task(_probe_loop_lag(lags_ms, stop))
     cpu_start_s = time.process_time()
     start_s = time.perf_counter()
     tasks = []
-    for req, offset_s in zip(inputs, offsets_s, strict=True):
+    for chain, offset_s in zip(chains, offsets_s, strict=True):
         delay_s = start_s + offset_s - time.perf_counter()
         if delay_s > 0:
             await asyncio.sleep(delay_s)
-        task = asyncio.create_task(_limited(sem, session, req, load.request_timeout_s))
-        task.add_done_callback(lambda _: bar.update(1))
-        tasks.append(task)
-    outputs = list(await asyncio.gather(*tasks))
+        tasks.append(asyncio.create_task(
+            _run_chain(sem, session, chain, load.request_timeout_s, lambda: bar.update(1))))
+    outputs = [out for outs in await asyncio.gather(*tasks) for out in outs]
     duration_s = time.perf_counter() - start_s
     client_cpu_s = time.process_time() - cpu_start_s
     stop.set()

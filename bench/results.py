@@ -93,6 +93,11 @@ def _line(label: str, value: Any) -> str:
     return f"{label:<40} {text:<10}"
 
 
+def _optional(value: float | None) -> float | str:
+    """A figure the instances may not report (a hit rate with caching off): ``n/a``."""
+    return "n/a" if value is None else float(value)
+
+
 def _latency_lines(result: dict[str, Any], metrics: list[str]) -> list[str]:
     lines = []
     for name in metrics:
@@ -128,6 +133,10 @@ def format_summary(result: dict[str, Any], metrics: list[str]) -> str:
               _line("Total token throughput (tok/s):", result["total_token_throughput"]),
               _line("Client CPU per request (ms):", result.get("client_cpu_ms_per_request")),
               _line("Client event-loop lag p99 (ms):", result.get("client_loop_lag_p99_ms"))]
+    if "prefix_cache_hit_rate" in result:
+        lines += [_line("Prefix cache hit rate:", _optional(result["prefix_cache_hit_rate"])),
+                  _line("KV bytes moved per request:",
+                        _optional(result.get("kv_bytes_moved_per_request")))]
     lines += _latency_lines(result, metrics)
     lines += _error_lines(result.get("errors", []))
     lines.append("=" * 50)

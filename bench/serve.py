@@ -3,6 +3,8 @@
 Per point: one probe request (first point only), untimed warm-ups, the timed run on the arrival
 schedule, vLLM-compatible metrics, a summary table, the full JSON (``--save-result`` or any
 sweep), and one summary row appended to ``bench/results/serve.jsonl``. Sweeps also get plots.
+With ``--metrics-url`` (each instance) the point also reports the prefix-cache hit rate and the
+KV bytes moved per request (bench/instance_metrics.py).
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import numpy as np
 
+from bench import instance_metrics
 from bench.argparsing import UsageError, run_cli
 from bench.client import RequestInput, RequestOutput, send_request
-from bench.datasets import SampleRequest, sample_requests
-from bench.load import LoadConfig, RunOutcome, make_session, run_batch, run_load
+from bench.load import LoadConfig, RequestChain, RunOutcome, make_session, run_batch, run_chains
 from bench.metadata import run_metadata
 from bench.metrics import (
     calculate_metrics,
@@ -30,41 +33,39 @@ from bench.metrics import (
 )
 from bench.results import append_row, format_summary, rate_label, summary_row, write_json
 from bench.serve_args import Point, ServePlan, dataset_config, parse, workload_label
+from bench.serve_workload import Workload, build_workload
 from disagg.common.tokenizer import get_tokenizer
 
 PROG = "disagg bench serve"
-_PROBE_OUTPUT_TOKENS = 4
 
 
 class BenchmarkError(RuntimeError):
     """The benchmark could not run (endpoint unreachable, probe failed)."""
 
 
-def _inputs(args: argparse.Namespace, plan: ServePlan,
-            samples: list[SampleRequest]) -> list[RequestInput]:
-    """Request inputs for samples, sharing the target and extra body."""
-    api_url = args.base_url.rstrip("/") + args.endpoint
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
-    model = args.served_model_name or args.model
-    return [RequestInput(api_url=api_url, model=model, prompt=s.prompt, prompt_len=s.prompt_len,
-                         output_len=s.expected_output_len, extra_body=plan.extra_body,
-                         headers=headers) for s in samples]
-
-
-async def _probe(args: argparse.Namespace, plan: ServePlan, sample: SampleRequest) -> None:
+async def _probe(args: argparse.Namespace, probe: RequestInput) -> None:
     """One short request before anything else: fail fast with the server's own error."""
-    short = SampleRequest(sample.prompt, sample.prompt_len,
-                          min(_PROBE_OUTPUT_TOKENS, sample.expected_output_len))
     async with make_session(1) as session:
-        out = await send_request(session, _inputs(args, plan, [short])[0], args.request_timeout_s)
+        out = await send_request(session, probe, args.request_timeout_s)
     if not out.success:
         raise BenchmarkError(f"the test request to {args.base_url}{args.endpoint} failed: "
                              f"{out.error}")
 
 
-async def _run_point(args: argparse.Namespace, plan: ServePlan, point: Point,
-                     measured: list[RequestInput], warmups: list[RequestInput]) -> RunOutcome:
-    """Warm up, then run one timed point in its own session sized to the point's concurrency."""
+async def _read_counters(urls: list[str]) -> instance_metrics.Snapshot:
+    """The instances' counters once they stop moving; BenchmarkError if one cannot be read."""
+    async with aiohttp.ClientSession(trust_env=False) as session:
+        try:
+            return await instance_metrics.scrape_settled(session, urls)
+        except instance_metrics.ScrapeError as exc:
+            raise BenchmarkError(str(exc)) from None
+
+
+async def _run_point(args: argparse.Namespace, point: Point, chains: list[RequestChain],
+                     warmups: list[RequestInput]
+                     ) -> tuple[RunOutcome, instance_metrics.Readings | None]:
+    """Warm up, then run one timed point in its own session sized to the point's concurrency;
+    with --metrics-url also the counters just before and after the timed part."""
     load = LoadConfig(request_rate=point.request_rate, burstiness=args.burstiness,
                       max_concurrency=point.max_concurrency, seed=args.seed,
                       request_timeout_s=args.request_timeout_s,
@@ -72,7 +73,12 @@ async def _run_point(args: argparse.Namespace, plan: ServePlan, point: Point,
     async with make_session(point.max_concurrency) as session:
         if warmups:
             await run_batch(session, warmups, point.max_concurrency, args.request_timeout_s)
-        return await run_load(session, measured, load)
+        if not args.metrics_url:
+            return await run_chains(session, chains, load), None
+        before = await _read_counters(args.metrics_url)
+        outcome = await run_chains(session, chains, load)
+    after = await _read_counters(args.metrics_url)
+    return outcome, instance_metrics.Readings(before, after)
 
 
 def _client_figures(outcome: RunOutcome, completed: int) -> dict[str, Any]:
@@ -88,8 +94,10 @@ def _client_figures(outcome: RunOutcome, completed: int) -> dict[str, Any]:
 
 
 def build_result(args: argparse.Namespace, plan: ServePlan, point: Point,
-                 outcome: RunOutcome, argv: list[str]) -> dict[str, Any]:
-    """The full result: vLLM's keys first, then our metadata and client figures."""
+                 outcome: RunOutcome, argv: list[str],
+                 counters: instance_metrics.Readings | None = None) -> dict[str, Any]:
+    """The full result: vLLM's keys first, then our metadata, client figures and (given the
+    instances' counters before and after) prefix-cache and KV-transfer figures."""
     outputs: list[RequestOutput] = outcome.outputs
     metrics = calculate_metrics(outputs, outcome.duration_s, plan.percentile_metrics,
                                 plan.percentiles, plan.goodput_slos_ms)
@@ -111,6 +119,8 @@ def build_result(args: argparse.Namespace, plan: ServePlan, point: Point,
     result["max_concurrent_requests"] = max_concurrent_requests(outputs)
     result["max_output_tokens_per_s"] = max_output_tokens_per_s(outputs, outcome.bench_start_s)
     result.update(_client_figures(outcome, metrics["completed"]))
+    if counters is not None:
+        result.update(instance_metrics.cache_figures(counters, metrics["completed"]))
     return result
 
 
@@ -143,20 +153,17 @@ def _emit(args: argparse.Namespace, plan: ServePlan, result: dict[str, Any]) -> 
         append_row(Path(args.results_jsonl), summary_row(result))
 
 
-async def _run_all(args: argparse.Namespace, plan: ServePlan, samples: list[SampleRequest],
+async def _run_all(args: argparse.Namespace, plan: ServePlan, workload: Workload,
                    argv: list[str]) -> list[dict[str, Any]]:
     """Every point of the run, in order."""
-    warmups = _inputs(args, plan, samples[len(samples) - args.num_warmups:]) \
-        if args.num_warmups else []
-    await _probe(args, plan, samples[0])
+    await _probe(args, workload.probe)
     results = []
-    for point in plan.points:
+    for point, chains in zip(plan.points, workload.points, strict=True):
         if plan.sweep_axis:
             print(f"--- point: max_concurrency={point.max_concurrency} "
                   f"request_rate={rate_label(point.request_rate)}", flush=True)
-        measured = _inputs(args, plan, samples[:point.num_prompts])
-        outcome = await _run_point(args, plan, point, measured, warmups)
-        result = build_result(args, plan, point, outcome, argv)
+        outcome, counters = await _run_point(args, point, chains, workload.warmups)
+        result = build_result(args, plan, point, outcome, argv, counters)
         _emit(args, plan, result)
         results.append(result)
     return results
@@ -178,13 +185,12 @@ def run(argv: list[str]) -> int:
     """Parse, build the workload, run every point; raises UsageError for user errors."""
     args, plan = parse(argv)
     tokenizer = get_tokenizer(args.tokenizer or args.model)
-    num_samples = max(p.num_prompts for p in plan.points) + args.num_warmups
     try:
-        samples = sample_requests(dataset_config(args, num_samples), tokenizer)
+        workload = build_workload(args, plan, tokenizer)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     try:
-        results = asyncio.run(_run_all(args, plan, samples, argv))
+        results = asyncio.run(_run_all(args, plan, workload, argv))
     except BenchmarkError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1

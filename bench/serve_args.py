@@ -64,17 +64,29 @@ def _add_dataset_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--conv-max-len", type=int, default=d.conv_max_len)
     p.add_argument("--shared-prefix-groups", type=int, default=d.shared_prefix_groups)
     p.add_argument("--shared-prefix-len", type=int, default=d.shared_prefix_len)
+    p.add_argument("--multi-turn-conversations", type=int, default=d.multi_turn_conversations,
+                   help="multi-turn: conversations per point (replaces --num-prompts)")
+    p.add_argument("--multi-turn-turns", type=int, default=d.multi_turn_turns,
+                   help="multi-turn: user turns per conversation, sent one after another")
+    p.add_argument("--multi-turn-system-len", type=int, default=d.multi_turn_system_len,
+                   help="multi-turn: tokens of each conversation's system prompt")
+    p.add_argument("--multi-turn-user-len", type=int, default=d.multi_turn_user_len,
+                   help="multi-turn: tokens of each user message (--random-range-ratio)")
+    p.add_argument("--multi-turn-output-len", type=int, default=d.multi_turn_output_len,
+                   help="multi-turn: tokens of each answer (--random-range-ratio)")
 
 
 def _add_load_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-concurrency", type=int)
+    p.add_argument("--max-concurrency", type=int,
+                   help="most requests in flight (multi-turn: conversations)")
     p.add_argument("--request-rate", type=float, default=math.inf, help="req/s; inf = all at once")
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape; 1 = Poisson")
     p.add_argument("--num-warmups", type=int, default=0)
     p.add_argument("--sweep-concurrency", help="comma list, one result per value: 1,64,256")
     p.add_argument("--sweep-rate", help="comma list of request rates, one result per value")
     p.add_argument("--prompts-per-concurrency", type=int,
-                   help="with --sweep-concurrency: each point sends this many x concurrency")
+                   help="with --sweep-concurrency: each point sends this many x concurrency "
+                        "(multi-turn: conversations)")
     p.add_argument("--disable-tqdm", action="store_true")
 
 
@@ -91,6 +103,10 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--deployment", help='what was measured, e.g. "1P1D tcp read"')
     p.add_argument("--hardware", help="override the detected hardware line")
     p.add_argument("--label", help="free-form label stored in the result")
+    p.add_argument("--metrics-url", action="append", default=[], metavar="URL",
+                   help="an instance's base URL (repeat for each): its /metrics counters are "
+                        "read before and after each point for the prefix-cache hit rate and "
+                        "the KV bytes moved per request")
 
 
 def build_parser(prog: str = "disagg bench serve") -> Parser:
@@ -104,29 +120,39 @@ def build_parser(prog: str = "disagg bench serve") -> Parser:
 
 
 def dataset_config(args: argparse.Namespace, num_prompts: int) -> DatasetConfig:
-    """The dataset options as a DatasetConfig for ``num_prompts`` requests."""
+    """The dataset options as a DatasetConfig for ``num_prompts`` requests (multi-turn:
+    ``num_prompts // turns`` conversations)."""
     return DatasetConfig(
         name=args.dataset_name, num_prompts=num_prompts, seed=args.seed,
         random_input_len=args.random_input_len, random_output_len=args.random_output_len,
         random_range_ratio=args.random_range_ratio, random_prefix_len=args.random_prefix_len,
         conv_input_mean=args.conv_input_mean, conv_output_mean=args.conv_output_mean,
         conv_sigma=args.conv_sigma, conv_max_len=args.conv_max_len,
-        shared_prefix_groups=args.shared_prefix_groups, shared_prefix_len=args.shared_prefix_len)
+        shared_prefix_groups=args.shared_prefix_groups, shared_prefix_len=args.shared_prefix_len,
+        multi_turn_conversations=num_prompts // args.multi_turn_turns
+        if args.dataset_name == "multi-turn" else args.multi_turn_conversations,
+        multi_turn_turns=args.multi_turn_turns, multi_turn_system_len=args.multi_turn_system_len,
+        multi_turn_user_len=args.multi_turn_user_len,
+        multi_turn_output_len=args.multi_turn_output_len)
 
 
 def _points(args: argparse.Namespace) -> tuple[list[Point], str | None]:
-    """The benchmark points: one, or one per sweep value."""
+    """The benchmark points: one, or one per sweep value. A multi-turn point sends whole
+    conversations: its ``num_prompts`` is conversations x turns."""
     if args.sweep_concurrency and args.sweep_rate:
         raise UsageError("sweep one axis at a time: --sweep-concurrency or --sweep-rate")
+    multi_turn = args.dataset_name == "multi-turn"
+    turns = args.multi_turn_turns if multi_turn else 1
+    num_prompts = args.multi_turn_conversations * turns if multi_turn else args.num_prompts
     if args.sweep_concurrency:
         per = args.prompts_per_concurrency
-        return [Point(c, args.request_rate, per * c if per else args.num_prompts)
+        return [Point(c, args.request_rate, per * c * turns if per else num_prompts)
                 for c in csv_numbers(args.sweep_concurrency, int, "--sweep-concurrency")], \
             "concurrency"
     if args.sweep_rate:
-        return [Point(args.max_concurrency, r, args.num_prompts)
+        return [Point(args.max_concurrency, r, num_prompts)
                 for r in csv_numbers(args.sweep_rate, float, "--sweep-rate")], "rate"
-    return [Point(args.max_concurrency, args.request_rate, args.num_prompts)], None
+    return [Point(args.max_concurrency, args.request_rate, num_prompts)], None
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
@@ -141,6 +167,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise UsageError("--num-warmups must be >= 0 and --prompts-per-concurrency >= 1")
     if args.request_timeout_s <= 0:
         raise UsageError("--request-timeout-s must be > 0")
+    if args.multi_turn_conversations < 1 or args.multi_turn_turns < 1:
+        raise UsageError("--multi-turn-conversations and --multi-turn-turns must be at least 1")
 
 
 def _extra_body(text: str | None) -> dict[str, Any] | None:
@@ -174,6 +202,11 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, ServePlan]:
 
 def workload_label(cfg: DatasetConfig) -> str:
     """A short description of the workload for result rows and the README table."""
+    if cfg.name == "multi-turn":
+        spread = f" range={cfg.random_range_ratio:g}" if cfg.random_range_ratio else ""
+        return (f"multi-turn {cfg.multi_turn_conversations} conversations x "
+                f"{cfg.multi_turn_turns} turns, system={cfg.multi_turn_system_len} "
+                f"user={cfg.multi_turn_user_len} out={cfg.multi_turn_output_len}{spread}")
     if cfg.name == "conversation":
         return (f"conversation lognormal in~{cfg.conv_input_mean:g} "
                 f"out~{cfg.conv_output_mean:g} sigma={cfg.conv_sigma:g}")

@@ -47,6 +47,13 @@ def _size(num_bytes: int) -> str:
     return f"{num_bytes} B"
 
 
+def _rounded_size(num_bytes: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:.1f} {unit}"
+    return f"{num_bytes:.0f} B"
+
+
 def _config(row: dict[str, Any]) -> dict[str, Any]:
     cfg = row.get("config")
     return cfg if isinstance(cfg, dict) else {}
@@ -61,6 +68,12 @@ def _serve_figures(row: dict[str, Any]) -> str:
              f"ITL p99 {_num(row, 'p99_itl_ms', '.2f')} ms"]
     if row.get("request_goodput") is not None:
         parts.append(f"goodput {_num(row, 'request_goodput', '.2f')} req/s")
+    if "prefix_cache_hit_rate" in row:
+        rate = row["prefix_cache_hit_rate"]
+        parts.append(f"prefix hit rate {rate:.1%}" if isinstance(rate, int | float)
+                     else "prefix hit rate n/a")
+    if isinstance(row.get("kv_bytes_moved_per_request"), int | float):
+        parts.append(f"{_rounded_size(row['kv_bytes_moved_per_request'])} KV moved/request")
     if row.get("failed"):
         parts.append(f"{row['failed']} failed")
     return ", ".join(parts)

@@ -22,9 +22,10 @@ from proxy.config import ProxyConfig
 from proxy.flows import FlowDeps
 from proxy.handlers import add_routes, openai_errors
 from proxy.health import health_loop, probe_all
+from proxy.kv_index import KVIndex
 from proxy.metrics import ProxyMetrics
 from proxy.policies import make_policy
-from proxy.registration import Deregister, Heartbeat, RegistrationServer
+from proxy.registration import Deregister, Heartbeat, KVEvents, RegistrationServer
 from proxy.registry import Origin, Pool, Registry
 from proxy.scope import BackgroundTasks
 from proxy.state import STATE_KEY, ProxyState
@@ -70,7 +71,19 @@ def _registration_server(st: ProxyState, address: str) -> RegistrationServer:
         elif inst is not None:
             st.registry.mark_failed(inst, "instance deregistered (shutting down)")
 
-    return RegistrationServer(address, on_heartbeat, on_deregister)
+    def on_kv_events(msg: KVEvents) -> None:
+        """Prefix-cache changes of a registered instance (same engine id) go to the index."""
+        try:
+            inst = st.registry.get(msg.http_url)
+        except ValueError:
+            inst = None
+        if inst is None or inst.info is None or inst.info.engine_id != msg.engine_id:
+            st.metrics.registration_dropped["unknown_instance"] += 1
+            return
+        st.kv_index.apply(inst.url, msg)
+
+    return RegistrationServer(address, on_heartbeat, on_deregister, on_kv_events,
+                              st.metrics.registration_dropped)
 
 
 async def _background_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -99,17 +112,20 @@ async def _background_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def make_app(cfg: ProxyConfig) -> web.Application:
     """The proxy as an aiohttp application (static instances registered, nothing started)."""
-    registry = Registry(cfg.mode, cfg.max_missed_heartbeats, cfg.unhealthy_after_failures)
+    kv_index = KVIndex(cfg.kv_index_max_hashes)
+    registry = Registry(cfg.mode, cfg.max_missed_heartbeats, cfg.unhealthy_after_failures,
+                        on_removed=kv_index.forget)
     for url in cfg.prefill_urls:
         registry.add(url, Pool.PREFILL, Origin.STATIC)
     for url in cfg.decode_urls:
         registry.add(url, Pool.DECODE, Origin.STATIC)
-    deps = FlowDeps(cfg=cfg, registry=registry,
-                    policies={pool: make_policy(cfg.policy, pool) for pool in Pool},
-                    metrics=ProxyMetrics(), background=BackgroundTasks())
+    policies = {pool: make_policy(cfg.policy, pool, index=kv_index) for pool in Pool}
+    deps = FlowDeps(cfg=cfg, registry=registry, policies=policies, metrics=ProxyMetrics(),
+                    background=BackgroundTasks())
     app = web.Application(client_max_size=cfg.max_request_body_bytes,
                           middlewares=[openai_errors])
-    app[STATE_KEY] = ProxyState(deps=deps, counter=PromptCounter(cfg.model, registry.model_name))
+    app[STATE_KEY] = ProxyState(deps=deps, counter=PromptCounter(cfg.model, registry.model_name),
+                                kv_index=kv_index)
     app.cleanup_ctx.append(_sessions_ctx)
     app.cleanup_ctx.append(_background_ctx)
     add_routes(app)

@@ -12,6 +12,7 @@ from disagg.common.openai_api import (
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
+    chat_prompt_ids,
     check_request,
     requested_max_tokens,
     single_prompt,
@@ -43,10 +44,13 @@ class ClientRequest:
     stream: bool
     num_prompt_tokens: int
     max_tokens: int
+    prompt_token_ids: tuple[int, ...] = ()
+    """The prompt as the instances tokenize it (KV-aware routing hashes its blocks)."""
 
 
 class PromptCounter:
-    """Counts prompt tokens with the served model's tokenizer, loaded once."""
+    """Tokenizes prompts with the served model's tokenizer, loaded once, as the instances do
+    (disagg/common/openai_api.py), so a prompt's block hashes match theirs."""
 
     def __init__(self, model: str | None, fallback_model: Callable[[], str | None]) -> None:
         self._model = model
@@ -67,27 +71,19 @@ class PromptCounter:
             self._tokenizer = ByteTokenizer()
         return self._tokenizer
 
-    def count_prompt(self, prompt: str | list[int]) -> int:
-        """Tokens in a completion prompt (token-id prompts count themselves)."""
+    def prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        """A completion prompt's token ids (token-id prompts are their own)."""
         if isinstance(prompt, list):
-            return len(prompt)
-        return len(self.tokenizer().encode(prompt))
+            return prompt
+        return self.tokenizer().encode(prompt)
 
-    def count_chat(self, messages: list[dict[str, Any]]) -> int:
-        """Tokens in the rendered chat prompt."""
-        flat = [{"role": str(m.get("role", "user")), "content": _message_text(m)}
-                for m in messages]
-        return len(self.tokenizer().encode(self.tokenizer().apply_chat_template(flat)))
+    def count_prompt(self, prompt: str | list[int]) -> int:
+        """Tokens in a completion prompt."""
+        return len(self.prompt_ids(prompt))
 
-
-def _message_text(message: dict[str, Any]) -> str:
-    """A message's text; content parts (``[{"type": "text", ...}]``) are joined."""
-    content = message.get("content")
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "\n".join(str(p.get("text") or "") for p in content if isinstance(p, dict))
-    return ""
+    def chat_ids(self, req: ChatCompletionRequest) -> list[int]:
+        """The rendered chat prompt's token ids."""
+        return chat_prompt_ids(req, self.tokenizer())
 
 
 def _single_prompt(prompt: object) -> str | list[int]:
@@ -148,11 +144,12 @@ def parse_request(endpoint: Endpoint, raw: bytes, counter: PromptCounter,
     max_tokens = requested_max_tokens(req)
     _check_max_tokens(max_tokens, max_model_len)
     if endpoint is Endpoint.COMPLETIONS:
-        num_tokens = counter.count_prompt(single_prompt(req.prompt))
+        ids = counter.prompt_ids(single_prompt(req.prompt))
     else:
-        num_tokens = counter.count_chat(body["messages"])
-    return ClientRequest(endpoint, body, req.stream, num_tokens,
-                         DEFAULT_COMPLETION_MAX_TOKENS if max_tokens is None else max_tokens)
+        ids = counter.chat_ids(req)
+    return ClientRequest(endpoint, body, req.stream, len(ids),
+                         DEFAULT_COMPLETION_MAX_TOKENS if max_tokens is None else max_tokens,
+                         tuple(ids))
 
 
 def prefill_body(body: dict[str, Any], kv_params: dict[str, Any]) -> dict[str, Any]:

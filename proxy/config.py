@@ -16,6 +16,9 @@ class PolicyName(enum.Enum):
     ROUND_ROBIN = "round_robin"
     LEAST_LOADED = "least_loaded"
     POWER_OF_TWO = "power_of_two"
+    KV_AWARE = "kv_aware"
+    """Most cached prompt prefix minus load (proxy/policies.py KVAware); registered instances
+    only publish their caches: static ones are routed as least_loaded."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -42,6 +45,9 @@ class ProxyConfig:
     """ZMQ address (``tcp://host:port``) where instances register; None: no dynamic pool."""
     max_missed_heartbeats: int = 3
     """A registered instance that misses this many heartbeat intervals leaves the pool."""
+    kv_index_max_hashes: int = 1 << 20
+    """Block hashes the KV-aware index keeps over all instances; past it the view updated
+    longest ago is dropped until that instance's next snapshot."""
     admin_key: str | None = None
     """Bearer key for the admin API; None disables the admin API."""
     kv_params_key: str | None = None

@@ -98,7 +98,7 @@ class Flow:
         healthy = self._deps.registry.healthy(pool)
         candidates = [i for i in healthy if i.url not in tried]
         if candidates:
-            return self._deps.policies[pool].choose(candidates)
+            return self._deps.policies[pool].choose(candidates, self._req.prompt_token_ids)
         if last is not None:
             raise ProxyError(502, f"{pool.value} failed on {len(tried)} instance(s); "
                                   f"last error: {last}")

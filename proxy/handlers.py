@@ -135,7 +135,7 @@ async def health(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     """``GET /metrics``: Prometheus text."""
     st = request.app[STATE_KEY]
-    return web.Response(body=st.metrics.render(st.registry.instances()).encode(),
+    return web.Response(body=st.metrics.render(st.registry.instances(), st.kv_index).encode(),
                         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 

@@ -20,6 +20,7 @@ import resource
 import secrets
 import shlex
 import signal
+import socket
 import sys
 from dataclasses import replace
 
@@ -60,13 +61,18 @@ def _add_proxy_args(parser: argparse.ArgumentParser) -> None:
     add("--mode", choices=[m.value for m in TransferMode], default=d.mode.value,
         help="KV transfer mode (default %(default)s)")
     add("--policy", choices=[p.value for p in PolicyName], default=PolicyName.LEAST_LOADED.value,
-        help="routing policy (default %(default)s)")
+        help="routing policy (default %(default)s); kv_aware: the instance whose prefix cache "
+             "holds most of the prompt, minus a load penalty; only instances registered with "
+             "--proxy-address publish their caches (--launch registers its own), static "
+             "--prefill/--decode ones are routed as least_loaded")
     add("--model", default=None, help="model to launch / whose tokenizer counts prompt tokens")
     add("--local-prefill-threshold", type=int, default=0, metavar="TOKENS",
         help="prompts shorter than this go to a decode instance alone (0: never)")
     add("--registration-address", default=None, metavar="tcp://HOST:PORT",
         help="ZMQ address where instances started with --proxy-address register")
     add("--max-missed-heartbeats", type=int, default=d.max_missed_heartbeats)
+    add("--kv-index-max-hashes", type=int, default=d.kv_index_max_hashes,
+        help="block hashes the kv_aware index keeps over all instances (default %(default)s)")
     add("--admin-key", default=None, help="Bearer key enabling the /admin API")
     add("--kv-params-key", default=None,
         help="secret sent to instances in header X-Disagg-KV-Key (their --kv-params-key; "
@@ -169,7 +175,8 @@ def proxy_config(args: argparse.Namespace) -> ProxyConfig:
                                                              else None),
         local_prefill_threshold_tokens=args.local_prefill_threshold,
         registration_address=args.registration_address,
-        max_missed_heartbeats=args.max_missed_heartbeats, admin_key=args.admin_key,
+        max_missed_heartbeats=args.max_missed_heartbeats,
+        kv_index_max_hashes=args.kv_index_max_hashes, admin_key=args.admin_key,
         kv_params_key=kv_params_key(args),
         health_check_interval_s=args.health_check_interval_s,
         unhealthy_after_failures=args.unhealthy_after_failures,
@@ -268,9 +275,30 @@ async def _supervise(sup: Supervisor, stop: asyncio.Event, restart: bool,
         stop_wait.cancel()
 
 
+def _ephemeral_port() -> int:
+    """A free port from the kernel's ephemeral range (instance ports are searched below it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def with_kv_registration(cfg: ProxyConfig, launch: LaunchConfig
+                         ) -> tuple[ProxyConfig, LaunchConfig]:
+    """For kv_aware, launched instances also register (only registered ones publish their
+    prefix caches): a registration address (found free when none is given) that every
+    instance gets as --proxy-address."""
+    if cfg.policy is not PolicyName.KV_AWARE:
+        return cfg, launch
+    address = cfg.registration_address or f"tcp://127.0.0.1:{_ephemeral_port()}"
+    host, _, port = address.rpartition(":")
+    connect = f"tcp://127.0.0.1:{port}" if host in ("tcp://*", "tcp://0.0.0.0") else address
+    return (replace(cfg, registration_address=address),
+            replace(launch, instance_args=(*launch.instance_args, "--proxy-address", connect)))
+
+
 async def _run_launch(args: argparse.Namespace, cfg: ProxyConfig) -> int:
     stop = _stop_event()
-    launch = launch_config(args, cfg.kv_params_key)
+    cfg, launch = with_kv_registration(cfg, launch_config(args, cfg.kv_params_key))
     sup = Supervisor(plan_instances(launch))
     runner: web.AppRunner | None = None
     try:

@@ -7,6 +7,7 @@ import enum
 from collections import Counter
 from dataclasses import dataclass, field
 
+from proxy.kv_index import KVIndex
 from proxy.registry import Instance, InstanceState
 
 _LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -64,12 +65,14 @@ class ProxyMetrics:
     in_flight: int = 0
     time_to_first_byte_s: Histogram = field(default_factory=Histogram)
     prefill_latency_s: Histogram = field(default_factory=Histogram)
+    registration_dropped: Counter[str] = field(default_factory=Counter)
+    """Registration frames dropped, by reason (proxy/registration.py, unknown_instance)."""
 
     def count_request(self, route: str, outcome: Outcome) -> None:
         """One finished client request."""
         self.requests[(route, outcome.value)] += 1
 
-    def render(self, instances: list[Instance]) -> str:
+    def render(self, instances: list[Instance], kv_index: KVIndex | None = None) -> str:
         """The full Prometheus text."""
         lines = ["# TYPE disagg_proxy_requests_total counter"]
         lines += [f'disagg_proxy_requests_total{{route="{r}",outcome="{o}"}} {n}'
@@ -86,8 +89,24 @@ class ProxyMetrics:
                   "# TYPE disagg_proxy_time_to_first_byte_seconds histogram",
                   *self.time_to_first_byte_s.render("disagg_proxy_time_to_first_byte_seconds"),
                   "# TYPE disagg_proxy_prefill_seconds histogram",
-                  *self.prefill_latency_s.render("disagg_proxy_prefill_seconds")]
+                  *self.prefill_latency_s.render("disagg_proxy_prefill_seconds"),
+                  "# TYPE disagg_proxy_registration_dropped_total counter"]
+        lines += [f'disagg_proxy_registration_dropped_total{{reason="{r}"}} {n}'
+                  for r, n in sorted(self.registration_dropped.items())]
+        if kv_index is not None:
+            lines += _kv_index_lines(kv_index)
         return "\n".join(lines + _instance_lines(instances)) + "\n"
+
+
+def _kv_index_lines(index: KVIndex) -> list[str]:
+    """The KV-aware index's size, fresh views, and views made stale."""
+    return ["# TYPE disagg_proxy_kv_index_hashes gauge",
+            f"disagg_proxy_kv_index_hashes {index.num_hashes}",
+            "# TYPE disagg_proxy_kv_index_fresh_instances gauge",
+            f"disagg_proxy_kv_index_fresh_instances {index.num_fresh()}",
+            "# TYPE disagg_proxy_kv_index_stale_total counter",
+            *[f'disagg_proxy_kv_index_stale_total{{reason="{r}"}} {n}'
+              for r, n in sorted(index.stale_total.items())]]
 
 
 def _instance_lines(instances: list[Instance]) -> list[str]:

@@ -1,13 +1,16 @@
 """Dynamic registration over ZMQ, proxy side: ``RegistrationServer`` binds a PULL socket and
 hands each message to callbacks. The instance side (disagg/server/registrar.py) PUSHes a
-``Heartbeat`` carrying its full ``InstanceInfo`` every ``interval_s`` and a ``Deregister`` on
-shutdown; the messages live in disagg/common/registration.py, which both sides import. Every
-heartbeat is a complete registration, so a restarted proxy re-learns its pool within one
-interval. Nothing but those msgpack-encoded structs is accepted on the socket."""
+``Heartbeat`` carrying its full ``InstanceInfo`` every ``interval_s``, its prefix cache's
+changes (``KVEvents``) and a ``Deregister`` on shutdown; the messages live in
+disagg/common/registration.py, which both sides import. Every heartbeat is a complete
+registration, so a restarted proxy re-learns its pool within one interval. Nothing but those
+msgpack-encoded structs, within their bounds, is accepted on the socket: anything else is
+dropped and counted by reason (ZMQ itself drops frames over MAX_MESSAGE_BYTES)."""
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable
 
 import msgspec
@@ -20,6 +23,7 @@ from disagg.common.registration import (
     Deregister,
     Heartbeat,
     InstanceInfo,
+    KVEvents,
     KVRole,
     check_address,
     decode_message,
@@ -27,17 +31,27 @@ from disagg.common.registration import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Deregister", "Heartbeat", "InstanceInfo", "KVRole", "RegistrationServer"]
+__all__ = ["Deregister", "Heartbeat", "InstanceInfo", "KVEvents", "KVRole",
+           "RegistrationServer"]
+
+
+def _ignore(msg: KVEvents) -> None:
+    """The default KVEvents callback: a proxy that routes without them."""
 
 
 class RegistrationServer:
     """Proxy side: a bound PULL socket; each valid message goes to a callback."""
 
     def __init__(self, address: str, on_heartbeat: Callable[[Heartbeat], None],
-                 on_deregister: Callable[[Deregister], None]) -> None:
+                 on_deregister: Callable[[Deregister], None],
+                 on_kv_events: Callable[[KVEvents], None] = _ignore,
+                 dropped: Counter[str] | None = None) -> None:
         self._address = check_address(address)
         self._on_heartbeat = on_heartbeat
         self._on_deregister = on_deregister
+        self._on_kv_events = on_kv_events
+        self.dropped: Counter[str] = Counter() if dropped is None else dropped
+        """Frames dropped, by reason: oversized, malformed, version, error."""
         self._ctx = zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.PULL)
         self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
@@ -61,20 +75,35 @@ class RegistrationServer:
             self.dispatch(data)
 
     def dispatch(self, data: bytes) -> None:
-        """Decode one frame and call the matching callback; bad frames are logged and dropped."""
+        """Decode one frame and call the matching callback; bad frames are counted, logged
+        (the first of each kind, then every 1000th) and dropped. Nothing raises."""
+        if len(data) > MAX_MESSAGE_BYTES:
+            self._drop("oversized", f"{len(data)} bytes")
+            return
         try:
             msg = decode_message(data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            logger.warning("dropped a malformed registration message: %s", exc)
+            self._drop("malformed", str(exc))
             return
         if msg.version != PROTOCOL_VERSION:
-            logger.warning("dropped a registration message of protocol version %d (want %d)",
-                           msg.version, PROTOCOL_VERSION)
+            self._drop("version", f"protocol version {msg.version} (want {PROTOCOL_VERSION})")
             return
-        if isinstance(msg, Heartbeat):
-            self._on_heartbeat(msg)
-        else:
-            self._on_deregister(msg)
+        try:
+            if isinstance(msg, Heartbeat):
+                self._on_heartbeat(msg)
+            elif isinstance(msg, KVEvents):
+                self._on_kv_events(msg)
+            else:
+                self._on_deregister(msg)
+        except Exception:  # a bug must not end registration for good
+            logger.exception("handling a %s message failed", type(msg).__name__)
+            self.dropped["error"] += 1
+
+    def _drop(self, reason: str, detail: str) -> None:
+        self.dropped[reason] += 1
+        if self.dropped[reason] % 1000 == 1:
+            logger.warning("dropped a registration message (%s, %d so far): %s", reason,
+                           self.dropped[reason], detail)
 
     def close(self) -> None:
         """Close the socket and its context."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from proxy.config import TransferMode
@@ -114,11 +115,14 @@ class Registry:
     """Both pools, keyed by instance URL."""
 
     def __init__(self, mode: TransferMode, max_missed_heartbeats: int = 3,
-                 unhealthy_after_failures: int = 3) -> None:
+                 unhealthy_after_failures: int = 3,
+                 on_removed: Callable[[str], None] | None = None) -> None:
         self._mode = mode
         self._max_missed_heartbeats = max_missed_heartbeats
         self._unhealthy_after_failures = unhealthy_after_failures
         self._instances: dict[str, Instance] = {}
+        self._on_removed = on_removed
+        """Told the URL of every instance that leaves (removed or expired)."""
 
     def add(self, url: str, pool: Pool, origin: Origin) -> Instance:
         """Add an instance (PENDING until probed); re-adding a known URL returns it unchanged."""
@@ -136,6 +140,7 @@ class Registry:
         inst = self._instances.pop(normalize_url(url), None)
         if inst is not None:
             logger.info("removed %s instance %s", inst.pool.value, inst.url)
+            self._removed(inst)
         return inst is not None
 
     def drain(self, url: str) -> Instance | None:
@@ -212,7 +217,12 @@ class Registry:
         for inst in gone:
             logger.warning("%s instance %s missed its heartbeats", inst.pool.value, inst.url)
             del self._instances[inst.url]
+            self._removed(inst)
         return gone
+
+    def _removed(self, inst: Instance) -> None:
+        if self._on_removed is not None:
+            self._on_removed(inst.url)
 
     @staticmethod
     def acquire(inst: Instance, num_tokens: int) -> None:

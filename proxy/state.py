@@ -11,6 +11,7 @@ from aiohttp import web
 from proxy.bodies import PromptCounter
 from proxy.config import ProxyConfig
 from proxy.flows import FlowDeps
+from proxy.kv_index import KVIndex
 from proxy.metrics import ProxyMetrics
 from proxy.registry import Pool, Registry
 from proxy.scope import BackgroundTasks, RequestScope
@@ -22,6 +23,8 @@ class ProxyState:
 
     deps: FlowDeps
     counter: PromptCounter
+    kv_index: KVIndex = field(default_factory=KVIndex)
+    """What registered instances' prefix caches hold (kv_aware reads it)."""
     sessions: dict[Pool, aiohttp.ClientSession] = field(default_factory=dict)
     started_at_s: int = field(default_factory=lambda: int(time.time()))
     registration_endpoint: str | None = None

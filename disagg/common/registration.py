@@ -1,12 +1,14 @@
 """Instance <-> proxy discovery messages (ZMQ, msgpack via msgspec): what an instance says
 about itself (``InstanceInfo``, also the body of ``GET /instance_info``), the heartbeat that
-carries it and the deregistration. Both the instance (disagg/server/registrar.py) and the proxy
+carries it, the deregistration, and the instance's prefix-cache changes (``KVEvents``, for
+KV-aware routing). Both the instance (disagg/server/registrar.py) and the proxy
 (proxy/registration.py) import these; nothing else is accepted on the channel.
 """
 
 from __future__ import annotations
 
 import enum
+from typing import Annotated
 
 import msgspec
 
@@ -40,6 +42,9 @@ class InstanceInfo(msgspec.Struct, kw_only=True, frozen=True):
     kv_host: str | None = None
     kv_handshake_port: int | None = None
     kv_notify_port: int | None = None
+    hash_seed: int | None = None
+    """Root of the instance's block hash chain (disagg/common/block_hash.py); None: it keeps
+    no prefix cache."""
 
 
 class Heartbeat(msgspec.Struct, tag="heartbeat", kw_only=True, frozen=True):
@@ -59,17 +64,43 @@ class Deregister(msgspec.Struct, tag="deregister", kw_only=True, frozen=True):
     version: int = PROTOCOL_VERSION
 
 
-RegistrationMessage = Heartbeat | Deregister
+MAX_KV_EVENTS_PER_MESSAGE = 4096
+"""Changes or snapshot hashes in one ``KVEvents`` (11 bytes each at most: the frame stays far
+under MAX_MESSAGE_BYTES with the longest URL and engine id)."""
+BlockHash = Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]
+"""A block hash of disagg/common/block_hash.py (63 bits)."""
+
+
+class KVEvents(msgspec.Struct, tag="kv_events", kw_only=True, frozen=True):
+    """Instance -> proxy, when its prefix cache changed: hashes it now holds (True) or no
+    longer holds (False), in order, for the instance as a whole (any DP rank holding it).
+
+    ``seq`` counts this instance's KVEvents from 0, one stream per (http_url, engine_id): a
+    gap means lost changes, and the receiver's view is stale until a message with
+    ``snapshot``. A snapshot replaces the view with its hashes; one too large for a frame
+    continues in the following messages' ``changes`` (stored hashes only)."""
+
+    http_url: Annotated[str, msgspec.Meta(max_length=1024)]
+    engine_id: Annotated[str, msgspec.Meta(max_length=256)]
+    seq: Annotated[int, msgspec.Meta(ge=0)]
+    changes: Annotated[list[tuple[bool, BlockHash]],
+                       msgspec.Meta(max_length=MAX_KV_EVENTS_PER_MESSAGE)] = []
+    snapshot: Annotated[list[BlockHash],
+                        msgspec.Meta(max_length=MAX_KV_EVENTS_PER_MESSAGE)] | None = None
+    version: int = PROTOCOL_VERSION
+
+
+RegistrationMessage = Heartbeat | Deregister | KVEvents
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(RegistrationMessage)
 
 
-def encode_message(msg: Heartbeat | Deregister) -> bytes:
+def encode_message(msg: RegistrationMessage) -> bytes:
     """One message as msgpack bytes."""
     return _encoder.encode(msg)
 
 
-def decode_message(data: bytes) -> Heartbeat | Deregister:
+def decode_message(data: bytes) -> RegistrationMessage:
     """Bytes back to a message; raises ``msgspec.DecodeError`` / ``ValidationError``."""
     return _decoder.decode(data)
 

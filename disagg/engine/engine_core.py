@@ -257,8 +257,7 @@ class EngineCore:
         except TPWorkerError:
             raise
         except RuntimeError as exc:
-            self.tp.check()
-            raise self.tp.fail(f"a tensor-parallel collective failed: {exc}") from exc
+            raise self.tp.collective_failed(exc) from exc
         finally:
             self.tp.step_end()
 

@@ -196,6 +196,17 @@ class TPGroup:
             self.failure = line
         return TPWorkerError(self.failure)
 
+    def collective_failed(self, exc: BaseException) -> TPWorkerError:
+        """A collective raised: name the dead worker when one exited (gloo often sees the
+        closed connection before the exit is reaped), else the collective's error."""
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            line = next((x for w in self._workers if (x := w.exit_line()) is not None), None)
+            if line is not None:
+                return self.fail(line)
+            time.sleep(0.05)
+        return self.fail(f"a tensor-parallel collective failed: {str(exc)[:300]}")
+
     def step_begin(self) -> None:
         """Rank 0 starts a step (the watch thread enforces the deadline on it)."""
         self._step_started = time.monotonic()

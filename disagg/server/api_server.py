@@ -17,6 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from disagg.common import envs
+from disagg.common.block_hash import model_seed
 from disagg.common.kv_transfer_params import kv_params_to_json
 from disagg.common.openai_api import (
     KV_KEY_HEADER,
@@ -247,7 +248,9 @@ def instance_info_dict(engine: EngineClient, info: ServerInfo) -> dict[str, Any]
         "tp_size": r0.tp_size,
         "model": info.served_model_name, "kv_host": r0.kv_host,
         "kv_handshake_port": r0.kv_handshake_port, "kv_notify_port": r0.kv_notify_port,
-        "num_gpu_blocks": engine.synced.num_gpu_blocks}
+        "num_gpu_blocks": engine.synced.num_gpu_blocks,
+        "hash_seed": (model_seed(engine.cfg.model.model)
+                      if engine.cfg.cache.enable_prefix_caching else None)}
 
 
 async def instance_info(request: web.Request) -> web.Response:

@@ -10,6 +10,8 @@
     a dead engine core fails every open request and sets ``dead`` (the server then exits):
                      its process sentinel wakes _monitor at once; every send races the death,
                      since a PUSH socket whose engine is gone blocks its sender forever.
+    prefix-cache events of every rank go to ``kv_view`` (disagg/server/kv_events.py), which
+                     the registrar publishes to the proxy for KV-aware routing.
     a stalled engine core (frozen: alive, but no heartbeat or output past the stall deadline)
                      fails its open requests, and new ones, with EngineStalledError (503); the
                      watchdog aborts them in the engine, read once it runs again (their blocks
@@ -72,6 +74,7 @@ from disagg.server.engine_health import (
     StallWatch,
     stall_timeout_s,
 )
+from disagg.server.kv_events import InstanceKVView
 
 logger = logging.getLogger(__name__)
 MONITOR_POLL_S = 0.25
@@ -144,6 +147,8 @@ class EngineClient:
         self.synced: SyncedConfig | None = None
         self.handles: dict[str, RequestHandle] = {}
         self.stats: dict[int, EngineStats] = {}
+        self.kv_view = InstanceKVView(self.dp_size)
+        """Which block hashes the ranks' prefix caches hold (fed by every output message)."""
         self._calls: dict[int, asyncio.Future[Any]] = {}
         self._call_ids = itertools.count(1)
         self._tasks: list[asyncio.Task[None]] = []
@@ -405,6 +410,8 @@ class EngineClient:
             if isinstance(msg, EngineCoreOutputs):
                 if msg.stats is not None:
                     self.stats[msg.dp_rank] = msg.stats
+                if msg.kv_events is not None:
+                    self.kv_view.apply(msg.dp_rank, msg.kv_events)
                 for out in msg.outputs:
                     handle = self.handles.get(out.request_id)
                     if handle is not None:

@@ -1,10 +1,12 @@
 """Instance side of dynamic registration: heartbeats carrying the instance's ``InstanceInfo``
-to the proxy from a daemon thread; ``stop()`` deregisters (disagg/common/registration.py has the
-messages, proxy/registration.py the receiving end)."""
+to the proxy from a daemon thread, and (with a ``KVPublisher``) the prefix cache's changes every
+publish interval; ``stop()`` deregisters (disagg/common/registration.py has the messages,
+proxy/registration.py the receiving end)."""
 
 from __future__ import annotations
 
 import threading
+import time
 
 import zmq
 
@@ -12,20 +14,27 @@ from disagg.common.registration import (
     Deregister,
     Heartbeat,
     InstanceInfo,
+    RegistrationMessage,
     check_address,
     encode_message,
 )
+from disagg.server.kv_events import KVPublisher
+
+SEND_HWM = 64
+"""Frames ZMQ may queue toward a connected proxy (a snapshot goes out as a burst of chunks)."""
 
 
 class Registrar:
     """Instance side: heartbeats to the proxy from a daemon thread; ``stop()`` deregisters."""
 
-    def __init__(self, proxy_address: str, info: InstanceInfo, interval_s: float = 2.0) -> None:
+    def __init__(self, proxy_address: str, info: InstanceInfo, interval_s: float = 2.0,
+                 kv: KVPublisher | None = None) -> None:
         if interval_s <= 0:
             raise ValueError(f"heartbeat interval must be positive, got {interval_s}")
         self._address = check_address(proxy_address)
         self._info = info
         self._interval_s = interval_s
+        self._kv = kv
         self._stop_event = threading.Event()
         self._thread: threading.Thread | None = None
         self.num_sent = 0
@@ -51,7 +60,7 @@ class Registrar:
         sock = ctx.socket(zmq.PUSH)
         # IMMEDIATE: queue nothing while no proxy is connected, so no stale heartbeats pile up.
         sock.setsockopt(zmq.IMMEDIATE, 1)
-        sock.setsockopt(zmq.SNDHWM, 4)
+        sock.setsockopt(zmq.SNDHWM, SEND_HWM)
         sock.connect(self._address)
         try:
             self._heartbeat_loop(sock)
@@ -62,16 +71,36 @@ class Registrar:
             ctx.term()
 
     def _heartbeat_loop(self, sock: zmq.Socket) -> None:
+        """Heartbeats every interval (retried until one goes out); between them, the KV
+        changes every publish interval, once the proxy has heard of this instance."""
         seq = 0
+        next_beat_s = time.monotonic()
         while not self._stop_event.is_set():
-            msg = Heartbeat(info=self._info, interval_s=self._interval_s, seq=seq)
-            if self._send(sock, msg, wait_s=min(self._interval_s, 0.2)):
+            now_s = time.monotonic()
+            if now_s >= next_beat_s:
+                msg = Heartbeat(info=self._info, interval_s=self._interval_s, seq=seq)
+                if not self._send(sock, msg, wait_s=min(self._interval_s, 0.2)):
+                    if self._kv is not None:
+                        self._kv.lost()  # no proxy listens: it gets a snapshot once one does
+                    continue
                 seq += 1
                 self.num_sent += 1
-                self._stop_event.wait(self._interval_s)
+                next_beat_s = now_s + self._interval_s
+            wake_s = next_beat_s
+            if self._kv is not None:
+                self._publish_kv(sock, now_s)
+                wake_s = min(wake_s, now_s + self._kv.interval_s)
+            self._stop_event.wait(max(0.0, wake_s - time.monotonic()))
+
+    def _publish_kv(self, sock: zmq.Socket, now_s: float) -> None:
+        assert self._kv is not None
+        for msg in self._kv.messages(now_s):
+            if not self._send(sock, msg, wait_s=0.2):
+                self._kv.lost()  # the rest would leave a gap: a snapshot follows instead
+                return
 
     @staticmethod
-    def _send(sock: zmq.Socket, msg: Heartbeat | Deregister, wait_s: float) -> bool:
+    def _send(sock: zmq.Socket, msg: RegistrationMessage, wait_s: float) -> bool:
         # POLLOUT with IMMEDIATE means "a proxy is connected"; otherwise retry next round.
         if not sock.poll(int(wait_s * 1000), zmq.POLLOUT):
             return False

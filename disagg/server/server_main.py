@@ -20,6 +20,7 @@ from disagg.common.tokenizer import get_tokenizer
 from disagg.server.api_server import ServerInfo, instance_info_dict, make_app
 from disagg.server.engine_client import EngineClient
 from disagg.server.engine_health import EngineStartupError
+from disagg.server.kv_events import KVPublisher
 from disagg.server.registrar import Registrar
 
 logger = logging.getLogger("disagg.serve")
@@ -32,10 +33,11 @@ def _start_registrar(args: argparse.Namespace, engine: EngineClient, info: Serve
     """Register with a proxy over ZMQ when --proxy-address is given."""
     if not args.proxy_address:
         return None
-
-
     details = msgspec.convert(instance_info_dict(engine, info), InstanceInfo)
-    registrar = Registrar(args.proxy_address, details)
+    kv = None
+    if details.hash_seed is not None:  # with a prefix cache: publish it for KV-aware routing
+        kv = KVPublisher(engine.kv_view, details.http_url, details.engine_id)
+    registrar = Registrar(args.proxy_address, details, kv=kv)
     registrar.start()
     return registrar
 

@@ -2,7 +2,10 @@
 
 It streams ``max_tokens`` chunks with a configurable first-token and per-token delay, can fail
 every Nth request, and records every request body (``GET /fake/requests``) so tests can check
-what the client sent. It listens on 127.0.0.1 and prints ``PORT <n>`` once it is ready.
+what the client sent. ``GET /metrics`` serves an instance's prefix-cache and KV-transfer
+counters from a toy prefix cache over prompt characters: a prompt's hits are its longest common
+prefix with any earlier prompt, and the rest "moves" at ``BYTES_PER_CHAR``. It listens on
+127.0.0.1 and prints ``PORT <n>`` once it is ready.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import json
 from aiohttp import web
 
 STATE = web.AppKey("state", dict)
+BYTES_PER_CHAR = 8
 
 
 def _chunk(obj: dict) -> bytes:
@@ -52,10 +56,32 @@ async def _stream(request: web.Request, body: dict, chat: bool) -> web.StreamRes
     return resp
 
 
+def _prompt_text(body: dict) -> str:
+    if "messages" in body:
+        return "".join(m["content"] for m in body["messages"])
+    return str(body.get("prompt", ""))
+
+
+def _count_cache(state: dict, prompt: str) -> None:
+    """The toy prefix cache: a character trie, so a prompt's hits are its longest common
+    prefix with any earlier prompt (one walk, however many prompts came before)."""
+    node, hits = state["trie"], 0
+    for char in prompt:
+        if char not in node:
+            break
+        node, hits = node[char], hits + 1
+    for char in prompt[hits:]:
+        node = node.setdefault(char, {})
+    state["queries"] += len(prompt)
+    state["hits"] += hits
+    state["bytes_moved"] += (len(prompt) - hits) * BYTES_PER_CHAR
+
+
 async def _handle(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     body = await request.json()
     state["count"] += 1
+    _count_cache(state, _prompt_text(body))
     if state["cfg"].record:
         state["bodies"].append(body)
     fail_every = state["cfg"].fail_every
@@ -69,13 +95,28 @@ async def _requests(request: web.Request) -> web.Response:
     return web.json_response(request.app[STATE]["bodies"])
 
 
+async def _metrics(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    lab = '{model_name="fake"}'
+    lines = ["# HELP disagg_prefix_cache_queries Prompt tokens looked up",
+             "# TYPE disagg_prefix_cache_queries counter",
+             f"disagg_prefix_cache_queries{lab} {state['queries']}",
+             "# TYPE disagg_prefix_cache_hits counter",
+             f"disagg_prefix_cache_hits{lab} {state['hits']}",
+             "# TYPE disagg_kv_connector_bytes_moved_total gauge",
+             f"disagg_kv_connector_bytes_moved_total{lab} {float(state['bytes_moved'])}"]
+    return web.Response(text="\n".join(lines) + "\n")
+
+
 def make_app(cfg: argparse.Namespace) -> web.Application:
     """The fake server's app."""
     app = web.Application()
-    app[STATE] = {"cfg": cfg, "count": 0, "bodies": []}
+    app[STATE] = {"cfg": cfg, "count": 0, "bodies": [], "trie": {}, "queries": 0,
+                  "hits": 0, "bytes_moved": 0}
     app.router.add_post("/v1/completions", _handle)
     app.router.add_post("/v1/chat/completions", _handle)
     app.router.add_get("/fake/requests", _requests)
+    app.router.add_get("/metrics", _metrics)
     return app
 
 

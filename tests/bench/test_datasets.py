@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench.datasets import DatasetConfig, build_exact_prompt, safe_token_ids, sample_requests
+from bench.datasets import (
+    DatasetConfig,
+    build_exact_prompt,
+    safe_token_ids,
+    sample_conversations,
+    sample_requests,
+)
 from disagg.common.tokenizer import ByteTokenizer
 
 
@@ -118,6 +124,38 @@ def test_build_exact_prompt_rejects_impossible_lengths():
     assert all(32 <= i < 127 for i in safe.tolist())  # printable ASCII only
     with pytest.raises(ValueError, match="shorter than the prefix"):
         build_exact_prompt(tok, rng, safe, 3, prefix="0123456789")
+
+
+def _multi_turn(**kwargs) -> DatasetConfig:
+    shape = {"multi_turn_conversations": 6, "multi_turn_turns": 3, "multi_turn_system_len": 40,
+             "multi_turn_user_len": 12, "multi_turn_output_len": 5, "seed": 2}
+    return DatasetConfig(name="multi-turn", **{**shape, **kwargs})
+
+
+def test_multi_turn_scripts_have_exact_lengths_and_own_system_prompts():
+    tok = _BPETokenizer()
+    scripts = sample_conversations(_multi_turn(random_range_ratio=0.5), tok)
+    assert len(scripts) == 6 and len({s.system_prompt for s in scripts}) == 6
+    for s in scripts:
+        assert len(tok.encode(s.system_prompt, add_special_tokens=False)) == 40
+        assert len(s.user_messages) == len(s.output_lens) == 3
+        for msg in s.user_messages:
+            assert 6 <= len(tok.encode(msg, add_special_tokens=False)) <= 18
+        assert all(2 <= n <= 7 for n in s.output_lens)
+
+
+def test_multi_turn_is_deterministic_with_a_seed():
+    tok = ByteTokenizer()
+    assert sample_conversations(_multi_turn(), tok) == sample_conversations(_multi_turn(), tok)
+    assert sample_conversations(_multi_turn(), tok) != \
+        sample_conversations(_multi_turn(seed=3), tok)
+
+
+def test_multi_turn_prompts_are_not_a_flat_list():
+    with pytest.raises(ValueError, match="sample_conversations"):
+        sample_requests(_multi_turn(), ByteTokenizer())
+    with pytest.raises(ValueError, match="multi-turn-turns"):
+        sample_conversations(_multi_turn(multi_turn_turns=0), ByteTokenizer())
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
-from bench.client import RequestInput
-from bench.load import LoadConfig, arrival_offsets_s, make_session, raise_open_file_limit, run_load
+from bench.client import RequestInput, RequestOutput
+from bench.load import (
+    LoadConfig,
+    arrival_offsets_s,
+    make_session,
+    raise_open_file_limit,
+    run_chains,
+    run_load,
+)
 from bench.metrics import max_concurrent_requests
 
 
@@ -71,6 +79,42 @@ async def test_rate_limited_run_follows_the_schedule(fake_server_factory):
     # each request leaves no earlier than its arrival time, and not much later
     for start, due in zip(starts, offsets, strict=True):
         assert due - 1e-3 <= start <= due + 0.1
+
+
+class _Echo:
+    """A chain whose next prompt is the last answer: it cannot be sent before that arrives."""
+
+    def __init__(self, base_url: str, name: str, num_requests: int) -> None:
+        self.num_requests = num_requests
+        self._req = RequestInput(api_url=f"{base_url}/v1/completions", model="m", prompt=name,
+                                 prompt_len=1, output_len=2)
+        self._sent = 1
+
+    def first(self) -> RequestInput:
+        return self._req
+
+    def next(self, out: RequestOutput) -> RequestInput | None:
+        if self._sent == self.num_requests:
+            return None
+        self._sent += 1
+        self._req = replace(self._req, prompt=self._req.prompt + "|" + out.generated_text)
+        return self._req
+
+
+async def test_chains_send_in_order_and_the_cap_counts_chains(fake_server_factory):
+    server = fake_server_factory("--token-delay-s", "0.01")
+    chains = [_Echo(server.base_url, f"c{i}", 3) for i in range(4)]
+    async with make_session(2) as session:
+        outcome = await run_chains(session, list(chains),
+                                   LoadConfig(max_concurrency=2, show_progress=False))
+    outs = outcome.outputs
+    assert len(outs) == 12 and all(o.success for o in outs)
+    for i in range(4):  # outputs chain by chain; each turn left after the last one ended
+        turns = outs[3 * i:3 * i + 3]
+        assert all(a.end_s <= b.start_s for a, b in zip(turns, turns[1:], strict=False))
+    assert max_concurrent_requests(outs) == 2  # two chains in flight, one request each
+    prompts = [b["prompt"] for b in server.requests()]
+    assert "c0|t0 t1 |t0 t1 " in prompts  # the third turn holds both earlier answers
 
 
 def test_open_file_limit_is_raised_for_many_streams():

@@ -36,6 +36,14 @@ def test_summary_table_lists_figures_and_errors():
     assert "1 x HTTP 503: overloaded" in text
 
 
+def test_summary_table_lists_cache_figures_only_when_measured():
+    assert "Prefix cache hit rate:" not in format_summary(_result(), ["ttft"])
+    result = dict(_result(), prefix_cache_hit_rate=None, kv_bytes_moved_per_request=2048.0)
+    text = format_summary(result, ["ttft"])
+    assert "Prefix cache hit rate:" in text and "n/a" in text
+    assert "KV bytes moved per request:" in text and "2048.00" in text
+
+
 def test_summary_row_drops_per_request_lists(tmp_path):
     path = tmp_path / "sub" / "rows.jsonl"
     append_row(path, summary_row(_result()))

@@ -50,6 +50,63 @@ def test_single_run_saves_vllm_compatible_result_and_row(fake_server, tmp_path, 
     assert "Serving Benchmark Result" in capsys.readouterr().out
 
 
+def _multi_turn_args(base_url: str, tmp_path: Path, *extra: str) -> list[str]:
+    return ["--base-url", base_url, "--model", "builtin:tiny", "--dataset-name", "multi-turn",
+            "--multi-turn-conversations", "3", "--multi-turn-turns", "3",
+            "--multi-turn-system-len", "20", "--multi-turn-user-len", "8",
+            "--multi-turn-output-len", "2", "--max-concurrency", "2", "--disable-tqdm",
+            "--result-dir", str(tmp_path), "--results-jsonl", str(tmp_path / "serve.jsonl"),
+            "--save-result", "--result-filename", "mt.json", "--metrics-url", base_url, *extra]
+
+
+def test_multi_turn_sends_turns_in_order_with_the_answers(fake_server, tmp_path, capsys):
+    rc = main(_multi_turn_args(fake_server.base_url, tmp_path, "--num-warmups", "1"))
+    assert rc == 0
+    result = json.loads((tmp_path / "mt.json").read_text())
+    assert result["completed"] == 9 and result["num_prompts"] == 9
+    assert result["workload"] == ("multi-turn 3 conversations x 3 turns, system=20 user=8 "
+                                  "out=2")
+    # the probe and the warm-up are the first turn of an extra conversation, then 3 x 3 turns
+    prompts = [b["prompt"] for b in fake_server.requests()][2:]
+    assert len(prompts) == 9
+    for first in (p for p in prompts if p.count("User:") == 1):
+        turns = [p for p in prompts if p.startswith(first[:20])]
+        assert [t.count("User:") for t in turns] == [1, 2, 3]  # sent in order
+        assert turns[1].startswith(first + "t0 t1 ") and turns[2].startswith(turns[1] + "t0 t1 ")
+    # BOS + 20 + "\nUser: " 7 + 8 + "\nAssistant:" 11, then + answer "t0 t1 " 6 + 26 per turn
+    assert result["input_lens"] == [47, 79, 111] * 3
+    # the toy cache of the fake: each later turn hits its whole previous prompt
+    assert 0.3 < result["prefix_cache_hit_rate"] < 1
+    assert result["kv_bytes_moved_per_request"] == pytest.approx(
+        result["kv_bytes_moved"] / 9)
+    row = json.loads((tmp_path / "serve.jsonl").read_text().splitlines()[-1])
+    for key in ("prefix_cache_hit_rate", "prefix_cache_queries", "prefix_cache_hits",
+                "kv_bytes_moved_per_request", "instance_counters", "metrics_urls"):
+        assert row[key] == result[key], key
+    assert "Prefix cache hit rate:" in capsys.readouterr().out
+
+
+def test_shared_prefix_hit_rate_and_bytes_moved(fake_server, tmp_path):
+    rc = main(_args(fake_server.base_url, tmp_path, "--dataset-name", "shared-prefix",
+                    "--shared-prefix-groups", "2", "--shared-prefix-len", "64", "--save-result",
+                    "--result-filename", "sp.json", "--metrics-url", fake_server.base_url))
+    assert rc == 0
+    result = json.loads((tmp_path / "sp.json").read_text())
+    # every prompt is BOS-less 64 + 31 chars: at least the group prefix hits, once cached
+    assert result["completed"] == 20 and result["prefix_cache_queries"] == 20 * 95
+    assert result["prefix_cache_hits"] >= 18 * 64
+    assert result["kv_bytes_moved_per_request"] < 95 * 8
+
+
+def test_unreachable_metrics_url_fails_with_one_line(fake_server, tmp_path, capsys,
+                                                     unused_tcp_port):
+    rc = main(_args(fake_server.base_url, tmp_path, "--metrics-url",
+                    f"http://127.0.0.1:{unused_tcp_port}"))
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1
+    assert f"cannot read http://127.0.0.1:{unused_tcp_port}/metrics" in err
+
+
 def test_failed_requests_are_counted_with_their_errors(fake_server_factory, tmp_path):
     server = fake_server_factory("--fail-every", "4", "--no-record")
     # the probe is request 1, so measured requests 3, 7, 11, 15, 19 (1-based) fail

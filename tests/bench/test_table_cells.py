@@ -40,3 +40,14 @@ def test_generic_figures_and_unknown_rows():
     assert cells.figures(row) == "TFLOP/s 512, arch gfx942"
     assert cells.figures({}) == "?" and cells.workload({}) == "?" and cells.command({}) == ""
     assert cells.hardware({"hardware": "8x MI300X"}) == "8x MI300X"
+
+
+def test_serve_figures_show_prefix_hit_rate_and_kv_moved_when_measured():
+    row = {"kind": "serve", "output_throughput": 100.0, "request_throughput": 2.0,
+           "median_ttft_ms": 50.0, "p99_ttft_ms": 90.0, "median_tpot_ms": 5.0,
+           "p99_itl_ms": 9.0, "prefix_cache_hit_rate": 0.6234,
+           "kv_bytes_moved_per_request": 371370.7}
+    assert cells.figures(row).endswith("prefix hit rate 62.3%, 362.7 KiB KV moved/request")
+    off = dict(row, prefix_cache_hit_rate=None, kv_bytes_moved_per_request=2 * 2**20)
+    assert cells.figures(off).endswith("prefix hit rate n/a, 2.0 MiB KV moved/request")
+    assert "prefix" not in cells.figures({"kind": "serve"})

@@ -109,7 +109,9 @@ def deployment(request: pytest.FixtureRequest,
     try:
         for role in ("kv_producer", "kv_consumer"):
             started.append(start_instance(
-                [*BASE, "--kv-transfer-config", kv_config(role, mode, transport, **extra)],
+                # the same prompts every case: a decode-side prefix hit would move nothing
+                [*BASE, "--no-enable-prefix-caching", "--kv-transfer-config",
+                 kv_config(role, mode, transport, **extra)],
                 tmp, env=env))
         p, d = started
         expected = [_generate(p.url, prompt) for prompt in PROMPTS]

@@ -12,6 +12,8 @@ import aiohttp
 import pytest
 import requests  # type: ignore[import-untyped]
 
+from disagg.common.block_hash import model_seed
+
 TINY = ["builtin:tiny-llama", "--kv-cache-memory-bytes", "32MiB", "--device", "cpu"]
 
 
@@ -66,6 +68,7 @@ def test_engine_block_size_reaches_frontend_metrics(instance_factory) -> None:
     assert 'block_size="32"' in text
     info = requests.get(inst.url + "/instance_info", timeout=5).json()
     assert info["block_size"] == 32
+    assert info["hash_seed"] == model_seed("builtin:tiny-llama")  # what the engine hashes with
 
 
 def test_user_errors_are_openai_style(instance_factory) -> None:

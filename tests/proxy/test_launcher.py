@@ -16,7 +16,7 @@ import pytest
 
 from disagg.common import platform as plat
 from proxy.config import PolicyName, TransferMode
-from proxy.launcher import launch_config, main, parse_args, proxy_config
+from proxy.launcher import launch_config, main, parse_args, proxy_config, with_kv_registration
 from proxy.local_instances import plan_instances
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -47,6 +47,21 @@ def test_arguments_become_a_proxy_config() -> None:
     assert (cfg.port, cfg.local_prefill_threshold_tokens, cfg.admin_key) == (9000, 64, "k")
     assert cfg.registration_address == "tcp://127.0.0.1:7000"
     assert cfg.first_byte_timeout_s == 12.0 and cfg.model is None
+
+
+def test_kv_aware_launch_registers_its_instances() -> None:
+    args = parse_args(["--launch", "--policy", "kv_aware", "--kv-index-max-hashes", "99"])
+    cfg, launch = with_kv_registration(proxy_config(args), launch_config(args))
+    assert cfg.kv_index_max_hashes == 99
+    assert cfg.registration_address is not None
+    assert launch.instance_args[-2:] == ("--proxy-address", cfg.registration_address)
+    args = parse_args(["--launch", "--policy", "kv_aware",
+                       "--registration-address", "tcp://*:7000"])
+    cfg, launch = with_kv_registration(proxy_config(args), launch_config(args))
+    assert cfg.registration_address == "tcp://*:7000"
+    assert launch.instance_args[-2:] == ("--proxy-address", "tcp://127.0.0.1:7000")
+    args = parse_args(["--launch"])  # other policies: instances stay static only
+    assert with_kv_registration(proxy_config(args), launch_config(args))[1].instance_args == ()
 
 
 def test_instance_arguments_come_from_both_spellings() -> None:

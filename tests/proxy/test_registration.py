@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import random
 from typing import Any
 
 import msgspec
 import pytest
 import zmq
 
+from disagg.common.protocol import KVCacheEvents
 from disagg.common.registration import (
+    MAX_KV_EVENTS_PER_MESSAGE,
+    MAX_MESSAGE_BYTES,
     Deregister,
     Heartbeat,
     InstanceInfo,
+    KVEvents,
     KVRole,
     decode_message,
     encode_message,
 )
+from disagg.server.kv_events import InstanceKVView, KVPublisher
 from disagg.server.registrar import Registrar
-from proxy.config import TransferMode
+from proxy.config import PolicyName, TransferMode
 from proxy.registration import RegistrationServer
 from proxy.registry import InstanceState, Origin, Pool
 
@@ -140,3 +146,113 @@ async def test_a_heartbeat_with_the_wrong_mode_is_rejected(fakes: Any, proxies: 
         assert registry.healthy(Pool.DECODE) == []
     finally:
         await asyncio.to_thread(registrar.stop)
+
+
+def _kv_frame(url: str, **fields: Any) -> bytes:
+    """A KVEvents frame as msgpack, any field replaced (even by what the struct refuses)."""
+    body: dict[str, Any] = {"type": "kv_events", "http_url": url, "engine_id": "e-" + url[-5:],
+                            "seq": 0, "changes": [[True, 1], [False, 2]], "snapshot": None,
+                            "version": 1, **fields}
+    return msgspec.msgpack.encode(body)
+
+
+def _mutations(rng: random.Random, valid: bytes) -> list[bytes]:
+    """Random variants of ``valid``: truncated, bytes flipped, garbage."""
+    out = [valid[:rng.randrange(len(valid))] for _ in range(50)]
+    for _ in range(150):
+        data = bytearray(valid)
+        for _ in range(rng.randint(1, 4)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        out.append(bytes(data))
+    return out + [bytes(rng.randrange(256) for _ in range(rng.randint(0, 200)))
+                  for _ in range(50)]
+
+
+def _out_of_bounds(url: str) -> list[bytes]:
+    """KVEvents frames that break a bound or a type, one field at a time."""
+    return [_kv_frame(url, changes=[[True, 1]] * (MAX_KV_EVENTS_PER_MESSAGE + 1)),
+            _kv_frame(url, snapshot=[1] * (MAX_KV_EVENTS_PER_MESSAGE + 1)),
+            _kv_frame(url, changes=[[True, 1 << 63]]), _kv_frame(url, changes=[[True, -1]]),
+            _kv_frame(url, changes=[[1, 2, 3]]), _kv_frame(url, changes=[["x", 1]]),
+            _kv_frame(url, snapshot=[1.5]), _kv_frame(url, seq=-1), _kv_frame(url, seq="0"),
+            _kv_frame("h" * 1025), _kv_frame(url, engine_id="e" * 257),
+            _kv_frame(url, changes={"a": 1}), _kv_frame(url, version=2), b"\xc1", b"",
+            bytes(MAX_MESSAGE_BYTES + 1)]
+
+
+def test_fuzzed_kv_events_frames_are_dropped_and_counted() -> None:
+    rng = random.Random(1234)
+    got: list[KVEvents] = []
+    server = RegistrationServer("tcp://127.0.0.1:*", lambda m: None, lambda m: None, got.append)
+    try:
+        for frame in _out_of_bounds("http://127.0.0.1:9100"):
+            server.dispatch(frame)
+            assert got == [], frame[:80]
+        assert server.dropped["oversized"] == 1 and server.dropped["version"] == 1
+        assert sum(server.dropped.values()) == len(_out_of_bounds(""))
+        frames = _mutations(rng, _kv_frame("http://127.0.0.1:9100"))
+        before = sum(server.dropped.values())
+        for frame in frames:
+            server.dispatch(frame)  # never raises
+        assert sum(server.dropped.values()) - before + len(got) == len(frames)
+        assert len(got) < len(frames) // 2
+        for msg in got:  # whatever got through is a message within every bound
+            assert decode_message(encode_message(msg)) == msg
+            assert len(msg.changes) <= MAX_KV_EVENTS_PER_MESSAGE and msg.seq >= 0
+    finally:
+        server.close()
+
+
+async def test_kv_events_of_registered_instances_reach_the_index(fakes: Any,
+                                                                 proxies: Any) -> None:
+    p = await fakes(role="kv_producer")
+    proxy = await proxies(registration_address="tcp://127.0.0.1:*", policy=PolicyName.KV_AWARE)
+    info = msgspec.structs.replace(_info(p.url, KVRole.PRODUCER), block_size=16, hash_seed=7)
+    ctx = zmq.Context()
+    socks = [ctx.socket(zmq.PUSH) for _ in range(2)]
+    try:
+        for sock in socks:
+            sock.connect(proxy.state.registration_endpoint)
+        bad, good = socks
+        # garbage and a frame over ZMQ's cap first (ZMQ drops that sender's connection)
+        bad.send(_kv_frame(p.url, seq=-1))
+        bad.send(bytes(MAX_MESSAGE_BYTES + 100))
+        good.send(encode_message(KVEvents(http_url=p.url, engine_id=info.engine_id, seq=0,
+                                          snapshot=[1])))  # before its heartbeat: unknown
+        good.send(encode_message(Heartbeat(info=info, interval_s=1.0, seq=0)))
+        good.send(encode_message(KVEvents(http_url=p.url, engine_id="other", seq=0,
+                                          snapshot=[1])))  # another engine at that URL
+        good.send(encode_message(KVEvents(http_url=p.url, engine_id=info.engine_id, seq=1,
+                                          snapshot=[1, 2])))
+        index, dropped = proxy.state.kv_index, proxy.state.metrics.registration_dropped
+        await _wait_for(lambda: index.fresh(p.url))  # the receiver survived all of it
+        assert index.num_hashes == 2
+        assert dropped["malformed"] == 1 and dropped["unknown_instance"] == 2
+        good.send(encode_message(Deregister(http_url=p.url, engine_id=info.engine_id)))
+        await _wait_for(lambda: not index.fresh(p.url))
+        assert index.num_hashes == 0
+    finally:
+        for sock in socks:
+            sock.close(linger=0)
+        ctx.term()
+
+
+async def test_registrar_publishes_the_instance_kv_view(fakes: Any, proxies: Any) -> None:
+    p = await fakes(role="kv_producer")
+    proxy = await proxies(registration_address="tcp://127.0.0.1:*", policy=PolicyName.KV_AWARE)
+    info = msgspec.structs.replace(_info(p.url, KVRole.PRODUCER), block_size=16, hash_seed=7)
+    view = InstanceKVView(dp_size=2)
+    view.apply(0, KVCacheEvents(changes=[(True, 1), (True, 2)]))
+    view.apply(1, KVCacheEvents(changes=[(True, 2), (True, 3)]))
+    kv = KVPublisher(view, info.http_url, info.engine_id, interval_s=0.02)
+    registrar = Registrar(proxy.state.registration_endpoint, info, interval_s=0.5, kv=kv)
+    registrar.start()
+    try:
+        index = proxy.state.kv_index
+        await _wait_for(lambda: index.fresh(p.url) and index.num_hashes == 3)
+        view.apply(0, KVCacheEvents(changes=[(False, 1), (False, 2), (True, 4)]))
+        await _wait_for(lambda: index.num_hashes == 3 and index.cached_blocks(
+            p.url, [2, 3, 4], 0.0) == 3)  # 2 stays: rank 1 holds it
+    finally:
+        await asyncio.to_thread(registrar.stop)
+    await _wait_for(lambda: not index.fresh(p.url), timeout_s=2.0)  # deregistered: forgotten
