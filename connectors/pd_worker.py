@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from connectors.faults import FaultPlan
-from connectors.pd_heads import RankGeometry, Route, route_rows, routes
+from connectors.pd_heads import RankGeometry, route_rows, routes
 from connectors.pd_rank import RankKV
 from connectors.protocol import EngineMetadata
 from connectors.transports.base import TransferOp, TransferStatus, merge_array
@@ -127,10 +127,6 @@ class PDWorkerSide:
                  r.num_heads) for r in routes(self.num_kv_heads, self.tp_size, peer.tp_size)]
 
     # ---- posting -------------------------------------------------------------------------
-    def rows(self, local_blocks: list[int], remote_blocks: list[int]) -> np.ndarray:
-        """Whole-block (local, remote, length) rows, consecutive runs merged (same TP)."""
-        return block_rows(local_blocks, remote_blocks, self.block_bytes, 0, self.block_bytes)
-
     def layer_rows(self, layer: int, local_blocks: list[int],
                    remote_blocks: list[int]) -> np.ndarray:
         """Layer ``layer`` of each block: one run of layer_bytes per block pair (same TP)."""
@@ -283,4 +279,4 @@ def block_rows(local_blocks: list[int], remote_blocks: list[int], block_bytes: i
     return merge_array(rows)
 
 
-__all__ = ["PDWorkerSide", "Route", "block_rows", "rank_name"]
+__all__ = ["PDWorkerSide", "block_rows", "rank_name"]
