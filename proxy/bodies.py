@@ -46,6 +46,8 @@ class ClientRequest:
     max_tokens: int
     prompt_token_ids: tuple[int, ...] = ()
     """The prompt as the instances tokenize it (KV-aware routing hashes its blocks)."""
+    cache_salt: str | None = None
+    """The client's ``cache_salt``: the instances root the prompt's hash chain with it."""
 
 
 class PromptCounter:
@@ -149,7 +151,7 @@ def parse_request(endpoint: Endpoint, raw: bytes, counter: PromptCounter,
         ids = counter.chat_ids(req)
     return ClientRequest(endpoint, body, req.stream, len(ids),
                          DEFAULT_COMPLETION_MAX_TOKENS if max_tokens is None else max_tokens,
-                         tuple(ids))
+                         tuple(ids), req.cache_salt)
 
 
 def prefill_body(body: dict[str, Any], kv_params: dict[str, Any]) -> dict[str, Any]:

@@ -98,7 +98,8 @@ class Flow:
         healthy = self._deps.registry.healthy(pool)
         candidates = [i for i in healthy if i.url not in tried]
         if candidates:
-            return self._deps.policies[pool].choose(candidates, self._req.prompt_token_ids)
+            return self._deps.policies[pool].choose(candidates, self._req.prompt_token_ids,
+                                                       self._req.cache_salt)
         if last is not None:
             raise ProxyError(502, f"{pool.value} failed on {len(tried)} instance(s); "
                                   f"last error: {last}")

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from disagg.common.block_hash import block_hashes
+from disagg.common.block_hash import block_hashes, salted_seed
 from proxy.config import PolicyName
 from proxy.kv_index import PREDICTED_TTL_S, KVIndex
 from proxy.registry import Instance, Pool
@@ -41,8 +41,8 @@ class Policy(Protocol):
     """Chooses an instance; ``candidates`` is never empty."""
 
     def choose(self, candidates: Sequence[Instance],
-               prompt_token_ids: Sequence[int] = ()) -> Instance:
-        """The instance the next request (with this prompt) goes to."""
+               prompt_token_ids: Sequence[int] = (), cache_salt: str | None = None) -> Instance:
+        """The instance the next request (with this prompt and cache salt) goes to."""
         ...
 
 
@@ -53,7 +53,7 @@ class RoundRobin:
         self._next = 0
 
     def choose(self, candidates: Sequence[Instance],
-               prompt_token_ids: Sequence[int] = ()) -> Instance:
+               prompt_token_ids: Sequence[int] = (), cache_salt: str | None = None) -> Instance:
         """The next candidate in rotation."""
         inst = candidates[self._next % len(candidates)]
         self._next += 1
@@ -68,7 +68,7 @@ class LeastLoaded:
         self._start = 0
 
     def choose(self, candidates: Sequence[Instance],
-               prompt_token_ids: Sequence[int] = ()) -> Instance:
+               prompt_token_ids: Sequence[int] = (), cache_salt: str | None = None) -> Instance:
         """The least-loaded candidate, scanning from a rotating start."""
         n = len(candidates)
         start = self._start % n
@@ -85,7 +85,7 @@ class PowerOfTwo:
         self._rng = rng or random.Random()
 
     def choose(self, candidates: Sequence[Instance],
-               prompt_token_ids: Sequence[int] = ()) -> Instance:
+               prompt_token_ids: Sequence[int] = (), cache_salt: str | None = None) -> Instance:
         """The lighter of two random picks."""
         if len(candidates) == 1:
             return candidates[0]
@@ -120,10 +120,10 @@ class KVAware:
         self._least_loaded = LeastLoaded(key)
 
     def choose(self, candidates: Sequence[Instance],
-               prompt_token_ids: Sequence[int] = ()) -> Instance:
+               prompt_token_ids: Sequence[int] = (), cache_salt: str | None = None) -> Instance:
         """The best-scoring candidate; least_loaded without cache information."""
         now_s = self._clock()
-        chains = _PromptChains(prompt_token_ids)
+        chains = _PromptChains(prompt_token_ids, cache_salt)
         cached: dict[str, int] = {}
         for inst in candidates:
             chain = chains.of(inst) if self._index.fresh(inst.url) else None
@@ -153,8 +153,9 @@ class _Chain:
 class _PromptChains:
     """One prompt's block hash chains, computed once per (block size, seed)."""
 
-    def __init__(self, prompt_token_ids: Sequence[int]) -> None:
+    def __init__(self, prompt_token_ids: Sequence[int], cache_salt: str | None) -> None:
         self._tokens = prompt_token_ids
+        self._salt = cache_salt
         self._memo: dict[tuple[int, int], _Chain] = {}
 
     def of(self, inst: Instance) -> _Chain | None:
@@ -165,8 +166,9 @@ class _PromptChains:
             return None
         key = (info.block_size, info.hash_seed)
         if key not in self._memo:
+            seed = salted_seed(info.hash_seed, self._salt)
             self._memo[key] = _Chain(info.block_size,
-                                     block_hashes(self._tokens, info.block_size, info.hash_seed))
+                                     block_hashes(self._tokens, info.block_size, seed))
         return self._memo[key]
 
 

@@ -1,6 +1,6 @@
 """The hash chain that names a full KV block by its token prefix (the prefix cache's key).
 
-    seed   = model_seed(model id[, cache salt])
+    seed   = model_seed(model id), or salted_seed(that, cache_salt) for a salted request
     h[0]   = H(seed,   tokens[0 : bs])
     h[i]   = H(h[i-1], tokens[i*bs : (i+1)*bs])        H: blake2b-64, top bit cleared
 
@@ -32,7 +32,18 @@ def block_hashes(tokens: Sequence[int], block_size: int, seed: int,
     return out
 
 
-def model_seed(model_id: str, salt: str = "") -> int:
-    """The root of a hash chain: the model's identity (and a cache salt, when one is given)."""
-    h = hashlib.blake2b(f"{model_id}\x00{salt}".encode(), digest_size=8)
+def model_seed(model_id: str) -> int:
+    """The root of an instance's hash chains: the model's identity."""
+    h = hashlib.blake2b(f"{model_id}\x00".encode(), digest_size=8)
+    return int.from_bytes(h.digest(), "little") >> 1
+
+
+def salted_seed(seed: int, cache_salt: str | None) -> int:
+    """The root of a request's chain: ``seed``, or, with a ``cache_salt`` (OpenAI-style
+    request field), a root only requests with the same salt share: tenants that salt their
+    requests never hit each other's cached blocks (no timing side channel between them)."""
+    if cache_salt is None:
+        return seed
+    h = hashlib.blake2b(seed.to_bytes(8, "little") + cache_salt.encode(), digest_size=8,
+                        person=b"disagg-salt")
     return int.from_bytes(h.digest(), "little") >> 1

@@ -35,6 +35,7 @@ MAX_JSON_DEPTH = 64
 MAX_COUNT = 2**31 - 1
 """Upper bound of every token count (max_tokens, min_tokens, top_k)."""
 MAX_N = 128
+MAX_CACHE_SALT_CHARS = 1024
 MAX_STOP_STRING_CHARS = 1024
 KV_KEY_HEADER = "X-Disagg-KV-Key"
 """Header carrying ``--kv-params-key`` from the proxy to an instance."""
@@ -55,6 +56,7 @@ Penalty = Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)]
 StopString = Annotated[str, msgspec.Meta(max_length=MAX_STOP_STRING_CHARS)]
 StopStrings = Annotated[list[StopString], msgspec.Meta(max_length=MAX_STOP_STRINGS)]
 StopTokenIds = Annotated[list[TokenId], msgspec.Meta(max_length=MAX_STOP_TOKEN_IDS)]
+CacheSalt = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_CACHE_SALT_CHARS)]
 
 
 class ApiError(Exception):
@@ -97,6 +99,8 @@ class _Common(msgspec.Struct, kw_only=True):
     return_token_ids: bool = False
     """Extension: include prompt and output token ids in the response."""
     user: str | None = None
+    cache_salt: CacheSalt | None = None
+    """Only requests with the same salt share prefix-cache blocks (vLLM's field)."""
 
 
 class CompletionRequest(_Common, kw_only=True):

@@ -66,6 +66,8 @@ class EngineCoreRequest(msgspec.Struct, tag="add", kw_only=True):
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     kv_transfer_params: KVTransferParams | None = None
+    cache_salt: str | None = None
+    """Roots the request's block hash chain (disagg/common/block_hash.py salted_seed)."""
 
 
 class EngineCoreAbort(msgspec.Struct, tag="abort"):
@@ -158,6 +160,9 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     kv_transfer_params: KVTransferParams | None = None
     error: str | None = None
     num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    """With the finish: prompt tokens this instance took from its prefix cache (not computed
+    and not transferred): OpenAI's ``usage.prompt_tokens_details.cached_tokens``."""
 
 
 class EngineStats(msgspec.Struct, kw_only=True):

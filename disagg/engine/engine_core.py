@@ -150,7 +150,7 @@ class EngineCore:
                     f"{self.plan.max_model_len}")
         req = Request(msg.request_id, list(msg.prompt_token_ids), msg.sampling_params,
                       None if msg.sampling_params.ignore_eos else self._eos_id(),
-                      kv_transfer_params=msg.kv_transfer_params)
+                      kv_transfer_params=msg.kv_transfer_params, cache_salt=msg.cache_salt)
         if hold:
             self.scheduler.requests[req.request_id] = req
             self.held.append(req)
@@ -300,7 +300,8 @@ class EngineCore:
                 continue
             outputs.append(EngineCoreOutput(
                 req.request_id, new, reason, self._pending_logprobs.pop(req.request_id, None),
-                req.kv_transfer_params if reason else None, req.error, req.num_prompt_tokens))
+                req.kv_transfer_params if reason else None, req.error, req.num_prompt_tokens,
+                req.num_cached_tokens if reason else 0))
         for req in finished:
             self._sent.pop(req.request_id, None)
             self._pending_logprobs.pop(req.request_id, None)

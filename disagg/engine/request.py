@@ -57,6 +57,8 @@ class Request:
     """Leading blocks of ``block_ids`` already offered to the prefix cache."""
     num_cached_tokens: int = 0
     """Prompt tokens found in the prefix cache when it was last admitted (not computed)."""
+    cache_salt: str | None = None
+    """Only requests with the same salt share cached blocks (block_hash.salted_seed)."""
     awaiting_transfer: bool = False
     """Finished, but its answer waits until its KV transfer ends (a WRITE prefill: the proxy
     must learn from it whether the decode got the KV)."""

@@ -19,6 +19,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from disagg.common.block_hash import salted_seed
 from disagg.common.config import SchedulerConfig
 from disagg.engine.kv_cache import BlockPool, Owner, OwnerKind, block_hashes
 from disagg.engine.request import Request, RequestStatus
@@ -247,8 +248,8 @@ class Scheduler:
             req.block_ids, req.num_computed_tokens, req.num_registered_blocks = [], 0, 0
 
     def _hashes(self, req: Request, num_tokens: int) -> list[int]:
-        return block_hashes(req.all_token_ids[:num_tokens], self.block_size, self.hash_seed,
-                            req.block_hashes)
+        return block_hashes(req.all_token_ids[:num_tokens], self.block_size,
+                            salted_seed(self.hash_seed, req.cache_salt), req.block_hashes)
 
     def _cache_computed(self, req: Request) -> None:
         """Offer the request's newly computed full blocks to the prefix cache."""

@@ -140,13 +140,14 @@ class _Call:
         self.sp = sampling_params(req, len(self.prompt_ids), synced.max_model_len)
         self.kv_params = kv_params(req)
 
-    def usage(self, num_out: int) -> dict[str, int]:
+    def usage(self, num_out: int, num_cached: int) -> dict[str, Any]:
         n = len(self.prompt_ids)
-        return {"prompt_tokens": n, "completion_tokens": num_out, "total_tokens": n + num_out}
+        return {"prompt_tokens": n, "completion_tokens": num_out, "total_tokens": n + num_out,
+                "prompt_tokens_details": {"cached_tokens": num_cached}}
 
     def deltas(self) -> AsyncGenerator[Delta, None]:
         return generate(self.engine, self.tok, self.app[METRICS], self.id, self.prompt_ids,
-                        self.sp, self.kv_params)
+                        self.sp, self.kv_params, self.req.cache_salt)
 
     def choice(self, text: str, ids: list[int], lps: list[TokenLogprob] | None,
                reason: str | None, stream: bool) -> dict[str, Any]:
@@ -171,7 +172,7 @@ async def _completions(request: web.Request, chat: bool) -> web.StreamResponse:
         "id": call.id, "object": call.object, "created": call.created, "model": call.model,
         "choices": [call.choice(res.text, res.token_ids, res.logprobs or None,
                                 res.finish_reason, False)],
-        "usage": call.usage(len(res.token_ids))}
+        "usage": call.usage(len(res.token_ids), res.num_cached_tokens)}
     if call.req.return_token_ids:
         body["prompt_token_ids"] = call.prompt_ids
     if res.kv_transfer_params is not None:
@@ -186,17 +187,19 @@ async def _stream(request: web.Request, call: _Call) -> web.StreamResponse:
     await resp.prepare(request)
     obj = call.object + ".chunk" if call.chat else call.object
     head = {"id": call.id, "object": obj, "created": call.created, "model": call.model}
-    num_out = 0
+    num_out = num_cached = 0
     try:
         delta: Delta | None = first
         while delta is not None:
             num_out += len(delta.token_ids)
+            num_cached = max(num_cached, delta.num_cached_tokens)
             await resp.write(encode_event({**head, "choices": [call.choice(
                 delta.text, delta.token_ids, delta.logprobs, delta.finish_reason, True)]}))
             delta = await anext(deltas, None)
         opts = call.req.stream_options
         if opts is not None and opts.include_usage:
-            await resp.write(encode_event({**head, "choices": [], "usage": call.usage(num_out)}))
+            usage = call.usage(num_out, num_cached)
+            await resp.write(encode_event({**head, "choices": [], "usage": usage}))
         await resp.write(DONE_EVENT)
     except ApiError as err:
         await resp.write(encode_event(err.body()))

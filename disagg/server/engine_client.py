@@ -246,7 +246,8 @@ class EngineClient:
 
     async def add_request(self, request_id: str, prompt_token_ids: list[int],
                           params: SamplingParams,
-                          kv_transfer_params: KVTransferParams | None = None) -> RequestHandle:
+                          kv_transfer_params: KVTransferParams | None = None,
+                          cache_salt: str | None = None) -> RequestHandle:
         """Send a request to the least-loaded rank; outputs arrive on handle.queue."""
         self._check_alive()  # no handle is ever created after the death
         rank = self._pick_rank()
@@ -257,7 +258,8 @@ class EngineClient:
         try:
             await self._send(self._inputs[rank], encoder.encode(EngineCoreRequest(
                 request_id=request_id, prompt_token_ids=prompt_token_ids,
-                sampling_params=params, kv_transfer_params=kv_transfer_params)), rank)
+                sampling_params=params, kv_transfer_params=kv_transfer_params,
+                cache_salt=cache_salt)), rank)
             # a death noticed during the send already failed the handle's queue, but the caller
             # gets a clear error rather than a handle that only ever yields one
             self._check_alive()

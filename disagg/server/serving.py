@@ -27,6 +27,8 @@ class Delta:
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
     kv_transfer_params: KVTransferParams | None = None
+    num_cached_tokens: int = 0
+    """With the finish: prompt tokens served from the prefix cache."""
 
 
 @dataclass(slots=True)
@@ -38,6 +40,7 @@ class GenerationResult:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     kv_transfer_params: KVTransferParams | None = None
+    num_cached_tokens: int = 0
 
 
 def _engine_error(message: str) -> ApiError:
@@ -57,7 +60,8 @@ def _dead_error(exc: Exception) -> ApiError:
 
 async def generate(engine: EngineClient, tok: Tokenizer, metrics: ServerMetrics,
                    request_id: str, prompt_ids: list[int], sp: SamplingParams,
-                   kv_params: KVTransferParams | None) -> AsyncGenerator[Delta, None]:
+                   kv_params: KVTransferParams | None,
+                   cache_salt: str | None = None) -> AsyncGenerator[Delta, None]:
     """Submit and stream; aborts the engine request if the consumer stops early."""
     start = time.monotonic()
     first: float | None = None
@@ -65,7 +69,7 @@ async def generate(engine: EngineClient, tok: Tokenizer, metrics: ServerMetrics,
     reason: str | None = None
     done = engine_done = False
     try:
-        handle = await engine.add_request(request_id, prompt_ids, sp, kv_params)
+        handle = await engine.add_request(request_id, prompt_ids, sp, kv_params, cache_salt)
     except EngineUnavailableError as exc:  # dead or stalled, before or while sending: no abort
         raise _dead_error(exc) from None
     detok = IncrementalDetokenizer(tok, sp.stop)
@@ -88,7 +92,7 @@ async def generate(engine: EngineClient, tok: Tokenizer, metrics: ServerMetrics,
             if detok.stopped and not done:
                 reason, done = "stop", True
             yield Delta(text, item.new_token_ids, item.logprobs, reason,
-                        item.kv_transfer_params)
+                        item.kv_transfer_params, item.num_cached_tokens)
     finally:
         if not engine_done:
             metrics.finished("abort")
@@ -114,4 +118,5 @@ async def collect(deltas: AsyncIterator[Delta]) -> GenerationResult:
         if d.finish_reason is not None:
             res.finish_reason = d.finish_reason
             res.kv_transfer_params = d.kv_transfer_params
+            res.num_cached_tokens = d.num_cached_tokens
     return res

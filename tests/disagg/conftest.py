@@ -44,11 +44,12 @@ class FakeEngine:
 
     async def add_request(self, request_id: str, prompt_token_ids: list[int],
                           params: SamplingParams,
-                          kv_transfer_params: KVTransferParams | None = None) -> RequestHandle:
+                          kv_transfer_params: KVTransferParams | None = None,
+                          cache_salt: str | None = None) -> RequestHandle:
         """Encode and decode the request as the wire does, then answer three tokens at once."""
         frame = encoder.encode(EngineCoreRequest(
             request_id=request_id, prompt_token_ids=prompt_token_ids, sampling_params=params,
-            kv_transfer_params=kv_transfer_params))
+            kv_transfer_params=kv_transfer_params, cache_salt=cache_salt))
         req = inbound_decoder.decode(frame)
         assert isinstance(req, EngineCoreRequest)
         self.requests.append(req)

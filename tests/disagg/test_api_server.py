@@ -195,3 +195,35 @@ def test_user_errors_never_reach_the_engine_as_500s(instance_factory) -> None:
     r = requests.post(inst.url + "/v1/completions", timeout=30,
                       json={"prompt": "a", "max_tokens": 2, "seed": -(2**63)})
     assert r.status_code == 200  # the whole signed 64-bit range reaches the sampler
+
+
+def test_cache_salt_separates_prefix_caches_and_usage_reports_hits(instance_factory) -> None:
+    import openai
+
+    inst = instance_factory(TINY)
+    client = openai.OpenAI(base_url=inst.url + "/v1", api_key="none")
+    prompt = "a system prompt many turns share, " * 3  # 105 byte tokens: 6 full blocks of 16
+
+    def cached(salt: str | None = None, stream: bool = False) -> int:
+        extra = {} if salt is None else {"cache_salt": salt}
+        if stream:
+            chunks = list(client.completions.create(
+                model="builtin:tiny-llama", prompt=prompt, max_tokens=2, stream=True,
+                stream_options={"include_usage": True}, extra_body=extra))
+            usage = chunks[-1].usage
+        else:
+            usage = client.completions.create(model="builtin:tiny-llama", prompt=prompt,
+                                              max_tokens=2, extra_body=extra).usage
+        assert usage is not None and usage.prompt_tokens_details is not None
+        return usage.prompt_tokens_details.cached_tokens or 0
+
+    assert cached() == 0  # cold
+    assert cached() == 96  # every full block but the one holding the last prompt token
+    assert cached("tenant-a") == 0  # a salt roots its own chain: no hit on unsalted blocks
+    assert cached("tenant-a", stream=True) == 96
+    assert cached("tenant-b") == 0
+    for bad in ("", "x" * 1025, 7):
+        r = requests.post(inst.url + "/v1/completions",
+                          json={"prompt": "hi", "cache_salt": bad}, timeout=5)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "cache_salt", bad
+    wait_all_free(inst.url)

@@ -6,7 +6,7 @@ import collections
 import itertools
 import random
 
-from disagg.common.block_hash import block_hashes, model_seed
+from disagg.common.block_hash import block_hashes, model_seed, salted_seed
 from disagg.common.registration import InstanceInfo, KVEvents, KVRole
 from proxy.config import PolicyName
 from proxy.kv_index import KVIndex
@@ -110,6 +110,20 @@ def test_kv_aware_picks_the_longest_cached_prefix() -> None:
     insts[0].outstanding_tokens = 1
     assert policy.choose(insts, prompt[:4 * BLOCK]) is insts[1]  # 3 blocks each: less loaded
     assert policy.choose(insts, prompt) is insts[0]  # 4 blocks
+
+
+def test_kv_aware_hashes_a_salted_prompt_as_the_instances_do() -> None:
+    prompt = list(range(1, 4 * BLOCK + 2))
+    salted = block_hashes(prompt, BLOCK, salted_seed(SEED, "tenant-a"))
+    index = KVIndex()
+    insts = _kv_pool(2, index, {0: block_hashes(prompt, BLOCK, SEED), 1: salted})
+    policy = KVAware(index, prefill_load, clock=_clock)
+    assert policy.choose(insts, prompt, "tenant-a") is insts[1]
+    assert policy.choose(insts, prompt) is insts[0]
+    insts[0].outstanding_tokens = insts[1].outstanding_tokens = 0
+    first = policy.choose(insts, prompt, "tenant-b")  # no holder: least loaded, and then...
+    assert policy.choose(insts, prompt, "tenant-b") is first  # ...its chain is expected there
+    assert policy.choose(insts, prompt, "tenant-a") is insts[1]
 
 
 def test_kv_aware_load_penalty_and_ties() -> None:
