@@ -139,6 +139,7 @@ def compile_spec(spec: KernelSpec, target: str) -> CompileReport:
 def all_specs(arch: str) -> list[KernelSpec]:
     """Every kernel's AOT specs for a config arch (``gfx942``, ``sm_90``, ``default``)."""
     from hip_kernels import (
+        fused_moe,
         kv_blocks,
         paged_decode_attention,
         paged_prefill_attention,
@@ -149,7 +150,7 @@ def all_specs(arch: str) -> list[KernelSpec]:
     )
 
     modules = (reshape_and_cache, paged_decode_attention, paged_prefill_attention, rms_norm,
-               rotary_embedding, silu_and_mul, kv_blocks)
+               rotary_embedding, silu_and_mul, kv_blocks, fused_moe)
     return [spec for module in modules for spec in module.aot_specs(arch)]
 
 

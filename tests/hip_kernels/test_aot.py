@@ -19,7 +19,8 @@ from hip_kernels.launch_config import arch_for_target
 SPILL_FREE_TARGETS = ("hip:gfx942",)
 KERNEL_NAMES = ("reshape_and_cache", "paged_decode_attention", "paged_decode_reduce",
                 "paged_prefill_attention", "rms_norm", "fused_add_rms_norm", "rotary_embedding",
-                "silu_and_mul", "gather_kv_blocks", "scatter_kv_blocks", "copy_segments")
+                "silu_and_mul", "gather_kv_blocks", "scatter_kv_blocks", "copy_segments",
+                "fused_moe_gate_up", "fused_moe_down")
 
 AMDGCN_SAMPLE = """
 ; TotalNumSgprs: 106

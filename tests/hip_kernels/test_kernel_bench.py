@@ -25,4 +25,14 @@ def test_unknown_kernel_group_is_a_clear_error(capsys):
 def test_every_kernel_is_benchmarked():
     groups = set(kernel_bench.CASE_GROUPS)
     assert groups == {"paged_decode_attention", "paged_prefill_attention", "elementwise",
-                      "kv_blocks"}
+                      "kv_blocks", "fused_moe"}
+
+
+def test_moe_work_counts_active_experts_once():
+    # Qwen3-30B-A3B decode of one token: 8 experts' w13 + w2 in bf16, x in and out back.
+    weight_bytes = 8 * 3 * 2048 * 768 * 2
+    assert kernel_bench.moe_work(1, 8, 8, 2048, 768, 2) == (weight_bytes + 2 * 2048 * 2,
+                                                           6 * 8 * 2048 * 768)
+    bytes_moved, flops = kernel_bench.moe_work(4096, 128, 8, 2048, 768, 2)
+    assert bytes_moved == 128 * 3 * 2048 * 768 * 2 + 2 * 4096 * 2048 * 2
+    assert flops == 2 * 4096 * 8 * (2048 * 2 * 768 + 768 * 2048)

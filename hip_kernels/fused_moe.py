@@ -1,0 +1,331 @@
+"""Fused mixture-of-experts MLP: a grouped GEMM over expert-sorted tiles of (token, k) pairs.
+
+Pair p = t * K + k routes token t to expert topk_ids[t, k]. ``moe_align`` sorts the pairs by
+expert and pads each expert's run to a multiple of BLOCK_M, so that every BLOCK_M-row tile
+belongs to one expert; pairs whose expert is not on this rank are dropped there:
+
+    sorted_pair_ids  | p p p pad | p p p p | p pad pad pad | p pad pad pad | unused ... |
+    tile_expert_ids  |    e0     |   e2    |      e2       |      e5       |  E  ...  E |
+                     |<-------------- num_tokens_post_padded ------------>|
+
+    kernel 1, program (tile, column block n):
+        inter[p, n] = silu(x[p // K] . w13[e, n]) * (x[p // K] . w13[e, I + n])
+    kernel 2, program (tile, column block n):
+        y[p, n] = topk_weights[p] * (inter[p] . w2[e, n])
+    out[t] = sum over k of y[t * K + k]        (fp32 sum; dropped pairs keep y = 0)
+
+Padding rows hold the pair id ``num_pairs`` and are masked; tiles past the used rows carry the
+expert id E and exit at once. Everything is sized from shapes (no host sync).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from hip_kernels.launch_config import KernelSpec, bucket, get_int, load_config
+from hip_kernels.triton_compat import cdiv, interpreter_upcasts_dot, jit, require_triton, tl
+
+KERNEL = "fused_moe"
+
+
+def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                  topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """out[t] = sum_k topk_weights[t, k] * down_e(silu(gate_e(x[t])) * up_e(x[t])), e = id.
+
+    x [T, H]; w13 [E, 2I, H] = [gate | up] rows; w2 [E, H, I]; topk_weights [T, K] fp32;
+    topk_ids [T, K] int, ids outside [0, E) contribute nothing. Computed in fp32 (fp64 for
+    fp64 inputs), one batched matmul pair per expert present. Returns [T, H] in x's dtype.
+    """
+    num_experts, inter_size = w13.shape[0], w2.shape[2]
+    acc_dtype = torch.promote_types(x.dtype, torch.float32)
+    out = torch.zeros(x.shape, dtype=acc_dtype, device=x.device)
+    ids = topk_ids.long()
+    for expert in torch.unique(ids[(ids >= 0) & (ids < num_experts)]).tolist():
+        tokens, slots = torch.nonzero(ids == expert, as_tuple=True)
+        gate_up = x[tokens].to(acc_dtype) @ w13[expert].to(acc_dtype).t()
+        h = F.silu(gate_up[:, :inter_size]) * gate_up[:, inter_size:]
+        y = h @ w2[expert].to(acc_dtype).t()
+        out.index_add_(0, tokens, y * topk_weights[tokens, slots, None].to(acc_dtype))
+    return out.to(x.dtype)
+
+
+class MoeTiles(NamedTuple):
+    """(token, k) pairs sorted by expert in BLOCK_M-row tiles: what both GEMM kernels walk."""
+
+    sorted_pair_ids: torch.Tensor
+    """int32 [max_tiles * BLOCK_M]: pair ids t * K + k, expert-major; padding is num_pairs."""
+    tile_expert_ids: torch.Tensor
+    """int32 [max_tiles]: each tile's expert; E for the unused tiles at the end."""
+    num_tokens_post_padded: torch.Tensor
+    """int32 [1]: rows in use (the padded runs of all experts), left on the device."""
+
+
+def max_tiles(num_pairs: int, num_experts: int, block_m: int) -> int:
+    """Most tiles any routing can need: each expert present pads at most block_m - 1 rows."""
+    return (num_pairs + min(num_experts, num_pairs) * (block_m - 1)) // block_m
+
+
+def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> MoeTiles:
+    """Sort pairs by expert, pad each expert's run to a multiple of block_m.
+
+    Pairs with an id outside [0, num_experts) sort into a last bucket E whose slots lie past
+    the returned buffer, so they reach no tile. Only device ops sized from shapes: no host
+    sync and no host-to-device copy, so a CUDA graph can capture it.
+    """
+    experts = topk_ids.reshape(-1).long()
+    num_pairs, device = experts.numel(), experts.device
+    valid = (experts >= 0) & (experts < num_experts)
+    experts = torch.where(valid, experts, num_experts)
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=device)
+    counts.scatter_add_(0, experts, torch.ones_like(experts))
+    padded = torch.div(counts[:-1] + block_m - 1, block_m, rounding_mode="floor") * block_m
+    padded_ends = torch.cumsum(padded, 0)
+    num_rows = max_tiles(num_pairs, num_experts, block_m) * block_m
+    slot_starts = torch.cat([padded_ends - padded, padded_ends.new_full((1,), num_rows)])
+    order = torch.argsort(experts, stable=True)
+    sorted_experts = experts[order]
+    run_starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(num_pairs, device=device) - run_starts[sorted_experts]
+    sorted_pair_ids = torch.full((num_rows + num_pairs,), num_pairs, dtype=torch.int32,
+                                 device=device)
+    sorted_pair_ids[slot_starts[sorted_experts] + rank] = order.to(torch.int32)
+    tile_starts = torch.arange(0, num_rows, block_m, device=device)
+    tile_expert_ids = torch.searchsorted(padded_ends, tile_starts, right=True)
+    return MoeTiles(sorted_pair_ids[:num_rows], tile_expert_ids.to(torch.int32),
+                    padded_ends[-1:].to(torch.int32))
+
+
+@jit
+def _tile_coords(num_col_blocks, GROUP_M: tl.constexpr):
+    """(row tile, column block) of this program; GROUP_M row tiles sweep the columns together.
+
+    Consecutive programs then share GROUP_M tiles' rows and one expert's weight columns in L2.
+    """
+    pid = tl.program_id(0)
+    num_row_tiles = tl.num_programs(0) // num_col_blocks
+    programs_per_group = GROUP_M * num_col_blocks
+    first_tile = (pid // programs_per_group) * GROUP_M
+    group_size = tl.minimum(num_row_tiles - first_tile, GROUP_M)
+    in_group = pid % programs_per_group
+    return first_tile + in_group % group_size, in_group // group_size
+
+
+@jit
+def _tile_pairs(sorted_pair_ids_ptr, tile, num_pairs, BLOCK_M: tl.constexpr):
+    """The tile's pair ids (int64) and which of its rows are real (not padding)."""
+    pairs = tl.load(sorted_pair_ids_ptr + tile * BLOCK_M + tl.arange(0, BLOCK_M))
+    return pairs.to(tl.int64), pairs < num_pairs
+
+
+@jit
+def _dot_step(a, w_ptrs, w_mask, acc, UPCAST_DOT: tl.constexpr):
+    """acc + a @ w for one BLOCK_K slice; w [BLOCK_K, BLOCK_N] is loaded here."""
+    w = tl.load(w_ptrs, mask=w_mask, other=0.0)
+    if UPCAST_DOT:
+        a = a.to(tl.float32)
+        w = w.to(tl.float32)
+    return tl.dot(a, w, acc, input_precision="ieee")
+
+
+@jit
+def _fused_moe_gate_up_kernel(
+        x_ptr, w13_ptr, inter_ptr, sorted_pair_ids_ptr, tile_expert_ids_ptr, num_pairs, top_k,
+        num_experts, hidden_size, inter_size, stride_x_tok, stride_w13_expert, stride_w13_row,
+        stride_inter_pair, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """Program (tile, n block): inter[p, n] = silu(x[t] . gate[e, n]) * (x[t] . up[e, n])."""
+    tile, col_block = _tile_coords(tl.cdiv(inter_size, BLOCK_N), GROUP_M)
+    expert = tl.load(tile_expert_ids_ptr + tile)
+    if expert >= num_experts:
+        return
+    pairs, row_mask = _tile_pairs(sorted_pair_ids_ptr, tile, num_pairs, BLOCK_M)
+    cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < inter_size
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = x_ptr + (pairs // top_k)[:, None] * stride_x_tok + ks[None, :]
+    w_expert = w13_ptr + expert.to(tl.int64) * stride_w13_expert + ks[:, None]
+    gate_ptrs = w_expert + cols.to(tl.int64)[None, :] * stride_w13_row
+    up_ptrs = w_expert + (cols + inter_size).to(tl.int64)[None, :] * stride_w13_row
+    acc_gate = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k_start in range(0, hidden_size, BLOCK_K):
+        k_mask = ks < hidden_size - k_start
+        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w_mask = k_mask[:, None] & col_mask[None, :]
+        acc_gate = _dot_step(a, gate_ptrs, w_mask, acc_gate, UPCAST_DOT)
+        acc_up = _dot_step(a, up_ptrs, w_mask, acc_up, UPCAST_DOT)
+        a_ptrs += BLOCK_K
+        gate_ptrs += BLOCK_K
+        up_ptrs += BLOCK_K
+    h = acc_gate * tl.sigmoid(acc_gate) * acc_up
+    out_ptrs = inter_ptr + pairs[:, None] * stride_inter_pair + cols[None, :]
+    tl.store(out_ptrs, h.to(inter_ptr.dtype.element_ty),
+             mask=row_mask[:, None] & col_mask[None, :])
+
+
+@jit
+def _fused_moe_down_kernel(
+        inter_ptr, w2_ptr, y_ptr, topk_weights_ptr, sorted_pair_ids_ptr, tile_expert_ids_ptr,
+        num_pairs, num_experts, hidden_size, inter_size, stride_inter_pair, stride_w2_expert,
+        stride_w2_row, stride_y_pair, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """Program (tile, n block): y[p, n] = topk_weights[p] * (inter[p] . w2[e, n])."""
+    tile, col_block = _tile_coords(tl.cdiv(hidden_size, BLOCK_N), GROUP_M)
+    expert = tl.load(tile_expert_ids_ptr + tile)
+    if expert >= num_experts:
+        return
+    pairs, row_mask = _tile_pairs(sorted_pair_ids_ptr, tile, num_pairs, BLOCK_M)
+    cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < hidden_size
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = inter_ptr + pairs[:, None] * stride_inter_pair + ks[None, :]
+    w_ptrs = (w2_ptr + expert.to(tl.int64) * stride_w2_expert
+              + cols.to(tl.int64)[None, :] * stride_w2_row + ks[:, None])
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k_start in range(0, inter_size, BLOCK_K):
+        k_mask = ks < inter_size - k_start
+        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        acc = _dot_step(a, w_ptrs, k_mask[:, None] & col_mask[None, :], acc, UPCAST_DOT)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    weights = tl.load(topk_weights_ptr + pairs, mask=row_mask, other=0.0)
+    y = acc * weights[:, None]
+    out_ptrs = y_ptr + pairs[:, None] * stride_y_pair + cols[None, :]
+    tl.store(out_ptrs, y.to(y_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+@dataclass(frozen=True, slots=True)
+class MoePlan:
+    """Tile shape and launch options shared by both GEMM kernels of one call."""
+
+    block_m: int
+    """Rows per tile; each expert's run of pairs is padded to a multiple of it."""
+    block_n: int
+    block_k: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+
+
+def moe_plan(num_pairs: int, num_experts: int, arch: str | None = None) -> MoePlan:
+    """The config's plan, bucketed by the expected rows per expert, cdiv(T * K, E)."""
+    cfg = load_config(KERNEL, arch)
+    rows = cdiv(num_pairs, num_experts)
+    sized = {key: bucket(cfg, key, rows)
+             for key in ("block_m", "block_n", "block_k", "num_warps", "num_stages")}
+    return MoePlan(group_m=get_int(cfg, "group_m"), **sized)
+
+
+def _check_shapes(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                  topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> None:
+    """Raise ValueError unless the shapes, dtypes and weight layouts are what the kernels read."""
+    num_experts, two_inter, hidden = w13.shape
+    if x.dim() != 2 or x.shape[1] != hidden or two_inter % 2:
+        raise ValueError(f"fused_moe: x {tuple(x.shape)} and w13 {tuple(w13.shape)} do not "
+                         "match [T, H] and [E, 2I, H]")
+    if tuple(w2.shape) != (num_experts, hidden, two_inter // 2):
+        raise ValueError(f"fused_moe: w2 {tuple(w2.shape)} is not [E, H, I] = "
+                         f"{(num_experts, hidden, two_inter // 2)}")
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0] or \
+            topk_weights.shape != topk_ids.shape:
+        raise ValueError(f"fused_moe: topk_weights {tuple(topk_weights.shape)} and topk_ids "
+                         f"{tuple(topk_ids.shape)} must both be [T, K] with T = {x.shape[0]}")
+    if w13.dtype != x.dtype or w2.dtype != x.dtype:
+        raise ValueError(f"fused_moe: weights {w13.dtype}/{w2.dtype} must be x's {x.dtype}")
+    if w13.stride(-1) != 1 or w2.stride(-1) != 1:
+        raise ValueError("fused_moe: w13 and w2 must be contiguous along their last dim")
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+              topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """The MoE MLP of ``fused_moe_ref`` as two grouped GEMMs; returns [T, H] in x's dtype.
+
+    Same shapes and id masking as the reference; fp32 accumulation, the [T*K, I] intermediate
+    and the per-pair outputs rounded to x's dtype. No host sync.
+    Bytes moved (at least): A * 3 * I * H * elt for the A distinct experts used, plus
+    2 * T * H * elt; the intermediates add 2 * T * K * (I + 1.5 * H) * elt.
+    """
+    require_triton(KERNEL)
+    _check_shapes(x, w13, w2, topk_weights, topk_ids)
+    num_tokens, top_k = topk_ids.shape
+    if num_tokens == 0:
+        return torch.empty_like(x)
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    plan = moe_plan(num_tokens * top_k, w13.shape[0])
+    tiles = moe_align(topk_ids, w13.shape[0], plan.block_m)
+    inter = _gate_up(x, w13, tiles, top_k, plan)
+    y = _down(inter, w2, topk_weights.to(torch.float32).reshape(-1).contiguous(), tiles, plan)
+    return y.view(num_tokens, top_k, -1).sum(dim=1, dtype=torch.float32).to(x.dtype)
+
+
+def _gate_up(x: torch.Tensor, w13: torch.Tensor, tiles: MoeTiles, top_k: int,
+             plan: MoePlan) -> torch.Tensor:
+    """Kernel 1: silu(gate) * up of every pair, [T * K, I] in x's dtype."""
+    num_pairs, inter_size = x.shape[0] * top_k, w13.shape[1] // 2
+    inter = torch.empty(num_pairs, inter_size, dtype=x.dtype, device=x.device)
+    grid = (tiles.tile_expert_ids.numel() * cdiv(inter_size, plan.block_n),)
+    _fused_moe_gate_up_kernel[grid](
+        x, w13, inter, tiles.sorted_pair_ids, tiles.tile_expert_ids, num_pairs, top_k,
+        w13.shape[0], x.shape[1], inter_size, x.stride(0), w13.stride(0), w13.stride(1),
+        inter.stride(0), BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k,
+        GROUP_M=plan.group_m, UPCAST_DOT=interpreter_upcasts_dot(x.dtype),
+        num_warps=plan.num_warps, num_stages=plan.num_stages)
+    return inter
+
+
+def _down(inter: torch.Tensor, w2: torch.Tensor, pair_weights: torch.Tensor, tiles: MoeTiles,
+          plan: MoePlan) -> torch.Tensor:
+    """Kernel 2: weighted down projection of every pair, [T * K, H]; dropped pairs stay 0."""
+    num_pairs, inter_size = inter.shape
+    hidden = w2.shape[1]
+    y = torch.zeros(num_pairs, hidden, dtype=inter.dtype, device=inter.device)
+    grid = (tiles.tile_expert_ids.numel() * cdiv(hidden, plan.block_n),)
+    _fused_moe_down_kernel[grid](
+        inter, w2, y, pair_weights, tiles.sorted_pair_ids, tiles.tile_expert_ids, num_pairs,
+        w2.shape[0], hidden, inter_size, inter.stride(0), w2.stride(0), w2.stride(1),
+        y.stride(0), BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k,
+        GROUP_M=plan.group_m, UPCAST_DOT=interpreter_upcasts_dot(inter.dtype),
+        num_warps=plan.num_warps, num_stages=plan.num_stages)
+    return y
+
+
+# (T, K, E) routings compiled ahead of time: Qwen3-30B-A3B (K 8 of E 128) at 64, 512 and 4096
+# tokens and Mixtral-8x7B (K 2 of E 8) at 64 and 4096 reach every rows-per-expert bucket.
+AOT_ROUTINGS = ((64, 8, 128), (512, 8, 128), (4096, 8, 128), (64, 2, 8), (4096, 2, 8))
+_GATE_UP_POINTERS = {"x_ptr": "*bf16", "w13_ptr": "*bf16", "inter_ptr": "*bf16"}
+_DOWN_POINTERS = {"inter_ptr": "*bf16", "w2_ptr": "*bf16", "y_ptr": "*bf16",
+                  "topk_weights_ptr": "*fp32"}
+_GATE_UP_INTS = ("num_pairs", "top_k", "num_experts", "hidden_size", "inter_size",
+                 "stride_x_tok", "stride_w13_expert", "stride_w13_row", "stride_inter_pair")
+_DOWN_INTS = ("num_pairs", "num_experts", "hidden_size", "inter_size", "stride_inter_pair",
+              "stride_w2_expert", "stride_w2_row", "stride_y_pair")
+
+
+def _spec(name: str, fn: object, pointers: dict[str, str], ints: tuple[str, ...],
+          plan: MoePlan) -> KernelSpec:
+    """One bf16 compilation of a GEMM kernel with the plan's tile shape."""
+    constexprs = {"BLOCK_M": plan.block_m, "BLOCK_N": plan.block_n, "BLOCK_K": plan.block_k,
+                  "GROUP_M": plan.group_m, "UPCAST_DOT": False}
+    sig = {**pointers, "sorted_pair_ids_ptr": "*i32", "tile_expert_ids_ptr": "*i32"}
+    sig = {**sig, **{n: "i32" for n in ints}, **{n: "constexpr" for n in constexprs}}
+    aligned = tuple(n for n in ints if n.startswith("stride") or n.endswith("_size"))
+    tile = f"m{plan.block_m}n{plan.block_n}k{plan.block_k}w{plan.num_warps}s{plan.num_stages}"
+    return KernelSpec(name=f"{name}[bf16,{tile}]", fn=fn, signature=sig, constexprs=constexprs,
+                      aligned=aligned, num_warps=plan.num_warps, num_stages=plan.num_stages)
+
+
+def aot_specs(arch: str) -> list[KernelSpec]:
+    """bf16, both kernels, each distinct plan of AOT_ROUTINGS (decode to prefill)."""
+    plans = dict.fromkeys(moe_plan(tokens * top_k, experts, arch)
+                          for tokens, top_k, experts in AOT_ROUTINGS)
+    specs = []
+    for plan in plans:
+        specs.append(_spec("fused_moe_gate_up", _fused_moe_gate_up_kernel, _GATE_UP_POINTERS,
+                           _GATE_UP_INTS, plan))
+        specs.append(_spec("fused_moe_down", _fused_moe_down_kernel, _DOWN_POINTERS,
+                           _DOWN_INTS, plan))
+    return specs
