@@ -2,6 +2,12 @@
 offline throughput (optionally against transformers' continuous batching in the same command).
 
     python -m bench.engine_bench --shape llama3-8b [--throughput] [--hf-baseline]
+    python -m bench.engine_bench --shape qwen3-30b-a3b --throughput      # MoE
+
+For an MoE shape the roofline counts the bytes a step actually reads: every non-expert weight,
+the experts the batch routes to (exactly top-k at batch 1; at batch b the expected number of
+distinct experts under uniform routing, E (1 - (1 - k/E)^b), per MoE layer) and the KV; the
+prefill's FLOPs count the active experts only (top-k per token).
 
 Ceilings are measured in the same run: device copy bandwidth (bytes read + written per second,
 as bench/kernel_bench.py does) and a bf16 8192^3 matmul. Rows go to bench/results/engine.jsonl.
@@ -26,7 +32,55 @@ SHAPES: dict[str, dict[str, Any]] = {
                   "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
                   "rope_theta": 500000.0, "tie_word_embeddings": False,
                   "bos_token_id": 128000, "eos_token_id": 128001, "torch_dtype": "bfloat16"},
+    "qwen3-30b-a3b": {"model_type": "qwen3_moe", "vocab_size": 151936, "hidden_size": 2048,
+                      "intermediate_size": 6144, "moe_intermediate_size": 768,
+                      "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": True,
+                      "decoder_sparse_step": 1, "mlp_only_layers": [],
+                      "num_hidden_layers": 48, "num_attention_heads": 32,
+                      "num_key_value_heads": 4, "head_dim": 128,
+                      "max_position_embeddings": 40960, "rms_norm_eps": 1e-6,
+                      "rope_theta": 1000000.0, "tie_word_embeddings": False,
+                      "bos_token_id": 151643, "eos_token_id": 151645, "torch_dtype": "bfloat16"},
 }
+
+
+class _Cost:
+    """Bytes a decode step reads and FLOPs a prefill does, from the model's shape (bf16)."""
+
+    def __init__(self, shape: str, weight_bytes: int) -> None:
+        from disagg.models.arch import arch_from_hf_dict
+
+        a = self.arch = arch_from_hf_dict(SHAPES[shape])
+        self.kv_per_token = a.kv_bytes_per_token_per_elt * 2
+        moe = a.moe
+        self.expert_bytes = 3 * a.hidden_size * moe.intermediate_size * 2 if moe else 0
+        self.moe_layers = len(moe.layers) if moe else 0
+        self.dense_bytes = weight_bytes - self.moe_layers * (moe.num_experts if moe else 0) \
+            * self.expert_bytes
+
+    def experts_read(self, batch: int) -> float:
+        """Expected distinct experts per MoE layer for ``batch`` tokens."""
+        moe = self.arch.moe
+        if moe is None:
+            return 0.0
+        if batch == 1:
+            return float(moe.top_k)
+        return moe.num_experts * (1 - (1 - moe.top_k / moe.num_experts) ** batch)
+
+    def decode_bytes(self, batch: int, context: int) -> float:
+        """Weights read once per step (active experts only) plus every sequence's KV."""
+        return (self.dense_bytes + self.moe_layers * self.experts_read(batch) * self.expert_bytes
+                + batch * context * self.kv_per_token)
+
+    def prefill_flops(self, tokens: int) -> float:
+        """Matmul FLOPs: every active weight except the embedding and LM head (the last token
+        only), plus causal attention."""
+        a, moe = self.arch, self.arch.moe
+        embed = 2 * a.vocab_size * a.hidden_size * 2
+        active = self.dense_bytes - embed + (self.moe_layers * moe.top_k * self.expert_bytes
+                                             if moe else 0)
+        attn = 2 * 2 * a.num_layers * a.num_heads * a.head_dim * tokens * tokens / 2
+        return 2 * active / 2 * tokens + attn
 
 
 def _ceilings() -> dict[str, float]:
@@ -263,21 +317,16 @@ def main(argv: list[str] | None = None) -> int:
     row: dict[str, Any] = {"kind": "engine", "shape": args.shape, "ceilings": ceil,
                            "kernels": llm.engine.runner.ops.backend,
                            "num_gpu_blocks": llm.engine.plan.num_blocks}
-    weight_bytes = _param_bytes(llm)
-    kv_per_token = 2 * 32 * 8 * 128 * 2
+    cost = _Cost(args.shape, _param_bytes(llm))
     for batch in (1, 64):
         ms = _decode(llm, batch, args.context, args.steps)
         # copy_gbps counts bytes read + written: the rate HBM sustains in total
-        roof_ms = (weight_bytes + batch * args.context * kv_per_token) / (ceil["copy_gbps"]
-                                                                         * 1e9) * 1000
+        roof_ms = cost.decode_bytes(batch, args.context) / (ceil["copy_gbps"] * 1e9) * 1000
         row[f"decode_b{batch}"] = {"step_ms": ms, "tok_s": batch / ms * 1000,
                                    "roofline_ms": roof_ms, "ratio_to_roofline": ms / roof_ms}
         print(f"decode batch {batch}: {ms:.2f} ms/step, roofline {roof_ms:.2f} ms", flush=True)
     secs = _prefill(llm, 4096)
-    # matmul FLOPs per token: every weight except the embedding and the LM head (applied to
-    # the last token only)
-    params = weight_bytes // 2 - 2 * SHAPES[args.shape]["vocab_size"] * 4096
-    flops = 2 * params * 4096 + 2 * 2 * 32 * 32 * 128 * 4096 * 4096 / 2
+    flops = cost.prefill_flops(4096)
     row["prefill_4k"] = {"seconds": secs, "tflops": flops / secs / 1e12,
                          "ratio_to_matmul": flops / secs / 1e12 / ceil["matmul_tflops"]}
     print(f"prefill 4k: {secs * 1000:.1f} ms, {flops / secs / 1e12:.0f} TFLOP/s", flush=True)

@@ -30,7 +30,7 @@ logger = logging.getLogger("disagg")
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by ``disagg serve`` and the offline LLM entry points."""
     p.add_argument("model", nargs="?", default="builtin:tiny-llama",
-                   help="builtin:tiny-llama or a Hugging Face model directory")
+                   help="builtin:tiny-llama, builtin:tiny-moe or a Hugging Face model directory")
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto")
@@ -56,6 +56,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-parallel-size", "-dp", type=int, default=1)
     p.add_argument("--dp-lockstep", action="store_true",
                    help="data-parallel ranks step together (what expert-parallel MoE needs)")
+    p.add_argument("--enable-expert-parallel", action="store_true",
+                   help="shard MoE experts over the -dp ranks (all-to-all in every MoE layer; "
+                        "implies --dp-lockstep)")
     p.add_argument("--dp-collective-timeout", type=float, default=120.0,
                    help="deadline in seconds for every collective among the ranks")
     p.add_argument("--kv-transfer-config", default=None,
@@ -74,12 +77,19 @@ def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
         raise ConfigError("--tensor-parallel-size must be between 1 and 64")
     if a.tp_timeout <= 0:
         raise ConfigError("--tp-timeout must be positive")
+    if a.enable_expert_parallel and a.data_parallel_size < 2:
+        raise ConfigError("--enable-expert-parallel shards experts over data-parallel ranks: "
+                          "add -dp N with N >= 2")
+    if a.enable_expert_parallel and a.tensor_parallel_size > 1:
+        raise ConfigError("--enable-expert-parallel with -tp > 1 is not built yet: use -dp "
+                          "alone (experts over DP ranks) or -tp alone (experts split by TP)")
     if a.dp_collective_timeout <= 0:
         raise ConfigError("--dp-collective-timeout must be positive")
     if not 0 < a.gpu_memory_utilization <= 1:
         raise ConfigError("--gpu-memory-utilization must be in (0, 1]")
     if not a.model.startswith("builtin:") and not os.path.isdir(a.model):
-        raise ConfigError(f"model {a.model!r} is neither builtin:tiny-llama nor a directory")
+        raise ConfigError(f"model {a.model!r} is neither a builtin model (builtin:tiny-llama, "
+                          "builtin:tiny-moe) nor a directory")
     return EngineConfig(
         model=ModelConfig(model=a.model, served_model_name=a.served_model_name or a.model,
                           dtype=a.dtype, device=a.device, load_format=a.load_format,
@@ -95,7 +105,9 @@ def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
         parallel=ParallelConfig(tensor_parallel_size=a.tensor_parallel_size,
                                 tensor_parallel_timeout_s=a.tp_timeout,
                                 data_parallel_size=a.data_parallel_size,
-                                data_parallel_lockstep=a.dp_lockstep or envs.dp_lockstep(),
+                                data_parallel_lockstep=(a.dp_lockstep or envs.dp_lockstep()
+                                                        or a.enable_expert_parallel),
+                                enable_expert_parallel=a.enable_expert_parallel,
                                 data_parallel_timeout_s=a.dp_collective_timeout),
         kv_transfer=KVTransferConfig.from_json(a.kv_transfer_config))
 

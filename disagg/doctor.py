@@ -44,6 +44,7 @@ from typing import Any
 
 from disagg.common import envs
 from disagg.common import platform as plat
+from disagg.common.config import ConfigError
 from disagg.common.version import __version__
 
 PROG = "disagg doctor"
@@ -243,27 +244,19 @@ def triton_facts(compile_kernels: bool) -> dict[str, Any]:
     return {"available": True, "version": version, "aot": aot}
 
 
-def tp_split_problem(num_heads: int, num_kv_heads: int, intermediate_size: int,
-                     tp: int) -> str | None:
-    """Why ``tp`` ranks cannot split a model (the engine's rule), or None when they can."""
-    if num_heads % tp:
-        return f"{num_heads} attention heads are not divisible by {tp}"
-    if intermediate_size % tp:
-        return f"intermediate_size {intermediate_size} is not divisible by {tp}"
-    if num_kv_heads % tp and tp % num_kv_heads:
-        return f"{num_kv_heads} KV heads neither divide nor are divisible by {tp}"
-    return None
-
-
 def model_tp_fit(model: str) -> dict[str, Any]:
     """The model's head and MLP sizes, and for each of TP_SIZES whether it splits them."""
     from disagg.models.loader import resolve_arch
+    from disagg.models.parallel import check_tp
 
     arch = resolve_arch(model)
     sizes = []
     for size in TP_SIZES:
-        reason = tp_split_problem(arch.num_heads, arch.num_kv_heads, arch.intermediate_size,
-                                  size)
+        try:
+            check_tp(arch, size)  # the engine's own rule (heads, KV heads, MLP and experts)
+            reason = None
+        except ConfigError as exc:
+            reason = str(exc)
         sizes.append({"size": size, "fits": reason is None, "reason": reason})
     return {"name": model, "num_heads": arch.num_heads, "num_kv_heads": arch.num_kv_heads,
             "intermediate_size": arch.intermediate_size, "tp": sizes}

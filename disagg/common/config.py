@@ -79,6 +79,9 @@ class ParallelConfig:
     """Port on 127.0.0.1 of the ranks' gloo rendezvous; the frontend picks it at start-up."""
     data_parallel_timeout_s: float = 120.0
     """Deadline of each collective among the ranks (state all-reduce, barrier default)."""
+    enable_expert_parallel: bool = False
+    """MoE experts sharded over the data-parallel ranks, tokens exchanged by all-to-all in
+    every MoE layer (implies lockstep: every rank joins every step)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -69,6 +69,7 @@ from disagg.dp.rpc import (
     validate_rpc,
 )
 from disagg.engine.tp import EXIT_TP_WORKER_FAILED, TPWorkerError
+from disagg.models.expert_parallel import EPContext, ExpertExchangeError
 
 logger = logging.getLogger(__name__)
 IDLE_POLL_MS = 100
@@ -195,6 +196,9 @@ class EngineLoop:
             except TPWorkerError as exc:
                 self._tp_down(str(exc))
                 return EXIT_TP_WORKER_FAILED
+            except ExpertExchangeError as exc:  # the ranks are out of step for good
+                self._fail_all_and_report(str(exc))
+                return EXIT_DP_GROUP_FAILED
             self._errors = []
             if not self._send_outputs(outputs, parent):
                 return 0
@@ -202,10 +206,13 @@ class EngineLoop:
     def _tp_down(self, line: str) -> None:
         """A TP worker died: every request ends with that line (their peers' transfers fail
         and free at once), the frontend gets the answers, then this process exits."""
-        logger.error("dp%d: %s; failing every request and exiting", self.rank, line)
+        self._fail_all_and_report(f"the instance lost a tensor-parallel worker: {line}")
+
+    def _fail_all_and_report(self, error: str) -> None:
+        """End every request with ``error`` and send the answers before this process exits."""
+        logger.error("dp%d: %s; failing every request and exiting", self.rank, error)
         try:
-            outputs = self._errors + self.engine.fail_all(
-                f"the instance lost a tensor-parallel worker: {line}")
+            outputs = self._errors + self.engine.fail_all(error)
             self._send(EngineCoreOutputs(dp_rank=self.rank, outputs=outputs,
                                          stats=self.engine.stats()))
         except Exception as exc:  # the exit still happens; the frontend answers 503 then
@@ -249,7 +256,7 @@ class EngineLoop:
                 self._send(EngineCoreNeedWave(dp_rank=self.rank, wave=wave))
             return list(engine.connector_step())
         real = self.pause.may_schedule and engine.has_inflight()
-        outputs = engine.step() if real else engine.connector_step()
+        outputs = engine.step() if real else engine.connector_step(join_experts=True)
         inflight = engine.has_inflight()
         end = ls.after_step(inflight, self.pause.ready(inflight))
         if end is WaveEnd.PAUSED:
@@ -389,7 +396,8 @@ class EngineLoop:
                                  "pause_state": self.pause.state.value,
                                  "pause_mode": mode.value if mode else None,
                                  "num_held": self.engine.num_held,
-                                 "lockstep": self.lockstep is not None}
+                                 "lockstep": self.lockstep is not None,
+                                 "expert_parallel_size": self.engine.ep.size}
         if self.lockstep is not None:
             state.update(self.lockstep.as_json())
         return state
@@ -412,6 +420,17 @@ def _share_cpu(cfg: EngineConfig) -> None:
         import torch
 
         torch.set_num_threads(threads)
+
+
+def _expert_parallel(cfg: EngineConfig, group: DPGroup | None) -> EPContext:
+    """This rank's expert-parallel context: the DP ranks, exchanging over their own group."""
+    par = cfg.parallel
+    if not par.enable_expert_parallel or group is None:
+        return EPContext()
+    from disagg.engine.model_runner import resolve_device
+
+    exchange = group.expert_group(resolve_device(cfg.model.device))
+    return EPContext(par.data_parallel_rank, par.data_parallel_size, exchange)
 
 
 def _join_group(cfg: EngineConfig) -> DPGroup | None:
@@ -460,7 +479,8 @@ def _serve(cfg_bytes: bytes, in_sock: zmq.Socket, out_sock: zmq.Socket, parent: 
         group = _join_group(cfg)
         from disagg.engine.engine_core import build_engine
 
-        engine = build_engine(cfg)
+        ep = _expert_parallel(cfg, group)
+        engine = build_engine(cfg, ep)
         out_sock.send(encoder.encode(engine.ready_response()))
         started = True
         heartbeat.start(cfg.parallel.data_parallel_rank)  # no silence counts before the ready

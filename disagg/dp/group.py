@@ -77,6 +77,17 @@ class DPGroup:
             raise DPGroupError(f"dp{self.rank}: {what} among {self.size} ranks failed "
                                f"(a peer rank died or hung): {exc}") from exc
 
+    def expert_group(self, device: Any) -> Any:
+        """The expert-parallel exchange among these ranks (disagg/dp/expert_group.py), on the
+        same rendezvous store; every rank builds it at the same point of start-up."""
+        from disagg.dp.expert_group import ExpertGroup
+        from disagg.models.expert_parallel import ExpertExchangeError
+
+        try:
+            return ExpertGroup(self._store, self.rank, self.size, device, self.timeout_s)
+        except ExpertExchangeError as exc:
+            raise DPGroupError(str(exc)) from exc
+
     def close(self) -> None:
         """Drop the group (peers see the connections close)."""
         self._pg = None

@@ -31,6 +31,7 @@ from disagg.engine.model_runner import ModelRunner, resolve_device, resolve_dtyp
 from disagg.engine.request import FINISH_REASONS, Request, RequestStatus
 from disagg.engine.scheduler import Scheduler
 from disagg.engine.tp import TPGroup, TPWorkerError
+from disagg.models.expert_parallel import EPContext
 from disagg.models.loader import resolve_arch
 from disagg.models.parallel import check_tp
 
@@ -40,8 +41,10 @@ logger = logging.getLogger(__name__)
 class EngineCore:
     """One engine: owns the KV cache, the block pool, the scheduler and the model."""
 
-    def __init__(self, cfg: EngineConfig, engine_id: str | None = None) -> None:
+    def __init__(self, cfg: EngineConfig, engine_id: str | None = None,
+                 ep: EPContext = EPContext()) -> None:
         cfg = align_block_size(cfg)
+        self.ep = ep
         self.cfg = cfg
         self.engine_id = engine_id or f"engine-{uuid.uuid4().hex[:8]}"
         self.arch = arch = resolve_arch(cfg.model.model)
@@ -66,7 +69,7 @@ class EngineCore:
         tp = self.tp
         self.runner = ModelRunner(cfg, self.arch, self.device, self.dtype, model_max,
                                   tp=tp.context if tp else None,
-                                  send_step=tp.send_step if tp else None)
+                                  send_step=tp.send_step if tp else None, ep=self.ep)
         block_bytes = self.runner.block_bytes()
         if tp is not None:
             tp.post_all("kv_budget")  # each rank profiles its own memory (collectives in step)
@@ -211,12 +214,20 @@ class EngineCore:
         """KV transfers or holds outstanding."""
         return bool(self.connector and self.connector.busy())
 
-    def connector_step(self) -> list[EngineCoreOutput]:
+    def connector_step(self, join_experts: bool = False) -> list[EngineCoreOutput]:
         """A step without the model: connector bookkeeping only. Runs while paused (peers'
-        transfers finish or fail explicitly) and as a lockstep dummy step (an expert-parallel
-        model would also run a dummy forward here to join the MoE collectives)."""
+        transfers finish or fail explicitly) and as a lockstep dummy step, where an
+        expert-parallel rank (``join_experts``) still joins every MoE layer's exchange."""
         self._connector_output()
+        if join_experts:
+            self._join_experts()
         return self._collect_outputs([])
+
+    def _join_experts(self) -> None:
+        """A step that runs no tokens here: with expert parallelism the peers' tokens may
+        still need this rank's experts, so it joins each MoE layer's all-to-all."""
+        if self.ep.size > 1:
+            self.runner.idle_forward()
 
     def _connector_output(self) -> None:
         """The connector reports (finished and failed loads, holds to free), the scheduler
@@ -244,6 +255,8 @@ class EngineCore:
             self.scheduler.update_from_output(out, sampled)
             if self.connector is not None:
                 self.connector.after_execute(out)
+        else:
+            self._join_experts()
         return self._collect_outputs(touched)
 
     def _execute(self, out: Any, layer_hook: Any) -> tuple[dict[str, int],
@@ -389,11 +402,11 @@ def align_block_size(cfg: EngineConfig) -> EngineConfig:
     return dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, block_size=aligned))
 
 
-def build_engine(cfg: EngineConfig) -> EngineCore:
+def build_engine(cfg: EngineConfig, ep: EPContext = EPContext()) -> EngineCore:
     """Construct an engine, turning known failures into ConfigError with one line."""
     try:
         return EngineCore(cfg, engine_id=f"{os.uname().nodename}-{uuid.uuid4().hex[:8]}"
-                                         f"-dp{cfg.parallel.data_parallel_rank}")
+                                         f"-dp{cfg.parallel.data_parallel_rank}", ep=ep)
     except ConfigError:
         raise
     except (OSError, ValueError, TPWorkerError) as exc:

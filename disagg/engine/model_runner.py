@@ -20,6 +20,7 @@ from disagg.engine.cuda_graphs import DecodeGraphs
 from disagg.engine.sampler import Sampler
 from disagg.engine.scheduler import ScheduledChunk, SchedulerOutput
 from disagg.models.arch import ArchConfig
+from disagg.models.expert_parallel import EPContext
 from disagg.models.llama import AttentionMetadata, LayerHook
 from disagg.models.loader import load_model
 from disagg.models.ops import select_ops
@@ -76,7 +77,7 @@ class ModelRunner:
 
     def __init__(self, cfg: EngineConfig, arch: ArchConfig, device: torch.device,
                  dtype: torch.dtype, max_positions: int, tp: TPContext | None = None,
-                 send_step: StepSender | None = None) -> None:
+                 send_step: StepSender | None = None, ep: EPContext = EPContext()) -> None:
         self.cfg = cfg
         self.arch = arch
         self.device = device
@@ -84,8 +85,9 @@ class ModelRunner:
         self.tp = tp or TPContext()
         self.send_step = send_step
         self.ops = select_ops(device.type)
+        self.ep = ep
         self.model = load_model(cfg.model, arch, self.ops, device, dtype, max_positions,
-                                self.tp)
+                                self.tp, ep)
         self.sampler = Sampler(device, cfg.model.seed)
         self.kv_cache: torch.Tensor | None = None
         self.block_size = cfg.cache.block_size
@@ -115,8 +117,8 @@ class ModelRunner:
     def enable_decode_graphs(self, max_model_len: int) -> None:
         """Replay decode steps from CUDA/HIP graphs (GPU with Triton kernels only)."""
         if (self.device.type != "cuda" or self.ops.backend != "triton" or self.kv_cache is None
-                or envs.disable_cuda_graphs()):
-            return
+                or envs.disable_cuda_graphs() or self.ep.size > 1):
+            return  # expert parallelism: the all-to-all sizes are known only at run time
         self.graphs = DecodeGraphs(self.model, self.kv_cache, self.cfg.scheduler.max_num_seqs,
                                    -(-max_model_len // self.block_size))
 
@@ -223,6 +225,11 @@ class ModelRunner:
                         table=table)
 
     @torch.inference_mode()
+    @torch.inference_mode()
+    def idle_forward(self) -> None:
+        """An expert-parallel rank's step without tokens: join every MoE layer's exchange."""
+        self.model.idle_moe_pass()
+
     def execute_step(self, h: HostStep, layer_hook: LayerHook | None = None
                      ) -> torch.Tensor | None:
         """Run one step's forward from host inputs; the logits of its sampling rows (None when

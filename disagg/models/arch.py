@@ -9,7 +9,44 @@ from typing import Any
 
 from disagg.common.config import ConfigError
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe",
+                         "qwen3_moe")
+NEEDS_MLA = ("deepseek_v2", "deepseek_v3")
+"""Parsed (their MoE blocks are built) but refused as models until MLA attention exists."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MoEArch:
+    """A mixture-of-experts MLP: which layers have it, how tokens pick experts, the experts.
+
+    Routing (disagg/models/moe.py select_experts), per family:
+      mixtral, qwen2_moe, qwen3_moe: softmax over experts, top-k, renormalized when
+        ``renormalize`` (Mixtral always, Qwen per ``norm_topk_prob``);
+      deepseek_v2: softmax, top-k within the ``topk_group`` best of ``n_group`` groups (group
+        score = its best expert) when ``topk_method`` is group_limited_greedy;
+      deepseek_v3 (noaux_tc): sigmoid, choice by score + ``e_score_correction_bias`` within the
+        best groups (group score = sum of its top-2), weights = the uncorrected scores;
+    then weights x ``routed_scaling_factor``.
+    """
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    """Of one routed expert."""
+    scoring: str
+    """softmax | sigmoid"""
+    topk_method: str
+    """greedy | group_limited_greedy | noaux_tc"""
+    renormalize: bool
+    routed_scaling_factor: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    shared_intermediate_size: int = 0
+    """Of the always-on shared expert(s), 0 without (DeepSeek: n_shared_experts x expert)."""
+    shared_expert_gate: bool = False
+    """Qwen2-MoE scales the shared expert by sigmoid(x . w)."""
+    layers: tuple[int, ...] = ()
+    """Indices of the layers whose MLP is the MoE block (the others are dense)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -36,6 +73,8 @@ class ArchConfig:
     torch_dtype: str | None
     bos_token_id: int | None
     eos_token_id: int | list[int] | None
+    moe: MoEArch | None = None
+    """The MoE MLP of the layers in ``moe.layers``; None: every layer is dense."""
 
     @property
     def kv_bytes_per_token_per_elt(self) -> int:
@@ -46,6 +85,9 @@ class ArchConfig:
 def arch_from_hf_dict(cfg: dict[str, Any]) -> ArchConfig:
     """Build from a parsed config.json; unsupported architectures are a clear error."""
     model_type = cfg.get("model_type", "")
+    if model_type in NEEDS_MLA:
+        raise ConfigError(f"model_type {model_type!r} needs multi-head latent attention (MLA), "
+                          "which is not built yet; its MoE layers are")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ConfigError(f"model_type {model_type!r} is not supported "
                           f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
@@ -69,12 +111,88 @@ def arch_from_hf_dict(cfg: dict[str, Any]) -> ArchConfig:
                                                  else None),
         max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        attention_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
-        qk_norm=model_type == "qwen3",
+        attention_bias=bool(cfg.get("qkv_bias", True) if model_type == "qwen2_moe"
+                            else cfg.get("attention_bias", model_type == "qwen2")),
+        qk_norm=model_type in ("qwen3", "qwen3_moe"),
         torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_id=cfg.get("eos_token_id"),
+        moe=moe_arch_from_hf_dict(cfg),
     )
+
+
+def _int(cfg: dict[str, Any], *keys: str, default: int | None = None) -> int:
+    for key in keys:
+        if cfg.get(key) is not None:
+            return int(cfg[key])
+    if default is None:
+        raise ConfigError(f"config.json lacks {keys[0]!r}")
+    return default
+
+
+def moe_arch_from_hf_dict(cfg: dict[str, Any]) -> MoEArch | None:
+    """The MoE part of a config.json (Hugging Face's defaults where a key is absent); None for
+    a dense model. Bad values are a ConfigError naming the key."""
+    model_type = cfg.get("model_type", "")
+    num_layers = int(cfg.get("num_hidden_layers", 0))
+    if model_type == "mixtral":
+        moe = MoEArch(num_experts=_int(cfg, "num_local_experts", default=8),
+                      top_k=_int(cfg, "num_experts_per_tok", default=2),
+                      intermediate_size=_int(cfg, "intermediate_size"), scoring="softmax",
+                      topk_method="greedy", renormalize=True, layers=tuple(range(num_layers)))
+    elif model_type in ("qwen2_moe", "qwen3_moe"):
+        step = _int(cfg, "decoder_sparse_step", default=1)
+        dense = set(cfg.get("mlp_only_layers") or ())
+        experts = _int(cfg, "num_experts", "num_local_experts")
+        shared = _int(cfg, "shared_expert_intermediate_size", default=0) \
+            if model_type == "qwen2_moe" else 0
+        moe = MoEArch(num_experts=experts, top_k=_int(cfg, "num_experts_per_tok"),
+                      intermediate_size=_int(cfg, "moe_intermediate_size"), scoring="softmax",
+                      topk_method="greedy", renormalize=bool(cfg.get("norm_topk_prob", False)),
+                      shared_intermediate_size=shared, shared_expert_gate=shared > 0,
+                      layers=tuple(i for i in range(num_layers)
+                                   if experts > 0 and step > 0 and (i + 1) % step == 0
+                                   and i not in dense))
+    elif model_type in NEEDS_MLA:
+        v3 = model_type == "deepseek_v3"
+        expert = _int(cfg, "moe_intermediate_size")
+        first_dense = _int(cfg, "first_k_dense_replace", default=3 if v3 else 0)
+        freq = _int(cfg, "moe_layer_freq", default=1)
+        scoring = cfg.get("scoring_func") or ("sigmoid" if v3 else "softmax")
+        method = cfg.get("topk_method") or ("noaux_tc" if v3 else "greedy")
+        moe = MoEArch(num_experts=_int(cfg, "n_routed_experts", "num_local_experts"),
+                      top_k=_int(cfg, "num_experts_per_tok"), intermediate_size=expert,
+                      scoring=scoring, topk_method=method,
+                      renormalize=bool(cfg.get("norm_topk_prob", v3)),
+                      routed_scaling_factor=float(cfg.get("routed_scaling_factor") or 1.0),
+                      n_group=_int(cfg, "n_group", default=1),
+                      topk_group=_int(cfg, "topk_group", default=1),
+                      shared_intermediate_size=expert * _int(cfg, "n_shared_experts", default=0),
+                      layers=tuple(i for i in range(num_layers)
+                                   if i >= first_dense and freq > 0 and i % freq == 0))
+    else:
+        return None
+    _check_moe(moe)
+    return moe
+
+
+def _check_moe(moe: MoEArch) -> None:
+    if moe.num_experts < 1 or not 1 <= moe.top_k <= moe.num_experts:
+        raise ConfigError(f"num_experts_per_tok {moe.top_k} must be in 1..num_experts "
+                          f"({moe.num_experts})")
+    if moe.intermediate_size < 1:
+        raise ConfigError("moe_intermediate_size must be positive")
+    if moe.scoring not in ("softmax", "sigmoid"):
+        raise ConfigError(f"scoring_func {moe.scoring!r} is not supported (softmax, sigmoid)")
+    if moe.topk_method not in ("greedy", "group_limited_greedy", "noaux_tc"):
+        raise ConfigError(f"topk_method {moe.topk_method!r} is not supported "
+                          "(greedy, group_limited_greedy, noaux_tc)")
+    grouped = moe.topk_method != "greedy"
+    if grouped and (moe.n_group < 1 or moe.num_experts % moe.n_group
+                    or not 1 <= moe.topk_group <= moe.n_group
+                    or moe.top_k > moe.topk_group * (moe.num_experts // moe.n_group)):
+        raise ConfigError(f"n_group {moe.n_group} / topk_group {moe.topk_group} do not fit "
+                          f"{moe.num_experts} experts and top-{moe.top_k} routing")
 
 
 def load_arch(model_dir: str) -> ArchConfig:

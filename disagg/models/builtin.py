@@ -1,4 +1,5 @@
-"""``builtin:tiny-llama``: a small Llama whose weights come from a fixed seed (no download)."""
+"""Small models whose weights come from a fixed seed (no download): ``builtin:tiny-llama``, and
+``builtin:tiny-moe`` (Qwen3-MoE-shaped: 8 experts, top-2, a dense first layer)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,30 @@ BUILTIN_MODELS: dict[str, dict[str, Any]] = {
         "vocab_size": BUILTIN_VOCAB_SIZE,
         "hidden_size": 128,
         "intermediate_size": 384,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "bos_token_id": BUILTIN_BOS_ID,
+        "eos_token_id": BUILTIN_EOS_ID,
+        "torch_dtype": "float32",
+    },
+    "tiny-moe": {
+        "model_type": "qwen3_moe",
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "vocab_size": BUILTIN_VOCAB_SIZE,
+        "hidden_size": 128,
+        "intermediate_size": 384,
+        "moe_intermediate_size": 96,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "norm_topk_prob": True,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [0],
         "num_hidden_layers": 4,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,

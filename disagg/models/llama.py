@@ -1,4 +1,5 @@
-"""The Llama family (Llama 2/3, Mistral, Qwen2, Qwen3) over the paged KV cache.
+"""The Llama family (Llama 2/3, Mistral, Qwen2, Qwen3) and its MoE relatives (Mixtral,
+Qwen2-MoE, Qwen3-MoE: the MLP of some layers is disagg/models/moe.py) over the paged KV cache.
 
 Tokens of all scheduled requests are flattened into one batch of T rows; attention reads and
 writes the paged cache through ``AttentionMetadata``. Projections are fused (qkv, gate_up); the
@@ -20,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from disagg.models.arch import ArchConfig
+from disagg.models.expert_parallel import EPContext
+from disagg.models.moe import SparseMoeBlock
 from disagg.models.ops import Ops
 from disagg.models.parallel import (
     ColumnParallelLinear,
@@ -129,10 +132,12 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm attention + MLP with the residual carried separately (fused add+norm)."""
 
-    def __init__(self, arch: ArchConfig, layer_idx: int, ops: Ops, tp: TPContext) -> None:
+    def __init__(self, arch: ArchConfig, layer_idx: int, ops: Ops, tp: TPContext,
+                 ep: EPContext) -> None:
         super().__init__()
         self.self_attn = Attention(arch, layer_idx, ops, tp)
-        self.mlp = MLP(arch, ops, tp)
+        self.mlp: nn.Module = SparseMoeBlock(arch, ops, tp, ep) \
+            if arch.moe is not None and layer_idx in arch.moe.layers else MLP(arch, ops, tp)
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, ops)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, ops)
         self.ops = ops
@@ -158,15 +163,16 @@ class LlamaForCausalLM(nn.Module):
     """Embedding, decoder layers, final norm and LM head (this rank's shard of them)."""
 
     def __init__(self, arch: ArchConfig, ops: Ops, max_positions: int,
-                 tp: TPContext = TPContext()) -> None:
+                 tp: TPContext = TPContext(), ep: EPContext = EPContext()) -> None:
         super().__init__()
         self.arch = arch
         self.tp = tp
+        self.ep = ep
         # This rank's KV heads: its cache is [blocks, layers, 2, bs, num_local_kv_heads, D].
         self.kv_head_start, self.num_local_kv_heads = kv_head_range(arch.num_kv_heads,
                                                                     tp.size, tp.rank)
         self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, tp)
-        self.layers = nn.ModuleList(DecoderLayer(arch, i, ops, tp)
+        self.layers = nn.ModuleList(DecoderLayer(arch, i, ops, tp, ep)
                                     for i in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, ops)
         self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size, tp)
@@ -190,6 +196,14 @@ class LlamaForCausalLM(nn.Module):
         x, _ = self.ops.fused_add_rms_norm(x, residual, self.norm.weight, self.norm.eps)
         return x
 
+    def idle_moe_pass(self) -> None:
+        """Join every MoE layer's expert exchange with no tokens (an expert-parallel rank's
+        dummy step: its peers' tokens may still need its experts)."""
+        empty = self.embed_tokens.weight.new_empty((0, self.arch.hidden_size))
+        for layer in self.layers:
+            if isinstance(layer.mlp, SparseMoeBlock):
+                layer.mlp(empty)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden [n, hidden] -> fp32 logits [n, vocab]."""
         return self.lm_head(hidden).float()
@@ -197,27 +211,39 @@ class LlamaForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy full Hugging Face-named tensors in, fusing q/k/v and gate/up and keeping this
         rank's shard of each. Returns loaded names."""
-        params = dict(self.named_parameters())
+        params = {**dict(self.named_parameters()), **dict(self.named_buffers())}
         loaded: set[str] = set()
         for hf_name, tensor in weights:
             name, shard = _map_hf_name(hf_name)
             if name is None or name not in params:
                 continue
-            param = params[name]
-            offset, size = self._shard_range(name, shard)
-            local = self._rank_slice(name, shard, tensor)
-            with torch.no_grad():
-                param.data[offset:offset + size].copy_(local.to(param.dtype))
             loaded.add(f"{name}:{shard}" if shard else name)
+            target = params[name].data
+            if shard is not None and shard.startswith("expert"):
+                _, which, index = shard.split(":")
+                local = int(index) - self._expert_start(name)
+                if not 0 <= local < target.shape[0]:
+                    continue  # held by another expert-parallel rank
+                target, shard = target[local], which
+            offset, size = self._shard_range(target, shard)
+            part = self._rank_slice(name, shard, tensor)
+            with torch.no_grad():
+                target[offset:offset + size].copy_(part.to(target.dtype))
         return loaded
+
+    def _expert_start(self, name: str) -> int:
+        """First global expert held by this rank in the layer ``name`` belongs to."""
+        block = self.layers[int(name.split(".")[1])].mlp
+        assert isinstance(block, SparseMoeBlock)
+        return block.expert_start
 
     def _rank_slice(self, name: str, shard: str | None, full: torch.Tensor) -> torch.Tensor:
         """This rank's part of a full Hugging Face tensor (``full`` itself without TP).
 
         q: rows of the local q heads; k/v: rows of the local KV heads (replicated ones too);
-        gate/up: rows of the local intermediate slice (biases split like their rows);
-        o_proj/down_proj: the matching input columns; embed/lm_head: the rank's vocab rows,
-        padding rows zero; norms (q_norm/k_norm included): the whole tensor.
+        gate/up (dense, shared or routed expert): rows of the local intermediate slice;
+        o_proj/down_proj (experts' down too): the matching input columns; embed/lm_head: the
+        rank's vocab rows, padding rows zero; norms, router: the whole tensor.
         """
         tp, a = self.tp, self.arch
         if tp.size == 1:
@@ -229,9 +255,9 @@ class LlamaForCausalLM(nn.Module):
         if shard in ("k", "v"):
             return full.narrow(0, self.kv_head_start * d, self.num_local_kv_heads * d)
         if shard in ("gate", "up"):
-            rows = a.intermediate_size // tp.size
+            rows = full.shape[0] // tp.size
             return full.narrow(0, tp.rank * rows, rows)
-        if name.endswith(("o_proj.weight", "down_proj.weight")):
+        if shard == "down" or name.endswith(("o_proj.weight", "down_proj.weight")):
             cols = full.shape[1] // tp.size
             return full.narrow(1, tp.rank * cols, cols)
         if name in ("embed_tokens.weight", "lm_head.weight"):
@@ -240,23 +266,46 @@ class LlamaForCausalLM(nn.Module):
             return F.pad(rows_here, (0, 0, 0, per_rank - rows_here.shape[0]))
         return full
 
-    def _shard_range(self, name: str, shard: str | None) -> tuple[int, int]:
-        """Row range of a fused parameter (this rank's shard) that a Hugging Face shard fills."""
-        a, tp_size = self.arch, self.tp.size
-        q, kv = a.num_heads // tp_size * a.head_dim, self.num_local_kv_heads * a.head_dim
-        inter = a.intermediate_size // tp_size
-        table = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv), "gate": (0, inter),
-                 "up": (inter, inter)}
-        if shard is None:
-            return 0, dict(self.named_parameters())[name].shape[0]
+    def _shard_range(self, target: torch.Tensor, shard: str | None) -> tuple[int, int]:
+        """Row range of a fused tensor (this rank's shard) that a Hugging Face shard fills:
+        qkv [q | k | v], gate_up and an expert's w13 [gate | up] (halves)."""
+        a = self.arch
+        q, kv = a.num_heads // self.tp.size * a.head_dim, self.num_local_kv_heads * a.head_dim
+        half = target.shape[0] // 2
+        table = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv), "gate": (0, half),
+                 "up": (half, half)}
+        if shard is None or shard == "down":
+            return 0, target.shape[0]
         return table[shard]
 
 
+_EXPERT_PROJ = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down",
+                "w1": "gate", "w3": "up", "w2": "down"}
+
+
 def _map_hf_name(hf_name: str) -> tuple[str | None, str | None]:
-    """Hugging Face parameter name -> (our name, fused shard or None)."""
+    """Hugging Face parameter name -> (our name, fused shard or None). A routed expert's
+    tensor maps to its layer's stacked w13/w2 with shard ``expert:gate|up|down:<index>``."""
     name = hf_name.removeprefix("model.")
     if "rotary_emb" in name:
         return None, None
+    name = name.replace(".block_sparse_moe.", ".mlp.").replace(".shared_experts.",
+                                                                ".shared_expert.")
+    if ".mlp.experts." in name:  # layers.L.mlp.experts.E.<proj>.weight
+        head, rest = name.split(".mlp.experts.", 1)
+        index, proj, _ = rest.split(".", 2)
+        which = _EXPERT_PROJ.get(proj)
+        if which is None or not index.isdigit():
+            return None, None
+        stacked = "w2" if which == "down" else "w13"
+        return f"{head}.mlp.experts.{stacked}", f"expert:{which}:{index}"
+    if name.endswith(".mlp.gate.e_score_correction_bias"):
+        return name.replace(".mlp.gate.", ".mlp."), None
+    if ".mlp.shared_expert." in name:
+        for proj, shard in (("gate_proj", "gate"), ("up_proj", "up")):
+            if f".shared_expert.{proj}." in name:
+                return name.replace(f".{proj}.", ".gate_up_proj."), shard
+        return name, None
     for proj, shard in (("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")):
         if f"self_attn.{proj}." in name:
             return name.replace(f"self_attn.{proj}.", "self_attn.qkv_proj."), shard

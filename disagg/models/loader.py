@@ -10,6 +10,7 @@ import torch
 from disagg.common.config import ConfigError, ModelConfig
 from disagg.models.arch import ArchConfig, arch_from_hf_dict, load_arch
 from disagg.models.builtin import builtin_hf_config, seeded_hf_state_dict
+from disagg.models.expert_parallel import EPContext
 from disagg.models.llama import LlamaForCausalLM
 from disagg.models.ops import Ops
 from disagg.models.parallel import TPContext, check_tp
@@ -26,7 +27,8 @@ def resolve_arch(model: str) -> ArchConfig:
 
 
 def hf_param_shapes(arch: ArchConfig) -> dict[str, tuple[int, ...]]:
-    """Hugging Face names and shapes of every weight of a Llama-family checkpoint."""
+    """Hugging Face names and shapes of every weight of a Llama-family checkpoint (its MoE
+    layers named as Qwen-MoE names them; Mixtral's ``block_sparse_moe.experts.E.w1`` load too)."""
     h, d = arch.hidden_size, arch.head_dim
     q, kv, inter = arch.num_heads * d, arch.num_kv_heads * d, arch.intermediate_size
     shapes: dict[str, tuple[int, ...]] = {
@@ -38,15 +40,38 @@ def hf_param_shapes(arch: ArchConfig) -> dict[str, tuple[int, ...]]:
         shapes.update({
             p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
             p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
-            p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
-            p + "mlp.down_proj.weight": (h, inter),
             p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)})
+        if arch.moe is not None and i in arch.moe.layers:
+            shapes.update(_moe_shapes(p + "mlp.", arch))
+        else:
+            shapes.update(_mlp_shapes(p + "mlp.", h, inter))
         if arch.attention_bias:
             shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
                            p + "self_attn.v_proj.bias": (kv,)})
         if arch.qk_norm:
             shapes.update({p + "self_attn.q_norm.weight": (d,),
                            p + "self_attn.k_norm.weight": (d,)})
+    return shapes
+
+
+def _mlp_shapes(prefix: str, hidden: int, inter: int) -> dict[str, tuple[int, ...]]:
+    return {prefix + "gate_proj.weight": (inter, hidden),
+            prefix + "up_proj.weight": (inter, hidden),
+            prefix + "down_proj.weight": (hidden, inter)}
+
+
+def _moe_shapes(prefix: str, arch: ArchConfig) -> dict[str, tuple[int, ...]]:
+    moe, h = arch.moe, arch.hidden_size
+    assert moe is not None
+    shapes: dict[str, tuple[int, ...]] = {prefix + "gate.weight": (moe.num_experts, h)}
+    for e in range(moe.num_experts):
+        shapes.update(_mlp_shapes(f"{prefix}experts.{e}.", h, moe.intermediate_size))
+    if moe.shared_intermediate_size:
+        shapes.update(_mlp_shapes(prefix + "shared_expert.", h, moe.shared_intermediate_size))
+    if moe.shared_expert_gate:
+        shapes[prefix + "shared_expert_gate.weight"] = (1, h)
+    if moe.topk_method == "noaux_tc":
+        shapes[prefix + "gate.e_score_correction_bias"] = (moe.num_experts,)
     return shapes
 
 
@@ -72,15 +97,21 @@ def _safetensor_weights(model_dir: str):
 
 def load_model(cfg: ModelConfig, arch: ArchConfig, ops: Ops, device: torch.device,
                dtype: torch.dtype, max_positions: int,
-               tp: TPContext = TPContext()) -> LlamaForCausalLM:
+               tp: TPContext = TPContext(), ep: EPContext = EPContext()) -> LlamaForCausalLM:
     """Instantiate this rank's shard on ``device`` in ``dtype`` and load weights per
-    ``cfg.load_format`` (every rank reads the full tensors and keeps its part)."""
+    ``cfg.load_format`` (every rank reads the full tensors and keeps its part: its TP slice,
+    its EP experts)."""
     check_tp(arch, tp.size)
+    if arch.moe is not None:
+        ep.expert_range(arch.moe.num_experts)  # a ConfigError unless they split evenly
     torch.manual_seed(cfg.seed)
     with torch.device(device):
-        model = LlamaForCausalLM(arch, ops, max_positions, tp)
+        model = LlamaForCausalLM(arch, ops, max_positions, tp, ep)
     model.to(dtype=dtype)
     model.cos_sin = model.cos_sin.float()  # rotary tables stay fp32
+    for name, buf in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):  # routing choices need fp32
+            buf.data = buf.data.float()
     if cfg.load_format == "dummy" and not cfg.model.startswith("builtin:"):
         _init_dummy_(model, cfg.seed)
         return model.eval()
@@ -112,7 +143,7 @@ def _init_dummy_(model: LlamaForCausalLM, seed: int) -> None:
         elif param.dim() == 1:
             param.zero_()
         else:
-            std = 1.0 if "embed_tokens" in name else param.shape[1] ** -0.5
+            std = 1.0 if "embed_tokens" in name else param.shape[-1] ** -0.5  # 1 / sqrt(fan-in)
             param.normal_(0.0, std, generator=gen)
 
 

@@ -20,6 +20,7 @@ _KERNELS = {
     "silu_and_mul": "hip_kernels.silu_and_mul",
     "gather_kv_blocks": "hip_kernels.kv_blocks",
     "scatter_kv_blocks": "hip_kernels.kv_blocks",
+    "fused_moe": "hip_kernels.fused_moe",
 }
 
 
@@ -37,6 +38,7 @@ class Ops:
     silu_and_mul: Callable[..., Any]
     gather_kv_blocks: Callable[..., Any]
     scatter_kv_blocks: Callable[..., Any]
+    fused_moe: Callable[..., Any]
 
 
 def select_ops(device_type: str) -> Ops:

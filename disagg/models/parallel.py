@@ -77,14 +77,24 @@ def kv_head_range(num_kv_heads: int, tp_size: int, rank: int) -> tuple[int, int]
 
 def check_tp(arch: ArchConfig, tp_size: int) -> None:
     """Raise ConfigError unless ``arch`` splits evenly over ``tp_size`` ranks."""
-    heads, kv_heads, inter = arch.num_heads, arch.num_kv_heads, arch.intermediate_size
+    heads, kv_heads = arch.num_heads, arch.num_kv_heads
     if tp_size < 1:
         raise ConfigError(f"tensor_parallel_size must be >= 1, got {tp_size}")
-    if heads % tp_size or inter % tp_size or (kv_heads % tp_size and tp_size % kv_heads):
+    if heads % tp_size or (kv_heads % tp_size and tp_size % kv_heads):
         raise ConfigError(
             f"tensor_parallel_size {tp_size} does not split this model: it must divide "
-            f"num_attention_heads ({heads}) and intermediate_size ({inter}), and divide or be "
-            f"a multiple of num_key_value_heads ({kv_heads})")
+            f"num_attention_heads ({heads}), and divide or be a multiple of "
+            f"num_key_value_heads ({kv_heads})")
+    moe = arch.moe
+    split = {} if moe is not None and len(moe.layers) == arch.num_layers \
+        else {"intermediate_size": arch.intermediate_size}  # a dense layer exists
+    if moe is not None:
+        split["moe_intermediate_size"] = moe.intermediate_size
+        split["shared_expert_intermediate_size"] = moe.shared_intermediate_size
+    for what, size in split.items():
+        if size % tp_size:
+            raise ConfigError(f"tensor_parallel_size {tp_size} does not split this model: "
+                              f"it must divide {what} ({size})")
 
 
 def vocab_rows_per_rank(vocab_size: int, tp_size: int) -> int:

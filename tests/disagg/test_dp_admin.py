@@ -38,9 +38,12 @@ def _env(**values: str) -> Iterator[None]:
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
-def _instance(tmp_path_factory: Any, dp: int, lockstep: bool) -> Iterator[Instance]:
+def _instance(tmp_path_factory: Any, dp: int, lockstep: bool,
+              args: tuple[str, ...] = ()) -> Iterator[Instance]:
+    """``args`` replace the model (the first of BASE) when given."""
+    base = [*args, *BASE[1:]] if args else BASE
     with _env(DISAGG_DP_LOCKSTEP="1" if lockstep else "0"):
-        inst = start_instance([*BASE, "--data-parallel-size", str(dp)],
+        inst = start_instance([*base, "--data-parallel-size", str(dp)],
                               tmp_path_factory.mktemp(f"dp{dp}"))
     try:
         yield inst
@@ -56,6 +59,13 @@ def lockstep2(tmp_path_factory: Any) -> Iterator[Instance]:
 @pytest.fixture(scope="module")
 def lockstep3(tmp_path_factory: Any) -> Iterator[Instance]:
     yield from _instance(tmp_path_factory, 3, lockstep=True)
+
+
+@pytest.fixture(scope="module")
+def expert_parallel2(tmp_path_factory: Any) -> Iterator[Instance]:
+    """An MoE model with its experts over 2 ranks: every step is an all-to-all among them."""
+    yield from _instance(tmp_path_factory, 2, lockstep=False,
+                         args=("builtin:tiny-moe", "--enable-expert-parallel"))
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +147,8 @@ async def _round(s: aiohttp.ClientSession, url: str, size: int, rng: random.Rand
         assert status == 200 or (mode == "abort" and ABORTED in body["error"]["message"]), body
 
 
-@pytest.mark.parametrize("fixture,size", [("lockstep2", 2), ("lockstep3", 3), ("plain2", 2)])
+@pytest.mark.parametrize("fixture,size", [("lockstep2", 2), ("lockstep3", 3), ("plain2", 2),
+                                          ("expert_parallel2", 2)])
 def test_pause_barrier_request_barrier_never_deadlocks(request: Any, fixture: str,
                                                        size: int) -> None:
     inst: Instance = request.getfixturevalue(fixture)

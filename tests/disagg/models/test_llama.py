@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 from typing import Any
 
 import pytest
@@ -14,22 +13,7 @@ from disagg.common.sampling_params import SamplingParams
 from disagg.llm import LLM
 from disagg.models.builtin import builtin_hf_config
 from disagg.models.loader import builtin_state_dict
-
-MAX_NEW = 12
-
-
-def hf_greedy(model: Any, prompts: list[list[int]], max_new: int) -> list[list[int]]:
-    outs = []
-    for p in prompts:
-        g = model.generate(torch.tensor([p]), max_new_tokens=max_new, do_sample=False,
-                           eos_token_id=None, pad_token_id=0)
-        outs.append(g[0, len(p):].tolist())
-    return outs
-
-
-def mixed_prompts(vocab: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(3, vocab) for _ in range(n)] for n in lengths]
+from tests.disagg.models.hf_reference import MAX_NEW, hf_greedy, mixed_prompts
 
 
 @pytest.fixture(scope="module")
