@@ -118,11 +118,11 @@ def test_deepseek_moe_block_matches_transformers(model_type: str) -> None:
     import transformers
 
     v3 = model_type == "deepseek_v3"
-    cfg_cls = transformers.DeepseekV3Config if v3 else transformers.DeepseekV2Config
+    cfg_cls: Any = transformers.DeepseekV3Config if v3 else transformers.DeepseekV2Config
     hf_cfg = cfg_cls(hidden_size=64, intermediate_size=80, num_hidden_layers=4,
                      num_attention_heads=4, num_key_value_heads=4, vocab_size=300,
                      **DEEPSEEK[model_type])
-    block_cls = transformers.models.deepseek_v3.modeling_deepseek_v3.DeepseekV3MoE if v3 \
+    block_cls: Any = transformers.models.deepseek_v3.modeling_deepseek_v3.DeepseekV3MoE if v3 \
         else transformers.models.deepseek_v2.modeling_deepseek_v2.DeepseekV2Moe
     torch.manual_seed(1)
     hf_block = block_cls(hf_cfg).eval()
@@ -200,9 +200,10 @@ def test_bad_moe_configs_are_clear_errors() -> None:
                                "n_routed_experts": 8, "num_experts_per_tok": 2,
                                "moe_intermediate_size": 4, "n_group": 3, "topk_group": 1})
     arch = arch_from_hf_dict(builtin_hf_config("builtin:tiny-moe"))
+    assert arch.moe is not None
+    odd = dataclasses.replace(arch.moe, intermediate_size=90)
     with pytest.raises(ConfigError, match="moe_intermediate_size"):
-        check_tp(dataclasses.replace(arch, moe=dataclasses.replace(arch.moe,
-                                                                   intermediate_size=90)), 4)
+        check_tp(dataclasses.replace(arch, moe=odd), 4)
 
 
 def test_dummy_weights_for_an_moe_shape(tmp_path: Any) -> None:
