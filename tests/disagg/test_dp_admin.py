@@ -25,6 +25,8 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 BASE = ["builtin:tiny-llama", "--kv-cache-memory-bytes", "16MiB", "--device", "cpu",
         "--admin-key", KEY]
 ABORTED = "paused with mode=abort"
+ROUNDS = int(os.environ.get("DISAGG_TEST_PAUSE_ROUNDS", "20"))
+"""Pause / barrier / request / barrier rounds per instance (200 for the long acceptance run)."""
 
 
 @contextlib.contextmanager
@@ -157,10 +159,10 @@ def test_pause_barrier_request_barrier_never_deadlocks(request: Any, fixture: st
 
     async def go() -> None:
         async with _session() as s:
-            for _ in range(20):
+            for _ in range(ROUNDS):
                 await _round(s, inst.url, size, rng)
 
-    asyncio.run(asyncio.wait_for(go(), 150))
+    asyncio.run(asyncio.wait_for(go(), 150 * max(1, ROUNDS // 20)))
     assert requests.get(inst.url + "/health", timeout=5).status_code == 200, f"seed {seed}"
     _ledger_clean(inst.url)
 
