@@ -8,26 +8,43 @@ belongs to one expert; pairs whose expert is not on this rank are dropped there:
     tile_expert_ids  |    e0     |   e2    |      e2       |      e5       |  E  ...  E |
                      |<-------------- num_tokens_post_padded ------------>|
 
-    kernel 1, program (tile, column block n):
+    launch 1, align, program c (one per chunk of <= 64 pairs; past the config's
+    align_max_pairs the torch moe_align_ref, about 30 launches, instead):
+        counts[e] over all pairs -> padded run starts -> scatter pair chunk c; write its share
+        of the padding rows and of tile_expert_ids
+    launch 2, gate_up, program (tile, column block n):
         inter[p, n] = silu(x[p // K] . w13[e, n]) * (x[p // K] . w13[e, I + n])
-    kernel 2, program (tile, column block n):
-        y[p, n] = topk_weights[p] * (inter[p] . w2[e, n])
-    out[t] = sum over k of y[t * K + k]        (fp32 sum; dropped pairs keep y = 0)
+    launch 3, down, program (tile, column block n):
+        y[p, n] = topk_weights[p] * (inter[p] . w2[e, n])        (dropped pairs: never written)
+    launch 4, combine, program (token block, column block n):
+        out[t, n] = sum over k with a valid id of y[t * K + k, n]    (fp32, k in order)
 
 Padding rows hold the pair id ``num_pairs`` and are masked; tiles past the used rows carry the
-expert id E and exit at once. Everything is sized from shapes (no host sync).
+expert id E and exit at once. Everything is sized from shapes (no host sync, so a CUDA graph
+can capture it), nothing is zero-filled (the combine reads only valid pairs' rows), and no
+atomics are used: the output is deterministic. The combine stays a launch of its own because
+folding it into the down kernel needs a "last program for this token sums it" handshake
+between programs, which Triton cannot make safe on AMD when a program has several waves (the
+barrier around its atomics does not drain the other waves' global stores).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from hip_kernels.launch_config import KernelSpec, bucket, get_int, load_config
-from hip_kernels.triton_compat import cdiv, interpreter_upcasts_dot, jit, require_triton, tl
+from hip_kernels.triton_compat import (
+    cdiv,
+    interpreter_upcasts_dot,
+    jit,
+    next_power_of_2,
+    require_triton,
+    tl,
+)
 
 KERNEL = "fused_moe"
 
@@ -69,12 +86,12 @@ def max_tiles(num_pairs: int, num_experts: int, block_m: int) -> int:
     return (num_pairs + min(num_experts, num_pairs) * (block_m - 1)) // block_m
 
 
-def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> MoeTiles:
-    """Sort pairs by expert, pad each expert's run to a multiple of block_m.
+def moe_align_ref(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> MoeTiles:
+    """Sort pairs by expert (stably), pad each expert's run to a multiple of block_m.
 
     Pairs with an id outside [0, num_experts) sort into a last bucket E whose slots lie past
     the returned buffer, so they reach no tile. Only device ops sized from shapes: no host
-    sync and no host-to-device copy, so a CUDA graph can capture it.
+    sync and no host-to-device copy, so a CUDA graph can capture it (about 30 launches).
     """
     experts = topk_ids.reshape(-1).long()
     num_pairs, device = experts.numel(), experts.device
@@ -97,6 +114,143 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> MoeTile
     tile_expert_ids = torch.searchsorted(padded_ends, tile_starts, right=True)
     return MoeTiles(sorted_pair_ids[:num_rows], tile_expert_ids.to(torch.int32),
                     padded_ends[-1:].to(torch.int32))
+
+
+@jit
+def _pair_experts(topk_ids_ptr, first_pair, num_pairs, top_k, stride_ids_tok, stride_ids_k,
+                  num_experts, CHUNK: tl.constexpr):
+    """Pairs first_pair + [0, CHUNK) and their experts (int32); -1 for an id outside [0, E)
+    and for a pair past num_pairs."""
+    pairs = first_pair + tl.arange(0, CHUNK)
+    in_range = pairs < num_pairs
+    ids = tl.load(topk_ids_ptr + (pairs // top_k) * stride_ids_tok
+                  + (pairs % top_k) * stride_ids_k, mask=in_range, other=-1)
+    valid = in_range & (ids >= 0) & (ids < num_experts)
+    return pairs, tl.where(valid, ids, -1).to(tl.int32)
+
+
+@jit
+def _align_scatter(topk_ids_ptr, sorted_pair_ids_ptr, first_pair, slot_base, lanes, num_pairs,
+                   top_k, stride_ids_tok, stride_ids_k, num_experts, CHUNK: tl.constexpr):
+    """Write each valid pair of the chunk to slot_base[its expert] + its rank among the
+    chunk's pairs of that expert: increasing pair ids within an expert, as a stable sort."""
+    pairs, experts = _pair_experts(topk_ids_ptr, first_pair, num_pairs, top_k, stride_ids_tok,
+                                   stride_ids_k, num_experts, CHUNK)
+    base = tl.sum(tl.where(experts[:, None] == lanes[None, :], slot_base[None, :], 0), axis=1)
+    order = tl.arange(0, CHUNK)
+    earlier = (experts[:, None] == experts[None, :]) & (order[None, :] < order[:, None])
+    rank = tl.sum(earlier.to(tl.int32), axis=1)
+    tl.store(sorted_pair_ids_ptr + base + rank, pairs, mask=experts >= 0)
+
+
+@jit
+def _align_tiles(sorted_pair_ids_ptr, tile_expert_ids_ptr, first_tile, starts, ends, counts,
+                 lanes, num_pairs, num_experts, num_tiles, BLOCK_M: tl.constexpr,
+                 TILE_CHUNK: tl.constexpr):
+    """Tiles first_tile + [0, TILE_CHUNK): their expert (E past the used rows) and padding.
+
+    A tile's expert is the number of padded runs ending at or before its first row (the
+    torch ``searchsorted(..., right=True)``); rows past its expert's count are padding. Pair
+    rows are left to ``_align_scatter``, so no address is written twice.
+    """
+    tiles = first_tile + tl.arange(0, TILE_CHUNK)
+    tile_start = tiles * BLOCK_M
+    ended = (ends[None, :] <= tile_start[:, None]) & (lanes < num_experts)[None, :]
+    expert = tl.sum(ended.to(tl.int32), axis=1)
+    this = lanes[None, :] == expert[:, None]
+    run_start = tl.sum(tl.where(this, starts[None, :], 0), axis=1)
+    run_count = tl.sum(tl.where(this, counts[None, :], 0), axis=1)
+    rows = tile_start[:, None] + tl.arange(0, BLOCK_M)[None, :]
+    padding = rows - run_start[:, None] >= run_count[:, None]
+    in_range = tiles < num_tiles
+    tl.store(sorted_pair_ids_ptr + rows, tl.zeros_like(rows) + num_pairs,
+             mask=padding & in_range[:, None])
+    tl.store(tile_expert_ids_ptr + tiles, expert, mask=in_range)
+
+
+@jit
+def _expert_counts(topk_ids_ptr, first_pair, num_pairs, top_k, stride_ids_tok, stride_ids_k,
+                   num_experts, EXPERTS: tl.constexpr, HIST_CHUNK: tl.constexpr):
+    """Pairs per expert: over all pairs, and over the pairs before first_pair."""
+    counts = tl.zeros([EXPERTS], tl.int32)
+    before = tl.zeros([EXPERTS], tl.int32)
+    for chunk_start in range(0, num_pairs, HIST_CHUNK):
+        pairs, experts = _pair_experts(topk_ids_ptr, chunk_start, num_pairs, top_k,
+                                       stride_ids_tok, stride_ids_k, num_experts, HIST_CHUNK)
+        valid = experts >= 0
+        counts += tl.histogram(experts, EXPERTS, mask=valid)
+        before += tl.histogram(experts, EXPERTS, mask=valid & (pairs < first_pair))
+    return counts, before
+
+
+@jit
+def _moe_align_kernel(
+        topk_ids_ptr, sorted_pair_ids_ptr, tile_expert_ids_ptr, num_tokens_post_padded_ptr,
+        num_pairs, top_k, stride_ids_tok, stride_ids_k, num_experts, num_tiles,
+        BLOCK_M: tl.constexpr, PAIR_CHUNK: tl.constexpr, EXPERTS: tl.constexpr,
+        TILE_CHUNK: tl.constexpr, HIST_CHUNK: tl.constexpr):
+    """Program c: count every pair's expert (each program does, so none waits on another),
+    then scatter pair chunk c and write tile chunks c, c + programs, ..."""
+    pid = tl.program_id(0)
+    first_pair = pid * PAIR_CHUNK
+    counts, before = _expert_counts(topk_ids_ptr, first_pair, num_pairs, top_k, stride_ids_tok,
+                                    stride_ids_k, num_experts, EXPERTS, HIST_CHUNK)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, axis=0)
+    starts = ends - padded
+    lanes = tl.arange(0, EXPERTS)
+    _align_scatter(topk_ids_ptr, sorted_pair_ids_ptr, first_pair, starts + before, lanes,
+                   num_pairs, top_k, stride_ids_tok, stride_ids_k, num_experts, PAIR_CHUNK)
+    for first_tile in range(pid * TILE_CHUNK, num_tiles, tl.num_programs(0) * TILE_CHUNK):
+        _align_tiles(sorted_pair_ids_ptr, tile_expert_ids_ptr, first_tile, starts, ends, counts,
+                     lanes, num_pairs, num_experts, num_tiles, BLOCK_M, TILE_CHUNK)
+    tl.store(num_tokens_post_padded_ptr, tl.sum(padded, axis=0), mask=pid == 0)
+
+
+ALIGN_MAX_CHUNK = 64
+"""Pairs (and tiles) per scatter step of the align kernel: its rank matrix is [chunk, chunk]."""
+ALIGN_MATRIX_ELEMENTS = 4096
+"""Cap on a step's [chunk, experts] one-hot matrix (a few dozen registers a thread)."""
+ALIGN_HIST_CHUNK = (256, 1024)
+"""Ids per histogram step: at least a whole CTA's lanes, at most 1024."""
+
+
+def _align_constexprs(num_pairs: int, num_experts: int, block_m: int) -> dict[str, int]:
+    """The align kernel's block sizes for this routing shape."""
+    experts = next_power_of_2(num_experts)
+    per_step = max(1, min(ALIGN_MAX_CHUNK, ALIGN_MATRIX_ELEMENTS // experts))
+    num_tiles = max_tiles(num_pairs, num_experts, block_m)
+    hist_low, hist_high = ALIGN_HIST_CHUNK
+    return {"BLOCK_M": block_m, "PAIR_CHUNK": min(next_power_of_2(num_pairs), per_step),
+            "EXPERTS": experts, "TILE_CHUNK": min(next_power_of_2(num_tiles), per_step),
+            "HIST_CHUNK": min(max(next_power_of_2(num_pairs), hist_low), hist_high)}
+
+
+def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> MoeTiles:
+    """``moe_align_ref`` in one Triton launch (the same tensors, bit for bit).
+
+    topk_ids [T, K] int32/int64, any strides. One program per PAIR_CHUNK (<= 64) pairs; each
+    histograms all pairs again (1024 a step), so the work grows with (T * K)^2: ``fused_moe``
+    uses it up to the config's align_max_pairs. T * K = 0 launches nothing.
+    """
+    if topk_ids.dim() != 2:
+        raise ValueError(f"moe_align: topk_ids {tuple(topk_ids.shape)} is not [T, K]")
+    num_pairs, device = topk_ids.numel(), topk_ids.device
+    num_tiles = max_tiles(num_pairs, num_experts, block_m)
+    sorted_pair_ids = torch.empty(num_tiles * block_m, dtype=torch.int32, device=device)
+    tile_expert_ids = torch.empty(num_tiles, dtype=torch.int32, device=device)
+    if num_pairs == 0:
+        return MoeTiles(sorted_pair_ids, tile_expert_ids,
+                        torch.zeros(1, dtype=torch.int32, device=device))
+    require_triton("moe_align")
+    num_tokens_post_padded = torch.empty(1, dtype=torch.int32, device=device)
+    constexprs = _align_constexprs(num_pairs, num_experts, block_m)
+    grid = (cdiv(num_pairs, constexprs["PAIR_CHUNK"]),)
+    _moe_align_kernel[grid](
+        topk_ids, sorted_pair_ids, tile_expert_ids, num_tokens_post_padded, num_pairs,
+        topk_ids.shape[1], topk_ids.stride(0), topk_ids.stride(1), num_experts, num_tiles,
+        **constexprs, num_warps=4)
+    return MoeTiles(sorted_pair_ids, tile_expert_ids, num_tokens_post_padded)
 
 
 @jit
@@ -198,9 +352,34 @@ def _fused_moe_down_kernel(
     tl.store(out_ptrs, y.to(y_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
+@jit
+def _fused_moe_combine_kernel(
+        y_ptr, topk_ids_ptr, out_ptr, num_tokens, top_k, num_experts, hidden_size,
+        stride_y_pair, stride_ids_tok, stride_ids_k, stride_out_tok, BLOCK_T: tl.constexpr,
+        K_PAD: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Program (token block, column block): out[t, n] = sum_k y[t * K + k, n] over the k
+    whose id is in [0, E), in fp32; a token with no such k gets zeros. All K rows are loaded
+    at once (one round trip, not K)."""
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    ks = tl.arange(0, K_PAD)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    tok_mask = tokens < num_tokens
+    pair_mask = tok_mask[:, None] & (ks < top_k)[None, :]
+    ids = tl.load(topk_ids_ptr + tokens[:, None] * stride_ids_tok + ks[None, :] * stride_ids_k,
+                  mask=pair_mask, other=-1)
+    valid = pair_mask & (ids >= 0) & (ids < num_experts)
+    rows = tokens.to(tl.int64)[:, None] * top_k + ks[None, :]
+    y_ptrs = y_ptr + rows[:, :, None] * stride_y_pair + cols[None, None, :]
+    y = tl.load(y_ptrs, mask=valid[:, :, None] & (cols < hidden_size)[None, None, :], other=0.0)
+    out = tl.sum(y.to(tl.float32), axis=1)
+    out_ptrs = out_ptr + tokens.to(tl.int64)[:, None] * stride_out_tok + cols[None, :]
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty),
+             mask=tok_mask[:, None] & (cols < hidden_size)[None, :])
+
+
 @dataclass(frozen=True, slots=True)
 class MoePlan:
-    """Tile shape and launch options shared by both GEMM kernels of one call."""
+    """Launch options of one call: the align path, the GEMM tile shape, the combine block."""
 
     block_m: int
     """Rows per tile; each expert's run of pairs is padded to a multiple of it."""
@@ -209,6 +388,10 @@ class MoePlan:
     group_m: int
     num_warps: int
     num_stages: int
+    triton_align: bool
+    """Align in one Triton launch (``moe_align``); False past align_max_pairs (torch)."""
+    combine_block_h: int
+    """Columns per combine program."""
 
 
 def moe_plan(num_pairs: int, num_experts: int, arch: str | None = None) -> MoePlan:
@@ -217,7 +400,9 @@ def moe_plan(num_pairs: int, num_experts: int, arch: str | None = None) -> MoePl
     rows = cdiv(num_pairs, num_experts)
     sized = {key: bucket(cfg, key, rows)
              for key in ("block_m", "block_n", "block_k", "num_warps", "num_stages")}
-    return MoePlan(group_m=get_int(cfg, "group_m"), **sized)
+    return MoePlan(group_m=get_int(cfg, "group_m"),
+                   triton_align=num_pairs <= get_int(cfg, "align_max_pairs"),
+                   combine_block_h=get_int(cfg, "combine_block_h"), **sized)
 
 
 def _check_shapes(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
@@ -242,12 +427,13 @@ def _check_shapes(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
               topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-    """The MoE MLP of ``fused_moe_ref`` as two grouped GEMMs; returns [T, H] in x's dtype.
+    """The MoE MLP of ``fused_moe_ref`` in four launches; returns [T, H] in x's dtype.
 
     Same shapes and id masking as the reference; fp32 accumulation, the [T*K, I] intermediate
-    and the per-pair outputs rounded to x's dtype. No host sync.
-    Bytes moved (at least): A * 3 * I * H * elt for the A distinct experts used, plus
-    2 * T * H * elt; the intermediates add 2 * T * K * (I + 1.5 * H) * elt.
+    and the per-pair outputs rounded to x's dtype, their sum over k in fp32. No host sync,
+    no atomics (deterministic). fp32 contiguous topk_weights and any int topk_ids cost no
+    extra launch. Bytes moved (at least): A * 3 * I * H * elt for the A distinct experts
+    used, plus 2 * T * H * elt; the intermediates add 2 * T * K * (I + H) * elt.
     """
     require_triton(KERNEL)
     _check_shapes(x, w13, w2, topk_weights, topk_ids)
@@ -255,11 +441,13 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     if num_tokens == 0:
         return torch.empty_like(x)
     x = x if x.stride(-1) == 1 else x.contiguous()
-    plan = moe_plan(num_tokens * top_k, w13.shape[0])
-    tiles = moe_align(topk_ids, w13.shape[0], plan.block_m)
+    num_experts = w13.shape[0]
+    plan = moe_plan(num_tokens * top_k, num_experts)
+    align = moe_align if plan.triton_align else moe_align_ref
+    tiles = align(topk_ids, num_experts, plan.block_m)
     inter = _gate_up(x, w13, tiles, top_k, plan)
     y = _down(inter, w2, topk_weights.to(torch.float32).reshape(-1).contiguous(), tiles, plan)
-    return y.view(num_tokens, top_k, -1).sum(dim=1, dtype=torch.float32).to(x.dtype)
+    return _combine(y, topk_ids, num_experts, plan)
 
 
 def _gate_up(x: torch.Tensor, w13: torch.Tensor, tiles: MoeTiles, top_k: int,
@@ -279,10 +467,11 @@ def _gate_up(x: torch.Tensor, w13: torch.Tensor, tiles: MoeTiles, top_k: int,
 
 def _down(inter: torch.Tensor, w2: torch.Tensor, pair_weights: torch.Tensor, tiles: MoeTiles,
           plan: MoePlan) -> torch.Tensor:
-    """Kernel 2: weighted down projection of every pair, [T * K, H]; dropped pairs stay 0."""
+    """Kernel 2: weighted down projection of every valid pair, [T * K, H]; the rows of
+    dropped pairs are left unwritten (the combine never reads them)."""
     num_pairs, inter_size = inter.shape
     hidden = w2.shape[1]
-    y = torch.zeros(num_pairs, hidden, dtype=inter.dtype, device=inter.device)
+    y = torch.empty(num_pairs, hidden, dtype=inter.dtype, device=inter.device)
     grid = (tiles.tile_expert_ids.numel() * cdiv(hidden, plan.block_n),)
     _fused_moe_down_kernel[grid](
         inter, w2, y, pair_weights, tiles.sorted_pair_ids, tiles.tile_expert_ids, num_pairs,
@@ -293,9 +482,37 @@ def _down(inter: torch.Tensor, w2: torch.Tensor, pair_weights: torch.Tensor, til
     return y
 
 
-# (T, K, E) routings compiled ahead of time: Qwen3-30B-A3B (K 8 of E 128) at 64, 512 and 4096
-# tokens and Mixtral-8x7B (K 2 of E 8) at 64 and 4096 reach every rows-per-expert bucket.
-AOT_ROUTINGS = ((64, 8, 128), (512, 8, 128), (4096, 8, 128), (64, 2, 8), (4096, 2, 8))
+COMBINE_ELEMENTS = 8192
+"""Cap on a combine program's [tokens, K, columns] block of y (a few dozen registers)."""
+
+
+def _combine_constexprs(num_tokens: int, top_k: int, block_h: int) -> dict[str, int]:
+    """The combine kernel's block: all K rows of as many tokens as fit in COMBINE_ELEMENTS."""
+    k_pad = next_power_of_2(top_k)
+    fit = max(1, COMBINE_ELEMENTS // (k_pad * block_h))
+    return {"BLOCK_T": min(next_power_of_2(num_tokens), 1 << (fit.bit_length() - 1)),
+            "K_PAD": k_pad, "BLOCK_H": block_h}
+
+
+def _combine(y: torch.Tensor, topk_ids: torch.Tensor, num_experts: int,
+             plan: MoePlan) -> torch.Tensor:
+    """Kernel 3: out [T, H] in y's dtype, the fp32 sum of each token's valid pairs' rows."""
+    num_tokens, top_k = topk_ids.shape
+    hidden = y.shape[1]
+    out = torch.empty(num_tokens, hidden, dtype=y.dtype, device=y.device)
+    constexprs = _combine_constexprs(num_tokens, top_k, plan.combine_block_h)
+    grid = (cdiv(num_tokens, constexprs["BLOCK_T"]), cdiv(hidden, plan.combine_block_h))
+    _fused_moe_combine_kernel[grid](
+        y, topk_ids, out, num_tokens, top_k, num_experts, hidden, y.stride(0),
+        topk_ids.stride(0), topk_ids.stride(1), out.stride(0), **constexprs, num_warps=4)
+    return out
+
+
+# (T, K, E) routings compiled ahead of time: Qwen3-30B-A3B (K 8 of E 128) at 1, 64, 512 and
+# 4096 tokens and Mixtral-8x7B (K 2 of E 8) at 64 and 4096 reach every rows-per-expert bucket
+# and both align paths.
+AOT_ROUTINGS = ((1, 8, 128), (64, 8, 128), (512, 8, 128), (4096, 8, 128), (64, 2, 8),
+                (4096, 2, 8))
 _GATE_UP_POINTERS = {"x_ptr": "*bf16", "w13_ptr": "*bf16", "inter_ptr": "*bf16"}
 _DOWN_POINTERS = {"inter_ptr": "*bf16", "w2_ptr": "*bf16", "y_ptr": "*bf16",
                   "topk_weights_ptr": "*fp32"}
@@ -303,29 +520,65 @@ _GATE_UP_INTS = ("num_pairs", "top_k", "num_experts", "hidden_size", "inter_size
                  "stride_x_tok", "stride_w13_expert", "stride_w13_row", "stride_inter_pair")
 _DOWN_INTS = ("num_pairs", "num_experts", "hidden_size", "inter_size", "stride_inter_pair",
               "stride_w2_expert", "stride_w2_row", "stride_y_pair")
+_ALIGN_POINTERS = {"topk_ids_ptr": "*i64", "sorted_pair_ids_ptr": "*i32",
+                   "tile_expert_ids_ptr": "*i32", "num_tokens_post_padded_ptr": "*i32"}
+_ALIGN_INTS = ("num_pairs", "top_k", "stride_ids_tok", "stride_ids_k", "num_experts",
+               "num_tiles")
+_COMBINE_POINTERS = {"y_ptr": "*bf16", "topk_ids_ptr": "*i64", "out_ptr": "*bf16"}
+_COMBINE_INTS = ("num_tokens", "top_k", "num_experts", "hidden_size", "stride_y_pair",
+                 "stride_ids_tok", "stride_ids_k", "stride_out_tok")
 
 
-def _spec(name: str, fn: object, pointers: dict[str, str], ints: tuple[str, ...],
-          plan: MoePlan) -> KernelSpec:
+def _kernel_spec(name: str, fn: object, pointers: dict[str, str], ints: tuple[str, ...],
+                 constexprs: dict[str, Any], aligned: tuple[str, ...], num_warps: int,
+                 num_stages: int) -> KernelSpec:
+    """One compilation: pointers, then i32 scalars, then constexprs, in the kernel's order."""
+    sig = {**pointers, **{n: "i32" for n in ints}, **{n: "constexpr" for n in constexprs}}
+    return KernelSpec(name=name, fn=fn, signature=sig, constexprs=constexprs, aligned=aligned,
+                      num_warps=num_warps, num_stages=num_stages)
+
+
+def _gemm_spec(name: str, fn: object, pointers: dict[str, str], ints: tuple[str, ...],
+               plan: MoePlan) -> KernelSpec:
     """One bf16 compilation of a GEMM kernel with the plan's tile shape."""
     constexprs = {"BLOCK_M": plan.block_m, "BLOCK_N": plan.block_n, "BLOCK_K": plan.block_k,
                   "GROUP_M": plan.group_m, "UPCAST_DOT": False}
-    sig = {**pointers, "sorted_pair_ids_ptr": "*i32", "tile_expert_ids_ptr": "*i32"}
-    sig = {**sig, **{n: "i32" for n in ints}, **{n: "constexpr" for n in constexprs}}
+    pointers = {**pointers, "sorted_pair_ids_ptr": "*i32", "tile_expert_ids_ptr": "*i32"}
     aligned = tuple(n for n in ints if n.startswith("stride") or n.endswith("_size"))
     tile = f"m{plan.block_m}n{plan.block_n}k{plan.block_k}w{plan.num_warps}s{plan.num_stages}"
-    return KernelSpec(name=f"{name}[bf16,{tile}]", fn=fn, signature=sig, constexprs=constexprs,
-                      aligned=aligned, num_warps=plan.num_warps, num_stages=plan.num_stages)
+    return _kernel_spec(f"{name}[bf16,{tile}]", fn, pointers, ints, constexprs, aligned,
+                        plan.num_warps, plan.num_stages)
+
+
+def _align_spec(num_pairs: int, num_experts: int, block_m: int) -> KernelSpec:
+    """The align kernel for int64 ids at one routing shape."""
+    c = _align_constexprs(num_pairs, num_experts, block_m)
+    name = (f"moe_align[i64,m{c['BLOCK_M']}p{c['PAIR_CHUNK']}e{c['EXPERTS']}"
+            f"t{c['TILE_CHUNK']}]")
+    return _kernel_spec(name, _moe_align_kernel, _ALIGN_POINTERS, _ALIGN_INTS, c, (), 4, 1)
+
+
+def _combine_spec(tokens: int, top_k: int, plan: MoePlan) -> KernelSpec:
+    """The bf16 combine kernel with int64 ids at one batch shape."""
+    c = _combine_constexprs(tokens, top_k, plan.combine_block_h)
+    name = f"fused_moe_combine[bf16,t{c['BLOCK_T']}k{c['K_PAD']}h{c['BLOCK_H']}]"
+    return _kernel_spec(name, _fused_moe_combine_kernel, _COMBINE_POINTERS, _COMBINE_INTS, c,
+                        ("hidden_size", "stride_y_pair", "stride_out_tok"), 4, 1)
 
 
 def aot_specs(arch: str) -> list[KernelSpec]:
-    """bf16, both kernels, each distinct plan of AOT_ROUTINGS (decode to prefill)."""
-    plans = dict.fromkeys(moe_plan(tokens * top_k, experts, arch)
-                          for tokens, top_k, experts in AOT_ROUTINGS)
-    specs = []
-    for plan in plans:
-        specs.append(_spec("fused_moe_gate_up", _fused_moe_gate_up_kernel, _GATE_UP_POINTERS,
-                           _GATE_UP_INTS, plan))
-        specs.append(_spec("fused_moe_down", _fused_moe_down_kernel, _DOWN_POINTERS,
-                           _DOWN_INTS, plan))
-    return specs
+    """bf16 GEMMs of each distinct tile plan, the align kernel of each routing that uses it,
+    and the combine kernel, over AOT_ROUTINGS (decode to prefill)."""
+    specs: dict[str, KernelSpec] = {}
+    for tokens, top_k, experts in AOT_ROUTINGS:
+        plan = moe_plan(tokens * top_k, experts, arch)
+        found = [_gemm_spec("fused_moe_gate_up", _fused_moe_gate_up_kernel, _GATE_UP_POINTERS,
+                            _GATE_UP_INTS, plan),
+                 _gemm_spec("fused_moe_down", _fused_moe_down_kernel, _DOWN_POINTERS,
+                            _DOWN_INTS, plan),
+                 _combine_spec(tokens, top_k, plan)]
+        if plan.triton_align:
+            found.append(_align_spec(tokens * top_k, experts, plan.block_m))
+        specs.update((spec.name, spec) for spec in found if spec.name not in specs)
+    return list(specs.values())
+
