@@ -39,6 +39,7 @@ from disagg.common.sampling_params import SamplingParams
 from disagg.dp.engine_process import EngineLoop
 from disagg.dp.group import DPGroupError
 from disagg.dp.lockstep import SYNC_INTERVAL_STEPS, Lockstep, WaveEnd
+from disagg.models.expert_parallel import EPContext
 
 
 class _Sums:
@@ -147,6 +148,8 @@ class FakeEngine:
         self.held: list[tuple[str, int]] = []
         self.done: list[EngineCoreOutput] = []
         self.num_requests_total = 0
+        self.expert_joins = 0
+        """Steps without tokens here that joined the MoE exchange (EngineCore._join_experts)."""
 
     def _check(self) -> None:
         if self.stop.is_set():
@@ -198,12 +201,14 @@ class FakeEngine:
                 del self.left[rid]
         return out + self.connector_step()
 
-    def connector_step(self) -> list[EngineCoreOutput]:
+    def connector_step(self, join_experts: bool = False) -> list[EngineCoreOutput]:
         self._check()
+        self.expert_joins += join_experts
         out, self.done = self.done, []
         return out
 
     tp_failure: str | None = None
+    ep = EPContext()
 
     def take_kv_events(self) -> None:
         return None
@@ -222,6 +227,7 @@ class Frontend:
         self.ins = []
         for r in range(size):
             s = ctx.socket(zmq.PUSH)
+            s.setsockopt(zmq.SNDTIMEO, 10_000)  # a rank thread that died fails the test
             s.bind(f"inproc://in{r}")
             self.ins.append(s)
         self.size, self.started, self.seq, self.call_id = size, -1, 0, 0
@@ -362,3 +368,5 @@ def test_randomized_pause_barrier_request_barrier_never_mismatches(size: int) ->
     assert group.rounds > 150  # the all-reduce and barriers really ran
     assert sum(e.num_requests_total for e in engines) == len(fe.tokens)
     assert all(e.num_requests_total > 0 for e in engines)
+    # a rank without tokens in a running wave still joined the (expert-parallel) MoE exchange
+    assert all(e.expert_joins > 0 for e in engines), [e.expert_joins for e in engines]

@@ -28,6 +28,7 @@ from disagg.common.protocol import (
 )
 from disagg.common.sampling_params import SamplingParams
 from disagg.dp.engine_process import MALFORMED, EngineLoop, Heartbeat, MessageFailures
+from disagg.models.expert_parallel import EPContext
 
 POISON = [666]
 """A prompt whose admission raises (after half-adding the request, as a real bug might)."""
@@ -87,6 +88,7 @@ class FakeEngine:
     connector_step = step
 
     tp_failure: str | None = None
+    ep = EPContext()
 
     def take_kv_events(self) -> None:
         return None
