@@ -65,9 +65,12 @@ def parse_pd_config(extra: dict[str, Any], kv_role: str, kv_cache_on_gpu: bool,
     transport = _choice(extra, "transport", "tcp", TRANSPORTS)
     mode = TransferMode(_choice(extra, "mode", "read", ("read", "write")))
     policy = _choice(extra, "kv_load_failure_policy", "fail", ("fail", "recompute"))
-    if mode is TransferMode.WRITE and kv_role != "kv_consumer" and data_parallel_size > 1:
-        raise ConfigError("WRITE mode with a data-parallel prefill instance is not "
-                          "supported yet; use mode=read or one prefill rank per instance")
+    if mode is TransferMode.WRITE and data_parallel_size > 1:
+        # The peers name one engine (rank 0's id in instance_info), but the instance's
+        # frontend may place the request on any rank: the transfer would wait for a peer that
+        # never comes and expire. Refused until the proxy can pin a request to a rank.
+        raise ConfigError("WRITE mode with a data-parallel instance (prefill or decode) is not "
+                          "supported yet; use mode=read or one rank per instance")
     options = extra.get("transport_options", {})
     if not isinstance(options, dict):
         raise ConfigError("kv_connector_extra_config.transport_options must be an object")

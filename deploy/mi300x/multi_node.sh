@@ -138,8 +138,8 @@ validate_node() {
   check_port --transport-base-port "$TRANSPORT_BASE_PORT"
   [[ -z $GID_INDEX ]] || check_uint --gid-index "$GID_INDEX"
   [[ -z $SOCKET_IFNAME ]] || check_word --socket-ifname "$SOCKET_IFNAME"
-  if [[ $MODE == write && $ROLE == prefill ]] && (( DP > 1 )); then
-    die "--mode write needs --gpus-per-instance $TP on prefill nodes (one engine core per instance: a data-parallel prefill cannot push yet)"
+  if [[ $MODE == write ]] && (( DP > 1 )); then
+    die "--mode write needs --gpus-per-instance $TP on $ROLE nodes (one engine core per instance: WRITE with a data-parallel instance is not supported yet)"
   fi
   [[ $TRANSPORT == tcp || -n $NICS ]] || die "--nics is required for --transport $TRANSPORT (one RDMA device per GPU, or auto)"
 }

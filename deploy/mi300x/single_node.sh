@@ -107,6 +107,9 @@ validate() {
   if [[ $MODE == write ]] && (( ${#P_GPUS[@]} / NUM_PREFILL > TP_PREFILL )); then
     die "--mode write needs one engine core per prefill instance (a data-parallel prefill cannot push yet); use --num-prefill $(( ${#P_GPUS[@]} / TP_PREFILL )) or --mode read"
   fi
+  if [[ $MODE == write ]] && (( ${#D_GPUS[@]} / NUM_DECODE > TP_DECODE )); then
+    die "--mode write needs one engine core per decode instance (a data-parallel decode cannot be pushed to yet); use --num-decode $(( ${#D_GPUS[@]} / TP_DECODE )) or --mode read"
+  fi
 }
 
 check_role_gpus() {  # check_role_gpus ROLE NUM_GPUS NUM_INSTANCES TP: enough, evenly split

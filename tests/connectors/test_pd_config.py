@@ -78,10 +78,12 @@ def test_bad_options_are_one_line_errors(extra: dict[str, Any], match: str) -> N
         parse_pd_config(extra, "kv_both", False)
 
 
-def test_write_with_a_data_parallel_prefill_is_refused() -> None:
-    with pytest.raises(ConfigError, match="data-parallel prefill"):
-        parse_pd_config({"mode": "write"}, "kv_producer", False, data_parallel_size=2)
-    assert parse_pd_config({"mode": "write"}, "kv_consumer", False, 2).mode is TransferMode.WRITE
+def test_write_with_a_data_parallel_instance_is_refused() -> None:
+    for role in ("kv_producer", "kv_consumer", "kv_both"):
+        with pytest.raises(ConfigError, match="data-parallel instance"):
+            parse_pd_config({"mode": "write"}, role, False, data_parallel_size=2)
+    assert parse_pd_config({"mode": "write"}, "kv_consumer", False, 1).mode is TransferMode.WRITE
+    assert parse_pd_config({"mode": "read"}, "kv_consumer", False, 2).mode is TransferMode.READ
 
 
 def test_faults_are_refused_unless_enabled(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -146,7 +146,8 @@ def test_mori_on_one_node_uses_its_xgmi_backend_with_valid_options() -> None:
 
 
 def test_write_mode_with_one_gpu_per_prefill_instance() -> None:
-    commands = dry_run(SCRIPT, "--model", "m", "--mode", "write", "--num-prefill", "4")
+    commands = dry_run(SCRIPT, "--model", "m", "--mode", "write", "--num-prefill", "4",
+                       "--num-decode", "4")
     proxy, = _by_program(commands, "disagg-proxy")
     assert proxy.flag("--mode") == "write"
     assert {c.kv_config()["kv_connector_extra_config"]["mode"]
@@ -169,6 +170,8 @@ def test_output_is_deterministic_and_the_callers_rocm_knobs_win() -> None:
     (("--model", "m", "--mode", "write"),
      "--mode write needs one engine core per prefill instance"),
     (("--model", "m", "--mode", "write", "--tp-prefill", "2"), "use --num-prefill 2"),
+    (("--model", "m", "--mode", "write", "--num-prefill", "4"),
+     "--mode write needs one engine core per decode instance"),
     (("--model", "m", "--tp-prefill", "8"),
      "1 prefill instance(s) x tp 8 need 8 GPUs; --prefill-gpus lists 4"),
     (("--model", "m", "--num-decode", "2", "--tp-decode", "4"),

@@ -102,18 +102,19 @@ def test_a_rank_killed_mid_exchange_fails_requests_and_ends_the_instance(
     assert "Traceback" not in inst.log().split("disagg: error:")[-1]
 
 
-@pytest.mark.parametrize("ep_side", ["decode", "prefill"])
-def test_pd_with_an_expert_parallel_side_equals_monolithic(instance_factory,
-                                                           ep_side: str) -> None:
-    """READ mode: the KV of each request moves between whichever DP ranks served it."""
+@pytest.mark.parametrize("ep_side,mode", [("decode", "read"), ("prefill", "read")])
+def test_pd_with_an_expert_parallel_side_equals_monolithic(instance_factory, ep_side: str,
+                                                           mode: str) -> None:
+    """The KV of each request moves between whichever DP ranks served it (READ: WRITE with a
+    data-parallel instance is refused at start, tests/connectors/test_pd_config.py)."""
     from tests.connectors.pd_helpers import info, kv_config, pd_request, settled_metric, wait_clean
 
     ep = ["-dp", "2", "--enable-expert-parallel"]
     mono = instance_factory(MOE)
     prefill = instance_factory([*MOE, *(ep if ep_side == "prefill" else []),
-                                "--kv-transfer-config", kv_config("kv_producer", "read")])
+                                "--kv-transfer-config", kv_config("kv_producer", mode)])
     decode = instance_factory([*MOE, *(ep if ep_side == "decode" else []),
-                               "--kv-transfer-config", kv_config("kv_consumer", "read")])
+                               "--kv-transfer-config", kv_config("kv_consumer", mode)])
     prompts = [[(7 * i + n) % 250 + 1 for i in range(n)] for n in (1, 16, 17, 40, 90, 33)]
 
     async def go() -> tuple[list[list[int]], list[list[int]]]:
@@ -127,7 +128,7 @@ def test_pd_with_an_expert_parallel_side_equals_monolithic(instance_factory,
                     return list((await r.json())["choices"][0]["token_ids"])
 
             async def pd_one(p: list[int]) -> list[int]:
-                status, res = await pd_request(s, prefill.url, decode.url, body(p), "read",
+                status, res = await pd_request(s, prefill.url, decode.url, body(p), mode,
                                                info(prefill.url), info(decode.url))
                 assert status == 200, res
                 return list(res["choices"][0]["token_ids"])
