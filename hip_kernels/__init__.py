@@ -16,9 +16,10 @@ A token at position p of a sequence lives in block ``block_table[p // block_size
 ``p % block_size``; its slot is ``block_id * block_size + offset``.
 
 Modules: one per kernel (``_<name>_kernel``, launcher ``<name>``, ``<name>_ref``), the
-attention pair re-exported by ``paged_attention``; ``fused_moe`` holds two kernels (gate_up and
-down, over the expert-sorted tiles its ``moe_align`` builds); ``launch_config`` reads the
-per-arch launch configs in ``configs/<arch>/``; ``aot`` compiles every kernel for gfx942 /
-gfx950 / sm_90 without a GPU; ``testing`` holds the tolerance table and the
-interpreter-subprocess runner.
+attention pair re-exported by ``paged_attention``; ``moe_align`` sorts (token, k) pairs by
+expert into BLOCK_M-row tiles (``MoeTiles``) and ``fused_moe`` runs the MoE MLP over them (the
+gate_up and down grouped GEMMs and the combine over k); ``launch_config`` reads the per-arch
+launch configs in ``configs/<arch>/``; ``aot`` compiles every kernel for gfx942 / gfx950 /
+sm_90 without a GPU. The tolerance table and the interpreter-subprocess runner live beside the
+tests, in ``tests/hip_kernels/kernel_testing.py``.
 """
