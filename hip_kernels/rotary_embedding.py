@@ -13,13 +13,53 @@ KERNEL = "rotary_embedding"
 def make_cos_sin_cache(max_positions: int, rotary_dim: int, base: float,
                        scaling: dict | None = None, device: str | torch.device = "cpu"
                        ) -> torch.Tensor:
-    """[max_positions, rotary_dim] fp32: first half cos, second half sin (Llama-3 scaling too)."""
+    """[max_positions, rotary_dim] fp32: first half cos, second half sin (Llama-3 and YaRN
+    scaling too; YaRN's attention factor is folded into cos and sin)."""
     inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim))
-    if scaling and scaling.get("rope_type", scaling.get("type")) == "llama3":
+    kind = scaling.get("rope_type", scaling.get("type")) if scaling else None
+    factor = 1.0
+    if scaling and kind == "llama3":
         inv_freq = _llama3_scale(inv_freq, scaling)
+    elif scaling and kind == "yarn":
+        inv_freq, factor = _yarn(rotary_dim, base, scaling)
     t = torch.arange(max_positions, dtype=torch.float64)
     freqs = torch.outer(t, inv_freq)
-    return torch.cat([freqs.cos(), freqs.sin()], dim=-1).float().to(device)
+    return (torch.cat([freqs.cos(), freqs.sin()], dim=-1) * factor).float().to(device)
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude correction for a context stretched ``scale`` times."""
+    import math
+
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn(dim: int, base: float, s: dict) -> tuple[torch.Tensor, float]:
+    """YaRN inverse frequencies (ramp between interpolated and extrapolated ones over the
+    dimensions whose wavelength crosses the original context) and the cos/sin factor; in fp32,
+    as the checkpoints' reference code computes them."""
+    import math
+
+    factor, old_len = float(s["factor"]), float(s["original_max_position_embeddings"])
+    mscale, mscale_all = s.get("mscale"), s.get("mscale_all_dim")
+    attention = s.get("attention_factor")
+    if attention is None:
+        attention = (yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all)
+                     if mscale and mscale_all else yarn_mscale(factor))
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(s.get("beta_fast") or 32), correction_dim(s.get("beta_slow") or 1)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    high = high + 0.001 if low == high else high
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    extrapolate = 1 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolate) + (1.0 / pos_freqs) * extrapolate
+    return inv_freq.double(), float(attention)
 
 
 def _llama3_scale(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:

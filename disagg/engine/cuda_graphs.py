@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from disagg.models.llama import AttentionMetadata
+from disagg.models.layers import AttentionMetadata
 
 logger = logging.getLogger(__name__)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512)

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from disagg.common.kv_transfer_params import KVTransferParams
     from disagg.engine.request import Request
     from disagg.engine.scheduler import SchedulerOutput
-    from disagg.models.llama import LayerHook
+    from disagg.models.layers import LayerHook
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,7 @@ from disagg.engine.sampler import Sampler
 from disagg.engine.scheduler import ScheduledChunk, SchedulerOutput
 from disagg.models.arch import ArchConfig
 from disagg.models.expert_parallel import EPContext
-from disagg.models.llama import AttentionMetadata, LayerHook
+from disagg.models.layers import AttentionMetadata, LayerHook
 from disagg.models.loader import load_model
 from disagg.models.ops import select_ops
 from disagg.models.parallel import TPContext
@@ -117,8 +117,10 @@ class ModelRunner:
     def enable_decode_graphs(self, max_model_len: int) -> None:
         """Replay decode steps from CUDA/HIP graphs (GPU with Triton kernels only)."""
         if (self.device.type != "cuda" or self.ops.backend != "triton" or self.kv_cache is None
-                or envs.disable_cuda_graphs() or self.ep.size > 1):
-            return  # expert parallelism: the all-to-all sizes are known only at run time
+                or envs.disable_cuda_graphs() or self.ep.size > 1 or self.arch.mla is not None):
+            # expert parallelism: the all-to-all sizes are known only at run time; latent
+            # attention's torch path reads sequence lengths on the host
+            return
         self.graphs = DecodeGraphs(self.model, self.kv_cache, self.cfg.scheduler.max_num_seqs,
                                    -(-max_model_len // self.block_size))
 

@@ -10,9 +10,31 @@ from typing import Any
 from disagg.common.config import ConfigError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe",
-                         "qwen3_moe")
-NEEDS_MLA = ("deepseek_v2", "deepseek_v3")
-"""Parsed (their MoE blocks are built) but refused as models until MLA attention exists."""
+                         "qwen3_moe", "deepseek_v2", "deepseek_v3")
+MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MLAArch:
+    """Multi-head latent attention (DeepSeek-V2/V3): K and V of every head are up-projected
+    from one per-token latent, so the cache holds that latent (kv_lora_rank) and the shared
+    rotary key (qk_rope_head_dim), nothing per head. disagg/models/mla.py."""
+
+    q_lora_rank: int | None
+    """Queries through a low-rank bottleneck (None: one q_proj)."""
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    rope_interleave: bool
+    """Rotary pairs are (x0, x1), (x2, x3)... (DeepSeek's layout) rather than halves."""
+    softmax_scale: float
+    """1 / sqrt(qk head dim), times YaRN's mscale^2 when the checkpoint stretches context."""
+
+    @property
+    def latent_dim(self) -> int:
+        """Elements cached per token per layer (576 on DeepSeek-V2/V3)."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -75,6 +97,10 @@ class ArchConfig:
     eos_token_id: int | list[int] | None
     moe: MoEArch | None = None
     """The MoE MLP of the layers in ``moe.layers``; None: every layer is dense."""
+    mla: MLAArch | None = None
+    """Latent attention; then the cache has one "KV head" whose K and V halves hold the two
+    halves of the latent (``head_dim`` = half the latent, rounded up), so a block is exactly
+    layers x block_size x latent (plus one pad element when the latent is odd)."""
 
     @property
     def kv_bytes_per_token_per_elt(self) -> int:
@@ -85,9 +111,6 @@ class ArchConfig:
 def arch_from_hf_dict(cfg: dict[str, Any]) -> ArchConfig:
     """Build from a parsed config.json; unsupported architectures are a clear error."""
     model_type = cfg.get("model_type", "")
-    if model_type in NEEDS_MLA:
-        raise ConfigError(f"model_type {model_type!r} needs multi-head latent attention (MLA), "
-                          "which is not built yet; its MoE layers are")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ConfigError(f"model_type {model_type!r} is not supported "
                           f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
@@ -95,6 +118,13 @@ def arch_from_hf_dict(cfg: dict[str, Any]) -> ArchConfig:
     hidden = int(cfg["hidden_size"])
     head_dim = cfg.get("head_dim") or hidden // heads
     rope_params = cfg.get("rope_parameters") or {}
+    rope_scaling = cfg.get("rope_scaling") or (rope_params if "rope_type" in rope_params
+                                                and rope_params["rope_type"] != "default"
+                                                else None)
+    mla = mla_arch_from_hf_dict(cfg, rope_scaling)
+    kv_heads = int(cfg.get("num_key_value_heads") or heads)
+    if mla is not None:  # the latent's halves stand in for one K head and one V head
+        kv_heads, head_dim = 1, -(-mla.latent_dim // 2)
     return ArchConfig(
         model_type=model_type,
         vocab_size=int(cfg["vocab_size"]),
@@ -102,13 +132,11 @@ def arch_from_hf_dict(cfg: dict[str, Any]) -> ArchConfig:
         intermediate_size=int(cfg["intermediate_size"]),
         num_layers=int(cfg["num_hidden_layers"]),
         num_heads=heads,
-        num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+        num_kv_heads=kv_heads,
         head_dim=int(head_dim),
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         rope_theta=float(cfg.get("rope_theta") or rope_params.get("rope_theta") or 10000.0),
-        rope_scaling=cfg.get("rope_scaling") or (rope_params if "rope_type" in rope_params
-                                                 and rope_params["rope_type"] != "default"
-                                                 else None),
+        rope_scaling=rope_scaling,
         max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         attention_bias=bool(cfg.get("qkv_bias", True) if model_type == "qwen2_moe"
@@ -118,7 +146,33 @@ def arch_from_hf_dict(cfg: dict[str, Any]) -> ArchConfig:
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_id=cfg.get("eos_token_id"),
         moe=moe_arch_from_hf_dict(cfg),
+        mla=mla,
     )
+
+
+def mla_arch_from_hf_dict(cfg: dict[str, Any],
+                          rope_scaling: dict[str, Any] | None) -> MLAArch | None:
+    """The latent attention of a DeepSeek-V2/V3 config.json; None for other models."""
+    if cfg.get("model_type") not in MLA_MODEL_TYPES:
+        return None
+    nope, rope = _int(cfg, "qk_nope_head_dim"), _int(cfg, "qk_rope_head_dim")
+    scale = (nope + rope) ** -0.5
+    if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) == "yarn":
+        from hip_kernels.rotary_embedding import yarn_mscale
+
+        mscale_all = rope_scaling.get("mscale_all_dim") or 0
+        if mscale_all:
+            scale *= yarn_mscale(float(rope_scaling["factor"]), mscale_all) ** 2
+    q_lora = cfg.get("q_lora_rank")
+    mla = MLAArch(q_lora_rank=int(q_lora) if q_lora else None,
+                  kv_lora_rank=_int(cfg, "kv_lora_rank"), qk_nope_head_dim=nope,
+                  qk_rope_head_dim=rope, v_head_dim=_int(cfg, "v_head_dim"),
+                  rope_interleave=bool(cfg.get("rope_interleave", True)),
+                  softmax_scale=scale)
+    if min(mla.kv_lora_rank, nope, rope, mla.v_head_dim) < 1 or rope % 2:
+        raise ConfigError("kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim (even) and "
+                          "v_head_dim must be positive")
+    return mla
 
 
 def _int(cfg: dict[str, Any], *keys: str, default: int | None = None) -> int:
@@ -153,7 +207,7 @@ def moe_arch_from_hf_dict(cfg: dict[str, Any]) -> MoEArch | None:
                       layers=tuple(i for i in range(num_layers)
                                    if experts > 0 and step > 0 and (i + 1) % step == 0
                                    and i not in dense))
-    elif model_type in NEEDS_MLA:
+    elif model_type in MLA_MODEL_TYPES:
         v3 = model_type == "deepseek_v3"
         expert = _int(cfg, "moe_intermediate_size")
         first_dense = _int(cfg, "first_k_dense_replace", default=3 if v3 else 0)

@@ -13,8 +13,7 @@ only its KV heads; the fused layouts become local:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +21,8 @@ from torch import nn
 
 from disagg.models.arch import ArchConfig
 from disagg.models.expert_parallel import EPContext
+from disagg.models.layers import AttentionMetadata, RMSNorm
+from disagg.models.mla import MLAttention
 from disagg.models.moe import SparseMoeBlock
 from disagg.models.ops import Ops
 from disagg.models.parallel import (
@@ -32,41 +33,6 @@ from disagg.models.parallel import (
     VocabParallelEmbedding,
     kv_head_range,
 )
-
-LayerHook = Callable[[int], None]
-"""Called with a layer's index right after that layer wrote this step's K/V into the cache."""
-
-
-@dataclass(frozen=True, slots=True)
-class AttentionMetadata:
-    """Where this step's tokens sit in the paged cache (the explicit forward context)."""
-
-    slot_mapping: torch.Tensor
-    """[T] int64: cache slot of each token (block_id * block_size + offset)."""
-    block_tables: torch.Tensor
-    """[B, max_blocks] int32: block ids of each sequence."""
-    seq_lens: torch.Tensor
-    """[B] int32: tokens in the cache for each sequence after this step."""
-    query_start_loc: torch.Tensor
-    """[B+1] int32: row ranges of each sequence in the flattened batch."""
-    decode_only: bool
-    """Every sequence contributes exactly one query token."""
-    layer_hook: LayerHook | None = None
-    """Eager steps only (never a captured graph): e.g. a KV connector streaming each layer out."""
-
-
-class RMSNorm(nn.Module):
-    """RMSNorm with a learned scale."""
-
-    def __init__(self, size: int, eps: float, ops: Ops) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
-        self.eps = eps
-        self.ops = ops
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalize the last dimension."""
-        return self.ops.rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -135,7 +101,8 @@ class DecoderLayer(nn.Module):
     def __init__(self, arch: ArchConfig, layer_idx: int, ops: Ops, tp: TPContext,
                  ep: EPContext) -> None:
         super().__init__()
-        self.self_attn = Attention(arch, layer_idx, ops, tp)
+        self.self_attn: nn.Module = MLAttention(arch, layer_idx, ops) \
+            if arch.mla is not None else Attention(arch, layer_idx, ops, tp)
         self.mlp: nn.Module = SparseMoeBlock(arch, ops, tp, ep) \
             if arch.moe is not None and layer_idx in arch.moe.layers else MLP(arch, ops, tp)
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, ops)
@@ -180,8 +147,9 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         from hip_kernels.rotary_embedding import make_cos_sin_cache
 
+        rotary_dim = arch.mla.qk_rope_head_dim if arch.mla is not None else arch.head_dim
         self.register_buffer("cos_sin", make_cos_sin_cache(
-            max(max_positions, 1), arch.head_dim, arch.rope_theta, arch.rope_scaling,
+            max(max_positions, 1), rotary_dim, arch.rope_theta, arch.rope_scaling,
             device=self.embed_tokens.weight.device), persistent=False)
         self.ops = ops
 
@@ -214,7 +182,7 @@ class LlamaForCausalLM(nn.Module):
         params = {**dict(self.named_parameters()), **dict(self.named_buffers())}
         loaded: set[str] = set()
         for hf_name, tensor in weights:
-            name, shard = _map_hf_name(hf_name)
+            name, shard = _map_hf_name(hf_name, fused_qkv=self.arch.mla is None)
             if name is None or name not in params:
                 continue
             loaded.add(f"{name}:{shard}" if shard else name)
@@ -283,12 +251,15 @@ _EXPERT_PROJ = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down",
                 "w1": "gate", "w3": "up", "w2": "down"}
 
 
-def _map_hf_name(hf_name: str) -> tuple[str | None, str | None]:
+def _map_hf_name(hf_name: str, fused_qkv: bool = True) -> tuple[str | None, str | None]:
     """Hugging Face parameter name -> (our name, fused shard or None). A routed expert's
-    tensor maps to its layer's stacked w13/w2 with shard ``expert:gate|up|down:<index>``."""
+    tensor maps to its layer's stacked w13/w2 with shard ``expert:gate|up|down:<index>``;
+    latent attention (``fused_qkv`` False) keeps the checkpoint's projections as they are."""
     name = hf_name.removeprefix("model.")
     if "rotary_emb" in name:
         return None, None
+    if not fused_qkv and ".self_attn." in name:
+        return name, None
     name = name.replace(".block_sparse_moe.", ".mlp.").replace(".shared_experts.",
                                                                 ".shared_expert.")
     if ".mlp.experts." in name:  # layers.L.mlp.experts.E.<proj>.weight

@@ -37,15 +37,19 @@ def hf_param_shapes(arch: ArchConfig) -> dict[str, tuple[int, ...]]:
         shapes["lm_head.weight"] = (arch.vocab_size, h)
     for i in range(arch.num_layers):
         p = f"model.layers.{i}."
-        shapes.update({
-            p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
-            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
-            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)})
+        shapes.update({p + "input_layernorm.weight": (h,),
+                       p + "post_attention_layernorm.weight": (h,)})
+        if arch.mla is not None:
+            shapes.update(_mla_shapes(p + "self_attn.", arch))
+        else:
+            shapes.update({
+                p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
+                p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q)})
         if arch.moe is not None and i in arch.moe.layers:
             shapes.update(_moe_shapes(p + "mlp.", arch))
         else:
             shapes.update(_mlp_shapes(p + "mlp.", h, inter))
-        if arch.attention_bias:
+        if arch.attention_bias and arch.mla is None:
             shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
                            p + "self_attn.v_proj.bias": (kv,)})
         if arch.qk_norm:
@@ -58,6 +62,30 @@ def _mlp_shapes(prefix: str, hidden: int, inter: int) -> dict[str, tuple[int, ..
     return {prefix + "gate_proj.weight": (inter, hidden),
             prefix + "up_proj.weight": (inter, hidden),
             prefix + "down_proj.weight": (hidden, inter)}
+
+
+def _mla_shapes(prefix: str, arch: ArchConfig) -> dict[str, tuple[int, ...]]:
+    m, h, heads = arch.mla, arch.hidden_size, arch.num_heads
+    assert m is not None
+    qk = m.qk_nope_head_dim + m.qk_rope_head_dim
+    shapes: dict[str, tuple[int, ...]] = {
+        prefix + "kv_a_proj_with_mqa.weight": (m.latent_dim, h),
+        prefix + "kv_a_layernorm.weight": (m.kv_lora_rank,),
+        prefix + "kv_b_proj.weight": (heads * (m.qk_nope_head_dim + m.v_head_dim),
+                                      m.kv_lora_rank),
+        prefix + "o_proj.weight": (h, heads * m.v_head_dim)}
+    if m.q_lora_rank is None:
+        shapes[prefix + "q_proj.weight"] = (heads * qk, h)
+    else:
+        shapes.update({prefix + "q_a_proj.weight": (m.q_lora_rank, h),
+                       prefix + "q_a_layernorm.weight": (m.q_lora_rank,),
+                       prefix + "q_b_proj.weight": (heads * qk, m.q_lora_rank)})
+    if arch.attention_bias:
+        shapes.update({prefix + "kv_a_proj_with_mqa.bias": (m.latent_dim,),
+                       prefix + "o_proj.bias": (h,)})
+        if m.q_lora_rank is not None:
+            shapes[prefix + "q_a_proj.bias"] = (m.q_lora_rank,)
+    return shapes
 
 
 def _moe_shapes(prefix: str, arch: ArchConfig) -> dict[str, tuple[int, ...]]:
@@ -153,6 +181,6 @@ def _expected_loads(arch: ArchConfig) -> set[str]:
 
     out = set()
     for hf_name in hf_param_shapes(arch):
-        name, shard = _map_hf_name(hf_name)
+        name, shard = _map_hf_name(hf_name, fused_qkv=arch.mla is None)
         out.add(f"{name}:{shard}" if shard else str(name))
     return out

@@ -80,6 +80,9 @@ def check_tp(arch: ArchConfig, tp_size: int) -> None:
     heads, kv_heads = arch.num_heads, arch.num_kv_heads
     if tp_size < 1:
         raise ConfigError(f"tensor_parallel_size must be >= 1, got {tp_size}")
+    if arch.mla is not None and tp_size > 1:
+        raise ConfigError("tensor parallelism with latent attention (DeepSeek MLA) is not built "
+                          "yet: use -tp 1 (and -dp with --enable-expert-parallel for MoE)")
     if heads % tp_size or (kv_heads % tp_size and tp_size % kv_heads):
         raise ConfigError(
             f"tensor_parallel_size {tp_size} does not split this model: it must divide "

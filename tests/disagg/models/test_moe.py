@@ -1,7 +1,7 @@
 """Mixture-of-experts models equal Hugging Face transformers: whole Mixtral, Qwen2-MoE and
 Qwen3-MoE checkpoints token for token (greedy, fp32, CPU), DeepSeek-V2/V3 MoE blocks (shared
-experts, grouped top-k, bias-corrected sigmoid routing) layer for layer, since their attention
-(MLA) is not built yet."""
+experts, grouped top-k, bias-corrected sigmoid routing) layer for layer under standard
+attention (whole DeepSeek models with their latent attention: test_mla.py)."""
 
 from __future__ import annotations
 
@@ -134,8 +134,7 @@ def test_deepseek_moe_block_matches_transformers(model_type: str) -> None:
     moe = moe_arch_from_hf_dict(hf_cfg.to_dict())
     assert moe is not None
     assert moe.layers == ((2, 3) if v3 else (1, 2, 3))  # first_k_dense_replace
-    with pytest.raises(ConfigError, match="multi-head latent attention"):
-        arch_from_hf_dict(hf_cfg.to_dict())
+    assert arch_from_hf_dict(hf_cfg.to_dict()).moe == moe  # whole models: test_mla.py
     # Our model with this MoE config under standard attention; load the HF block's tensors
     # into its layer under their checkpoint names (per-expert, shared_experts, gate bias).
     arch = dataclasses.replace(arch_from_hf_dict(CONFIGS["qwen3_moe"] | {"model_type": "llama",

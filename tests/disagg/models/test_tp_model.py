@@ -16,7 +16,8 @@ import torch
 from disagg.common.config import ConfigError, ModelConfig
 from disagg.models.arch import ArchConfig, arch_from_hf_dict
 from disagg.models.builtin import builtin_hf_config, seeded_hf_state_dict
-from disagg.models.llama import AttentionMetadata, LlamaForCausalLM
+from disagg.models.layers import AttentionMetadata
+from disagg.models.llama import LlamaForCausalLM
 from disagg.models.loader import _expected_loads, hf_param_shapes, load_model, resolve_arch
 from disagg.models.ops import select_ops
 from disagg.models.parallel import TPContext, check_tp, kv_head_range
