@@ -48,7 +48,7 @@ from disagg.engine.kv_connector import ConnectorOutput, FinishAction, KVConnecto
 if TYPE_CHECKING:
     from disagg.engine.request import Request
     from disagg.engine.scheduler import SchedulerOutput
-    from disagg.models.llama import LayerHook
+    from disagg.models.layers import LayerHook
 
 logger = logging.getLogger(__name__)
 _OK_FINISH = frozenset({"finished_stopped", "finished_length"})
