@@ -41,6 +41,22 @@ SHAPES: dict[str, dict[str, Any]] = {
                       "max_position_embeddings": 40960, "rms_norm_eps": 1e-6,
                       "rope_theta": 1000000.0, "tie_word_embeddings": False,
                       "bos_token_id": 151643, "eos_token_id": 151645, "torch_dtype": "bfloat16"},
+    "deepseek-v2-lite": {"model_type": "deepseek_v2", "vocab_size": 102400, "hidden_size": 2048,
+                         "intermediate_size": 10944, "moe_intermediate_size": 1408,
+                         "n_routed_experts": 64, "n_shared_experts": 2, "num_experts_per_tok": 6,
+                         "first_k_dense_replace": 1, "topk_method": "greedy",
+                         "norm_topk_prob": False, "routed_scaling_factor": 1.0,
+                         "num_hidden_layers": 27, "num_attention_heads": 16,
+                         "num_key_value_heads": 16, "q_lora_rank": None, "kv_lora_rank": 512,
+                         "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+                         "max_position_embeddings": 163840, "rms_norm_eps": 1e-6,
+                         "rope_theta": 10000.0,
+                         "rope_scaling": {"type": "yarn", "factor": 40, "beta_fast": 32,
+                                          "beta_slow": 1, "mscale": 0.707,
+                                          "mscale_all_dim": 0.707,
+                                          "original_max_position_embeddings": 4096},
+                         "tie_word_embeddings": False, "bos_token_id": 100000,
+                         "eos_token_id": 100001, "torch_dtype": "bfloat16"},
 }
 
 
@@ -79,7 +95,9 @@ class _Cost:
         embed = 2 * a.vocab_size * a.hidden_size * 2
         active = self.dense_bytes - embed + (self.moe_layers * moe.top_k * self.expert_bytes
                                              if moe else 0)
-        attn = 2 * 2 * a.num_layers * a.num_heads * a.head_dim * tokens * tokens / 2
+        qk, pv = (a.mla.qk_nope_head_dim + a.mla.qk_rope_head_dim, a.mla.v_head_dim) \
+            if a.mla else (a.head_dim, a.head_dim)
+        attn = 2 * a.num_layers * a.num_heads * (qk + pv) * tokens * tokens / 2
         return 2 * active / 2 * tokens + attn
 
 

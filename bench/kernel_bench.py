@@ -31,6 +31,8 @@ MATMUL_SIZE = 8192
 Q_HEADS, KV_HEADS, HEAD_DIM, HIDDEN, INTER, BLOCK_SIZE = 32, 8, 128, 4096, 14336, 16
 # Qwen3-30B-A3B's MoE layer: 128 experts, 8 per token, hidden 2048, expert MLP 768.
 MOE_EXPERTS, MOE_TOP_K, MOE_HIDDEN, MOE_INTER = 128, 8, 2048, 768
+# DeepSeek-V2/V3 latent attention: latent 576 = kv_lora_rank 512 + rope 64, q/k head dim 192.
+MLA_LATENT_DIM, MLA_LORA_RANK, MLA_QK_HEAD_DIM = 576, 512, 192
 
 
 @dataclass
@@ -113,6 +115,47 @@ def _decode_cases() -> Iterator[KernelCase]:
                          launch={"num_splits": plan.num_splits, "split_tokens": plan.split_tokens,
                                  "block_n": plan.block_n, "num_warps": plan.num_warps,
                                  "num_stages": plan.num_stages})
+
+
+def mla_decode_work(batch: int, context: int, heads: int, latent_dim: int, kv_lora_rank: int,
+                    elt: int) -> tuple[int, int]:
+    """(bytes, flops) of one absorbed-MLA decode step: every latent read once, q in, out back;
+    per head and token a latent_dim dot for the score and a kv_lora_rank-wide weighted sum."""
+    bytes_moved = batch * context * latent_dim * elt + batch * heads * (latent_dim
+                                                                         + kv_lora_rank) * elt
+    return bytes_moved, 2 * batch * heads * context * (latent_dim + kv_lora_rank)
+
+
+def _mla_decode_cases() -> Iterator[KernelCase]:
+    """DeepSeek MLA decode: 16 heads (V2-Lite, V3 at TP 8) and 128 (V3), batch 1 long context
+    (split along the sequence) up to batches that fill the device."""
+    import torch
+
+    from hip_kernels.paged_kv import make_paged_kv
+    from hip_kernels.paged_mla_decode import (
+        mla_decode_plan,
+        paged_mla_decode,
+        paged_mla_decode_ref,
+    )
+
+    half = -(-MLA_LATENT_DIM // 2)
+    for batch, heads, context in ((1, 16, 8192), (64, 16, 4096), (8, 16, 32768),
+                                  (1, 128, 8192), (32, 128, 4096)):
+        kv = make_paged_kv([context] * batch, 1, half, BLOCK_SIZE, torch.bfloat16, "cuda")
+        q = _bf16(batch, heads, MLA_LATENT_DIM)
+        args = (q, kv.kv_layer, kv.block_tables, kv.seq_lens, MLA_QK_HEAD_DIM**-0.5,
+                MLA_LORA_RANK)
+        plan = mla_decode_plan(batch, heads, kv.block_tables.shape[1] * BLOCK_SIZE)
+        bytes_moved, flops = mla_decode_work(batch, context, heads, MLA_LATENT_DIM,
+                                             MLA_LORA_RANK, 2)
+        yield KernelCase("paged_mla_decode",
+                         {"model": "DeepSeek-V3", "batch": batch, "context": context,
+                          "heads": heads, "latent_dim": MLA_LATENT_DIM,
+                          "kv_lora_rank": MLA_LORA_RANK, "block_size": BLOCK_SIZE,
+                          "dtype": "bf16"},
+                         functools.partial(paged_mla_decode, *args), bytes_moved=bytes_moved,
+                         flops=flops, ref=functools.partial(paged_mla_decode_ref, *args),
+                         launch=asdict(plan))
 
 
 def _prefill_cases() -> Iterator[KernelCase]:
@@ -251,6 +294,7 @@ def _fused_moe_cases() -> Iterator[KernelCase]:
 
 CASE_GROUPS: dict[str, Callable[[], Iterator[KernelCase]]] = {
     "paged_decode_attention": _decode_cases,
+    "paged_mla_decode": _mla_decode_cases,
     "paged_prefill_attention": _prefill_cases,
     "elementwise": _elementwise_cases,
     "kv_blocks": _kv_block_cases,

@@ -16,7 +16,9 @@ A token at position p of a sequence lives in block ``block_table[p // block_size
 ``p % block_size``; its slot is ``block_id * block_size + offset``.
 
 Modules: one per kernel (``_<name>_kernel``, launcher ``<name>``, ``<name>_ref``), the
-attention pair re-exported by ``paged_attention``; ``moe_align`` sorts (token, k) pairs by
+attention pair re-exported by ``paged_attention``; ``paged_mla_decode`` is DeepSeek's latent
+attention decode (absorbed form) over the same cache with one KV head holding the latent's two
+halves (K half = latent[:half], V half = latent[half:]); ``moe_align`` sorts (token, k) pairs by
 expert into BLOCK_M-row tiles (``MoeTiles``) and ``fused_moe`` runs the MoE MLP over them (the
 gate_up and down grouped GEMMs and the combine over k); ``launch_config`` reads the per-arch
 launch configs in ``configs/<arch>/``; ``aot`` compiles every kernel for gfx942 / gfx950 /

@@ -148,6 +148,7 @@ def all_specs(arch: str) -> list[KernelSpec]:
         fused_moe,
         kv_blocks,
         paged_decode_attention,
+        paged_mla_decode,
         paged_prefill_attention,
         reshape_and_cache,
         rms_norm,
@@ -155,8 +156,8 @@ def all_specs(arch: str) -> list[KernelSpec]:
         silu_and_mul,
     )
 
-    modules = (reshape_and_cache, paged_decode_attention, paged_prefill_attention, rms_norm,
-               rotary_embedding, silu_and_mul, kv_blocks, fused_moe)
+    modules = (reshape_and_cache, paged_decode_attention, paged_prefill_attention,
+               paged_mla_decode, rms_norm, rotary_embedding, silu_and_mul, kv_blocks, fused_moe)
     return [spec for module in modules for spec in module.aot_specs(arch)]
 
 

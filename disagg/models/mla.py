@@ -15,9 +15,16 @@ one "KV head" of half the latent: the K half holds latent[:half], the V half lat
 block is exactly layers x block_size x latent elements (one pad element for an odd latent) and
 transports, prefix caching and mixed-TP routing (one head, replicated) move it unchanged.
 
-This is the torch path (CPU, and correct anywhere): each step writes the new latents, then
-every sequence gathers its latents and up-projects them to per-head K and V (the
-"non-absorbed" form, as transformers computes it). Tensor parallelism is not built yet.
+Steps with prompt tokens gather each sequence's latents and up-project them to per-head K and
+V (the form transformers computes). Decode-only steps stay in latent space ("absorbed"): with
+W_kv_b split per head into W_UK [nope, L] and W_UV [v, L],
+
+    q_lat_h = [q_nope,h W_UK,h | q_pe,h]                      [L + rope]
+    o_lat_h = softmax(scale q_lat_h . latent_t) latent_t[:L]   ops.paged_mla_decode (Triton on GPU)
+    o_h     = o_lat_h W_UV,h^T                                 [v]
+
+so a decode step reads each cached latent once for all heads and never up-projects the context.
+Tensor parallelism is not built yet.
 """
 
 from __future__ import annotations
@@ -91,9 +98,23 @@ class MLAttention(nn.Module):
         self._store(torch.cat([c, k_pe], dim=-1), kv_layer, attn.slot_mapping)
         if attn.layer_hook is not None:
             attn.layer_hook(self.layer_idx)
-        q = torch.cat([q_nope, q_pe], dim=-1)
-        out = self._attend(q, kv_layer, attn)
+        if attn.decode_only:
+            out = self._decode(q_nope, q_pe, kv_layer, attn)
+        else:
+            out = self._attend(torch.cat([q_nope, q_pe], dim=-1), kv_layer, attn)
         return self.o_proj(out.reshape(num_tokens, -1))
+
+    def _decode(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_layer: torch.Tensor,
+                attn: AttentionMetadata) -> torch.Tensor:
+        """One query per sequence, attention in latent space (absorbed)."""
+        mla = self.mla
+        w = self.kv_b_proj.weight.view(self.num_heads, mla.qk_nope_head_dim + mla.v_head_dim,
+                                       mla.kv_lora_rank)
+        w_uk, w_uv = w[:, :mla.qk_nope_head_dim], w[:, mla.qk_nope_head_dim:]
+        q_lat = torch.cat([torch.einsum("bhn,hnl->bhl", q_nope, w_uk), q_pe], dim=-1)
+        o_lat = self.ops.paged_mla_decode(q_lat.contiguous(), kv_layer, attn.block_tables,
+                                          attn.seq_lens, mla.softmax_scale, mla.kv_lora_rank)
+        return torch.einsum("bhl,hvl->bhv", o_lat, w_uv)
 
     def _store(self, latent: torch.Tensor, kv_layer: torch.Tensor,
                slot_mapping: torch.Tensor) -> None:

@@ -21,6 +21,7 @@ _KERNELS = {
     "gather_kv_blocks": "hip_kernels.kv_blocks",
     "scatter_kv_blocks": "hip_kernels.kv_blocks",
     "fused_moe": "hip_kernels.fused_moe",
+    "paged_mla_decode": "hip_kernels.paged_mla_decode",
 }
 
 
@@ -39,6 +40,7 @@ class Ops:
     gather_kv_blocks: Callable[..., Any]
     scatter_kv_blocks: Callable[..., Any]
     fused_moe: Callable[..., Any]
+    paged_mla_decode: Callable[..., Any]
 
 
 def select_ops(device_type: str) -> Ops:

@@ -23,9 +23,10 @@ from hip_kernels.launch_config import KernelSpec, arch_for_target
 
 SPILL_FREE_TARGETS = ("hip:gfx942",)
 KERNEL_NAMES = ("reshape_and_cache", "paged_decode_attention", "paged_decode_reduce",
-                "paged_prefill_attention", "rms_norm", "fused_add_rms_norm", "rotary_embedding",
-                "silu_and_mul", "gather_kv_blocks", "scatter_kv_blocks", "copy_segments",
-                "moe_align", "fused_moe_gate_up", "fused_moe_down", "fused_moe_combine")
+                "paged_prefill_attention", "paged_mla_decode", "paged_mla_decode_reduce",
+                "rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul",
+                "gather_kv_blocks", "scatter_kv_blocks", "copy_segments", "moe_align",
+                "fused_moe_gate_up", "fused_moe_down", "fused_moe_combine")
 
 AMDGCN_SAMPLE = """
 ; TotalNumSgprs: 106

@@ -24,8 +24,8 @@ def test_unknown_kernel_group_is_a_clear_error(capsys):
 
 def test_every_kernel_is_benchmarked():
     groups = set(kernel_bench.CASE_GROUPS)
-    assert groups == {"paged_decode_attention", "paged_prefill_attention", "elementwise",
-                      "kv_blocks", "fused_moe"}
+    assert groups == {"paged_decode_attention", "paged_mla_decode", "paged_prefill_attention",
+                      "elementwise", "kv_blocks", "fused_moe"}
 
 
 def test_moe_work_counts_active_experts_once():
@@ -36,3 +36,10 @@ def test_moe_work_counts_active_experts_once():
     bytes_moved, flops = kernel_bench.moe_work(4096, 128, 8, 2048, 768, 2)
     assert bytes_moved == 128 * 3 * 2048 * 768 * 2 + 2 * 4096 * 2048 * 2
     assert flops == 2 * 4096 * 8 * (2048 * 2 * 768 + 768 * 2048)
+
+
+def test_mla_decode_work_reads_each_latent_once():
+    # DeepSeek-V3, 128 heads, batch 2 x 4k context in bf16: the latents dominate the bytes.
+    bytes_moved, flops = kernel_bench.mla_decode_work(2, 4096, 128, 576, 512, 2)
+    assert bytes_moved == 2 * 4096 * 576 * 2 + 2 * 128 * (576 + 512) * 2
+    assert flops == 2 * 2 * 128 * 4096 * (576 + 512)
