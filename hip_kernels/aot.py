@@ -6,22 +6,18 @@ On AMD the assembly carries ``; NumVgprs:``, ``; ScratchSize:``, ``; Occupancy:`
 ``.vgpr_spill_count:``; on NVIDIA we rerun ``ptxas -v`` on the PTX for registers and spills.
 
     python -m hip_kernels.aot [--target hip:gfx942 ...]   # prints one row per kernel
-    python -m hip_kernels.aot --output bench/results/aot.jsonl [--commit SHA]   # and keeps them
 
-With ``--output`` every (kernel spec, target) also appends one JSON row: the CompileReport
-fields, ``spills``, and the run's metadata (date, commit, versions with triton, as
-bench/metadata.py labels every benchmark row).
+``python -m bench.aot_rows`` runs the same compilations and keeps them as result rows.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -161,7 +157,7 @@ def all_specs(arch: str) -> list[KernelSpec]:
     return [spec for module in modules for spec in module.aot_specs(arch)]
 
 
-def _format(report: CompileReport) -> str:
+def format_report(report: CompileReport) -> str:
     """One human-readable line."""
     if report.num_regs is not None or report.target.startswith("cuda"):
         figures = f"regs={report.num_regs} spill_bytes={report.spill_bytes}"
@@ -173,60 +169,33 @@ def _format(report: CompileReport) -> str:
     return f"{report.target:<12} {report.kernel:<52} lds={report.shared_bytes:<6} {figures}{flag}"
 
 
-def run_metadata(commit: str | None = None) -> dict[str, Any]:
-    """bench/metadata.py's block (date, commit, hardware, versions) plus triton's version;
-    ``commit`` overrides the checkout's (for a copy that is not a git checkout)."""
-    import triton
-
-    from bench.metadata import run_metadata as bench_run_metadata
-
-    meta = bench_run_metadata()
-    meta["versions"] = {**meta["versions"], "triton": triton.__version__}
-    if commit:
-        meta["commit"] = commit
-    return meta
-
-
-def result_row(report: CompileReport, meta: dict[str, Any]) -> dict[str, Any]:
-    """One JSON-lines row: the run's metadata, every CompileReport field, and ``spills``."""
-    return {"bench": "aot", **meta, "arch": arch_for_target(report.target), **asdict(report),
-            "spills": report.spills}
-
-
-def append_row(path: Path, row: dict[str, Any]) -> None:
-    """Append one JSON line (the file and its parents created on first use)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(row, allow_nan=False) + "\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command line."""
     parser = argparse.ArgumentParser(prog="python -m hip_kernels.aot",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--target", action="append", choices=TARGETS,
                         help="repeatable; default: all of " + ", ".join(TARGETS))
-    parser.add_argument("--output", type=Path, default=None,
-                        help="JSON-lines file to append one row per kernel and target to")
-    parser.add_argument("--commit", default=None,
-                        help="commit to record when this copy is not a git checkout")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Compile every kernel for each target and print one line each (and append a row each
-    with --output); 1 if any spills on AMD."""
-    args = build_parser().parse_args(argv)
-    meta = run_metadata(args.commit) if args.output else {}
+def compile_all(targets: list[str], on_report: Any = None) -> bool:
+    """Compile every kernel for each target, print one line each and hand each report to
+    ``on_report``; True if any spills on AMD."""
     spilled = False
-    for target in args.target or TARGETS:
+    for target in targets:
         for spec in all_specs(arch_for_target(target)):
             report = compile_spec(spec, target)
             spilled |= report.spills and target.startswith("hip")
-            print(_format(report), flush=True)
-            if args.output:
-                append_row(args.output, result_row(report, meta))
-    return 1 if spilled else 0
+            print(format_report(report), flush=True)
+            if on_report is not None:
+                on_report(report)
+    return spilled
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Compile and print; 1 if any kernel spills on AMD."""
+    args = build_parser().parse_args(argv)
+    return 1 if compile_all(args.target or list(TARGETS)) else 0
 
 
 if __name__ == "__main__":
