@@ -60,19 +60,36 @@ def start_instance(args: list[str], tmp_path: object, ready_timeout_s: float = 6
     it in place (e.g. ``ip netns exec NS``), so that killing the process group kills the server.
     The port is picked free on this namespace's loopback; a fresh namespace has every port free.
     """
-    port = free_port()
-    log_path = os.path.join(str(tmp_path), f"serve-{port}.log")
+    return start_instances([args], tmp_path, ready_timeout_s, expect_ready, env, host=host,
+                           prefix=prefix)[0]
+
+
+def start_instances(arg_lists: Sequence[list[str]], tmp_path: object,
+                    ready_timeout_s: float = 60.0, expect_ready: bool = True,
+                    env: dict[str, str] | None = None, *, host: str = "127.0.0.1",
+                    prefix: Sequence[str] = ()) -> list[Instance]:
+    """``start_instance`` for several instances that start at the same time (their start-ups
+    overlap); all are ready, or all are stopped and the first failure is raised."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", DISAGG_LOG_LEVEL="WARNING", **(env or {}))
-    with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
-        proc = subprocess.Popen([*prefix, sys.executable, "-m", "disagg.cli", "serve", *args,
-                                 "--host", host, "--port", str(port)],
-                                stdout=log, stderr=subprocess.STDOUT, text=True, cwd=REPO,
-                                env=env, start_new_session=True)
-    inst = Instance(proc, f"http://{host}:{port}", log_path)
+    started: list[Instance] = []
     try:
-        return _wait_ready(inst, ready_timeout_s, expect_ready)
+        for args in arg_lists:
+            port = free_port()
+            log_path = os.path.join(str(tmp_path), f"serve-{port}.log")
+            with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
+                proc = subprocess.Popen(
+                    [*prefix, sys.executable, "-m", "disagg.cli", "serve", *args,
+                     "--host", host, "--port", str(port)],
+                    stdout=log, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env,
+                    start_new_session=True)
+            started.append(Instance(proc, f"http://{host}:{port}", log_path))
+        deadline = time.monotonic() + ready_timeout_s
+        for inst in started:
+            _wait_ready(inst, max(0.1, deadline - time.monotonic()), expect_ready)
+        return started
     except BaseException:
-        inst.stop()  # nobody owns it yet: an interrupted or failed wait must not leak it
+        for inst in started:
+            inst.stop()  # nobody owns them yet: an interrupted or failed wait must not leak one
         raise
 
 

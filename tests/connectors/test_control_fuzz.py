@@ -251,10 +251,9 @@ def _counted(inst: Any, before: dict[str, float], malformed: int,
 @pytest.mark.parametrize("mode", ["read", "write"])
 def test_control_plane_survives_fuzz(instance_factory, mode: str) -> None:
     """A few hundred hostile frames on both ports of both engines (module docstring)."""
-    p = instance_factory([*BASE, "--kv-transfer-config",
-                          kv_config("kv_producer", mode, **TIMEOUTS)])
-    d = instance_factory([*BASE, "--kv-transfer-config",
-                          kv_config("kv_consumer", mode, **TIMEOUTS)])
+    p, d = instance_factory.many(
+        [*BASE, "--kv-transfer-config", kv_config("kv_producer", mode, **TIMEOUTS)],
+        [*BASE, "--kv-transfer-config", kv_config("kv_consumer", mode, **TIMEOUTS)])
     r = requests.post(p.url + "/v1/completions", json=BODY, timeout=60)
     expected = r.json()["choices"][0]["token_ids"]
     status, out = asyncio.run(_pd(p, d, mode))  # the real peers have identified each other

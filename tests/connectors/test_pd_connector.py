@@ -69,16 +69,18 @@ def _assert_pd_equals_monolithic(p: Any, d: Any, mono: Any, mode: str) -> None:
     _run(_session_run(go))
 
 
-@pytest.mark.parametrize("transport", ["tcp", pytest.param("nixl", marks=pytest.mark.skipif(
-    not _nixl_ok(), reason="nixl is not installed"))])
-@pytest.mark.parametrize("mode", ["read", "write"])
+NIXL = pytest.mark.skipif(not _nixl_ok(), reason="nixl is not installed")
+
+
+@pytest.mark.parametrize(("mode", "transport"), [
+    ("read", "tcp"), ("write", "tcp"), pytest.param("read", "nixl", marks=NIXL),
+    # tests/proxy/test_e2e.py runs WRITE over nixl through the proxy by default
+    pytest.param("write", "nixl", marks=[NIXL, pytest.mark.slow])])
 def test_pd_equals_monolithic(instance_factory, transport: str, mode: str) -> None:
     common = [*BASE, "--max-model-len", str(MAX_MODEL_LEN)]
-    p = instance_factory([*common, "--kv-transfer-config", kv_config("kv_producer", mode,
-                                                                     transport)])
-    d = instance_factory([*common, "--kv-transfer-config", kv_config("kv_consumer", mode,
-                                                                     transport)])
-    mono = instance_factory(common)
+    p, d, mono = instance_factory.many(
+        [*common, "--kv-transfer-config", kv_config("kv_producer", mode, transport)],
+        [*common, "--kv-transfer-config", kv_config("kv_consumer", mode, transport)], common)
     _assert_pd_equals_monolithic(p, d, mono, mode)
     moved_side = d.url if mode == "read" else p.url
     assert metric(moved_side, "disagg_kv_connector_bytes_moved_total") > 0
@@ -91,11 +93,11 @@ def test_pd_layerwise_write_equals_monolithic(instance_factory) -> None:
     """tcp WRITE streaming each layer; P chunks its prefill every 24 tokens, so chunks end both
     inside a block and on a block boundary. Each transferred block is written exactly once."""
     common = [*BASE, "--max-model-len", str(MAX_MODEL_LEN)]
-    p = instance_factory([*common, "--max-num-batched-tokens", "24", "--kv-transfer-config",
-                          kv_config("kv_producer", "write", layerwise=True)])
-    d = instance_factory([*common, "--kv-transfer-config",
-                          kv_config("kv_consumer", "write", layerwise=True)])
-    mono = instance_factory(common)
+    p, d, mono = instance_factory.many(
+        [*common, "--max-num-batched-tokens", "24", "--kv-transfer-config",
+         kv_config("kv_producer", "write", layerwise=True)],
+        [*common, "--kv-transfer-config", kv_config("kv_consumer", "write", layerwise=True)],
+        common)
     _assert_pd_equals_monolithic(p, d, mono, "write")
     a = resolve_arch("builtin:tiny-llama")
     block_bytes = bytes_per_block(a.num_layers, 16, a.num_kv_heads, a.head_dim, 4)
@@ -118,10 +120,11 @@ FAST: dict[str, Any] = {"transfer_timeout": 3, "defer_timeout": 3, "lease_timeou
 
 def _pair(instance_factory, mode: str, p_extra: list[str] | None = None,
           d_extra: list[str] | None = None, **extra: Any) -> tuple[Any, Any]:
-    p = instance_factory([*BASE, *(p_extra or []), "--kv-transfer-config",
-                          kv_config("kv_producer", mode, **FAST, **extra)])
-    d = instance_factory([*BASE, *(d_extra or []), "--kv-transfer-config",
-                          kv_config("kv_consumer", mode, **FAST, **extra)])
+    p, d = instance_factory.many(
+        [*BASE, *(p_extra or []), "--kv-transfer-config",
+         kv_config("kv_producer", mode, **FAST, **extra)],
+        [*BASE, *(d_extra or []), "--kv-transfer-config",
+         kv_config("kv_consumer", mode, **FAST, **extra)])
     return p, d
 
 
@@ -223,7 +226,8 @@ def test_decode_killed_mid_transfer_prefill_frees_by_expiry(instance_factory) ->
     _still_serves(p.url)
 
 
-@pytest.mark.parametrize("fault", ["kill", "stop"])
+# a frozen (SIGSTOPped) peer in every mode is tests/connectors/test_pd_frozen.py's
+@pytest.mark.parametrize("fault", ["kill", pytest.param("stop", marks=pytest.mark.slow)])
 def test_write_layerwise_decode_dies_mid_stream_prefill_frees(instance_factory,
                                                               fault: str) -> None:
     """The decode crashes (SIGKILL: the layer writes fail) or hangs (SIGSTOP: they stay pending
@@ -307,10 +311,10 @@ def test_incompatible_peer_is_refused_with_clear_error(instance_factory) -> None
 
 
 def test_recompute_policy_prefills_locally(instance_factory) -> None:
-    p = instance_factory([*BASE, "--kv-transfer-config", kv_config("kv_producer", "read",
-                                                                   **FAST)])
-    d = instance_factory([*BASE, "--kv-transfer-config", kv_config(
-        "kv_consumer", "read", kv_load_failure_policy="recompute", **FAST)])
+    p, d = instance_factory.many(
+        [*BASE, "--kv-transfer-config", kv_config("kv_producer", "read", **FAST)],
+        [*BASE, "--kv-transfer-config", kv_config(
+            "kv_consumer", "read", kv_load_failure_policy="recompute", **FAST)])
     body = {**BODY, "return_token_ids": True}
     expected = requests.post(d.url + "/v1/completions", json=body, timeout=30).json()
     r = requests.post(p.url + "/v1/completions", json={**body, "max_tokens": 1,
@@ -325,11 +329,13 @@ def test_recompute_policy_prefills_locally(instance_factory) -> None:
     wait_clean(d.url)
 
 
-@pytest.mark.parametrize("mode", ["read", "write"])
+# WRITE at high concurrency by default: tests/proxy/test_e2e.py's 1,000 streams (READ)
+@pytest.mark.parametrize("mode", [pytest.param("read", marks=pytest.mark.slow), "write"])
 def test_512_concurrent_requests_tcp(instance_factory, mode: str) -> None:
     args = ["--max-num-seqs", "256", "--kv-cache-memory-bytes", "64MiB"]
-    p = instance_factory([*BASE, *args, "--kv-transfer-config", kv_config("kv_producer", mode)])
-    d = instance_factory([*BASE, *args, "--kv-transfer-config", kv_config("kv_consumer", mode)])
+    p, d = instance_factory.many(
+        [*BASE, *args, "--kv-transfer-config", kv_config("kv_producer", mode)],
+        [*BASE, *args, "--kv-transfer-config", kv_config("kv_consumer", mode)])
     p_info, d_info = info(p.url), info(d.url)
 
     async def go(s: aiohttp.ClientSession) -> list[int]:

@@ -21,7 +21,7 @@ import aiohttp
 import pytest
 import requests  # type: ignore[import-untyped]
 from pd_helpers import BASE, info, kv_config, metric, pd_request, wait_clean
-from support import Instance, start_instance
+from support import Instance, start_instances
 
 TIMEOUTS = {"transfer_timeout": 2, "defer_timeout": 2, "lease_timeout": 1.5,
             "heartbeat_interval": 0.3}
@@ -105,14 +105,12 @@ def deployment(request: pytest.FixtureRequest,
     tmp = tmp_path_factory.mktemp(f"faults-{transport}-{mode}")
     env = {"DISAGG_FAULT_INJECTION": "1"}
     extra = {**TIMEOUTS, "verify_kv": True}
-    started: list[Instance] = []
+    # the same prompts every case: a decode-side prefix hit would move nothing
+    started = start_instances(
+        [[*BASE, "--no-enable-prefix-caching", "--kv-transfer-config",
+          kv_config(role, mode, transport, **extra)] for role in ("kv_producer", "kv_consumer")],
+        tmp, env=env)
     try:
-        for role in ("kv_producer", "kv_consumer"):
-            started.append(start_instance(
-                # the same prompts every case: a decode-side prefix hit would move nothing
-                [*BASE, "--no-enable-prefix-caching", "--kv-transfer-config",
-                 kv_config(role, mode, transport, **extra)],
-                tmp, env=env))
         p, d = started
         expected = [_generate(p.url, prompt) for prompt in PROMPTS]
         yield Deployment(transport, mode, p, d, info(p.url), info(d.url), expected)

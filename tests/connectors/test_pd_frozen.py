@@ -32,10 +32,9 @@ BODY: dict[str, Any] = {"prompt": [(3 * i) % 200 + 1 for i in range(40)], "max_t
 
 
 def _pair(instance_factory: Any, mode: str, **p_extra: Any) -> tuple[Any, Any]:
-    p = instance_factory([*BASE, "--kv-transfer-config",
-                          kv_config("kv_producer", mode, **TIMEOUTS, **p_extra)])
-    d = instance_factory([*BASE, "--kv-transfer-config",
-                          kv_config("kv_consumer", mode, **TIMEOUTS)])
+    p, d = instance_factory.many(
+        [*BASE, "--kv-transfer-config", kv_config("kv_producer", mode, **TIMEOUTS, **p_extra)],
+        [*BASE, "--kv-transfer-config", kv_config("kv_consumer", mode, **TIMEOUTS)])
     return p, d
 
 
@@ -84,10 +83,10 @@ def test_a_frozen_peer_ends_requests_within_the_deadlines(instance_factory, mode
 
 def test_a_prefill_restarted_on_the_same_ports_is_another_peer(instance_factory) -> None:
     base = find_port_blocks(1, 2)[0]  # the handshake and notify ports of rank 0
-    p = instance_factory([*BASE, "--kv-transfer-config",
-                          kv_config("kv_producer", "read", **TIMEOUTS, base_port=base)])
-    d = instance_factory([*BASE, "--kv-transfer-config",
-                          kv_config("kv_consumer", "read", **TIMEOUTS)])
+    p, d = instance_factory.many(
+        [*BASE, "--kv-transfer-config", kv_config("kv_producer", "read", **TIMEOUTS,
+                                                  base_port=base)],
+        [*BASE, "--kv-transfer-config", kv_config("kv_consumer", "read", **TIMEOUTS)])
     body = {**BODY, "max_tokens": 1, "kv_transfer_params": {
         "transfer_id": "restart", "do_remote_decode": True, "mode": "read"}}
     params = requests.post(p.url + "/v1/completions", json=body, timeout=30).json()[

@@ -31,11 +31,10 @@ def _moved_blocks(prompt: list[int], cached_blocks: int) -> int:
 @pytest.mark.parametrize("mode", ["read", "write"])
 def test_decode_side_hits_move_only_the_missing_blocks(instance_factory: Any, mode: str) -> None:
     common = [*BASE, "--max-model-len", str(MAX_MODEL_LEN)]
-    p = instance_factory([*common, "--kv-transfer-config",
-                          kv_config("kv_producer", mode, verify_kv=True)])
-    d = instance_factory([*common, "--kv-transfer-config",
-                          kv_config("kv_consumer", mode, verify_kv=True)])
-    mono = instance_factory([*common, "--no-enable-prefix-caching"])
+    p, d, mono = instance_factory.many(
+        [*common, "--kv-transfer-config", kv_config("kv_producer", mode, verify_kv=True)],
+        [*common, "--kv-transfer-config", kv_config("kv_consumer", mode, verify_kv=True)],
+        [*common, "--no-enable-prefix-caching"])
     moving = d.url if mode == "read" else p.url
     # (prompt, blocks the decode holds when it arrives): the first fills both caches with
     # SYSTEM; the next share it; the last is SYSTEM plus one token: nothing left to move

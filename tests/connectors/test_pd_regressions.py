@@ -102,10 +102,11 @@ def test_read_decode_frozen_past_the_timeouts_never_uses_freed_kv(instance_facto
     SIGCONT. Each answer is an error or exactly the monolithic tokens, D refuses the KV it
     read after P freed it (release_ack held=false, verify_kv off), both ledgers end clean."""
     cfg = {**TIMEOUTS, "verify_kv": False}
-    p = instance_factory([*BASE, "--kv-cache-memory-bytes", "4MiB", "--max-model-len", "256",
-                          "--kv-transfer-config", kv_config("kv_producer", "read", **cfg)])
-    d = instance_factory([*BASE, "--kv-transfer-config", kv_config("kv_consumer", "read", **cfg)],
-                         env={"DISAGG_ENGINE_STALL_TIMEOUT_S": "120"})
+    p, d = instance_factory.many(
+        [*BASE, "--kv-cache-memory-bytes", "4MiB", "--max-model-len", "256",
+         "--kv-transfer-config", kv_config("kv_producer", "read", **cfg)],
+        [*BASE, "--kv-transfer-config", kv_config("kv_consumer", "read", **cfg)],
+        env={"DISAGG_ENGINE_STALL_TIMEOUT_S": "120"})  # P's stall timeout too: harmless
     prompts = [_prompt(40, k) for k in range(8)]
     expected = [_tokens(p.url, x) for x in prompts]
     params = [_read_prefill(p.url, f"frozen-{k}", x) for k, x in enumerate(prompts)]
@@ -193,10 +194,9 @@ def test_write_remote_blocks_outside_the_decode_pool_fail_the_transfer(
     remote_blocks for P's live WRITE transfer claiming D's engine id and epoch, with ids from
     D's num_blocks up to 2**31-1. P fails the transfer naming the pool bound and writes
     nothing; both ledgers clean."""
-    p = instance_factory([*BASE, "--kv-transfer-config",
-                          kv_config("kv_producer", "write", **TIMEOUTS)])
-    d = instance_factory([*BASE, "--kv-transfer-config",
-                          kv_config("kv_consumer", "write", **TIMEOUTS)])
+    p, d = instance_factory.many(
+        [*BASE, "--kv-transfer-config", kv_config("kv_producer", "write", **TIMEOUTS)],
+        [*BASE, "--kv-transfer-config", kv_config("kv_consumer", "write", **TIMEOUTS)])
     p_info, d_info = info(p.url), info(d.url)
     d_meta = handshake(d_info["kv_host"], d_info["kv_handshake_port"],
                        compatible_metadata(d_info, "regression-probe", 7)).metadata
@@ -331,10 +331,9 @@ def test_junk_on_the_handshake_port_leaves_the_control_thread_serving(
     control thread, so every later handshake timed out. Reproduced: a DEALER's one-frame
     message and 300 random bytes over raw TCP to P's handshake port, then a real READ P/D
     request: it returns the monolithic tokens, the envelope counted malformed."""
-    p = instance_factory([*BASE, "--kv-transfer-config",
-                          kv_config("kv_producer", "read", **TIMEOUTS)])
-    d = instance_factory([*BASE, "--kv-transfer-config",
-                          kv_config("kv_consumer", "read", **TIMEOUTS)])
+    p, d = instance_factory.many(
+        [*BASE, "--kv-transfer-config", kv_config("kv_producer", "read", **TIMEOUTS)],
+        [*BASE, "--kv-transfer-config", kv_config("kv_consumer", "read", **TIMEOUTS)])
     p_info, d_info = info(p.url), info(d.url)
     addr = (p_info["kv_host"], p_info["kv_handshake_port"])
     ctx = zmq.Context()

@@ -33,17 +33,20 @@ def _consumer_bytes_per_block(d_tp: int) -> int:
     return a.num_layers * 2 * BLOCK * heads * a.head_dim * 4 * d_tp
 
 
-@pytest.mark.parametrize("mode", ["read", "write"])
+@pytest.mark.parametrize("mode", ["read", pytest.param("write", marks=pytest.mark.slow)])
 def test_mixed_tp_pd_equals_monolithic(instance_factory: Any, mode: str) -> None:
     common = [*BASE, "--max-model-len", str(MAX_MODEL_LEN)]
 
-    def start(role: str, tp: int) -> Any:
-        return instance_factory([*common, "-tp", str(tp), "--kv-transfer-config",
-                                 kv_config(role, mode, verify_kv=True)], ready_timeout_s=120)
+    def args(role: str, tp: int) -> list[str]:
+        return [*common, "-tp", str(tp), "--kv-transfer-config",
+                kv_config(role, mode, verify_kv=True)]
 
-    mono = instance_factory(common)
-    prefill = {tp: start("kv_producer", tp) for tp in sorted({p for p, _ in PAIRS})}
-    decode = {tp: start("kv_consumer", tp) for tp in sorted({d for _, d in PAIRS})}
+    p_tps, d_tps = sorted({p for p, _ in PAIRS}), sorted({d for _, d in PAIRS})
+    mono, *rest = instance_factory.many(
+        common, *(args("kv_producer", tp) for tp in p_tps),
+        *(args("kv_consumer", tp) for tp in d_tps), ready_timeout_s=180)
+    prefill = dict(zip(p_tps, rest[:len(p_tps)], strict=True))
+    decode = dict(zip(d_tps, rest[len(p_tps):], strict=True))
     for tp, inst in [*prefill.items(), *decode.items()]:
         assert info(inst.url)["tp_size"] == tp
     prompts = _prompts()

@@ -149,8 +149,9 @@ async def _round(s: aiohttp.ClientSession, url: str, size: int, rng: random.Rand
         assert status == 200 or (mode == "abort" and ABORTED in body["error"]["message"]), body
 
 
-@pytest.mark.parametrize("fixture,size", [("lockstep2", 2), ("lockstep3", 3), ("plain2", 2),
-                                          ("expert_parallel2", 2)])
+@pytest.mark.parametrize("fixture,size", [
+    ("lockstep2", 2), pytest.param("lockstep3", 3, marks=pytest.mark.slow), ("plain2", 2),
+    ("expert_parallel2", 2)])
 def test_pause_barrier_request_barrier_never_deadlocks(request: Any, fixture: str,
                                                        size: int) -> None:
     inst: Instance = request.getfixturevalue(fixture)

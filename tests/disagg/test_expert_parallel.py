@@ -44,11 +44,10 @@ def _rpc(url: str, method: str) -> list[dict[str, Any]]:
     return list(r.json()["results"])
 
 
-@pytest.mark.parametrize("dp", [2, 4])
+@pytest.mark.parametrize("dp", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_expert_parallel_equals_one_rank_with_every_expert(instance_factory, dp: int) -> None:
-    single = instance_factory(MOE)
+    single, ep = instance_factory.many(MOE, [*MOE, "-dp", str(dp), "--enable-expert-parallel"])
     expected = asyncio.run(_greedy(single.url, PROMPTS))
-    ep = instance_factory([*MOE, "-dp", str(dp), "--enable-expert-parallel"])
     assert asyncio.run(_greedy(ep.url, PROMPTS)) == expected
     # one prompt: every other rank only lends its experts (dummy steps in the same waves)
     assert asyncio.run(_greedy(ep.url, PROMPTS[:1])) == expected[:1]
@@ -60,8 +59,7 @@ def test_expert_parallel_equals_one_rank_with_every_expert(instance_factory, dp:
 
 
 def test_moe_under_tensor_parallelism_equals_tp1(instance_factory) -> None:
-    single = instance_factory(MOE)
-    tp2 = instance_factory([*MOE, "-tp", "2"], ready_timeout_s=120)
+    single, tp2 = instance_factory.many(MOE, [*MOE, "-tp", "2"], ready_timeout_s=120)
     assert asyncio.run(_greedy(tp2.url, PROMPTS[:4])) == asyncio.run(_greedy(single.url,
                                                                              PROMPTS[:4]))
 
@@ -110,11 +108,11 @@ def test_pd_with_an_expert_parallel_side_equals_monolithic(instance_factory, ep_
     from tests.connectors.pd_helpers import info, kv_config, pd_request, settled_metric, wait_clean
 
     ep = ["-dp", "2", "--enable-expert-parallel"]
-    mono = instance_factory(MOE)
-    prefill = instance_factory([*MOE, *(ep if ep_side == "prefill" else []),
-                                "--kv-transfer-config", kv_config("kv_producer", mode)])
-    decode = instance_factory([*MOE, *(ep if ep_side == "decode" else []),
-                               "--kv-transfer-config", kv_config("kv_consumer", mode)])
+    mono, prefill, decode = instance_factory.many(
+        MOE, [*MOE, *(ep if ep_side == "prefill" else []),
+              "--kv-transfer-config", kv_config("kv_producer", mode)],
+        [*MOE, *(ep if ep_side == "decode" else []),
+         "--kv-transfer-config", kv_config("kv_consumer", mode)])
     prompts = [[(7 * i + n) % 250 + 1 for i in range(n)] for n in (1, 16, 17, 40, 90, 33)]
 
     async def go() -> tuple[list[list[int]], list[list[int]]]:

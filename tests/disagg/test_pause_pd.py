@@ -53,10 +53,10 @@ async def _pause_during_transfers(s: aiohttp.ClientSession, p_url: str, d_url: s
 
 
 def test_pausing_a_write_prefill_strands_nothing(instance_factory) -> None:
-    p = instance_factory([*BASE, "--admin-key", KEY, "--kv-transfer-config",
-                          kv_config("kv_producer", "write", **FAST)])
-    d = instance_factory([*BASE, "--kv-transfer-config", kv_config("kv_consumer", "write",
-                                                                   **FAST)])
+    p, d = instance_factory.many(
+        [*BASE, "--admin-key", KEY, "--kv-transfer-config",
+         kv_config("kv_producer", "write", **FAST)],
+        [*BASE, "--kv-transfer-config", kv_config("kv_consumer", "write", **FAST)])
     p_info, d_info = info(p.url), info(d.url)
     rng = random.Random()
     for mode in ("keep", "wait", "abort"):

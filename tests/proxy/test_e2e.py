@@ -91,6 +91,14 @@ def wait_clean(url: str, timeout_s: float = 10.0) -> None:
     raise AssertionError(f"{url} ledger not clean: {ranks}")
 
 
+@pytest.fixture(scope="module")
+def default_1p1d() -> Iterator[Deployment]:
+    """One 1P1D deployment with the launcher's defaults (READ over tcp), shared by the tests
+    that need nothing else; each leaves both instances idle with clean ledgers."""
+    with launch("--num-prefill", "1", "--num-decode", "1") as dep:
+        yield dep
+
+
 PROMPTS = ["a", "x" * 15, "y" * 16, "z" * 17, "a longer prompt that spans several blocks " * 6]
 
 
@@ -103,37 +111,44 @@ def _token_ids(url: str, prompt: str) -> list[int]:
     return list(r.json()["choices"][0]["token_ids"])
 
 
-@pytest.mark.parametrize("transport", ["tcp", pytest.param("nixl", marks=pytest.mark.skipif(
-    not _nixl_ok(), reason="nixl is not installed"))])
-@pytest.mark.parametrize("mode", ["read", "write"])
-def test_proxy_outputs_equal_monolithic(instance_factory, transport: str, mode: str) -> None:
+NIXL = pytest.mark.skipif(not _nixl_ok(), reason="nixl is not installed")
+
+
+@pytest.mark.parametrize(("mode", "transport"), [
+    ("read", "tcp"), ("write", "tcp"), pytest.param("write", "nixl", marks=NIXL),
+    # READ over nixl is tests/connectors/test_pd_connector.py's (instances without the proxy)
+    pytest.param("read", "nixl", marks=[NIXL, pytest.mark.slow])])
+def test_proxy_outputs_equal_monolithic(instance_factory, default_1p1d: Deployment,
+                                        transport: str, mode: str) -> None:
     mono = instance_factory(["builtin:tiny-llama", "--device", "cpu",
                              "--kv-cache-memory-bytes", "48MiB"])
     expected = [_token_ids(mono.url, p) for p in PROMPTS]
-    with launch("--num-prefill", "1", "--num-decode", "1", "--mode", mode,
-                "--transport", transport) as dep:
+    with contextlib.ExitStack() as stack:
+        dep = default_1p1d if (mode, transport) == ("read", "tcp") else stack.enter_context(
+            launch("--num-prefill", "1", "--num-decode", "1", "--mode", mode,
+                   "--transport", transport))
         assert [_token_ids(dep.url, p) for p in PROMPTS] == expected
         for inst in dep.instances():
             wait_clean(inst)
 
 
-def test_openai_client_through_the_proxy() -> None:
+def test_openai_client_through_the_proxy(default_1p1d: Deployment) -> None:
     import openai
 
-    with launch("--num-prefill", "1", "--num-decode", "1") as dep:
-        client = openai.OpenAI(base_url=dep.url + "/v1", api_key="none", max_retries=0)
-        out = client.completions.create(model="builtin:tiny-llama", prompt="hello",
-                                        max_tokens=5, temperature=0)
-        assert out.usage is not None and out.usage.completion_tokens == 5
-        chat = client.chat.completions.create(model="builtin:tiny-llama", max_tokens=5,
-                                              messages=[{"role": "user", "content": "hi"}])
-        assert chat.choices[0].message.content is not None
-        chunks = list(client.chat.completions.create(
-            model="builtin:tiny-llama", max_tokens=6, stream=True,
-            messages=[{"role": "user", "content": "stream please"}]))
-        assert len(chunks) >= 2
-        models = client.models.list()
-        assert models.data[0].id == "builtin:tiny-llama"
+    dep = default_1p1d
+    client = openai.OpenAI(base_url=dep.url + "/v1", api_key="none", max_retries=0)
+    out = client.completions.create(model="builtin:tiny-llama", prompt="hello",
+                                    max_tokens=5, temperature=0)
+    assert out.usage is not None and out.usage.completion_tokens == 5
+    chat = client.chat.completions.create(model="builtin:tiny-llama", max_tokens=5,
+                                          messages=[{"role": "user", "content": "hi"}])
+    assert chat.choices[0].message.content is not None
+    chunks = list(client.chat.completions.create(
+        model="builtin:tiny-llama", max_tokens=6, stream=True,
+        messages=[{"role": "user", "content": "stream please"}]))
+    assert len(chunks) >= 2
+    models = client.models.list()
+    assert models.data[0].id == "builtin:tiny-llama"
 
 
 async def _stream(s: aiohttp.ClientSession, url: str, i: int) -> int:
@@ -149,33 +164,34 @@ async def _stream(s: aiohttp.ClientSession, url: str, i: int) -> int:
     return tokens
 
 
-def test_1000_concurrent_streams_through_1p1d() -> None:
-    with launch("--num-prefill", "1", "--num-decode", "1",
-                "--instance-arg=--max-num-seqs", "--instance-arg=256") as dep:
-        async def run() -> list[int]:
-            timeout = aiohttp.ClientTimeout(total=300)
-            async with aiohttp.ClientSession(timeout=timeout,
-                                             connector=aiohttp.TCPConnector(limit=0)) as s:
-                return await asyncio.gather(*(_stream(s, dep.url, i) for i in range(1000)))
+def test_1000_concurrent_streams_through_1p1d(default_1p1d: Deployment) -> None:
+    dep = default_1p1d  # --max-num-seqs 256, the default
 
-        assert asyncio.run(run()) == [6] * 1000
-        for inst in dep.instances():
-            wait_clean(inst)
+    async def run() -> list[int]:
+        timeout = aiohttp.ClientTimeout(total=300)
+        async with aiohttp.ClientSession(timeout=timeout,
+                                         connector=aiohttp.TCPConnector(limit=0)) as s:
+            return await asyncio.gather(*(_stream(s, dep.url, i) for i in range(1000)))
+
+    assert asyncio.run(run()) == [6] * 1000
+    for inst in dep.instances():
+        wait_clean(inst)
 
 
-def test_client_disconnect_mid_stream_frees_both_instances() -> None:
-    with launch("--num-prefill", "1", "--num-decode", "1") as dep:
-        async def run() -> None:
-            async with aiohttp.ClientSession() as s:
-                body = {"prompt": "disconnect me", "max_tokens": 3000, "stream": True,
-                        "ignore_eos": True}
-                async with s.post(dep.url + "/v1/completions", json=body) as resp:
-                    assert resp.status == 200
-                    await resp.content.readline()  # tokens are flowing
+def test_client_disconnect_mid_stream_frees_both_instances(default_1p1d: Deployment) -> None:
+    dep = default_1p1d
 
-        asyncio.run(run())
-        for inst in dep.instances():
-            wait_clean(inst, timeout_s=5)
+    async def run() -> None:
+        async with aiohttp.ClientSession() as s:
+            body = {"prompt": "disconnect me", "max_tokens": 3000, "stream": True,
+                    "ignore_eos": True}
+            async with s.post(dep.url + "/v1/completions", json=body) as resp:
+                assert resp.status == 200
+                await resp.content.readline()  # tokens are flowing
+
+    asyncio.run(run())
+    for inst in dep.instances():
+        wait_clean(inst, timeout_s=5)
 
 
 def _pids_serving(launcher_pid: int, url: str) -> list[int]:
