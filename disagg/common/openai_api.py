@@ -101,6 +101,23 @@ class _Common(msgspec.Struct, kw_only=True):
     user: str | None = None
     cache_salt: CacheSalt | None = None
     """Only requests with the same salt share prefix-cache blocks (vLLM's field)."""
+    # OpenAI/vLLM fields this server does not implement: kept so that a request using one is
+    # a 400 naming it (``check_request``), not silently served as if it were absent. Other
+    # unknown fields are ignored, as vLLM and OpenAI do.
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    logit_bias: Any = None
+    best_of: Any = None
+    repetition_penalty: Any = None
+    min_p: Any = None
+    suffix: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
 
 
 class CompletionRequest(_Common, kw_only=True):
@@ -113,7 +130,8 @@ class CompletionRequest(_Common, kw_only=True):
 
 
 class ContentPart(msgspec.Struct):
-    """One part of a chat message's content; only ``text`` parts reach the prompt."""
+    """One part of a chat message's content; only ``text`` parts are supported (others are a
+    400 in ``check_request``: this server has no vision or audio encoder)."""
 
     type: str
     text: str | None = None
@@ -221,8 +239,37 @@ def validate_object(obj: Any, kind: type[msgspec.Struct]) -> Any:
         raise _too_deep() from None
 
 
+_NO_OP_VALUES: dict[str, tuple[Any, ...]] = {
+    "response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none",),
+    "functions": ([],), "function_call": ("none",), "logit_bias": ({},), "best_of": (1,),
+    "repetition_penalty": (1, 1.0), "min_p": (0, 0.0), "suffix": ("",)}
+"""Values of unsupported fields that ask for nothing (clients send these defaults)."""
+
+
+def _unsupported_field(req: CompletionRequest | ChatCompletionRequest) -> str | None:
+    for name in ("response_format", "tools", "tool_choice", "functions", "function_call",
+                 "logit_bias", "best_of", "repetition_penalty", "min_p", "suffix",
+                 "guided_json", "guided_regex", "guided_choice", "guided_grammar"):
+        value = getattr(req, name)
+        if value is not None and not any(value == v and type(value) is type(v)
+                                         for v in _NO_OP_VALUES.get(name, ())):
+            return name
+    return None
+
+
 def check_request(req: CompletionRequest | ChatCompletionRequest) -> None:
     """The checks beyond the types that need no tokenizer (the proxy runs them too)."""
+    unsupported = _unsupported_field(req)
+    if unsupported is not None:
+        raise ApiError(400, f"{unsupported} is not supported by this server; remove it from "
+                            "the request", param=unsupported)
+    if isinstance(req, ChatCompletionRequest):
+        for m in req.messages:
+            for part in m.content if isinstance(m.content, list) else ():
+                if part.type != "text":
+                    raise ApiError(400, f"content parts of type {part.type!r} are not "
+                                        "supported: this server serves text-only models; "
+                                        "send text parts", param="messages")
     if req.n != 1:
         raise ApiError(400, "only n=1 is supported", param="n")
     if req.presence_penalty or req.frequency_penalty:
@@ -302,8 +349,7 @@ def chat_prompt_ids(req: ChatCompletionRequest, tok: Tokenizer) -> list[int]:
         if isinstance(content, list):
             content = "".join(p.text or "" for p in content if p.type == "text")
         msgs.append({"role": m.role, "content": content or ""})
-    text = tok.apply_chat_template(msgs)
-    return tok.encode(text, add_special_tokens=not text.startswith("<|begin_of_text|>"))
+    return tok.chat_ids(msgs)
 
 
 def sampling_params(req: CompletionRequest | ChatCompletionRequest, num_prompt_tokens: int,

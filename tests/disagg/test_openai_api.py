@@ -228,3 +228,46 @@ def test_server_info_takes_the_key_from_the_environment(monkeypatch: pytest.Monk
     assert ServerInfo("m", "m", "http://h:1", kv_params_key="flag").kv_params_key == "flag"
     monkeypatch.setenv("DISAGG_KV_PARAMS_KEY", "")
     assert ServerInfo("m", "m", "http://h:1").kv_params_key is None
+
+
+@pytest.mark.parametrize(("path", "field", "value"), [
+    ("/v1/chat/completions", "response_format", {"type": "json_object"}),
+    ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}]),
+    ("/v1/chat/completions", "tool_choice", "auto"),
+    ("/v1/completions", "logit_bias", {"50": 100}),
+    ("/v1/completions", "best_of", 3),
+    ("/v1/completions", "repetition_penalty", 1.2),
+    ("/v1/chat/completions", "min_p", 0.1),
+    ("/v1/completions", "suffix", "tail"),
+    ("/v1/completions", "guided_json", {"type": "object"}),
+])
+async def test_unsupported_fields_are_a_400_naming_them(instance_client: Any, path: str,
+                                                        field: str, value: Any) -> None:
+    """They used to be dropped silently: a client asking for JSON output or a penalty got a
+    200 computed without it."""
+    client = await instance_client()
+    base = OK_CHAT if "chat" in path else OK_COMPLETION
+    err = _assert_openai_error(*await _post(client, path, {**base, field: value}))
+    assert err["param"] == field and "not supported" in err["message"], err
+    assert client.app[ENGINE].requests == []
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("response_format", {"type": "text"}), ("tools", []), ("tool_choice", "none"),
+    ("logit_bias", {}), ("best_of", 1), ("repetition_penalty", 1.0), ("min_p", 0),
+    ("some_future_field", {"x": 1})])
+async def test_no_op_values_and_unknown_fields_pass(instance_client: Any, field: str,
+                                                    value: Any) -> None:
+    client = await instance_client()
+    status, body = await _post(client, "/v1/chat/completions", {**OK_CHAT, field: value})
+    assert status == 200, body
+
+
+async def test_image_parts_are_a_400(instance_client: Any) -> None:
+    client = await instance_client()
+    body = {**OK_CHAT, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is this"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}
+    err = _assert_openai_error(*await _post(client, "/v1/chat/completions", body))
+    assert "image_url" in err["message"] and err["param"] == "messages"
+    assert client.app[ENGINE].requests == []

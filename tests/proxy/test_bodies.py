@@ -132,3 +132,11 @@ def test_max_tokens_that_leave_no_room_for_a_prompt_are_refused() -> None:
     assert _parse_error(Endpoint.COMPLETIONS, raw, max_model_len=2048).param == "max_tokens"
     assert parse_request(Endpoint.COMPLETIONS, raw, _counter(), 2049).max_tokens == 2048
     assert parse_request(Endpoint.COMPLETIONS, raw, _counter(), None).max_tokens == 2048
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("response_format", {"type": "json_schema"}), ("logit_bias", {"1": 5}), ("min_p", 0.2)])
+def test_unsupported_fields_are_refused_before_routing(field: str, value: object) -> None:
+    raw = msgspec.json.encode({"messages": [{"role": "user", "content": "hi"}], field: value})
+    err = _parse_error(Endpoint.CHAT, raw)
+    assert err.param == field and "not supported" in err.message
