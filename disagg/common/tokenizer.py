@@ -31,6 +31,11 @@ class Tokenizer(Protocol):
         """Render chat messages into one prompt string, ending with the assistant turn."""
         ...
 
+    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of the rendered chat, as transformers' ``apply_chat_template(tokenize=
+        True)`` makes them: a chat template writes its own BOS, none is added on top."""
+        ...
+
 
 class ByteTokenizer:
     """UTF-8 bytes as tokens 0..255, then BOS/EOS/PAD. Built locally, no download."""
@@ -53,6 +58,10 @@ class ByteTokenizer:
         """A plain role-tagged transcript."""
         parts = [f"<|{m['role']}|>\n{m['content']}\n" for m in messages]
         return "".join(parts) + "<|assistant|>\n"
+
+    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """BOS + the transcript's bytes (the transcript has no special tokens of its own)."""
+        return self.encode(self.apply_chat_template(messages))
 
 
 class IdTokenizer(ByteTokenizer):
@@ -101,6 +110,14 @@ class HFTokenizer:
             return str(self._tok.apply_chat_template(messages, tokenize=False,
                                                      add_generation_prompt=True))
         return ByteTokenizer().apply_chat_template(messages)
+
+    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """The template's text tokenized without added specials (it writes its own BOS, if
+        the model has one: ``{{ bos_token }}`` must not become two); the plain transcript
+        (no template) gets them as any prompt does."""
+        has_template = bool(getattr(self._tok, "chat_template", None))
+        return self.encode(self.apply_chat_template(messages),
+                           add_special_tokens=not has_template)
 
 
 def get_tokenizer(model: str) -> Tokenizer:

@@ -48,6 +48,9 @@ class _BPETokenizer:
     def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
         return ""
 
+    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        return []
+
 
 def test_random_prompts_have_exact_token_lengths_with_the_byte_tokenizer():
     tok = ByteTokenizer()

@@ -1,0 +1,80 @@
+"""Chat prompts tokenize as transformers tokenizes them: a template that writes
+``{{ bos_token }}`` (Mistral, Llama-2) gets one BOS, not two, whatever the BOS is called; a
+template without one and the plain transcript (no template) behave as before."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from disagg.common.openai_api import ChatCompletionRequest, chat_prompt_ids
+from disagg.common.tokenizer import ByteTokenizer, HFTokenizer
+
+MESSAGES = [{"role": "user", "content": "hello there"},
+            {"role": "assistant", "content": "hi"},
+            {"role": "user", "content": "how are you"}]
+WITH_BOS = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] "
+            "{{ m['content'] }} [/INST]{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}"
+            "{% endfor %}")
+WITHOUT_BOS = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+               "<|assistant|>")
+
+
+def _save_tokenizer(path: Path, bos: str, template: str | None) -> None:
+    """A word-level tokenizer whose encode() adds BOS (as Llama/Mistral tokenizers do)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["hello", "there", "hi", "how", "are", "you", "[INST]", "[/INST]", "<|user|>",
+             "<|assistant|>", "<unk>", bos, "</s>"]
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", special_tokens=[(bos, vocab[bos])])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token="</s>",
+                                   unk_token="<unk>")
+    if template is not None:
+        fast.chat_template = template
+    fast.save_pretrained(str(path))
+
+
+@pytest.mark.parametrize("bos", ["<s>", "<|begin_of_text|>"])
+def test_a_template_that_writes_bos_gets_exactly_one(tmp_path: Path, bos: str) -> None:
+    from transformers import AutoTokenizer
+
+    _save_tokenizer(tmp_path, bos, WITH_BOS)
+    ours = HFTokenizer(str(tmp_path))
+    ids = ours.chat_ids(MESSAGES)
+    out: Any = AutoTokenizer.from_pretrained(str(tmp_path)).apply_chat_template(
+        MESSAGES, tokenize=True, add_generation_prompt=True)
+    want = out["input_ids"] if hasattr(out, "keys") else out  # a BatchEncoding in 5.x
+    assert ids == list(want)
+    assert ours.encode("hello")[0] == ours.bos_token_id  # a plain prompt still gets its BOS
+    assert ids.count(ours.bos_token_id) == 1 and ids[0] == ours.bos_token_id
+    assert ids == chat_prompt_ids(_chat(MESSAGES), ours)
+
+
+def test_a_template_without_bos_adds_none(tmp_path: Path) -> None:
+    _save_tokenizer(tmp_path, "<s>", WITHOUT_BOS)
+    ours = HFTokenizer(str(tmp_path))
+    ids = ours.chat_ids(MESSAGES)
+    assert ours.bos_token_id not in ids
+    assert ids == ours.encode(ours.apply_chat_template(MESSAGES), add_special_tokens=False)
+
+
+def test_no_template_is_the_transcript_with_the_prompt_bos(tmp_path: Path) -> None:
+    _save_tokenizer(tmp_path, "<s>", None)
+    ours = HFTokenizer(str(tmp_path))
+    ids = ours.chat_ids(MESSAGES)
+    assert ids[0] == ours.bos_token_id and ids.count(ours.bos_token_id) == 1
+    byte = ByteTokenizer()
+    assert byte.chat_ids(MESSAGES) == byte.encode(byte.apply_chat_template(MESSAGES))
+
+
+def _chat(messages: list[dict[str, str]]) -> ChatCompletionRequest:
+    import msgspec
+
+    return msgspec.convert({"messages": messages}, ChatCompletionRequest)
