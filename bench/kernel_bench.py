@@ -158,6 +158,38 @@ def _mla_decode_cases() -> Iterator[KernelCase]:
                          launch=asdict(plan))
 
 
+def _mla_prefill_cases() -> Iterator[KernelCase]:
+    """DeepSeek MLA prefill over up-projected K/V (nope 128 + rope 64, v 128): fresh prompts
+    with 16 heads (V2-Lite) and 128 (V3), and a chunk over a long cached prefix."""
+    import torch
+
+    from hip_kernels.mla_prefill_attention import (
+        mla_prefill_attention,
+        mla_prefill_attention_ref,
+    )
+
+    nope, rope, v_dim = 128, 64, 128
+    for prefix, chunk, num_seqs, heads in ((0, 4096, 2, 16), (8192, 512, 4, 16),
+                                           (0, 2048, 2, 128)):
+        keys, queries = num_seqs * (prefix + chunk), num_seqs * chunk
+        q = _bf16(queries, heads, nope + rope)
+        kv = _bf16(keys, heads, nope + v_dim)
+        k_pe = _bf16(keys, rope)
+        q_loc = torch.arange(num_seqs + 1, dtype=torch.int32, device="cuda") * chunk
+        kv_loc = torch.arange(num_seqs + 1, dtype=torch.int32, device="cuda") * (prefix + chunk)
+        args = (q[..., :nope], q[..., nope:], kv[..., :nope], k_pe, kv[..., nope:], q_loc,
+                kv_loc, (nope + rope)**-0.5)
+        keys_seen = num_seqs * (chunk * prefix + chunk * (chunk + 1) // 2)
+        yield KernelCase("mla_prefill_attention",
+                         {"model": "DeepSeek-V2-Lite" if heads == 16 else "DeepSeek-V3",
+                          "num_seqs": num_seqs, "prefix": prefix, "chunk": chunk,
+                          "heads": heads, "nope": nope, "rope": rope, "v": v_dim,
+                          "dtype": "bf16"},
+                         functools.partial(mla_prefill_attention, *args),
+                         flops=2 * keys_seen * heads * (nope + rope + v_dim),
+                         ref=functools.partial(mla_prefill_attention_ref, *args))
+
+
 def _prefill_cases() -> Iterator[KernelCase]:
     """Causal prefill (fresh prompts) and a chunk over a long cached prefix."""
     import torch
@@ -295,6 +327,7 @@ def _fused_moe_cases() -> Iterator[KernelCase]:
 CASE_GROUPS: dict[str, Callable[[], Iterator[KernelCase]]] = {
     "paged_decode_attention": _decode_cases,
     "paged_mla_decode": _mla_decode_cases,
+    "mla_prefill_attention": _mla_prefill_cases,
     "paged_prefill_attention": _prefill_cases,
     "elementwise": _elementwise_cases,
     "kv_blocks": _kv_block_cases,
