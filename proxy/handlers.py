@@ -17,7 +17,7 @@ from proxy.metrics import Outcome
 from proxy.registry import Pool
 from proxy.relay import relay_stream
 from proxy.state import STATE_KEY, ProxyState
-from proxy.upstream import Reply, UpstreamRejected
+from proxy.upstream import OpenStream, Reply, UpstreamRejected
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ async def _generate(request: web.Request, endpoint: Endpoint) -> web.StreamRespo
     started_s = time.perf_counter()
     scope = st.new_scope()
     outcome = Outcome.FAILED
+    result: Reply | OpenStream | None = None
     st.metrics.in_flight += 1
     try:
         req = parse_request(endpoint, await _read_body(request), st.counter,
@@ -91,7 +92,12 @@ async def _generate(request: web.Request, endpoint: Endpoint) -> web.StreamRespo
         outcome = Outcome.REJECTED
         return web.Response(status=exc.status, body=exc.body, content_type=exc.content_type)
     except asyncio.CancelledError:
-        outcome = Outcome.CLIENT_GONE
+        if isinstance(result, OpenStream) and result.saw_done:
+            # the client left after the decode's [DONE] (the openai client closes as soon as
+            # it reads it): the request is complete, there is nothing to abort
+            scope.succeeded, outcome = True, Outcome.OK
+        else:
+            outcome = Outcome.CLIENT_GONE
         raise
     finally:
         scope.close()

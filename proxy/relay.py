@@ -41,26 +41,28 @@ async def _next_chunk(stream: OpenStream, idle_timeout_s: float) -> bytes:
 
 
 async def _pump(client: web.StreamResponse, stream: OpenStream, idle_timeout_s: float) -> bool:
-    """Copy events until the upstream ends; True when the stream ended with [DONE]."""
-    saw_done = stream.saw_done
+    """Copy events until the upstream ends; True when the stream ended with [DONE]
+    (``stream.saw_done`` is set as soon as the upstream sends it)."""
     while True:
         chunk = await _next_chunk(stream, idle_timeout_s)
         if not chunk:
-            return saw_done
+            return stream.saw_done
         try:
             events = stream.decoder.feed(chunk)
         except SSEFramingError as exc:
             raise StreamBroke(f"decode instance {stream.inst.url}: {exc}") from None
         if events:
+            stream.saw_done = stream.saw_done or is_done(events[-1])
             await client.write(b"".join(events))
-            saw_done = saw_done or is_done(events[-1])
 
 
 async def relay_stream(request: web.Request, stream: OpenStream,
                        idle_timeout_s: float) -> tuple[web.StreamResponse, Outcome]:
     """Send the stream's first events, then the rest; the upstream response is always closed.
 
-    A client that goes away raises out of ``write``; the caller's scope then aborts upstream.
+    A client that goes away raises out of ``write``: CLIENT_GONE, and the caller's scope
+    aborts upstream; unless the upstream had already sent [DONE] (the request is complete and
+    the client closed after the last event, as the openai client does): that is OK.
     """
     client = web.StreamResponse(status=stream.response.status, headers=SSE_HEADERS)
     try:
@@ -74,7 +76,7 @@ async def relay_stream(request: web.Request, stream: OpenStream,
             complete = False
         await client.write_eof()
     except ConnectionResetError:
-        return client, Outcome.CLIENT_GONE
+        return client, Outcome.OK if stream.saw_done else Outcome.CLIENT_GONE
     finally:
         stream.response.close()
     return client, Outcome.OK if complete else Outcome.FAILED

@@ -47,6 +47,8 @@ class Behavior:
     """As a READ prefill, leave ``kv_transfer_params`` out of the response."""
     fail_for_engine: str | None = None
     """As a decode, answer 500 when the KV is to come from this engine id."""
+    linger_after_done_s: float = 0.0
+    """In a stream, wait this long between ``data: [DONE]`` and the end of the response."""
 
 
 def generated_tokens(prompt: str, max_tokens: int) -> list[str]:
@@ -223,6 +225,7 @@ class FakeInstance:
                 if self.behavior.token_delay_s:
                     await asyncio.sleep(self.behavior.token_delay_s)
             await resp.write(b"data: [DONE]\n\n")
+            await asyncio.sleep(self.behavior.linger_after_done_s)
             await resp.write_eof()
         except ConnectionResetError:
             self.disconnects += 1

@@ -114,3 +114,34 @@ async def test_openai_client_completions_chat_and_streaming(fakes: Any, proxies:
             await client.completions.create(model="m", prompt=["a", "b"], max_tokens=2)
     assert len(p.requests) == 4 and len(d.requests) == 4
     assert all(r["max_tokens"] == 1 and r["stream"] is False for r in p.requests)
+
+
+async def test_a_client_closing_after_done_is_ok_and_aborts_nothing(fakes: Any, proxies: Any,
+                                                                    http: Any) -> None:
+    """The openai client closes its socket once it reads ``data: [DONE]``, before the end of
+    the chunked body: the request is complete, so it counts as ok and nothing is aborted
+    (it used to count as client_gone and abort both instances' transfers)."""
+    import asyncio
+    from urllib.parse import urlsplit
+
+    p, d, proxy = await _pd(fakes, proxies)
+    d.behavior.linger_after_done_s = 0.5  # the proxy relays [DONE], then waits for the end
+    url = urlsplit(proxy.url)
+    body = b'{"prompt": "Once upon a time", "max_tokens": 3, "stream": true}'
+    reader, writer = await asyncio.open_connection(url.hostname, url.port)
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                 b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    await writer.drain()
+    seen = b""
+    async with asyncio.timeout(10):
+        while b"data: [DONE]" not in seen:
+            chunk = await reader.read(4096)
+            assert chunk, seen
+            seen += chunk
+    writer.transport.abort()  # gone before the final chunk
+    await asyncio.sleep(1.0)
+    async with http.get(proxy.url + "/metrics") as resp:
+        text = await resp.text()
+    assert 'disagg_proxy_requests_total{route="/v1/completions",outcome="ok"} 1' in text, text
+    assert "client_gone" not in text.split("disagg_proxy_requests_total", 1)[1].split("#")[0]
+    assert p.aborts == [] and d.aborts == []
