@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import resource
 import secrets
@@ -23,6 +24,7 @@ import signal
 import socket
 import sys
 from dataclasses import replace
+from typing import Any
 
 from aiohttp import web
 
@@ -95,6 +97,10 @@ def _add_launch_args(parser: argparse.ArgumentParser) -> None:
     add("--num-prefill", type=int, default=1)
     add("--num-decode", type=int, default=1)
     add("--transport", choices=["tcp", "nixl", "ipc", "mori"], default="tcp")
+    add("--kv-connector-extra-config", default=None, metavar="JSON",
+        help="connector options merged into every instance's kv_connector_extra_config "
+             "(e.g. '{\"transfer_timeout\": 30, \"verify_kv\": true}'); transport, mode and "
+             "base_port come from --transport, --mode and --kv-base-port")
     add("--device", choices=["auto", "cpu", "cuda"], default="auto",
         help="auto: CPU for the built-in model, GPUs (dp x tp per instance) for a real one")
     add("--tp-prefill", type=int, default=1, metavar="N",
@@ -140,7 +146,37 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.local_prefill_threshold < 0 or (args.gpus_per_instance or 1) < 1:
         parser.error("--local-prefill-threshold must be >= 0 and --gpus-per-instance >= 1")
     _check_parallel_args(parser, args)
+    args.kv_extra = _kv_extra(parser, args)
     return args
+
+
+_LAUNCHER_OWNS = {"transport": "--transport", "mode": "--mode", "base_port": "--kv-base-port"}
+"""kv_connector_extra_config keys the launcher writes from its own flags."""
+
+
+def _kv_extra(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
+    """``--kv-connector-extra-config`` as a dict; the launcher's own keys and a user
+    ``--kv-transfer-config`` among the instance arguments are refused (the latter used to turn
+    the instances into kv_both on random ports, silently)."""
+    if instance_flag(args.instance_args, ("--kv-transfer-config",)) is not None:
+        parser.error("the launcher writes each instance's --kv-transfer-config (role, "
+                     "transport, mode, ports); pass connector options with "
+                     "--kv-connector-extra-config JSON instead")
+    if args.kv_connector_extra_config is None:
+        return {}
+    if not args.launch:
+        parser.error("--kv-connector-extra-config is for --launch instances")
+    try:
+        extra = json.loads(args.kv_connector_extra_config)
+    except json.JSONDecodeError as exc:
+        parser.error(f"--kv-connector-extra-config is not valid JSON: {exc}")
+    if not isinstance(extra, dict):
+        parser.error("--kv-connector-extra-config must be a JSON object")
+    owned = sorted(set(extra) & set(_LAUNCHER_OWNS))
+    if owned:
+        parser.error(f"--kv-connector-extra-config: give {owned[0]!r} as "
+                     f"{_LAUNCHER_OWNS[owned[0]]}, not in the JSON")
+    return extra
 
 
 def _check_parallel_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -199,6 +235,7 @@ def launch_config(args: argparse.Namespace, kv_params_key: str | None = None) ->
         mode=TransferMode(args.mode), device=resolve_device(args.device, args.model is not None),
         tp_prefill=args.tp_prefill, tp_decode=args.tp_decode,
         gpus_per_instance=args.gpus_per_instance, instance_args=tuple(args.instance_args),
+        kv_connector_extra_config=getattr(args, "kv_extra", {}),
         instance_command=command, instance_base_port=args.instance_base_port,
         kv_base_port=args.kv_base_port, kv_params_key=kv_params_key)
 

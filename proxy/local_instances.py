@@ -6,7 +6,9 @@ import json
 import random
 import socket
 import sys
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 from disagg.common import platform
 from disagg.common.envs import KV_PARAMS_KEY_ENV
@@ -50,12 +52,16 @@ class LaunchConfig:
     """Connector base port of the first instance (then +16 each); None: found."""
     kv_params_key: str | None = None
     """Every instance's ``--kv-params-key``, passed in its environment (not visible in ps)."""
+    kv_connector_extra_config: Mapping[str, Any] = field(default_factory=dict)
+    """More connector options for every instance (``--kv-connector-extra-config``)."""
 
 
-def kv_transfer_config(role: KVRole, transport: str, mode: TransferMode, base_port: int) -> str:
-    """The ``--kv-transfer-config`` JSON of one instance."""
+def kv_transfer_config(role: KVRole, transport: str, mode: TransferMode, base_port: int,
+                       extra: Mapping[str, Any] | None = None) -> str:
+    """The ``--kv-transfer-config`` JSON of one instance (``extra``: more connector options;
+    the instance checks them before it loads anything)."""
     return json.dumps({"kv_connector": "PDConnector", "kv_role": role.value,
-                       "kv_connector_extra_config": {"transport": transport,
+                       "kv_connector_extra_config": {**(extra or {}), "transport": transport,
                                                      "mode": mode.value,
                                                      "base_port": base_port}})
 
@@ -181,7 +187,8 @@ def plan_instances(cfg: LaunchConfig) -> list[InstanceSpec]:
                 "--port", str(http_ports[i]), "--device", cfg.device,
                 "--tensor-parallel-size", str(cfg.tp_prefill if prefill else cfg.tp_decode),
                 "--kv-transfer-config",
-                kv_transfer_config(role, cfg.transport, cfg.mode, kv_ports[i]),
+                kv_transfer_config(role, cfg.transport, cfg.mode, kv_ports[i],
+                                   cfg.kv_connector_extra_config),
                 *cfg.instance_args)
         env = _instance_env(cfg, gpu_groups[i] if gpu_groups else None, shapes)
         specs.append(InstanceSpec(name=name, role=role, port=http_ports[i], argv=argv, env=env))

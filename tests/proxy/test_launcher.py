@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -323,3 +324,30 @@ def test_too_few_gpus_fail_the_launch_before_anything_starts(
                    "--tp-prefill/--tp-decode or the instance counts, or make more GPUs "
                    "visible"]
     assert not marker.exists()
+
+
+def test_connector_options_merge_into_what_the_launcher_writes(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    args = parse_args(["--launch", "--device", "cpu", "--transport", "tcp", "--mode", "write",
+                       "--kv-connector-extra-config",
+                       '{"transfer_timeout": 7, "verify_kv": true}'])
+    for spec in plan_instances(launch_config(args)):
+        cfg = json.loads(spec.argv[list(spec.argv).index("--kv-transfer-config") + 1])
+        extra = cfg["kv_connector_extra_config"]
+        assert (extra["transfer_timeout"], extra["verify_kv"]) == (7, True)
+        assert (extra["transport"], extra["mode"]) == ("tcp", "write")
+        assert cfg["kv_role"] in ("kv_producer", "kv_consumer")
+    for argv, words in (
+            (["--launch", "--", "--kv-transfer-config", '{"kv_role": "kv_both"}'],
+             "pass connector options with --kv-connector-extra-config"),
+            (["--launch", "--instance-arg=--kv-transfer-config={}"],
+             "writes each instance's --kv-transfer-config"),
+            (["--launch", "--kv-connector-extra-config", '{"transport": "nixl"}'],
+             "give 'transport' as --transport"),
+            (["--launch", "--kv-connector-extra-config", "[1]"], "must be a JSON object"),
+            (["--launch", "--kv-connector-extra-config", "{"], "not valid JSON"),
+            (["--decode", "http://h:1", "--kv-connector-extra-config", "{}"],
+             "is for --launch instances")):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err, err
