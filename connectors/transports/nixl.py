@@ -105,9 +105,13 @@ class NixlOptions:
     when all are."""
     op_timeout_s: float | None = 120.0
     """Backstop: a batch still PENDING this long after post is failed by poll."""
+    progress_delay_us: int = 100
+    """Sleep of NIXL's progress thread between progress rounds (its ``pthrDelay``). nixl's
+    Python API hard-codes 0, a busy loop: about one core per idle instance. 100 us costs about
+    3% of a core and at most that much latency per completion; 0 restores the busy loop."""
 
     def __post_init__(self) -> None:
-        for name in ("num_threads", "num_workers"):
+        for name in ("num_threads", "num_workers", "progress_delay_us"):
             if getattr(self, name) < 0:
                 raise ValueError(f"nixl option {name} must be >= 0, got {getattr(self, name)}")
         if self.split < 1:
@@ -153,6 +157,38 @@ def unavailable_reason() -> str | None:
     return None
 
 
+_AGENT_CONFIG_LOCK = threading.Lock()
+
+
+def _agent_with_progress_delay(api: Any, name: str, config: Any, delay_us: int) -> Any:
+    """``api.nixl_agent(name, config)`` with its progress thread sleeping ``delay_us`` between
+    rounds. nixl_agent builds its native ``nixlAgentConfig`` itself and sets ``pthrDelay = 0``;
+    for the duration of the call the binding's config class is replaced by a subclass whose
+    ``pthrDelay`` setter keeps ``delay_us`` (checked against nixl 1.5: the agent reads the
+    config once, in its constructor). Without the native class (another nixl), the agent is
+    made as nixl makes it."""
+    bind: Any = getattr(api, "nixlBind", None)
+    native: Any = getattr(bind, "nixlAgentConfig", None)
+    if native is None or not isinstance(getattr(native, "pthrDelay", None), property):
+        return api.nixl_agent(name, config)
+
+    class _DelayedConfig(native):  # type: ignore[misc, valid-type]
+        @property
+        def pthrDelay(self) -> int:  # noqa: N802 - the binding's name
+            return int(native.pthrDelay.__get__(self))
+
+        @pthrDelay.setter
+        def pthrDelay(self, _ignored: int) -> None:  # noqa: N802
+            native.pthrDelay.__set__(self, delay_us)
+
+    with _AGENT_CONFIG_LOCK:
+        bind.nixlAgentConfig = _DelayedConfig
+        try:
+            return api.nixl_agent(name, config)
+        finally:
+            bind.nixlAgentConfig = native
+
+
 class NixlTransport(Transport):
     """One-sided READ/WRITE through a NIXL agent."""
 
@@ -174,8 +210,8 @@ class NixlTransport(Transport):
         """The NIXL agent, with the UCX backend tuned for VRAM when the options leave it open.
 
         NIXL's progress thread stays on: without it transfers stall, on host memory over UCX
-        cma and on H200s over cuda_ipc alike (a READ never completed in 300 s), at the price of
-        about half a core spinning per agent.
+        cma and on H200s over cuda_ipc alike (a READ never completed in 300 s). It sleeps
+        ``progress_delay_us`` between rounds instead of spinning a core.
         """
         opts = self._opts
         params = dict(opts.ucx_params)
@@ -189,7 +225,8 @@ class NixlTransport(Transport):
             enable_prog_thread=True,
             backends=[b for b in opts.backends if not (custom_ucx and b == "UCX")],
             num_threads=opts.num_threads)
-        agent = self._api.nixl_agent(self._agent_name, config)
+        agent = _agent_with_progress_delay(self._api, self._agent_name, config,
+                                           opts.progress_delay_us)
         if custom_ucx:
             if opts.num_workers > 0:
                 params["num_workers"] = str(opts.num_workers)
