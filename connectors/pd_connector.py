@@ -103,6 +103,14 @@ class PDConnector(KVConnector):
         return compat_error(self.metadata, peer, self.worker.num_kv_heads)
 
     @staticmethod
+    def check_config(cfg: KVTransferConfig, data_parallel_size: int = 1,
+                     tensor_parallel_size: int = 1) -> None:
+        """Every option of ``kv_connector_extra_config`` (the frontend calls this before the
+        engine loads a weight: engine/kv_connector.check_connector_config)."""
+        parse_pd_config(cfg.kv_connector_extra_config, cfg.kv_role, False, data_parallel_size,
+                        tensor_parallel_size)
+
+    @staticmethod
     def make_rank_worker(cfg: KVTransferConfig, engine_id: str, tp_rank: int,
                          kv_cache: torch.Tensor, dp_rank: int = 0) -> RankKV:
         """A TP worker rank's own KV endpoint (disagg/engine/tp_worker.py); rank 0 reaches it

@@ -1,7 +1,10 @@
 """What the P/D connector tells peers about itself, and the compatibility check.
 
 Two engines may exchange KV only if their blocks mean the same bytes: same block size, dtype,
-layout (blocks outermost: layers, K/V, tokens, kv heads, head dim), transport and model shape.
+layout (blocks outermost: layers, K/V, tokens, kv heads, head dim), transport and model shape;
+an fp8 cache (--kv-cache-dtype fp8) also the same per-layer scales, since a stored byte means
+byte * scale (disagg/engine/kv_quant.py). Refusing at the handshake fails the transfer closed
+(the request fails or recomputes, as any refused handshake); KV is never misread.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from typing import Any
 import torch
 
 from connectors.protocol import EngineMetadata
+from disagg.engine.kv_quant import describe_scales
 from disagg.models.parallel import kv_head_range
 
 
@@ -31,26 +35,61 @@ def slow_path_hint(transport: str, mode: str, kv_role: str, kv_cache_on_gpu: boo
 
 def build_metadata(engine: Any, kv_cache: torch.Tensor, engine_id: str, epoch: int,
                    control: Any, worker: Any) -> EngineMetadata:
-    """This engine's handshake metadata, with a hash of model shape, dtype and layout."""
+    """This engine's handshake metadata, with a hash of model shape, dtype, fp8 scales and
+    layout. ``engine.kv_spec`` (disagg/engine/kv_quant.py) gives the cache's --kv-cache-dtype
+    and scales; an engine without one has a plain (auto) cache."""
     a = engine.arch
     layout = (f"blocks-outermost[L={a.num_layers},2,bs={engine.cfg.cache.block_size},"
               f"Hkv={a.num_kv_heads},D={a.head_dim}]")
     dtype = str(kv_cache.dtype).removeprefix("torch.")
+    spec = getattr(engine, "kv_spec", None)
+    kv_name, scales = (spec.name, spec.scales()) if spec is not None else ("auto", [])
     model_sig = (f"{a.model_type}:{a.vocab_size}:{a.hidden_size}:{a.num_layers}:"
                  f"{a.num_heads}:{a.num_kv_heads}:{a.head_dim}:{a.intermediate_size}")
-    digest = hashlib.sha256(f"{model_sig}|{dtype}|{layout}".encode()).hexdigest()[:16]
+    kv_sig = f"|{kv_name}:{','.join(map(repr, scales))}" if scales else ""
+    digest = hashlib.sha256(f"{model_sig}|{dtype}|{layout}{kv_sig}".encode()).hexdigest()[:16]
     return EngineMetadata(
         engine_id=engine_id, epoch=epoch, host=control.host, handshake_port=control.handshake_port,
         notify_port=control.notify_port, transport=worker.transport.name,
         transport_descriptor=worker.descriptor(), block_size=engine.cfg.cache.block_size,
         block_bytes=worker.block_bytes, num_blocks=kv_cache.shape[0], dtype=dtype,
         compat_hash=digest, layout=layout, tp_size=worker.tp_size,
-        rank_descriptors=worker.descriptors())
+        rank_descriptors=worker.descriptors(), kv_cache_dtype=kv_name, kv_scales=scales)
+
+
+def _kv_cache_desc(meta: EngineMetadata) -> str:
+    """``float8_e4m3fn (--kv-cache-dtype fp8_e4m3, scales k=v=1 in every layer)``."""
+    if not meta.kv_scales:
+        return f"{meta.dtype} (--kv-cache-dtype {meta.kv_cache_dtype})"
+    return (f"{meta.dtype} (--kv-cache-dtype {meta.kv_cache_dtype}, "
+            f"{describe_scales(list(meta.kv_scales))})")
+
+
+def kv_cache_error(ours: EngineMetadata, peer: EngineMetadata) -> str | None:
+    """Why the peer's KV elements mean other values than ours: another dtype, or an fp8 cache
+    with other scales (None if they mean the same). One line naming both sides."""
+    if (peer.dtype, peer.kv_cache_dtype) != (ours.dtype, ours.kv_cache_dtype):
+        return (f"KV cache dtype differs: peer {peer.engine_id}'s is {_kv_cache_desc(peer)}, "
+                f"this engine's ({ours.engine_id}) is {_kv_cache_desc(ours)}: start both "
+                "with the same --kv-cache-dtype")
+    if list(peer.kv_scales) != list(ours.kv_scales):
+        layer = next((i // 2 for i, (a, b) in enumerate(zip(peer.kv_scales, ours.kv_scales))
+                      if a != b), min(len(peer.kv_scales), len(ours.kv_scales)) // 2)
+        return (f"fp8 KV cache scales differ: peer {peer.engine_id} has "
+                f"{describe_scales(list(peer.kv_scales))}, this engine ({ours.engine_id}) "
+                f"{describe_scales(list(ours.kv_scales))} (first difference at layer "
+                f"{layer}): load both from the same checkpoint")
+    return None
 
 
 def compat_error(ours: EngineMetadata, peer: EngineMetadata, num_kv_heads: int) -> str | None:
     """Why a peer's KV is not interchangeable with ours (None if it is)."""
-    for name in ("block_size", "dtype", "layout", "transport"):
+    if peer.block_size != ours.block_size:
+        return (f"block_size differs: peer {peer.engine_id} has {peer.block_size!r}, "
+                f"this engine has {ours.block_size!r}")
+    if (kv_error := kv_cache_error(ours, peer)) is not None:
+        return kv_error
+    for name in ("layout", "transport"):
         if getattr(peer, name) != getattr(ours, name):
             return (f"{name} differs: peer {peer.engine_id} has {getattr(peer, name)!r}, "
                     f"this engine has {getattr(ours, name)!r}")

@@ -74,6 +74,12 @@ class EngineMetadata(msgspec.Struct, kw_only=True, frozen=True):
     rank_descriptors: Annotated[list[Annotated[bytes, msgspec.Meta(max_length=1 << 20)]],
                                 msgspec.Meta(max_length=64)] = []
     """Every rank's transport descriptor in rank order (tp_size of them)."""
+    kv_cache_dtype: ShortStr = "auto"
+    """The --kv-cache-dtype the cache was built with (``auto`` or ``fp8_e4m3``); ``dtype`` is
+    its element dtype."""
+    kv_scales: Annotated[list[float], msgspec.Meta(max_length=1 << 14)] = []
+    """fp8 cache: [k_0, v_0, k_1, v_1, ...] per-layer scales (stored = value / scale); empty
+    otherwise. Peers must match exactly: the scales are what the bytes mean."""
 
 
 class HandshakeRequest(msgspec.Struct, tag="hello", kw_only=True):

@@ -34,11 +34,19 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--quantization", default=None,
+                   help="fp8: fp8 weights with 128x128 block scales, quantized at load (the "
+                        "default for a checkpoint whose config.json has quantization_config)")
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-model-len", type=parse_max_model_len, default=None,
                    help="tokens, e.g. 4096, 32k, or auto / -1 to fit the KV cache")
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--kv-cache-dtype", default="auto",
+                   help="KV cache element type: auto (the model's dtype) or fp8 / fp8_e4m3 "
+                        "(e4m3, fnuz on MI300; per-layer K/V scales from the checkpoint's "
+                        "k_scale/v_scale, else 1.0): half the bytes per block and per transfer; "
+                        "P/D peers must use the same")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--kv-cache-memory-bytes", type=parse_bytes, default=None,
                    help="explicit KV cache budget, e.g. 256MiB (the sizing input on CPU)")
@@ -90,15 +98,22 @@ def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
     if not a.model.startswith("builtin:") and not os.path.isdir(a.model):
         raise ConfigError(f"model {a.model!r} is neither a builtin model (builtin:tiny-llama, "
                           "builtin:tiny-moe) nor a directory")
+    kv_transfer = KVTransferConfig.from_json(a.kv_transfer_config)
+    if kv_transfer is not None:
+        from disagg.engine.kv_connector import check_connector_config
+
+        check_connector_config(kv_transfer, a.data_parallel_size, a.tensor_parallel_size)
     return EngineConfig(
         model=ModelConfig(model=a.model, served_model_name=a.served_model_name or a.model,
-                          dtype=a.dtype, device=a.device, load_format=a.load_format,
+                          dtype=a.dtype, quantization=a.quantization, device=a.device,
+                          load_format=a.load_format,
                           seed=a.seed, max_model_len=a.max_model_len),
         cache=CacheConfig(block_size=a.block_size,
                           gpu_memory_utilization=a.gpu_memory_utilization,
                           kv_cache_memory_bytes=a.kv_cache_memory_bytes,
                           num_gpu_blocks_override=a.num_gpu_blocks_override,
-                          enable_prefix_caching=a.enable_prefix_caching),
+                          enable_prefix_caching=a.enable_prefix_caching,
+                          kv_cache_dtype=a.kv_cache_dtype),
         scheduler=SchedulerConfig(max_num_seqs=a.max_num_seqs,
                                   max_num_batched_tokens=a.max_num_batched_tokens,
                                   enable_chunked_prefill=not a.no_chunked_prefill),
@@ -109,7 +124,7 @@ def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
                                                         or a.enable_expert_parallel),
                                 enable_expert_parallel=a.enable_expert_parallel,
                                 data_parallel_timeout_s=a.dp_collective_timeout),
-        kv_transfer=KVTransferConfig.from_json(a.kv_transfer_config))
+        kv_transfer=kv_transfer)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -32,20 +32,22 @@ class LLM:
     """Generate with an in-process engine (no HTTP, no ZMQ)."""
 
     def __init__(self, model: str = "builtin:tiny-llama", *, device: str = "auto",
-                 dtype: str = "auto", max_num_seqs: int = 256,
+                 dtype: str = "auto", quantization: str | None = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 2048, kv_cache_memory_bytes: int | None = None,
                  load_format: str = "auto", max_model_len: int | None = None,
                  block_size: int = 16, num_gpu_blocks_override: int | None = None,
                  gpu_memory_utilization: float = 0.9, seed: int = 0,
                  enable_chunked_prefill: bool = True, tensor_parallel_size: int = 1,
-                 enable_prefix_caching: bool = True) -> None:
+                 enable_prefix_caching: bool = True, kv_cache_dtype: str = "auto") -> None:
         cfg = EngineConfig(
             model=ModelConfig(model=model, served_model_name=model, device=device, dtype=dtype,
-                              load_format=load_format, max_model_len=max_model_len, seed=seed),
+                              quantization=quantization, load_format=load_format,
+                              max_model_len=max_model_len, seed=seed),
             cache=CacheConfig(block_size=block_size, kv_cache_memory_bytes=kv_cache_memory_bytes,
                               num_gpu_blocks_override=num_gpu_blocks_override,
                               gpu_memory_utilization=gpu_memory_utilization,
-                              enable_prefix_caching=enable_prefix_caching),
+                              enable_prefix_caching=enable_prefix_caching,
+                              kv_cache_dtype=kv_cache_dtype),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
                                       max_num_batched_tokens=max_num_batched_tokens,
                                       enable_chunked_prefill=enable_chunked_prefill),

@@ -18,7 +18,12 @@ A token at position p of a sequence lives in block ``block_table[p // block_size
 Modules: one per kernel (``_<name>_kernel``, launcher ``<name>``, ``<name>_ref``), the
 attention pair re-exported by ``paged_attention``; ``paged_mla_decode`` is DeepSeek's latent
 attention decode (absorbed form) over the same cache with one KV head holding the latent's two
-halves (K half = latent[:half], V half = latent[half:]); ``moe_align`` sorts (token, k) pairs by
+halves (K half = latent[:half], V half = latent[half:]) and ``mla_prefill_attention`` its
+prompt steps over up-projected keys and values; ``fp8_gemm`` multiplies by fp8 weights with
+128x128-block, per-row or per-tensor scales (DeepSeek-V3 checkpoints, ``--quantization fp8``);
+``kv_fp8`` is the fp8 KV cache's
+element format (per-layer K/V scales, saturating writes) that the cache writer and every
+attention kernel share; ``moe_align`` sorts (token, k) pairs by
 expert into BLOCK_M-row tiles (``MoeTiles``) and ``fused_moe`` runs the MoE MLP over them (the
 gate_up and down grouped GEMMs and the combine over k); ``launch_config`` reads the per-arch
 launch configs in ``configs/<arch>/``; ``aot`` compiles every kernel for gfx942 / gfx950 /

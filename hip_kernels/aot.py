@@ -141,8 +141,10 @@ def compile_spec(spec: KernelSpec, target: str) -> CompileReport:
 def all_specs(arch: str) -> list[KernelSpec]:
     """Every kernel's AOT specs for a config arch (``gfx942``, ``sm_90``, ``default``)."""
     from hip_kernels import (
+        fp8_gemm,
         fused_moe,
         kv_blocks,
+        mla_prefill_attention,
         paged_decode_attention,
         paged_mla_decode,
         paged_prefill_attention,
@@ -153,7 +155,8 @@ def all_specs(arch: str) -> list[KernelSpec]:
     )
 
     modules = (reshape_and_cache, paged_decode_attention, paged_prefill_attention,
-               paged_mla_decode, rms_norm, rotary_embedding, silu_and_mul, kv_blocks, fused_moe)
+               paged_mla_decode, mla_prefill_attention, rms_norm, rotary_embedding,
+               silu_and_mul, kv_blocks, fused_moe, fp8_gemm)
     return [spec for module in modules for spec in module.aot_specs(arch)]
 
 

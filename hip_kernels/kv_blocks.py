@@ -32,16 +32,26 @@ from hip_kernels.triton_compat import cdiv, jit, require_triton, tl
 KERNEL = "kv_blocks"
 
 
+def _as_bytes(src: torch.Tensor, dst: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same 1-byte dtype on both sides (an fp8 cache): uint8 views, since torch's CPU
+    index_select / index_copy_ have no fp8 kernels; the copy is of bytes either way."""
+    if src.dtype == dst.dtype and src.element_size() == 1:
+        return src.view(torch.uint8), dst.view(torch.uint8)
+    return src, dst
+
+
 def gather_kv_blocks_ref(kv_cache: torch.Tensor, block_ids: torch.Tensor,
                          staging: torch.Tensor) -> None:
     """staging[i] = kv_cache[block_ids[i]]; kv_cache [NB, ...], staging [n, ...] same tail."""
-    staging.copy_(kv_cache.index_select(0, block_ids.long()))
+    src, dst = _as_bytes(kv_cache, staging)
+    dst.copy_(src.index_select(0, block_ids.long()))
 
 
 def scatter_kv_blocks_ref(staging: torch.Tensor, block_ids: torch.Tensor,
                           kv_cache: torch.Tensor) -> None:
     """kv_cache[block_ids[i]] = staging[i] (in place)."""
-    kv_cache.index_copy_(0, block_ids.long(), staging.to(kv_cache.dtype))
+    src, dst = _as_bytes(staging, kv_cache)
+    dst.index_copy_(0, block_ids.long(), src.to(dst.dtype))
 
 
 @jit

@@ -9,6 +9,10 @@ output directly.
     q [B, Hq, D] --+--> split 0: acc, m, l --+
                    +--> split 1: acc, m, l --+--> reduce --> out [B, Hq, D]
                    +--> ...                  |
+
+An fp8 cache (hip_kernels/kv_fp8.py) is read in fp8 and upcast tile by tile to q's dtype;
+k_scale is folded into the softmax scale and v_scale into acc (so partials are already
+dequantized and the reduce kernel is the same).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from hip_kernels.attention_tiles import (
     kv_strides,
     token_offsets,
 )
+from hip_kernels.kv_fp8 import TRITON_FP8, dequantize_ref, fp8_kv_dtype_for, is_fp8
 from hip_kernels.launch_config import KernelSpec, get_int, load_config
 from hip_kernels.triton_compat import (
     cdiv,
@@ -39,13 +44,15 @@ KERNEL = "paged_decode_attention"
 
 def paged_decode_attention_ref(q: torch.Tensor, kv_layer: torch.Tensor,
                                block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                               scale: float) -> torch.Tensor:
+                               scale: float, k_scale: float = 1.0,
+                               v_scale: float = 1.0) -> torch.Tensor:
     """One query token per sequence attending to its whole cached context (GQA).
 
     q [B, Hq, D]; kv_layer [NB, 2, bs, Hk, D]; block_tables [B, max_blocks] int32;
     seq_lens [B] int32 (context length including the current token, already cached).
     Returns [B, Hq, D] in q's dtype. Computed in fp32. Padded to the longest sequence with a
-    mask, so it is batched (the CPU engine's decode path).
+    mask, so it is batched (the CPU engine's decode path). An fp8 cache is read as
+    K * k_scale and V * v_scale; other caches ignore the scales.
     """
     bsz, num_q_heads, head_dim = q.shape
     block_size, num_kv_heads = kv_layer.shape[2], kv_layer.shape[3]
@@ -57,24 +64,28 @@ def paged_decode_attention_ref(q: torch.Tensor, kv_layer: torch.Tensor,
     k = blocks[:, :, 0].reshape(bsz, max_blocks * block_size, num_kv_heads, head_dim)
     v = blocks[:, :, 1].reshape(bsz, max_blocks * block_size, num_kv_heads, head_dim)
     qf = q.float().view(bsz, num_kv_heads, group, head_dim)
-    scores = torch.einsum("bhgd,bthd->bhgt", qf, k.float()) * scale
+    scores = torch.einsum("bhgd,bthd->bhgt", qf,
+                          dequantize_ref(k, k_scale, torch.float32)) * scale
     pos = torch.arange(max_blocks * block_size, device=q.device)
     mask = pos[None, :] >= seq_lens.long()[:, None]  # [B, T]
     scores.masked_fill_(mask[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    out = torch.einsum("bhgt,bthd->bhgd", probs, v.float())
+    out = torch.einsum("bhgt,bthd->bhgd", probs, dequantize_ref(v, v_scale, torch.float32))
     return out.reshape(bsz, num_q_heads, head_dim).to(q.dtype)
 
 
 @jit
 def _paged_decode_attention_kernel(
         q_ptr, kv_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
-        qk_scale_log2, split_tokens, num_splits, stride_q_seq, stride_q_head, stride_kv_block,
-        stride_kv_kv, stride_kv_tok, stride_kv_head, stride_table_seq, stride_out_seq,
-        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+        qk_scale_log2, v_scale, split_tokens, num_splits, stride_q_seq, stride_q_head,
+        stride_kv_block, stride_kv_kv, stride_kv_tok, stride_kv_head, stride_table_seq,
+        stride_out_seq, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_D: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-        DIRECT: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """Program (seq, kv head, split): the q-head group over positions of one split."""
+        DIRECT: tl.constexpr, UPCAST_DOT: tl.constexpr, KV_FP8: tl.constexpr):
+    """Program (seq, kv head, split): the q-head group over positions of one split.
+
+    KV_FP8: K/V tiles are fp8, upcast to q's dtype; qk_scale_log2 carries k_scale and acc is
+    multiplied by v_scale (unused otherwise)."""
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -86,7 +97,9 @@ def _paged_decode_attention_kernel(
     dims = tl.arange(0, BLOCK_D)
     q_mask = (rows < GROUP)[:, None] & (dims < HEAD_DIM)[None, :]
     q = tl.load(q_ptr + seq * stride_q_seq + heads[:, None] * stride_q_head + dims[None, :],
-                mask=q_mask, other=0.0).to(kv_ptr.dtype.element_ty)
+                mask=q_mask, other=0.0)
+    if not KV_FP8:
+        q = q.to(kv_ptr.dtype.element_ty)
     if UPCAST_DOT:
         q = q.to(tl.float32)
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
@@ -103,8 +116,13 @@ def _paged_decode_attention_kernel(
         tile_mask = pos_mask[:, None] & (dims < HEAD_DIM)[None, :]
         k = tl.load(ptrs, mask=tile_mask, other=0.0)
         v = tl.load(ptrs + stride_kv_kv, mask=tile_mask, other=0.0)
+        if KV_FP8:
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
         m_i, l_i, acc = attend_tile(q, k, v, pos_mask[None, :], m_i, l_i, acc, qk_scale_log2,
                                      UPCAST_DOT)
+    if KV_FP8:
+        acc = acc * v_scale
     if DIRECT:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         out_ptrs = out_ptr + seq * stride_out_seq + heads[:, None] * HEAD_DIM + dims[None, :]
@@ -185,22 +203,24 @@ def decode_plan(batch_size: int, num_kv_heads: int, max_context_tokens: int,
 
 
 def paged_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
-                           seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+                           seq_lens: torch.Tensor, scale: float, k_scale: float = 1.0,
+                           v_scale: float = 1.0) -> torch.Tensor:
     """One query token per sequence over its paged context (GQA), as the reference.
 
-    q [B, Hq, D]; kv_layer [NB, 2, bs, Hk, D] (strided view of the whole cache is fine);
-    block_tables [B, max_blocks] int32; seq_lens [B] int32 (>= 1, already cached).
-    Returns [B, Hq, D] in q's dtype; fp32 softmax and accumulation.
-    Bytes moved: sum(seq_lens) * Hk * D * 2 * elt (KV) + 2 * B * Hq * D * elt.
+    q [B, Hq, D]; kv_layer [NB, 2, bs, Hk, D] (strided view of the whole cache is fine; fp8
+    is read as K * k_scale, V * v_scale); block_tables [B, max_blocks] int32; seq_lens [B]
+    int32 (>= 1, already cached). Returns [B, Hq, D] in q's dtype; fp32 softmax and
+    accumulation. Bytes moved: sum(seq_lens) * Hk * D * 2 * kv elt + 2 * B * Hq * D * elt.
     """
     require_triton("paged_decode_attention")
     check_attention_shapes("paged_decode_attention", q, kv_layer)
     plan = decode_plan(q.shape[0], kv_layer.shape[3], block_tables.shape[1] * kv_layer.shape[2])
-    return _launch_decode(q, kv_layer, block_tables, seq_lens, scale, plan)
+    return _launch_decode(q, kv_layer, block_tables, seq_lens, scale, plan, k_scale, v_scale)
 
 
 def _launch_decode(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
-                   seq_lens: torch.Tensor, scale: float, plan: DecodePlan) -> torch.Tensor:
+                   seq_lens: torch.Tensor, scale: float, plan: DecodePlan,
+                   k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """Run the decode kernels with an explicit plan (tests force splits through this)."""
     bsz, num_q_heads, head_dim = q.shape
     num_kv_heads = kv_layer.shape[3]
@@ -214,14 +234,16 @@ def _launch_decode(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.
     part_acc = torch.empty(*shape, head_dim, dtype=torch.float32, device=q.device)
     part_ml = torch.empty(*shape, 2, dtype=torch.float32, device=q.device)
     block_d = max(16, next_power_of_2(head_dim))
+    fp8 = is_fp8(kv_layer.dtype)
     _paged_decode_attention_kernel[(bsz, num_kv_heads, plan.num_splits)](
-        q, kv_layer, block_tables, seq_lens, out, part_acc, part_ml, scale * LOG2_E,
-        plan.split_tokens, plan.num_splits, q.stride(0), q.stride(1), *kv_strides(kv_layer),
+        q, kv_layer, block_tables, seq_lens, out, part_acc, part_ml,
+        scale * (k_scale if fp8 else 1.0) * LOG2_E, v_scale, plan.split_tokens,
+        plan.num_splits, q.stride(0), q.stride(1), *kv_strides(kv_layer),
         block_tables.stride(0), num_q_heads * head_dim, GROUP=group,
         GROUP_PAD=max(16, next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         KV_BLOCK_SIZE=kv_layer.shape[2], BLOCK_N=plan.block_n, DIRECT=direct,
-        UPCAST_DOT=interpreter_upcasts_dot(kv_layer.dtype), num_warps=plan.num_warps,
-        num_stages=plan.num_stages)
+        UPCAST_DOT=interpreter_upcasts_dot(q.dtype if fp8 else kv_layer.dtype), KV_FP8=fp8,
+        num_warps=plan.num_warps, num_stages=plan.num_stages)
     if not direct:
         _paged_decode_reduce_kernel[(bsz, num_q_heads)](
             part_acc, part_ml, seq_lens, out, plan.split_tokens, plan.num_splits,
@@ -230,11 +252,12 @@ def _launch_decode(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.
     return out
 
 
-def _decode_signature() -> dict[str, str]:
-    """Non-constexpr parameters of the attention kernel, typed as at real bf16 shapes."""
-    sig = {"q_ptr": "*bf16", "kv_ptr": "*bf16", "block_tables_ptr": "*i32",
+def _decode_signature(cache: str = "*bf16") -> dict[str, str]:
+    """Non-constexpr parameters of the attention kernel, typed as at real bf16 shapes (the
+    cache bf16 or fp8)."""
+    sig = {"q_ptr": "*bf16", "kv_ptr": cache, "block_tables_ptr": "*i32",
            "seq_lens_ptr": "*i32", "out_ptr": "*bf16", "part_acc_ptr": "*fp32",
-           "part_ml_ptr": "*fp32", "qk_scale_log2": "fp32"}
+           "part_ml_ptr": "*fp32", "qk_scale_log2": "fp32", "v_scale": "fp32"}
     ints = ("split_tokens", "num_splits", "stride_q_seq", "stride_q_head", "stride_kv_block",
             "stride_kv_kv", "stride_kv_tok", "stride_kv_head", "stride_table_seq",
             "stride_out_seq")
@@ -242,22 +265,25 @@ def _decode_signature() -> dict[str, str]:
 
 
 def aot_specs(arch: str) -> list[KernelSpec]:
-    """bf16, head_dim 128, block size 16, GROUP 4 and 8; direct and split; and the reduce."""
+    """bf16, head_dim 128, block size 16, GROUP 4 and 8; direct and split; the fp8 cache at
+    GROUP 8, split; and the reduce."""
     plan = decode_plan(64, 8, 4096, arch)
     aligned = ("split_tokens", "stride_q_seq", "stride_q_head", "stride_kv_block",
                "stride_kv_kv", "stride_kv_tok", "stride_kv_head", "stride_out_seq")
     specs = []
-    for group in (4, 8):
-        for direct in (True, False):
-            constexprs = {"GROUP": group, "GROUP_PAD": 16, "HEAD_DIM": 128, "BLOCK_D": 128,
-                          "KV_BLOCK_SIZE": 16, "BLOCK_N": plan.block_n, "DIRECT": direct,
-                          "UPCAST_DOT": False}
-            sig = _decode_signature() | {name: "constexpr" for name in constexprs}
-            mode = "direct" if direct else "split"
-            specs.append(KernelSpec(name=f"{KERNEL}[bf16,g{group},d128,bs16,{mode}]",
-                                    fn=_paged_decode_attention_kernel, signature=sig,
-                                    constexprs=constexprs, aligned=aligned,
-                                    num_warps=plan.num_warps, num_stages=plan.num_stages))
+    variants = [(group, direct, False) for group in (4, 8) for direct in (True, False)]
+    for group, direct, fp8 in [*variants, (8, False, True)]:
+        constexprs = {"GROUP": group, "GROUP_PAD": 16, "HEAD_DIM": 128, "BLOCK_D": 128,
+                      "KV_BLOCK_SIZE": 16, "BLOCK_N": plan.block_n, "DIRECT": direct,
+                      "UPCAST_DOT": False, "KV_FP8": fp8}
+        cache = f"*{TRITON_FP8[fp8_kv_dtype_for(arch)]}" if fp8 else "*bf16"
+        sig = _decode_signature(cache) | {name: "constexpr" for name in constexprs}
+        mode = "direct" if direct else "split"
+        kv = "fp8" if fp8 else "bf16"
+        specs.append(KernelSpec(name=f"{KERNEL}[{kv},g{group},d128,bs16,{mode}]",
+                                fn=_paged_decode_attention_kernel, signature=sig,
+                                constexprs=constexprs, aligned=aligned,
+                                num_warps=plan.num_warps, num_stages=plan.num_stages))
     reduce_sig = {"part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "seq_lens_ptr": "*i32",
                   "out_ptr": "*bf16", "split_tokens": "i32", "num_splits": "i32",
                   "stride_out_seq": "i32", "HEAD_DIM": "constexpr", "BLOCK_D": "constexpr"}

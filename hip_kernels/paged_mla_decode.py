@@ -21,6 +21,10 @@ contiguous masked run and no tile is padded to 512:
 Long contexts are split along the sequence (flash-decoding) and merged by the reduce kernel of
 paged_decode_attention (same partial layout: acc [B, H, splits, kv_lora_rank], (max, sum)
 [B, H, splits, 2] in the log2 domain); with one split the attention kernel writes the output.
+
+An fp8 cache (hip_kernels/kv_fp8.py) holds the latent with ONE per-layer scale for both halves
+(``kv_scale``, the layer's k_scale: the latent is one tensor). Tiles are upcast to q's dtype;
+kv_scale is folded into the softmax scale and into the output.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from hip_kernels.attention_tiles import LOG2_E, token_offsets
+from hip_kernels.kv_fp8 import TRITON_FP8, dequantize_ref, fp8_kv_dtype_for, is_fp8
 from hip_kernels.launch_config import KernelSpec, bucket, get_int, load_config
 from hip_kernels.paged_decode_attention import _paged_decode_reduce_kernel
 from hip_kernels.triton_compat import (
@@ -56,19 +61,21 @@ def gather_latents(kv_layer: torch.Tensor, block_table: torch.Tensor, seq_len: i
 
 
 def paged_mla_decode_ref(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
-                         seq_lens: torch.Tensor, scale: float, kv_lora_rank: int
-                         ) -> torch.Tensor:
+                         seq_lens: torch.Tensor, scale: float, kv_lora_rank: int,
+                         kv_scale: float = 1.0) -> torch.Tensor:
     """One query per sequence and head over its cached latents (absorbed MLA), in torch.
 
     q [B, H, D] in latent space; kv_layer [NB, 2, bs, 1, ceil(D / 2)]; block_tables
     [B, max_blocks] int32; seq_lens [B] int32 (>= 1, already cached). Returns
     [B, H, kv_lora_rank] in q's dtype: softmax(scale * q . latent) @ latent[:, :kv_lora_rank],
-    computed in fp32 (fp64 for fp64 inputs). One sequence at a time.
+    computed in fp32 (fp64 for fp64 inputs). One sequence at a time. An fp8 cache is read as
+    latent * kv_scale; other caches ignore it.
     """
     compute = torch.promote_types(q.dtype, torch.float32)
     out = q.new_empty(q.shape[0], q.shape[1], kv_lora_rank)
     for i, seq_len in enumerate(seq_lens.tolist()):
-        latent = gather_latents(kv_layer, block_tables[i], seq_len, q.shape[2]).to(compute)
+        latent = dequantize_ref(gather_latents(kv_layer, block_tables[i], seq_len, q.shape[2]),
+                                kv_scale, compute)
         scores = torch.einsum("hd,td->ht", q[i].to(compute), latent) * scale
         probs = torch.softmax(scores, dim=-1)
         out[i] = torch.einsum("ht,tr->hr", probs, latent[:, :kv_lora_rank]).to(q.dtype)
@@ -96,13 +103,16 @@ def _store_chunk(row_ptrs, row_mask, acc, FIRST: tl.constexpr, LO: tl.constexpr,
 @jit
 def _paged_mla_decode_kernel(
         q_ptr, kv_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
-        qk_scale_log2, split_tokens, num_splits, num_heads, stride_q_seq, stride_q_head,
-        stride_kv_block, stride_kv_half, stride_kv_tok, stride_table_seq,
+        qk_scale_log2, kv_scale, split_tokens, num_splits, num_heads, stride_q_seq,
+        stride_q_head, stride_kv_block, stride_kv_half, stride_kv_tok, stride_table_seq,
         LATENT_DIM: tl.constexpr, HALF: tl.constexpr, LORA_RANK: tl.constexpr,
         MAIN: tl.constexpr, TAIL: tl.constexpr, V_TAIL_OUT: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr,
-        DIRECT: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """Program (seq, head block, split): BLOCK_H heads over the positions of one split."""
+        DIRECT: tl.constexpr, UPCAST_DOT: tl.constexpr, KV_FP8: tl.constexpr):
+    """Program (seq, head block, split): BLOCK_H heads over the positions of one split.
+
+    KV_FP8: fp8 latent tiles upcast to q's dtype; kv_scale is inside qk_scale_log2 and scales
+    the output rows (unused otherwise)."""
     seq = tl.program_id(0).to(tl.int64)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -136,6 +146,9 @@ def _paged_mla_decode_kernel(
         k_tail = _load_chunk(k_rows, pos_mask, MAIN, TAIL, HALF)
         v_main = _load_chunk(k_rows + stride_kv_half, pos_mask, 0, MAIN, V_LEN)
         v_tail = _load_chunk(k_rows + stride_kv_half, pos_mask, MAIN, TAIL, V_LEN)
+        if KV_FP8:
+            k_main, k_tail = k_main.to(q_km.dtype), k_tail.to(q_km.dtype)
+            v_main, v_tail = v_main.to(q_km.dtype), v_tail.to(q_km.dtype)
         if UPCAST_DOT:
             k_main, k_tail = k_main.to(tl.float32), k_tail.to(tl.float32)
             v_main, v_tail = v_main.to(tl.float32), v_tail.to(tl.float32)
@@ -166,6 +179,8 @@ def _paged_mla_decode_kernel(
         rows = part_acc_ptr + part[:, None] * LORA_RANK
         tl.store(part_ml_ptr + part * 2, m_i, mask=head_mask)
         tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=head_mask)
+    if KV_FP8:
+        inv_l = inv_l * kv_scale
     _store_chunk(rows, head_mask, acc_km * inv_l[:, None], 0, 0, MAIN, HALF, LORA_RANK)
     _store_chunk(rows, head_mask, acc_kt * inv_l[:, None], 0, MAIN, TAIL, HALF, LORA_RANK)
     _store_chunk(rows, head_mask, acc_vm * inv_l[:, None], HALF, 0, MAIN, V_LEN, LORA_RANK)
@@ -240,24 +255,26 @@ def check_mla_shapes(q: torch.Tensor, kv_layer: torch.Tensor, kv_lora_rank: int)
 
 
 def paged_mla_decode(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
-                     seq_lens: torch.Tensor, scale: float, kv_lora_rank: int) -> torch.Tensor:
+                     seq_lens: torch.Tensor, scale: float, kv_lora_rank: int,
+                     kv_scale: float = 1.0) -> torch.Tensor:
     """Absorbed-MLA decode over the paged latent cache, as the reference (Triton).
 
     q [B, H, D]; kv_layer [NB, 2, bs, 1, ceil(D / 2)] (a strided view of the whole cache is
-    fine); block_tables [B, max_blocks] int32; seq_lens [B] int32 (>= 1, already cached).
-    Returns [B, H, kv_lora_rank] in q's dtype; fp32 softmax and accumulation.
-    Bytes moved: sum(seq_lens) * D * elt (latents, read once per head block) + B * H * (D +
-    kv_lora_rank) * elt. No host sync: CUDA-graph safe.
+    fine; fp8 is read as latent * kv_scale); block_tables [B, max_blocks] int32; seq_lens [B]
+    int32 (>= 1, already cached). Returns [B, H, kv_lora_rank] in q's dtype; fp32 softmax and
+    accumulation. Bytes moved: sum(seq_lens) * D * kv elt (latents, read once per head block)
+    + B * H * (D + kv_lora_rank) * elt. No host sync: CUDA-graph safe.
     """
     require_triton(KERNEL)
     check_mla_shapes(q, kv_layer, kv_lora_rank)
     plan = mla_decode_plan(q.shape[0], q.shape[1], block_tables.shape[1] * kv_layer.shape[2])
-    return _launch_mla_decode(q, kv_layer, block_tables, seq_lens, scale, kv_lora_rank, plan)
+    return _launch_mla_decode(q, kv_layer, block_tables, seq_lens, scale, kv_lora_rank, plan,
+                              kv_scale)
 
 
 def _launch_mla_decode(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
                        seq_lens: torch.Tensor, scale: float, kv_lora_rank: int,
-                       plan: MlaDecodePlan) -> torch.Tensor:
+                       plan: MlaDecodePlan, kv_scale: float = 1.0) -> torch.Tensor:
     """Run the kernels with an explicit plan (tests force splits through this)."""
     bsz, num_heads, latent_dim = q.shape
     half = kv_layer.shape[4]
@@ -271,15 +288,17 @@ def _launch_mla_decode(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: to
     part_ml = torch.empty(*shape, 2, dtype=torch.float32, device=q.device)
     main, tail = latent_chunks(half)
     grid = (bsz, cdiv(num_heads, plan.block_h), plan.num_splits)
+    fp8 = is_fp8(kv_layer.dtype)
     _paged_mla_decode_kernel[grid](
-        q, kv_layer, block_tables, seq_lens, out, part_acc, part_ml, scale * LOG2_E,
-        plan.split_tokens, plan.num_splits, num_heads, q.stride(0), q.stride(1),
+        q, kv_layer, block_tables, seq_lens, out, part_acc, part_ml,
+        scale * (kv_scale if fp8 else 1.0) * LOG2_E, kv_scale, plan.split_tokens,
+        plan.num_splits, num_heads, q.stride(0), q.stride(1),
         kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), block_tables.stride(0),
         LATENT_DIM=latent_dim, HALF=half, LORA_RANK=kv_lora_rank, MAIN=main, TAIL=tail,
         V_TAIL_OUT=kv_lora_rank > half + main, BLOCK_H=plan.block_h, BLOCK_N=plan.block_n,
         KV_BLOCK_SIZE=kv_layer.shape[2], DIRECT=direct,
-        UPCAST_DOT=interpreter_upcasts_dot(kv_layer.dtype), num_warps=plan.num_warps,
-        num_stages=plan.num_stages)
+        UPCAST_DOT=interpreter_upcasts_dot(q.dtype if fp8 else kv_layer.dtype), KV_FP8=fp8,
+        num_warps=plan.num_warps, num_stages=plan.num_stages)
     if not direct:
         _paged_decode_reduce_kernel[(bsz, num_heads)](
             part_acc, part_ml, seq_lens, out, plan.split_tokens, plan.num_splits,
@@ -288,11 +307,12 @@ def _launch_mla_decode(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: to
     return out
 
 
-def _kernel_signature() -> dict[str, str]:
-    """Non-constexpr parameters of the attention kernel, typed as at real bf16 shapes."""
-    sig = {"q_ptr": "*bf16", "kv_ptr": "*bf16", "block_tables_ptr": "*i32",
+def _kernel_signature(cache: str = "*bf16") -> dict[str, str]:
+    """Non-constexpr parameters of the attention kernel, typed as at real bf16 shapes (the
+    cache bf16 or fp8)."""
+    sig = {"q_ptr": "*bf16", "kv_ptr": cache, "block_tables_ptr": "*i32",
            "seq_lens_ptr": "*i32", "out_ptr": "*bf16", "part_acc_ptr": "*fp32",
-           "part_ml_ptr": "*fp32", "qk_scale_log2": "fp32"}
+           "part_ml_ptr": "*fp32", "qk_scale_log2": "fp32", "kv_scale": "fp32"}
     ints = ("split_tokens", "num_splits", "num_heads", "stride_q_seq", "stride_q_head",
             "stride_kv_block", "stride_kv_half", "stride_kv_tok", "stride_table_seq")
     return sig | {name: "i32" for name in ints}
@@ -300,25 +320,27 @@ def _kernel_signature() -> dict[str, str]:
 
 def aot_specs(arch: str) -> list[KernelSpec]:
     """DeepSeek shapes, bf16: D 576 (half 288), kv_lora_rank 512, block size 16, H 16 and
-    128; direct and split; and the reduce at kv_lora_rank 512."""
+    128; direct and split; the fp8 cache at H 128, split; and the reduce at kv_lora_rank 512."""
     aligned = ("split_tokens", "num_heads", "stride_q_seq", "stride_q_head", "stride_kv_block",
                "stride_kv_half", "stride_kv_tok")
     main, tail = latent_chunks(288)
     specs = []
-    for heads in (16, 128):
+    variants = [(heads, direct, False) for heads in (16, 128) for direct in (True, False)]
+    for heads, direct, fp8 in [*variants, (128, False, True)]:
         plan = mla_decode_plan(1, heads, 8192, arch)
-        for direct in (True, False):
-            constexprs = {"LATENT_DIM": 576, "HALF": 288, "LORA_RANK": 512, "MAIN": main,
-                          "TAIL": tail, "V_TAIL_OUT": False, "BLOCK_H": plan.block_h,
-                          "BLOCK_N": plan.block_n, "KV_BLOCK_SIZE": 16, "DIRECT": direct,
-                          "UPCAST_DOT": False}
-            sig = _kernel_signature() | {name: "constexpr" for name in constexprs}
-            mode = "direct" if direct else "split"
-            specs.append(KernelSpec(name=f"{KERNEL}[bf16,h{heads},d576,bs16,{mode}]",
-                                    fn=_paged_mla_decode_kernel, signature=sig,
-                                    constexprs=constexprs, aligned=aligned,
-                                    num_warps=plan.num_warps, num_stages=plan.num_stages,
-                                    launch={"block_h": plan.block_h}))
+        constexprs = {"LATENT_DIM": 576, "HALF": 288, "LORA_RANK": 512, "MAIN": main,
+                      "TAIL": tail, "V_TAIL_OUT": False, "BLOCK_H": plan.block_h,
+                      "BLOCK_N": plan.block_n, "KV_BLOCK_SIZE": 16, "DIRECT": direct,
+                      "UPCAST_DOT": False, "KV_FP8": fp8}
+        cache = f"*{TRITON_FP8[fp8_kv_dtype_for(arch)]}" if fp8 else "*bf16"
+        sig = _kernel_signature(cache) | {name: "constexpr" for name in constexprs}
+        mode = "direct" if direct else "split"
+        kv = "fp8" if fp8 else "bf16"
+        specs.append(KernelSpec(name=f"{KERNEL}[{kv},h{heads},d576,bs16,{mode}]",
+                                fn=_paged_mla_decode_kernel, signature=sig,
+                                constexprs=constexprs, aligned=aligned,
+                                num_warps=plan.num_warps, num_stages=plan.num_stages,
+                                launch={"block_h": plan.block_h}))
     reduce_sig = {"part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "seq_lens_ptr": "*i32",
                   "out_ptr": "*bf16", "split_tokens": "i32", "num_splits": "i32",
                   "stride_out_seq": "i32", "HEAD_DIM": "constexpr", "BLOCK_D": "constexpr"}

@@ -4,6 +4,9 @@ Program (q tile, kv head) takes BLOCK_Q query tokens x the GROUP q heads of one 
 the BLOCK_M rows of its score tile (row r = token r // GROUP, head r % GROUP), so K/V tiles
 are shared by the group. Tiles are numbered across the packed batch (a device-side prefix sum
 of per-sequence tile counts), so the grid is sized without a host sync.
+
+An fp8 cache (hip_kernels/kv_fp8.py) is upcast tile by tile to q's dtype; k_scale is folded
+into the softmax scale and v_scale into the output.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from hip_kernels.attention_tiles import (
     kv_strides,
     token_offsets,
 )
+from hip_kernels.kv_fp8 import TRITON_FP8, dequantize_ref, fp8_kv_dtype_for, is_fp8
 from hip_kernels.launch_config import KernelSpec, get_int, load_config
 from hip_kernels.triton_compat import (
     cdiv,
@@ -43,13 +47,15 @@ def _gather_kv(kv_layer: torch.Tensor, block_table: torch.Tensor, seq_len: int
 
 def paged_prefill_attention_ref(q: torch.Tensor, kv_layer: torch.Tensor,
                                 block_tables: torch.Tensor, query_start_loc: torch.Tensor,
-                                seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+                                seq_lens: torch.Tensor, scale: float, k_scale: float = 1.0,
+                                v_scale: float = 1.0) -> torch.Tensor:
     """Causal attention of a packed batch of query chunks over the paged cache.
 
     q [T, Hq, D] packs B sequences: sequence i owns rows query_start_loc[i]:query_start_loc[i+1]
     (int32 [B+1]); those rows are positions seq_lens[i]-n_i .. seq_lens[i]-1, where seq_lens [B]
     int32 counts cached prefix + this chunk, all already written into kv_layer. Covers prefill,
-    chunked prefill with a cached prefix, and decode (n_i = 1). Returns [T, Hq, D].
+    chunked prefill with a cached prefix, and decode (n_i = 1). Returns [T, Hq, D]. An fp8
+    cache is read as K * k_scale and V * v_scale; other caches ignore the scales.
     """
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = kv_layer.shape[3]
@@ -64,12 +70,13 @@ def paged_prefill_attention_ref(q: torch.Tensor, kv_layer: torch.Tensor,
             continue
         k, v = _gather_kv(kv_layer, block_tables[i], seq_len)
         qi = q[lo:hi].float().view(n, num_kv_heads, group, head_dim)
-        scores = torch.einsum("nhgd,thd->hgnt", qi, k.float()) * scale
+        scores = torch.einsum("nhgd,thd->hgnt", qi,
+                              dequantize_ref(k, k_scale, torch.float32)) * scale
         q_pos = torch.arange(seq_len - n, seq_len, device=q.device)
         k_pos = torch.arange(seq_len, device=q.device)
         scores.masked_fill_(k_pos[None, :] > q_pos[:, None], float("-inf"))
         probs = torch.softmax(scores, dim=-1)
-        oi = torch.einsum("hgnt,thd->nhgd", probs, v.float())
+        oi = torch.einsum("hgnt,thd->nhgd", probs, dequantize_ref(v, v_scale, torch.float32))
         out[lo:hi] = oi.reshape(n, num_q_heads, head_dim).to(q.dtype)
     return out
 
@@ -91,15 +98,17 @@ def _find_sequence(tile_starts_ptr, tile, num_seqs):
 @jit
 def _paged_prefill_attention_kernel(
         q_ptr, kv_ptr, block_tables_ptr, query_start_loc_ptr, seq_lens_ptr, tile_starts_ptr,
-        out_ptr, qk_scale_log2, num_seqs, stride_q_tok, stride_q_head, stride_kv_block,
-        stride_kv_kv, stride_kv_tok, stride_kv_head, stride_table_seq, stride_out_tok,
-        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        out_ptr, qk_scale_log2, v_scale, num_seqs, stride_q_tok, stride_q_head,
+        stride_kv_block, stride_kv_kv, stride_kv_tok, stride_kv_head, stride_table_seq,
+        stride_out_tok, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         KV_BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr):
+        BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr, KV_FP8: tl.constexpr):
     """Program (q tile, kv head): BLOCK_Q query tokens x GROUP heads, causal over the cache.
 
     Tiles are numbered across the whole packed batch: sequence i owns tiles
     tile_starts[i] .. tile_starts[i+1]-1, so no host sync is needed to size the grid.
+    KV_FP8: fp8 K/V tiles upcast to q's dtype, k_scale inside qk_scale_log2, v_scale applied
+    to the output (unused otherwise).
     """
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -119,7 +128,9 @@ def _paged_prefill_attention_kernel(
     q_mask = row_mask[:, None] & (dims < HEAD_DIM)[None, :]
     q_rows = (q_start + q_idx).to(tl.int64)
     q = tl.load(q_ptr + q_rows[:, None] * stride_q_tok + heads[:, None] * stride_q_head
-                + dims[None, :], mask=q_mask, other=0.0).to(kv_ptr.dtype.element_ty)
+                + dims[None, :], mask=q_mask, other=0.0)
+    if not KV_FP8:
+        q = q.to(kv_ptr.dtype.element_ty)
     if UPCAST_DOT:
         q = q.to(tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -138,9 +149,14 @@ def _paged_prefill_attention_kernel(
         tile_mask = pos_mask[:, None] & (dims < HEAD_DIM)[None, :]
         k = tl.load(ptrs, mask=tile_mask, other=0.0)
         v = tl.load(ptrs + stride_kv_kv, mask=tile_mask, other=0.0)
+        if KV_FP8:
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
         visible = pos_mask[None, :] & (positions[None, :] <= q_pos[:, None])
         m_i, l_i, acc = attend_tile(q, k, v, visible, m_i, l_i, acc, qk_scale_log2, UPCAST_DOT)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    if KV_FP8:
+        out = out * v_scale
     out_ptrs = (out_ptr + q_rows[:, None] * stride_out_tok + heads[:, None] * HEAD_DIM
                 + dims[None, :])
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=q_mask)
@@ -156,13 +172,15 @@ def _prefill_blocks(group: int, arch: str | None) -> tuple[int, int, int, int, i
 
 def paged_prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
                             query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
-                            scale: float) -> torch.Tensor:
+                            scale: float, k_scale: float = 1.0,
+                            v_scale: float = 1.0) -> torch.Tensor:
     """Causal attention of packed query chunks over the paged cache, as the reference.
 
     q [T, Hq, D] packs B sequences by query_start_loc [B+1] int32; seq_lens [B] int32 counts
-    cached prefix + chunk, all already in kv_layer [NB, 2, bs, Hk, D]. Covers prefill, chunked
-    prefill and decode. Returns [T, Hq, D] in q's dtype. No host sync.
-    Bytes moved (at least): 2 * T * Hq * D * elt + sum(seq_lens) * Hk * D * 2 * elt.
+    cached prefix + chunk, all already in kv_layer [NB, 2, bs, Hk, D] (fp8: read as
+    K * k_scale, V * v_scale). Covers prefill, chunked prefill and decode. Returns [T, Hq, D]
+    in q's dtype. No host sync.
+    Bytes moved (at least): 2 * T * Hq * D * elt + sum(seq_lens) * Hk * D * 2 * kv elt.
     """
     require_triton("paged_prefill_attention")
     group = check_attention_shapes("paged_prefill_attention", q, kv_layer)
@@ -178,34 +196,39 @@ def paged_prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_table
     tile_starts[1:] = torch.cumsum(torch.div(q_lens + block_q - 1, block_q,
                                              rounding_mode="floor"), 0)
     grid = (cdiv(num_tokens, block_q) + num_seqs, kv_layer.shape[3])
+    fp8 = is_fp8(kv_layer.dtype)
     _paged_prefill_attention_kernel[grid](
-        q, kv_layer, block_tables, query_start_loc, seq_lens, tile_starts, out, scale * LOG2_E,
-        num_seqs, q.stride(0), q.stride(1), *kv_strides(kv_layer), block_tables.stride(0),
-        num_q_heads * head_dim, GROUP=group, HEAD_DIM=head_dim,
-        BLOCK_D=max(16, next_power_of_2(head_dim)), KV_BLOCK_SIZE=kv_layer.shape[2],
-        BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n,
-        UPCAST_DOT=interpreter_upcasts_dot(kv_layer.dtype), num_warps=num_warps,
-        num_stages=num_stages)
+        q, kv_layer, block_tables, query_start_loc, seq_lens, tile_starts, out,
+        scale * (k_scale if fp8 else 1.0) * LOG2_E, v_scale, num_seqs, q.stride(0),
+        q.stride(1), *kv_strides(kv_layer), block_tables.stride(0), num_q_heads * head_dim,
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=max(16, next_power_of_2(head_dim)),
+        KV_BLOCK_SIZE=kv_layer.shape[2], BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n,
+        UPCAST_DOT=interpreter_upcasts_dot(q.dtype if fp8 else kv_layer.dtype), KV_FP8=fp8,
+        num_warps=num_warps, num_stages=num_stages)
     return out
 
 
 def aot_specs(arch: str) -> list[KernelSpec]:
-    """bf16, head_dim 128, block size 16: Llama-3-8B (GROUP 4) and Llama-3-70B (GROUP 8)."""
+    """bf16, head_dim 128, block size 16: Llama-3-8B (GROUP 4) and Llama-3-70B (GROUP 8);
+    and GROUP 8 over an fp8 cache."""
     specs = []
-    for group in (4, 8):
+    for group, fp8 in ((4, False), (8, False), (8, True)):
         block_m, block_q, block_n, num_warps, num_stages = _prefill_blocks(group, arch)
-        sig = {"q_ptr": "*bf16", "kv_ptr": "*bf16", "block_tables_ptr": "*i32",
+        cache = f"*{TRITON_FP8[fp8_kv_dtype_for(arch)]}" if fp8 else "*bf16"
+        sig = {"q_ptr": "*bf16", "kv_ptr": cache, "block_tables_ptr": "*i32",
                "query_start_loc_ptr": "*i32", "seq_lens_ptr": "*i32", "tile_starts_ptr": "*i32",
-               "out_ptr": "*bf16", "qk_scale_log2": "fp32", "num_seqs": "i32",
-               "stride_q_tok": "i32", "stride_q_head": "i32", "stride_kv_block": "i32",
+               "out_ptr": "*bf16", "qk_scale_log2": "fp32", "v_scale": "fp32",
+               "num_seqs": "i32", "stride_q_tok": "i32", "stride_q_head": "i32",
+               "stride_kv_block": "i32",
                "stride_kv_kv": "i32", "stride_kv_tok": "i32", "stride_kv_head": "i32",
                "stride_table_seq": "i32", "stride_out_tok": "i32"}
         constexprs = {"GROUP": group, "HEAD_DIM": 128, "BLOCK_D": 128, "KV_BLOCK_SIZE": 16,
                       "BLOCK_Q": block_q, "BLOCK_M": block_m, "BLOCK_N": block_n,
-                      "UPCAST_DOT": False}
+                      "UPCAST_DOT": False, "KV_FP8": fp8}
         sig.update({name: "constexpr" for name in constexprs})
         aligned = tuple(n for n in sig if n.startswith("stride") and n != "stride_table_seq")
-        specs.append(KernelSpec(name=f"{KERNEL}[bf16,g{group},d128,bs16]",
+        kv = "fp8" if fp8 else "bf16"
+        specs.append(KernelSpec(name=f"{KERNEL}[{kv},g{group},d128,bs16]",
                                 fn=_paged_prefill_attention_kernel, signature=sig,
                                 constexprs=constexprs, aligned=aligned, num_warps=num_warps,
                                 num_stages=num_stages))

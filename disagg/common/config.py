@@ -23,6 +23,9 @@ class ModelConfig:
     """Name the API reports and accepts in the ``model`` field."""
     dtype: str = "auto"
     """auto | float32 | bfloat16 | float16 (auto: float32 on CPU, bfloat16 on GPU)."""
+    quantization: str | None = None
+    """None (the checkpoint's own: fp8 when its config.json says so) | fp8 (fp8 weights with
+    128 x 128 block scales, quantized at load; disagg/models/quant.py)."""
     device: str = "auto"
     """auto | cpu | cuda (cuda means any torch GPU, ROCm included)."""
     load_format: str = "auto"
@@ -31,6 +34,15 @@ class ModelConfig:
     """Seed for dummy weights and for requests without their own seed."""
     max_model_len: int | None = None
     """Requested context length; None = the model's own, -1 = auto-fit to the KV cache."""
+
+    def __post_init__(self) -> None:
+        if self.quantization not in (None, "fp8"):
+            raise ConfigError(f"--quantization {self.quantization!r} is not supported "
+                              "(supported: fp8)")
+
+
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+"""Values of --kv-cache-dtype; fp8 and fp8_e4m3 are the same cache (e4m3, fnuz on gfx94x)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -47,6 +59,13 @@ class CacheConfig:
     """Use exactly this many blocks; replaces the measured budget before auto-fit and checks."""
     enable_prefix_caching: bool = True
     """Keep full blocks of computed prefixes for reuse until evicted (vLLM's APC)."""
+    kv_cache_dtype: str = "auto"
+    """auto (the model's dtype) | fp8 | fp8_e4m3 (e4m3 with per-layer K/V scales; vLLM's name)."""
+
+    def __post_init__(self) -> None:
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"--kv-cache-dtype {self.kv_cache_dtype!r} is not one of "
+                              f"{', '.join(KV_CACHE_DTYPES)}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -78,3 +78,11 @@ def visible_devices_env() -> str:
     """The variable that selects GPUs for a child process on this platform."""
     return "HIP_VISIBLE_DEVICES" if current_platform().kind is PlatformKind.ROCM \
         else "CUDA_VISIBLE_DEVICES"
+
+
+def fp8_dtype() -> torch.dtype:
+    """The e4m3 fp8 dtype this platform's hardware computes in: ``float8_e4m3fnuz`` on
+    MI300-class ROCm GPUs (gfx94x), the OCP ``float8_e4m3fn`` everywhere else (gfx950, NVIDIA,
+    CPU)."""
+    arch = current_platform().arch or ""
+    return torch.float8_e4m3fnuz if arch.startswith("gfx94") else torch.float8_e4m3fn

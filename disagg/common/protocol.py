@@ -51,6 +51,9 @@ class EngineCoreReadyResponse(msgspec.Struct, tag="ready", kw_only=True):
     kv_mode: str | None = None
     tp_size: int = 1
     """Tensor-parallel ranks behind this engine core (the KV sizing is the min over them)."""
+    kv_cache_dtype: str | None = None
+    """Element dtype of the KV cache (``float8_e4m3fn`` with --kv-cache-dtype fp8); None from
+    an engine that predates it: the cache is in ``dtype``."""
 
 
 class EngineCoreStartupError(msgspec.Struct, tag="startup_error"):

@@ -26,6 +26,7 @@ from disagg.common.protocol import (
 from disagg.common.version import __version__
 from disagg.engine.kv_cache import BlockPool, model_seed
 from disagg.engine.kv_connector import create_connector, supports_tensor_parallel
+from disagg.engine.kv_quant import KVCacheSpec
 from disagg.engine.kv_sizing import KVPlan, plan_kv_cache
 from disagg.engine.model_runner import ModelRunner, resolve_device, resolve_dtype
 from disagg.engine.request import FINISH_REASONS, Request, RequestStatus
@@ -105,8 +106,9 @@ class EngineCore:
         """Requests that arrived while paused: known to the scheduler's table (so aborts and
         connector failures find them) but queued only by release_held() at resume."""
         self.num_requests_total = 0
-        logger.info("KV cache: %d blocks x %d tokens (%d bytes/block%s), max_model_len=%d%s",
-                    self.plan.num_blocks, cfg.cache.block_size, block_bytes,
+        logger.info("KV cache: %d blocks x %d tokens (%s, %d bytes/block%s), "
+                    "max_model_len=%d%s", self.plan.num_blocks, cfg.cache.block_size,
+                    self.runner.kv_spec.describe(), block_bytes,
                     f" on each of {tp.size} TP ranks" if tp else "",
                     self.plan.max_model_len, " (auto-fitted)" if self.plan.auto_fitted else "")
 
@@ -119,6 +121,11 @@ class EngineCore:
                               "(make_rank_worker): it cannot move the KV of "
                               "--tensor-parallel-size > 1")
         return create_connector(kt, self, kv_cache)
+
+    @property
+    def kv_spec(self) -> KVCacheSpec:
+        """The KV cache's dtype and fp8 scales (what the connector handshake advertises)."""
+        return self.runner.kv_spec
 
     @property
     def max_model_len(self) -> int:
@@ -139,7 +146,8 @@ class EngineCore:
             engine_id=self.engine_id, device=str(self.device), model=self.cfg.model.model,
             kv_host=c.host if c else None, kv_handshake_port=c.handshake_port if c else None,
             kv_notify_port=c.notify_port if c else None, kv_mode=c.mode if c else None,
-            tp_size=self.cfg.parallel.tensor_parallel_size)
+            tp_size=self.cfg.parallel.tensor_parallel_size,
+            kv_cache_dtype=self.kv_spec.dtype_name)
 
     def add_request(self, msg: EngineCoreRequest, hold: bool = False) -> str | None:
         """Queue (or, while paused, hold) a request; returns an error string instead if it

@@ -206,6 +206,23 @@ def create_connector(cfg: KVTransferConfig, engine: Any, kv_cache: torch.Tensor)
     return factory(cfg, engine, kv_cache)
 
 
+def check_connector_config(cfg: KVTransferConfig, data_parallel_size: int = 1,
+                           tensor_parallel_size: int = 1) -> None:
+    """Resolve ``cfg.kv_connector`` and let it check its options (a ``check_config(cfg,
+    data_parallel_size, tensor_parallel_size)`` static method, when it has one) before the
+    instance loads anything: a typo or a bad value is one ConfigError at start, not an error
+    after minutes of weight loading."""
+    if cfg.kv_connector is None:
+        return
+    try:
+        factory = resolve_connector(cfg.kv_connector)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    check = getattr(factory, "check_config", None)
+    if check is not None:
+        check(cfg, data_parallel_size, tensor_parallel_size)
+
+
 def supports_tensor_parallel(cfg: KVTransferConfig) -> bool:
     """Whether ``cfg.kv_connector`` has a per-rank half (``make_rank_worker``)."""
     assert cfg.kv_connector is not None

@@ -2,6 +2,8 @@
 
     bytes_per_block = num_layers * 2 (K,V) * block_size * num_kv_heads * head_dim * dtype bytes
                     = the real stride of one block in the cache tensor (blocks outermost)
+    dtype bytes     = the cache's element size: 1 with --kv-cache-dtype fp8 (twice the blocks
+                      of a bf16 cache in the same memory), else the model dtype's
 
     available = N * bytes_per_block            if --num-gpu-blocks-override N
               = measured/explicit KV budget    otherwise

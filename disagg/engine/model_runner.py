@@ -17,6 +17,7 @@ from disagg.common import envs, platform
 from disagg.common.config import ConfigError, EngineConfig
 from disagg.common.protocol import TokenLogprob
 from disagg.engine.cuda_graphs import DecodeGraphs
+from disagg.engine.kv_quant import KVCacheSpec, apply_kv_scales, kv_cache_spec
 from disagg.engine.sampler import Sampler
 from disagg.engine.scheduler import ScheduledChunk, SchedulerOutput
 from disagg.models.arch import ArchConfig
@@ -89,6 +90,10 @@ class ModelRunner:
         self.model = load_model(cfg.model, arch, self.ops, device, dtype, max_positions,
                                 self.tp, ep)
         self.sampler = Sampler(device, cfg.model.seed)
+        self.kv_spec: KVCacheSpec = kv_cache_spec(cfg.cache.kv_cache_dtype, dtype, arch,
+                                                  cfg.model.model)
+        """The cache's element dtype (the model's, or fp8) and per-layer scales."""
+        apply_kv_scales(self.model, self.kv_spec)
         self.kv_cache: torch.Tensor | None = None
         self.block_size = cfg.cache.block_size
         self.graphs: DecodeGraphs | None = None
@@ -101,16 +106,18 @@ class ModelRunner:
         return int(getattr(self.model, "num_local_kv_heads", self.arch.num_kv_heads))
 
     def block_bytes(self) -> int:
-        """Bytes of one block of this rank's cache (all layers, K and V, its KV heads)."""
+        """Bytes of one block of this rank's cache (all layers, K and V, its KV heads) in the
+        cache's dtype: an fp8 cache's blocks are half a bf16 one's."""
         a = self.arch
         return a.num_layers * 2 * self.block_size * self.num_kv_heads * a.head_dim \
-            * self.dtype.itemsize
+            * self.kv_spec.dtype.itemsize
 
     def allocate_kv_cache(self, num_blocks: int) -> torch.Tensor:
-        """[num_blocks, layers, 2, block_size, kv_heads of this rank, head_dim], zero-filled."""
+        """[num_blocks, layers, 2, block_size, kv_heads of this rank, head_dim], zero-filled,
+        in the cache dtype (kv_spec)."""
         a = self.arch
         self.kv_cache = torch.zeros(num_blocks, a.num_layers, 2, self.block_size,
-                                    self.num_kv_heads, a.head_dim, dtype=self.dtype,
+                                    self.num_kv_heads, a.head_dim, dtype=self.kv_spec.dtype,
                                     device=self.device)
         return self.kv_cache
 

@@ -72,6 +72,20 @@ class MoEArch:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class QuantArch:
+    """The checkpoint's ``quantization_config``: fp8 (e4m3) weights with fp32 scales (see
+    disagg/models/quant.py)."""
+
+    method: str
+    """fp8 (the only one supported)."""
+    weight_block_size: tuple[int, int] | None
+    """(128, 128): DeepSeek-V3-style block scales (``*.weight_scale_inv``); None: one scale
+    per tensor (``*.weight_scale``)."""
+    activation_scheme: str = "dynamic"
+    """dynamic | static; activations are not quantized here, so it changes nothing."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ArchConfig:
     """What the Llama-family model code needs to build layers."""
 
@@ -101,6 +115,8 @@ class ArchConfig:
     """Latent attention; then the cache has one "KV head" whose K and V halves hold the two
     halves of the latent (``head_dim`` = half the latent, rounded up), so a block is exactly
     layers x block_size x latent (plus one pad element when the latent is odd)."""
+    quant: QuantArch | None = None
+    """The checkpoint's weight quantization; None: weights in a float dtype."""
 
     @property
     def kv_bytes_per_token_per_elt(self) -> int:
@@ -147,7 +163,34 @@ def arch_from_hf_dict(cfg: dict[str, Any]) -> ArchConfig:
         eos_token_id=cfg.get("eos_token_id"),
         moe=moe_arch_from_hf_dict(cfg),
         mla=mla,
+        quant=quant_arch_from_hf_dict(cfg),
     )
+
+
+def quant_arch_from_hf_dict(cfg: dict[str, Any]) -> QuantArch | None:
+    """The ``quantization_config`` of a config.json; None without one. Anything but fp8 e4m3
+    with per-tensor or 128 x 128 block scales is a ConfigError."""
+    q = cfg.get("quantization_config")
+    if q is None:
+        return None
+    if not isinstance(q, dict):
+        raise ConfigError("config.json quantization_config must be an object")
+    method = q.get("quant_method")
+    if method != "fp8":
+        raise ConfigError(f"quantization_config quant_method {method!r} is not supported "
+                          "(supported: fp8)")
+    if q.get("fmt", "e4m3") != "e4m3":
+        raise ConfigError(f"fp8 format {q['fmt']!r} is not supported (supported: e4m3)")
+    block = q.get("weight_block_size")
+    if block is not None and list(block) != [128, 128]:
+        raise ConfigError(f"fp8 weight_block_size {block} is not supported (supported: "
+                          "[128, 128], or none for per-tensor scales)")
+    scheme = q.get("activation_scheme", "dynamic")
+    if scheme not in ("dynamic", "static"):
+        raise ConfigError(f"fp8 activation_scheme {scheme!r} is not supported "
+                          "(supported: dynamic, static)")
+    return QuantArch(method=method, weight_block_size=(128, 128) if block else None,
+                     activation_scheme=scheme)
 
 
 def mla_arch_from_hf_dict(cfg: dict[str, Any],

@@ -33,6 +33,13 @@ from disagg.models.parallel import (
     VocabParallelEmbedding,
     kv_head_range,
 )
+from disagg.models.quant import (
+    dequantize_unkept,
+    expand_scale_rows,
+    is_fp8,
+    quantize_rows,
+    scale_weight_name,
+)
 
 
 class Attention(nn.Module):
@@ -52,6 +59,8 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, arch.rms_norm_eps, ops) if arch.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, arch.rms_norm_eps, ops) if arch.qk_norm else None
         self.scale = self.head_dim ** -0.5
+        self.k_scale = self.v_scale = 1.0
+        """An fp8 cache's scales of this layer (disagg/engine/kv_quant.py sets them)."""
         self.ops = ops
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,
@@ -67,16 +76,18 @@ class Attention(nn.Module):
             k = self.k_norm(k.reshape(-1, self.head_dim)).view_as(k)
         q, k = self.ops.rotary_embedding(positions, q, k, cos_sin)
         kv_layer = kv_cache[:, self.layer_idx]
-        self.ops.reshape_and_cache(k, v, kv_layer, attn.slot_mapping)
+        self.ops.reshape_and_cache(k, v, kv_layer, attn.slot_mapping, self.k_scale,
+                                   self.v_scale)
         if attn.layer_hook is not None:
             attn.layer_hook(self.layer_idx)
         if attn.decode_only:
             out = self.ops.paged_decode_attention(q, kv_layer, attn.block_tables,
-                                                  attn.seq_lens, self.scale)
+                                                  attn.seq_lens, self.scale, self.k_scale,
+                                                  self.v_scale)
         else:
             out = self.ops.paged_prefill_attention(q, kv_layer, attn.block_tables,
                                                    attn.query_start_loc, attn.seq_lens,
-                                                   self.scale)
+                                                   self.scale, self.k_scale, self.v_scale)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 
@@ -101,7 +112,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, arch: ArchConfig, layer_idx: int, ops: Ops, tp: TPContext,
                  ep: EPContext) -> None:
         super().__init__()
-        self.self_attn: nn.Module = MLAttention(arch, layer_idx, ops) \
+        self.self_attn: nn.Module = MLAttention(arch, layer_idx, ops, tp) \
             if arch.mla is not None else Attention(arch, layer_idx, ops, tp)
         self.mlp: nn.Module = SparseMoeBlock(arch, ops, tp, ep) \
             if arch.moe is not None and layer_idx in arch.moe.layers else MLP(arch, ops, tp)
@@ -178,11 +189,19 @@ class LlamaForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy full Hugging Face-named tensors in, fusing q/k/v and gate/up and keeping this
-        rank's shard of each. Returns loaded names."""
+        rank's shard of each. fp8 weights and their scales fill fp8 layers (quant.py); where a
+        layer is not fp8 they arrive dequantized, where only the layer is they are quantized
+        per row. Returns loaded names."""
         params = {**dict(self.named_parameters()), **dict(self.named_buffers())}
+        fused = self.arch.mla is None
+
+        def keep_fp8(hf_name: str) -> bool:
+            name = _map_hf_name(hf_name, fused_qkv=fused)[0]
+            return name is None or name not in params or is_fp8(params[name])
+
         loaded: set[str] = set()
-        for hf_name, tensor in weights:
-            name, shard = _map_hf_name(hf_name, fused_qkv=self.arch.mla is None)
+        for hf_name, tensor in dequantize_unkept(weights, keep_fp8):
+            name, shard = _map_hf_name(hf_name, fused_qkv=fused)
             if name is None or name not in params:
                 continue
             loaded.add(f"{name}:{shard}" if shard else name)
@@ -194,10 +213,30 @@ class LlamaForCausalLM(nn.Module):
                     continue  # held by another expert-parallel rank
                 target, shard = target[local], which
             offset, size = self._shard_range(target, shard)
+            if name.endswith(".weight_scale"):
+                tensor = expand_scale_rows(tensor, self._full_rows(name.removesuffix(
+                    "_scale"), shard, size))
             part = self._rank_slice(name, shard, tensor)
+            if is_fp8(target) and not is_fp8(part):  # a layer the checkpoint left unquantized
+                scale = params[name + "_scale"].data
+                part, part_scale = quantize_rows(part, scale.shape[1], target.dtype)
+                with torch.no_grad():
+                    scale[offset:offset + size].copy_(part_scale)
+                loaded.add(f"{name}_scale:{shard}" if shard else f"{name}_scale")
             with torch.no_grad():
                 target[offset:offset + size].copy_(part.to(target.dtype))
         return loaded
+
+    def _full_rows(self, name: str, shard: str | None, size: int) -> int:
+        """Rows of the full checkpoint tensor whose shard fills ``size`` rows here."""
+        if shard in ("k", "v"):
+            return self.arch.num_kv_heads * self.arch.head_dim
+        split = shard in ("q", "gate", "up") or self._mla_head_rows(name)
+        return size * self.tp.size if split else size
+
+    def _mla_head_rows(self, weight_name: str) -> bool:
+        """Whether ``weight_name`` is one of latent attention's per-head projections."""
+        return self.arch.mla is not None and weight_name.endswith(_MLA_HEAD_ROWS)
 
     def _expert_start(self, name: str) -> int:
         """First global expert held by this rank in the layer ``name`` belongs to."""
@@ -209,23 +248,30 @@ class LlamaForCausalLM(nn.Module):
         """This rank's part of a full Hugging Face tensor (``full`` itself without TP).
 
         q: rows of the local q heads; k/v: rows of the local KV heads (replicated ones too);
+        latent attention's q, q_b and kv_b: rows of the local heads (its latent projection is
+        replicated);
         gate/up (dense, shared or routed expert): rows of the local intermediate slice;
         o_proj/down_proj (experts' down too): the matching input columns; embed/lm_head: the
-        rank's vocab rows, padding rows zero; norms, router: the whole tensor.
+        rank's vocab rows, padding rows zero; norms, router: the whole tensor. An fp8 scale
+        (expanded to a row per weight row) follows its weight: the same rows, its 128-column
+        blocks of a split K (quant.prepare_fp8_ checked they align), or all of a per-tensor one.
         """
         tp, a = self.tp, self.arch
         if tp.size == 1:
             return full
+        weight_name = name.removesuffix("_scale")  # an fp8 scale: rows follow its weight's
         d = a.head_dim
         if shard == "q":
             rows = a.num_heads // tp.size * d
             return full.narrow(0, tp.rank * rows, rows)
         if shard in ("k", "v"):
             return full.narrow(0, self.kv_head_start * d, self.num_local_kv_heads * d)
-        if shard in ("gate", "up"):
+        if shard in ("gate", "up") or self._mla_head_rows(weight_name):
             rows = full.shape[0] // tp.size
             return full.narrow(0, tp.rank * rows, rows)
-        if shard == "down" or name.endswith(("o_proj.weight", "down_proj.weight")):
+        if shard == "down" or weight_name.endswith(("o_proj.weight", "down_proj.weight")):
+            if weight_name != name and full.shape[1] == 1:
+                return full  # one scale for all of K
             cols = full.shape[1] // tp.size
             return full.narrow(1, tp.rank * cols, cols)
         if name in ("embed_tokens.weight", "lm_head.weight"):
@@ -247,6 +293,10 @@ class LlamaForCausalLM(nn.Module):
         return table[shard]
 
 
+_MLA_HEAD_ROWS = ("self_attn.q_proj.weight", "self_attn.q_b_proj.weight",
+                  "self_attn.kv_b_proj.weight")
+"""Latent attention's per-head projections (rows grouped by head), split by TP rank."""
+
 _EXPERT_PROJ = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down",
                 "w1": "gate", "w3": "up", "w2": "down"}
 
@@ -254,7 +304,12 @@ _EXPERT_PROJ = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down",
 def _map_hf_name(hf_name: str, fused_qkv: bool = True) -> tuple[str | None, str | None]:
     """Hugging Face parameter name -> (our name, fused shard or None). A routed expert's
     tensor maps to its layer's stacked w13/w2 with shard ``expert:gate|up|down:<index>``;
-    latent attention (``fused_qkv`` False) keeps the checkpoint's projections as they are."""
+    latent attention (``fused_qkv`` False) keeps the checkpoint's projections as they are.
+    An fp8 scale (``x.weight_scale_inv`` or ``x.weight_scale``) maps to ``<x's name>_scale``."""
+    weight_name = scale_weight_name(hf_name)
+    if weight_name is not None:
+        name, shard = _map_hf_name(weight_name, fused_qkv)
+        return (None if name is None else f"{name}_scale"), shard
     name = hf_name.removeprefix("model.")
     if "rotary_emb" in name:
         return None, None

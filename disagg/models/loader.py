@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 import glob
+import logging
 import os
+from collections.abc import Iterable
 
 import torch
 
 from disagg.common.config import ConfigError, ModelConfig
-from disagg.models.arch import ArchConfig, arch_from_hf_dict, load_arch
+from disagg.models.arch import ArchConfig, QuantArch, arch_from_hf_dict, load_arch
 from disagg.models.builtin import builtin_hf_config, seeded_hf_state_dict
 from disagg.models.expert_parallel import EPContext
 from disagg.models.llama import LlamaForCausalLM
 from disagg.models.ops import Ops
 from disagg.models.parallel import TPContext, check_tp
+from disagg.models.quant import (
+    finalize_fp8_,
+    fp8_dtype_for,
+    is_fp8,
+    prepare_fp8_,
+    quantize_model_fp8_,
+)
+
+logger = logging.getLogger(__name__)
 
 
 def resolve_arch(model: str) -> ArchConfig:
@@ -128,7 +139,8 @@ def load_model(cfg: ModelConfig, arch: ArchConfig, ops: Ops, device: torch.devic
                tp: TPContext = TPContext(), ep: EPContext = EPContext()) -> LlamaForCausalLM:
     """Instantiate this rank's shard on ``device`` in ``dtype`` and load weights per
     ``cfg.load_format`` (every rank reads the full tensors and keeps its part: its TP slice,
-    its EP experts)."""
+    its EP experts). An fp8 checkpoint loads into fp8 layers; ``--quantization fp8`` (or dummy
+    weights for an fp8 config) quantizes the loaded weights instead (disagg/models/quant.py)."""
     check_tp(arch, tp.size)
     if arch.moe is not None:
         ep.expert_range(arch.moe.num_experts)  # a ConfigError unless they split evenly
@@ -140,20 +152,46 @@ def load_model(cfg: ModelConfig, arch: ArchConfig, ops: Ops, device: torch.devic
     for name, buf in model.named_buffers():
         if name.endswith("e_score_correction_bias"):  # routing choices need fp32
             buf.data = buf.data.float()
-    if cfg.load_format == "dummy" and not cfg.model.startswith("builtin:"):
-        _init_dummy_(model, cfg.seed)
+    builtin = cfg.model.startswith("builtin:")
+    fp8_dtype = fp8_dtype_for(device)
+    if arch.quant is not None and cfg.load_format != "dummy" and not builtin:
+        prepare_fp8_(model, arch.quant)  # an fp8 checkpoint loads into fp8 layers as it is
+        _load_checked(model, arch, _safetensor_weights(cfg.model))
+        finalize_fp8_(model, ops.fp8_gemm, fp8_dtype)
+        logger.info("fp8 weights from the checkpoint (%s scales)", _scales(arch.quant))
         return model.eval()
-    if cfg.model.startswith("builtin:"):
-        weights = builtin_state_dict(cfg.model, 0).items()
+    if cfg.load_format == "dummy" and not builtin:
+        _init_dummy_(model, cfg.seed)
     else:
-        weights = _safetensor_weights(cfg.model)
+        _load_checked(model, arch, builtin_state_dict(cfg.model, 0).items() if builtin
+                      else _safetensor_weights(cfg.model))
+    quant = arch.quant or (QuantArch(method="fp8", weight_block_size=(128, 128))
+                           if cfg.quantization == "fp8" else None)
+    if quant is not None:
+        quantize_model_fp8_(model, quant.weight_block_size, ops.fp8_gemm, fp8_dtype)
+        logger.info("fp8 weights quantized at load (%s scales)", _scales(quant))
+    return model.eval()
+
+
+def _scales(quant: QuantArch) -> str:
+    return "per-tensor" if quant.weight_block_size is None else "128x128 block"
+
+
+def _load_checked(model: LlamaForCausalLM, arch: ArchConfig,
+                  weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Load ``weights``; a ConfigError naming a few of those the checkpoint lacks (the
+    scales of fp8 layers included)."""
     loaded = model.load_weights(weights)
+    fp8 = {name for name, param in model.named_parameters() if is_fp8(param)}
     expected = _expected_loads(arch)
+    for key in list(expected):
+        name, sep, shard = key.partition(":")
+        if name in fp8:
+            expected.add(f"{name}_scale{sep}{shard}")
     missing = expected - loaded
     if missing:
         raise ConfigError(f"checkpoint is missing {len(missing)} weights, e.g. "
                           f"{sorted(missing)[:3]}")
-    return model.eval()
 
 
 @torch.no_grad()

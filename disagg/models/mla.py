@@ -16,18 +16,25 @@ block is exactly layers x block_size x latent elements (one pad element for an o
 transports, prefix caching and mixed-TP routing (one head, replicated) move it unchanged.
 
 Steps with prompt tokens gather each sequence's latents and up-project them to per-head K and
-V (the form transformers computes). Decode-only steps stay in latent space ("absorbed"): with
-W_kv_b split per head into W_UK [nope, L] and W_UV [v, L],
+V (the form transformers computes), then attend causally (ops.mla_prefill_attention: Triton on
+GPU; the rope key stays one vector per position, shared by the heads). Decode-only steps stay
+in latent space ("absorbed"): with W_kv_b split per head into W_UK [nope, L] and W_UV [v, L],
 
     q_lat_h = [q_nope,h W_UK,h | q_pe,h]                      [L + rope]
     o_lat_h = softmax(scale q_lat_h . latent_t) latent_t[:L]   ops.paged_mla_decode (Triton on GPU)
     o_h     = o_lat_h W_UV,h^T                                 [v]
 
 so a decode step reads each cached latent once for all heads and never up-projects the context.
-Tensor parallelism is not built yet.
+
+Tensor parallelism splits the heads: q (or q_b), kv_b and o_proj's input columns are sliced per
+rank, the latent projection (kv_a, its norm, q_a) is replicated, and so is the cache: every
+rank writes and reads the whole latent (one KV head, replicated as ``kv_head_range`` does when
+ranks outnumber KV heads), so a P/D transfer sends each receiving rank the whole latent once.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +43,13 @@ from torch import nn
 from disagg.models.arch import ArchConfig
 from disagg.models.layers import AttentionMetadata, RMSNorm
 from disagg.models.ops import Ops
+from disagg.models.parallel import (
+    ColumnParallelLinear,
+    ReplicatedLinear,
+    RowParallelLinear,
+    TPContext,
+)
+from hip_kernels.kv_fp8 import dequantize_ref
 
 
 def rotate(x: torch.Tensor, cos_sin: torch.Tensor, positions: torch.Tensor,
@@ -57,27 +71,33 @@ def rotate(x: torch.Tensor, cos_sin: torch.Tensor, positions: torch.Tensor,
 class MLAttention(nn.Module):
     """One layer's latent attention; parameter names are the checkpoint's."""
 
-    def __init__(self, arch: ArchConfig, layer_idx: int, ops: Ops) -> None:
+    def __init__(self, arch: ArchConfig, layer_idx: int, ops: Ops,
+                 tp: TPContext = TPContext()) -> None:
         super().__init__()
         mla = arch.mla
         assert mla is not None
         self.mla, self.layer_idx, self.ops = mla, layer_idx, ops
-        self.num_heads = arch.num_heads
+        self.num_heads = arch.num_heads // tp.size
+        """This rank's query heads (all of them at TP 1); the latent is every rank's."""
         self.half_width = arch.head_dim
         qk_dim = mla.qk_nope_head_dim + mla.qk_rope_head_dim
         h, bias = arch.hidden_size, arch.attention_bias
         if mla.q_lora_rank is None:
-            self.q_proj = nn.Linear(h, self.num_heads * qk_dim, bias=False)
+            self.q_proj = ColumnParallelLinear(h, self.num_heads * qk_dim, bias=False)
         else:
-            self.q_a_proj = nn.Linear(h, mla.q_lora_rank, bias=bias)
+            self.q_a_proj = ReplicatedLinear(h, mla.q_lora_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(mla.q_lora_rank, arch.rms_norm_eps, ops)
-            self.q_b_proj = nn.Linear(mla.q_lora_rank, self.num_heads * qk_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(h, mla.latent_dim, bias=bias)
+            self.q_b_proj = ColumnParallelLinear(mla.q_lora_rank, self.num_heads * qk_dim,
+                                                 bias=False)
+        self.kv_a_proj_with_mqa = ReplicatedLinear(h, mla.latent_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(mla.kv_lora_rank, arch.rms_norm_eps, ops)
+        # Plain nn.Linear, never fp8: the absorbed decode splits its weight per head.
         self.kv_b_proj = nn.Linear(mla.kv_lora_rank,
                                    self.num_heads * (mla.qk_nope_head_dim + mla.v_head_dim),
                                    bias=False)
-        self.o_proj = nn.Linear(self.num_heads * mla.v_head_dim, h, bias=bias)
+        self.o_proj = RowParallelLinear(self.num_heads * mla.v_head_dim, h, bias, tp)
+        self.k_scale = self.v_scale = 1.0
+        """An fp8 cache's scales (disagg/engine/kv_quant.py); the latent uses k_scale whole."""
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,
                 kv_cache: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
@@ -101,7 +121,7 @@ class MLAttention(nn.Module):
         if attn.decode_only:
             out = self._decode(q_nope, q_pe, kv_layer, attn)
         else:
-            out = self._attend(torch.cat([q_nope, q_pe], dim=-1), kv_layer, attn)
+            out = self._attend(q_nope, q_pe, kv_layer, attn)
         return self.o_proj(out.reshape(num_tokens, -1))
 
     def _decode(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_layer: torch.Tensor,
@@ -113,7 +133,8 @@ class MLAttention(nn.Module):
         w_uk, w_uv = w[:, :mla.qk_nope_head_dim], w[:, mla.qk_nope_head_dim:]
         q_lat = torch.cat([torch.einsum("bhn,hnl->bhl", q_nope, w_uk), q_pe], dim=-1)
         o_lat = self.ops.paged_mla_decode(q_lat.contiguous(), kv_layer, attn.block_tables,
-                                          attn.seq_lens, mla.softmax_scale, mla.kv_lora_rank)
+                                          attn.seq_lens, mla.softmax_scale, mla.kv_lora_rank,
+                                          self.k_scale)
         return torch.einsum("bhl,hvl->bhv", o_lat, w_uv)
 
     def _store(self, latent: torch.Tensor, kv_layer: torch.Tensor,
@@ -123,7 +144,8 @@ class MLAttention(nn.Module):
         if pad:
             latent = F.pad(latent, (0, pad))
         k, v = latent.view(latent.shape[0], 2, 1, self.half_width).unbind(1)
-        self.ops.reshape_and_cache(k.contiguous(), v.contiguous(), kv_layer, slot_mapping)
+        self.ops.reshape_and_cache(k.contiguous(), v.contiguous(), kv_layer, slot_mapping,
+                                   self.k_scale, self.k_scale)
 
     def _latents(self, kv_layer: torch.Tensor, table: torch.Tensor, seq_len: int
                  ) -> torch.Tensor:
@@ -132,28 +154,24 @@ class MLAttention(nn.Module):
         blocks = table[:-(-seq_len // block_size)].long()
         halves = kv_layer[blocks]  # [n, 2, block_size, 1, half]
         both = halves[:, :, :, 0].permute(0, 2, 1, 3).reshape(-1, 2 * self.half_width)
-        return both[:seq_len, :self.mla.latent_dim]
+        return dequantize_ref(both[:seq_len, :self.mla.latent_dim], self.k_scale,
+                              self.kv_a_layernorm.weight.dtype)  # the activations' dtype
 
-    def _attend(self, q: torch.Tensor, kv_layer: torch.Tensor,
+    def _attend(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_layer: torch.Tensor,
                 attn: AttentionMetadata) -> torch.Tensor:
-        """Causal attention of each sequence's queries (its last rows) over its latents."""
+        """Causal attention of each sequence's queries (its last positions) over its latents,
+        up-projected to per-head keys and values in one matmul (ops.mla_prefill_attention)."""
         mla = self.mla
         starts, seq_lens = attn.query_start_loc.tolist(), attn.seq_lens.tolist()
-        out = q.new_empty(q.shape[0], self.num_heads, mla.v_head_dim)
-        for i, seq_len in enumerate(seq_lens):
-            lo, hi = starts[i], starts[i + 1]
-            if hi == lo:
-                continue
-            latent = self._latents(kv_layer, attn.block_tables[i], seq_len)
-            c, k_pe = latent.split([mla.kv_lora_rank, mla.qk_rope_head_dim], dim=-1)
-            kv = self.kv_b_proj(c).view(seq_len, self.num_heads, -1)
-            k_nope, v = kv.split([mla.qk_nope_head_dim, mla.v_head_dim], dim=-1)
-            k = torch.cat([k_nope, k_pe[:, None].expand(-1, self.num_heads, -1)], dim=-1)
-            scores = torch.einsum("qhd,khd->hqk", q[lo:hi].float(), k.float())
-            scores = scores * mla.softmax_scale
-            first = seq_len - (hi - lo)  # position of this step's first query
-            mask = torch.arange(seq_len, device=q.device)[None, :] > (
-                torch.arange(hi - lo, device=q.device)[:, None] + first)
-            probs = scores.masked_fill(mask, float("-inf")).softmax(dim=-1)
-            out[lo:hi] = torch.einsum("hqk,khd->qhd", probs, v.float()).to(q.dtype)
-        return out
+        # a sequence with no query this step contributes no keys either
+        kv_lens = [n if starts[i + 1] > starts[i] else 0 for i, n in enumerate(seq_lens)]
+        latent = torch.cat([self._latents(kv_layer, attn.block_tables[i], n)
+                            for i, n in enumerate(kv_lens) if n])
+        c, k_pe = latent.split([mla.kv_lora_rank, mla.qk_rope_head_dim], dim=-1)
+        kv = self.kv_b_proj(c).view(latent.shape[0], self.num_heads, -1)
+        k_nope, v = kv.split([mla.qk_nope_head_dim, mla.v_head_dim], dim=-1)
+        kv_start = torch.tensor([0, *itertools.accumulate(kv_lens)], dtype=torch.int32,
+                                device=q_nope.device)
+        return self.ops.mla_prefill_attention(q_nope, q_pe, k_nope, k_pe, v,
+                                              attn.query_start_loc, kv_start,
+                                              mla.softmax_scale)

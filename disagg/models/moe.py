@@ -10,7 +10,9 @@ Experts are stacked: ``w13`` [E, 2I, H] holds each expert's [gate | up] rows and
 Under tensor parallelism every rank holds every expert's slice of the intermediate features
 (like the dense MLP) and one all-reduce sums routed and shared parts. Under expert parallelism
 (``EPContext``, disagg/models/expert_parallel.py) a rank holds a contiguous range of whole
-experts and the token exchange happens inside ``EPContext.run``.
+experts and the token exchange happens inside ``EPContext.run``. With fp8 weights
+(disagg/models/quant.py) the shared expert is fp8 but the routed experts are not: fused_moe
+takes no fp8 weights, so an fp8 checkpoint's experts are dequantized to the model dtype at load.
 """
 
 from __future__ import annotations

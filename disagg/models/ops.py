@@ -22,6 +22,8 @@ _KERNELS = {
     "scatter_kv_blocks": "hip_kernels.kv_blocks",
     "fused_moe": "hip_kernels.fused_moe",
     "paged_mla_decode": "hip_kernels.paged_mla_decode",
+    "mla_prefill_attention": "hip_kernels.mla_prefill_attention",
+    "fp8_gemm": "hip_kernels.fp8_gemm",
 }
 
 
@@ -41,6 +43,8 @@ class Ops:
     scatter_kv_blocks: Callable[..., Any]
     fused_moe: Callable[..., Any]
     paged_mla_decode: Callable[..., Any]
+    mla_prefill_attention: Callable[..., Any]
+    fp8_gemm: Callable[..., Any]
 
 
 def select_ops(device_type: str) -> Ops:

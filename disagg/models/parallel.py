@@ -12,7 +12,8 @@ The vocabulary is padded to a multiple of the TP size and split in rows: rank r 
 add zeros); the LM head computes its logits slice and all-gathers them along the vocab dim.
 
 With ``size == 1`` every layer here is exactly the plain ``nn.Linear`` / ``nn.Embedding`` it
-subclasses: same parameter shapes, same kernels, no collective.
+subclasses: same parameter shapes, same kernels, no collective (unless its weight is fp8:
+``LinearBase``, disagg/models/quant.py).
 """
 
 from __future__ import annotations
@@ -80,9 +81,6 @@ def check_tp(arch: ArchConfig, tp_size: int) -> None:
     heads, kv_heads = arch.num_heads, arch.num_kv_heads
     if tp_size < 1:
         raise ConfigError(f"tensor_parallel_size must be >= 1, got {tp_size}")
-    if arch.mla is not None and tp_size > 1:
-        raise ConfigError("tensor parallelism with latent attention (DeepSeek MLA) is not built "
-                          "yet: use -tp 1 (and -dp with --enable-expert-parallel for MoE)")
     if heads % tp_size or (kv_heads % tp_size and tp_size % kv_heads):
         raise ConfigError(
             f"tensor_parallel_size {tp_size} does not split this model: it must divide "
@@ -105,7 +103,32 @@ def vocab_rows_per_rank(vocab_size: int, tp_size: int) -> int:
     return -(-vocab_size // tp_size)
 
 
-class ColumnParallelLinear(nn.Linear):
+class LinearBase(nn.Linear):
+    """nn.Linear whose weight may be fp8: disagg/models/quant.py then sets ``quant`` and a
+    ``weight_scale``. The LM head, embeddings and routers are plain nn.Linear: never fp8."""
+
+    quant: Any = None
+    """None: ``weight`` is in the model dtype; else the Fp8LinearMethod computing x W^T."""
+    weight_scale: torch.Tensor
+    """fp32 scales of an fp8 ``weight`` (a parameter only then)."""
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x W^T without the bias."""
+        return F.linear(x, self.weight) if self.quant is None else self.quant.apply(self, x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x W^T + b."""
+        if self.quant is None:
+            return F.linear(x, self.weight, self.bias)
+        y = self.quant.apply(self, x)
+        return y if self.bias is None else y + self.bias
+
+
+class ReplicatedLinear(LinearBase):
+    """The whole y = x W^T (+ b) on every rank (MLA's projections, which TP does not split)."""
+
+
+class ColumnParallelLinear(LinearBase):
     """y = x W_r^T (+ b_r) with W_r this rank's output rows; no communication.
 
     ``out_features`` is this rank's width (the caller knows how a fused layout splits, e.g.
@@ -113,7 +136,7 @@ class ColumnParallelLinear(nn.Linear):
     """
 
 
-class RowParallelLinear(nn.Linear):
+class RowParallelLinear(LinearBase):
     """y = all_reduce(x_r W_r^T) (+ b) with W_r the input columns matching x_r's features.
 
     ``in_features`` is this rank's width. The bias is added once, after the reduce.
@@ -126,8 +149,8 @@ class RowParallelLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in_features of this rank] -> [..., out_features], summed over the group."""
         if self.tp.size == 1:
-            return F.linear(x, self.weight, self.bias)
-        y = self.tp.all_reduce(F.linear(x, self.weight))
+            return super().forward(x)
+        y = self.tp.all_reduce(self.matmul(x))
         return y if self.bias is None else y + self.bias
 
 

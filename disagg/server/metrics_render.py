@@ -39,8 +39,10 @@ def render_instance_metrics(engine: EngineClient, m: ServerMetrics, model: str) 
     used = 1 - (sum(s.kv_blocks_free for s in stats) / max(1, synced.num_gpu_blocks)) \
         if stats else 0.0
     lines += gauge("disagg_kv_cache_usage_perc", "KV cache usage (0-1)", round(used, 6), lab)
+    cache_dtype = synced.ready[0].kv_cache_dtype if synced.ready else None
     info_lab = (f'{{block_size="{synced.block_size}",num_gpu_blocks="{synced.num_gpu_blocks}",'
-                f'max_model_len="{synced.max_model_len}",cache_dtype="{synced.dtype}"}}')
+                f'max_model_len="{synced.max_model_len}",'
+                f'cache_dtype="{cache_dtype or synced.dtype}"}}')
     lines += gauge("disagg_cache_config_info", "Synced cache configuration", 1, info_lab)
     connector: dict[str, float] = {}
     for s in stats:

@@ -108,3 +108,26 @@ def test_bad_fault_rules_are_refused(monkeypatch: pytest.MonkeyPatch, faults: An
     monkeypatch.setenv(FAULTS_ENV, "1")
     with pytest.raises(ConfigError, match=match):
         parse_pd_config({"faults": faults}, "kv_both", False)
+
+
+@pytest.mark.parametrize(("extra", "words"), [
+    ({"tranport": "tcp"}, "unknown option(s) ['tranport']"),
+    ({"transport": "rdma"}, "transport must be one of"),
+    ({"mode": "write"}, "WRITE mode with a data-parallel instance"),
+])
+def test_serve_refuses_a_bad_connector_config_before_loading_anything(
+        capsys: pytest.CaptureFixture[str], extra: dict[str, Any], words: str) -> None:
+    """`disagg serve` checks the connector's options while it parses its flags (exit 2, one
+    line), not in the engine after the weights are loaded."""
+    import json
+
+    from disagg import cli
+
+    kv = json.dumps({"kv_connector": "PDConnector", "kv_role": "kv_producer",
+                     "kv_connector_extra_config": extra})
+    assert cli.main(["serve", "--kv-transfer-config", kv, "-dp", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("disagg: error:") and words in err and err.count("\n") == 1, err
+    assert cli.main(["serve", "--kv-transfer-config", json.dumps(
+        {"kv_connector": "PDConect", "kv_role": "kv_producer"})]) == 2
+    assert "unknown kv_connector 'PDConect'" in capsys.readouterr().err

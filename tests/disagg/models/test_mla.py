@@ -89,12 +89,32 @@ def test_the_cache_holds_one_latent_per_token_and_layer() -> None:
     arch = arch_from_hf_dict({**COMMON, **extra, "model_type": model_type})
     assert arch.mla is not None and arch.mla.latent_dim == 40
     assert arch.kv_bytes_per_token_per_elt == 3 * 40  # layers x latent, no per-head K or V
-    with pytest.raises(ConfigError, match="latent attention"):
-        check_tp(arch, 2)
+    check_tp(arch, 2)  # the 4 heads split; the latent is replicated
+    with pytest.raises(ConfigError, match="num_attention_heads"):
+        check_tp(arch, 3)
+
+
+@pytest.mark.parametrize("case", ["v2-lite", "v2"])
+def test_tensor_parallel_2_gives_the_tp_1_tokens(case: str, tmp_path: Any) -> None:
+    """Heads split over 2 gloo ranks (q or q_b, kv_b rows, o_proj columns), the latent
+    replicated: greedy tokens equal TP 1 through chunked prefill and absorbed decode."""
+    path = str(tmp_path)
+    _hf_model(case).save_pretrained(path)
+    prompts = mixed_prompts(300, [1, 16, 17, 40], seed=6)
+    greedy = SamplingParams(max_tokens=MAX_NEW, temperature=0, ignore_eos=True)
+    out = {}
+    for tp in (1, 2):
+        with LLM(path, kv_cache_memory_bytes=2 * 2**20, max_num_batched_tokens=24,
+                 block_size=8, tensor_parallel_size=tp) as llm:
+            out[tp] = [o.output_token_ids for o in llm.generate(prompts, greedy)]
+            assert llm.ledger()["free"] == llm.ledger()["total"]
+    assert out[2] == out[1]
 
 
 def test_pd_moves_exactly_the_latents_and_equals_monolithic(instance_factory: Any,
                                                             tmp_path: Any) -> None:
+    """A TP 2 prefill serves a TP 1 and a TP 2 decode (READ): both equal monolithic; each
+    receiving rank gets every token's whole latent exactly once (never split, never twice)."""
     import asyncio
 
     import aiohttp
@@ -110,33 +130,38 @@ def test_pd_moves_exactly_the_latents_and_equals_monolithic(instance_factory: An
     path = str(tmp_path / "v2")
     _hf_model("v2").save_pretrained(path)
     base = [path, "--device", "cpu", "--kv-cache-memory-bytes", "4MiB", "--block-size", "16"]
-    mono = instance_factory(base)
-    prefill = instance_factory([*base, "--kv-transfer-config", kv_config("kv_producer", "read")])
-    decode = instance_factory([*base, "--kv-transfer-config", kv_config("kv_consumer", "read")])
+    mono, prefill, decode1, decode2 = instance_factory.many(
+        base, [*base, "-tp", "2", "--kv-transfer-config", kv_config("kv_producer", "read")],
+        [*base, "--kv-transfer-config", kv_config("kv_consumer", "read")],
+        [*base, "-tp", "2", "--kv-transfer-config", kv_config("kv_consumer", "read")],
+        ready_timeout_s=120)
     prompts = [[(5 * i + n) % 290 + 3 for i in range(n)] for n in (2, 17, 33, 50)]
 
-    async def go() -> tuple[list[list[int]], list[list[int]]]:
+    async def go() -> tuple[list[list[int]], dict[str, list[list[int]]]]:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:
             def body(p: list[int]) -> dict[str, Any]:
                 return {"prompt": p, "max_tokens": 6, "temperature": 0, "ignore_eos": True,
                         "return_token_ids": True}
 
-            want, got = [], []
+            want: list[list[int]] = []
+            got: dict[str, list[list[int]]] = {decode1.url: [], decode2.url: []}
             for p in prompts:
                 async with s.post(mono.url + "/v1/completions", json=body(p)) as r:
                     want.append((await r.json())["choices"][0]["token_ids"])
-                status, res = await pd_request(s, prefill.url, decode.url, body(p), "read",
-                                               info(prefill.url), info(decode.url))
-                assert status == 200, res
-                got.append(res["choices"][0]["token_ids"])
+                for d in (decode1, decode2):
+                    status, res = await pd_request(s, prefill.url, d.url, body(p), "read",
+                                                   info(prefill.url), info(d.url))
+                    assert status == 200, res
+                    got[d.url].append(res["choices"][0]["token_ids"])
             return want, got
 
     want, got = asyncio.run(go())
-    assert got == want
+    assert got == {decode1.url: want, decode2.url: want}
     blocks = sum(-(-(len(p) - 1) // 16) for p in prompts)
     latent_bytes = 3 * 16 * 40 * 4  # layers x block tokens x latent x fp32, per block
-    moved = settled_metric(decode.url, "disagg_kv_connector_bytes_moved_total",
-                           blocks * latent_bytes)
-    assert moved == blocks * latent_bytes
-    for inst in (prefill, decode):
+    for d, ranks in ((decode1, 1), (decode2, 2)):
+        moved = settled_metric(d.url, "disagg_kv_connector_bytes_moved_total",
+                               ranks * blocks * latent_bytes)
+        assert moved == ranks * blocks * latent_bytes, d.url
+    for inst in (prefill, decode1, decode2):
         wait_clean(inst.url)
