@@ -61,13 +61,15 @@ SHAPES: dict[str, dict[str, Any]] = {
 
 
 class _Cost:
-    """Bytes a decode step reads and FLOPs a prefill does, from the model's shape (bf16)."""
+    """Bytes a decode step reads and FLOPs a prefill does, from the model's shape: the weights
+    as loaded (fp8 ones at 1 byte; routed experts are bf16 in every case) and the KV cache at
+    ``kv_elt`` bytes per element."""
 
-    def __init__(self, shape: str, weight_bytes: int) -> None:
+    def __init__(self, shape: str, weight_bytes: int, kv_elt: int = 2) -> None:
         from disagg.models.arch import arch_from_hf_dict
 
         a = self.arch = arch_from_hf_dict(SHAPES[shape])
-        self.kv_per_token = a.kv_bytes_per_token_per_elt * 2
+        self.kv_per_token = a.kv_bytes_per_token_per_elt * kv_elt
         moe = a.moe
         self.expert_bytes = 3 * a.hidden_size * moe.intermediate_size * 2 if moe else 0
         self.moe_layers = len(moe.layers) if moe else 0
@@ -240,16 +242,29 @@ def _readme_cells(row: dict[str, Any]) -> dict[str, Any]:
         speedup = row["throughput"]["output_tok_s"] / row["hf_generate_batch"]["output_tok_s"]
         figures["vs transformers"] = f"{speedup:.1f}x"
 
-    return {"model": f"{row['shape']} shape, dummy bf16", "figures": figures,
+    figures["weights + KV per step"] = (f"{row['weight_bytes'] / 2**30:.2f} GiB weights, "
+                                        f"{row['kv_bytes_per_token']} B KV per token")
+    precision = row.get("precision", "bf16")
+    flags = "".join(f" --{k.replace('_', '-')} {v}" for k, v in row.get("flags", {}).items())
+    return {"model": f"{row['shape']} shape, dummy {precision}", "figures": figures,
             "workload": "decode ctx 1024; prefill 4096; offline 256 x U[100,1024] in/out",
-            "command": "python -m bench.engine_bench --throughput --hf-baseline"}
+            "command": f"python -m bench.engine_bench --throughput{flags}"}
 
 
-def _make_llm(model_dir: str) -> Any:
+def _make_llm(model_dir: str, quantization: str | None = None,
+              kv_cache_dtype: str = "auto") -> Any:
     from disagg.llm import LLM
 
     return LLM(model_dir, load_format="dummy", device="cuda", dtype="bfloat16",
-               max_num_seqs=256, max_num_batched_tokens=8192, max_model_len=8192)
+               max_num_seqs=256, max_num_batched_tokens=8192, max_model_len=8192,
+               quantization=quantization, kv_cache_dtype=kv_cache_dtype)
+
+
+def _precision(args: argparse.Namespace) -> str:
+    """``bf16``, or what is fp8: ``fp8 weights``, ``fp8 KV`` or both."""
+    fp8 = [what for what, on in (("weights", args.quantization == "fp8"),
+                                 ("KV", args.kv_cache_dtype != "auto")) if on]
+    return "bf16" if not fp8 else "fp8 " + " + ".join(fp8)
 
 
 def _ours_then_free(model_dir: str, n: int) -> dict[str, float]:
@@ -319,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compare-only", action="store_true",
                     help="only the issue's comparison: 256 prompts x 512 output tokens, ours "
                          "then transformers generate_batch, same prompts, same command")
+    ap.add_argument("--quantization", choices=["fp8"], default=None,
+                    help="quantize the weights at load (the serve flag)")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="the serve flag (auto, fp8)")
     ap.add_argument("--output", type=Path, default=Path("bench/results/engine.jsonl"))
     ap.add_argument("--commit", default=None)
     args = ap.parse_args(argv)
@@ -331,11 +349,17 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = _model_dir(args.shape)
     if args.compare_only:
         return _compare(args, model_dir, ceil)
-    llm = _make_llm(model_dir)
+    llm = _make_llm(model_dir, args.quantization, args.kv_cache_dtype)
+    kv_elt = llm.engine.runner.kv_cache.element_size()
+    cost = _Cost(args.shape, _param_bytes(llm), kv_elt)
+    flags = {k: v for k, v in (("quantization", args.quantization),
+                               ("kv_cache_dtype", args.kv_cache_dtype)) if v not in (None, "auto")}
     row: dict[str, Any] = {"kind": "engine", "shape": args.shape, "ceilings": ceil,
                            "kernels": llm.engine.runner.ops.backend,
-                           "num_gpu_blocks": llm.engine.plan.num_blocks}
-    cost = _Cost(args.shape, _param_bytes(llm))
+                           "num_gpu_blocks": llm.engine.plan.num_blocks,
+                           "precision": _precision(args), "flags": flags,
+                           "weight_bytes": _param_bytes(llm),
+                           "kv_bytes_per_token": cost.kv_per_token}
     for batch in (1, 64):
         ms = _decode(llm, batch, args.context, args.steps)
         # copy_gbps counts bytes read + written: the rate HBM sustains in total

@@ -324,10 +324,41 @@ def _fused_moe_cases() -> Iterator[KernelCase]:
                                                  _bf16(tokens * top_k, inter), w_down))
 
 
+def _fp8_gemm_cases() -> Iterator[KernelCase]:
+    """Llama-3-8B's qkv and down projections with 128x128-block fp8 weights: decode (1, 64
+    tokens: bound by the weight bytes, half of bf16's) and prefill (4096: compute), each beside
+    the bf16 torch.matmul of the same shape (ratio_to_dense)."""
+    import torch
+
+    from disagg.models.quant import quantize_fp8
+    from hip_kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref, gemm_plan
+
+    for name, n, k in (("qkv", (Q_HEADS + 2 * KV_HEADS) * HEAD_DIM, HIDDEN),
+                       ("down", HIDDEN, INTER)):
+        dense_w = _bf16(k, n).mul_(k**-0.5)
+        w, scale = quantize_fp8(dense_w.t().contiguous(), 128, 128)
+        for tokens in (1, 64, 4096):
+            x = _bf16(tokens, k)
+            weight_bytes = n * k + 4 * scale.numel()
+            yield KernelCase("fp8_gemm",
+                             {"model": "Llama-3-8B", "proj": name, "tokens": tokens, "n": n,
+                              "k": k, "scales": "128x128 blocks", "x_dtype": "bf16",
+                              "w_dtype": str(w.dtype).removeprefix("torch.")},
+                             functools.partial(fp8_gemm, x, w, scale),
+                             # decode is held to the copy ceiling, prefill to the matmul one
+                             bytes_moved=(weight_bytes + (tokens * k + tokens * n) * 2
+                                          if tokens <= 64 else 0),
+                             flops=2 * tokens * n * k,
+                             ref=functools.partial(fp8_gemm_ref, x, w, scale),
+                             launch=asdict(gemm_plan(tokens)),
+                             dense=functools.partial(torch.matmul, x, dense_w))
+
+
 CASE_GROUPS: dict[str, Callable[[], Iterator[KernelCase]]] = {
     "paged_decode_attention": _decode_cases,
     "paged_mla_decode": _mla_decode_cases,
     "mla_prefill_attention": _mla_prefill_cases,
+    "fp8_gemm": _fp8_gemm_cases,
     "paged_prefill_attention": _prefill_cases,
     "elementwise": _elementwise_cases,
     "kv_blocks": _kv_block_cases,
