@@ -18,17 +18,20 @@
           | S[1,0] | S[1,1] |S12 |
         N +--------+--------+----+
 
-Activations are NOT quantized: each W tile is loaded as fp8 and upcast in registers to x's dtype
-(exact: every e4m3fn / e4m3fnuz value is representable in bf16, fp16 and fp32), multiplied by
-the x tile with fp32 accumulation, and the partial sum of each 128-wide K block is scaled by
-its column scales before it is added (per-tensor / K-unblocked scales: once at the end). So
-the only error against ``fp8_gemm_ref`` is accumulation order and the output rounding, and the
-tests hold it to the usual per-dtype table (tests/hip_kernels/kernel_testing.py: bf16 1.6e-2,
-fp16 2e-3, fp32 2e-5, atol and rtol). What fp8 weights cost in accuracy is the quantization
-itself (3 mantissa bits): against the matmul of the unquantized weights, 128 x 128 block
-scales give a relative Frobenius error ||y_q - y|| / ||y|| below 0.05 on Gaussian weights
-(tests/disagg/models/test_quant.py). Upcasting keeps the bf16 MFMA / tensor-core rate,
-not the fp8 one: the win is the halved weight bytes, which is what bounds decode.
+Activations are NOT quantized: each W tile is loaded as fp8, upcast in registers and
+multiplied by its column scales (constant along a BLOCK_K <= 128 tile), rounded to x's dtype,
+and accumulated by the dot in fp32 (per-tensor / K-unblocked scales: applied once at the end).
+Scaling the weight tile, not each K block's partial sum, keeps the accumulator in the matrix
+units across the K loop (a partial sum scaled per K block ran at 0.37x the bf16 GEMM on an
+H200). So the error against ``fp8_gemm_ref`` is the rounding of W * S to x's dtype (none in
+fp32), accumulation order and the output rounding, and the tests hold it to the usual
+per-dtype table (tests/hip_kernels/kernel_testing.py: bf16 1.6e-2, fp16 2e-3, fp32 2e-5, atol
+and rtol). What fp8 weights cost in accuracy is the quantization itself (3 mantissa bits):
+against the matmul of the unquantized weights, 128 x 128 block scales give a relative
+Frobenius error ||y_q - y|| / ||y|| below 0.05 on Gaussian weights
+(tests/disagg/models/test_quant.py). Upcasting keeps the bf16 MFMA / tensor-core rate, not the
+fp8 one: the win is the halved weight bytes, which is what bounds decode. With few rows the
+config may split K (``split_k``): each split writes fp32 partials that the launcher sums.
 
 Bytes moved: N * K (weights) + 4 * Sn * Sk (scales) + (M * K + M * N) * elt, with x re-read
 once per column block of BLOCK_N and W once per row block of BLOCK_M.
@@ -101,11 +104,15 @@ def fp8_gemm_ref(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
 @jit
 def _fp8_gemm_kernel(
         x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym, stride_sn,
-        stride_sk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        GROUP_M: tl.constexpr, SCALE_ROWS: tl.constexpr, K_BLOCKED: tl.constexpr,
-        UPCAST_DOT: tl.constexpr):
-    """Program (row block, column block), GROUP_M row blocks sweeping the columns together:
-    y[rows, cols] = sum over K tiles of (x tile @ upcast(W tile)^T) * S[cols, k block]."""
+        stride_sk, stride_ys, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SCALE_ROWS: tl.constexpr,
+        K_BLOCKED: tl.constexpr, SPLIT_K: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """Program (row block, column block; K split), GROUP_M row blocks sweeping the columns
+    together: y[rows, cols] = sum over K tiles of x tile @ (upcast(W tile) * S[cols, k block])^T.
+
+    The block scale is applied to the upcast weight tile (constant along a BLOCK_K <= 128
+    tile), so the dot accumulates in place. With SPLIT_K > 1, split s sums its share of the K
+    tiles into y + s * stride_ys (fp32 partials the launcher adds up)."""
     pid = tl.program_id(0)
     num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     first_m = (pid // (GROUP_M * num_n)) * GROUP_M
@@ -120,25 +127,30 @@ def _fp8_gemm_kernel(
     w_ptrs = w_ptr + cols.to(tl.int64)[None, :] * stride_wn + ks[:, None]
     s_ptrs = s_ptr + (cols // SCALE_ROWS) * stride_sn
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k_start in range(0, K, BLOCK_K):
-        k_mask = ks < K - k_start
+    k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_first = tl.program_id(1) * k_per_split
+    k_end = tl.minimum(K, k_first + k_per_split)
+    x_ptrs += k_first
+    w_ptrs += k_first
+    for k_start in range(k_first, k_end, BLOCK_K):
+        k_mask = ks < k_end - k_start
         a = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        w = w.to(x_ptr.dtype.element_ty)
+        if K_BLOCKED:
+            s = tl.load(s_ptrs + (k_start // 128) * stride_sk, mask=col_mask, other=0.0)
+            w = (w.to(tl.float32) * s[None, :]).to(x_ptr.dtype.element_ty)
+        else:
+            w = w.to(x_ptr.dtype.element_ty)
         if UPCAST_DOT:
             a = a.to(tl.float32)
             w = w.to(tl.float32)
-        part = tl.dot(a, w, input_precision="ieee")
-        if K_BLOCKED:
-            s = tl.load(s_ptrs + (k_start // 128) * stride_sk, mask=col_mask, other=0.0)
-            acc += part * s[None, :]
-        else:
-            acc += part
+        acc = tl.dot(a, w, acc, input_precision="ieee")
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     if not K_BLOCKED:
         acc = acc * tl.load(s_ptrs, mask=col_mask, other=0.0)[None, :]
-    y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :]
+    y_ptrs = (y_ptr + tl.program_id(1).to(tl.int64) * stride_ys
+              + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :])
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
@@ -153,13 +165,16 @@ class GemmPlan:
     group_m: int
     num_warps: int
     num_stages: int
+    split_k: int = 1
+    """K splits summed by the launcher (fp32 partials): more programs for decode's few rows."""
 
 
 def gemm_plan(num_rows: int, arch: str | None = None) -> GemmPlan:
     """The arch's config for ``num_rows`` rows of x."""
     cfg = load_config(KERNEL, arch)
     sized = {key: bucket(cfg, key, num_rows)
-             for key in ("block_m", "block_n", "block_k", "num_warps", "num_stages")}
+             for key in ("block_m", "block_n", "block_k", "num_warps", "num_stages",
+                         "split_k")}
     if SCALE_BLOCK % sized["block_k"]:
         raise ValueError(f"fp8_gemm: block_k {sized['block_k']} must divide {SCALE_BLOCK}")
     return GemmPlan(group_m=get_int(cfg, "group_m"), **sized)
@@ -180,22 +195,27 @@ def fp8_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    y = torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)
-    if x2.shape[0] == 0 or n == 0:
-        return y.reshape(*x.shape[:-1], n)
+    m = x2.shape[0]
+    if m == 0 or n == 0:
+        return torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
     scale = weight_scale.reshape(-1, weight_scale.shape[-1] if weight_scale.dim() == 2 else 1)
     if scale.dtype != torch.float32:
         scale = scale.float()
     stride_sn = 0 if scale.shape[0] == 1 else scale.stride(0)
-    plan = gemm_plan(x2.shape[0])
-    grid = (cdiv(x2.shape[0], plan.block_m) * cdiv(n, plan.block_n),)
+    plan = gemm_plan(m)
+    split = max(1, min(plan.split_k, cdiv(k, plan.block_k)))
+    # split K: fp32 partials [split, M, N], summed below (still no host sync)
+    out = torch.empty(split, m, n, dtype=torch.float32 if split > 1 else x.dtype,
+                      device=x.device)
+    grid = (cdiv(m, plan.block_m) * cdiv(n, plan.block_n), split)
     _fp8_gemm_kernel[grid](
-        x2, weight, scale, y, x2.shape[0], n, k, x2.stride(0), weight.stride(0), y.stride(0),
-        stride_sn, scale.stride(1), BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
-        BLOCK_K=plan.block_k, GROUP_M=plan.group_m,
+        x2, weight, scale, out, m, n, k, x2.stride(0), weight.stride(0), out.stride(1),
+        stride_sn, scale.stride(1), out.stride(0), BLOCK_M=plan.block_m,
+        BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, GROUP_M=plan.group_m,
         SCALE_ROWS=1 if stride_sn == 0 else layout.rows_per_scale, K_BLOCKED=layout.k_blocked,
-        UPCAST_DOT=interpreter_upcasts_dot(x.dtype), num_warps=plan.num_warps,
+        SPLIT_K=split, UPCAST_DOT=interpreter_upcasts_dot(x.dtype), num_warps=plan.num_warps,
         num_stages=plan.num_stages)
+    y = out[0] if split == 1 else out.sum(0).to(x.dtype)
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -205,20 +225,29 @@ AOT_ROWS = (1, 64, 256, 4096)
 _TRITON_FP8 = {"gfx942": "fp8e4b8", "gfx950": "fp8e4nv", "sm_90": "fp8e4nv",
                "default": "fp8e4nv"}
 """The fp8 weight type each arch runs (e4m3fnuz on MI300X, OCP e4m3fn elsewhere)."""
-_INTS = ("M", "N", "K", "stride_xm", "stride_wn", "stride_ym", "stride_sn", "stride_sk")
+
+
+def triton_fp8(arch: str) -> str:
+    """Triton's name of the fp8 weight type ``arch`` runs (an AOT signature's pointer type)."""
+    return _TRITON_FP8.get(arch, "fp8e4nv")
+
+
+_INTS = ("M", "N", "K", "stride_xm", "stride_wn", "stride_ym", "stride_sn", "stride_sk",
+         "stride_ys")
 
 
 def _spec(arch: str, plan: GemmPlan, scales: str) -> KernelSpec:
     """One bf16 compilation: ``scales`` is block (128 x 128) or tensor (per-tensor)."""
-    fp8 = _TRITON_FP8.get(arch, "fp8e4nv")
+    fp8 = triton_fp8(arch)
     block = scales == "block"
     sig = {"x_ptr": "*bf16", "w_ptr": f"*{fp8}", "s_ptr": "*fp32", "y_ptr": "*bf16",
            **{name: "i32" for name in _INTS}}
     constexprs = {"BLOCK_M": plan.block_m, "BLOCK_N": plan.block_n, "BLOCK_K": plan.block_k,
                   "GROUP_M": plan.group_m, "SCALE_ROWS": SCALE_BLOCK if block else 1,
-                  "K_BLOCKED": block, "UPCAST_DOT": False}
+                  "K_BLOCKED": block, "SPLIT_K": plan.split_k, "UPCAST_DOT": False}
     sig.update({name: "constexpr" for name in constexprs})
-    tile = f"m{plan.block_m}n{plan.block_n}k{plan.block_k}w{plan.num_warps}s{plan.num_stages}"
+    tile = (f"m{plan.block_m}n{plan.block_n}k{plan.block_k}w{plan.num_warps}s{plan.num_stages}"
+            f"split{plan.split_k}")
     return KernelSpec(name=f"{KERNEL}[bf16,{fp8},{scales},{tile}]", fn=_fp8_gemm_kernel,
                       signature=sig, constexprs=constexprs,
                       aligned=("N", "K", "stride_xm", "stride_wn", "stride_ym"),

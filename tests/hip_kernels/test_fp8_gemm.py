@@ -4,6 +4,9 @@ weights: tests/disagg/models/test_quant.py."""
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 import torch
 from kernel_testing import (
@@ -23,7 +26,7 @@ from hip_kernels.fp8_gemm import (
     gemm_plan,
     scale_layout,
 )
-from hip_kernels.launch_config import KNOWN_ARCHS
+from hip_kernels.launch_config import KNOWN_ARCHS, OVERRIDE_ENV
 
 # (M, N, K): odd sizes, K tails inside a 128 block, N tails inside a column block; M = 70
 # reaches the third block_m bucket of the default config, M = 0 is the empty batch.
@@ -35,7 +38,13 @@ CASES = [
     for shape, scales, fp8 in zip(SHAPES, SCALES, ("fn", "fnuz", "fn", "fnuz", "fn"))
 ] + [Case("fp8_gemm", "bf16", {"shape": (0, 40, 64), "scales": "block", "fp8": "fn"}),
      Case("fp8_gemm", "bf16", {"shape": (4, 256, 384), "scales": "block", "fp8": "fnuz",
-                               "x": "strided"})]
+                               "x": "strided"})] + [
+    # K split in 3 (the last split shorter, K tail inside a 128 block) and in 8 (splits
+    # past the end of K add zeros): fp32 partials summed by the launcher
+    Case("fp8_gemm", dtype, {"shape": (2, 40, 300), "scales": scales, "fp8": "fn",
+                             "split_k": split})
+    for dtype, scales, split in (("fp32", "block", 3), ("bf16", "tensor", 3),
+                                 ("fp16", "rows", 8))]
 GPU_CASES = [Case("fp8_gemm", "bf16", {"shape": (m, n, k), "scales": scales, "fp8": "fn"})
              for m, n, k in ((1, 4096, 4096), (64, 6144, 4096), (1000, 4096, 14336))
              for scales in ("block", "tensor")]
@@ -67,8 +76,15 @@ def make_inputs(case: Case, device: str = "cpu") -> tuple[torch.Tensor, ...]:
 def run_case(case: Case, device: str = "cpu") -> CaseResult:
     """Kernel vs reference in the case's dtype."""
     x, weight, scale = make_inputs(case, device)
-    return compare(case.id, fp8_gemm(x, weight, scale), fp8_gemm_ref(x, weight, scale),
-                   case.torch_dtype)
+    split = case.params.get("split_k")
+    if split is not None:  # the launcher reads the config at each call
+        os.environ[OVERRIDE_ENV] = json.dumps({"fp8_gemm": {"split_k": [[1048576, split]],
+                                                            "block_k": [[1048576, 32]]}})
+    try:
+        y = fp8_gemm(x, weight, scale)
+    finally:
+        os.environ.pop(OVERRIDE_ENV, None)
+    return compare(case.id, y, fp8_gemm_ref(x, weight, scale), case.torch_dtype)
 
 
 @pytest.fixture(scope="module")
