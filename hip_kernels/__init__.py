@@ -25,7 +25,8 @@ prompt steps over up-projected keys and values; ``fp8_gemm`` multiplies by fp8 w
 element format (per-layer K/V scales, saturating writes) that the cache writer and every
 attention kernel share; ``moe_align`` sorts (token, k) pairs by
 expert into BLOCK_M-row tiles (``MoeTiles``) and ``fused_moe`` runs the MoE MLP over them (the
-gate_up and down grouped GEMMs and the combine over k); ``launch_config`` reads the per-arch
+gate_up and down grouped GEMMs, over bf16 or fp8 expert weights, and the combine over k);
+``launch_config`` reads the per-arch
 launch configs in ``configs/<arch>/``; ``aot`` compiles every kernel for gfx942 / gfx950 /
 sm_90 without a GPU. The tolerance table and the interpreter-subprocess runner live beside the
 tests, in ``tests/hip_kernels/kernel_testing.py``.

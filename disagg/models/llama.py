@@ -189,9 +189,10 @@ class LlamaForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy full Hugging Face-named tensors in, fusing q/k/v and gate/up and keeping this
-        rank's shard of each. fp8 weights and their scales fill fp8 layers (quant.py); where a
-        layer is not fp8 they arrive dequantized, where only the layer is they are quantized
-        per row. Returns loaded names."""
+        rank's shard of each (a routed expert's tensors go to its stack: moe.py). fp8 weights
+        and their scales fill fp8 layers and expert stacks (quant.py); where a layer is not
+        fp8 they arrive dequantized, where only a linear layer is they are quantized per row.
+        Returns loaded names."""
         params = {**dict(self.named_parameters()), **dict(self.named_buffers())}
         fused = self.arch.mla is None
 
@@ -205,13 +206,12 @@ class LlamaForCausalLM(nn.Module):
             if name is None or name not in params:
                 continue
             loaded.add(f"{name}:{shard}" if shard else name)
-            target = params[name].data
             if shard is not None and shard.startswith("expert"):
                 _, which, index = shard.split(":")
-                local = int(index) - self._expert_start(name)
-                if not 0 <= local < target.shape[0]:
-                    continue  # held by another expert-parallel rank
-                target, shard = target[local], which
+                self._moe_block(name).load_expert(name.rsplit(".", 1)[1], which, int(index),
+                                                  tensor)
+                continue
+            target = params[name].data
             offset, size = self._shard_range(target, shard)
             if name.endswith(".weight_scale"):
                 tensor = expand_scale_rows(tensor, self._full_rows(name.removesuffix(
@@ -238,11 +238,11 @@ class LlamaForCausalLM(nn.Module):
         """Whether ``weight_name`` is one of latent attention's per-head projections."""
         return self.arch.mla is not None and weight_name.endswith(_MLA_HEAD_ROWS)
 
-    def _expert_start(self, name: str) -> int:
-        """First global expert held by this rank in the layer ``name`` belongs to."""
+    def _moe_block(self, name: str) -> SparseMoeBlock:
+        """The MoE block of the layer ``name`` belongs to."""
         block = self.layers[int(name.split(".")[1])].mlp
         assert isinstance(block, SparseMoeBlock)
-        return block.expert_start
+        return block
 
     def _rank_slice(self, name: str, shard: str | None, full: torch.Tensor) -> torch.Tensor:
         """This rank's part of a full Hugging Face tensor (``full`` itself without TP).
@@ -250,11 +250,12 @@ class LlamaForCausalLM(nn.Module):
         q: rows of the local q heads; k/v: rows of the local KV heads (replicated ones too);
         latent attention's q, q_b and kv_b: rows of the local heads (its latent projection is
         replicated);
-        gate/up (dense, shared or routed expert): rows of the local intermediate slice;
-        o_proj/down_proj (experts' down too): the matching input columns; embed/lm_head: the
-        rank's vocab rows, padding rows zero; norms, router: the whole tensor. An fp8 scale
-        (expanded to a row per weight row) follows its weight: the same rows, its 128-column
-        blocks of a split K (quant.prepare_fp8_ checked they align), or all of a per-tensor one.
+        gate/up (dense or shared expert): rows of the local intermediate slice;
+        o_proj/down_proj: the matching input columns; embed/lm_head: the rank's vocab rows,
+        padding rows zero; norms, router: the whole tensor. An fp8 scale (expanded to a row
+        per weight row) follows its weight: the same rows, its 128-column blocks of a split K
+        (quant.prepare_fp8_ checked they align), or all of a per-tensor one. Routed experts
+        slice their own tensors (FusedExperts.load_shard).
         """
         tp, a = self.tp, self.arch
         if tp.size == 1:
@@ -269,7 +270,7 @@ class LlamaForCausalLM(nn.Module):
         if shard in ("gate", "up") or self._mla_head_rows(weight_name):
             rows = full.shape[0] // tp.size
             return full.narrow(0, tp.rank * rows, rows)
-        if shard == "down" or weight_name.endswith(("o_proj.weight", "down_proj.weight")):
+        if weight_name.endswith(("o_proj.weight", "down_proj.weight")):
             if weight_name != name and full.shape[1] == 1:
                 return full  # one scale for all of K
             cols = full.shape[1] // tp.size
@@ -282,13 +283,13 @@ class LlamaForCausalLM(nn.Module):
 
     def _shard_range(self, target: torch.Tensor, shard: str | None) -> tuple[int, int]:
         """Row range of a fused tensor (this rank's shard) that a Hugging Face shard fills:
-        qkv [q | k | v], gate_up and an expert's w13 [gate | up] (halves)."""
+        qkv [q | k | v], gate_up [gate | up] (halves)."""
         a = self.arch
         q, kv = a.num_heads // self.tp.size * a.head_dim, self.num_local_kv_heads * a.head_dim
         half = target.shape[0] // 2
         table = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv), "gate": (0, half),
                  "up": (half, half)}
-        if shard is None or shard == "down":
+        if shard is None:
             return 0, target.shape[0]
         return table[shard]
 

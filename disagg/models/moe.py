@@ -10,9 +10,10 @@ Experts are stacked: ``w13`` [E, 2I, H] holds each expert's [gate | up] rows and
 Under tensor parallelism every rank holds every expert's slice of the intermediate features
 (like the dense MLP) and one all-reduce sums routed and shared parts. Under expert parallelism
 (``EPContext``, disagg/models/expert_parallel.py) a rank holds a contiguous range of whole
-experts and the token exchange happens inside ``EPContext.run``. With fp8 weights
-(disagg/models/quant.py) the shared expert is fp8 but the routed experts are not: fused_moe
-takes no fp8 weights, so an fp8 checkpoint's experts are dequantized to the model dtype at load.
+experts and the token exchange happens inside ``EPContext.run`` (which calls this rank's
+experts, scales included, through ``SparseMoeBlock._local_experts``). With fp8 weights
+(disagg/models/quant.py) w13 and w2 stay fp8 in memory with fp32 scales ``w13_scale`` /
+``w2_scale`` [E, Sn, Sk] that ops.fused_moe reads (layouts: hip_kernels/fused_moe.py).
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from disagg.common.config import ConfigError
 from disagg.models.arch import ArchConfig, MoEArch
 from disagg.models.expert_parallel import EPContext
 from disagg.models.ops import Ops
 from disagg.models.parallel import ColumnParallelLinear, RowParallelLinear, TPContext
+from hip_kernels.fp8_gemm import FP8_DTYPES
 
 
 def select_experts(logits: torch.Tensor, moe: MoEArch,
@@ -53,13 +56,57 @@ def select_experts(logits: torch.Tensor, moe: MoEArch,
 
 
 class FusedExperts(nn.Module):
-    """This rank's experts, stacked: w13 [E_local, 2I_local, H], w2 [E_local, H, I_local]."""
+    """This rank's experts, stacked: w13 [E_local, 2I_local, H], w2 [E_local, H, I_local].
 
-    def __init__(self, num_local: int, hidden: int, inter: int) -> None:
+    fp8 stacks (disagg/models/quant.py sets them up) also hold fp32 ``w13_scale`` and
+    ``w2_scale``; None otherwise. While a checkpoint loads, w13_scale is [E, 2R, Sk]: R rows
+    for gate, then R for up (R = I_local / 128 with block scales, 1 with per-tensor ones).
+    """
+
+    w13_scale: torch.Tensor | None
+    w2_scale: torch.Tensor | None
+
+    def __init__(self, num_local: int, hidden: int, inter: int, tp: TPContext) -> None:
         super().__init__()
         self.w13 = nn.Parameter(torch.empty(num_local, 2 * inter, hidden))
         self.w2 = nn.Parameter(torch.empty(num_local, hidden, inter))
+        self.register_parameter("w13_scale", None)
+        self.register_parameter("w2_scale", None)
         self.intermediate_size = inter
+        self.tp = tp
+
+    def load_shard(self, param: str, which: str, local: int, full: torch.Tensor) -> None:
+        """Copy this rank's part of one checkpoint tensor of local expert ``local``: ``param``
+        w13 | w2 | w13_scale | w2_scale, ``which`` gate | up | down. gate / up fill the first /
+        second half of the rows with the rank's slice of the full rows; down fills all rows
+        with the rank's slice of the full columns; a one-element (per-tensor) scale fits all."""
+        target = getattr(self, param).data[local]
+        if which != "down":
+            half = target.shape[0] // 2
+            target = target[:half] if which == "gate" else target[half:]
+        is_scale = param.endswith("_scale")
+        if is_scale and full.numel() == 1:
+            part = full.reshape(1, 1)
+        else:
+            part = self._rank_part(which, full, tuple(target.shape))
+        if not is_scale and (target.dtype in FP8_DTYPES) != (part.dtype in FP8_DTYPES):
+            raise ConfigError(f"routed expert {which} weights are {part.dtype} in the "
+                              f"checkpoint but {target.dtype} here: an fp8 checkpoint must "
+                              "quantize every routed expert")
+        with torch.no_grad():
+            target.copy_(part)
+
+    def _rank_part(self, which: str, full: torch.Tensor, shape: tuple[int, ...]
+                   ) -> torch.Tensor:
+        """Rows (gate, up) or columns (down) [rank * n, (rank + 1) * n) of ``full`` for a
+        ``shape`` target; a ConfigError unless the full tensor is tp.size such parts."""
+        dim = 1 if which == "down" else 0
+        expected = list(shape)
+        expected[dim] *= self.tp.size
+        if full.dim() != 2 or list(full.shape) != expected:
+            raise ConfigError(f"routed expert {which} tensor {tuple(full.shape)} does not "
+                              f"match {tuple(expected)} (this model's expert shape)")
+        return full.narrow(dim, self.tp.rank * shape[dim], shape[dim])
 
 
 class SharedExpert(nn.Module):
@@ -92,7 +139,7 @@ class SparseMoeBlock(nn.Module):
             self.e_score_correction_bias = None
         self.expert_start, num_local = ep.expert_range(moe.num_experts)
         self.experts = FusedExperts(num_local, arch.hidden_size,
-                                    moe.intermediate_size // tp.size)
+                                    moe.intermediate_size // tp.size, tp)
         self.shared_expert = SharedExpert(arch.hidden_size, moe.shared_intermediate_size
                                           // tp.size, ops) \
             if moe.shared_intermediate_size else None
@@ -111,7 +158,15 @@ class SparseMoeBlock(nn.Module):
             out = out + shared
         return self.tp.all_reduce(out)
 
+    def load_expert(self, param: str, which: str, index: int, full: torch.Tensor) -> None:
+        """Load a checkpoint tensor of global expert ``index`` (``FusedExperts.load_shard``);
+        skipped when another expert-parallel rank holds that expert."""
+        local = index - self.expert_start
+        if 0 <= local < self.experts.w13.shape[0]:
+            self.experts.load_shard(param, which, local, full)
+
     def _local_experts(self, x: torch.Tensor, weights: torch.Tensor,
                        local_ids: torch.Tensor) -> torch.Tensor:
         """Run this rank's experts: ids are local, those outside [0, E_local) skipped."""
-        return self.ops.fused_moe(x, self.experts.w13, self.experts.w2, weights, local_ids)
+        e = self.experts
+        return self.ops.fused_moe(x, e.w13, e.w2, weights, local_ids, e.w13_scale, e.w2_scale)

@@ -1,10 +1,11 @@
-"""FP8 (e4m3) weights: quantize, convert for MI300X, and turn a model's linears into fp8 ones.
+"""FP8 (e4m3) weights: quantize, convert for MI300X, and turn a model's linears and routed
+experts into fp8 ones.
 
 Which layers hold fp8 weights: every ``LinearBase`` (disagg/models/parallel.py: the column- and
-row-parallel projections of attention and MLPs, shared experts, MLA's q/kv_a/o projections).
-The LM head, embeddings, norms, MoE routers and MLA's ``kv_b_proj`` (its weight is split per
-head for the absorbed decode) stay in the model dtype, as do the routed experts: fused_moe
-takes no fp8, so an fp8 checkpoint's experts are dequantized to the model dtype at load.
+row-parallel projections of attention and MLPs, shared experts, MLA's q/kv_a/o projections)
+and every routed-expert stack (``FusedExperts``, disagg/models/moe.py: most of a DeepSeek-V3's
+bytes). The LM head, embeddings, norms, MoE routers and MLA's ``kv_b_proj`` (its weight is
+split per head for the absorbed decode) stay in the model dtype.
 
 An fp8 layer holds ``weight`` [N, K] fp8 and ``weight_scale`` fp32 (the multiplier:
 dequant(W) = W * S, what DeepSeek calls ``weight_scale_inv``) in one of the layouts of
@@ -21,6 +22,21 @@ are never quantized, so ``activation_scheme`` and ``input_scale`` are ignored):
 Row-parallel layers split K: with block scales a shard must start on a 128-column boundary,
 else ConfigError. On gfx942 (e4m3fnuz) weights are converted at load: the same bits mean half
 the value there and 0x80 (-0) is NaN, so bits are kept (0x80 -> 0) and the scales doubled.
+
+An fp8 expert stack holds w13 [E, 2I, H] and w2 [E, H, I] fp8 (I: this rank's slice) with
+``w13_scale`` / ``w2_scale`` [E, Sn, Sk] as hip_kernels/fused_moe.py reads them, and computes
+through ops.fused_moe:
+
+    from a checkpoint, 128 x 128 blocks: w13_scale [E, 2I/128, ceil(H/128)] (gate's block
+                        rows, then up's), w2_scale [E, ceil(H/128), I/128]: the rank's slice I
+                        must be a multiple of 128 (TP slices on block boundaries), else
+                        ConfigError
+    from a checkpoint, per tensor: w2_scale [E, 1, 1]; w13_scale [E, 1, 1] where gate and
+                        up share their scale, else [E, 2I/128, 1] where I % 128 == 0, else
+                        [E, 1, 1] with the half of the smaller scale requantized to the larger
+                        (one more fp8 rounding of those values; as vLLM does)
+    --quantization fp8: 128 x 128 blocks of each expert (w13 in [2I, 128] blocks, one row of
+                        scales, where I % 128 != 0), or one scale per expert and weight
 """
 
 from __future__ import annotations
@@ -35,6 +51,7 @@ from torch import nn
 from disagg.common import platform
 from disagg.common.config import ConfigError
 from disagg.models.arch import QuantArch
+from disagg.models.moe import FusedExperts
 from disagg.models.parallel import LinearBase, RowParallelLinear
 from hip_kernels.fp8_gemm import SCALE_BLOCK, dequantize_fp8
 
@@ -93,9 +110,17 @@ def is_fp8(tensor: torch.Tensor) -> bool:
     return tensor.dtype in FP8_DTYPES
 
 
+def fp8_expert_stacks(model: nn.Module) -> list[FusedExperts]:
+    """The routed-expert stacks, whose weights go fp8 too."""
+    return [m for m in model.modules() if isinstance(m, FusedExperts)]
+
+
 def prepare_fp8_(model: nn.Module, quant: QuantArch) -> None:
-    """Give every fp8 layer empty fp8 ``weight`` [N, K] and per-row ``weight_scale`` [N, Sk]
-    for a checkpoint's tensors to load into (after the model is in its dtype)."""
+    """Give every fp8 layer empty fp8 ``weight`` [N, K] and per-row ``weight_scale`` [N, Sk],
+    and every expert stack empty fp8 weights and scales in their loading layout, for a
+    checkpoint's tensors to load into (after the model is in its dtype)."""
+    for experts in fp8_expert_stacks(model):
+        _prepare_experts(experts, quant)
     blocked = quant.weight_block_size is not None
     for layer in fp8_linears(model):
         n, k = layer.weight.shape
@@ -116,7 +141,13 @@ def prepare_fp8_(model: nn.Module, quant: QuantArch) -> None:
 def finalize_fp8_(model: nn.Module, gemm: Callable[..., torch.Tensor],
                   dtype: torch.dtype) -> None:
     """After a checkpoint loaded: compact the scales, convert to ``dtype`` (fnuz on gfx942),
-    and route the layers through ``gemm``."""
+    and route the layers through ``gemm`` (expert stacks: their scales in a fused_moe
+    layout)."""
+    for experts in fp8_expert_stacks(model):
+        assert experts.w13_scale is not None and experts.w2_scale is not None  # prepare_fp8_
+        w13, w13_scale = _kernel_w13_scale(experts.w13.data, experts.w13_scale.data)
+        _set_fp8_experts(experts, (w13, w13_scale), (experts.w2.data, experts.w2_scale.data),
+                         dtype)
     for layer in fp8_linears(model):
         weight, scale = layer.weight.data, _compact_scale(layer.weight_scale.data)
         if dtype == torch.float8_e4m3fnuz and weight.dtype == torch.float8_e4m3fn:
@@ -126,8 +157,10 @@ def finalize_fp8_(model: nn.Module, gemm: Callable[..., torch.Tensor],
 
 def quantize_model_fp8_(model: nn.Module, block: tuple[int, int] | None,
                         gemm: Callable[..., torch.Tensor], dtype: torch.dtype) -> None:
-    """Quantize the loaded high-precision weights of every fp8 layer in place: ``block``
-    (bn, bk) scales, or one per tensor when None."""
+    """Quantize the loaded high-precision weights of every fp8 layer and expert stack in
+    place: ``block`` (bn, bk) scales, or one per tensor (per expert) when None."""
+    for experts in fp8_expert_stacks(model):
+        _quantize_experts(experts, block, dtype)
     for layer in fp8_linears(model):
         n, k = layer.weight.shape
         bn, bk = block if block is not None else (n, k)
@@ -140,6 +173,94 @@ def _set_fp8(layer: LinearBase, weight: torch.Tensor, scale: torch.Tensor,
     layer.weight = nn.Parameter(weight, requires_grad=False)
     layer.weight_scale = nn.Parameter(scale.float().contiguous(), requires_grad=False)
     layer.quant = Fp8LinearMethod(gemm)
+
+
+def _prepare_experts(experts: FusedExperts, quant: QuantArch) -> None:
+    """Empty fp8 w13 / w2 and their scales in the loading layout (FusedExperts): R scale rows
+    each for gate and up, R = I / 128 with block scales, 1 with per-tensor ones."""
+    num, two_inter, hidden = experts.w13.shape
+    inter, tp_size = two_inter // 2, experts.tp.size
+    blocked = quant.weight_block_size is not None
+    if blocked and inter % SCALE_BLOCK:
+        raise ConfigError(
+            f"moe_intermediate_size {inter} is not a multiple of 128: fp8 block-scaled routed "
+            "experts need whole 128-row scale blocks for gate and up" if tp_size == 1 else
+            f"tensor_parallel_size {tp_size} splits moe_intermediate_size {inter * tp_size} "
+            f"into {inter}-row expert slices, which do not fall on the 128-row fp8 scale "
+            "blocks: use a tensor_parallel_size that does")
+    rows, k_blocks = (inter // SCALE_BLOCK, -(-hidden // SCALE_BLOCK)) if blocked else (1, 1)
+    device, fp8 = experts.w13.device, torch.float8_e4m3fn
+    experts.w13 = _empty_param((num, two_inter, hidden), fp8, device)
+    experts.w2 = _empty_param((num, hidden, inter), fp8, device)
+    experts.w13_scale = _empty_param((num, 2 * rows, k_blocks), torch.float32, device)
+    experts.w2_scale = _empty_param((num, k_blocks, rows), torch.float32, device)
+
+
+def _empty_param(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+                 ) -> nn.Parameter:
+    return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+
+
+def _kernel_w13_scale(w13: torch.Tensor, scale: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """w13 with its scale in a fused_moe layout, from the loading layout [E, 2R, Sk]."""
+    inter, rows = w13.shape[1] // 2, scale.shape[1] // 2
+    if rows == 1 and torch.equal(scale[:, :1], scale[:, 1:]):
+        return w13, scale[:, :1]  # gate and up share their scales: one row for both
+    if inter % SCALE_BLOCK == 0:
+        return w13, scale.repeat_interleave(inter // SCALE_BLOCK // rows, dim=1)
+    return _share_expert_scale(w13, scale)
+
+
+def _share_expert_scale(w13: torch.Tensor, scale: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor gate and up scales [E, 2, 1] -> one per expert [E, 1, 1] (the larger), the
+    other half's fp8 values requantized (times smaller / larger <= 1: rounded, never beyond
+    the format's range); for an I no 128-row block layout can split."""
+    shared = scale.amax(dim=1, keepdim=True)
+    factor = (scale / shared).repeat_interleave(w13.shape[1] // 2, dim=1)  # [E, 2I, 1]
+    out = torch.empty_like(w13)
+    for e in range(w13.shape[0]):  # one expert at a time: a small fp32 copy
+        out[e] = (w13[e].float() * factor[e]).to(w13.dtype)
+    return out, shared
+
+
+def _quantize_experts(experts: FusedExperts, block: tuple[int, int] | None,
+                      dtype: torch.dtype) -> None:
+    """``--quantization fp8`` for one stack: each expert in 128 x 128 blocks (w13 in
+    [2I, 128] blocks when I % 128 != 0, as fused_moe requires), or per expert."""
+    _, two_inter, hidden = experts.w13.shape
+    inter = two_inter // 2
+    if block is None:
+        w13_block, w2_block = (two_inter, hidden), (hidden, inter)
+    else:
+        w13_block = (SCALE_BLOCK if inter % SCALE_BLOCK == 0 else two_inter, SCALE_BLOCK)
+        w2_block = (SCALE_BLOCK, SCALE_BLOCK)
+    _set_fp8_experts(experts, _quantize_stack(experts.w13.data, w13_block, dtype),
+                     _quantize_stack(experts.w2.data, w2_block, dtype), dtype)
+
+
+def _quantize_stack(weights: torch.Tensor, block: tuple[int, int], dtype: torch.dtype
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """[E, N, K] -> (fp8 [E, N, K], scales [E, ceil(N/bn), ceil(K/bk)]), expert by expert
+    (the fp32 temporaries stay one expert's size)."""
+    out = torch.empty(weights.shape, dtype=dtype, device=weights.device)
+    scales = []
+    for e, weight in enumerate(weights):
+        out[e], scale = quantize_fp8(weight, *block, dtype)
+        scales.append(scale)
+    return out, torch.stack(scales)
+
+
+def _set_fp8_experts(experts: FusedExperts, w13: tuple[torch.Tensor, torch.Tensor],
+                     w2: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype) -> None:
+    """Install (weight, scale) pairs, converted to ``dtype`` (e4m3fnuz on gfx942)."""
+    for name, (weight, scale) in (("w13", w13), ("w2", w2)):
+        if dtype == torch.float8_e4m3fnuz and weight.dtype == torch.float8_e4m3fn:
+            weight, scale = e4m3fn_to_fnuz(weight, scale)
+        setattr(experts, name, nn.Parameter(weight.contiguous(), requires_grad=False))
+        setattr(experts, f"{name}_scale",
+                nn.Parameter(scale.float().contiguous(), requires_grad=False))
 
 
 def _compact_scale(scale: torch.Tensor) -> torch.Tensor:
@@ -183,9 +304,9 @@ def dequantize_unkept(weights: Iterable[tuple[str, torch.Tensor]],
                       keep_fp8: Callable[[str], bool]
                       ) -> Iterator[tuple[str, torch.Tensor]]:
     """Pass a checkpoint's tensors through, except fp8 weights the model does not keep in fp8
-    (``keep_fp8(hf weight name)`` False: routed experts, kv_b_proj): each is held until its
-    scale arrives (the two are usually adjacent) and yielded dequantized to fp32, its scale
-    dropped."""
+    (``keep_fp8(hf weight name)`` False: kv_b_proj, or every layer of a model built without
+    fp8 layers): each is held until its scale arrives (the two are usually adjacent) and
+    yielded dequantized to fp32, its scale dropped."""
     weights_held: dict[str, torch.Tensor] = {}
     scales_held: dict[str, torch.Tensor] = {}
     for name, tensor in weights:
