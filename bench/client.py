@@ -4,6 +4,10 @@ Timing follows ``vllm bench serve``: TTFT is the time from sending to the first 
 carries generated text, each later text chunk adds one ITL gap, and the request's E2E latency
 ends at its last text chunk. Per-chunk work is kept to one ``perf_counter`` call and one typed
 msgspec decode so that one client process keeps up with 1,000+ concurrent streams.
+
+Every request asks for ``disagg_timings`` (an extension other servers ignore; ``--extra-body
+'{"disagg_timings": false}'`` turns it off); a server that sends them (the disagg proxy, or an
+instance) has each request's TTFT phases recorded (disagg/common/timings.py).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ class _Chunk(msgspec.Struct):
     choices: list[_Choice] = []
     usage: _Usage | None = None
     error: Any = None
+    disagg_timings: dict[str, Any] | None = None
 
 
 _CHUNK_DECODER = msgspec.json.Decoder(_Chunk)
@@ -87,6 +92,9 @@ class RequestOutput:
     error: str = ""
     generated_text: str = ""
     """The streamed text, joined: a multi-turn conversation puts it in its next prompt."""
+    phases_s: dict[str, float] | None = None
+    """The server's TTFT phases in seconds (``disagg_timings``' top-level ``*_s`` numbers,
+    suffix dropped), when it sent them."""
 
 
 def build_payload(req: RequestInput) -> dict[str, Any]:
@@ -99,6 +107,7 @@ def build_payload(req: RequestInput) -> dict[str, Any]:
         "temperature": 0.0,
         "stream": True,
         "stream_options": {"include_usage": True},
+        "disagg_timings": True,
     }
     if req.api_url.endswith(CHAT_COMPLETIONS):
         body["messages"] = req.messages or [{"role": "user", "content": req.prompt}]
@@ -107,6 +116,14 @@ def build_payload(req: RequestInput) -> dict[str, Any]:
     if req.extra_body:
         body.update(req.extra_body)
     return body
+
+
+def phase_seconds(timings: dict[str, Any]) -> dict[str, float]:
+    """``{"ttft_s": 0.1, "kv_transfer_s": 0.01, "mode": ...}`` -> ``{"ttft": 0.1,
+    "kv_transfer": 0.01}``: the numbers only (None: not known), nested objects skipped."""
+    return {key[:-2]: float(value) for key, value in timings.items()
+            if key.endswith("_s") and isinstance(value, int | float)
+            and not isinstance(value, bool)}
 
 
 def _chunk_text(chunk: _Chunk) -> str | None:
@@ -136,6 +153,8 @@ async def _read_stream(response: aiohttp.ClientResponse, out: RequestOutput) -> 
             return
         if chunk.usage is not None and chunk.usage.completion_tokens is not None:
             usage_tokens = chunk.usage.completion_tokens
+        if chunk.disagg_timings is not None:
+            out.phases_s = phase_seconds(chunk.disagg_timings)
         text = _chunk_text(chunk) if chunk.choices else None
         if not text:
             continue  # role-only, finish-only or usage-only chunks carry no token

@@ -44,7 +44,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import RESULTS_DIR
 from bench.argparsing import Parser, UsageError, run_cli
 from bench.client import COMPLETIONS, ENDPOINTS
 from bench.datasets import DatasetConfig, sample_requests
@@ -82,8 +81,9 @@ def build_parser() -> Parser:
     p.add_argument("--work-dir", help="keep both clients' outputs here (default: temporary)")
     p.add_argument("--deployment")
     p.add_argument("--hardware")
-    p.add_argument("--results-jsonl", default=str(RESULTS_DIR / "crosscheck.jsonl"),
-                   help="append the row here ('' = do not)")
+    p.add_argument("--results-jsonl", default="", metavar="PATH",
+                   help="append the row to this JSON-lines file (default: none; the "
+                        "repository keeps bench/results/crosscheck.jsonl)")
     return p
 
 

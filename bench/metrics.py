@@ -7,6 +7,9 @@
 * E2EL: send to the last text chunk.
 * Throughputs divide by the benchmark's wall duration; only successful requests count.
 * Goodput: successful requests meeting every given SLO (``value <= slo``), per second.
+* Phases (not vLLM's): when the server returns ``disagg_timings``, the mean and p50/p90/p99 of
+  each of its TTFT phases over the successful requests that carry them, as
+  ``mean_phase_<name>_ms``, ``p90_phase_<name>_ms`` (definitions: disagg/common/timings.py).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ METRIC_TITLES = {
     "e2el": "End-to-end Latency",
 }
 GOODPUT_METRICS = ("ttft", "tpot", "e2el")
+PHASE_PERCENTILES = (50.0, 90.0, 99.0)
 
 
 def parse_metric_names(text: str) -> list[str]:
@@ -101,6 +105,22 @@ def _stats_ms(name: str, values_s: list[float], percentiles: list[float]) -> dic
     return stats
 
 
+def phase_stats(outputs: list[RequestOutput]) -> dict[str, Any]:
+    """Mean and p50/p90/p99 (ms) of every phase the successful requests' servers reported, in
+    the order the server sent them; empty when none did."""
+    timed = [out.phases_s for out in outputs if out.success and out.phases_s]
+    if not timed:
+        return {}
+    names = list(dict.fromkeys(name for phases in timed for name in phases))
+    stats: dict[str, Any] = {"phase_timed_requests": len(timed), "phase_names": names}
+    for name in names:
+        data = np.asarray([p[name] for p in timed if name in p], dtype=np.float64) * 1000
+        stats[f"mean_phase_{name}_ms"] = float(np.mean(data))
+        for p in PHASE_PERCENTILES:
+            stats[f"{percentile_key(p)}_phase_{name}_ms"] = float(np.percentile(data, p))
+    return stats
+
+
 def max_concurrent_requests(outputs: list[RequestOutput]) -> int:
     """Most requests that were in flight at the same moment (sent to finished)."""
     events: list[tuple[float, int]] = []
@@ -160,6 +180,7 @@ def calculate_metrics(outputs: list[RequestOutput], duration_s: float,
     }
     for name in percentile_metrics:
         result.update(_stats_ms(name, samples_s[name], percentiles))
+    result.update(phase_stats(good))
     result["input_lens"] = [out.prompt_len for out in outputs]
     result["output_lens"] = [out.output_tokens if out.success else 0 for out in outputs]
     result["ttfts"] = [out.ttft_s for out in outputs]

@@ -138,9 +138,24 @@ def format_summary(result: dict[str, Any], metrics: list[str]) -> str:
                   _line("KV bytes moved per request:",
                         _optional(result.get("kv_bytes_moved_per_request")))]
     lines += _latency_lines(result, metrics)
+    lines += _phase_lines(result)
     lines += _error_lines(result.get("errors", []))
     lines.append("=" * 50)
     return "\n".join(lines)
+
+
+def _phase_lines(result: dict[str, Any]) -> list[str]:
+    """Mean and percentiles of each TTFT phase the server reported (ms), one line each."""
+    names = result.get("phase_names") or []
+    if not names:
+        return []
+    lines = [f"{' TTFT phases (server, ms) ':-^50}",
+             f"{'phase':<18} {'mean':>7} {'p50':>7} {'p90':>7} {'p99':>7}"]
+    for name in names:
+        values = [result.get(f"{stat}_phase_{name}_ms") for stat in ("mean", "p50", "p90", "p99")]
+        lines.append(f"{name:<18} " + " ".join(f"{v:>7.2f}" if isinstance(v, float) else
+                                                f"{'n/a':>7}" for v in values))
+    return lines
 
 
 def _error_lines(errors: list[str], max_kinds: int = 5) -> list[str]:

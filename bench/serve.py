@@ -2,7 +2,7 @@
 
 Per point: one probe request (first point only), untimed warm-ups, the timed run on the arrival
 schedule, vLLM-compatible metrics, a summary table, the full JSON (``--save-result`` or any
-sweep), and one summary row appended to ``bench/results/serve.jsonl``. Sweeps also get plots.
+sweep), and with ``--results-jsonl PATH`` one summary row appended there. Sweeps also get plots.
 With ``--metrics-url`` (each instance) the point also reports the prefix-cache hit rate and the
 KV bytes moved per request (bench/instance_metrics.py).
 """
@@ -34,6 +34,8 @@ from bench.metrics import (
 from bench.results import append_row, format_summary, rate_label, summary_row, write_json
 from bench.serve_args import Point, ServePlan, dataset_config, parse, workload_label
 from bench.serve_workload import Workload, build_workload
+from disagg.common.config import ConfigError
+from disagg.common.hf_cache import resolve_model
 from disagg.common.tokenizer import get_tokenizer
 
 PROG = "disagg bench serve"
@@ -184,7 +186,11 @@ def _plot(args: argparse.Namespace, sweep_axis: str, results: list[dict[str, Any
 def run(argv: list[str]) -> int:
     """Parse, build the workload, run every point; raises UsageError for user errors."""
     args, plan = parse(argv)
-    tokenizer = get_tokenizer(args.tokenizer or args.model)
+    try:  # a Hub id must be in the local cache: prompts of byte ids would measure nothing
+        tokenizer = get_tokenizer(resolve_model(args.tokenizer or args.model))
+    except ConfigError as exc:
+        raise UsageError(f"{exc}; --tokenizer names the tokenizer when --model is only the "
+                         "served name") from exc
     try:
         workload = build_workload(args, plan, tokenizer)
     except ValueError as exc:

@@ -8,7 +8,6 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from bench import RESULTS_DIR
 from bench.argparsing import Parser, UsageError, csv_numbers
 from bench.client import COMPLETIONS, ENDPOINTS
 from bench.datasets import DATASET_NAMES, DatasetConfig
@@ -98,8 +97,10 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-result", action="store_true", help="write the full result JSON")
     p.add_argument("--result-dir", default=".", help="where result JSON files and plots go")
     p.add_argument("--result-filename", help="file name of the result JSON")
-    p.add_argument("--results-jsonl", default=str(RESULTS_DIR / "serve.jsonl"),
-                   help="append one summary row per point here ('' = do not)")
+    p.add_argument("--results-jsonl", default="", metavar="PATH",
+                   help="append one summary row per point to this JSON-lines file (the "
+                        "repository's bench/results/serve.jsonl feeds the README table; "
+                        "default: none)")
     p.add_argument("--deployment", help='what was measured, e.g. "1P1D tcp read"')
     p.add_argument("--hardware", help="override the detected hardware line")
     p.add_argument("--label", help="free-form label stored in the result")

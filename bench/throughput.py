@@ -2,7 +2,7 @@
 
 Default workload is nano-vllm's: 256 sequences, input and output lengths uniform in
 [100, 1024], random token ids, ``ignore_eos`` so every sequence generates exactly its output
-length. Reports output and total tokens/s and appends a row to bench/results/throughput.jsonl.
+length. Reports output and total tokens/s; ``--results-jsonl PATH`` appends the row there.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 
-from bench import RESULTS_DIR
 from bench.argparsing import Parser, UsageError, run_cli
 from bench.datasets import safe_token_ids
 from bench.metadata import run_metadata
@@ -48,8 +47,9 @@ def build_parser() -> Parser:
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--deployment", help="free-form description stored in the row")
     p.add_argument("--hardware", help="override the detected hardware line")
-    p.add_argument("--results-jsonl", default=str(RESULTS_DIR / "throughput.jsonl"),
-                   help="append the result row here ('' = do not)")
+    p.add_argument("--results-jsonl", default="", metavar="PATH",
+                   help="append the result row to this JSON-lines file (the repository's "
+                        "bench/results/throughput.jsonl feeds the README table; default: none)")
     return p
 
 

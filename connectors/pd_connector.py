@@ -343,6 +343,8 @@ class PDConnector(KVConnector):
         handle, nbytes = self.worker.post(op, peer, t.local_block_ids[skip:n],
                                           t.remote_block_ids[skip:n])
         t.handles, t.bytes_moved, t.posted_s = [handle], nbytes, time.monotonic()
+        if t.first_posted_s is None:
+            t.first_posted_s = t.posted_s
         t.move(TransferState.IN_FLIGHT)
 
     def _advance_stream(self, t: Transfer) -> None:

@@ -74,6 +74,8 @@ class Outcomes:
         if t.posted_s is not None:
             self.counters["transfer_seconds_sum"] += time.monotonic() - t.posted_s
             self.counters["transfer_seconds_count"] += 1
+        if t.first_posted_s is not None or not t.role.is_producer:  # it moved, or it waited
+            self.out.transfer_times.append((t.request_id, t.first_posted_s, time.monotonic()))
         if t.role is TransferRole.PRODUCER_WRITE:
             assert t.peer_generation is not None
             self.peers.send(t, WriteDone(transfer_id=t.transfer_id, engine_id=self.engine_id,

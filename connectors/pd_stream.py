@@ -75,4 +75,6 @@ class LayerStreamer:
             t.handles.append(op_id)
             t.bytes_moved += nbytes
             t.posted_s = now
+            if t.first_posted_s is None:
+                t.first_posted_s = now
         self._counters["layer_posts_total"] += len(self._plans)

@@ -115,6 +115,8 @@ class Transfer:
     """When the deadline clock started; None = not waiting on the peer yet (no expiry)."""
     posted_s: float | None = None
     """When the latest op was posted."""
+    first_posted_s: float | None = None
+    """When the first op was posted (the request's KV-transfer time starts there)."""
     last_lease_s: float | None = None
     holds_blocks: bool = False
     """Producer: the finished request's blocks are held under this transfer's key."""

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import sys
 from collections.abc import Callable
 from importlib.metadata import entry_points
+from typing import Any
 
 from disagg.common import envs
 from disagg.common.config import (
@@ -22,7 +22,10 @@ from disagg.common.config import (
     parse_bytes,
     parse_max_model_len,
 )
+from disagg.common.generation_config import load_generation_config
+from disagg.common.hf_cache import resolve_model
 from disagg.common.version import __version__
+from disagg.vllm_flags import unknown_args_message
 
 logger = logging.getLogger("disagg")
 
@@ -31,7 +34,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by ``disagg serve`` and the offline LLM entry points."""
     p.add_argument("model", nargs="?", default="builtin:tiny-llama",
                    help="builtin:tiny-llama, builtin:tiny-moe or a Hugging Face model directory")
-    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="name(s) the API accepts in the 'model' field; the first is the one "
+                        "reported (default: the model argument)")
+    p.add_argument("--generation-config", default="auto", metavar="auto|vllm|PATH",
+                   help="whose generation_config.json gives the EOS ids and the defaults of "
+                        "omitted sampling fields: auto (the model's), vllm (no sampling "
+                        "defaults; the model's EOS ids still stop), or a directory/file "
+                        "(default %(default)s)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto")
     p.add_argument("--quantization", default=None,
@@ -95,16 +105,17 @@ def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
         raise ConfigError("--dp-collective-timeout must be positive")
     if not 0 < a.gpu_memory_utilization <= 1:
         raise ConfigError("--gpu-memory-utilization must be in (0, 1]")
-    if not a.model.startswith("builtin:") and not os.path.isdir(a.model):
-        raise ConfigError(f"model {a.model!r} is neither a builtin model (builtin:tiny-llama, "
-                          "builtin:tiny-moe) nor a directory")
+    model = resolve_model(a.model)  # a Hub id: its snapshot in the local cache, else one line
+    load_generation_config(model, a.generation_config)  # a bad path or file: one line now
     kv_transfer = KVTransferConfig.from_json(a.kv_transfer_config)
     if kv_transfer is not None:
         from disagg.engine.kv_connector import check_connector_config
 
         check_connector_config(kv_transfer, a.data_parallel_size, a.tensor_parallel_size)
     return EngineConfig(
-        model=ModelConfig(model=a.model, served_model_name=a.served_model_name or a.model,
+        model=ModelConfig(model=model,
+                          served_model_name=(a.served_model_name or [a.model])[0],
+                          generation_config=a.generation_config,
                           dtype=a.dtype, quantization=a.quantization, device=a.device,
                           load_format=a.load_format,
                           seed=a.seed, max_model_len=a.max_model_len),
@@ -127,9 +138,20 @@ def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
         kv_transfer=kv_transfer)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a hint for each vLLM flag among unrecognized arguments."""
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:
+        """Like argparse's, but unknown vLLM flags get a line saying what to do instead."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self.error(unknown_args_message(extras))
+        return parsed
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Top-level parser."""
-    parser = argparse.ArgumentParser(prog="disagg", description=__doc__)
+    parser = _Parser(prog="disagg", description=__doc__)
     parser.add_argument("--version", action="version", version=f"disagg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run one OpenAI-compatible instance")
@@ -137,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--admin-key", default=None)
+    serve.add_argument("--api-key", default=None,
+                       help="every /v1/* request must send 'Authorization: Bearer KEY' "
+                            "(/health, /metrics, /tokenize stay open; env DISAGG_API_KEY or "
+                            "VLLM_API_KEY)")
     serve.add_argument("--kv-params-key", default=None,
                        help="shared secret: requests with kv_transfer_params and KV aborts "
                             "must send it in header X-Disagg-KV-Key (the proxy does; env "

@@ -38,11 +38,13 @@ class LLM:
                  block_size: int = 16, num_gpu_blocks_override: int | None = None,
                  gpu_memory_utilization: float = 0.9, seed: int = 0,
                  enable_chunked_prefill: bool = True, tensor_parallel_size: int = 1,
-                 enable_prefix_caching: bool = True, kv_cache_dtype: str = "auto") -> None:
+                 enable_prefix_caching: bool = True, kv_cache_dtype: str = "auto",
+                 generation_config: str = "auto") -> None:
         cfg = EngineConfig(
             model=ModelConfig(model=model, served_model_name=model, device=device, dtype=dtype,
                               quantization=quantization, load_format=load_format,
-                              max_model_len=max_model_len, seed=seed),
+                              max_model_len=max_model_len, seed=seed,
+                              generation_config=generation_config),
             cache=CacheConfig(block_size=block_size, kv_cache_memory_bytes=kv_cache_memory_bytes,
                               num_gpu_blocks_override=num_gpu_blocks_override,
                               gpu_memory_utilization=gpu_memory_utilization,

@@ -17,6 +17,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy.admin import add_admin_routes
+from proxy.auth import require_api_key
 from proxy.bodies import PromptCounter
 from proxy.config import ProxyConfig
 from proxy.flows import FlowDeps
@@ -43,7 +44,7 @@ def _upstream_session(cfg: ProxyConfig) -> aiohttp.ClientSession:
     connector = aiohttp.TCPConnector(limit=cfg.max_upstream_connections, limit_per_host=0,
                                      keepalive_timeout=30.0)
     return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
-                                 headers=upstream_headers(cfg.kv_params_key),
+                                 headers=upstream_headers(cfg.kv_params_key, cfg.api_key),
                                  timeout=aiohttp.ClientTimeout(
                                      total=None, sock_connect=cfg.connect_timeout_s))
 
@@ -123,7 +124,7 @@ def make_app(cfg: ProxyConfig) -> web.Application:
     deps = FlowDeps(cfg=cfg, registry=registry, policies=policies, metrics=ProxyMetrics(),
                     background=BackgroundTasks())
     app = web.Application(client_max_size=cfg.max_request_body_bytes,
-                          middlewares=[openai_errors])
+                          middlewares=[require_api_key, openai_errors])
     app[STATE_KEY] = ProxyState(deps=deps, counter=PromptCounter(cfg.model, registry.model_name),
                                 kv_index=kv_index)
     app.cleanup_ctx.append(_sessions_ctx)

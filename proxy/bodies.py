@@ -48,6 +48,8 @@ class ClientRequest:
     """The prompt as the instances tokenize it (KV-aware routing hashes its blocks)."""
     cache_salt: str | None = None
     """The client's ``cache_salt``: the instances root the prompt's hash chain with it."""
+    want_timings: bool = False
+    """The client asked for ``disagg_timings`` (the proxy asks the instances either way)."""
 
 
 class PromptCounter:
@@ -151,7 +153,7 @@ def parse_request(endpoint: Endpoint, raw: bytes, counter: PromptCounter,
         ids = counter.chat_ids(req)
     return ClientRequest(endpoint, body, req.stream, len(ids),
                          DEFAULT_COMPLETION_MAX_TOKENS if max_tokens is None else max_tokens,
-                         tuple(ids), req.cache_salt)
+                         tuple(ids), req.cache_salt, want_timings=req.disagg_timings)
 
 
 def prefill_body(body: dict[str, Any], kv_params: dict[str, Any]) -> dict[str, Any]:

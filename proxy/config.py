@@ -50,6 +50,9 @@ class ProxyConfig:
     longest ago is dropped until that instance's next snapshot."""
     admin_key: str | None = None
     """Bearer key for the admin API; None disables the admin API."""
+    api_key: str | None = None
+    """Bearer key every client /v1/* request must carry (``--api-key``); it is also sent to
+    the instances, so ones started with the same key accept the proxy. None: open."""
     kv_params_key: str | None = None
     """Sent to every instance in header X-Disagg-KV-Key (instances started with the same
     ``--kv-params-key`` accept kv_transfer_params and KV aborts only with it); None: not sent."""
@@ -80,3 +83,6 @@ class ProxyConfig:
     """Largest request body a client may send."""
     access_log: bool = False
     """Log one line per request (off: 1,000 concurrent streams make it noise)."""
+    log_request_phases_sample_rate: float = 0.0
+    """Fraction (0-1) of answered requests that get one INFO line with their id and TTFT
+    phases (disagg/common/timings.py); 0: none."""

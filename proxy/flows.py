@@ -24,6 +24,7 @@ import aiohttp
 import msgspec
 
 from disagg.common.kv_transfer_params import KVParamsError, kv_params_to_json, parse_kv_params
+from disagg.common.timings import TIMINGS_FIELD
 from proxy.bodies import ClientRequest, decode_body, prefill_body
 from proxy.config import ProxyConfig, TransferMode
 from proxy.errors import ProxyError
@@ -32,6 +33,7 @@ from proxy.policies import Policy
 from proxy.registration import InstanceInfo
 from proxy.registry import Instance, Pool, Registry
 from proxy.scope import BackgroundTasks, RequestScope
+from proxy.timings import PhaseClock
 from proxy.upstream import OpenStream, Reply, UpstreamFailure, open_stream, post_json, with_deadline
 
 logger = logging.getLogger(__name__)
@@ -77,11 +79,14 @@ def _consume_result(task: asyncio.Future[Any]) -> None:
 class Flow:
     """Routes one client request; ``run()`` returns what the decode instance answered."""
 
-    def __init__(self, deps: FlowDeps, scope: RequestScope, req: ClientRequest) -> None:
+    def __init__(self, deps: FlowDeps, scope: RequestScope, req: ClientRequest,
+                 clock: PhaseClock | None = None) -> None:
         self._deps = deps
         self._cfg = deps.cfg
         self._scope = scope
         self._req = req
+        self.clock = clock if clock is not None else PhaseClock(want=req.want_timings)
+        """When each call went out and came back (proxy/timings.py)."""
 
     async def run(self) -> Result:
         """Pick the flow for this request and run it."""
@@ -89,6 +94,7 @@ class Flow:
         if threshold > 0 and self._req.num_prompt_tokens < threshold:
             self._deps.metrics.local_prefills += 1
             return await self._decode_with_retries(None, None)
+        self.clock.mode = self._cfg.mode.value
         if self._cfg.mode is TransferMode.READ:
             return await self._run_read()
         return await self._run_write()
@@ -118,16 +124,19 @@ class Flow:
     async def _prefill(self, p: Instance, kv_params: dict[str, Any]) -> Reply:
         """One prefill call (``max_tokens=1``, not streamed), its load counted on ``p``."""
         body = prefill_body(self._req.body, kv_params)
+        body[TIMINGS_FIELD] = True
         timeout = aiohttp.ClientTimeout(total=self._cfg.prefill_timeout_s,
                                         sock_connect=self._cfg.connect_timeout_s)
         registry, num_tokens = self._deps.registry, self._req.num_prompt_tokens
         registry.acquire(p, num_tokens)
         started_s = time.perf_counter()
+        self.clock.prefill_sent_s = time.monotonic()
         try:
             reply = await post_json(self._scope.session(p), p, self._req.endpoint.value, body,
                                     timeout)
         finally:
             registry.release(p, num_tokens)
+        self.clock.prefill_answered_s = time.monotonic()
         self._deps.metrics.prefill_latency_s.observe(time.perf_counter() - started_s)
         return reply
 
@@ -135,15 +144,19 @@ class Flow:
         """Send the decode request; return the whole reply, or the stream once it started."""
         cfg, path = self._cfg, self._req.endpoint.value
         body = decode_body(self._req.body, kv_params)
+        body[TIMINGS_FIELD] = True
         timeout = aiohttp.ClientTimeout(total=cfg.request_timeout_s,
                                         sock_connect=cfg.connect_timeout_s)
         self._scope.acquire(d, self._req.num_prompt_tokens + self._req.max_tokens)
+        self.clock.decode_sent_s = time.monotonic()
         try:
+            result: Result
             if not self._req.stream:
-                return await post_json(self._scope.session(d), d, path, body, timeout)
-            opening = open_stream(self._scope.session(d), d, path, body, timeout)
-            result: OpenStream = await with_deadline(opening, cfg.first_byte_timeout_s, d,
-                                                     "decode")
+                result = await post_json(self._scope.session(d), d, path, body, timeout)
+            else:
+                opening = open_stream(self._scope.session(d), d, path, body, timeout)
+                result = await with_deadline(opening, cfg.first_byte_timeout_s, d, "decode")
+            self.clock.decode_answered_s = time.monotonic()
             return result
         except BaseException:
             self._scope.release(d)
@@ -203,6 +216,7 @@ class Flow:
         """Prefill on ``p``; returns the ``kv_transfer_params`` P handed back."""
         reply = await self._prefill(p, {"transfer_id": transfer_id, "do_remote_decode": True,
                                         "mode": TransferMode.READ.value})
+        self.clock.prefill_reply, self.clock.transfer_id = reply, transfer_id
         return _returned_params(p, reply)
 
     async def _run_write(self) -> Result:
@@ -238,6 +252,7 @@ class Flow:
         p_task = self._deps.background.spawn(self._prefill(p, p_params),
                                              name=f"prefill-{transfer_id}")
         self._scope.own(p_task)
+        self.clock.prefill_task, self.clock.transfer_id = p_task, transfer_id
         d_task = asyncio.ensure_future(self._decode(d, d_params))
         d_task.add_done_callback(_consume_result)
         try:

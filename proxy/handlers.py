@@ -6,7 +6,6 @@ import asyncio
 import logging
 import time
 
-import msgspec
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
@@ -17,6 +16,7 @@ from proxy.metrics import Outcome
 from proxy.registry import Pool
 from proxy.relay import relay_stream
 from proxy.state import STATE_KEY, ProxyState
+from proxy.timings import PhaseClock
 from proxy.upstream import OpenStream, Reply, UpstreamRejected
 
 logger = logging.getLogger(__name__)
@@ -50,23 +50,10 @@ async def _read_body(request: web.Request) -> bytes:
         raise ProxyError(413, f"request body is over the proxy's limit of {limit} bytes") from None
 
 
-def _without_kv_params(body: bytes) -> bytes:
-    """D's answer minus ``kv_transfer_params``: internal addresses, and a monolithic
-    instance's answer has none."""
-    if b'"kv_transfer_params"' not in body:
-        return body
-    try:
-        data = msgspec.json.decode(body)
-    except (msgspec.MsgspecError, RecursionError):
-        return body
-    if isinstance(data, dict):
-        data.pop("kv_transfer_params", None)
-    return msgspec.json.encode(data)
-
-
 async def _generate(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
     """Route one generation request through the pools and answer the client."""
     st: ProxyState = request.app[STATE_KEY]
+    clock = PhaseClock()
     started_s = time.perf_counter()
     scope = st.new_scope()
     outcome = Outcome.FAILED
@@ -75,14 +62,17 @@ async def _generate(request: web.Request, endpoint: Endpoint) -> web.StreamRespo
     try:
         req = parse_request(endpoint, await _read_body(request), st.counter,
                             st.registry.min_max_model_len())
-        result = await Flow(st.deps, scope, req).run()
+        clock.want = req.want_timings
+        result = await Flow(st.deps, scope, req, clock).run()
         if isinstance(result, Reply):
             scope.succeeded, outcome = True, Outcome.OK
             st.metrics.time_to_first_byte_s.observe(time.perf_counter() - started_s)
-            return web.Response(status=result.status, body=_without_kv_params(result.body),
+            body = await st.phases.answer_body(clock, result.body)
+            return web.Response(status=result.status, body=body,
                                 content_type=result.content_type)
         st.metrics.time_to_first_byte_s.observe(time.perf_counter() - started_s)
-        response, outcome = await relay_stream(request, result, st.cfg.stream_idle_timeout_s)
+        response, outcome = await relay_stream(request, result, st.cfg.stream_idle_timeout_s,
+                                               st.phases.stream(clock))
         scope.succeeded = outcome is Outcome.OK
         return response
     except ProxyError as exc:

@@ -76,6 +76,10 @@ def _add_proxy_args(parser: argparse.ArgumentParser) -> None:
     add("--kv-index-max-hashes", type=int, default=d.kv_index_max_hashes,
         help="block hashes the kv_aware index keeps over all instances (default %(default)s)")
     add("--admin-key", default=None, help="Bearer key enabling the /admin API")
+    add("--api-key", default=None,
+        help="clients' /v1/* requests must send 'Authorization: Bearer KEY' (env "
+             "DISAGG_API_KEY or VLLM_API_KEY); also sent to the instances, which need not "
+             "have one")
     add("--kv-params-key", default=None,
         help="secret sent to instances in header X-Disagg-KV-Key (their --kv-params-key; "
              "env DISAGG_KV_PARAMS_KEY); --launch makes a random one when none is given")
@@ -88,6 +92,9 @@ def _add_proxy_args(parser: argparse.ArgumentParser) -> None:
     add("--max-prefill-attempts", type=int, default=d.max_prefill_attempts)
     add("--max-decode-attempts", type=int, default=d.max_decode_attempts)
     add("--access-log", action="store_true", help="log one line per request")
+    add("--log-request-phases-sample-rate", type=float, default=0.0, metavar="FRACTION",
+        help="log one line with the id and TTFT phases of this fraction (0-1) of requests "
+             "(default %(default)s: none)")
 
 
 def _add_launch_args(parser: argparse.ArgumentParser) -> None:
@@ -145,6 +152,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error(f"--port {args.port} is not a TCP port")
     if args.local_prefill_threshold < 0 or (args.gpus_per_instance or 1) < 1:
         parser.error("--local-prefill-threshold must be >= 0 and --gpus-per-instance >= 1")
+    if not 0 <= args.log_request_phases_sample_rate <= 1:
+        parser.error("--log-request-phases-sample-rate must be between 0 and 1")
     _check_parallel_args(parser, args)
     args.kv_extra = _kv_extra(parser, args)
     return args
@@ -213,6 +222,7 @@ def proxy_config(args: argparse.Namespace) -> ProxyConfig:
         registration_address=args.registration_address,
         max_missed_heartbeats=args.max_missed_heartbeats,
         kv_index_max_hashes=args.kv_index_max_hashes, admin_key=args.admin_key,
+        api_key=args.api_key or envs.api_key(),
         kv_params_key=kv_params_key(args),
         health_check_interval_s=args.health_check_interval_s,
         unhealthy_after_failures=args.unhealthy_after_failures,
@@ -221,7 +231,8 @@ def proxy_config(args: argparse.Namespace) -> ProxyConfig:
         stream_idle_timeout_s=args.stream_idle_timeout_s,
         request_timeout_s=args.request_timeout_s,
         max_prefill_attempts=args.max_prefill_attempts,
-        max_decode_attempts=args.max_decode_attempts, access_log=args.access_log)
+        max_decode_attempts=args.max_decode_attempts, access_log=args.access_log,
+        log_request_phases_sample_rate=args.log_request_phases_sample_rate)
 
 
 def launch_config(args: argparse.Namespace, kv_params_key: str | None = None) -> LaunchConfig:

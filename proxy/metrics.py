@@ -7,6 +7,7 @@ import enum
 from collections import Counter
 from dataclasses import dataclass, field
 
+from disagg.common.timings import PHASES
 from proxy.kv_index import KVIndex
 from proxy.registry import Instance, InstanceState
 
@@ -43,14 +44,16 @@ class Histogram:
         self.total += value
         self.num += 1
 
-    def render(self, name: str) -> list[str]:
-        """Exposition lines for this histogram."""
+    def render(self, name: str, labels: str = "") -> list[str]:
+        """Exposition lines for this histogram; ``labels`` (``phase="x"``) goes in each."""
         lines, running = [], 0
+        sep = "," if labels else ""
         for bound, count in zip(self.buckets, self.counts, strict=False):
             running += count
-            lines.append(f'{name}_bucket{{le="{bound}"}} {running}')
-        lines.append(f'{name}_bucket{{le="+Inf"}} {self.num}')
-        lines += [f"{name}_sum {self.total}", f"{name}_count {self.num}"]
+            lines.append(f'{name}_bucket{{{labels}{sep}le="{bound}"}} {running}')
+        lines.append(f'{name}_bucket{{{labels}{sep}le="+Inf"}} {self.num}')
+        tail = f"{{{labels}}}" if labels else ""
+        lines += [f"{name}_sum{tail} {self.total}", f"{name}_count{tail} {self.num}"]
         return lines
 
 
@@ -67,10 +70,23 @@ class ProxyMetrics:
     prefill_latency_s: Histogram = field(default_factory=Histogram)
     registration_dropped: Counter[str] = field(default_factory=Counter)
     """Registration frames dropped, by reason (proxy/registration.py, unknown_instance)."""
+    ttft_s: Histogram = field(default_factory=Histogram)
+    """Received -> first token handed to the client (disagg/common/timings.py)."""
+    phase_s: dict[str, Histogram] = field(
+        default_factory=lambda: {name: Histogram() for name in PHASES})
+    """TTFT by phase (disagg/common/timings.py), each request once."""
 
     def count_request(self, route: str, outcome: Outcome) -> None:
         """One finished client request."""
         self.requests[(route, outcome.value)] += 1
+
+    def observe_phases(self, ttft_s: float | None, phases: dict[str, float | None]) -> None:
+        """One answered request's TTFT and phases (None: not known, not observed)."""
+        if ttft_s is not None:
+            self.ttft_s.observe(ttft_s)
+        for name, value in phases.items():
+            if value is not None:
+                self.phase_s[name].observe(value)
 
     def render(self, instances: list[Instance], kv_index: KVIndex | None = None) -> str:
         """The full Prometheus text."""
@@ -90,6 +106,14 @@ class ProxyMetrics:
                   *self.time_to_first_byte_s.render("disagg_proxy_time_to_first_byte_seconds"),
                   "# TYPE disagg_proxy_prefill_seconds histogram",
                   *self.prefill_latency_s.render("disagg_proxy_prefill_seconds"),
+                  "# TYPE disagg_proxy_time_to_first_token_seconds histogram",
+                  *self.ttft_s.render("disagg_proxy_time_to_first_token_seconds"),
+                  "# HELP disagg_proxy_request_phase_seconds Time to first token by phase "
+                  "(proxy_queue, prefill_queue, prefill_compute, kv_transfer, "
+                  "decode_admission, first_token; they sum to the TTFT)",
+                  "# TYPE disagg_proxy_request_phase_seconds histogram",
+                  *(line for name, hist in self.phase_s.items() for line in hist.render(
+                      "disagg_proxy_request_phase_seconds", f'phase="{name}"')),
                   "# TYPE disagg_proxy_registration_dropped_total counter"]
         lines += [f'disagg_proxy_registration_dropped_total{{reason="{r}"}} {n}'
                   for r, n in sorted(self.registration_dropped.items())]

@@ -12,6 +12,7 @@ from aiohttp import web
 from disagg.common.sse import SSE_HEADERS, SSEFramingError, is_done
 from proxy.errors import error_event
 from proxy.metrics import Outcome
+from proxy.timings import StreamTimings
 from proxy.upstream import OpenStream
 
 logger = logging.getLogger(__name__)
@@ -40,9 +41,11 @@ async def _next_chunk(stream: OpenStream, idle_timeout_s: float) -> bytes:
                           f"{exc!r}") from None
 
 
-async def _pump(client: web.StreamResponse, stream: OpenStream, idle_timeout_s: float) -> bool:
+async def _pump(client: web.StreamResponse, stream: OpenStream, idle_timeout_s: float,
+                timings: StreamTimings | None) -> bool:
     """Copy events until the upstream ends; True when the stream ended with [DONE]
-    (``stream.saw_done`` is set as soon as the upstream sends it)."""
+    (``stream.saw_done`` is set as soon as the upstream sends it). ``timings`` rewrites the
+    event that carries the decode's timings."""
     while True:
         chunk = await _next_chunk(stream, idle_timeout_s)
         if not chunk:
@@ -53,11 +56,14 @@ async def _pump(client: web.StreamResponse, stream: OpenStream, idle_timeout_s: 
             raise StreamBroke(f"decode instance {stream.inst.url}: {exc}") from None
         if events:
             stream.saw_done = stream.saw_done or is_done(events[-1])
+            if timings is not None:
+                events = await timings.events(events)
             await client.write(b"".join(events))
 
 
-async def relay_stream(request: web.Request, stream: OpenStream,
-                       idle_timeout_s: float) -> tuple[web.StreamResponse, Outcome]:
+async def relay_stream(request: web.Request, stream: OpenStream, idle_timeout_s: float,
+                       timings: StreamTimings | None = None
+                       ) -> tuple[web.StreamResponse, Outcome]:
     """Send the stream's first events, then the rest; the upstream response is always closed.
 
     A client that goes away raises out of ``write``: CLIENT_GONE, and the caller's scope
@@ -67,9 +73,13 @@ async def relay_stream(request: web.Request, stream: OpenStream,
     client = web.StreamResponse(status=stream.response.status, headers=SSE_HEADERS)
     try:
         await client.prepare(request)
-        await client.write(stream.first_events)
+        first = stream.first_events
+        if timings is not None:
+            timings.relaying()
+            first = await timings.joined(first)
+        await client.write(first)
         try:
-            complete = await _pump(client, stream, idle_timeout_s)
+            complete = await _pump(client, stream, idle_timeout_s, timings)
         except StreamBroke as exc:
             logger.warning("%s", exc)
             await client.write(error_event(502, str(exc)))
@@ -79,4 +89,6 @@ async def relay_stream(request: web.Request, stream: OpenStream,
         return client, Outcome.OK if stream.saw_done else Outcome.CLIENT_GONE
     finally:
         stream.response.close()
+        if timings is not None:
+            timings.close()
     return client, Outcome.OK if complete else Outcome.FAILED

@@ -15,6 +15,7 @@ from proxy.kv_index import KVIndex
 from proxy.metrics import ProxyMetrics
 from proxy.registry import Pool, Registry
 from proxy.scope import BackgroundTasks, RequestScope
+from proxy.timings import PhaseReporter
 
 
 @dataclass(slots=True, eq=False)
@@ -49,6 +50,11 @@ class ProxyState:
     def background(self) -> BackgroundTasks:
         """Tasks that outlive a request."""
         return self.deps.background
+
+    @property
+    def phases(self) -> PhaseReporter:
+        """Observes (and samples into the log) each answered request's TTFT phases."""
+        return PhaseReporter(self.metrics, self.cfg.log_request_phases_sample_rate)
 
     def new_scope(self) -> RequestScope:
         """Bookkeeping for one client request."""

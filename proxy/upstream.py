@@ -27,10 +27,13 @@ ABORT_PATH = "/v1/kv_transfer/abort"
 INFO_PATH = "/instance_info"
 
 
-def upstream_headers(kv_params_key: str | None) -> dict[str, str]:
-    """Headers every call to an instance carries: the KV params key, when configured (set on
-    each pool's session, so posts, streams, aborts and probes all send it)."""
-    return {} if kv_params_key is None else {KV_KEY_HEADER: kv_params_key}
+def upstream_headers(kv_params_key: str | None, api_key: str | None = None) -> dict[str, str]:
+    """Headers every call to an instance carries: the KV params key and the API key, when
+    configured (set on each pool's session, so posts, streams, aborts and probes send them)."""
+    headers = {} if kv_params_key is None else {KV_KEY_HEADER: kv_params_key}
+    if api_key is not None:
+        headers["Authorization"] = f"Bearer {api_key}"
+    return headers
 
 
 class UpstreamFailure(Exception):

@@ -34,6 +34,9 @@ class ModelConfig:
     """Seed for dummy weights and for requests without their own seed."""
     max_model_len: int | None = None
     """Requested context length; None = the model's own, -1 = auto-fit to the KV cache."""
+    generation_config: str = "auto"
+    """auto | vllm | a path: whose generation_config.json gives EOS ids and sampling defaults
+    (disagg/common/generation_config.py)."""
 
     def __post_init__(self) -> None:
         if self.quantization not in (None, "fp8"):

@@ -94,6 +94,12 @@ def kv_params_key() -> str | None:
     return os.environ.get(KV_PARAMS_KEY_ENV) or None
 
 
+def api_key() -> str | None:
+    """The key ``/v1/*`` requests must send as a Bearer token (as ``--api-key``):
+    ``DISAGG_API_KEY``, else vLLM's ``VLLM_API_KEY``."""
+    return os.environ.get("DISAGG_API_KEY") or os.environ.get("VLLM_API_KEY") or None
+
+
 def rank_kv_bytes_for_tests() -> dict[int, int]:
     """TEST-ONLY: per-rank KV budgets, ``DISAGG_TEST_RANK_KV_BYTES="0:8MiB,1:4MiB"``, so tests
     can make DP ranks auto-fit to different max_model_len. Never set it in production."""

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import msgspec
 
+from disagg.common.generation_config import SamplingDefaults
 from disagg.common.kv_transfer_params import (
     KVParamsError,
     KVTransferParams,
@@ -37,6 +38,7 @@ MAX_COUNT = 2**31 - 1
 MAX_N = 128
 MAX_CACHE_SALT_CHARS = 1024
 MAX_STOP_STRING_CHARS = 1024
+MAX_DETOKENIZE_TOKENS = 1 << 20
 KV_KEY_HEADER = "X-Disagg-KV-Key"
 """Header carrying ``--kv-params-key`` from the proxy to an instance."""
 
@@ -83,8 +85,9 @@ class StreamOptions(msgspec.Struct):
 class _Common(msgspec.Struct, kw_only=True):
     model: str | None = None
     temperature: Temperature | None = None
-    top_p: TopP = 1.0
-    top_k: TopK = 0
+    top_p: TopP | None = None
+    """None: the model's generation_config.json default, else 1.0 (as temperature, top_k)."""
+    top_k: TopK | None = None
     n: N = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -98,6 +101,9 @@ class _Common(msgspec.Struct, kw_only=True):
     kv_transfer_params: dict[str, Any] | None = None
     return_token_ids: bool = False
     """Extension: include prompt and output token ids in the response."""
+    disagg_timings: bool = False
+    """Extension: include the request's phase timings (``disagg_timings``, defined in
+    disagg/common/timings.py) in the response, or in a stream's last chunk."""
     user: str | None = None
     cache_salt: CacheSalt | None = None
     """Only requests with the same salt share prefix-cache blocks (vLLM's field)."""
@@ -166,6 +172,25 @@ class KVAbortRequest(msgspec.Struct):
     transfer_id: TransferId
 
 
+class TokenizeRequest(msgspec.Struct, kw_only=True):
+    """POST /tokenize (vLLM's shapes): exactly one of ``prompt`` and ``messages``."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None
+    """None: true for a prompt (BOS, as a completion gets it), false for messages (the chat
+    template writes its own), so the ids are what a generation request would prefill."""
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(msgspec.Struct, kw_only=True):
+    """POST /detokenize (vLLM's shape)."""
+
+    model: str | None = None
+    tokens: Annotated[list[TokenId], msgspec.Meta(max_length=MAX_DETOKENIZE_TOKENS)]
+
+
 # A JSON string (escapes included), skipped when measuring nesting: brackets in text do not nest.
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _INNERMOST_PAIR = re.compile(rb"\[\]|\{\}")
@@ -203,6 +228,7 @@ def _too_deep() -> ApiError:
 _BOUND_WORDS = {">=": "at least", "<=": "at most", ">": "greater than", "<": "less than"}
 _BOUND = re.compile(r"^Expected `\w+` (>=|<=|>|<) (\S+) - at `\$\.(\w+)`$")
 _PATH = re.compile(r" - at `\$\.(\w+)")
+_MISSING = re.compile(r"^Object missing required field `(\w+)`$")
 
 
 def validation_error(exc: msgspec.ValidationError) -> ApiError:
@@ -212,7 +238,7 @@ def validation_error(exc: msgspec.ValidationError) -> ApiError:
     if bound is not None:
         op, limit, field = bound.groups()
         return ApiError(400, f"{field} must be {_BOUND_WORDS[op]} {limit}", param=field)
-    path = _PATH.search(text)
+    path = _PATH.search(text) or _MISSING.search(text)
     return ApiError(400, f"invalid request: {text}", param=path.group(1) if path else None)
 
 
@@ -339,24 +365,61 @@ def completion_prompt_ids(req: CompletionRequest, tok: Tokenizer) -> list[int]:
     return list(prompt)
 
 
-def chat_prompt_ids(req: ChatCompletionRequest, tok: Tokenizer) -> list[int]:
-    """Render the chat template and tokenize it."""
-    if not req.messages:
+def _plain_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """The messages as the chat template takes them (text parts joined)."""
+    if not messages:
         raise ApiError(400, "messages must not be empty", param="messages")
     msgs = []
-    for m in req.messages:
+    for m in messages:
         content = m.content
         if isinstance(content, list):
             content = "".join(p.text or "" for p in content if p.type == "text")
         msgs.append({"role": m.role, "content": content or ""})
+    return msgs
+
+
+def chat_prompt_ids(req: ChatCompletionRequest, tok: Tokenizer) -> list[int]:
+    """Render the chat template and tokenize it."""
+    return tok.chat_ids(_plain_messages(req.messages))
+
+
+def tokenize_ids(req: TokenizeRequest, tok: Tokenizer) -> list[int]:
+    """The ids of a /tokenize request: its prompt, or its rendered chat; 400 unless exactly one
+    of the two is given or when a message has non-text parts."""
+    if (req.prompt is None) == (req.messages is None):
+        raise ApiError(400, "give exactly one of 'prompt' and 'messages'", param="prompt")
+    if req.prompt is not None:
+        return tok.encode(req.prompt, add_special_tokens=req.add_special_tokens is not False)
+    assert req.messages is not None
+    for m in req.messages:
+        for part in m.content if isinstance(m.content, list) else ():
+            if part.type != "text":
+                raise ApiError(400, f"content parts of type {part.type!r} are not supported",
+                               param="messages")
+    msgs = _plain_messages(req.messages)
+    if req.add_special_tokens:
+        return tok.encode(tok.apply_chat_template(msgs), add_special_tokens=True)
     return tok.chat_ids(msgs)
 
 
+def check_token_ids(ids: list[int], tok: Tokenizer, param: str) -> None:
+    """400 for an id outside the tokenizer's vocabulary."""
+    bad = [t for t in ids if t >= tok.vocab_size]
+    if bad:
+        raise ApiError(400, f"token id {bad[0]} is out of range [0, {tok.vocab_size})",
+                       param=param)
+
+
 def sampling_params(req: CompletionRequest | ChatCompletionRequest, num_prompt_tokens: int,
-                    max_model_len: int) -> SamplingParams:
-    """Build validated SamplingParams; a prompt + max_tokens over max_model_len is a 400."""
+                    max_model_len: int,
+                    defaults: SamplingDefaults = SamplingDefaults()) -> SamplingParams:
+    """Build validated SamplingParams; a prompt + max_tokens over max_model_len is a 400.
+    Fields the request omits take ``defaults`` (the model's generation config), then the
+    API's own defaults."""
     check_request(req)
     max_tokens = requested_max_tokens(req)
+    if max_tokens is None and defaults.max_tokens is not None:
+        max_tokens = min(defaults.max_tokens, max(1, max_model_len - num_prompt_tokens))
     if isinstance(req, ChatCompletionRequest):
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
     else:
@@ -371,8 +434,10 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest, num_prompt_t
                        code="context_length_exceeded")
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     sp = SamplingParams(max_tokens=max_tokens,
-                        temperature=1.0 if req.temperature is None else req.temperature,
-                        top_p=req.top_p, top_k=max(req.top_k, 0), seed=req.seed, stop=stop,
+                        temperature=_pick(req.temperature, defaults.temperature, 1.0),
+                        top_p=_pick(req.top_p, defaults.top_p, 1.0),
+                        top_k=max(_pick(req.top_k, defaults.top_k, 0), 0), seed=req.seed,
+                        stop=stop,
                         stop_token_ids=tuple(req.stop_token_ids or ()),
                         ignore_eos=req.ignore_eos, logprobs=logprobs, min_tokens=req.min_tokens)
     try:
@@ -380,3 +445,10 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest, num_prompt_t
     except ValueError as exc:
         raise ApiError(400, str(exc)) from exc
     return sp
+
+
+def _pick(given: Any, model_default: Any, api_default: Any) -> Any:
+    """The request's value, else the model's default, else the API's."""
+    if given is not None:
+        return given
+    return api_default if model_default is None else model_default

@@ -25,6 +25,7 @@ import msgspec
 from disagg.common.kv_transfer_params import KVTransferParams
 from disagg.common.pause import PauseMode, RankPauseState
 from disagg.common.sampling_params import SamplingParams
+from disagg.common.timings import EngineTimings
 
 PROTOCOL_VERSION = "disagg-1"
 
@@ -166,6 +167,9 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     num_cached_tokens: int = 0
     """With the finish: prompt tokens this instance took from its prefix cache (not computed
     and not transferred): OpenAI's ``usage.prompt_tokens_details.cached_tokens``."""
+    timings: EngineTimings | None = None
+    """With a request's first output: its queue, compute and KV-transfer durations
+    (disagg/common/timings.py)."""
 
 
 class EngineStats(msgspec.Struct, kw_only=True):

@@ -121,9 +121,15 @@ class HFTokenizer:
 
 
 def get_tokenizer(model: str) -> Tokenizer:
-    """``builtin:*`` -> ByteTokenizer; a directory with tokenizer files -> HFTokenizer."""
+    """``builtin:*`` -> ByteTokenizer; a directory (or a Hugging Face id in the local cache)
+    with tokenizer files -> HFTokenizer; anything else -> IdTokenizer (callers that must not
+    fall back resolve the name first: disagg/common/hf_cache.py resolve_model)."""
     if model.startswith("builtin:"):
         return ByteTokenizer()
+    if not os.path.isdir(model):
+        from disagg.common.hf_cache import cached_snapshot
+
+        model = cached_snapshot(model) or model
     has_files = os.path.isdir(model) and any(
         os.path.exists(os.path.join(model, f))
         for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))

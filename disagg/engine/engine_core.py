@@ -10,11 +10,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 import uuid
 from collections import deque
 from typing import Any
 
 from disagg.common.config import ConfigError, EngineConfig
+from disagg.common.generation_config import eos_ids, load_generation_config
 from disagg.common.protocol import (
     EngineCoreOutput,
     EngineCoreReadyResponse,
@@ -32,6 +34,7 @@ from disagg.engine.model_runner import ModelRunner, resolve_device, resolve_dtyp
 from disagg.engine.request import FINISH_REASONS, Request, RequestStatus
 from disagg.engine.scheduler import Scheduler
 from disagg.engine.tp import TPGroup, TPWorkerError
+from disagg.models.arch import ArchConfig, check_sliding_window
 from disagg.models.expert_parallel import EPContext
 from disagg.models.loader import resolve_arch
 from disagg.models.parallel import check_tp
@@ -49,10 +52,13 @@ class EngineCore:
         self.cfg = cfg
         self.engine_id = engine_id or f"engine-{uuid.uuid4().hex[:8]}"
         self.arch = arch = resolve_arch(cfg.model.model)
+        self.eos_token_ids = model_eos_ids(arch, cfg.model.model, cfg.model.generation_config)
         self.device = resolve_device(cfg.model.device)
         self.dtype = resolve_dtype(cfg.model.dtype, self.device, arch)
         model_max = arch.max_position_embeddings
         requested = cfg.model.max_model_len
+        if requested != -1:  # before any weight loads; an auto-fitted length is checked later
+            check_sliding_window(arch, requested or model_max)
         tp_size = cfg.parallel.tensor_parallel_size
         self.tp: TPGroup | None = None
         if tp_size > 1:
@@ -83,6 +89,7 @@ class EngineCore:
             block_size=cfg.cache.block_size,
             num_blocks_override=cfg.cache.num_gpu_blocks_override,
             requested_max_model_len=requested, model_max_len=model_max)
+        check_sliding_window(self.arch, self.plan.max_model_len)
         if tp is not None:
             tp.post_all("allocate", self.plan.num_blocks, self.plan.max_model_len)
         kv_cache = self.runner.allocate_kv_cache(self.plan.num_blocks)
@@ -160,7 +167,7 @@ class EngineCore:
                     f"({msg.sampling_params.max_tokens}) exceeds max_model_len "
                     f"{self.plan.max_model_len}")
         req = Request(msg.request_id, list(msg.prompt_token_ids), msg.sampling_params,
-                      None if msg.sampling_params.ignore_eos else self._eos_id(),
+                      () if msg.sampling_params.ignore_eos else self.eos_token_ids,
                       kv_transfer_params=msg.kv_transfer_params, cache_salt=msg.cache_salt)
         if hold:
             self.scheduler.requests[req.request_id] = req
@@ -196,10 +203,6 @@ class EngineCore:
         for req in victims:
             self.scheduler.finish(req, RequestStatus.FINISHED_ERROR, error)
         return len(victims)
-
-    def _eos_id(self) -> int | None:
-        eos = self.arch.eos_token_id
-        return eos[0] if isinstance(eos, list) else eos
 
     def abort(self, request_ids: list[str]) -> None:
         """Abort requests wherever they are."""
@@ -244,6 +247,10 @@ class EngineCore:
             return
         out = self.connector.update_connector_output()
         self._settled.update(out.producer_settled)
+        for rid, posted_s, done_s in out.transfer_times:  # a finished WRITE prefill: _awaiting
+            req = self.scheduler.requests.get(rid) or self._awaiting.get(rid)
+            if req is not None:
+                req.times.kv_posted_s, req.times.kv_done_s = posted_s, done_s
         self.scheduler.apply_connector_output(out)
 
     def step(self) -> list[EngineCoreOutput]:
@@ -309,6 +316,7 @@ class EngineCore:
         finished = self._answerable(self.scheduler.take_finished())
         touched = [r for r in touched if not r.awaiting_transfer]
         seen: set[str] = set()
+        now = time.monotonic()
         for req in [*touched, *finished]:
             if req.request_id in seen:
                 continue
@@ -322,7 +330,8 @@ class EngineCore:
             outputs.append(EngineCoreOutput(
                 req.request_id, new, reason, self._pending_logprobs.pop(req.request_id, None),
                 req.kv_transfer_params if reason else None, req.error, req.num_prompt_tokens,
-                req.num_cached_tokens if reason else 0))
+                req.num_cached_tokens if reason else 0,
+                None if req.times.reported else req.times.report(req.arrival_time, now)))
         for req in finished:
             self._sent.pop(req.request_id, None)
             self._pending_logprobs.pop(req.request_id, None)
@@ -397,6 +406,14 @@ class EngineCore:
             self.connector.close()
         if self.tp is not None:
             self.tp.close()
+
+
+def model_eos_ids(arch: ArchConfig, model: str, generation_config: str) -> tuple[int, ...]:
+    """Every id that ends generation: config.json's ``eos_token_id`` (an int or a list), then
+    those generation_config.json adds (vLLM's stop set with --generation-config auto)."""
+    ids = eos_ids(arch.eos_token_id, "config.json")
+    extra = load_generation_config(model, generation_config).eos_token_ids
+    return tuple(dict.fromkeys(ids + extra))
 
 
 def align_block_size(cfg: EngineConfig) -> EngineConfig:

@@ -64,6 +64,10 @@ class ConnectorOutput:
     (FinishAction.await_transfer); with an error the answer is that error."""
     free_holds: list[str] = field(default_factory=list)
     """Hold keys whose blocks go back to the free pool."""
+    transfer_times: list[tuple[str, float | None, float]] = field(default_factory=list)
+    """(request id, first post or None, done) of transfers that reached DONE on a side that
+    posted ops or received KV (time.monotonic instants): the request's KV-transfer time and
+    its wait after the KV arrived (disagg/common/timings.py)."""
 
     def __bool__(self) -> bool:
         return bool(self.park or self.loaded or self.load_failed or self.producer_failed

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from disagg.common.kv_transfer_params import KVTransferParams
 from disagg.common.sampling_params import SamplingParams
+from disagg.engine.request_times import RequestTimes
 
 
 class RequestStatus(enum.Enum):
@@ -40,7 +41,9 @@ class Request:
     request_id: str
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
-    eos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+    """Ids that end generation unless ``ignore_eos`` (config.json's and generation_config's
+    ``eos_token_id`` lists; empty with ignore_eos)."""
     kv_transfer_params: KVTransferParams | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
@@ -62,6 +65,8 @@ class Request:
     awaiting_transfer: bool = False
     """Finished, but its answer waits until its KV transfer ends (a WRITE prefill: the proxy
     must learn from it whether the decode got the KV)."""
+    times: RequestTimes = field(default_factory=RequestTimes)
+    """First scheduled, first token, KV transfer: reported with its first output."""
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:
@@ -84,5 +89,7 @@ class Request:
 
     def append_token(self, token_id: int) -> None:
         """Record one sampled token."""
+        if not self.output_token_ids:
+            self.times.first_token_s = time.monotonic()
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)

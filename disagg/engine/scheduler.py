@@ -15,6 +15,7 @@ block's owner in answer to the connector (``apply_connector_output``).
 from __future__ import annotations
 
 import contextlib
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -220,6 +221,8 @@ class Scheduler:
             req.block_ids.extend(got)
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
+            if req.times.first_scheduled_s is None:
+                req.times.first_scheduled_s = time.monotonic()
             self.running.append(req)
             out.chunks.append(ScheduledChunk(req, n))
             budget -= n
@@ -310,7 +313,7 @@ class Scheduler:
         sp = req.sampling_params
         num_out = len(req.output_token_ids)
         if num_out >= sp.min_tokens:
-            if not sp.ignore_eos and token == req.eos_token_id:
+            if not sp.ignore_eos and token in req.eos_token_ids:
                 return RequestStatus.FINISHED_STOPPED
             if token in sp.stop_token_ids:
                 return RequestStatus.FINISHED_STOPPED

@@ -117,6 +117,10 @@ class ArchConfig:
     layers x block_size x latent (plus one pad element when the latent is odd)."""
     quant: QuantArch | None = None
     """The checkpoint's weight quantization; None: weights in a float dtype."""
+    sliding_window: int | None = None
+    """Tokens a query attends back over in the layers that use sliding-window attention
+    (Mistral-7B-v0.1: 4096); None: full attention everywhere. Not implemented: a context
+    longer than it is refused (check_sliding_window)."""
 
     @property
     def kv_bytes_per_token_per_elt(self) -> int:
@@ -164,7 +168,38 @@ def arch_from_hf_dict(cfg: dict[str, Any]) -> ArchConfig:
         moe=moe_arch_from_hf_dict(cfg),
         mla=mla,
         quant=quant_arch_from_hf_dict(cfg),
+        sliding_window=sliding_window_from_hf_dict(cfg),
     )
+
+
+def sliding_window_from_hf_dict(cfg: dict[str, Any]) -> int | None:
+    """The attention window a config.json turns on; None when every layer attends fully.
+    Qwen2/3 carry ``sliding_window`` with ``use_sliding_window: false`` (off); newer configs
+    name each layer's kind in ``layer_types``."""
+    window = cfg.get("sliding_window")
+    if window is None or not cfg.get("use_sliding_window", True):
+        return None
+    layer_types = cfg.get("layer_types")
+    if isinstance(layer_types, list) and "sliding_attention" not in layer_types:
+        return None
+    first_windowed = cfg.get("max_window_layers")  # Qwen2: layers from this index on
+    if isinstance(first_windowed, int) and first_windowed >= int(cfg.get("num_hidden_layers", 0)):
+        return None
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ConfigError(f"config.json sliding_window must be a positive integer or null, "
+                          f"got {window!r}")
+    return window
+
+
+def check_sliding_window(arch: ArchConfig, max_model_len: int) -> None:
+    """Refuse a context longer than the model's attention window: past it, full attention
+    (all this engine has) would differ from the model's. Up to it the two are the same."""
+    window = arch.sliding_window
+    if window is not None and max_model_len > window:
+        raise ConfigError(f"this {arch.model_type} model uses sliding-window attention "
+                          f"(sliding_window={window} in config.json), which disagg does not "
+                          f"support yet; serve it with --max-model-len {window} or less "
+                          f"(attention is then identical), not {max_model_len}")
 
 
 def quant_arch_from_hf_dict(cfg: dict[str, Any]) -> QuantArch | None:

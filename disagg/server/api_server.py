@@ -17,7 +17,9 @@ from typing import Any
 from aiohttp import web
 
 from disagg.common import envs
+from disagg.common.auth import API_KEY_MESSAGE, bearer_matches, needs_api_key
 from disagg.common.block_hash import model_seed
+from disagg.common.generation_config import SamplingDefaults
 from disagg.common.kv_transfer_params import kv_params_to_json
 from disagg.common.openai_api import (
     KV_KEY_HEADER,
@@ -34,13 +36,16 @@ from disagg.common.openai_api import (
 )
 from disagg.common.protocol import TokenLogprob
 from disagg.common.sse import DONE_EVENT, SSE_HEADERS, encode_event
+from disagg.common.timings import TIMINGS_FIELD, timings_dict
 from disagg.common.tokenizer import Tokenizer
 from disagg.common.version import __version__
 from disagg.server.admin import AdminApi
 from disagg.server.engine_client import EngineClient
 from disagg.server.metrics import ServerMetrics
 from disagg.server.metrics_render import render_instance_metrics
+from disagg.server.request_clock import RequestClock
 from disagg.server.serving import Delta, collect, generate
+from disagg.server.tokenization import TokenizeApi
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +58,23 @@ class ServerInfo:
     admin_key: str | None = None
     kv_params_key: str | None = field(default_factory=envs.kv_params_key)
     """When set, kv_transfer_params and KV aborts need header X-Disagg-KV-Key with it."""
+    api_key: str | None = None
+    """When set, every /v1/* request needs ``Authorization: Bearer`` it (--api-key)."""
+    model_aliases: tuple[str, ...] = ()
+    """More names the ``model`` field may give (--served-model-name A B: B here)."""
+    sampling_defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
+    """Defaults of omitted sampling fields from the model's generation_config.json."""
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        """Every name a request may use: the served names, then the model path."""
+        return (self.served_model_name, *self.model_aliases, self.model)
+
+    def check_model(self, name: str | None) -> None:
+        """404 for a ``model`` field naming another model (None: the served one)."""
+        if name is not None and name not in self.model_names:
+            raise ApiError(404, f"The model `{name}` does not exist; this server serves "
+                           f"`{self.served_model_name}`", code="model_not_found", param="model")
 
 
 logger = logging.getLogger(__name__)
@@ -79,6 +101,17 @@ def check_kv_key(request: web.Request) -> None:
 def json_error(err: ApiError) -> web.Response:
     """OpenAI-style error response."""
     return web.json_response(err.body(), status=err.status)
+
+
+@web.middleware
+async def api_key_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """401 for a /v1/* request without the --api-key Bearer token (when there is a key)."""
+    key = request.app[INFO].api_key
+    if key is not None and needs_api_key(request.path) and not bearer_matches(
+            request.headers.get("Authorization", ""), key):
+        return json_error(ApiError(401, API_KEY_MESSAGE, err_type="authentication_error",
+                                   code="invalid_api_key"))
+    return await handler(request)
 
 
 @web.middleware
@@ -121,6 +154,7 @@ class _Call:
         self.created = int(time.time())
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.object = "chat.completion" if chat else "text_completion"
+        self.clock = RequestClock()
 
     async def parse(self, request: web.Request) -> None:
         body = await request.read()
@@ -129,15 +163,14 @@ class _Call:
         if req.kv_transfer_params is not None:
             check_kv_key(request)
         info = self.app[INFO]
-        if req.model is not None and req.model not in (info.served_model_name, info.model):
-            raise ApiError(404, f"The model `{req.model}` does not exist; this server serves "
-                           f"`{info.served_model_name}`", code="model_not_found", param="model")
+        info.check_model(req.model)
         self.model = info.served_model_name
         self.prompt_ids = (chat_prompt_ids(req, self.tok) if self.chat
                            else completion_prompt_ids(req, self.tok))
         synced = self.engine.synced
         assert synced is not None
-        self.sp = sampling_params(req, len(self.prompt_ids), synced.max_model_len)
+        self.sp = sampling_params(req, len(self.prompt_ids), synced.max_model_len,
+                                  info.sampling_defaults)
         self.kv_params = kv_params(req)
 
     def usage(self, num_out: int, num_cached: int) -> dict[str, Any]:
@@ -147,7 +180,13 @@ class _Call:
 
     def deltas(self) -> AsyncGenerator[Delta, None]:
         return generate(self.engine, self.tok, self.app[METRICS], self.id, self.prompt_ids,
-                        self.sp, self.kv_params, self.req.cache_salt)
+                        self.sp, self.kv_params, self.req.cache_salt, self.clock)
+
+    def timings(self) -> dict[str, Any]:
+        """``{"disagg_timings": ...}`` when the request asked for it (else empty); the first
+        call marks the request answered (disagg/common/timings.py)."""
+        timings = self.clock.answered(self.app[METRICS])
+        return {TIMINGS_FIELD: timings_dict(timings)} if self.req.disagg_timings else {}
 
     def choice(self, text: str, ids: list[int], lps: list[TokenLogprob] | None,
                reason: str | None, stream: bool) -> dict[str, Any]:
@@ -172,7 +211,7 @@ async def _completions(request: web.Request, chat: bool) -> web.StreamResponse:
         "id": call.id, "object": call.object, "created": call.created, "model": call.model,
         "choices": [call.choice(res.text, res.token_ids, res.logprobs or None,
                                 res.finish_reason, False)],
-        "usage": call.usage(len(res.token_ids), res.num_cached_tokens)}
+        "usage": call.usage(len(res.token_ids), res.num_cached_tokens), **call.timings()}
     if call.req.return_token_ids:
         body["prompt_token_ids"] = call.prompt_ids
     if res.kv_transfer_params is not None:
@@ -188,18 +227,22 @@ async def _stream(request: web.Request, call: _Call) -> web.StreamResponse:
     obj = call.object + ".chunk" if call.chat else call.object
     head = {"id": call.id, "object": obj, "created": call.created, "model": call.model}
     num_out = num_cached = 0
+    opts = call.req.stream_options
+    with_usage = opts is not None and opts.include_usage
+    timings = call.timings()  # the first token goes out now; the last chunk carries them
     try:
         delta: Delta | None = first
         while delta is not None:
             num_out += len(delta.token_ids)
             num_cached = max(num_cached, delta.num_cached_tokens)
+            last = timings if delta.finish_reason is not None and not with_usage else {}
             await resp.write(encode_event({**head, "choices": [call.choice(
-                delta.text, delta.token_ids, delta.logprobs, delta.finish_reason, True)]}))
+                delta.text, delta.token_ids, delta.logprobs, delta.finish_reason, True)],
+                **last}))
             delta = await anext(deltas, None)
-        opts = call.req.stream_options
-        if opts is not None and opts.include_usage:
+        if with_usage:
             usage = call.usage(num_out, num_cached)
-            await resp.write(encode_event({**head, "choices": [], "usage": usage}))
+            await resp.write(encode_event({**head, "choices": [], "usage": usage, **timings}))
         await resp.write(DONE_EVENT)
     except ApiError as err:
         await resp.write(encode_event(err.body()))
@@ -223,8 +266,9 @@ async def models(request: web.Request) -> web.Response:
     info, synced = request.app[INFO], request.app[ENGINE].synced
     assert synced is not None
     return web.json_response({"object": "list", "data": [{
-        "id": info.served_model_name, "object": "model", "created": 0, "owned_by": "disagg",
-        "root": info.model, "max_model_len": synced.max_model_len}]})
+        "id": name, "object": "model", "created": 0, "owned_by": "disagg",
+        "root": info.model, "max_model_len": synced.max_model_len}
+        for name in (info.served_model_name, *info.model_aliases)]})
 
 
 async def health(request: web.Request) -> web.Response:
@@ -295,9 +339,16 @@ async def metrics(request: web.Request) -> web.Response:
                         content_type="text/plain")
 
 
+def _max_model_len(engine: EngineClient) -> int:
+    synced = engine.synced
+    assert synced is not None  # the app is built after the ready handshake
+    return synced.max_model_len
+
+
 def make_app(engine: EngineClient, tokenizer: Tokenizer, info: ServerInfo) -> web.Application:
     """Build the instance app around a started EngineClient."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=64 * 2**20)
+    app = web.Application(middlewares=[api_key_middleware, error_middleware],
+                          client_max_size=64 * 2**20)
     app[ENGINE], app[TOKENIZER], app[INFO], app[METRICS] = engine, tokenizer, info, \
         ServerMetrics()
     app.router.add_post("/v1/completions", completions)
@@ -312,5 +363,6 @@ def make_app(engine: EngineClient, tokenizer: Tokenizer, info: ServerInfo) -> we
     if envs.fault_injection():
         app.router.add_post("/v1/kv_faults", kv_faults)
     AdminApi(engine, info.admin_key).routes(app)
+    TokenizeApi(tokenizer, info.check_model, lambda: _max_model_len(engine)).routes(app)
     return app
 

@@ -20,6 +20,7 @@ def render_instance_metrics(engine: EngineClient, m: ServerMetrics, model: str) 
                      {"": m.generation_tokens})
     for hist in (m.ttft, m.tpot, m.e2e):
         lines += hist.render()
+    lines += m.phases.render()
     lines += gauge("disagg_num_requests_running", "Requests running",
                    sum(s.num_running for s in stats), lab)
     lines += gauge("disagg_num_requests_waiting", "Requests waiting",

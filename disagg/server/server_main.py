@@ -15,6 +15,7 @@ from aiohttp import web
 
 from disagg.common import envs
 from disagg.common.config import EngineConfig
+from disagg.common.generation_config import SamplingDefaults, load_generation_config
 from disagg.common.registration import InstanceInfo
 from disagg.common.tokenizer import get_tokenizer
 from disagg.server.api_server import ServerInfo, instance_info_dict, make_app
@@ -42,6 +43,19 @@ def _start_registrar(args: argparse.Namespace, engine: EngineClient, info: Serve
     return registrar
 
 
+def sampling_defaults(cfg: EngineConfig) -> SamplingDefaults:
+    """The model's generation-config defaults for omitted request fields, said once at start
+    (as vLLM does), with any it sets that disagg cannot apply."""
+    gen = load_generation_config(cfg.model.model, cfg.model.generation_config)
+    if gen.defaults.describe():
+        logger.info("default sampling parameters from the model's generation config: %s "
+                    "(--generation-config vllm ignores them)", gen.defaults.describe())
+    if gen.ignored:
+        logger.warning("the model's generation config sets %s, which disagg does not "
+                       "implement: not applied", ", ".join(gen.ignored))
+    return gen.defaults
+
+
 async def serve(cfg: EngineConfig, args: argparse.Namespace) -> int:
     """Run until SIGINT/SIGTERM or an engine core dies; returns the exit code."""
     engine = EngineClient(cfg, envs.engine_ready_timeout_s())
@@ -53,7 +67,10 @@ async def serve(cfg: EngineConfig, args: argparse.Namespace) -> int:
         return 2
     url = f"http://{args.host}:{args.port}"
     info = ServerInfo(cfg.model.served_model_name, cfg.model.model, url, args.admin_key,
-                      kv_params_key=args.kv_params_key or envs.kv_params_key())
+                      kv_params_key=args.kv_params_key or envs.kv_params_key(),
+                      api_key=args.api_key or envs.api_key(),
+                      model_aliases=tuple((args.served_model_name or [])[1:]),
+                      sampling_defaults=sampling_defaults(cfg))
     app = make_app(engine, get_tokenizer(cfg.model.model), info)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()

@@ -16,6 +16,7 @@ from disagg.server.detokenizer import IncrementalDetokenizer
 from disagg.server.engine_client import EngineClient
 from disagg.server.engine_health import EngineUnavailableError
 from disagg.server.metrics import ServerMetrics
+from disagg.server.request_clock import RequestClock
 
 
 @dataclass(slots=True)
@@ -61,8 +62,10 @@ def _dead_error(exc: Exception) -> ApiError:
 async def generate(engine: EngineClient, tok: Tokenizer, metrics: ServerMetrics,
                    request_id: str, prompt_ids: list[int], sp: SamplingParams,
                    kv_params: KVTransferParams | None,
-                   cache_salt: str | None = None) -> AsyncGenerator[Delta, None]:
-    """Submit and stream; aborts the engine request if the consumer stops early."""
+                   cache_salt: str | None = None,
+                   clock: RequestClock | None = None) -> AsyncGenerator[Delta, None]:
+    """Submit and stream; aborts the engine request if the consumer stops early. ``clock``
+    gets the first output's instant and the engine's timings."""
     start = time.monotonic()
     first: float | None = None
     num_out = 0
@@ -79,6 +82,8 @@ async def generate(engine: EngineClient, tok: Tokenizer, metrics: ServerMetrics,
             if isinstance(item, Exception):  # the engine died: an error, not a client abort
                 done = engine_done = True
                 raise _dead_error(item)
+            if clock is not None:
+                clock.on_output(item.timings)
             if item.finish_reason == "error":
                 done = engine_done = True
                 raise _engine_error(item.error or "the engine failed the request")

@@ -18,6 +18,10 @@ from aiohttp import web
 
 STATE = web.AppKey("state", dict)
 BYTES_PER_CHAR = 8
+PHASE_TIMINGS = {"mode": "read", "ttft_s": 0.01, "proxy_queue_s": 0.001, "prefill_queue_s": 0.002,
+                 "prefill_compute_s": 0.004, "kv_transfer_s": 0.001, "decode_admission_s": 0.001,
+                 "first_token_s": 0.001, "prefill": {"queue_s": 0.001}, "decode": None}
+"""What ``--phase-timings`` answers as ``disagg_timings`` (the proxy's shape)."""
 
 
 def _chunk(obj: dict) -> bytes:
@@ -43,15 +47,19 @@ async def _stream(request: web.Request, body: dict, chat: bool) -> web.StreamRes
         role = {"index": 0, "delta": {"role": "assistant", "content": ""}}
         await resp.write(_chunk({"object": "chat.completion.chunk", "choices": [role]}))
     await asyncio.sleep(cfg.ttft_delay_s)
+    timings = {"disagg_timings": PHASE_TIMINGS} \
+        if cfg.phase_timings and body.get("disagg_timings") else {}
+    with_usage = cfg.usage and body.get("stream_options", {}).get("include_usage")
     for i in range(num_tokens):
         if i:
             await asyncio.sleep(cfg.token_delay_s)
-        await resp.write(_chunk(_token_chunk(chat, i)))
-    if cfg.usage and body.get("stream_options", {}).get("include_usage"):
+        last = timings if i == num_tokens - 1 and not with_usage else {}
+        await resp.write(_chunk({**_token_chunk(chat, i), **last}))
+    if with_usage:
         usage = {"prompt_tokens": 1, "completion_tokens": num_tokens,
                  "total_tokens": num_tokens + 1}
         obj = "chat.completion.chunk" if chat else "text_completion"
-        await resp.write(_chunk({"object": obj, "choices": [], "usage": usage}))
+        await resp.write(_chunk({"object": obj, "choices": [], "usage": usage, **timings}))
     await resp.write(b"data: [DONE]\n\n")
     return resp
 
@@ -138,6 +146,8 @@ def main() -> None:
     p.add_argument("--fail-every", type=int, default=0)
     p.add_argument("--no-usage", dest="usage", action="store_false")
     p.add_argument("--no-record", dest="record", action="store_false")
+    p.add_argument("--phase-timings", action="store_true",
+                   help="answer disagg_timings (when asked) in the last chunk")
     asyncio.run(_serve(p.parse_args()))
 
 

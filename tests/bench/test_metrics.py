@@ -124,3 +124,18 @@ def test_max_concurrent_requests_counts_overlap():
 def test_peak_output_tokens_per_second_window():
     outs = [_ok(0.1, [0.1] * 4, start_s=0.0), _ok(0.1, [0.1] * 4, start_s=0.0)]
     assert max_output_tokens_per_s(outs, 0.0) == 10.0  # all 10 chunks within the first second
+
+
+def test_phase_stats_over_requests_that_carry_them():
+    outs = [_ok(0.1, [0.01]) for _ in range(5)]
+    for i, out in enumerate(outs[:4]):  # the fifth server answer had none
+        out.phases_s = {"ttft": 0.01 * (i + 1), "kv_transfer": 0.002}
+    failed = RequestOutput(success=False, phases_s={"ttft": 9.0, "kv_transfer": 9.0})
+    m = calculate_metrics([*outs, failed], 1.0, ALL, [99])
+    assert m["phase_timed_requests"] == 4 and m["phase_names"] == ["ttft", "kv_transfer"]
+    assert m["mean_phase_ttft_ms"] == pytest.approx(25.0)
+    assert m["p50_phase_ttft_ms"] == pytest.approx(25.0)
+    assert m["p90_phase_ttft_ms"] == pytest.approx(np.percentile([10, 20, 30, 40], 90))
+    assert m["p99_phase_kv_transfer_ms"] == pytest.approx(2.0)
+    assert "mean_ttft_ms" in m and m["mean_ttft_ms"] == pytest.approx(100.0)  # the client's
+    assert "phase_timed_requests" not in calculate_metrics(outs[4:], 1.0, ALL, [99])

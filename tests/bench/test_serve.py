@@ -197,3 +197,21 @@ def test_user_errors_give_one_line_and_exit_2(tmp_path, capsys, extra, message):
 def test_missing_model_is_a_usage_error(capsys):
     assert main([]) == 2
     assert "--model" in capsys.readouterr().err
+
+
+def test_an_uncached_hub_id_is_one_line_not_byte_ids(tmp_path, capsys, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))  # an empty cache
+    argv = _args("http://127.0.0.1:9", tmp_path)
+    argv[argv.index("--model") + 1] = "acme/not-cached"
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'acme/not-cached'" in err and "local cache" in err
+
+
+def test_results_jsonl_defaults_to_none():
+    from bench.serve_args import parse
+
+    args, _ = parse(["--model", "builtin:tiny"])
+    assert args.results_jsonl == ""

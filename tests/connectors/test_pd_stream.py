@@ -95,7 +95,7 @@ def pair(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Ite
 
 def _request(rid: str, n: int, params: dict[str, Any] | None) -> Request:
     return Request(rid, list(range(1, n + 1)), SamplingParams(max_tokens=1, temperature=0),
-                   None, kv_transfer_params=None if params is None else parse_kv_params(params))
+                   (), kv_transfer_params=None if params is None else parse_kv_params(params))
 
 
 def _write_producer(pair: Pair, rid: str, n: int, remote: list[int]) -> Request:

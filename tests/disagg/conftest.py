@@ -91,8 +91,9 @@ async def instance_client() -> AsyncIterator[InstanceClient]:
     clients: list[TestClient[Any, Any]] = []
 
     async def make(**info: Any) -> TestClient[Any, Any]:
-        server_info = ServerInfo(MODEL, MODEL, "http://127.0.0.1:0",
-                                 **{"kv_params_key": None, **info})
+        server_info = ServerInfo(**{"served_model_name": MODEL, "model": MODEL,
+                                    "http_url": "http://127.0.0.1:0", "kv_params_key": None,
+                                    **info})
         app = make_app(FakeEngine(), get_tokenizer(MODEL), server_info)  # type: ignore[arg-type]
         client = TestClient(TestServer(app))
         await client.start_server()

@@ -15,7 +15,12 @@ from typing import Any
 
 import pytest
 
-from disagg.common.openai_api import ChatCompletionRequest, CompletionRequest
+from disagg.common.openai_api import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
 
 
 def _load_fuzz_bodies() -> Any:
@@ -40,6 +45,8 @@ ENDPOINTS = {
                               "max_tokens": 2}, ChatCompletionRequest.__struct_fields__),
     "/v1/kv_transfer/abort": ({"transfer_id": "xfer-1"}, ("transfer_id",)),
     "/collective_rpc": ({"method": "stats"}, ("method", "args", "timeout")),
+    "/tokenize": ({"prompt": "hello"}, TokenizeRequest.__struct_fields__),
+    "/detokenize": ({"tokens": [104, 105]}, DetokenizeRequest.__struct_fields__),
 }
 
 

@@ -15,7 +15,7 @@ def make(num_blocks: int = 64, max_seqs: int = 8, max_tokens_step: int = 64,
 
 def req(rid: str, n_prompt: int, max_tokens: int = 4) -> Request:
     return Request(rid, list(range(1, n_prompt + 1)),
-                   SamplingParams(max_tokens=max_tokens, temperature=0), eos_token_id=None)
+                   SamplingParams(max_tokens=max_tokens, temperature=0), eos_token_ids=())
 
 
 def run_to_end(s: Scheduler, max_steps: int = 1000) -> list[int]:
@@ -89,7 +89,7 @@ def test_abort_frees_blocks_everywhere() -> None:
 def test_stop_token_and_eos() -> None:
     s = make()
     r = Request("e", [1, 2], SamplingParams(max_tokens=10, temperature=0, stop_token_ids=(9,)),
-                eos_token_id=5)
+                eos_token_ids=(5,))
     s.add_request(r)
     out = s.schedule()
     s.update_from_output(out, {"e": 9})

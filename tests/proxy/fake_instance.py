@@ -19,6 +19,7 @@ import json
 import os
 import signal
 import sys
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +50,33 @@ class Behavior:
     """As a decode, answer 500 when the KV is to come from this engine id."""
     linger_after_done_s: float = 0.0
     """In a stream, wait this long between ``data: [DONE]`` and the end of the response."""
+    queue_s: float = 0.0
+    """Wait this long as queueing (reported in ``disagg_timings``)."""
+    compute_s: float = 0.0
+    """Then this long as the prefill's compute."""
+    kv_transfer_s: float = 0.0
+    """On the side that moves the KV (READ decode, WRITE prefill): this long as the transfer,
+    before the compute (decode) or after it (prefill)."""
+    after_kv_s: float = 0.0
+    """A decode: this long between its KV in place and its first step."""
+
+
+@dataclass
+class FakeTimings:
+    """What a real instance reports as ``disagg_timings`` (disagg/common/timings.py)."""
+
+    received_s: float
+    queue_s: float = 0.0
+    compute_s: float = 0.0
+    kv_transfer_s: float | None = None
+    kv_to_scheduled_s: float | None = None
+
+    def report(self) -> dict[str, Any]:
+        """The object, with total_s ending now (the first token or the answer goes out)."""
+        total_s = time.monotonic() - self.received_s
+        return {"queue_s": self.queue_s, "compute_s": self.compute_s,
+                "output_s": total_s - self.queue_s - self.compute_s, "total_s": total_s,
+                "kv_transfer_s": self.kv_transfer_s, "kv_to_scheduled_s": self.kv_to_scheduled_s}
 
 
 def generated_tokens(prompt: str, max_tokens: int) -> list[str]:
@@ -152,6 +180,7 @@ class FakeInstance:
         return web.json_response({"aborted": True})
 
     async def _generate(self, request: web.Request) -> web.StreamResponse:
+        received_s = time.monotonic()
         body = await request.json()
         refused = self._key_refused(request, "kv_transfer_params" in body)
         if refused is not None:
@@ -175,9 +204,39 @@ class FakeInstance:
             return web.json_response({"error": err}, status=b.fail_status)
         tokens = generated_tokens(_prompt_text(body), int(body.get("max_tokens") or 16))
         chat = "messages" in body
+        timings = await self._phases(body, received_s)
         if body.get("stream"):
-            return await self._stream(request, body, tokens, chat)
-        return web.json_response(self._full_response(body, tokens, chat))
+            return await self._stream(request, body, tokens, chat, timings)
+        out = self._full_response(body, tokens, chat)
+        if body.get("disagg_timings"):
+            out["disagg_timings"] = timings.report()
+        return web.json_response(out)
+
+    async def _phases(self, body: dict[str, Any], received_s: float) -> FakeTimings:
+        """Sleep through the behaviour's queue, transfer and compute, timing each."""
+        b, t = self.behavior, FakeTimings(received_s)
+        params = body.get("kv_transfer_params") or {}
+        moves_kv = b.kv_transfer_s > 0 and (
+            (params.get("do_remote_prefill") and params.get("mode") == "read")
+            or (params.get("do_remote_decode") and params.get("mode") == "write"))
+        await asyncio.sleep(b.queue_s)
+        if moves_kv and params.get("do_remote_prefill"):
+            start_s = time.monotonic()
+            await asyncio.sleep(b.kv_transfer_s)
+            t.kv_transfer_s = time.monotonic() - start_s
+        if params.get("do_remote_prefill"):
+            start_s = time.monotonic()
+            await asyncio.sleep(b.after_kv_s)
+            t.kv_to_scheduled_s = time.monotonic() - start_s
+        t.queue_s = time.monotonic() - received_s
+        start_s = time.monotonic()
+        await asyncio.sleep(b.compute_s)
+        t.compute_s = time.monotonic() - start_s
+        if moves_kv and params.get("do_remote_decode"):
+            start_s = time.monotonic()
+            await asyncio.sleep(b.kv_transfer_s)
+            t.kv_transfer_s = time.monotonic() - start_s
+        return t
 
     def _full_response(self, body: dict[str, Any], tokens: list[str],
                        chat: bool) -> dict[str, Any]:
@@ -206,7 +265,7 @@ class FakeInstance:
         return out
 
     async def _stream(self, request: web.Request, body: dict[str, Any], tokens: list[str],
-                      chat: bool) -> web.StreamResponse:
+                      chat: bool, timings: FakeTimings) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         events = [self._chunk(t, chat, i == len(tokens) - 1) for i, t in enumerate(tokens)]
@@ -215,6 +274,9 @@ class FakeInstance:
                            "choices": [], "usage": {"prompt_tokens": 3,
                                                     "completion_tokens": len(tokens),
                                                     "total_tokens": 3 + len(tokens)}})
+        report = timings.report() if body.get("disagg_timings") else None
+        if report is not None:  # as a real instance: the last chunk carries them
+            events[-1]["disagg_timings"] = report
         try:
             for num_sent, event in enumerate(events):
                 if self.behavior.drop_after_events == num_sent:
