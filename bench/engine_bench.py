@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import sys
@@ -62,19 +63,25 @@ SHAPES: dict[str, dict[str, Any]] = {
 
 class _Cost:
     """Bytes a decode step reads and FLOPs a prefill does, from the model's shape: the weights
-    as loaded (fp8 ones at 1 byte; routed experts are bf16 in every case) and the KV cache at
-    ``kv_elt`` bytes per element."""
+    as loaded (``weight_bytes``; routed experts at ``expert_elt`` bytes per parameter: 1 when
+    fp8) and the KV cache at ``kv_elt`` bytes per element. FLOPs count parameters, whatever
+    their storage."""
 
-    def __init__(self, shape: str, weight_bytes: int, kv_elt: int = 2) -> None:
+    def __init__(self, shape: str, weight_bytes: int, kv_elt: int = 2,
+                 expert_elt: int = 2) -> None:
         from disagg.models.arch import arch_from_hf_dict
+        from disagg.models.loader import hf_param_shapes
 
         a = self.arch = arch_from_hf_dict(SHAPES[shape])
         self.kv_per_token = a.kv_bytes_per_token_per_elt * kv_elt
         moe = a.moe
-        self.expert_bytes = 3 * a.hidden_size * moe.intermediate_size * 2 if moe else 0
+        self.expert_params = 3 * a.hidden_size * moe.intermediate_size if moe else 0
+        self.expert_bytes = self.expert_params * expert_elt
         self.moe_layers = len(moe.layers) if moe else 0
-        self.dense_bytes = weight_bytes - self.moe_layers * (moe.num_experts if moe else 0) \
-            * self.expert_bytes
+        num_experts = moe.num_experts if moe else 0
+        self.dense_bytes = weight_bytes - self.moe_layers * num_experts * self.expert_bytes
+        total = sum(math.prod(s) for s in hf_param_shapes(a).values())
+        self.dense_params = total - self.moe_layers * num_experts * self.expert_params
 
     def experts_read(self, batch: int) -> float:
         """Expected distinct experts per MoE layer for ``batch`` tokens."""
@@ -94,13 +101,13 @@ class _Cost:
         """Matmul FLOPs: every active weight except the embedding and LM head (the last token
         only), plus causal attention."""
         a, moe = self.arch, self.arch.moe
-        embed = 2 * a.vocab_size * a.hidden_size * 2
-        active = self.dense_bytes - embed + (self.moe_layers * moe.top_k * self.expert_bytes
-                                             if moe else 0)
+        embed = (1 if a.tie_word_embeddings else 2) * a.vocab_size * a.hidden_size
+        active = self.dense_params - embed + (self.moe_layers * moe.top_k * self.expert_params
+                                              if moe else 0)
         qk, pv = (a.mla.qk_nope_head_dim + a.mla.qk_rope_head_dim, a.mla.v_head_dim) \
             if a.mla else (a.head_dim, a.head_dim)
         attn = 2 * a.num_layers * a.num_heads * (qk + pv) * tokens * tokens / 2
-        return 2 * active / 2 * tokens + attn
+        return 2 * active * tokens + attn
 
 
 def _ceilings() -> dict[str, float]:
@@ -167,7 +174,8 @@ def _decode(llm: Any, batch: int, context: int, steps: int) -> float:
 
 
 def _prefill(llm: Any, tokens: int) -> float:
-    """Seconds for one prefill step of ``tokens`` tokens (one sequence, max_tokens=1)."""
+    """Seconds for one prefill step of ``tokens`` tokens (one sequence, max_tokens=1); each
+    repetition's prompt is new, so the prefix cache holds none of it."""
     import torch
 
     from disagg.common.protocol import EngineCoreRequest
@@ -177,7 +185,8 @@ def _prefill(llm: Any, tokens: int) -> float:
     best = float("inf")
     for rep in range(3):
         eng.add_request(EngineCoreRequest(
-            request_id=f"pf-{rep}", prompt_token_ids=[(j * 13) % 30000 + 5 for j in range(tokens)],
+            request_id=f"pf-{rep}",
+            prompt_token_ids=[(j * 13 + 7919 * (rep + 1)) % 30000 + 5 for j in range(tokens)],
             sampling_params=SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)))
         torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -235,7 +244,8 @@ def _readme_cells(row: dict[str, Any]) -> dict[str, Any]:
     figures = {f"decode b{b}": f"{row[f'decode_b{b}']['tok_s']:.0f} tok/s "
                                f"({row[f'decode_b{b}']['ratio_to_roofline']:.2f}x roofline)"
                for b in (1, 64)}
-    figures["prefill 4k"] = f"{100 * row['prefill_4k']['ratio_to_matmul']:.0f}% of matmul"
+    if "prefill_4k" in row:
+        figures["prefill 4k"] = f"{100 * row['prefill_4k']['ratio_to_matmul']:.0f}% of matmul"
     if "throughput" in row:
         figures["offline"] = f"{row['throughput']['output_tok_s']:.0f} out tok/s"
     if "hf_generate_batch" in row and "throughput" in row:
@@ -351,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
         return _compare(args, model_dir, ceil)
     llm = _make_llm(model_dir, args.quantization, args.kv_cache_dtype)
     kv_elt = llm.engine.runner.kv_cache.element_size()
-    cost = _Cost(args.shape, _param_bytes(llm), kv_elt)
+    cost = _Cost(args.shape, _param_bytes(llm), kv_elt,
+                 expert_elt=1 if args.quantization == "fp8" else 2)
     flags = {k: v for k, v in (("quantization", args.quantization),
                                ("kv_cache_dtype", args.kv_cache_dtype)) if v not in (None, "auto")}
     row: dict[str, Any] = {"kind": "engine", "shape": args.shape, "ceilings": ceil,
