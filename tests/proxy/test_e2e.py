@@ -200,6 +200,8 @@ def _pids_serving(launcher_pid: int, url: str) -> list[int]:
             if "serve" in p.cmdline() and port in p.cmdline()]
 
 
+@pytest.mark.slow  # by default: restart policy with fake instances (test_launcher.py), retry
+# elsewhere on a failed prefill (test_flows.py), real instances killed (tests/connectors)
 def test_2p2d_spreads_load_and_survives_a_prefill_kill() -> None:
     with launch("--num-prefill", "2", "--num-decode", "2", "--on-instance-exit", "restart",
                 "--policy", "round_robin", timeout_s=180) as dep:
