@@ -149,3 +149,33 @@ def failure_message(result: CaseResult | None, case_id: str) -> str:
     if result is None:
         return f"{case_id}: the interpreter run reported nothing for this case"
     return f"{case_id}: max abs err {result.max_abs_err:.3g}; {result.detail}"
+
+
+def reference_tests(test_file: str | Path, cases: list[Case], gpu_cases: list[Case],
+                    run_case: Callable[[Case, str], CaseResult]) -> tuple[Any, Any, Any]:
+    """The three pieces every kernel test module binds at module level:
+
+        interpreted, test_matches_reference_in_interpreter, test_matches_reference_on_gpu = \\
+            reference_tests(__file__, CASES, GPU_CASES, run_case)
+
+    a module fixture running all ``cases`` once in a TRITON_INTERPRET=1 child process, one
+    test per case reading its result, and one GPU test (marked ``gpu``) per ``gpu_cases``."""
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def interpreted() -> dict[str, CaseResult]:
+        return interpreter_results(test_file)
+
+    @pytest.mark.parametrize("case", cases, ids=lambda c: c.id)
+    def test_matches_reference_in_interpreter(case: Case,
+                                              interpreted: dict[str, CaseResult]) -> None:
+        result = interpreted.get(case.id)
+        assert result is not None and result.ok, failure_message(result, case.id)
+
+    @pytest.mark.gpu
+    @pytest.mark.parametrize("case", gpu_cases, ids=lambda c: c.id)
+    def test_matches_reference_on_gpu(case: Case) -> None:
+        result = run_case(case, "cuda")
+        assert result.ok, failure_message(result, case.id)
+
+    return interpreted, test_matches_reference_in_interpreter, test_matches_reference_on_gpu

@@ -13,8 +13,7 @@ from kernel_testing import (
     Case,
     CaseResult,
     compare,
-    failure_message,
-    interpreter_results,
+    reference_tests,
     run_cases_main,
     same_signature,
 )
@@ -87,16 +86,8 @@ def run_case(case: Case, device: str = "cpu") -> CaseResult:
     return compare(case.id, y, fp8_gemm_ref(x, weight, scale), case.torch_dtype)
 
 
-@pytest.fixture(scope="module")
-def interpreted() -> dict[str, CaseResult]:
-    """All CASES run once in a TRITON_INTERPRET=1 child process."""
-    return interpreter_results(__file__)
-
-
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_matches_reference_in_interpreter(case: Case, interpreted: dict[str, CaseResult]):
-    result = interpreted.get(case.id)
-    assert result is not None and result.ok, failure_message(result, case.id)
+interpreted, test_matches_reference_in_interpreter, test_matches_reference_on_gpu = \
+    reference_tests(__file__, CASES, GPU_CASES, run_case)
 
 
 def test_launcher_takes_the_reference_signature():
@@ -135,12 +126,6 @@ def test_non_fp8_weight_is_a_clear_error():
     with pytest.raises(ValueError, match="must be fp8"):
         fp8_gemm(torch.zeros(2, 8), torch.zeros(4, 8), torch.ones(()))
 
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.id)
-def test_matches_reference_on_gpu(case: Case):
-    result = run_case(case, "cuda")
-    assert result.ok, failure_message(result, case.id)
 
 
 if __name__ == "__main__":

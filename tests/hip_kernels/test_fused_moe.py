@@ -16,7 +16,7 @@ from kernel_testing import (
     CaseResult,
     compare,
     failure_message,
-    interpreter_results,
+    reference_tests,
     run_cases_main,
     same_signature,
 )
@@ -160,16 +160,8 @@ def run_case(case: Case, device: str = "cpu") -> CaseResult:
     return compare(case.id, out, fused_moe_ref(*args), case.torch_dtype)
 
 
-@pytest.fixture(scope="module")
-def interpreted() -> dict[str, CaseResult]:
-    """All CASES run once in a TRITON_INTERPRET=1 child process."""
-    return interpreter_results(__file__)
-
-
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_matches_reference_in_interpreter(case: Case, interpreted: dict[str, CaseResult]):
-    result = interpreted.get(case.id)
-    assert result is not None and result.ok, failure_message(result, case.id)
+interpreted, test_matches_reference_in_interpreter, test_matches_reference_on_gpu = \
+    reference_tests(__file__, CASES, GPU_CASES, run_case)
 
 
 def naive_moe(x, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
@@ -299,12 +291,6 @@ def test_mismatched_weights_are_a_clear_error():
     with pytest.raises(ValueError, match="must be x's"):
         fused_moe(x, w13.half(), w2, weights, ids)
 
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.id)
-def test_matches_reference_on_gpu(case: Case):
-    result = run_case(case, "cuda")
-    assert result.ok, failure_message(result, case.id)
 
 
 @pytest.mark.gpu

@@ -13,8 +13,7 @@ from kernel_testing import (
     Case,
     CaseResult,
     compare,
-    failure_message,
-    interpreter_results,
+    reference_tests,
     run_cases_main,
     same_signature,
 )
@@ -70,16 +69,8 @@ def run_case(case: Case, device: str = "cpu") -> CaseResult:
                    case.torch_dtype)
 
 
-@pytest.fixture(scope="module")
-def interpreted() -> dict[str, CaseResult]:
-    """All CASES run once in a TRITON_INTERPRET=1 child process."""
-    return interpreter_results(__file__)
-
-
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_matches_reference_in_interpreter(case: Case, interpreted: dict[str, CaseResult]):
-    result = interpreted.get(case.id)
-    assert result is not None and result.ok, failure_message(result, case.id)
+interpreted, test_matches_reference_in_interpreter, test_matches_reference_on_gpu = \
+    reference_tests(__file__, CASES, GPU_CASES, run_case)
 
 
 def test_reference_matches_a_naive_loop_in_fp64():
@@ -110,12 +101,6 @@ def test_bad_shapes_are_clear_errors():
         mla_prefill_attention(z(4, 2, 8), z(4, 2, 4), z(6, 2, 8), z(6, 5), z(6, 2, 8),
                               z(2, dtype=torch.int32), z(2, dtype=torch.int32), 1.0)
 
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.id)
-def test_matches_reference_on_gpu(case: Case):
-    result = run_case(case, "cuda")
-    assert result.ok, failure_message(result, case.id)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,7 @@ import torch
 from kernel_testing import (
     Case,
     CaseResult,
-    failure_message,
-    interpreter_results,
+    reference_tests,
     run_cases_main,
     same_signature,
 )
@@ -110,16 +109,8 @@ def tile_contract_errors(topk_ids: torch.Tensor, num_experts: int, block_m: int,
     return errors
 
 
-@pytest.fixture(scope="module")
-def interpreted() -> dict[str, CaseResult]:
-    """All CASES run once in a TRITON_INTERPRET=1 child process."""
-    return interpreter_results(__file__)
-
-
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_matches_reference_in_interpreter(case: Case, interpreted: dict[str, CaseResult]):
-    result = interpreted.get(case.id)
-    assert result is not None and result.ok, failure_message(result, case.id)
+interpreted, test_matches_reference_in_interpreter, test_matches_reference_on_gpu = \
+    reference_tests(__file__, CASES, GPU_CASES, run_case)
 
 
 @pytest.mark.parametrize("block_m", [1, 4, 16])
@@ -154,12 +145,6 @@ def test_align_launcher_wants_two_dimensional_ids():
 def test_launcher_takes_the_reference_signature():
     assert same_signature(moe_align, moe_align_ref)
 
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.id)
-def test_matches_reference_on_gpu(case: Case):
-    result = run_case(case, "cuda")
-    assert result.ok, failure_message(result, case.id)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,7 @@ from kernel_testing import (
     Case,
     CaseResult,
     compare,
-    failure_message,
-    interpreter_results,
+    reference_tests,
     run_cases_main,
     same_signature,
 )
@@ -114,16 +113,8 @@ def naive_mla_decode(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torc
     return out
 
 
-@pytest.fixture(scope="module")
-def interpreted() -> dict[str, CaseResult]:
-    """All CASES run once in a TRITON_INTERPRET=1 child process."""
-    return interpreter_results(__file__)
-
-
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_matches_reference_in_interpreter(case: Case, interpreted: dict[str, CaseResult]):
-    result = interpreted.get(case.id)
-    assert result is not None and result.ok, failure_message(result, case.id)
+interpreted, test_matches_reference_in_interpreter, test_matches_reference_on_gpu = \
+    reference_tests(__file__, CASES, GPU_CASES, run_case)
 
 
 @pytest.mark.parametrize("latent_dim", [9, 10])
@@ -187,12 +178,6 @@ def test_bad_shapes_are_clear_errors(q_shape, kv_shape, rank, match):
         paged_mla_decode(torch.zeros(q_shape), kv_layer, torch.zeros(1, 1, dtype=torch.int32),
                          torch.ones(1, dtype=torch.int32), 1.0, rank)
 
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.id)
-def test_matches_reference_on_gpu(case: Case):
-    result = run_case(case, "cuda")
-    assert result.ok, failure_message(result, case.id)
 
 
 if __name__ == "__main__":

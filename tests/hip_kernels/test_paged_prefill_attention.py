@@ -10,8 +10,7 @@ from kernel_testing import (
     Case,
     CaseResult,
     compare,
-    failure_message,
-    interpreter_results,
+    reference_tests,
     run_cases_main,
     same_signature,
 )
@@ -66,16 +65,8 @@ def run_case(case: Case, device: str = "cpu") -> CaseResult:
     return compare(case.id, paged_prefill_attention(*args), ref, case.torch_dtype)
 
 
-@pytest.fixture(scope="module")
-def interpreted() -> dict[str, CaseResult]:
-    """All CASES run once in a TRITON_INTERPRET=1 child process."""
-    return interpreter_results(__file__)
-
-
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_matches_reference_in_interpreter(case: Case, interpreted: dict[str, CaseResult]):
-    result = interpreted.get(case.id)
-    assert result is not None and result.ok, failure_message(result, case.id)
+interpreted, test_matches_reference_in_interpreter, test_matches_reference_on_gpu = \
+    reference_tests(__file__, CASES, GPU_CASES, run_case)
 
 
 def test_launcher_signature_matches_reference():
@@ -89,12 +80,6 @@ def test_kv_layer_of_the_wrong_rank_is_a_clear_error():
                                 torch.tensor([0, 3], dtype=torch.int32),
                                 torch.tensor([3], dtype=torch.int32), 1.0)
 
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.id)
-def test_matches_reference_on_gpu(case: Case):
-    result = run_case(case, "cuda")
-    assert result.ok, failure_message(result, case.id)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,7 @@ from kernel_testing import (
     CaseResult,
     combine,
     compare,
-    failure_message,
-    interpreter_results,
+    reference_tests,
     run_cases_main,
 )
 
@@ -64,16 +63,8 @@ def run_case(case: Case, device: str = "cpu") -> CaseResult:
                     compare(case.id, k_out, k_ref, case.torch_dtype)])
 
 
-@pytest.fixture(scope="module")
-def interpreted() -> dict[str, CaseResult]:
-    """All CASES run once in a TRITON_INTERPRET=1 child process."""
-    return interpreter_results(__file__)
-
-
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_matches_reference_in_interpreter(case: Case, interpreted: dict[str, CaseResult]):
-    result = interpreted.get(case.id)
-    assert result is not None and result.ok, failure_message(result, case.id)
+interpreted, test_matches_reference_in_interpreter, test_matches_reference_on_gpu = \
+    reference_tests(__file__, CASES, GPU_CASES, run_case)
 
 
 def test_mismatched_rotary_dim_is_a_clear_error():
@@ -81,12 +72,6 @@ def test_mismatched_rotary_dim_is_a_clear_error():
     with pytest.raises(ValueError, match="must be equal and even"):
         rotary_embedding(torch.zeros(2, dtype=torch.long), q, k, torch.zeros(16, 32))
 
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.id)
-def test_matches_reference_on_gpu(case: Case):
-    result = run_case(case, "cuda")
-    assert result.ok, failure_message(result, case.id)
 
 
 if __name__ == "__main__":
