@@ -206,7 +206,9 @@ class ModelRunner:
             block_tables=torch.from_numpy(h.table).to(dev, non_blocking=True),
             seq_lens=torch.from_numpy(h.seq_lens).to(dev),
             query_start_loc=torch.from_numpy(h.query_start_loc).to(dev),
-            decode_only=h.decode_only, layer_hook=layer_hook)
+            decode_only=h.decode_only, layer_hook=layer_hook,
+            host_query_start_loc=tuple(h.query_start_loc.tolist()),
+            host_seq_lens=tuple(h.seq_lens.tolist()))
         return (torch.from_numpy(h.ids).to(dev),
                 torch.from_numpy(h.positions).to(dev, non_blocking=True), attn)
 

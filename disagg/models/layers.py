@@ -30,6 +30,11 @@ class AttentionMetadata:
     """Every sequence contributes exactly one query token."""
     layer_hook: LayerHook | None = None
     """Eager steps only (never a captured graph): e.g. a KV connector streaming each layer out."""
+    host_query_start_loc: tuple[int, ...] | None = None
+    host_seq_lens: tuple[int, ...] | None = None
+    """``query_start_loc`` and ``seq_lens`` as the host built them (eager steps): a layer that
+    sizes work per sequence reads these instead of copying the device tensors back (a sync
+    per layer). None where only the tensors exist (graphs, profiling)."""
 
 
 class RMSNorm(nn.Module):

@@ -34,8 +34,6 @@ ranks outnumber KV heads), so a P/D transfer sends each receiving rank the whole
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -162,7 +160,8 @@ class MLAttention(nn.Module):
         """Causal attention of each sequence's queries (its last positions) over its latents,
         up-projected to per-head keys and values in one matmul (ops.mla_prefill_attention)."""
         mla = self.mla
-        starts, seq_lens = attn.query_start_loc.tolist(), attn.seq_lens.tolist()
+        starts = attn.host_query_start_loc or tuple(attn.query_start_loc.tolist())
+        seq_lens = attn.host_seq_lens or tuple(attn.seq_lens.tolist())
         # a sequence with no query this step contributes no keys either
         kv_lens = [n if starts[i + 1] > starts[i] else 0 for i, n in enumerate(seq_lens)]
         latent = torch.cat([self._latents(kv_layer, attn.block_tables[i], n)
@@ -170,8 +169,9 @@ class MLAttention(nn.Module):
         c, k_pe = latent.split([mla.kv_lora_rank, mla.qk_rope_head_dim], dim=-1)
         kv = self.kv_b_proj(c).view(latent.shape[0], self.num_heads, -1)
         k_nope, v = kv.split([mla.qk_nope_head_dim, mla.v_head_dim], dim=-1)
-        kv_start = torch.tensor([0, *itertools.accumulate(kv_lens)], dtype=torch.int32,
-                                device=q_nope.device)
+        q_lens = attn.query_start_loc[1:] - attn.query_start_loc[:-1]  # on the device: no sync
+        kv_start = F.pad(torch.cumsum(torch.where(q_lens > 0, attn.seq_lens, 0), 0,
+                                      dtype=torch.int32), (1, 0))
         return self.ops.mla_prefill_attention(q_nope, q_pe, k_nope, k_pe, v,
                                               attn.query_start_loc, kv_start,
                                               mla.softmax_scale)
