@@ -56,7 +56,7 @@ _COUNTERS = ("bytes_moved_total", "layer_posts_total", "transfers_done_total",
              "transfers_failed_total", "transfers_expired_total", "kv_refused_total",
              "notifications_unknown_total", "notifications_unidentified_total",
              "notifications_wrong_peer_total", "leases_ignored_total", "transfer_seconds_sum",
-             "transfer_seconds_count")
+             "transfer_seconds_count", "first_tokens_received_total")
 
 
 class PDConnector(KVConnector):
@@ -141,6 +141,15 @@ class PDConnector(KVConnector):
         if error is not None:
             self.fail(t, error, notify_peer=tomb is None)
             return
+        if not t.role.is_producer:
+            t.takes_first_token = (not p.recompute_first_token
+                                   and req.sampling_params.logprobs is None)
+            if t.role is TransferRole.CONSUMER_READ and t.takes_first_token \
+                    and p.first_token_id is not None:
+                # P sampled it already: the client gets it now, while the KV moves
+                t.first_token_id = p.first_token_id
+                self.outcomes.out.first_tokens.append((req.request_id, p.first_token_id))
+                self.counters["first_tokens_received_total"] += 1
         if t.role is not TransferRole.PRODUCER_READ:
             self.peers.start_hello(t)  # identifies the peer before any of its messages count
         if t.role is TransferRole.PRODUCER_WRITE:
@@ -191,13 +200,24 @@ class PDConnector(KVConnector):
         return t
 
     def complete_without_data(self, t: Transfer) -> None:
-        """A one-token prompt: nothing to move; let the prefill free at once."""
+        """Nothing to move (a one-token prompt; READ: also a request its first token ended):
+        let the prefill free as soon as it can trust the message."""
         if t.role is TransferRole.CONSUMER_WRITE:
             self.peers.send(t, self._remote_blocks_msg(t, []))
-        else:
-            assert t.peer_generation is not None
-            self.peers.send(t, Release(transfer_id=t.transfer_id, engine_id=self.engine_id,
-                                       epoch=self.epoch, generation=t.peer_generation))
+            t.move(TransferState.DONE)
+            self.outcomes.forget(t)
+            return
+        t.release_unread = True
+        self._release_unread(t)
+
+    def _release_unread(self, t: Transfer) -> None:
+        """READ consumer that reads nothing: release once the handshake identified us to the
+        producer (until then the release would be dropped as unidentified)."""
+        if t.terminal or self._peer(t) is None or t.terminal:
+            return
+        assert t.peer_generation is not None
+        self.peers.send(t, Release(transfer_id=t.transfer_id, engine_id=self.engine_id,
+                                   epoch=self.epoch, generation=t.peer_generation))
         t.move(TransferState.DONE)
         self.outcomes.forget(t)
 
@@ -244,6 +264,7 @@ class PDConnector(KVConnector):
             t.start_clock(time.monotonic())
             t.request_finished, t.holds_blocks = True, True
             t.local_block_ids, t.num_tokens = list(req.block_ids), req.num_prompt_tokens
+            t.first_token_id = req.output_token_ids[0] if req.output_token_ids else None
             if self.cfg.verify_kv and t.role is TransferRole.PRODUCER_READ:
                 t.digests = self.worker.digests(t.local_block_ids)
             # WRITE posts at the next update_connector_output: the scheduler moves the blocks
@@ -251,6 +272,10 @@ class PDConnector(KVConnector):
             if t.role is TransferRole.PRODUCER_READ:
                 return FinishAction(hold_key=t.transfer_id, kv_transfer_params=self._read_params(t))
             return FinishAction(hold_key=t.transfer_id, await_transfer=True)
+        if ok and t.role is TransferRole.CONSUMER_READ and t.state is TransferState.WAITING_REMOTE \
+                and not t.handles and t.verifying_s is None:
+            self.complete_without_data(t)  # ended by the prefill's first token: P frees now
+            return FinishAction()
         if not t.terminal:
             self.fail(t, req.error or f"request ended ({req.status.value}) before the KV "
                                       "transfer completed", notify_request=False)
@@ -268,7 +293,8 @@ class PDConnector(KVConnector):
             transfer_id=t.transfer_id, remote_engine_id=self.engine_id, remote_host=self.host,
             remote_handshake_port=self.handshake_port, remote_notify_port=self.notify_port,
             remote_block_ids=t.local_block_ids, remote_num_tokens=t.num_tokens,
-            remote_epoch=self.epoch, remote_generation=t.generation, mode=TransferMode.READ)
+            remote_epoch=self.epoch, remote_generation=t.generation, mode=TransferMode.READ,
+            first_token_id=t.first_token_id)
 
     # ---- the step hook -------------------------------------------------------------------
     def update_connector_output(self) -> ConnectorOutput:
@@ -282,6 +308,8 @@ class PDConnector(KVConnector):
                 continue
             if t.handles:
                 self._poll(t)
+            if t.release_unread:
+                self._release_unread(t)
             if not t.terminal and not t.handles and t.role.posts_ops:
                 self._try_post(t)
             if t.announced and not t.terminal and now >= t.next_resend_s:

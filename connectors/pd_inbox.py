@@ -182,6 +182,8 @@ class Inbox:
             c.fail(t, "write_done names another generation of this transfer's blocks",
                    refused=True)
             return
+        if t.takes_first_token:
+            t.first_token_id = msg.first_token_id
         if c.cfg.faults is not None and t.local_block_ids and c.cfg.faults.fire("landed"):
             c.worker.flip_byte(t.local_block_ids[0])
         if not self._verify_and_use(t, msg.digests):  # the producer is done writing all the same

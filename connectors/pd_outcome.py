@@ -80,7 +80,10 @@ class Outcomes:
             assert t.peer_generation is not None
             self.peers.send(t, WriteDone(transfer_id=t.transfer_id, engine_id=self.engine_id,
                                          epoch=self.epoch, generation=t.peer_generation,
-                                         digests=t.digests))
+                                         digests=t.digests, first_token_id=t.first_token_id))
+        if t.role is TransferRole.CONSUMER_WRITE and t.first_token_id is not None:
+            self.out.first_tokens.append((t.request_id, t.first_token_id))
+            self.counters["first_tokens_received_total"] += 1
         if not t.role.is_producer:
             self.out.loaded.append(t.request_id)
         elif t.role is TransferRole.PRODUCER_WRITE and t.request_finished:

@@ -36,6 +36,7 @@ from disagg.common.kv_transfer_params import (
     Generation,
     Host,
     NumTokens,
+    TokenId,
     TransferId,
 )
 
@@ -126,6 +127,8 @@ class WriteDone(_Sent, tag="write_done", kw_only=True):
     transfer_id: TransferId
     generation: Generation
     digests: Digests | None = None
+    first_token_id: TokenId | None = None
+    """The token P sampled after the prompt (D emits it and computes on from it)."""
 
 
 class Release(_Sent, tag="release", kw_only=True):

@@ -140,6 +140,16 @@ class Transfer:
     """READ consumer: when the release went out; the KV waits for the producer's ack."""
     digests: list[bytes] | None = None
     """Producer with verify_kv: one digest per block, in transfer order."""
+    first_token_id: int | None = None
+    """The token the prefill sampled after the prompt: a producer's to send (READ answer,
+    write_done), a consumer's to hand its request (None: the decode computes it)."""
+    release_unread: bool = False
+    """READ consumer with nothing to read (a one-token prompt, or a request its first token
+    ended): release the producer's hold once the peer is identified (an unidentified
+    sender's release is dropped, and the hold would wait for its deadline)."""
+    takes_first_token: bool = True
+    """Consumer: use the prefill's first token (False: the proxy asked for the recompute
+    path, or the request wants logprobs, which only a local computation gives)."""
     announced: bool = False
     """WRITE consumer: its block ids went to the producer (which may write them from then)."""
     next_resend_s: float = 0.0

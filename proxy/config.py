@@ -41,6 +41,9 @@ class ProxyConfig:
     """Model (or tokenizer path) used to count prompt tokens; None: the instances' model."""
     local_prefill_threshold_tokens: int = 0
     """Prompts shorter than this go to a decode instance alone; 0 disables."""
+    first_token_from_prefill: bool = True
+    """The decode emits the token the prefill already sampled, at once, and computes on from
+    it (``--first-token prefill``); False: the decode computes it again (``recompute``)."""
     registration_address: str | None = None
     """ZMQ address (``tcp://host:port``) where instances register; None: no dynamic pool."""
     max_missed_heartbeats: int = 3

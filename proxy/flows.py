@@ -5,7 +5,8 @@ whose first event is in hand, so every retry below happens before the client saw
 
     local : D alone (prompt under --local-prefill-threshold), retried on other D's
     READ  : P(max_tokens=1) -> kv params -> D; P retried on other P's, D on other D's with
-            the same params (P holds the KV until its transfer timeout)
+            the same params (P holds the KV until its transfer timeout). P's params carry the
+            token it sampled: D streams it at once, while it reads the KV (--first-token)
     WRITE : P and D at once with one transfer_id; either failing aborts both, and the pair
             is retried with a fresh transfer_id and the failed instance left out
 """
@@ -200,6 +201,9 @@ class Flow:
                 continue
             d_params = {**params, "do_remote_prefill": True, "mode": TransferMode.READ.value,
                         "transfer_id": transfer_id}
+            if not self._cfg.first_token_from_prefill:
+                d_params.pop("first_token_id", None)
+                d_params["recompute_first_token"] = True
             try:
                 return await self._decode_with_retries(d_params, transfer_id)
             except DecodeExhausted:
@@ -248,6 +252,8 @@ class Flow:
         common = {"transfer_id": transfer_id, "mode": TransferMode.WRITE.value}
         p_params = {**common, "do_remote_decode": True, **peer_params(d.info)}
         d_params = {**common, "do_remote_prefill": True, **peer_params(p.info)}
+        if not self._cfg.first_token_from_prefill:
+            d_params["recompute_first_token"] = True
         # P's call outlives this function when D answers first; the app owns it from here.
         p_task = self._deps.background.spawn(self._prefill(p, p_params),
                                              name=f"prefill-{transfer_id}")

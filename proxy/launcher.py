@@ -70,6 +70,10 @@ def _add_proxy_args(parser: argparse.ArgumentParser) -> None:
     add("--model", default=None, help="model to launch / whose tokenizer counts prompt tokens")
     add("--local-prefill-threshold", type=int, default=0, metavar="TOKENS",
         help="prompts shorter than this go to a decode instance alone (0: never)")
+    add("--first-token", choices=("prefill", "recompute"), default="prefill",
+        help="prefill: the decode streams the token the prefill already sampled at once and "
+             "computes on from it; recompute: the decode computes the first token again "
+             "(default %(default)s; both give the monolithic output)")
     add("--registration-address", default=None, metavar="tcp://HOST:PORT",
         help="ZMQ address where instances started with --proxy-address register")
     add("--max-missed-heartbeats", type=int, default=d.max_missed_heartbeats)
@@ -219,6 +223,7 @@ def proxy_config(args: argparse.Namespace) -> ProxyConfig:
         policy=PolicyName(args.policy), model=args.model or (DEFAULT_MODEL if args.launch
                                                              else None),
         local_prefill_threshold_tokens=args.local_prefill_threshold,
+        first_token_from_prefill=args.first_token == "prefill",
         registration_address=args.registration_address,
         max_missed_heartbeats=args.max_missed_heartbeats,
         kv_index_max_hashes=args.kv_index_max_hashes, admin_key=args.admin_key,

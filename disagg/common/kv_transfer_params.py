@@ -42,6 +42,8 @@ BlockIds = Annotated[list[BlockId], msgspec.Meta(max_length=MAX_BLOCKS_PER_TRANS
 NumTokens = Annotated[int, msgspec.Meta(ge=0, le=MAX_TOKENS)]
 Epoch = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 Generation = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+TokenId = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
+"""Bounded here; the decode engine also checks it against its vocabulary."""
 
 
 class TransferMode(enum.Enum):
@@ -77,6 +79,12 @@ class KVTransferParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown
     """READ, P's answer: P's engine epoch when it took the hold."""
     remote_generation: Generation | None = None
     """READ, P's answer: P's generation of this transfer's hold."""
+    first_token_id: TokenId | None = None
+    """READ, P's answer (and proxy -> D): the token P sampled after the prompt. D emits it at
+    once and computes on from it instead of recomputing it (DESIGN.md section 4)."""
+    recompute_first_token: bool = False
+    """Proxy -> D: ignore the prefill's first token and compute it again (the recompute path;
+    both give the monolithic output)."""
 
     def role_error(self) -> str | None:
         """Why these params cannot describe a transfer (None when they can)."""

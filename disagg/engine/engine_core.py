@@ -104,6 +104,8 @@ class EngineCore:
                                    self.connector.scheduler if self.connector else None,
                                    hash_seed=model_seed(cfg.model.model))
         self._sent: dict[str, int] = {}
+        self._emitted_early = False
+        """The last step only sent handed-over first tokens (the next one runs the model)."""
         self._awaiting: dict[str, Request] = {}
         """Finished WRITE prefills whose answer waits for their transfer's end."""
         self._settled: dict[str, str | None] = {}
@@ -232,7 +234,8 @@ class EngineCore:
         self._connector_output()
         if join_experts:
             self._join_experts()
-        return self._collect_outputs([])
+        given, self.scheduler.given_first_token = self.scheduler.given_first_token, []
+        return self._collect_outputs(given)
 
     def _join_experts(self) -> None:
         """A step that runs no tokens here: with expert parallelism the peers' tokens may
@@ -246,6 +249,7 @@ class EngineCore:
         if self.connector is None:
             return
         out = self.connector.update_connector_output()
+        out.first_tokens = self._usable_first_tokens(out.first_tokens)
         self._settled.update(out.producer_settled)
         for rid, posted_s, done_s in out.transfer_times:  # a finished WRITE prefill: _awaiting
             req = self.scheduler.requests.get(rid) or self._awaiting.get(rid)
@@ -253,11 +257,37 @@ class EngineCore:
                 req.times.kv_posted_s, req.times.kv_done_s = posted_s, done_s
         self.scheduler.apply_connector_output(out)
 
+    def _usable_first_tokens(self, given: list[tuple[str, int]]) -> list[tuple[str, int]]:
+        """A prefill's first tokens that are in this vocabulary (else the decode computes the
+        token itself); a seeded request's generator skips the draw the prefill made."""
+        usable = []
+        for rid, token in given:
+            if token >= self.arch.vocab_size:
+                logger.warning("request %s: the prefill's first token %d is outside the "
+                               "vocabulary (%d); computing it here", rid, token,
+                               self.arch.vocab_size)
+                continue
+            req = self.scheduler.requests.get(rid)
+            if req is not None and req.sampling_params.seed is not None \
+                    and not req.sampling_params.greedy:
+                self.runner.sampler.skip_draw(rid, req.sampling_params.seed,
+                                              self.arch.vocab_size)
+            usable.append((rid, token))
+        return usable
+
     def step(self) -> list[EngineCoreOutput]:
-        """One scheduler iteration: connector bookkeeping, schedule, execute, emit outputs."""
+        """One scheduler iteration: connector bookkeeping, schedule, execute, emit outputs.
+        First tokens a prefill handed over go out before the model runs (not after the step
+        that computes the second token); at most every other step returns early for them."""
         self._connector_output()
+        given, self.scheduler.given_first_token = self.scheduler.given_first_token, []
+        if given and not self._emitted_early:
+            self._emitted_early = True
+            self._join_experts()  # an expert-parallel rank joins one exchange per step
+            return self._collect_outputs(given)
+        self._emitted_early = False
+        touched: list[Request] = list(given)
         out = self.scheduler.schedule()
-        touched: list[Request] = []
         if not out.is_empty:
             layer_hook = None
             if self.connector is not None:
@@ -266,7 +296,7 @@ class EngineCore:
             sampled, logprobs = self._execute(out, layer_hook)
             for rid, lp in logprobs.items():
                 self._pending_logprobs.setdefault(rid, []).append(lp)
-            touched = [c.request for c in out.chunks if c.request.request_id in sampled]
+            touched += [c.request for c in out.chunks if c.request.request_id in sampled]
             self.scheduler.update_from_output(out, sampled)
             if self.connector is not None:
                 self.connector.after_execute(out)

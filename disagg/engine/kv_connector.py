@@ -56,6 +56,10 @@ class ConnectorOutput:
     (a one-sided op or a peer may still write them; the hold is freed via ``free_holds``)."""
     loaded: list[str] = field(default_factory=list)
     """Consumer requests whose KV landed and was vouched for: they may run."""
+    first_tokens: list[tuple[str, int]] = field(default_factory=list)
+    """(request id, token id): consumer requests told their first output token by the prefill
+    that sampled it. The scheduler appends it (before ``loaded``); the request then computes
+    its last prompt token and that token in one step instead of recomputing the first."""
     load_failed: list[LoadFailure] = field(default_factory=list)
     producer_failed: list[tuple[str, str]] = field(default_factory=list)
     """(request id, error): prefills whose KV nobody will consume; they end with the error."""
@@ -70,7 +74,8 @@ class ConnectorOutput:
     its wait after the KV arrived (disagg/common/timings.py)."""
 
     def __bool__(self) -> bool:
-        return bool(self.park or self.loaded or self.load_failed or self.producer_failed
+        return bool(self.park or self.first_tokens or self.loaded or self.load_failed
+                    or self.producer_failed
                     or self.producer_settled or self.free_holds)
 
 

@@ -27,6 +27,12 @@ class Sampler:
         """Drop a finished request's generator."""
         self._generators.pop(request_id, None)
 
+    def skip_draw(self, request_id: str, seed: int, vocab_size: int) -> None:
+        """Advance a seeded request's generator past one token's draw: the prefill made it
+        (it sampled the first token), so the decode's next draw is the monolithic second."""
+        gen = self._generator(request_id, seed)
+        torch.empty(vocab_size, device=self.device).exponential_(generator=gen)
+
     def _generator(self, request_id: str, seed: int) -> torch.Generator:
         gen = self._generators.get(request_id)
         if gen is None:

@@ -85,6 +85,9 @@ class Scheduler:
         self.remote_wait: dict[str, Request] = {}
         self.requests: dict[str, Request] = {}
         self.finished_this_step: list[Request] = []
+        self.given_first_token: list[Request] = []
+        """Requests that took a remote prefill's first token since the engine last looked
+        (their output goes out before the model runs)."""
         self.holds: dict[str, list[int]] = {}
         """Blocks held under a connector's transfer key (owner TRANSFER in the pool)."""
 
@@ -228,14 +231,16 @@ class Scheduler:
             budget -= n
 
     # ---- prefix cache -------------------------------------------------------------------
-    def _share_prefix(self, req: Request, owner: Owner) -> list[int]:
+    def _share_prefix(self, req: Request, owner: Owner,
+                      limit_tokens: int | None = None) -> list[int]:
         """A request admitted from scratch takes the cached blocks of its longest cached
         prefix and starts computing after them (at least its last prompt token is computed:
         it needs that token's logits). Returns the shared blocks."""
         if not self.pool.enable_caching or req.num_computed_tokens or req.block_ids:
             return []
         req.block_hashes = self._hashes(req, req.num_tokens)
-        hits = self.pool.lookup(req.block_hashes[:(req.num_tokens - 1) // self.block_size])
+        num_tokens = req.num_tokens if limit_tokens is None else limit_tokens
+        hits = self.pool.lookup(req.block_hashes[:(num_tokens - 1) // self.block_size])
         if hits:
             self.pool.share(hits, owner)
             req.block_ids = list(hits)
@@ -275,7 +280,9 @@ class Scheduler:
         if not num_external:
             return False
         owner = Owner(OwnerKind.REQUEST, req.request_id)
-        hits = self._share_prefix(req, owner)  # the connector moves only the blocks after them
+        # the connector moves only the blocks after the hits (a given first token does not
+        # extend the lookup: the last prompt token is computed here, never shared)
+        hits = self._share_prefix(req, owner, req.num_prompt_tokens)
         need = _blocks_for(req.num_tokens, self.block_size) - len(req.block_ids)
         got = self.pool.allocate(need, owner)
         if got is None:
@@ -336,6 +343,8 @@ class Scheduler:
             if req is not None and not req.is_finished:
                 self._hold(req, key)
                 req.num_computed_tokens = req.num_external_tokens = 0
+        for request_id, token in out.first_tokens:
+            self.take_first_token(request_id, token)
         for request_id in out.loaded:
             self.on_remote_kv(request_id, None, recompute=False)
         for f in out.load_failed:
@@ -346,6 +355,19 @@ class Scheduler:
                 self.finish(req, RequestStatus.FINISHED_ERROR, error)
         for key in out.free_holds:
             self.free_held(key)
+
+    def take_first_token(self, request_id: str, token: int) -> Request | None:
+        """Append the first output token a remote prefill sampled (the request then computes
+        its last prompt token and this one together); returns the request it went to."""
+        req = self.requests.get(request_id)
+        if req is None or req.is_finished or req.output_token_ids:
+            return None
+        req.append_token(token)
+        self.given_first_token.append(req)
+        status = self._stop_status(req, token)
+        if status is not None:
+            self.finish(req, status)
+        return req
 
     def _load_failed(self, request_id: str, error: str, recompute: bool) -> None:
         req = self.requests.get(request_id)

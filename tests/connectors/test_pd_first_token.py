@@ -1,0 +1,190 @@
+"""First token from the prefill: the decode emits the token the prefill sampled, at once, and
+computes on from it; the recompute path computes it again. Both give the monolithic output
+(greedy and seeded), in READ and WRITE.
+
+One producer/consumer pair per mode serves the whole module; the consumer answering without
+kv_transfer_params is the monolithic reference (same weights, same seed)."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import requests  # type: ignore[import-untyped]
+from pd_helpers import BASE, info, kv_config, metric, remote_of, settled_metric, wait_clean
+from support import Instance, start_instances
+
+FAST: dict[str, Any] = {"transfer_timeout": 3, "defer_timeout": 3, "lease_timeout": 2,
+                        "heartbeat_interval": 0.5}
+PROMPTS = [[5], [(3 * i) % 200 + 1 for i in range(16)], [(7 * i) % 250 + 1 for i in range(17)],
+           [(11 * i) % 240 + 2 for i in range(40)]]
+TAKEN = "disagg_kv_connector_first_tokens_received_total"
+FAILED = "disagg_kv_connector_transfers_failed_total"
+
+
+@pytest.fixture(scope="module", params=["read", "write"])
+def pair(request: pytest.FixtureRequest,
+         tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Instance, Instance]]:
+    """(mode, P, D); D recomputes when a load fails and accepts fault rules."""
+    mode = request.param
+    started = start_instances(
+        [[*BASE, "--no-enable-prefix-caching", "--kv-transfer-config",
+          kv_config("kv_producer", mode, **FAST)],
+         [*BASE, "--no-enable-prefix-caching", "--kv-transfer-config",
+          kv_config("kv_consumer", mode, kv_load_failure_policy="recompute", **FAST)]],
+        tmp_path_factory.mktemp(f"first-token-{mode}"), env={"DISAGG_FAULT_INJECTION": "1"})
+    try:
+        yield mode, started[0], started[1]
+    finally:
+        for inst in started:
+            inst.stop()
+
+
+def _body(prompt: list[int], **kw: Any) -> dict[str, Any]:
+    return {"prompt": prompt, "max_tokens": 6, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True, **kw}
+
+
+def _tokens(reply: requests.Response) -> list[int]:
+    assert reply.status_code == 200, reply.text
+    return list(reply.json()["choices"][0]["token_ids"])
+
+
+def _mono(d: Instance, body: dict[str, Any]) -> list[int]:
+    return _tokens(requests.post(d.url + "/v1/completions", json=body, timeout=60))
+
+
+def _read_params(p: Instance, body: dict[str, Any]) -> dict[str, Any]:
+    """Prefill on P (READ); the params P answered, as the proxy hands them to D."""
+    tid = uuid.uuid4().hex
+    r = requests.post(p.url + "/v1/completions", timeout=60, json={
+        **body, "max_tokens": 1, "stream": False,
+        "kv_transfer_params": {"transfer_id": tid, "do_remote_decode": True, "mode": "read"}})
+    assert r.status_code == 200, r.text
+    return {**r.json()["kv_transfer_params"], "do_remote_prefill": True, "transfer_id": tid}
+
+
+def _pd(mode: str, p: Instance, d: Instance, body: dict[str, Any],
+        recompute: bool = False) -> list[int]:
+    """One P/D request as the proxy runs it; the decode's token ids."""
+    if mode == "read":
+        params = _read_params(p, body)
+        if recompute:
+            params = {k: v for k, v in params.items() if k != "first_token_id"}
+            params["recompute_first_token"] = True
+        return _tokens(requests.post(d.url + "/v1/completions", timeout=60,
+                                     json={**body, "kv_transfer_params": params}))
+    tid = uuid.uuid4().hex
+    p_params = {"transfer_id": tid, "do_remote_decode": True, "mode": "write",
+                **remote_of(info(d.url))}
+    d_params = {"transfer_id": tid, "do_remote_prefill": True, "mode": "write",
+                **remote_of(info(p.url)), **({"recompute_first_token": True} if recompute else {})}
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        p_fut = pool.submit(requests.post, p.url + "/v1/completions", timeout=60, json={
+            **body, "max_tokens": 1, "stream": False, "kv_transfer_params": p_params})
+        d_reply = requests.post(d.url + "/v1/completions", timeout=60,
+                                json={**body, "kv_transfer_params": d_params})
+        assert p_fut.result().status_code == 200
+    return _tokens(d_reply)
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["from-prefill", "recompute"])
+def test_first_token_paths_equal_monolithic(pair, recompute: bool) -> None:
+    """Greedy and seeded sampling, prompts of 1, 16, 17 and 40 tokens: P/D == monolithic; the
+    decode took the prefill's token on the first path only (a 1-token prompt moves no KV, but
+    READ still hands its token over)."""
+    mode, p, d = pair
+    taken = metric(d.url, TAKEN)
+    bodies = [_body(pr) for pr in PROMPTS]
+    bodies += [_body(pr, temperature=0.9, top_p=0.95, seed=11 + i)
+               for i, pr in enumerate(PROMPTS[1:])]
+    for body in bodies:
+        assert _pd(mode, p, d, body, recompute) == _mono(d, body), body
+    moved = len(bodies) - (1 if mode == "write" else 0)  # WRITE: the 1-token prompt has no done
+    expected = taken + (0 if recompute else moved)
+    assert settled_metric(d.url, TAKEN, expected) == expected
+    assert metric(d.url, FAILED) == 0 and metric(p.url, FAILED) == 0
+    wait_clean(p.url)
+    wait_clean(d.url)
+
+
+def test_decode_continues_from_the_token_it_is_given(pair) -> None:
+    """READ params carrying another (valid) first token: the decode emits that token and its
+    continuation is the monolithic continuation of prompt + that token. Recompute, a token
+    outside the vocabulary and a request for logprobs all ignore it."""
+    mode, p, d = pair
+    if mode != "read":
+        pytest.skip("READ hands the token over in kv_transfer_params; WRITE in write_done")
+    prompt = PROMPTS[3]
+    body = _body(prompt)
+    mono = _mono(d, body)
+    forced = (mono[0] + 17) % 200 + 1
+    params = {**_read_params(p, body), "first_token_id": forced}
+    out = _tokens(requests.post(d.url + "/v1/completions", timeout=60,
+                                json={**body, "kv_transfer_params": params}))
+    assert out[0] == forced
+    assert out[1:] == _mono(d, _body([*prompt, forced], max_tokens=5))
+    for change in ({"recompute_first_token": True}, {"first_token_id": 10**6}):
+        params = {**_read_params(p, body), "first_token_id": forced, **change}
+        assert _tokens(requests.post(d.url + "/v1/completions", timeout=60,
+                                     json={**body, "kv_transfer_params": params})) == mono
+    params = {**_read_params(p, body), "first_token_id": forced}
+    r = requests.post(d.url + "/v1/completions", timeout=60,
+                      json={**body, "logprobs": 1, "kv_transfer_params": params})
+    assert _tokens(r) == mono
+    assert len(r.json()["choices"][0]["logprobs"]["token_logprobs"]) == len(mono)
+    wait_clean(p.url)
+    wait_clean(d.url)
+
+
+def test_request_ended_by_its_first_token_frees_the_prefill(pair) -> None:
+    """max_tokens=1: the decode answers with the prefill's token alone, reads nothing, and
+    P's hold ends as a completed transfer, not a failed one."""
+    mode, p, d = pair
+    body = _body(PROMPTS[3], max_tokens=1)
+    assert _pd(mode, p, d, body) == _mono(d, body)
+    wait_clean(p.url)
+    wait_clean(d.url)
+    assert metric(d.url, FAILED) == 0 and metric(p.url, FAILED) == 0
+
+
+def test_first_token_streams_before_the_kv_arrives(pair) -> None:
+    """READ whose pull never completes: the first token reaches the client at once (well
+    before the transfer deadline); the expired load is recomputed and the whole stream still
+    equals monolithic."""
+    mode, p, d = pair
+    if mode != "read":
+        pytest.skip("READ: the decode knows the token when the request arrives")
+    body = _body(PROMPTS[3], max_tokens=5)
+    mono = _mono(d, body)
+    params = _read_params(p, body)
+    r = requests.post(d.url + "/v1/kv_faults", timeout=10,
+                      json={"faults": [{"at": "post", "action": "stall"}]})
+    assert r.status_code == 200, r.text
+    try:
+        started = time.monotonic()
+        first_s: float | None = None
+        tokens: list[int] = []
+        with requests.post(d.url + "/v1/completions", stream=True, timeout=60,
+                           json={**body, "stream": True, "kv_transfer_params": params}) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                ids = chunk["choices"][0].get("token_ids") or [] if chunk.get("choices") else []
+                if ids and first_s is None:
+                    first_s = time.monotonic() - started
+                tokens += ids
+        assert first_s is not None and first_s < FAST["transfer_timeout"] / 2, first_s
+        assert tokens == mono
+    finally:
+        requests.post(d.url + "/v1/kv_faults", json={"faults": []}, timeout=10)
+    wait_clean(p.url)
+    wait_clean(d.url)
