@@ -24,6 +24,7 @@ from proxy.flows import FlowDeps
 from proxy.handlers import add_routes, openai_errors
 from proxy.health import health_loop, probe_all
 from proxy.kv_index import KVIndex
+from proxy.local_prefill import LocalPrefillThreshold
 from proxy.metrics import ProxyMetrics
 from proxy.policies import make_policy
 from proxy.registration import Deregister, Heartbeat, KVEvents, RegistrationServer
@@ -121,8 +122,11 @@ def make_app(cfg: ProxyConfig) -> web.Application:
     for url in cfg.decode_urls:
         registry.add(url, Pool.DECODE, Origin.STATIC)
     policies = {pool: make_policy(cfg.policy, pool, index=kv_index) for pool in Pool}
+    local = LocalPrefillThreshold(cfg.local_prefill_threshold_tokens,
+                                  auto=cfg.local_prefill_auto,
+                                  max_tokens=cfg.local_prefill_max_tokens)
     deps = FlowDeps(cfg=cfg, registry=registry, policies=policies, metrics=ProxyMetrics(),
-                    background=BackgroundTasks())
+                    background=BackgroundTasks(), local_prefill=local)
     app = web.Application(client_max_size=cfg.max_request_body_bytes,
                           middlewares=[require_api_key, openai_errors])
     app[STATE_KEY] = ProxyState(deps=deps, counter=PromptCounter(cfg.model, registry.model_name),

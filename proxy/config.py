@@ -41,6 +41,10 @@ class ProxyConfig:
     """Model (or tokenizer path) used to count prompt tokens; None: the instances' model."""
     local_prefill_threshold_tokens: int = 0
     """Prompts shorter than this go to a decode instance alone; 0 disables."""
+    local_prefill_auto: bool = False
+    """``--local-prefill-threshold auto``: the threshold is learned (proxy/local_prefill.py)."""
+    local_prefill_max_tokens: int = 1024
+    """The largest prompt ``auto`` sends to a decode alone."""
     first_token_from_prefill: bool = True
     """The decode emits the token the prefill already sampled, at once, and computes on from
     it (``--first-token prefill``); False: the decode computes it again (``recompute``)."""

@@ -25,10 +25,11 @@ import aiohttp
 import msgspec
 
 from disagg.common.kv_transfer_params import KVParamsError, kv_params_to_json, parse_kv_params
-from disagg.common.timings import TIMINGS_FIELD
+from disagg.common.timings import TIMINGS_FIELD, parse_instance_timings
 from proxy.bodies import ClientRequest, decode_body, prefill_body
 from proxy.config import ProxyConfig, TransferMode
 from proxy.errors import ProxyError
+from proxy.local_prefill import LocalPrefillThreshold
 from proxy.metrics import ProxyMetrics
 from proxy.policies import Policy
 from proxy.registration import InstanceInfo
@@ -51,6 +52,8 @@ class FlowDeps:
     policies: Mapping[Pool, Policy]
     metrics: ProxyMetrics
     background: BackgroundTasks
+    local_prefill: LocalPrefillThreshold
+    """Which prompts skip the prefill pool (fixed, or learned from the flows' timings)."""
 
 
 class DecodeExhausted(ProxyError):
@@ -91,7 +94,9 @@ class Flow:
 
     async def run(self) -> Result:
         """Pick the flow for this request and run it."""
-        threshold = self._cfg.local_prefill_threshold_tokens
+        threshold = self._deps.local_prefill.tokens(
+            i.outstanding_tokens for i in self._deps.registry.healthy(Pool.PREFILL))
+        self._deps.metrics.local_prefill_threshold_tokens = threshold
         if threshold > 0 and self._req.num_prompt_tokens < threshold:
             self._deps.metrics.local_prefills += 1
             return await self._decode_with_retries(None, None)
@@ -139,7 +144,20 @@ class Flow:
             registry.release(p, num_tokens)
         self.clock.prefill_answered_s = time.monotonic()
         self._deps.metrics.prefill_latency_s.observe(time.perf_counter() - started_s)
+        self._learn_prefill(reply)
         return reply
+
+    def _learn_prefill(self, reply: Reply) -> None:
+        """Feed the prefill's own compute time to the local-prefill threshold (auto)."""
+        if not self._deps.local_prefill.auto:
+            return
+        try:
+            data = msgspec.json.decode(reply.body)
+        except (msgspec.DecodeError, RecursionError):
+            return
+        t = parse_instance_timings(data.get(TIMINGS_FIELD)) if isinstance(data, dict) else None
+        if t is not None:
+            self._deps.local_prefill.observe_prefill(self._req.num_prompt_tokens, t.compute_s)
 
     async def _decode(self, d: Instance, kv_params: dict[str, Any] | None) -> Result:
         """Send the decode request; return the whole reply, or the stream once it started."""
@@ -158,6 +176,10 @@ class Flow:
                 opening = open_stream(self._scope.session(d), d, path, body, timeout)
                 result = await with_deadline(opening, cfg.first_byte_timeout_s, d, "decode")
             self.clock.decode_answered_s = time.monotonic()
+            if kv_params is not None:  # what the P/D path added after the prefill answered
+                answered = self.clock.prefill_answered_s
+                self._deps.local_prefill.observe_handoff(
+                    0.0 if answered is None else max(0.0, self.clock.decode_answered_s - answered))
             return result
         except BaseException:
             self._scope.release(d)

@@ -51,6 +51,17 @@ PROG = "disagg-proxy"
 POOL_READY_TIMEOUT_S = 30.0
 
 
+def _threshold(value: str) -> int | str:
+    """``--local-prefill-threshold``: a token count or ``auto``."""
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a token count or 'auto', got {value!r}")\
+            from None
+
+
 def _add_proxy_args(parser: argparse.ArgumentParser) -> None:
     d = ProxyConfig()
     add = parser.add_argument
@@ -68,8 +79,13 @@ def _add_proxy_args(parser: argparse.ArgumentParser) -> None:
              "--proxy-address publish their caches (--launch registers its own), static "
              "--prefill/--decode ones are routed as least_loaded")
     add("--model", default=None, help="model to launch / whose tokenizer counts prompt tokens")
-    add("--local-prefill-threshold", type=int, default=0, metavar="TOKENS",
-        help="prompts shorter than this go to a decode instance alone (0: never)")
+    add("--local-prefill-threshold", type=_threshold, default=0, metavar="TOKENS|auto",
+        help="prompts shorter than this go to a decode instance alone (0: never); auto: "
+             "learned from the phase timings, rising when the prefill pool is busy "
+             "(proxy/local_prefill.py; the value in use is on /metrics) (default %(default)s)")
+    add("--local-prefill-max-tokens", type=int, default=d.local_prefill_max_tokens,
+        metavar="TOKENS", help="with --local-prefill-threshold auto: the largest prompt a "
+                               "decode prefills alone (default %(default)s)")
     add("--first-token", choices=("prefill", "recompute"), default="prefill",
         help="prefill: the decode streams the token the prefill already sampled at once and "
              "computes on from it; recompute: the decode computes the first token again "
@@ -154,8 +170,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("arguments after '--' are for --launch instances")
     if not 0 <= args.port <= 65535:
         parser.error(f"--port {args.port} is not a TCP port")
-    if args.local_prefill_threshold < 0 or (args.gpus_per_instance or 1) < 1:
-        parser.error("--local-prefill-threshold must be >= 0 and --gpus-per-instance >= 1")
+    if (args.local_prefill_threshold != "auto" and args.local_prefill_threshold < 0) \
+            or args.local_prefill_max_tokens < 0 or (args.gpus_per_instance or 1) < 1:
+        parser.error("--local-prefill-threshold and --local-prefill-max-tokens must be >= 0 "
+                     "and --gpus-per-instance >= 1")
     if not 0 <= args.log_request_phases_sample_rate <= 1:
         parser.error("--log-request-phases-sample-rate must be between 0 and 1")
     _check_parallel_args(parser, args)
@@ -222,7 +240,10 @@ def proxy_config(args: argparse.Namespace) -> ProxyConfig:
         decode_urls=tuple(args.decode), mode=TransferMode(args.mode),
         policy=PolicyName(args.policy), model=args.model or (DEFAULT_MODEL if args.launch
                                                              else None),
-        local_prefill_threshold_tokens=args.local_prefill_threshold,
+        local_prefill_threshold_tokens=0 if args.local_prefill_threshold == "auto"
+        else args.local_prefill_threshold,
+        local_prefill_auto=args.local_prefill_threshold == "auto",
+        local_prefill_max_tokens=args.local_prefill_max_tokens,
         first_token_from_prefill=args.first_token == "prefill",
         registration_address=args.registration_address,
         max_missed_heartbeats=args.max_missed_heartbeats,

@@ -65,6 +65,8 @@ class ProxyMetrics:
     retries: Counter[str] = field(default_factory=Counter)
     aborts_sent: int = 0
     local_prefills: int = 0
+    local_prefill_threshold_tokens: int = 0
+    """The threshold the last routed request saw (fixed, or ``auto``'s learned one)."""
     in_flight: int = 0
     time_to_first_byte_s: Histogram = field(default_factory=Histogram)
     prefill_latency_s: Histogram = field(default_factory=Histogram)
@@ -100,6 +102,9 @@ class ProxyMetrics:
                   f"disagg_proxy_aborts_sent_total {self.aborts_sent}",
                   "# TYPE disagg_proxy_local_prefill_total counter",
                   f"disagg_proxy_local_prefill_total {self.local_prefills}",
+                  "# TYPE disagg_proxy_local_prefill_threshold_tokens gauge",
+                  "disagg_proxy_local_prefill_threshold_tokens "
+                  f"{self.local_prefill_threshold_tokens}",
                   "# TYPE disagg_proxy_requests_in_flight gauge",
                   f"disagg_proxy_requests_in_flight {self.in_flight}",
                   "# TYPE disagg_proxy_time_to_first_byte_seconds histogram",

@@ -54,6 +54,11 @@ decode call (sent -> answer, or first SSE event); P and D the instances' objects
            prefill_compute = D.compute_s, kv_transfer = decode_admission = 0,
            first_token = the rest.
 
+    first token from the prefill (``--first-token prefill``, the default): D emits P's token
+           when it has it (READ: on arrival; WRITE: at write_done), before any step, so
+           D.compute_s is 0, a READ's kv_transfer is 0 (the KV moves after the first token)
+           and decode_admission is D received -> that token's output.
+
 The phases sum to ttft_s by construction: the cross-process transit (HTTP, IPC) is put in a
 named phase, and every other part is measured inside one process. WRITE's prefill_queue is
 clamped at 0 (a decode is scheduled only after P's compute and transfer, so only measurement

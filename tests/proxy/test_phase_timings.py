@@ -163,15 +163,23 @@ async def test_real_1p1d_read_through_the_proxy_and_write_direct(
         instance_factory: Any, proxies: Any, http: Any) -> None:
     p, d = instance_factory.many([*REAL, "--kv-transfer-config", _kv_config("kv_producer")],
                                  [*REAL, "--kv-transfer-config", _kv_config("kv_consumer")])
-    proxy = await proxies(prefill_urls=(p.url,), decode_urls=(d.url,), mode=TransferMode.READ)
+    recompute = await proxies(prefill_urls=(p.url,), decode_urls=(d.url,),
+                              mode=TransferMode.READ, first_token_from_prefill=False)
     body = {"prompt": "The quick brown fox jumps over the lazy dog. " * 4, "max_tokens": 4,
             "disagg_timings": True}
-    client_ttft, events = await _ask(http, proxy.url, {
-        **body, "stream": True, "stream_options": {"include_usage": True}})
+    stream = {"stream": True, "stream_options": {"include_usage": True}}
+    client_ttft, events = await _ask(http, recompute.url, {**body, **stream})
     t = events[-1]["disagg_timings"]
     _check_tiling(t, client_ttft)
     assert t["kv_transfer_s"] > 0 and t["kv_transfer_s"] == t["decode"]["kv_transfer_s"]
     assert t["prefill"]["kv_transfer_s"] is None and t["prefill_compute_s"] > 0
+    # the first token from the prefill: D streams it on arrival, the KV moves after it
+    proxy = await proxies(prefill_urls=(p.url,), decode_urls=(d.url,), mode=TransferMode.READ)
+    client_ttft, events = await _ask(http, proxy.url, {
+        **body, "prompt": "Another prompt, so that nothing is cached. " * 4, **stream})
+    t = events[-1]["disagg_timings"]
+    _check_tiling(t, client_ttft)
+    assert not t["kv_transfer_s"] and t["decode"]["compute_s"] == 0
     # WRITE (the request's mode overrides the instances'): P moves the KV and reports it;
     # D's wait covers P's queue, compute and transfer (less the skew of their arrivals)
     p_answer, d_answer = await _write_direct(http, p.url, d.url, body)
