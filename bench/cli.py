@@ -10,9 +10,18 @@ from bench.argparsing import USAGE_EXIT_CODE
 PROG = "disagg bench"
 USAGE = (f"usage: {PROG} serve|throughput|transfer [options]  |  "
          f"{PROG} --compare A.json B.json")
-# Subcommand -> module whose main(argv) -> int runs it; imported only when chosen.
+# Subcommand -> module whose main(argv) -> int runs it (and whose build_parser() is its
+# parser); imported only when chosen.
 _COMMANDS = {"serve": "bench.serve", "throughput": "bench.throughput",
              "transfer": "bench.transfer"}
+_SUMMARIES = {
+    "serve": "benchmark an OpenAI-compatible streaming endpoint (vllm bench serve's flags)",
+    "throughput": "offline generation throughput of the engine in one process",
+    "transfer": "KV transport throughput between two processes",
+    "--compare": "print B/A for the key metrics of two saved results",
+}
+HELP = USAGE + "\n\n" + "\n".join(f"  {name:<12}{text}" for name, text in _SUMMARIES.items()) \
+    + f"\n\n'{PROG} COMMAND --help' lists a command's options."
 
 
 def _usage_error(message: str) -> int:
@@ -49,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``disagg bench``; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
+        print(HELP)
         return 0 if argv else USAGE_EXIT_CODE
     if argv[0] == "--compare":
         return compare(argv[1:])

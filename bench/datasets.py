@@ -1,4 +1,5 @@
-"""Benchmark workloads: random, synthetic conversation lengths, shared prefix, multi-turn chat.
+"""Benchmark workloads: random, synthetic conversation lengths, shared prefix, multi-turn chat,
+and prompts read from files (ShareGPT, custom JSONL, Hugging Face datasets: bench/file_datasets.py).
 
 Input lengths are token-exact: a prompt's ``prompt_len`` is ``len(tokenizer.encode(prompt))``
 *with* the tokenizer's special tokens (BOS), i.e. the number of tokens the server prefills on
@@ -16,64 +17,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bench.dataset_config import DATASET_NAMES, FILE_DATASETS, DatasetConfig, SampleRequest
+from bench.file_datasets import sample_file_requests
 from disagg.common.tokenizer import Tokenizer
 
-DATASET_NAMES = ("random", "conversation", "shared-prefix", "multi-turn")
+__all__ = ["DATASET_NAMES", "FILE_DATASETS", "DatasetConfig", "SampleRequest",
+           "sample_conversations", "sample_requests"]
+
 _MAX_ADJUST_ROUNDS = 64
 _MAX_PROBE_IDS = 4096
-
-
-@dataclass(frozen=True, slots=True)
-class SampleRequest:
-    """One benchmark request: the prompt text and its exact token counts."""
-
-    prompt: str
-    prompt_len: int
-    """Tokens in ``prompt`` as the server's tokenizer counts them (with BOS)."""
-    expected_output_len: int
-    """Sent as ``max_tokens`` and ``min_tokens`` with ``ignore_eos``: exact output length."""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DatasetConfig:
-    """Which workload to generate and its shape."""
-
-    name: str = "random"
-    """One of DATASET_NAMES."""
-    num_prompts: int = 1000
-    """How many requests to generate."""
-    seed: int = 0
-    """Seed for lengths and token ids: same seed, same prompts."""
-    random_input_len: int = 1024
-    """Mean prompt tokens after the prefix (random, shared-prefix)."""
-    random_output_len: int = 128
-    """Mean output tokens (random, shared-prefix)."""
-    random_range_ratio: float = 0.0
-    """Lengths are uniform in [len * (1 - r), len * (1 + r)]; 0 = fixed lengths."""
-    random_prefix_len: int = 0
-    """Tokens of one random prefix shared by every request (random)."""
-    conv_input_mean: float = 217.0
-    """Mean prompt tokens of the conversation workload (ShareGPT-like, vLLM's filter)."""
-    conv_output_mean: float = 190.0
-    """Mean output tokens of the conversation workload."""
-    conv_sigma: float = 1.0
-    """Log-space standard deviation of both lognormal length distributions."""
-    conv_max_len: int = 1024
-    """Clip each conversation length to [4, conv_max_len]."""
-    shared_prefix_groups: int = 8
-    """Distinct system prompts in the shared-prefix workload."""
-    shared_prefix_len: int = 512
-    """Tokens of each group's system prompt."""
-    multi_turn_conversations: int = 16
-    """Conversations of the multi-turn workload (each with its own system prompt)."""
-    multi_turn_turns: int = 4
-    """User turns per conversation; turn k's prompt holds turns 1..k-1 and their answers."""
-    multi_turn_system_len: int = 256
-    """Tokens of each conversation's system prompt."""
-    multi_turn_user_len: int = 64
-    """Mean tokens of one user message (``random_range_ratio`` spreads it)."""
-    multi_turn_output_len: int = 64
-    """Mean tokens of one answer (``random_range_ratio`` spreads it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +132,9 @@ def sample_requests(cfg: DatasetConfig, tokenizer: Tokenizer) -> list[SampleRequ
     _validate(cfg)
     if cfg.name == "multi-turn":
         raise ValueError("multi-turn prompts depend on the answers: use sample_conversations")
+    if cfg.name in FILE_DATASETS:
+
+        return sample_file_requests(cfg, tokenizer)
     rng = np.random.default_rng(cfg.seed)
     safe_ids = safe_token_ids(tokenizer, rng)
     min_body = _special_tokens(tokenizer) + 1
@@ -243,3 +198,8 @@ def _validate(cfg: DatasetConfig) -> None:
         raise ValueError("--multi-turn-conversations, --multi-turn-turns, --multi-turn-user-len "
                          "and --multi-turn-output-len must be at least 1, "
                          "--multi-turn-system-len >= 0")
+    if cfg.name in FILE_DATASETS and not cfg.dataset_path:
+        raise ValueError(f"--dataset-name {cfg.name} needs --dataset-path")
+    if min(cfg.sharegpt_output_len or 1, cfg.custom_output_len, cfg.hf_output_len or 1) < 1:
+        raise ValueError("--sharegpt-output-len, --custom-output-len and --hf-output-len must "
+                         "be at least 1")

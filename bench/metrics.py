@@ -7,6 +7,9 @@
 * E2EL: send to the last text chunk.
 * Throughputs divide by the benchmark's wall duration; only successful requests count.
 * Goodput: successful requests meeting every given SLO (``value <= slo``), per second.
+* Per request (vLLM's lists): ``ttfts``, ``itls``, ``latencies`` (E2EL, 0 when failed), and in
+  the result (bench/serve.py) ``start_times``, seconds from the point's start.
+* Pareto view (not vLLM's): output tok/s per GPU and per user (1 / mean TPOT).
 * Phases (not vLLM's): when the server returns ``disagg_timings``, the mean and p50/p90/p99 of
   each of its TTFT phases over the successful requests that carry them, as
   ``mean_phase_<name>_ms``, ``p90_phase_<name>_ms`` (definitions: disagg/common/timings.py).
@@ -184,9 +187,21 @@ def calculate_metrics(outputs: list[RequestOutput], duration_s: float,
     result["input_lens"] = [out.prompt_len for out in outputs]
     result["output_lens"] = [out.output_tokens if out.success else 0 for out in outputs]
     result["ttfts"] = [out.ttft_s for out in outputs]
+    result["latencies"] = [out.latency_s for out in outputs]
     result["itls"] = [out.itl_s for out in outputs]
     result["errors"] = [out.error for out in outputs]
     return result
+
+
+def pareto_figures(outputs: list[RequestOutput], output_throughput: float,
+                   num_gpus: int) -> dict[str, Any]:
+    """The two axes of the Pareto view: output tok/s per GPU, and per user (1 / the mean TPOT
+    of the successful multi-token requests; None without one)."""
+    tpots_s = [_per_request_tpot_s(out) for out in outputs
+               if out.success and out.output_tokens > 1]
+    mean_tpot_s = float(np.mean(tpots_s)) if tpots_s else 0.0
+    return {"num_gpus": num_gpus, "output_throughput_per_gpu": output_throughput / num_gpus,
+            "output_throughput_per_user": 1 / mean_tpot_s if mean_tpot_s > 0 else None}
 
 
 def finite_or_str(value: float) -> float | str:

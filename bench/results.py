@@ -14,7 +14,8 @@ THROUGHPUT_KEYS = ("request_throughput", "request_goodput", "output_throughput",
                    "total_token_throughput", "max_output_tokens_per_s")
 _LATENCY_KEY = re.compile(r"^(mean|median|std|p[0-9.]+)_(ttft|tpot|itl|e2el)_ms$")
 # Per-request lists stay in the full JSON; summary rows are one short line each.
-_LIST_KEYS = frozenset({"input_lens", "output_lens", "ttfts", "itls", "errors"})
+_LIST_KEYS = frozenset({"input_lens", "output_lens", "ttfts", "itls", "latencies",
+                        "start_times", "errors"})
 
 
 class ResultFileError(ValueError):

@@ -5,6 +5,12 @@ schedule, vLLM-compatible metrics, a summary table, the full JSON (``--save-resu
 sweep), and with ``--results-jsonl PATH`` one summary row appended there. Sweeps also get plots.
 With ``--metrics-url`` (each instance) the point also reports the prefix-cache hit rate and the
 KV bytes moved per request (bench/instance_metrics.py).
+
+With ``--compare-colocated URL`` both endpoints are probed, then every point runs against
+``--base-url`` (P/D) and afterwards, with the same requests and arrival times, against URL
+(colocated); each run's results are written as usual (``-pd``/``-colocated`` in file names),
+then the comparison (bench/compare_colocated.py): a table, ``<stem>-compare.json`` and one
+``serve-compare`` row per point in ``--results-jsonl``.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
 import numpy as np
@@ -23,6 +29,13 @@ import numpy as np
 from bench import instance_metrics
 from bench.argparsing import UsageError, run_cli
 from bench.client import RequestInput, RequestOutput, send_request
+from bench.compare_colocated import (
+    compare_point,
+    comparison_result,
+    comparison_row,
+    format_comparison,
+    loss_warning,
+)
 from bench.load import LoadConfig, RequestChain, RunOutcome, make_session, run_batch, run_chains
 from bench.metadata import run_metadata
 from bench.metrics import (
@@ -30,13 +43,22 @@ from bench.metrics import (
     finite_or_str,
     max_concurrent_requests,
     max_output_tokens_per_s,
+    pareto_figures,
 )
 from bench.results import append_row, format_summary, rate_label, summary_row, write_json
-from bench.serve_args import Point, ServePlan, dataset_config, parse, workload_label
+from bench.serve_args import (
+    Point,
+    ServePlan,
+    colocated_args,
+    dataset_config,
+    parse,
+    workload_label,
+)
+from bench.serve_args import build_parser as build_parser  # every subcommand module has one
 from bench.serve_workload import Workload, build_workload
 from disagg.common.config import ConfigError
 from disagg.common.hf_cache import resolve_model
-from disagg.common.tokenizer import get_tokenizer
+from disagg.common.tokenizer import Tokenizer, get_tokenizer
 
 PROG = "disagg bench serve"
 
@@ -117,7 +139,11 @@ def build_result(args: argparse.Namespace, plan: ServePlan, point: Point,
         "command": f"{PROG} {shlex.join(argv)}", "deployment": args.deployment,
         "commit": meta["commit"], "hardware": meta["hardware"], "versions": meta["versions"],
     }
+    if plan.metadata:
+        result["metadata"] = plan.metadata
     result.update(metrics)
+    result["start_times"] = [out.start_s - outcome.bench_start_s for out in outputs]
+    result.update(pareto_figures(outputs, metrics["output_throughput"], plan.num_gpus))
     result["max_concurrent_requests"] = max_concurrent_requests(outputs)
     result["max_output_tokens_per_s"] = max_output_tokens_per_s(outputs, outcome.bench_start_s)
     result.update(_client_figures(outcome, metrics["completed"]))
@@ -127,13 +153,14 @@ def build_result(args: argparse.Namespace, plan: ServePlan, point: Point,
 
 
 def result_path(args: argparse.Namespace, result: dict[str, Any], sweep_axis: str | None) -> Path:
-    """``--result-dir/--result-filename``, with ``-c<N>``/``-r<R>`` per sweep point."""
-    point_tag = ""
+    """``--result-dir/--result-filename``, with ``-c<N>``/``-r<R>`` per sweep point and
+    ``-pd``/``-colocated`` for the runs of a comparison."""
+    point_tag = f"-{result['compare_role']}" if result.get("compare_role") else ""
     if sweep_axis == "concurrency":
-        point_tag = f"-c{result['max_concurrency']}"
+        point_tag += f"-c{result['max_concurrency']}"
     elif sweep_axis == "rate":
         rate = result["request_rate"]
-        point_tag = f"-r{rate if isinstance(rate, str) else rate_label(rate)}"
+        point_tag += f"-r{rate if isinstance(rate, str) else rate_label(rate)}"
     if args.result_filename:
         stem, ext = os.path.splitext(args.result_filename)
         name = f"{stem}{point_tag}{ext or '.json'}"
@@ -156,52 +183,122 @@ def _emit(args: argparse.Namespace, plan: ServePlan, result: dict[str, Any]) -> 
 
 
 async def _run_all(args: argparse.Namespace, plan: ServePlan, workload: Workload,
-                   argv: list[str]) -> list[dict[str, Any]]:
-    """Every point of the run, in order."""
-    await _probe(args, workload.probe)
+                   argv: list[str], role: str | None = None) -> list[dict[str, Any]]:
+    """Every point of the run, in order (``role``: ``pd`` or ``colocated`` in a comparison)."""
     results = []
     for point, chains in zip(plan.points, workload.points, strict=True):
-        if plan.sweep_axis:
-            print(f"--- point: max_concurrency={point.max_concurrency} "
-                  f"request_rate={rate_label(point.request_rate)}", flush=True)
+        if plan.sweep_axis or role:
+            print(f"--- {role + ' ' if role else ''}point: max_concurrency="
+                  f"{point.max_concurrency} request_rate={rate_label(point.request_rate)}",
+                  flush=True)
         outcome, counters = await _run_point(args, point, chains, workload.warmups)
         result = build_result(args, plan, point, outcome, argv, counters)
+        if role:
+            result["compare_role"] = role
         _emit(args, plan, result)
         results.append(result)
     return results
 
 
-def _plot(args: argparse.Namespace, sweep_axis: str, results: list[dict[str, Any]]) -> None:
-    """Sweep plots next to the result JSON files; a missing matplotlib is one warning."""
+def _stem(args: argparse.Namespace, default: str) -> Path:
+    """``--result-dir/<--result-filename's stem or default>``: where plots and the comparison
+    go."""
+    return Path(args.result_dir) / (Path(args.result_filename).stem if args.result_filename
+                                    else default)
+
+
+def _plot(args: argparse.Namespace, sweep_axis: str,
+          series: dict[str, list[dict[str, Any]]]) -> None:
+    """Sweep plots next to the result JSON files (per run, and a Pareto view of all runs when
+    there are several); a missing matplotlib is one warning."""
     try:
-        from bench.plots import plot_sweep
+        from bench.plots import plot_pareto, plot_sweep
     except ImportError:
         print("warning: matplotlib is not installed; no plots", file=sys.stderr)
         return
-    stem = Path(args.result_filename).stem if args.result_filename else "serve-sweep"
-    for path in plot_sweep(results, sweep_axis, Path(args.result_dir) / stem):
+    stem = _stem(args, "serve-sweep")
+    paths = []
+    for role, results in series.items():
+        paths += plot_sweep(results, sweep_axis, Path(f"{stem}-{role}" if role else stem))
+    if len(series) > 1:
+        names = {"pd": "P/D", "colocated": "colocated"}
+        title = " vs ".join(r[0].get("deployment") or names.get(k, k) for k, r in series.items())
+        paths.append(plot_pareto({names.get(k, k): v for k, v in series.items()}, sweep_axis,
+                                 Path(f"{stem}-pareto.png"), title))
+    for path in paths:
         print(f"plot written to {path}", flush=True)
+
+
+def _load_tokenizer(args: argparse.Namespace) -> Tokenizer:
+    try:  # a Hub id must be in the local cache: prompts of byte ids would measure nothing
+        return get_tokenizer(resolve_model(args.tokenizer or args.model))
+    except ConfigError as exc:
+        raise UsageError(f"{exc}; --tokenizer names the tokenizer when --model is only the "
+                         "served name") from exc
+
+
+def _workload(args: argparse.Namespace, plan: ServePlan, tokenizer: Tokenizer) -> Workload:
+    try:
+        return build_workload(args, plan, tokenizer)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def _report_comparison(args: argparse.Namespace, plan: ServePlan, pd: list[dict[str, Any]],
+                       colocated: list[dict[str, Any]]) -> None:
+    """The comparison table and warning; its JSON and one row per point."""
+    points = [compare_point(a, b, plan.sweep_axis) for a, b in zip(pd, colocated, strict=True)]
+    warning = loss_warning(points, plan.goodput_slos_ms)
+    print(format_comparison(points, f"{args.base_url} ({pd[0]['deployment'] or 'P/D'})",
+                            f"{args.compare_colocated} ({colocated[0]['deployment']})",
+                            warning), flush=True)
+    if args.save_result or plan.sweep_axis:
+        path = Path(f"{_stem(args, 'serve-' + pd[0]['date'])}-compare.json")
+        write_json(path, comparison_result(points, [summary_row(r) for r in pd],
+                                           [summary_row(r) for r in colocated], warning))
+        print(f"comparison written to {path}", flush=True)
+    if args.results_jsonl:
+        for point, a, b in zip(points, pd, colocated, strict=True):
+            append_row(Path(args.results_jsonl), comparison_row(point, a, b, a["command"]))
+
+
+class _Run(NamedTuple):
+    """One endpoint to measure: its options, its requests, its role in a comparison."""
+
+    args: argparse.Namespace
+    workload: Workload
+    role: str | None
+    """``pd`` or ``colocated`` with --compare-colocated, else None."""
+
+
+async def _probe_and_run(runs: list[_Run], plan: ServePlan,
+                         argv: list[str]) -> list[list[dict[str, Any]]]:
+    """Probe every endpoint first (a wrong second URL fails before the long first run), then
+    run them one after another."""
+    for r in runs:
+        await _probe(r.args, r.workload.probe)
+    return [await _run_all(r.args, plan, r.workload, argv, r.role) for r in runs]
 
 
 def run(argv: list[str]) -> int:
     """Parse, build the workload, run every point; raises UsageError for user errors."""
     args, plan = parse(argv)
-    try:  # a Hub id must be in the local cache: prompts of byte ids would measure nothing
-        tokenizer = get_tokenizer(resolve_model(args.tokenizer or args.model))
-    except ConfigError as exc:
-        raise UsageError(f"{exc}; --tokenizer names the tokenizer when --model is only the "
-                         "served name") from exc
+    tokenizer = _load_tokenizer(args)
+    runs = [_Run(args, _workload(args, plan, tokenizer),
+                 "pd" if args.compare_colocated else None)]
+    if args.compare_colocated:  # the same seed: the same prompts and arrival times
+        other = colocated_args(args)
+        runs.append(_Run(other, _workload(other, plan, tokenizer), "colocated"))
     try:
-        workload = build_workload(args, plan, tokenizer)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from exc
-    try:
-        results = asyncio.run(_run_all(args, plan, workload, argv))
+        results = asyncio.run(_probe_and_run(runs, plan, argv))
     except BenchmarkError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
+    if args.compare_colocated:
+        _report_comparison(args, plan, results[0], results[1])
     if plan.sweep_axis:
-        _plot(args, plan.sweep_axis, results)
+        _plot(args, plan.sweep_axis,
+              {r.role or "": res for r, res in zip(runs, results, strict=True)})
     return 0
 
 

@@ -35,10 +35,11 @@ class Workload:
 
 def request_template(args: argparse.Namespace, plan: ServePlan) -> RequestInput:
     """The target, model, headers and extra body every request shares (empty prompt)."""
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    headers.update(plan.headers or {})
     return RequestInput(api_url=args.base_url.rstrip("/") + args.endpoint,
                         model=args.served_model_name or args.model, prompt="", prompt_len=0,
-                        output_len=0, extra_body=plan.extra_body, headers=headers)
+                        output_len=0, extra_body=plan.extra_body, headers=headers or None)
 
 
 def _input(template: RequestInput, sample: SampleRequest) -> RequestInput:

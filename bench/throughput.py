@@ -31,22 +31,30 @@ def build_parser() -> Parser:
     """The ``throughput`` argument parser."""
     p = Parser(prog=PROG, description="Offline generation throughput of the disagg engine.")
     p.add_argument("--model", required=True, help="model directory or builtin:NAME")
-    p.add_argument("--num-seqs", type=int, default=256)
-    p.add_argument("--min-input-len", type=int, default=100)
-    p.add_argument("--max-input-len", type=int, default=1024)
-    p.add_argument("--min-output-len", type=int, default=100)
-    p.add_argument("--max-output-len", type=int, default=1024)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-seqs", type=int, default=256, help="sequences generated")
+    p.add_argument("--min-input-len", type=int, default=100,
+                   help="shortest prompt, tokens (lengths are uniform)")
+    p.add_argument("--max-input-len", type=int, default=1024, help="longest prompt, tokens")
+    p.add_argument("--min-output-len", type=int, default=100,
+                   help="fewest output tokens (EOS ignored)")
+    p.add_argument("--max-output-len", type=int, default=1024, help="most output tokens")
+    p.add_argument("--seed", type=int, default=0, help="seed of the lengths and token ids")
     p.add_argument("--num-warmups", type=int, default=1, help="short untimed sequences first")
-    p.add_argument("--device")
-    p.add_argument("--dtype")
-    p.add_argument("--max-num-seqs", type=int)
-    p.add_argument("--max-num-batched-tokens", type=int)
-    p.add_argument("--kv-cache-memory-bytes", type=int)
-    p.add_argument("--load-format", choices=("dummy", "auto"), default="dummy")
-    p.add_argument("--max-model-len", type=int)
-    p.add_argument("--deployment", help="free-form description stored in the row")
-    p.add_argument("--hardware", help="override the detected hardware line")
+    p.add_argument("--device", help="engine device, e.g. cuda or cpu (default: the engine's)")
+    p.add_argument("--dtype", help="weights dtype, e.g. bfloat16 (default: the engine's)")
+    p.add_argument("--max-num-seqs", type=int,
+                   help="sequences per batch (default: the engine's)")
+    p.add_argument("--max-num-batched-tokens", type=int,
+                   help="tokens per engine step (default: the engine's)")
+    p.add_argument("--kv-cache-memory-bytes", type=int,
+                   help="KV cache budget in bytes (default: measured by the engine)")
+    p.add_argument("--load-format", choices=("dummy", "auto"), default="dummy",
+                   help="dummy: random weights of the model's shape; auto: load them")
+    p.add_argument("--max-model-len", type=int,
+                   help="longest sequence (default: the engine's)")
+    p.add_argument("--deployment",
+                   help="free-form description stored in the row (default: none)")
+    p.add_argument("--hardware", help="override the detected hardware line (default: detected)")
     p.add_argument("--results-jsonl", default="", metavar="PATH",
                    help="append the result row to this JSON-lines file (the repository's "
                         "bench/results/throughput.jsonl feeds the README table; default: none)")

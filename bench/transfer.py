@@ -339,18 +339,29 @@ def _parse_option(text: str) -> tuple[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options of ``disagg bench transfer``."""
-    p = argparse.ArgumentParser(prog="disagg bench transfer", description=__doc__.split("\n")[0])
-    p.add_argument("--transport", choices=["tcp", "nixl", "ipc", "mori"], default="tcp")
-    p.add_argument("--mode", choices=["read", "write"], default="read")
-    p.add_argument("--num-blocks", type=int, nargs="+", default=[256])
-    p.add_argument("--block-bytes", type=int, nargs="+", default=[256 * 1024])
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--layout", choices=["strided", "contiguous"], default="strided")
-    p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
+    from bench.argparsing import DefaultsHelpFormatter  # the repo is on sys.path only by then
+
+    p = argparse.ArgumentParser(prog="disagg bench transfer", description=__doc__.split("\n")[0],
+                                formatter_class=DefaultsHelpFormatter)
+    p.add_argument("--transport", choices=["tcp", "nixl", "ipc", "mori"], default="tcp",
+                   help="KV transport to measure")
+    p.add_argument("--mode", choices=["read", "write"], default="read",
+                   help="read: the receiver pulls; write: the sender pushes")
+    p.add_argument("--num-blocks", type=int, nargs="+", default=[256],
+                   help="blocks per transfer (several: one row each)")
+    p.add_argument("--block-bytes", type=int, nargs="+", default=[256 * 1024],
+                   help="bytes per block (several: one row each)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where both sides' KV tensors live")
+    p.add_argument("--layout", choices=["strided", "contiguous"], default="strided",
+                   help="strided: scattered blocks; contiguous: one run")
+    p.add_argument("--iters", type=int, default=5, help="timed transfers per row")
+    p.add_argument("--warmup", type=int, default=1, help="untimed transfers first")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="transport option for both sides, e.g. max_connections_per_peer=2")
-    p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+                   help="transport option for both sides, e.g. max_connections_per_peer=2 "
+                        "(default: none)")
+    p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
+                   help="JSON-lines file each row is appended to")
     return p
 
 

@@ -2,7 +2,8 @@
 
 Starts ``disagg-proxy --launch`` (1 prefill + 1 decode + proxy, CPU, tcp transport) when the
 proxy is available, else a single ``disagg serve`` instance; sends a completion and a streamed
-chat request; prints them; shuts everything down.
+chat request; prints them, says that the tiny model's text is noise by design and what to run
+with a real model; shuts everything down.
 """
 
 from __future__ import annotations
@@ -10,12 +11,35 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+
+REAL_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+REAL_MODEL_COMMANDS = (
+    ("hf", "download", REAL_MODEL),
+    ("disagg-proxy", "--launch", "--model", REAL_MODEL, "--device", "cuda"),
+)
+"""What to run next on a machine with two GPUs: fetch the weights (``disagg serve`` reads the
+Hugging Face cache and downloads nothing; the repository is gated, so ``hf auth login`` first),
+then one prefill and one decode instance, one GPU each, behind the proxy."""
+
+
+def next_steps() -> list[str]:
+    """The lines the demo ends with: why the text is noise, and the real-model commands."""
+    return [
+        "demo: builtin:tiny-llama has random (seeded) weights and a byte-level tokenizer, so "
+        "the text above is gibberish by design: the demo checks the P/D path (prefill, KV "
+        "transfer, decode, proxy), not a model.",
+        "demo: with a real model on 2 GPUs (CUDA or ROCm; the model is gated on the Hugging "
+        "Face Hub: `hf auth login` first):",
+        *(f"  {shlex.join(command)}" for command in REAL_MODEL_COMMANDS),
+        "demo: one node of 8 GPUs: deploy/README.md (deploy/mi300x, deploy/cuda scripts).",
+    ]
 
 
 def _free_port() -> int:
@@ -82,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                        if c.get("choices"))
         print(f"demo: streamed chat -> {text!r} ({len(chunks)} chunks)")
         print("demo: OK")
+        print("\n".join(next_steps()))
         return 0
     finally:
         proc.send_signal(signal.SIGINT)

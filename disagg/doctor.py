@@ -196,12 +196,28 @@ def rdma_facts(sysfs: Path = IB_SYSFS, dev_dir: Path = IB_DEV) -> dict[str, Any]
             "memlock_bytes": _memlock_bytes()}
 
 
+def mori_install_hint(reason: str) -> str | None:
+    """What to do when the mori transport is not usable because MoRI does not import."""
+    if importlib.util.find_spec("mori") is None:
+        return ("not installed: pip install 'disagg[mori]' (PyPI's amd-mori: CPython 3.10/3.12, "
+                "x86_64, ROCm 7) or build ROCm/mori from source (deploy/README.md)")
+    if "libamdhip64" in reason or "libhsa-runtime" in reason:
+        return ("installed, but its ROCm libraries do not load: PyPI's amd-mori links ROCm 7; "
+                "for another ROCm build ROCm/mori from source (deploy/README.md)")
+    return None
+
+
 def transport_facts() -> dict[str, dict[str, Any]]:
-    """Each KV transport: usable here, or the reason why not."""
+    """Each KV transport: usable here, or the reason why not (for mori, how to install it)."""
     from connectors.transports import available_transports
 
+    reasons = available_transports()
+    mori_reason = reasons.get("mori")
+    hint = None if mori_reason is None else mori_install_hint(mori_reason)
+    if hint is not None:
+        reasons["mori"] = f"{mori_reason}; {hint}"
     return {name: {"usable": reason is None, "reason": reason}
-            for name, reason in available_transports().items()}
+            for name, reason in reasons.items()}
 
 
 def aot_targets() -> list[str]:

@@ -107,20 +107,23 @@ check_tp() {  # check_tp FLAG VALUE: a --tensor-parallel-size disagg serve accep
   (( 10#$2 <= 64 )) || die "$1 must be between 1 and 64, got '$2'"
 }
 
+GPU_API=HIP  # what the plan's comments call a device index: HIP, or CUDA (--platform cuda)
+
 rank_text() {  # rank_text GPU_CSV [TP]: how an instance's GPUs become its DP and TP ranks
   local -a ids
   IFS=, read -r -a ids <<<"$1"
   local n=${#ids[@]} tp=${2:-1}
-  local dp=$(( n / tp ))
+  local dp=$(( n / tp )) api=$GPU_API
   if (( n == 1 )); then
-    printf 'GPU %s (DP rank 0 on HIP device 0)' "$1"
+    printf 'GPU %s (DP rank 0 on %s device 0)' "$1" "$api"
   elif (( tp == 1 )); then
-    printf 'GPUs %s as DP ranks 0-%s on HIP devices 0-%s' "$1" $(( n - 1 )) $(( n - 1 ))
+    printf 'GPUs %s as DP ranks 0-%s on %s devices 0-%s' "$1" $(( n - 1 )) "$api" $(( n - 1 ))
   elif (( dp == 1 )); then
-    printf 'GPUs %s as TP ranks 0-%s of one engine core on HIP devices 0-%s' "$1" $(( tp - 1 )) $(( n - 1 ))
+    printf 'GPUs %s as TP ranks 0-%s of one engine core on %s devices 0-%s' "$1" $(( tp - 1 )) \
+      "$api" $(( n - 1 ))
   else
-    printf 'GPUs %s as DP ranks 0-%s x TP ranks 0-%s on HIP devices 0-%s (DP rank d, TP rank t on device d*%s+t)' \
-      "$1" $(( dp - 1 )) $(( tp - 1 )) $(( n - 1 )) "$tp"
+    printf 'GPUs %s as DP ranks 0-%s x TP ranks 0-%s on %s devices 0-%s (DP rank d, TP rank t on device d*%s+t)' \
+      "$1" $(( dp - 1 )) $(( tp - 1 )) "$api" $(( n - 1 )) "$tp"
   fi
 }
 
@@ -196,6 +199,13 @@ rocm_env() {  # rocm_env ARRAY_NAME: the ROCm knobs every instance gets (caller 
   # is the faster GEMM library for the linear layers.
   _env_out+=("HIP_FORCE_DEV_KERNARG=${HIP_FORCE_DEV_KERNARG:-1}"
             "TORCH_BLAS_PREFER_HIPBLASLT=${TORCH_BLAS_PREFER_HIPBLASLT:-1}")
+}
+
+cuda_env() {  # cuda_env ARRAY_NAME: the CUDA knobs every instance gets (caller may override)
+  local -n _cuda_env_out=$1
+  # CUDA numbers GPUs fastest first by default; PCI bus order is nvidia-smi's, so the GPU
+  # indices of the plan mean the same GPUs to the operator, the driver and torch.
+  _cuda_env_out+=("CUDA_DEVICE_ORDER=${CUDA_DEVICE_ORDER:-PCI_BUS_ID}")
 }
 
 comment() {  # a line of the plan: printed in --dry-run, logged otherwise

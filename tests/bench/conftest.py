@@ -28,6 +28,11 @@ class FakeServer:
         with urllib.request.urlopen(f"{self.base_url}/fake/requests", timeout=10) as resp:
             return list(json.loads(resp.read()))
 
+    def headers(self) -> list[dict[str, str]]:
+        """The HTTP headers of every request received so far."""
+        with urllib.request.urlopen(f"{self.base_url}/fake/headers", timeout=10) as resp:
+            return list(json.loads(resp.read()))
+
     def stop(self) -> None:
         """Terminate, then kill if it does not exit in time."""
         self.proc.terminate()

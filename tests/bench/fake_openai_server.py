@@ -1,11 +1,12 @@
 """A fake OpenAI-compatible streaming server for the benchmark tests (run as a subprocess).
 
 It streams ``max_tokens`` chunks with a configurable first-token and per-token delay, can fail
-every Nth request, and records every request body (``GET /fake/requests``) so tests can check
-what the client sent. ``GET /metrics`` serves an instance's prefix-cache and KV-transfer
-counters from a toy prefix cache over prompt characters: a prompt's hits are its longest common
-prefix with any earlier prompt, and the rest "moves" at ``BYTES_PER_CHAR``. It listens on
-127.0.0.1 and prints ``PORT <n>`` once it is ready.
+every Nth request, and records every request body (``GET /fake/requests``) and its headers
+(``GET /fake/headers``) so tests can check what the client sent. ``GET /metrics`` serves an
+instance's prefix-cache and KV-transfer counters from a toy prefix cache over prompt
+characters: a prompt's hits are its longest common prefix with any earlier prompt, and the rest
+"moves" at ``BYTES_PER_CHAR``. It listens on 127.0.0.1 and prints ``PORT <n>`` once it is
+ready.
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ async def _handle(request: web.Request) -> web.StreamResponse:
     _count_cache(state, _prompt_text(body))
     if state["cfg"].record:
         state["bodies"].append(body)
+        state["headers"].append(dict(request.headers))
     fail_every = state["cfg"].fail_every
     if fail_every and state["count"] % fail_every == 0:
         return web.json_response({"error": {"message": "injected failure", "code": 500}},
@@ -101,6 +103,10 @@ async def _handle(request: web.Request) -> web.StreamResponse:
 
 async def _requests(request: web.Request) -> web.Response:
     return web.json_response(request.app[STATE]["bodies"])
+
+
+async def _headers(request: web.Request) -> web.Response:
+    return web.json_response(request.app[STATE]["headers"])
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -119,11 +125,12 @@ async def _metrics(request: web.Request) -> web.Response:
 def make_app(cfg: argparse.Namespace) -> web.Application:
     """The fake server's app."""
     app = web.Application()
-    app[STATE] = {"cfg": cfg, "count": 0, "bodies": [], "trie": {}, "queries": 0,
-                  "hits": 0, "bytes_moved": 0}
+    app[STATE] = {"cfg": cfg, "count": 0, "bodies": [], "headers": [], "trie": {},
+                  "queries": 0, "hits": 0, "bytes_moved": 0}
     app.router.add_post("/v1/completions", _handle)
     app.router.add_post("/v1/chat/completions", _handle)
     app.router.add_get("/fake/requests", _requests)
+    app.router.add_get("/fake/headers", _headers)
     app.router.add_get("/metrics", _metrics)
     return app
 

@@ -76,3 +76,42 @@ def test_serve_dispatch_and_help(capsys):
     assert "--sweep-concurrency" in capsys.readouterr().out
     assert cli.main(["serve", "--model", "m", "--request-rate", "-1"]) == 2
     assert "--request-rate" in _one_error_line(capsys)
+
+
+def _subcommand_parsers():
+    """``(name, parser)`` of every ``disagg bench`` subcommand, built as the command does."""
+    import argparse
+    import importlib
+
+    for name, module_name in sorted(cli._COMMANDS.items()):
+        parser = importlib.import_module(module_name).build_parser()
+        assert isinstance(parser, argparse.ArgumentParser)
+        yield name, parser
+
+
+def test_every_flag_of_every_subcommand_has_help_and_shows_its_default():
+    import argparse
+
+    names = []
+    for name, parser in _subcommand_parsers():
+        names.append(name)
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            flag = f"{name} {'/'.join(action.option_strings) or action.dest}"
+            assert action.help and action.help.strip(), f"{flag} has no help"
+            shown = formatter._expand_help(action) if action.help else ""
+            default = action.default
+            if default is argparse.SUPPRESS or action.required:
+                continue  # --help; a required flag has no default
+            # shown by the formatter, or (None: no value to show) said by the help itself
+            assert "default" in shown, f"{flag} does not say its default {default!r}"
+            if default is False and action.nargs == 0:
+                assert shown.endswith("(default: off)"), flag
+        parser.format_help()  # every help string formats (a bare % would raise)
+    assert names == ["serve", "throughput", "transfer"]
+
+
+def test_bench_help_lists_every_subcommand(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"  {name}" in out for name in ("serve", "throughput", "transfer", "--compare"))

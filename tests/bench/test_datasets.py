@@ -162,7 +162,10 @@ def test_multi_turn_prompts_are_not_a_flat_list():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"name": "sharegpt"}, "unknown dataset"),
+    ({"name": "lmsys"}, "unknown dataset"),
+    ({"name": "sharegpt"}, "--dataset-name sharegpt needs --dataset-path"),
+    ({"name": "custom", "dataset_path": "x.jsonl", "custom_output_len": 0},
+     "--custom-output-len"),
     ({"random_range_ratio": 1.0}, "range-ratio"),
     ({"num_prompts": 0}, "num-prompts"),
     ({"random_input_len": 0}, "random-input-len"),

@@ -215,3 +215,61 @@ def test_results_jsonl_defaults_to_none():
 
     args, _ = parse(["--model", "builtin:tiny"])
     assert args.results_jsonl == ""
+
+
+def test_headers_metadata_and_vllm_per_request_lists(fake_server, tmp_path):
+    rc = main(_args(fake_server.base_url, tmp_path, "--save-result", "--result-filename",
+                    "h.json", "--api-key", "k1", "--header", "x-tenant=blue",
+                    "Authorization=Bearer k2", "--metadata", "tp=1", "build = nightly",
+                    "--max-concurrency", "4", "--deployment", "2P1D tcp read"))
+    assert rc == 0
+    # the probe and every measured request carry the headers; --header overrides --api-key
+    headers = fake_server.headers()
+    assert len(headers) == 21
+    assert all(h["x-tenant"] == "blue" and h["Authorization"] == "Bearer k2" for h in headers)
+    result = json.loads((tmp_path / "h.json").read_text())
+    assert result["metadata"] == {"tp": "1", "build": "nightly"}
+    assert len(result["latencies"]) == len(result["start_times"]) == 20
+    assert result["latencies"] == pytest.approx(
+        [t + sum(itl) for t, itl in zip(result["ttfts"], result["itls"], strict=True)])
+    assert min(result["start_times"]) >= 0
+    assert max(result["start_times"]) < result["duration"]
+    # --num-gpus defaults to x + y of "xPyD" in --deployment
+    assert result["num_gpus"] == 3
+    assert result["output_throughput_per_gpu"] == pytest.approx(result["output_throughput"] / 3)
+    assert result["output_throughput_per_user"] == pytest.approx(1000 / result["mean_tpot_ms"])
+    row = json.loads((tmp_path / "serve.jsonl").read_text().splitlines()[-1])
+    assert row["metadata"] == result["metadata"]
+    assert "latencies" not in row and "start_times" not in row
+
+
+def test_sharegpt_dataset_end_to_end(fake_server, tmp_path):
+    rows = [{"conversations": [{"from": "human", "value": f"question {i:02d}"},
+                               {"from": "gpt", "value": "answer " * (i + 1)}]}
+            for i in range(30)]
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps(rows))
+    rc = main(_args(fake_server.base_url, tmp_path, "--dataset-name", "sharegpt",
+                    "--dataset-path", str(path), "--num-gpus", "2", "--save-result",
+                    "--result-filename", "sg.json"))
+    assert rc == 0
+    result = json.loads((tmp_path / "sg.json").read_text())
+    assert result["workload"] == "sharegpt sharegpt.json" and result["num_gpus"] == 2
+    sent = {b["prompt"]: b["max_tokens"] for b in fake_server.requests()[1:]}
+    assert len(sent) == 20
+    for prompt, max_tokens in sent.items():  # "answer " x (i + 1): 7 tokens each
+        assert max_tokens == 7 * (int(prompt.split()[1]) + 1)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--dataset-name", "sharegpt"], "--dataset-name sharegpt needs --dataset-path"),
+    (["--dataset-name", "custom", "--dataset-path", "/nonexistent.jsonl"], "no such file"),
+    (["--header", "novalue"], "--header takes KEY=VALUE pairs, got 'novalue'"),
+    (["--metadata", "=x"], "--metadata takes KEY=VALUE pairs"),
+    (["--num-gpus", "0"], "--num-gpus must be at least 1"),
+    (["--compare-colocated", "http://127.0.0.1:9/"], "must name another deployment"),
+])
+def test_new_flag_errors_are_one_line(tmp_path, capsys, extra, message):
+    rc = main(_args("http://127.0.0.1:9", tmp_path, *extra))
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and message in err, err

@@ -1,4 +1,4 @@
-"""Run a deploy/mi300x script and read its --dry-run plan back as commands.
+"""Run a deploy script and read its --dry-run plan back as commands.
 
 A plan is text: ``# ...`` comment lines, and command lines a shell could run as they are,
 ``env VAR=VALUE ... program args`` (or ``program args``). ``parse_plan`` splits each command
@@ -17,6 +17,8 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEPLOY_DIR = REPO_ROOT / "deploy" / "mi300x"
+CUDA_SINGLE_NODE = "../cuda/single_node.sh"
+"""deploy/cuda/single_node.sh, named as the helpers below take a script: relative to DEPLOY_DIR."""
 SCRIPT_TIMEOUT_S = 20
 
 
@@ -58,7 +60,8 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 def run_script(script: str, *args: str, env: dict[str, str] | None = None
                ) -> subprocess.CompletedProcess[str]:
-    """``bash deploy/mi300x/<script> args...`` with a clean environment."""
+    """``bash deploy/mi300x/<script> args...`` (``script`` relative to that folder) with a
+    clean environment."""
     return subprocess.run(["bash", str(DEPLOY_DIR / script), *args], capture_output=True,
                           text=True, timeout=SCRIPT_TIMEOUT_S, cwd=REPO_ROOT,
                           env=env if env is not None else clean_env())
@@ -108,5 +111,6 @@ def usage_error(script: str, *args: str, env: dict[str, str] | None = None) -> s
     assert proc.stdout == ""
     lines = proc.stderr.splitlines()
     assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith(f"{script}: error: ")
-    return lines[0].removeprefix(f"{script}: error: ")
+    prefix = f"{Path(script).name}: error: "
+    assert lines[0].startswith(prefix)
+    return lines[0].removeprefix(prefix)

@@ -4,7 +4,7 @@
     python fake_disagg.py disagg serve M --host H --port P ...
     python fake_disagg.py disagg-proxy --host H --port P ...
 
-serve and the proxy write ``$FAKE_RECORD_DIR/<port>.json`` (argv, pid, HIP_VISIBLE_DEVICES)
+serve and the proxy write ``$FAKE_RECORD_DIR/<port>.json`` (argv, pid, RECORDED_ENV)
 and answer ``GET /health`` with 200 until SIGTERM; FAKE_EXIT_PORT=<port> makes the one on
 that port exit 3 at once instead, as an instance that dies during start-up.
 """
@@ -17,6 +17,8 @@ import os
 import signal
 import sys
 from pathlib import Path
+
+RECORDED_ENV = ("HIP_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER")
 
 
 class _Health(http.server.BaseHTTPRequestHandler):
@@ -32,8 +34,8 @@ def _serve(argv: list[str]) -> int:
     host, port = argv[argv.index("--host") + 1], int(argv[argv.index("--port") + 1])
     if os.environ.get("FAKE_EXIT_PORT") == str(port):
         return 3
-    record = {"argv": argv, "pid": os.getpid(),
-              "HIP_VISIBLE_DEVICES": os.environ.get("HIP_VISIBLE_DEVICES")}
+    record: dict[str, object] = {"argv": argv, "pid": os.getpid()}
+    record.update({name: os.environ.get(name) for name in RECORDED_ENV})
     Path(os.environ["FAKE_RECORD_DIR"], f"{port}.json").write_text(json.dumps(record))
     server = http.server.HTTPServer(("127.0.0.1" if host == "0.0.0.0" else host, port),
                                     _Health)

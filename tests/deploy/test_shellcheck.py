@@ -24,9 +24,10 @@ def shell_scripts() -> list[Path]:
 
 
 def test_deploy_has_the_scripts_the_docs_name() -> None:
-    names = {p.name for p in shell_scripts()}
-    assert {"lib.sh", "single_node.sh", "multi_node.sh", "slurm_xpyd.sh",
-            "container.sh"} <= names
+    paths = {str(p.relative_to(DEPLOY)) for p in shell_scripts()}
+    assert {f"mi300x/{name}" for name in ("lib.sh", "single_node.sh", "multi_node.sh",
+                                          "slurm_xpyd.sh", "container.sh")} <= paths
+    assert "cuda/single_node.sh" in paths
 
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None,
