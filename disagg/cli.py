@@ -23,7 +23,9 @@ from disagg.common.config import (
     parse_max_model_len,
 )
 from disagg.common.generation_config import load_generation_config
+from disagg.common.help_formatter import DefaultsHelpFormatter
 from disagg.common.hf_cache import resolve_model
+from disagg.common.logging_setup import add_logging_args, configure_logging, export_to_children
 from disagg.common.version import __version__
 from disagg.vllm_flags import unknown_args_message
 
@@ -33,7 +35,8 @@ logger = logging.getLogger("disagg")
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by ``disagg serve`` and the offline LLM entry points."""
     p.add_argument("model", nargs="?", default="builtin:tiny-llama",
-                   help="builtin:tiny-llama, builtin:tiny-moe or a Hugging Face model directory")
+                   help="builtin:tiny-llama, builtin:tiny-moe, a Hugging Face model directory "
+                        "or a Hub id already in the local cache")
     p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                    help="name(s) the API accepts in the 'model' field; the first is the one "
                         "reported (default: the model argument)")
@@ -42,36 +45,52 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "omitted sampling fields: auto (the model's), vllm (no sampling "
                         "defaults; the model's EOS ids still stop), or a directory/file "
                         "(default %(default)s)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: a GPU when torch sees one (cuda means any torch GPU, ROCm "
+                        "included), else the CPU")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16 or float16")
     p.add_argument("--quantization", default=None,
-                   help="fp8: fp8 weights with 128x128 block scales, quantized at load (the "
-                        "default for a checkpoint whose config.json has quantization_config)")
-    p.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
-    p.add_argument("--seed", type=int, default=0)
+                   help="fp8: fp8 weights with 128x128 block scales, quantized at load "
+                        "(default: none, or fp8 for a checkpoint whose config.json has "
+                        "quantization_config)")
+    p.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
+                   help="auto: weights from the model's files; dummy: random weights")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of dummy weights and of requests without their own seed")
     p.add_argument("--max-model-len", type=parse_max_model_len, default=None,
-                   help="tokens, e.g. 4096, 32k, or auto / -1 to fit the KV cache")
-    p.add_argument("--block-size", type=int, default=16)
+                   help="tokens, e.g. 4096, 32k, or auto / -1 to fit the KV cache (default: "
+                        "the model's own)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (1-256)")
     p.add_argument("--kv-cache-dtype", default="auto",
                    help="KV cache element type: auto (the model's dtype) or fp8 / fp8_e4m3 "
                         "(e4m3, fnuz on MI300; per-layer K/V scales from the checkpoint's "
                         "k_scale/v_scale, else 1.0): half the bytes per block and per transfer; "
                         "P/D peers must use the same")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="fraction of GPU memory the instance may use: weights, activations "
+                        "and the KV cache")
     p.add_argument("--kv-cache-memory-bytes", type=parse_bytes, default=None,
-                   help="explicit KV cache budget, e.g. 256MiB (the sizing input on CPU)")
-    p.add_argument("--num-gpu-blocks-override", type=int, default=None)
+                   help="explicit KV cache budget, e.g. 256MiB (default: measured on a GPU, "
+                        "256MiB on CPU)")
+    p.add_argument("--num-gpu-blocks-override", type=int, default=None,
+                   help="use exactly this many KV blocks (default: what the budget holds)")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
-                   default=True, help="reuse the KV of cached prompt prefixes (default on)")
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--no-chunked-prefill", action="store_true")
+                   default=True, help="reuse the KV of cached prompt prefixes")
+    p.add_argument("--max-num-seqs", type=int, default=256,
+                   help="most requests in one engine step")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="most tokens in one engine step (prefill chunks and decodes)")
+    p.add_argument("--no-chunked-prefill", action="store_true",
+                   help="prefill each prompt in one step instead of chunks")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
-                   help="GPUs (worker processes) per engine core; -dp M -tp N uses M*N GPUs")
+                   help="GPUs (worker processes) per engine core; -dp M -tp N uses M*N GPUs "
+                        "(default: %(default)s)")
     p.add_argument("--tp-timeout", type=float, default=120.0,
                    help="deadline in seconds for every tensor-parallel collective and worker "
                         "start")
-    p.add_argument("--data-parallel-size", "-dp", type=int, default=1)
+    p.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                   help="engine-core processes behind this one HTTP server")
     p.add_argument("--dp-lockstep", action="store_true",
                    help="data-parallel ranks step together (what expert-parallel MoE needs)")
     p.add_argument("--enable-expert-parallel", action="store_true",
@@ -80,7 +99,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dp-collective-timeout", type=float, default=120.0,
                    help="deadline in seconds for every collective among the ranks")
     p.add_argument("--kv-transfer-config", default=None,
-                   help='JSON, e.g. {"kv_connector":"PDConnector","kv_role":"kv_producer",...}')
+                   help='JSON, e.g. {"kv_connector":"PDConnector","kv_role":"kv_producer",...} '
+                        "(default: none, a monolithic instance)")
 
 
 def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
@@ -154,21 +174,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="disagg", description=__doc__)
     parser.add_argument("--version", action="version", version=f"disagg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run one OpenAI-compatible instance")
+    serve = sub.add_parser("serve", help="run one OpenAI-compatible instance",
+                           description="Run one OpenAI-compatible instance.",
+                           formatter_class=DefaultsHelpFormatter)
     add_engine_args(serve)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--admin-key", default=None)
+    serve.add_argument("--host", default="127.0.0.1", help="address the HTTP server listens on")
+    serve.add_argument("--port", type=int, default=8000, help="HTTP port")
+    serve.add_argument("--admin-key", default=None,
+                       help="Bearer key of the admin API: /pause, /resume, /collective_rpc "
+                            "(default: none, the admin API is off)")
     serve.add_argument("--api-key", default=None,
                        help="every /v1/* request must send 'Authorization: Bearer KEY' "
-                            "(/health, /metrics, /tokenize stay open; env DISAGG_API_KEY or "
-                            "VLLM_API_KEY)")
+                            "(/health, /metrics, /tokenize stay open; default: env "
+                            "DISAGG_API_KEY or VLLM_API_KEY, else open)")
     serve.add_argument("--kv-params-key", default=None,
                        help="shared secret: requests with kv_transfer_params and KV aborts "
-                            "must send it in header X-Disagg-KV-Key (the proxy does; env "
-                            "DISAGG_KV_PARAMS_KEY)")
+                            "must send it in header X-Disagg-KV-Key (the proxy does; default: "
+                            "env DISAGG_KV_PARAMS_KEY, else none needed)")
     serve.add_argument("--proxy-address", default=None,
-                       help="tcp://HOST:PORT of a disagg proxy to register with")
+                       help="tcp://HOST:PORT of a disagg proxy to register with (default: "
+                            "none, the proxy lists this instance itself)")
+    serve.add_argument("--enable-log-requests", action="store_true", default=False,
+                       help="log one line per request when it arrives (id, prompt tokens, "
+                            "sampling params, KV transfer role) and one when it ends (finish "
+                            "reason, tokens, TTFT, end-to-end time)")
+    serve.add_argument("--disable-log-requests", dest="enable_log_requests",
+                       action="store_false", default=False,
+                       help="the inverse of --enable-log-requests, for older vLLM scripts "
+                            "(default: requests are not logged)")
+    add_logging_args(serve)
     sub.add_parser("bench", help="benchmarks: serve | throughput | transfer", add_help=False)
     sub.add_parser("doctor", help="what this machine can do, and why not", add_help=False)
     return parser
@@ -196,15 +230,15 @@ def main(argv: list[str] | None = None) -> int:
 
         return doctor_main(argv[1:])
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=envs.log_level(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        configure_logging(args.log_level, args.log_format)
         cfg = engine_config_from_args(args)
     except ConfigError as exc:
         print(f"disagg: error: {exc}", file=sys.stderr)
         return 2
     from disagg.server.server_main import serve
 
+    export_to_children(args.log_level, args.log_format)  # the engine cores log like us
     try:
         return asyncio.run(serve(cfg, args))
     except KeyboardInterrupt:

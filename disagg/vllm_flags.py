@@ -9,7 +9,7 @@ from __future__ import annotations
 _LOCAL_ONLY = "give a local model directory or a Hugging Face id already in the local cache " \
               "(nothing is downloaded)"
 _NO_GRAPHS = "decode CUDA graphs are sized by disagg; DISAGG_DISABLE_CUDA_GRAPHS=1 turns them off"
-_LOGS = "set the log level with DISAGG_LOG_LEVEL"
+_LOGS = "use --log-level (it sets the HTTP server's level too)"
 _MULTI_NODE = "run one `disagg serve` per node behind `disagg-proxy` instead"
 _PROXY_IN_FRONT = "put a reverse proxy (TLS, CORS, paths) in front of disagg"
 
@@ -36,10 +36,6 @@ VLLM_ONLY_FLAGS: dict[str, str] = {
     "--compilation-config": "nothing is compiled with torch.compile",
     "-O": "nothing is compiled with torch.compile",
     "--max-logprobs": "a request may ask for at most 20 logprobs per token",
-    "--disable-log-requests": _LOGS,
-    "--enable-log-requests": _LOGS,
-    "--disable-log-stats": _LOGS,
-    "--log-level": _LOGS,
     "--uvicorn-log-level": _LOGS,
     "--enable-lora": "LoRA adapters are not supported",
     "--lora-modules": "LoRA adapters are not supported",

@@ -16,6 +16,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from disagg.common.logging_setup import log_every
+from disagg.common.request_ids import install_request_ids
 from proxy.admin import add_admin_routes
 from proxy.auth import require_api_key
 from proxy.bodies import PromptCounter
@@ -31,6 +33,7 @@ from proxy.registration import Deregister, Heartbeat, KVEvents, RegistrationServ
 from proxy.registry import Origin, Pool, Registry
 from proxy.scope import BackgroundTasks
 from proxy.state import STATE_KEY, ProxyState
+from proxy.stats_logger import ProxyStatsLogger
 from proxy.upstream import upstream_headers
 
 logger = logging.getLogger(__name__)
@@ -102,6 +105,9 @@ async def _background_ctx(app: web.Application) -> AsyncIterator[None]:
     tasks.append(asyncio.ensure_future(health_loop(st.registry, st.sessions,
                                                    cfg.health_check_interval_s,
                                                    cfg.probe_timeout_s)))
+    if cfg.log_stats_interval_s is not None:
+        tasks.append(asyncio.ensure_future(log_every(
+            cfg.log_stats_interval_s, ProxyStatsLogger(st.metrics).line, logger)))
     yield
     for task in tasks:
         task.cancel()
@@ -131,6 +137,7 @@ def make_app(cfg: ProxyConfig) -> web.Application:
                           middlewares=[require_api_key, openai_errors])
     app[STATE_KEY] = ProxyState(deps=deps, counter=PromptCounter(cfg.model, registry.model_name),
                                 kv_index=kv_index)
+    install_request_ids(app)
     app.cleanup_ctx.append(_sessions_ctx)
     app.cleanup_ctx.append(_background_ctx)
     add_routes(app)

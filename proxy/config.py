@@ -93,3 +93,6 @@ class ProxyConfig:
     log_request_phases_sample_rate: float = 0.0
     """Fraction (0-1) of answered requests that get one INFO line with their id and TTFT
     phases (disagg/common/timings.py); 0: none."""
+    log_stats_interval_s: float | None = None
+    """Seconds between two periodic stats lines (requests/s, in flight, retries, failures);
+    None: none (``--disable-log-stats``; the launcher's default is every 10 s)."""

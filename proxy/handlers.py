@@ -8,7 +8,9 @@ import time
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from prometheus_client import CONTENT_TYPE_LATEST
 
+from disagg.common.logging_setup import current_request_id
 from proxy.bodies import Endpoint, parse_request
 from proxy.errors import ProxyError, error_response, from_proxy_error
 from proxy.flows import Flow
@@ -55,7 +57,7 @@ async def _generate(request: web.Request, endpoint: Endpoint) -> web.StreamRespo
     st: ProxyState = request.app[STATE_KEY]
     clock = PhaseClock()
     started_s = time.perf_counter()
-    scope = st.new_scope()
+    scope = st.new_scope(current_request_id())  # X-Request-Id, bound by the middleware
     outcome = Outcome.FAILED
     result: Reply | OpenStream | None = None
     st.metrics.in_flight += 1
@@ -132,7 +134,7 @@ async def metrics(request: web.Request) -> web.Response:
     """``GET /metrics``: Prometheus text."""
     st = request.app[STATE_KEY]
     return web.Response(body=st.metrics.render(st.registry.instances(), st.kv_index).encode(),
-                        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+                        headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 def add_routes(app: web.Application) -> None:

@@ -29,7 +29,9 @@ from typing import Any
 from aiohttp import web
 
 from disagg.common import envs
-from disagg.common.envs import log_level
+from disagg.common.config import ConfigError
+from disagg.common.help_formatter import DefaultsHelpFormatter
+from disagg.common.logging_setup import add_logging_args, configure_logging, export_to_children
 from proxy.app import bound_url, start_site
 from proxy.app import make_app as make_proxy_app
 from proxy.config import PolicyName, ProxyConfig, TransferMode
@@ -68,9 +70,9 @@ def _add_proxy_args(parser: argparse.ArgumentParser) -> None:
     add("--host", default=d.host, help="address to listen on (default %(default)s)")
     add("--port", type=int, default=d.port, help="HTTP port (default %(default)s)")
     add("--prefill", nargs="+", action="extend", default=[], metavar="URL",
-        help="static prefill instance(s)")
+        help="static prefill instance(s) (default: none)")
     add("--decode", nargs="+", action="extend", default=[], metavar="URL",
-        help="static decode instance(s)")
+        help="static decode instance(s) (default: none)")
     add("--mode", choices=[m.value for m in TransferMode], default=d.mode.value,
         help="KV transfer mode (default %(default)s)")
     add("--policy", choices=[p.value for p in PolicyName], default=PolicyName.LEAST_LOADED.value,
@@ -78,7 +80,9 @@ def _add_proxy_args(parser: argparse.ArgumentParser) -> None:
              "holds most of the prompt, minus a load penalty; only instances registered with "
              "--proxy-address publish their caches (--launch registers its own), static "
              "--prefill/--decode ones are routed as least_loaded")
-    add("--model", default=None, help="model to launch / whose tokenizer counts prompt tokens")
+    add("--model", default=None,
+        help="model to launch / whose tokenizer counts prompt tokens (default: the instances' "
+             f"model; {DEFAULT_MODEL} with --launch)")
     add("--local-prefill-threshold", type=_threshold, default=0, metavar="TOKENS|auto",
         help="prompts shorter than this go to a decode instance alone (0: never); auto: "
              "learned from the phase timings, rising when the prefill pool is busy "
@@ -91,45 +95,62 @@ def _add_proxy_args(parser: argparse.ArgumentParser) -> None:
              "computes on from it; recompute: the decode computes the first token again "
              "(default %(default)s; both give the monolithic output)")
     add("--registration-address", default=None, metavar="tcp://HOST:PORT",
-        help="ZMQ address where instances started with --proxy-address register")
-    add("--max-missed-heartbeats", type=int, default=d.max_missed_heartbeats)
+        help="ZMQ address where instances started with --proxy-address register (default: "
+             "none, no registration)")
+    add("--max-missed-heartbeats", type=int, default=d.max_missed_heartbeats,
+        help="heartbeat intervals a registered instance may miss before it leaves the pool")
     add("--kv-index-max-hashes", type=int, default=d.kv_index_max_hashes,
         help="block hashes the kv_aware index keeps over all instances (default %(default)s)")
-    add("--admin-key", default=None, help="Bearer key enabling the /admin API")
+    add("--admin-key", default=None,
+        help="Bearer key enabling the /admin API (default: none, the admin API is off)")
     add("--api-key", default=None,
-        help="clients' /v1/* requests must send 'Authorization: Bearer KEY' (env "
-             "DISAGG_API_KEY or VLLM_API_KEY); also sent to the instances, which need not "
-             "have one")
+        help="clients' /v1/* requests must send 'Authorization: Bearer KEY'; also sent to the "
+             "instances, which need not have one (default: env DISAGG_API_KEY or VLLM_API_KEY, "
+             "else open)")
     add("--kv-params-key", default=None,
         help="secret sent to instances in header X-Disagg-KV-Key (their --kv-params-key; "
-             "env DISAGG_KV_PARAMS_KEY); --launch makes a random one when none is given")
-    add("--health-check-interval-s", type=float, default=d.health_check_interval_s)
+             "default: env DISAGG_KV_PARAMS_KEY, else none; --launch makes a random one)")
+    add("--health-check-interval-s", type=float, default=d.health_check_interval_s,
+        help="seconds between two probes of every instance's /instance_info")
     add("--unhealthy-after-failures", type=int, default=d.unhealthy_after_failures,
         help="failed or slow probes in a row before an instance leaves the rotation")
-    for name in ("connect", "prefill", "first_byte", "stream_idle", "request"):
+    for name, what in _TIMEOUTS.items():
         add(f"--{name.replace('_', '-')}-timeout-s", type=float,
-            default=getattr(d, f"{name}_timeout_s"))
-    add("--max-prefill-attempts", type=int, default=d.max_prefill_attempts)
-    add("--max-decode-attempts", type=int, default=d.max_decode_attempts)
+            default=getattr(d, f"{name}_timeout_s"), help=f"deadline in seconds {what}")
+    add("--max-prefill-attempts", type=int, default=d.max_prefill_attempts,
+        help="prefill instances tried before a request fails (before the client got a byte)")
+    add("--max-decode-attempts", type=int, default=d.max_decode_attempts,
+        help="decode instances tried before a request fails (before the client got a byte)")
     add("--access-log", action="store_true", help="log one line per request")
     add("--log-request-phases-sample-rate", type=float, default=0.0, metavar="FRACTION",
         help="log one line with the id and TTFT phases of this fraction (0-1) of requests "
              "(default %(default)s: none)")
+    add_logging_args(parser)
+
+
+_TIMEOUTS = {"connect": "to open a connection to an instance",
+             "prefill": "of a whole prefill call",
+             "first_byte": "from sending a decode request to its first bytes",
+             "stream_idle": "of silence between two chunks of a decode stream",
+             "request": "of a whole decode call, stream included"}
+"""The --*-timeout-s flags (ProxyConfig's fields of the same names)."""
 
 
 def _add_launch_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("local instances (--launch)")
     add = group.add_argument
     add("--launch", action="store_true", help="start local instances as subprocesses")
-    add("--num-prefill", type=int, default=1)
-    add("--num-decode", type=int, default=1)
-    add("--transport", choices=["tcp", "nixl", "ipc", "mori"], default="tcp")
+    add("--num-prefill", type=int, default=1, help="prefill instances to start")
+    add("--num-decode", type=int, default=1, help="decode instances to start")
+    add("--transport", choices=["tcp", "nixl", "ipc", "mori"], default="tcp",
+        help="how the instances move KV blocks")
     add("--kv-connector-extra-config", default=None, metavar="JSON",
         help="connector options merged into every instance's kv_connector_extra_config "
              "(e.g. '{\"transfer_timeout\": 30, \"verify_kv\": true}'); transport, mode and "
-             "base_port come from --transport, --mode and --kv-base-port")
+             "base_port come from --transport, --mode and --kv-base-port (default: none)")
     add("--device", choices=["auto", "cpu", "cuda"], default="auto",
-        help="auto: CPU for the built-in model, GPUs (dp x tp per instance) for a real one")
+        help="auto: CPU for the built-in model, GPUs (dp x tp per instance) for a real one "
+             "(default %(default)s)")
     add("--tp-prefill", type=int, default=1, metavar="N",
         help="--tensor-parallel-size of each prefill instance (default %(default)s)")
     add("--tp-decode", type=int, default=1, metavar="N",
@@ -137,19 +158,28 @@ def _add_launch_args(parser: argparse.ArgumentParser) -> None:
     add("--gpus-per-instance", type=int, default=None,
         help="GPUs per instance on a GPU (default: its dp x tp)")
     add("--instance-arg", action="append", default=[], metavar="ARG",
-        help="one argument for every instance (use --instance-arg=--flag for dashes)")
-    add("--instance-base-port", type=int, default=None, help="first instance HTTP port")
-    add("--kv-base-port", type=int, default=None, help="first instance connector base port")
-    add("--ready-timeout-s", type=float, default=600.0)
-    add("--stop-timeout-s", type=float, default=15.0)
-    add("--on-instance-exit", choices=["shutdown", "restart"], default="shutdown")
-    add("--max-restarts", type=int, default=3)
+        help="one argument for every instance (use --instance-arg=--flag for dashes; "
+             "default: none)")
+    add("--instance-base-port", type=int, default=None,
+        help="first instance HTTP port, then +1 each (default: free ports are found)")
+    add("--kv-base-port", type=int, default=None,
+        help="first instance connector base port, then +16 each (default: free ports are "
+             "found)")
+    add("--ready-timeout-s", type=float, default=600.0,
+        help="seconds every instance gets to load and report ready")
+    add("--stop-timeout-s", type=float, default=15.0,
+        help="seconds an instance gets to stop after SIGTERM, before SIGKILL")
+    add("--on-instance-exit", choices=["shutdown", "restart"], default="shutdown",
+        help="what an instance's death does: stop everything, or restart it")
+    add("--max-restarts", type=int, default=3,
+        help="restarts per instance with --on-instance-exit restart")
     add("--instance-command", default=None, help=argparse.SUPPRESS)  # tests: a fake instance
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``disagg-proxy`` argument parser."""
-    parser = argparse.ArgumentParser(prog=PROG, description="disagg P/D proxy and launcher")
+    parser = argparse.ArgumentParser(prog=PROG, description="disagg P/D proxy and launcher",
+                                     formatter_class=DefaultsHelpFormatter)
     _add_proxy_args(parser)
     _add_launch_args(parser)
     return parser
@@ -258,7 +288,8 @@ def proxy_config(args: argparse.Namespace) -> ProxyConfig:
         request_timeout_s=args.request_timeout_s,
         max_prefill_attempts=args.max_prefill_attempts,
         max_decode_attempts=args.max_decode_attempts, access_log=args.access_log,
-        log_request_phases_sample_rate=args.log_request_phases_sample_rate)
+        log_request_phases_sample_rate=args.log_request_phases_sample_rate,
+        log_stats_interval_s=None if args.disable_log_stats else envs.log_stats_interval_s())
 
 
 def launch_config(args: argparse.Namespace, kv_params_key: str | None = None) -> LaunchConfig:
@@ -288,9 +319,24 @@ def _stop_event() -> asyncio.Event:
 
 async def _start_proxy(cfg: ProxyConfig) -> web.AppRunner:
     try:
-        return await start_site(make_proxy_app(cfg), cfg.host, cfg.port, cfg.access_log)
+        runner = await start_site(make_proxy_app(cfg), cfg.host, cfg.port, cfg.access_log)
     except OSError as exc:
         raise LaunchError(f"cannot serve on {cfg.host}:{cfg.port}: {exc}") from None
+    for line in startup_lines(cfg, bound_url(runner)):
+        logger.info("%s", line)
+    return runner
+
+
+def startup_lines(cfg: ProxyConfig, url: str) -> list[str]:
+    """What an operator checks first: mode, pools, ports, then the deadlines and retries."""
+    return [f"proxy on {url}: mode={cfg.mode.value}, policy={cfg.policy.value}, "
+            f"prefill=[{', '.join(cfg.prefill_urls)}], decode=[{', '.join(cfg.decode_urls)}], "
+            f"registration={cfg.registration_address or 'off'}, "
+            f"local_prefill_threshold={cfg.local_prefill_threshold_tokens} tokens",
+            "deadlines: " + ", ".join(f"{name}={getattr(cfg, f'{name}_timeout_s'):g} s"
+                                      for name in _TIMEOUTS)
+            + f"; attempts: prefill {cfg.max_prefill_attempts}, decode "
+              f"{cfg.max_decode_attempts}; health checks every {cfg.health_check_interval_s:g} s"]
 
 
 def _announce(runner: web.AppRunner) -> None:
@@ -416,8 +462,12 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse already printed the usage and the error
         return int(exc.code or 0)
 
-    logging.basicConfig(level=log_level(), format="%(asctime)s %(levelname)s %(name)s: "
-                                                   "%(message)s")
+    try:
+        configure_logging(args.log_level, args.log_format)
+    except ConfigError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    export_to_children(args.log_level, args.log_format)  # launched instances log like us
     _raise_open_files_limit()
     cfg = proxy_config(args)
     try:

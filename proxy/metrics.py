@@ -1,18 +1,32 @@
-"""The proxy's own Prometheus metrics, rendered as text without a client library."""
+"""The proxy's own Prometheus metrics on prometheus_client, in a registry of its own (several
+proxies live in one test process, so the global default registry is never used).
+
+The request path bumps plain counters (read at scrape time) and observes histograms; the
+instances' and the KV index's state is read when the page is rendered.
+"""
 
 from __future__ import annotations
 
-import bisect
 import enum
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+
+from prometheus_client import (
+    CollectorRegistry,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from disagg.common.timings import PHASES
 from proxy.kv_index import KVIndex
 from proxy.registry import Instance, InstanceState
 
-_LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                      10.0, 30.0, 60.0, 120.0)
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                     10.0, 30.0, 60.0, 120.0)
 
 
 class Outcome(enum.Enum):
@@ -29,54 +43,61 @@ class Outcome(enum.Enum):
     """The client disconnected first."""
 
 
-@dataclass(slots=True)
-class Histogram:
-    """A cumulative Prometheus histogram."""
-
-    buckets: tuple[float, ...] = _LATENCY_BUCKETS_S
-    counts: list[int] = field(default_factory=lambda: [0] * (len(_LATENCY_BUCKETS_S) + 1))
-    total: float = 0.0
-    num: int = 0
-
-    def observe(self, value: float) -> None:
-        """Record one sample."""
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1
-        self.total += value
-        self.num += 1
-
-    def render(self, name: str, labels: str = "") -> list[str]:
-        """Exposition lines for this histogram; ``labels`` (``phase="x"``) goes in each."""
-        lines, running = [], 0
-        sep = "," if labels else ""
-        for bound, count in zip(self.buckets, self.counts, strict=False):
-            running += count
-            lines.append(f'{name}_bucket{{{labels}{sep}le="{bound}"}} {running}')
-        lines.append(f'{name}_bucket{{{labels}{sep}le="+Inf"}} {self.num}')
-        tail = f"{{{labels}}}" if labels else ""
-        lines += [f"{name}_sum{tail} {self.total}", f"{name}_count{tail} {self.num}"]
-        return lines
+def _counter(name: str, doc: str, labels: tuple[str, ...],
+             values: dict[tuple[str, ...], float]) -> CounterMetricFamily:
+    c = CounterMetricFamily(name, doc, labels=labels)
+    for key, value in sorted(values.items()):
+        c.add_metric(list(key), value)
+    return c
 
 
-@dataclass(slots=True)
+def _gauge(name: str, doc: str, labels: tuple[str, ...],
+           values: dict[tuple[str, ...], float]) -> GaugeMetricFamily:
+    g = GaugeMetricFamily(name, doc, labels=labels)
+    for key, value in sorted(values.items()):
+        g.add_metric(list(key), value)
+    return g
+
+
+Family = Callable[[str, str, tuple[str, ...], dict[tuple[str, ...], float]], Metric]
+
+
 class ProxyMetrics:
-    """Counters the request path bumps; rendered on ``GET /metrics``."""
+    """What the request path counts and observes; rendered on ``GET /metrics``."""
 
-    requests: Counter[tuple[str, str]] = field(default_factory=Counter)
-    retries: Counter[str] = field(default_factory=Counter)
-    aborts_sent: int = 0
-    local_prefills: int = 0
-    local_prefill_threshold_tokens: int = 0
-    """The threshold the last routed request saw (fixed, or ``auto``'s learned one)."""
-    in_flight: int = 0
-    time_to_first_byte_s: Histogram = field(default_factory=Histogram)
-    prefill_latency_s: Histogram = field(default_factory=Histogram)
-    registration_dropped: Counter[str] = field(default_factory=Counter)
-    """Registration frames dropped, by reason (proxy/registration.py, unknown_instance)."""
-    ttft_s: Histogram = field(default_factory=Histogram)
-    """Received -> first token handed to the client (disagg/common/timings.py)."""
-    phase_s: dict[str, Histogram] = field(
-        default_factory=lambda: {name: Histogram() for name in PHASES})
-    """TTFT by phase (disagg/common/timings.py), each request once."""
+    def __init__(self) -> None:
+        self.requests: Counter[tuple[str, str]] = Counter()
+        """(route, outcome) -> finished client requests."""
+        self.retries: Counter[str] = Counter()
+        self.aborts_sent = 0
+        self.local_prefills = 0
+        self.local_prefill_threshold_tokens = 0
+        """The threshold the last routed request saw (fixed, or ``auto``'s learned one)."""
+        self.in_flight = 0
+        self.registration_dropped: Counter[str] = Counter()
+        """Registration frames dropped, by reason (proxy/registration.py, unknown_instance)."""
+        self.registry = reg = CollectorRegistry()
+        ProcessCollector(registry=reg)
+        PlatformCollector(registry=reg)
+        GCCollector(registry=reg)
+        reg.register(self)
+
+        def hist(name: str, doc: str, labels: tuple[str, ...] = ()) -> Histogram:
+            return Histogram(name, doc, labels, buckets=LATENCY_BUCKETS_S, registry=reg)
+
+        self.time_to_first_byte_s = hist("disagg_proxy_time_to_first_byte_seconds",
+                                         "Received -> first byte of the answer sent")
+        self.prefill_latency_s = hist("disagg_proxy_prefill_seconds",
+                                      "Prefill call sent -> answered")
+        self.ttft_s = hist("disagg_proxy_time_to_first_token_seconds",
+                           "Received -> first token handed to the client "
+                           "(disagg/common/timings.py)")
+        phases = hist("disagg_proxy_request_phase_seconds",
+                      "Time to first token by phase (proxy_queue, prefill_queue, "
+                      "prefill_compute, kv_transfer, decode_admission, first_token; they sum "
+                      "to the TTFT)", ("phase",))
+        self.phase_s = {name: phases.labels(name) for name in PHASES}
+        """TTFT by phase (disagg/common/timings.py), each request once."""
 
     def count_request(self, route: str, outcome: Outcome) -> None:
         """One finished client request."""
@@ -90,65 +111,62 @@ class ProxyMetrics:
             if value is not None:
                 self.phase_s[name].observe(value)
 
+    def collect(self) -> Iterator[Metric]:
+        """The plain counters and the in-flight gauge (this object is a collector of its own
+        registry)."""
+        yield _counter("disagg_proxy_requests_total", "Client requests by route and outcome",
+                       ("route", "outcome"), {k: float(n) for k, n in self.requests.items()})
+        yield _counter("disagg_proxy_retries_total", "Calls retried on another instance",
+                       ("pool",), {(p,): n for p, n in self.retries.items()})
+        yield _counter("disagg_proxy_aborts_sent_total", "Aborts sent to instances", (),
+                       {(): self.aborts_sent})
+        yield _counter("disagg_proxy_local_prefill_total", "Requests the decode prefilled "
+                       "itself (--local-prefill-threshold)", (), {(): self.local_prefills})
+        yield _gauge("disagg_proxy_local_prefill_threshold_tokens", "Prompts shorter than this "
+                     "go to a decode alone (--local-prefill-threshold; auto: learned)", (),
+                     {(): self.local_prefill_threshold_tokens})
+        yield _gauge("disagg_proxy_requests_in_flight", "Client requests being served", (),
+                     {(): self.in_flight})
+        yield _counter("disagg_proxy_registration_dropped_total", "Registration frames "
+                       "dropped, by reason", ("reason",),
+                       {(r,): n for r, n in self.registration_dropped.items()})
+
     def render(self, instances: list[Instance], kv_index: KVIndex | None = None) -> str:
         """The full Prometheus text."""
-        lines = ["# TYPE disagg_proxy_requests_total counter"]
-        lines += [f'disagg_proxy_requests_total{{route="{r}",outcome="{o}"}} {n}'
-                  for (r, o), n in sorted(self.requests.items())]
-        lines.append("# TYPE disagg_proxy_retries_total counter")
-        lines += [f'disagg_proxy_retries_total{{pool="{p}"}} {n}'
-                  for p, n in sorted(self.retries.items())]
-        lines += ["# TYPE disagg_proxy_aborts_sent_total counter",
-                  f"disagg_proxy_aborts_sent_total {self.aborts_sent}",
-                  "# TYPE disagg_proxy_local_prefill_total counter",
-                  f"disagg_proxy_local_prefill_total {self.local_prefills}",
-                  "# TYPE disagg_proxy_local_prefill_threshold_tokens gauge",
-                  "disagg_proxy_local_prefill_threshold_tokens "
-                  f"{self.local_prefill_threshold_tokens}",
-                  "# TYPE disagg_proxy_requests_in_flight gauge",
-                  f"disagg_proxy_requests_in_flight {self.in_flight}",
-                  "# TYPE disagg_proxy_time_to_first_byte_seconds histogram",
-                  *self.time_to_first_byte_s.render("disagg_proxy_time_to_first_byte_seconds"),
-                  "# TYPE disagg_proxy_prefill_seconds histogram",
-                  *self.prefill_latency_s.render("disagg_proxy_prefill_seconds"),
-                  "# TYPE disagg_proxy_time_to_first_token_seconds histogram",
-                  *self.ttft_s.render("disagg_proxy_time_to_first_token_seconds"),
-                  "# HELP disagg_proxy_request_phase_seconds Time to first token by phase "
-                  "(proxy_queue, prefill_queue, prefill_compute, kv_transfer, "
-                  "decode_admission, first_token; they sum to the TTFT)",
-                  "# TYPE disagg_proxy_request_phase_seconds histogram",
-                  *(line for name, hist in self.phase_s.items() for line in hist.render(
-                      "disagg_proxy_request_phase_seconds", f'phase="{name}"')),
-                  "# TYPE disagg_proxy_registration_dropped_total counter"]
-        lines += [f'disagg_proxy_registration_dropped_total{{reason="{r}"}} {n}'
-                  for r, n in sorted(self.registration_dropped.items())]
-        if kv_index is not None:
-            lines += _kv_index_lines(kv_index)
-        return "\n".join(lines + _instance_lines(instances)) + "\n"
+        parts = (self.registry, StateCollector(instances, kv_index))  # disjoint families
+        return b"".join(generate_latest(part) for part in parts).decode()
 
 
-def _kv_index_lines(index: KVIndex) -> list[str]:
-    """The KV-aware index's size, fresh views, and views made stale."""
-    return ["# TYPE disagg_proxy_kv_index_hashes gauge",
-            f"disagg_proxy_kv_index_hashes {index.num_hashes}",
-            "# TYPE disagg_proxy_kv_index_fresh_instances gauge",
-            f"disagg_proxy_kv_index_fresh_instances {index.num_fresh()}",
-            "# TYPE disagg_proxy_kv_index_stale_total counter",
-            *[f'disagg_proxy_kv_index_stale_total{{reason="{r}"}} {n}'
-              for r, n in sorted(index.stale_total.items())]]
+class StateCollector:
+    """The KV-aware index and the per-instance gauges, as they are at scrape time."""
 
+    def __init__(self, instances: list[Instance], kv_index: KVIndex | None) -> None:
+        self.instances = instances
+        self.kv_index = kv_index
 
-def _instance_lines(instances: list[Instance]) -> list[str]:
-    """Per-instance gauges (one family after the other, as the text format requires)."""
-    families = (("disagg_proxy_instance_healthy", "gauge",
-                 lambda i: int(i.state is InstanceState.HEALTHY)),
-                ("disagg_proxy_instance_outstanding_requests", "gauge",
-                 lambda i: i.outstanding_requests),
-                ("disagg_proxy_instance_outstanding_tokens", "gauge",
-                 lambda i: i.outstanding_tokens),
-                ("disagg_proxy_instance_requests_total", "counter", lambda i: i.total_requests))
-    lines = []
-    for name, kind, value in families:
-        lines.append(f"# TYPE {name} {kind}")
-        lines += [f'{name}{{pool="{i.pool.value}",url="{i.url}"}} {value(i)}' for i in instances]
-    return lines
+    def collect(self) -> Iterator[Metric]:
+        """KV index (when routing is KV-aware), then one series per instance."""
+        index = self.kv_index
+        if index is not None:
+            yield _gauge("disagg_proxy_kv_index_hashes", "Block hashes in the KV-aware index",
+                         (), {(): index.num_hashes})
+            yield _gauge("disagg_proxy_kv_index_fresh_instances", "Instances whose view is "
+                         "fresh", (), {(): index.num_fresh()})
+            yield _counter("disagg_proxy_kv_index_stale_total", "Instance views made stale, "
+                           "by reason", ("reason",),
+                           {(r,): n for r, n in index.stale_total.items()})
+        yield from self._instances()
+
+    def _instances(self) -> Iterator[Metric]:
+        families: tuple[tuple[str, str, Family, Callable[[Instance], float]], ...] = (
+            ("disagg_proxy_instance_healthy", "1 if the instance takes requests", _gauge,
+             lambda i: int(i.state is InstanceState.HEALTHY)),
+            ("disagg_proxy_instance_outstanding_requests", "Requests sent and not answered",
+             _gauge, lambda i: i.outstanding_requests),
+            ("disagg_proxy_instance_outstanding_tokens", "Prompt tokens of those requests",
+             _gauge, lambda i: i.outstanding_tokens),
+            ("disagg_proxy_instance_requests_total", "Requests sent to the instance",
+             _counter, lambda i: i.total_requests))
+        for name, doc, family, value in families:
+            yield family(name, doc, ("pool", "url"),
+                         {(i.pool.value, i.url): value(i) for i in self.instances})

@@ -15,7 +15,7 @@ import aiohttp
 
 from proxy.metrics import ProxyMetrics
 from proxy.registry import Instance, Pool, Registry
-from proxy.upstream import send_abort
+from proxy.upstream import RequestSession, send_abort
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +53,13 @@ class BackgroundTasks:
 
 
 class RequestScope:
-    """What one client request holds upstream; ``close()`` releases load and aborts on failure."""
+    """What one client request holds upstream; ``close()`` releases load and aborts on failure.
+    ``request_id`` (its X-Request-Id, disagg/common/request_ids.py) goes with every call."""
 
     def __init__(self, registry: Registry, sessions: Mapping[Pool, aiohttp.ClientSession],
-                 background: BackgroundTasks, metrics: ProxyMetrics, abort_timeout_s: float):
+                 background: BackgroundTasks, metrics: ProxyMetrics, abort_timeout_s: float,
+                 request_id: str | None = None):
+        self.request_id = request_id
         self._registry = registry
         self._sessions = sessions
         self._background = background
@@ -68,9 +71,11 @@ class RequestScope:
         self.succeeded = False
         """Set once the decode response reached the client complete."""
 
-    def session(self, inst: Instance) -> aiohttp.ClientSession:
-        """The client session of the instance's pool."""
-        return self._sessions[inst.pool]
+    def session(self, inst: Instance) -> aiohttp.ClientSession | RequestSession:
+        """The client session of the instance's pool, bound to this request's id (when it has
+        one: every call names it in X-Request-Id)."""
+        session = self._sessions[inst.pool]
+        return session if self.request_id is None else RequestSession(session, self.request_id)
 
     def acquire(self, inst: Instance, num_tokens: int) -> None:
         """Count this request's load on ``inst`` until ``release`` or ``close``."""

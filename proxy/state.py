@@ -56,10 +56,10 @@ class ProxyState:
         """Observes (and samples into the log) each answered request's TTFT phases."""
         return PhaseReporter(self.metrics, self.cfg.log_request_phases_sample_rate)
 
-    def new_scope(self) -> RequestScope:
-        """Bookkeeping for one client request."""
+    def new_scope(self, request_id: str | None = None) -> RequestScope:
+        """Bookkeeping for one client request (``request_id``: its X-Request-Id)."""
         return RequestScope(self.registry, self.sessions, self.background, self.metrics,
-                            self.cfg.probe_timeout_s)
+                            self.cfg.probe_timeout_s, request_id)
 
 
 STATE_KEY = web.AppKey("proxy_state", ProxyState)

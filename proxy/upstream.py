@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 import aiohttp
 import msgspec
+from aiohttp.client import _RequestContextManager
 
 from disagg.common.openai_api import KV_KEY_HEADER
+from disagg.common.request_ids import REQUEST_ID_HEADER
 from disagg.common.sse import SSEDecoder, is_done
 from proxy.registration import InstanceInfo
 from proxy.registry import Instance
@@ -34,6 +36,27 @@ def upstream_headers(kv_params_key: str | None, api_key: str | None = None) -> d
     if api_key is not None:
         headers["Authorization"] = f"Bearer {api_key}"
     return headers
+
+
+class RequestSession:
+    """A pool's session bound to one client request (RequestScope.session): every call it
+    makes also sends the request's ``X-Request-Id``, so both instances log the id the client
+    sees, and name it in their answers."""
+
+    __slots__ = ("_session", "_headers")
+
+    def __init__(self, session: aiohttp.ClientSession, request_id: str) -> None:
+        self._session = session
+        self._headers = {REQUEST_ID_HEADER: request_id}
+
+    def post(self, url: str, *, headers: dict[str, str] | None = None,
+             **kwargs: Any) -> _RequestContextManager:
+        """``ClientSession.post`` with the request id among the headers."""
+        return self._session.post(url, headers={**(headers or {}), **self._headers}, **kwargs)
+
+
+Session: TypeAlias = aiohttp.ClientSession | RequestSession
+"""What the calls below post with: a pool's session, or one bound to a client request."""
 
 
 class UpstreamFailure(Exception):
@@ -99,7 +122,7 @@ def _failure(inst: Instance, exc: BaseException, what: str) -> UpstreamFailure:
     return UpstreamFailure(inst, f"{what} failed: {exc!r}", instance_down=down)
 
 
-async def post_json(session: aiohttp.ClientSession, inst: Instance, path: str,
+async def post_json(session: Session, inst: Instance, path: str,
                     body: dict[str, Any], timeout: aiohttp.ClientTimeout) -> Reply:
     """POST a JSON body and read the whole response."""
     try:
@@ -111,7 +134,7 @@ async def post_json(session: aiohttp.ClientSession, inst: Instance, path: str,
         raise _failure(inst, exc, f"POST {path}") from exc
 
 
-async def open_stream(session: aiohttp.ClientSession, inst: Instance, path: str,
+async def open_stream(session: Session, inst: Instance, path: str,
                       body: dict[str, Any], timeout: aiohttp.ClientTimeout) -> OpenStream:
     """POST a streaming request and wait for its first complete SSE event."""
     try:
@@ -138,7 +161,7 @@ async def open_stream(session: aiohttp.ClientSession, inst: Instance, path: str,
         raise
 
 
-async def send_abort(session: aiohttp.ClientSession, url: str, transfer_id: str,
+async def send_abort(session: Session, url: str, transfer_id: str,
                      timeout_s: float) -> bool:
     """Ask an instance to drop everything held for ``transfer_id``; True if it said 200."""
     try:

@@ -30,9 +30,28 @@ def engine_ready_timeout_s() -> float:
     return _get_float("DISAGG_ENGINE_READY_TIMEOUT_S", 300.0)
 
 
+LOG_LEVEL_ENV = "DISAGG_LOG_LEVEL"
+LOG_FORMAT_ENV = "DISAGG_LOG_FORMAT"
+LOG_STATS_INTERVAL_ENV = "DISAGG_LOG_STATS_INTERVAL_S"
+
+
 def log_level() -> str:
-    """Root log level for disagg processes."""
-    return os.environ.get("DISAGG_LOG_LEVEL", "INFO").upper()
+    """Root log level for disagg processes (``--log-level`` overrides it and exports it to the
+    processes a command starts)."""
+    return os.environ.get(LOG_LEVEL_ENV, "").strip().upper() or "INFO"
+
+
+def log_format() -> str:
+    """text | json (``--log-format`` overrides it and exports it, like the level)."""
+    return os.environ.get(LOG_FORMAT_ENV, "").strip().lower() or "text"
+
+
+def log_stats_interval_s() -> float:
+    """Seconds between two periodic stats lines (instances and the proxy; vLLM's is 10 s)."""
+    value = _get_float(LOG_STATS_INTERVAL_ENV, 10.0)
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{LOG_STATS_INTERVAL_ENV}={value!r} must be a positive number")
+    return value
 
 
 def force_torch_kernels() -> bool:

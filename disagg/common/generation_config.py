@@ -4,7 +4,8 @@ Two things come out of it:
   - EOS ids: every id of its ``eos_token_id`` (an int or a list) ends generation, next to every
     id of config.json's own ``eos_token_id`` (Llama-3.x-Instruct stops on ``<|eot_id|>`` only
     because generation_config.json lists it);
-  - sampling defaults (``temperature``, ``top_p``, ``top_k``, ``max_new_tokens``) the frontend
+  - sampling defaults (``temperature``, ``top_p``, ``top_k``, ``min_p``, ``repetition_penalty``,
+    ``max_new_tokens``) the frontend
     uses when a request omits the field. Like vLLM (``GenerationConfig.to_diff_dict``), a value
     equal to transformers' own default is no default at all (``top_k: 50`` changes nothing).
 
@@ -27,9 +28,9 @@ FILE_NAME = "generation_config.json"
 MODES = ("auto", "vllm")
 """The values of --generation-config that are not a path."""
 _HF_DEFAULTS: dict[str, Any] = {"temperature": 1.0, "top_p": 1.0, "top_k": 50,
-                                "repetition_penalty": 1.0}
+                                "repetition_penalty": 1.0, "min_p": None}
 """transformers' GenerationConfig defaults: such a value in the file asks for nothing."""
-UNSUPPORTED_DEFAULTS = ("repetition_penalty", "min_p")
+UNSUPPORTED_DEFAULTS: tuple[str, ...] = ()
 """Sampling defaults vLLM takes from the file that disagg does not implement (warned about)."""
 
 
@@ -40,13 +41,16 @@ class SamplingDefaults:
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
     max_tokens: int | None = None
     """``max_new_tokens``: used when the request gives no max_tokens (still capped by the
     context left)."""
 
     def describe(self) -> str:
         """``temperature=0.6, top_p=0.9`` (only the fields set)."""
-        return ", ".join(f"{k}={v}" for k in ("temperature", "top_p", "top_k", "max_tokens")
+        return ", ".join(f"{k}={v}" for k in ("temperature", "top_p", "top_k", "min_p",
+                                              "repetition_penalty", "max_tokens")
                          if (v := getattr(self, k)) is not None)
 
 
@@ -90,6 +94,9 @@ def parse_generation_config(raw: Any, where: str = FILE_NAME) -> GenerationConfi
         temperature=_number(raw, "temperature", where, lambda v: math.isfinite(v) and v >= 0),
         top_p=_number(raw, "top_p", where, lambda v: 0 < v <= 1),
         top_k=None if top_k is None else max(int(top_k), 0),
+        min_p=_number(raw, "min_p", where, lambda v: 0 <= v <= 1),
+        repetition_penalty=_number(raw, "repetition_penalty", where,
+                                   lambda v: 0.01 <= v <= 100),
         max_tokens=None if max_new is None else int(max_new))
     ignored = tuple(f"{k}={raw[k]}" for k in UNSUPPORTED_DEFAULTS
                     if raw.get(k) is not None and raw[k] != _HF_DEFAULTS.get(k, 0))

@@ -30,5 +30,6 @@ def resolve_model(name: str) -> str:
     if path is None:
         raise ConfigError(f"model {name!r} is not a directory, a builtin model or a Hugging Face "
                           "id in the local cache (nothing is downloaded: fetch it first with "
-                          f"`huggingface-cli download {name}`, or give a directory)")
+                          f"`hf download {name}` (older huggingface_hub: `huggingface-cli "
+                          "download`), or give a directory)")
     return path

@@ -21,10 +21,15 @@ from disagg.common.kv_transfer_params import (
     parse_kv_params,
 )
 from disagg.common.sampling_params import (
+    MAX_ABS_BIAS,
+    MAX_ABS_PENALTY,
+    MAX_LOGIT_BIAS,
     MAX_LOGPROBS,
     MAX_STOP_STRINGS,
     MAX_STOP_TOKEN_IDS,
     MAX_TOKEN_ID,
+    REPETITION_PENALTY_MAX,
+    REPETITION_PENALTY_MIN,
     SEED_MAX,
     SEED_MIN,
     SamplingParams,
@@ -35,7 +40,8 @@ MAX_JSON_DEPTH = 64
 """Deepest array/object nesting a body may have (OpenAI bodies need < 10; msgspec recurses)."""
 MAX_COUNT = 2**31 - 1
 """Upper bound of every token count (max_tokens, min_tokens, top_k)."""
-MAX_N = 128
+MAX_N = 16
+"""Most choices one request may ask for (``n``); each is its own engine request."""
 MAX_CACHE_SALT_CHARS = 1024
 MAX_STOP_STRING_CHARS = 1024
 MAX_DETOKENIZE_TOKENS = 1 << 20
@@ -54,7 +60,13 @@ NumLogprobs = Annotated[int, msgspec.Meta(ge=0, le=MAX_LOGPROBS)]
 Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
 """OpenAI's range; the bounds also refuse NaN and infinities."""
 TopP = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
-Penalty = Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)]
+Penalty = Annotated[float, msgspec.Meta(ge=-MAX_ABS_PENALTY, le=MAX_ABS_PENALTY)]
+RepetitionPenalty = Annotated[float, msgspec.Meta(ge=REPETITION_PENALTY_MIN,
+                                                  le=REPETITION_PENALTY_MAX)]
+MinP = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+Bias = Annotated[float, msgspec.Meta(ge=-MAX_ABS_BIAS, le=MAX_ABS_BIAS)]
+LogitBias = Annotated[dict[str, Bias], msgspec.Meta(max_length=MAX_LOGIT_BIAS)]
+"""OpenAI's map of token id (a decimal string) -> bias; keys are checked by logit_bias_pairs."""
 StopString = Annotated[str, msgspec.Meta(max_length=MAX_STOP_STRING_CHARS)]
 StopStrings = Annotated[list[StopString], msgspec.Meta(max_length=MAX_STOP_STRINGS)]
 StopTokenIds = Annotated[list[TokenId], msgspec.Meta(max_length=MAX_STOP_TOKEN_IDS)]
@@ -96,8 +108,15 @@ class _Common(msgspec.Struct, kw_only=True):
     seed: Seed | None = None
     ignore_eos: bool = False
     min_tokens: NonNegCount = 0
-    presence_penalty: Penalty = 0.0
-    frequency_penalty: Penalty = 0.0
+    presence_penalty: Penalty | None = None
+    """None (as vLLM takes null) is 0."""
+    frequency_penalty: Penalty | None = None
+    repetition_penalty: RepetitionPenalty | None = None
+    """None is 1 (no penalty)."""
+    min_p: MinP | None = None
+    logit_bias: LogitBias | None = None
+    best_of: N | None = None
+    """Only ``n`` (or absent): every candidate is returned, none is ranked out."""
     kv_transfer_params: dict[str, Any] | None = None
     return_token_ids: bool = False
     """Extension: include prompt and output token ids in the response."""
@@ -115,10 +134,6 @@ class _Common(msgspec.Struct, kw_only=True):
     tool_choice: Any = None
     functions: Any = None
     function_call: Any = None
-    logit_bias: Any = None
-    best_of: Any = None
-    repetition_penalty: Any = None
-    min_p: Any = None
     suffix: Any = None
     guided_json: Any = None
     guided_regex: Any = None
@@ -226,7 +241,8 @@ def _too_deep() -> ApiError:
 
 
 _BOUND_WORDS = {">=": "at least", "<=": "at most", ">": "greater than", "<": "less than"}
-_BOUND = re.compile(r"^Expected `\w+` (>=|<=|>|<) (\S+) - at `\$\.(\w+)`$")
+_BOUND = re.compile(r"^Expected `\w+` (>=|<=|>|<) (\S+) - at `\$\.(\w+)(\[[^\]]*\])?`$")
+_LENGTH = re.compile(r"^Expected `(\w+)` of length (>=|<=) (\d+) - at `\$\.(\w+)`$")
 _PATH = re.compile(r" - at `\$\.(\w+)")
 _MISSING = re.compile(r"^Object missing required field `(\w+)`$")
 
@@ -236,8 +252,15 @@ def validation_error(exc: msgspec.ValidationError) -> ApiError:
     text = str(exc)
     bound = _BOUND.match(text)
     if bound is not None:
-        op, limit, field = bound.groups()
-        return ApiError(400, f"{field} must be {_BOUND_WORDS[op]} {limit}", param=field)
+        op, limit, field, item = bound.groups()
+        what = f"each value of {field}" if item else field
+        return ApiError(400, f"{what} must be {_BOUND_WORDS[op]} {limit}", param=field)
+    length = _LENGTH.match(text)
+    if length is not None:
+        kind, op, limit, field = length.groups()
+        unit = "characters" if kind == "str" else "entries"
+        return ApiError(400, f"{field} must have {_BOUND_WORDS[op]} {limit} {unit}",
+                        param=field)
     path = _PATH.search(text) or _MISSING.search(text)
     return ApiError(400, f"invalid request: {text}", param=path.group(1) if path else None)
 
@@ -267,15 +290,13 @@ def validate_object(obj: Any, kind: type[msgspec.Struct]) -> Any:
 
 _NO_OP_VALUES: dict[str, tuple[Any, ...]] = {
     "response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none",),
-    "functions": ([],), "function_call": ("none",), "logit_bias": ({},), "best_of": (1,),
-    "repetition_penalty": (1, 1.0), "min_p": (0, 0.0), "suffix": ("",)}
+    "functions": ([],), "function_call": ("none",), "suffix": ("",)}
 """Values of unsupported fields that ask for nothing (clients send these defaults)."""
 
 
 def _unsupported_field(req: CompletionRequest | ChatCompletionRequest) -> str | None:
     for name in ("response_format", "tools", "tool_choice", "functions", "function_call",
-                 "logit_bias", "best_of", "repetition_penalty", "min_p", "suffix",
-                 "guided_json", "guided_regex", "guided_choice", "guided_grammar"):
+                 "suffix", "guided_json", "guided_regex", "guided_choice", "guided_grammar"):
         value = getattr(req, name)
         if value is not None and not any(value == v and type(value) is type(v)
                                          for v in _NO_OP_VALUES.get(name, ())):
@@ -283,8 +304,11 @@ def _unsupported_field(req: CompletionRequest | ChatCompletionRequest) -> str | 
     return None
 
 
-def check_request(req: CompletionRequest | ChatCompletionRequest) -> None:
-    """The checks beyond the types that need no tokenizer (the proxy runs them too)."""
+def check_request(req: CompletionRequest | ChatCompletionRequest, *,
+                  fan_out: bool = False) -> None:
+    """The checks beyond the types that need no tokenizer (the proxy runs them too).
+    ``fan_out``: the caller serves ``n > 1`` by fanning out (an instance, for a request without
+    kv_transfer_params); the proxy does not yet, so it refuses n > 1 before routing."""
     unsupported = _unsupported_field(req)
     if unsupported is not None:
         raise ApiError(400, f"{unsupported} is not supported by this server; remove it from "
@@ -296,11 +320,8 @@ def check_request(req: CompletionRequest | ChatCompletionRequest) -> None:
                     raise ApiError(400, f"content parts of type {part.type!r} are not "
                                         "supported: this server serves text-only models; "
                                         "send text parts", param="messages")
-    if req.n != 1:
-        raise ApiError(400, "only n=1 is supported", param="n")
-    if req.presence_penalty or req.frequency_penalty:
-        raise ApiError(400, "presence_penalty and frequency_penalty are not supported",
-                       param="presence_penalty")
+    _check_n(req, fan_out)
+    logit_bias_pairs(req.logit_bias)
     if isinstance(req, CompletionRequest):
         if req.echo:
             raise ApiError(400, "echo is not supported", param="echo")
@@ -311,6 +332,34 @@ def check_request(req: CompletionRequest | ChatCompletionRequest) -> None:
     if max_tokens is not None and req.min_tokens > max_tokens:
         raise ApiError(400, f"min_tokens ({req.min_tokens}) must not exceed max_tokens "
                             f"({max_tokens})", param="min_tokens")
+
+
+def _check_n(req: CompletionRequest | ChatCompletionRequest, fan_out: bool) -> None:
+    if req.best_of is not None and req.best_of != req.n:
+        raise ApiError(400, f"best_of ({req.best_of}) must equal n ({req.n}): this server "
+                            "returns every candidate and ranks none out", param="best_of")
+    if req.n > 1 and (not fan_out or req.kv_transfer_params is not None):
+        raise ApiError(400, "n > 1 is not supported for a disaggregated (P/D) request; send "
+                            "n=1 (one request per choice) or send it to an instance directly",
+                       param="n")
+
+
+_TOKEN_ID_KEY = re.compile(r"[0-9]{1,10}")
+
+
+def logit_bias_pairs(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    """``logit_bias`` as (token id, bias) pairs sorted by id; 400 for a key that is not a
+    token id in [0, 2**31) or names one id twice ("7" and "07")."""
+    pairs: dict[int, float] = {}
+    for key, value in (bias or {}).items():
+        token = int(key) if _TOKEN_ID_KEY.fullmatch(key) else MAX_TOKEN_ID + 1
+        if token > MAX_TOKEN_ID:
+            raise ApiError(400, f"logit_bias keys must be token ids (decimal strings in "
+                                f"[0, {MAX_TOKEN_ID}]), got {key[:40]!r}", param="logit_bias")
+        if token in pairs:
+            raise ApiError(400, f"logit_bias names token id {token} twice", param="logit_bias")
+        pairs[token] = float(value)
+    return tuple(sorted(pairs.items()))
 
 
 def requested_max_tokens(req: CompletionRequest | ChatCompletionRequest) -> int | None:
@@ -412,11 +461,13 @@ def check_token_ids(ids: list[int], tok: Tokenizer, param: str) -> None:
 
 def sampling_params(req: CompletionRequest | ChatCompletionRequest, num_prompt_tokens: int,
                     max_model_len: int,
-                    defaults: SamplingDefaults = SamplingDefaults()) -> SamplingParams:
-    """Build validated SamplingParams; a prompt + max_tokens over max_model_len is a 400.
-    Fields the request omits take ``defaults`` (the model's generation config), then the
-    API's own defaults."""
-    check_request(req)
+                    defaults: SamplingDefaults = SamplingDefaults(),
+                    vocab_size: int | None = None) -> SamplingParams:
+    """Build validated SamplingParams (one choice's: ``n`` is the caller's to fan out); a
+    prompt + max_tokens over max_model_len is a 400, and so is a logit_bias id outside
+    ``vocab_size`` (when given). Fields the request omits take ``defaults`` (the model's
+    generation config), then the API's own defaults."""
+    check_request(req, fan_out=True)
     max_tokens = requested_max_tokens(req)
     if max_tokens is None and defaults.max_tokens is not None:
         max_tokens = min(defaults.max_tokens, max(1, max_model_len - num_prompt_tokens))
@@ -439,12 +490,28 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest, num_prompt_t
                         top_k=max(_pick(req.top_k, defaults.top_k, 0), 0), seed=req.seed,
                         stop=stop,
                         stop_token_ids=tuple(req.stop_token_ids or ()),
-                        ignore_eos=req.ignore_eos, logprobs=logprobs, min_tokens=req.min_tokens)
+                        ignore_eos=req.ignore_eos, logprobs=logprobs, min_tokens=req.min_tokens,
+                        presence_penalty=req.presence_penalty or 0.0,
+                        frequency_penalty=req.frequency_penalty or 0.0,
+                        repetition_penalty=_pick(req.repetition_penalty,
+                                                 defaults.repetition_penalty, 1.0),
+                        min_p=_pick(req.min_p, defaults.min_p, 0.0),
+                        logit_bias=_checked_bias(req.logit_bias, vocab_size))
     try:
         sp.validate()
     except ValueError as exc:
         raise ApiError(400, str(exc)) from exc
     return sp
+
+
+def _checked_bias(bias: dict[str, float] | None,
+                  vocab_size: int | None) -> tuple[tuple[int, float], ...]:
+    pairs = logit_bias_pairs(bias)
+    bad = [t for t, _ in pairs if vocab_size is not None and t >= vocab_size]
+    if bad:
+        raise ApiError(400, f"logit_bias token id {bad[0]} is out of range [0, {vocab_size})",
+                       param="logit_bias")
+    return pairs
 
 
 def _pick(given: Any, model_default: Any, api_default: Any) -> Any:

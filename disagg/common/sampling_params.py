@@ -14,6 +14,15 @@ MAX_LOGPROBS = 20
 """Most top alternatives a request may ask for (OpenAI's limit)."""
 MAX_STOP_STRINGS = 16
 MAX_STOP_TOKEN_IDS = 1024
+MAX_LOGIT_BIAS = 300
+"""Most ``logit_bias`` entries a request may give (OpenAI's limit)."""
+MAX_ABS_BIAS = 100.0
+"""``logit_bias`` values lie in [-100, 100] (OpenAI's range)."""
+MAX_ABS_PENALTY = 2.0
+"""presence_penalty and frequency_penalty lie in [-2, 2] (OpenAI's range)."""
+REPETITION_PENALTY_MIN, REPETITION_PENALTY_MAX = 0.01, 100.0
+"""vLLM takes any repetition_penalty > 0; bounded here so a penalized logit stays finite in
+fp32 (a logit of 1e3 divided by 1e-40 would overflow to inf and the softmax to NaN)."""
 
 
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -39,6 +48,18 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
     """Return the sampled token's logprob plus this many top alternatives."""
     min_tokens: int = 0
     """EOS and stop token ids are ignored until this many tokens exist."""
+    presence_penalty: float = 0.0
+    """OpenAI's: subtracted once from the logit of every token generated so far."""
+    frequency_penalty: float = 0.0
+    """OpenAI's: subtracted from a token's logit once per time it was generated so far."""
+    repetition_penalty: float = 1.0
+    """vLLM's (HF's): the logit of a token seen in the prompt or the output is divided by it
+    when positive, multiplied when not; 1 disables."""
+    min_p: float = 0.0
+    """Drop tokens whose probability (after temperature) is below min_p x the top one's."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias) pairs added to the logits before penalties and sampling (OpenAI's
+    ``logit_bias``; ids unique)."""
 
     def validate(self) -> None:
         """Raise ValueError with a user-facing message for out-of-range values."""
@@ -58,6 +79,7 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
         if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
             raise ValueError("min_tokens must be between 0 and max_tokens")
         self._validate_stops()
+        self._validate_logits_processing()
 
     def _validate_stops(self) -> None:
         if len(self.stop) > MAX_STOP_STRINGS:
@@ -66,6 +88,40 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
             raise ValueError(f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids are allowed")
         if any(not 0 <= t <= MAX_TOKEN_ID for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be in [0, {MAX_TOKEN_ID}]")
+
+    def _validate_logits_processing(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and abs(value) <= MAX_ABS_PENALTY):
+                raise ValueError(f"{name} must be in [-2, 2], got {value}")
+        rp = self.repetition_penalty
+        if not (math.isfinite(rp) and REPETITION_PENALTY_MIN <= rp <= REPETITION_PENALTY_MAX):
+            raise ValueError(f"repetition_penalty must be in [{REPETITION_PENALTY_MIN}, "
+                             f"{REPETITION_PENALTY_MAX}], got {rp}")
+        if not (math.isfinite(self.min_p) and 0 <= self.min_p <= 1):
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        bias = self.logit_bias
+        if len(bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} logit_bias entries are allowed")
+        if any(not 0 <= t <= MAX_TOKEN_ID for t, _ in bias):
+            raise ValueError(f"logit_bias token ids must be in [0, {MAX_TOKEN_ID}]")
+        if any(not (math.isfinite(b) and abs(b) <= MAX_ABS_BIAS) for _, b in bias):
+            raise ValueError(f"logit_bias values must be in [-{MAX_ABS_BIAS:g}, "
+                             f"{MAX_ABS_BIAS:g}]")
+        if len({t for t, _ in bias}) != len(bias):
+            raise ValueError("logit_bias names a token id twice")
+
+    @property
+    def has_penalties(self) -> bool:
+        """Presence, frequency or repetition penalty asked for (the sampler then needs the
+        request's token counts)."""
+        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or self.repetition_penalty != 1.0)
+
+    @property
+    def processes_logits(self) -> bool:
+        """Logits change before the argmax (penalties or logit_bias): greedy rows too."""
+        return self.has_penalties or bool(self.logit_bias)
 
     @property
     def greedy(self) -> bool:

@@ -36,6 +36,7 @@ import zmq
 
 from disagg.common import envs
 from disagg.common.config import ConfigError, EngineConfig
+from disagg.common.logging_setup import configure_logging
 from disagg.common.pause import PAUSE_ABORT_ERROR, PauseMode, RankPause, RankPauseState
 from disagg.common.platform import visible_devices_env
 from disagg.common.protocol import (
@@ -446,8 +447,7 @@ def _join_group(cfg: EngineConfig) -> DPGroup | None:
 
 def run_engine_core(cfg_bytes: bytes, input_addr: str, output_addr: str) -> None:
     """Process entry point (multiprocessing spawn target)."""
-    logging.basicConfig(level=envs.log_level(),
-                        format="%(asctime)s %(levelname)s engine: %(message)s")
+    configure_logging(process="engine")  # the frontend's level and format (its environment)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the frontend decides when we stop
     parent = os.getppid()
     ctx = zmq.Context()

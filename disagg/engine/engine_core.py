@@ -168,6 +168,10 @@ class EngineCore:
             return (f"prompt ({len(msg.prompt_token_ids)} tokens) plus max_tokens "
                     f"({msg.sampling_params.max_tokens}) exceeds max_model_len "
                     f"{self.plan.max_model_len}")
+        bad_bias = [t for t, _ in msg.sampling_params.logit_bias if t >= self.arch.vocab_size]
+        if bad_bias:  # the sampler indexes the logits with them
+            return (f"logit_bias token id {bad_bias[0]} is out of range "
+                    f"[0, {self.arch.vocab_size})")
         req = Request(msg.request_id, list(msg.prompt_token_ids), msg.sampling_params,
                       () if msg.sampling_params.ignore_eos else self.eos_token_ids,
                       kv_transfer_params=msg.kv_transfer_params, cache_salt=msg.cache_salt)

@@ -277,7 +277,8 @@ class ModelRunner:
                 ) -> tuple[dict[str, int], dict[str, TokenLogprob]]:
         req_ids = [c.request.request_id for c in sampling]
         tokens, logprobs = self.sampler.sample(
-            logits, req_ids, [c.request.sampling_params for c in sampling])
+            logits, req_ids, [c.request.sampling_params for c in sampling],
+            [c.request for c in sampling])
         sampled = dict(zip(req_ids, tokens, strict=True))
         lps = {rid: lp for rid, lp in zip(req_ids, logprobs, strict=True) if lp is not None}
         return sampled, lps

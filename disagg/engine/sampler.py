@@ -1,11 +1,21 @@
-"""Token selection: greedy, temperature, top-k, top-p, per-request seeds, logprobs."""
+"""Token selection: greedy, temperature, min-p, top-k, top-p, per-request seeds, logprobs; with
+logit_bias and the repetition penalties applied first (disagg/engine/penalties.py)."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
 from disagg.common.protocol import TokenLogprob
 from disagg.common.sampling_params import SamplingParams
+from disagg.engine.penalties import (
+    TokenCounts,
+    TokenHistory,
+    apply_logit_bias,
+    apply_penalties,
+    to_device,
+)
 
 
 class Sampler:
@@ -15,6 +25,10 @@ class Sampler:
     exactly from ``p`` and needs no per-row multinomial or host sync: one ``tolist`` per step.
     A seeded request fills its own row of ``q`` from its own generator (reproducible whatever
     the batch); unseeded rows share one generator seeded from the engine's seed.
+
+    Rows asking for logit_bias or penalties are processed on a copy of the logits (greedy rows
+    too: vLLM applies them before the argmax); a batch where no row asks pays nothing for
+    them. Logprobs are always those of the raw logits (vLLM's default ``raw_logprobs``).
     """
 
     def __init__(self, device: torch.device, default_seed: int) -> None:
@@ -22,10 +36,13 @@ class Sampler:
         self.default_seed = default_seed
         self._generators: dict[str, torch.Generator] = {}
         self._shared = torch.Generator(device=device).manual_seed(default_seed & 0x7FFFFFFF)
+        self.token_counts = TokenCounts(device)
+        """Output-token counts of the penalized requests (freed by ``forget``)."""
 
     def forget(self, request_id: str) -> None:
-        """Drop a finished request's generator."""
+        """Drop a finished request's generator and token counts."""
         self._generators.pop(request_id, None)
+        self.token_counts.forget(request_id)
 
     def skip_draw(self, request_id: str, seed: int, vocab_size: int) -> None:
         """Advance a seeded request's generator past one token's draw: the prefill made it
@@ -41,15 +58,20 @@ class Sampler:
         return gen
 
     def sample(self, logits: torch.Tensor, request_ids: list[str],
-               params: list[SamplingParams]) -> tuple[list[int], list[TokenLogprob | None]]:
-        """logits [n, V] fp32 -> (token ids, logprobs or None per row)."""
+               params: list[SamplingParams],
+               histories: Sequence[TokenHistory] | None = None,
+               ) -> tuple[list[int], list[TokenLogprob | None]]:
+        """logits [n, V] fp32 -> (token ids, logprobs or None per row). ``histories``: each
+        row's prompt and output token ids, needed when a row has penalties."""
         if logits.shape[0] == 0:
             return [], []
-        tokens = logits.argmax(dim=-1)
+        processed = self._processed(logits, request_ids, params, histories)
+        tokens = processed.argmax(dim=-1)
         random_rows = [i for i, sp in enumerate(params) if not sp.greedy]
         if random_rows:
             rows = torch.tensor(random_rows, device=logits.device)
-            tokens[rows] = self._sample_random(logits[rows], [params[i] for i in random_rows],
+            tokens[rows] = self._sample_random(processed[rows],
+                                               [params[i] for i in random_rows],
                                                [request_ids[i] for i in random_rows])
         token_list = tokens.tolist()
         logprobs: list[TokenLogprob | None] = [None] * len(params)
@@ -63,6 +85,42 @@ class Sampler:
                                            list(zip(top_i.tolist(), top_v.tolist(), strict=False)))
         return token_list, logprobs
 
+    def _processed(self, logits: torch.Tensor, request_ids: list[str],
+                   params: list[SamplingParams],
+                   histories: Sequence[TokenHistory] | None) -> torch.Tensor:
+        """``logits`` itself when no row has logit_bias or penalties, else a copy where those
+        rows have them applied (bias first, then penalties, as vLLM)."""
+        biased = [i for i, sp in enumerate(params) if sp.logit_bias]
+        penalized = [i for i, sp in enumerate(params) if sp.has_penalties]
+        if not biased and not penalized:
+            return logits
+        out = logits.clone()
+        if biased:
+            apply_logit_bias(out, biased, [params[i].logit_bias for i in biased])
+        if penalized:
+            if histories is None:
+                raise ValueError("penalties need each row's token history")
+            self._penalize(out, penalized, [request_ids[i] for i in penalized],
+                           [params[i] for i in penalized], [histories[i] for i in penalized])
+        return out
+
+    def _penalize(self, logits: torch.Tensor, rows: list[int], request_ids: list[str],
+                  params: list[SamplingParams], histories: list[TokenHistory]) -> None:
+        """Apply the penalties to ``rows`` of ``logits`` in place."""
+        dev = logits.device
+        counts, in_prompt = self.token_counts.gather(request_ids, histories, logits.shape[1])
+        presence, frequency, repetition = torch.tensor(
+            [[sp.presence_penalty for sp in params], [sp.frequency_penalty for sp in params],
+             [sp.repetition_penalty for sp in params]], dtype=logits.dtype,
+        ).to(dev, non_blocking=True)
+        if len(rows) == logits.shape[0]:
+            logits.copy_(apply_penalties(logits, counts, in_prompt, presence, frequency,
+                                         repetition))
+            return
+        index = to_device(rows, torch.long, dev)
+        logits[index] = apply_penalties(logits[index], counts, in_prompt, presence, frequency,
+                                        repetition)
+
     def _sample_random(self, logits: torch.Tensor, params: list[SamplingParams],
                        request_ids: list[str]) -> torch.Tensor:
         """One token per row of ``logits`` [m, V] under each row's temperature/top-k/top-p."""
@@ -70,6 +128,8 @@ class Sampler:
         dev = logits.device
         temps = torch.tensor([max(sp.temperature, 1e-5) for sp in params], device=dev)
         scaled = logits / temps[:, None]
+        if any(sp.min_p > 0.0 for sp in params):
+            scaled = _min_p(scaled, to_device([sp.min_p for sp in params], scaled.dtype, dev))
         top_k = [sp.top_k if 0 < sp.top_k < vocab else vocab for sp in params]
         top_p = [sp.top_p for sp in params]
         if min(top_k) < vocab or min(top_p) < 1.0:
@@ -91,3 +151,11 @@ class Sampler:
                 race[row].exponential_(generator=self._generator(rid, sp.seed))
         # Exp(1) can round to 0; then a zero-probability token would give 0/0 = NaN and win.
         return (probs / race.clamp_min_(torch.finfo(race.dtype).tiny)).argmax(dim=-1)
+
+
+def _min_p(scaled: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drop (to -inf) each row's tokens whose probability is below ``min_p`` [m] times the row's
+    top probability; a row with min_p 0 keeps every token."""
+    probs = torch.softmax(scaled, dim=-1)
+    floor = min_p[:, None] * probs.amax(dim=-1, keepdim=True)
+    return scaled.masked_fill(probs < floor, float("-inf"))

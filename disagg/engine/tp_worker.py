@@ -20,8 +20,8 @@ from typing import Any
 
 import msgspec
 
-from disagg.common import envs
 from disagg.common.config import EngineConfig
+from disagg.common.logging_setup import configure_logging
 from disagg.engine.kv_connector import create_rank_worker
 from disagg.engine.model_runner import ModelRunner, resolve_device, resolve_dtype
 from disagg.engine.tp import join_group, make_store
@@ -112,8 +112,7 @@ def serve(conn: Connection, worker: TPWorker, parent: int) -> int:
 
 def main(fd: int) -> int:
     """Process entry: the init message, the group, the shard, then serve."""
-    logging.basicConfig(level=envs.log_level(),
-                        format="%(asctime)s %(levelname)s tp-worker: %(message)s")
+    configure_logging(process="tp-worker")  # the frontend's level and format (its environment)
     conn = Connection(fd)
     if not conn.poll(INIT_WAIT_S):
         return 1

@@ -6,21 +6,25 @@ Only built after every engine core's ready handshake, so every check below uses 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
+import secrets
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from disagg.common import envs
 from disagg.common.auth import API_KEY_MESSAGE, bearer_matches, needs_api_key
 from disagg.common.block_hash import model_seed
 from disagg.common.generation_config import SamplingDefaults
 from disagg.common.kv_transfer_params import kv_params_to_json
+from disagg.common.logging_setup import current_request_id, log_every
 from disagg.common.openai_api import (
     KV_KEY_HEADER,
     ApiError,
@@ -35,6 +39,8 @@ from disagg.common.openai_api import (
     sampling_params,
 )
 from disagg.common.protocol import TokenLogprob
+from disagg.common.request_ids import REQUEST_ID_HEADER, install_request_ids, valid_request_id
+from disagg.common.sampling_params import SamplingParams
 from disagg.common.sse import DONE_EVENT, SSE_HEADERS, encode_event
 from disagg.common.timings import TIMINGS_FIELD, timings_dict
 from disagg.common.tokenizer import Tokenizer
@@ -43,8 +49,11 @@ from disagg.server.admin import AdminApi
 from disagg.server.engine_client import EngineClient
 from disagg.server.metrics import ServerMetrics
 from disagg.server.metrics_render import render_instance_metrics
+from disagg.server.parallel_sampling import collect_choices, fan_out
 from disagg.server.request_clock import RequestClock
-from disagg.server.serving import Delta, collect, generate
+from disagg.server.request_log import log_arrival, logged
+from disagg.server.serving import Delta, generate
+from disagg.server.stats_logger import InstanceStatsLogger
 from disagg.server.tokenization import TokenizeApi
 
 
@@ -64,6 +73,10 @@ class ServerInfo:
     """More names the ``model`` field may give (--served-model-name A B: B here)."""
     sampling_defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
     """Defaults of omitted sampling fields from the model's generation_config.json."""
+    log_requests: bool = False
+    """One log line per request at arrival and at finish (--enable-log-requests)."""
+    log_stats_interval_s: float | None = None
+    """Seconds between periodic stats lines; None: none (--disable-log-stats)."""
 
     @property
     def model_names(self) -> tuple[str, ...]:
@@ -144,6 +157,17 @@ def _logprobs_json(lps: list[TokenLogprob], ids: list[int], tok: Tokenizer,
             "top_logprobs": [{tok.decode([a]): v for a, v in lp.top} for lp in lps]}
 
 
+def _ids(request: web.Request, chat: bool) -> tuple[str, str]:
+    """(the answer's id, the engine's request id): ``cmpl-R`` for the request id R the
+    request_ids middleware bound (the client's X-Request-Id when valid: vLLM's naming).
+    A client's R may repeat (a proxy's retry on the same instance, a careless client), so its
+    engine id gets a random suffix; a generated R is unique already."""
+    answer_id = ("chatcmpl-" if chat else "cmpl-") + (current_request_id() or uuid.uuid4().hex)
+    if valid_request_id(request.headers.get(REQUEST_ID_HEADER)) is None:
+        return answer_id, answer_id
+    return answer_id, f"{answer_id}-{secrets.token_hex(4)}"
+
+
 class _Call:
     """One OpenAI call: parsed body, prompt ids, params, ids for the response."""
 
@@ -152,7 +176,7 @@ class _Call:
         self.tok = request.app[TOKENIZER]
         self.engine = request.app[ENGINE]
         self.created = int(time.time())
-        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.id, self.engine_request_id = _ids(request, chat)
         self.object = "chat.completion" if chat else "text_completion"
         self.clock = RequestClock()
 
@@ -170,8 +194,10 @@ class _Call:
         synced = self.engine.synced
         assert synced is not None
         self.sp = sampling_params(req, len(self.prompt_ids), synced.max_model_len,
-                                  info.sampling_defaults)
+                                  info.sampling_defaults, self.tok.vocab_size)
         self.kv_params = kv_params(req)
+        if info.log_requests:
+            log_arrival(self.engine_request_id, len(self.prompt_ids), self.sp, self.kv_params)
 
     def usage(self, num_out: int, num_cached: int) -> dict[str, Any]:
         n = len(self.prompt_ids)
@@ -179,8 +205,16 @@ class _Call:
                 "prompt_tokens_details": {"cached_tokens": num_cached}}
 
     def deltas(self) -> AsyncGenerator[Delta, None]:
-        return generate(self.engine, self.tok, self.app[METRICS], self.id, self.prompt_ids,
-                        self.sp, self.kv_params, self.req.cache_salt, self.clock)
+        """Every choice's deltas (n > 1: an engine request each, parallel_sampling.py)."""
+        deltas = fan_out(self._generate, self.engine_request_id, self.sp, self.req.n)
+        if not self.app[INFO].log_requests:
+            return deltas
+        return logged(deltas, self.engine_request_id, len(self.prompt_ids),
+                      self.clock.received_s)
+
+    def _generate(self, request_id: str, sp: SamplingParams) -> AsyncGenerator[Delta, None]:
+        return generate(self.engine, self.tok, self.app[METRICS], request_id, self.prompt_ids,
+                        sp, self.kv_params, self.req.cache_salt, self.clock)
 
     def timings(self) -> dict[str, Any]:
         """``{"disagg_timings": ...}`` when the request asked for it (else empty); the first
@@ -189,9 +223,9 @@ class _Call:
         return {TIMINGS_FIELD: timings_dict(timings)} if self.req.disagg_timings else {}
 
     def choice(self, text: str, ids: list[int], lps: list[TokenLogprob] | None,
-               reason: str | None, stream: bool) -> dict[str, Any]:
+               reason: str | None, stream: bool, index: int = 0) -> dict[str, Any]:
         lp_json = _logprobs_json(lps, ids, self.tok, self.chat) if lps else None
-        c: dict[str, Any] = {"index": 0, "logprobs": lp_json, "finish_reason": reason}
+        c: dict[str, Any] = {"index": index, "logprobs": lp_json, "finish_reason": reason}
         if self.chat:
             c["delta" if stream else "message"] = {"role": "assistant", "content": text}
         else:
@@ -206,14 +240,16 @@ async def _completions(request: web.Request, chat: bool) -> web.StreamResponse:
     await call.parse(request)
     if call.req.stream:
         return await _stream(request, call)
-    res = await collect(call.deltas())
+    results = await collect_choices(call.deltas(), call.req.n)
     body: dict[str, Any] = {
         "id": call.id, "object": call.object, "created": call.created, "model": call.model,
-        "choices": [call.choice(res.text, res.token_ids, res.logprobs or None,
-                                res.finish_reason, False)],
-        "usage": call.usage(len(res.token_ids), res.num_cached_tokens), **call.timings()}
+        "choices": [call.choice(r.text, r.token_ids, r.logprobs or None, r.finish_reason,
+                                False, i) for i, r in enumerate(results)],
+        "usage": call.usage(sum(len(r.token_ids) for r in results),
+                            max(r.num_cached_tokens for r in results)), **call.timings()}
     if call.req.return_token_ids:
         body["prompt_token_ids"] = call.prompt_ids
+    res = results[0]  # n == 1 whenever there are kv_transfer_params
     if res.kv_transfer_params is not None:
         body["kv_transfer_params"] = kv_params_to_json(res.kv_transfer_params)
     return web.json_response(body)
@@ -237,7 +273,8 @@ async def _stream(request: web.Request, call: _Call) -> web.StreamResponse:
             num_cached = max(num_cached, delta.num_cached_tokens)
             last = timings if delta.finish_reason is not None and not with_usage else {}
             await resp.write(encode_event({**head, "choices": [call.choice(
-                delta.text, delta.token_ids, delta.logprobs, delta.finish_reason, True)],
+                delta.text, delta.token_ids, delta.logprobs, delta.finish_reason, True,
+                delta.index)],
                 **last}))
             delta = await anext(deltas, None)
         if with_usage:
@@ -333,10 +370,9 @@ async def kv_ledger(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     """GET /metrics in Prometheus text format."""
-
-    return web.Response(text=render_instance_metrics(request.app[ENGINE], request.app[METRICS],
-                                                     request.app[INFO].served_model_name),
-                        content_type="text/plain")
+    text = render_instance_metrics(request.app[ENGINE], request.app[METRICS],
+                                   request.app[INFO].served_model_name)
+    return web.Response(body=text.encode(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 def _max_model_len(engine: EngineClient) -> int:
@@ -345,12 +381,28 @@ def _max_model_len(engine: EngineClient) -> int:
     return synced.max_model_len
 
 
+async def _stats_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The periodic stats line (disagg/server/stats_logger.py), from start-up to shutdown."""
+    interval_s = app[INFO].log_stats_interval_s
+    assert interval_s is not None
+    stats = InstanceStatsLogger(app[ENGINE], app[METRICS])
+    task = asyncio.ensure_future(log_every(interval_s, stats.line,
+                                           logging.getLogger("disagg.stats")))
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 def make_app(engine: EngineClient, tokenizer: Tokenizer, info: ServerInfo) -> web.Application:
     """Build the instance app around a started EngineClient."""
     app = web.Application(middlewares=[api_key_middleware, error_middleware],
                           client_max_size=64 * 2**20)
     app[ENGINE], app[TOKENIZER], app[INFO], app[METRICS] = engine, tokenizer, info, \
-        ServerMetrics()
+        ServerMetrics(info.served_model_name)
+    install_request_ids(app)
+    if info.log_stats_interval_s is not None:
+        app.cleanup_ctx.append(_stats_ctx)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)

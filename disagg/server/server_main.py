@@ -19,7 +19,7 @@ from disagg.common.generation_config import SamplingDefaults, load_generation_co
 from disagg.common.registration import InstanceInfo
 from disagg.common.tokenizer import get_tokenizer
 from disagg.server.api_server import ServerInfo, instance_info_dict, make_app
-from disagg.server.engine_client import EngineClient
+from disagg.server.engine_client import EngineClient, SyncedConfig
 from disagg.server.engine_health import EngineStartupError
 from disagg.server.kv_events import KVPublisher
 from disagg.server.registrar import Registrar
@@ -56,6 +56,34 @@ def sampling_defaults(cfg: EngineConfig) -> SamplingDefaults:
     return gen.defaults
 
 
+def startup_lines(cfg: EngineConfig, synced: SyncedConfig, url: str) -> list[str]:
+    """What an operator checks first: the model and its synced limits; with a connector, the
+    role, transport, mode, KV ports and deadlines (rank 0's ports; each DP rank has its own)."""
+    r0 = synced.ready[0]
+    par = cfg.parallel
+    lines = [f"serving {cfg.model.model} as {cfg.model.served_model_name} on {url}: "
+             f"max_model_len={synced.max_model_len}, block_size={synced.block_size}, "
+             f"num_gpu_blocks={synced.num_gpu_blocks}, dtype={synced.dtype}, "
+             f"kv_cache_dtype={r0.kv_cache_dtype or synced.dtype}, device={r0.device}, "
+             f"dp={par.data_parallel_size}, tp={r0.tp_size}"]
+    kv = cfg.kv_transfer
+    if kv is not None:
+        extra = kv.kv_connector_extra_config
+        ports = ", ".join(f"{r.kv_handshake_port}/{r.kv_notify_port}" for r in synced.ready)
+        line = (f"KV connector {kv.kv_connector}: role={r0.kv_role}, "
+                f"transport={extra.get('transport', 'tcp')}, mode={r0.kv_mode}, "
+                f"kv_host={r0.kv_host}, handshake/notify ports={ports}")
+        if kv.kv_connector == "PDConnector":
+            from connectors.pd_config import parse_timeouts
+
+            t = parse_timeouts(extra)
+            line += (f", transfer_timeout={t.transfer_timeout_s:g} s, "
+                     f"defer_timeout={t.defer_timeout_s:g} s, "
+                     f"lease_timeout={t.lease_timeout_s:g} s")
+        lines.append(line)
+    return lines
+
+
 async def serve(cfg: EngineConfig, args: argparse.Namespace) -> int:
     """Run until SIGINT/SIGTERM or an engine core dies; returns the exit code."""
     engine = EngineClient(cfg, envs.engine_ready_timeout_s())
@@ -70,7 +98,10 @@ async def serve(cfg: EngineConfig, args: argparse.Namespace) -> int:
                       kv_params_key=args.kv_params_key or envs.kv_params_key(),
                       api_key=args.api_key or envs.api_key(),
                       model_aliases=tuple((args.served_model_name or [])[1:]),
-                      sampling_defaults=sampling_defaults(cfg))
+                      sampling_defaults=sampling_defaults(cfg),
+                      log_requests=args.enable_log_requests,
+                      log_stats_interval_s=(None if args.disable_log_stats
+                                            else envs.log_stats_interval_s()))
     app = make_app(engine, get_tokenizer(cfg.model.model), info)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
@@ -83,6 +114,8 @@ async def serve(cfg: EngineConfig, args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     registrar = _start_registrar(args, engine, info)
+    for line in startup_lines(cfg, synced, url):
+        logger.info("%s", line)
     print(f"disagg: ready on {url} (max_model_len={synced.max_model_len}, "
           f"block_size={synced.block_size}, num_gpu_blocks={synced.num_gpu_blocks})",
           flush=True)

@@ -30,6 +30,8 @@ class Delta:
     kv_transfer_params: KVTransferParams | None = None
     num_cached_tokens: int = 0
     """With the finish: prompt tokens served from the prefix cache."""
+    index: int = 0
+    """The choice it belongs to (n > 1: disagg/server/parallel_sampling.py)."""
 
 
 @dataclass(slots=True)
@@ -43,11 +45,24 @@ class GenerationResult:
     kv_transfer_params: KVTransferParams | None = None
     num_cached_tokens: int = 0
 
+    def add(self, d: Delta) -> None:
+        """Append one delta of this generation."""
+        self.text += d.text
+        self.token_ids.extend(d.token_ids)
+        if d.logprobs:
+            self.logprobs.extend(d.logprobs)
+        if d.finish_reason is not None:
+            self.finish_reason = d.finish_reason
+            self.kv_transfer_params = d.kv_transfer_params
+            self.num_cached_tokens = d.num_cached_tokens
+
 
 def _engine_error(message: str) -> ApiError:
     """Engine-side failures: length/empty checks are the user's (400), the rest 500."""
     if "exceeds max_model_len" in message or "prompt is empty" in message:
         return ApiError(400, message, code="context_length_exceeded")
+    if message.startswith("logit_bias"):  # an id past the model's vocabulary
+        return ApiError(400, message, param="logit_bias")
     if message == PAUSE_ABORT_ERROR:
         return ApiError(503, message, err_type="server_error", code="paused")
     return ApiError(500, message, err_type="server_error")
@@ -68,6 +83,7 @@ async def generate(engine: EngineClient, tok: Tokenizer, metrics: ServerMetrics,
     gets the first output's instant and the engine's timings."""
     start = time.monotonic()
     first: float | None = None
+    last = start
     num_out = 0
     reason: str | None = None
     done = engine_done = False
@@ -88,9 +104,14 @@ async def generate(engine: EngineClient, tok: Tokenizer, metrics: ServerMetrics,
                 done = engine_done = True
                 raise _engine_error(item.error or "the engine failed the request")
             done = engine_done = item.finish_reason is not None
-            if item.new_token_ids and first is None:
-                first = time.monotonic()
-                metrics.ttft.observe(first - start)
+            if item.new_token_ids:
+                now = time.monotonic()
+                if first is None:
+                    first = now
+                    metrics.first_token(now - start)
+                else:
+                    metrics.next_output(now - last)
+                last = now
             num_out += len(item.new_token_ids)
             text = detok.push(item.new_token_ids, final=done)
             reason = item.finish_reason
@@ -104,24 +125,13 @@ async def generate(engine: EngineClient, tok: Tokenizer, metrics: ServerMetrics,
             await engine.abort(request_id)
         elif done:
             metrics.finished(reason or "error")
-            end = time.monotonic()
-            metrics.e2e.observe(end - start)
-            if first is not None and num_out > 1:
-                metrics.tpot.observe((end - first) / (num_out - 1))
-            metrics.prompt_tokens += len(prompt_ids)
-            metrics.generation_tokens += num_out
+            metrics.completed(start_s=start, first_s=first, end_s=time.monotonic(),
+                              num_prompt_tokens=len(prompt_ids), num_output_tokens=num_out)
 
 
 async def collect(deltas: AsyncIterator[Delta]) -> GenerationResult:
     """Gather a whole generation for a non-streaming response."""
     res = GenerationResult()
     async for d in deltas:
-        res.text += d.text
-        res.token_ids.extend(d.token_ids)
-        if d.logprobs:
-            res.logprobs.extend(d.logprobs)
-        if d.finish_reason is not None:
-            res.finish_reason = d.finish_reason
-            res.kv_transfer_params = d.kv_transfer_params
-            res.num_cached_tokens = d.num_cached_tokens
+        res.add(d)
     return res

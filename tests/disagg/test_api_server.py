@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 import requests  # type: ignore[import-untyped]
+from prom_text import value
 
 from disagg.common.block_hash import model_seed
 
@@ -73,7 +74,7 @@ def test_engine_block_size_reaches_frontend_metrics(instance_factory) -> None:
 
 def test_user_errors_are_openai_style(instance_factory) -> None:
     inst = instance_factory(TINY)
-    cases = [b"{bad json", b'{"prompt": 5}', b'{"prompt": ""}', b'{"prompt": "a", "n": 2}',
+    cases = [b"{bad json", b'{"prompt": 5}', b'{"prompt": ""}', b'{"prompt": "a", "n": 17}',
              b'{"prompt": "a", "model": "other"}', b'{"prompt": "a", "max_tokens": 0}',
              b'{"prompt": "a", "temperature": -1}', b""]
     for body in cases:
@@ -125,7 +126,7 @@ def test_client_disconnect_aborts_and_frees(instance_factory) -> None:
     asyncio.run(run())
     wait_all_free(inst.url, timeout_s=5)
     text = requests.get(inst.url + "/metrics", timeout=5).text
-    assert re.search(r'finished_reason="abort"\} 1$', text, re.M)
+    assert value(text, "disagg_request_success_total", finished_reason="abort") == 1
 
 
 def test_engine_death_stops_the_server(instance_factory) -> None:

@@ -62,15 +62,17 @@ def test_the_second_eos_id_of_either_file_stops_generation(tmp_path: Path) -> No
 def test_defaults_parse_like_vllm() -> None:
     gen = parse_generation_config({"eos_token_id": 7, "temperature": 0.6, "top_p": 0.9,
                                    "top_k": 20, "max_new_tokens": 64, "do_sample": True,
-                                   "repetition_penalty": 1.05})
+                                   "repetition_penalty": 1.05, "min_p": 0.05})
     assert gen.eos_token_ids == (7,)
-    assert gen.defaults == SamplingDefaults(temperature=0.6, top_p=0.9, top_k=20, max_tokens=64)
-    assert gen.ignored == ("repetition_penalty=1.05",)
+    assert gen.defaults == SamplingDefaults(temperature=0.6, top_p=0.9, top_k=20, max_tokens=64,
+                                            repetition_penalty=1.05, min_p=0.05)
+    assert gen.ignored == ()
     # transformers' own defaults ask for nothing (GenerationConfig.to_diff_dict)
     plain = parse_generation_config({"temperature": 1.0, "top_k": 50, "top_p": 1.0,
                                      "repetition_penalty": 1.0})
     assert plain.defaults == SamplingDefaults() and plain.ignored == ()
-    for bad in ({"eos_token_id": "x"}, {"top_p": 0}, {"temperature": -1}, [1]):
+    for bad in ({"eos_token_id": "x"}, {"top_p": 0}, {"temperature": -1}, {"min_p": 2},
+                {"repetition_penalty": 0}, [1]):
         with pytest.raises(ConfigError):
             parse_generation_config(bad)
 
@@ -95,13 +97,15 @@ def test_modes_and_paths(tmp_path: Path) -> None:
 ])
 async def test_defaults_fill_only_omitted_fields(instance_client: Any, body: dict[str, Any],
                                                  expected: tuple[float, float, int]) -> None:
-    defaults = SamplingDefaults(temperature=0.6, top_p=0.9, top_k=20, max_tokens=2)
+    defaults = SamplingDefaults(temperature=0.6, top_p=0.9, top_k=20, max_tokens=2,
+                                repetition_penalty=1.1, min_p=0.02)
     client = await instance_client(sampling_defaults=defaults)
     resp = await client.post("/v1/chat/completions", json={
         "messages": [{"role": "user", "content": "hi"}], **body})
     assert resp.status == 200, await resp.text()
     sp = client.server.app[ENGINE].requests[-1].sampling_params
     assert (sp.temperature, sp.top_p, sp.top_k) == expected
+    assert (sp.repetition_penalty, sp.min_p) == (1.1, 0.02)
     assert sp.max_tokens == 2  # max_new_tokens, since the request gave no max_tokens
     resp = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 5})
     assert resp.status == 200

@@ -234,10 +234,6 @@ def test_server_info_takes_the_key_from_the_environment(monkeypatch: pytest.Monk
     ("/v1/chat/completions", "response_format", {"type": "json_object"}),
     ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}]),
     ("/v1/chat/completions", "tool_choice", "auto"),
-    ("/v1/completions", "logit_bias", {"50": 100}),
-    ("/v1/completions", "best_of", 3),
-    ("/v1/completions", "repetition_penalty", 1.2),
-    ("/v1/chat/completions", "min_p", 0.1),
     ("/v1/completions", "suffix", "tail"),
     ("/v1/completions", "guided_json", {"type": "object"}),
 ])

@@ -64,6 +64,17 @@ def test_prefill_body_is_one_token_not_streamed() -> None:
     assert body["max_tokens"] == 50  # the client's body is not modified
 
 
+def test_sampling_fields_pass_to_both_legs_and_n_above_one_is_refused() -> None:
+    fields = {"presence_penalty": 0.5, "frequency_penalty": 0.5, "repetition_penalty": 1.1,
+              "min_p": 0.05, "logit_bias": {"65": -100}}
+    raw = msgspec.json.encode({"prompt": "x", **fields})
+    req = parse_request(Endpoint.COMPLETIONS, raw, _counter())
+    assert fields.items() <= prefill_body(req.body, {}).items()  # P samples the first token
+    assert fields.items() <= decode_body(req.body, {}).items()
+    err = _parse_error(Endpoint.COMPLETIONS, b'{"prompt": "x", "n": 3}')
+    assert err.param == "n" and "P/D" in err.message
+
+
 def test_decode_body_is_the_clients_plus_params() -> None:
     body = {"prompt": "x", "max_tokens": 5, "stream": True}
     assert decode_body(body, None) == body
@@ -135,7 +146,8 @@ def test_max_tokens_that_leave_no_room_for_a_prompt_are_refused() -> None:
 
 
 @pytest.mark.parametrize(("field", "value"), [
-    ("response_format", {"type": "json_schema"}), ("logit_bias", {"1": 5}), ("min_p", 0.2)])
+    ("response_format", {"type": "json_schema"}), ("tools", [{"type": "function"}]),
+    ("guided_regex", "a+")])
 def test_unsupported_fields_are_refused_before_routing(field: str, value: object) -> None:
     raw = msgspec.json.encode({"messages": [{"role": "user", "content": "hi"}], field: value})
     err = _parse_error(Endpoint.CHAT, raw)

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import aiohttp
 import psutil
 import pytest
 import requests  # type: ignore[import-untyped]
+from prom_text import samples
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 INSTANCE_ARGS = ["--instance-arg=--kv-cache-memory-bytes", "--instance-arg=48MiB"]
@@ -40,15 +40,14 @@ class Deployment:
 
     def instances(self, pool: str | None = None) -> list[str]:
         text = requests.get(self.url + "/metrics", timeout=5).text
-        return [m.group(2) for m in re.finditer(
-            r'^disagg_proxy_instance_healthy\{pool="(\w+)",url="([^"]+)"\} 1$', text, re.M)
-            if pool is None or m.group(1) == pool]
+        return [labels["url"] for labels, healthy in samples(
+            text, "disagg_proxy_instance_healthy") if healthy == 1
+            and (pool is None or labels["pool"] == pool)]
 
     def requests_per_instance(self) -> dict[str, float]:
         text = requests.get(self.url + "/metrics", timeout=5).text
-        return {m.group(1): float(m.group(2)) for m in re.finditer(
-            r'^disagg_proxy_instance_requests_total\{pool="\w+",url="([^"]+)"\} (\S+)$',
-            text, re.M)}
+        return {labels["url"]: n for labels, n in samples(
+            text, "disagg_proxy_instance_requests_total")}
 
 
 @contextlib.contextmanager

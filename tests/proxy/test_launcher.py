@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from prom_text import samples
 
 from disagg.common import platform as plat
 from proxy.config import PolicyName, TransferMode
@@ -143,8 +144,8 @@ def _launch_args(*extra: str) -> list[str]:
 async def _instance_urls(http: aiohttp.ClientSession, proxy_url: str) -> list[str]:
     async with http.get(proxy_url + "/metrics") as resp:
         text = await resp.text()
-    return [line.split('url="')[1].split('"')[0] for line in text.splitlines()
-            if line.startswith("disagg_proxy_instance_healthy{") and line.endswith(" 1")]
+    return [labels["url"] for labels, healthy in samples(text, "disagg_proxy_instance_healthy")
+            if healthy == 1]
 
 
 async def test_launch_serves_through_local_instances_and_stops_on_sigterm(
@@ -159,9 +160,9 @@ async def test_launch_serves_through_local_instances_and_stops_on_sigterm(
     instances = await _instance_urls(http, url)
     assert len(instances) == 4
     async with http.get(url + "/metrics") as resp:
-        per_instance = [line for line in (await resp.text()).splitlines()
-                        if line.startswith("disagg_proxy_instance_requests_total{")]
-    assert len(per_instance) == 4 and all(line.endswith(" 2") for line in per_instance)
+        per_instance = [n for _, n in samples(await resp.text(),
+                                              "disagg_proxy_instance_requests_total")]
+    assert per_instance == [2, 2, 2, 2]
     launcher.process.send_signal(signal.SIGTERM)
     assert await launcher.wait() == 0
     for instance in instances:  # every child is gone with the launcher

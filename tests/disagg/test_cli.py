@@ -1,0 +1,53 @@
+"""The flags of ``disagg serve`` and ``disagg-proxy`` as ``--help`` shows them, and the logging
+flags vLLM operators bring along."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from disagg import cli
+from disagg.common.help_formatter import shown_help
+from proxy.launcher import build_parser as proxy_parser
+
+
+def _serve_parser() -> argparse.ArgumentParser:
+    sub = next(a for a in cli.build_parser()._actions
+               if isinstance(a, argparse._SubParsersAction))
+    return sub.choices["serve"]
+
+
+@pytest.mark.parametrize("parser", [_serve_parser(), proxy_parser()],
+                         ids=["disagg serve", "disagg-proxy"])
+def test_every_flag_has_help_and_shows_its_default(parser: argparse.ArgumentParser) -> None:
+    hidden = {"--instance-command"}  # the launcher's test hook, deliberately not shown
+    missing = []
+    for action in parser._actions:
+        name = (action.option_strings or [action.dest])[-1]
+        if isinstance(action, argparse._HelpAction) or name in hidden:
+            continue
+        text = shown_help(action)
+        if not text or text == argparse.SUPPRESS or "default" not in text.lower():
+            missing.append(name)
+    assert not missing, f"flags without help or a shown default: {missing}"
+    assert "(default: " in parser.format_help()  # the formatter is the one checked above
+
+
+def test_log_request_flags_and_their_vllm_inverse() -> None:
+    parse = cli.build_parser().parse_args
+    assert parse(["serve"]).enable_log_requests is False
+    assert parse(["serve", "--enable-log-requests"]).enable_log_requests is True
+    assert parse(["serve", "--enable-log-requests", "--disable-log-requests"]
+                 ).enable_log_requests is False
+    args = parse(["serve", "--log-level", "DEBUG", "--log-format", "json",
+                  "--disable-log-stats"])
+    assert (args.log_level, args.log_format, args.disable_log_stats) == ("debug", "json", True)
+
+
+def test_a_bad_log_level_in_the_environment_is_one_line(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("DISAGG_LOG_LEVEL", "chatty")
+    assert cli.main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("disagg: error: log level 'chatty'") and err.count("\n") == 1, err
