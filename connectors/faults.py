@@ -32,7 +32,8 @@ import msgspec
 
 from disagg.common.config import ConfigError
 
-MESSAGE_POINTS = frozenset({"remote_blocks", "write_done", "release", "release_ack",
+MESSAGE_POINTS = frozenset({"remote_blocks", "write_done", "first_token", "release",
+                            "release_ack",
                             "transfer_failed", "lease", "quiesce", "quiesced", "notify"})
 _ACTIONS = {
     **dict.fromkeys(MESSAGE_POINTS, frozenset({"drop", "delay", "duplicate", "corrupt", "exit"})),

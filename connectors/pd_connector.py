@@ -38,7 +38,14 @@ from connectors.pd_rank import RankKV, RemoteRank
 from connectors.pd_scheduler import PDSchedulerSide
 from connectors.pd_stream import LayerPlan, LayerStreamer, plan_chunk
 from connectors.pd_worker import PDWorkerSide, rank_name
-from connectors.protocol import EngineMetadata, Release, RemoteBlocks, kv_ports, transport_port
+from connectors.protocol import (
+    EngineMetadata,
+    FirstToken,
+    Release,
+    RemoteBlocks,
+    kv_ports,
+    transport_port,
+)
 from connectors.transfer import Transfer, TransferRole, TransferState, transfer_from_params
 from connectors.transports.base import TransferOp, TransferStatus
 from disagg.common.config import KVTransferConfig
@@ -134,6 +141,9 @@ class PDConnector(KVConnector):
             return
         self.transfers[t.transfer_id] = t
         self._by_request[req.request_id] = t.transfer_id
+        logger.debug("KV transfer %s for request %s: %s, %d prompt tokens, peer %s",
+                     t.transfer_id, req.request_id, t.role.value, req.num_prompt_tokens,
+                     t.peer_engine_id or "(answers later)")
         t.num_tokens = req.num_prompt_tokens
         tomb = self.peers.tombstones.pop(t.transfer_id, None)
         error = self._params_error(t, p, req) if tomb is None else \
@@ -146,10 +156,9 @@ class PDConnector(KVConnector):
                                    and req.sampling_params.logprobs is None)
             if t.role is TransferRole.CONSUMER_READ and t.takes_first_token \
                     and p.first_token_id is not None:
-                # P sampled it already: the client gets it now, while the KV moves
+                # P sampled it already: the client gets it as soon as P is identified (the
+                # handshake, at once with a known peer), while the KV moves
                 t.first_token_id = p.first_token_id
-                self.outcomes.out.first_tokens.append((req.request_id, p.first_token_id))
-                self.counters["first_tokens_received_total"] += 1
         if t.role is not TransferRole.PRODUCER_READ:
             self.peers.start_hello(t)  # identifies the peer before any of its messages count
         if t.role is TransferRole.PRODUCER_WRITE:
@@ -216,6 +225,7 @@ class PDConnector(KVConnector):
         if t.terminal or self._peer(t) is None or t.terminal:
             return
         assert t.peer_generation is not None
+        self.outcomes.report_first_token(t)  # the peer is identified now
         self.peers.send(t, Release(transfer_id=t.transfer_id, engine_id=self.engine_id,
                                    epoch=self.epoch, generation=t.peer_generation))
         t.move(TransferState.DONE)
@@ -265,6 +275,11 @@ class PDConnector(KVConnector):
             t.request_finished, t.holds_blocks = True, True
             t.local_block_ids, t.num_tokens = list(req.block_ids), req.num_prompt_tokens
             t.first_token_id = req.output_token_ids[0] if req.output_token_ids else None
+            if t.role is TransferRole.PRODUCER_WRITE and t.first_token_id is not None \
+                    and t.peer_generation is not None:  # D streams it while the KV moves
+                self.peers.send(t, FirstToken(transfer_id=t.transfer_id, engine_id=self.engine_id,
+                                              epoch=self.epoch, generation=t.peer_generation,
+                                              token_id=t.first_token_id))
             if self.cfg.verify_kv and t.role is TransferRole.PRODUCER_READ:
                 t.digests = self.worker.digests(t.local_block_ids)
             # WRITE posts at the next update_connector_output: the scheduler moves the blocks
@@ -276,6 +291,11 @@ class PDConnector(KVConnector):
                 and not t.handles and t.verifying_s is None:
             self.complete_without_data(t)  # ended by the prefill's first token: P frees now
             return FinishAction()
+        if ok and t.role is TransferRole.CONSUMER_WRITE and not t.terminal and req.block_ids:
+            # ended by the prefill's first token while P may still write: the write finishes
+            # into these blocks, held, which write_done frees (expiry or failure parks them)
+            t.holds_blocks = True
+            return FinishAction(hold_key=t.transfer_id)
         if not t.terminal:
             self.fail(t, req.error or f"request ended ({req.status.value}) before the KV "
                                       "transfer completed", notify_request=False)
@@ -308,6 +328,10 @@ class PDConnector(KVConnector):
                 continue
             if t.handles:
                 self._poll(t)
+            if t.role is TransferRole.CONSUMER_READ and t.first_token_id is not None \
+                    and not t.first_token_reported and not t.terminal \
+                    and self._peer(t) is not None:
+                self.outcomes.report_first_token(t)  # never from an unidentified peer
             if t.release_unread:
                 self._release_unread(t)
             if not t.terminal and not t.handles and t.role.posts_ops:

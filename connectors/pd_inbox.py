@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from connectors.control_plane import PeerHello
 from connectors.protocol import (
     EngineMetadata,
+    FirstToken,
     Lease,
     Notification,
     Quiesce,
@@ -118,6 +119,10 @@ class Inbox:
         t.last_lease_s = now
         if isinstance(msg, WriteDone) and t.role is TransferRole.CONSUMER_WRITE:
             self._write_done(t, msg)
+        elif isinstance(msg, FirstToken) and t.role is TransferRole.CONSUMER_WRITE:
+            if msg.generation == t.generation and not t.terminal and t.takes_first_token:
+                t.first_token_id = msg.token_id
+                c.outcomes.report_first_token(t)
         elif isinstance(msg, ReleaseAck) and t.role is TransferRole.CONSUMER_READ:
             self._release_ack(t, msg)
         elif isinstance(msg, TransferFailed):
@@ -182,7 +187,7 @@ class Inbox:
             c.fail(t, "write_done names another generation of this transfer's blocks",
                    refused=True)
             return
-        if t.takes_first_token:
+        if t.takes_first_token and not t.first_token_reported:
             t.first_token_id = msg.first_token_id
         if c.cfg.faults is not None and t.local_block_ids and c.cfg.faults.fire("landed"):
             c.worker.flip_byte(t.local_block_ids[0])

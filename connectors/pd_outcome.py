@@ -26,6 +26,7 @@ from connectors.pd_worker import PDWorkerSide
 from connectors.protocol import Quiesce, Quiesced, TransferFailed, WriteDone
 from connectors.transfer import Timeouts, Transfer, TransferRole, TransferState
 from connectors.transports.base import TransferStatus
+from disagg.common.kv_transfer_histograms import observe_transfer
 from disagg.engine.kv_connector import ConnectorOutput, LoadFailure
 
 logger = logging.getLogger(__name__)
@@ -69,11 +70,16 @@ class Outcomes:
     def complete(self, t: Transfer) -> None:
         """DONE: count it, tell a WRITE consumer (write_done), let a consumer's request run."""
         t.move(TransferState.DONE)
+        logger.debug("KV transfer %s (request %s) done: %s, %d bytes moved by this side",
+                     t.transfer_id, t.request_id, t.role.value, t.bytes_moved)
         self.counters["transfers_done_total"] += 1
         self.counters["bytes_moved_total"] += t.bytes_moved
         if t.posted_s is not None:
-            self.counters["transfer_seconds_sum"] += time.monotonic() - t.posted_s
+            seconds = time.monotonic() - t.posted_s
+            self.counters["transfer_seconds_sum"] += seconds
             self.counters["transfer_seconds_count"] += 1
+            observe_transfer(self.counters, mode=t.role.mode, role=t.role.side, seconds=seconds,
+                             num_bytes=t.bytes_moved)
         if t.first_posted_s is not None or not t.role.is_producer:  # it moved, or it waited
             self.out.transfer_times.append((t.request_id, t.first_posted_s, time.monotonic()))
         if t.role is TransferRole.PRODUCER_WRITE:
@@ -81,15 +87,22 @@ class Outcomes:
             self.peers.send(t, WriteDone(transfer_id=t.transfer_id, engine_id=self.engine_id,
                                          epoch=self.epoch, generation=t.peer_generation,
                                          digests=t.digests, first_token_id=t.first_token_id))
-        if t.role is TransferRole.CONSUMER_WRITE and t.first_token_id is not None:
-            self.out.first_tokens.append((t.request_id, t.first_token_id))
-            self.counters["first_tokens_received_total"] += 1
+        if t.role is TransferRole.CONSUMER_WRITE:
+            self.report_first_token(t)  # unless first_token already brought it
         if not t.role.is_producer:
             self.out.loaded.append(t.request_id)
         elif t.role is TransferRole.PRODUCER_WRITE and t.request_finished:
             self.out.producer_settled.append((t.request_id, None))
         self.free_if_held(t)
         self.forget(t)
+
+    def report_first_token(self, t: Transfer) -> None:
+        """Hand a consumer's first token (from the prefill) to the scheduler, once."""
+        if t.first_token_id is None or t.first_token_reported or not t.takes_first_token:
+            return
+        t.first_token_reported = True
+        self.out.first_tokens.append((t.request_id, t.first_token_id))
+        self.counters["first_tokens_received_total"] += 1
 
     def fail(self, t: Transfer, reason: str, *, state: TransferState = TransferState.FAILED,
              notify_peer: bool = True, notify_request: bool = True,
@@ -105,7 +118,8 @@ class Outcomes:
         self.counters[key] += 1
         if refused:
             self.counters["kv_refused_total"] += 1
-        logger.warning("KV transfer %s %s: %s", t.transfer_id, state.value, reason)
+        logger.warning("KV transfer %s (request %s) %s: %s", t.transfer_id, t.request_id,
+                       state.value, reason)
         if notify_peer:
             quiesced = t.role is TransferRole.PRODUCER_WRITE and not t.handles
             self.peers.send(t, TransferFailed(transfer_id=t.transfer_id, engine_id=self.engine_id,
@@ -165,8 +179,8 @@ class Outcomes:
             p.quiesced = not p.probe.exception() and p.probe.result()
             p.probe = None
             if p.quiesced:
-                logger.warning("KV transfer %s: producer %s is gone; its blocks are freed",
-                               t.transfer_id, t.peer_engine_id)
+                logger.warning("KV transfer %s (request %s): producer %s is gone; its "
+                               "blocks are freed", t.transfer_id, t.request_id, t.peer_engine_id)
                 return
         if now < p.next_ask_s:
             return

@@ -131,6 +131,16 @@ class WriteDone(_Sent, tag="write_done", kw_only=True):
     """The token P sampled after the prompt (D emits it and computes on from it)."""
 
 
+class FirstToken(_Sent, tag="first_token", kw_only=True):
+    """P -> D (WRITE): the token P sampled after the prompt, sent the moment it is known, so
+    D streams it while the KV is still being written; echoes D's generation. write_done
+    carries it again (a lost first_token costs only time)."""
+
+    transfer_id: TransferId
+    generation: Generation
+    token_id: TokenId
+
+
 class Release(_Sent, tag="release", kw_only=True):
     """D -> P (READ): the blocks were read; free them and say whether the hold was live."""
 
@@ -175,8 +185,8 @@ class Lease(_Sent, tag="lease", kw_only=True):
     transfer_ids: Annotated[list[TransferId], msgspec.Meta(max_length=1 << 20)]
 
 
-Notification = (RemoteBlocks | WriteDone | Release | ReleaseAck | TransferFailed | Quiesce
-                | Quiesced | Lease)
+Notification = (RemoteBlocks | WriteDone | FirstToken | Release | ReleaseAck | TransferFailed
+                | Quiesce | Quiesced | Lease)
 notify_decoder = msgspec.msgpack.Decoder(Notification)
 hello_decoder = msgspec.msgpack.Decoder(HandshakeRequest)
 hello_ack_decoder = msgspec.msgpack.Decoder(HandshakeResponse)

@@ -76,6 +76,17 @@ class TransferRole(enum.Enum):
         """This side posts the one-sided operations (READ on D, WRITE on P)."""
         return self in (TransferRole.CONSUMER_READ, TransferRole.PRODUCER_WRITE)
 
+    @property
+    def mode(self) -> str:
+        """``read`` or ``write`` (the ``mode`` label of the transfer histograms)."""
+        return "write" if self in (TransferRole.PRODUCER_WRITE, TransferRole.CONSUMER_WRITE) \
+            else "read"
+
+    @property
+    def side(self) -> str:
+        """``producer`` or ``consumer`` (the ``role`` label of the transfer histograms)."""
+        return "producer" if self.is_producer else "consumer"
+
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
@@ -143,6 +154,8 @@ class Transfer:
     first_token_id: int | None = None
     """The token the prefill sampled after the prompt: a producer's to send (READ answer,
     write_done), a consumer's to hand its request (None: the decode computes it)."""
+    first_token_reported: bool = False
+    """Consumer: the first token went to the scheduler (it is reported once)."""
     release_unread: bool = False
     """READ consumer with nothing to read (a one-token prompt, or a request its first token
     ended): release the producer's hold once the peer is identified (an unidentified

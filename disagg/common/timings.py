@@ -55,7 +55,8 @@ decode call (sent -> answer, or first SSE event); P and D the instances' objects
            first_token = the rest.
 
     first token from the prefill (``--first-token prefill``, the default): D emits P's token
-           when it has it (READ: on arrival; WRITE: at write_done), before any step, so
+           when it has it (READ: on arrival once the prefill is identified; WRITE: at P's
+           first_token message, else at write_done), before any step, so
            D.compute_s is 0, a READ's kv_transfer is 0 (the KV moves after the first token)
            and decode_admission is D received -> that token's output.
 

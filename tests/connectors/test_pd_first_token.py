@@ -168,23 +168,80 @@ def test_first_token_streams_before_the_kv_arrives(pair) -> None:
                       json={"faults": [{"at": "post", "action": "stall"}]})
     assert r.status_code == 200, r.text
     try:
-        started = time.monotonic()
-        first_s: float | None = None
-        tokens: list[int] = []
-        with requests.post(d.url + "/v1/completions", stream=True, timeout=60,
-                           json={**body, "stream": True, "kv_transfer_params": params}) as r:
-            assert r.status_code == 200
-            for line in r.iter_lines():
-                if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                ids = chunk["choices"][0].get("token_ids") or [] if chunk.get("choices") else []
-                if ids and first_s is None:
-                    first_s = time.monotonic() - started
-                tokens += ids
-        assert first_s is not None and first_s < FAST["transfer_timeout"] / 2, first_s
+        first_s, tokens = _stream_tokens(d, {**body, "kv_transfer_params": params},
+                                         time.monotonic())
+        assert first_s < FAST["transfer_timeout"] / 2, first_s
         assert tokens == mono
     finally:
         requests.post(d.url + "/v1/kv_faults", json={"faults": []}, timeout=10)
+    wait_clean(p.url)
+    wait_clean(d.url)
+
+
+def _write_stream(p: Instance, d: Instance, body: dict[str, Any]) -> tuple[float, list[int]]:
+    """A WRITE pair with D streamed: (seconds to D's first token, D's token ids)."""
+    import concurrent.futures
+
+    tid = uuid.uuid4().hex
+    p_params = {"transfer_id": tid, "do_remote_decode": True, "mode": "write",
+                **remote_of(info(d.url))}
+    d_params = {"transfer_id": tid, "do_remote_prefill": True, "mode": "write",
+                **remote_of(info(p.url))}
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        started = time.monotonic()
+        p_fut = pool.submit(requests.post, p.url + "/v1/completions", timeout=60, json={
+            **body, "max_tokens": 1, "stream": False, "kv_transfer_params": p_params})
+        first_s, tokens = _stream_tokens(d, {**body, "kv_transfer_params": d_params}, started)
+        assert p_fut.result().status_code == 200
+    return first_s, tokens
+
+
+def _stream_tokens(d: Instance, body: dict[str, Any], started: float) -> tuple[float, list[int]]:
+    first_s: float | None = None
+    tokens: list[int] = []
+    with requests.post(d.url + "/v1/completions", stream=True, timeout=60,
+                       json={**body, "stream": True}) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            ids = (chunk["choices"][0].get("token_ids") or []) if chunk.get("choices") else []
+            if ids and first_s is None:
+                first_s = time.monotonic() - started
+            tokens += ids
+    assert first_s is not None
+    return first_s, tokens
+
+
+def _set_faults(url: str, rules: list[dict[str, Any]]) -> None:
+    r = requests.post(url + "/v1/kv_faults", json={"faults": rules}, timeout=10)
+    assert r.status_code == 200, r.text
+
+
+def test_write_first_token_goes_out_before_write_done(pair) -> None:
+    """WRITE: P sends its token (first_token) the moment it sampled it; with write_done held
+    back 2 s the client still gets the first token at once, and the rest equals monolithic.
+    With first_token lost, write_done brings the token: same output, one handover."""
+    mode, p, d = pair
+    if mode != "write":
+        pytest.skip("READ hands the token over in kv_transfer_params")
+    body = _body(PROMPTS[3], max_tokens=5)
+    mono = _mono(d, body)
+    taken = metric(d.url, TAKEN)
+    _set_faults(p.url, [{"at": "write_done", "action": "delay", "s": 2}])
+    try:
+        first_s, tokens = _write_stream(p, d, body)
+    finally:
+        _set_faults(p.url, [])
+    assert first_s < 1.5, first_s
+    assert tokens == mono
+    _set_faults(p.url, [{"at": "first_token", "action": "drop"}])
+    try:
+        assert _pd(mode, p, d, body) == mono
+    finally:
+        _set_faults(p.url, [])
+    assert settled_metric(d.url, TAKEN, taken + 2) == taken + 2  # once per request
+    assert metric(d.url, FAILED) == 0 and metric(p.url, FAILED) == 0
     wait_clean(p.url)
     wait_clean(d.url)
