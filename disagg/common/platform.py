@@ -8,8 +8,10 @@ from __future__ import annotations
 import enum
 import functools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 class PlatformKind(enum.Enum):
@@ -39,6 +41,8 @@ class PlatformInfo:
 @functools.cache
 def current_platform() -> PlatformInfo:
     """Detect the platform once per process."""
+    import torch  # here, not at import: an instance's frontend never needs torch (start-up)
+
     hip = getattr(torch.version, "hip", None)
     cuda = torch.version.cuda
     available = torch.cuda.is_available()
@@ -85,4 +89,6 @@ def fp8_dtype() -> torch.dtype:
     MI300-class ROCm GPUs (gfx94x), the OCP ``float8_e4m3fn`` everywhere else (gfx950, NVIDIA,
     CPU)."""
     arch = current_platform().arch or ""
+    import torch
+
     return torch.float8_e4m3fnuz if arch.startswith("gfx94") else torch.float8_e4m3fn
