@@ -172,6 +172,22 @@ def _instance_env(cfg: LaunchConfig, gpus: list[str] | None,
     return {**env, **cpu_threads_env(shapes)}
 
 
+PEER_COPY_TRANSPORTS = frozenset({"ipc", "mori"})
+"""Transports that copy GPU memory between processes of one host: each process must see its
+peers' GPUs too (they are found by UUID), not only its own."""
+
+
+def _visible_gpus(cfg: LaunchConfig, groups: list[list[str]] | None, i: int) -> list[str] | None:
+    """Instance ``i``'s GPUs, first (it computes on those: device 0 upward); with a peer-copy
+    transport, every other launched instance's GPUs after them."""
+    if groups is None:
+        return None
+    own = groups[i]
+    if cfg.transport not in PEER_COPY_TRANSPORTS:
+        return own
+    return [*own, *(g for group in groups for g in group if g not in own)]
+
+
 def plan_instances(cfg: LaunchConfig) -> list[InstanceSpec]:
     """One spec per local instance: prefill ones first, then decode ones. On ``cuda`` each gets
     its own GPUs (checked first: too few visible is a LaunchError before any port search)."""
@@ -190,6 +206,6 @@ def plan_instances(cfg: LaunchConfig) -> list[InstanceSpec]:
                 kv_transfer_config(role, cfg.transport, cfg.mode, kv_ports[i],
                                    cfg.kv_connector_extra_config),
                 *cfg.instance_args)
-        env = _instance_env(cfg, gpu_groups[i] if gpu_groups else None, shapes)
+        env = _instance_env(cfg, _visible_gpus(cfg, gpu_groups, i), shapes)
         specs.append(InstanceSpec(name=name, role=role, port=http_ports[i], argv=argv, env=env))
     return specs

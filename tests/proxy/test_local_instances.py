@@ -93,6 +93,20 @@ def test_gpus_are_split_from_the_visible_devices(monkeypatch: pytest.MonkeyPatch
         plan_instances(_cfg(device="cuda", num_prefill=2, num_decode=1, gpus_per_instance=2))
 
 
+@pytest.mark.parametrize("transport", ["ipc", "mori"])
+def test_peer_copy_transports_also_see_the_other_instances_gpus(
+        monkeypatch: pytest.MonkeyPatch, transport: str) -> None:
+    """ipc/mori open the peer's GPU memory: each instance computes on its own GPUs (listed
+    first, so they are its devices 0..) and sees the others' after them."""
+    from disagg.common.platform import visible_devices_env
+
+    env_name = visible_devices_env()
+    monkeypatch.setenv(env_name, "4,5,6,7")
+    specs = plan_instances(_cfg(device="cuda", num_prefill=1, num_decode=2,
+                                gpus_per_instance=1, transport=transport))
+    assert [s.env[env_name] for s in specs] == ["4,5,6", "5,4,6", "6,4,5"]
+
+
 @pytest.fixture
 def eight_mi300x(monkeypatch: pytest.MonkeyPatch) -> str:
     """Torch sees 8 faked ROCm GPUs and no *_VISIBLE_DEVICES is inherited; returns the
