@@ -45,7 +45,7 @@ bench() {  # NAME URL
     --random-input-len 4000 --random-output-len 4 --num-prompts "$num" --max-concurrency 1 \
     --num-warmups 2 --deployment "$1, 1 GPU (P and D co-located)" --label "$1" \
     --save-result --result-dir "$out" --result-filename "ttft-$1.json" \
-    --results-jsonl "$out/serve.jsonl" 2>&1 | grep -E "TTFT|phase|^=|Successful" || true
+    --results-jsonl "$out/serve.jsonl" 2>&1 | sed -n '/Serving Benchmark Result/,$p'
 }
 serve mono 18100
 ready "$out/mono.log"
