@@ -6,7 +6,7 @@
 #   read          READ, first token from the prefill (the default)
 #   read-recomp   READ, --first-token recompute (the decode computes the first token again)
 #   write-lw      WRITE layerwise, first token from the prefill
-# Usage: bash bench/pd_ttft_gpu.sh OUT_DIR COMMIT [NUM_PROMPTS]
+# Usage: [DEPS="read write-lw"] bash bench/pd_ttft_gpu.sh OUT_DIR COMMIT [NUM_PROMPTS]
 # Rows: OUT_DIR/serve.jsonl (one `disagg bench serve` row per run, per-phase stats included)
 # and OUT_DIR/pd_ttft.jsonl (one row per P/D run: p50 TTFT / monolithic p50 TTFT).
 set -euo pipefail
@@ -50,7 +50,7 @@ bench() {  # NAME URL
 serve mono 18100
 ready "$out/mono.log"
 bench monolithic http://127.0.0.1:18100
-for dep in read read-recomp write-lw; do
+for dep in ${DEPS:-read read-recomp write-lw}; do
   mode="read"; lw=""; first="prefill"
   [ "$dep" = read-recomp ] && first="recompute"
   [ "$dep" = write-lw ] && { mode="write"; lw=1; }

@@ -45,6 +45,21 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "omitted sampling fields: auto (the model's), vllm (no sampling "
                         "defaults; the model's EOS ids still stop), or a directory/file "
                         "(default %(default)s)")
+    p.add_argument("--tokenizer", default=None, metavar="PATH_OR_ID",
+                   help="tokenizer directory or cached Hub id when it differs from the model's "
+                        "(default: the model's)")
+    p.add_argument("--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
+                   help="Jinja chat template, a file or the template itself, replacing the "
+                        "tokenizer's (default: the tokenizer's own)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let transformers run a tokenizer's own code; the model itself is "
+                        "always one of the built-in architectures (default: off)")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="never capture CUDA/HIP graphs: every decode step runs eagerly "
+                        "(default: off, graphs on GPU)")
+    p.add_argument("--max-logprobs", type=int, default=20,
+                   help="the most logprobs / top_logprobs a request may ask for per token, "
+                        "at most 1024 (default %(default)s)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: a GPU when torch sees one (cuda means any torch GPU, ROCm "
                         "included), else the CPU")
@@ -136,6 +151,9 @@ def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
         model=ModelConfig(model=model,
                           served_model_name=(a.served_model_name or [a.model])[0],
                           generation_config=a.generation_config,
+                          tokenizer=a.tokenizer, chat_template=a.chat_template,
+                          trust_remote_code=a.trust_remote_code,
+                          enforce_eager=a.enforce_eager, max_logprobs=a.max_logprobs,
                           dtype=a.dtype, quantization=a.quantization, device=a.device,
                           load_format=a.load_format,
                           seed=a.seed, max_model_len=a.max_model_len),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 _LOCAL_ONLY = "give a local model directory or a Hugging Face id already in the local cache " \
               "(nothing is downloaded)"
-_NO_GRAPHS = "decode CUDA graphs are sized by disagg; DISAGG_DISABLE_CUDA_GRAPHS=1 turns them off"
+_NO_GRAPHS = "decode CUDA graphs are sized by disagg; --enforce-eager turns them off"
 _LOGS = "use --log-level (it sets the HTTP server's level too)"
 _MULTI_NODE = "run one `disagg serve` per node behind `disagg-proxy` instead"
 _PROXY_IN_FRONT = "put a reverse proxy (TLS, CORS, paths) in front of disagg"
@@ -21,21 +21,15 @@ VLLM_ONLY_FLAGS: dict[str, str] = {
     "--cpu-offload-gb": "weights are never offloaded to CPU memory",
     "--pipeline-parallel-size": "use --tensor-parallel-size and/or --data-parallel-size",
     "-pp": "use --tensor-parallel-size and/or --data-parallel-size",
-    "--trust-remote-code": "no remote code runs: only the built-in architectures load "
-                           "(llama, mistral, qwen2/3, mixtral, qwen-moe, deepseek-v2/v3)",
-    "--tokenizer": "the tokenizer is read from the model directory",
     "--tokenizer-mode": "the model directory's Hugging Face tokenizer is used",
-    "--chat-template": "the tokenizer's own chat template is used",
     "--revision": _LOCAL_ONLY,
     "--tokenizer-revision": _LOCAL_ONLY,
     "--code-revision": _LOCAL_ONLY,
     "--download-dir": _LOCAL_ONLY,
-    "--enforce-eager": _NO_GRAPHS,
     "--max-seq-len-to-capture": _NO_GRAPHS,
     "--cuda-graph-sizes": _NO_GRAPHS,
     "--compilation-config": "nothing is compiled with torch.compile",
     "-O": "nothing is compiled with torch.compile",
-    "--max-logprobs": "a request may ask for at most 20 logprobs per token",
     "--uvicorn-log-level": _LOGS,
     "--enable-lora": "LoRA adapters are not supported",
     "--lora-modules": "LoRA adapters are not supported",

@@ -12,6 +12,9 @@ from typing import Any
 class ConfigError(ValueError):
     """A user-supplied setting is invalid; the message is shown as one line."""
 
+MAX_LOGPROBS_LIMIT = 1024
+"""Upper bound of --max-logprobs (and of any request's logprobs: the wire structs' bound)."""
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ModelConfig:
@@ -37,8 +40,20 @@ class ModelConfig:
     generation_config: str = "auto"
     """auto | vllm | a path: whose generation_config.json gives EOS ids and sampling defaults
     (disagg/common/generation_config.py)."""
+    tokenizer: str | None = None
+    """The frontend's tokenizer (a directory or a cached Hub id); None: the model's."""
+    chat_template: str | None = None
+    """A Jinja chat template (a file path or the template itself) replacing the tokenizer's."""
+    trust_remote_code: bool = False
+    """Let transformers run a tokenizer's own code (models are always built-in architectures)."""
+    enforce_eager: bool = False
+    """No CUDA/HIP graphs: every decode step runs eagerly."""
+    max_logprobs: int = 20
+    """The most logprobs (or top_logprobs) a request may ask for per token."""
 
     def __post_init__(self) -> None:
+        if not 0 <= self.max_logprobs <= MAX_LOGPROBS_LIMIT:
+            raise ConfigError(f"--max-logprobs must be between 0 and {MAX_LOGPROBS_LIMIT}")
         if self.quantization not in (None, "fp8"):
             raise ConfigError(f"--quantization {self.quantization!r} is not supported "
                               "(supported: fp8)")

@@ -462,7 +462,8 @@ def check_token_ids(ids: list[int], tok: Tokenizer, param: str) -> None:
 def sampling_params(req: CompletionRequest | ChatCompletionRequest, num_prompt_tokens: int,
                     max_model_len: int,
                     defaults: SamplingDefaults = SamplingDefaults(),
-                    vocab_size: int | None = None) -> SamplingParams:
+                    vocab_size: int | None = None, *,
+                    max_logprobs: int = 20) -> SamplingParams:
     """Build validated SamplingParams (one choice's: ``n`` is the caller's to fan out); a
     prompt + max_tokens over max_model_len is a 400, and so is a logit_bias id outside
     ``vocab_size`` (when given). Fields the request omits take ``defaults`` (the model's
@@ -475,6 +476,10 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest, num_prompt_t
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
     else:
         logprobs = req.logprobs
+    if logprobs is not None and logprobs > max_logprobs:
+        field_name = "top_logprobs" if isinstance(req, ChatCompletionRequest) else "logprobs"
+        raise ApiError(400, f"{field_name}={logprobs} is over this server's limit of "
+                            f"{max_logprobs} (--max-logprobs)", param=field_name)
     if max_tokens is None:
         max_tokens = max(1, max_model_len - num_prompt_tokens)
     if num_prompt_tokens + max_tokens > max_model_len:

@@ -10,7 +10,9 @@ SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 """Seeds are signed 64-bit (vLLM's range; torch.Generator.manual_seed takes all of it)."""
 MAX_TOKEN_ID = 2**31 - 1
 """Token ids fit in int32 (the model checks its own vocab; this bounds the wire)."""
-MAX_LOGPROBS = 20
+MAX_LOGPROBS = 1024
+"""Hard bound of a request's logprobs on the wire; --max-logprobs (default 20) is the limit
+the API server enforces (disagg/common/config.py MAX_LOGPROBS_LIMIT is the same number)."""
 """Most top alternatives a request may ask for (OpenAI's limit)."""
 MAX_STOP_STRINGS = 16
 MAX_STOP_TOKEN_IDS = 1024

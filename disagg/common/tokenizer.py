@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from typing import Protocol
 
+from disagg.common.config import ConfigError
+
 BYTE_VOCAB = 256
 BUILTIN_BOS_ID = 256
 BUILTIN_EOS_ID = 257
@@ -88,10 +90,13 @@ class IdTokenizer(ByteTokenizer):
 class HFTokenizer:
     """A transformers tokenizer behind the Tokenizer protocol."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, chat_template: str | None = None,
+                 trust_remote_code: bool = False) -> None:
         from transformers import AutoTokenizer
 
-        self._tok = AutoTokenizer.from_pretrained(path)
+        self._tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if chat_template is not None:
+            self._tok.chat_template = chat_template
         self.eos_token_id = self._tok.eos_token_id
         self.bos_token_id = self._tok.bos_token_id
         self.vocab_size = len(self._tok)
@@ -120,11 +125,29 @@ class HFTokenizer:
                            add_special_tokens=not has_template)
 
 
-def get_tokenizer(model: str) -> Tokenizer:
+def read_chat_template(value: str) -> str:
+    """``--chat-template``: a file's text, or the value itself when it is not a file (vLLM
+    takes both); a value that looks like a path but is missing is a ConfigError."""
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            return f.read()
+    if "{" not in value:
+        raise ConfigError(f"--chat-template {value!r} is neither a file nor a Jinja template")
+    return value
+
+
+def get_tokenizer(model: str, *, chat_template: str | None = None,
+                  trust_remote_code: bool = False) -> Tokenizer:
     """``builtin:*`` -> ByteTokenizer; a directory (or a Hugging Face id in the local cache)
     with tokenizer files -> HFTokenizer; anything else -> IdTokenizer (callers that must not
-    fall back resolve the name first: disagg/common/hf_cache.py resolve_model)."""
+    fall back resolve the name first: disagg/common/hf_cache.py resolve_model).
+    ``chat_template`` (a file or a template) replaces a Hugging Face tokenizer's own; the
+    others have none to replace (ConfigError)."""
+    template = None if chat_template is None else read_chat_template(chat_template)
     if model.startswith("builtin:"):
+        if template is not None:
+            raise ConfigError("--chat-template needs a Hugging Face tokenizer (--tokenizer); "
+                              "the built-in one writes a plain transcript")
         return ByteTokenizer()
     if not os.path.isdir(model):
         from disagg.common.hf_cache import cached_snapshot
@@ -134,5 +157,7 @@ def get_tokenizer(model: str) -> Tokenizer:
         os.path.exists(os.path.join(model, f))
         for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
     if has_files:
-        return HFTokenizer(model)
+        return HFTokenizer(model, chat_template=template, trust_remote_code=trust_remote_code)
+    if template is not None:
+        raise ConfigError(f"--chat-template: {model} has no tokenizer files to apply it to")
     return IdTokenizer()

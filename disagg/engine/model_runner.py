@@ -124,7 +124,8 @@ class ModelRunner:
     def enable_decode_graphs(self, max_model_len: int) -> None:
         """Replay decode steps from CUDA/HIP graphs (GPU with Triton kernels only)."""
         if (self.device.type != "cuda" or self.ops.backend != "triton" or self.kv_cache is None
-                or envs.disable_cuda_graphs() or self.ep.size > 1):
+                or envs.disable_cuda_graphs() or self.cfg.model.enforce_eager
+                or self.ep.size > 1):
             return  # expert parallelism: the all-to-all sizes are known only at run time
         self.graphs = DecodeGraphs(self.model, self.kv_cache, self.cfg.scheduler.max_num_seqs,
                                    -(-max_model_len // self.block_size))

@@ -75,6 +75,8 @@ class ServerInfo:
     """Defaults of omitted sampling fields from the model's generation_config.json."""
     log_requests: bool = False
     """One log line per request at arrival and at finish (--enable-log-requests)."""
+    max_logprobs: int = 20
+    """The most logprobs a request may ask for per token (--max-logprobs)."""
     log_stats_interval_s: float | None = None
     """Seconds between periodic stats lines; None: none (--disable-log-stats)."""
 
@@ -194,7 +196,8 @@ class _Call:
         synced = self.engine.synced
         assert synced is not None
         self.sp = sampling_params(req, len(self.prompt_ids), synced.max_model_len,
-                                  info.sampling_defaults, self.tok.vocab_size)
+                                  info.sampling_defaults, self.tok.vocab_size,
+                                  max_logprobs=info.max_logprobs)
         self.kv_params = kv_params(req)
         if info.log_requests:
             log_arrival(self.engine_request_id, len(self.prompt_ids), self.sp, self.kv_params)

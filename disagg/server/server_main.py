@@ -99,10 +99,13 @@ async def serve(cfg: EngineConfig, args: argparse.Namespace) -> int:
                       api_key=args.api_key or envs.api_key(),
                       model_aliases=tuple((args.served_model_name or [])[1:]),
                       sampling_defaults=sampling_defaults(cfg),
+                      max_logprobs=cfg.model.max_logprobs,
                       log_requests=args.enable_log_requests,
                       log_stats_interval_s=(None if args.disable_log_stats
                                             else envs.log_stats_interval_s()))
-    app = make_app(engine, get_tokenizer(cfg.model.model), info)
+    app = make_app(engine, get_tokenizer(cfg.model.tokenizer or cfg.model.model,
+                                         chat_template=cfg.model.chat_template,
+                                         trust_remote_code=cfg.model.trust_remote_code), info)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     try:

@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
+from disagg.common.config import ConfigError
 from disagg.common.openai_api import ChatCompletionRequest, chat_prompt_ids
-from disagg.common.tokenizer import ByteTokenizer, HFTokenizer
+from disagg.common.tokenizer import ByteTokenizer, HFTokenizer, get_tokenizer
 
 MESSAGES = [{"role": "user", "content": "hello there"},
             {"role": "assistant", "content": "hi"},
@@ -78,3 +79,18 @@ def _chat(messages: list[dict[str, str]]) -> ChatCompletionRequest:
     import msgspec
 
     return msgspec.convert({"messages": messages}, ChatCompletionRequest)
+
+
+def test_chat_template_from_a_file_or_inline_replaces_the_tokenizers(tmp_path: Path) -> None:
+    tok_dir = tmp_path / "tok"
+    _save_tokenizer(tok_dir, "<s>", None)  # no template of its own
+    (tmp_path / "t.jinja").write_text(WITHOUT_BOS)
+    for template in (str(tmp_path / "t.jinja"), WITHOUT_BOS):
+        tok = get_tokenizer(str(tok_dir), chat_template=template)
+        assert isinstance(tok, HFTokenizer)
+        assert tok.apply_chat_template(MESSAGES) == (
+            "<|user|>hello there<|assistant|>hi<|user|>how are you<|assistant|>")
+    with pytest.raises(ConfigError, match="neither a file nor a Jinja template"):
+        get_tokenizer(str(tok_dir), chat_template=str(tmp_path / "missing.jinja"))
+    with pytest.raises(ConfigError, match="needs a Hugging Face tokenizer"):
+        get_tokenizer("builtin:tiny-llama", chat_template=WITHOUT_BOS)

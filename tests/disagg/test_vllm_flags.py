@@ -13,7 +13,7 @@ from disagg.vllm_flags import VLLM_ONLY_FLAGS, unknown_args_message
 
 @pytest.mark.parametrize("argv", [
     ["--enable-chunked-prefill"], ["--swap-space", "4"], ["--swap-space=4"],
-    ["--pipeline-parallel-size", "2"], ["-pp", "2"], ["--trust-remote-code"], ["-O3"]])
+    ["--pipeline-parallel-size", "2"], ["-pp", "2"], ["--tokenizer-mode", "slow"], ["-O3"]])
 def test_vllm_flags_get_a_hint(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         build_parser().parse_args(["serve", *argv])
