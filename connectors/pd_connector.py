@@ -287,15 +287,8 @@ class PDConnector(KVConnector):
             if t.role is TransferRole.PRODUCER_READ:
                 return FinishAction(hold_key=t.transfer_id, kv_transfer_params=self._read_params(t))
             return FinishAction(hold_key=t.transfer_id, await_transfer=True)
-        if ok and t.role is TransferRole.CONSUMER_READ and t.state is TransferState.WAITING_REMOTE \
-                and not t.handles and t.verifying_s is None:
-            self.complete_without_data(t)  # ended by the prefill's first token: P frees now
-            return FinishAction()
-        if ok and t.role is TransferRole.CONSUMER_WRITE and not t.terminal and req.block_ids:
-            # ended by the prefill's first token while P may still write: the write finishes
-            # into these blocks, held, which write_done frees (expiry or failure parks them)
-            t.holds_blocks = True
-            return FinishAction(hold_key=t.transfer_id)
+        if not t.role.is_producer and not t.terminal:
+            return self._consumer_finished(t, req, ok)
         if not t.terminal:
             self.fail(t, req.error or f"request ended ({req.status.value}) before the KV "
                                       "transfer completed", notify_request=False)
@@ -303,6 +296,27 @@ class PDConnector(KVConnector):
             t.holds_blocks, t.local_block_ids = True, list(req.block_ids)
             return FinishAction(hold_key=t.transfer_id)  # an op may still touch these blocks
         return FinishAction()
+
+    def _consumer_finished(self, t: Transfer, req: Request, ok: bool) -> FinishAction:
+        """A consumer request ended before its transfer did: its first token (from the
+        prefill) ended it, or an abort or an error did. Blocks that a posted read or the
+        producer's writes may still land in stay held under t's key until nothing can touch
+        them (the transfer's end, or its parking after a failure, frees the hold)."""
+        touched = bool(t.handles) or (t.role is TransferRole.CONSUMER_WRITE and t.announced)
+        if ok and t.role is TransferRole.CONSUMER_READ and not touched \
+                and t.verifying_s is None:
+            self.complete_without_data(t)  # nothing read yet: P frees now
+            return FinishAction()
+        # An aborted WRITE is not held: its parking waits for the producer's quiesced, which a
+        # producer that never got the request does not send (known gap: a late write by a
+        # producer that did start could land in blocks freed here)
+        hold = bool(req.block_ids) and (bool(t.handles) or (ok and touched))
+        t.holds_blocks = t.holds_blocks or hold
+        if not (ok and (touched or t.verifying_s is not None)):
+            self.fail(t, req.error or f"request ended ({req.status.value}) before the KV "
+                                      "transfer completed", notify_request=False)
+        # else: ended by its first token while the KV still moves: the transfer finishes
+        return FinishAction(hold_key=t.transfer_id) if hold else FinishAction()
 
     def _parked(self, tid: str | None) -> Transfer | None:
         p = self.outcomes.parked.get(tid or "")

@@ -147,7 +147,10 @@ class Outcomes:
             elif t.role is TransferRole.PRODUCER_WRITE:  # its answer waited for this
                 self.out.producer_settled.append((t.request_id, error))
         else:
-            self.out.load_failed.append(LoadFailure(t.request_id, error, self.recompute))
+            # after its first token went out the request can only go on: compute the prompt
+            # here (prompt + that token gives the monolithic continuation) whatever the policy
+            self.out.load_failed.append(LoadFailure(t.request_id, error,
+                                                    self.recompute or t.first_token_reported))
 
     def _settled(self, t: Transfer) -> None:
         """Nothing of ours can touch t's blocks any more: free them, and tell a WRITE consumer

@@ -176,10 +176,10 @@ class Flow:
                 opening = open_stream(self._scope.session(d), d, path, body, timeout)
                 result = await with_deadline(opening, cfg.first_byte_timeout_s, d, "decode")
             self.clock.decode_answered_s = time.monotonic()
-            if kv_params is not None:  # what the P/D path added after the prefill answered
-                answered = self.clock.prefill_answered_s
+            answered = self.clock.prefill_answered_s
+            if kv_params is not None and answered is not None:  # what P/D added after P
                 self._deps.local_prefill.observe_handoff(
-                    0.0 if answered is None else max(0.0, self.clock.decode_answered_s - answered))
+                    max(0.0, self.clock.decode_answered_s - answered))
             return result
         except BaseException:
             self._scope.release(d)
@@ -223,9 +223,8 @@ class Flow:
                 continue
             d_params = {**params, "do_remote_prefill": True, "mode": TransferMode.READ.value,
                         "transfer_id": transfer_id}
-            if not self._cfg.first_token_from_prefill:
+            if not self._cfg.first_token_from_prefill:  # (no new field: an older D parses it)
                 d_params.pop("first_token_id", None)
-                d_params["recompute_first_token"] = True
             try:
                 return await self._decode_with_retries(d_params, transfer_id)
             except DecodeExhausted:

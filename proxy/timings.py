@@ -87,11 +87,14 @@ def tile(clock: PhaseClock, p: InstanceTimings | None,
         return out
     out["proxy_queue"] = _sub(clock.decode_sent_s, clock.received_s)
     if clock.mode == "write":
+        early = d is not None and d.kv_to_scheduled_s is None  # first token before the KV
         if p is not None:
             out["prefill_compute"] = p.compute_s
-            out["kv_transfer"] = p.kv_transfer_s or 0.0
+            out["kv_transfer"] = 0.0 if early else p.kv_transfer_s or 0.0
         if d is not None:
-            out["decode_admission"] = d.kv_to_scheduled_s
+            out["decode_admission"] = 0.0 if early else d.kv_to_scheduled_s
+        if p is not None and d is not None and early:
+            out["prefill_queue"] = max(0.0, d.queue_s - p.compute_s)
         if p is not None and d is not None and d.kv_to_scheduled_s is not None:
             rest_s = p.compute_s + (p.kv_transfer_s or 0.0) + d.kv_to_scheduled_s
             out["prefill_queue"] = max(0.0, d.queue_s - rest_s)

@@ -57,8 +57,9 @@ decode call (sent -> answer, or first SSE event); P and D the instances' objects
     first token from the prefill (``--first-token prefill``, the default): D emits P's token
            when it has it (READ: on arrival once the prefill is identified; WRITE: at P's
            first_token message, else at write_done), before any step, so
-           D.compute_s is 0, a READ's kv_transfer is 0 (the KV moves after the first token)
-           and decode_admission is D received -> that token's output.
+           D.compute_s is 0, kv_transfer is 0 (the KV moves after the first token), READ's
+           decode_admission is D received -> that token's output, and WRITE's (no
+           D.kv_to_scheduled_s) is 0 with prefill_queue = D.queue_s - P.compute_s.
 
 The phases sum to ttft_s by construction: the cross-process transit (HTTP, IPC) is put in a
 named phase, and every other part is measured inside one process. WRITE's prefill_queue is

@@ -272,8 +272,9 @@ class EngineCore:
                                self.arch.vocab_size)
                 continue
             req = self.scheduler.requests.get(rid)
-            if req is not None and req.sampling_params.seed is not None \
-                    and not req.sampling_params.greedy:
+            if req is None or req.is_finished or req.output_token_ids:
+                continue  # it computed its first token itself: nothing to take, no draw to skip
+            if req.sampling_params.seed is not None and not req.sampling_params.greedy:
                 self.runner.sampler.skip_draw(rid, req.sampling_params.seed,
                                               self.arch.vocab_size)
             usable.append((rid, token))

@@ -205,7 +205,10 @@ class Scheduler:
             if self.connector is not None and not self.connector.can_schedule(req):
                 skipped.append(self.waiting.popleft())
                 continue
-            if self._try_remote(req):
+            remote = self._try_remote(req)
+            if remote is None:
+                break  # its remote KV needs blocks that are not free: wait, never prefill it
+            if remote:
                 continue
             owner = Owner(OwnerKind.REQUEST, req.request_id)
             fresh = not req.block_ids and not req.num_computed_tokens
@@ -270,8 +273,11 @@ class Scheduler:
             self.pool.cache(req.block_ids[i], req.block_hashes[i], owner)
         req.num_registered_blocks = full
 
-    def _try_remote(self, req: Request) -> bool:
-        """Park a request whose prompt KV comes from elsewhere; True if it left the queue."""
+    def _try_remote(self, req: Request) -> bool | None:
+        """Park a request whose prompt KV comes from elsewhere: True if it left the queue,
+        None if its blocks do not fit now (it stays first in the queue: admitting it as a
+        local prefill would leave its transfer posting nothing until it expired), False if
+        its KV is not remote."""
         if self.connector is None or req.status is not RequestStatus.WAITING:
             return False
         if req.num_computed_tokens or req.num_external_tokens:
@@ -287,7 +293,7 @@ class Scheduler:
         got = self.pool.allocate(need, owner)
         if got is None:
             self._unshare_prefix(req, owner, hits)
-            return False
+            return None
         if self.pool.enable_caching:
             self.prefix_cache_queries += req.num_prompt_tokens
             self.prefix_cache_hits += len(hits) * self.block_size

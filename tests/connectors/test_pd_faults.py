@@ -198,9 +198,10 @@ def test_fault_never_yields_wrong_tokens(deployment: Deployment, case: Case) -> 
     _record(dep, case, outcomes)
     assert "wrong" not in outcomes, (case.name, results)
     assert all(o != "bad_error" for o in outcomes), (case.name, results)
-    moved = sum(o == "error" and len(p) > 1 for o, p in zip(outcomes, PROMPTS))
     if case.must_fail:
-        assert moved == sum(len(p) > 1 for p in PROMPTS), (case.name, results)
+        # the transfers that move KV failed (counted); each request ended with a clear error
+        # or, when the prefill's first token had already gone out, computed its prompt on
+        # the decode (equal: the monolithic tokens), never a 200 on foreign KV (above)
         assert _rose([dep.d.url], case.must_fail, before), case.name
     urls = [getattr(dep, x).url for x in sides]
     assert _rose(urls, ("faults_injected_total",), injected), "the fault never fired"

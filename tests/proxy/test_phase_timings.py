@@ -187,8 +187,13 @@ async def test_real_1p1d_read_through_the_proxy_and_write_direct(
     p_answer, d_answer = await _write_direct(http, p.url, d.url, body)
     pt, dt = p_answer["disagg_timings"], d_answer["disagg_timings"]
     assert pt["kv_transfer_s"] is not None and dt["kv_transfer_s"] is None
-    assert pt["kv_to_scheduled_s"] is None and dt["kv_to_scheduled_s"] is not None
-    assert dt["queue_s"] >= pt["compute_s"] + pt["kv_transfer_s"] + dt["kv_to_scheduled_s"]
+    assert pt["kv_to_scheduled_s"] is None
+    # D streams P's first_token before the KV lands (nothing to schedule yet), or, when
+    # write_done came first, after it: then its wait covers P's compute and transfer
+    if dt["kv_to_scheduled_s"] is not None:
+        assert dt["queue_s"] >= pt["compute_s"] + pt["kv_transfer_s"] + dt["kv_to_scheduled_s"]
+    else:
+        assert dt["queue_s"] >= pt["compute_s"] and dt["compute_s"] == 0
     for url in (p.url, d.url):  # one transfer each: D read one, P wrote one
         async with http.get(url + "/metrics") as resp:
             text = await resp.text()

@@ -1,0 +1,89 @@
+"""A decode request that ends while its KV still moves keeps the blocks a posted read may
+still land in: held under the transfer's key (never free, never another request's) until the
+op can no longer touch them, then freed. Engines in this process over loopback TCP."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import msgspec
+import pytest
+
+from disagg.common.config import CacheConfig, EngineConfig, KVTransferConfig, ModelConfig
+from disagg.common.kv_transfer_params import KVTransferParams, TransferMode
+from disagg.common.protocol import EngineCoreRequest
+from disagg.common.sampling_params import SamplingParams
+from disagg.engine.engine_core import EngineCore
+
+PROMPT = [(5 * i + 2) % 250 + 1 for i in range(40)]
+GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+FAST = {"transfer_timeout": 1, "defer_timeout": 1, "lease_timeout": 1,
+        "heartbeat_interval": 0.25}
+
+
+@pytest.fixture
+def engines(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    monkeypatch.setenv("DISAGG_FAULT_INJECTION", "1")
+    made: list[EngineCore] = []
+
+    def make(role: str, faults: list[dict[str, Any]] | None = None) -> EngineCore:
+        extra: dict[str, Any] = {"transport": "tcp", "mode": "read", "host": "127.0.0.1",
+                                 **FAST}
+        if faults:
+            extra["faults"] = faults
+        engine = EngineCore(EngineConfig(
+            model=ModelConfig(model="builtin:tiny-llama", served_model_name="m", device="cpu",
+                              max_model_len=256),
+            cache=CacheConfig(block_size=16, kv_cache_memory_bytes=2 * 2**20,
+                              enable_prefix_caching=False),
+            kv_transfer=KVTransferConfig(kv_connector="PDConnector", kv_role=role,
+                                         kv_connector_extra_config=extra)))
+        made.append(engine)
+        return engine
+
+    yield make
+    for engine in made:
+        engine.close()
+
+
+def _step_until(engines: list[EngineCore], done: Any, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline, "condition not reached"
+        for engine in engines:
+            engine.step()
+        time.sleep(0.002)
+
+
+def test_aborted_decode_keeps_blocks_a_stalled_read_may_land_in(engines: Any) -> None:
+    prefill = engines("kv_producer")
+    decode = engines("kv_consumer", faults=[{"at": "post", "action": "stall"}])
+    tid = uuid.uuid4().hex
+    prefill.add_request(EngineCoreRequest(
+        request_id="p", prompt_token_ids=PROMPT,
+        sampling_params=msgspec.structs.replace(GREEDY, max_tokens=1),
+        kv_transfer_params=KVTransferParams(transfer_id=tid, do_remote_decode=True,
+                                            mode=TransferMode.READ)))
+    answered: list[Any] = []
+
+    def prefill_answered() -> bool:
+        answered.extend(o for o in prefill.step() if o.finish_reason is not None)
+        return bool(answered)
+
+    _step_until([], prefill_answered)
+    params = msgspec.structs.replace(answered[0].kv_transfer_params, do_remote_prefill=True)
+    decode.add_request(EngineCoreRequest(request_id="d", prompt_token_ids=PROMPT,
+                                         sampling_params=GREEDY, kv_transfer_params=params))
+    t = decode.connector.transfers[tid]
+    _step_until([decode, prefill], lambda: bool(t.handles))  # the read is posted, and stalls
+    num_blocks = len(t.local_block_ids)
+    decode.abort(["d"])
+    decode.step()
+    snap = decode.pool.snapshot()
+    assert snap.held >= num_blocks and snap.free <= snap.total - num_blocks, snap
+    # the stalled op is given up on after its drain deadline; then, and only then, they free
+    _step_until([decode, prefill], lambda: decode.pool.snapshot().free == snap.total
+                and decode.pool.snapshot().held == 0)
