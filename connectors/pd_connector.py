@@ -307,10 +307,7 @@ class PDConnector(KVConnector):
                 and t.verifying_s is None:
             self.complete_without_data(t)  # nothing read yet: P frees now
             return FinishAction()
-        # An aborted WRITE is not held: its parking waits for the producer's quiesced, which a
-        # producer that never got the request does not send (known gap: a late write by a
-        # producer that did start could land in blocks freed here)
-        hold = bool(req.block_ids) and (bool(t.handles) or (ok and touched))
+        hold = touched and bool(req.block_ids)
         t.holds_blocks = t.holds_blocks or hold
         if not (ok and (touched or t.verifying_s is not None)):
             self.fail(t, req.error or f"request ended ({req.status.value}) before the KV "

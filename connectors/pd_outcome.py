@@ -188,6 +188,10 @@ class Outcomes:
         if now < p.next_ask_s:
             return
         p.next_ask_s = now + self.timeouts.heartbeat_interval_s
+        # the producer answers quiesced as the peer it handshook with: learn it now if this
+        # transfer failed before its handshake was ever looked at (else the answer is dropped
+        # as unidentified and the blocks stay parked)
+        self.peers.resolve(t)
         self.peers.send(t, Quiesce(transfer_id=t.transfer_id, engine_id=self.engine_id,
                                    epoch=self.epoch))
         if p.probe is None and t.peer_host is not None and t.peer_handshake_port is not None \

@@ -1,6 +1,7 @@
-"""A decode request that ends while its KV still moves keeps the blocks a posted read may
-still land in: held under the transfer's key (never free, never another request's) until the
-op can no longer touch them, then freed. Engines in this process over loopback TCP."""
+"""A decode request that ends while its KV still moves keeps the blocks a posted read (READ)
+or the producer's writes (WRITE) may still land in: held under the transfer's key (never
+free, never another request's) until nothing can touch them any more, then freed. Engines
+in this process over loopback TCP."""
 
 from __future__ import annotations
 
@@ -29,9 +30,10 @@ def engines(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     monkeypatch.setenv("DISAGG_FAULT_INJECTION", "1")
     made: list[EngineCore] = []
 
-    def make(role: str, faults: list[dict[str, Any]] | None = None) -> EngineCore:
-        extra: dict[str, Any] = {"transport": "tcp", "mode": "read", "host": "127.0.0.1",
-                                 **FAST}
+    def make(role: str, faults: list[dict[str, Any]] | None = None,
+             mode: str = "read") -> EngineCore:
+        extra: dict[str, Any] = {"transport": "tcp", "mode": mode, "host": "127.0.0.1",
+                                 "layerwise": False, **FAST}
         if faults:
             extra["faults"] = faults
         engine = EngineCore(EngineConfig(
@@ -85,5 +87,38 @@ def test_aborted_decode_keeps_blocks_a_stalled_read_may_land_in(engines: Any) ->
     snap = decode.pool.snapshot()
     assert snap.held >= num_blocks and snap.free <= snap.total - num_blocks, snap
     # the stalled op is given up on after its drain deadline; then, and only then, they free
+    _step_until([decode, prefill], lambda: decode.pool.snapshot().free == snap.total
+                and decode.pool.snapshot().held == 0)
+
+
+def _remote(engine: EngineCore) -> dict[str, Any]:
+    m = engine.connector.metadata
+    return {"remote_engine_id": m.engine_id, "remote_host": m.host,
+            "remote_handshake_port": m.handshake_port, "remote_notify_port": m.notify_port}
+
+
+def test_aborted_write_decode_keeps_its_blocks_until_the_producer_quiesced(engines: Any) -> None:
+    """WRITE: P's write into D's blocks stalls; D's request is aborted. D keeps the blocks
+    until P says nothing of its can land any more (quiesced), then frees them."""
+    prefill = engines("kv_producer", faults=[{"at": "post", "action": "stall"}], mode="write")
+    decode = engines("kv_consumer", mode="write")
+    tid = uuid.uuid4().hex
+    decode.add_request(EngineCoreRequest(
+        request_id="d", prompt_token_ids=PROMPT, sampling_params=GREEDY,
+        kv_transfer_params=KVTransferParams(transfer_id=tid, do_remote_prefill=True,
+                                            mode=TransferMode.WRITE, **_remote(prefill))))
+    prefill.add_request(EngineCoreRequest(
+        request_id="p", prompt_token_ids=PROMPT,
+        sampling_params=msgspec.structs.replace(GREEDY, max_tokens=1),
+        kv_transfer_params=KVTransferParams(transfer_id=tid, do_remote_decode=True,
+                                            mode=TransferMode.WRITE, **_remote(decode))))
+    p_t = prefill.connector.transfers[tid]
+    d_t = decode.connector.transfers[tid]
+    _step_until([decode, prefill], lambda: bool(p_t.handles))  # P's write is posted, stalls
+    num_blocks = len(d_t.local_block_ids)
+    decode.abort(["d"])
+    decode.step()
+    snap = decode.pool.snapshot()
+    assert snap.held >= num_blocks and snap.free <= snap.total - num_blocks, snap
     _step_until([decode, prefill], lambda: decode.pool.snapshot().free == snap.total
                 and decode.pool.snapshot().held == 0)
