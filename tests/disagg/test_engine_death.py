@@ -60,7 +60,10 @@ async def _post(s: aiohttp.ClientSession, url: str, stream: bool,
                     if started is not None:
                         started.set()
             return Answer(resp.status, events=events, at=time.monotonic())
-    except aiohttp.ClientConnectorError:  # the server is gone: refused, which is an answer too
+    except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError):
+        # the server is gone (refused, or it closed a connection it accepted as it exited):
+        # an answer too for a request sent after the kill; an in-flight one still needs its
+        # 503 (plain) or its error event (stream), which the callers check
         return Answer(None, refused=True, at=time.monotonic())
 
 
