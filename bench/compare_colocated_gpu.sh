@@ -26,9 +26,9 @@
 # against both; the result JSON, plots and one row per run and point plus one serve-compare
 # row per point go under OUT (default bench/results/compare-colocated).
 #
-# Transport: the launcher gives each instance only its own GPU, and the ipc transport must see
-# the peer's GPU (connectors/transports/ipc.py), so --launch cannot run ipc: tcp (staged through
-# pinned host memory, works anywhere) by default, nixl when it is installed.
+# Transport: tcp (staged through pinned host memory, works anywhere) by default; ipc (GPU peer
+# copies: --launch shows each instance the other instances' GPUs after its own) or nixl when it
+# is installed.
 set -euo pipefail
 SCRIPT_NAME=compare_colocated_gpu.sh
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -122,7 +122,7 @@ validate() {
   check_positive_int --num-gpus "$NUM_GPUS"
   (( NUM_GPUS % 2 == 0 )) || die "--num-gpus must be even (N/2 prefill + N/2 decode), got $NUM_GPUS"
   [[ $DEVICES_ENV =~ ^[A-Z_]+$ ]] || die "--devices-env must be a variable name, got '$DEVICES_ENV'"
-  check_choice --transport "$TRANSPORT" tcp nixl
+  check_choice --transport "$TRANSPORT" tcp ipc nixl
   check_choice --mode "$MODE" read write
   [[ $KV_BYTES =~ ^[0-9]+([KMGT]i?B)?$ ]] || die "--kv-bytes must be bytes like 32GiB, got '$KV_BYTES'"
   check_positive_int --max-model-len "$MAX_MODEL_LEN"

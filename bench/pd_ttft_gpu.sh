@@ -67,9 +67,9 @@ for dep in ${DEPS:-read read-recomp write-lw}; do
   wait "$proxy" "${pids[-1]}" "${pids[-2]}" 2>/dev/null || true
   unset 'pids[-1]' 'pids[-1]'
 done
-python3 - "$out" "$commit" <<'PY'
+python3 - "$out" "$commit" "${DEPS:+DEPS=\"$DEPS\" }bash bench/pd_ttft_gpu.sh OUT $commit $num" <<'PY'
 import json, sys
-out, commit = sys.argv[1], sys.argv[2]
+out, commit, command = sys.argv[1], sys.argv[2], sys.argv[3]
 rows = {}
 for line in open(out + "/serve.jsonl"):
     r = json.loads(line)
@@ -79,7 +79,8 @@ with open(out + "/pd_ttft.jsonl", "a") as f:
     for label, r in rows.items():
         if label == "monolithic":
             continue
-        row = {"kind": "pd_ttft", "commit": commit, "deployment": r["deployment"],
+        row = {"kind": "pd_ttft", "commit": commit, "command": command,
+               "deployment": r["deployment"],
                "workload": "random in=4000 out=4, concurrency 1, prefix caching off",
                "model": "Llama-3-8B-shaped dummy bf16", "hardware": r["hardware"],
                "monolithic_p50_ttft_ms": mono, "pd_p50_ttft_ms": r["p50_ttft_ms"],

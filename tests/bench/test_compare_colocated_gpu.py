@@ -148,7 +148,7 @@ def test_four_gpus_and_options():
 
 @pytest.mark.parametrize(("args", "message"), [
     (("--num-gpus", "3"), "--num-gpus must be even"),
-    (("--transport", "ipc"), "--transport must be one of: tcp nixl"),
+    (("--transport", "mori"), "--transport must be one of: tcp ipc nixl"),
     (("--rates", "1,0"), "--rates takes a comma list of positive numbers"),
     (("--mix-rates", "a"), "--mix-rates takes a comma list"),
     (("--goodput", "ttft=5"), "--goodput takes NAME:MS items"),
