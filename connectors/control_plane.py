@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import msgspec
 import zmq
@@ -51,6 +52,7 @@ from connectors.protocol import (
 
 logger = logging.getLogger(__name__)
 CompatCheck = Callable[[EngineMetadata], str | None]
+_T = TypeVar("_T")
 Address = tuple[str, int]
 
 
@@ -114,6 +116,9 @@ class ControlPlane:
         self._faults = faults
         self.metadata: EngineMetadata | None = None
         self.inbox: queue.SimpleQueue[Notification | PeerHello] = queue.SimpleQueue()
+        self.wake: Callable[[], None] = lambda: None
+        """The engine loop's doorbell (KVConnector.set_wakeup): rung for each item put in the
+        inbox and each handshake or probe that ends."""
         self.malformed = 0
         self.refused = 0
         self.dropped_sends = 0
@@ -275,18 +280,28 @@ class ControlPlane:
         error = self._compat_check(peer)
         if error is not None:
             return HandshakeResponse(error=error)
-        self.inbox.put(PeerHello(peer))
+        self._deliver(PeerHello(peer))
         return HandshakeResponse(metadata=self.metadata,
                                  proof=proof_of(self._auth_key, self.metadata))
 
     def _receive_notification(self) -> None:
         raw = self._pull.recv()
         try:
-            self.inbox.put(notify_decoder.decode(raw))
+            self._deliver(notify_decoder.decode(raw))
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             self.malformed += 1
             self._log.warning("notify", "ignored a malformed KV notification (%d bytes): %s",
                               len(raw), brief(exc))
+
+    def _deliver(self, item: Notification | PeerHello) -> None:
+        self.inbox.put(item)
+        self.wake()
+
+    def _submit(self, fn: Callable[..., _T], *args: object) -> concurrent.futures.Future[_T]:
+        """Run ``fn`` on the handshake pool; its end rings the doorbell."""
+        future = self._pool.submit(fn, *args)
+        future.add_done_callback(lambda _: self.wake())
+        return future
 
     def drain(self) -> list[Notification | PeerHello]:
         """Every notification (and peer hello) received since the last call."""
@@ -308,7 +323,7 @@ class ControlPlane:
                   ) -> concurrent.futures.Future[EngineMetadata]:
         """Ask a peer for its metadata; the future fails with a readable error."""
         assert self.metadata is not None
-        return self._pool.submit(self._hello, host, port, timeout_s, self.metadata)
+        return self._submit(self._hello, host, port, timeout_s, self.metadata)
 
     def _hello(self, host: str, port: int, timeout_s: float,
                ours: EngineMetadata) -> EngineMetadata:
@@ -373,7 +388,7 @@ class ControlPlane:
                 return False
             return (meta.engine_id, meta.epoch) != (engine_id, epoch)
 
-        return self._pool.submit(probe)
+        return self._submit(probe)
 
     def close(self) -> None:
         """Stop the thread and close every socket."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -473,6 +474,10 @@ class PDConnector(KVConnector):
     def busy(self) -> bool:
         """Outstanding transfers, parked blocks or early notifications."""
         return bool(self.transfers or self.outcomes.parked or self.peers.early)
+
+    def set_wakeup(self, wake: Callable[[], None]) -> None:
+        """A peer's message or a finished handshake rings the engine loop's doorbell."""
+        self.control.wake = wake
 
     def metrics(self) -> dict[str, float]:
         """Counters plus gauges."""

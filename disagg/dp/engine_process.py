@@ -156,6 +156,43 @@ class MessageFailures:
         self._logged_at[kind], self._unlogged[kind] = now, 0
 
 
+class Doorbell:
+    """Wakes the loop out of its input poll from another thread: a non-blocking pipe the
+    poll watches beside the input socket. A full pipe is a bell already rung."""
+
+    def __init__(self) -> None:
+        self._read_fd, self._write_fd = os.pipe()
+        os.set_blocking(self._read_fd, False)
+        os.set_blocking(self._write_fd, False)
+        self._lock = threading.Lock()
+        """Orders a ring against close: a closed fd's number may be reused by then."""
+        self._closed = False
+
+    def fileno(self) -> int:
+        """The end the loop polls."""
+        return self._read_fd
+
+    def ring(self) -> None:
+        """Any thread, never blocks; after close() a no-op."""
+        with self._lock, contextlib.suppress(BlockingIOError, OSError):
+            if not self._closed:
+                os.write(self._write_fd, b"\0")
+
+    def clear(self) -> None:
+        """Empty the pipe (the loop then steps, acting on whatever rang)."""
+        with contextlib.suppress(BlockingIOError, OSError):
+            while os.read(self._read_fd, 4096):
+                pass
+
+    def close(self) -> None:
+        """Close both ends."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                os.close(self._write_fd)
+                os.close(self._read_fd)
+
+
 class EngineLoop:
     """Reads inputs, applies pause / wave / RPC commands, steps, sends outputs."""
 
@@ -174,11 +211,22 @@ class EngineLoop:
         self._last_beat = self._last_stats = time.monotonic()
         self._was_busy = False
         self.failures = MessageFailures(self.rank)
+        self.doorbell = Doorbell()
+        self._poller = zmq.Poller()
+        self._poller.register(in_sock, zmq.POLLIN)
+        self._poller.register(self.doorbell.fileno(), zmq.POLLIN)
+        engine.set_wakeup(self.doorbell.ring)
 
     # ---- the loop -------------------------------------------------------------------------
     def run(self, parent: int) -> int:
         """Step forever; stats go out at least every second; returns the exit code when
         orphaned (0) or when a tensor-parallel worker died (EXIT_TP_WORKER_FAILED)."""
+        try:
+            return self._run(parent)
+        finally:
+            self.doorbell.close()
+
+    def _run(self, parent: int) -> int:
         if getattr(self.engine, "tp", None) is not None:
             self.engine.tp.arm_exit()
         while True:
@@ -233,7 +281,10 @@ class EngineLoop:
 
     def _read(self, block_ms: int) -> list[bytes]:
         """Every frame waiting on the input socket, blocking up to block_ms for the first."""
-        if not self.in_sock.poll(block_ms):
+        ready = dict(self._poller.poll(block_ms))
+        if self.doorbell.fileno() in ready:
+            self.doorbell.clear()
+        if self.in_sock not in ready:
             return []
         frames = []
         while True:

@@ -13,6 +13,7 @@ import os
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from disagg.common.config import ConfigError, EngineConfig
@@ -214,6 +215,11 @@ class EngineCore:
         """Abort requests wherever they are."""
         for rid in request_ids:
             self.scheduler.abort_request(rid)
+
+    def set_wakeup(self, wake: Callable[[], None]) -> None:
+        """The loop's doorbell, for the KV connector to ring (KVConnector.set_wakeup)."""
+        if self.connector is not None:
+            self.connector.set_wakeup(wake)
 
     def has_work(self) -> bool:
         """Something to step for (requests or connector transfers in flight)."""

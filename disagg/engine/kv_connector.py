@@ -161,6 +161,12 @@ class KVConnector(abc.ABC):
     def busy(self) -> bool:
         """Transfers or holds are outstanding (the engine must keep stepping)."""
 
+    def set_wakeup(self, wake: Callable[[], None]) -> None:
+        """The engine loop's doorbell, set once before serving: call ``wake()`` (from any
+        thread; it never blocks) when something arrived that the next
+        update_connector_output acts on (a peer's message, a finished handshake), so an idle
+        loop steps at once instead of at its next poll. Default: none (the loop polls)."""
+
     @abc.abstractmethod
     def metrics(self) -> dict[str, float]:
         """Counters and gauges for /metrics."""

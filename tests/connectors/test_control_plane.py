@@ -4,7 +4,7 @@ handshake teaches the engine thread, and frames that must not stop its thread.""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import msgspec
 import pytest
@@ -111,3 +111,43 @@ def test_frames_of_any_shape_leave_the_thread_serving(planes) -> None:
         ctx.term()
     assert b.malformed >= 5  # the three odd handshakes and at least four bad notifications
     assert _hello(a, b).engine_id == "B"  # the thread still answers
+
+
+def test_each_delivery_and_each_ended_handshake_rings_the_engine_doorbell(planes) -> None:
+    """The engine loop sleeps on its input socket while nothing local is runnable: every item
+    the thread puts in the inbox, and every handshake that ends (answered or failed), rings the
+    doorbell so the loop acts on it now. A malformed frame rings nothing."""
+    a, b = _plane("A"), _plane("B")
+    planes += [a, b]
+    rings = {"A": 0, "B": 0}
+
+    def bell(name: str) -> Callable[[], None]:
+        def ring() -> None:
+            rings[name] += 1
+        return ring
+
+    a.wake, b.wake = bell("A"), bell("B")
+    assert _hello(a, b).engine_id == "B"
+    _drain_until(b, PeerHello)
+    deadline = time.monotonic() + 5
+    while rings["A"] < 1:  # the future's callback runs right after its result is set
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert rings == {"A": 1, "B": 1}
+    with pytest.raises(ConnectionError):  # nobody listens there: the failure rings too
+        a.handshake("127.0.0.1", 1, 0.5).result(timeout=10)
+    while rings["A"] < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    ctx = zmq.Context()
+    try:
+        push = ctx.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 1000)
+        push.connect(f"tcp://{b.host}:{b.notify_port}")
+        push.send(b"\xc1")
+        push.send(msgspec.msgpack.encode(Lease(engine_id="A", epoch=1, transfer_ids=["t"])))
+        _drain_until(b, Lease)
+        push.close()
+    finally:
+        ctx.term()
+    assert rings["B"] == 2 and b.malformed == 1

@@ -151,6 +151,9 @@ class FakeEngine:
         self.expert_joins = 0
         """Steps without tokens here that joined the MoE exchange (EngineCore._join_experts)."""
 
+    def set_wakeup(self, wake: object) -> None:
+        pass  # nothing here rings: lockstep waves come on the input socket
+
     def _check(self) -> None:
         if self.stop.is_set():
             raise _Stop

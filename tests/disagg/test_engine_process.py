@@ -9,7 +9,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 
 import pytest
@@ -27,6 +27,7 @@ from disagg.common.protocol import (
     outbound_decoder,
 )
 from disagg.common.sampling_params import SamplingParams
+from disagg.dp import engine_process
 from disagg.dp.engine_process import MALFORMED, EngineLoop, Heartbeat, MessageFailures
 from disagg.models.expert_parallel import EPContext
 
@@ -49,6 +50,11 @@ class FakeEngine:
         self.device, self.num_held = "cpu", 0
         self.left: dict[str, int] = {}
         self.aborted: list[str] = []
+        self.wake: Callable[[], None] | None = None
+        self.steps = 0
+
+    def set_wakeup(self, wake: Callable[[], None]) -> None:
+        self.wake = wake
 
     def add_request(self, msg: EngineCoreRequest, hold: bool = False) -> str | None:
         self.left[msg.request_id] = msg.sampling_params.max_tokens
@@ -72,6 +78,7 @@ class FakeEngine:
         return False
 
     def step(self) -> list[EngineCoreOutput]:
+        self.steps += 1
         if self.stop.is_set():
             raise _Stop
         if self.step_error is not None and self.left:
@@ -159,6 +166,36 @@ def harness() -> Iterator[Harness]:
     h = Harness(FakeEngine(threading.Event()))
     yield h
     h.close()
+
+
+def test_connector_doorbell_wakes_an_idle_loop_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A peer's message lands on the connector's thread while the loop blocks on its input
+    socket: the connector's ring must start a step now, not at the next idle poll (a WRITE
+    prefill waiting for the decode's blocks would sit out the rest of that poll)."""
+    monkeypatch.setattr(engine_process, "IDLE_POLL_MS", 60_000)
+    h = Harness(FakeEngine(threading.Event()))
+    try:
+        deadline = time.monotonic() + 5
+        while h.engine.wake is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(0.1)  # the loop is up, blocked in its input poll
+        assert h.engine.steps == 0
+        before = h.engine.steps
+        h.engine.wake()
+        while h.engine.steps == before:
+            assert time.monotonic() < deadline, "the doorbell did not wake the loop"
+            time.sleep(0.001)
+        assert h.engine.steps == before + 1  # one ring, one step: the bell was cleared
+        time.sleep(0.05)
+        assert h.engine.steps == before + 1
+    finally:
+        h.engine.stop.set()
+        assert h.engine.wake is not None
+        h.engine.wake()
+        h.close()
+    assert h.error is None
+    h.engine.wake()  # after the loop closed its bell: a no-op
 
 
 def test_request_whose_admission_raises_fails_alone(harness: Harness) -> None:
