@@ -6,6 +6,8 @@
 #   read          READ, first token from the prefill (the default)
 #   read-recomp   READ, --first-token recompute (the decode computes the first token again)
 #   write-lw      WRITE layerwise, first token from the prefill
+#   write-lw-COPY the same with the ipc transport's copy option COPY (kernel, batch, runtime)
+#   write         WRITE of the whole prompt after the prefill, first token from the prefill
 # Usage: [DEPS="read write-lw"] bash bench/pd_ttft_gpu.sh OUT_DIR COMMIT [NUM_PROMPTS]
 # Rows: OUT_DIR/serve.jsonl (one `disagg bench serve` row per run, per-phase stats included)
 # and OUT_DIR/pd_ttft.jsonl (one row per P/D run: p50 TTFT / monolithic p50 TTFT).
@@ -37,8 +39,10 @@ ready() {  # LOG...
     grep -q "ready on" "$log" || { echo "not ready: $log"; tail -20 "$log"; exit 1; }
   done
 }
-kv() {  # ROLE MODE [LAYERWISE]
-  echo "{\"kv_connector\":\"PDConnector\",\"kv_role\":\"$1\",\"kv_connector_extra_config\":{\"transport\":\"ipc\",\"mode\":\"$2\"${3:+,\"layerwise\":true}}}"
+kv() {  # ROLE MODE [LAYERWISE [IPC_COPY]]
+  local opts=""
+  [ -n "${4:-}" ] && opts=",\"transport_options\":{\"copy\":\"$4\"}"
+  echo "{\"kv_connector\":\"PDConnector\",\"kv_role\":\"$1\",\"kv_connector_extra_config\":{\"transport\":\"ipc\",\"mode\":\"$2\"${3:+,\"layerwise\":true}$opts}}"
 }
 bench() {  # NAME URL
   python3 -m bench.cli serve --base-url "$2" --model llama3-8b-dummy --tokenizer builtin:tiny-llama \
@@ -51,11 +55,15 @@ serve mono 18100
 ready "$out/mono.log"
 bench monolithic http://127.0.0.1:18100
 for dep in ${DEPS:-read read-recomp write-lw}; do
-  mode="read"; lw=""; first="prefill"
+  mode="read"; lw=""; first="prefill"; copy=""
   [ "$dep" = read-recomp ] && first="recompute"
-  [ "$dep" = write-lw ] && { mode="write"; lw=1; }
-  serve "p-$dep" 18101 --kv-transfer-config "$(kv kv_producer $mode $lw)"
-  serve "d-$dep" 18102 --kv-transfer-config "$(kv kv_consumer $mode $lw)"
+  case "$dep" in
+    write) mode="write" ;;
+    write-lw) mode="write"; lw=1 ;;
+    write-lw-*) mode="write"; lw=1; copy="${dep#write-lw-}" ;;  # ipc copy: kernel, batch, ...
+  esac
+  serve "p-$dep" 18101 --kv-transfer-config "$(kv kv_producer $mode "$lw" "$copy")"
+  serve "d-$dep" 18102 --kv-transfer-config "$(kv kv_consumer $mode "$lw" "$copy")"
   ready "$out/p-$dep.log" "$out/d-$dep.log"
   python3 -m proxy.launcher --port 18103 --prefill http://127.0.0.1:18101 \
     --decode http://127.0.0.1:18102 --mode "$mode" --first-token "$first" \
