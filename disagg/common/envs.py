@@ -25,6 +25,12 @@ def _get_bool(name: str, default: bool) -> bool:
     return raw.strip().lower() in ("1", "true", "yes", "on")
 
 
+def step_trace_file() -> str | None:
+    """A file each engine core appends one JSON line to per model step (wall-clock start and
+    end, tokens, requests): lines up the steps of co-located instances. Unset: no trace."""
+    return os.environ.get("DISAGG_STEP_TRACE_FILE") or None
+
+
 def engine_ready_timeout_s() -> float:
     """How long a frontend waits for every engine core's ready handshake."""
     return _get_float("DISAGG_ENGINE_READY_TIMEOUT_S", 300.0)

@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from disagg.common import envs
 from disagg.common.config import ConfigError, EngineConfig
 from disagg.common.generation_config import eos_ids, load_generation_config
 from disagg.common.protocol import (
@@ -34,6 +35,7 @@ from disagg.engine.kv_sizing import KVPlan, plan_kv_cache
 from disagg.engine.model_runner import ModelRunner, resolve_device, resolve_dtype
 from disagg.engine.request import FINISH_REASONS, Request, RequestStatus
 from disagg.engine.scheduler import Scheduler
+from disagg.engine.step_trace import StepTrace
 from disagg.engine.tp import TPGroup, TPWorkerError
 from disagg.models.arch import ArchConfig, check_sliding_window
 from disagg.models.expert_parallel import EPContext
@@ -107,6 +109,8 @@ class EngineCore:
         self._sent: dict[str, int] = {}
         self._emitted_early = False
         """The last step only sent handed-over first tokens (the next one runs the model)."""
+        trace = envs.step_trace_file()
+        self._trace = StepTrace(trace, self.engine_id) if trace else None
         self._awaiting: dict[str, Request] = {}
         """Finished WRITE prefills whose answer waits for their transfer's end."""
         self._settled: dict[str, str | None] = {}
@@ -304,7 +308,10 @@ class EngineCore:
             if self.connector is not None:
                 self.connector.before_execute(out)
                 layer_hook = self.connector.layer_hook(out)
+            started_s = time.time()
             sampled, logprobs = self._execute(out, layer_hook)
+            if self._trace is not None:
+                self._trace.step(started_s, out)
             for rid, lp in logprobs.items():
                 self._pending_logprobs.setdefault(rid, []).append(lp)
             touched += [c.request for c in out.chunks if c.request.request_id in sampled]
@@ -443,6 +450,9 @@ class EngineCore:
 
     def close(self) -> None:
         """Release connector resources, then stop the TP workers."""
+        if self._trace is not None:
+            self._trace.close()
+            self._trace = None
         if self.connector is not None:
             self.connector.close()
         if self.tp is not None:
