@@ -158,8 +158,8 @@ def test_write_remote_blocks_with_ids_past_64_bits_are_dropped(instance_factory)
     """Report: a remote_blocks naming block ids 2**49+k and 2**64-1 for a live WRITE transfer
     made P write far outside any pool (or die). Reproduced: a WRITE prefill on P toward a fake
     decode address, then those frames on P's notify port. They are counted malformed, nothing
-    is written, the prefill fails when its transfer expires at defer_timeout, P stays clean
-    and serving."""
+    is written, the prefill fails when its transfer expires at defer_timeout (or its handshake
+    with the fake address times out), P stays clean and serving."""
     p = instance_factory([*BASE, "--kv-transfer-config",
                           kv_config("kv_producer", "write", **TIMEOUTS)])
     p_info = info(p.url)
@@ -178,7 +178,10 @@ def test_write_remote_blocks_with_ids_past_64_bits_are_dropped(instance_factory)
             _remote_blocks(**who, block_ids=[0, 1, 2**64 - 1])])
         status, out = answer.result()
         elapsed = time.monotonic() - t0
-    assert "expired" in _error(status, out)
+    # the transfer expires at defer_timeout, or its handshake with the fake decode (nobody
+    # listens there) times out first: both are 2 s, and either way nothing was written
+    error = _error(status, out)
+    assert "expired" in error or "did not answer the handshake" in error, error
     assert elapsed < DEFER_S + 2
     assert metric_at_least(p.url, KV + "notifications_malformed_total", 2) == 2
     assert metric(p.url, KV + "bytes_moved_total") == 0
