@@ -1,12 +1,14 @@
 """One client request's route through the pools: local, READ or WRITE, with retries.
 
-Nothing here writes to the client: a flow ends with a complete ``Reply`` or an ``OpenStream``
-whose first event is in hand, so every retry below happens before the client saw a byte.
+Nothing here writes to the client but a READ flow's first token (proxy/first_token.py): a flow
+ends with a complete ``Reply`` or an ``OpenStream`` whose first event is in hand, so every retry
+below happens before the client saw a byte, or, once that token went out, continues from it.
 
     local : D alone (prompt under --local-prefill-threshold), retried on other D's
     READ  : P(max_tokens=1) -> kv params -> D; P retried on other P's, D on other D's with
             the same params (P holds the KV until its transfer timeout). P's params carry the
-            token it sampled: D streams it at once, while it reads the KV (--first-token)
+            token it sampled: the proxy streams it at once (proxy/first_token.py), or D does
+            while it reads the KV (--first-token)
     WRITE : P and D at once with one transfer_id; either failing aborts both, and the pair
             is retried with a fresh transfer_id and the failed instance left out
 """
@@ -29,6 +31,7 @@ from disagg.common.timings import TIMINGS_FIELD, parse_instance_timings
 from proxy.bodies import ClientRequest, decode_body, prefill_body
 from proxy.config import ProxyConfig, TransferMode
 from proxy.errors import ProxyError
+from proxy.first_token import ClientStream, SentFirstToken, first_token_chunk, request_allows
 from proxy.local_prefill import LocalPrefillThreshold
 from proxy.metrics import ProxyMetrics
 from proxy.policies import Policy
@@ -84,13 +87,19 @@ class Flow:
     """Routes one client request; ``run()`` returns what the decode instance answered."""
 
     def __init__(self, deps: FlowDeps, scope: RequestScope, req: ClientRequest,
-                 clock: PhaseClock | None = None) -> None:
+                 clock: PhaseClock | None = None, client: ClientStream | None = None) -> None:
         self._deps = deps
         self._cfg = deps.cfg
         self._scope = scope
         self._req = req
         self.clock = clock if clock is not None else PhaseClock(want=req.want_timings)
         """When each call went out and came back (proxy/timings.py)."""
+        self._client = client if client is not None and deps.cfg.first_token_from_prefill \
+            and request_allows(req) else None
+        """Where a READ flow streams the prefill's first token itself (proxy/first_token.py);
+        None: the decode's stream carries it."""
+        self.sent: SentFirstToken | None = None
+        """The first token the client already has (every decode attempt continues from it)."""
 
     async def run(self) -> Result:
         """Pick the flow for this request and run it."""
@@ -225,6 +234,7 @@ class Flow:
                         "transfer_id": transfer_id}
             if not self._cfg.first_token_from_prefill:  # (no new field: an older D parses it)
                 d_params.pop("first_token_id", None)
+            await self._stream_first_token(d_params)
             try:
                 return await self._decode_with_retries(d_params, transfer_id)
             except DecodeExhausted:
@@ -236,6 +246,23 @@ class Flow:
                 logger.warning("no decode could use the KV prefilled on %s; prefilling again",
                                p.url)
         raise ProxyError(502, f"prefill failed on {len(tried)} instance(s); last error: {last}")
+
+    async def _stream_first_token(self, d_params: dict[str, Any]) -> None:
+        """Send the prefill's first token to the client now when allowed; from then on every
+        decode attempt continues from that token (a prefill retried after the first token
+        went out hands over its KV, not its own token)."""
+        if self.sent is None and self._client is not None \
+                and self.clock.prefill_reply is not None:
+            made = first_token_chunk(self._req.endpoint, self.clock.prefill_reply.body,
+                                     d_params.get("first_token_id"))
+            if made is not None:
+                self.sent, event = made
+                await self._client.start(event)
+                self.clock.relayed_s = time.monotonic()
+                self.clock.first_token_by_proxy = True
+        if self.sent is not None:
+            d_params["first_token_id"] = self.sent.token_id
+            d_params["first_token_text"] = self.sent.text
 
     async def _read_prefill(self, p: Instance, transfer_id: str) -> dict[str, Any]:
         """Prefill on ``p``; returns the ``kv_transfer_params`` P handed back."""

@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from disagg.common.logging_setup import current_request_id
 from proxy.bodies import Endpoint, parse_request
 from proxy.errors import ProxyError, error_response, from_proxy_error
+from proxy.first_token import ClientStream
 from proxy.flows import Flow
 from proxy.metrics import Outcome
 from proxy.registry import Pool
@@ -61,11 +62,14 @@ async def _generate(request: web.Request, endpoint: Endpoint) -> web.StreamRespo
     outcome = Outcome.FAILED
     result: Reply | OpenStream | None = None
     st.metrics.in_flight += 1
+    client = ClientStream(request)
     try:
         req = parse_request(endpoint, await _read_body(request), st.counter,
                             st.registry.min_max_model_len())
         clock.want = req.want_timings
-        result = await Flow(st.deps, scope, req, clock).run()
+        result = await Flow(st.deps, scope, req, clock, client).run()
+        if isinstance(result, Reply) and client.response is not None:  # not a stream (bug)
+            return await client.fail(502, "the decode answered a streamed request in one piece")
         if isinstance(result, Reply):
             scope.succeeded, outcome = True, Outcome.OK
             st.metrics.time_to_first_byte_s.observe(time.perf_counter() - started_s)
@@ -74,15 +78,25 @@ async def _generate(request: web.Request, endpoint: Endpoint) -> web.StreamRespo
                                 content_type=result.content_type)
         st.metrics.time_to_first_byte_s.observe(time.perf_counter() - started_s)
         response, outcome = await relay_stream(request, result, st.cfg.stream_idle_timeout_s,
-                                               st.phases.stream(clock))
+                                               st.phases.stream(clock), client.response)
         scope.succeeded = outcome is Outcome.OK
         return response
     except ProxyError as exc:
         outcome = _outcome_for(exc.status)
+        if client.response is not None:  # the first token went out: end the stream instead
+            return await client.fail(exc.status, exc.message)
         return from_proxy_error(exc)
     except UpstreamRejected as exc:
         outcome = Outcome.REJECTED
+        if client.response is not None:
+            detail = exc.body[:500].decode("utf-8", "replace")
+            return await client.fail(exc.status, f"the decode refused the request: {detail}")
         return web.Response(status=exc.status, body=exc.body, content_type=exc.content_type)
+    except ConnectionResetError:
+        if client.response is None:
+            raise
+        outcome = Outcome.CLIENT_GONE  # it left while the proxy sent the first token
+        return client.response
     except asyncio.CancelledError:
         if isinstance(result, OpenStream) and result.saw_done:
             # the client left after the decode's [DONE] (the openai client closes as soon as

@@ -62,17 +62,21 @@ async def _pump(client: web.StreamResponse, stream: OpenStream, idle_timeout_s: 
 
 
 async def relay_stream(request: web.Request, stream: OpenStream, idle_timeout_s: float,
-                       timings: StreamTimings | None = None
+                       timings: StreamTimings | None = None,
+                       started: web.StreamResponse | None = None
                        ) -> tuple[web.StreamResponse, Outcome]:
     """Send the stream's first events, then the rest; the upstream response is always closed.
+    ``started``: the client's response, when the proxy already sent its headers and the first
+    token (proxy/first_token.py).
 
     A client that goes away raises out of ``write``: CLIENT_GONE, and the caller's scope
     aborts upstream; unless the upstream had already sent [DONE] (the request is complete and
     the client closed after the last event, as the openai client does): that is OK.
     """
-    client = web.StreamResponse(status=stream.response.status, headers=SSE_HEADERS)
+    client = started or web.StreamResponse(status=stream.response.status, headers=SSE_HEADERS)
     try:
-        await client.prepare(request)
+        if started is None:
+            await client.prepare(request)
         first = stream.first_events
         if timings is not None:
             timings.relaying()

@@ -56,6 +56,8 @@ class PhaseClock:
     """The decode's whole answer, or its stream's first event."""
     relayed_s: float | None = None
     """The first token handed to the client's transport (not streamed: the answer ready)."""
+    first_token_by_proxy: bool = False
+    """READ: the proxy streamed the prefill's first token itself (proxy/first_token.py)."""
     prefill_reply: Reply | None = None
     """READ: the prefill's answer (its timings are read from it only when needed)."""
     prefill_task: asyncio.Future[Any] | None = None
@@ -80,6 +82,11 @@ def tile(clock: PhaseClock, p: InstanceTimings | None,
         if p is not None and round_trip is not None:
             out["prefill_compute"] = compute_s = p.compute_s + p.output_s
             out["prefill_queue"] = round_trip - compute_s
+        if clock.first_token_by_proxy:  # the decode is not on the way to the first token
+            out["proxy_queue"] = before
+            out["kv_transfer"] = out["decode_admission"] = 0.0
+            out["first_token"] = _sub(clock.relayed_s, clock.prefill_answered_s)
+            return out
         if d is not None:
             out["kv_transfer"] = kv_s = d.kv_transfer_s or 0.0
             out["decode_admission"] = d.queue_s - kv_s
@@ -198,8 +205,10 @@ class StreamTimings:
         self._reported = False
 
     def relaying(self) -> None:
-        """The first event is about to go to the client."""
-        self._clock.relayed_s = time.monotonic()
+        """The decode's first event is about to go to the client (the first token, unless
+        the proxy streamed it already)."""
+        if not self._clock.first_token_by_proxy:
+            self._clock.relayed_s = time.monotonic()
 
     async def events(self, events: list[bytes]) -> list[bytes]:
         """``events`` with the timings event rewritten."""

@@ -42,6 +42,9 @@ BlockIds = Annotated[list[BlockId], msgspec.Meta(max_length=MAX_BLOCKS_PER_TRANS
 NumTokens = Annotated[int, msgspec.Meta(ge=0, le=MAX_TOKENS)]
 Epoch = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 Generation = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+MAX_FIRST_TOKEN_TEXT = 4096
+FirstTokenText = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_FIRST_TOKEN_TEXT)]
+"""The text of one token (characters; the longest vocabulary entries are far shorter)."""
 TokenId = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
 """Bounded here; the decode engine also checks it against its vocabulary."""
 
@@ -82,6 +85,10 @@ class KVTransferParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown
     first_token_id: TokenId | None = None
     """READ, P's answer (and proxy -> D): the token P sampled after the prompt. D emits it at
     once and computes on from it instead of recomputing it (DESIGN.md section 4)."""
+    first_token_text: FirstTokenText | None = None
+    """READ, proxy -> D (with ``first_token_id``): the text of that token, which the proxy
+    already streamed to the client from the prefill's answer. D leaves it out of its own
+    stream, and fails the request if its output does not begin with it."""
     recompute_first_token: bool = False
     """Proxy -> D: ignore the prefill's first token and compute it again (the recompute path;
     both give the monolithic output)."""
@@ -92,6 +99,9 @@ class KVTransferParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown
             return "do_remote_decode and do_remote_prefill are exclusive"
         if not (self.do_remote_decode or self.do_remote_prefill):
             return "one of do_remote_decode or do_remote_prefill must be true"
+        if self.first_token_text is not None and (
+                self.first_token_id is None or self.recompute_first_token):
+            return "first_token_text needs first_token_id (and no recompute_first_token)"
         return None
 
 

@@ -53,6 +53,9 @@ decode call (sent -> answer, or first SSE event); P and D the instances' objects
     local  (a prompt under --local-prefill-threshold: D alone) prefill_queue = D.queue_s,
            prefill_compute = D.compute_s, kv_transfer = decode_admission = 0,
            first_token = the rest.
+    READ, the token streamed by the proxy (proxy/first_token.py): proxy_queue = received ->
+           prefill sent, prefill_queue and prefill_compute as READ, kv_transfer =
+           decode_admission = 0, first_token = prefill answered -> the proxy's chunk written.
 
     first token from the prefill (``--first-token prefill``, the default): D emits P's token
            when it has it (READ: on arrival once the prefill is identified; WRITE: at P's

@@ -74,6 +74,27 @@ def _dead_error(exc: Exception) -> ApiError:
     return ApiError(503, f"engine unavailable: {exc}", err_type="server_error")
 
 
+class _SentText:
+    """The first token's text the proxy already streamed (READ, from the prefill's answer):
+    left out of this stream, which must begin with it exactly. Anything else would put text
+    the client never sees, or sees twice, into its answer: the request fails instead."""
+
+    def __init__(self, text: str | None) -> None:
+        self._left = text or ""
+
+    def strip(self, text: str, done: bool) -> str:
+        """``text`` without what is still owed to the already-sent prefix."""
+        if not self._left:
+            return text
+        n = min(len(text), len(self._left))
+        if text[:n] != self._left[:n] or (done and n < len(self._left)):
+            self._left = ""
+            raise ApiError(500, "the decode's first token text differs from the prefill's, "
+                                "which the proxy already sent", err_type="server_error")
+        self._left = self._left[n:]
+        return text[n:]
+
+
 async def generate(engine: EngineClient, tok: Tokenizer, metrics: ServerMetrics,
                    request_id: str, prompt_ids: list[int], sp: SamplingParams,
                    kv_params: KVTransferParams | None,
@@ -92,6 +113,7 @@ async def generate(engine: EngineClient, tok: Tokenizer, metrics: ServerMetrics,
     except EngineUnavailableError as exc:  # dead or stalled, before or while sending: no abort
         raise _dead_error(exc) from None
     detok = IncrementalDetokenizer(tok, sp.stop)
+    sent = _SentText(kv_params.first_token_text if kv_params is not None else None)
     try:
         while not done:
             item = await handle.queue.get()
@@ -113,7 +135,7 @@ async def generate(engine: EngineClient, tok: Tokenizer, metrics: ServerMetrics,
                     metrics.next_output(now - last)
                 last = now
             num_out += len(item.new_token_ids)
-            text = detok.push(item.new_token_ids, final=done)
+            text = sent.strip(detok.push(item.new_token_ids, final=done), done)
             reason = item.finish_reason
             if detok.stopped and not done:
                 reason, done = "stop", True

@@ -245,3 +245,51 @@ def test_write_first_token_goes_out_before_write_done(pair) -> None:
     assert metric(d.url, FAILED) == 0 and metric(p.url, FAILED) == 0
     wait_clean(p.url)
     wait_clean(d.url)
+
+
+def _stream_events(reply: requests.Response) -> list[dict[str, Any]]:
+    assert reply.status_code == 200, reply.text
+    return [json.loads(line[6:]) for line in reply.text.splitlines()
+            if line.startswith("data: {")]
+
+
+def _text(events: list[dict[str, Any]]) -> str:
+    return "".join(c["text"] for e in events for c in e.get("choices", []))
+
+
+def test_decode_leaves_out_the_first_token_text_the_proxy_sent(pair) -> None:
+    """READ with first_token_text (the proxy streamed P's token already): D's stream is the
+    monolithic stream without that text and its usage still counts the token. A text that
+    is not how D's output begins fails the request in-stream (never a stream whose text the
+    client would read twice or not at all), and the engine request is freed."""
+    mode, p, d = pair
+    if mode != "read":
+        pytest.skip("the proxy streams the prefill's token in READ only")
+    body = _body(PROMPTS[3], stream=True, stream_options={"include_usage": True})
+    body.pop("return_token_ids")
+    mono = _stream_events(requests.post(d.url + "/v1/completions", json=body, timeout=60))
+    mono_text = _text(mono)
+    first = requests.post(d.url + "/v1/completions", timeout=60, json={
+        **body, "max_tokens": 1, "stream": False}).json()["choices"][0]["text"]
+    assert first and mono_text.startswith(first)
+    params = {**_read_params(p, body), "first_token_text": first}
+    events = _stream_events(requests.post(d.url + "/v1/completions", timeout=60,
+                                          json={**body, "kv_transfer_params": params}))
+    assert first + _text(events) == mono_text
+    assert events[-1]["usage"]["completion_tokens"] == 6
+    for wrong in ("\u2603" + first, first + "\u2603"):
+        params = {**_read_params(p, body), "first_token_text": wrong}
+        reply = requests.post(d.url + "/v1/completions", timeout=60,
+                              json={**body, "kv_transfer_params": params})
+        if reply.status_code == 500:  # found at the first token: before the stream opened
+            assert "differs from the prefill's" in reply.json()["error"]["message"]
+            continue
+        events = _stream_events(reply)
+        assert "differs from the prefill's" in events[-1]["error"]["message"], events
+        assert not (first + _text(events)).startswith(wrong)
+    without_id = {k: v for k, v in _read_params(p, body).items() if k != "first_token_id"}
+    reply = requests.post(d.url + "/v1/completions", timeout=60, json={
+        **body, "kv_transfer_params": {**without_id, "first_token_text": first}})
+    assert reply.status_code == 400 and "first_token_text" in reply.text
+    wait_clean(p.url)
+    wait_clean(d.url)

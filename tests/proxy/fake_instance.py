@@ -30,6 +30,10 @@ OUTPUT_PREFIX = "tok"
 KV_KEY_HEADER = "X-Disagg-KV-Key"
 
 
+FIRST_TOKEN_ID = 7
+"""The token id a READ prefill says it sampled (its text is the first generated token's)."""
+
+
 @dataclass
 class Behavior:
     """What the fake does wrong (or slowly) on generation routes."""
@@ -261,7 +265,7 @@ class FakeInstance:
                 "transfer_id": params["transfer_id"], "remote_engine_id": self.engine_id,
                 "remote_host": info["kv_host"], "remote_handshake_port": info["kv_handshake_port"],
                 "remote_notify_port": info["kv_notify_port"], "remote_block_ids": [1, 2, 3],
-                "remote_num_tokens": 40}
+                "remote_num_tokens": 40, "first_token_id": FIRST_TOKEN_ID}
         return out
 
     async def _stream(self, request: web.Request, body: dict[str, Any], tokens: list[str],
@@ -269,6 +273,16 @@ class FakeInstance:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         events = [self._chunk(t, chat, i == len(tokens) - 1) for i, t in enumerate(tokens)]
+        sent = (body.get("kv_transfer_params") or {}).get("first_token_text")
+        if sent is not None:  # as a real decode: the proxy streamed this token already
+            if not tokens or tokens[0] != sent:
+                err = {"message": "the decode's first token text differs from the prefill's",
+                       "type": "server_error", "param": None, "code": 500}
+                events = [{"error": err}]
+            else:
+                choice = events[0]["choices"][0]
+                choice["text" if not chat else "delta"] = "" if not chat else {
+                    "role": "assistant", "content": ""}
         if (body.get("stream_options") or {}).get("include_usage"):
             events.append({"id": "x", "object": "chunk", "created": 0, "model": self.model,
                            "choices": [], "usage": {"prompt_tokens": 3,

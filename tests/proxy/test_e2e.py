@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import psutil
@@ -129,6 +130,56 @@ def test_proxy_outputs_equal_monolithic(instance_factory, default_1p1d: Deployme
         assert [_token_ids(dep.url, p) for p in PROMPTS] == expected
         for inst in dep.instances():
             wait_clean(inst)
+
+
+def _streamed(url: str, path: str, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The text of a stream and its last chunk's disagg_timings (or {})."""
+    r = requests.post(url + path, timeout=60, json={**body, "stream": True})
+    assert r.status_code == 200, r.text
+    text, timings = "", dict[str, Any]()
+    for line in r.text.splitlines():
+        if line.startswith("data: {"):
+            event = json.loads(line[6:])
+            assert "error" not in event, event
+            for c in event["choices"]:
+                text += c["text"] if "text" in c else c["delta"]["content"]
+            timings = event.get("disagg_timings") or timings
+    return text, timings
+
+
+def test_proxy_streams_the_prefill_first_token_and_the_stream_equals_monolithic(
+        instance_factory, default_1p1d: Deployment) -> None:
+    """READ, streamed: the proxy sends the prefill's token as the first chunk (the decode is
+    off the path to the first token: its admission phase is 0) and the decode's stream goes
+    on from it; completions and chat equal a monolithic instance's stream. A request with a
+    stop string takes the decode's first token instead, with the same output. Prompts whose
+    first token is an incomplete character take the decode's path too (the tiny model's
+    tokens are bytes): at least one prompt must take the proxy's."""
+    mono = instance_factory(["builtin:tiny-llama", "--device", "cpu",
+                             "--kv-cache-memory-bytes", "48MiB"])
+    by_proxy = 0
+    for i, prompt in enumerate(PROMPTS):
+        shapes: list[tuple[str, dict[str, Any]]] = [
+            ("/v1/completions", {"prompt": prompt}),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": prompt}]})]
+        for path, body in shapes:
+            body = {**body, "model": "builtin:tiny-llama", "max_tokens": 7, "temperature": 0,
+                    "ignore_eos": True, "disagg_timings": True}
+            expected, _ = _streamed(mono.url, path, body)
+            text, timings = _streamed(default_1p1d.url, path, body)
+            assert text == expected, (path, prompt)
+            assert timings["mode"] == "read"
+            by_proxy += timings["decode_admission_s"] == 0.0
+            phases = [timings[f"{name}_s"] for name in ("proxy_queue", "prefill_queue",
+                      "prefill_compute", "kv_transfer", "decode_admission", "first_token")]
+            assert sum(phases) == pytest.approx(timings["ttft_s"], rel=0.05), timings
+            if i == 0:
+                stop = {**body, "stop": ["never-in-output"]}
+                text, timings = _streamed(default_1p1d.url, path, stop)
+                assert text == expected and timings["decode_admission_s"] > 0.0
+    assert by_proxy > 0
+    for inst in default_1p1d.instances():
+        wait_clean(inst)
 
 
 def test_openai_client_through_the_proxy(default_1p1d: Deployment) -> None:

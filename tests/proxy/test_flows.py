@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import aiohttp
@@ -69,10 +70,69 @@ async def test_read_flow_streams_the_decode_output(fakes: Any, proxies: Any, htt
         assert resp.headers["Content-Type"].startswith("text/event-stream")
         raw = (await resp.read()).decode()
     assert raw.endswith("data: [DONE]\n\n")
-    assert raw.count("data: ") == 5
+    tokens = fake_instance_module.generated_tokens(PROMPT, 4)
+    texts = _texts(raw)
+    # the proxy's chunk with the prefill's token, then the decode's four (its first emptied)
+    assert texts == [tokens[0], "", *tokens[1:]]
     assert p.requests[0]["stream"] is False and d.requests[0]["stream"] is True
-    for token in fake_instance_module.generated_tokens(PROMPT, 4):
-        assert token in raw
+    kv = d.requests[0]["kv_transfer_params"]
+    assert kv["first_token_id"] == fake_instance_module.FIRST_TOKEN_ID
+    assert kv["first_token_text"] == tokens[0]
+
+
+def _texts(raw: str) -> list[str]:
+    """The text of each completion chunk of a raw SSE body."""
+    return [c["text"] for line in raw.splitlines() if line.startswith("data: {")
+            for c in json.loads(line[6:]).get("choices", [])]
+
+
+async def _stream_raw(http: aiohttp.ClientSession, proxy: Any, **body: Any) -> str:
+    payload = {"model": "m", "prompt": PROMPT, "max_tokens": 4, "stream": True, **body}
+    async with http.post(proxy.url + "/v1/completions", json=payload) as resp:
+        assert resp.status == 200
+        return (await resp.read()).decode()
+
+
+@pytest.mark.parametrize("body", [{"stop": ["xyz"]}, {"stop": "xyz"}, {"logprobs": 1}],
+                         ids=["stops", "stop", "logprobs"])
+async def test_requests_the_prefill_token_may_not_match_take_the_decode_path(
+        fakes: Any, proxies: Any, http: Any, fake_instance_module: Any,
+        body: dict[str, Any]) -> None:
+    (p,), (d,), proxy = await _pd(fakes, proxies)
+    payload = {"model": "m", "prompt": PROMPT, "max_tokens": 4, "stream": True, **body}
+    async with http.post(proxy.url + "/v1/completions", json=payload) as resp:
+        raw = (await resp.read()).decode()
+    assert _texts(raw) == fake_instance_module.generated_tokens(PROMPT, 4)
+    assert "first_token_text" not in d.requests[0]["kv_transfer_params"]
+
+
+async def test_a_decode_failing_after_the_first_token_ends_the_stream_with_an_error(
+        fakes: Any, proxies: Any, http: Any, fake_instance_module: Any) -> None:
+    """The client has its first token (status 200, first chunk): no decode can continue, so
+    the stream ends with an OpenAI-style error event, and P's KV is released."""
+    (p,), (d,), proxy = await _pd(fakes, proxies)
+    d.behavior.fail_status = 500
+    raw = await _stream_raw(http, proxy)
+    events = [json.loads(line[6:]) for line in raw.splitlines() if line.startswith("data: {")]
+    assert events[0]["choices"][0]["text"] == fake_instance_module.generated_tokens(PROMPT, 4)[0]
+    assert events[-1]["error"]["code"] == 502 and "decode failed" in events[-1]["error"]["message"]
+    assert "[DONE]" not in raw
+    await _wait_for(lambda: len(p.aborts) == 1)
+
+
+async def test_a_prefill_retried_after_the_first_token_hands_over_its_kv_not_its_token(
+        fakes: Any, proxies: Any, http: Any, fake_instance_module: Any) -> None:
+    """No decode can read p1's KV after the proxy streamed p1's token: the prompt is prefilled
+    again on p2, and the decode continues from p1's token (the one the client has)."""
+    (p1, p2), (d,), proxy = await _pd(fakes, proxies, num_prefill=2)
+    d.behavior.fail_for_engine = p1.engine_id
+    raw = await _stream_raw(http, proxy)
+    tokens = fake_instance_module.generated_tokens(PROMPT, 4)
+    assert _texts(raw) == [tokens[0], "", *tokens[1:]]  # the first token exactly once
+    first, second = (r["kv_transfer_params"] for r in d.requests)
+    assert first["remote_engine_id"] == p1.engine_id
+    assert second["remote_engine_id"] == p2.engine_id
+    assert second["first_token_text"] == first["first_token_text"] == tokens[0]
 
 
 async def test_write_flow_sends_to_both_at_once_with_peer_addresses(fakes: Any, proxies: Any,
@@ -221,7 +281,12 @@ async def test_client_disconnect_mid_stream_aborts_both(fakes: Any, proxies: Any
     async with aiohttp.ClientSession() as client, \
             client.post(proxy.url + "/v1/completions", json=payload) as resp:
         assert resp.status == 200
-        assert (await resp.content.readany()).startswith(b"data: ")
+        seen = b""
+        while seen.count(b"data: ") < 3:  # the decode's tokens flow (READ: after the proxy's)
+            chunk = await resp.content.readany()
+            assert chunk
+            seen += chunk
+        assert seen.startswith(b"data: ")
     # The client is gone; the proxy must tell both instances to let go of the KV.
     transfer_id = d.requests[0]["kv_transfer_params"]["transfer_id"]
     await _wait_for(lambda: p.aborts == [transfer_id] and d.aborts == [transfer_id])
