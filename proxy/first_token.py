@@ -21,6 +21,7 @@ could continue) ends the stream with an error event instead of an HTTP error sta
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,6 +103,8 @@ class ClientStream:
         self._request = request
         self.response: web.StreamResponse | None = None
         """Set once the headers and the first chunk were written."""
+        self.started_s: float | None = None
+        """``time.perf_counter()`` when the first chunk was written."""
 
     async def start(self, event: bytes) -> None:
         """Send the headers and ``event`` (a client gone raises ConnectionResetError)."""
@@ -109,6 +112,7 @@ class ClientStream:
         self.response = response
         await response.prepare(self._request)
         await response.write(event)
+        self.started_s = time.perf_counter()
 
     async def fail(self, status: int, message: str) -> web.StreamResponse:
         """End the started stream with an error event (the status line is long gone)."""

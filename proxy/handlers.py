@@ -76,7 +76,8 @@ async def _generate(request: web.Request, endpoint: Endpoint) -> web.StreamRespo
             body = await st.phases.answer_body(clock, result.body)
             return web.Response(status=result.status, body=body,
                                 content_type=result.content_type)
-        st.metrics.time_to_first_byte_s.observe(time.perf_counter() - started_s)
+        first_byte_s = client.started_s if client.started_s is not None else time.perf_counter()
+        st.metrics.time_to_first_byte_s.observe(first_byte_s - started_s)
         response, outcome = await relay_stream(request, result, st.cfg.stream_idle_timeout_s,
                                                st.phases.stream(clock), client.response)
         scope.succeeded = outcome is Outcome.OK
