@@ -475,6 +475,12 @@ class PDConnector(KVConnector):
         """Outstanding transfers, parked blocks or early notifications."""
         return bool(self.transfers or self.outcomes.parked or self.peers.early)
 
+    def needs_polling(self) -> bool:
+        """Posted one-sided ops (ours, or a layer poster's) settle only when polled; every
+        other wait here ends with a message or a handshake, which ring the doorbell, or with
+        a deadline measured in seconds."""
+        return any(t.handles and not t.terminal for t in self.transfers.values())
+
     def set_wakeup(self, wake: Callable[[], None]) -> None:
         """A peer's message or a finished handshake rings the engine loop's doorbell."""
         self.control.wake = wake

@@ -75,7 +75,11 @@ from disagg.models.expert_parallel import EPContext, ExpertExchangeError
 logger = logging.getLogger(__name__)
 IDLE_POLL_MS = 100
 CONNECTOR_POLL_MS = 1
-"""Poll interval while only KV transfers are outstanding (no spinning on a paused rank)."""
+"""Poll interval while one-sided KV ops are in flight (no spinning on a paused rank)."""
+CONNECTOR_WAIT_MS = 20
+"""Poll interval while KV transfers only wait for peers' messages (the connector rings the
+doorbell for those) or for their second-scale deadlines. A 1 ms loop here spent a core's
+share on a decode waiting for a co-located prefill, whose kernel launches it slowed."""
 STATS_INTERVAL_S = 0.05
 EXIT_DP_GROUP_FAILED = 3
 FAILURE_LOG_INTERVAL_S = 1.0
@@ -277,7 +281,9 @@ class EngineLoop:
             return 0
         # requests waiting for remote KV, or frozen by a pause, need no spinning: the connector
         # (polled often while it has transfers) or an input message moves them on
-        return CONNECTOR_POLL_MS if self.engine.connector_busy() else IDLE_POLL_MS
+        if not self.engine.connector_busy():
+            return IDLE_POLL_MS
+        return CONNECTOR_POLL_MS if self.engine.connector_needs_polling() else CONNECTOR_WAIT_MS
 
     def _read(self, block_ms: int) -> list[bytes]:
         """Every frame waiting on the input socket, blocking up to block_ms for the first."""

@@ -241,6 +241,10 @@ class EngineCore:
         """KV transfers or holds outstanding."""
         return bool(self.connector and self.connector.busy())
 
+    def connector_needs_polling(self) -> bool:
+        """One-sided ops in flight that only polling sees settle (KVConnector.needs_polling)."""
+        return bool(self.connector and self.connector.needs_polling())
+
     def connector_step(self, join_experts: bool = False) -> list[EngineCoreOutput]:
         """A step without the model: connector bookkeeping only. Runs while paused (peers'
         transfers finish or fail explicitly) and as a lockstep dummy step, where an

@@ -161,6 +161,13 @@ class KVConnector(abc.ABC):
     def busy(self) -> bool:
         """Transfers or holds are outstanding (the engine must keep stepping)."""
 
+    def needs_polling(self) -> bool:
+        """Work whose progress only polling sees (one-sided ops in flight): the engine loop
+        then polls every millisecond. False while the connector only waits for what rings
+        its doorbell (a peer's message, a handshake) or for its second-scale timers: the loop
+        then sleeps, and leaves the CPU to a prefill sharing the host. Default: ``busy()``."""
+        return self.busy()
+
     def set_wakeup(self, wake: Callable[[], None]) -> None:
         """The engine loop's doorbell, set once before serving: call ``wake()`` (from any
         thread; it never blocks) when something arrived that the next

@@ -151,7 +151,11 @@ def test_hook_posts_each_layer_of_the_blocks_each_chunk_completes(pair: Pair) ->
     for other in (plain, read):
         pair.sched.add_request(other)
         pair.p.on_request_arrival(other)
+    # waiting on messages and handshakes only (they ring the engine loop's doorbell): the
+    # loop need not poll; posted layer writes settle only when polled
+    assert pair.p.busy() and not pair.p.needs_polling()
     assert _step(pair) == ["w"]  # chunk [0, 6): completes block 0 only
+    assert pair.p.needs_polling()
     # chunk [6, 11): blocks 1 and 2 (2 is partial: the prompt's end); "plain" shares the step
     assert _step(pair) == ["w", "plain"]
     assert req.status is RequestStatus.FINISHED_LENGTH
@@ -172,6 +176,7 @@ def test_hook_posts_each_layer_of_the_blocks_each_chunk_completes(pair: Pair) ->
     pair.transport.settle_all(TransferStatus.DONE)
     _update(pair)
     assert "w" not in pair.p.transfers  # done: write_done sent, blocks freed
+    assert not pair.p.needs_polling()
     assert pair.p.counters["bytes_moved_total"] == 3 * BLOCK_BYTES
     assert pair.p.counters["layer_posts_total"] == 2 * NUM_LAYERS
     assert pair.p.counters["transfers_done_total"] == 1

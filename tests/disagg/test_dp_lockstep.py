@@ -193,6 +193,9 @@ class FakeEngine:
     def connector_busy(self) -> bool:
         return False
 
+    def connector_needs_polling(self) -> bool:
+        return False
+
     def step(self) -> list[EngineCoreOutput]:
         self._check()
         out = []

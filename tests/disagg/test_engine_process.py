@@ -77,6 +77,9 @@ class FakeEngine:
     def connector_busy(self) -> bool:
         return False
 
+    def connector_needs_polling(self) -> bool:
+        return False
+
     def step(self) -> list[EngineCoreOutput]:
         self.steps += 1
         if self.stop.is_set():
