@@ -8,7 +8,7 @@
 #   write-lw      WRITE layerwise, first token from the prefill
 #   write-lw-COPY the same with the ipc transport's copy option COPY (kernel, batch, runtime)
 #   write         WRITE of the whole prompt after the prefill, first token from the prefill
-# Usage: [DEPS="read write-lw"] bash bench/pd_ttft_gpu.sh OUT_DIR COMMIT [NUM_PROMPTS]
+# Usage: [DEPS="read write-lw"] [TRANSPORT=tcp] bash bench/pd_ttft_gpu.sh OUT_DIR COMMIT [NUM_PROMPTS]
 # Rows: OUT_DIR/serve.jsonl (one `disagg bench serve` row per run, per-phase stats included)
 # and OUT_DIR/pd_ttft.jsonl (one row per P/D run: p50 TTFT / monolithic p50 TTFT).
 set -euo pipefail
@@ -42,7 +42,7 @@ ready() {  # LOG...
 kv() {  # ROLE MODE [LAYERWISE [IPC_COPY]]
   local opts=""
   [ -n "${4:-}" ] && opts=",\"transport_options\":{\"copy\":\"$4\"}"
-  echo "{\"kv_connector\":\"PDConnector\",\"kv_role\":\"$1\",\"kv_connector_extra_config\":{\"transport\":\"ipc\",\"mode\":\"$2\"${3:+,\"layerwise\":true}$opts}}"
+  echo "{\"kv_connector\":\"PDConnector\",\"kv_role\":\"$1\",\"kv_connector_extra_config\":{\"transport\":\"${TRANSPORT:-ipc}\",\"mode\":\"$2\"${3:+,\"layerwise\":true}$opts}}"
 }
 bench() {  # NAME URL
   python3 -m bench.cli serve --base-url "$2" --model llama3-8b-dummy --tokenizer builtin:tiny-llama \
@@ -75,7 +75,7 @@ for dep in ${DEPS:-read read-recomp write-lw}; do
   wait "$proxy" "${pids[-1]}" "${pids[-2]}" 2>/dev/null || true
   unset 'pids[-1]' 'pids[-1]'
 done
-python3 - "$out" "$commit" "${DEPS:+DEPS=\"$DEPS\" }bash bench/pd_ttft_gpu.sh OUT $commit $num" <<'PY'
+python3 - "$out" "$commit" "${DEPS:+DEPS=\"$DEPS\" }${TRANSPORT:+TRANSPORT=$TRANSPORT }bash bench/pd_ttft_gpu.sh OUT $commit $num" <<'PY'
 import json, sys
 out, commit, command = sys.argv[1], sys.argv[2], sys.argv[3]
 rows = {}
