@@ -16,6 +16,10 @@ import aiohttp
 import pytest
 import requests  # type: ignore[import-untyped]
 
+from disagg.common.sampling_params import SamplingParams
+from disagg.common.tokenizer import get_tokenizer
+from disagg.llm import LLM
+
 KEY = "k"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 MOE = ["builtin:tiny-moe", "--device", "cpu", "--kv-cache-memory-bytes", "8MiB",
@@ -37,6 +41,15 @@ async def _greedy(url: str, prompts: list[str], max_tokens: int = 12) -> list[li
         return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
 
 
+def _one_engine(prompts: list[str], max_tokens: int = 12) -> list[list[int]]:
+    """``_greedy``'s tokens from one engine in this process holding every expert."""
+    ids = [get_tokenizer(MOE[0]).encode(p) for p in prompts]
+    params = [SamplingParams(max_tokens=max_tokens - i % 4, temperature=0.0, ignore_eos=True)
+              for i in range(len(prompts))]
+    with LLM(MOE[0], device="cpu", kv_cache_memory_bytes=8 * 2**20) as llm:
+        return [o.output_token_ids for o in llm.generate(ids, params)]
+
+
 def _rpc(url: str, method: str) -> list[dict[str, Any]]:
     r = requests.post(url + "/collective_rpc", headers=AUTH, json={"method": method},
                       timeout=30)
@@ -46,8 +59,8 @@ def _rpc(url: str, method: str) -> list[dict[str, Any]]:
 
 @pytest.mark.parametrize("dp", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_expert_parallel_equals_one_rank_with_every_expert(instance_factory, dp: int) -> None:
-    single, ep = instance_factory.many(MOE, [*MOE, "-dp", str(dp), "--enable-expert-parallel"])
-    expected = asyncio.run(_greedy(single.url, PROMPTS))
+    ep = instance_factory([*MOE, "-dp", str(dp), "--enable-expert-parallel"])
+    expected = _one_engine(PROMPTS)
     assert asyncio.run(_greedy(ep.url, PROMPTS)) == expected
     # one prompt: every other rank only lends its experts (dummy steps in the same waves)
     assert asyncio.run(_greedy(ep.url, PROMPTS[:1])) == expected[:1]
@@ -58,17 +71,21 @@ def test_expert_parallel_equals_one_rank_with_every_expert(instance_factory, dp:
     assert all(r["held"] == 0 for r in ledger)
 
 
+# experts sliced over 2 TP ranks (the same SparseMoeBlock) give TP 1's tokens in the default
+# tests/disagg/models/test_mla.py::test_tensor_parallel_2_gives_the_tp_1_tokens[v2-lite] and
+# test_pd_moves_exactly_the_latents_and_equals_monolithic (DeepSeek MoE layers at TP 2)
+@pytest.mark.slow
 def test_moe_under_tensor_parallelism_equals_tp1(instance_factory) -> None:
-    single, tp2 = instance_factory.many(MOE, [*MOE, "-tp", "2"], ready_timeout_s=120)
-    assert asyncio.run(_greedy(tp2.url, PROMPTS[:4])) == asyncio.run(_greedy(single.url,
-                                                                             PROMPTS[:4]))
+    tp2 = instance_factory([*MOE, "-tp", "2"], ready_timeout_s=120)
+    assert asyncio.run(_greedy(tp2.url, PROMPTS[:4])) == _one_engine(PROMPTS[:4])
 
 
 def test_expert_parallel_flags_are_checked(instance_factory) -> None:
-    for args, words in ((["--enable-expert-parallel"], "add -dp N with N >= 2"),
-                        (["-dp", "2", "-tp", "2", "--enable-expert-parallel"], "not built yet"),
-                        (["-dp", "3", "--enable-expert-parallel"], "multiple of 3")):
-        inst = instance_factory([*MOE, *args], expect_ready=False)
+    cases = ((["--enable-expert-parallel"], "add -dp N with N >= 2"),
+             (["-dp", "2", "-tp", "2", "--enable-expert-parallel"], "not built yet"),
+             (["-dp", "3", "--enable-expert-parallel"], "multiple of 3"))
+    insts = instance_factory.many(*([*MOE, *args] for args, _ in cases), expect_ready=False)
+    for inst, (_, words) in zip(insts, cases, strict=True):
         assert inst.proc.wait(60) != 0
         log = inst.log()
         assert words in log and "Traceback" not in log, log
@@ -100,7 +117,11 @@ def test_a_rank_killed_mid_exchange_fails_requests_and_ends_the_instance(
     assert "Traceback" not in inst.log().split("disagg: error:")[-1]
 
 
-@pytest.mark.parametrize("ep_side,mode", [("decode", "read"), ("prefill", "read")])
+@pytest.mark.parametrize("ep_side,mode", [
+    ("both", "read"),
+    # the both-read case covers these: each of its sides is an expert-parallel one
+    pytest.param("decode", "read", marks=pytest.mark.slow),
+    pytest.param("prefill", "read", marks=pytest.mark.slow)])
 def test_pd_with_an_expert_parallel_side_equals_monolithic(instance_factory, ep_side: str,
                                                            mode: str) -> None:
     """The KV of each request moves between whichever DP ranks served it (READ: WRITE with a
@@ -108,38 +129,33 @@ def test_pd_with_an_expert_parallel_side_equals_monolithic(instance_factory, ep_
     from tests.connectors.pd_helpers import info, kv_config, pd_request, settled_metric, wait_clean
 
     ep = ["-dp", "2", "--enable-expert-parallel"]
-    mono, prefill, decode = instance_factory.many(
-        MOE, [*MOE, *(ep if ep_side == "prefill" else []),
-              "--kv-transfer-config", kv_config("kv_producer", mode)],
-        [*MOE, *(ep if ep_side == "decode" else []),
+    prefill, decode = instance_factory.many(
+        [*MOE, *(ep if ep_side in ("prefill", "both") else []),
+         "--kv-transfer-config", kv_config("kv_producer", mode)],
+        [*MOE, *(ep if ep_side in ("decode", "both") else []),
          "--kv-transfer-config", kv_config("kv_consumer", mode)])
     prompts = [[(7 * i + n) % 250 + 1 for i in range(n)] for n in (1, 16, 17, 40, 90, 33)]
+    with LLM(MOE[0], device="cpu", kv_cache_memory_bytes=8 * 2**20) as mono:
+        expected = [o.output_token_ids for o in mono.generate(prompts, SamplingParams(
+            max_tokens=6, temperature=0.0, ignore_eos=True))]
 
-    async def go() -> tuple[list[list[int]], list[list[int]]]:
+    async def go() -> list[list[int]]:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:
-            def body(p: list[int]) -> dict[str, Any]:
-                return {"prompt": p, "max_tokens": 6, "temperature": 0, "ignore_eos": True,
-                        "return_token_ids": True}
-
-            async def mono_one(p: list[int]) -> list[int]:
-                async with s.post(mono.url + "/v1/completions", json=body(p)) as r:
-                    return list((await r.json())["choices"][0]["token_ids"])
-
             async def pd_one(p: list[int]) -> list[int]:
-                status, res = await pd_request(s, prefill.url, decode.url, body(p), mode,
+                body = {"prompt": p, "max_tokens": 6, "temperature": 0, "ignore_eos": True,
+                        "return_token_ids": True}
+                status, res = await pd_request(s, prefill.url, decode.url, body, mode,
                                                info(prefill.url), info(decode.url))
                 assert status == 200, res
                 return list(res["choices"][0]["token_ids"])
 
-            expected = await asyncio.gather(*(mono_one(p) for p in prompts))
-            got = await asyncio.gather(*(pd_one(p) for p in prompts))  # both ranks busy
-            return expected, got
+            return await asyncio.gather(*(pd_one(p) for p in prompts))  # every rank busy
 
-    expected, got = asyncio.run(go())
-    assert got == expected
-    ep_inst = decode if ep_side == "decode" else prefill
-    per_rank = [s["num_requests_total"] for s in _rpc(ep_inst.url, "stats")]
-    assert all(n > 0 for n in per_rank), per_rank  # the frontend spread them over the ranks
+    assert asyncio.run(go()) == expected
+    ep_insts = {"prefill": [prefill], "decode": [decode], "both": [prefill, decode]}[ep_side]
+    for ep_inst in ep_insts:
+        per_rank = [s["num_requests_total"] for s in _rpc(ep_inst.url, "stats")]
+        assert all(n > 0 for n in per_rank), per_rank  # the frontend spread them over the ranks
     for inst in (prefill, decode):
         assert settled_metric(inst.url, "disagg_kv_connector_kv_refused_total", 0.0) == 0.0
         wait_clean(inst.url)

@@ -117,12 +117,13 @@ def test_decode_worker_killed_mid_transfer_peer_frees_its_hold(instance_factory)
     """D (tp 2) reads from P (tp 1) but its read never completes (an injected stalled post);
     its worker dies: the request fails naming the worker and P's held blocks come back."""
     common = [*TINY, "--max-model-len", "256"]
-    p = instance_factory([*common, "--kv-transfer-config",
-                          kv_config("kv_producer", "read", lease_timeout=3)])
-    d = instance_factory([*common, "-tp", "2", "--kv-transfer-config",
-                          kv_config("kv_consumer", "read", lease_timeout=3,
-                                    faults=[{"at": "post", "action": "stall"}])],
-                         env={"DISAGG_FAULT_INJECTION": "1"}, ready_timeout_s=120)
+    # both start at once, so both may take fault rules (P is given none)
+    p, d = instance_factory.many(
+        [*common, "--kv-transfer-config", kv_config("kv_producer", "read", lease_timeout=3)],
+        [*common, "-tp", "2", "--kv-transfer-config",
+         kv_config("kv_consumer", "read", lease_timeout=3,
+                   faults=[{"at": "post", "action": "stall"}])],
+        env={"DISAGG_FAULT_INJECTION": "1"}, ready_timeout_s=120)
     p_info = requests.get(p.url + "/instance_info", timeout=5).json()
     d_info = requests.get(d.url + "/instance_info", timeout=5).json()
     worker = tp_worker(d)
