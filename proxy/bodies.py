@@ -166,8 +166,12 @@ def prefill_body(body: dict[str, Any], kv_params: dict[str, Any]) -> dict[str, A
         out["n"] = 1
     out["stream"] = False
     # These would contradict max_tokens=1 / stream=false and get the prefill refused.
-    for key in ("stream_options", "min_tokens", "best_of"):
+    for key in ("stream_options", "best_of"):
         out.pop(key, None)
+    # The first token obeys min_tokens too (no EOS or stop token where the client asked for
+    # more): the decode may take the prefill's token, which must be the one it would sample.
+    if isinstance(out.get("min_tokens"), int) and out["min_tokens"] > 1:
+        out["min_tokens"] = 1
     out["kv_transfer_params"] = kv_params
     return out
 

@@ -60,7 +60,9 @@ def test_prefill_body_is_one_token_not_streamed() -> None:
             "temperature": 0.5}
     out = prefill_body(body, {"transfer_id": "t"})
     assert out == {"prompt": "x", "max_tokens": 1, "max_completion_tokens": 1, "stream": False,
-                   "n": 1, "temperature": 0.5, "kv_transfer_params": {"transfer_id": "t"}}
+                   "n": 1, "temperature": 0.5, "min_tokens": 1,  # the first token obeys it
+                   "kv_transfer_params": {"transfer_id": "t"}}
+    assert prefill_body({**body, "min_tokens": 0}, {})["min_tokens"] == 0
     assert body["max_tokens"] == 50  # the client's body is not modified
 
 

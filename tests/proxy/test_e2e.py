@@ -178,6 +178,19 @@ def test_proxy_streams_the_prefill_first_token_and_the_stream_equals_monolithic(
                 text, timings = _streamed(default_1p1d.url, path, stop)
                 assert text == expected and timings["decode_admission_s"] > 0.0
     assert by_proxy > 0
+    # min_tokens with the greedy first token made a stop token: the prefill samples that
+    # token (it gets min_tokens capped at its max_tokens of 1) and P/D must still equal
+    # monolithic, which does not end before min_tokens
+    for prompt in PROMPTS[:3]:
+        body = {"model": "builtin:tiny-llama", "prompt": prompt, "max_tokens": 6,
+                "temperature": 0, "return_token_ids": True}
+        greedy = requests.post(mono.url + "/v1/completions", json=body, timeout=60).json()
+        body.update(min_tokens=2, stop_token_ids=[greedy["choices"][0]["token_ids"][0]])
+        expected_ids = requests.post(mono.url + "/v1/completions", json=body,
+                                     timeout=60).json()["choices"][0]["token_ids"]
+        r = requests.post(default_1p1d.url + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["token_ids"] == expected_ids, prompt
     for inst in default_1p1d.instances():
         wait_clean(inst)
 
