@@ -1,7 +1,8 @@
 """Logits processors that change the argmax: logit_bias and the repetition penalties.
 
-Order as vLLM V1's sampler: logit_bias, then penalties (repetition, frequency, presence), then
-greedy argmax / temperature, min_p, top-k/top-p (the last three live in sampler.py).
+Order as vLLM V1's sampler: min_tokens (stop tokens banned until then), logit_bias, then
+penalties (repetition, frequency, presence), then greedy argmax / temperature, min_p,
+top-k/top-p (the last three live in sampler.py).
 
 The penalties read each request's token counts, kept on the device by ``TokenCounts``.
 """
@@ -14,15 +15,44 @@ from typing import Protocol
 
 import torch
 
+from disagg.common.sampling_params import SamplingParams
+
 
 class TokenHistory(Protocol):
-    """What the penalties read of a request (``disagg.engine.request.Request`` is one)."""
+    """What the logits processors read of a request (``disagg.engine.request.Request`` is
+    one)."""
 
     @property
     def prompt_token_ids(self) -> Sequence[int]: ...
 
     @property
     def output_token_ids(self) -> Sequence[int]: ...
+
+    @property
+    def eos_token_ids(self) -> Sequence[int]: ...
+
+
+def min_tokens_bans(sp: SamplingParams, history: TokenHistory) -> list[int]:
+    """The tokens a request may not sample yet: its stop tokens (EOS unless ``ignore_eos``,
+    and ``stop_token_ids``) while it has fewer than ``min_tokens`` outputs, as vLLM's
+    min-tokens processor. Empty when nothing is banned."""
+    if len(history.output_token_ids) >= sp.min_tokens:
+        return []
+    eos = () if sp.ignore_eos else tuple(history.eos_token_ids)
+    return sorted({*eos, *sp.stop_token_ids})
+
+
+def ban_tokens(logits: torch.Tensor, rows: Sequence[int], banned: Sequence[Sequence[int]]
+               ) -> None:
+    """``logits[rows[i], banned[i]] = -inf`` in place (ids past the vocabulary are ignored)."""
+    vocab = logits.shape[1]
+    row_ids = [r for r, ids in zip(rows, banned, strict=True) for t in ids if 0 <= t < vocab]
+    token_ids = [t for ids in banned for t in ids if 0 <= t < vocab]
+    if row_ids:
+        dev = logits.device
+        logits.index_put_((to_device(row_ids, torch.long, dev),
+                           to_device(token_ids, torch.long, dev)),
+                          torch.tensor(float("-inf"), dtype=logits.dtype, device=dev))
 
 
 def to_device(values: Sequence[int] | Sequence[float], dtype: torch.dtype,

@@ -14,6 +14,8 @@ from disagg.engine.penalties import (
     TokenHistory,
     apply_logit_bias,
     apply_penalties,
+    ban_tokens,
+    min_tokens_bans,
     to_device,
 )
 
@@ -88,13 +90,19 @@ class Sampler:
     def _processed(self, logits: torch.Tensor, request_ids: list[str],
                    params: list[SamplingParams],
                    histories: Sequence[TokenHistory] | None) -> torch.Tensor:
-        """``logits`` itself when no row has logit_bias or penalties, else a copy where those
-        rows have them applied (bias first, then penalties, as vLLM)."""
+        """``logits`` itself when no row has min_tokens to honour, logit_bias or penalties,
+        else a copy where those rows have them applied (stop tokens banned below min_tokens,
+        then bias, then penalties, as vLLM)."""
         biased = [i for i, sp in enumerate(params) if sp.logit_bias]
         penalized = [i for i, sp in enumerate(params) if sp.has_penalties]
-        if not biased and not penalized:
+        bans = [] if histories is None else [
+            (i, banned) for i, sp in enumerate(params)
+            if sp.min_tokens and (banned := min_tokens_bans(sp, histories[i]))]
+        if not biased and not penalized and not bans:
             return logits
         out = logits.clone()
+        if bans:
+            ban_tokens(out, [i for i, _ in bans], [banned for _, banned in bans])
         if biased:
             apply_logit_bias(out, biased, [params[i].logit_bias for i in biased])
         if penalized:

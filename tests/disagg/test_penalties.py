@@ -18,6 +18,7 @@ CPU = torch.device("cpu")
 class History:
     prompt_token_ids: list[int]
     output_token_ids: list[int] = field(default_factory=list)
+    eos_token_ids: tuple[int, ...] = ()
 
 
 def _penalties_ref(logits: torch.Tensor, prompt: list[int], output: list[int], presence: float,

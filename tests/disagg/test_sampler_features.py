@@ -20,6 +20,7 @@ RANDOM = SamplingParams(temperature=1.0)
 class History:
     prompt_token_ids: list[int]
     output_token_ids: list[int] = field(default_factory=list)
+    eos_token_ids: tuple[int, ...] = ()
 
 
 def _draw(sampler: Sampler, logits: torch.Tensor, sp: SamplingParams, rows: int,
@@ -123,3 +124,38 @@ def test_logprobs_stay_those_of_the_raw_logits() -> None:
     lp = lps[0]
     assert lp is not None and math.isclose(lp.logprob, math.log(0.1), rel_tol=1e-5)
     assert lp.top[0][0] == 0
+
+
+def test_min_tokens_bans_stop_tokens_and_eos_until_reached() -> None:
+    """vLLM's min-tokens processor: EOS (unless ignore_eos) and stop_token_ids cannot be
+    sampled while the request has fewer than min_tokens outputs; greedy and random alike."""
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    eos_first = History([0], [], eos_token_ids=(0,))
+    sp = SamplingParams(temperature=0, min_tokens=2, stop_token_ids=(1,))
+    assert _draw(Sampler(CPU, 0), logits, sp, 1, eos_first) == [2]  # 0 and 1 banned
+    assert 0 not in _draw(Sampler(CPU, 0), logits, SamplingParams(
+        temperature=1.0, min_tokens=2), 2000, eos_first)
+    one_out = History([0], [3], eos_token_ids=(0,))
+    assert _draw(Sampler(CPU, 0), logits, sp, 1, one_out) == [2]  # 1 output < 2
+    done = History([0], [3, 3], eos_token_ids=(0,))
+    assert _draw(Sampler(CPU, 0), logits, sp, 1, done) == [0]  # reached: nothing banned
+    ignore = SamplingParams(temperature=0, min_tokens=2, ignore_eos=True)
+    assert _draw(Sampler(CPU, 0), logits, ignore, 1, eos_first) == [0]  # EOS not a stop
+    past_vocab = SamplingParams(temperature=0, min_tokens=1, stop_token_ids=(10**6,))
+    assert _draw(Sampler(CPU, 0), logits, past_vocab, 1, History([0])) == [0]
+
+
+def test_min_tokens_in_the_engine_never_emits_a_stop_token_early() -> None:
+    """The greedy first token made a stop token with min_tokens=3: the engine samples other
+    tokens until it has 3, then may stop on it."""
+    from disagg.llm import LLM
+
+    prompt = list(range(5, 30))
+    with LLM(device="cpu", kv_cache_memory_bytes=4 * 2**20, max_model_len=256) as llm:
+        greedy = llm.generate([prompt], SamplingParams(max_tokens=4, temperature=0,
+                                                       ignore_eos=True))[0].output_token_ids
+        out = llm.generate([prompt], SamplingParams(
+            max_tokens=6, temperature=0, min_tokens=3, stop_token_ids=(greedy[0],)))[0]
+    assert len(out.output_token_ids) >= 3
+    assert greedy[0] not in out.output_token_ids[:3]
+    assert out.output_token_ids[0] != greedy[0]
