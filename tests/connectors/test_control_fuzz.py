@@ -12,6 +12,10 @@ with a notify address ZMQ cannot connect to, then ask for a reply.
 Then: both engines alive, the control threads answer real handshakes and a real P/D request
 gives exactly the monolithic greedy tokens (nothing a stranger sent unseated the real peer),
 the malformed / unidentified / refused counters rose, both ledgers are clean.
+
+One P/D pair serves the READ and the WRITE test (each request names its mode, ``pd_request``;
+the configured mode is only a default); the WRITE test fuzzes it from another seed, after the
+READ test's fuzz, and the counters are read as differences.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import random
 import re
 import socket
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
@@ -40,6 +45,7 @@ from pd_helpers import (
     push_frames,
     wait_clean,
 )
+from support import Instance, start_instances
 
 from connectors.protocol import (
     CONTROL_VERSION,
@@ -212,6 +218,21 @@ def _fuzz_handshake(rng: random.Random, target: dict[str, Any],
 
 
 # ---- the test ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Instance]]:
+    """[prefill, decode], shared by both modes."""
+    started = start_instances(
+        [[*BASE, "--kv-transfer-config", kv_config(role, "read", **TIMEOUTS)]
+         for role in ("kv_producer", "kv_consumer")], tmp_path_factory.mktemp("fuzz"))
+    try:
+        yield started
+    finally:
+        for inst in started:  # all stop at once; stop() then waits for each
+            inst.proc.terminate()
+        for inst in started:
+            inst.stop()
+
+
 async def _pd(p: Any, d: Any, mode: str) -> tuple[int, dict[str, Any]]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as s:
         return await pd_request(s, p.url, d.url, BODY, mode, info(p.url), info(d.url))
@@ -249,17 +270,15 @@ def _counted(inst: Any, before: dict[str, float], malformed: int,
 
 
 @pytest.mark.parametrize("mode", ["read", "write"])
-def test_control_plane_survives_fuzz(instance_factory, mode: str) -> None:
+def test_control_plane_survives_fuzz(pair: list[Instance], mode: str) -> None:
     """A few hundred hostile frames on both ports of both engines (module docstring)."""
-    p, d = instance_factory.many(
-        [*BASE, "--kv-transfer-config", kv_config("kv_producer", mode, **TIMEOUTS)],
-        [*BASE, "--kv-transfer-config", kv_config("kv_consumer", mode, **TIMEOUTS)])
+    p, d = pair
     r = requests.post(p.url + "/v1/completions", json=BODY, timeout=60)
     expected = r.json()["choices"][0]["token_ids"]
     status, out = asyncio.run(_pd(p, d, mode))  # the real peers have identified each other
     assert status == 200 and out["choices"][0]["token_ids"] == expected, out
     before = {x.url: _counters(x.url) for x in (p, d)}
-    rng = random.Random(SEED)
+    rng = random.Random(SEED + ("read", "write").index(mode))
     for x, y in ((p, d), (d, p)):
         target = info(x.url)
         strangers = _fuzz_handshake(rng, target, info(y.url))

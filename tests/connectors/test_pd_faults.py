@@ -79,10 +79,10 @@ CASES = [
 
 @dataclass
 class Deployment:
-    """A faulty P/D pair and the monolithic tokens of every prompt."""
+    """A faulty P/D pair and the monolithic tokens of every prompt. Each request names its
+    mode (``pd_request``), so one pair per transport serves the READ and the WRITE cases."""
 
     transport: str
-    mode: str
     p: Instance
     d: Instance
     p_info: dict[str, Any]
@@ -90,33 +90,55 @@ class Deployment:
     expected: list[list[int]]
 
 
-TRANSPORTS = ["tcp", pytest.param("nixl", marks=pytest.mark.skipif(
-    not _nixl_ok(), reason="nixl is not installed"))]
+DATA_PATH = ("fail post", "stall post", "flip a landed byte", "drop the second post")
+"""Faults on the transport's own path (posts, landed bytes); the others act on the control
+messages above any transport."""
 
 
-@pytest.fixture(scope="module", params=[
-    ("tcp", "read"), ("tcp", "write"), ("nixl", "read"),
-    # the fault handling above the transport is the same in both modes; WRITE's faults run
-    # over tcp by default, nixl's transport over READ
-    pytest.param(("nixl", "write"), marks=pytest.mark.slow)], ids=lambda tm: f"{tm[0]}-{tm[1]}")
+def _matrix() -> list[Any]:
+    """(transport, mode, case) for every case in each of its modes. Default: every fault in both
+    its modes over tcp, plus nixl READ's data-path faults. Slow: nixl READ's control-message
+    faults (covered by the same fault and mode over tcp by default: they never reach the
+    transport's code) and nixl WRITE (its control faults run over tcp WRITE by default, nixl's
+    data path over nixl READ)."""
+    out = []
+    for transport in ("tcp", "nixl"):
+        for mode in ("read", "write"):
+            for case in CASES:
+                if mode not in case.modes:
+                    continue
+                marks: list[Any] = []
+                if transport == "nixl":
+                    marks.append(pytest.mark.skipif(not _nixl_ok(),
+                                                    reason="nixl is not installed"))
+                    # slow: nixl READ's control faults (default: same fault+mode over tcp) and
+                    # nixl WRITE (default: tcp WRITE for its faults, nixl READ for nixl's path)
+                    if mode == "write" or case.name not in DATA_PATH:
+                        marks.append(pytest.mark.slow)
+                out.append(pytest.param(transport, mode, case, marks=marks,
+                                        id=f"{transport}-{mode}-{case.name.replace(' ', '-')}"))
+    return out
+
+
+@pytest.fixture(scope="module")
 def deployment(request: pytest.FixtureRequest,
                tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    transport, mode = request.param
-    if transport == "nixl" and not _nixl_ok():
-        pytest.skip("nixl is not installed")
-    tmp = tmp_path_factory.mktemp(f"faults-{transport}-{mode}")
+    transport = request.param
+    tmp = tmp_path_factory.mktemp(f"faults-{transport}")
     env = {"DISAGG_FAULT_INJECTION": "1"}
     extra = {**TIMEOUTS, "verify_kv": True}
     # the same prompts every case: a decode-side prefix hit would move nothing
     started = start_instances(
         [[*BASE, "--no-enable-prefix-caching", "--kv-transfer-config",
-          kv_config(role, mode, transport, **extra)] for role in ("kv_producer", "kv_consumer")],
+          kv_config(role, "read", transport, **extra)] for role in ("kv_producer", "kv_consumer")],
         tmp, env=env)
     try:
         p, d = started
         expected = [_generate(p.url, prompt) for prompt in PROMPTS]
-        yield Deployment(transport, mode, p, d, info(p.url), info(d.url), expected)
+        yield Deployment(transport, p, d, info(p.url), info(d.url), expected)
     finally:
+        for inst in started:  # both stop at once; stop() then waits for each
+            inst.proc.terminate()
         for inst in started:
             inst.stop()
 
@@ -152,10 +174,10 @@ def _rose(urls: list[str], names: tuple[str, ...], before: float, timeout_s: flo
     return True
 
 
-async def _run_all(dep: Deployment) -> list[tuple[int, dict[str, Any]]]:
+async def _run_all(dep: Deployment, mode: str) -> list[tuple[int, dict[str, Any]]]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as s:
         return await asyncio.gather(*(
-            pd_request(s, dep.p.url, dep.d.url, _body(prompt), dep.mode, dep.p_info,
+            pd_request(s, dep.p.url, dep.d.url, _body(prompt), mode, dep.p_info,
                        dep.d_info) for prompt in PROMPTS))
 
 
@@ -167,35 +189,35 @@ def _outcome(status: int, body: dict[str, Any], expected: list[int]) -> str:
     return "error" if ok else "bad_error"
 
 
-def _record(dep: Deployment, case: Case, outcomes: list[str]) -> None:
+def _record(dep: Deployment, mode: str, case: Case, outcomes: list[str]) -> None:
     """Append this case's counts where ``python -m bench.fault_matrix`` collects them."""
     path = os.environ.get("DISAGG_FAULT_MATRIX_OUT")
     if path:
         with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"transport": dep.transport, "mode": dep.mode, "fault": case.name,
+            f.write(json.dumps({"transport": dep.transport, "mode": mode, "fault": case.name,
                                 **{k: outcomes.count(k) for k in ("equal", "error", "wrong",
                                                                   "bad_error")}}) + "\n")
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name.replace(" ", "-"))
-def test_fault_never_yields_wrong_tokens(deployment: Deployment, case: Case) -> None:
+# slow cases: nixl READ's control faults (default over tcp READ), nixl WRITE (default: tcp WRITE)
+@pytest.mark.parametrize(("deployment", "mode", "case"), _matrix(), indirect=["deployment"],
+                         scope="module")
+def test_fault_never_yields_wrong_tokens(deployment: Deployment, mode: str, case: Case) -> None:
     dep = deployment
-    if dep.mode not in case.modes:
-        pytest.skip(f"{case.name} is a {'/'.join(case.modes)} fault")
-    poster = "d" if dep.mode == "read" else "p"
+    poster = "d" if mode == "read" else "p"
     sides = {"p": ["p"], "d": ["d"], "both": ["p", "d"], "poster": [poster]}[case.side]
     before = _counters(dep.d.url, case.must_fail) if case.must_fail else 0.0
     injected = sum(_counters(getattr(dep, x).url, ("faults_injected_total",)) for x in sides)
     for side in sides:
         _set_faults(getattr(dep, side).url, case.rules)
     try:
-        results = asyncio.run(_run_all(dep))
+        results = asyncio.run(_run_all(dep, mode))
     finally:
         for side in ("p", "d"):
             _set_faults(getattr(dep, side).url, [])
     outcomes = [_outcome(status, body, expected)
                 for (status, body), expected in zip(results, dep.expected)]
-    _record(dep, case, outcomes)
+    _record(dep, mode, case, outcomes)
     assert "wrong" not in outcomes, (case.name, results)
     assert all(o != "bad_error" for o in outcomes), (case.name, results)
     if case.must_fail:

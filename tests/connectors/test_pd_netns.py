@@ -29,7 +29,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,14 +113,30 @@ def two_hosts() -> Iterator[tuple[Host, Host]]:
 
 
 @pytest.fixture(scope="module")
-def monolithic(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Instance]:
-    """A plain instance in the root namespace: the reference output."""
-    inst = start_instance([*BASE, "--max-model-len", str(MAX_MODEL_LEN)],
-                          tmp_path_factory.mktemp("mono"))
+def instances(two_hosts: tuple[Host, Host],
+              tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Instance]]:
+    """[monolithic (root namespace, the reference output), prefill in A, decode in B], started
+    at the same time. Both tests share them: each request names its mode (``pd_request``),
+    the connectors' configured mode is only a default."""
+    a, b = two_hosts
+    tmp = tmp_path_factory.mktemp("netns")
+    common = [*BASE, "--max-model-len", str(MAX_MODEL_LEN)]
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(start_instance, common, tmp)] + [
+            pool.submit(start_instance, [*common, "--kv-transfer-config",
+                                         kv_config(role, "read", host=host.data_addr)],
+                        tmp, host=host.http_addr, prefix=host.prefix())
+            for role, host in (("kv_producer", a), ("kv_consumer", b))]
+    started = [f.result() for f in futures if f.exception() is None]
     try:
-        yield inst
+        for f in futures:  # the first failure to start, once the others are owned here
+            f.result()
+        yield started
     finally:
-        inst.stop()
+        for inst in started:  # all stop at once; stop() then waits for each
+            inst.proc.terminate()
+        for inst in started:
+            inst.stop()
 
 
 def _tx_bytes(host: Host) -> int:
@@ -129,9 +146,11 @@ def _tx_bytes(host: Host) -> int:
     return int(json.loads(result.stdout)[0]["stats64"]["tx"]["bytes"])
 
 
-def _prompts(block_size: int) -> list[list[int]]:
-    """One token, and one block + 1 (a partial last block)."""
-    return [[(7 * i + n) % 250 + 1 for i in range(n)] for n in (1, block_size + 1)]
+def _prompts(block_size: int, mode: str) -> list[list[int]]:
+    """One token, and one block + 1 (a partial last block); other tokens per mode, since both
+    modes share the pair and its prefix caches (a decode-side hit would move nothing)."""
+    k = ("read", "write").index(mode)
+    return [[(7 * i + n + k) % 250 + 1 for i in range(n)] for n in (1, block_size + 1)]
 
 
 async def _equal_outputs(mono_url: str, p_url: str, d_url: str, mode: str,
@@ -154,27 +173,24 @@ async def _equal_outputs(mono_url: str, p_url: str, d_url: str, mode: str,
 
 @pytest.mark.parametrize("mode", ["read", "write"])
 def test_pd_across_namespaces_equals_monolithic(
-        two_hosts: tuple[Host, Host], monolithic: Instance,
-        instance_factory: Callable[..., Instance], mode: str) -> None:
+        two_hosts: tuple[Host, Host], instances: list[Instance], mode: str) -> None:
     a, b = two_hosts
-    common = [*BASE, "--max-model-len", str(MAX_MODEL_LEN)]
-    p = instance_factory([*common, "--kv-transfer-config",
-                          kv_config("kv_producer", mode, host=a.data_addr)],
-                         host=a.http_addr, prefix=a.prefix())
-    d = instance_factory([*common, "--kv-transfer-config",
-                          kv_config("kv_consumer", mode, host=b.data_addr)],
-                         host=b.http_addr, prefix=b.prefix())
+    monolithic, p, d = instances
     assert (info(p.url)["kv_host"], info(d.url)["kv_host"]) == (a.data_addr, b.data_addr)
-    prompts = _prompts(int(info(p.url)["block_size"]))
+    prompts = _prompts(int(info(p.url)["block_size"]), mode)
+    moved_side = d.url if mode == "read" else p.url  # the side that posts the one-sided ops
+    # the pair is shared by both modes: count this test's transfers only
+    moved_before = metric(moved_side, "disagg_kv_connector_bytes_moved_total")
+    done_before = metric(moved_side, "disagg_kv_connector_transfers_done_total")
     sent_before = _tx_bytes(a)
 
     asyncio.run(_equal_outputs(monolithic.url, p.url, d.url, mode, prompts))
 
-    moved_side = d.url if mode == "read" else p.url  # the side that posts the one-sided ops
-    moved = metric(moved_side, "disagg_kv_connector_bytes_moved_total")
+    moved = metric(moved_side, "disagg_kv_connector_bytes_moved_total") - moved_before
     assert moved > 0
     # A one-token prompt has no KV to move: the decode recomputes the last prompt token.
-    assert metric(moved_side, "disagg_kv_connector_transfers_done_total") >= len(prompts) - 1
+    done = metric(moved_side, "disagg_kv_connector_transfers_done_total") - done_before
+    assert done >= len(prompts) - 1
     # Either way the KV flows from the prefill host to the decode host, over the data veth.
     assert _tx_bytes(a) - sent_before >= moved
     wait_clean(p.url)
