@@ -64,6 +64,14 @@ def start_instance(args: list[str], tmp_path: object, ready_timeout_s: float = 6
                            prefix=prefix)[0]
 
 
+def stop_all(instances: Sequence[Instance]) -> None:
+    """Stop instances together: terminate every one, then wait for each."""
+    for inst in instances:
+        inst.proc.terminate()
+    for inst in instances:
+        inst.stop()
+
+
 def start_instances(arg_lists: Sequence[list[str]], tmp_path: object,
                     ready_timeout_s: float = 60.0, expect_ready: bool = True,
                     env: dict[str, str] | None = None, *, host: str = "127.0.0.1",

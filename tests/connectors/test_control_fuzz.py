@@ -45,7 +45,7 @@ from pd_helpers import (
     push_frames,
     wait_clean,
 )
-from support import Instance, start_instances
+from support import Instance, start_instances, stop_all
 
 from connectors.protocol import (
     CONTROL_VERSION,
@@ -227,10 +227,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Instance]]:
     try:
         yield started
     finally:
-        for inst in started:  # all stop at once; stop() then waits for each
-            inst.proc.terminate()
-        for inst in started:
-            inst.stop()
+        stop_all(started)
 
 
 async def _pd(p: Any, d: Any, mode: str) -> tuple[int, dict[str, Any]]:

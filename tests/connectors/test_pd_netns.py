@@ -38,7 +38,7 @@ import aiohttp
 import pytest
 from netns import ip, netns_unavailable
 from pd_helpers import BASE, info, kv_config, metric, pd_request, wait_clean
-from support import Instance, start_instance
+from support import Instance, start_instance, stop_all
 
 MAX_MODEL_LEN = 128
 MAX_TOKENS = 6
@@ -133,10 +133,7 @@ def instances(two_hosts: tuple[Host, Host],
             f.result()
         yield started
     finally:
-        for inst in started:  # all stop at once; stop() then waits for each
-            inst.proc.terminate()
-        for inst in started:
-            inst.stop()
+        stop_all(started)
 
 
 def _tx_bytes(host: Host) -> int:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import aiohttp
 import pytest
 from pd_helpers import BASE, info, kv_config, metric, pd_request, settled_metric, wait_clean
-from support import Instance, start_instances
+from support import Instance, start_instances, stop_all
 
 from disagg.models.loader import resolve_arch
 
@@ -41,10 +41,7 @@ def instances(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Instanc
     try:
         yield started
     finally:
-        for inst in started:  # all stop at once; stop() then waits for each
-            inst.proc.terminate()
-        for inst in started:
-            inst.stop()
+        stop_all(started)
 
 
 def _block_bytes() -> int:
