@@ -81,12 +81,16 @@ def test_aborted_decode_keeps_blocks_a_stalled_read_may_land_in(engines: Any) ->
                                          sampling_params=GREEDY, kv_transfer_params=params))
     t = decode.connector.transfers[tid]
     _step_until([decode, prefill], lambda: bool(t.handles))  # the read is posted, and stalls
-    num_blocks = len(t.local_block_ids)
+    # the stalled op is given up on after its drain deadline; then, and only then, they free
+    _abort_holds_then_frees(decode, prefill, len(t.local_block_ids))
+
+
+def _abort_holds_then_frees(decode: Any, prefill: Any, num_blocks: int) -> None:
+    """Abort D's request "d": its blocks stay held while an op may land in them, then free."""
     decode.abort(["d"])
     decode.step()
     snap = decode.pool.snapshot()
     assert snap.held >= num_blocks and snap.free <= snap.total - num_blocks, snap
-    # the stalled op is given up on after its drain deadline; then, and only then, they free
     _step_until([decode, prefill], lambda: decode.pool.snapshot().free == snap.total
                 and decode.pool.snapshot().held == 0)
 
@@ -115,10 +119,4 @@ def test_aborted_write_decode_keeps_its_blocks_until_the_producer_quiesced(engin
     p_t = prefill.connector.transfers[tid]
     d_t = decode.connector.transfers[tid]
     _step_until([decode, prefill], lambda: bool(p_t.handles))  # P's write is posted, stalls
-    num_blocks = len(d_t.local_block_ids)
-    decode.abort(["d"])
-    decode.step()
-    snap = decode.pool.snapshot()
-    assert snap.held >= num_blocks and snap.free <= snap.total - num_blocks, snap
-    _step_until([decode, prefill], lambda: decode.pool.snapshot().free == snap.total
-                and decode.pool.snapshot().held == 0)
+    _abort_holds_then_frees(decode, prefill, len(d_t.local_block_ids))
