@@ -47,11 +47,11 @@ def _step_ms(llm: Any, steps: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def _replay_ms(llm: Any, reps: int = 50) -> float:
+def _replay_ms(llm: Any, context: int, reps: int = 50) -> float:
     import torch
 
-    graphs = llm.engine.runner.graphs
-    graph, _ = next(iter(graphs.graphs.values()))
+    runner = llm.engine.runner
+    graph = runner.graphs.graph_for(1, -(-context // runner.block_size) + 1)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     graph.replay()
     start.record()
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     llm = _make_llm(_model_dir(args.shape))
     _start_decode(llm, args.context, 2 * args.steps + 80)
     step = _step_ms(llm, args.steps)
-    replay = _replay_ms(llm)
+    replay = _replay_ms(llm, args.context)
     kernels, kernel_us = _kernels(llm)
     host = _host_profile(llm)
     meta = run_metadata("in-process engine, 1 GPU", None)

@@ -55,6 +55,9 @@ class EngineCoreReadyResponse(msgspec.Struct, tag="ready", kw_only=True):
     kv_cache_dtype: str | None = None
     """Element dtype of the KV cache (``float8_e4m3fn`` with --kv-cache-dtype fp8); None from
     an engine that predates it: the cache is in ``dtype``."""
+    memory: str | None = None
+    """The GPU memory split (budget: weights, KV, graphs, activations, other), for the ready
+    line; None on CPU."""
 
 
 class EngineCoreStartupError(msgspec.Struct, tag="startup_error"):

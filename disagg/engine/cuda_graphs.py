@@ -1,22 +1,29 @@
 """Decode steps replayed from CUDA/HIP graphs (torch.cuda.CUDAGraph works on both).
 
 A decode step launches hundreds of small kernels; at batch 1 the launch overhead alone exceeds
-the time to read the weights. Graphs are captured lazily per (batch bucket, block-table width
-bucket), so the decode kernel's split plan, which it derives from the block-table width, stays
-close to the real context length.
+the time to read the weights. There is one graph per (batch bucket, block-table width bucket), so
+the decode kernel's split plan, which it derives from the block-table width, stays close to the
+real context length. All of them are captured at start-up (``capture_all``, largest first, into
+one private pool), so the memory they hold is measured and inside the instance's budget before it
+reports ready (disagg/engine/gpu_memory.py); ``--enforce-eager`` captures none. The buckets are
+bounded: at most len(BATCH_BUCKETS) + 1 batch sizes times one width per factor of 4 from 16
+blocks to max_model_len's.
 
 Static buffers, padded to the bucket:
     input_ids, positions  [B]        pad rows: token 0, position 0
     slot_mapping          [B]        pad rows: -1 (the cache-write kernel skips negative slots)
     seq_lens              [B]        pad rows: 1
     block_tables          [B, W]     pad rows/cols: block 0
-    logits                [B, vocab] output (fp32)
+    logits                [B, vocab] output (fp32), shared by every graph: each graph copies
+                          its logits into the rows it covers, so the pool holds no per-graph
+                          output (the caller reads them before the next replay)
 """
 
 from __future__ import annotations
 
 import bisect
 import logging
+import time
 from typing import Any
 
 import torch
@@ -47,7 +54,9 @@ class DecodeGraphs:
         self.slot_mapping = torch.full((b,), -1, dtype=torch.long, device=dev)
         self.seq_lens = torch.ones(b, dtype=torch.int32, device=dev)
         self.block_tables = torch.zeros(b, wmax, dtype=torch.int32, device=dev)
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.logits: torch.Tensor | None = None
+        """[B, vocab] fp32 output of every graph (allocated by the first capture)."""
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.pool: Any = None
         # pinned host staging: one H2D copy per buffer and step, no intermediate tensors
         self.h_vec = torch.zeros(4, b, dtype=torch.long, pin_memory=True)
@@ -60,16 +69,20 @@ class DecodeGraphs:
     def _bucket(self, buckets: list[int], n: int) -> int:
         return buckets[bisect.bisect_left(buckets, n)]
 
-    def _forward(self, b: int, w: int) -> torch.Tensor:
+    def _forward(self, b: int, w: int) -> None:
         attn = AttentionMetadata(
             slot_mapping=self.slot_mapping[:b], block_tables=self.block_tables[:b, :w],
             seq_lens=self.seq_lens[:b],
             query_start_loc=torch.arange(b + 1, dtype=torch.int32, device=self.kv_cache.device),
             decode_only=True)
         hidden = self.model(self.input_ids[:b], self.positions[:b], attn, self.kv_cache)
-        return self.model.compute_logits(hidden)
+        logits = self.model.compute_logits(hidden)
+        if self.logits is None:  # outside any capture: the warm-up of the first graph
+            self.logits = torch.empty(self.batch_buckets[-1], logits.shape[-1],
+                                      dtype=logits.dtype, device=logits.device)
+        self.logits[:b].copy_(logits)
 
-    def _capture(self, b: int, w: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _capture(self, b: int, w: int) -> torch.cuda.CUDAGraph:
         self.slot_mapping.fill_(-1)
         self.seq_lens.fill_(1)
         stream = torch.cuda.Stream()
@@ -79,10 +92,36 @@ class DecodeGraphs:
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits = self._forward(b, w)
+            self._forward(b, w)
         self.pool = graph.pool()
-        logger.info("captured decode graph batch=%d width=%d", b, w)
-        return graph, logits
+        return graph
+
+    def all_buckets(self) -> list[tuple[int, int]]:
+        """Every (batch, width) bucket, largest first (smaller graphs reuse the pool)."""
+        return [(b, w) for b in reversed(self.batch_buckets)
+                for w in reversed(self.width_buckets)]
+
+    @torch.inference_mode()
+    def capture(self, buckets: list[tuple[int, int]]) -> int:
+        """Capture ``buckets`` not captured yet; the bytes torch's allocator reserved more
+        afterwards (the pool, the shared logits and the static buffers' growth)."""
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_reserved(self.kv_cache.device)
+        t0 = time.perf_counter()
+        for b, w in buckets:
+            if (b, w) not in self.graphs:
+                self.graphs[(b, w)] = self._capture(b, w)
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # the eager warm-ups' cached blocks: activations, not graphs
+        grown = torch.cuda.memory_reserved(self.kv_cache.device) - before
+        logger.info("captured %d decode graphs (batch up to %d, width up to %d blocks) in "
+                    "%.1f s, %.2f GiB", len(buckets), max(b for b, _ in buckets),
+                    max(w for _, w in buckets), time.perf_counter() - t0, grown / 2**30)
+        return grown
+
+    def graph_for(self, batch: int, width: int) -> torch.cuda.CUDAGraph:
+        """The graph a decode batch of ``batch`` rows and ``width`` blocks replays."""
+        return self.graphs[self.buckets_for(batch, width)]
 
     def buckets_for(self, batch: int, width: int) -> tuple[int, int]:
         """(batch bucket, width bucket) a decode batch is padded to."""
@@ -94,9 +133,11 @@ class DecodeGraphs:
         """Like ``run`` from numpy inputs: ids/positions/slots/seq_lens [n], table [n, width]."""
         n, width = table.shape
         b, w = self.buckets_for(n, width)
-        if (b, w) not in self.graphs:
-            self.graphs[(b, w)] = self._capture(b, w)
-        graph, logits = self.graphs[(b, w)]
+        graph = self.graphs.get((b, w))
+        if graph is None:  # capture_all ran at start-up: only a caller that skipped it
+            self.capture([(b, w)])
+            graph = self.graphs[(b, w)]
+        assert self.logits is not None
         vec = self.h_vec.numpy()
         vec[:, n:b] = ((0,), (0,), (-1,), (1,))
         vec[0, :n], vec[1, :n], vec[2, :n], vec[3, :n] = ids, positions, slots, seq_lens
@@ -109,4 +150,4 @@ class DecodeGraphs:
         self.seq_lens[:b].copy_(self.h_vec[3, :b], non_blocking=True)
         self.block_tables[:b, :w].copy_(self.h_table[:b * w].view(b, w), non_blocking=True)
         graph.replay()
-        return logits[:n]
+        return self.logits[:n]

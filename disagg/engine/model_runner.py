@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -16,7 +16,9 @@ import torch
 from disagg.common import envs, platform
 from disagg.common.config import ConfigError, EngineConfig
 from disagg.common.protocol import TokenLogprob
+from disagg.common.sampling_params import SamplingParams
 from disagg.engine.cuda_graphs import DecodeGraphs
+from disagg.engine.gpu_memory import MemorySplit, outside_torch_bytes, process_gpu_bytes
 from disagg.engine.kv_quant import KVCacheSpec, apply_kv_scales, kv_cache_spec
 from disagg.engine.sampler import Sampler
 from disagg.engine.scheduler import ScheduledChunk, SchedulerOutput
@@ -97,6 +99,9 @@ class ModelRunner:
         self.kv_cache: torch.Tensor | None = None
         self.block_size = cfg.cache.block_size
         self.graphs: DecodeGraphs | None = None
+        self.max_positions = max_positions
+        self.memory: MemorySplit | None = None
+        """Where this GPU process's memory budget goes (None on CPU or with explicit bytes)."""
         logger.info("model loaded on %s (%s), kernels: %s%s", device, dtype, self.ops.backend,
                     f", tp rank {self.tp.rank} of {self.tp.size}" if self.tp.size > 1 else "")
 
@@ -121,36 +126,93 @@ class ModelRunner:
                                     device=self.device)
         return self.kv_cache
 
+    def _graphs_wanted(self) -> bool:
+        """Decode steps replay CUDA/HIP graphs (GPU with Triton kernels, not --enforce-eager;
+        not with expert parallelism, whose all-to-all sizes are known only at run time)."""
+        return (self.device.type == "cuda" and self.ops.backend == "triton"
+                and not envs.disable_cuda_graphs() and not self.cfg.model.enforce_eager
+                and self.ep.size == 1)
+
     def enable_decode_graphs(self, max_model_len: int) -> None:
-        """Replay decode steps from CUDA/HIP graphs (GPU with Triton kernels only)."""
-        if (self.device.type != "cuda" or self.ops.backend != "triton" or self.kv_cache is None
-                or envs.disable_cuda_graphs() or self.cfg.model.enforce_eager
-                or self.ep.size > 1):
-            return  # expert parallelism: the all-to-all sizes are known only at run time
+        """Capture every decode graph now (the cache is allocated), and record what they and
+        the cache hold in ``self.memory``."""
+        if not self._graphs_wanted() or self.kv_cache is None:
+            self._account_kv()
+            return
         self.graphs = DecodeGraphs(self.model, self.kv_cache, self.cfg.scheduler.max_num_seqs,
                                    -(-max_model_len // self.block_size))
+        grown = self.graphs.capture(self.graphs.all_buckets())
+        if self.memory is not None and grown > self.memory.graphs * 1.05 + 2**26:
+            logger.warning("the decode graphs hold %.2f GiB, %.2f GiB more than estimated "
+                           "before the KV cache was sized: the instance holds that much more "
+                           "than its budget", grown / 2**30,
+                           (grown - self.memory.graphs) / 2**30)
+        if self.memory is not None:
+            self.memory = replace(self.memory, graphs=grown)
+        self._account_kv()
+
+    def _account_kv(self) -> None:
+        if self.memory is not None and self.kv_cache is not None:
+            kv = self.kv_cache.numel() * self.kv_cache.element_size()
+            other, _ = outside_torch_bytes(self.device.index or 0)
+            self.memory = replace(self.memory, kv=kv, other=max(other, self.memory.other))
+
+    def held_gpu_bytes(self) -> int | None:
+        """What this process holds on its GPU as the driver counts it (None: not known)."""
+        if self.device.type != "cuda":
+            return None
+        return process_gpu_bytes(self.device.index or 0)
 
     def available_kv_bytes(self) -> int:
-        """KV budget: explicit bytes, or (GPU) utilization * total - weights - activation peak."""
+        """KV budget: explicit bytes, or (GPU) what ``--gpu-memory-utilization x total`` leaves
+        after the weights, the profiled activation peak, the decode graphs' estimate and the
+        memory outside torch's allocator (disagg/engine/gpu_memory.py); the split is kept in
+        ``self.memory`` for the ready line."""
         explicit = self.cfg.cache.kv_cache_memory_bytes
         if explicit is not None:
             return explicit
         if self.device.type != "cuda":
             return 256 * 2**20
+        dev = self.device
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+        weights = torch.cuda.memory_reserved(dev)
         self._profile_run()
-        peak = torch.cuda.max_memory_allocated()
-        total = torch.cuda.get_device_properties(self.device).total_memory
-        budget = int(total * self.cfg.cache.gpu_memory_utilization) - peak
-        if self.tp.size > 1:  # NCCL/RCCL buffers live outside torch's allocator
-            free, _ = torch.cuda.mem_get_info(self.device)
-            budget -= max(0, (total - free) - torch.cuda.memory_reserved(self.device))
-        return budget
+        activations = torch.cuda.max_memory_reserved(dev) - weights
+        torch.cuda.empty_cache()
+        graphs = self._estimate_graph_bytes() if self._graphs_wanted() else 0
+        other, how = outside_torch_bytes(dev.index or 0)
+        self.memory = MemorySplit(
+            total=torch.cuda.get_device_properties(dev).total_memory,
+            utilization=self.cfg.cache.gpu_memory_utilization, weights=weights,
+            activations=activations, graphs=graphs, other=other)
+        logger.debug("memory before the KV cache (outside torch measured %s): %s", how,
+                     self.memory.describe())
+        return self.memory.kv_room
+
+    def _estimate_graph_bytes(self) -> int:
+        """Capture every decode graph over a one-block cache and release them: what their pool
+        holds, before the real cache exists (the capture after it repeats the same sequence;
+        only the cache's address differs). Capturing only the largest graph measured a third
+        of it on an H200: smaller graphs reuse the pool only in part."""
+        requested = self.cfg.model.max_model_len
+        max_len = requested if requested and requested > 0 else self.max_positions
+        cache = self.allocate_kv_cache(1)
+        graphs = DecodeGraphs(self.model, cache, self.cfg.scheduler.max_num_seqs,
+                              -(-max_len // self.block_size))
+        try:
+            return graphs.capture(graphs.all_buckets())
+        finally:
+            del graphs, cache
+            self.kv_cache = None
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
 
     @torch.inference_mode()
     def _profile_run(self) -> None:
-        """One forward of max_num_batched_tokens tokens to measure activation memory."""
+        """One forward of max_num_batched_tokens tokens, then the sampler over max_num_seqs
+        rows with top-p, top-k and the most logprobs: the activation peak."""
         n = self.cfg.scheduler.max_num_batched_tokens
         nb = -(-n // self.block_size)
         cache = self.allocate_kv_cache(nb)
@@ -163,10 +225,18 @@ class ModelRunner:
             query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=self.device),
             decode_only=False)
         hidden = self.model(ids, pos, attn, cache)
-        self.model.compute_logits(hidden[-min(n, self.cfg.scheduler.max_num_seqs):])
+        rows = min(n, self.cfg.scheduler.max_num_seqs)
+        logits = self.model.compute_logits(hidden[-rows:])
+        del hidden
+        sp = SamplingParams(temperature=1.0, top_p=0.9, top_k=50,
+                            logprobs=self.cfg.model.max_logprobs or None)
+        names = [f"profile-{i}" for i in range(rows)]
+        self.sampler.sample(logits, names, [sp] * rows)
+        for name in names:
+            self.sampler.forget(name)
         torch.cuda.synchronize()
         self.kv_cache = None
-        del cache
+        del cache, logits
 
     def _host_inputs(self, out: SchedulerOutput) -> HostStep:
         """Flatten the scheduled chunks into host arrays (ids, positions, slots, tables)."""

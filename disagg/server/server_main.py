@@ -66,6 +66,7 @@ def startup_lines(cfg: EngineConfig, synced: SyncedConfig, url: str) -> list[str
              f"num_gpu_blocks={synced.num_gpu_blocks}, dtype={synced.dtype}, "
              f"kv_cache_dtype={r0.kv_cache_dtype or synced.dtype}, device={r0.device}, "
              f"dp={par.data_parallel_size}, tp={r0.tp_size}"]
+    lines += [f"dp{r.dp_rank}: {r.memory}" for r in synced.ready if r.memory]
     kv = cfg.kv_transfer
     if kv is not None:
         extra = kv.kv_connector_extra_config
