@@ -7,7 +7,8 @@
 Starts ``disagg serve`` instances on GPU 0 (a dummy-weight model of ``--shape``), runs a
 concurrency-64 random load against each (all at once with ``--co-located``), and reads what
 each instance's processes hold on the GPU as nvidia-smi counts it (the KFD's count on ROCm)
-while the load runs and after it. One row per instance goes to
+from its start (loading, profiling and graph capture: a co-located neighbour dies of a
+start-up peak too), through the load, and after it. One row per instance goes to
 ``bench/results/memory.jsonl``: the budget and split the instance logged at start-up, the
 peak and final per-process memory, their ratio to the budget, and whether it survived.
 Exit status 1 when an instance died or held more than its budget + 2%.
@@ -54,8 +55,6 @@ class Instance:
     proc: subprocess.Popen[bytes]
     started: float = field(default_factory=time.monotonic)
     ready_s: float = 0.0
-    peak_bytes: int = 0
-    samples: list[int] = field(default_factory=list)
 
     def budget(self) -> tuple[float, str]:
         """(budget GiB, split text) from the instance's start-up line."""
@@ -151,33 +150,43 @@ def load(inst: Instance, num_prompts: int, concurrency: int, input_len: int,
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
 
 
+class MemorySampler:
+    """Samples every instance's GPU memory twice a second from its start to the load's end:
+    the start-up peak (loading, profiling, capture) and the serving peak kept apart."""
+
+    def __init__(self, instances: Sequence[Instance]) -> None:
+        self.instances = instances
+        self.serving = False
+        self.startup_peak = [0] * len(instances)
+        self.serving_peak = [0] * len(instances)
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._done.is_set():
+            by_pid = gpu_bytes_by_pid()
+            peaks = self.serving_peak if self.serving else self.startup_peak
+            for k, inst in enumerate(self.instances):
+                peaks[k] = max(peaks[k], instance_bytes(inst, by_pid))
+            self._done.wait(0.5)
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+
 def measure(instances: Sequence[Instance], *, num_prompts: int = 256, concurrency: int = 64,
             input_len: int = 1024, output_len: int = 128, log_dir: Path,
             timeout_s: float = 300.0) -> list[int]:
-    """Run the load against every instance at once, sampling their GPU memory; returns each
-    one's bytes after the load (peaks are kept on the instances)."""
+    """Run the load against every instance at once; each one's bytes after the load."""
     loads = [load(i, num_prompts, concurrency, input_len, output_len, log_dir)
              for i in instances]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            by_pid = gpu_bytes_by_pid()
-            for inst in instances:
-                held = instance_bytes(inst, by_pid)
-                inst.samples.append(held)
-                inst.peak_bytes = max(inst.peak_bytes, held)
-            done.wait(0.5)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
     deadline = time.monotonic() + timeout_s
     try:
         for proc in loads:
             proc.wait(timeout=max(1.0, deadline - time.monotonic()))
     finally:
-        done.set()
-        sampler.join()
         for proc in loads:
             if proc.poll() is None:
                 proc.kill()
@@ -216,22 +225,31 @@ def run_set(fractions: Sequence[float], model_dir: Path, extra: Sequence[str], l
             base_port: int, **load_args: Any) -> list[dict[str, Any]]:
     """Start the instances together, load them together; one result dict per instance."""
     instances: list[Instance] = []
+    sampler: MemorySampler | None = None
     try:
         for k, f in enumerate(fractions):
             instances.append(start(model_dir, f, base_port + k, log_dir, extra))
+        sampler = MemorySampler(instances)
         wait_ready(instances, timeout_s=600.0)
+        sampler.serving = True
         after = measure(instances, log_dir=log_dir, **load_args)
+        sampler.stop()
         results = []
-        for inst, held in zip(instances, after, strict=True):
+        for k, (inst, held) in enumerate(zip(instances, after, strict=True)):
             budget_gib, split = inst.budget()
+            peak = max(sampler.startup_peak[k], sampler.serving_peak[k]) / 2**30
             results.append({
                 "fraction": inst.fraction, "budget_gib": budget_gib, "split": split,
-                "held_after_gib": held / 2**30, "peak_gib": inst.peak_bytes / 2**30,
-                "peak_over_budget": inst.peak_bytes / 2**30 / budget_gib,
+                "held_after_gib": held / 2**30, "peak_gib": peak,
+                "startup_peak_gib": sampler.startup_peak[k] / 2**30,
+                "serving_peak_gib": sampler.serving_peak[k] / 2**30,
+                "peak_over_budget": peak / budget_gib,
                 "survived": inst.proc.poll() is None, "ready_s": inst.ready_s,
                 **inst.capture(), **load_counts(log_dir, inst)})
         return results
     finally:
+        if sampler is not None:
+            sampler.stop()
         stop(instances)
 
 
@@ -279,7 +297,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                        f"{args.num_prompts} prompts at concurrency 64", **r, "ok": ok}
                 append_row(args.output, row)
                 print(f"fraction {r['fraction']}: budget {r['budget_gib']:.2f} GiB, peak "
-                      f"{r['peak_gib']:.2f} GiB ({r['peak_over_budget']:.3f}x), after "
+                      f"{r['peak_gib']:.2f} GiB ({r['peak_over_budget']:.3f}x; start-up "
+                      f"{r['startup_peak_gib']:.2f}, serving {r['serving_peak_gib']:.2f}), "
+                      f"after "
                       f"{r['held_after_gib']:.2f} GiB, survived={r['survived']}, "
                       f"{r['completed']} completed, {r['failed']} failed | "
                       f"{r['split']}", flush=True)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -134,6 +135,17 @@ def _safetensor_weights(model_dir: str):
                 yield name, f.get_tensor(name)
 
 
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """torch's default floating dtype set to ``dtype`` inside (start-up is single-threaded)."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
 def load_model(cfg: ModelConfig, arch: ArchConfig, ops: Ops, device: torch.device,
                dtype: torch.dtype, max_positions: int,
                tp: TPContext = TPContext(), ep: EPContext = EPContext()) -> LlamaForCausalLM:
@@ -145,7 +157,9 @@ def load_model(cfg: ModelConfig, arch: ArchConfig, ops: Ops, device: torch.devic
     if arch.moe is not None:
         ep.expert_range(arch.moe.num_experts)  # a ConfigError unless they split evenly
     torch.manual_seed(cfg.seed)
-    with torch.device(device):
+    with torch.device(device), _default_dtype(dtype):
+        # built in ``dtype``: an 8B model built in fp32 then cast held 30 GiB for a moment, past
+        # a co-located instance's budget (tensors with their own dtype keep it)
         model = LlamaForCausalLM(arch, ops, max_positions, tp, ep)
     model.to(dtype=dtype)
     model.cos_sin = model.cos_sin.float()  # rotary tables stay fp32
