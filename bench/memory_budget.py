@@ -291,7 +291,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ok = (r["survived"] and r["peak_over_budget"] <= 1 + TOLERANCE
                       and r["completed"] == args.num_prompts)
                 failed |= not ok
+                figures = {"peak / budget": round(r["peak_over_budget"], 3),
+                           "budget GiB": r["budget_gib"], "peak GiB": round(r["peak_gib"], 2),
+                           "split GiB": r["split"], "completed": r["completed"]}
                 row = {"kind": "gpu_memory", **meta, "shape": args.shape,
+                       "model": f"{args.shape} shape, dummy bf16",
+                       "command": " ".join(["python -m bench.memory_budget",
+                                            *(argv if argv is not None else sys.argv[1:])]),
+                       "figures": figures,
                        "co_located": fs if args.co_located else None,
                        "extra_args": extra, "workload": f"random 1024 in / 128 out, "
                        f"{args.num_prompts} prompts at concurrency 64", **r, "ok": ok}
