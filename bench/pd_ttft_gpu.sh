@@ -8,7 +8,7 @@
 #   write-lw      WRITE layerwise, first token from the prefill
 #   write-lw-COPY the same with the ipc transport's copy option COPY (kernel, batch, runtime)
 #   write         WRITE of the whole prompt after the prefill, first token from the prefill
-# Usage: [DEPS="read write-lw"] [TRANSPORT=tcp] bash bench/pd_ttft_gpu.sh OUT_DIR COMMIT [NUM_PROMPTS]
+# Usage: [DEPS="read write-lw"] [TRANSPORT=tcp] [SERVE_FLAGS=...] bash bench/pd_ttft_gpu.sh OUT_DIR COMMIT [NUM_PROMPTS]
 # Rows: OUT_DIR/serve.jsonl (one `disagg bench serve` row per run, per-phase stats included)
 # and OUT_DIR/pd_ttft.jsonl (one row per P/D run: p50 TTFT / monolithic p50 TTFT).
 set -euo pipefail
@@ -28,6 +28,9 @@ trap cleanup EXIT
 common=("$model_dir" --load-format dummy --device cuda --max-model-len 8192
         --no-enable-prefix-caching --gpu-memory-utilization 0.25
         --served-model-name llama3-8b-dummy)
+# SERVE_FLAGS: more flags for every instance (e.g. "--log-level debug" for transfer timings)
+read -r -a extra_flags <<<"${SERVE_FLAGS:-}"
+common+=("${extra_flags[@]}")
 serve() {  # NAME PORT [FLAGS...]
   local name=$1 port=$2; shift 2
   python3 -m disagg.cli serve "${common[@]}" --port "$port" "$@" >"$out/$name.log" 2>&1 &

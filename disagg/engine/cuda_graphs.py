@@ -119,6 +119,13 @@ class DecodeGraphs:
                     max(w for _, w in buckets), time.perf_counter() - t0, grown / 2**30)
         return grown
 
+    def release(self) -> None:
+        """Drop every graph, the shared output and the pool handle (the pool's memory returns
+        to torch's cache once nothing references it)."""
+        self.graphs.clear()
+        self.logits = None
+        self.pool = None
+
     def graph_for(self, batch: int, width: int) -> torch.cuda.CUDAGraph:
         """The graph a decode batch of ``batch`` rows and ``width`` blocks replays."""
         return self.graphs[self.buckets_for(batch, width)]

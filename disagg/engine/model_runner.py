@@ -6,6 +6,7 @@ per-layer views of it. Transports register this tensor whole.
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -204,8 +205,10 @@ class ModelRunner:
         try:
             return graphs.capture(graphs.all_buckets())
         finally:
+            graphs.release()
             del graphs, cache
             self.kv_cache = None
+            gc.collect()  # a cycle holding the pool would free it only during the real capture
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
 
