@@ -25,13 +25,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import msgspec
 from aiohttp import web
 
 from disagg.common.kv_transfer_params import MAX_FIRST_TOKEN_TEXT
 from disagg.common.sse import SSE_HEADERS, encode_event
 from proxy.bodies import ClientRequest, Endpoint
 from proxy.errors import error_event
+from proxy.upstream import Reply
 
 _REPLACEMENT = "\ufffd"
 
@@ -57,17 +57,14 @@ def request_allows(req: ClientRequest) -> bool:
     return not stop  # None, "" or []
 
 
-def first_token_chunk(endpoint: Endpoint, reply_body: bytes, token_id: int | None
+def first_token_chunk(endpoint: Endpoint, reply: Reply, token_id: int | None
                       ) -> tuple[SentFirstToken, bytes] | None:
     """The token and the SSE event carrying it, from a READ prefill's answer (None: the
     answer does not allow it)."""
     if token_id is None:
         return None
-    try:
-        data = msgspec.json.decode(reply_body)
-    except (msgspec.DecodeError, RecursionError):
-        return None
-    if not isinstance(data, dict):
+    data = reply.json_object()
+    if data is None:
         return None
     choices = data.get("choices")
     if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):

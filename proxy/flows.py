@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-import msgspec
 
 from disagg.common.kv_transfer_params import KVParamsError, kv_params_to_json, parse_kv_params
 from disagg.common.timings import TIMINGS_FIELD, parse_instance_timings
@@ -160,11 +159,8 @@ class Flow:
         """Feed the prefill's own compute time to the local-prefill threshold (auto)."""
         if not self._deps.local_prefill.auto:
             return
-        try:
-            data = msgspec.json.decode(reply.body)
-        except (msgspec.DecodeError, RecursionError):
-            return
-        t = parse_instance_timings(data.get(TIMINGS_FIELD)) if isinstance(data, dict) else None
+        data = reply.json_object()
+        t = parse_instance_timings(data.get(TIMINGS_FIELD)) if data is not None else None
         if t is not None:
             self._deps.local_prefill.observe_prefill(self._req.num_prompt_tokens, t.compute_s)
 
@@ -253,7 +249,7 @@ class Flow:
         went out hands over its KV, not its own token)."""
         if self.sent is None and self._client is not None \
                 and self.clock.prefill_reply is not None:
-            made = first_token_chunk(self._req.endpoint, self.clock.prefill_reply.body,
+            made = first_token_chunk(self._req.endpoint, self.clock.prefill_reply,
                                      d_params.get("first_token_id"))
             if made is not None:
                 self.sent, event = made
@@ -322,10 +318,8 @@ class Flow:
 
 def _returned_params(p: Instance, reply: Reply) -> dict[str, Any]:
     """The ``kv_transfer_params`` object of a READ prefill's response."""
-    try:
-        raw = msgspec.json.decode(reply.body).get("kv_transfer_params")
-    except (msgspec.DecodeError, AttributeError, RecursionError):
-        raw = None
+    data = reply.json_object()
+    raw = data.get("kv_transfer_params") if data is not None else None
     if not isinstance(raw, dict):
         raise UpstreamFailure(p, "prefill response carries no kv_transfer_params object")
     try:

@@ -128,11 +128,8 @@ def timings_object(clock: PhaseClock, p: InstanceTimings | None,
 def _reply_timings(reply: Reply | None) -> InstanceTimings | None:
     if reply is None or MARKER not in reply.body:
         return None
-    try:
-        data = msgspec.json.decode(reply.body)
-    except (msgspec.DecodeError, RecursionError):
-        return None
-    return parse_instance_timings(data.get(TIMINGS_FIELD)) if isinstance(data, dict) else None
+    data = reply.json_object()
+    return parse_instance_timings(data.get(TIMINGS_FIELD)) if data is not None else None
 
 
 def _finished_prefill(clock: PhaseClock) -> InstanceTimings | None:

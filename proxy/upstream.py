@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
 import aiohttp
@@ -80,6 +80,9 @@ class UpstreamRejected(Exception):
         self.content_type = content_type
 
 
+_UNPARSED: Any = object()
+
+
 @dataclass(slots=True)
 class Reply:
     """A complete, successful (2xx) upstream response."""
@@ -87,6 +90,19 @@ class Reply:
     status: int
     body: bytes
     content_type: str
+    _object: Any = field(default=_UNPARSED, repr=False, compare=False)
+
+    def json_object(self) -> dict[str, Any] | None:
+        """The body as a JSON object, decoded once however many readers ask (a READ
+        prefill's answer gives its kv_transfer_params, first token and timings); None when
+        it is not JSON or not an object."""
+        if self._object is _UNPARSED:
+            try:
+                data = msgspec.json.decode(self.body)
+            except (msgspec.DecodeError, RecursionError):
+                data = None
+            self._object = data if isinstance(data, dict) else None
+        return self._object  # type: ignore[no-any-return]
 
 
 @dataclass(slots=True, eq=False)

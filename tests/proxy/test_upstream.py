@@ -79,3 +79,30 @@ async def test_an_instance_400_is_relayed_as_400_not_502(fakes: Any, proxies: An
         assert resp.status == 400
         assert (await resp.json())["error"]["message"] == "fake failure"
     assert d.requests == []
+
+
+def test_a_reply_body_is_decoded_once_however_many_readers_ask(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A READ prefill's answer gives its kv_transfer_params, first token and timings: one
+    decode serves them all, and a body that is not a JSON object reads as None."""
+    import msgspec
+
+    from proxy.upstream import Reply
+
+    calls = []
+    real = msgspec.json.decode
+
+    def counting(body: bytes, **kw: Any) -> Any:
+        calls.append(body)
+        return real(body, **kw)
+
+    monkeypatch.setattr(msgspec.json, "decode", counting)
+    reply = Reply(200, b'{"kv_transfer_params": {"a": 1}, "choices": []}', "application/json")
+    assert reply.json_object() == {"kv_transfer_params": {"a": 1}, "choices": []}
+    assert reply.json_object() is reply.json_object()
+    assert len(calls) == 1
+    for body in (b"[1, 2]", b"not json", b"[" * 100_000, b'"text"'):
+        bad = Reply(200, body, "application/json")
+        assert bad.json_object() is None
+        assert bad.json_object() is None
+    assert len(calls) == 5
