@@ -240,7 +240,8 @@ class PDConnector(KVConnector):
         num_blocks = -(-req.num_external_tokens // self.metadata.block_size)
         t.start_clock(time.monotonic())
         t.local_block_ids = list(req.block_ids[:num_blocks])
-        t.num_tokens = req.num_external_tokens
+        # the wire counts all but the last prompt token (its block moves whole either way)
+        t.num_tokens = min(req.num_external_tokens, req.num_prompt_tokens - 1)
         t.skip_blocks = min(req.num_cached_tokens // self.metadata.block_size, num_blocks)
         if t.role is TransferRole.CONSUMER_WRITE:
             self._announce(t, time.monotonic())

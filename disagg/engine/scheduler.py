@@ -364,11 +364,15 @@ class Scheduler:
 
     def take_first_token(self, request_id: str, token: int) -> Request | None:
         """Append the first output token a remote prefill sampled (the request then computes
-        its last prompt token and this one together); returns the request it went to."""
+        this token alone when the last prompt token's KV was loaded, else both together);
+        returns the request it went to."""
         req = self.requests.get(request_id)
         if req is None or req.is_finished or req.output_token_ids:
             return None
         req.append_token(token)
+        if (req.status is RequestStatus.WAITING and req.num_external_tokens >= req.num_prompt_tokens
+                and req.num_computed_tokens == req.num_prompt_tokens - 1):
+            req.num_computed_tokens = req.num_prompt_tokens  # its KV was loaded: compute the token
         self.given_first_token.append(req)
         status = self._stop_status(req, token)
         if status is not None:
@@ -390,7 +394,9 @@ class Scheduler:
         if req is None or req.is_finished:
             return
         if error is None:
-            req.num_computed_tokens = req.num_external_tokens
+            # at least one token to compute: with every prompt token's KV loaded but the first
+            # output token not given yet, the last prompt token is computed again (for logits)
+            req.num_computed_tokens = min(req.num_external_tokens, req.num_tokens - 1)
         elif not recompute:
             self.remote_wait[request_id] = req  # so finish() finds and releases it
             self.finish(req, RequestStatus.FINISHED_ERROR, error)

@@ -24,6 +24,8 @@ PROMPTS = [[5], [(3 * i) % 200 + 1 for i in range(16)], [(7 * i) % 250 + 1 for i
            [(11 * i) % 240 + 2 for i in range(40)]]
 TAKEN = "disagg_kv_connector_first_tokens_received_total"
 FAILED = "disagg_kv_connector_transfers_failed_total"
+TRACES: dict[str, str] = {}
+"""Each mode's step trace file (DISAGG_STEP_TRACE_FILE, shared by P and D)."""
 
 
 @pytest.fixture(scope="module", params=["read", "write"])
@@ -36,7 +38,9 @@ def pair(request: pytest.FixtureRequest,
           kv_config("kv_producer", mode, **FAST)],
          [*BASE, "--no-enable-prefix-caching", "--kv-transfer-config",
           kv_config("kv_consumer", mode, kv_load_failure_policy="recompute", **FAST)]],
-        tmp_path_factory.mktemp(f"first-token-{mode}"), env={"DISAGG_FAULT_INJECTION": "1"})
+        tmp_path_factory.mktemp(f"first-token-{mode}"),
+        env={"DISAGG_FAULT_INJECTION": "1", "DISAGG_STEP_TRACE_FILE": TRACES.setdefault(
+            mode, str(tmp_path_factory.mktemp(f"steps-{mode}") / "steps.jsonl"))})
     try:
         yield mode, started[0], started[1]
     finally:
@@ -110,6 +114,35 @@ def test_first_token_paths_equal_monolithic(pair, recompute: bool) -> None:
     expected = taken + (0 if recompute else moved)
     assert settled_metric(d.url, TAKEN, expected) == expected
     assert metric(d.url, FAILED) == 0 and metric(p.url, FAILED) == 0
+    wait_clean(p.url)
+    wait_clean(d.url)
+
+
+def _decode_steps(mode: str, d: Instance) -> list[dict[str, Any]]:
+    """The decode's step trace lines so far."""
+    engine_id = info(d.url)["engine_id"]
+    try:
+        with open(TRACES[mode], encoding="utf-8") as f:
+            return [r for r in map(json.loads, f) if r["engine_id"] == engine_id]
+    except FileNotFoundError:
+        return []
+
+
+def test_the_decode_computes_only_the_given_token_when_the_kv_holds_the_last(pair) -> None:
+    """The last prompt token's KV arrives in the block moved for the others (a 40-token prompt:
+    block 2 holds tokens 32-39), so the decode's first step computes the prefill's token alone;
+    a 17-token prompt's last token starts a block that is not moved, so it is computed again
+    with the given token (2 tokens). Both equal monolithic."""
+    mode, p, d = pair
+    for prompt, first_step_tokens in ((PROMPTS[3], 1), (PROMPTS[2], 2)):
+        body = _body(prompt)
+        mono = _mono(d, body)
+        before = len(_decode_steps(mode, d))
+        assert _pd(mode, p, d, body) == mono
+        steps = _decode_steps(mode, d)[before:]
+        assert steps, "the decode traced no step"
+        assert steps[0]["tokens"] == first_step_tokens, (prompt, steps)
+        assert sum(s["tokens"] for s in steps) == first_step_tokens + len(mono) - 2, steps
     wait_clean(p.url)
     wait_clean(d.url)
 
