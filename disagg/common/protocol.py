@@ -58,6 +58,9 @@ class EngineCoreReadyResponse(msgspec.Struct, tag="ready", kw_only=True):
     memory: str | None = None
     """The GPU memory split (budget: weights, KV, graphs, activations, other), for the ready
     line; None on CPU."""
+    memory_bytes: dict[str, int] | None = None
+    """The same split in bytes by part (budget, weights, kv, graphs, activations, other, and
+    held: what the driver counts for the process), for /metrics; None on CPU."""
 
 
 class EngineCoreStartupError(msgspec.Struct, tag="startup_error"):

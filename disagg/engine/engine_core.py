@@ -125,6 +125,7 @@ class EngineCore:
                     self.runner.kv_spec.describe(), block_bytes,
                     f" on each of {tp.size} TP ranks" if tp else "",
                     self.plan.max_model_len, " (auto-fitted)" if self.plan.auto_fitted else "")
+        self.memory_bytes: dict[str, int] | None = None
         self.memory_line = self._memory_line()
         """Where the GPU memory budget went (None on CPU): logged, and in the ready message."""
         if self.memory_line:
@@ -135,6 +136,7 @@ class EngineCore:
         if mem is None:
             return None
         held = self.runner.held_gpu_bytes()
+        self.memory_bytes = mem.parts() | ({} if held is None else {"held": held})
         return mem.describe() + ("" if held is None else
                                  f"; the process holds {held / 2**30:.2f} GiB")
 
@@ -173,7 +175,8 @@ class EngineCore:
             kv_host=c.host if c else None, kv_handshake_port=c.handshake_port if c else None,
             kv_notify_port=c.notify_port if c else None, kv_mode=c.mode if c else None,
             tp_size=self.cfg.parallel.tensor_parallel_size,
-            kv_cache_dtype=self.kv_spec.dtype_name, memory=self.memory_line)
+            kv_cache_dtype=self.kv_spec.dtype_name, memory=self.memory_line,
+            memory_bytes=self.memory_bytes)
 
     def add_request(self, msg: EngineCoreRequest, hold: bool = False) -> str | None:
         """Queue (or, while paused, hold) a request; returns an error string instead if it

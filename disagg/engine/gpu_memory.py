@@ -56,6 +56,11 @@ class MemorySplit:
         """Bytes the KV cache may take (may be <= 0: nothing fits)."""
         return self.budget - self.before_kv
 
+    def parts(self) -> dict[str, int]:
+        """Bytes by part (``budget`` included), as the instance's /metrics exposes them."""
+        return {"budget": self.budget, "weights": self.weights, "kv": self.kv,
+                "graphs": self.graphs, "activations": self.activations, "other": self.other}
+
     def describe(self) -> str:
         """The ready line's split, in GiB."""
         parts = ", ".join(f"{name} {value / GIB:.2f}" for name, value in (

@@ -68,6 +68,7 @@ class EngineCollector:
         yield from self._kv_cache(stats)
         yield from self._prefix_cache(stats)
         yield from self._cache_config()
+        yield from self._gpu_memory()
         yield from self._connector(stats)
 
     def _scheduler(self, stats: list[EngineStats]) -> Iterator[Metric]:
@@ -134,6 +135,23 @@ class EngineCollector:
         g = GaugeMetricFamily("vllm:cache_config_info", "Information of the LLMEngine "
                               "CacheConfig", labels=list(vllm_info))
         g.add_metric(list(vllm_info.values()), 1)
+        yield g
+
+    def _gpu_memory(self) -> Iterator[Metric]:
+        """Each engine core's GPU memory split from its ready handshake (GPU only)."""
+        synced = self.engine.synced
+        ranks = [(r.dp_rank, r.memory_bytes) for r in (synced.ready if synced else ())
+                 if r.memory_bytes]
+        if not ranks:
+            return
+        g = GaugeMetricFamily("disagg_gpu_memory_bytes", "GPU memory of an engine core at "
+                              "start-up by part: budget (--gpu-memory-utilization x total), "
+                              "weights, kv, graphs, activations, other, and held (what the "
+                              "driver counts for the process)",
+                              labels=["model_name", "dp_rank", "part"])
+        for rank, parts in ranks:
+            for part, value in parts.items():
+                g.add_metric([self.model, str(rank), part], value)
         yield g
 
     def _connector(self, stats: list[EngineStats]) -> Iterator[Metric]:

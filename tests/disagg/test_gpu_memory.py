@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import msgspec
@@ -157,3 +158,26 @@ def test_three_co_located_instances_stay_inside_their_budgets(tmp_path: Path) ->
         assert r["completed"] == 128, r
         assert r["peak_gib"] <= r["budget_gib"] * (1 + memory_budget.TOLERANCE), r
         assert r["graphs"] > 0 and r["peak_gib"] > 0.5 * r["budget_gib"], r
+
+
+def test_metrics_expose_each_ranks_split_in_bytes() -> None:
+    """/metrics: disagg_gpu_memory_bytes{dp_rank, part} from each ready handshake; a CPU
+    engine core (no split) adds no series."""
+    from metrics_pages import fake_engine
+    from prom_text import value
+
+    from disagg.server.metrics import ServerMetrics
+    from disagg.server.metrics_render import render_instance_metrics
+
+    parts = split(kv=12 * 2**30).parts() | {"held": 24 * 2**30}
+    engine = fake_engine({})
+    engine.synced.ready = (SimpleNamespace(dp_rank=0, memory_bytes=parts, kv_cache_dtype=None),
+                           SimpleNamespace(dp_rank=1, memory_bytes=None, kv_cache_dtype=None))
+    text = render_instance_metrics(engine, ServerMetrics("m"), "m")
+    assert value(text, "disagg_gpu_memory_bytes", model_name="m", dp_rank="0",
+                 part="budget") == 25 * 2**30
+    assert value(text, "disagg_gpu_memory_bytes", dp_rank="0", part="kv") == 12 * 2**30
+    assert value(text, "disagg_gpu_memory_bytes", dp_rank="0", part="held") == 24 * 2**30
+    assert "dp_rank=\"1\"" not in text
+    assert "disagg_gpu_memory_bytes" not in render_instance_metrics(
+        fake_engine({}), ServerMetrics("m"), "m")
