@@ -55,12 +55,10 @@ class EngineCoreReadyResponse(msgspec.Struct, tag="ready", kw_only=True):
     kv_cache_dtype: str | None = None
     """Element dtype of the KV cache (``float8_e4m3fn`` with --kv-cache-dtype fp8); None from
     an engine that predates it: the cache is in ``dtype``."""
-    memory: str | None = None
-    """The GPU memory split (budget: weights, KV, graphs, activations, other), for the ready
-    line; None on CPU."""
     memory_bytes: dict[str, int] | None = None
-    """The same split in bytes by part (budget, weights, kv, graphs, activations, other, and
-    held: what the driver counts for the process), for /metrics; None on CPU."""
+    """The GPU memory split in bytes by part (disagg/common/memory_split.py: total, budget,
+    weights, kv, graphs, activations, other, held), for the start-up line and /metrics; None
+    on CPU."""
 
 
 class EngineCoreStartupError(msgspec.Struct, tag="startup_error"):

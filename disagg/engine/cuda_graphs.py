@@ -3,11 +3,11 @@
 A decode step launches hundreds of small kernels; at batch 1 the launch overhead alone exceeds
 the time to read the weights. There is one graph per (batch bucket, block-table width bucket), so
 the decode kernel's split plan, which it derives from the block-table width, stays close to the
-real context length. All of them are captured at start-up (``capture_all``, largest first, into
-one private pool), so the memory they hold is measured and inside the instance's budget before it
-reports ready (disagg/engine/gpu_memory.py); ``--enforce-eager`` captures none. The buckets are
-bounded: at most len(BATCH_BUCKETS) + 1 batch sizes times one width per factor of 4 from 16
-blocks to max_model_len's.
+real context length. All of them are captured at start-up (``capture(all_buckets())``, largest
+first, into one private pool), so the memory they hold is measured and inside the instance's
+budget before it reports ready (disagg/engine/gpu_memory.py); ``--enforce-eager`` captures none.
+The buckets are bounded: at most len(BATCH_BUCKETS) + 1 batch sizes times one width per factor
+of 4 from 16 blocks to max_model_len's.
 
 Static buffers, padded to the bucket:
     input_ids, positions  [B]        pad rows: token 0, position 0
@@ -141,7 +141,7 @@ class DecodeGraphs:
         n, width = table.shape
         b, w = self.buckets_for(n, width)
         graph = self.graphs.get((b, w))
-        if graph is None:  # capture_all ran at start-up: only a caller that skipped it
+        if graph is None:  # all were captured at start-up: only a caller that skipped it
             self.capture([(b, w)])
             graph = self.graphs[(b, w)]
         assert self.logits is not None

@@ -19,6 +19,7 @@ from typing import Any
 from disagg.common import envs
 from disagg.common.config import ConfigError, EngineConfig
 from disagg.common.generation_config import eos_ids, load_generation_config
+from disagg.common.memory_split import describe_memory
 from disagg.common.protocol import (
     EngineCoreOutput,
     EngineCoreReadyResponse,
@@ -125,20 +126,17 @@ class EngineCore:
                     self.runner.kv_spec.describe(), block_bytes,
                     f" on each of {tp.size} TP ranks" if tp else "",
                     self.plan.max_model_len, " (auto-fitted)" if self.plan.auto_fitted else "")
-        self.memory_bytes: dict[str, int] | None = None
-        self.memory_line = self._memory_line()
+        self.memory_bytes = self._memory_bytes()
         """Where the GPU memory budget went (None on CPU): logged, and in the ready message."""
-        if self.memory_line:
-            logger.info("%s", self.memory_line)
+        if self.memory_bytes is not None:
+            logger.info("%s", describe_memory(self.memory_bytes))
 
-    def _memory_line(self) -> str | None:
+    def _memory_bytes(self) -> dict[str, int] | None:
         mem = self.runner.memory
         if mem is None:
             return None
         held = self.runner.held_gpu_bytes()
-        self.memory_bytes = mem.parts() | ({} if held is None else {"held": held})
-        return mem.describe() + ("" if held is None else
-                                 f"; the process holds {held / 2**30:.2f} GiB")
+        return mem.parts() | ({} if held is None else {"held": held})
 
     def _make_connector(self, kv_cache: Any) -> Any:
         kt = self.cfg.kv_transfer
@@ -175,8 +173,7 @@ class EngineCore:
             kv_host=c.host if c else None, kv_handshake_port=c.handshake_port if c else None,
             kv_notify_port=c.notify_port if c else None, kv_mode=c.mode if c else None,
             tp_size=self.cfg.parallel.tensor_parallel_size,
-            kv_cache_dtype=self.kv_spec.dtype_name, memory=self.memory_line,
-            memory_bytes=self.memory_bytes)
+            kv_cache_dtype=self.kv_spec.dtype_name, memory_bytes=self.memory_bytes)
 
     def add_request(self, msg: EngineCoreRequest, hold: bool = False) -> str | None:
         """Queue (or, while paused, hold) a request; returns an error string instead if it

@@ -7,8 +7,8 @@ of it before the KV cache gets the rest:
     activations   the profiled peak above the weights: one forward of max_num_batched_tokens
                   plus the sampler over max_num_seqs rows (sort, top-k, logprobs), as the
                   caching allocator reserved it (its cached segments stay with the process)
-    graphs        the decode graphs' private pool, captured at start-up (estimated from the
-                  largest bucket before the cache is sized, measured after capture)
+    graphs        the decode graphs' private pool: every graph captured once over a one-block
+                  cache before the cache is sized, then released and captured for real
     other         memory outside torch's allocator: the CUDA/HIP context, lazily loaded
                   kernels, cuBLAS/hipBLASLt handles, NCCL/RCCL buffers
 
@@ -26,8 +26,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from disagg.common.memory_split import describe_memory
+
 logger = logging.getLogger(__name__)
-GIB = float(2**30)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,17 +58,14 @@ class MemorySplit:
         return self.budget - self.before_kv
 
     def parts(self) -> dict[str, int]:
-        """Bytes by part (``budget`` included), as the instance's /metrics exposes them."""
-        return {"budget": self.budget, "weights": self.weights, "kv": self.kv,
-                "graphs": self.graphs, "activations": self.activations, "other": self.other}
+        """Bytes by part, as the ready handshake carries them (disagg/common/memory_split.py)."""
+        return {"total": self.total, "budget": self.budget, "weights": self.weights,
+                "kv": self.kv, "graphs": self.graphs, "activations": self.activations,
+                "other": self.other}
 
     def describe(self) -> str:
-        """The ready line's split, in GiB."""
-        parts = ", ".join(f"{name} {value / GIB:.2f}" for name, value in (
-            ("weights", self.weights), ("KV", self.kv), ("graphs", self.graphs),
-            ("activations", self.activations), ("other", self.other)))
-        return (f"GPU memory budget {self.budget / GIB:.2f} GiB "
-                f"({self.utilization:g} x {self.total / GIB:.2f}): {parts}")
+        """The split as one line, in GiB."""
+        return describe_memory(self.parts())
 
 
 class _NvmlProcess(ctypes.Structure):

@@ -16,6 +16,7 @@ from aiohttp import web
 from disagg.common import envs
 from disagg.common.config import EngineConfig
 from disagg.common.generation_config import SamplingDefaults, load_generation_config
+from disagg.common.memory_split import describe_memory
 from disagg.common.registration import InstanceInfo
 from disagg.common.tokenizer import get_tokenizer
 from disagg.server.api_server import ServerInfo, instance_info_dict, make_app
@@ -66,7 +67,8 @@ def startup_lines(cfg: EngineConfig, synced: SyncedConfig, url: str) -> list[str
              f"num_gpu_blocks={synced.num_gpu_blocks}, dtype={synced.dtype}, "
              f"kv_cache_dtype={r0.kv_cache_dtype or synced.dtype}, device={r0.device}, "
              f"dp={par.data_parallel_size}, tp={r0.tp_size}"]
-    lines += [f"dp{r.dp_rank}: {r.memory}" for r in synced.ready if r.memory]
+    lines += [f"dp{r.dp_rank}: {describe_memory(r.memory_bytes)}" for r in synced.ready
+              if r.memory_bytes]
     kv = cfg.kv_transfer
     if kv is not None:
         extra = kv.kv_connector_extra_config

@@ -15,6 +15,7 @@ import torch
 
 from bench import memory_budget
 from disagg.common.config import EngineConfig, ModelConfig
+from disagg.common.memory_split import describe_memory
 from disagg.common.protocol import EngineCoreReadyResponse
 from disagg.engine.gpu_memory import (
     MemorySplit,
@@ -42,7 +43,8 @@ def test_the_kv_cache_gets_what_the_budget_leaves() -> None:
 
 def test_the_ready_line_the_benchmark_reads_back() -> None:
     """bench.memory_budget parses the engine's line: the two must not drift apart."""
-    line = split(kv=12 * 2**30).describe() + "; the process holds 24.50 GiB"
+    line = describe_memory(split(kv=12 * 2**30).parts() | {"held": int(24.5 * 2**30)})
+    assert line == split(kv=12 * 2**30).describe() + "; the process holds 24.50 GiB"
     assert line.startswith("GPU memory budget 25.00 GiB (0.25 x 100.00): weights 10.00, "
                            "KV 12.00, graphs 0.50, activations 1.00, other 0.25")
     found = memory_budget._BUDGET.search("INFO dp0: " + line)
@@ -52,22 +54,24 @@ def test_the_ready_line_the_benchmark_reads_back() -> None:
 
 
 def test_the_server_logs_each_ranks_split() -> None:
-    def ready(rank: int, memory: str | None) -> EngineCoreReadyResponse:
+    def ready(rank: int, memory: dict[str, int] | None) -> EngineCoreReadyResponse:
         return EngineCoreReadyResponse(
             max_model_len=64, num_gpu_blocks=4, block_size=16, dtype="bfloat16", version="t",
             dp_rank=rank, dp_size=2, max_num_seqs=8, max_num_batched_tokens=64,
             kv_role="kv_both", engine_id=f"e{rank}", device=f"cuda:{rank}", model="m",
-            memory=memory)
+            memory_bytes=memory)
 
-    synced = apply_ready_responses(None, [ready(0, "GPU memory budget 1.00 GiB"),
-                                          ready(1, None)])
+    parts = {"total": 4 * 2**30, "budget": 2**30, "weights": 2**29}
+    synced = apply_ready_responses(None, [ready(0, parts), ready(1, None)])
     cfg = EngineConfig(model=ModelConfig(model="builtin:tiny-llama", served_model_name="m"))
     lines = startup_lines(cfg, synced, "http://127.0.0.1:1")
-    assert "dp0: GPU memory budget 1.00 GiB" in lines
+    assert f"dp0: {describe_memory(parts)}" in lines
+    assert describe_memory(parts).startswith("GPU memory budget 1.00 GiB (0.25 x 4.00): "
+                                             "weights 0.50, KV 0.00")
     assert not any(line.startswith("dp1:") for line in lines)
     # an engine that predates the field still decodes
     old = msgspec.msgpack.encode(ready(0, None))
-    assert msgspec.msgpack.decode(old, type=EngineCoreReadyResponse).memory is None
+    assert msgspec.msgpack.decode(old, type=EngineCoreReadyResponse).memory_bytes is None
 
 
 class FakeNvml:
