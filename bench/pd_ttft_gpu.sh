@@ -8,7 +8,7 @@
 #   write-lw      WRITE layerwise, first token from the prefill
 #   write-lw-COPY the same with the ipc transport's copy option COPY (kernel, batch, runtime)
 #   write         WRITE of the whole prompt after the prefill, first token from the prefill
-# Usage: [DEPS="read write-lw"] [TRANSPORT=tcp] [SERVE_FLAGS=...] bash bench/pd_ttft_gpu.sh OUT_DIR COMMIT [NUM_PROMPTS]
+# Usage: [DEPS="read write-lw"] [TRANSPORT=tcp] [SERVE_FLAGS=...] [PROFILE_DIR=...] bash bench/pd_ttft_gpu.sh OUT_DIR COMMIT [NUM_PROMPTS]
 # Rows: OUT_DIR/serve.jsonl (one `disagg bench serve` row per run, per-phase stats included)
 # and OUT_DIR/pd_ttft.jsonl (one row per P/D run: p50 TTFT / monolithic p50 TTFT).
 set -euo pipefail
@@ -33,7 +33,8 @@ read -r -a extra_flags <<<"${SERVE_FLAGS:-}"
 common+=("${extra_flags[@]}")
 serve() {  # NAME PORT [FLAGS...]
   local name=$1 port=$2; shift 2
-  python3 -m disagg.cli serve "${common[@]}" --port "$port" "$@" >"$out/$name.log" 2>&1 &
+  # PROFILE_DIR: a torch.profiler trace per instance under PROFILE_DIR/NAME (disagg/common/envs.py)
+  ${PROFILE_DIR:+env DISAGG_TORCH_PROFILE_DIR="$PROFILE_DIR/$name"} python3 -m disagg.cli serve "${common[@]}" --port "$port" "$@" >"$out/$name.log" 2>&1 &
   pids+=($!)
 }
 ready() {  # LOG...

@@ -31,6 +31,23 @@ def step_trace_file() -> str | None:
     return os.environ.get("DISAGG_STEP_TRACE_FILE") or None
 
 
+def torch_profile() -> tuple[str, int, int] | None:
+    """``DISAGG_TORCH_PROFILE_DIR`` (and ``DISAGG_TORCH_PROFILE_STEPS=SKIP:COUNT``, default
+    ``8:64``): each engine core writes a torch.profiler trace of model steps SKIP..SKIP+COUNT
+    to that folder (disagg/engine/step_trace.py). Unset: no profiling."""
+    out_dir = os.environ.get("DISAGG_TORCH_PROFILE_DIR") or None
+    if out_dir is None:
+        return None
+    raw = os.environ.get("DISAGG_TORCH_PROFILE_STEPS") or "8:64"
+    try:
+        skip, count = (int(x) for x in raw.split(":"))
+    except ValueError as exc:
+        raise ValueError(f"DISAGG_TORCH_PROFILE_STEPS={raw!r}: expected SKIP:COUNT") from exc
+    if skip < 0 or count < 1:
+        raise ValueError(f"DISAGG_TORCH_PROFILE_STEPS={raw!r}: SKIP >= 0 and COUNT >= 1")
+    return out_dir, skip, count
+
+
 def engine_ready_timeout_s() -> float:
     """How long a frontend waits for every engine core's ready handshake."""
     return _get_float("DISAGG_ENGINE_READY_TIMEOUT_S", 300.0)

@@ -36,7 +36,7 @@ from disagg.engine.kv_sizing import KVPlan, plan_kv_cache
 from disagg.engine.model_runner import ModelRunner, resolve_device, resolve_dtype
 from disagg.engine.request import FINISH_REASONS, Request, RequestStatus
 from disagg.engine.scheduler import Scheduler
-from disagg.engine.step_trace import StepTrace
+from disagg.engine.step_trace import StepProfiler, StepTrace
 from disagg.engine.tp import TPGroup, TPWorkerError
 from disagg.models.arch import ArchConfig, check_sliding_window
 from disagg.models.expert_parallel import EPContext
@@ -112,6 +112,9 @@ class EngineCore:
         """The last step only sent handed-over first tokens (the next one runs the model)."""
         trace = envs.step_trace_file()
         self._trace = StepTrace(trace, self.engine_id) if trace else None
+        profile = envs.torch_profile()
+        self._profiler = StepProfiler(profile[0], self.engine_id, *profile[1:]) \
+            if profile else None
         self._awaiting: dict[str, Request] = {}
         """Finished WRITE prefills whose answer waits for their transfer's end."""
         self._settled: dict[str, str | None] = {}
@@ -324,10 +327,14 @@ class EngineCore:
             if self.connector is not None:
                 self.connector.before_execute(out)
                 layer_hook = self.connector.layer_hook(out)
+            if self._profiler is not None:
+                self._profiler.before_step()
             started_s = time.time()
             sampled, logprobs = self._execute(out, layer_hook)
             if self._trace is not None:
                 self._trace.step(started_s, out)
+            if self._profiler is not None:
+                self._profiler.after_step()
             for rid, lp in logprobs.items():
                 self._pending_logprobs.setdefault(rid, []).append(lp)
             touched += [c.request for c in out.chunks if c.request.request_id in sampled]
@@ -469,6 +476,8 @@ class EngineCore:
         if self._trace is not None:
             self._trace.close()
             self._trace = None
+        if self._profiler is not None:
+            self._profiler.close()
         if self.connector is not None:
             self.connector.close()
         if self.tp is not None:
