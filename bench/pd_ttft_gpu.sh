@@ -7,7 +7,8 @@
 #   read-recomp   READ, --first-token recompute (the decode computes the first token again)
 #   write-lw      WRITE layerwise, first token from the prefill
 #   write-lw-COPY the same with the ipc transport's copy option COPY (kernel, batch, runtime)
-#   write         WRITE of the whole prompt after the prefill, first token from the prefill
+#   write         WRITE of the whole prompt after the prefill (layerwise false: "auto" would
+#                 stream layers on a GPU), first token from the prefill
 # Usage: [DEPS="read write-lw"] [TRANSPORT=tcp] [SERVE_FLAGS=...] [PROFILE_DIR=...] bash bench/pd_ttft_gpu.sh OUT_DIR COMMIT [NUM_PROMPTS]
 # Rows: OUT_DIR/serve.jsonl (one `disagg bench serve` row per run, per-phase stats included)
 # and OUT_DIR/pd_ttft.jsonl (one row per P/D run: p50 TTFT / monolithic p50 TTFT).
@@ -43,10 +44,10 @@ ready() {  # LOG...
     grep -q "ready on" "$log" || { echo "not ready: $log"; tail -20 "$log"; exit 1; }
   done
 }
-kv() {  # ROLE MODE [LAYERWISE [IPC_COPY]]
+kv() {  # ROLE MODE [LAYERWISE(true) [IPC_COPY]]
   local opts=""
   [ -n "${4:-}" ] && opts=",\"transport_options\":{\"copy\":\"$4\"}"
-  echo "{\"kv_connector\":\"PDConnector\",\"kv_role\":\"$1\",\"kv_connector_extra_config\":{\"transport\":\"${TRANSPORT:-ipc}\",\"mode\":\"$2\"${3:+,\"layerwise\":true}$opts}}"
+  echo "{\"kv_connector\":\"PDConnector\",\"kv_role\":\"$1\",\"kv_connector_extra_config\":{\"transport\":\"${TRANSPORT:-ipc}\",\"mode\":\"$2\",\"layerwise\":${3:-false}$opts}}"
 }
 bench() {  # NAME URL
   python3 -m bench.cli serve --base-url "$2" --model llama3-8b-dummy --tokenizer builtin:tiny-llama \
@@ -63,8 +64,8 @@ for dep in ${DEPS:-read read-recomp write-lw}; do
   [ "$dep" = read-recomp ] && first="recompute"
   case "$dep" in
     write) mode="write" ;;
-    write-lw) mode="write"; lw=1 ;;
-    write-lw-*) mode="write"; lw=1; copy="${dep#write-lw-}" ;;  # ipc copy: kernel, batch, ...
+    write-lw) mode="write"; lw=true ;;
+    write-lw-*) mode="write"; lw=true; copy="${dep#write-lw-}" ;;  # ipc copy: kernel, batch, ...
   esac
   serve "p-$dep" 18101 --kv-transfer-config "$(kv kv_producer $mode "$lw" "$copy")"
   serve "d-$dep" 18102 --kv-transfer-config "$(kv kv_consumer $mode "$lw" "$copy")"
