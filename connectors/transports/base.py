@@ -158,6 +158,39 @@ def merge_array(segments: Batch) -> np.ndarray:
     return merged
 
 
+def strided_runs(runs: np.ndarray) -> np.ndarray:
+    """Merged [n, 3] (local, remote, length) rows, sorted by local offset, as [g, 6] groups
+    (local, remote, width, height, local pitch, remote pitch): consecutive rows of one length
+    whose offsets step by the same amounts on both sides (the same layer of consecutive blocks,
+    or a block's same heads) make one group, copied as one 2D copy; a row on its own is a group
+    of height 1 (pitches 0). Every row is in exactly one group, in order. Only runs of 3 or
+    more rows group (two rows stay two copies); where two runs of different steps share a row,
+    the earlier run keeps it."""
+    n = len(runs)
+    out = np.zeros((n, 6), dtype=np.int64)
+    if n == 0:
+        return out
+    width = runs[:, 2]
+    ds, dd = np.diff(runs[:, 0]), np.diff(runs[:, 1])
+    link = (width[1:] == width[:-1]) & (ds >= width[1:]) & (dd >= width[1:])
+    # a step shared with a neighbouring step: part of a run of >= 3 evenly spaced rows
+    same = link[1:] & link[:-1] & (ds[1:] == ds[:-1]) & (dd[1:] == dd[:-1])
+    good = np.zeros_like(link)
+    good[1:] |= same
+    good[:-1] |= same
+    join = good.copy()  # two runs of other steps meeting on one row: the later one yields it
+    join[1:] &= ~(good[:-1] & ((ds[1:] != ds[:-1]) | (dd[1:] != dd[:-1])))
+    starts = np.flatnonzero(np.concatenate(([True], ~join)))
+    heights = np.diff(np.append(starts, n))
+    out = out[:len(starts)]
+    out[:, :3] = runs[starts]
+    out[:, 3] = heights
+    tall = heights > 1
+    out[tall, 4] = ds[starts[tall]]
+    out[tall, 5] = dd[starts[tall]]
+    return out
+
+
 def split_bounds(sizes: np.ndarray, max_parts: int, min_bytes: int = 1) -> list[int]:
     """Row bounds ``[0, b1, ..., n]`` cutting rows of ``sizes`` bytes into consecutive groups
     of about equal bytes: one group per ``min_bytes`` started, at most ``max_parts``, none

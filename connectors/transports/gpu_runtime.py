@@ -16,15 +16,24 @@ _MEMCPY_DEFAULT = 4
 
 
 class RuntimeMemcpy:
-    """``cudaMemcpyAsync`` / ``hipMemcpyAsync`` of the GPU runtime torch has already loaded."""
+    """``cudaMemcpyAsync`` / ``hipMemcpyAsync`` of the GPU runtime torch has already loaded,
+    and its 2D form (``cudaMemcpy2DAsync`` / ``hipMemcpy2DAsync``, same argument order)."""
 
     def __init__(self) -> None:
-        path, symbol = _loaded_runtime()
-        fn = getattr(ctypes.CDLL(path), symbol)
+        path, prefix = _loaded_runtime()
+        lib = ctypes.CDLL(path)
+        fn = getattr(lib, f"{prefix}MemcpyAsync")
         fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
                        ctypes.c_void_p]
         fn.restype = ctypes.c_int
         self._fn = fn
+        # dst, dpitch, src, spitch, width, height, kind, stream
+        fn2d = getattr(lib, f"{prefix}Memcpy2DAsync")
+        size = ctypes.c_size_t
+        fn2d.argtypes = [ctypes.c_void_p, size, ctypes.c_void_p, size, size, size, ctypes.c_int,
+                         ctypes.c_void_p]
+        fn2d.restype = ctypes.c_int
+        self._fn2d = fn2d
         self.library = path
 
     def copy(self, dst: int, src: int, nbytes: int, stream: int) -> None:
@@ -32,6 +41,15 @@ class RuntimeMemcpy:
         rc = self._fn(dst, src, nbytes, _MEMCPY_DEFAULT, stream)
         if rc != 0:
             raise RuntimeError(f"{self.library}: memcpy of {nbytes} B failed with error {rc}")
+
+    def copy_2d(self, dst: int, dst_pitch: int, src: int, src_pitch: int, width: int,
+                height: int, stream: int) -> None:
+        """Queue ``height`` copies of ``width`` bytes, row i from ``src + i * src_pitch`` to
+        ``dst + i * dst_pitch``, as one call on ``stream`` (the current device's)."""
+        rc = self._fn2d(dst, dst_pitch, src, src_pitch, width, height, _MEMCPY_DEFAULT, stream)
+        if rc != 0:
+            raise RuntimeError(f"{self.library}: 2D memcpy of {height} x {width} B failed "
+                               f"with error {rc}")
 
 
 class _MemLocation(ctypes.Structure):
@@ -138,7 +156,7 @@ class BatchMemcpy:
 
 
 def _loaded_runtime() -> tuple[str, str]:
-    """Path and memcpy symbol of the CUDA or HIP runtime mapped into this process."""
+    """Path and symbol prefix (``cuda`` / ``hip``) of the runtime mapped into this process."""
     torch.cuda.init()
     with open("/proc/self/maps", encoding="utf-8") as maps:
         paths = {line.split()[-1] for line in maps if line.rstrip().endswith(".so")
@@ -146,9 +164,9 @@ def _loaded_runtime() -> tuple[str, str]:
     for path in sorted(paths):
         name = os.path.basename(path)
         if name.startswith("libcudart.so"):
-            return path, "cudaMemcpyAsync"
+            return path, "cuda"
         if name.startswith("libamdhip64.so"):
-            return path, "hipMemcpyAsync"
+            return path, "hip"
     raise TransportError("no CUDA/HIP runtime library (libcudart / libamdhip64) is loaded")
 
 

@@ -29,6 +29,12 @@ processes (IPC-mapped memory, host time of ``post`` included).
 - ``torch``: one ``copy_`` per run (the portable fallback, also when no runtime library is
   found); its cross-device stream handshakes cost ~20 us a run: 20-31 %.
 
+Rows that step evenly (one layer's slice of runs of consecutive blocks, what a layerwise
+WRITE posts after each layer) go, in ``batch`` and ``runtime`` mode, as one runtime 2D copy
+(``cudaMemcpy2DAsync`` / ``hipMemcpy2DAsync``) per run instead of one copy per block: on an
+H200 the per-copy host cost (~5 us in ``cuMemcpyBatchAsync``) of 8,000 64 KiB copies per 4k
+prompt had left the GPU waiting on the forward's host thread (``base.strided_runs``).
+
 A path that fails at run time is logged and replaced for good (batch -> kernel -> runtime);
 the failed batch is re-issued the new way, so a post never fails for it. The copies of a batch
 run concurrently and in no set order (segments never overlap on the destination).
@@ -41,7 +47,7 @@ import logging
 import numpy as np
 import torch
 
-from connectors.transports.base import TransportError, split_bounds
+from connectors.transports.base import TransportError, split_bounds, strided_runs
 from connectors.transports.gpu_runtime import BatchMemcpy, BatchRows, RuntimeMemcpy
 
 logger = logging.getLogger(__name__)
@@ -75,6 +81,8 @@ class PeerCopier:
             copy = "batch" if self._batch is not None else "kernel"
         self.mode = copy
         """The path in use: ``auto`` resolved, and after a fallback the fallback."""
+        self._strided = True
+        """Evenly stepping rows go as runtime 2D copies (off for good after one failed)."""
         self._memcpy: RuntimeMemcpy | None = None
         if copy != "torch":  # the kernel's leftovers take the runtime path too
             try:
@@ -106,6 +114,12 @@ class PeerCopier:
         local_index = local.device.index or 0
         local_stream = self.stream(local_index)
         caller = torch.cuda.current_stream(local.device)
+        if self._strided and self.mode in ("batch", "runtime") and self._memcpy is not None:
+            groups = strided_runs(merged)
+            if len(groups) < len(merged):
+                event = self._issue_strided(src, dst, groups, src_is_local, caller, local_stream)
+                if event is not None:
+                    return event
         if self.mode == "batch" and self._batch is not None:
             event = self._issue_batch(src, dst, merged, src_is_local, caller, local_stream)
             if event is not None:
@@ -164,6 +178,59 @@ class PeerCopier:
                                    "from now on", exc)
                     self.mode = "kernel"
                     for done in issued:  # the fallback's event must cover what did start
+                        local_stream.wait_stream(done)
+                    return None
+                self._event(engine, k + 1).record(stream)
+                issued.append(stream)
+        for k in range(len(issued)):
+            local_stream.wait_event(self._event(engine, k + 1))
+        event = torch.cuda.Event()
+        event.record(local_stream)
+        return event
+
+    def _issue_strided(self, src: torch.Tensor, dst: torch.Tensor, groups: np.ndarray,
+                       src_is_local: bool, caller: torch.cuda.Stream,
+                       local_stream: torch.cuda.Stream) -> torch.cuda.Event | None:
+        """Rows that step evenly (one layer of consecutive blocks: a layerwise WRITE's posts)
+        as one runtime 2D copy per group, the rest one copy each, spread over the copy streams
+        by bytes; returns the completion event, or None once a 2D copy failed (2D is then off
+        for good and the caller re-issues the whole batch its own way: copies that did start
+        write the same bytes again).
+
+        Measured on an H200 (P and D on one GPU): a 4k-token prompt's layer posts are 8,000
+        copies of 64 KiB; ``cuMemcpyBatchAsync`` spends ~5 us of host time on each, ~0.6 ms per
+        layer inside the forward, which left the GPU waiting on the host (layerwise WRITE TTFT
+        1.4x monolithic). As 2D copies they are a few calls per layer.
+        """
+        assert self._memcpy is not None
+        local_index = local_stream.device.index or 0
+        engine = self._engine(src, dst, src if src_is_local else dst)
+        ready = self._event(local_index, 0)
+        ready.record(caller)
+        src_col, dst_col, src_pitch, dst_pitch = (0, 1, 4, 5) if src_is_local else (1, 0, 5, 4)
+        bounds = split_bounds(groups[:, 2] * groups[:, 3], self._num_streams,
+                              self._stream_min_bytes)
+        src_ptr, dst_ptr = src.data_ptr(), dst.data_ptr()
+        issued: list[torch.cuda.Stream] = []
+        with torch.cuda.device(engine):
+            for k in range(len(bounds) - 1):
+                stream = self.stream(engine, k + 1)
+                stream.wait_event(ready)
+                handle = stream.cuda_stream
+                try:
+                    for g in groups[bounds[k]:bounds[k + 1]].tolist():
+                        if g[3] == 1:
+                            self._memcpy.copy(dst_ptr + g[dst_col], src_ptr + g[src_col], g[2],
+                                              handle)
+                        else:
+                            self._memcpy.copy_2d(dst_ptr + g[dst_col], g[dst_pitch],
+                                                 src_ptr + g[src_col], g[src_pitch], g[2], g[3],
+                                                 handle)
+                except RuntimeError as exc:
+                    logger.warning("ipc 2D memcpy failed (%s); copying row by row from now on",
+                                   exc)
+                    self._strided = False
+                    for done in [*issued, stream]:  # the fallback's event covers what started
                         local_stream.wait_stream(done)
                     return None
                 self._event(engine, k + 1).record(stream)

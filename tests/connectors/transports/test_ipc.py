@@ -8,7 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
-from transport_harness import PeerProcess, check_read, check_write, wait_done
+from transport_harness import PeerProcess, check_read, check_write, layer_segments, wait_done
 
 from connectors.transports import (
     Segment,
@@ -18,7 +18,7 @@ from connectors.transports import (
     available_transports,
     make_transport,
 )
-from connectors.transports.base import split_bounds, split_runs
+from connectors.transports.base import merge_array, split_bounds, split_runs, strided_runs
 from connectors.transports.gpu_runtime import BatchMemcpy, BatchRows
 from connectors.transports.ipc import IpcOptions
 
@@ -89,6 +89,59 @@ def test_read_and_write_on_one_gpu(make_local: MakeLocal, spawn_peer: SpawnPeer,
     peer = spawn_peer("ipc", device="cuda:0")
     check_read(make_local("ipc", **options), peer, device="cuda:0")
     check_write(make_local("ipc", **options), peer, peer_fill="pattern1", device="cuda:0")
+
+
+LAYER_OPTIONS: list[dict[str, object]] = [
+    {"copy": "auto"}, {"copy": "batch", "streams": 3, "stream_min_bytes": 4096},
+    {"copy": "runtime", "streams": 2, "stream_min_bytes": 4096, "issue_on": "destination"}]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("options", LAYER_OPTIONS, ids=_ids)
+def test_layer_slices_on_one_gpu(make_local: MakeLocal, spawn_peer: SpawnPeer,
+                                 options: dict[str, object]) -> None:
+    """A layerwise WRITE's rows (one layer of runs of consecutive blocks): 2D copies."""
+    peer = spawn_peer("ipc", device="cuda:0")
+    check_read(make_local("ipc", **options), peer, device="cuda:0", segs=layer_segments(1))
+    check_write(make_local("ipc", **options), peer, peer_fill="pattern1", device="cuda:0",
+                segs=layer_segments(3))
+
+
+@pytest.mark.multi_gpu
+@pytest.mark.parametrize("options", LAYER_OPTIONS, ids=_ids)
+def test_layer_slices_between_two_gpus(make_local: MakeLocal, spawn_peer: SpawnPeer,
+                                       options: dict[str, object]) -> None:
+    peer = spawn_peer("ipc", device="cuda:1")
+    check_read(make_local("ipc", **options), peer, device="cuda:0", segs=layer_segments(0))
+    check_write(make_local("ipc", **options), peer, peer_fill="pattern1", device="cuda:0",
+                segs=layer_segments(2))
+
+
+def _expand(groups: np.ndarray) -> np.ndarray:
+    rows = [(lo + i * lp, ro + i * rp, w) for lo, ro, w, h, lp, rp in groups.tolist()
+            for i in range(h)]
+    return np.array(rows, dtype=np.int64).reshape(-1, 3)
+
+
+def test_strided_runs_group_evenly_stepping_rows_and_keep_every_row_once() -> None:
+    rows = merge_array(np.array(layer_segments(), dtype=np.int64))
+    groups = strided_runs(rows)
+    assert np.array_equal(_expand(groups), rows)
+    # consecutive blocks on both sides (two runs: the remote side jumps once), steps of 2 and 3
+    # blocks, three rows that fit no run of three
+    assert groups[:, 3].tolist() == [20, 20, 10, 1, 1, 1]
+    assert groups[:3, 4:].tolist() == [[4096, 4096], [4096, 4096], [8192, 12288]]
+    gen = np.random.default_rng(5)
+    for _ in range(200):  # any sorted rows: an exact, ordered cover, pitches wide enough
+        n = int(gen.integers(0, 30))
+        width = int(gen.choice([8, 16]))
+        local = np.sort(gen.choice(np.arange(0, 4096, 16), n, replace=False))
+        remote = gen.choice(np.arange(0, 8192, 16), n, replace=False)
+        rows = np.stack([local, remote, np.full(n, width)], axis=1).astype(np.int64)
+        groups = strided_runs(rows)
+        assert np.array_equal(_expand(groups), rows)
+        tall = groups[groups[:, 3] > 1]
+        assert (tall[:, 4] >= tall[:, 2]).all() and (tall[:, 5] >= tall[:, 2]).all()
 
 
 @pytest.mark.gpu

@@ -180,14 +180,30 @@ def scattered_segments(seed: int = 0) -> list[Any]:
     return segs
 
 
-def check_read(local: Any, peer: PeerProcess, device: str = "cpu") -> None:
-    """READ many scattered segments from a peer process (fill ``pattern1``); compare bytes."""
+def layer_segments(layer: int = 2, layer_bytes: int = 1024) -> list[Any]:
+    """One layer's slice of many blocks, as a layerwise WRITE posts them: runs of consecutive
+    blocks on both sides (one 2D copy each on a GPU), a run stepping by other amounts on each
+    side, and odd rows between them that fit no run."""
+    from connectors.transports import Segment
+
+    off = layer * layer_bytes
+    pairs = [(b, 100 + b) for b in range(20)] + [(b, 110 + b) for b in range(20, 40)]
+    pairs += [(50 + 2 * i, 200 + 3 * i) for i in range(10)]  # steps 2 and 3 blocks
+    pairs += [(75, 240), (90, 17), (91, 245)]  # no evenly stepping run of three
+    return [Segment(lb * BLOCK_BYTES + off, rb * BLOCK_BYTES + off, layer_bytes)
+            for lb, rb in pairs]
+
+
+def check_read(local: Any, peer: PeerProcess, device: str = "cpu",
+               segs: list[Any] | None = None) -> None:
+    """READ many scattered segments (or ``segs``) from a peer process (fill ``pattern1``);
+    compare bytes."""
     from connectors.transports import TransferOp
 
     region = torch.zeros(REGION_BYTES, dtype=torch.uint8, device=device)
     local.register_region(region)
     local.add_peer("peer", peer.descriptor)
-    segs = scattered_segments()
+    segs = segs or scattered_segments()
     assert wait_done(local, local.post(TransferOp.READ, "peer", segs)) == ("done", None)
     got_all = region.cpu()
     remote = pattern(REGION_BYTES, seed=1)
@@ -200,15 +216,15 @@ def check_read(local: Any, peer: PeerProcess, device: str = "cpu") -> None:
 
 
 def check_write(local: Any, peer: PeerProcess, peer_fill: str = "zeros",
-                device: str = "cpu") -> None:
-    """WRITE many scattered segments into a peer, given as an [n, 3] array of rows (READs
-    post Segment lists); read its whole region back and compare."""
+                device: str = "cpu", segs: list[Any] | None = None) -> None:
+    """WRITE many scattered segments (or ``segs``) into a peer, given as an [n, 3] array of
+    rows (READs post Segment lists); read its whole region back and compare."""
     from connectors.transports import TransferOp
 
     region = pattern(REGION_BYTES, seed=2, device=device)
     local.register_region(region)
     local.add_peer("peer", peer.descriptor)
-    segs = scattered_segments(seed=3)
+    segs = segs or scattered_segments(seed=3)
     rows = np.array(segs, dtype=np.int64)  # as the P/D worker posts; check_read posts a list
     assert wait_done(local, local.post(TransferOp.WRITE, "peer", rows)) == ("done", None)
     remote = torch.frombuffer(bytearray(peer.read_back(0, REGION_BYTES)), dtype=torch.uint8)
