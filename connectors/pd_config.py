@@ -21,9 +21,9 @@ FAULTS_ENV = envs.FAULT_INJECTION_ENV
 """Fault injection is refused unless this is 1 in the engine's environment (tests, drills)."""
 
 _KNOWN = frozenset({
-    "transport", "mode", "layerwise", "transfer_timeout", "defer_timeout", "lease_timeout",
-    "heartbeat_interval", "kv_load_failure_policy", "base_port", "host", "transport_options",
-    "verify_kv", "faults", "auth_key"})
+    "transport", "mode", "layerwise", "layer_group", "transfer_timeout", "defer_timeout",
+    "lease_timeout", "heartbeat_interval", "kv_load_failure_policy", "base_port", "host",
+    "transport_options", "verify_kv", "faults", "auth_key"})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -36,6 +36,10 @@ class PDConnectorConfig:
     """Default mode when a request's kv_transfer_params names none."""
     layerwise: bool = False
     """WRITE producer: post each layer's blocks as soon as the layer is computed."""
+    layer_group: int = 0
+    """Layerwise: post every this many layers, each post covering them (a block's layers are
+    contiguous, so a post's rows are as many as one layer's); 0 ("auto"): 8 posts per step,
+    i.e. ceil(num_layers / 8) layers each (see pd_stream.layer_group)."""
     timeouts: Timeouts = field(default_factory=Timeouts)
     """transfer_timeout, defer_timeout, lease_timeout, heartbeat_interval (seconds)."""
     kv_load_failure_policy: str = "fail"
@@ -86,6 +90,7 @@ def parse_pd_config(extra: dict[str, Any], kv_role: str, kv_cache_on_gpu: bool,
     return PDConnectorConfig(
         transport=transport, mode=mode,
         layerwise=_layerwise(extra, kv_cache_on_gpu, tensor_parallel_size),
+        layer_group=_layer_group(extra),
         timeouts=parse_timeouts(extra), kv_load_failure_policy=policy,
         base_port=_int(extra, "base_port", 0, 0, 65535), host=_host(extra),
         transport_options=dict(options), verify_kv=_bool(extra, "verify_kv", False),
@@ -143,6 +148,17 @@ def parse_timeouts(extra: dict[str, Any]) -> Timeouts:
                     defer_timeout_s=values["defer_timeout"],
                     lease_timeout_s=values["lease_timeout"],
                     heartbeat_interval_s=values["heartbeat_interval"])
+
+
+def _layer_group(extra: dict[str, Any]) -> int:
+    """"auto" (0, the default) or a whole number of layers >= 1."""
+    value = extra.get("layer_group", "auto")
+    if value == "auto":
+        return 0
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    raise ConfigError(f'kv_connector_extra_config.layer_group must be "auto" or a whole number '
+                      f">= 1, got {value!r}")
 
 
 def _layerwise(extra: dict[str, Any], kv_cache_on_gpu: bool, tp_size: int = 1) -> bool:

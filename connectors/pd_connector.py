@@ -37,7 +37,7 @@ from connectors.pd_outcome import Outcomes
 from connectors.pd_peers import PeerLinks
 from connectors.pd_rank import RankKV, RemoteRank
 from connectors.pd_scheduler import PDSchedulerSide
-from connectors.pd_stream import LayerPlan, LayerStreamer, plan_chunk
+from connectors.pd_stream import LayerPlan, LayerStreamer, layer_group, plan_chunk
 from connectors.pd_worker import PDWorkerSide, rank_name
 from connectors.protocol import (
     EngineMetadata,
@@ -461,7 +461,10 @@ class PDConnector(KVConnector):
                 plans.append(plan)
                 if t.state is TransferState.WAITING_REMOTE:
                     t.move(TransferState.IN_FLIGHT)
-        return LayerStreamer(self.worker, plans, self.counters) if plans else None
+        if not plans:
+            return None
+        return LayerStreamer(self.worker, plans, self.counters,
+                             layer_group(self.cfg.layer_group, self.worker.geometry.num_layers))
 
     # ---- terminal states (pd_outcome.py) ------------------------------------------------
     def fail(self, t: Transfer, reason: str, *, state: TransferState = TransferState.FAILED,

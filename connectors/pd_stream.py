@@ -1,8 +1,13 @@
 """Layerwise WRITE: which blocks a prefill chunk streams, and the hook that posts them per layer.
 
 A WRITE producer whose destination is known (the decode's ``remote_blocks``) posts, right
-after each layer wrote this step's K/V, one WRITE of that layer's run of every block the chunk
-completes (byte layout: connectors/pd_worker.py), so the transfer overlaps the prefill.
+after a group of layers wrote this step's K/V, one WRITE of those layers' run of every block the
+chunk completes (byte layout: connectors/pd_worker.py), so the transfer overlaps the prefill.
+
+Groups (``layer_group``): each post costs the forward's host thread ~0.3 ms on a server core
+(rows, bounds checks, the copy calls), so a post per layer of a 32-layer model kept the GPU
+waiting on the host (an H200's 4k prefill: 1.3x the monolithic TTFT). Eight posts per step
+("auto") leave the transfer at most 1/8 of the forward behind its compute.
 
 Transferred blocks are the decode's, [0, R) with R = len(remote_block_ids): the KV of
 prompt[:-1] rounded up to whole blocks (the decode recomputes the last prompt token), exactly
@@ -56,21 +61,42 @@ def plan_chunk(t: Transfer, req: Request, num_tokens: int, block_size: int) -> L
                      [t.remote_block_ids[b] for b in blocks])
 
 
+POSTS_PER_STEP = 8
+"""``layer_group`` "auto": this many layer posts per step (fewer with fewer layers)."""
+
+
+def layer_group(configured: int, num_layers: int) -> int:
+    """Layers per post: the configured number (>= 1), or for 0 ("auto") ceil(layers / 8)."""
+    if configured >= 1:
+        return configured
+    return max(1, -(-num_layers // POSTS_PER_STEP))
+
+
 class LayerStreamer:
-    """The layer hook of one step: posts each plan's run of a layer once it is cached."""
+    """The layer hook of one step: posts each plan's run of a group of layers once the group's
+    last layer is cached (and whatever is left at the last layer)."""
 
     def __init__(self, worker: PDWorkerSide, plans: list[LayerPlan],
-                 counters: dict[str, float]) -> None:
+                 counters: dict[str, float], group: int = 1) -> None:
         self._worker = worker
         self._plans = plans
         self._counters = counters
+        self._group = group
+        self._num_layers = worker.geometry.num_layers
+        self._next = 0
+        """The first layer not posted yet."""
 
     def __call__(self, layer: int) -> None:
-        """Post layer ``layer`` of every plan (called by the model, inside the forward)."""
+        """Layer ``layer`` is cached (called by the model, inside the forward, in layer order):
+        post the layers since the last post when a group is complete or at the last layer."""
+        if layer + 1 - self._next < self._group and layer + 1 < self._num_layers:
+            return
+        first, count = self._next, layer + 1 - self._next
+        self._next = layer + 1
         now = time.monotonic()
         for p in self._plans:
-            op_id, nbytes = self._worker.post_layer(p.peer, layer, p.local_blocks,
-                                                    p.remote_blocks)
+            op_id, nbytes = self._worker.post_layers(p.peer, first, count, p.local_blocks,
+                                                     p.remote_blocks)
             t = p.transfer
             t.handles.append(op_id)
             t.bytes_moved += nbytes

@@ -127,12 +127,6 @@ class PDWorkerSide:
                  r.num_heads) for r in routes(self.num_kv_heads, self.tp_size, peer.tp_size)]
 
     # ---- posting -------------------------------------------------------------------------
-    def layer_rows(self, layer: int, local_blocks: list[int],
-                   remote_blocks: list[int]) -> np.ndarray:
-        """Layer ``layer`` of each block: one run of layer_bytes per block pair (same TP)."""
-        return block_rows(local_blocks, remote_blocks, self.block_bytes,
-                          layer * self.layer_bytes, self.layer_bytes)
-
     def post(self, op: TransferOp, peer: str, local_blocks: list[int],
              remote_blocks: list[int]) -> tuple[int, int]:
         """Start the copy of whole blocks (every rank its heads) after the step's KV writes;
@@ -153,14 +147,17 @@ class PDWorkerSide:
                                                              label)))
         return op_id, nbytes
 
-    def post_layer(self, peer: str, layer: int, local_blocks: list[int],
-                   remote_blocks: list[int]) -> tuple[int, int]:
-        """WRITE one layer of blocks whose K/V the current step just wrote (layerwise streaming:
-        one rank on each side, see streams_layers_to); never blocks the host."""
+    def post_layers(self, peer: str, first: int, count: int, local_blocks: list[int],
+                    remote_blocks: list[int]) -> tuple[int, int]:
+        """WRITE layers ``first .. first + count - 1`` of blocks whose K/V the current step just
+        wrote (layerwise streaming: one rank on each side, see streams_layers_to); a block's
+        layers are contiguous, so that is one run per block pair. Never blocks the host."""
         if not self.streams_layers_to(peer):
             raise ValueError(f"layerwise write to {peer}: both sides need one TP rank")
-        rows = self.layer_rows(layer, local_blocks, remote_blocks)
-        label = f"layer {layer} write to {peer}"
+        rows = block_rows(local_blocks, remote_blocks, self.block_bytes,
+                          first * self.layer_bytes, count * self.layer_bytes)
+        span = f"layer {first}" if count == 1 else f"layers {first}-{first + count - 1}"
+        label = f"{span} write to {peer}"
         nbytes = int(rows[:, 2].sum())
         injected = self._injected(label)
         if injected is not None:

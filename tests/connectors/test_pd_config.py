@@ -33,6 +33,18 @@ def test_layerwise_bad_value_is_a_clear_error(value: Any) -> None:
         parse_layerwise({"layerwise": value}, True)
 
 
+@pytest.mark.parametrize(("value", "expected"), [("auto", 0), (1, 1), (4, 4)])
+def test_layer_group_values(value: Any, expected: int) -> None:
+    assert parse_pd_config({"layer_group": value}, "kv_both", True).layer_group == expected
+    assert parse_pd_config({}, "kv_both", True).layer_group == 0
+
+
+@pytest.mark.parametrize("value", [0, -2, 1.5, "4", True, None])
+def test_layer_group_bad_value_is_a_clear_error(value: Any) -> None:
+    with pytest.raises(ConfigError, match='layer_group must be "auto" or a whole number'):
+        parse_pd_config({"layer_group": value}, "kv_both", True)
+
+
 @pytest.mark.parametrize(("transport", "mode", "role", "on_gpu", "hinted"), [
     ("nixl", "read", "kv_consumer", True, True),
     ("nixl", "read", "kv_both", True, True),

@@ -14,7 +14,7 @@ from fake_transport import FakeTransport
 
 from connectors import pd_rank
 from connectors.pd_connector import PDConnector
-from connectors.pd_stream import blocks_to_stream
+from connectors.pd_stream import blocks_to_stream, layer_group
 from connectors.protocol import RemoteBlocks
 from connectors.transfer import TransferState
 from connectors.transports.base import Segment, TransferOp, TransferStatus
@@ -55,9 +55,11 @@ def _engine(engine_id: str) -> Any:
         parallel=parallel, cache=SimpleNamespace(block_size=BLOCK_SIZE)))
 
 
-def _connector(role: str, engine_id: str, layerwise: bool = True) -> PDConnector:
+def _connector(role: str, engine_id: str, layerwise: bool = True,
+               **extra: Any) -> PDConnector:
     cfg = KVTransferConfig(kv_connector="PDConnector", kv_role=role, kv_connector_extra_config={
-        "transport": "fake", "mode": "write", "layerwise": layerwise, "transfer_timeout": 5})
+        "transport": "fake", "mode": "write", "layerwise": layerwise, "transfer_timeout": 5,
+        **extra})
     kv = torch.zeros(NUM_BLOCKS, NUM_LAYERS, 2, BLOCK_SIZE, 1, 2)
     return PDConnector(cfg, _engine(engine_id), kv)
 
@@ -74,7 +76,7 @@ class Pair(SimpleNamespace):
 
 @pytest.fixture
 def pair(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pair]:
-    """Layerwise unless parametrized indirectly with False."""
+    """Layerwise unless parametrized indirectly with False (or with a dict of more options)."""
     transports: list[FakeTransport] = []
 
     def make(name: str, **_: Any) -> FakeTransport:
@@ -82,7 +84,9 @@ def pair(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Ite
         return transports[-1]
 
     monkeypatch.setattr(pd_rank, "make_transport", make)
-    p = _connector("kv_producer", "engine-P", getattr(request, "param", True))
+    param = getattr(request, "param", True)
+    p = _connector("kv_producer", "engine-P", **param) if isinstance(param, dict) else \
+        _connector("kv_producer", "engine-P", param)
     d = _connector("kv_consumer", "engine-D")
     sched = Scheduler(SchedulerConfig(max_num_batched_tokens=6), BlockPool(NUM_BLOCKS),
                       BLOCK_SIZE, 64, p.scheduler)
@@ -183,6 +187,36 @@ def test_hook_posts_each_layer_of_the_blocks_each_chunk_completes(pair: Pair) ->
     pair.p.abort_transfer("r")
     _update(pair)
     assert pair.sched.pool.snapshot().free == NUM_BLOCKS
+
+
+@pytest.mark.parametrize("pair", [{"layer_group": 2}], indirect=True)
+def test_layer_groups_post_every_group_of_layers_in_one_run_per_block(pair: Pair) -> None:
+    """layer_group 2 of 3 layers: layers 0-1 posted after layer 1, layer 2 after the last; a
+    block's layers are contiguous, so each post is one run per block spanning its layers."""
+    remote = [9, 3, 7]
+    req = _write_producer(pair, "w", 11, remote)
+    assert _step(pair) == ["w"] and _step(pair) == ["w"]
+    assert req.status is RequestStatus.FINISHED_LENGTH
+    local = pair.p.transfers["w"].local_block_ids
+
+    def runs(lo: list[int], re: list[int], first: int, count: int) -> list[Segment]:
+        off = first * LAYER_BYTES
+        return [Segment(lb * BLOCK_BYTES + off, rb * BLOCK_BYTES + off, count * LAYER_BYTES)
+                for lb, rb in zip(lo, re)]
+
+    assert [segs for _, _, segs in pair.transport.posts] == [
+        runs(local[:1], remote[:1], 0, 2), runs(local[:1], remote[:1], 2, 1),
+        runs(local[1:3], remote[1:3], 0, 2), runs(local[1:3], remote[1:3], 2, 1)]
+    assert pair.p.counters["layer_posts_total"] == 4
+    pair.transport.settle_all(TransferStatus.DONE)
+    _update(pair)
+    assert "w" not in pair.p.transfers
+    assert pair.p.counters["bytes_moved_total"] == 3 * BLOCK_BYTES
+
+
+def test_layer_group_auto_is_eight_posts_per_step() -> None:
+    assert [layer_group(0, n) for n in (1, 3, 8, 9, 32, 61, 80)] == [1, 1, 1, 2, 4, 8, 10]
+    assert layer_group(3, 32) == 3
 
 
 def test_failed_layer_write_fails_the_prefill_and_frees_after_settling(pair: Pair) -> None:
