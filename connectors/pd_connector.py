@@ -60,6 +60,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 _OK_FINISH = frozenset({"finished_stopped", "finished_length"})
+EARLY_START_POOL_FRACTION = 0.5
+"""WRITE prefills whose destination is not known yet may hold at most this share of the
+pool (can_schedule)."""
 _COUNTERS = ("bytes_moved_total", "layer_posts_total", "transfers_done_total",
              "transfers_failed_total", "transfers_expired_total", "kv_refused_total",
              "notifications_unknown_total", "notifications_unidentified_total",
@@ -79,6 +82,9 @@ class PDConnector(KVConnector):
         self.mode: str = c.mode.value
         self.timeouts = c.timeouts
         self.layerwise = c.layerwise
+        self._early: dict[str, int] = {}
+        """WRITE prefills admitted before their destination was known: transfer id -> the
+        blocks their prompt takes (can_schedule)."""
         self.engine_id: str = engine.engine_id
         self.epoch = secrets.randbits(62)
         """Random per start: a restarted engine is another peer (protocol.py)."""
@@ -191,16 +197,36 @@ class PDConnector(KVConnector):
         return None  # counted and bounded once the handshake gave the peer's pool
 
     def can_schedule(self, req: Request) -> bool:
-        """A WRITE prefill waits until the decode has allocated its destination blocks, so a
-        prefill never holds blocks a busy decode cannot take (that would deadlock P and D).
-        A layerwise one also waits for the peer's handshake (it posts inside the forward) and,
-        after a preemption, for its earlier layer writes to settle before it rewrites them."""
+        """A WRITE prefill may start before the decode announced its blocks (or, layerwise,
+        before the handshake that lets it stream) only within EARLY_START_POOL_FRACTION of the
+        pool: the rest stays for prefills whose destination is known, so a prefill holding
+        blocks a busy decode cannot take yet never starves the ones that decode waits for (P
+        and D cannot deadlock). A layerwise one preempted with layer writes in flight waits
+        for them to settle before it recomputes."""
         t = self.transfers.get(self._by_request.get(req.request_id, ""))
         if t is None or t.terminal or t.role is not TransferRole.PRODUCER_WRITE:
             return True
-        if t.remote_block_ids is None:
+        if t.handles:
             return False
-        return not t.layerwise or (t.stream_peer is not None and not t.handles)
+        if t.remote_block_ids is not None and (not t.layerwise or t.stream_peer is not None):
+            return True
+        return self._start_early(t, req)
+
+    def _start_early(self, t: Transfer, req: Request) -> bool:
+        """Admit a WRITE prefill whose destination is not known yet if the blocks of such
+        prefills (this one's prompt included) stay within the early-start share of the pool."""
+        if t.transfer_id in self._early:
+            return True
+        for tid in list(self._early):  # a destination known, or the transfer gone: not early
+            e = self.transfers.get(tid)
+            if e is None or e.terminal or (e.remote_block_ids is not None
+                                           and (not e.layerwise or e.stream_peer is not None)):
+                del self._early[tid]
+        need = -(-req.num_prompt_tokens // self.metadata.block_size)
+        if sum(self._early.values()) + need > EARLY_START_POOL_FRACTION * self.metadata.num_blocks:
+            return False
+        self._early[t.transfer_id] = need
+        return True
 
     def consumer_transfer(self, req: Request) -> Transfer | None:
         """The live consumer transfer of a request, if its KV comes from a peer."""
@@ -277,11 +303,8 @@ class PDConnector(KVConnector):
             t.request_finished, t.holds_blocks = True, True
             t.local_block_ids, t.num_tokens = list(req.block_ids), req.num_prompt_tokens
             t.first_token_id = req.output_token_ids[0] if req.output_token_ids else None
-            if t.role is TransferRole.PRODUCER_WRITE and t.first_token_id is not None \
-                    and t.peer_generation is not None:  # D streams it while the KV moves
-                self.peers.send(t, FirstToken(transfer_id=t.transfer_id, engine_id=self.engine_id,
-                                              epoch=self.epoch, generation=t.peer_generation,
-                                              token_id=t.first_token_id))
+            if t.role is TransferRole.PRODUCER_WRITE:
+                self.send_first_token(t)
             if self.cfg.verify_kv and t.role is TransferRole.PRODUCER_READ:
                 t.digests = self.worker.digests(t.local_block_ids)
             # WRITE posts at the next update_connector_output: the scheduler moves the blocks
@@ -298,6 +321,15 @@ class PDConnector(KVConnector):
             t.holds_blocks, t.local_block_ids = True, list(req.block_ids)
             return FinishAction(hold_key=t.transfer_id)  # an op may still touch these blocks
         return FinishAction()
+
+    def send_first_token(self, t: Transfer) -> None:
+        """A finished WRITE prefill tells the decode its first token, so the decode streams it
+        while the KV moves: at the finish, or when the decode's blocks arrive after it (the
+        prefill started early)."""
+        if t.first_token_id is not None and t.peer_generation is not None:
+            self.peers.send(t, FirstToken(transfer_id=t.transfer_id, engine_id=self.engine_id,
+                                          epoch=self.epoch, generation=t.peer_generation,
+                                          token_id=t.first_token_id))
 
     def _consumer_finished(self, t: Transfer, req: Request, ok: bool) -> FinishAction:
         """A consumer request ended before its transfer did: its first token (from the
@@ -404,23 +436,41 @@ class PDConnector(KVConnector):
             else:
                 self._producer_done(t)
             return
+        self._post_blocks(t, peer, skip, n)
+
+    def _post_blocks(self, t: Transfer, peer: str, first: int, n: int) -> None:
+        """Post one op moving whole blocks [first, n) of the transfer."""
+        assert t.remote_block_ids is not None
         op = TransferOp.WRITE if t.role is TransferRole.PRODUCER_WRITE else TransferOp.READ
-        handle, nbytes = self.worker.post(op, peer, t.local_block_ids[skip:n],
-                                          t.remote_block_ids[skip:n])
-        t.handles, t.bytes_moved, t.posted_s = [handle], nbytes, time.monotonic()
+        handle, nbytes = self.worker.post(op, peer, t.local_block_ids[first:n],
+                                          t.remote_block_ids[first:n])
+        t.handles, t.posted_s = [handle], time.monotonic()
+        t.bytes_moved += nbytes
         if t.first_posted_s is None:
             t.first_posted_s = t.posted_s
-        t.move(TransferState.IN_FLIGHT)
+        if t.state is not TransferState.IN_FLIGHT:  # a layerwise one may be in flight already
+            t.move(TransferState.IN_FLIGHT)
 
     def _advance_stream(self, t: Transfer) -> None:
-        """A layerwise WRITE with no op pending: first resolve its peer (the prefill waits for
-        it, see can_schedule); once its prefill finished, every layer write has landed."""
+        """A layerwise WRITE with no op pending: resolve its peer (chunks run before that
+        stream nothing); once its prefill finished, write whole what no layer post covered
+        (the peer came late), then, when every write landed, it is done."""
         if t.stream_peer is None:
             t.stream_peer = self._peer(t)
             if t.stream_peer is not None and not self.worker.streams_layers_to(t.stream_peer):
                 t.stream_peer, t.layerwise = None, False  # one write once the prefill ended
-        elif t.request_finished:
-            self._producer_done(t)
+                return
+            if t.stream_peer is None or not t.request_finished:
+                return
+        if not t.request_finished:
+            return
+        assert t.remote_block_ids is not None
+        n = min(len(t.local_block_ids), len(t.remote_block_ids))
+        if t.stream_next < n:
+            first, t.stream_next = t.stream_next, n
+            self._post_blocks(t, t.stream_peer, first, n)
+            return
+        self._producer_done(t)
 
     def _poll(self, t: Transfer) -> None:
         """Fail on any failed op; release the settled ones; a posted whole batch is done."""

@@ -179,6 +179,8 @@ class Inbox:
                       f"has {t.num_tokens}: not the same prompt")
             return
         c.peers.start_hello(t)
+        if t.request_finished:
+            c.send_first_token(t)  # the prefill ended before the decode's blocks arrived
         c._try_post(t)
 
     def _write_done(self, t: Transfer, msg: WriteDone) -> None:

@@ -11,10 +11,15 @@ waiting on the host (an H200's 4k prefill: 1.3x the monolithic TTFT). Eight post
 
 Transferred blocks are the decode's, [0, R) with R = len(remote_block_ids): the KV of
 prompt[:-1] rounded up to whole blocks (the decode recomputes the last prompt token), exactly
-what the whole-prompt WRITE moves. Block b is posted once, by the chunk that computes its last
-position min((b + 1) * block_size, N) - 1 (N prompt tokens): transports do not order separate
-batches (tcp spreads them over connections, nixl and mori run them concurrently), so a block
-written twice could end with its older, partial copy.
+what the whole-prompt WRITE moves. Block b is posted once, by the first chunk after the one that
+computes its last position min((b + 1) * block_size, N) - 1 (N prompt tokens) that runs with
+the stream's peer known (usually that chunk itself): transports do not order separate batches
+(tcp spreads them over connections, nixl and mori run them concurrently), so a block written
+twice could end with its older, partial copy. Blocks the prefill completed before the peer was
+known and no later chunk posted are written whole once it finished (PDConnector._advance_stream).
+
+The prefill may start before the decode announced its blocks (PDConnector.can_schedule: within
+half the pool, so announced prefills always find blocks and P and D cannot deadlock).
 
     chunk [start, end), start < N:   blocks [start // bs, min(R, end // bs))   if end < N
                                      blocks [start // bs, R)                   if end >= N
@@ -50,13 +55,20 @@ class LayerPlan(NamedTuple):
 
 
 def plan_chunk(t: Transfer, req: Request, num_tokens: int, block_size: int) -> LayerPlan | None:
-    """What a streaming transfer writes for this step's chunk of its request (None: nothing)."""
+    """What a streaming transfer writes for this step's chunk of its request (None: nothing),
+    and the stream's frontier moved past it: the blocks this chunk completes plus every
+    complete block before them not posted yet (chunks computed before the decode's blocks or
+    its handshake were known, or the prefill's own prefix-cache hit). A block posted before a
+    preemption is not posted again: its write settled before the recompute began."""
     assert t.remote_block_ids is not None and t.stream_peer is not None
     start = req.num_computed_tokens
-    blocks = blocks_to_stream(start, start + num_tokens, req.num_prompt_tokens,
-                              len(t.remote_block_ids), block_size)
+    num_remote = len(t.remote_block_ids)
+    stop = blocks_to_stream(0, start + num_tokens, req.num_prompt_tokens, num_remote,
+                            block_size).stop if start < req.num_prompt_tokens else num_remote
+    blocks = range(t.stream_next, stop)
     if not blocks:
         return None
+    t.stream_next = stop
     return LayerPlan(t, t.stream_peer, [req.block_ids[b] for b in blocks],
                      [t.remote_block_ids[b] for b in blocks])
 

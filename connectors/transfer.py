@@ -135,7 +135,10 @@ class Transfer:
     layerwise: bool = False
     """WRITE producer: posts each layer's blocks during the prefill, not the prompt after it."""
     stream_peer: str | None = None
-    """Layerwise: the peer's engine id once its handshake is done (the prefill waits for it)."""
+    """Layerwise: the peer's engine id once its handshake is done (chunks computed before it
+    stream nothing; the next posts catch up, see pd_stream.plan_chunk)."""
+    stream_next: int = 0
+    """Layerwise: transferred blocks [0, stream_next) are posted; the next post starts here."""
     bytes_moved: int = 0
     error: str | None = None
     generation: int = field(default_factory=lambda: secrets.randbits(62))

@@ -14,10 +14,10 @@ from fake_transport import FakeTransport
 
 from connectors import pd_rank
 from connectors.pd_connector import PDConnector
-from connectors.pd_stream import blocks_to_stream, layer_group
+from connectors.pd_stream import blocks_to_stream, layer_group, plan_chunk
 from connectors.protocol import RemoteBlocks
 from connectors.transfer import TransferState
-from connectors.transports.base import Segment, TransferOp, TransferStatus
+from connectors.transports.base import Segment, TransferOp, TransferStatus, merge_array
 from disagg.common.config import KVTransferConfig, SchedulerConfig
 from disagg.common.kv_transfer_params import parse_kv_params
 from disagg.common.sampling_params import SamplingParams
@@ -104,6 +104,14 @@ def _request(rid: str, n: int, params: dict[str, Any] | None) -> Request:
 
 def _write_producer(pair: Pair, rid: str, n: int, remote: list[int]) -> Request:
     """A WRITE prefill whose decode announced ``remote``, ready to stream."""
+    req = _write_request(pair, rid, n)
+    _announce(pair, rid, n, remote)
+    _until_streaming(pair, rid)
+    return req
+
+
+def _write_request(pair: Pair, rid: str, n: int) -> Request:
+    """A WRITE prefill whose decode has not announced its blocks yet."""
     d = pair.d.metadata
     req = _request(rid, n, {"transfer_id": rid, "do_remote_decode": True, "mode": "write",
                             "remote_engine_id": d.engine_id, "remote_host": d.host,
@@ -111,16 +119,29 @@ def _write_producer(pair: Pair, rid: str, n: int, remote: list[int]) -> Request:
                             "remote_notify_port": d.notify_port})
     pair.sched.add_request(req)
     pair.p.on_request_arrival(req)
+    return req
+
+
+def _announce(pair: Pair, rid: str, n: int, remote: list[int]) -> None:
+    """The decode's remote_blocks for ``rid`` arrive."""
+    d = pair.d.metadata
     pair.p.control.inbox.put(RemoteBlocks(
         transfer_id=rid, engine_id=d.engine_id, epoch=d.epoch, generation=5,
         block_ids=remote, num_tokens=n - 1,
         host=d.host, handshake_port=d.handshake_port, notify_port=d.notify_port))
+
+
+def _until_streaming(pair: Pair, rid: str) -> None:
+    """Step the connector until the transfer knows its destination and, layerwise, its peer
+    (the handshake with the consumer completed)."""
     deadline = time.monotonic() + 10
-    while not pair.p.can_schedule(req):  # the handshake with the consumer completes
+    while True:
+        t = pair.p.transfers[rid]
+        if t.remote_block_ids is not None and (t.stream_peer is not None or not t.layerwise):
+            return
         assert time.monotonic() < deadline, "handshake did not complete"
         _update(pair)
         time.sleep(0.01)
-    return req
 
 
 def _update(pair: Pair) -> None:
@@ -219,6 +240,76 @@ def test_layer_group_auto_is_eight_posts_per_step() -> None:
     assert layer_group(3, 32) == 3
 
 
+def test_prefill_starts_before_the_decode_announced_and_the_stream_catches_up(
+        pair: Pair) -> None:
+    """The decode's blocks arrive after chunk [0, 6): that chunk streams nothing, and the next
+    chunk's posts carry block 0 (complete already) with the blocks it completes."""
+    remote = [9, 3, 7]
+    req = _write_request(pair, "w", 11)
+    assert pair.p.can_schedule(req)  # no destination yet: it starts anyway
+    assert _step(pair) == ["w"]
+    assert pair.transport.posts == []
+    _announce(pair, "w", 11, remote)
+    _until_streaming(pair, "w")
+    assert _step(pair) == ["w"]
+    assert req.status is RequestStatus.FINISHED_LENGTH
+    local = pair.p.transfers["w"].local_block_ids
+    assert [segs for _, _, segs in pair.transport.posts] == \
+        [_layer_runs(local, remote, layer) for layer in range(NUM_LAYERS)]
+    pair.transport.settle_all(TransferStatus.DONE)
+    _update(pair)
+    assert "w" not in pair.p.transfers
+    assert pair.p.counters["bytes_moved_total"] == 3 * BLOCK_BYTES
+    assert pair.sched.pool.snapshot().free == NUM_BLOCKS
+
+
+def test_prefill_finished_before_the_decode_announced_writes_every_block_whole(
+        pair: Pair) -> None:
+    remote = [4, 5]
+    req = _write_request(pair, "w", 6)
+    assert _step(pair) == ["w"]  # the whole prompt in one chunk, before any destination
+    assert req.status is RequestStatus.FINISHED_LENGTH
+    assert pair.transport.posts == [] and "w" in pair.p.transfers
+    _announce(pair, "w", 6, remote)
+    _until_streaming(pair, "w")
+    _update(pair)
+    local = pair.p.transfers["w"].local_block_ids
+    assert len(pair.transport.posts) == 1  # one op, whole blocks (consecutive runs merged)
+    rows = merge_array([Segment(lb * BLOCK_BYTES, rb * BLOCK_BYTES, BLOCK_BYTES)
+                        for lb, rb in zip(local[:2], remote)])
+    assert [tuple(seg) for seg in pair.transport.posts[0][2]] == \
+        [tuple(int(x) for x in row) for row in rows]
+    pair.transport.settle_all(TransferStatus.DONE)
+    _update(pair)
+    assert "w" not in pair.p.transfers
+    assert pair.p.counters["bytes_moved_total"] == 2 * BLOCK_BYTES
+    assert pair.sched.pool.snapshot().free == NUM_BLOCKS
+
+
+def test_prefills_without_a_destination_take_at_most_half_the_pool(pair: Pair) -> None:
+    """16 blocks: two 11-token prompts (3 blocks each) start early, a third would pass 8; it
+    waits until one of the others learns its destination."""
+    reqs = [_write_request(pair, f"w{i}", 11) for i in range(3)]
+    assert pair.p.can_schedule(reqs[0]) and pair.p.can_schedule(reqs[1])
+    assert not pair.p.can_schedule(reqs[2])
+    assert pair.p.can_schedule(reqs[0])  # admitted once, admitted again
+    _announce(pair, "w0", 11, [9, 3, 7])
+    _until_streaming(pair, "w0")
+    assert pair.p.can_schedule(reqs[2])
+
+
+def test_plan_covers_the_blocks_a_prefill_cache_hit_left_unposted() -> None:
+    """P's own prefix cache computed blocks 0-1: its first chunk [8, 11) posts them with the
+    last block."""
+    t = SimpleNamespace(remote_block_ids=[20, 21, 22], stream_peer="D", stream_next=0)
+    req = SimpleNamespace(num_computed_tokens=8, num_prompt_tokens=11, block_ids=[5, 6, 7])
+    plan = plan_chunk(t, req, 3, BLOCK_SIZE)  # type: ignore[arg-type]
+    assert plan is not None
+    assert (plan.local_blocks, plan.remote_blocks) == ([5, 6, 7], [20, 21, 22])
+    assert t.stream_next == 3
+    assert plan_chunk(t, req, 3, BLOCK_SIZE) is None  # type: ignore[arg-type]
+
+
 def test_failed_layer_write_fails_the_prefill_and_frees_after_settling(pair: Pair) -> None:
     req = _write_producer(pair, "w", 11, [9, 3, 7])
     _step(pair)
@@ -244,9 +335,11 @@ def test_preempted_stream_restarts_only_after_its_writes_settled(pair: Pair) -> 
     assert _step(pair) == []  # its old layer writes are still pending
     pair.transport.settle_all(TransferStatus.DONE)
     _update(pair)
-    assert _step(pair) == ["w"]  # recomputed from position 0: block 0 written again
+    assert _step(pair) == ["w"]  # recomputed from position 0: block 0 landed before, and
+    assert len(pair.transport.posts) == first  # is not written again (no second copy races)
     assert _step(pair) == ["w"]
-    assert len(pair.transport.posts) == first + 2 * NUM_LAYERS
+    assert len(pair.transport.posts) == first + NUM_LAYERS  # blocks 1 and 2, layer by layer
+    assert all(len(segs) == 2 for _, _, segs in pair.transport.posts[first:])
     pair.transport.settle_all(TransferStatus.DONE)
     _update(pair)
     assert pair.p.counters["transfers_done_total"] == 1
