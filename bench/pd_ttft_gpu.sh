@@ -9,7 +9,7 @@
 #   write-lw-COPY the same with the ipc transport's copy option COPY (kernel, batch, runtime)
 #   write         WRITE of the whole prompt after the prefill (layerwise false: "auto" would
 #                 stream layers on a GPU), first token from the prefill
-# Usage: [DEPS="read write-lw"] [TRANSPORT=tcp] [SERVE_FLAGS=...] [PROFILE_DIR=...] bash bench/pd_ttft_gpu.sh OUT_DIR COMMIT [NUM_PROMPTS]
+# Usage: [DEPS="read write-lw"] [TRANSPORT=tcp] [LAYER_GROUP=N] [SERVE_FLAGS=...] [PROFILE_DIR=...] bash bench/pd_ttft_gpu.sh OUT_DIR COMMIT [NUM_PROMPTS]
 # Rows: OUT_DIR/serve.jsonl (one `disagg bench serve` row per run, per-phase stats included)
 # and OUT_DIR/pd_ttft.jsonl (one row per P/D run: p50 TTFT / monolithic p50 TTFT).
 set -euo pipefail
@@ -47,7 +47,7 @@ ready() {  # LOG...
 kv() {  # ROLE MODE [LAYERWISE(true) [IPC_COPY]]
   local opts=""
   [ -n "${4:-}" ] && opts=",\"transport_options\":{\"copy\":\"$4\"}"
-  echo "{\"kv_connector\":\"PDConnector\",\"kv_role\":\"$1\",\"kv_connector_extra_config\":{\"transport\":\"${TRANSPORT:-ipc}\",\"mode\":\"$2\",\"layerwise\":${3:-false}$opts}}"
+  echo "{\"kv_connector\":\"PDConnector\",\"kv_role\":\"$1\",\"kv_connector_extra_config\":{\"transport\":\"${TRANSPORT:-ipc}\",\"mode\":\"$2\",\"layerwise\":${3:-false}${LAYER_GROUP:+,\"layer_group\":$LAYER_GROUP}$opts}}"
 }
 bench() {  # NAME URL
   python3 -m bench.cli serve --base-url "$2" --model llama3-8b-dummy --tokenizer builtin:tiny-llama \
