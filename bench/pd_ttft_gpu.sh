@@ -75,7 +75,7 @@ for dep in ${DEPS:-read read-recomp write-lw}; do
     --model builtin:tiny-llama >"$out/proxy-$dep.log" 2>&1 &
   proxy=$!
   for _ in $(seq 1 60); do curl -sf http://127.0.0.1:18103/health >/dev/null && break; sleep 0.5; done
-  bench "$dep" http://127.0.0.1:18103
+  bench "$dep${LAYER_GROUP:+-g$LAYER_GROUP}" http://127.0.0.1:18103
   kill "$proxy" "${pids[-1]}" "${pids[-2]}" 2>/dev/null || true
   wait "$proxy" "${pids[-1]}" "${pids[-2]}" 2>/dev/null || true
   unset 'pids[-1]' 'pids[-1]'
