@@ -38,8 +38,8 @@ class PDConnectorConfig:
     """WRITE producer: post each layer's blocks as soon as the layer is computed."""
     layer_group: int = 0
     """Layerwise: post every this many layers, each post covering them (a block's layers are
-    contiguous, so a post's rows are as many as one layer's); 0 ("auto"): 8 posts per step,
-    i.e. ceil(num_layers / 8) layers each (see pd_stream.layer_group)."""
+    contiguous, so a post's rows are as many as one layer's); 0 ("auto"): 8 posts per step
+    (ceil(num_layers / 8) layers each), one over ipc (see pd_stream.layer_group)."""
     timeouts: Timeouts = field(default_factory=Timeouts)
     """transfer_timeout, defer_timeout, lease_timeout, heartbeat_interval (seconds)."""
     kv_load_failure_policy: str = "fail"

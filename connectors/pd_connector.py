@@ -514,7 +514,8 @@ class PDConnector(KVConnector):
         if not plans:
             return None
         return LayerStreamer(self.worker, plans, self.counters,
-                             layer_group(self.cfg.layer_group, self.worker.geometry.num_layers))
+                             layer_group(self.cfg.layer_group, self.worker.geometry.num_layers,
+                                         fast_link=self.cfg.transport == "ipc"))
 
     # ---- terminal states (pd_outcome.py) ------------------------------------------------
     def fail(self, t: Transfer, reason: str, *, state: TransferState = TransferState.FAILED,

@@ -237,7 +237,8 @@ def test_layer_groups_post_every_group_of_layers_in_one_run_per_block(pair: Pair
 
 def test_layer_group_auto_is_eight_posts_per_step() -> None:
     assert [layer_group(0, n) for n in (1, 3, 8, 9, 32, 61, 80)] == [1, 1, 1, 2, 4, 8, 10]
-    assert layer_group(3, 32) == 3
+    assert layer_group(3, 32) == 3 and layer_group(3, 32, fast_link=True) == 3
+    assert layer_group(0, 32, fast_link=True) == 32  # ipc: one post per step
 
 
 def test_prefill_starts_before_the_decode_announced_and_the_stream_catches_up(
