@@ -80,7 +80,7 @@ for dep in ${DEPS:-read read-recomp write-lw}; do
   wait "$proxy" "${pids[-1]}" "${pids[-2]}" 2>/dev/null || true
   unset 'pids[-1]' 'pids[-1]'
 done
-python3 - "$out" "$commit" "${DEPS:+DEPS=\"$DEPS\" }${TRANSPORT:+TRANSPORT=$TRANSPORT }bash bench/pd_ttft_gpu.sh OUT $commit $num" <<'PY'
+python3 - "$out" "$commit" "${DEPS:+DEPS=\"$DEPS\" }${TRANSPORT:+TRANSPORT=$TRANSPORT }${LAYER_GROUP:+LAYER_GROUP=$LAYER_GROUP }bash bench/pd_ttft_gpu.sh OUT $commit $num" <<'PY'
 import json, sys
 out, commit, command = sys.argv[1], sys.argv[2], sys.argv[3]
 rows = {}
@@ -98,7 +98,10 @@ with open(out + "/pd_ttft.jsonl", "a") as f:
                "model": "Llama-3-8B-shaped dummy bf16", "hardware": r["hardware"],
                "monolithic_p50_ttft_ms": mono, "pd_p50_ttft_ms": r["p50_ttft_ms"],
                "ttft_ratio": r["p50_ttft_ms"] / mono,
-               "phases_ms": {k: v for k, v in r.items() if "_phase_" in k}}
+               "phases_ms": {k: v for k, v in r.items() if "_phase_" in k},
+               "figures": {"P/D TTFT p50 / monolithic": f"{r['p50_ttft_ms'] / mono:.3f}x",
+                           "P/D ms": round(r["p50_ttft_ms"], 1),
+                           "monolithic ms": round(mono, 1)}}
         f.write(json.dumps(row) + "\n")
         print(f"{label}: P/D p50 TTFT {r['p50_ttft_ms']:.1f} ms vs monolithic {mono:.1f} ms "
               f"= {row['ttft_ratio']:.3f}x")
