@@ -182,7 +182,13 @@ class PeerCopier:
                     return None
                 self._event(engine, k + 1).record(stream)
                 issued.append(stream)
-        for k in range(len(issued)):
+        return self._after_streams(local_stream, engine, len(issued))
+
+    def _after_streams(self, local_stream: torch.cuda.Stream, engine: int,
+                       count: int) -> torch.cuda.Event:
+        """The batch's completion event: recorded on ``local_stream`` once it has waited for
+        the done-records of the engine's first ``count`` copy streams."""
+        for k in range(count):
             local_stream.wait_event(self._event(engine, k + 1))
         event = torch.cuda.Event()
         event.record(local_stream)
@@ -235,11 +241,7 @@ class PeerCopier:
                     return None
                 self._event(engine, k + 1).record(stream)
                 issued.append(stream)
-        for k in range(len(issued)):
-            local_stream.wait_event(self._event(engine, k + 1))
-        event = torch.cuda.Event()
-        event.record(local_stream)
-        return event
+        return self._after_streams(local_stream, engine, len(issued))
 
     def _runtime_on_streams(self, src: torch.Tensor, dst: torch.Tensor, runs: np.ndarray,
                             local: torch.Tensor,
