@@ -287,6 +287,26 @@ def test_prefill_finished_before_the_decode_announced_writes_every_block_whole(
     assert pair.sched.pool.snapshot().free == NUM_BLOCKS
 
 
+def test_a_prefill_cache_hit_streams_the_cached_blocks_too(pair: Pair) -> None:
+    """P's prefix cache gives the second request blocks 0-1 computed: its only chunk [8, 11)
+    posts them with the block it completes (the decode has none of them)."""
+    pair.sched = Scheduler(SchedulerConfig(max_num_batched_tokens=6),
+                           BlockPool(NUM_BLOCKS, True), BLOCK_SIZE, 64, pair.p.scheduler)
+    _write_producer(pair, "a", 11, [9, 3, 7])
+    while pair.sched.has_work():
+        _step(pair)
+    pair.transport.settle_all(TransferStatus.DONE)
+    _update(pair)
+    assert "a" not in pair.p.transfers
+    first = len(pair.transport.posts)
+    req = _write_producer(pair, "b", 11, [10, 11, 12])
+    assert _step(pair) == ["b"]
+    assert req.num_cached_tokens == 8 and req.status is RequestStatus.FINISHED_LENGTH
+    local = pair.p.transfers["b"].local_block_ids
+    assert [segs for _, _, segs in pair.transport.posts[first:]] == \
+        [_layer_runs(local, [10, 11, 12], layer) for layer in range(NUM_LAYERS)]
+
+
 def test_prefills_without_a_destination_take_at_most_half_the_pool(pair: Pair) -> None:
     """16 blocks: two 11-token prompts (3 blocks each) start early, a third would pass 8; it
     waits until one of the others learns its destination."""
