@@ -197,12 +197,12 @@ class PDConnector(KVConnector):
         return None  # counted and bounded once the handshake gave the peer's pool
 
     def can_schedule(self, req: Request) -> bool:
-        """A WRITE prefill may start before the decode announced its blocks (or, layerwise,
-        before the handshake that lets it stream) only within EARLY_START_POOL_FRACTION of the
-        pool: the rest stays for prefills whose destination is known, so a prefill holding
-        blocks a busy decode cannot take yet never starves the ones that decode waits for (P
-        and D cannot deadlock). A layerwise one preempted with layer writes in flight waits
-        for them to settle before it recomputes."""
+        """A WRITE prefill waits for the decode's blocks (layerwise: and the handshake that
+        lets it stream), or, with ``early_start``, may start before them within
+        EARLY_START_POOL_FRACTION of the pool: the rest stays for prefills whose destination
+        is known, so a prefill holding blocks a busy decode cannot take yet never starves the
+        ones that decode waits for (P and D cannot deadlock). A layerwise one preempted with
+        layer writes in flight waits for them to settle before it recomputes."""
         t = self.transfers.get(self._by_request.get(req.request_id, ""))
         if t is None or t.terminal or t.role is not TransferRole.PRODUCER_WRITE:
             return True
@@ -210,7 +210,7 @@ class PDConnector(KVConnector):
             return False
         if t.remote_block_ids is not None and (not t.layerwise or t.stream_peer is not None):
             return True
-        return self._start_early(t, req)
+        return self.cfg.early_start and self._start_early(t, req)
 
     def _start_early(self, t: Transfer, req: Request) -> bool:
         """Admit a WRITE prefill whose destination is not known yet if the blocks of such

@@ -21,7 +21,7 @@ SMALL = ["builtin:tiny-llama", "--device", "cpu", "--num-gpu-blocks-override", "
          "--max-model-len", "64", "--no-enable-prefix-caching"]
 """12 blocks of 16 tokens: four 40-token prompts fill a pool; half of it takes two."""
 FAILED = "disagg_kv_connector_transfers_failed_total"
-TIMEOUTS = {"transfer_timeout": 8, "defer_timeout": 8}
+TIMEOUTS = {"transfer_timeout": 8, "defer_timeout": 8, "early_start": True}
 """A stall ends in expired transfers (failed requests) well inside the test's deadline."""
 
 

@@ -241,6 +241,7 @@ def test_layer_group_auto_is_eight_posts_per_step() -> None:
     assert layer_group(0, 32, fast_link=True) == 32  # ipc: one post per step
 
 
+@pytest.mark.parametrize("pair", [{"early_start": True}], indirect=True)
 def test_prefill_starts_before_the_decode_announced_and_the_stream_catches_up(
         pair: Pair) -> None:
     """The decode's blocks arrive after chunk [0, 6): that chunk streams nothing, and the next
@@ -264,6 +265,7 @@ def test_prefill_starts_before_the_decode_announced_and_the_stream_catches_up(
     assert pair.sched.pool.snapshot().free == NUM_BLOCKS
 
 
+@pytest.mark.parametrize("pair", [{"early_start": True}], indirect=True)
 def test_prefill_finished_before_the_decode_announced_writes_every_block_whole(
         pair: Pair) -> None:
     remote = [4, 5]
@@ -307,6 +309,15 @@ def test_a_prefill_cache_hit_streams_the_cached_blocks_too(pair: Pair) -> None:
         [_layer_runs(local, [10, 11, 12], layer) for layer in range(NUM_LAYERS)]
 
 
+def test_without_early_start_a_prefill_waits_for_its_destination(pair: Pair) -> None:
+    req = _write_request(pair, "w", 11)
+    assert not pair.p.can_schedule(req) and _step(pair) == []
+    _announce(pair, "w", 11, [9, 3, 7])
+    _until_streaming(pair, "w")
+    assert pair.p.can_schedule(req) and _step(pair) == ["w"]
+
+
+@pytest.mark.parametrize("pair", [{"early_start": True}], indirect=True)
 def test_prefills_without_a_destination_take_at_most_half_the_pool(pair: Pair) -> None:
     """16 blocks: two 11-token prompts (3 blocks each) start early, a third would pass 8; it
     waits until one of the others learns its destination."""
