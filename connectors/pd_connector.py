@@ -460,9 +460,7 @@ class PDConnector(KVConnector):
             if t.stream_peer is not None and not self.worker.streams_layers_to(t.stream_peer):
                 t.stream_peer, t.layerwise = None, False  # one write once the prefill ended
                 return
-            if t.stream_peer is None or not t.request_finished:
-                return
-        if not t.request_finished:
+        if t.stream_peer is None or not t.request_finished:
             return
         assert t.remote_block_ids is not None
         n = min(len(t.local_block_ids), len(t.remote_block_ids))

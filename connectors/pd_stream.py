@@ -19,11 +19,13 @@ the stream's peer known (usually that chunk itself): transports do not order sep
 twice could end with its older, partial copy. Blocks the prefill completed before the peer was
 known and no later chunk posted are written whole once it finished (PDConnector._advance_stream).
 
-The prefill may start before the decode announced its blocks (PDConnector.can_schedule: within
-half the pool, so announced prefills always find blocks and P and D cannot deadlock).
+With ``early_start`` the prefill may start before the decode announced its blocks
+(PDConnector.can_schedule: within half the pool, so announced prefills always find blocks and P
+and D cannot deadlock). A chunk [start, end) with the peer known posts, from the stream's
+frontier (``Transfer.stream_next``) on:
 
-    chunk [start, end), start < N:   blocks [start // bs, min(R, end // bs))   if end < N
-                                     blocks [start // bs, R)                   if end >= N
+    start < N:   blocks [stream_next, min(R, end // bs))   if end < N
+                 blocks [stream_next, R)                   if end >= N
 """
 
 from __future__ import annotations
@@ -83,7 +85,8 @@ def layer_group(configured: int, num_layers: int, fast_link: bool = False) -> in
     all of them (one post per step, after its last layer) over a ``fast_link`` (ipc: same host,
     NVLink / xGMI or one GPU), where the copy takes ~1 % of the prefill and each post's host
     time costs more than the overlap saves. H200, 4k prompt, ipc on one GPU (TTFT over
-    monolithic): a post per layer 1.32x, 8 posts per step 1.040x, 4 1.040x, 1 1.014x."""
+    monolithic): a post per layer 1.32x; with early_start on, 8 posts per step 1.040x, 4
+    1.040x, 1 1.014x."""
     if configured >= 1:
         return configured
     if fast_link:
