@@ -59,7 +59,7 @@ class Inbox:
         elif isinstance(msg, Release):
             self._release(msg)
         elif isinstance(msg, Quiesce):
-            self._quiesce(msg)
+            self._quiesce(msg, now)
         elif self._identified(msg) is None:
             return
         elif isinstance(msg, Quiesced):
@@ -196,7 +196,7 @@ class Inbox:
         if not self._verify_and_use(t, msg.digests):  # the producer is done writing all the same
             c.outcomes.on_quiesced(t.transfer_id, msg.engine_id, msg.epoch)
 
-    def _quiesce(self, msg: Quiesce) -> None:
+    def _quiesce(self, msg: Quiesce, now: float) -> None:
         """A WRITE consumer gave up: stop writing its blocks; answer once nothing can."""
         c = self._c
         sender = self._identified(msg)
@@ -207,6 +207,11 @@ class Inbox:
             if not self._from_peer(t, sender):
                 return
             c.fail(t, "the decode gave up on this transfer", notify_peer=False)
+        elif msg.transfer_id not in c.outcomes.parked:
+            # our answer lets the decode free those blocks: a request for this transfer that
+            # reaches us later must not write them (its remote_blocks may be queued already)
+            c.peers.early.pop(msg.transfer_id, None)
+            c.peers.tombstones[msg.transfer_id] = ("the decode gave up on this transfer", now)
         if not c.outcomes.draining(msg.transfer_id):
             c.peers.reply(sender, Quiesced(transfer_id=msg.transfer_id,
                                            engine_id=c.engine_id, epoch=c.epoch))

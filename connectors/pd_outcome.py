@@ -189,8 +189,10 @@ class Outcomes:
             return
         p.next_ask_s = now + self.timeouts.heartbeat_interval_s
         # the producer answers quiesced as the peer it handshook with: learn it now if this
-        # transfer failed before its handshake was ever looked at (else the answer is dropped
-        # as unidentified and the blocks stay parked)
+        # transfer failed before its handshake was ever looked at, and handshake again if that
+        # one failed (a producer frozen past it, which never handshook us either): else its
+        # answer is dropped as unidentified and the blocks stay parked for good
+        self.peers.start_hello(t)
         self.peers.resolve(t)
         self.peers.send(t, Quiesce(transfer_id=t.transfer_id, engine_id=self.engine_id,
                                    epoch=self.epoch))

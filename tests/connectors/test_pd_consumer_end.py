@@ -5,6 +5,7 @@ in this process over loopback TCP."""
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from connectors.protocol import HandshakeResponse
 from disagg.common.config import CacheConfig, EngineConfig, KVTransferConfig, ModelConfig
 from disagg.common.kv_transfer_params import KVTransferParams, TransferMode
 from disagg.common.protocol import EngineCoreRequest
@@ -31,9 +33,9 @@ def engines(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     made: list[EngineCore] = []
 
     def make(role: str, faults: list[dict[str, Any]] | None = None,
-             mode: str = "read") -> EngineCore:
+             mode: str = "read", **options: Any) -> EngineCore:
         extra: dict[str, Any] = {"transport": "tcp", "mode": mode, "host": "127.0.0.1",
-                                 "layerwise": False, **FAST}
+                                 "layerwise": False, **FAST, **options}
         if faults:
             extra["faults"] = faults
         engine = EngineCore(EngineConfig(
@@ -120,3 +122,71 @@ def test_aborted_write_decode_keeps_its_blocks_until_the_producer_quiesced(engin
     d_t = decode.connector.transfers[tid]
     _step_until([decode, prefill], lambda: bool(p_t.handles))  # P's write is posted, stalls
     _abort_holds_then_frees(decode, prefill, len(d_t.local_block_ids))
+
+
+class _Freeze:
+    """Stops a connector's control thread the way SIGSTOP stops its process: it answers no
+    handshake and reads no notification until thawed, and the handshakes that arrived while
+    it was frozen are lost (their askers closed their sockets long before)."""
+
+    def __init__(self, engine: EngineCore) -> None:
+        self.thawed = threading.Event()
+        control = engine.connector.control
+        real = control._hello_reply
+
+        def frozen_reply(raw: bytes) -> Any:
+            if self.thawed.is_set():
+                return real(raw)
+            self.thawed.wait(30)
+            return HandshakeResponse(error="lost while frozen")
+
+        control._hello_reply = frozen_reply  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("request_first", [True, False])
+@pytest.mark.parametrize("early_start", [True, False])
+def test_write_decode_frees_its_blocks_after_a_frozen_prefill_thaws(
+        engines: Any, request_first: bool, early_start: bool) -> None:
+    """P is frozen before the request: D's handshake times out, its transfer fails and its
+    announced blocks stay parked. After the thaw D's blocks are freed once P says it cannot
+    write them (D must identify P for that, although its own handshake failed and P never
+    handshook it). P's request reaching its engine first may write D's parked blocks; reaching
+    it after D freed them, it fails without moving a byte."""
+    prefill = engines("kv_producer", mode="write", early_start=early_start)
+    decode = engines("kv_consumer", mode="write")
+    freeze = _Freeze(prefill)
+    tid = uuid.uuid4().hex
+    decode.add_request(EngineCoreRequest(
+        request_id="d", prompt_token_ids=PROMPT, sampling_params=GREEDY,
+        kv_transfer_params=KVTransferParams(transfer_id=tid, do_remote_prefill=True,
+                                            mode=TransferMode.WRITE, **_remote(prefill))))
+    failed: list[Any] = []
+    _step_until([], lambda: bool(failed.extend(
+        o for o in decode.step() if o.finish_reason is not None) or failed), timeout_s=15)
+    assert failed[0].error and decode.connector.outcomes.parked  # parked: P may still write
+    p_request = EngineCoreRequest(
+        request_id="p", prompt_token_ids=PROMPT,
+        sampling_params=msgspec.structs.replace(GREEDY, max_tokens=1),
+        kv_transfer_params=KVTransferParams(transfer_id=tid, do_remote_decode=True,
+                                            mode=TransferMode.WRITE, **_remote(decode)))
+    if request_first:
+        prefill.add_request(p_request)
+    freeze.thawed.set()
+    total = decode.pool.snapshot().total
+    p_out: list[Any] = []
+
+    def step_both() -> None:
+        decode.step()
+        p_out.extend(o for o in prefill.step() if o.finish_reason is not None)
+
+    _step_until([], lambda: step_both() or (not decode.connector.outcomes.parked
+                                            and decode.pool.snapshot().free == total),
+                timeout_s=15)
+    if not request_first:
+        prefill.add_request(p_request)
+    _step_until([], lambda: step_both() or (bool(p_out) and not prefill.connector.busy()),
+                timeout_s=15)
+    if not request_first:  # D had freed its blocks: P must not write them
+        assert p_out[0].error and "gave up" in p_out[0].error, p_out
+        assert prefill.connector.counters["bytes_moved_total"] == 0
+    assert decode.pool.snapshot().free == total
