@@ -41,11 +41,9 @@ class PDConnectorConfig:
     """Layerwise: post every this many layers, each post covering them (a block's layers are
     contiguous, so a post's rows are as many as one layer's); 0 ("auto"): 8 posts per step
     (ceil(num_layers / 8) layers each), one over ipc (see pd_stream.layer_group)."""
-    early_start: bool = False
+    early_start: bool = True
     """WRITE producer: start a prefill before the decode announced its blocks, within half
-    the pool (PDConnector.can_schedule). Off by default: a prefill frozen and thawed while
-    its decode gave up can leave the decode's blocks parked (seen 1 run in 6 of
-    tests/connectors/test_pd_frozen.py's write-p case), not yet understood."""
+    the pool (PDConnector.can_schedule); false: wait for them."""
     timeouts: Timeouts = field(default_factory=Timeouts)
     """transfer_timeout, defer_timeout, lease_timeout, heartbeat_interval (seconds)."""
     kv_load_failure_policy: str = "fail"
@@ -97,7 +95,7 @@ def parse_pd_config(extra: dict[str, Any], kv_role: str, kv_cache_on_gpu: bool,
         transport=transport, mode=mode,
         layerwise=_layerwise(extra, kv_cache_on_gpu, tensor_parallel_size),
         layer_group=_layer_group(extra),
-        early_start=_flag(extra, "early_start"),
+        early_start=_bool(extra, "early_start", True),
         timeouts=parse_timeouts(extra), kv_load_failure_policy=policy,
         base_port=_int(extra, "base_port", 0, 0, 65535), host=_host(extra),
         transport_options=dict(options), verify_kv=_bool(extra, "verify_kv", False),
@@ -155,15 +153,6 @@ def parse_timeouts(extra: dict[str, Any]) -> Timeouts:
                     defer_timeout_s=values["defer_timeout"],
                     lease_timeout_s=values["lease_timeout"],
                     heartbeat_interval_s=values["heartbeat_interval"])
-
-
-def _flag(extra: dict[str, Any], key: str) -> bool:
-    """A true/false option (default false)."""
-    value = extra.get(key, False)
-    if not isinstance(value, bool):
-        raise ConfigError(f"kv_connector_extra_config.{key} must be true or false, "
-                          f"got {value!r}")
-    return value
 
 
 def _layer_group(extra: dict[str, Any]) -> int:

@@ -198,7 +198,7 @@ class PDConnector(KVConnector):
 
     def can_schedule(self, req: Request) -> bool:
         """A WRITE prefill waits for the decode's blocks (layerwise: and the handshake that
-        lets it stream), or, with ``early_start``, may start before them within
+        lets it stream), or, with ``early_start`` (the default), may start before them within
         EARLY_START_POOL_FRACTION of the pool: the rest stays for prefills whose destination
         is known, so a prefill holding blocks a busy decode cannot take yet never starves the
         ones that decode waits for (P and D cannot deadlock). A layerwise one preempted with

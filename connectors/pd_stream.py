@@ -19,7 +19,7 @@ the stream's peer known (usually that chunk itself): transports do not order sep
 twice could end with its older, partial copy. Blocks the prefill completed before the peer was
 known and no later chunk posted are written whole once it finished (PDConnector._advance_stream).
 
-With ``early_start`` the prefill may start before the decode announced its blocks
+With ``early_start`` (the default) the prefill may start before the decode announced its blocks
 (PDConnector.can_schedule: within half the pool, so announced prefills always find blocks and P
 and D cannot deadlock). A chunk [start, end) with the peer known posts, from the stream's
 frontier (``Transfer.stream_next``) on:

@@ -45,9 +45,9 @@ def test_layer_group_bad_value_is_a_clear_error(value: Any) -> None:
         parse_pd_config({"layer_group": value}, "kv_both", True)
 
 
-def test_early_start_is_a_flag_off_by_default() -> None:
-    assert parse_pd_config({}, "kv_both", True).early_start is False
-    assert parse_pd_config({"early_start": True}, "kv_both", True).early_start is True
+def test_early_start_is_a_flag_on_by_default() -> None:
+    assert parse_pd_config({}, "kv_both", True).early_start is True
+    assert parse_pd_config({"early_start": False}, "kv_both", True).early_start is False
     with pytest.raises(ConfigError, match="early_start must be true or false"):
         parse_pd_config({"early_start": "yes"}, "kv_both", True)
 

@@ -309,6 +309,7 @@ def test_a_prefill_cache_hit_streams_the_cached_blocks_too(pair: Pair) -> None:
         [_layer_runs(local, [10, 11, 12], layer) for layer in range(NUM_LAYERS)]
 
 
+@pytest.mark.parametrize("pair", [{"early_start": False}], indirect=True)
 def test_without_early_start_a_prefill_waits_for_its_destination(pair: Pair) -> None:
     req = _write_request(pair, "w", 11)
     assert not pair.p.can_schedule(req) and _step(pair) == []
