@@ -11,7 +11,8 @@
 #                 stream layers on a GPU), first token from the prefill
 # Usage: [DEPS="read write-lw"] [TRANSPORT=tcp] [LAYER_GROUP=N] [SERVE_FLAGS=...] [PROFILE_DIR=...] bash bench/pd_ttft_gpu.sh OUT_DIR COMMIT [NUM_PROMPTS]
 # Rows: OUT_DIR/serve.jsonl (one `disagg bench serve` row per run, per-phase stats included)
-# and OUT_DIR/pd_ttft.jsonl (one row per P/D run: p50 TTFT / monolithic p50 TTFT).
+# and OUT_DIR/pd_ttft.jsonl (one row per P/D run: p50 TTFT / monolithic p50 TTFT, the
+# monolithic instance measured before and after the P/D runs and the two p50s averaged).
 set -euo pipefail
 out="${1:?usage: pd_ttft_gpu.sh OUT_DIR COMMIT [NUM_PROMPTS]}"
 commit="${2:?commit}"
@@ -80,6 +81,9 @@ for dep in ${DEPS:-read read-recomp write-lw}; do
   wait "$proxy" "${pids[-1]}" "${pids[-2]}" 2>/dev/null || true
   unset 'pids[-1]' 'pids[-1]'
 done
+# the baseline again after the P/D runs: the ratio is against the mean of both, so a GPU that
+# drifted (clocks, temperature) during the run does not count for or against P/D
+bench monolithic-after http://127.0.0.1:18100
 python3 - "$out" "$commit" "${DEPS:+DEPS=\"$DEPS\" }${TRANSPORT:+TRANSPORT=$TRANSPORT }${LAYER_GROUP:+LAYER_GROUP=$LAYER_GROUP }bash bench/pd_ttft_gpu.sh OUT $commit $num" <<'PY'
 import json, sys
 out, commit, command = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -87,21 +91,24 @@ rows = {}
 for line in open(out + "/serve.jsonl"):
     r = json.loads(line)
     rows[r["label"]] = r
-mono = rows["monolithic"]["p50_ttft_ms"]
+monos = [rows[k]["p50_ttft_ms"] for k in ("monolithic", "monolithic-after") if k in rows]
+mono = sum(monos) / len(monos)
 with open(out + "/pd_ttft.jsonl", "a") as f:
     for label, r in rows.items():
-        if label == "monolithic":
+        if label.startswith("monolithic"):
             continue
         row = {"kind": "pd_ttft", "commit": commit, "command": command,
                "deployment": r["deployment"],
                "workload": "random in=4000 out=4, concurrency 1, prefix caching off",
                "model": "Llama-3-8B-shaped dummy bf16", "hardware": r["hardware"],
-               "monolithic_p50_ttft_ms": mono, "pd_p50_ttft_ms": r["p50_ttft_ms"],
+               "monolithic_p50_ttft_ms": mono, "monolithic_runs_p50_ms": monos,
+               "pd_p50_ttft_ms": r["p50_ttft_ms"],
                "ttft_ratio": r["p50_ttft_ms"] / mono,
                "phases_ms": {k: v for k, v in r.items() if "_phase_" in k},
                "figures": {"P/D TTFT p50 / monolithic": f"{r['p50_ttft_ms'] / mono:.3f}x",
                            "P/D ms": round(r["p50_ttft_ms"], 1),
-                           "monolithic ms": round(mono, 1)}}
+                           "monolithic ms": round(mono, 1),
+                           "monolithic before / after ms": "/".join(f"{m:.1f}" for m in monos)}}
         f.write(json.dumps(row) + "\n")
         print(f"{label}: P/D p50 TTFT {r['p50_ttft_ms']:.1f} ms vs monolithic {mono:.1f} ms "
               f"= {row['ttft_ratio']:.3f}x")
