@@ -12,6 +12,10 @@ import torch
 
 from hip_kernels.triton_compat import jit, tl
 
+StepCache = dict[tuple[str, int], torch.Tensor]
+"""Tensors a kernel derives from one step's metadata, built by the first layer that needs
+them and reused by the others (the model's AttentionMetadata.step_cache)."""
+
 LOG2_E = 1.4426950408889634
 """Scores are scaled by scale * log2(e) so that the softmax can use exp2."""
 
@@ -59,3 +63,21 @@ def check_attention_shapes(kernel: str, q: torch.Tensor, kv_layer: torch.Tensor)
 def kv_strides(kv_layer: torch.Tensor) -> tuple[int, int, int, int]:
     """(block, K/V, token, head) strides of kv_layer in elements."""
     return kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), kv_layer.stride(3)
+
+
+def tile_starts(query_start_loc: torch.Tensor, block_q: int,
+                step_cache: StepCache | None = None) -> torch.Tensor:
+    """[B+1] int32 on the device: sequence i's q tiles are tile_starts[i] .. tile_starts[i+1]-1,
+    at ``block_q`` query rows a tile (no host sync). Built once per step when a ``step_cache``
+    is given: about six small launches a layer otherwise."""
+    key = ("tile_starts", block_q)
+    cached = None if step_cache is None else step_cache.get(key)
+    if cached is not None:
+        return cached
+    q_lens = query_start_loc[1:] - query_start_loc[:-1]
+    starts = torch.zeros(query_start_loc.shape[0], dtype=torch.int32,
+                         device=query_start_loc.device)
+    starts[1:] = torch.cumsum(torch.div(q_lens + block_q - 1, block_q, rounding_mode="floor"), 0)
+    if step_cache is not None:
+        step_cache[key] = starts
+    return starts

@@ -15,9 +15,11 @@ import torch
 
 from hip_kernels.attention_tiles import (
     LOG2_E,
+    StepCache,
     attend_tile,
     check_attention_shapes,
     kv_strides,
+    tile_starts,
     token_offsets,
 )
 from hip_kernels.kv_fp8 import TRITON_FP8, dequantize_ref, fp8_kv_dtype_for, is_fp8
@@ -48,7 +50,8 @@ def _gather_kv(kv_layer: torch.Tensor, block_table: torch.Tensor, seq_len: int
 def paged_prefill_attention_ref(q: torch.Tensor, kv_layer: torch.Tensor,
                                 block_tables: torch.Tensor, query_start_loc: torch.Tensor,
                                 seq_lens: torch.Tensor, scale: float, k_scale: float = 1.0,
-                                v_scale: float = 1.0) -> torch.Tensor:
+                                v_scale: float = 1.0,
+                                step_cache: StepCache | None = None) -> torch.Tensor:
     """Causal attention of a packed batch of query chunks over the paged cache.
 
     q [T, Hq, D] packs B sequences: sequence i owns rows query_start_loc[i]:query_start_loc[i+1]
@@ -56,6 +59,7 @@ def paged_prefill_attention_ref(q: torch.Tensor, kv_layer: torch.Tensor,
     int32 counts cached prefix + this chunk, all already written into kv_layer. Covers prefill,
     chunked prefill with a cached prefix, and decode (n_i = 1). Returns [T, Hq, D]. An fp8
     cache is read as K * k_scale and V * v_scale; other caches ignore the scales.
+    ``step_cache`` is the launcher's (see paged_prefill_attention); unused here.
     """
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = kv_layer.shape[3]
@@ -172,14 +176,15 @@ def _prefill_blocks(group: int, arch: str | None) -> tuple[int, int, int, int, i
 
 def paged_prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
                             query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
-                            scale: float, k_scale: float = 1.0,
-                            v_scale: float = 1.0) -> torch.Tensor:
+                            scale: float, k_scale: float = 1.0, v_scale: float = 1.0,
+                            step_cache: StepCache | None = None) -> torch.Tensor:
     """Causal attention of packed query chunks over the paged cache, as the reference.
 
     q [T, Hq, D] packs B sequences by query_start_loc [B+1] int32; seq_lens [B] int32 counts
     cached prefix + chunk, all already in kv_layer [NB, 2, bs, Hk, D] (fp8: read as
     K * k_scale, V * v_scale). Covers prefill, chunked prefill and decode. Returns [T, Hq, D]
-    in q's dtype. No host sync.
+    in q's dtype. No host sync. ``step_cache``: the step's tile starts are built by the first
+    layer and reused by the others (attention_tiles.tile_starts).
     Bytes moved (at least): 2 * T * Hq * D * elt + sum(seq_lens) * Hk * D * 2 * kv elt.
     """
     require_triton("paged_prefill_attention")
@@ -191,14 +196,11 @@ def paged_prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_table
     if num_tokens == 0 or num_seqs == 0:
         return out
     block_m, block_q, block_n, num_warps, num_stages = _prefill_blocks(group, None)
-    q_lens = query_start_loc[1:] - query_start_loc[:-1]
-    tile_starts = torch.zeros(num_seqs + 1, dtype=torch.int32, device=q.device)
-    tile_starts[1:] = torch.cumsum(torch.div(q_lens + block_q - 1, block_q,
-                                             rounding_mode="floor"), 0)
+    starts = tile_starts(query_start_loc, block_q, step_cache)
     grid = (cdiv(num_tokens, block_q) + num_seqs, kv_layer.shape[3])
     fp8 = is_fp8(kv_layer.dtype)
     _paged_prefill_attention_kernel[grid](
-        q, kv_layer, block_tables, query_start_loc, seq_lens, tile_starts, out,
+        q, kv_layer, block_tables, query_start_loc, seq_lens, starts, out,
         scale * (k_scale if fp8 else 1.0) * LOG2_E, v_scale, num_seqs, q.stride(0),
         q.stride(1), *kv_strides(kv_layer), block_tables.stride(0), num_q_heads * head_dim,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=max(16, next_power_of_2(head_dim)),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -35,6 +35,9 @@ class AttentionMetadata:
     """``query_start_loc`` and ``seq_lens`` as the host built them (eager steps): a layer that
     sizes work per sequence reads these instead of copying the device tensors back (a sync
     per layer). None where only the tensors exist (graphs, profiling)."""
+    step_cache: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict, compare=False)
+    """Tensors a kernel derives from this metadata, built by the first layer and reused by the
+    rest of the step (e.g. the prefill kernel's tile starts)."""
 
 
 class RMSNorm(nn.Module):

@@ -87,7 +87,8 @@ class Attention(nn.Module):
         else:
             out = self.ops.paged_prefill_attention(q, kv_layer, attn.block_tables,
                                                    attn.query_start_loc, attn.seq_lens,
-                                                   self.scale, self.k_scale, self.v_scale)
+                                                   self.scale, self.k_scale, self.v_scale,
+                                                   step_cache=attn.step_cache)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 

@@ -161,8 +161,12 @@ def test_write_decode_frees_its_blocks_after_a_frozen_prefill_thaws(
         kv_transfer_params=KVTransferParams(transfer_id=tid, do_remote_prefill=True,
                                             mode=TransferMode.WRITE, **_remote(prefill))))
     failed: list[Any] = []
-    _step_until([], lambda: bool(failed.extend(
-        o for o in decode.step() if o.finish_reason is not None) or failed), timeout_s=15)
+
+    def decode_failed() -> bool:
+        failed.extend(o for o in decode.step() if o.finish_reason is not None)
+        return bool(failed)
+
+    _step_until([], decode_failed, timeout_s=15)
     assert failed[0].error and decode.connector.outcomes.parked  # parked: P may still write
     p_request = EngineCoreRequest(
         request_id="p", prompt_token_ids=PROMPT,
@@ -175,17 +179,18 @@ def test_write_decode_frees_its_blocks_after_a_frozen_prefill_thaws(
     total = decode.pool.snapshot().total
     p_out: list[Any] = []
 
-    def step_both() -> None:
-        decode.step()
-        p_out.extend(o for o in prefill.step() if o.finish_reason is not None)
+    def both_until(done: Any) -> Any:
+        def step() -> bool:
+            decode.step()
+            p_out.extend(o for o in prefill.step() if o.finish_reason is not None)
+            return bool(done())
+        return step
 
-    _step_until([], lambda: step_both() or (not decode.connector.outcomes.parked
-                                            and decode.pool.snapshot().free == total),
-                timeout_s=15)
+    _step_until([], both_until(lambda: not decode.connector.outcomes.parked
+                               and decode.pool.snapshot().free == total), timeout_s=15)
     if not request_first:
         prefill.add_request(p_request)
-    _step_until([], lambda: step_both() or (bool(p_out) and not prefill.connector.busy()),
-                timeout_s=15)
+    _step_until([], both_until(lambda: p_out and not prefill.connector.busy()), timeout_s=15)
     if not request_first:  # D had freed its blocks: P must not write them
         assert p_out[0].error and "gave up" in p_out[0].error, p_out
         assert prefill.connector.counters["bytes_moved_total"] == 0

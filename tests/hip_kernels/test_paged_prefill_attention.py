@@ -15,6 +15,7 @@ from kernel_testing import (
     same_signature,
 )
 
+from hip_kernels.attention_tiles import StepCache, tile_starts
 from hip_kernels.paged_kv import make_paged_kv
 from hip_kernels.paged_prefill_attention import (
     paged_prefill_attention,
@@ -36,6 +37,9 @@ CASES = [
                              "block_size": 4}),
     Case("prefill", "bf16", {"seqs": ((1, 1), (0, 1)), "heads": (8, 2), "dim": 32,
                              "block_size": 16}),
+    # a second layer of the same step: the tile starts the first built are reused
+    Case("prefill", "fp32", {"seqs": MIXED, "heads": (4, 1), "dim": 32, "block_size": 16,
+                             "layers": 2}),
 ]
 GPU_CASES = [
     Case("prefill", "bf16", {"seqs": ((0, 2048), (1000, 512), (4095, 1), (77, 300)),
@@ -62,7 +66,17 @@ def run_case(case: Case, device: str = "cpu") -> CaseResult:
     args = (q, kv.kv_layer, kv.block_tables, query_start_loc, kv.seq_lens,
             1 / math.sqrt(p["dim"]))
     ref = paged_prefill_attention_ref(*args)
-    return compare(case.id, paged_prefill_attention(*args), ref, case.torch_dtype)
+    if p.get("layers", 1) == 1:
+        return compare(case.id, paged_prefill_attention(*args), ref, case.torch_dtype)
+    step_cache: StepCache = {}
+    first = paged_prefill_attention(*args, step_cache=step_cache)
+    cached = dict(step_cache)
+    second = paged_prefill_attention(*args, step_cache=step_cache)
+    if len(cached) != 1 or any(step_cache[k] is not v for k, v in cached.items()):
+        return CaseResult(case.id, False, 0.0, "the tile starts were built again")
+    result = compare(case.id, second, ref, case.torch_dtype)
+    return result if torch.equal(first, second) else CaseResult(
+        case.id, False, result.max_abs_err, "the second layer's output differs")
 
 
 interpreted, test_matches_reference_in_interpreter, test_matches_reference_on_gpu = \
@@ -80,6 +94,15 @@ def test_kv_layer_of_the_wrong_rank_is_a_clear_error():
                                 torch.tensor([0, 3], dtype=torch.int32),
                                 torch.tensor([3], dtype=torch.int32), 1.0)
 
+
+def test_tile_starts_count_each_sequences_q_tiles_and_are_built_once_per_step():
+    qsl = torch.tensor([0, 5, 8, 9, 9, 46], dtype=torch.int32)  # 5, 3, 1, 0, 37 rows
+    cache: StepCache = {}
+    starts = tile_starts(qsl, 4, cache)
+    assert starts.tolist() == [0, 2, 3, 4, 4, 14] and starts.dtype == torch.int32
+    assert tile_starts(qsl, 4, cache) is starts
+    assert tile_starts(qsl, 8, cache).tolist() == [0, 1, 2, 3, 3, 8]  # its own entry
+    assert tile_starts(qsl, 4).tolist() == starts.tolist()  # no cache: built every call
 
 
 if __name__ == "__main__":
