@@ -82,6 +82,8 @@ class PDConnector(KVConnector):
         self.mode: str = c.mode.value
         self.timeouts = c.timeouts
         self.layerwise = c.layerwise
+        self._after_step: LayerStreamer | None = None
+        """This step's post, issued by after_execute (layer_hook)."""
         self._early: dict[str, int] = {}
         """WRITE prefills admitted before their destination was known: transfer id -> the
         blocks their prompt takes (can_schedule)."""
@@ -499,6 +501,7 @@ class PDConnector(KVConnector):
     # ---- layerwise WRITE -----------------------------------------------------------------
     def layer_hook(self, out: SchedulerOutput) -> LayerHook | None:
         """Per-layer posts of this step's streaming WRITE prefills (None: none this step)."""
+        self._after_step = None
         plans: list[LayerPlan] = []
         for chunk in out.chunks:
             t = self.transfers.get(self._by_request.get(chunk.request.request_id, ""))
@@ -511,9 +514,22 @@ class PDConnector(KVConnector):
                     t.move(TransferState.IN_FLIGHT)
         if not plans:
             return None
-        return LayerStreamer(self.worker, plans, self.counters,
-                             layer_group(self.cfg.layer_group, self.worker.geometry.num_layers,
-                                         fast_link=self.cfg.transport == "ipc"))
+        num_layers = self.worker.geometry.num_layers
+        group = layer_group(self.cfg.layer_group, num_layers,
+                            fast_link=self.cfg.transport == "ipc")
+        streamer = LayerStreamer(self.worker, plans, self.counters, group)
+        if group >= num_layers:  # one post for the step: after it (its first token goes first)
+            self._after_step = streamer
+            return None
+        return streamer
+
+    def after_execute(self, out: SchedulerOutput) -> None:
+        """The step's one post when a layer group spans every layer: issued after the step
+        sampled and its finished prefills sent their first tokens, so neither waits on the
+        post's host time (the model then runs without a per-layer callback as well)."""
+        streamer, self._after_step = self._after_step, None
+        if streamer is not None:
+            streamer.post_all()
 
     # ---- terminal states (pd_outcome.py) ------------------------------------------------
     def fail(self, t: Transfer, reason: str, *, state: TransferState = TransferState.FAILED,

@@ -82,11 +82,11 @@ POSTS_PER_STEP = 8
 
 def layer_group(configured: int, num_layers: int, fast_link: bool = False) -> int:
     """Layers per post: the configured number (>= 1), or for 0 ("auto") ceil(layers / 8), or
-    all of them (one post per step, after its last layer) over a ``fast_link`` (ipc: same host,
-    NVLink / xGMI or one GPU), where the copy takes ~1 % of the prefill and each post's host
-    time costs more than the overlap saves. H200, 4k prompt, ipc on one GPU (TTFT over
-    monolithic): a post per layer 1.32x; with early_start on, 8 posts per step 1.040x, 4
-    1.040x, 1 1.014x."""
+    all of them (one post per step, issued after the step: PDConnector.after_execute) over a
+    ``fast_link`` (ipc: same host, NVLink / xGMI or one GPU), where the copy takes ~1 % of the
+    prefill and each post's host time costs more than the overlap saves. H200, 4k prompt, ipc
+    on one GPU (TTFT over monolithic): a post per layer 1.32x; with early_start on, 8 posts
+    per step 1.040x, 4 1.040x, 1 1.014x."""
     if configured >= 1:
         return configured
     if fast_link:
@@ -113,8 +113,17 @@ class LayerStreamer:
         post the layers since the last post when a group is complete or at the last layer."""
         if layer + 1 - self._next < self._group and layer + 1 < self._num_layers:
             return
-        first, count = self._next, layer + 1 - self._next
+        self._post(self._next, layer + 1 - self._next)
         self._next = layer + 1
+
+    def post_all(self) -> None:
+        """Every layer at once, after the step (PDConnector.after_execute), skipping the plans
+        whose transfer ended during the step."""
+        self._plans = [p for p in self._plans if not p.transfer.terminal]
+        if self._plans:
+            self._post(0, self._num_layers)
+
+    def _post(self, first: int, count: int) -> None:
         now = time.monotonic()
         for p in self._plans:
             op_id, nbytes = self._worker.post_layers(p.peer, first, count, p.local_blocks,

@@ -159,6 +159,7 @@ def _step(pair: Pair) -> list[str]:
             hook(layer)
     sampled = {c.request.request_id: 0 for c in out.chunks if c.samples}
     pair.sched.update_from_output(out, sampled)
+    pair.p.after_execute(out)
     return [c.request.request_id for c in out.chunks]
 
 
@@ -229,6 +230,46 @@ def test_layer_groups_post_every_group_of_layers_in_one_run_per_block(pair: Pair
         runs(local[:1], remote[:1], 0, 2), runs(local[:1], remote[:1], 2, 1),
         runs(local[1:3], remote[1:3], 0, 2), runs(local[1:3], remote[1:3], 2, 1)]
     assert pair.p.counters["layer_posts_total"] == 4
+    pair.transport.settle_all(TransferStatus.DONE)
+    _update(pair)
+    assert "w" not in pair.p.transfers
+    assert pair.p.counters["bytes_moved_total"] == 3 * BLOCK_BYTES
+
+
+@pytest.mark.parametrize("pair", [{"layer_group": NUM_LAYERS}], indirect=True)
+def test_a_group_of_every_layer_posts_after_the_step_once_its_first_token_went(
+        pair: Pair, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One post per step (ipc's auto): the model runs without a layer callback, and the post
+    (every layer of the blocks the chunk completed) goes after the step sampled, after the
+    finished prefill sent the decode its first token."""
+    remote = [9, 3, 7]
+    req = _write_producer(pair, "w", 11, remote)
+    sent: list[str] = []
+    real_send, real_post = pair.p.peers.send, pair.p.worker.post_layers
+
+    def send(t: Any, msg: Any) -> None:
+        sent.append(type(msg).__name__)
+        real_send(t, msg)
+
+    def post_layers(*args: Any) -> Any:
+        sent.append("post")
+        return real_post(*args)
+
+    monkeypatch.setattr(pair.p.peers, "send", send)
+    monkeypatch.setattr(pair.p.worker, "post_layers", post_layers)
+    out = pair.sched.schedule()
+    assert pair.p.layer_hook(out) is None
+    pair.sched.update_from_output(out, {})
+    assert pair.transport.posts == []  # nothing inside the forward
+    pair.p.after_execute(out)
+    assert _step(pair) == ["w"] and req.status is RequestStatus.FINISHED_LENGTH
+    assert sent == ["post", "FirstToken", "post"]  # the last chunk's post after its token
+    local = pair.p.transfers["w"].local_block_ids
+    assert [segs for _, _, segs in pair.transport.posts] == [
+        [Segment(lb * BLOCK_BYTES, rb * BLOCK_BYTES, BLOCK_BYTES)
+         for lb, rb in zip(lo, re)] for lo, re in ((local[:1], remote[:1]),
+                                                   (local[1:3], remote[1:3]))]
+    assert pair.p.counters["layer_posts_total"] == 2
     pair.transport.settle_all(TransferStatus.DONE)
     _update(pair)
     assert "w" not in pair.p.transfers
