@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -15,11 +16,26 @@ from dataclasses import dataclass
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+TEST_PORTS = (10000, 20000)
+"""Where tests pick the ports they hand out: below the kernel's ephemeral range (32768+ here),
+which sockets bound to port 0 draw from. A port taken from that range is free only until some
+socket asks for any port (a KV control plane, an outbound connection), and the instance that
+was to listen there binds it seconds later, at the end of its start-up: "address already in
+use" (seen in CI). The launcher's runs of ports sit at 20000-32000 (proxy/local_instances.py)."""
+
+
 def free_port() -> int:
-    """An unused TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """An unused TCP port on 127.0.0.1, outside the ephemeral range (TEST_PORTS)."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(*TEST_PORTS)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {TEST_PORTS} after 200 tries")
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import stat
@@ -20,6 +21,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from deploy_plan import DEPLOY_DIR, clean_env
+from support import TEST_PORTS
 
 FAKE = Path(__file__).with_name("fake_disagg.py")
 DEADLINE_S = 20.0
@@ -27,11 +29,10 @@ DEADLINE_S = 20.0
 
 def free_port_run(count: int) -> int:
     """A base port with ``count`` free ports above it (checked, then released)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = int(s.getsockname()[1])
-        if base + count < 65000 and all(_free(base + i) for i in range(count)):
+    rng = random.Random()
+    for _ in range(50):  # outside the ephemeral range, as support.free_port says why
+        base = rng.randrange(TEST_PORTS[0], TEST_PORTS[1] - count)
+        if all(_free(base + i) for i in range(count)):
             return base
     raise RuntimeError("no free port run")
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing as mp
-import socket
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from support import free_port
 
 from disagg.common.config import ConfigError, ModelConfig
 from disagg.models.arch import ArchConfig, arch_from_hf_dict
@@ -105,18 +105,12 @@ def _tp_child(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[bool, int], list[Any]]:
     """{(tied, tp_size): per-rank results}; TP 1 computed here while the ranks run."""
     out_dir = tmp_path_factory.mktemp("tp")
     ctx = mp.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_tp_child, args=(r, port, str(out_dir)), daemon=True)
              for r in range(4)]
     try:
