@@ -138,8 +138,7 @@ class Inbox:
         c = self._c
         if msg.quiesced and c.outcomes.on_quiesced(msg.transfer_id, msg.engine_id, msg.epoch):
             return
-        c.peers.early.pop(msg.transfer_id, None)
-        c.peers.tombstones[msg.transfer_id] = (msg.reason, now)
+        c.peers.bury(msg.transfer_id, msg.reason, now)
 
     # ---- WRITE ---------------------------------------------------------------------------
     def _remote_blocks(self, msg: RemoteBlocks, now: float) -> None:
@@ -210,8 +209,7 @@ class Inbox:
         elif msg.transfer_id not in c.outcomes.parked:
             # our answer lets the decode free those blocks: a request for this transfer that
             # reaches us later must not write them (its remote_blocks may be queued already)
-            c.peers.early.pop(msg.transfer_id, None)
-            c.peers.tombstones[msg.transfer_id] = ("the decode gave up on this transfer", now)
+            c.peers.bury(msg.transfer_id, "the decode gave up on this transfer", now)
         if not c.outcomes.draining(msg.transfer_id):
             c.peers.reply(sender, Quiesced(transfer_id=msg.transfer_id,
                                            engine_id=c.engine_id, epoch=c.epoch))

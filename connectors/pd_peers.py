@@ -25,6 +25,11 @@ from connectors.transfer import Timeouts, Transfer
 Address = tuple[str, int]
 MAX_KNOWN_PEERS = 4096
 MAX_EPOCHS_PER_ENGINE = 8
+MAX_TOMBSTONES = 65536
+"""Transfers remembered as given up by their peer (each for defer_timeout); past this the
+oldest is forgotten first. Forgetting one is safe: its remote_blocks were dropped when it was
+buried (a peer sends them before it gives up, on the same socket), so a late request for it
+finds no destination and expires."""
 
 
 @dataclass(slots=True)
@@ -140,6 +145,15 @@ class PeerLinks:
         addr = self._address(t)
         if addr is not None:
             self._hellos.pop(addr, None)
+
+    def bury(self, transfer_id: str, reason: str, now: float) -> None:
+        """The peer gave up on a transfer this side does not run (yet): drop its queued
+        remote_blocks and refuse a request that names it later (bounded: MAX_TOMBSTONES)."""
+        self.early.pop(transfer_id, None)
+        self.tombstones.pop(transfer_id, None)
+        self.tombstones[transfer_id] = (reason, now)
+        while len(self.tombstones) > MAX_TOMBSTONES:
+            del self.tombstones[next(iter(self.tombstones))]
 
     # ---- sending -------------------------------------------------------------------------
     def send(self, t: Transfer, msg: Notification) -> None:

@@ -189,3 +189,17 @@ def test_transfer_from_params_roles(params: dict[str, Any], role: TransferRole,
 def test_params_that_cannot_describe_a_transfer_are_refused_at_the_edge(params: Any) -> None:
     with pytest.raises(KVParamsError):
         parse_kv_params(params)
+
+
+def test_bury_drops_the_transfers_remote_blocks_and_keeps_the_newest_tombstones(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pd_peers, "MAX_TOMBSTONES", 3)
+    links, _, _, _ = _links()
+    early = RemoteBlocks(transfer_id="a", engine_id="D", epoch=1, generation=2, block_ids=[1],
+                         num_tokens=3, host="h", handshake_port=1, notify_port=2)
+    links.early["a"], links.early["keep"] = (early, 0.0), (early, 0.0)
+    for i, tid in enumerate(["a", "b", "c", "a", "d"]):
+        links.bury(tid, f"gave up {i}", float(i))
+    assert list(links.early) == ["keep"]
+    assert list(links.tombstones) == ["c", "a", "d"]  # "b" was the oldest; "a" was buried again
+    assert links.tombstones["a"] == ("gave up 3", 3.0)
