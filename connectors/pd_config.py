@@ -22,9 +22,8 @@ FAULTS_ENV = envs.FAULT_INJECTION_ENV
 
 _KNOWN = frozenset({
     "transport", "mode", "layerwise", "layer_group", "early_start", "transfer_timeout",
-    "defer_timeout",
-    "lease_timeout", "heartbeat_interval", "kv_load_failure_policy", "base_port", "host",
-    "transport_options", "verify_kv", "faults", "auth_key"})
+    "defer_timeout", "lease_timeout", "heartbeat_interval", "kv_load_failure_policy",
+    "base_port", "host", "transport_options", "verify_kv", "faults", "auth_key"})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

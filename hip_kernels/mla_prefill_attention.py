@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from hip_kernels.attention_tiles import LOG2_E
+from hip_kernels.attention_tiles import LOG2_E, tile_starts
 from hip_kernels.launch_config import KernelSpec, get_int, load_config
 from hip_kernels.paged_prefill_attention import _find_sequence
 from hip_kernels.triton_compat import (
@@ -164,13 +164,10 @@ def mla_prefill_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torc
     if num_tokens == 0 or num_seqs == 0:
         return out
     block_m, block_n, num_warps, num_stages = _blocks(None)
-    q_lens = query_start_loc[1:] - query_start_loc[:-1]
-    tile_starts = torch.zeros(num_seqs + 1, dtype=torch.int32, device=q_nope.device)
-    tile_starts[1:] = torch.cumsum(torch.div(q_lens + block_m - 1, block_m,
-                                             rounding_mode="floor"), 0)
+    starts = tile_starts(query_start_loc, block_m)
     nope, rope, v_dim = q_nope.shape[2], q_pe.shape[2], v.shape[2]
     _mla_prefill_kernel[(cdiv(num_tokens, block_m) + num_seqs, heads)](
-        q_nope, q_pe, k_nope, k_pe, v, query_start_loc, kv_start_loc, tile_starts, out,
+        q_nope, q_pe, k_nope, k_pe, v, query_start_loc, kv_start_loc, starts, out,
         scale * LOG2_E, num_seqs, q_nope.stride(0), q_nope.stride(1), q_pe.stride(0),
         q_pe.stride(1), k_nope.stride(0), k_nope.stride(1), k_pe.stride(0), v.stride(0),
         v.stride(1), out.stride(0), out.stride(1), NOPE_DIM=nope, ROPE_DIM=rope, V_DIM=v_dim,
