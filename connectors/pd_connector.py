@@ -29,6 +29,7 @@ import torch
 
 from connectors.control_plane import ControlPlane
 from connectors.faults import parse_faults
+from connectors.pd_admission import EarlyStarts, destination_known
 from connectors.pd_config import PDConnectorConfig, parse_pd_config
 from connectors.pd_heads import RankGeometry
 from connectors.pd_inbox import Inbox
@@ -60,9 +61,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 _OK_FINISH = frozenset({"finished_stopped", "finished_length"})
-EARLY_START_POOL_FRACTION = 0.5
-"""WRITE prefills whose destination is not known yet may hold at most this share of the
-pool (can_schedule)."""
 _COUNTERS = ("bytes_moved_total", "layer_posts_total", "transfers_done_total",
              "transfers_failed_total", "transfers_expired_total", "kv_refused_total",
              "notifications_unknown_total", "notifications_unidentified_total",
@@ -84,9 +82,6 @@ class PDConnector(KVConnector):
         self.layerwise = c.layerwise
         self._after_step: LayerStreamer | None = None
         """This step's post, issued by after_execute (layer_hook)."""
-        self._early: dict[str, int] = {}
-        """WRITE prefills admitted before their destination was known: transfer id -> the
-        blocks their prompt takes (can_schedule)."""
         self.engine_id: str = engine.engine_id
         self.epoch = secrets.randbits(62)
         """Random per start: a restarted engine is another peer (protocol.py)."""
@@ -106,6 +101,8 @@ class PDConnector(KVConnector):
         self.control.start(self.metadata)
         self.scheduler = PDSchedulerSide(self)
         self.transfers: dict[str, Transfer] = {}
+        self.early_starts = EarlyStarts(self.transfers, self.metadata.block_size,
+                                        self.metadata.num_blocks)
         self._by_request: dict[str, str] = {}
         self.counters: dict[str, float] = dict.fromkeys(_COUNTERS, 0.0)
         self.peers = PeerLinks(self.control, self.worker, self.timeouts, self.counters)
@@ -199,36 +196,18 @@ class PDConnector(KVConnector):
         return None  # counted and bounded once the handshake gave the peer's pool
 
     def can_schedule(self, req: Request) -> bool:
-        """A WRITE prefill waits for the decode's blocks (layerwise: and the handshake that
-        lets it stream), or, with ``early_start`` (the default), may start before them within
-        EARLY_START_POOL_FRACTION of the pool: the rest stays for prefills whose destination
-        is known, so a prefill holding blocks a busy decode cannot take yet never starves the
-        ones that decode waits for (P and D cannot deadlock). A layerwise one preempted with
-        layer writes in flight waits for them to settle before it recomputes."""
+        """A WRITE prefill waits for its destination or, with ``early_start`` (the default),
+        starts within the early-start share of the pool (pd_admission.py). A layerwise one
+        preempted with layer writes in flight waits for them to settle before it
+        recomputes."""
         t = self.transfers.get(self._by_request.get(req.request_id, ""))
         if t is None or t.terminal or t.role is not TransferRole.PRODUCER_WRITE:
             return True
         if t.handles:
             return False
-        if t.remote_block_ids is not None and (not t.layerwise or t.stream_peer is not None):
+        if destination_known(t):
             return True
-        return self.cfg.early_start and self._start_early(t, req)
-
-    def _start_early(self, t: Transfer, req: Request) -> bool:
-        """Admit a WRITE prefill whose destination is not known yet if the blocks of such
-        prefills (this one's prompt included) stay within the early-start share of the pool."""
-        if t.transfer_id in self._early:
-            return True
-        for tid in list(self._early):  # a destination known, or the transfer gone: not early
-            e = self.transfers.get(tid)
-            if e is None or e.terminal or (e.remote_block_ids is not None
-                                           and (not e.layerwise or e.stream_peer is not None)):
-                del self._early[tid]
-        need = -(-req.num_prompt_tokens // self.metadata.block_size)
-        if sum(self._early.values()) + need > EARLY_START_POOL_FRACTION * self.metadata.num_blocks:
-            return False
-        self._early[t.transfer_id] = need
-        return True
+        return self.cfg.early_start and self.early_starts.admit(t, req.num_prompt_tokens)
 
     def consumer_transfer(self, req: Request) -> Transfer | None:
         """The live consumer transfer of a request, if its KV comes from a peer."""
