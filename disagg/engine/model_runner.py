@@ -309,15 +309,17 @@ class ModelRunner:
                         table=table)
 
     @torch.inference_mode()
-    @torch.inference_mode()
     def idle_forward(self) -> None:
         """An expert-parallel rank's step without tokens: join every MoE layer's exchange."""
         self.model.idle_moe_pass()
 
+    @torch.inference_mode()
     def execute_step(self, h: HostStep, layer_hook: LayerHook | None = None
                      ) -> torch.Tensor | None:
         """Run one step's forward from host inputs; the logits of its sampling rows (None when
-        no row samples). Every TP rank runs this with the same inputs."""
+        no row samples). Every TP rank runs this with the same inputs. Inference mode: with
+        autograd recording, the CPU cache write (index_copy_ into the pool) chained every step's
+        activations to the pool for good (512 MiB per 2k-token prompt of the tiny model)."""
         assert self.kv_cache is not None, "allocate_kv_cache first"
         if h.graph:
             assert self.graphs is not None
