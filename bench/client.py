@@ -118,12 +118,24 @@ def build_payload(req: RequestInput) -> dict[str, Any]:
     return body
 
 
-def phase_seconds(timings: dict[str, Any]) -> dict[str, float]:
-    """``{"ttft_s": 0.1, "kv_transfer_s": 0.01, "mode": ...}`` -> ``{"ttft": 0.1,
-    "kv_transfer": 0.01}``: the numbers only (None: not known), nested objects skipped."""
-    return {key[:-2]: float(value) for key, value in timings.items()
+def _seconds(timings: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    return {prefix + key[:-2]: float(value) for key, value in timings.items()
             if key.endswith("_s") and isinstance(value, int | float)
             and not isinstance(value, bool)}
+
+
+def phase_seconds(timings: dict[str, Any]) -> dict[str, float]:
+    """``{"ttft_s": 0.1, "kv_transfer_s": 0.01, "mode": ..., "prefill": {"queue_s": ...}}`` ->
+    ``{"ttft": 0.1, "kv_transfer": 0.01, "prefill_own_queue": ...}``: the numbers only (None:
+    not known); a proxy's nested ``prefill`` and ``decode`` objects (each instance's own
+    timings) as ``<side>_own_<name>``, so a phase that holds transit (prefill_queue = P's queue
+    plus the HTTP hop) can be split."""
+    out = _seconds(timings)
+    for side in ("prefill", "decode"):
+        own = timings.get(side)
+        if isinstance(own, dict):
+            out.update(_seconds(own, f"{side}_own_"))
+    return out
 
 
 def _chunk_text(chunk: _Chunk) -> str | None:

@@ -12,7 +12,7 @@
 # Usage: [DEPS="read write-lw"] [TRANSPORT=tcp] [LAYER_GROUP=N] [SERVE_FLAGS=...] [PROFILE_DIR=...] bash bench/pd_ttft_gpu.sh OUT_DIR COMMIT [NUM_PROMPTS]
 # Rows: OUT_DIR/serve.jsonl (one `disagg bench serve` row per run, per-phase stats included)
 # and OUT_DIR/pd_ttft.jsonl (one row per P/D run: p50 TTFT / monolithic p50 TTFT, the
-# monolithic instance measured before and after the P/D runs and the two p50s averaged).
+# monolithic instance measured just before and just after that P/D run, the two p50s averaged).
 set -euo pipefail
 out="${1:?usage: pd_ttft_gpu.sh OUT_DIR COMMIT [NUM_PROMPTS]}"
 commit="${2:?commit}"
@@ -59,7 +59,8 @@ bench() {  # NAME URL
 }
 serve mono 18100
 ready "$out/mono.log"
-bench monolithic http://127.0.0.1:18100
+bench monolithic-0 http://127.0.0.1:18100
+i=0
 for dep in ${DEPS:-read read-recomp write-lw}; do
   mode="read"; lw=""; first="prefill"; copy=""
   [ "$dep" = read-recomp ] && first="recompute"
@@ -80,23 +81,26 @@ for dep in ${DEPS:-read read-recomp write-lw}; do
   kill "$proxy" "${pids[-1]}" "${pids[-2]}" 2>/dev/null || true
   wait "$proxy" "${pids[-1]}" "${pids[-2]}" 2>/dev/null || true
   unset 'pids[-1]' 'pids[-1]'
+  # the baseline again right after each P/D run: a P/D run's ratio is against the mean of the
+  # monolithic runs just before and just after it, so a GPU that drifts (clocks, temperature)
+  # over the whole script counts neither for nor against the deployment measured later
+  i=$((i + 1))
+  bench "monolithic-$i" http://127.0.0.1:18100
 done
-# the baseline again after the P/D runs: the ratio is against the mean of both, so a GPU that
-# drifted (clocks, temperature) during the run does not count for or against P/D
-bench monolithic-after http://127.0.0.1:18100
 python3 - "$out" "$commit" "${DEPS:+DEPS=\"$DEPS\" }${TRANSPORT:+TRANSPORT=$TRANSPORT }${LAYER_GROUP:+LAYER_GROUP=$LAYER_GROUP }bash bench/pd_ttft_gpu.sh OUT $commit $num" <<'PY'
 import json, sys
 out, commit, command = sys.argv[1], sys.argv[2], sys.argv[3]
-rows = {}
+rows = []
 for line in open(out + "/serve.jsonl"):
-    r = json.loads(line)
-    rows[r["label"]] = r
-monos = [rows[k]["p50_ttft_ms"] for k in ("monolithic", "monolithic-after") if k in rows]
-mono = sum(monos) / len(monos)
+    rows.append(json.loads(line))  # in run order: monolithic-0, dep, monolithic-1, dep, ...
 with open(out + "/pd_ttft.jsonl", "a") as f:
-    for label, r in rows.items():
+    for k, r in enumerate(rows):
+        label = r["label"]
         if label.startswith("monolithic"):
             continue
+        monos = [rows[j]["p50_ttft_ms"] for j in (k - 1, k + 1)
+                 if 0 <= j < len(rows) and rows[j]["label"].startswith("monolithic")]
+        mono = sum(monos) / len(monos)
         row = {"kind": "pd_ttft", "commit": commit, "command": command,
                "deployment": r["deployment"],
                "workload": "random in=4000 out=4, concurrency 1, prefix caching off",
@@ -108,7 +112,7 @@ with open(out + "/pd_ttft.jsonl", "a") as f:
                "figures": {"P/D TTFT p50 / monolithic": f"{r['p50_ttft_ms'] / mono:.3f}x",
                            "P/D ms": round(r["p50_ttft_ms"], 1),
                            "monolithic ms": round(mono, 1),
-                           "monolithic before / after ms": "/".join(f"{m:.1f}" for m in monos)}}
+                           "monolithic just before / after ms": "/".join(f"{m:.1f}" for m in monos)}}
         f.write(json.dumps(row) + "\n")
         print(f"{label}: P/D p50 TTFT {r['p50_ttft_ms']:.1f} ms vs monolithic {mono:.1f} ms "
               f"= {row['ttft_ratio']:.3f}x")

@@ -7,7 +7,7 @@ import socket
 import aiohttp
 import pytest
 
-from bench.client import RequestInput, build_payload, send_request
+from bench.client import RequestInput, build_payload, phase_seconds, send_request
 
 
 def _req(base_url: str, endpoint: str = "/v1/completions", output_len: int = 5,
@@ -78,3 +78,11 @@ async def test_request_deadline(fake_server_factory):
 def test_chat_payload_uses_messages_not_prompt():
     body = build_payload(_req("http://x", "/v1/chat/completions"))
     assert "prompt" not in body and body["messages"][0]["content"] == "hello"
+
+
+def test_phase_seconds_splits_out_each_instances_own_timings():
+    timings = {"mode": "read", "ttft_s": 0.1, "prefill_queue_s": 0.003, "kv_transfer_s": None,
+               "prefill": {"queue_s": 0.002, "compute_s": 0.09, "kv_transfer_s": None},
+               "decode": None, "flag_s": True}
+    assert phase_seconds(timings) == {"ttft": 0.1, "prefill_queue": 0.003,
+                                      "prefill_own_queue": 0.002, "prefill_own_compute": 0.09}

@@ -22,7 +22,8 @@ def test_per_phase_means_and_percentiles(fake_server_factory, tmp_path, capsys, 
     result = json.loads((tmp_path / "p.json").read_text())
     assert result["phase_timed_requests"] == 8
     assert result["phase_names"] == ["ttft", "proxy_queue", "prefill_queue", "prefill_compute",
-                                     "kv_transfer", "decode_admission", "first_token"]
+                                     "kv_transfer", "decode_admission", "first_token",
+                                     "prefill_own_queue"]  # the prefill's own object
     for stat in ("mean", "p50", "p90", "p99"):
         assert result[f"{stat}_phase_prefill_compute_ms"] == pytest.approx(4.0)
         assert result[f"{stat}_phase_ttft_ms"] == pytest.approx(10.0)
