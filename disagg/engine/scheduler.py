@@ -14,7 +14,6 @@ block's owner in answer to the connector (``apply_connector_output``).
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -109,7 +108,7 @@ class Scheduler:
         if req in self.running:
             self.running.remove(req)
         self.remote_wait.pop(req.request_id, None)
-        with contextlib.suppress(ValueError):
+        if req in self.waiting:  # (a remove that misses formats the request for its error)
             self.waiting.remove(req)
         action = self.connector.request_finished(req) if self.connector else None
         if action is not None and action.error is not None and status in _OK_FINISH:

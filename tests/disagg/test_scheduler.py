@@ -94,3 +94,28 @@ def test_stop_token_and_eos() -> None:
     out = s.schedule()
     s.update_from_output(out, {"e": 9})
     assert r.status is RequestStatus.FINISHED_STOPPED and r.output_token_ids == [9]
+
+
+def test_finishing_never_formats_a_request(monkeypatch) -> None:
+    """Finishing is on every request's path to its answer: a repr there (a deque.remove that
+    missed builds its error from the item's repr) cost about 1 ms for a 4k-token prompt."""
+    def _no_repr(self: Request) -> str:
+        raise AssertionError("a request was formatted while finishing")
+
+    s = make(num_blocks=256)
+    done, aborted, waiting = req("done", 40, max_tokens=1), req("run", 40), req("wait", 40)
+    for r in (done, aborted, waiting):
+        s.add_request(r)
+    s.schedule()
+    monkeypatch.setattr(Request, "__repr__", _no_repr)
+    s.abort_request("run")
+    s.abort_request("wait")
+    run_to_end(s)
+    assert done.status is RequestStatus.FINISHED_LENGTH
+    assert s.pool.snapshot().free == 256 and not s.has_work()
+
+
+def test_a_requests_repr_is_one_short_line_whatever_its_length() -> None:
+    r = req("long", 100_000)
+    text = repr(r)
+    assert "long" in text and "prompt=100000" in text and len(text) < 200
