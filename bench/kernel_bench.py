@@ -354,11 +354,35 @@ def _fp8_gemm_cases() -> Iterator[KernelCase]:
                              dense=functools.partial(torch.matmul, x, dense_w))
 
 
+def _skinny_gemm_cases() -> Iterator[KernelCase]:
+    """Llama-3-8B's four projections at decode's 1-8 tokens, bound by the weight bytes, each
+    beside F.linear (the vendor BLAS) of the same shape (ratio_to_dense > 1: faster)."""
+    import torch.nn.functional as F
+
+    from hip_kernels.skinny_gemm import skinny_gemm, skinny_gemm_ref, skinny_plan
+
+    for name, n, k in (("qkv", (Q_HEADS + 2 * KV_HEADS) * HEAD_DIM, HIDDEN),
+                       ("o_proj", HIDDEN, Q_HEADS * HEAD_DIM), ("gate_up", 2 * INTER, HIDDEN),
+                       ("down", HIDDEN, INTER)):
+        w = _bf16(n, k).mul_(k**-0.5)
+        for tokens in (1, 2, 4, 8):
+            x = _bf16(tokens, k)
+            yield KernelCase("skinny_gemm",
+                             {"model": "Llama-3-8B", "proj": name, "tokens": tokens, "n": n,
+                              "k": k},
+                             functools.partial(skinny_gemm, x, w),
+                             bytes_moved=(n * k + tokens * k + tokens * n) * 2,
+                             ref=functools.partial(skinny_gemm_ref, x, w),
+                             launch=asdict(skinny_plan(tokens)),
+                             dense=functools.partial(F.linear, x, w))
+
+
 CASE_GROUPS: dict[str, Callable[[], Iterator[KernelCase]]] = {
     "paged_decode_attention": _decode_cases,
     "paged_mla_decode": _mla_decode_cases,
     "mla_prefill_attention": _mla_prefill_cases,
     "fp8_gemm": _fp8_gemm_cases,
+    "skinny_gemm": _skinny_gemm_cases,
     "paged_prefill_attention": _prefill_cases,
     "elementwise": _elementwise_cases,
     "kv_blocks": _kv_block_cases,

@@ -152,11 +152,12 @@ def all_specs(arch: str) -> list[KernelSpec]:
         rms_norm,
         rotary_embedding,
         silu_and_mul,
+        skinny_gemm,
     )
 
     modules = (reshape_and_cache, paged_decode_attention, paged_prefill_attention,
                paged_mla_decode, mla_prefill_attention, rms_norm, rotary_embedding,
-               silu_and_mul, kv_blocks, fused_moe, fp8_gemm)
+               silu_and_mul, kv_blocks, fused_moe, fp8_gemm, skinny_gemm)
     return [spec for module in modules for spec in module.aot_specs(arch)]
 
 

@@ -16,7 +16,7 @@ from disagg.models.builtin import builtin_hf_config, seeded_hf_state_dict
 from disagg.models.expert_parallel import EPContext
 from disagg.models.llama import LlamaForCausalLM
 from disagg.models.ops import Ops
-from disagg.models.parallel import TPContext, check_tp
+from disagg.models.parallel import TPContext, check_tp, route_skinny
 from disagg.models.quant import (
     finalize_fp8_,
     fp8_dtype_for,
@@ -173,7 +173,7 @@ def load_model(cfg: ModelConfig, arch: ArchConfig, ops: Ops, device: torch.devic
         _load_checked(model, arch, _safetensor_weights(cfg.model))
         finalize_fp8_(model, ops.fp8_gemm, fp8_dtype)
         logger.info("fp8 weights from the checkpoint (%s scales)", _scales(arch.quant))
-        return _frozen(model)
+        return _frozen(model, ops)
     if cfg.load_format == "dummy" and not builtin:
         _init_dummy_(model, cfg.seed)
     else:
@@ -184,14 +184,18 @@ def load_model(cfg: ModelConfig, arch: ArchConfig, ops: Ops, device: torch.devic
     if quant is not None:
         quantize_model_fp8_(model, quant.weight_block_size, ops.fp8_gemm, fp8_dtype)
         logger.info("fp8 weights quantized at load (%s scales)", _scales(quant))
-    return _frozen(model)
+    return _frozen(model, ops)
 
 
-def _frozen(model: LlamaForCausalLM) -> LlamaForCausalLM:
+def _frozen(model: LlamaForCausalLM, ops: Ops) -> LlamaForCausalLM:
     """Eval mode and no parameter asking for gradients: a forward that ran outside inference
     mode by mistake then records no autograd graph either (no activation kept for a backward
-    that never comes)."""
+    that never comes). Plain linears take the few-rows kernel where the arch's config says."""
     model.requires_grad_(False)
+    routed = route_skinny(model, ops.skinny_gemm, ops.skinny_rows)
+    if routed:
+        logger.info("%d linear layers run skinny_gemm for up to %d rows", routed,
+                    ops.skinny_rows)
     return model.eval()
 
 

@@ -24,6 +24,7 @@ _KERNELS = {
     "paged_mla_decode": "hip_kernels.paged_mla_decode",
     "mla_prefill_attention": "hip_kernels.mla_prefill_attention",
     "fp8_gemm": "hip_kernels.fp8_gemm",
+    "skinny_gemm": "hip_kernels.skinny_gemm",
 }
 
 
@@ -45,6 +46,9 @@ class Ops:
     paged_mla_decode: Callable[..., Any]
     mla_prefill_attention: Callable[..., Any]
     fp8_gemm: Callable[..., Any]
+    skinny_gemm: Callable[..., Any]
+    skinny_rows: int = 0
+    """Rows up to which a plain linear runs ``skinny_gemm`` (the arch's config; 0 on CPU)."""
 
 
 def select_ops(device_type: str) -> Ops:
@@ -56,4 +60,9 @@ def select_ops(device_type: str) -> Ops:
         module = importlib.import_module(module_name)
         fn = getattr(module, name, None) if use_triton else None
         fns[name] = fn if fn is not None else getattr(module, f"{name}_ref")
-    return Ops(backend="triton" if use_triton else "torch", **fns)
+    rows = 0
+    if use_triton:
+        from hip_kernels.skinny_gemm import max_rows
+
+        rows = max_rows()
+    return Ops(backend="triton" if use_triton else "torch", skinny_rows=rows, **fns)

@@ -18,6 +18,7 @@ subclasses: same parameter shapes, same kernels, no collective (unless its weigh
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,17 +112,40 @@ class LinearBase(nn.Linear):
     """None: ``weight`` is in the model dtype; else the Fp8LinearMethod computing x W^T."""
     weight_scale: torch.Tensor
     """fp32 scales of an fp8 ``weight`` (a parameter only then)."""
+    skinny: Callable[..., torch.Tensor] | None = None
+    """The few-rows kernel (hip_kernels/skinny_gemm.py) for a plain weight, set by
+    ``route_skinny`` where the arch's config turns it on; None: always the vendor BLAS."""
+    skinny_rows: int = 0
+    """Rows of x up to which ``skinny`` runs instead."""
+
+    def _plain(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.skinny is not None and x.numel() <= self.skinny_rows * x.shape[-1]:
+            return self.skinny(x, self.weight, bias)
+        return F.linear(x, self.weight, bias)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x W^T without the bias."""
-        return F.linear(x, self.weight) if self.quant is None else self.quant.apply(self, x)
+        return self._plain(x, None) if self.quant is None else self.quant.apply(self, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x W^T + b."""
         if self.quant is None:
-            return F.linear(x, self.weight, self.bias)
+            return self._plain(x, self.bias)
         y = self.quant.apply(self, x)
         return y if self.bias is None else y + self.bias
+
+
+def route_skinny(model: nn.Module, kernel: Callable[..., torch.Tensor], rows: int) -> int:
+    """Send every plain (not fp8) LinearBase of ``model`` with at most ``rows`` rows of x to
+    ``kernel``; returns how many layers (0 when ``rows`` is 0)."""
+    if rows <= 0:
+        return 0
+    routed = 0
+    for module in model.modules():
+        if isinstance(module, LinearBase) and module.quant is None:
+            module.skinny, module.skinny_rows = kernel, rows
+            routed += 1
+    return routed
 
 
 class ReplicatedLinear(LinearBase):

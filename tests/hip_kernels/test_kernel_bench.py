@@ -26,7 +26,7 @@ def test_every_kernel_is_benchmarked():
     groups = set(kernel_bench.CASE_GROUPS)
     assert groups == {"paged_decode_attention", "paged_mla_decode", "paged_prefill_attention",
                       "mla_prefill_attention", "elementwise", "kv_blocks", "fused_moe",
-                      "fp8_gemm"}
+                      "fp8_gemm", "skinny_gemm"}
 
 
 def test_moe_work_counts_active_experts_once():
