@@ -1,8 +1,9 @@
-"""Where a batch-1 decode step's time goes on a GPU: host, graph replay, and every kernel.
+"""Where a decode step's time goes on a GPU: host, graph replay, and every kernel.
 
-    python -m bench.decode_profile [--shape llama3-8b] [--context 1024] [--output FILE]
+    python -m bench.decode_profile [--shape llama3-8b] [--context 1024] [--batch 1]
+                                   [--output FILE] [--commit SHA]
 
-Measures, for one sequence at ``--context`` tokens on the Llama-3-8B-shaped dummy model:
+Measures, for ``--batch`` sequences at ``--context`` tokens on the Llama-3-8B-shaped dummy model:
     step_ms     median ``engine.step()`` wall time (what bench.engine_bench reports)
     replay_ms   the decode graph replayed back to back, timed with CUDA events (GPU only)
     kernels     torch.profiler's CUDA kernels inside one step: name, calls, total us
@@ -23,15 +24,20 @@ from bench.metadata import run_metadata
 from bench.results import append_row
 
 
-def _start_decode(llm: Any, context: int, steps: int) -> None:
+def _start_decode(llm: Any, context: int, steps: int, batch: int = 1) -> None:
     from disagg.common.protocol import EngineCoreRequest
     from disagg.common.sampling_params import SamplingParams
 
     eng = llm.engine
-    eng.add_request(EngineCoreRequest(
-        request_id="profile", prompt_token_ids=[(j * 7) % 30000 + 10 for j in range(context)],
-        sampling_params=SamplingParams(max_tokens=steps, temperature=0, ignore_eos=True)))
-    for _ in range(4):  # prefill, then a few decode steps so the graph is captured
+    for i in range(batch):
+        eng.add_request(EngineCoreRequest(
+            request_id=f"profile-{i}",
+            prompt_token_ids=[(j * 7 + i) % 30000 + 10 for j in range(context)],
+            sampling_params=SamplingParams(max_tokens=steps, temperature=0, ignore_eos=True)))
+    while any(r.num_computed_tokens < r.num_prompt_tokens
+              for r in eng.scheduler.requests.values()):
+        eng.step()  # the prefills (chunked)
+    for _ in range(4):  # a few decode steps so the graph is captured
         eng.step()
 
 
@@ -47,11 +53,11 @@ def _step_ms(llm: Any, steps: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def _replay_ms(llm: Any, context: int, reps: int = 50) -> float:
+def _replay_ms(llm: Any, context: int, batch: int = 1, reps: int = 50) -> float:
     import torch
 
     runner = llm.engine.runner
-    graph = runner.graphs.graph_for(1, -(-context // runner.block_size) + 1)
+    graph = runner.graphs.graph_for(batch, -(-context // runner.block_size) + 1)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     graph.replay()
     start.record()
@@ -126,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--batch", type=int, default=1, help="sequences decoding together")
+    ap.add_argument("--commit", default=None,
+                    help="commit to record when this copy is not a git checkout")
     ap.add_argument("--output", type=Path, default=Path("bench/results/decode_profile.jsonl"))
     args = ap.parse_args(argv)
     import torch
@@ -141,22 +150,24 @@ def main(argv: list[str] | None = None) -> int:
     gemv = _gemv(h, {"qkv": (q + 2 * kv, h), "o": (h, q), "gate_up": (2 * inter, h),
                      "down": (h, inter), "lm_head": (shape["vocab_size"], h)})
     llm = _make_llm(_model_dir(args.shape))
-    _start_decode(llm, args.context, 2 * args.steps + 80)
+    _start_decode(llm, args.context, 2 * args.steps + 80, args.batch)
     step = _step_ms(llm, args.steps)
-    replay = _replay_ms(llm, args.context)
+    replay = _replay_ms(llm, args.context, args.batch)
     kernels, kernel_us = _kernels(llm)
     host = _host_profile(llm)
     meta = run_metadata("in-process engine, 1 GPU", None)
     row = {"kind": "decode_profile", "shape": args.shape, "context": args.context,
-           "model": f"{args.shape} shape, dummy bf16",
-           "workload": f"batch-1 decode step at context {args.context}: host, graph, kernels",
-           "command": "python -m bench.decode_profile",
+           "batch": args.batch, "model": f"{args.shape} shape, dummy bf16",
+           "workload": f"batch-{args.batch} decode step at context {args.context}: host, "
+                       "graph, kernels",
+           "command": f"python -m bench.decode_profile --batch {args.batch}",
            "figures": {"step": f"{step:.2f} ms", "graph replay": f"{replay:.2f} ms",
                        "kernels": f"{kernel_us / 1000:.2f} ms/step"},
            "ceilings": ceil, "step_ms": step, "replay_ms": replay,
            "kernel_ms_per_step": kernel_us / 1000, "gemv_gbps": gemv, "top_kernels": kernels,
            "host_profile": host,
-           "date": meta["date"], "commit": meta["commit"], "hardware": meta["hardware"],
+           "date": meta["date"], "commit": args.commit or meta["commit"],
+           "hardware": meta["hardware"],
            "versions": meta["versions"]}
     print(f"step {step:.3f} ms, graph replay {replay:.3f} ms, kernels {kernel_us / 1000:.3f} "
           f"ms/step; gemv GB/s {({k: round(v) for k, v in gemv.items()})}")
