@@ -98,6 +98,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="most tokens in one engine step (prefill chunks and decodes)")
     p.add_argument("--no-chunked-prefill", action="store_true",
                    help="prefill each prompt in one step instead of chunks")
+    p.add_argument("--no-async-scheduling", action="store_true",
+                   help="read each decode step's tokens before scheduling the next (async "
+                        "scheduling, the default for greedy decode batches without a KV "
+                        "connector or TP, prepares the next step while the device runs this one)")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="GPUs (worker processes) per engine core; -dp M -tp N uses M*N GPUs "
                         "(default: %(default)s)")
@@ -165,7 +169,8 @@ def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
                           kv_cache_dtype=a.kv_cache_dtype),
         scheduler=SchedulerConfig(max_num_seqs=a.max_num_seqs,
                                   max_num_batched_tokens=a.max_num_batched_tokens,
-                                  enable_chunked_prefill=not a.no_chunked_prefill),
+                                  enable_chunked_prefill=not a.no_chunked_prefill,
+                                  async_scheduling=not a.no_async_scheduling),
         parallel=ParallelConfig(tensor_parallel_size=a.tensor_parallel_size,
                                 tensor_parallel_timeout_s=a.tp_timeout,
                                 data_parallel_size=a.data_parallel_size,

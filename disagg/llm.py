@@ -39,7 +39,8 @@ class LLM:
                  gpu_memory_utilization: float = 0.9, seed: int = 0,
                  enable_chunked_prefill: bool = True, tensor_parallel_size: int = 1,
                  enable_prefix_caching: bool = True, kv_cache_dtype: str = "auto",
-                 generation_config: str = "auto") -> None:
+                 generation_config: str = "auto",
+                 async_scheduling: bool = True) -> None:
         cfg = EngineConfig(
             model=ModelConfig(model=model, served_model_name=model, device=device, dtype=dtype,
                               quantization=quantization, load_format=load_format,
@@ -52,7 +53,8 @@ class LLM:
                               kv_cache_dtype=kv_cache_dtype),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
                                       max_num_batched_tokens=max_num_batched_tokens,
-                                      enable_chunked_prefill=enable_chunked_prefill),
+                                      enable_chunked_prefill=enable_chunked_prefill,
+                                      async_scheduling=async_scheduling),
             parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size))
         self.engine = EngineCore(cfg)
         self._ids = itertools.count()

@@ -17,6 +17,8 @@ VLLM_ONLY_FLAGS: dict[str, str] = {
     "--enable-chunked-prefill": "chunked prefill is on by default (--no-chunked-prefill "
                                 "turns it off)",
     "--no-enable-chunked-prefill": "use --no-chunked-prefill",
+    "--async-scheduling": "async scheduling is on by default (--no-async-scheduling turns it "
+                          "off)",
     "--swap-space": "preempted requests are recomputed, never swapped to CPU memory",
     "--cpu-offload-gb": "weights are never offloaded to CPU memory",
     "--pipeline-parallel-size": "use --tensor-parallel-size and/or --data-parallel-size",

@@ -96,6 +96,9 @@ class SchedulerConfig:
     """Most tokens in one step (prefill chunks + decodes)."""
     enable_chunked_prefill: bool = True
     """Split long prompts across steps."""
+    async_scheduling: bool = True
+    """Greedy decode batches launch the next step before reading this one's tokens back
+    (disagg/engine/engine_core.py ``_step_ahead``); ``--no-async-scheduling`` turns it off."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -58,9 +58,13 @@ class DecodeGraphs:
         """[B, vocab] fp32 output of every graph (allocated by the first capture)."""
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.pool: Any = None
-        # pinned host staging: one H2D copy per buffer and step, no intermediate tensors
-        self.h_vec = torch.zeros(4, b, dtype=torch.long, pin_memory=True)
-        self.h_table = torch.zeros(b * wmax, dtype=torch.int32, pin_memory=True)
+        # pinned host staging: one H2D copy per buffer and step, no intermediate tensors; two
+        # sets used in turn, so a step prepared while the previous one may still be copying
+        # its inputs (async scheduling) never writes the host memory that copy reads
+        self._h_vecs = [torch.zeros(4, b, dtype=torch.long, pin_memory=True) for _ in range(2)]
+        self._h_tables = [torch.zeros(b * wmax, dtype=torch.int32, pin_memory=True)
+                          for _ in range(2)]
+        self._turn = 0
 
     def fits(self, batch: int, width: int) -> bool:
         """Whether a decode batch can be served from a graph."""
@@ -136,8 +140,10 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def run_host(self, ids: Any, positions: Any, slots: Any, seq_lens: Any,
-                 table: Any) -> torch.Tensor:
-        """Like ``run`` from numpy inputs: ids/positions/slots/seq_lens [n], table [n, width]."""
+                 table: Any, device_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Like ``run`` from numpy inputs: ids/positions/slots/seq_lens [n], table [n, width];
+        ``device_ids`` [n] on the device, when given, replace ``ids`` (tokens a step before
+        sampled and nobody read back yet)."""
         n, width = table.shape
         b, w = self.buckets_for(n, width)
         graph = self.graphs.get((b, w))
@@ -145,16 +151,20 @@ class DecodeGraphs:
             self.capture([(b, w)])
             graph = self.graphs[(b, w)]
         assert self.logits is not None
-        vec = self.h_vec.numpy()
+        h_vec, h_table = self._h_vecs[self._turn], self._h_tables[self._turn]
+        self._turn ^= 1
+        vec = h_vec.numpy()
         vec[:, n:b] = ((0,), (0,), (-1,), (1,))
         vec[0, :n], vec[1, :n], vec[2, :n], vec[3, :n] = ids, positions, slots, seq_lens
-        tab = self.h_table.numpy()[:b * w].reshape(b, w)
+        tab = h_table.numpy()[:b * w].reshape(b, w)
         tab[:] = 0
         tab[:n, :width] = table
-        self.input_ids[:b].copy_(self.h_vec[0, :b], non_blocking=True)
-        self.positions[:b].copy_(self.h_vec[1, :b], non_blocking=True)
-        self.slot_mapping[:b].copy_(self.h_vec[2, :b], non_blocking=True)
-        self.seq_lens[:b].copy_(self.h_vec[3, :b], non_blocking=True)
-        self.block_tables[:b, :w].copy_(self.h_table[:b * w].view(b, w), non_blocking=True)
+        self.input_ids[:b].copy_(h_vec[0, :b], non_blocking=True)
+        if device_ids is not None:
+            self.input_ids[:n].copy_(device_ids)
+        self.positions[:b].copy_(h_vec[1, :b], non_blocking=True)
+        self.slot_mapping[:b].copy_(h_vec[2, :b], non_blocking=True)
+        self.seq_lens[:b].copy_(h_vec[3, :b], non_blocking=True)
+        self.block_tables[:b, :w].copy_(h_table[:b * w].view(b, w), non_blocking=True)
         graph.replay()
         return self.logits[:n]

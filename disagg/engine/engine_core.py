@@ -33,9 +33,14 @@ from disagg.engine.kv_cache import BlockPool, model_seed
 from disagg.engine.kv_connector import create_connector, supports_tensor_parallel
 from disagg.engine.kv_quant import KVCacheSpec
 from disagg.engine.kv_sizing import KVPlan, plan_kv_cache
-from disagg.engine.model_runner import ModelRunner, resolve_device, resolve_dtype
+from disagg.engine.model_runner import (
+    DecodeLaunch,
+    ModelRunner,
+    resolve_device,
+    resolve_dtype,
+)
 from disagg.engine.request import FINISH_REASONS, Request, RequestStatus
-from disagg.engine.scheduler import Scheduler
+from disagg.engine.scheduler import Scheduler, SchedulerOutput
 from disagg.engine.step_trace import StepProfiler, StepTrace
 from disagg.engine.tp import TPGroup, TPWorkerError
 from disagg.models.arch import ArchConfig, check_sliding_window
@@ -124,6 +129,13 @@ class EngineCore:
         """Requests that arrived while paused: known to the scheduler's table (so aborts and
         connector failures find them) but queued only by release_held() at resume."""
         self.num_requests_total = 0
+        self._launched: DecodeLaunch | None = None
+        """Async scheduling: the decode step on the device whose tokens nobody read yet."""
+        self.async_scheduling = (cfg.scheduler.async_scheduling and tp is None
+                                 and self.connector is None and self.ep.size == 1
+                                 and not cfg.parallel.data_parallel_lockstep)
+        """Only without TP workers (they take host ids), a KV connector (its hooks see each
+        step's tokens) or lockstep ranks."""
         logger.info("KV cache: %d blocks x %d tokens (%s, %d bytes/block%s), "
                     "max_model_len=%d%s", self.plan.num_blocks, cfg.cache.block_size,
                     self.runner.kv_spec.describe(), block_bytes,
@@ -249,8 +261,10 @@ class EngineCore:
         return self.scheduler.has_work()
 
     def has_runnable_work(self) -> bool:
-        """Requests the model could step now (not ones only waiting for remote KV)."""
-        return bool(self.scheduler.waiting or self.scheduler.running)
+        """Requests the model could step now (not ones only waiting for remote KV), or a
+        launched step to settle."""
+        return bool(self.scheduler.waiting or self.scheduler.running
+                    or self._launched is not None)
 
     def connector_busy(self) -> bool:
         """KV transfers or holds outstanding."""
@@ -263,12 +277,14 @@ class EngineCore:
     def connector_step(self, join_experts: bool = False) -> list[EngineCoreOutput]:
         """A step without the model: connector bookkeeping only. Runs while paused (peers'
         transfers finish or fail explicitly) and as a lockstep dummy step, where an
-        expert-parallel rank (``join_experts``) still joins every MoE layer's exchange."""
+        expert-parallel rank (``join_experts``) still joins every MoE layer's exchange. A
+        launched decode step is settled first (a pause waits for it)."""
+        settled = self._drain()
         self._connector_output()
         if join_experts:
             self._join_experts()
         given, self.scheduler.given_first_token = self.scheduler.given_first_token, []
-        return self._collect_outputs(given)
+        return settled + self._collect_outputs(given)
 
     def _join_experts(self) -> None:
         """A step that runs no tokens here: with expert parallelism the peers' tokens may
@@ -312,7 +328,11 @@ class EngineCore:
     def step(self) -> list[EngineCoreOutput]:
         """One scheduler iteration: connector bookkeeping, schedule, execute, emit outputs.
         First tokens a prefill handed over go out before the model runs (not after the step
-        that computes the second token); at most every other step returns early for them."""
+        that computes the second token); at most every other step returns early for them.
+        With async scheduling a greedy decode batch is launched and its tokens are read one
+        call later, after the next step was launched behind it (``_step_ahead``)."""
+        if self._launched is not None:
+            return self._step_ahead()
         self._connector_output()
         given, self.scheduler.given_first_token = self.scheduler.given_first_token, []
         if given and not self._emitted_early:
@@ -322,6 +342,9 @@ class EngineCore:
         self._emitted_early = False
         touched: list[Request] = list(given)
         out = self.scheduler.schedule()
+        if not out.is_empty and self._launchable(out):
+            self._launched = self.runner.launch_decode(out.chunks)
+            return self._collect_outputs(touched)
         if not out.is_empty:
             layer_hook = None
             if self.connector is not None:
@@ -344,6 +367,50 @@ class EngineCore:
         else:
             self._join_experts()
         return self._collect_outputs(touched)
+
+    def _launchable(self, out: SchedulerOutput) -> bool:
+        """A batch async scheduling may launch: one sampled token per request, each sampled
+        by argmax alone (greedy; no logprobs, bias, penalties or min_tokens ban), no step
+        tracing or profiling."""
+        if not self.async_scheduling or self._trace is not None or self._profiler is not None:
+            return False
+        for chunk in out.chunks:
+            req, sp = chunk.request, chunk.request.sampling_params
+            if chunk.num_tokens != 1 or not chunk.samples or not sp.greedy \
+                    or sp.logprobs is not None or sp.logit_bias or sp.has_penalties \
+                    or len(req.output_token_ids) < sp.min_tokens:
+                return False
+        return True
+
+    def _step_ahead(self) -> list[EngineCoreOutput]:
+        """Launch the next decode step behind the launched one (its input ids are the launched
+        step's tokens, still on the device), then read the launched step's tokens and apply
+        them: the host's scheduling and bookkeeping overlap the device's step. A request that
+        stops on a launched token computed one more token in the step behind: that token is
+        dropped (it is finished), and its slot's block was its own."""
+        launched = self._launched
+        assert launched is not None
+        self._launched = None
+        ahead = self.scheduler.schedule_ahead(launched.chunks)
+        if ahead is not None:
+            out, rows = ahead
+            self._launched = self.runner.launch_decode(out.chunks, launched, rows)
+        return self._settle(launched)
+
+    def _settle(self, launched: DecodeLaunch) -> list[EngineCoreOutput]:
+        """A launched step's tokens, applied as a normal step's (requests finished since it was
+        launched are skipped); its outputs."""
+        sampled = self.runner.collect_decode(launched)
+        touched = [c.request for c in launched.chunks if not c.request.is_finished]
+        self.scheduler.update_from_output(
+            SchedulerOutput(chunks=launched.chunks, num_batched_tokens=len(launched.chunks)),
+            sampled)
+        return self._collect_outputs(touched)
+
+    def _drain(self) -> list[EngineCoreOutput]:
+        """Settle the launched step, if any (nothing is launched behind it)."""
+        launched, self._launched = self._launched, None
+        return [] if launched is None else self._settle(launched)
 
     def _execute(self, out: Any, layer_hook: Any) -> tuple[dict[str, int],
                                                            dict[str, TokenLogprob]]:
@@ -371,6 +438,7 @@ class EngineCore:
         and their blocks are freed. Returns the outputs to send before exiting."""
         if self.tp is not None:
             self.tp.acknowledge()
+        self._drain()  # its tokens do not matter any more, but nothing stays launched
         for req in list(self.scheduler.requests.values()):
             self.scheduler.finish(req, RequestStatus.FINISHED_ERROR, error)
         if self.connector is not None:  # finished prefills' transfers: their peers free now

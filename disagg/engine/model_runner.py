@@ -72,6 +72,20 @@ class HostStep:
     decode_only: bool = False
 
 
+@dataclass(slots=True)
+class DecodeLaunch:
+    """A decode step launched without reading its tokens back (async scheduling): one token
+    for each of ``chunks``, in order, greedy (disagg/engine/async_decode.py)."""
+
+    chunks: list[ScheduledChunk]
+    tokens: torch.Tensor
+    """[n] sampled ids on the device: the next step's input ids, before anyone read them."""
+    host: torch.Tensor
+    """[n] their copy on the host (pinned on a GPU), valid once ``done`` completed."""
+    done: torch.cuda.Event | None
+    """Recorded after the copy (None on CPU, where the copy is already done)."""
+
+
 StepSender = Callable[[HostStep], None]
 """Rank 0 hands a step's inputs to the other TP ranks before running it itself."""
 
@@ -289,24 +303,81 @@ class ModelRunner:
 
     def _graph_inputs(self, out: SchedulerOutput) -> HostStep | None:
         """A pure decode batch a graph can replay, as host arrays; None when not applicable."""
-        g = self.graphs
         chunks = out.chunks
-        if g is None or any(c.num_tokens != 1 or not c.samples for c in chunks):
+        if self.graphs is None or any(c.num_tokens != 1 or not c.samples for c in chunks):
             return None
+        return self._decode_inputs(chunks, 0, graph=True)
+
+    def _decode_inputs(self, chunks: list[ScheduledChunk], ahead: int,
+                       graph: bool) -> HostStep | None:
+        """One token per chunk at position num_computed_tokens + ``ahead`` (1: the token a
+        launched step is sampling, whose id only the device has yet: ids are then 0, the
+        caller passes them on the device). None when no graph fits (``graph``)."""
         width = max(len(c.request.block_ids) for c in chunks)
-        if not g.fits(len(chunks), width):
+        if graph and (self.graphs is None or not self.graphs.fits(len(chunks), width)):
             return None
-        bs = self.block_size
-        pos = np.fromiter((c.request.num_computed_tokens for c in chunks), np.int64, len(chunks))
-        ids = np.fromiter((c.request.all_token_ids[p] for c, p in zip(chunks, pos.tolist())),
-                          np.int64, len(chunks))
-        table = np.zeros((len(chunks), width), dtype=np.int32)
+        bs, n = self.block_size, len(chunks)
+        pos = np.fromiter((c.request.num_computed_tokens + ahead for c in chunks), np.int64, n)
+        ids = np.zeros(n, np.int64) if ahead else np.fromiter(
+            (c.request.all_token_ids[p] for c, p in zip(chunks, pos.tolist())), np.int64, n)
+        table = np.zeros((n, width), dtype=np.int32)
         for i, c in enumerate(chunks):
             table[i, :len(c.request.block_ids)] = c.request.block_ids
-        rows = np.arange(len(chunks))
+        rows = np.arange(n)
         slots = table[rows, pos // bs].astype(np.int64) * bs + pos % bs
-        return HostStep(graph=True, ids=ids, positions=pos, slots=slots, seq_lens=pos + 1,
-                        table=table)
+        if graph:
+            return HostStep(graph=True, ids=ids, positions=pos, slots=slots, seq_lens=pos + 1,
+                            table=table)
+        return HostStep(graph=False, ids=ids, positions=pos, slots=slots,
+                        seq_lens=(pos + 1).astype(np.int32), table=table,
+                        query_start_loc=np.arange(n + 1, dtype=np.int32),
+                        sample_rows=list(range(n)), decode_only=True)
+
+    @torch.inference_mode()
+    def launch_decode(self, chunks: list[ScheduledChunk], prev: DecodeLaunch | None = None,
+                      rows: list[int] | None = None) -> DecodeLaunch:
+        """Run a greedy decode step and start copying its tokens to the host, without waiting
+        for either. ``prev``: the step whose tokens (its ``rows``, one per chunk) are this
+        step's inputs, still on the device; ``chunks`` then stand one token behind (their
+        requests have not taken prev's tokens yet)."""
+        assert self.kv_cache is not None and self.send_step is None
+        ahead = 0 if prev is None else 1
+        ids_dev = None
+        if prev is not None:
+            assert rows is not None
+            ids_dev = prev.tokens if rows == list(range(len(prev.chunks))) else \
+                prev.tokens[torch.tensor(rows, dtype=torch.long).to(self.device,
+                                                                     non_blocking=True)]
+        host = self._decode_inputs(chunks, ahead, graph=True)
+        if host is not None:
+            assert self.graphs is not None
+            logits = self.graphs.run_host(host.ids, host.positions, host.slots, host.seq_lens,
+                                          host.table, ids_dev)
+        else:
+            host = self._decode_inputs(chunks, ahead, graph=False)
+            assert host is not None
+            input_ids, positions, attn = self._device_inputs(host, None)
+            if ids_dev is not None:
+                input_ids = ids_dev
+            logits = self.model.compute_logits(self.model(input_ids, positions, attn,
+                                                          self.kv_cache))
+        tokens = logits.argmax(dim=-1)
+        if self.device.type == "cpu":
+            return DecodeLaunch(chunks, tokens, tokens, None)
+        out = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        out.copy_(tokens, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return DecodeLaunch(chunks, tokens, out, done)
+
+    @staticmethod
+    def collect_decode(launch: DecodeLaunch) -> dict[str, int]:
+        """Wait for a launched step's tokens (only for it, not for steps launched after) and
+        return them per request id."""
+        if launch.done is not None:
+            launch.done.synchronize()
+        return dict(zip((c.request.request_id for c in launch.chunks), launch.host.tolist(),
+                        strict=True))
 
     @torch.inference_mode()
     def idle_forward(self) -> None:

@@ -165,6 +165,38 @@ class Scheduler:
             i += 1
         return budget
 
+    def schedule_ahead(self, launched: list[ScheduledChunk]) -> tuple[SchedulerOutput,
+                                                                      list[int]] | None:
+        """Async scheduling: the next decode step of a launched decode batch before its tokens
+        are known, assuming none of them stops (one that does computes one token for nothing;
+        its answer is unchanged). Each running request of the batch that cannot end by length
+        on the launched token gets one more token's slot (position num_computed_tokens + 1).
+        Returns the step and each chunk's row in the launched batch, or None when only a
+        normal schedule can decide (requests waiting or running outside the batch, a block
+        that is not free: preemption is never speculative)."""
+        if self.waiting or self.remote_wait or len(self.running) != len(launched):
+            return None
+        out, rows = SchedulerOutput(), []
+        for row, chunk in enumerate(launched):
+            req = chunk.request
+            if req.is_finished or req.status is not RequestStatus.RUNNING:
+                return None
+            if (len(req.output_token_ids) + 1 >= req.sampling_params.max_tokens
+                    or req.num_tokens + 1 >= self.max_model_len):
+                continue  # the launched token is its last
+            need = _blocks_for(req.num_computed_tokens + 2, self.block_size) - len(req.block_ids)
+            if need > 0:
+                got = self.pool.allocate(need, Owner(OwnerKind.REQUEST, req.request_id))
+                if got is None:
+                    return None  # the blocks taken so far stay with their requests (needed next)
+                req.block_ids.extend(got)
+            out.chunks.append(ScheduledChunk(req, 1))
+            rows.append(row)
+        if not out.chunks or len(out.chunks) > self.cfg.max_num_batched_tokens:
+            return None
+        out.num_batched_tokens = len(out.chunks)
+        return out, rows
+
     def _ensure_blocks(self, req: Request, num_tokens: int, out: SchedulerOutput,
                        scheduled: set[str]) -> bool:
         """Grow req's blocks to cover num_tokens, preempting newer requests if needed."""
