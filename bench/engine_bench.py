@@ -147,7 +147,8 @@ def _param_bytes(llm: Any) -> int:
 
 
 def _decode(llm: Any, batch: int, context: int, steps: int) -> float:
-    """Median step time (ms) of decode-only steps for ``batch`` sequences at ``context``."""
+    """Mean step time (ms) of ``steps`` decode-only steps run back to back for ``batch``
+    sequences at ``context``."""
     import torch
 
     from disagg.common.protocol import EngineCoreRequest
@@ -161,16 +162,19 @@ def _decode(llm: Any, batch: int, context: int, steps: int) -> float:
                                                             for j in range(context)]))
     while any(r.num_computed_tokens < r.num_prompt_tokens for r in eng.scheduler.requests.values()):
         eng.step()
-    times = []
-    for _ in range(steps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
+    for _ in range(3):  # into the steady state (async scheduling: a step launched ahead)
         eng.step()
-        times.append((time.perf_counter() - t0) * 1000)
+    # back to back, as serving runs them: with async scheduling a step's host work overlaps
+    # the step before it on the device, which a sync before each step would hide
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        eng.step()
+    torch.cuda.synchronize()
+    per_step_ms = (time.perf_counter() - t0) * 1000 / steps
     while eng.has_work():
         eng.step()
-    times.sort()
-    return times[len(times) // 2]
+    return per_step_ms
 
 
 def _prefill(llm: Any, tokens: int) -> float:
@@ -262,12 +266,13 @@ def _readme_cells(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _make_llm(model_dir: str, quantization: str | None = None,
-              kv_cache_dtype: str = "auto") -> Any:
+              kv_cache_dtype: str = "auto", async_scheduling: bool = True) -> Any:
     from disagg.llm import LLM
 
     return LLM(model_dir, load_format="dummy", device="cuda", dtype="bfloat16",
                max_num_seqs=256, max_num_batched_tokens=8192, max_model_len=8192,
-               quantization=quantization, kv_cache_dtype=kv_cache_dtype)
+               quantization=quantization, kv_cache_dtype=kv_cache_dtype,
+               async_scheduling=async_scheduling)
 
 
 def _precision(args: argparse.Namespace) -> str:
@@ -347,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quantization", choices=["fp8"], default=None,
                     help="quantize the weights at load (the serve flag)")
     ap.add_argument("--kv-cache-dtype", default="auto", help="the serve flag (auto, fp8)")
+    ap.add_argument("--no-async-scheduling", action="store_true", help="the serve flag")
     ap.add_argument("--output", type=Path, default=Path("bench/results/engine.jsonl"))
     ap.add_argument("--commit", default=None)
     args = ap.parse_args(argv)
@@ -359,12 +365,16 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = _model_dir(args.shape)
     if args.compare_only:
         return _compare(args, model_dir, ceil)
-    llm = _make_llm(model_dir, args.quantization, args.kv_cache_dtype)
+    llm = _make_llm(model_dir, args.quantization, args.kv_cache_dtype,
+                    not args.no_async_scheduling)
     kv_elt = llm.engine.runner.kv_cache.element_size()
     cost = _Cost(args.shape, _param_bytes(llm), kv_elt,
                  expert_elt=1 if args.quantization == "fp8" else 2)
-    flags = {k: v for k, v in (("quantization", args.quantization),
-                               ("kv_cache_dtype", args.kv_cache_dtype)) if v not in (None, "auto")}
+    flags: dict[str, Any] = {
+        k: v for k, v in (("quantization", args.quantization),
+                          ("kv_cache_dtype", args.kv_cache_dtype)) if v not in (None, "auto")}
+    if args.no_async_scheduling:
+        flags["no_async_scheduling"] = ""
     row: dict[str, Any] = {"kind": "engine", "shape": args.shape, "ceilings": ceil,
                            "kernels": llm.engine.runner.ops.backend,
                            "num_gpu_blocks": llm.engine.plan.num_blocks,

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
+import torch
 
 from disagg.common.protocol import EngineCoreOutput, EngineCoreRequest
 from disagg.common.sampling_params import SamplingParams
@@ -32,9 +33,9 @@ def _req(rid: str, prompt: list[int], sp: SamplingParams) -> EngineCoreRequest:
 def _run(async_on: bool, requests: list[tuple[str, list[int], SamplingParams]],
          events: Sequence[Event] = (), kv_bytes: int = 16 * 2**20,
          watch: Callable[[LLM], None] | None = None, max_model_len: int | None = None,
-         ) -> dict[str, tuple[list[int], str | None]]:
+         device: str = "cpu") -> dict[str, tuple[list[int], str | None]]:
     """Drive the engine step by step; the tokens and finish reason per request."""
-    llm = LLM("builtin:tiny-llama", device="cpu", kv_cache_memory_bytes=kv_bytes,
+    llm = LLM("builtin:tiny-llama", device=device, kv_cache_memory_bytes=kv_bytes,
               async_scheduling=async_on, max_num_seqs=8, max_model_len=max_model_len)
     if watch is not None:
         watch(llm)
@@ -178,3 +179,21 @@ def test_schedule_ahead_declines_what_only_a_normal_schedule_decides() -> None:
     eng.add_request(_req("z", _prompt(3, 5), _greedy(2)))
     assert sched.schedule_ahead(launched.chunks) is None  # someone is waiting
     assert isinstance(eng.runner, ModelRunner)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_on_a_gpu_graph_replays_launched_ahead_equal_the_synchronous_path() -> None:
+    """The overlap itself: decode graphs replayed with device input ids, tokens read back
+    through pinned memory after an event, double-buffered staging."""
+    reqs = [(f"g{i}", _prompt(i, n), _greedy(mt)) for i, (n, mt) in
+            enumerate([(5, 40), (17, 3), (40, 25), (70, 33), (9, 1), (33, 40)])]
+    sync = _run(False, reqs, device="cuda")
+    stops = {rid: toks[len(toks) // 2] for rid, (toks, _) in sync.items() if len(toks) > 4}
+    reqs = [(rid, p, _greedy(sp.max_tokens, stop_token_ids=(stops[rid],)) if rid in stops
+             else sp) for rid, p, sp in reqs]
+    sync = _run(False, reqs, device="cuda")
+    counter: list[_Count] = []
+    got = _run(True, reqs, device="cuda", watch=lambda llm: counter.append(_Count(llm)))
+    assert got == sync and counter[0].ahead > 10
+    assert counter[0].launches > counter[0].ahead  # and some launched fresh
