@@ -93,6 +93,13 @@ def _generate(prompts: list[list[int]], caching: bool) -> tuple[list[list[int]],
         return execute(out, layer_hook)
 
     llm.engine.runner.execute = counting  # type: ignore[method-assign]
+    launch = llm.engine.runner.launch_decode
+
+    def counting_launch(chunks, prev=None, rows=None):  # type: ignore[no-untyped-def]
+        computed.append(len(chunks))  # a decode step of async scheduling: one token each
+        return launch(chunks, prev, rows)
+
+    llm.engine.runner.launch_decode = counting_launch  # type: ignore[method-assign]
     tokens = []
     for p in prompts:  # one at a time: the second finds the first's blocks cached
         tokens.append(llm.generate([p], GREEDY)[0].output_token_ids)
