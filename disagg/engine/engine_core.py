@@ -253,12 +253,14 @@ class EngineCore:
             self.connector.set_wakeup(wake)
 
     def has_work(self) -> bool:
-        """Something to step for (requests or connector transfers in flight)."""
-        return self.scheduler.has_work() or bool(self.connector and self.connector.busy())
+        """Something to step for (requests, a launched step or connector transfers)."""
+        return (self.scheduler.has_work() or self._launched is not None
+                or bool(self.connector and self.connector.busy()))
 
     def has_inflight(self) -> bool:
-        """Requests queued, running or waiting for remote KV (held ones excluded)."""
-        return self.scheduler.has_work()
+        """Requests queued, running or waiting for remote KV (held ones excluded), or a
+        launched step not settled yet (a pause completes only after it)."""
+        return self.scheduler.has_work() or self._launched is not None
 
     def has_runnable_work(self) -> bool:
         """Requests the model could step now (not ones only waiting for remote KV), or a
@@ -438,7 +440,7 @@ class EngineCore:
         and their blocks are freed. Returns the outputs to send before exiting."""
         if self.tp is not None:
             self.tp.acknowledge()
-        self._drain()  # its tokens do not matter any more, but nothing stays launched
+        settled = self._drain()  # requests that ended on its tokens get their answers
         for req in list(self.scheduler.requests.values()):
             self.scheduler.finish(req, RequestStatus.FINISHED_ERROR, error)
         if self.connector is not None:  # finished prefills' transfers: their peers free now
@@ -448,7 +450,7 @@ class EngineCore:
         for req in self._awaiting.values():
             req.status, req.error = RequestStatus.FINISHED_ERROR, error
             self._settled[req.request_id] = error
-        return self._collect_outputs([])
+        return settled + self._collect_outputs([])
 
     def _collect_outputs(self, touched: list[Request]) -> list[EngineCoreOutput]:
         outputs = []

@@ -197,3 +197,17 @@ def test_on_a_gpu_graph_replays_launched_ahead_equal_the_synchronous_path() -> N
     got = _run(True, reqs, device="cuda", watch=lambda llm: counter.append(_Count(llm)))
     assert got == sync and counter[0].ahead > 10
     assert counter[0].launches > counter[0].ahead  # and some launched fresh
+
+
+def test_failing_everything_still_answers_what_the_launched_step_finished() -> None:
+    llm = LLM("builtin:tiny-llama", device="cpu", kv_cache_memory_bytes=16 * 2**20)
+    eng = llm.engine
+    eng.add_request(_req("last", _prompt(1, 6), _greedy(2, ignore_eos=True)))
+    eng.add_request(_req("more", _prompt(2, 6), _greedy(10, ignore_eos=True)))
+    firsts = eng.step()  # the prefills: each request's first token
+    assert {o.request_id for o in firsts} == {"last", "more"}
+    assert eng.step() == [] and eng._launched is not None and eng.has_work()
+    outs = {o.request_id: o for o in eng.fail_all("the instance went down")}
+    assert outs["last"].finish_reason == "length" and len(outs["last"].new_token_ids) == 1
+    assert outs["more"].finish_reason == "error"
+    assert not eng.has_work() and llm.ledger()["free"] == llm.ledger()["total"]
