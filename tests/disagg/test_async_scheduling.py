@@ -33,10 +33,12 @@ def _req(rid: str, prompt: list[int], sp: SamplingParams) -> EngineCoreRequest:
 def _run(async_on: bool, requests: list[tuple[str, list[int], SamplingParams]],
          events: Sequence[Event] = (), kv_bytes: int = 16 * 2**20,
          watch: Callable[[LLM], None] | None = None, max_model_len: int | None = None,
-         device: str = "cpu") -> dict[str, tuple[list[int], str | None]]:
+         device: str = "cpu", max_num_seqs: int = 8,
+         ) -> dict[str, tuple[list[int], str | None]]:
     """Drive the engine step by step; the tokens and finish reason per request."""
     llm = LLM("builtin:tiny-llama", device=device, kv_cache_memory_bytes=kv_bytes,
-              async_scheduling=async_on, max_num_seqs=8, max_model_len=max_model_len)
+              async_scheduling=async_on, max_num_seqs=max_num_seqs,
+              max_model_len=max_model_len)
     if watch is not None:
         watch(llm)
     eng = llm.engine
@@ -103,6 +105,18 @@ def test_greedy_outputs_equal_the_synchronous_path_and_it_runs_ahead() -> None:
     assert got == sync
     assert any(reason == "stop" for _, reason in sync.values())
     assert counter[0].ahead >= 8  # the decode steps did run ahead
+
+
+def test_with_every_seat_taken_a_queue_does_not_stop_running_ahead() -> None:
+    # 12 requests for 4 seats: while the queue cannot be admitted the steps run ahead, and a
+    # request takes a freed seat at the next normal schedule
+    reqs = [(f"q{i}", _prompt(i, 5 + 3 * i), _greedy(6 + (5 * i) % 11, ignore_eos=True))
+            for i in range(12)]
+    counter: list[_Count] = []
+    got = _run(True, reqs, max_num_seqs=4, watch=lambda llm: counter.append(_Count(llm)))
+    assert got == _run(False, reqs, max_num_seqs=4)
+    assert all(reason == "length" for _, reason in got.values()) and len(got) == 12
+    assert counter[0].ahead >= 20  # 25 here; 9 when any queue stopped it
 
 
 def test_arrivals_and_aborts_while_a_step_is_launched() -> None:
