@@ -91,11 +91,13 @@ def test_pd_equals_monolithic(instance_factory, transport: str, mode: str) -> No
 
 def test_pd_layerwise_write_equals_monolithic(instance_factory) -> None:
     """tcp WRITE streaming each layer; P chunks its prefill every 24 tokens, so chunks end both
-    inside a block and on a block boundary. Each transferred block is written exactly once."""
+    inside a block and on a block boundary. Each transferred block is written exactly once.
+    P waits for the decode's blocks (early_start off): with early start a fast P can finish a
+    short prompt before they arrive and send it whole, with no layer post to count."""
     common = [*BASE, "--max-model-len", str(MAX_MODEL_LEN)]
     p, d, mono = instance_factory.many(
         [*common, "--max-num-batched-tokens", "24", "--kv-transfer-config",
-         kv_config("kv_producer", "write", layerwise=True)],
+         kv_config("kv_producer", "write", layerwise=True, early_start=False)],
         [*common, "--kv-transfer-config", kv_config("kv_consumer", "write", layerwise=True)],
         common)
     _assert_pd_equals_monolithic(p, d, mono, "write")
