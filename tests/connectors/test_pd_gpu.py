@@ -69,9 +69,11 @@ def test_pd_two_gpus_layerwise_write_equals_monolithic(instance_factory, transpo
                                                         layerwise: bool) -> None:
     """WRITE streaming each layer during the prefill (ipc: stream-ordered posts; nixl: the
     poster thread after a CUDA event) or one WRITE after it; the prefill is chunked every
-    40 tokens. Each transferred block moves exactly once either way."""
+    40 tokens. Each transferred block moves exactly once either way. P waits for the decode's
+    blocks (early_start off), so a prefill that streams always has somewhere to stream to."""
     p, d, mono = _start(instance_factory, "write", transport,
-                        ["--max-num-batched-tokens", "40"], layerwise=layerwise)
+                        ["--max-num-batched-tokens", "40"], layerwise=layerwise,
+                        early_start=False)
     _assert_equal_outputs(p, d, mono, "write")
     arch = resolve_arch("builtin:tiny-llama")
     bs = info(p.url)["block_size"]
