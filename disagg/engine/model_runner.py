@@ -75,7 +75,7 @@ class HostStep:
 @dataclass(slots=True)
 class DecodeLaunch:
     """A decode step launched without reading its tokens back (async scheduling): one token
-    for each of ``chunks``, in order, greedy (disagg/engine/async_decode.py)."""
+    for each of ``chunks``, in order, greedy (EngineCore._step_ahead)."""
 
     chunks: list[ScheduledChunk]
     tokens: torch.Tensor
@@ -348,19 +348,11 @@ class ModelRunner:
             ids_dev = prev.tokens if rows == list(range(len(prev.chunks))) else \
                 prev.tokens[torch.tensor(rows, dtype=torch.long).to(self.device,
                                                                      non_blocking=True)]
-        host = self._decode_inputs(chunks, ahead, graph=True)
-        if host is not None:
-            assert self.graphs is not None
-            logits = self.graphs.run_host(host.ids, host.positions, host.slots, host.seq_lens,
-                                          host.table, ids_dev)
-        else:
-            host = self._decode_inputs(chunks, ahead, graph=False)
-            assert host is not None
-            input_ids, positions, attn = self._device_inputs(host, None)
-            if ids_dev is not None:
-                input_ids = ids_dev
-            logits = self.model.compute_logits(self.model(input_ids, positions, attn,
-                                                          self.kv_cache))
+        host = (self._decode_inputs(chunks, ahead, graph=True)
+                or self._decode_inputs(chunks, ahead, graph=False))
+        assert host is not None
+        logits = self.execute_step(host, device_ids=ids_dev)
+        assert logits is not None
         tokens = logits.argmax(dim=-1)
         if self.device.type == "cpu":
             return DecodeLaunch(chunks, tokens, tokens, None)
@@ -385,17 +377,22 @@ class ModelRunner:
         self.model.idle_moe_pass()
 
     @torch.inference_mode()
-    def execute_step(self, h: HostStep, layer_hook: LayerHook | None = None
-                     ) -> torch.Tensor | None:
+    def execute_step(self, h: HostStep, layer_hook: LayerHook | None = None,
+                     device_ids: torch.Tensor | None = None) -> torch.Tensor | None:
         """Run one step's forward from host inputs; the logits of its sampling rows (None when
         no row samples). Every TP rank runs this with the same inputs. Inference mode: with
         autograd recording, the CPU cache write (index_copy_ into the pool) chained every step's
-        activations to the pool for good (512 MiB per 2k-token prompt of the tiny model)."""
+        activations to the pool for good (512 MiB per 2k-token prompt of the tiny model).
+        ``device_ids``: input ids already on the device, in place of ``h.ids`` (async
+        scheduling: the tokens a launched step sampled)."""
         assert self.kv_cache is not None, "allocate_kv_cache first"
         if h.graph:
             assert self.graphs is not None
-            return self.graphs.run_host(h.ids, h.positions, h.slots, h.seq_lens, h.table)
+            return self.graphs.run_host(h.ids, h.positions, h.slots, h.seq_lens, h.table,
+                                        device_ids)
         input_ids, positions, attn = self._device_inputs(h, layer_hook)
+        if device_ids is not None:
+            input_ids = device_ids
         hidden = self.model(input_ids, positions, attn, self.kv_cache)
         if not h.sample_rows:
             return None
