@@ -173,7 +173,7 @@ def load_model(cfg: ModelConfig, arch: ArchConfig, ops: Ops, device: torch.devic
         _load_checked(model, arch, _safetensor_weights(cfg.model))
         finalize_fp8_(model, ops.fp8_gemm, fp8_dtype)
         logger.info("fp8 weights from the checkpoint (%s scales)", _scales(arch.quant))
-        return _frozen(model, ops)
+        return _finish_load(model, ops)
     if cfg.load_format == "dummy" and not builtin:
         _init_dummy_(model, cfg.seed)
     else:
@@ -184,10 +184,10 @@ def load_model(cfg: ModelConfig, arch: ArchConfig, ops: Ops, device: torch.devic
     if quant is not None:
         quantize_model_fp8_(model, quant.weight_block_size, ops.fp8_gemm, fp8_dtype)
         logger.info("fp8 weights quantized at load (%s scales)", _scales(quant))
-    return _frozen(model, ops)
+    return _finish_load(model, ops)
 
 
-def _frozen(model: LlamaForCausalLM, ops: Ops) -> LlamaForCausalLM:
+def _finish_load(model: LlamaForCausalLM, ops: Ops) -> LlamaForCausalLM:
     """Eval mode and no parameter asking for gradients: a forward that ran outside inference
     mode by mistake then records no autograd graph either (no activation kept for a backward
     that never comes). Plain linears take the few-rows kernel where the arch's config says."""

@@ -119,7 +119,7 @@ class LinearBase(nn.Linear):
     """Rows of x up to which ``skinny`` runs instead."""
 
     def _plain(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.skinny is not None and x.numel() <= self.skinny_rows * x.shape[-1]:
+        if self.skinny is not None and 0 < x.numel() <= self.skinny_rows * x.shape[-1]:
             return self.skinny(x, self.weight, bias)
         return F.linear(x, self.weight, bias)
 
