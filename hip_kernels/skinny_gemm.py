@@ -16,8 +16,10 @@ accumulator of elementwise products for one row of x (reduced once after the loo
 and the step is bound by the bytes of W anyway.
 
 Which layers use it, per arch (``max_rows`` in hip_kernels/configs/<arch>/skinny_gemm.json; 0
-keeps the vendor BLAS): only where it was measured faster. Error against ``skinny_gemm_ref``:
-accumulation order and the output rounding (the usual per-dtype table).
+keeps the vendor BLAS): only where it was measured faster, in a CUDA graph over 32 weight copies
+as a decode step runs them (bench/linear_bench.py). The tile depends on the output width too:
+outputs wider than ``wide_n`` (gate_up, the LM head) take the ``*_wide`` keys. Error against
+``skinny_gemm_ref``: accumulation order and the output rounding (the usual per-dtype table).
 
 Bytes moved: N * K * elt (W, once) + M * K * elt per column block (x, from cache) + M * N * elt.
 """
@@ -93,10 +95,12 @@ class SkinnyPlan:
     num_stages: int
 
 
-def skinny_plan(num_rows: int, arch: str | None = None) -> SkinnyPlan:
-    """The arch's config for ``num_rows`` (1..MAX_ROWS) rows of x."""
+def skinny_plan(num_rows: int, arch: str | None = None, width: int = 0) -> SkinnyPlan:
+    """The arch's config for ``num_rows`` (1..MAX_ROWS) rows of x and ``width`` output
+    features (over the config's ``wide_n``: the ``*_wide`` tiles)."""
     cfg = load_config(KERNEL, arch)
-    sized = {key: bucket(cfg, key, num_rows)
+    wide = "_wide" if width > get_int(cfg, "wide_n") else ""
+    sized = {key: bucket(cfg, key + wide, num_rows)
              for key in ("block_n", "block_k", "num_warps", "num_stages")}
     return SkinnyPlan(block_m=next_power_of_2(num_rows), **sized)
 
@@ -122,7 +126,7 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor,
     m = x2.shape[0]
     if not 0 < m <= MAX_ROWS:
         raise ValueError(f"skinny_gemm: 1..{MAX_ROWS} rows, got {m}")
-    plan = skinny_plan(m)
+    plan = skinny_plan(m, width=n)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     _skinny_gemm_kernel[(cdiv(n, plan.block_n),)](
         x2, weight, weight if bias is None else bias, y, m, n, k, x2.stride(0),
@@ -133,23 +137,26 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor,
 
 
 AOT_ROWS = (1, 2, 4, 8)
+AOT_WIDTHS = (4096, 28672)
+"""Llama-3-8B's o_proj/down and gate_up output widths: the narrow and the wide tiles."""
 
 
 def aot_specs(arch: str) -> list[KernelSpec]:
-    """bf16 without bias at each row bucket of the arch's config."""
+    """bf16 without bias at each row bucket and tile width of the arch's config."""
     specs: dict[str, KernelSpec] = {}
     for rows in AOT_ROWS:
-        plan = skinny_plan(rows, arch)
-        sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16",
-               **{name: "i32" for name in ("M", "N", "K", "stride_xm", "stride_wn",
-                                           "stride_ym")}}
-        constexprs = {"HAS_BIAS": False, "BLOCK_M": plan.block_m, "BLOCK_N": plan.block_n,
-                      "BLOCK_K": plan.block_k}
-        sig.update({name: "constexpr" for name in constexprs})
-        name = (f"{KERNEL}[bf16,m{plan.block_m}n{plan.block_n}k{plan.block_k}"
-                f"w{plan.num_warps}s{plan.num_stages}]")
-        specs.setdefault(name, KernelSpec(
-            name=name, fn=_skinny_gemm_kernel, signature=sig, constexprs=constexprs,
-            aligned=("N", "K", "stride_xm", "stride_wn", "stride_ym"),
-            num_warps=plan.num_warps, num_stages=plan.num_stages))
+        for width in AOT_WIDTHS:
+            plan = skinny_plan(rows, arch, width)
+            sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16",
+                   **{name: "i32" for name in ("M", "N", "K", "stride_xm", "stride_wn",
+                                               "stride_ym")}}
+            constexprs = {"HAS_BIAS": False, "BLOCK_M": plan.block_m,
+                          "BLOCK_N": plan.block_n, "BLOCK_K": plan.block_k}
+            sig.update({name: "constexpr" for name in constexprs})
+            name = (f"{KERNEL}[bf16,m{plan.block_m}n{plan.block_n}k{plan.block_k}"
+                    f"w{plan.num_warps}s{plan.num_stages}]")
+            specs.setdefault(name, KernelSpec(
+                name=name, fn=_skinny_gemm_kernel, signature=sig, constexprs=constexprs,
+                aligned=("N", "K", "stride_xm", "stride_wn", "stride_ym"),
+                num_warps=plan.num_warps, num_stages=plan.num_stages))
     return list(specs.values())

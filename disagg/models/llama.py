@@ -167,13 +167,15 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 attn: AttentionMetadata, kv_cache: torch.Tensor) -> torch.Tensor:
-        """Token ids [T] -> final hidden states [T, hidden]."""
-        x = self.embed_tokens(input_ids)
-        residual: torch.Tensor | None = None
-        for layer in self.layers:
-            x, residual = layer(x, residual, positions, attn, kv_cache, self.cos_sin)
-        assert residual is not None
-        x, _ = self.ops.fused_add_rms_norm(x, residual, self.norm.weight, self.norm.eps)
+        """Token ids [T] -> final hidden states [T, hidden] (the vendor BLAS the arch's
+        config picks for T tokens: hip_kernels/vendor_blas.py)."""
+        with self.ops.vendor_blas(input_ids.shape[0]):
+            x = self.embed_tokens(input_ids)
+            residual: torch.Tensor | None = None
+            for layer in self.layers:
+                x, residual = layer(x, residual, positions, attn, kv_cache, self.cos_sin)
+            assert residual is not None
+            x, _ = self.ops.fused_add_rms_norm(x, residual, self.norm.weight, self.norm.eps)
         return x
 
     def idle_moe_pass(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,6 +50,17 @@ class Ops:
     skinny_gemm: Callable[..., Any]
     skinny_rows: int = 0
     """Rows up to which a plain linear runs ``skinny_gemm`` (the arch's config; 0 on CPU)."""
+    lt_rows: tuple[tuple[int, int], ...] = ()
+    """Token counts whose forward prefers cuBLASLt / hipBLASLt (the arch's config; none on
+    CPU): hip_kernels/vendor_blas.py."""
+
+    def vendor_blas(self, rows: int) -> contextlib.AbstractContextManager[None]:
+        """The vendor BLAS choice for a forward of ``rows`` tokens, as a context."""
+        if not self.lt_rows:
+            return contextlib.nullcontext()
+        from hip_kernels.vendor_blas import prefer_lt
+
+        return prefer_lt(rows, self.lt_rows)
 
 
 def select_ops(device_type: str) -> Ops:
@@ -61,8 +73,11 @@ def select_ops(device_type: str) -> Ops:
         fn = getattr(module, name, None) if use_triton else None
         fns[name] = fn if fn is not None else getattr(module, f"{name}_ref")
     rows = 0
+    lt: tuple[tuple[int, int], ...] = ()
     if use_triton:
         from hip_kernels.skinny_gemm import max_rows
+        from hip_kernels.vendor_blas import lt_rows
 
-        rows = max_rows()
-    return Ops(backend="triton" if use_triton else "torch", skinny_rows=rows, **fns)
+        rows, lt = max_rows(), lt_rows()
+    return Ops(backend="triton" if use_triton else "torch", skinny_rows=rows, lt_rows=lt,
+               **fns)

@@ -23,7 +23,7 @@ def test_every_kernel_module_has_a_default_config():
     assert KERNELS == ["fp8_gemm", "fused_moe", "kv_blocks", "mla_prefill_attention",
                        "paged_decode_attention", "paged_mla_decode", "paged_prefill_attention",
                        "reshape_and_cache", "rms_norm", "rotary_embedding", "silu_and_mul",
-                       "skinny_gemm"]
+                       "skinny_gemm", "vendor_blas"]
 
 
 @pytest.mark.parametrize("arch", ("default", *KNOWN_ARCHS))

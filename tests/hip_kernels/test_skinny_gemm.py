@@ -25,7 +25,12 @@ SHAPES = ((1, 33, 300), (1, 16, 40), (2, 40, 129), (3, 17, 64), (5, 70, 200), (8
 CASES = [Case("skinny_gemm", dtype, {"shape": shape, "bias": bias})
          for dtype in ("fp32", "fp16", "bf16")
          for shape, bias in zip(SHAPES, (False, True, False, True, False, True))] + [
-    Case("skinny_gemm", "bf16", {"shape": (4, 48, 80), "bias": False, "x": "strided"})]
+    Case("skinny_gemm", "bf16", {"shape": (4, 48, 80), "bias": False, "x": "strided"})] + [
+    # outputs wider than wide_n take the *_wide tiles (made small here so the interpreter can)
+    Case("skinny_gemm", "fp32", {"shape": (m, 70, 96), "bias": m == 3, "wide": True})
+    for m in (1, 3)]
+WIDE = {"skinny_gemm": {"wide_n": 32, "block_n_wide": [[8, 32]], "block_k_wide": [[8, 32]],
+                        "num_warps_wide": [[8, 2]]}}
 GPU_CASES = [Case("skinny_gemm", "bf16", {"shape": (m, n, k), "bias": False})
              for m in (1, 2, 8) for n, k in ((6144, 4096), (4096, 4096), (4096, 14336))]
 
@@ -47,7 +52,17 @@ def make_inputs(case: Case, device: str = "cpu"
 
 def run_case(case: Case, device: str = "cpu") -> CaseResult:
     x, w, b = make_inputs(case, device)
-    return compare(case.id, skinny_gemm(x, w, b), skinny_gemm_ref(x, w, b), case.torch_dtype)
+    saved = os.environ.get(OVERRIDE_ENV)
+    if case.params.get("wide"):
+        os.environ[OVERRIDE_ENV] = json.dumps(WIDE)
+    try:
+        y = skinny_gemm(x, w, b)
+    finally:
+        if saved is None:
+            os.environ.pop(OVERRIDE_ENV, None)
+        else:
+            os.environ[OVERRIDE_ENV] = saved
+    return compare(case.id, y, skinny_gemm_ref(x, w, b), case.torch_dtype)
 
 
 interpreted, test_matches_reference_in_interpreter, test_matches_reference_on_gpu = \
@@ -70,6 +85,13 @@ def test_every_arch_has_a_plan_for_every_row_count(arch):
         plan = skinny_plan(rows, arch)
         assert plan.block_m >= rows and plan.block_m & (plan.block_m - 1) == 0
         assert plan.block_n & (plan.block_n - 1) == 0 and plan.block_k % 16 == 0
+
+
+def test_wider_outputs_take_the_wide_tiles(monkeypatch):
+    monkeypatch.setenv(OVERRIDE_ENV, json.dumps(WIDE))
+    narrow, wide = skinny_plan(1, "default", 32), skinny_plan(1, "default", 33)
+    assert (wide.block_n, wide.block_k, wide.num_warps) == (32, 32, 2)
+    assert (narrow.block_n, narrow.block_k) != (wide.block_n, wide.block_k)
 
 
 def test_the_portable_config_keeps_the_vendor_blas(monkeypatch):
