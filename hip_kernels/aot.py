@@ -143,6 +143,7 @@ def all_specs(arch: str) -> list[KernelSpec]:
     from hip_kernels import (
         fp8_gemm,
         fused_moe,
+        greedy_argmax,
         kv_blocks,
         mla_prefill_attention,
         paged_decode_attention,
@@ -150,6 +151,7 @@ def all_specs(arch: str) -> list[KernelSpec]:
         paged_prefill_attention,
         reshape_and_cache,
         rms_norm,
+        rope_and_cache,
         rotary_embedding,
         silu_and_mul,
         skinny_gemm,
@@ -157,7 +159,8 @@ def all_specs(arch: str) -> list[KernelSpec]:
 
     modules = (reshape_and_cache, paged_decode_attention, paged_prefill_attention,
                paged_mla_decode, mla_prefill_attention, rms_norm, rotary_embedding,
-               silu_and_mul, kv_blocks, fused_moe, fp8_gemm, skinny_gemm)
+               silu_and_mul, kv_blocks, fused_moe, fp8_gemm, skinny_gemm, greedy_argmax,
+               rope_and_cache)
     return [spec for module in modules for spec in module.aot_specs(arch)]
 
 

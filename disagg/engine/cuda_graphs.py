@@ -80,11 +80,13 @@ class DecodeGraphs:
             query_start_loc=torch.arange(b + 1, dtype=torch.int32, device=self.kv_cache.device),
             decode_only=True)
         hidden = self.model(self.input_ids[:b], self.positions[:b], attn, self.kv_cache)
-        logits = self.model.compute_logits(hidden)
         if self.logits is None:  # outside any capture: the warm-up of the first graph
+            logits = self.model.compute_logits(hidden)
             self.logits = torch.empty(self.batch_buckets[-1], logits.shape[-1],
                                       dtype=logits.dtype, device=logits.device)
-        self.logits[:b].copy_(logits)
+            self.logits[:b].copy_(logits)
+        else:  # straight into the shared output: no fp32 temporary, no second copy
+            self.model.compute_logits(hidden, out=self.logits[:b])
 
     def _capture(self, b: int, w: int) -> torch.cuda.CUDAGraph:
         self.slot_mapping.fill_(-1)

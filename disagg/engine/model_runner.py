@@ -106,7 +106,7 @@ class ModelRunner:
         self.ep = ep
         self.model = load_model(cfg.model, arch, self.ops, device, dtype, max_positions,
                                 self.tp, ep)
-        self.sampler = Sampler(device, cfg.model.seed)
+        self.sampler = Sampler(device, cfg.model.seed, self.ops.greedy_argmax)
         self.kv_spec: KVCacheSpec = kv_cache_spec(cfg.cache.kv_cache_dtype, dtype, arch,
                                                   cfg.model.model)
         """The cache's element dtype (the model's, or fp8) and per-layer scales."""
@@ -353,7 +353,7 @@ class ModelRunner:
         assert host is not None
         logits = self.execute_step(host, device_ids=ids_dev)
         assert logits is not None
-        tokens = logits.argmax(dim=-1)
+        tokens = self.ops.greedy_argmax(logits)
         if self.device.type == "cpu":
             return DecodeLaunch(chunks, tokens, tokens, None)
         out = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)

@@ -3,7 +3,7 @@ logit_bias and the repetition penalties applied first (disagg/engine/penalties.p
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -33,9 +33,12 @@ class Sampler:
     them. Logprobs are always those of the raw logits (vLLM's default ``raw_logprobs``).
     """
 
-    def __init__(self, device: torch.device, default_seed: int) -> None:
+    def __init__(self, device: torch.device, default_seed: int,
+                 argmax: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.device = device
         self.default_seed = default_seed
+        self._argmax = argmax if argmax is not None else (lambda x: x.argmax(dim=-1))
+        """[n, V] -> [n] first index of each row's max (the GPU's greedy_argmax kernel)."""
         self._generators: dict[str, torch.Generator] = {}
         self._shared = torch.Generator(device=device).manual_seed(default_seed & 0x7FFFFFFF)
         self.token_counts = TokenCounts(device)
@@ -68,7 +71,7 @@ class Sampler:
         if logits.shape[0] == 0:
             return [], []
         processed = self._processed(logits, request_ids, params, histories)
-        tokens = processed.argmax(dim=-1)
+        tokens = self._argmax(processed)
         random_rows = [i for i, sp in enumerate(params) if not sp.greedy]
         if random_rows:
             rows = torch.tensor(random_rows, device=logits.device)

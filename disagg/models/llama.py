@@ -74,10 +74,10 @@ class Attention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q = self.q_norm(q.reshape(-1, self.head_dim)).view_as(q)
             k = self.k_norm(k.reshape(-1, self.head_dim)).view_as(k)
-        q, k = self.ops.rotary_embedding(positions, q, k, cos_sin)
         kv_layer = kv_cache[:, self.layer_idx]
-        self.ops.reshape_and_cache(k, v, kv_layer, attn.slot_mapping, self.k_scale,
-                                   self.v_scale)
+        # rotary on q and k, and k/v into the cache, in one launch (nothing else reads k)
+        q = self.ops.rope_and_cache(positions, q, k, v, cos_sin, kv_layer, attn.slot_mapping,
+                                    self.k_scale, self.v_scale)
         if attn.layer_hook is not None:
             attn.layer_hook(self.layer_idx)
         if attn.decode_only:
@@ -186,9 +186,14 @@ class LlamaForCausalLM(nn.Module):
             if isinstance(layer.mlp, SparseMoeBlock):
                 layer.mlp(empty)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Hidden [n, hidden] -> fp32 logits [n, vocab]."""
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+        """Hidden [n, hidden] -> fp32 logits [n, vocab] (the model dtype's values, widened);
+        into ``out`` when given (one widening copy, no fp32 temporary)."""
+        logits = self.lm_head(hidden)
+        if out is None:
+            return logits.float()
+        return out.copy_(logits)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy full Hugging Face-named tensors in, fusing q/k/v and gate/up and keeping this

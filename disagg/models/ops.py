@@ -18,6 +18,7 @@ _KERNELS = {
     "rms_norm": "hip_kernels.rms_norm",
     "fused_add_rms_norm": "hip_kernels.rms_norm",
     "rotary_embedding": "hip_kernels.rotary_embedding",
+    "rope_and_cache": "hip_kernels.rope_and_cache",
     "silu_and_mul": "hip_kernels.silu_and_mul",
     "gather_kv_blocks": "hip_kernels.kv_blocks",
     "scatter_kv_blocks": "hip_kernels.kv_blocks",
@@ -26,6 +27,7 @@ _KERNELS = {
     "mla_prefill_attention": "hip_kernels.mla_prefill_attention",
     "fp8_gemm": "hip_kernels.fp8_gemm",
     "skinny_gemm": "hip_kernels.skinny_gemm",
+    "greedy_argmax": "hip_kernels.greedy_argmax",
 }
 
 
@@ -40,6 +42,7 @@ class Ops:
     rms_norm: Callable[..., Any]
     fused_add_rms_norm: Callable[..., Any]
     rotary_embedding: Callable[..., Any]
+    rope_and_cache: Callable[..., Any]
     silu_and_mul: Callable[..., Any]
     gather_kv_blocks: Callable[..., Any]
     scatter_kv_blocks: Callable[..., Any]
@@ -48,6 +51,7 @@ class Ops:
     mla_prefill_attention: Callable[..., Any]
     fp8_gemm: Callable[..., Any]
     skinny_gemm: Callable[..., Any]
+    greedy_argmax: Callable[..., Any]
     skinny_rows: int = 0
     """Rows up to which a plain linear runs ``skinny_gemm`` (the arch's config; 0 on CPU)."""
     lt_rows: tuple[tuple[int, int], ...] = ()

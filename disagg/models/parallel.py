@@ -136,13 +136,14 @@ class LinearBase(nn.Linear):
 
 
 def route_skinny(model: nn.Module, kernel: Callable[..., torch.Tensor], rows: int) -> int:
-    """Send every plain (not fp8) LinearBase of ``model`` with at most ``rows`` rows of x to
-    ``kernel``; returns how many layers (0 when ``rows`` is 0)."""
+    """Send every plain (not fp8) LinearBase of ``model``, and its LM head, with at most
+    ``rows`` rows of x to ``kernel``; returns how many layers (0 when ``rows`` is 0)."""
     if rows <= 0:
         return 0
     routed = 0
     for module in model.modules():
-        if isinstance(module, LinearBase) and module.quant is None:
+        if isinstance(module, LinearBase | ParallelLMHead) and getattr(module, "quant",
+                                                                       None) is None:
             module.skinny, module.skinny_rows = kernel, rows
             routed += 1
     return routed
@@ -207,9 +208,16 @@ class ParallelLMHead(nn.Linear):
         self.tp = tp
         self.vocab_size = vocab_size
 
+    skinny: Callable[..., torch.Tensor] | None = None
+    """As LinearBase's: the few-rows kernel where the arch's config turns it on."""
+    skinny_rows: int = 0
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [n, hidden] -> logits [n, vocab_size] (all ranks get the full row)."""
-        logits = F.linear(hidden, self.weight)
+        if self.skinny is not None and 0 < hidden.numel() <= self.skinny_rows * hidden.shape[-1]:
+            logits = self.skinny(hidden, self.weight)
+        else:
+            logits = F.linear(hidden, self.weight)
         if self.tp.size == 1:
             return logits
         logits = self.tp.all_gather_last(logits)

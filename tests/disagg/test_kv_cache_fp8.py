@@ -35,6 +35,7 @@ from disagg.models.builtin import seeded_hf_state_dict
 from disagg.models.loader import hf_param_shapes
 from hip_kernels.kv_fp8 import dequantize_ref, quantize_ref
 from hip_kernels.reshape_and_cache import reshape_and_cache_ref
+from hip_kernels.rotary_embedding import rotary_embedding_ref
 
 PROMPT = [(7 * i + 3) % 250 + 1 for i in range(40)]
 MLA_CONFIG: dict[str, Any] = {
@@ -102,11 +103,20 @@ def _round_kv_writes_through_fp8(llm: LLM, like: LLM) -> None:
         v = dequantize_ref(quantize_ref(value, v_scale, fp8), v_scale, value.dtype)
         reshape_and_cache_ref(k, v, kv_layer, slots)
 
+    def rounded_rope_and_write(positions: torch.Tensor, q: torch.Tensor, key: torch.Tensor,
+                               value: torch.Tensor, cos_sin: torch.Tensor,
+                               kv_layer: torch.Tensor, slots: torch.Tensor,
+                               k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+        q_rot, k_rot = rotary_embedding_ref(positions, q, key, cos_sin)
+        rounded_write(k_rot, value, kv_layer, slots, k_scale, v_scale)
+        return q_rot
+
     model = llm.engine.runner.model
     apply_kv_scales(model, like.engine.runner.kv_spec)
     for layer in model.layers:
         attn: Any = layer.self_attn
-        attn.ops = dataclasses.replace(attn.ops, reshape_and_cache=rounded_write)
+        attn.ops = dataclasses.replace(attn.ops, reshape_and_cache=rounded_write,
+                                       rope_and_cache=rounded_rope_and_write)
 
 
 def _check_logits(fp32: LLM, fp8: LLM, rounded: LLM, rel_tolerance: float) -> None:

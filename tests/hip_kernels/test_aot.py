@@ -22,7 +22,8 @@ KERNEL_NAMES = ("reshape_and_cache", "paged_decode_attention", "paged_decode_red
                 "rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul",
                 "gather_kv_blocks", "scatter_kv_blocks", "copy_segments", "moe_align",
                 "fused_moe_gate_up", "fused_moe_down", "fused_moe_combine", "fp8_gemm",
-                "mla_prefill_attention", "skinny_gemm")
+                "mla_prefill_attention", "skinny_gemm", "greedy_argmax",
+                "rope_and_cache")
 
 AMDGCN_SAMPLE = """
 ; TotalNumSgprs: 106

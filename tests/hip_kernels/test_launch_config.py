@@ -20,10 +20,11 @@ KERNELS = sorted(path.stem for path in (CONFIG_DIR / "default").glob("*.json"))
 
 
 def test_every_kernel_module_has_a_default_config():
-    assert KERNELS == ["fp8_gemm", "fused_moe", "kv_blocks", "mla_prefill_attention",
-                       "paged_decode_attention", "paged_mla_decode", "paged_prefill_attention",
-                       "reshape_and_cache", "rms_norm", "rotary_embedding", "silu_and_mul",
-                       "skinny_gemm", "vendor_blas"]
+    assert KERNELS == ["fp8_gemm", "fused_moe", "greedy_argmax", "kv_blocks",
+                       "mla_prefill_attention", "paged_decode_attention", "paged_mla_decode",
+                       "paged_prefill_attention", "reshape_and_cache", "rms_norm",
+                       "rope_and_cache", "rotary_embedding", "silu_and_mul", "skinny_gemm",
+                       "vendor_blas"]
 
 
 @pytest.mark.parametrize("arch", ("default", *KNOWN_ARCHS))

@@ -7,7 +7,7 @@ import torch
 
 from disagg.common.sampling_params import SamplingParams
 from disagg.llm import LLM
-from disagg.models.parallel import LinearBase, route_skinny
+from disagg.models.parallel import LinearBase, ParallelLMHead, route_skinny
 from hip_kernels.skinny_gemm import skinny_gemm_ref
 
 
@@ -32,8 +32,9 @@ def test_routed_layers_see_only_few_rows_and_the_tokens_do_not_change() -> None:
     llm = LLM("builtin:tiny-llama", device="cpu", kv_cache_memory_bytes=16 * 2**20)
     spy = _Spy()
     model = llm.engine.runner.model
-    linears = [m for m in model.modules() if isinstance(m, LinearBase)]
-    assert route_skinny(model, spy, 4) == len(linears) > 0
+    linears = [m for m in model.modules() if isinstance(m, LinearBase | ParallelLMHead)]
+    assert any(isinstance(m, ParallelLMHead) for m in linears)  # the LM head too
+    assert route_skinny(model, spy, 4) == len(linears) > 1
     got = [o.output_token_ids for o in llm.generate(_prompts(), sp)]
     assert got == expected
     assert spy.rows and max(spy.rows) <= 4  # the prefills (5+ rows) went to F.linear
@@ -46,6 +47,6 @@ def test_a_zero_bound_routes_nothing_and_fp8_layers_are_left_alone() -> None:
     assert route_skinny(model, _Spy(), 0) == 0
     linears = [m for m in model.modules() if isinstance(m, LinearBase)]
     linears[0].quant = object()  # as quant.py marks an fp8 layer
-    assert route_skinny(model, _Spy(), 8) == len(linears) - 1
+    assert route_skinny(model, _Spy(), 8) == len(linears) - 1 + 1  # and the LM head
     assert linears[0].skinny is None and all(m.skinny is not None for m in linears[1:])
     assert llm.engine.runner.ops.skinny_rows == 0  # CPU: never routed by the loader
