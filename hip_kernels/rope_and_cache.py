@@ -7,10 +7,11 @@
 The same as ``rotary_embedding`` then ``reshape_and_cache`` (the reference composes those two
 references), and nothing reads the rotated k but the cache. On an H200 the two kernels cost 2.5
 and 1.6 us a layer at batch 1, about 130 us of a decode step (bench/results/decode_profile.jsonl);
-fused, the step launches 32 kernels fewer and reads k once. Per program (one token): cos/sin
-read once, every q head rotated into q_out, every k head rotated and, like v, stored at the
-token's slot: cast to the cache dtype, or for an fp8 cache rounded to k's dtype first and then
-scaled and saturated exactly as reshape_and_cache does. A negative slot (padding) writes nothing.
+fused, the step launches 32 kernels fewer and reads k once. Per program (a token and a slice
+of its heads): cos/sin read once, its q heads rotated into q_out, its k heads rotated and, like
+v, stored at the token's slot: cast to the cache dtype, or for an fp8 cache rounded to k's dtype
+first and then scaled and saturated exactly as reshape_and_cache does. A negative slot
+(padding) writes nothing.
 
 Bytes moved: T * (2 * Hq + 2 * Hk) * D * elt + 2 * T * Hk * D * (cache elt) + T * D * 4.
 """
@@ -32,7 +33,7 @@ from hip_kernels.kv_fp8 import (
 from hip_kernels.launch_config import KernelSpec, get_int, load_config
 from hip_kernels.reshape_and_cache import reshape_and_cache_ref
 from hip_kernels.rotary_embedding import _rotate_heads, rotary_embedding_ref
-from hip_kernels.triton_compat import jit, next_power_of_2, require_triton, tl
+from hip_kernels.triton_compat import cdiv, jit, next_power_of_2, require_triton, tl
 
 KERNEL = "rope_and_cache"
 
@@ -52,30 +53,35 @@ def _rope_and_cache_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, cos_sin_ptr, q_out_ptr,
                            slot_ptr, k_inv_scale, v_inv_scale, num_q_heads, num_kv_heads,
                            stride_q_tok, stride_q_head, stride_k_tok, stride_k_head,
                            stride_v_tok, stride_v_head, stride_cos_sin_pos, stride_kv_block,
-                           stride_kv_kv, stride_kv_tok, stride_kv_head,
+                           stride_kv_kv, stride_kv_tok, stride_kv_head, Q_PER, KV_PER,
                            HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
                            BLOCK_HEADS: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr,
                            KV_FP8: tl.constexpr, FP8_MAX: tl.constexpr,
                            EXACT_CAST: tl.constexpr, SUBNORMAL_STEP: tl.constexpr):
-    """One program per token."""
+    """Program (token, j): q heads [j * Q_PER, +Q_PER) and K/V heads [j * KV_PER, +KV_PER)."""
     tok = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
     pos = tl.load(pos_ptr + tok).to(tl.int64)
     offs = tl.arange(0, BLOCK_HALF)
     dim_mask = offs < HALF
     cs_row = cos_sin_ptr + pos * stride_cos_sin_pos
     cos = tl.load(cs_row + offs, mask=dim_mask, other=0.0).to(tl.float32)[None, :]
     sin = tl.load(cs_row + HALF + offs, mask=dim_mask, other=0.0).to(tl.float32)[None, :]
-    _rotate_heads(q_ptr + tok * stride_q_tok, q_out_ptr + tok * num_q_heads * (2 * HALF),
-                  num_q_heads, stride_q_head, cos, sin, offs, dim_mask, HALF, BLOCK_HEADS)
+    q_lo = part * Q_PER
+    _rotate_heads(q_ptr + tok * stride_q_tok + q_lo * stride_q_head,
+                  q_out_ptr + (tok * num_q_heads + q_lo) * (2 * HALF),
+                  tl.minimum(Q_PER, num_q_heads - q_lo), stride_q_head, cos, sin, offs,
+                  dim_mask, HALF, BLOCK_HEADS)
     slot = tl.load(slot_ptr + tok).to(tl.int64)
-    heads_written = tl.where(slot >= 0, num_kv_heads, 0)
+    kv_lo = part * KV_PER
+    heads_end = tl.where(slot >= 0, tl.minimum(kv_lo + KV_PER, num_kv_heads), 0)
     slot_row = (kv_ptr + (slot // KV_BLOCK_SIZE) * stride_kv_block
                 + (slot % KV_BLOCK_SIZE) * stride_kv_tok)
     k_ty = k_ptr.dtype.element_ty
     cache_ty = kv_ptr.dtype.element_ty
-    for head_start in range(0, num_kv_heads, BLOCK_HEADS):
+    for head_start in range(kv_lo, kv_lo + KV_PER, BLOCK_HEADS):
         heads = head_start + tl.arange(0, BLOCK_HEADS)
-        mask = (heads < heads_written)[:, None] & dim_mask[None, :]
+        mask = (heads < heads_end)[:, None] & dim_mask[None, :]
         k_src = k_ptr + tok * stride_k_tok + heads[:, None] * stride_k_head + offs[None, :]
         x1 = tl.load(k_src, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(k_src + HALF, mask=mask, other=0.0).to(tl.float32)
@@ -97,13 +103,18 @@ def _rope_and_cache_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, cos_sin_ptr, q_out_ptr,
         tl.store(dst + stride_kv_kv + HALF, v2.to(cache_ty), mask=mask)
 
 
-def _plan(head_dim: int, num_heads: int, arch: str | None) -> tuple[int, int, int]:
-    """(BLOCK_HALF, BLOCK_HEADS, num_warps): about ``elements_per_step`` values per step."""
+def _plan(head_dim: int, num_q_heads: int, num_kv_heads: int, arch: str | None
+          ) -> tuple[int, int, int, int, int]:
+    """(BLOCK_HALF, BLOCK_HEADS, num_warps, Q_PER, KV_PER): each token's heads split over
+    cdiv(num_q_heads, Q_PER) programs (a batch-1 step is one token: one program would rotate
+    all 32 q heads alone), rotating about ``elements_per_step`` values per step."""
     cfg = load_config(KERNEL, arch)
     block_half = next_power_of_2(head_dim // 2)
+    q_per = max(1, min(get_int(cfg, "q_heads_per_program"), num_q_heads))
+    kv_per = cdiv(num_kv_heads, cdiv(num_q_heads, q_per))
     per_step = max(1, get_int(cfg, "elements_per_step") // block_half)
-    block_heads = min(next_power_of_2(num_heads), next_power_of_2(per_step))
-    return block_half, block_heads, get_int(cfg, "num_warps")
+    block_heads = min(next_power_of_2(max(q_per, kv_per)), next_power_of_2(per_step))
+    return block_half, block_heads, get_int(cfg, "num_warps"), q_per, kv_per
 
 
 def rope_and_cache(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -127,14 +138,15 @@ def rope_and_cache(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if num_tokens == 0:
         return q_out
-    block_half, block_heads, num_warps = _plan(head_dim, max(num_q_heads, num_kv_heads), None)
+    block_half, block_heads, num_warps, q_per, kv_per = _plan(head_dim, num_q_heads,
+                                                              num_kv_heads, None)
     fp8 = is_fp8(kv_layer.dtype)
-    _rope_and_cache_kernel[(num_tokens,)](
+    _rope_and_cache_kernel[(num_tokens, cdiv(num_q_heads, q_per))](
         positions, q, k, v, cos_sin_cache, q_out, kv_layer, slot_mapping,
         inverse_scale(k_scale), inverse_scale(v_scale), num_q_heads, num_kv_heads,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         cos_sin_cache.stride(0), kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2),
-        kv_layer.stride(3), HALF=head_dim // 2, BLOCK_HALF=block_half,
+        kv_layer.stride(3), q_per, kv_per, HALF=head_dim // 2, BLOCK_HALF=block_half,
         BLOCK_HEADS=block_heads, KV_BLOCK_SIZE=kv_layer.shape[2], KV_FP8=fp8,
         FP8_MAX=fp8_max(kv_layer.dtype) if fp8 else 0.0,
         EXACT_CAST=exact_cast_needed(kv_layer.dtype),
@@ -145,7 +157,7 @@ def rope_and_cache(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
 def aot_specs(arch: str) -> list[KernelSpec]:
     """Llama-3-8B (32 q heads, 8 kv heads, head_dim 128, bf16) from a fused qkv row into a
     32-layer cache of block size 16: a bf16 cache and the arch's fp8 one."""
-    block_half, block_heads, num_warps = _plan(128, 32, arch)
+    block_half, block_heads, num_warps, _, _ = _plan(128, 32, 8, arch)
     specs = []
     for fp8 in (False, True):
         dtype = fp8_kv_dtype_for(arch) if fp8 else torch.bfloat16
@@ -157,7 +169,7 @@ def aot_specs(arch: str) -> list[KernelSpec]:
                    "num_q_heads", "num_kv_heads", "stride_q_tok", "stride_q_head",
                    "stride_k_tok", "stride_k_head", "stride_v_tok", "stride_v_head",
                    "stride_cos_sin_pos", "stride_kv_block", "stride_kv_kv", "stride_kv_tok",
-                   "stride_kv_head")}}
+                   "stride_kv_head", "Q_PER", "KV_PER")}}
         constexprs = {"HALF": 64, "BLOCK_HALF": block_half, "BLOCK_HEADS": block_heads,
                       "KV_BLOCK_SIZE": 16, "KV_FP8": fp8,
                       "FP8_MAX": fp8_max(dtype) if fp8 else 0.0, "EXACT_CAST": False,

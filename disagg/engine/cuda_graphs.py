@@ -14,9 +14,9 @@ Static buffers, padded to the bucket:
     slot_mapping          [B]        pad rows: -1 (the cache-write kernel skips negative slots)
     seq_lens              [B]        pad rows: 1
     block_tables          [B, W]     pad rows/cols: block 0
-    logits                [B, vocab] output (fp32), shared by every graph: each graph copies
-                          its logits into the rows it covers, so the pool holds no per-graph
-                          output (the caller reads them before the next replay)
+    logits                [B, vocab] output in the model's dtype, shared by every graph: each
+                          graph's LM head writes the rows it covers, so the pool holds no
+                          per-graph output (the caller reads them before the next replay)
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(b, dtype=torch.int32, device=dev)
         self.block_tables = torch.zeros(b, wmax, dtype=torch.int32, device=dev)
         self.logits: torch.Tensor | None = None
-        """[B, vocab] fp32 output of every graph (allocated by the first capture)."""
+        """[B, vocab] output of every graph, model dtype (allocated by the first capture)."""
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.pool: Any = None
         # pinned host staging: one H2D copy per buffer and step, no intermediate tensors; two
@@ -81,12 +81,12 @@ class DecodeGraphs:
             decode_only=True)
         hidden = self.model(self.input_ids[:b], self.positions[:b], attn, self.kv_cache)
         if self.logits is None:  # outside any capture: the warm-up of the first graph
-            logits = self.model.compute_logits(hidden)
-            self.logits = torch.empty(self.batch_buckets[-1], logits.shape[-1],
-                                      dtype=logits.dtype, device=logits.device)
-            self.logits[:b].copy_(logits)
-        else:  # straight into the shared output: no fp32 temporary, no second copy
-            self.model.compute_logits(hidden, out=self.logits[:b])
+            vocab = self.model.compute_logits(hidden[:1]).shape[-1]
+            self.logits = torch.empty(self.batch_buckets[-1], vocab, dtype=hidden.dtype,
+                                      device=hidden.device)
+        # the LM head's GEMM writes the shared output itself, in the model's dtype: no fp32
+        # copy in the graph (a greedy step's argmax reads it as it is; Sampler widens the rest)
+        self.model.compute_logits(hidden, out=self.logits[:b])
 
     def _capture(self, b: int, w: int) -> torch.cuda.CUDAGraph:
         self.slot_mapping.fill_(-1)

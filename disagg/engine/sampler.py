@@ -67,9 +67,13 @@ class Sampler:
                histories: Sequence[TokenHistory] | None = None,
                ) -> tuple[list[int], list[TokenLogprob | None]]:
         """logits [n, V] fp32 -> (token ids, logprobs or None per row). ``histories``: each
-        row's prompt and output token ids, needed when a row has penalties."""
+        row's prompt and output token ids, needed when a row has penalties. Logits in a
+        narrower dtype (a decode graph's output) are widened to fp32 first unless every row
+        only takes the argmax (the same index either way: widening is exact)."""
         if logits.shape[0] == 0:
             return [], []
+        if logits.dtype != torch.float32 and not all(_argmax_only(sp) for sp in params):
+            logits = logits.float()
         processed = self._processed(logits, request_ids, params, histories)
         tokens = self._argmax(processed)
         random_rows = [i for i, sp in enumerate(params) if not sp.greedy]
@@ -162,6 +166,13 @@ class Sampler:
                 race[row].exponential_(generator=self._generator(rid, sp.seed))
         # Exp(1) can round to 0; then a zero-probability token would give 0/0 = NaN and win.
         return (probs / race.clamp_min_(torch.finfo(race.dtype).tiny)).argmax(dim=-1)
+
+
+def _argmax_only(sp: SamplingParams) -> bool:
+    """Whether a row's token is the plain argmax of its logits: greedy, no logprobs, nothing
+    that edits logits (bias, penalties, min_tokens bans)."""
+    return (sp.greedy and sp.logprobs is None and not sp.logit_bias and not sp.has_penalties
+            and not sp.min_tokens)
 
 
 def _min_p(scaled: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:

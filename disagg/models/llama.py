@@ -189,11 +189,11 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None
                        ) -> torch.Tensor:
         """Hidden [n, hidden] -> fp32 logits [n, vocab] (the model dtype's values, widened);
-        into ``out`` when given (one widening copy, no fp32 temporary)."""
-        logits = self.lm_head(hidden)
+        with ``out`` [n, vocab] in the model's dtype, written there instead, unwidened (the
+        decode graphs' shared output: the sampler widens only what it needs)."""
         if out is None:
-            return logits.float()
-        return out.copy_(logits)
+            return self.lm_head(hidden).float()
+        return self.lm_head(hidden, out=out)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy full Hugging Face-named tensors in, fusing q/k/v and gate/up and keeping this

@@ -212,15 +212,20 @@ class ParallelLMHead(nn.Linear):
     """As LinearBase's: the few-rows kernel where the arch's config turns it on."""
     skinny_rows: int = 0
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [n, hidden] -> logits [n, vocab_size] (all ranks get the full row)."""
-        if self.skinny is not None and 0 < hidden.numel() <= self.skinny_rows * hidden.shape[-1]:
+    def forward(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [n, hidden] -> logits [n, vocab_size] (all ranks get the full row); into
+        ``out`` when given (the GEMM writes it directly where it can)."""
+        skinny = self.skinny is not None and \
+            0 < hidden.numel() <= self.skinny_rows * hidden.shape[-1]
+        if out is not None and self.tp.size == 1 and not skinny and out.dtype == hidden.dtype:
+            return torch.mm(hidden, self.weight.t(), out=out)
+        if skinny:
+            assert self.skinny is not None
             logits = self.skinny(hidden, self.weight)
         else:
             logits = F.linear(hidden, self.weight)
-        if self.tp.size == 1:
-            return logits
-        logits = self.tp.all_gather_last(logits)
-        if logits.shape[-1] != self.vocab_size:  # drop the padding rows' logits
-            logits = logits[..., :self.vocab_size].contiguous()
-        return logits
+        if self.tp.size > 1:
+            logits = self.tp.all_gather_last(logits)
+            if logits.shape[-1] != self.vocab_size:  # drop the padding rows' logits
+                logits = logits[..., :self.vocab_size].contiguous()
+        return logits if out is None else out.copy_(logits)

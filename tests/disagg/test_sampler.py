@@ -83,3 +83,32 @@ def test_logprobs_of_the_sampled_token_and_the_top_k() -> None:
     lp = lps[0]
     assert lp is not None and math.isclose(lp.logprob, math.log(0.6), rel_tol=1e-5)
     assert [t for t, _ in lp.top] == [0, 1]
+
+
+def test_graph_logits_in_bf16_are_widened_unless_every_row_only_takes_the_argmax() -> None:
+    """A decode graph hands the sampler logits in the model's dtype. Plain greedy rows read
+    them as they are (argmax is the same on the exact fp32 widening); a batch with any row that
+    samples, edits logits or wants logprobs sees fp32 logits everywhere, so its tokens and
+    logprobs equal those from fp32 logits of the same values."""
+    gen = torch.Generator().manual_seed(3)
+    bf16 = (torch.randn(4, 50, generator=gen) * 3).bfloat16()
+    bf16[1, [7, 30]] = bf16[1].max() + 1  # a tie: the first index wins either way
+    seen: list[torch.dtype] = []
+
+    def spy(x: torch.Tensor) -> torch.Tensor:
+        seen.append(x.dtype)
+        return x.argmax(dim=-1)
+
+    greedy = SamplingParams(temperature=0)
+    for params, widened in (
+            ([greedy] * 4, False),
+            ([greedy, greedy, greedy, SamplingParams(temperature=0, logprobs=3)], True),
+            ([greedy, greedy, greedy, SamplingParams(temperature=0, logit_bias=((5, 2.0),))], True),
+            ([greedy, greedy, greedy, SamplingParams(temperature=0.8, seed=1)], True)):
+        seen.clear()
+        ids = [f"r{i}" for i in range(4)]
+        got = Sampler(CPU, 0, spy).sample(bf16, ids, params)
+        want = Sampler(CPU, 0, spy).sample(bf16.float(), ids, params)
+        assert seen[0] == (torch.float32 if widened else torch.bfloat16)
+        assert got == want
+        assert got[0][1] == 7

@@ -37,6 +37,13 @@ CASES = [
                                     "fused": 1, "padding": 3}),
     Case("rope_and_cache", "bf16", {"tokens": 5, "heads": (8, 4), "dim": 16, "bs": 8,
                                     "small_steps": 1}),
+    # heads split over programs: uneven q slices, fewer K/V heads than programs, and more
+    Case("rope_and_cache", "fp32", {"tokens": 4, "heads": (6, 1), "dim": 16, "bs": 4,
+                                    "per_program": 4}),
+    Case("rope_and_cache", "fp32", {"tokens": 3, "heads": (8, 8), "dim": 16, "bs": 4,
+                                    "per_program": 2, "padding": 1}),
+    Case("rope_and_cache", "fp16", {"tokens": 3, "heads": (12, 3), "dim": 32, "bs": 4,
+                                    "per_program": 5, "small_steps": 1}),
     Case("rope_and_cache", "bf16", {"tokens": 11, "heads": (4, 2), "dim": 32, "bs": 4,
                                     "kv": "fn", "fused": 1, "padding": 2}),
     Case("rope_and_cache", "fp32", {"tokens": 6, "heads": (2, 1), "dim": 16, "bs": 8,
@@ -83,8 +90,13 @@ def run_case(case: Case, device: str = "cpu") -> CaseResult:
     scales = (0.5, 2.0) if case.params.get("kv") else (1.0, 1.0)
     ref_cache = cache.clone()
     saved = os.environ.get(OVERRIDE_ENV)
+    override = {}
     if case.params.get("small_steps"):  # 2 heads a step: the head loop runs several times
-        os.environ[OVERRIDE_ENV] = json.dumps({"rope_and_cache": {"elements_per_step": 16}})
+        override["elements_per_step"] = 16
+    if case.params.get("per_program"):
+        override["q_heads_per_program"] = case.params["per_program"]
+    if override:
+        os.environ[OVERRIDE_ENV] = json.dumps({"rope_and_cache": override})
     try:
         q_out = rope_and_cache(positions, q, k, v, cos_sin, cache[:, LAYER], slots, *scales)
     finally:
