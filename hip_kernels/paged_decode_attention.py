@@ -196,8 +196,11 @@ def decode_plan(batch_size: int, num_kv_heads: int, max_context_tokens: int,
     most = min(get_int(cfg, "max_splits"), cdiv(context, get_int(cfg, "min_split_tokens")))
     splits = max(1, min(wanted, most))
     split_tokens = cdiv(cdiv(context, splits), block_n) * block_n
+    # software pipelining pays only when a program loops over many tiles: a long split gets
+    # the deeper setting, a split of a tile or two the shallow one
+    long = split_tokens > get_int(cfg, "long_split_tokens")
     return DecodePlan(block_n=block_n, num_warps=get_int(cfg, "num_warps"),
-                      num_stages=get_int(cfg, "num_stages"),
+                      num_stages=get_int(cfg, "num_stages_long" if long else "num_stages"),
                       reduce_num_warps=get_int(cfg, "reduce_num_warps"),
                       split_tokens=split_tokens, num_splits=cdiv(context, split_tokens))
 

@@ -99,6 +99,18 @@ def test_plan_fills_at_most_one_wave_of_programs():
     assert 8 * 8 * plan.num_splits <= 528
 
 
+def test_only_long_splits_take_the_deeper_pipeline():
+    # sm_90: a batch-1 step at a 4096-token table splits into 64-token pieces (one tile: 2
+    # stages); batch 64 runs each (seq, kv head) whole (4096 positions: 3 stages)
+    short = decode_plan(batch_size=1, num_kv_heads=8, max_context_tokens=4096, arch="sm_90")
+    long = decode_plan(batch_size=64, num_kv_heads=8, max_context_tokens=4096, arch="sm_90")
+    assert (short.split_tokens, short.num_stages) == (64, 2)
+    assert (long.num_splits, long.num_stages) == (1, 3)
+    # an arch that sets no deeper value keeps one setting everywhere
+    assert decode_plan(64, 8, 4096, arch="gfx942").num_stages == \
+        decode_plan(1, 8, 4096, arch="gfx942").num_stages
+
+
 @pytest.mark.parametrize("arch", ["default", "sm_90", "gfx942"])
 def test_plan_never_splits_below_the_minimum_split(arch: str):
     from hip_kernels.launch_config import get_int, load_config
