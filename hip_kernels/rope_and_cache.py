@@ -32,7 +32,7 @@ from hip_kernels.kv_fp8 import (
 )
 from hip_kernels.launch_config import KernelSpec, get_int, load_config
 from hip_kernels.reshape_and_cache import reshape_and_cache_ref
-from hip_kernels.rotary_embedding import _rotate_heads, rotary_embedding_ref
+from hip_kernels.rotary_embedding import _rotate_heads, _token_cos_sin, rotary_embedding_ref
 from hip_kernels.triton_compat import cdiv, jit, next_power_of_2, require_triton, tl
 
 KERNEL = "rope_and_cache"
@@ -61,12 +61,10 @@ def _rope_and_cache_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, cos_sin_ptr, q_out_ptr,
     """Program (token, j): q heads [j * Q_PER, +Q_PER) and K/V heads [j * KV_PER, +KV_PER)."""
     tok = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
-    pos = tl.load(pos_ptr + tok).to(tl.int64)
     offs = tl.arange(0, BLOCK_HALF)
     dim_mask = offs < HALF
-    cs_row = cos_sin_ptr + pos * stride_cos_sin_pos
-    cos = tl.load(cs_row + offs, mask=dim_mask, other=0.0).to(tl.float32)[None, :]
-    sin = tl.load(cs_row + HALF + offs, mask=dim_mask, other=0.0).to(tl.float32)[None, :]
+    cos, sin = _token_cos_sin(pos_ptr, tok, cos_sin_ptr, stride_cos_sin_pos, offs, dim_mask,
+                              HALF)
     q_lo = part * Q_PER
     _rotate_heads(q_ptr + tok * stride_q_tok + q_lo * stride_q_head,
                   q_out_ptr + (tok * num_q_heads + q_lo) * (2 * HALF),

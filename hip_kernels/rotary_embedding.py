@@ -111,6 +111,17 @@ def _rotate_heads(src_ptr, dst_ptr, num_heads, stride_src_head, cos, sin, offs, 
 
 
 @jit
+def _token_cos_sin(pos_ptr, tok, cos_sin_ptr, stride_cos_sin_pos, offs, dim_mask,
+                   HALF: tl.constexpr):
+    """cos and sin [1, BLOCK_HALF] (fp32) at token ``tok``'s position."""
+    pos = tl.load(pos_ptr + tok).to(tl.int64)
+    cs_row = cos_sin_ptr + pos * stride_cos_sin_pos
+    cos = tl.load(cs_row + offs, mask=dim_mask, other=0.0).to(tl.float32)[None, :]
+    sin = tl.load(cs_row + HALF + offs, mask=dim_mask, other=0.0).to(tl.float32)[None, :]
+    return cos, sin
+
+
+@jit
 def _rotary_embedding_kernel(pos_ptr, q_ptr, k_ptr, cos_sin_ptr, q_out_ptr, k_out_ptr,
                              num_q_heads, num_kv_heads, stride_q_tok, stride_q_head,
                              stride_k_tok, stride_k_head, stride_cos_sin_pos,
@@ -118,12 +129,10 @@ def _rotary_embedding_kernel(pos_ptr, q_ptr, k_ptr, cos_sin_ptr, q_out_ptr, k_ou
                              BLOCK_HEADS: tl.constexpr):
     """One program per token: cos/sin read once, then all q heads and all k heads rotated."""
     tok = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + tok).to(tl.int64)
     offs = tl.arange(0, BLOCK_HALF)
     dim_mask = offs < HALF
-    cs_row = cos_sin_ptr + pos * stride_cos_sin_pos
-    cos = tl.load(cs_row + offs, mask=dim_mask, other=0.0).to(tl.float32)[None, :]
-    sin = tl.load(cs_row + HALF + offs, mask=dim_mask, other=0.0).to(tl.float32)[None, :]
+    cos, sin = _token_cos_sin(pos_ptr, tok, cos_sin_ptr, stride_cos_sin_pos, offs, dim_mask,
+                              HALF)
     _rotate_heads(q_ptr + tok * stride_q_tok, q_out_ptr + tok * num_q_heads * (2 * HALF),
                   num_q_heads, stride_q_head, cos, sin, offs, dim_mask, HALF, BLOCK_HEADS)
     _rotate_heads(k_ptr + tok * stride_k_tok, k_out_ptr + tok * num_kv_heads * (2 * HALF),
