@@ -50,3 +50,24 @@ def test_a_zero_bound_routes_nothing_and_fp8_layers_are_left_alone() -> None:
     assert route_skinny(model, _Spy(), 8) == len(linears) - 1 + 1  # and the LM head
     assert linears[0].skinny is None and all(m.skinny is not None for m in linears[1:])
     assert llm.engine.runner.ops.skinny_rows == 0  # CPU: never routed by the loader
+
+
+def test_the_lm_head_writes_logits_into_a_given_buffer() -> None:
+    """The decode graphs' path: logits in the model's dtype land in ``out`` (the GEMM's own
+    output where it can, else a copy), equal to the plain forward's; fp32 ``out`` widens."""
+    llm = LLM("builtin:tiny-llama", device="cpu", kv_cache_memory_bytes=16 * 2**20)
+    model = llm.engine.runner.model
+    head = model.lm_head
+    hidden = torch.randn(5, head.in_features, generator=torch.Generator().manual_seed(2))
+    want = head(hidden)
+    for dtype in (want.dtype, torch.float32, torch.float64):
+        out = torch.full((8, want.shape[-1]), float("nan"), dtype=dtype)
+        got = head(hidden, out=out[:5])
+        assert got.data_ptr() == out.data_ptr()
+        assert torch.equal(out[:5], want.to(dtype)) and bool(out[5:].isnan().all())
+    spy = _Spy()
+    route_skinny(model, spy, 8)  # the few-rows kernel's output is copied into ``out``
+    out = torch.empty(5, want.shape[-1], dtype=want.dtype)
+    head(hidden, out=out)
+    assert spy.rows == [5] and torch.allclose(out, want, atol=1e-5)
+    assert torch.equal(model.compute_logits(hidden), want.float())
