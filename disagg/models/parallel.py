@@ -104,7 +104,21 @@ def vocab_rows_per_rank(vocab_size: int, tp_size: int) -> int:
     return -(-vocab_size // tp_size)
 
 
-class LinearBase(nn.Linear):
+class FewRowsRoute:
+    """A linear layer's route to the few-rows kernel (hip_kernels/skinny_gemm.py), set by
+    ``route_skinny`` where the arch's config turns it on."""
+
+    skinny: Callable[..., torch.Tensor] | None = None
+    """The kernel for a plain weight; None: always the vendor BLAS."""
+    skinny_rows: int = 0
+    """Rows of x up to which ``skinny`` runs instead."""
+
+    def takes_few_rows(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` (any leading dims) goes to ``skinny``: 1..skinny_rows rows."""
+        return self.skinny is not None and 0 < x.numel() <= self.skinny_rows * x.shape[-1]
+
+
+class LinearBase(FewRowsRoute, nn.Linear):
     """nn.Linear whose weight may be fp8: disagg/models/quant.py then sets ``quant`` and a
     ``weight_scale``. The LM head, embeddings and routers are plain nn.Linear: never fp8."""
 
@@ -112,14 +126,9 @@ class LinearBase(nn.Linear):
     """None: ``weight`` is in the model dtype; else the Fp8LinearMethod computing x W^T."""
     weight_scale: torch.Tensor
     """fp32 scales of an fp8 ``weight`` (a parameter only then)."""
-    skinny: Callable[..., torch.Tensor] | None = None
-    """The few-rows kernel (hip_kernels/skinny_gemm.py) for a plain weight, set by
-    ``route_skinny`` where the arch's config turns it on; None: always the vendor BLAS."""
-    skinny_rows: int = 0
-    """Rows of x up to which ``skinny`` runs instead."""
 
     def _plain(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.skinny is not None and 0 < x.numel() <= self.skinny_rows * x.shape[-1]:
+        if self.skinny is not None and self.takes_few_rows(x):
             return self.skinny(x, self.weight, bias)
         return F.linear(x, self.weight, bias)
 
@@ -142,8 +151,8 @@ def route_skinny(model: nn.Module, kernel: Callable[..., torch.Tensor], rows: in
         return 0
     routed = 0
     for module in model.modules():
-        if isinstance(module, LinearBase | ParallelLMHead) and getattr(module, "quant",
-                                                                       None) is None:
+        fp8 = isinstance(module, LinearBase) and module.quant is not None
+        if isinstance(module, FewRowsRoute) and not fp8:
             module.skinny, module.skinny_rows = kernel, rows
             routed += 1
     return routed
@@ -200,7 +209,7 @@ class VocabParallelEmbedding(nn.Embedding):
         return self.tp.all_reduce(out)
 
 
-class ParallelLMHead(nn.Linear):
+class ParallelLMHead(FewRowsRoute, nn.Linear):
     """LM head split in vocab rows like VocabParallelEmbedding (so tied weights can share)."""
 
     def __init__(self, vocab_size: int, hidden_size: int, tp: TPContext) -> None:
@@ -208,20 +217,13 @@ class ParallelLMHead(nn.Linear):
         self.tp = tp
         self.vocab_size = vocab_size
 
-    skinny: Callable[..., torch.Tensor] | None = None
-    """As LinearBase's: the few-rows kernel where the arch's config turns it on."""
-    skinny_rows: int = 0
-
     def forward(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """hidden [n, hidden] -> logits [n, vocab_size] (all ranks get the full row); into
         ``out`` when given (the GEMM writes it directly where it can)."""
-        skinny = self.skinny is not None and \
-            0 < hidden.numel() <= self.skinny_rows * hidden.shape[-1]
-        if out is not None and self.tp.size == 1 and not skinny and out.dtype == hidden.dtype:
-            return torch.mm(hidden, self.weight.t(), out=out)
-        if skinny:
-            assert self.skinny is not None
+        if self.skinny is not None and self.takes_few_rows(hidden):
             logits = self.skinny(hidden, self.weight)
+        elif out is not None and self.tp.size == 1 and out.dtype == hidden.dtype:
+            return torch.mm(hidden, self.weight.t(), out=out)
         else:
             logits = F.linear(hidden, self.weight)
         if self.tp.size > 1:
