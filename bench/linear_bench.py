@@ -102,26 +102,20 @@ def measure_rows(rows: int, weights: dict[str, list[Any]]) -> dict[str, Any]:
 
 def sweep_one_row(weights: dict[str, list[Any]]) -> dict[str, Any]:
     """Every candidate skinny tile at one row: us per projection and the per-layer sum."""
-    import json
-    import os
-
     import torch
 
-    from hip_kernels.launch_config import OVERRIDE_ENV
+    from hip_kernels.launch_config import overridden
     from hip_kernels.skinny_gemm import skinny_gemm
 
     found: list[dict[str, Any]] = []
     for bn, bk, warps in itertools.product(*SWEEP.values()):
         tiles = {"block_n": [[8, bn]], "block_k": [[8, bk]], "num_warps": [[8, warps]]}
         tiles |= {f"{key}_wide": value for key, value in tiles.items()}
-        os.environ[OVERRIDE_ENV] = json.dumps({"skinny_gemm": tiles})
-        try:
+        with overridden({"skinny_gemm": tiles}):
             us = {}
             for name, ws in weights.items():
                 x = torch.randn(1, PROJECTIONS[name][1], device="cuda", dtype=torch.bfloat16)
                 us[name] = round(graph_us(skinny_gemm, x, ws, reps=10), 2)
-        finally:
-            os.environ.pop(OVERRIDE_ENV, None)
         found.append({"tile": [bn, bk, warps], "us": us,
                       "layer_us": round(sum(us[p] for p in LAYER), 2)})
     found.sort(key=lambda r: r["layer_us"])

@@ -14,10 +14,11 @@ dropped. Autotuning is off: the numbers here are what runs.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,21 @@ def _read(arch: str, kernel: str) -> dict[str, ConfigValue]:
 OVERRIDE_ENV = "DISAGG_KERNEL_CONFIG"
 """JSON ``{"<kernel>": {"<key>": value}}`` applied over the files, for sweeps on a lent GPU
 (e.g. ``DISAGG_KERNEL_CONFIG='{"kv_blocks": {"copy_block": 8192}}'``); keys must exist."""
+
+
+@contextlib.contextmanager
+def overridden(overrides: Mapping[str, Mapping[str, object]]) -> Iterator[None]:
+    """Inside the block, ``overrides`` ({kernel: {key: value}}) stand in ``OVERRIDE_ENV`` (for
+    tile sweeps and tests); whatever it held before is restored after, also on an error."""
+    saved = os.environ.get(OVERRIDE_ENV)
+    os.environ[OVERRIDE_ENV] = json.dumps(overrides)
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(OVERRIDE_ENV, None)
+        else:
+            os.environ[OVERRIDE_ENV] = saved
 
 
 def load_config(kernel: str, arch: str | None = None) -> dict[str, ConfigValue]:

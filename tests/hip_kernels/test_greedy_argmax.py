@@ -3,7 +3,6 @@ first index, within a lane, across lanes and across chunks; -inf rows, strided r
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
@@ -11,7 +10,7 @@ import torch
 from kernel_testing import Case, CaseResult, compare, reference_tests, run_cases_main
 
 from hip_kernels.greedy_argmax import greedy_argmax, greedy_argmax_ref
-from hip_kernels.launch_config import OVERRIDE_ENV
+from hip_kernels.launch_config import overridden
 
 SMALL = {"greedy_argmax": {"chunk": 64, "block": 16, "num_warps": 1}}
 """Small chunks so the interpreter crosses several of them."""
@@ -44,16 +43,8 @@ def make_logits(case: Case, device: str = "cpu") -> torch.Tensor:
 
 def run_case(case: Case, device: str = "cpu") -> CaseResult:
     x = make_logits(case, device)
-    saved = os.environ.get(OVERRIDE_ENV)
-    if device == "cpu":
-        os.environ[OVERRIDE_ENV] = json.dumps(SMALL)
-    try:
+    with overridden(SMALL if device == "cpu" else {}):
         out = greedy_argmax(x)
-    finally:
-        if saved is None:
-            os.environ.pop(OVERRIDE_ENV, None)
-        else:
-            os.environ[OVERRIDE_ENV] = saved
     return compare(case.id, out, greedy_argmax_ref(x), torch.float32, exact=True)
 
 

@@ -67,6 +67,19 @@ def test_bucket_picks_the_first_bound_that_fits():
     assert [bucket(cfg, "warps", n) for n in (1, 512, 513, 4096, 70000)] == [1, 1, 4, 4, 16]
 
 
+def test_an_override_holds_inside_its_block_only(monkeypatch):
+    monkeypatch.setenv(launch_config.OVERRIDE_ENV, json.dumps({"silu_and_mul": {"block": 64}}))
+    with launch_config.overridden({"silu_and_mul": {"block": 32}}):
+        assert get_int(load_config("silu_and_mul", "default"), "block") == 32
+    assert get_int(load_config("silu_and_mul", "default"), "block") == 64
+    monkeypatch.delenv(launch_config.OVERRIDE_ENV)
+    with pytest.raises(RuntimeError, match="boom"), \
+            launch_config.overridden({"silu_and_mul": {"block": 32}}):
+        raise RuntimeError("boom")
+    assert load_config("silu_and_mul", "default") == launch_config._read("default",
+                                                                          "silu_and_mul")
+
+
 def test_cpu_runs_take_the_default_config():
     assert load_config("silu_and_mul") == load_config("silu_and_mul", "default")
 

@@ -6,7 +6,6 @@ padded tokens (slot -1), more heads than one step covers."""
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
@@ -22,7 +21,7 @@ from kernel_testing import (
 
 from disagg.common import platform
 from hip_kernels.kv_fp8 import dequantize_ref
-from hip_kernels.launch_config import OVERRIDE_ENV
+from hip_kernels.launch_config import overridden
 from hip_kernels.rope_and_cache import rope_and_cache, rope_and_cache_ref
 from hip_kernels.rotary_embedding import make_cos_sin_cache
 
@@ -89,21 +88,13 @@ def run_case(case: Case, device: str = "cpu") -> CaseResult:
     positions, q, k, v, cos_sin, cache, slots = make_inputs(case, device)
     scales = (0.5, 2.0) if case.params.get("kv") else (1.0, 1.0)
     ref_cache = cache.clone()
-    saved = os.environ.get(OVERRIDE_ENV)
     override = {}
     if case.params.get("small_steps"):  # 2 heads a step: the head loop runs several times
         override["elements_per_step"] = 16
     if case.params.get("per_program"):
         override["q_heads_per_program"] = case.params["per_program"]
-    if override:
-        os.environ[OVERRIDE_ENV] = json.dumps({"rope_and_cache": override})
-    try:
+    with overridden({"rope_and_cache": override}):
         q_out = rope_and_cache(positions, q, k, v, cos_sin, cache[:, LAYER], slots, *scales)
-    finally:
-        if saved is None:
-            os.environ.pop(OVERRIDE_ENV, None)
-        else:
-            os.environ[OVERRIDE_ENV] = saved
     keep = slots >= 0
     q_ref_all = rope_and_cache_ref(positions, q, k, v, cos_sin, ref_cache[:, LAYER].clone(),
                                    slots.clamp_min(0), *scales)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from kernel_testing import Case, CaseResult, compare, reference_tests, run_cases_main
 
-from hip_kernels.launch_config import KNOWN_ARCHS, OVERRIDE_ENV
+from hip_kernels.launch_config import KNOWN_ARCHS, OVERRIDE_ENV, overridden
 from hip_kernels.skinny_gemm import (
     MAX_ROWS,
     max_rows,
@@ -52,16 +52,8 @@ def make_inputs(case: Case, device: str = "cpu"
 
 def run_case(case: Case, device: str = "cpu") -> CaseResult:
     x, w, b = make_inputs(case, device)
-    saved = os.environ.get(OVERRIDE_ENV)
-    if case.params.get("wide"):
-        os.environ[OVERRIDE_ENV] = json.dumps(WIDE)
-    try:
+    with overridden(WIDE if case.params.get("wide") else {}):
         y = skinny_gemm(x, w, b)
-    finally:
-        if saved is None:
-            os.environ.pop(OVERRIDE_ENV, None)
-        else:
-            os.environ[OVERRIDE_ENV] = saved
     return compare(case.id, y, skinny_gemm_ref(x, w, b), case.torch_dtype)
 
 
