@@ -4,11 +4,6 @@ per-token loop and a hand-written dequantization. The align step itself: test_mo
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-from collections.abc import Iterator
-
 import pytest
 import torch
 from kernel_testing import (
@@ -29,7 +24,7 @@ from hip_kernels.fused_moe import (
     fused_moe_ref,
     moe_plan,
 )
-from hip_kernels.launch_config import KNOWN_ARCHS, OVERRIDE_ENV, get_int, load_config
+from hip_kernels.launch_config import KNOWN_ARCHS, get_int, load_config, overridden
 from hip_kernels.triton_compat import next_power_of_2
 
 # shape = (T, H, I, E, K). Rows per expert cdiv(T * K, E) of 1, 2, 13, 22 and 70 reach every
@@ -134,26 +129,12 @@ def make_inputs(case: Case, device: str = "cpu") -> tuple[torch.Tensor, ...]:
     return x, w13, w2, weights, ids
 
 
-@contextlib.contextmanager
-def kernel_config(overrides: dict[str, dict[str, int]]) -> Iterator[None]:
-    """Launch-config overrides (DISAGG_KERNEL_CONFIG) for the duration of one case."""
-    previous = os.environ.get(OVERRIDE_ENV)
-    os.environ[OVERRIDE_ENV] = json.dumps(overrides)
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ[OVERRIDE_ENV]
-        else:
-            os.environ[OVERRIDE_ENV] = previous
-
-
 def run_case(case: Case, device: str = "cpu") -> CaseResult:
     """Random routing at the case's shape; kernel vs reference (torch align if asked)."""
     args = make_inputs(case, device)
     if case.params.get("align") != "torch":
         return compare(case.id, fused_moe(*args), fused_moe_ref(*args), case.torch_dtype)
-    with kernel_config({"fused_moe": {"align_max_pairs": 0}}):
+    with overridden({"fused_moe": {"align_max_pairs": 0}}):
         if moe_plan(args[4].numel(), args[1].shape[0]).triton_align:
             return CaseResult(case.id, False, float("inf"), "the override did not apply")
         out = fused_moe(*args)
