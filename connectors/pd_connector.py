@@ -502,6 +502,16 @@ class PDConnector(KVConnector):
             return None
         return streamer
 
+    def step_needs_hooks(self, out: SchedulerOutput) -> bool:
+        """A step needs the hooks only when one of its requests has a live transfer (a
+        prefill that streams or whose finish hands its blocks over, a consumer still loading):
+        a decode batch of requests whose KV landed runs without any."""
+        for chunk in out.chunks:
+            t = self.transfers.get(self._by_request.get(chunk.request.request_id, ""))
+            if t is not None and not t.terminal:
+                return True
+        return False
+
     def after_execute(self, out: SchedulerOutput) -> None:
         """The step's one post when a layer group spans every layer: issued after the step
         sampled and its finished prefills sent their first tokens, so neither waits on the

@@ -132,10 +132,11 @@ class EngineCore:
         self._launched: DecodeLaunch | None = None
         """Async scheduling: the decode step on the device whose tokens nobody read yet."""
         self.async_scheduling = (cfg.scheduler.async_scheduling and tp is None
-                                 and self.connector is None and self.ep.size == 1
+                                 and self.ep.size == 1
                                  and not cfg.parallel.data_parallel_lockstep)
-        """Only without TP workers (they take host ids), a KV connector (its hooks see each
-        step's tokens) or lockstep ranks."""
+        """Only without TP workers (they take host ids) or lockstep ranks. With a KV connector
+        only steps it needs no hook for are launched (KVConnector.step_needs_hooks): a P/D
+        decode instance's decode batches."""
         logger.info("KV cache: %d blocks x %d tokens (%s, %d bytes/block%s), "
                     "max_model_len=%d%s", self.plan.num_blocks, cfg.cache.block_size,
                     self.runner.kv_spec.describe(), block_bytes,
@@ -373,8 +374,10 @@ class EngineCore:
     def _launchable(self, out: SchedulerOutput) -> bool:
         """A batch async scheduling may launch: one sampled token per request, each sampled
         by argmax alone (greedy; no logprobs, bias, penalties or min_tokens ban), no step
-        tracing or profiling."""
+        tracing or profiling, and no connector hook to run for it."""
         if not self.async_scheduling or self._trace is not None or self._profiler is not None:
+            return False
+        if self.connector is not None and self.connector.step_needs_hooks(out):
             return False
         for chunk in out.chunks:
             req, sp = chunk.request, chunk.request.sampling_params
@@ -389,21 +392,34 @@ class EngineCore:
         step's tokens, still on the device), then read the launched step's tokens and apply
         them: the host's scheduling and bookkeeping overlap the device's step. A request that
         stops on a launched token computed one more token in the step behind: that token is
-        dropped (it is finished), and its slot's block was its own."""
+        dropped (it is finished), and its slot's block was its own.
+
+        The connector's report is applied first (loads that landed, first tokens handed over,
+        failures), so a request whose KV just arrived ends the chain at once (schedule_ahead
+        then declines) and first tokens go out with this step's. A block freed while a step is
+        launched (a request that stopped or was aborted) can only be handed on by a normal
+        schedule, which runs once every launched step is settled: no transfer lands in a block
+        that a launched step still writes."""
         launched = self._launched
         assert launched is not None
         self._launched = None
+        self._connector_output()
+        given, self.scheduler.given_first_token = self.scheduler.given_first_token, []
         ahead = self.scheduler.schedule_ahead(launched.chunks)
-        if ahead is not None:
+        if ahead is not None and not (self.connector is not None
+                                      and self.connector.step_needs_hooks(ahead[0])):
             out, rows = ahead
             self._launched = self.runner.launch_decode(out.chunks, launched, rows)
-        return self._settle(launched)
+        return self._settle(launched, given)
 
-    def _settle(self, launched: DecodeLaunch) -> list[EngineCoreOutput]:
+    def _settle(self, launched: DecodeLaunch,
+                given: list[Request] | None = None) -> list[EngineCoreOutput]:
         """A launched step's tokens, applied as a normal step's (requests finished since it was
-        launched are skipped); its outputs."""
+        launched are skipped); its outputs, with those of ``given`` (requests handed their
+        first token since)."""
         sampled = self.runner.collect_decode(launched)
         touched = [c.request for c in launched.chunks if not c.request.is_finished]
+        touched += given or []
         self.scheduler.update_from_output(
             SchedulerOutput(chunks=launched.chunks, num_batched_tokens=len(launched.chunks)),
             sampled)

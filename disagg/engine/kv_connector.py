@@ -157,6 +157,14 @@ class KVConnector(abc.ABC):
     def after_execute(self, out: SchedulerOutput) -> None:
         """Hook after the model ran a step (KV of the step is in the cache)."""
 
+    def step_needs_hooks(self, out: SchedulerOutput) -> bool:
+        """Whether this step needs its hooks (before_execute, layer_hook, after_execute) or
+        has a request whose transfer is still live. False lets async scheduling launch the
+        step with no hook run and read its tokens a step later (EngineCore._step_ahead): a
+        decode-only batch of requests whose KV already landed. Default True: a connector that
+        does not say is stepped synchronously."""
+        return True
+
     @abc.abstractmethod
     def busy(self) -> bool:
         """Transfers or holds are outstanding (the engine must keep stepping)."""

@@ -173,12 +173,14 @@ class Scheduler:
         on the launched token gets one more token's slot (position num_computed_tokens + 1).
         Returns the step and each chunk's row in the launched batch, or None when only a
         normal schedule can decide (requests waiting that could be admitted now, requests
-        waiting for remote KV or running outside the batch, a block that is not free:
-        preemption is never speculative). With every seat taken (``max_num_seqs``) a waiting
-        request could not be admitted anyway: it is admitted at the first normal schedule
-        after a seat frees, one step later than without async scheduling."""
+        running outside the batch, a block that is not free: preemption is never
+        speculative). With every seat taken (``max_num_seqs``) a waiting request could not be
+        admitted anyway: it is admitted at the first normal schedule after a seat frees, one
+        step later than without async scheduling. Requests waiting for remote KV need no
+        schedule until it lands (the connector's report then queues them in ``waiting``), so
+        a P/D decode instance keeps running ahead while other prompts' KV moves."""
         admissible = self.waiting and len(self.running) < self.cfg.max_num_seqs
-        if admissible or self.remote_wait or len(self.running) != len(launched):
+        if admissible or len(self.running) != len(launched):
             return None
         out, rows = SchedulerOutput(), []
         for row, chunk in enumerate(launched):
