@@ -100,8 +100,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="prefill each prompt in one step instead of chunks")
     p.add_argument("--no-async-scheduling", action="store_true",
                    help="read each decode step's tokens before scheduling the next (async "
-                        "scheduling, the default for greedy decode batches without a KV "
-                        "connector or TP, prepares the next step while the device runs this one)")
+                        "scheduling, the default for greedy decode batches without TP, P/D decode "
+                        "instances included, prepares the next step while the device runs this "
+                        "one)")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="GPUs (worker processes) per engine core; -dp M -tp N uses M*N GPUs "
                         "(default: %(default)s)")
