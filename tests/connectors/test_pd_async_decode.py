@@ -210,15 +210,24 @@ def test_decode_runs_ahead_and_equals_monolithic_while_kv_lands(make: Any, mode:
     pd.assert_clean()
 
 
-def test_synchronous_decode_instance_gives_the_same_tokens(make: Any) -> None:
-    """--no-async-scheduling on the decode: the same tokens, and nothing launched ahead."""
+@pytest.mark.parametrize(("mode", "why"), [("read", "--no-async-scheduling"),
+                                         ("write", "a connector that does not say")])
+def test_a_synchronous_decode_instance_gives_the_same_tokens(make: Any, mode: str,
+                                                             why: str) -> None:
+    """The decode stepped synchronously, turned off or because its connector keeps the base
+    class's answer (hooks needed): nothing is launched ahead, and the tokens are the same."""
     reqs = _requests()[:4]
-    pd = _PD(make("kv_producer", "read"), make("kv_consumer", "read", async_on=False), "read")
+    decode = make("kv_consumer", mode, async_on=why != "--no-async-scheduling")
+    pd = _PD(make("kv_producer", mode), decode, mode)
+    if why == "a connector that does not say":
+        connector = decode.connector
+        connector.step_needs_hooks = (  # type: ignore[method-assign]
+            lambda out: KVConnector.step_needs_hooks(connector, out))
     for r in reqs:
         pd.submit(*r)
     pd.run(len(reqs))
     assert pd.tokens == _monolithic(reqs)
-    assert pd.ahead == 0
+    assert pd.launches == 0
     pd.assert_clean()
 
 
@@ -284,22 +293,6 @@ def test_aborts_and_a_dead_prefill_while_running_ahead(make: Any) -> None:
     for rid, _, _ in reqs[1:]:
         assert pd.tokens[rid] == expected[rid], rid
     assert pd.ahead > 0 and pd.alloc_while_launched == 0
-    pd.assert_clean()
-
-
-def test_a_connector_that_does_not_say_keeps_every_step_synchronous(make: Any) -> None:
-    """The base class's answer (hooks needed) keeps the decode instance synchronous: the
-    engine launches nothing ahead, and the tokens are the same."""
-    reqs = _requests()[:3]
-    pd = _PD(make("kv_producer", "write"), make("kv_consumer", "write"), "write")
-    connector = pd.decode.connector
-    connector.step_needs_hooks = (  # type: ignore[method-assign]
-        lambda out: KVConnector.step_needs_hooks(connector, out))
-    for r in reqs:
-        pd.submit(*r)
-    pd.run(len(reqs))
-    assert pd.tokens == _monolithic(reqs)
-    assert pd.launches == 0
     pd.assert_clean()
 
 
