@@ -13,12 +13,16 @@ KERNEL = "rotary_embedding"
 def make_cos_sin_cache(max_positions: int, rotary_dim: int, base: float,
                        scaling: dict | None = None, device: str | torch.device = "cpu"
                        ) -> torch.Tensor:
-    """[max_positions, rotary_dim] fp32: first half cos, second half sin (Llama-3 and YaRN
-    scaling too; YaRN's attention factor is folded into cos and sin)."""
+    """[max_positions, rotary_dim] fp32: first half cos, second half sin (linear, Llama-3 and
+    YaRN scaling too; YaRN's attention factor is folded into cos and sin). ``dynamic`` (NTK)
+    is the default rope up to its original length, the only lengths the engine runs
+    (disagg/models/arch.py check_rope_scaling refuses the rest, and unknown types)."""
     inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim))
     kind = scaling.get("rope_type", scaling.get("type")) if scaling else None
     factor = 1.0
-    if scaling and kind == "llama3":
+    if scaling and kind == "linear":  # positions divided by the factor
+        inv_freq = inv_freq / float(scaling["factor"])
+    elif scaling and kind == "llama3":
         inv_freq = _llama3_scale(inv_freq, scaling)
     elif scaling and kind == "yarn":
         inv_freq, factor = _yarn(rotary_dim, base, scaling)

@@ -103,7 +103,8 @@ class ArchConfig:
     max_position_embeddings: int
     tie_word_embeddings: bool
     attention_bias: bool
-    """Qwen2 has biases on q/k/v projections."""
+    """Biases on the q/k/v projections (Qwen2 always; Llama and Qwen3 per
+    ``attention_bias``; latent attention's own projections, disagg/models/mla.py)."""
     qk_norm: bool
     """Qwen3 normalizes q and k per head before rotary."""
     torch_dtype: str | None
@@ -117,6 +118,10 @@ class ArchConfig:
     layers x block_size x latent (plus one pad element when the latent is odd)."""
     quant: QuantArch | None = None
     """The checkpoint's weight quantization; None: weights in a float dtype."""
+    o_proj_bias: bool = False
+    """A bias on o_proj too (Llama, Qwen3 and Qwen3-MoE with ``attention_bias``)."""
+    mlp_bias: bool = False
+    """Biases on gate/up/down of the dense MLP (Llama's ``mlp_bias``)."""
     sliding_window: int | None = None
     """Tokens a query attends back over in the layers that use sliding-window attention
     (Mistral-7B-v0.1: 4096); None: full attention everywhere. Not implemented: a context
@@ -134,33 +139,45 @@ def arch_from_hf_dict(cfg: dict[str, Any]) -> ArchConfig:
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ConfigError(f"model_type {model_type!r} is not supported "
                           f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
-    heads = int(cfg["num_attention_heads"])
-    hidden = int(cfg["hidden_size"])
+    heads, hidden = _int(cfg, "num_attention_heads"), _int(cfg, "hidden_size")
+    if heads < 1 or hidden < 1:
+        raise ConfigError("config.json num_attention_heads and hidden_size must be positive")
+    if not cfg.get("head_dim") and hidden % heads:
+        raise ConfigError(f"config.json has no head_dim and hidden_size {hidden} is not a "
+                          f"multiple of num_attention_heads {heads}")
     head_dim = cfg.get("head_dim") or hidden // heads
     rope_params = cfg.get("rope_parameters") or {}
     rope_scaling = cfg.get("rope_scaling") or (rope_params if "rope_type" in rope_params
                                                 and rope_params["rope_type"] != "default"
                                                 else None)
+    max_positions = int(cfg.get("max_position_embeddings", 2048))
+    check_rope_scaling(rope_scaling, max_positions)
+    check_activation(cfg)
     mla = mla_arch_from_hf_dict(cfg, rope_scaling)
     kv_heads = int(cfg.get("num_key_value_heads") or heads)
+    if kv_heads < 1 or heads % kv_heads:
+        raise ConfigError(f"config.json num_attention_heads {heads} is not a multiple of "
+                          f"num_key_value_heads {kv_heads}")
     if mla is not None:  # the latent's halves stand in for one K head and one V head
         kv_heads, head_dim = 1, -(-mla.latent_dim // 2)
+    qkv_bias, o_bias = _attention_biases(cfg, model_type)
     return ArchConfig(
         model_type=model_type,
-        vocab_size=int(cfg["vocab_size"]),
+        vocab_size=_int(cfg, "vocab_size"),
         hidden_size=hidden,
-        intermediate_size=int(cfg["intermediate_size"]),
-        num_layers=int(cfg["num_hidden_layers"]),
+        intermediate_size=_int(cfg, "intermediate_size"),
+        num_layers=_int(cfg, "num_hidden_layers"),
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=int(head_dim),
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         rope_theta=float(cfg.get("rope_theta") or rope_params.get("rope_theta") or 10000.0),
         rope_scaling=rope_scaling,
-        max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+        max_position_embeddings=max_positions,
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        attention_bias=bool(cfg.get("qkv_bias", True) if model_type == "qwen2_moe"
-                            else cfg.get("attention_bias", model_type == "qwen2")),
+        attention_bias=qkv_bias,
+        o_proj_bias=o_bias,
+        mlp_bias=model_type == "llama" and bool(cfg.get("mlp_bias", False)),
         qk_norm=model_type in ("qwen3", "qwen3_moe"),
         torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
         bos_token_id=cfg.get("bos_token_id"),
@@ -170,6 +187,58 @@ def arch_from_hf_dict(cfg: dict[str, Any]) -> ArchConfig:
         quant=quant_arch_from_hf_dict(cfg),
         sliding_window=sliding_window_from_hf_dict(cfg),
     )
+
+
+def _attention_biases(cfg: dict[str, Any], model_type: str) -> tuple[bool, bool]:
+    """(q/k/v biases, o_proj bias) as each family's Hugging Face code builds them: Qwen2
+    always has q/k/v ones, Qwen2-MoE per ``qkv_bias``; Llama, Qwen3 and Qwen3-MoE put
+    ``attention_bias`` on all four; Mistral and Mixtral have none whatever the config says;
+    DeepSeek's ``attention_bias`` is latent attention's (disagg/models/mla.py)."""
+    flag = bool(cfg.get("attention_bias", False))
+    if model_type == "qwen2":
+        return True, False
+    if model_type == "qwen2_moe":
+        return bool(cfg.get("qkv_bias", True)), False
+    if model_type in ("llama", "qwen3", "qwen3_moe"):
+        return flag, flag
+    if model_type in MLA_MODEL_TYPES:
+        return flag, False
+    return False, False
+
+
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+"""rope_scaling types the rotary tables implement (hip_kernels/rotary_embedding.py)."""
+
+
+def check_rope_scaling(scaling: dict[str, Any] | None, max_positions: int) -> None:
+    """A ConfigError for a rope_scaling the rotary tables do not implement. ``dynamic``
+    (NTK) changes the frequencies only past its original length; the engine never runs past
+    max_position_embeddings, so it is the default rope unless the original length is
+    shorter."""
+    if scaling is None:
+        return
+    if not isinstance(scaling, dict):
+        raise ConfigError("config.json rope_scaling must be an object or null")
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind not in ROPE_TYPES:
+        raise ConfigError(f"rope_scaling type {kind!r} is not supported "
+                          f"(supported: {', '.join(ROPE_TYPES)})")
+    if kind != "default" and kind != "dynamic" and not isinstance(
+            scaling.get("factor"), int | float):
+        raise ConfigError(f"rope_scaling {kind} needs a numeric factor")
+    original = scaling.get("original_max_position_embeddings")
+    if kind == "dynamic" and isinstance(original, int) and original < max_positions:
+        raise ConfigError(f"rope_scaling dynamic with original_max_position_embeddings "
+                          f"{original} < max_position_embeddings {max_positions} is not "
+                          "supported (dynamic NTK scaling past the original length)")
+
+
+def check_activation(cfg: dict[str, Any]) -> None:
+    """Every supported family gates its MLP with SiLU; another ``hidden_act`` is refused
+    rather than run as SiLU."""
+    act = cfg.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise ConfigError(f"hidden_act {act!r} is not supported (supported: silu)")
 
 
 def sliding_window_from_hf_dict(cfg: dict[str, Any]) -> int | None:
@@ -295,7 +364,9 @@ def moe_arch_from_hf_dict(cfg: dict[str, Any]) -> MoEArch | None:
         moe = MoEArch(num_experts=_int(cfg, "n_routed_experts", "num_local_experts"),
                       top_k=_int(cfg, "num_experts_per_tok"), intermediate_size=expert,
                       scoring=scoring, topk_method=method,
-                      renormalize=bool(cfg.get("norm_topk_prob", v3)),
+                      # DeepSeek-V2's code renormalizes only for k > 1; V3's always
+                      renormalize=bool(cfg.get("norm_topk_prob", v3)) and (
+                          v3 or _int(cfg, "num_experts_per_tok") > 1),
                       routed_scaling_factor=float(cfg.get("routed_scaling_factor") or 1.0),
                       n_group=_int(cfg, "n_group", default=1),
                       topk_group=_int(cfg, "topk_group", default=1),
@@ -334,4 +405,10 @@ def load_arch(model_dir: str) -> ArchConfig:
         raise ConfigError(f"{model_dir!r} is not a model directory (no config.json); "
                           "use builtin:tiny-llama or a Hugging Face model directory")
     with open(path) as f:
-        return arch_from_hf_dict(json.load(f))
+        try:
+            cfg = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path} must hold a JSON object")
+    return arch_from_hf_dict(cfg)

@@ -55,7 +55,8 @@ class Attention(nn.Module):
         self.kv_size = self.num_kv_heads * self.head_dim
         self.qkv_proj = ColumnParallelLinear(arch.hidden_size, self.q_size + 2 * self.kv_size,
                                              bias=arch.attention_bias)
-        self.o_proj = RowParallelLinear(self.q_size, arch.hidden_size, bias=False, tp=tp)
+        self.o_proj = RowParallelLinear(self.q_size, arch.hidden_size, bias=arch.o_proj_bias,
+                                        tp=tp)
         self.q_norm = RMSNorm(self.head_dim, arch.rms_norm_eps, ops) if arch.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, arch.rms_norm_eps, ops) if arch.qk_norm else None
         self.scale = self.head_dim ** -0.5
@@ -98,8 +99,9 @@ class MLP(nn.Module):
     def __init__(self, arch: ArchConfig, ops: Ops, tp: TPContext) -> None:
         super().__init__()
         inter = arch.intermediate_size // tp.size
-        self.gate_up_proj = ColumnParallelLinear(arch.hidden_size, 2 * inter, bias=False)
-        self.down_proj = RowParallelLinear(inter, arch.hidden_size, bias=False, tp=tp)
+        self.gate_up_proj = ColumnParallelLinear(arch.hidden_size, 2 * inter,
+                                                 bias=arch.mlp_bias)
+        self.down_proj = RowParallelLinear(inter, arch.hidden_size, bias=arch.mlp_bias, tp=tp)
         self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

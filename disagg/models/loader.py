@@ -61,9 +61,14 @@ def hf_param_shapes(arch: ArchConfig) -> dict[str, tuple[int, ...]]:
             shapes.update(_moe_shapes(p + "mlp.", arch))
         else:
             shapes.update(_mlp_shapes(p + "mlp.", h, inter))
+            if arch.mlp_bias:
+                shapes.update({p + "mlp.gate_proj.bias": (inter,), p + "mlp.up_proj.bias": (inter,),
+                               p + "mlp.down_proj.bias": (h,)})
         if arch.attention_bias and arch.mla is None:
             shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
                            p + "self_attn.v_proj.bias": (kv,)})
+        if arch.o_proj_bias and arch.mla is None:
+            shapes[p + "self_attn.o_proj.bias"] = (h,)
         if arch.qk_norm:
             shapes.update({p + "self_attn.q_norm.weight": (d,),
                            p + "self_attn.k_norm.weight": (d,)})
@@ -123,16 +128,20 @@ def builtin_state_dict(model: str, seed: int = 0) -> dict[str, torch.Tensor]:
 
 def _safetensor_weights(model_dir: str):
     """Yield (name, tensor) from every *.safetensors file (sharded checkpoints too)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
     if not files:
         raise ConfigError(f"no *.safetensors files in {model_dir!r}; "
                           "use --load-format dummy to run with random weights")
     for path in files:
-        with safe_open(path, framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
-                yield name, f.get_tensor(name)
+        try:  # the consumer's own errors never arrive here: only reading the file's
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                    yield name, f.get_tensor(name)
+        except (SafetensorError, OSError) as exc:
+            raise ConfigError(f"cannot read {path!r} (a truncated or corrupt safetensors "
+                              f"file?): {exc}") from exc
 
 
 @contextlib.contextmanager
@@ -207,7 +216,7 @@ def _load_checked(model: LlamaForCausalLM, arch: ArchConfig,
                   weights: Iterable[tuple[str, torch.Tensor]]) -> None:
     """Load ``weights``; a ConfigError naming a few of those the checkpoint lacks (the
     scales of fp8 layers included)."""
-    loaded = model.load_weights(weights)
+    loaded = model.load_weights(_shape_checked(weights, hf_param_shapes(arch)))
     fp8 = {name for name, param in model.named_parameters() if is_fp8(param)}
     expected = _expected_loads(arch)
     for key in list(expected):
@@ -218,6 +227,19 @@ def _load_checked(model: LlamaForCausalLM, arch: ArchConfig,
     if missing:
         raise ConfigError(f"checkpoint is missing {len(missing)} weights, e.g. "
                           f"{sorted(missing)[:3]}")
+
+
+def _shape_checked(weights: Iterable[tuple[str, torch.Tensor]],
+                   shapes: dict[str, tuple[int, ...]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """``weights``, each whose name config.json implies checked for the shape it implies: a
+    checkpoint that does not match its config is one ConfigError naming the weight."""
+    for name, tensor in weights:
+        want = shapes.get(name)
+        if want is not None and tuple(tensor.shape) != want:
+            raise ConfigError(f"checkpoint weight {name} has shape {tuple(tensor.shape)} but "
+                              f"config.json implies {want}: the config does not match the "
+                              "weights")
+        yield name, tensor
 
 
 @torch.no_grad()

@@ -50,7 +50,7 @@ def select_experts(logits: torch.Tensor, moe: MoEArch,
         choice = choice.masked_fill(~keep.repeat_interleave(per_group, dim=1), fill)
     ids = choice.topk(moe.top_k, dim=-1)[1]
     weights = scores.gather(1, ids)
-    if moe.renormalize and moe.top_k > 1:
+    if moe.renormalize:  # top-1 too: its weight becomes 1 (as Mixtral's and Qwen's code)
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     return weights * moe.routed_scaling_factor, ids
 

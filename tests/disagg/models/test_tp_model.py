@@ -33,9 +33,11 @@ CHILD_TIMEOUT_S = 60.0
 
 
 def tied_arch() -> ArchConfig:
-    """tiny-llama with tied embeddings and an odd vocabulary."""
+    """tiny-llama with tied embeddings, an odd vocabulary and biases on q/k/v/o and the
+    MLP (column-parallel biases are sliced, row-parallel ones added once after the reduce)."""
     cfg = builtin_hf_config(MODEL)
-    cfg.update(tie_word_embeddings=True, vocab_size=TIED_VOCAB)
+    cfg.update(tie_word_embeddings=True, vocab_size=TIED_VOCAB, attention_bias=True,
+               mlp_bias=True)
     return arch_from_hf_dict(cfg)
 
 
@@ -170,6 +172,13 @@ def test_tied_shard_shares_weight_and_zero_pads() -> None:
     full = seeded_hf_state_dict(0, hf_param_shapes(tied_arch()))["model.embed_tokens.weight"]
     torch.testing.assert_close(model.embed_tokens.weight[:77], full[240:])
     assert not model.embed_tokens.weight[77:].any()
+    weights = seeded_hf_state_dict(0, hf_param_shapes(tied_arch()))
+    layer: Any = model.layers[0]
+    mlp, attn = layer.mlp, layer.self_attn
+    gate, up = (weights[f"model.layers.0.mlp.{p}_proj.bias"] for p in ("gate", "up"))
+    torch.testing.assert_close(mlp.gate_up_proj.bias, torch.cat([gate[288:], up[288:]]))
+    torch.testing.assert_close(mlp.down_proj.bias, weights["model.layers.0.mlp.down_proj.bias"])
+    torch.testing.assert_close(attn.o_proj.bias, weights["model.layers.0.self_attn.o_proj.bias"])
 
 
 @pytest.mark.parametrize("num_kv_heads, tp_size, expected", [
