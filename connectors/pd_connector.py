@@ -48,7 +48,13 @@ from connectors.protocol import (
     kv_ports,
     transport_port,
 )
-from connectors.transfer import Transfer, TransferRole, TransferState, transfer_from_params
+from connectors.transfer import (
+    Transfer,
+    TransferRole,
+    TransferState,
+    prompt_digest,
+    transfer_from_params,
+)
 from connectors.transports.base import TransferOp, TransferStatus
 from disagg.common.config import KVTransferConfig
 from disagg.common.kv_transfer_params import KVTransferParams, TransferMode
@@ -151,6 +157,7 @@ class PDConnector(KVConnector):
                      t.transfer_id, req.request_id, t.role.value, req.num_prompt_tokens,
                      t.peer_engine_id or "(answers later)")
         t.num_tokens = req.num_prompt_tokens
+        t.prompt_digest = prompt_digest(req.prompt_token_ids)
         tomb = self.peers.tombstones.pop(t.transfer_id, None)
         error = self._params_error(t, p, req) if tomb is None else \
             f"the peer already gave up on this transfer: {tomb[0]}"
@@ -184,14 +191,23 @@ class PDConnector(KVConnector):
                 t.peer_host is None or t.peer_handshake_port is None
                 or t.peer_notify_port is None or t.peer_engine_id is None):
             return "kv_transfer_params lack the peer's engine id, host or ports"
+        if t.role is TransferRole.CONSUMER_WRITE and (
+                p.remote_block_ids is not None or p.remote_generation is not None):
+            return ("kv_transfer_params carry a READ prefill's hold (remote_block_ids, "
+                    "remote_generation) but ask for mode write: the prefill would never "
+                    "write this decode's blocks")
         if t.role is not TransferRole.CONSUMER_READ:
             return None
-        if p.remote_epoch is None or p.remote_generation is None or p.remote_block_ids is None:
-            return ("kv_transfer_params lack the prefill's epoch, generation or block ids: "
-                    "that KV cannot be vouched for")
+        if p.remote_epoch is None or p.remote_generation is None or p.remote_block_ids is None \
+                or p.remote_prompt_digest is None:
+            return ("kv_transfer_params lack the prefill's epoch, generation, block ids or "
+                    "prompt digest: that KV cannot be vouched for")
+        if p.remote_prompt_digest != t.prompt_digest.hex():
+            return ("kv_transfer_params belong to another prompt than this request's (the "
+                    "prefill's prompt digest differs): its KV is not this request's")
         if p.remote_num_tokens != req.num_prompt_tokens:
-            return (f"prefill computed {p.remote_num_tokens} tokens but this request has "
-                    f"{req.num_prompt_tokens}")
+            return (f"kv_transfer_params say the prefill computed {p.remote_num_tokens} "
+                    f"tokens but this request has {req.num_prompt_tokens}")
         t.remote_block_ids = list(p.remote_block_ids)
         return None  # counted and bounded once the handshake gave the peer's pool
 
@@ -267,7 +283,8 @@ class PDConnector(KVConnector):
                             epoch=self.epoch, generation=t.generation, block_ids=blocks,
                             num_tokens=t.num_tokens, host=m.host,
                             handshake_port=m.handshake_port, notify_port=m.notify_port,
-                            skip=min(t.skip_blocks, len(blocks)))
+                            skip=min(t.skip_blocks, len(blocks)),
+                            prompt_digest=t.prompt_digest)
 
     def on_request_finished(self, req: Request) -> FinishAction:
         """Hold the blocks of a prefill whose KV a peer will consume (or that an op may still
@@ -340,7 +357,7 @@ class PDConnector(KVConnector):
             remote_handshake_port=self.handshake_port, remote_notify_port=self.notify_port,
             remote_block_ids=t.local_block_ids, remote_num_tokens=t.num_tokens,
             remote_epoch=self.epoch, remote_generation=t.generation, mode=TransferMode.READ,
-            first_token_id=t.first_token_id)
+            first_token_id=t.first_token_id, remote_prompt_digest=t.prompt_digest.hex())
 
     # ---- the step hook -------------------------------------------------------------------
     def update_connector_output(self) -> ConnectorOutput:

@@ -177,6 +177,10 @@ class Inbox:
             c.fail(t, f"the decode expects {msg.num_tokens + 1} prompt tokens, this prefill "
                       f"has {t.num_tokens}: not the same prompt")
             return
+        if msg.prompt_digest != t.prompt_digest:
+            c.fail(t, "the decode's prompt is not this prefill's (its digest differs): its "
+                      "blocks get no KV of another prompt")
+            return
         c.peers.start_hello(t)
         if t.request_finished:
             c.send_first_token(t)  # the prefill ended before the decode's blocks arrived
@@ -235,9 +239,11 @@ class Inbox:
         held = (t is not None and t.role is TransferRole.PRODUCER_READ and t.holds_blocks
                 and not t.terminal and t.generation == msg.generation
                 and self._from_peer(t, sender))
-        c.peers.reply(sender, ReleaseAck(transfer_id=msg.transfer_id, engine_id=c.engine_id,
-                                         epoch=c.epoch, generation=msg.generation, held=held,
-                                         digests=t.digests if held and t else None))
+        c.peers.reply(sender, ReleaseAck(
+            transfer_id=msg.transfer_id, engine_id=c.engine_id, epoch=c.epoch,
+            generation=msg.generation, held=held, digests=t.digests if held and t else None,
+            block_ids=t.local_block_ids if held and t else [],
+            prompt_digest=t.prompt_digest if held and t else b""))
         if held and t is not None:
             c.outcomes.complete(t)
 
@@ -249,6 +255,15 @@ class Inbox:
         if not msg.held:
             c.fail(t, "the prefill no longer held this KV when the read was confirmed (its "
                       "hold expired or was freed): refused", notify_peer=False, refused=True)
+            return
+        if msg.block_ids != t.remote_block_ids:
+            c.fail(t, "the blocks read are not the prefill's hold for this transfer (the "
+                      "kv_transfer_params' remote_block_ids were altered): refused",
+                   notify_peer=False, refused=True)
+            return
+        if msg.prompt_digest != t.prompt_digest:
+            c.fail(t, "the prefill's KV belongs to another prompt than this request's: "
+                      "refused", notify_peer=False, refused=True)
             return
         self._verify_and_use(t, msg.digests)
 

@@ -15,8 +15,12 @@ handshake (its own to the peer, or the peer's to it), never this engine itself.
 Vouching for KV (the fail-closed handoff):
   READ   D reads P's blocks, then sends ``release`` with P's epoch and generation of the hold.
          P answers ``release_ack``: held=true only if that hold was still live when the
-         release arrived, i.e. through the whole read. D uses the KV only on held=true.
-  WRITE  D sends ``remote_blocks`` with its generation; P's ``write_done`` must echo it.
+         release arrived, i.e. through the whole read. D uses the KV only on held=true,
+         when the ack's blocks are the ones it read and its prompt digest is D's prompt's
+         (params a proxy garbled or mixed up never decode on another prompt's KV).
+  WRITE  D sends ``remote_blocks`` with its generation and its prompt's digest; P writes
+         only when that digest is its own prompt's; P's ``write_done`` must echo the
+         generation.
          A consumer that gives up keeps its blocks quarantined (never reused) until the
          producer says ``quiesced`` (no op of it can still write them) or is gone.
   verify_kv  ``release_ack`` / ``write_done`` also carry an 8-byte digest per block, which the
@@ -40,8 +44,9 @@ from disagg.common.kv_transfer_params import (
     TransferId,
 )
 
-CONTROL_VERSION = 3
-"""3: per-rank descriptors and tp_size in the metadata, ``skip`` in remote_blocks."""
+CONTROL_VERSION = 4
+"""3: per-rank descriptors and tp_size in the metadata, ``skip`` in remote_blocks.
+4: the prompt's digest in remote_blocks and release_ack, the hold's blocks in release_ack."""
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 """ZMQ drops (and disconnects) any frame above this: no message can exhaust memory."""
 
@@ -50,6 +55,8 @@ Reason = Annotated[str, msgspec.Meta(max_length=2000)]
 Digests = Annotated[list[Annotated[bytes, msgspec.Meta(max_length=32)]],
                     msgspec.Meta(max_length=1 << 20)]
 ShortStr = Annotated[str, msgspec.Meta(max_length=512)]
+PromptDigest = Annotated[bytes, msgspec.Meta(max_length=32)]
+"""connectors/transfer.py prompt_digest: which prompt a transfer's KV belongs to."""
 
 
 class EngineMetadata(msgspec.Struct, kw_only=True, frozen=True):
@@ -118,6 +125,9 @@ class RemoteBlocks(_Sent, tag="remote_blocks", kw_only=True):
     handshake_port: Port
     notify_port: Port
     skip: Annotated[int, msgspec.Meta(ge=0, le=1 << 31)] = 0
+    prompt_digest: PromptDigest = b""
+    """The decode's prompt: the prefill writes only KV of this very prompt (none named:
+    none written)."""
     """Leading blocks of ``block_ids`` the decode already holds (prefix cache): not written."""
 
 
@@ -156,6 +166,10 @@ class ReleaseAck(_Sent, tag="release_ack", kw_only=True):
     generation: Generation
     held: bool
     digests: Digests | None = None
+    block_ids: BlockIds = []
+    """With held=true: the hold's blocks, which must be the ones the decode read."""
+    prompt_digest: PromptDigest = b""
+    """With held=true: the prompt the hold's KV belongs to, which must be the decode's."""
 
 
 class TransferFailed(_Sent, tag="transfer_failed", kw_only=True):

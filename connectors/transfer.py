@@ -30,10 +30,21 @@ lost message can never leave both sides leasing each other while each waits for 
 from __future__ import annotations
 
 import enum
+import hashlib
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from disagg.common.kv_transfer_params import KVTransferParams, TransferMode
+
+
+def prompt_digest(token_ids: Sequence[int]) -> bytes:
+    """16 bytes naming a prompt: both sides of a transfer compute it from their own request,
+    so KV moves only between two requests for the very same prompt."""
+    ids = np.asarray(token_ids, dtype=np.int64)
+    return hashlib.blake2b(ids.tobytes(), digest_size=16).digest()
 
 
 class TransferState(enum.Enum):
@@ -154,6 +165,8 @@ class Transfer:
     """READ consumer: when the release went out; the KV waits for the producer's ack."""
     digests: list[bytes] | None = None
     """Producer with verify_kv: one digest per block, in transfer order."""
+    prompt_digest: bytes = b""
+    """This side's request's prompt (prompt_digest), set when the request arrives."""
     first_token_id: int | None = None
     """The token the prefill sampled after the prompt: a producer's to send (READ answer,
     write_done), a consumer's to hand its request (None: the decode computes it)."""

@@ -45,6 +45,8 @@ Generation = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 MAX_FIRST_TOKEN_TEXT = 4096
 FirstTokenText = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_FIRST_TOKEN_TEXT)]
 """The text of one token (characters; the longest vocabulary entries are far shorter)."""
+PromptDigestHex = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{32}$")]
+"""16 bytes in hex: which prompt a prefill's KV belongs to (connectors/transfer.py)."""
 TokenId = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
 """Bounded here; the decode engine also checks it against its vocabulary."""
 
@@ -82,6 +84,10 @@ class KVTransferParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown
     """READ, P's answer: P's engine epoch when it took the hold."""
     remote_generation: Generation | None = None
     """READ, P's answer: P's generation of this transfer's hold."""
+    remote_prompt_digest: PromptDigestHex | None = None
+    """READ, P's answer: the digest of the prompt P computed. D refuses params whose digest
+    is not its own prompt's before it takes the first token or reads a byte (params handed
+    to the wrong request); P's release_ack confirms it again with the hold's blocks."""
     first_token_id: TokenId | None = None
     """READ, P's answer (and proxy -> D): the token P sampled after the prompt. D emits it at
     once and computes on from it instead of recomputing it (DESIGN.md section 4)."""
@@ -89,6 +95,9 @@ class KVTransferParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown
     """READ, proxy -> D (with ``first_token_id``): the text of that token, which the proxy
     already streamed to the client from the prefill's answer. D leaves it out of its own
     stream, and fails the request if its output does not begin with it."""
+    decode_max_tokens: NumTokens | None = None
+    """Proxy -> P: the max_tokens the client asked the decode for. P refuses (400) a prompt
+    that leaves no room for them before computing it, as the decode would refuse it after."""
     recompute_first_token: bool = False
     """Proxy -> D: ignore the prefill's first token and compute it again (the recompute path;
     both give the monolithic output)."""

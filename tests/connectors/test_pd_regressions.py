@@ -34,6 +34,7 @@ from pd_helpers import (
 from support import free_port
 
 from connectors.protocol import Lease, RemoteBlocks, encoder
+from connectors.transfer import prompt_digest
 
 TIMEOUTS: dict[str, Any] = {"transfer_timeout": 2, "defer_timeout": 2, "lease_timeout": 1.5,
                             "heartbeat_interval": 0.3}
@@ -212,7 +213,7 @@ def test_write_remote_blocks_outside_the_decode_pool_fail_the_transfer(
             transfer_id="outside", engine_id=d_meta.engine_id, epoch=d_meta.epoch,
             generation=5, block_ids=[num_blocks, num_blocks + 1, 2**31 - 1],
             num_tokens=len(prompt) - 1, host=d_meta.host, handshake_port=d_meta.handshake_port,
-            notify_port=d_meta.notify_port))])
+            notify_port=d_meta.notify_port, prompt_digest=prompt_digest(prompt)))])
         status, out = answer.result()
     bound = f"block id {2**31 - 1} is outside peer {d_meta.engine_id}'s pool of {num_blocks}"
     assert bound in _error(status, out)  # a WRITE prefill answers with its transfer's end

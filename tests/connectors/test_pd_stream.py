@@ -16,7 +16,7 @@ from connectors import pd_rank
 from connectors.pd_connector import PDConnector
 from connectors.pd_stream import blocks_to_stream, layer_group, plan_chunk
 from connectors.protocol import RemoteBlocks
-from connectors.transfer import TransferState
+from connectors.transfer import TransferState, prompt_digest
 from connectors.transports.base import Segment, TransferOp, TransferStatus, merge_array
 from disagg.common.config import KVTransferConfig, SchedulerConfig
 from disagg.common.kv_transfer_params import parse_kv_params
@@ -127,8 +127,8 @@ def _announce(pair: Pair, rid: str, n: int, remote: list[int]) -> None:
     d = pair.d.metadata
     pair.p.control.inbox.put(RemoteBlocks(
         transfer_id=rid, engine_id=d.engine_id, epoch=d.epoch, generation=5,
-        block_ids=remote, num_tokens=n - 1,
-        host=d.host, handshake_port=d.handshake_port, notify_port=d.notify_port))
+        block_ids=remote, num_tokens=n - 1, host=d.host, handshake_port=d.handshake_port,
+        notify_port=d.notify_port, prompt_digest=prompt_digest(range(1, n + 1))))
 
 
 def _until_streaming(pair: Pair, rid: str) -> None:

@@ -1,0 +1,217 @@
+"""KV moves only between two requests for the very same prompt, and a READ decode uses only
+the blocks the prefill holds for that transfer: kv_transfer_params that a proxy garbled or
+mixed up (block ids shifted, reversed or another transfer's; a different prompt of the same
+length) are refused (the request fails or, with kv_load_failure_policy recompute, is computed
+here), never decoded on another prompt's KV with a 200. Engines in this process over loopback
+TCP."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import msgspec
+import pytest
+
+from connectors.transfer import prompt_digest
+from disagg.common.config import CacheConfig, EngineConfig, KVTransferConfig, ModelConfig
+from disagg.common.kv_transfer_params import KVTransferParams, TransferMode
+from disagg.common.protocol import EngineCoreOutput, EngineCoreRequest
+from disagg.common.sampling_params import SamplingParams
+from disagg.engine.engine_core import EngineCore
+from disagg.llm import LLM
+
+GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+
+
+def _prompt(salt: int, n: int = 40) -> list[int]:
+    return [(11 * salt + 5 * i) % 240 + 3 for i in range(n)]
+
+
+@pytest.fixture
+def make() -> Iterator[Callable[..., EngineCore]]:
+    made: list[EngineCore] = []
+
+    def engine(role: str, mode: str, policy: str = "fail") -> EngineCore:
+        e = EngineCore(EngineConfig(
+            model=ModelConfig(model="builtin:tiny-llama", served_model_name="m", device="cpu",
+                              max_model_len=256),
+            cache=CacheConfig(block_size=16, kv_cache_memory_bytes=4 * 2**20,
+                              enable_prefix_caching=False),
+            kv_transfer=KVTransferConfig(
+                kv_connector="PDConnector", kv_role=role, kv_connector_extra_config={
+                    "transport": "tcp", "mode": mode, "host": "127.0.0.1",
+                    "kv_load_failure_policy": policy, "transfer_timeout": 2,
+                    "defer_timeout": 2, "lease_timeout": 2, "heartbeat_interval": 0.25})))
+        made.append(e)
+        return e
+
+    _seen.clear()
+    yield engine
+    for e in made:
+        e.close()
+
+
+_seen: dict[str, EngineCoreOutput] = {}
+"""Finished outputs stepped past while waiting for another request (one test at a time)."""
+
+
+def _finish(engines: list[EngineCore], rid: str, timeout_s: float = 20.0) -> EngineCoreOutput:
+    """Step until ``rid`` finished: its output with every token it streamed."""
+    tokens: dict[str, list[int]] = {}
+    deadline = time.monotonic() + timeout_s
+    while rid not in _seen:
+        assert time.monotonic() < deadline, f"{rid} did not finish within {timeout_s} s"
+        for engine in engines:
+            for out in engine.step():
+                tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+                if out.finish_reason is not None:
+                    _seen[out.request_id] = msgspec.structs.replace(
+                        out, new_token_ids=tokens.pop(out.request_id))
+        time.sleep(0.001)
+    return _seen.pop(rid)
+
+
+def _hold(prefill: EngineCore, rid: str, prompt: list[int]) -> KVTransferParams:
+    """A READ prefill of ``prompt``; its answer's params (its blocks held for the decode)."""
+    prefill.add_request(EngineCoreRequest(
+        request_id=rid, prompt_token_ids=prompt,
+        sampling_params=msgspec.structs.replace(GREEDY, max_tokens=1),
+        kv_transfer_params=KVTransferParams(transfer_id=uuid.uuid4().hex,
+                                            do_remote_decode=True, mode=TransferMode.READ)))
+    out = _finish([prefill], rid)
+    assert out.kv_transfer_params is not None, out.error
+    return msgspec.structs.replace(out.kv_transfer_params, do_remote_prefill=True)
+
+
+def _monolithic(prompt: list[int]) -> list[int]:
+    llm = LLM("builtin:tiny-llama", device="cpu", kv_cache_memory_bytes=4 * 2**20,
+              max_model_len=256, enable_prefix_caching=False)
+    try:
+        return llm.generate([prompt], GREEDY)[0].output_token_ids
+    finally:
+        llm.close()
+
+
+def _clean(*engines: EngineCore, timeout_s: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not all(e.pool.snapshot().free == e.pool.snapshot().total
+                  and e.pool.snapshot().held == 0 for e in engines):
+        assert time.monotonic() < deadline, [e.pool.snapshot() for e in engines]
+        for e in engines:
+            e.step()
+        time.sleep(0.01)
+
+
+GARBLE: dict[str, Callable[[list[int], list[int]], list[int]]] = {
+    "shifted": lambda ids, other: [i + 3 for i in ids],
+    "reversed": lambda ids, other: ids[::-1],
+    "another transfer's": lambda ids, other: other,
+}
+
+
+@pytest.mark.parametrize("policy", ["fail", "recompute"])
+@pytest.mark.parametrize("garble", sorted(GARBLE))
+def test_read_refuses_blocks_that_are_not_the_hold(make: Any, garble: str, policy: str) -> None:
+    prefill, decode = make("kv_producer", "read"), make("kv_consumer", "read", policy)
+    prompt = _prompt(1)
+    params = _hold(prefill, "p", prompt)
+    other = _hold(prefill, "q", _prompt(2))  # held too, same length: its blocks are valid ids
+    assert params.remote_block_ids is not None and other.remote_block_ids is not None
+    bad = msgspec.structs.replace(params, remote_block_ids=GARBLE[garble](
+        list(params.remote_block_ids), list(other.remote_block_ids)))
+    decode.add_request(EngineCoreRequest(request_id="d", prompt_token_ids=prompt,
+                                         sampling_params=GREEDY, kv_transfer_params=bad))
+    out = _finish([decode, prefill], "d")
+    assert decode.connector.metrics()["kv_refused_total"] == 1
+    if out.error is not None:  # policy fail, refused before the first token went out
+        assert policy == "fail" and "not the prefill's hold" in out.error, out.error
+        assert not out.new_token_ids
+    else:  # recomputed here (a request whose first token went out always is)
+        assert out.new_token_ids == _monolithic(prompt)
+    prefill.kv_abort(other.transfer_id)
+    _clean(prefill, decode)
+
+
+def test_read_refuses_the_kv_of_another_prompt(make: Any) -> None:
+    prefill, decode = make("kv_producer", "read"), make("kv_consumer", "read")
+    params = _hold(prefill, "p", _prompt(1))
+    decode.add_request(EngineCoreRequest(request_id="d", prompt_token_ids=_prompt(3),
+                                         sampling_params=GREEDY, kv_transfer_params=params))
+    out = _finish([decode, prefill], "d")
+    assert out.error is not None and "another prompt" in out.error, out.error
+    assert not out.new_token_ids  # not even the prefill's first token (another prompt's)
+    prefill.kv_abort(params.transfer_id)  # the proxy's cleanup frees P's hold at once
+    _clean(prefill, decode)
+
+
+def test_read_refuses_the_kv_of_another_prompt_even_when_params_lie(make: Any) -> None:
+    """Params whose prompt digest was made to match the decode's: P's release_ack names its
+    own prompt, and the decode refuses the KV it read."""
+    prefill, decode = make("kv_producer", "read"), make("kv_consumer", "read")
+    params = _hold(prefill, "p", _prompt(1))
+    lie = msgspec.structs.replace(params, remote_prompt_digest=prompt_digest(_prompt(3)).hex(),
+                                  first_token_id=None)
+    decode.add_request(EngineCoreRequest(request_id="d", prompt_token_ids=_prompt(3),
+                                         sampling_params=GREEDY, kv_transfer_params=lie))
+    out = _finish([decode, prefill], "d")
+    assert out.error is not None and "another prompt" in out.error, out.error
+    assert decode.connector.metrics()["kv_refused_total"] == 1
+    _clean(prefill, decode)
+
+
+def test_write_prefill_writes_nothing_into_another_prompts_blocks(make: Any) -> None:
+    prefill, decode = make("kv_producer", "write"), make("kv_consumer", "write", "recompute")
+
+    def remote(e: EngineCore) -> dict[str, Any]:
+        m = e.connector.metadata
+        return {"remote_engine_id": m.engine_id, "remote_host": m.host,
+                "remote_handshake_port": m.handshake_port, "remote_notify_port": m.notify_port}
+
+    tid = uuid.uuid4().hex
+    decode.add_request(EngineCoreRequest(
+        request_id="d", prompt_token_ids=_prompt(3), sampling_params=GREEDY,
+        kv_transfer_params=KVTransferParams(transfer_id=tid, do_remote_prefill=True,
+                                            mode=TransferMode.WRITE, **remote(prefill))))
+    prefill.add_request(EngineCoreRequest(
+        request_id="p", prompt_token_ids=_prompt(1),
+        sampling_params=msgspec.structs.replace(GREEDY, max_tokens=1),
+        kv_transfer_params=KVTransferParams(transfer_id=tid, do_remote_decode=True,
+                                            mode=TransferMode.WRITE, **remote(decode))))
+    out = _finish([decode, prefill], "d")
+    assert out.error is None and out.new_token_ids == _monolithic(_prompt(3))  # recomputed
+    p_out = _finish([prefill, decode], "p")
+    assert p_out.error is not None and "not this prefill's" in p_out.error, p_out.error
+    assert prefill.connector.metrics()["bytes_moved_total"] == 0
+    _clean(prefill, decode)
+
+
+@pytest.mark.parametrize("case", ["write-with-a-read-hold", "read-without-the-digest",
+                                  "read-token-count"])
+def test_params_refused_as_they_arrive_are_the_callers_400_at_once(make: Any,
+                                                                   case: str) -> None:
+    """kv_transfer_params that cannot describe this request's transfer end it at once with
+    an error the API answers as 400 (param kv_transfer_params), not after a timeout as a
+    500: a READ answer sent with mode write, a READ answer without the prompt digest, one
+    whose token count is not the prompt's."""
+    from disagg.server.serving import _engine_error
+
+    prefill, decode = make("kv_producer", "read"), make("kv_consumer", "read")
+    prompt = _prompt(1)
+    params = _hold(prefill, "p", prompt)
+    bad = {"write-with-a-read-hold": msgspec.structs.replace(params, mode=TransferMode.WRITE),
+           "read-without-the-digest": msgspec.structs.replace(params,
+                                                              remote_prompt_digest=None),
+           "read-token-count": msgspec.structs.replace(params, remote_num_tokens=39)}[case]
+    decode.add_request(EngineCoreRequest(request_id="d", prompt_token_ids=prompt,
+                                         sampling_params=GREEDY, kv_transfer_params=bad))
+    started = time.monotonic()
+    out = _finish([decode], "d")
+    assert time.monotonic() - started < 1.0
+    assert out.error is not None and not out.new_token_ids
+    err = _engine_error(out.error)
+    assert (err.status, err.param) == (400, "kv_transfer_params"), out.error
+    prefill.kv_abort(params.transfer_id)
+    _clean(prefill, decode)
