@@ -50,6 +50,8 @@ class ClientRequest:
     """The client's ``cache_salt``: the instances root the prompt's hash chain with it."""
     want_timings: bool = False
     """The client asked for ``disagg_timings`` (the proxy asks the instances either way)."""
+    requested_max_tokens: int | None = None
+    """The client's own max_tokens (None: it gave none, the decode fills the context)."""
 
 
 class PromptCounter:
@@ -153,7 +155,8 @@ def parse_request(endpoint: Endpoint, raw: bytes, counter: PromptCounter,
         ids = counter.chat_ids(req)
     return ClientRequest(endpoint, body, req.stream, len(ids),
                          DEFAULT_COMPLETION_MAX_TOKENS if max_tokens is None else max_tokens,
-                         tuple(ids), req.cache_salt, want_timings=req.disagg_timings)
+                         tuple(ids), req.cache_salt, want_timings=req.disagg_timings,
+                         requested_max_tokens=max_tokens)
 
 
 def prefill_body(body: dict[str, Any], kv_params: dict[str, Any]) -> dict[str, Any]:

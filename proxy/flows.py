@@ -136,7 +136,11 @@ class Flow:
             self._deps.registry.mark_failed(failure.inst, failure.reason)
 
     async def _prefill(self, p: Instance, kv_params: dict[str, Any]) -> Reply:
-        """One prefill call (``max_tokens=1``, not streamed), its load counted on ``p``."""
+        """One prefill call (``max_tokens=1``, not streamed), its load counted on ``p``. P
+        also gets the client's max_tokens, so a prompt with no room for them is refused (400)
+        before it is computed rather than by the decode after it."""
+        if self._req.requested_max_tokens is not None:
+            kv_params = {**kv_params, "decode_max_tokens": self._req.requested_max_tokens}
         body = prefill_body(self._req.body, kv_params)
         body[TIMINGS_FIELD] = True
         timeout = aiohttp.ClientTimeout(total=self._cfg.prefill_timeout_s,

@@ -8,6 +8,7 @@ import time
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from disagg.common.logging_setup import current_request_id
@@ -34,6 +35,8 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
         if exc.status < 400:
             raise
         return error_response(exc.status, f"{exc.reason}: {request.method} {request.path}")
+    except RequestPayloadError as exc:  # any route's body in an encoding it is not in
+        return error_response(400, f"cannot read the request body: {exc}")
     except Exception:
         logger.exception("unexpected error on %s %s", request.method, request.path)
         return error_response(500, "internal proxy error; the proxy's log has the details")
@@ -51,6 +54,8 @@ async def _read_body(request: web.Request) -> bytes:
     except web.HTTPRequestEntityTooLarge:
         limit = request.app[STATE_KEY].cfg.max_request_body_bytes
         raise ProxyError(413, f"request body is over the proxy's limit of {limit} bytes") from None
+    except RequestPayloadError as exc:  # e.g. a Content-Encoding the body is not in
+        raise ProxyError(400, f"cannot read the request body: {exc}") from None
 
 
 async def _generate(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:

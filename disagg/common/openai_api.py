@@ -459,6 +459,16 @@ def check_token_ids(ids: list[int], tok: Tokenizer, param: str) -> None:
                        param=param)
 
 
+def check_context(num_prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
+    """A 400 (context_length_exceeded) when the prompt leaves no room for max_tokens."""
+    if num_prompt_tokens + max_tokens > max_model_len:
+        raise ApiError(400, f"This model's maximum context length is {max_model_len} tokens. "
+                       f"However, you requested {num_prompt_tokens + max_tokens} tokens "
+                       f"({num_prompt_tokens} in the prompt, {max_tokens} for the completion). "
+                       "Please reduce the prompt or max_tokens.", param="max_tokens",
+                       code="context_length_exceeded")
+
+
 def sampling_params(req: CompletionRequest | ChatCompletionRequest, num_prompt_tokens: int,
                     max_model_len: int,
                     defaults: SamplingDefaults = SamplingDefaults(),
@@ -482,12 +492,7 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest, num_prompt_t
                             f"{max_logprobs} (--max-logprobs)", param=field_name)
     if max_tokens is None:
         max_tokens = max(1, max_model_len - num_prompt_tokens)
-    if num_prompt_tokens + max_tokens > max_model_len:
-        raise ApiError(400, f"This model's maximum context length is {max_model_len} tokens. "
-                       f"However, you requested {num_prompt_tokens + max_tokens} tokens "
-                       f"({num_prompt_tokens} in the prompt, {max_tokens} for the completion). "
-                       "Please reduce the prompt or max_tokens.", param="max_tokens",
-                       code="context_length_exceeded")
+    check_context(num_prompt_tokens, max_tokens, max_model_len)
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     sp = SamplingParams(max_tokens=max_tokens,
                         temperature=_pick(req.temperature, defaults.temperature, 1.0),

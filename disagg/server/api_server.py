@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from disagg.common import envs
@@ -33,6 +34,7 @@ from disagg.common.openai_api import (
     KVAbortRequest,
     KVFaultsRequest,
     chat_prompt_ids,
+    check_context,
     completion_prompt_ids,
     decode_body,
     kv_params,
@@ -136,6 +138,8 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
         return await handler(request)
     except ApiError as err:
         return json_error(err)
+    except RequestPayloadError as exc:  # e.g. a Content-Encoding the body is not in
+        return json_error(ApiError(400, f"cannot read the request body: {exc}"))
     except web.HTTPException as exc:
         if exc.status >= 400:
             return json_error(ApiError(exc.status, exc.reason or "error"))
@@ -199,6 +203,10 @@ class _Call:
                                   info.sampling_defaults, self.tok.vocab_size,
                                   max_logprobs=info.max_logprobs)
         self.kv_params = kv_params(req)
+        after = self.kv_params.decode_max_tokens if self.kv_params is not None else None
+        if after is not None and self.kv_params is not None and self.kv_params.do_remote_decode:
+            # a prefill for a decode: the decode's length check, before the prompt is computed
+            check_context(len(self.prompt_ids), after, synced.max_model_len)
         if info.log_requests:
             log_arrival(self.engine_request_id, len(self.prompt_ids), self.sp, self.kv_params)
 

@@ -82,3 +82,19 @@ async def test_the_fuzzer_makes_every_kind_of_body() -> None:
                           "bytes", "huge"}
     assert max(len(c.body) for c in cases) < 2 * fuzz.MAX_HUGE_CHARS + 1000
     assert any(b"\xff" in c.body or b"\xed" in c.body for c in cases)
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+@pytest.mark.parametrize("path", list(ENDPOINTS))
+async def test_a_body_not_in_its_content_encoding_is_a_400(instance_client: Any, path: str,
+                                                           encoding: str) -> None:
+    """A Content-Encoding the body is not in fails while the body is read: a 400 with an
+    OpenAI-style error, not a 500 (the same class as a truncated body)."""
+    client = await instance_client(admin_key="adm")
+    headers = {**ADMIN, "Content-Type": "application/json", "Content-Encoding": encoding}
+    body = fuzz.msgspec.json.encode(ENDPOINTS[path][0])
+    async with client.post(path, data=body, headers=headers) as resp:
+        status, raw = resp.status, await resp.read()
+    assert status == 400, raw
+    fuzz.assert_openai_error(status, raw, encoding)
+    assert b"cannot read the request body" in raw

@@ -179,6 +179,25 @@ async def test_kv_params_need_the_key_when_one_is_set(instance_client: Any) -> N
     assert status == 200
 
 
+async def test_a_prefill_refuses_a_prompt_with_no_room_for_the_decodes_max_tokens(
+        instance_client: Any) -> None:
+    """P runs max_tokens=1 but is told the client's max_tokens for the decode: a prompt that
+    leaves no room for them is a 400 before anything is computed (the decode would refuse it
+    after the prefill ran, in a stream the proxy already answered 200)."""
+    client = await instance_client(kv_params_key=KEY)
+
+    def body(after: int) -> dict[str, Any]:  # BOS + 199 bytes = 200 of the 256 tokens
+        return {"prompt": "x" * 199, "max_tokens": 1,
+                "kv_transfer_params": {**READ_PARAMS, "decode_max_tokens": after}}
+
+    err = _assert_openai_error(*await _post(client, "/v1/completions", body(57), KV_HEADER))
+    assert err["code"] == "context_length_exceeded" and "257 tokens" in err["message"]
+    assert client.app[ENGINE].requests == []
+    status, out = await _post(client, "/v1/completions", body(56), KV_HEADER)
+    assert status == 200 and out["choices"], out
+    assert len(client.app[ENGINE].requests) == 1
+
+
 async def test_kv_abort_needs_the_key_when_one_is_set(instance_client: Any) -> None:
     client = await instance_client(kv_params_key=KEY)
     abort = {"transfer_id": "xfer-9"}

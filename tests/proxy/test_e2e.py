@@ -195,6 +195,40 @@ def test_proxy_streams_the_prefill_first_token_and_the_stream_equals_monolithic(
         wait_clean(inst)
 
 
+@pytest.mark.parametrize("stream", [True, False])
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_a_prompt_with_no_room_for_max_tokens_is_a_400_before_any_prefill(
+        default_1p1d: Deployment, path: str, stream: bool) -> None:
+    """The decode's length check happens at the prefill (it knows the client's max_tokens):
+    a 400 context_length_exceeded at once, stream or not, never a 200 stream carrying the
+    decode's refusal after the prefill computed the prompt for nothing."""
+    max_len = requests.get(default_1p1d.url + "/v1/models", timeout=5).json()[
+        "data"][0]["max_model_len"]
+    text = "y" * (max_len - 40)
+    shape = {"messages": [{"role": "user", "content": text}]} if "chat" in path \
+        else {"prompt": text}
+    (p,) = default_1p1d.instances("prefill")
+    def computed() -> float:
+        text = requests.get(p + "/metrics", timeout=5).text
+        return sum(n for _, n in samples(text, "disagg_prompt_tokens_total"))
+
+    def post(max_tokens: int) -> Any:
+        return requests.post(default_1p1d.url + path, timeout=60, json={
+            **shape, "model": "builtin:tiny-llama", "max_tokens": max_tokens, "stream": stream})
+
+    before = computed()
+    assert post(2).status_code == 200  # fits: the prefill computes it (the counter moves)
+    assert computed() > before
+    before = computed()
+    r = post(200)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "context_length_exceeded" and "200 for the completion" in err["message"]
+    assert computed() == before  # nothing was prefilled
+    for inst in default_1p1d.instances():
+        wait_clean(inst)
+
+
 def test_openai_client_through_the_proxy(default_1p1d: Deployment) -> None:
     import openai
 

@@ -76,6 +76,17 @@ async def test_oversized_bodies_get_an_openai_error(fakes: Any, proxies: Any,
         assert "limit of 1024 bytes" in (await resp.json())["error"]["message"]
 
 
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_a_body_not_in_its_content_encoding_is_a_400(fakes: Any, proxies: Any, http: Any,
+                                                           encoding: str) -> None:
+    p, d, proxy = await _pd(fakes, proxies)
+    async with http.post(proxy.url + "/v1/completions", data=b'{"prompt": "x"}', headers={
+            "Content-Type": "application/json", "Content-Encoding": encoding}) as resp:
+        assert resp.status == 400
+        assert "cannot read the request body" in (await resp.json())["error"]["message"]
+    assert p.aborts == [] and d.aborts == []
+
+
 async def test_unknown_routes_and_methods_get_openai_errors(proxies: Any, http: Any) -> None:
     proxy = await proxies(decode_urls=("http://127.0.0.1:9",))
     async with http.get(proxy.url + "/v1/nothing") as resp:
