@@ -38,7 +38,15 @@ from proxy.registration import InstanceInfo
 from proxy.registry import Instance, Pool, Registry
 from proxy.scope import BackgroundTasks, RequestScope
 from proxy.timings import PhaseClock
-from proxy.upstream import OpenStream, Reply, UpstreamFailure, open_stream, post_json, with_deadline
+from proxy.upstream import (
+    OpenStream,
+    Reply,
+    UpstreamFailure,
+    open_stream,
+    post_json,
+    while_up,
+    with_deadline,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -150,8 +158,9 @@ class Flow:
         started_s = time.perf_counter()
         self.clock.prefill_sent_s = time.monotonic()
         try:
-            reply = await post_json(self._scope.session(p), p, self._req.endpoint.value, body,
-                                    timeout)
+            reply = await while_up(post_json(self._scope.session(p), p,
+                                             self._req.endpoint.value, body, timeout),
+                                   p, "prefill")
         finally:
             registry.release(p, num_tokens)
         self.clock.prefill_answered_s = time.monotonic()
@@ -180,9 +189,11 @@ class Flow:
         try:
             result: Result
             if not self._req.stream:
-                result = await post_json(self._scope.session(d), d, path, body, timeout)
+                result = await while_up(
+                    post_json(self._scope.session(d), d, path, body, timeout), d, "decode")
             else:
-                opening = open_stream(self._scope.session(d), d, path, body, timeout)
+                opening = while_up(open_stream(self._scope.session(d), d, path, body, timeout),
+                                   d, "decode")
                 result = await with_deadline(opening, cfg.first_byte_timeout_s, d, "decode")
             self.clock.decode_answered_s = time.monotonic()
             answered = self.clock.prefill_answered_s

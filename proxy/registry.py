@@ -10,11 +10,12 @@ A dynamic instance that misses heartbeats, or deregisters, is removed outright.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from proxy.config import TransferMode
 from proxy.registration import Heartbeat, InstanceInfo, KVRole
@@ -66,6 +67,10 @@ class Instance:
     expires_at_s: float | None = None
     """Monotonic deadline for the next heartbeat (dynamic instances only)."""
     consecutive_failures: int = 0
+    down: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when its health probes fail while it is out of rotation: requests waiting on it
+    fail at once (upstream.while_up) instead of at their own deadline; a fresh event once a
+    probe passes again."""
     outstanding_requests: int = 0
     outstanding_tokens: int = 0
     total_requests: int = 0
@@ -178,6 +183,8 @@ class Registry:
         if inst.state is not InstanceState.HEALTHY:
             logger.info("%s instance %s is healthy", inst.pool.value, inst.url)
         inst.state, inst.last_error = InstanceState.HEALTHY, None
+        if inst.down.is_set():
+            inst.down = asyncio.Event()
 
     def mark_failed(self, inst: Instance, reason: str, *, definite: bool = True) -> None:
         """A failed probe or connection: out of rotation until a probe passes.

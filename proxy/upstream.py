@@ -208,6 +208,28 @@ async def fetch_instance_info(session: aiohttp.ClientSession, inst: Instance,
         raise _failure(inst, exc, f"GET {INFO_PATH}") from exc
 
 
+async def while_up(coro: Any, inst: Instance, what: str) -> Any:
+    """Await ``coro``, unless ``inst`` fails its health probes first (frozen or dead: its
+    ``down`` event): then ``coro`` is cancelled and an UpstreamFailure raised at once, not
+    after the request's own deadline (an hour for a non-streamed answer)."""
+    down = inst.down
+    task = asyncio.ensure_future(coro)
+    waiter = asyncio.ensure_future(down.wait())
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        waiter.cancel()
+        raise
+    if task.done():
+        waiter.cancel()
+        return task.result()
+    task.cancel()
+    await asyncio.wait({task})
+    raise UpstreamFailure(inst, f"{what}: {inst.url} stopped answering its health checks "
+                                f"({inst.last_error})")
+
+
 async def with_deadline(coro: Any, timeout_s: float, inst: Instance, what: str) -> Any:
     """Await ``coro`` for at most ``timeout_s``; a miss is an UpstreamFailure."""
     try:

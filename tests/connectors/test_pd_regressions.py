@@ -237,7 +237,8 @@ def test_a_handshake_with_itself_fails_fast_naming_the_settings(instance_factory
     t0 = time.monotonic()
     status, out = _complete(d.url, _body(
         prompt, transfer_id="self", do_remote_prefill=True, mode="read", remote_epoch=1,
-        remote_generation=1, remote_block_ids=[0, 1, 2], remote_num_tokens=len(prompt), **own))
+        remote_generation=1, remote_block_ids=[0, 1, 2], remote_num_tokens=len(prompt),
+        remote_prompt_digest=prompt_digest(prompt).hex(), **own))
     message = _error(status, out)
     assert time.monotonic() - t0 < 5
     assert "is this engine itself" in message and "'base_port'" in message, message

@@ -44,6 +44,8 @@ class Behavior:
     """Close the TCP connection without answering."""
     hang_s: float = 0.0
     """Wait this long before answering."""
+    frozen: bool = False
+    """Answer nothing on any route, its health probes included (a stopped process)."""
     token_delay_s: float = 0.0
     """Pause between streamed tokens."""
     drop_after_events: int | None = None
@@ -157,10 +159,16 @@ class FakeInstance:
         return [r.get("kv_transfer_params") or {} for r in self.requests]
 
     async def _info(self, request: web.Request) -> web.Response:
+        await self._stay_frozen()
         return web.json_response(self.info())
 
     async def _health(self, request: web.Request) -> web.Response:
+        await self._stay_frozen()
         return web.Response(text="ok")
+
+    async def _stay_frozen(self) -> None:
+        while self.behavior.frozen:
+            await asyncio.sleep(0.05)
 
     async def _models(self, request: web.Request) -> web.Response:
         card = {"id": self.model, "object": "model", "max_model_len": self.max_model_len}
@@ -191,6 +199,7 @@ class FakeInstance:
             return refused
         self.requests.append(body)
         b = self.behavior
+        await self._stay_frozen()
         if b.hang_s:
             await asyncio.sleep(b.hang_s)
         if b.drop_connection:

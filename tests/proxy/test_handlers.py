@@ -87,6 +87,36 @@ async def test_a_body_not_in_its_content_encoding_is_a_400(fakes: Any, proxies: 
     assert p.aborts == [] and d.aborts == []
 
 
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("frozen", ["decode", "prefill"])
+async def test_requests_waiting_on_a_frozen_instance_fail_once_its_probes_do(
+        fakes: Any, proxies: Any, http: Any, frozen: str, stream: bool) -> None:
+    """An instance that stops answering (a stopped process) leaves the rotation after its
+    probes fail; the requests already waiting on it then fail with a clear 5xx at once,
+    not at their own deadline (an hour for a non-streamed answer, minutes before a first
+    byte)."""
+    import asyncio
+    import time
+
+    p, d, proxy = await _pd(fakes, proxies, health_check_interval_s=0.1, probe_timeout_s=0.2,
+                            unhealthy_after_failures=2)
+    async with http.get(proxy.url + "/health") as resp:
+        assert resp.status == 200
+    (d if frozen == "decode" else p).behavior.frozen = True
+    started = time.monotonic()
+    async with asyncio.timeout(10):
+        async with http.post(proxy.url + "/v1/completions", json={
+                "prompt": "hello", "max_tokens": 3, "stream": stream}) as resp:
+            status, text = resp.status, await resp.text()
+    if status == 200:  # a READ stream answered with the prefill's first token already
+        assert stream and frozen == "decode" and '"error"' in text, text
+    else:
+        assert status in (502, 503), text
+    assert "stopped answering its health checks" in text or "no healthy" in text, text
+    assert "[DONE]" not in text
+    assert time.monotonic() - started < 5
+
+
 async def test_unknown_routes_and_methods_get_openai_errors(proxies: Any, http: Any) -> None:
     proxy = await proxies(decode_urls=("http://127.0.0.1:9",))
     async with http.get(proxy.url + "/v1/nothing") as resp:
