@@ -8,7 +8,7 @@ from collections.abc import Mapping
 
 import aiohttp
 
-from proxy.registry import Instance, InstanceState, Pool, Registry
+from proxy.registry import Instance, Pool, Registry
 from proxy.upstream import UpstreamFailure, fetch_instance_info
 
 logger = logging.getLogger(__name__)
@@ -21,8 +21,8 @@ async def probe_instance(registry: Registry, session: aiohttp.ClientSession, ins
         info = await fetch_instance_info(session, inst, timeout_s)
     except UpstreamFailure as failure:
         registry.mark_failed(inst, failure.reason, definite=failure.instance_down)
-        if inst.state is InstanceState.UNHEALTHY:  # frozen or dead: stop waiting on it
-            inst.down.set()
+        if registry.given_up(inst, definite=failure.instance_down):
+            inst.down.set()  # dead, or frozen well past a busy instance's slow answer
         return
     registry.apply_info(inst, info)
 

@@ -30,6 +30,10 @@ class Pool(enum.Enum):
     DECODE = "decode"
 
 
+DOWN_AFTER_EXTRA_FAILURES = 2
+"""Failed probe rounds past leaving the rotation before waiting requests are failed."""
+
+
 class InstanceState(enum.Enum):
     """Where an instance stands; only HEALTHY receives new requests."""
 
@@ -68,9 +72,9 @@ class Instance:
     """Monotonic deadline for the next heartbeat (dynamic instances only)."""
     consecutive_failures: int = 0
     down: asyncio.Event = field(default_factory=asyncio.Event)
-    """Set when its health probes fail while it is out of rotation: requests waiting on it
-    fail at once (upstream.while_up) instead of at their own deadline; a fresh event once a
-    probe passes again."""
+    """Set once the proxy gave up on it (Registry.given_up: dead, or frozen): requests waiting
+    on it fail at once (upstream.while_up) instead of at their own deadline; a fresh event
+    once a probe passes again."""
     outstanding_requests: int = 0
     outstanding_tokens: int = 0
     total_requests: int = 0
@@ -199,6 +203,16 @@ class Registry:
         if inst.state in (InstanceState.HEALTHY, InstanceState.PENDING):
             logger.warning("%s instance %s is unhealthy: %s", inst.pool.value, inst.url, reason)
             inst.state = InstanceState.UNHEALTHY
+
+    def given_up(self, inst: Instance, *, definite: bool) -> bool:
+        """Whether the requests waiting on ``inst`` should stop waiting: it is out of rotation
+        and its connections are refused (dead), or its probes kept timing out for
+        ``DOWN_AFTER_EXTRA_FAILURES`` more rounds than it took to leave the rotation (frozen:
+        a busy instance answers a probe within a few rounds)."""
+        if inst.state is not InstanceState.UNHEALTHY:
+            return False
+        return definite or (inst.consecutive_failures
+                            >= self._unhealthy_after_failures + DOWN_AFTER_EXTRA_FAILURES)
 
     def on_heartbeat(self, msg: Heartbeat, now_s: float | None = None) -> Instance | None:
         """Register or refresh a dynamic instance; returns it (None if its URL is unusable)."""

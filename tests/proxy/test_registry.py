@@ -7,6 +7,7 @@ import pytest
 from proxy.config import TransferMode
 from proxy.registration import Heartbeat, InstanceInfo, KVRole
 from proxy.registry import (
+    DOWN_AFTER_EXTRA_FAILURES,
     InstanceState,
     Origin,
     Pool,
@@ -73,6 +74,26 @@ def test_slow_probes_count_before_an_instance_leaves() -> None:
     for _ in range(3):
         reg.mark_failed(inst, "timed out", definite=False)
     assert inst.state is InstanceState.UNHEALTHY
+
+
+def test_requests_stop_waiting_only_on_a_dead_or_long_frozen_instance() -> None:
+    """Slow probes take an instance out of rotation; the requests already on it are given up
+    only when it refuses connections or its probes keep failing for
+    DOWN_AFTER_EXTRA_FAILURES more rounds (a busy instance answers in between)."""
+    reg = Registry(TransferMode.READ, unhealthy_after_failures=3)
+    inst = reg.add("http://127.0.0.1:9100", Pool.DECODE, Origin.STATIC)
+    reg.apply_info(inst, _info(KVRole.CONSUMER))
+    for _ in range(3 + DOWN_AFTER_EXTRA_FAILURES - 1):
+        reg.mark_failed(inst, "timed out", definite=False)
+        assert not reg.given_up(inst, definite=False)
+    assert inst.state is InstanceState.UNHEALTHY
+    reg.mark_failed(inst, "timed out", definite=False)
+    assert reg.given_up(inst, definite=False)
+    inst.down.set()
+    reg.apply_info(inst, _info(KVRole.CONSUMER))  # back: a fresh signal for new requests
+    assert inst.state is InstanceState.HEALTHY and not inst.down.is_set()
+    reg.mark_failed(inst, "connection refused")
+    assert reg.given_up(inst, definite=True)
 
 
 def test_drain_keeps_the_instance_listed_but_unroutable() -> None:
