@@ -127,16 +127,35 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await _generate(request, Endpoint.CHAT)
 
 
-async def models(request: web.Request) -> web.Response:
-    """``GET /v1/models``: the served model, with the pool's smallest ``max_model_len``."""
+def _model_card(request: web.Request) -> dict[str, object] | web.Response:
+    """The served model's card, or the 503 to answer while no instance is healthy."""
     st = request.app[STATE_KEY]
     max_model_len = st.registry.min_max_model_len()
     if max_model_len is None:
         return error_response(503, "no healthy instance yet; the model is not known")
     name = st.registry.model_name() or st.cfg.model or "unknown"
-    card = {"id": name, "object": "model", "created": st.started_at_s, "owned_by": "disagg",
+    return {"id": name, "object": "model", "created": st.started_at_s, "owned_by": "disagg",
             "max_model_len": max_model_len}
+
+
+async def models(request: web.Request) -> web.Response:
+    """``GET /v1/models``: the served model, with the pool's smallest ``max_model_len``."""
+    card = _model_card(request)
+    if isinstance(card, web.Response):
+        return card
     return web.json_response({"object": "list", "data": [card]})
+
+
+async def model(request: web.Request) -> web.Response:
+    """``GET /v1/models/{id}`` (the OpenAI client's models.retrieve): the card, or a 404."""
+    card = _model_card(request)
+    if isinstance(card, web.Response):
+        return card
+    wanted = request.match_info["model_id"]
+    if wanted != card["id"]:
+        return error_response(404, f"The model `{wanted}` does not exist; this proxy serves "
+                                   f"`{card['id']}`")
+    return web.json_response(card)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -162,5 +181,6 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post(Endpoint.COMPLETIONS.value, completions)
     app.router.add_post(Endpoint.CHAT.value, chat_completions)
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/models/{model_id:.+}", model)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)

@@ -309,14 +309,27 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await _completions(request, chat=True)
 
 
-async def models(request: web.Request) -> web.Response:
-    """GET /v1/models with the synced max_model_len."""
+def _model_cards(request: web.Request) -> list[dict[str, Any]]:
     info, synced = request.app[INFO], request.app[ENGINE].synced
     assert synced is not None
-    return web.json_response({"object": "list", "data": [{
-        "id": name, "object": "model", "created": 0, "owned_by": "disagg",
-        "root": info.model, "max_model_len": synced.max_model_len}
-        for name in (info.served_model_name, *info.model_aliases)]})
+    return [{"id": name, "object": "model", "created": 0, "owned_by": "disagg",
+             "root": info.model, "max_model_len": synced.max_model_len}
+            for name in (info.served_model_name, *info.model_aliases)]
+
+
+async def models(request: web.Request) -> web.Response:
+    """GET /v1/models with the synced max_model_len."""
+    return web.json_response({"object": "list", "data": _model_cards(request)})
+
+
+async def model(request: web.Request) -> web.Response:
+    """GET /v1/models/{id} (the OpenAI client's models.retrieve): its card, or a 404."""
+    wanted = request.match_info["model_id"]
+    for card in _model_cards(request):
+        if card["id"] == wanted:
+            return web.json_response(card)
+    request.app[INFO].check_model(wanted)  # a 404 naming the served model
+    return web.json_response(_model_cards(request)[0])  # the model path: the served card
 
 
 async def health(request: web.Request) -> web.Response:
@@ -417,6 +430,7 @@ def make_app(engine: EngineClient, tokenizer: Tokenizer, info: ServerInfo) -> we
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/models/{model_id:.+}", model)
     app.router.add_get("/health", health)
     app.router.add_get("/version", version)
     app.router.add_get("/metrics", metrics)

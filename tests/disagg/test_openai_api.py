@@ -198,6 +198,18 @@ async def test_a_prefill_refuses_a_prompt_with_no_room_for_the_decodes_max_token
     assert len(client.app[ENGINE].requests) == 1
 
 
+async def test_a_model_is_retrieved_by_its_id_as_the_openai_client_does(
+        instance_client: Any) -> None:
+    client = await instance_client()
+    async with client.get("/v1/models") as resp:
+        listed = (await resp.json())["data"][0]
+    async with client.get("/v1/models/" + listed["id"]) as resp:
+        assert resp.status == 200 and await resp.json() == listed
+    async with client.get("/v1/models/org/another-model") as resp:
+        err = _assert_openai_error(resp.status, await resp.json(), 404)
+    assert err["code"] == "model_not_found" and "org/another-model" in err["message"]
+
+
 async def test_kv_abort_needs_the_key_when_one_is_set(instance_client: Any) -> None:
     client = await instance_client(kv_params_key=KEY)
     abort = {"transfer_id": "xfer-9"}

@@ -155,6 +155,10 @@ async def test_openai_client_completions_chat_and_streaming(fakes: Any, proxies:
         assert "".join(p or "" for p in pieces) == chat.choices[0].message.content
         with pytest.raises(openai.BadRequestError):
             await client.completions.create(model="m", prompt=["a", "b"], max_tokens=2)
+        served = (await client.models.list()).data[0].id
+        assert (await client.models.retrieve(served)).id == served
+        with pytest.raises(openai.NotFoundError):
+            await client.models.retrieve("org/another-model")
     assert len(p.requests) == 4 and len(d.requests) == 4
     assert all(r["max_tokens"] == 1 and r["stream"] is False for r in p.requests)
 
