@@ -84,6 +84,9 @@ async def relay_stream(request: web.Request, stream: OpenStream, idle_timeout_s:
         await client.write(first)
         try:
             complete = await _pump(client, stream, idle_timeout_s, timings)
+            if not complete:  # a clean end without [DONE]: the client must not take it whole
+                raise StreamBroke(f"decode instance {stream.inst.url} ended its stream "
+                                  "without [DONE]: the answer is incomplete")
         except StreamBroke as exc:
             logger.warning("%s", exc)
             await client.write(error_event(502, str(exc)))

@@ -48,6 +48,8 @@ class Behavior:
     """Answer nothing on any route, its health probes included (a stopped process)."""
     token_delay_s: float = 0.0
     """Pause between streamed tokens."""
+    end_without_done: bool = False
+    """In a stream, end the response cleanly without ``data: [DONE]`` (a truncated answer)."""
     drop_after_events: int | None = None
     """In a stream, close the connection after this many events."""
     omit_kv_params: bool = False
@@ -309,7 +311,8 @@ class FakeInstance:
                 await resp.write(b"data: " + json.dumps(event).encode() + b"\n\n")
                 if self.behavior.token_delay_s:
                     await asyncio.sleep(self.behavior.token_delay_s)
-            await resp.write(b"data: [DONE]\n\n")
+            if not self.behavior.end_without_done:
+                await resp.write(b"data: [DONE]\n\n")
             await asyncio.sleep(self.behavior.linger_after_done_s)
             await resp.write_eof()
         except ConnectionResetError:

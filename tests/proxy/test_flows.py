@@ -52,7 +52,8 @@ async def test_read_flow_sends_the_right_bodies(fakes: Any, proxies: Any, http: 
     assert p_body["max_tokens"] == 1 and p_body["stream"] is False
     transfer_id = p_body["kv_transfer_params"]["transfer_id"]
     assert p_body["kv_transfer_params"] == {"transfer_id": transfer_id,
-                                            "do_remote_decode": True, "mode": "read"}
+                                            "do_remote_decode": True, "mode": "read",
+                                            "decode_max_tokens": 5}  # the client's
     assert d_body["max_tokens"] == 5 and d_body["temperature"] == 0.0
     kv = d_body["kv_transfer_params"]
     assert kv["transfer_id"] == transfer_id and kv["do_remote_prefill"] is True
@@ -147,7 +148,8 @@ async def test_write_flow_sends_to_both_at_once_with_peer_addresses(fakes: Any, 
     assert pk["transfer_id"] == dk["transfer_id"]
     assert pk == {"transfer_id": pk["transfer_id"], "do_remote_decode": True, "mode": "write",
                   "remote_engine_id": d.engine_id, "remote_host": "127.0.0.1",
-                  "remote_handshake_port": 18000, "remote_notify_port": 18001}
+                  "remote_handshake_port": 18000, "remote_notify_port": 18001,
+                  "decode_max_tokens": 5}
     assert dk == {"transfer_id": pk["transfer_id"], "do_remote_prefill": True, "mode": "write",
                   "remote_engine_id": p.engine_id, "remote_host": "127.0.0.1",
                   "remote_handshake_port": 17000, "remote_notify_port": 17001}
@@ -305,6 +307,18 @@ async def test_client_disconnect_while_waiting_aborts_both(fakes: Any, proxies: 
                 await resp.read()
     transfer_id = p.requests[0]["kv_transfer_params"]["transfer_id"]
     await _wait_for(lambda: p.aborts == [transfer_id] and d.aborts == [transfer_id])
+
+
+async def test_a_decode_stream_ending_without_done_ends_with_an_error_event(
+        fakes: Any, proxies: Any, http: Any) -> None:
+    """A clean end of the upstream stream with no [DONE] is a truncated answer: the client
+    gets an error event, not a stream it would take as complete."""
+    (p,), (d,), proxy = await _pd(fakes, proxies)
+    d.behavior.end_without_done = True
+    payload = {"model": "m", "prompt": PROMPT, "max_tokens": 4, "stream": True}
+    async with http.post(proxy.url + "/v1/completions", json=payload) as resp:
+        raw = (await resp.read()).decode()
+    assert "data: [DONE]" not in raw and '"error"' in raw and "without [DONE]" in raw, raw
 
 
 async def test_decode_dying_mid_stream_ends_with_an_error_event(fakes: Any, proxies: Any,
