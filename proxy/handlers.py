@@ -95,9 +95,11 @@ async def _generate(request: web.Request, endpoint: Endpoint) -> web.StreamRespo
     except UpstreamRejected as exc:
         outcome = Outcome.REJECTED
         if client.response is not None:
-            detail = exc.body[:500].decode("utf-8", "replace")
-            return await client.fail(exc.status, f"the decode refused the request: {detail}")
-        return web.Response(status=exc.status, body=exc.body, content_type=exc.content_type)
+            return await client.fail(exc.status,
+                                     f"the decode refused the request: {exc.message()}")
+        if exc.openai_error() is not None:  # an instance's own error: as it was
+            return web.Response(status=exc.status, body=exc.body, content_type="application/json")
+        return error_response(exc.status, f"an instance refused the request: {exc.message()}")
     except ConnectionResetError:
         if client.response is None:
             raise

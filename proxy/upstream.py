@@ -79,6 +79,24 @@ class UpstreamRejected(Exception):
         self.body = body
         self.content_type = content_type
 
+    def openai_error(self) -> dict[str, Any] | None:
+        """The body's ``error`` object when it is an OpenAI-style error (what instances
+        answer), else None (some other server's page: the proxy words its own)."""
+        try:
+            data = msgspec.json.decode(self.body)
+        except msgspec.DecodeError:
+            return None
+        error = data.get("error") if isinstance(data, dict) else None
+        return error if isinstance(error, dict) and isinstance(error.get("message"), str) \
+            else None
+
+    def message(self) -> str:
+        """What the instance said: its error message, or the start of its body."""
+        error = self.openai_error()
+        if error is not None:
+            return str(error["message"])
+        return self.body[:500].decode("utf-8", "replace").strip() or f"HTTP {self.status}"
+
 
 _UNPARSED: Any = object()
 

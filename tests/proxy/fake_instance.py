@@ -40,6 +40,8 @@ class Behavior:
 
     fail_status: int | None = None
     """Answer every generation request with this HTTP status and an OpenAI error body."""
+    fail_text: str | None = None
+    """With ``fail_status``: this plain-text body instead (a server that is not disagg's)."""
     drop_connection: bool = False
     """Close the TCP connection without answering."""
     hang_s: float = 0.0
@@ -213,6 +215,8 @@ class FakeInstance:
             err = {"message": "KV transfer failed", "type": "server_error", "param": None,
                    "code": 500}
             return web.json_response({"error": err}, status=500)
+        if b.fail_status is not None and b.fail_text is not None:
+            return web.Response(status=b.fail_status, text=b.fail_text)
         if b.fail_status is not None:
             err = {"message": "fake failure", "type": "server_error", "param": None,
                    "code": b.fail_status}

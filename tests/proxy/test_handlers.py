@@ -117,6 +117,24 @@ async def test_requests_waiting_on_a_frozen_instance_fail_once_its_probes_do(
     assert time.monotonic() - started < 5
 
 
+@pytest.mark.parametrize(("text", "status"), [("plain bad", 400), ("", 413)])
+async def test_an_upstream_refusal_in_another_shape_is_worded_openai_style(
+        fakes: Any, proxies: Any, http: Any, text: str, status: int) -> None:
+    """A refusal whose body is not an OpenAI-style error (a plain page, nothing) reaches the
+    client with the same status and an OpenAI-style body naming what the instance said; an
+    instance's own error body goes through as it was."""
+    p, d, proxy = await _pd(fakes, proxies)
+    p.behavior.fail_status, p.behavior.fail_text = status, text
+    async with http.post(proxy.url + "/v1/completions", json={"prompt": "x"}) as resp:
+        assert resp.status == status
+        err = (await resp.json())["error"]
+    assert err["message"] == f"an instance refused the request: {text or f'HTTP {status}'}"
+    p.behavior.fail_text = None
+    async with http.post(proxy.url + "/v1/completions", json={"prompt": "x"}) as resp:
+        assert resp.status == status and (await resp.json())["error"]["message"] == \
+            "fake failure"
+
+
 async def test_unknown_routes_and_methods_get_openai_errors(proxies: Any, http: Any) -> None:
     proxy = await proxies(decode_urls=("http://127.0.0.1:9",))
     async with http.get(proxy.url + "/v1/nothing") as resp:
