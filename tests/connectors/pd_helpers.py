@@ -184,3 +184,35 @@ def alive(inst: Any) -> bool:
         return bool(requests.get(inst.url + "/health", timeout=5).status_code == 200)
     except requests.RequestException:
         return False
+
+
+# ---- engines in this process (no HTTP) ------------------------------------------------------
+def pd_engine(role: str, mode: str, *, async_scheduling: bool = True,
+              kv_cache_memory_bytes: int = 4 * 2**20, **options: Any) -> Any:
+    """A tiny-llama EngineCore on the CPU with the PD connector over loopback TCP (prefix
+    caching off, max_model_len 256); ``options`` go to kv_connector_extra_config."""
+    from disagg.common.config import (
+        CacheConfig,
+        EngineConfig,
+        KVTransferConfig,
+        ModelConfig,
+        SchedulerConfig,
+    )
+    from disagg.engine.engine_core import EngineCore
+
+    return EngineCore(EngineConfig(
+        model=ModelConfig(model="builtin:tiny-llama", served_model_name="m", device="cpu",
+                          max_model_len=256),
+        cache=CacheConfig(block_size=16, kv_cache_memory_bytes=kv_cache_memory_bytes,
+                          enable_prefix_caching=False),
+        scheduler=SchedulerConfig(max_num_seqs=8, async_scheduling=async_scheduling),
+        kv_transfer=KVTransferConfig(
+            kv_connector="PDConnector", kv_role=role, kv_connector_extra_config={
+                "transport": "tcp", "mode": mode, "host": "127.0.0.1", **options})))
+
+
+def engine_remote(engine: Any) -> dict[str, Any]:
+    """An in-process engine's connector address as kv_transfer_params fields."""
+    m = engine.connector.metadata
+    return {"remote_engine_id": m.engine_id, "remote_host": m.host,
+            "remote_handshake_port": m.handshake_port, "remote_notify_port": m.notify_port}

@@ -15,14 +15,8 @@ from typing import Any
 
 import msgspec
 import pytest
+from pd_helpers import engine_remote, pd_engine
 
-from disagg.common.config import (
-    CacheConfig,
-    EngineConfig,
-    KVTransferConfig,
-    ModelConfig,
-    SchedulerConfig,
-)
 from disagg.common.kv_transfer_params import KVTransferParams, TransferMode
 from disagg.common.protocol import EngineCoreRequest
 from disagg.common.sampling_params import SamplingParams
@@ -49,28 +43,13 @@ def make() -> Iterator[Any]:
     made: list[EngineCore] = []
 
     def engine(role: str, mode: str, *, async_on: bool = True, **options: Any) -> EngineCore:
-        e = EngineCore(EngineConfig(
-            model=ModelConfig(model="builtin:tiny-llama", served_model_name="m", device="cpu",
-                              max_model_len=256),
-            cache=CacheConfig(block_size=16, kv_cache_memory_bytes=4 * 2**20,
-                              enable_prefix_caching=False),
-            scheduler=SchedulerConfig(max_num_seqs=8, async_scheduling=async_on),
-            kv_transfer=KVTransferConfig(
-                kv_connector="PDConnector", kv_role=role, kv_connector_extra_config={
-                    "transport": "tcp", "mode": mode, "host": "127.0.0.1", **FAST,
-                    **options})))
+        e = pd_engine(role, mode, async_scheduling=async_on, **FAST, **options)
         made.append(e)
         return e
 
     yield engine
     for e in made:
         e.close()
-
-
-def _remote(engine: EngineCore) -> dict[str, Any]:
-    m = engine.connector.metadata
-    return {"remote_engine_id": m.engine_id, "remote_host": m.host,
-            "remote_handshake_port": m.handshake_port, "remote_notify_port": m.notify_port}
 
 
 @dataclass
@@ -114,7 +93,7 @@ class _PD:
         tid = uuid.uuid4().hex
         mode = TransferMode(self.mode)
         p_params = KVTransferParams(transfer_id=tid, do_remote_decode=True, mode=mode,
-                                    **(_remote(self.decode) if self.mode == "write" else {}))
+                                    **(engine_remote(self.decode) if self.mode == "write" else {}))
         self.prefill.add_request(EngineCoreRequest(
             request_id=rid, prompt_token_ids=prompt,
             sampling_params=msgspec.structs.replace(sp, max_tokens=1),
@@ -123,7 +102,7 @@ class _PD:
             self.waiting_prefill[rid] = (prompt, sp)
             return
         self._add_decode(rid, prompt, sp, KVTransferParams(
-            transfer_id=tid, do_remote_prefill=True, mode=mode, **_remote(self.prefill)))
+            transfer_id=tid, do_remote_prefill=True, mode=mode, **engine_remote(self.prefill)))
 
     def _add_decode(self, rid: str, prompt: list[int], sp: SamplingParams,
                     params: KVTransferParams) -> None:

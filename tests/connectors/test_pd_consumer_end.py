@@ -13,9 +13,9 @@ from typing import Any
 
 import msgspec
 import pytest
+from pd_helpers import engine_remote, pd_engine
 
 from connectors.protocol import HandshakeResponse
-from disagg.common.config import CacheConfig, EngineConfig, KVTransferConfig, ModelConfig
 from disagg.common.kv_transfer_params import KVTransferParams, TransferMode
 from disagg.common.protocol import EngineCoreRequest
 from disagg.common.sampling_params import SamplingParams
@@ -34,17 +34,10 @@ def engines(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
 
     def make(role: str, faults: list[dict[str, Any]] | None = None,
              mode: str = "read", **options: Any) -> EngineCore:
-        extra: dict[str, Any] = {"transport": "tcp", "mode": mode, "host": "127.0.0.1",
-                                 "layerwise": False, **FAST, **options}
+        extra: dict[str, Any] = {"layerwise": False, **FAST, **options}
         if faults:
             extra["faults"] = faults
-        engine = EngineCore(EngineConfig(
-            model=ModelConfig(model="builtin:tiny-llama", served_model_name="m", device="cpu",
-                              max_model_len=256),
-            cache=CacheConfig(block_size=16, kv_cache_memory_bytes=2 * 2**20,
-                              enable_prefix_caching=False),
-            kv_transfer=KVTransferConfig(kv_connector="PDConnector", kv_role=role,
-                                         kv_connector_extra_config=extra)))
+        engine = pd_engine(role, mode, kv_cache_memory_bytes=2 * 2**20, **extra)
         made.append(engine)
         return engine
 
@@ -97,12 +90,6 @@ def _abort_holds_then_frees(decode: Any, prefill: Any, num_blocks: int) -> None:
                 and decode.pool.snapshot().held == 0)
 
 
-def _remote(engine: EngineCore) -> dict[str, Any]:
-    m = engine.connector.metadata
-    return {"remote_engine_id": m.engine_id, "remote_host": m.host,
-            "remote_handshake_port": m.handshake_port, "remote_notify_port": m.notify_port}
-
-
 def test_aborted_write_decode_keeps_its_blocks_until_the_producer_quiesced(engines: Any) -> None:
     """WRITE: P's write into D's blocks stalls; D's request is aborted. D keeps the blocks
     until P says nothing of its can land any more (quiesced), then frees them."""
@@ -112,12 +99,12 @@ def test_aborted_write_decode_keeps_its_blocks_until_the_producer_quiesced(engin
     decode.add_request(EngineCoreRequest(
         request_id="d", prompt_token_ids=PROMPT, sampling_params=GREEDY,
         kv_transfer_params=KVTransferParams(transfer_id=tid, do_remote_prefill=True,
-                                            mode=TransferMode.WRITE, **_remote(prefill))))
+                                            mode=TransferMode.WRITE, **engine_remote(prefill))))
     prefill.add_request(EngineCoreRequest(
         request_id="p", prompt_token_ids=PROMPT,
         sampling_params=msgspec.structs.replace(GREEDY, max_tokens=1),
         kv_transfer_params=KVTransferParams(transfer_id=tid, do_remote_decode=True,
-                                            mode=TransferMode.WRITE, **_remote(decode))))
+                                            mode=TransferMode.WRITE, **engine_remote(decode))))
     p_t = prefill.connector.transfers[tid]
     d_t = decode.connector.transfers[tid]
     _step_until([decode, prefill], lambda: bool(p_t.handles))  # P's write is posted, stalls
@@ -159,7 +146,7 @@ def test_write_decode_frees_its_blocks_after_a_frozen_prefill_thaws(
     decode.add_request(EngineCoreRequest(
         request_id="d", prompt_token_ids=PROMPT, sampling_params=GREEDY,
         kv_transfer_params=KVTransferParams(transfer_id=tid, do_remote_prefill=True,
-                                            mode=TransferMode.WRITE, **_remote(prefill))))
+                                            mode=TransferMode.WRITE, **engine_remote(prefill))))
     failed: list[Any] = []
 
     def decode_failed() -> bool:
@@ -172,7 +159,7 @@ def test_write_decode_frees_its_blocks_after_a_frozen_prefill_thaws(
         request_id="p", prompt_token_ids=PROMPT,
         sampling_params=msgspec.structs.replace(GREEDY, max_tokens=1),
         kv_transfer_params=KVTransferParams(transfer_id=tid, do_remote_decode=True,
-                                            mode=TransferMode.WRITE, **_remote(decode)))
+                                            mode=TransferMode.WRITE, **engine_remote(decode)))
     if request_first:
         prefill.add_request(p_request)
     freeze.thawed.set()

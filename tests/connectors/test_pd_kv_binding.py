@@ -14,9 +14,9 @@ from typing import Any
 
 import msgspec
 import pytest
+from pd_helpers import engine_remote, pd_engine
 
 from connectors.transfer import prompt_digest
-from disagg.common.config import CacheConfig, EngineConfig, KVTransferConfig, ModelConfig
 from disagg.common.kv_transfer_params import KVTransferParams, TransferMode
 from disagg.common.protocol import EngineCoreOutput, EngineCoreRequest
 from disagg.common.sampling_params import SamplingParams
@@ -35,16 +35,8 @@ def make() -> Iterator[Callable[..., EngineCore]]:
     made: list[EngineCore] = []
 
     def engine(role: str, mode: str, policy: str = "fail") -> EngineCore:
-        e = EngineCore(EngineConfig(
-            model=ModelConfig(model="builtin:tiny-llama", served_model_name="m", device="cpu",
-                              max_model_len=256),
-            cache=CacheConfig(block_size=16, kv_cache_memory_bytes=4 * 2**20,
-                              enable_prefix_caching=False),
-            kv_transfer=KVTransferConfig(
-                kv_connector="PDConnector", kv_role=role, kv_connector_extra_config={
-                    "transport": "tcp", "mode": mode, "host": "127.0.0.1",
-                    "kv_load_failure_policy": policy, "transfer_timeout": 2,
-                    "defer_timeout": 2, "lease_timeout": 2, "heartbeat_interval": 0.25})))
+        e = pd_engine(role, mode, kv_load_failure_policy=policy, transfer_timeout=2,
+                      defer_timeout=2, lease_timeout=2, heartbeat_interval=0.25)
         made.append(e)
         return e
 
@@ -165,21 +157,16 @@ def test_read_refuses_the_kv_of_another_prompt_even_when_params_lie(make: Any) -
 def test_write_prefill_writes_nothing_into_another_prompts_blocks(make: Any) -> None:
     prefill, decode = make("kv_producer", "write"), make("kv_consumer", "write", "recompute")
 
-    def remote(e: EngineCore) -> dict[str, Any]:
-        m = e.connector.metadata
-        return {"remote_engine_id": m.engine_id, "remote_host": m.host,
-                "remote_handshake_port": m.handshake_port, "remote_notify_port": m.notify_port}
-
     tid = uuid.uuid4().hex
     decode.add_request(EngineCoreRequest(
         request_id="d", prompt_token_ids=_prompt(3), sampling_params=GREEDY,
         kv_transfer_params=KVTransferParams(transfer_id=tid, do_remote_prefill=True,
-                                            mode=TransferMode.WRITE, **remote(prefill))))
+                                            mode=TransferMode.WRITE, **engine_remote(prefill))))
     prefill.add_request(EngineCoreRequest(
         request_id="p", prompt_token_ids=_prompt(1),
         sampling_params=msgspec.structs.replace(GREEDY, max_tokens=1),
         kv_transfer_params=KVTransferParams(transfer_id=tid, do_remote_decode=True,
-                                            mode=TransferMode.WRITE, **remote(decode))))
+                                            mode=TransferMode.WRITE, **engine_remote(decode))))
     out = _finish([decode, prefill], "d")
     assert out.error is None and out.new_token_ids == _monolithic(_prompt(3))  # recomputed
     p_out = _finish([prefill, decode], "p")

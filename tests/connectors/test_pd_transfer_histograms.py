@@ -13,9 +13,9 @@ from typing import Any
 import msgspec
 import pytest
 from metrics_pages import fake_engine
+from pd_helpers import pd_engine
 from prom_text import families, value
 
-from disagg.common.config import CacheConfig, EngineConfig, KVTransferConfig, ModelConfig
 from disagg.common.kv_transfer_histograms import transfer_histograms
 from disagg.common.kv_transfer_params import KVTransferParams, TransferMode
 from disagg.common.protocol import EngineCoreRequest, EngineStats
@@ -33,14 +33,7 @@ def pair() -> Iterator[tuple[EngineCore, EngineCore]]:
     """A READ prefill and decode engine, closed at teardown."""
     made = []
     for role in ("kv_producer", "kv_consumer"):
-        made.append(EngineCore(EngineConfig(
-            model=ModelConfig(model="builtin:tiny-llama", served_model_name="m", device="cpu",
-                              max_model_len=256),
-            cache=CacheConfig(block_size=16, kv_cache_memory_bytes=2 * 2**20,
-                              enable_prefix_caching=False),
-            kv_transfer=KVTransferConfig(
-                kv_connector="PDConnector", kv_role=role, kv_connector_extra_config={
-                    "transport": "tcp", "mode": "read", "host": "127.0.0.1"}))))
+        made.append(pd_engine(role, "read", kv_cache_memory_bytes=2 * 2**20))
     yield made[0], made[1]
     for engine in made:
         engine.close()
