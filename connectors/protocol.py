@@ -125,10 +125,10 @@ class RemoteBlocks(_Sent, tag="remote_blocks", kw_only=True):
     handshake_port: Port
     notify_port: Port
     skip: Annotated[int, msgspec.Meta(ge=0, le=1 << 31)] = 0
+    """Leading blocks of ``block_ids`` the decode already holds (prefix cache): not written."""
     prompt_digest: PromptDigest = b""
     """The decode's prompt: the prefill writes only KV of this very prompt (none named:
     none written)."""
-    """Leading blocks of ``block_ids`` the decode already holds (prefix cache): not written."""
 
 
 class WriteDone(_Sent, tag="write_done", kw_only=True):

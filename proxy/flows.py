@@ -147,8 +147,10 @@ class Flow:
         """One prefill call (``max_tokens=1``, not streamed), its load counted on ``p``. P
         also gets the client's max_tokens, so a prompt with no room for them is refused (400)
         before it is computed rather than by the decode after it."""
-        if self._req.requested_max_tokens is not None:
-            kv_params = {**kv_params, "decode_max_tokens": self._req.requested_max_tokens}
+        decode_len = self._deps.registry.largest_max_model_len(Pool.DECODE)
+        if self._req.requested_max_tokens is not None and decode_len is not None:
+            kv_params = {**kv_params, "decode_max_tokens": self._req.requested_max_tokens,
+                         "decode_max_model_len": decode_len}
         body = prefill_body(self._req.body, kv_params)
         body[TIMINGS_FIELD] = True
         timeout = aiohttp.ClientTimeout(total=self._cfg.prefill_timeout_s,
@@ -243,7 +245,7 @@ class Flow:
                 continue
             d_params = {**params, "do_remote_prefill": True, "mode": TransferMode.READ.value,
                         "transfer_id": transfer_id}
-            if not self._cfg.first_token_from_prefill:  # (no new field: an older D parses it)
+            if not self._cfg.first_token_from_prefill:
                 d_params.pop("first_token_id", None)
             await self._stream_first_token(d_params)
             try:

@@ -264,6 +264,12 @@ class Registry:
                 if i.state is InstanceState.HEALTHY and i.info is not None]
         return min(lens) if lens else None
 
+    def largest_max_model_len(self, pool: Pool) -> int | None:
+        """Largest max_model_len over the pool's healthy instances (None: none known)."""
+        lens = [i.info.max_model_len for i in self._instances.values()
+                if i.pool is pool and i.state is InstanceState.HEALTHY and i.info is not None]
+        return max(lens) if lens else None
+
     def model_name(self) -> str | None:
         """The served model's name, as a healthy instance reports it."""
         for inst in self._instances.values():

@@ -13,7 +13,7 @@ from disagg.common.sse import SSE_HEADERS, SSEFramingError, is_done
 from proxy.errors import error_event
 from proxy.metrics import Outcome
 from proxy.timings import StreamTimings
-from proxy.upstream import OpenStream
+from proxy.upstream import ERROR_EVENT_PREFIX, OpenStream
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,8 @@ async def _pump(client: web.StreamResponse, stream: OpenStream, idle_timeout_s: 
             raise StreamBroke(f"decode instance {stream.inst.url}: {exc}") from None
         if events:
             stream.saw_done = stream.saw_done or is_done(events[-1])
+            stream.saw_error = stream.saw_error or any(
+                e.startswith(ERROR_EVENT_PREFIX) for e in events)
             if timings is not None:
                 events = await timings.events(events)
             await client.write(b"".join(events))
@@ -84,7 +86,8 @@ async def relay_stream(request: web.Request, stream: OpenStream, idle_timeout_s:
         await client.write(first)
         try:
             complete = await _pump(client, stream, idle_timeout_s, timings)
-            if not complete:  # a clean end without [DONE]: the client must not take it whole
+            if not complete and not stream.saw_error:  # a clean end without [DONE] (and no
+                # error event of the instance's own): the client must not take it whole
                 raise StreamBroke(f"decode instance {stream.inst.url} ended its stream "
                                   "without [DONE]: the answer is incomplete")
         except StreamBroke as exc:

@@ -27,6 +27,9 @@ class ProxyState:
     kv_index: KVIndex = field(default_factory=KVIndex)
     """What registered instances' prefix caches hold (kv_aware reads it)."""
     sessions: dict[Pool, aiohttp.ClientSession] = field(default_factory=dict)
+    probe_sessions: dict[Pool, aiohttp.ClientSession] = field(default_factory=dict)
+    """The health probes' own connections: a probe never queues behind requests for a slot
+    (a busy instance would look frozen, and its waiting requests be given up)."""
     started_at_s: int = field(default_factory=lambda: int(time.time()))
     registration_endpoint: str | None = None
     """The ZMQ endpoint instances register at, once bound."""

@@ -123,6 +123,10 @@ class Reply:
         return self._object  # type: ignore[no-any-return]
 
 
+ERROR_EVENT_PREFIX = b'data: {"error"'
+"""How an instance's in-stream error event begins (disagg/server/api_server.py)."""
+
+
 @dataclass(slots=True, eq=False)
 class OpenStream:
     """A 2xx SSE response whose first event(s) have arrived; the relay owns ``response``."""
@@ -132,6 +136,8 @@ class OpenStream:
     first_events: bytes
     decoder: SSEDecoder
     saw_done: bool
+    saw_error: bool = False
+    """The instance sent an error event of its own (it ends the stream without [DONE])."""
 
 
 def _is_retriable(status: int) -> bool:
@@ -186,7 +192,8 @@ async def open_stream(session: Session, inst: Instance, path: str,
             if not chunk:
                 raise UpstreamFailure(inst, "stream ended before its first event")
             events = decoder.feed(chunk)
-        return OpenStream(inst, resp, b"".join(events), decoder, any(map(is_done, events)))
+        return OpenStream(inst, resp, b"".join(events), decoder, any(map(is_done, events)),
+                          any(e.startswith(ERROR_EVENT_PREFIX) for e in events))
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         resp.close()
         raise _failure(inst, exc, f"stream from {path}") from exc
@@ -229,23 +236,35 @@ async def fetch_instance_info(session: aiohttp.ClientSession, inst: Instance,
 async def while_up(coro: Any, inst: Instance, what: str) -> Any:
     """Await ``coro``, unless ``inst`` fails its health probes first (frozen or dead: its
     ``down`` event): then ``coro`` is cancelled and an UpstreamFailure raised at once, not
-    after the request's own deadline (an hour for a non-streamed answer)."""
-    down = inst.down
+    after the request's own deadline (an hour for a non-streamed answer). Whatever way this
+    ends, both helper tasks are finished and read, and a stream opened by a call that lost
+    the race is closed."""
     task = asyncio.ensure_future(coro)
-    waiter = asyncio.ensure_future(down.wait())
+    waiter = asyncio.ensure_future(inst.down.wait())
     try:
         await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:
-        task.cancel()
-        waiter.cancel()
+    except BaseException:  # the caller was cancelled or timed out
+        await _settle(task, waiter)
         raise
     if task.done():
         waiter.cancel()
+        await asyncio.wait({waiter})
         return task.result()
-    task.cancel()
-    await asyncio.wait({task})
+    await _settle(task, waiter)
     raise UpstreamFailure(inst, f"{what}: {inst.url} stopped answering its health checks "
                                 f"({inst.last_error})")
+
+
+async def _settle(task: asyncio.Future[Any], waiter: asyncio.Future[Any]) -> None:
+    """Cancel both, wait for them, and drop the task's outcome: its exception is read, an
+    opened stream closed."""
+    task.cancel()
+    waiter.cancel()
+    await asyncio.wait({task, waiter})
+    if not task.cancelled() and task.exception() is None:
+        response = getattr(task.result(), "response", None)
+        if response is not None:
+            response.close()
 
 
 async def with_deadline(coro: Any, timeout_s: float, inst: Instance, what: str) -> Any:

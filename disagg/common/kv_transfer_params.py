@@ -96,8 +96,11 @@ class KVTransferParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown
     already streamed to the client from the prefill's answer. D leaves it out of its own
     stream, and fails the request if its output does not begin with it."""
     decode_max_tokens: NumTokens | None = None
-    """Proxy -> P: the max_tokens the client asked the decode for. P refuses (400) a prompt
-    that leaves no room for them before computing it, as the decode would refuse it after."""
+    """Proxy -> P (with ``decode_max_model_len``): the max_tokens the client asked the
+    decode for. P refuses (400) a prompt that leaves no room for them in the largest context a
+    decode serves before computing it, where a decode would refuse it after."""
+    decode_max_model_len: NumTokens | None = None
+    """Proxy -> P: the largest max_model_len of the decode pool (it may exceed P's own)."""
     recompute_first_token: bool = False
     """Proxy -> D: ignore the prefill's first token and compute it again (the recompute path;
     both give the monolithic output)."""

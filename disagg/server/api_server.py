@@ -203,10 +203,11 @@ class _Call:
                                   info.sampling_defaults, self.tok.vocab_size,
                                   max_logprobs=info.max_logprobs)
         self.kv_params = kv_params(req)
-        after = self.kv_params.decode_max_tokens if self.kv_params is not None else None
-        if after is not None and self.kv_params is not None and self.kv_params.do_remote_decode:
+        kv = self.kv_params
+        if kv is not None and kv.do_remote_decode and kv.decode_max_tokens is not None \
+                and kv.decode_max_model_len is not None:
             # a prefill for a decode: the decode's length check, before the prompt is computed
-            check_context(len(self.prompt_ids), after, synced.max_model_len)
+            check_context(len(self.prompt_ids), kv.decode_max_tokens, kv.decode_max_model_len)
         if info.log_requests:
             log_arrival(self.engine_request_id, len(self.prompt_ids), self.sp, self.kv_params)
 

@@ -57,19 +57,15 @@ class GenerationResult:
             self.num_cached_tokens = d.num_cached_tokens
 
 
-KV_PARAMS_FAILURE = "KV transfer failed: kv_transfer_params "
-"""How a transfer refused for its request's own kv_transfer_params ends (connectors/)."""
-
-
 def _engine_error(message: str) -> ApiError:
-    """Engine-side failures: length/empty checks and kv_transfer_params refused as they
-    arrived are the caller's (400), the rest 500."""
+    """Engine-side failures: length/empty checks are the user's (400), the rest 500. KV
+    transfer failures stay 500 even when the request's kv_transfer_params were refused: the
+    proxy made them (a prompt digest that differs is tokenizer drift between instances), so
+    it retries and answers 502, not a 400 about a field the client never sent."""
     if "exceeds max_model_len" in message or "prompt is empty" in message:
         return ApiError(400, message, code="context_length_exceeded")
     if message.startswith("logit_bias"):  # an id past the model's vocabulary
         return ApiError(400, message, param="logit_bias")
-    if message.startswith(KV_PARAMS_FAILURE):  # the request's own params, refused at arrival
-        return ApiError(400, message, param="kv_transfer_params")
     if message == PAUSE_ABORT_ERROR:
         return ApiError(503, message, err_type="server_error", code="paused")
     return ApiError(500, message, err_type="server_error")

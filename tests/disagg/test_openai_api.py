@@ -186,16 +186,19 @@ async def test_a_prefill_refuses_a_prompt_with_no_room_for_the_decodes_max_token
     after the prefill ran, in a stream the proxy already answered 200)."""
     client = await instance_client(kv_params_key=KEY)
 
-    def body(after: int) -> dict[str, Any]:  # BOS + 199 bytes = 200 of the 256 tokens
-        return {"prompt": "x" * 199, "max_tokens": 1,
-                "kv_transfer_params": {**READ_PARAMS, "decode_max_tokens": after}}
+    def body(after: int, decode_len: int = 256) -> dict[str, Any]:  # BOS + 199 bytes
+        return {"prompt": "x" * 199, "max_tokens": 1, "kv_transfer_params": {
+            **READ_PARAMS, "decode_max_tokens": after, "decode_max_model_len": decode_len}}
 
     err = _assert_openai_error(*await _post(client, "/v1/completions", body(57), KV_HEADER))
     assert err["code"] == "context_length_exceeded" and "257 tokens" in err["message"]
     assert client.app[ENGINE].requests == []
     status, out = await _post(client, "/v1/completions", body(56), KV_HEADER)
     assert status == 200 and out["choices"], out
-    assert len(client.app[ENGINE].requests) == 1
+    # a decode pool with a longer context than this prefill's 256 serves it: P computes it
+    status, out = await _post(client, "/v1/completions", body(300, 1024), KV_HEADER)
+    assert status == 200 and out["choices"], out
+    assert len(client.app[ENGINE].requests) == 2
 
 
 async def test_a_model_is_retrieved_by_its_id_as_the_openai_client_does(

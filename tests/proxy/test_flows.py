@@ -53,7 +53,8 @@ async def test_read_flow_sends_the_right_bodies(fakes: Any, proxies: Any, http: 
     transfer_id = p_body["kv_transfer_params"]["transfer_id"]
     assert p_body["kv_transfer_params"] == {"transfer_id": transfer_id,
                                             "do_remote_decode": True, "mode": "read",
-                                            "decode_max_tokens": 5}  # the client's
+                                            "decode_max_tokens": 5,  # the client's
+                                            "decode_max_model_len": 2048}  # the decode's
     assert d_body["max_tokens"] == 5 and d_body["temperature"] == 0.0
     kv = d_body["kv_transfer_params"]
     assert kv["transfer_id"] == transfer_id and kv["do_remote_prefill"] is True
@@ -149,7 +150,7 @@ async def test_write_flow_sends_to_both_at_once_with_peer_addresses(fakes: Any, 
     assert pk == {"transfer_id": pk["transfer_id"], "do_remote_decode": True, "mode": "write",
                   "remote_engine_id": d.engine_id, "remote_host": "127.0.0.1",
                   "remote_handshake_port": 18000, "remote_notify_port": 18001,
-                  "decode_max_tokens": 5}
+                  "decode_max_tokens": 5, "decode_max_model_len": 2048}
     assert dk == {"transfer_id": pk["transfer_id"], "do_remote_prefill": True, "mode": "write",
                   "remote_engine_id": p.engine_id, "remote_host": "127.0.0.1",
                   "remote_handshake_port": 17000, "remote_notify_port": 17001}

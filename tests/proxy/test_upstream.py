@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from proxy.config import PolicyName, TransferMode
-from proxy.upstream import upstream_headers
+from proxy.registry import Instance, Origin, Pool
+from proxy.upstream import UpstreamFailure, upstream_headers, while_up
 
 KEY = "0123456789abcdef0123456789abcdef"
 BODY = {"prompt": "The capital of France is", "max_tokens": 4}
@@ -106,3 +107,33 @@ def test_a_reply_body_is_decoded_once_however_many_readers_ask(
         assert bad.json_object() is None
         assert bad.json_object() is None
     assert len(calls) == 5
+
+
+async def test_while_up_gives_up_on_an_instance_that_went_down_and_cleans_up() -> None:
+    """The call waiting on an instance the proxy gave up on is cancelled and finished (its
+    cleanup ran) before the UpstreamFailure; a cancelled caller does the same."""
+
+    inst = Instance("http://127.0.0.1:9", Pool.DECODE, Origin.STATIC)
+    cleaned: list[str] = []
+
+    async def call(name: str) -> None:
+        try:
+            await asyncio.sleep(60)
+        finally:
+            cleaned.append(name)
+
+    waiting = asyncio.ensure_future(while_up(call("down"), inst, "decode"))
+    await asyncio.sleep(0.01)
+    inst.last_error = "probe timed out"
+    inst.down.set()
+    with pytest.raises(UpstreamFailure, match="stopped answering its health checks"):
+        await waiting
+    assert cleaned == ["down"]
+    inst.down = asyncio.Event()
+    caller = asyncio.ensure_future(while_up(call("caller"), inst, "decode"))
+    await asyncio.sleep(0.01)
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    assert cleaned == ["down", "caller"]
+    assert await while_up(asyncio.sleep(0, result=7), inst, "decode") == 7
