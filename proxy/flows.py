@@ -129,8 +129,8 @@ class Flow:
             return self._deps.policies[pool].choose(candidates, self._req.prompt_token_ids,
                                                        self._req.cache_salt)
         if last is not None:
-            raise ProxyError(502, f"{pool.value} failed on {len(tried)} instance(s); "
-                                  f"last error: {last}")
+            raise ProxyError(last.exhausted_status(), f"{pool.value} failed on {len(tried)} "
+                                                      f"instance(s); last error: {last}")
         raise ProxyError(503, f"no healthy {pool.value} instance available")
 
     def _untried(self, pool: Pool, tried: set[str]) -> bool:
@@ -224,8 +224,8 @@ class Flow:
                 tried.add(d.url)
                 last = failure
                 self._note_failure(failure, Pool.DECODE)
-        raise DecodeExhausted(502, f"decode failed on {len(tried)} instance(s); "
-                                   f"last error: {last}")
+        raise DecodeExhausted(502 if last is None else last.exhausted_status(),
+                              f"decode failed on {len(tried)} instance(s); last error: {last}")
 
     async def _run_read(self) -> Result:
         """Prefill, then decode; when no decode could use that KV, prefill again elsewhere."""
@@ -258,7 +258,8 @@ class Flow:
                 self._deps.metrics.retries[Pool.PREFILL.value] += 1
                 logger.warning("no decode could use the KV prefilled on %s; prefilling again",
                                p.url)
-        raise ProxyError(502, f"prefill failed on {len(tried)} instance(s); last error: {last}")
+        raise ProxyError(502 if last is None else last.exhausted_status(),
+                         f"prefill failed on {len(tried)} instance(s); last error: {last}")
 
     async def _stream_first_token(self, d_params: dict[str, Any]) -> None:
         """Send the prefill's first token to the client now when allowed; from then on every
@@ -305,8 +306,9 @@ class Flow:
                 last[pool] = failure
                 self._note_failure(failure, pool)
                 if len(tried[pool]) >= budget[pool]:
-                    raise ProxyError(502, f"{pool.value} failed on {len(tried[pool])} "
-                                          f"instance(s); last error: {failure}") from None
+                    raise ProxyError(failure.exhausted_status(),
+                                     f"{pool.value} failed on {len(tried[pool])} instance(s); "
+                                     f"last error: {failure}") from None
 
     async def _write_pair(self, p: Instance, d: Instance, transfer_id: str) -> Result:
         """Start P and D together; done when D answers (P may still be finishing)."""

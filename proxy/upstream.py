@@ -62,12 +62,20 @@ Session: TypeAlias = aiohttp.ClientSession | RequestSession
 class UpstreamFailure(Exception):
     """The instance failed; the request may be retried on another instance."""
 
-    def __init__(self, inst: Instance, reason: str, *, instance_down: bool = False) -> None:
+    def __init__(self, inst: Instance, reason: str, *, instance_down: bool = False,
+                 status: int | None = None) -> None:
         super().__init__(f"{inst.url}: {reason}")
         self.inst = inst
         self.reason = reason
         self.instance_down = instance_down
         """True when the instance looks dead (refused or dropped the connection)."""
+        self.status = status
+        """The instance's HTTP status when it answered one (429, 5xx)."""
+
+    def exhausted_status(self) -> int:
+        """The client's status once no instance is left to try after this failure: an
+        instance's 429 or 503 (overloaded: the client may retry later) as it was, else 502."""
+        return self.status if self.status in (429, 503) else 502
 
 
 class UpstreamRejected(Exception):
@@ -150,7 +158,7 @@ def _classify(inst: Instance, status: int, body: bytes, content_type: str) -> Re
         return Reply(status, body, content_type)
     if _is_retriable(status):
         snippet = body[:200].decode("utf-8", errors="replace")
-        raise UpstreamFailure(inst, f"HTTP {status}: {snippet}")
+        raise UpstreamFailure(inst, f"HTTP {status}: {snippet}", status=status)
     raise UpstreamRejected(status, body, content_type)
 
 

@@ -135,6 +135,20 @@ async def test_an_upstream_refusal_in_another_shape_is_worded_openai_style(
             "fake failure"
 
 
+@pytest.mark.parametrize(("pool", "upstream", "client"), [
+    ("prefill", 429, 429), ("decode", 429, 429), ("decode", 503, 503), ("prefill", 500, 502)])
+async def test_overloaded_instances_are_reported_as_such(fakes: Any, proxies: Any, http: Any,
+                                                         pool: str, upstream: int,
+                                                         client: int) -> None:
+    """When every instance tried answered 429 (or 503), the client gets that status (back
+    off and retry later), not a 502 as for an instance that failed."""
+    p, d, proxy = await _pd(fakes, proxies)
+    (p if pool == "prefill" else d).behavior.fail_status = upstream
+    async with http.post(proxy.url + "/v1/completions", json={"prompt": "x"}) as resp:
+        assert resp.status == client
+        assert f"HTTP {upstream}" in (await resp.json())["error"]["message"]
+
+
 async def test_unknown_routes_and_methods_get_openai_errors(proxies: Any, http: Any) -> None:
     proxy = await proxies(decode_urls=("http://127.0.0.1:9",))
     async with http.get(proxy.url + "/v1/nothing") as resp:
