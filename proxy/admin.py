@@ -84,7 +84,7 @@ async def add_instance(request: web.Request) -> web.Response:
     inst = st.registry.add(url, pool, Origin.ADMIN)
     if inst.pool is not pool:
         raise ProxyError(409, f"{inst.url} is already in the {inst.pool.value} pool")
-    await probe_instance(st.registry, st.probe_sessions[pool], inst, st.cfg.probe_timeout_s)
+    await probe_instance(st.registry, st.probes, inst, st.cfg.probe_timeout_s)
     return web.json_response(inst.to_json(), status=201)
 
 
@@ -116,8 +116,7 @@ async def resume_instance(request: web.Request) -> web.Response:
     if inst is None:
         raise ProxyError(404, f"no instance {url}")
     inst.state = InstanceState.PENDING
-    await probe_instance(st.registry, st.probe_sessions[inst.pool], inst,
-                         st.cfg.probe_timeout_s)
+    await probe_instance(st.registry, st.probes, inst, st.cfg.probe_timeout_s)
     return web.json_response(inst.to_json())
 
 

@@ -57,8 +57,7 @@ async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
     st = app[STATE_KEY]
     for pool in Pool:
         st.sessions[pool] = _upstream_session(st.cfg)
-    probes = _upstream_session(st.cfg)
-    st.probe_sessions.update(dict.fromkeys(Pool, probes))
+    st.probe_session = probes = _upstream_session(st.cfg)
     yield
     await st.background.close(ABORT_DRAIN_TIMEOUT_S)
     for session in (*st.sessions.values(), probes):
@@ -103,8 +102,8 @@ async def _background_ctx(app: web.Application) -> AsyncIterator[None]:
         st.registration_endpoint = server.bind()
         tasks.append(asyncio.ensure_future(server.serve()))
     # One round before serving, so static instances that are up are routable at once.
-    await probe_all(st.registry, st.probe_sessions, cfg.probe_timeout_s)
-    tasks.append(asyncio.ensure_future(health_loop(st.registry, st.probe_sessions,
+    await probe_all(st.registry, st.probes, cfg.probe_timeout_s)
+    tasks.append(asyncio.ensure_future(health_loop(st.registry, st.probes,
                                                    cfg.health_check_interval_s,
                                                    cfg.probe_timeout_s)))
     if cfg.log_stats_interval_s is not None:

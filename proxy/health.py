@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
 
 import aiohttp
 
-from proxy.registry import Instance, Pool, Registry
+from proxy.registry import Instance, Registry
 from proxy.upstream import UpstreamFailure, fetch_instance_info
 
 logger = logging.getLogger(__name__)
@@ -27,22 +26,22 @@ async def probe_instance(registry: Registry, session: aiohttp.ClientSession, ins
     registry.apply_info(inst, info)
 
 
-async def probe_all(registry: Registry, sessions: Mapping[Pool, aiohttp.ClientSession],
+async def probe_all(registry: Registry, session: aiohttp.ClientSession,
                     timeout_s: float) -> None:
     """Probe every registered instance concurrently (each probe has its own deadline)."""
-    probes = [probe_instance(registry, sessions[i.pool], i, timeout_s)
+    probes = [probe_instance(registry, session, i, timeout_s)
               for i in registry.instances()]
     if probes:
         await asyncio.gather(*probes)
 
 
-async def health_loop(registry: Registry, sessions: Mapping[Pool, aiohttp.ClientSession],
+async def health_loop(registry: Registry, session: aiohttp.ClientSession,
                       interval_s: float, timeout_s: float) -> None:
     """Forever: drop dynamic instances that stopped heartbeating, probe the rest, sleep."""
     while True:
         registry.expire()
         try:
-            await probe_all(registry, sessions, timeout_s)
+            await probe_all(registry, session, timeout_s)
         except Exception:  # a bug in one round must not end health checking for good
             logger.exception("health check round failed")
         await asyncio.sleep(interval_s)

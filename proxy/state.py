@@ -27,12 +27,18 @@ class ProxyState:
     kv_index: KVIndex = field(default_factory=KVIndex)
     """What registered instances' prefix caches hold (kv_aware reads it)."""
     sessions: dict[Pool, aiohttp.ClientSession] = field(default_factory=dict)
-    probe_sessions: dict[Pool, aiohttp.ClientSession] = field(default_factory=dict)
+    probe_session: aiohttp.ClientSession | None = None
     """The health probes' own connections: a probe never queues behind requests for a slot
     (a busy instance would look frozen, and its waiting requests be given up)."""
     started_at_s: int = field(default_factory=lambda: int(time.time()))
     registration_endpoint: str | None = None
     """The ZMQ endpoint instances register at, once bound."""
+
+    @property
+    def probes(self) -> aiohttp.ClientSession:
+        """``probe_session``, which the app's cleanup_ctx opens before anything probes."""
+        assert self.probe_session is not None
+        return self.probe_session
 
     @property
     def cfg(self) -> ProxyConfig:

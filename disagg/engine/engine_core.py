@@ -406,8 +406,7 @@ class EngineCore:
         self._connector_output()
         given, self.scheduler.given_first_token = self.scheduler.given_first_token, []
         ahead = self.scheduler.schedule_ahead(launched.chunks)
-        if ahead is not None and not (self.connector is not None
-                                      and self.connector.step_needs_hooks(ahead[0])):
+        if ahead is not None:  # a subset of a launched batch: no hook needed for it either
             out, rows = ahead
             self._launched = self.runner.launch_decode(out.chunks, launched, rows)
         return self._settle(launched, given)

@@ -216,9 +216,10 @@ def _load_checked(model: LlamaForCausalLM, arch: ArchConfig,
                   weights: Iterable[tuple[str, torch.Tensor]]) -> None:
     """Load ``weights``; a ConfigError naming a few of those the checkpoint lacks (the
     scales of fp8 layers included)."""
-    loaded = model.load_weights(_shape_checked(weights, hf_param_shapes(arch)))
+    shapes = hf_param_shapes(arch)
+    loaded = model.load_weights(_shape_checked(weights, shapes))
     fp8 = {name for name, param in model.named_parameters() if is_fp8(param)}
-    expected = _expected_loads(arch)
+    expected = _expected_loads(arch, shapes)
     for key in list(expected):
         name, sep, shard = key.partition(":")
         if name in fp8:
@@ -261,12 +262,14 @@ def _init_dummy_(model: LlamaForCausalLM, seed: int) -> None:
             param.normal_(0.0, std, generator=gen)
 
 
-def _expected_loads(arch: ArchConfig) -> set[str]:
-    """Names load_weights reports once every weight has arrived."""
+def _expected_loads(arch: ArchConfig,
+                    shapes: dict[str, tuple[int, ...]] | None = None) -> set[str]:
+    """Names load_weights reports once every weight has arrived (``shapes``: the arch's
+    hf_param_shapes, when the caller has them already)."""
     from disagg.models.llama import _map_hf_name
 
     out = set()
-    for hf_name in hf_param_shapes(arch):
+    for hf_name in hf_param_shapes(arch) if shapes is None else shapes:
         name, shard = _map_hf_name(hf_name, fused_qkv=arch.mla is None)
         out.add(f"{name}:{shard}" if shard else str(name))
     return out
