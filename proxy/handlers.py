@@ -129,35 +129,37 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await _generate(request, Endpoint.CHAT)
 
 
-def _model_card(request: web.Request) -> dict[str, object] | web.Response:
-    """The served model's card, or the 503 to answer while no instance is healthy."""
+def _model_cards(request: web.Request) -> list[dict[str, object]] | web.Response:
+    """The served model's cards (its name, then its aliases), or the 503 to answer while no
+    instance is healthy."""
     st = request.app[STATE_KEY]
     max_model_len = st.registry.min_max_model_len()
     if max_model_len is None:
         return error_response(503, "no healthy instance yet; the model is not known")
-    name = st.registry.model_name() or st.cfg.model or "unknown"
-    return {"id": name, "object": "model", "created": st.started_at_s, "owned_by": "disagg",
-            "max_model_len": max_model_len}
+    names = st.registry.model_names() or (st.cfg.model or "unknown",)
+    return [{"id": name, "object": "model", "created": st.started_at_s, "owned_by": "disagg",
+             "max_model_len": max_model_len} for name in names]
 
 
 async def models(request: web.Request) -> web.Response:
     """``GET /v1/models``: the served model, with the pool's smallest ``max_model_len``."""
-    card = _model_card(request)
-    if isinstance(card, web.Response):
-        return card
-    return web.json_response({"object": "list", "data": [card]})
+    cards = _model_cards(request)
+    if isinstance(cards, web.Response):
+        return cards
+    return web.json_response({"object": "list", "data": cards})
 
 
 async def model(request: web.Request) -> web.Response:
     """``GET /v1/models/{id}`` (the OpenAI client's models.retrieve): the card, or a 404."""
-    card = _model_card(request)
-    if isinstance(card, web.Response):
-        return card
+    cards = _model_cards(request)
+    if isinstance(cards, web.Response):
+        return cards
     wanted = request.match_info["model_id"]
-    if wanted != card["id"]:
-        return error_response(404, f"The model `{wanted}` does not exist; this proxy serves "
-                                   f"`{card['id']}`")
-    return web.json_response(card)
+    for card in cards:
+        if card["id"] == wanted:
+            return web.json_response(card)
+    return error_response(404, f"The model `{wanted}` does not exist; this proxy serves "
+                               f"`{cards[0]['id']}`")
 
 
 async def health(request: web.Request) -> web.Response:

@@ -272,7 +272,12 @@ class Registry:
 
     def model_name(self) -> str | None:
         """The served model's name, as a healthy instance reports it."""
+        names = self.model_names()
+        return names[0] if names else None
+
+    def model_names(self) -> tuple[str, ...]:
+        """The served model's name and aliases, as a healthy instance reports them."""
         for inst in self._instances.values():
             if inst.state is InstanceState.HEALTHY and inst.info and inst.info.model:
-                return inst.info.model
-        return None
+                return (inst.info.model, *inst.info.model_aliases)
+        return ()

@@ -39,6 +39,8 @@ class InstanceInfo(msgspec.Struct, kw_only=True, frozen=True):
     block_size: int | None = None
     dp_size: int = 1
     model: str | None = None
+    model_aliases: tuple[str, ...] = ()
+    """More names the instance answers to (``--served-model-name A B``: B)."""
     kv_host: str | None = None
     kv_handshake_port: int | None = None
     kv_notify_port: int | None = None

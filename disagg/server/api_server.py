@@ -355,7 +355,8 @@ def instance_info_dict(engine: EngineClient, info: ServerInfo) -> dict[str, Any]
         "http_url": info.http_url, "max_model_len": engine.synced.max_model_len,
         "block_size": engine.synced.block_size, "dp_size": engine.dp_size,
         "tp_size": r0.tp_size,
-        "model": info.served_model_name, "kv_host": r0.kv_host,
+        "model": info.served_model_name, "model_aliases": list(info.model_aliases),
+        "kv_host": r0.kv_host,
         "kv_handshake_port": r0.kv_handshake_port, "kv_notify_port": r0.kv_notify_port,
         "num_gpu_blocks": engine.synced.num_gpu_blocks,
         "hash_seed": (model_seed(engine.cfg.model.model)

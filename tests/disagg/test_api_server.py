@@ -64,11 +64,13 @@ def test_fixed_length_not_fitting_override_fails_startup(instance_factory) -> No
 
 
 def test_engine_block_size_reaches_frontend_metrics(instance_factory) -> None:
-    inst = instance_factory([*TINY, "--block-size", "24"])  # engine aligns to 32
+    inst = instance_factory([*TINY, "--block-size", "24",  # engine aligns to 32
+                             "--served-model-name", "first", "second"])
     text = requests.get(inst.url + "/metrics", timeout=5).text
     assert 'block_size="32"' in text
     info = requests.get(inst.url + "/instance_info", timeout=5).json()
     assert info["block_size"] == 32
+    assert (info["model"], info["model_aliases"]) == ("first", ["second"])  # for the proxy
     assert info["hash_seed"] == model_seed("builtin:tiny-llama")  # what the engine hashes with
 
 

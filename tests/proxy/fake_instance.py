@@ -108,6 +108,7 @@ class FakeInstance:
     role: str = "kv_producer"
     mode: str | None = "read"
     model: str = "builtin:tiny-llama"
+    model_aliases: tuple[str, ...] = ()
     max_model_len: int = 2048
     engine_id: str = field(default_factory=lambda: "engine-" + uuid.uuid4().hex[:8])
     kv_handshake_port: int = 17000
@@ -127,7 +128,8 @@ class FakeInstance:
         """The ``/instance_info`` body."""
         return {"role": self.role, "mode": self.mode, "engine_id": self.engine_id,
                 "http_url": self.url, "max_model_len": self.max_model_len, "block_size": 16,
-                "dp_size": 1, "model": self.model, "kv_host": "127.0.0.1",
+                "dp_size": 1, "model": self.model, "model_aliases": list(self.model_aliases),
+                "kv_host": "127.0.0.1",
                 "kv_handshake_port": self.kv_handshake_port,
                 "kv_notify_port": self.kv_handshake_port + 1}
 

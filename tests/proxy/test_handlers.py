@@ -195,6 +195,23 @@ async def test_openai_client_completions_chat_and_streaming(fakes: Any, proxies:
     assert all(r["max_tokens"] == 1 and r["stream"] is False for r in p.requests)
 
 
+async def test_model_cards_list_and_retrieve_every_served_name(fakes: Any,
+                                                              proxies: Any) -> None:
+    """An instance served as ``--served-model-name main alias`` answers to both names: the
+    proxy lists both cards and retrieves either, and 404s any other name."""
+    names = {"model": "org/main", "model_aliases": ("alias",)}
+    p = await fakes(role="kv_producer", mode="read", **names)
+    d = await fakes(role="kv_consumer", mode="read", **names)
+    proxy = await proxies(prefill_urls=(p.url,), decode_urls=(d.url,))
+    async with openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="unused",
+                                  max_retries=0) as client:
+        assert [m.id for m in (await client.models.list()).data] == ["org/main", "alias"]
+        assert (await client.models.retrieve("alias")).id == "alias"
+        assert (await client.models.retrieve("org/main")).id == "org/main"
+        with pytest.raises(openai.NotFoundError, match="serves `org/main`"):
+            await client.models.retrieve("org/another-model")
+
+
 async def test_a_client_closing_after_done_is_ok_and_aborts_nothing(fakes: Any, proxies: Any,
                                                                     http: Any) -> None:
     """The openai client closes its socket once it reads ``data: [DONE]``, before the end of
