@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from disagg.common.http_server import setup_runner
 from disagg.common.logging_setup import log_every
 from disagg.common.request_ids import install_request_ids
 from proxy.admin import add_admin_routes
@@ -150,8 +151,7 @@ async def start_site(app: web.Application, host: str, port: int,
                      access_log: bool = False) -> web.AppRunner:
     """Serve ``app`` on host:port; handler cancellation on, so a client hang-up aborts upstream."""
     kwargs: dict[str, Any] = {} if access_log else {"access_log": None}
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=5.0, **kwargs)
-    await runner.setup()
+    runner = await setup_runner(app, handler_cancellation=True, shutdown_timeout=5.0, **kwargs)
     site = web.TCPSite(runner, host, port, backlog=4096)
     try:
         await site.start()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import signal
@@ -129,3 +130,48 @@ def _wait_ready(inst: Instance, ready_timeout_s: float, expect_ready: bool) -> I
             return inst
         time.sleep(0.1)
     raise AssertionError(f"instance not ready in {ready_timeout_s} s: {inst.log()}")
+
+
+def raw_http(url: str, data: bytes, timeout_s: float = 10.0) -> tuple[int, dict[str, str], bytes]:
+    """Send ``data`` as is to the server at ``url`` (``http://host:port``) and read the answer
+    until the server closes: (status, lower-cased headers, body). For requests no HTTP client
+    library would send (bad chunk sizes, oversized headers, invalid methods)."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=timeout_s) as sock:
+        sock.sendall(data)
+        out = b""
+        while chunk := sock.recv(65536):
+            out += chunk
+    head, _, body = out.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip()
+               for k, _, v in (line.partition(":") for line in header_lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+MALFORMED_HTTP = {
+    "bad chunk size": (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                       b"application/json\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\n{}\r\n"
+                       b"0\r\n\r\n"),
+    "header over 8 KiB": b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * 20000
+                         + b"\r\n\r\n",
+    "invalid method": b"G@T /v1/models HTTP/1.1\r\nHost: x\r\n\r\n",
+    "unknown HTTP version": b"GET /v1/models HTTP/9.1\r\nHost: x\r\n\r\n",
+    "URL over 8 KiB": b"GET /v1/models/" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+    "both body lengths": (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+                          b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+    "non-numeric Content-Length": (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                                   b"Content-Length: abc\r\n\r\n{}"),
+    "NUL in a header": b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n",
+}
+"""Requests aiohttp's HTTP parser refuses before any handler runs."""
+
+
+def assert_malformed_answer(status: int, headers: dict[str, str], body: bytes) -> None:
+    """What every server here answers a MALFORMED_HTTP request: an OpenAI-style 400, short."""
+    assert status == 400, (status, body)
+    assert headers["content-type"].startswith("application/json"), headers
+    error = json.loads(body)["error"]
+    assert error["type"] == "invalid_request_error" and error["code"] == 400, error
+    assert error["message"].startswith("malformed HTTP request: "), error
+    assert len(error["message"]) < 300, error  # not the 20 KiB header quoted back

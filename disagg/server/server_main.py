@@ -16,6 +16,7 @@ from aiohttp import web
 from disagg.common import envs
 from disagg.common.config import EngineConfig
 from disagg.common.generation_config import SamplingDefaults, load_generation_config
+from disagg.common.http_server import setup_runner
 from disagg.common.memory_split import describe_memory
 from disagg.common.registration import InstanceInfo
 from disagg.common.tokenizer import get_tokenizer
@@ -109,8 +110,7 @@ async def serve(cfg: EngineConfig, args: argparse.Namespace) -> int:
     app = make_app(engine, get_tokenizer(cfg.model.tokenizer or cfg.model.model,
                                          chat_template=cfg.model.chat_template,
                                          trust_remote_code=cfg.model.trust_remote_code), info)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-    await runner.setup()
+    runner = await setup_runner(app, handler_cancellation=True, access_log=None)
     try:
         await web.TCPSite(runner, args.host, args.port, backlog=2048).start()
     except OSError as exc:

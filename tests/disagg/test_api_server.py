@@ -12,6 +12,7 @@ import aiohttp
 import pytest
 import requests  # type: ignore[import-untyped]
 from prom_text import value
+from support import MALFORMED_HTTP, assert_malformed_answer, raw_http
 
 from disagg.common.block_hash import model_seed
 
@@ -85,6 +86,9 @@ def test_user_errors_are_openai_style(instance_factory) -> None:
         assert r.json()["error"]["message"], body
     r = requests.post(inst.url + "/v1/chat/completions", json={"messages": []}, timeout=5)
     assert r.status_code == 400
+    for case, data in MALFORMED_HTTP.items():  # refused by aiohttp's parser, before any route
+        answer = raw_http(inst.url, data)
+        assert_malformed_answer(*answer), case
 
 
 async def _stream_one(session: aiohttp.ClientSession, url: str, i: int) -> int:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import openai
 import pytest
 from prom_text import value
+from support import MALFORMED_HTTP, assert_malformed_answer, raw_http
 
 from proxy.config import PolicyName, TransferMode
 
@@ -157,6 +159,9 @@ async def test_unknown_routes_and_methods_get_openai_errors(proxies: Any, http: 
     async with http.get(proxy.url + "/v1/completions") as resp:
         assert resp.status == 405
         assert "GET /v1/completions" in (await resp.json())["error"]["message"]
+    for case, data in MALFORMED_HTTP.items():  # refused by aiohttp's parser, before any route
+        answer = await asyncio.to_thread(raw_http, proxy.url, data)
+        assert_malformed_answer(*answer), case
 
 
 @pytest.mark.parametrize("mode", ["read", "write"])
