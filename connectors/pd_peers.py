@@ -125,6 +125,9 @@ class PeerLinks:
         self.learn(meta)
         t.peer_engine_id, t.peer_epoch, t.peer_num_blocks = (meta.engine_id, meta.epoch,
                                                               meta.num_blocks)
+        # notify where the identified peer says it listens: the params' copy of its notify
+        # port is the proxy's word, and a wrong one would strand the transfer until expiry
+        t.peer_notify_port = meta.notify_port
         try:
             self.worker.add_peer(meta)
         except Exception as exc:  # a descriptor our transport (or a TP rank's) cannot use

@@ -198,3 +198,21 @@ def test_params_that_cannot_describe_the_transfer_fail_at_once(make: Any, case: 
     assert out.error.startswith("KV transfer failed: kv_transfer_params "), out.error
     prefill.kv_abort(params.transfer_id)
     _clean(prefill, decode)
+
+
+def test_read_notifies_the_prefill_where_its_handshake_says(make: Any) -> None:
+    """A wrong ``remote_notify_port`` (the proxy's copy of the prefill's address) does not
+    strand the transfer until its timeout: once the handshake identified the prefill, the
+    decode sends to the notify port the prefill itself gave."""
+    prefill, decode = make("kv_producer", "read"), make("kv_consumer", "read")
+    prompt = _prompt(1)
+    params = _hold(prefill, "p", prompt)
+    assert params.remote_notify_port is not None
+    wrong = msgspec.structs.replace(params, remote_notify_port=params.remote_notify_port + 7)
+    decode.add_request(EngineCoreRequest(request_id="d", prompt_token_ids=prompt,
+                                         sampling_params=GREEDY, kv_transfer_params=wrong))
+    out = _finish([decode, prefill], "d")
+    assert out.error is None and out.new_token_ids == _monolithic(prompt)
+    _clean(prefill, decode)
+    for engine in (prefill, decode):  # P's hold released by the decode's ack, not expired
+        assert engine.connector.metrics()["transfers_expired_total"] == 0
