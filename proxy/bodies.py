@@ -16,6 +16,7 @@ from disagg.common.openai_api import (
     check_request,
     requested_max_tokens,
     single_prompt,
+    truncated_prompt,
     validate_object,
 )
 from disagg.common.openai_api import decode_body as decode_json
@@ -102,7 +103,7 @@ def _single_prompt(prompt: object) -> str | list[int]:
 
 def _check_shape(endpoint: Endpoint, body: dict[str, Any]) -> None:
     """The required fields, with the proxy's own messages (before the typed check)."""
-    if not isinstance(body.get("stream", False), bool):
+    if body.get("stream") is not None and not isinstance(body["stream"], bool):
         raise ProxyError(400, "'stream' must be true or false", param="stream")
     if endpoint is Endpoint.COMPLETIONS:
         if "prompt" not in body:
@@ -136,7 +137,7 @@ def _check_max_tokens(requested: int | None, max_model_len: int | None) -> None:
     if requested is not None and max_model_len is not None and requested >= max_model_len:
         raise ProxyError(400, f"This model's maximum context length is {max_model_len} "
                               f"tokens; max_tokens {requested} leaves no room for the prompt",
-                         param="max_tokens")
+                         param="max_tokens", code="context_length_exceeded")
 
 
 def parse_request(endpoint: Endpoint, raw: bytes, counter: PromptCounter,
@@ -146,13 +147,14 @@ def parse_request(endpoint: Endpoint, raw: bytes, counter: PromptCounter,
     try:
         body, req = _validated(endpoint, raw)
     except ApiError as exc:
-        raise ProxyError(exc.status, exc.message, param=exc.param) from None
+        raise ProxyError(exc.status, exc.message, param=exc.param, code=exc.code) from None
     max_tokens = requested_max_tokens(req)
     _check_max_tokens(max_tokens, max_model_len)
     if endpoint is Endpoint.COMPLETIONS:
         ids = counter.prompt_ids(single_prompt(req.prompt))
     else:
         ids = counter.chat_ids(req)
+    ids = truncated_prompt(ids, req, max_model_len or len(ids))  # as the instance will
     return ClientRequest(endpoint, body, req.stream, len(ids),
                          DEFAULT_COMPLETION_MAX_TOKENS if max_tokens is None else max_tokens,
                          tuple(ids), req.cache_salt, want_timings=req.disagg_timings,

@@ -23,11 +23,13 @@ _TYPE_BY_STATUS = {
 class ProxyError(Exception):
     """A failure that becomes an HTTP error response with an OpenAI-style body."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None) -> None:
+    def __init__(self, status: int, message: str, *, param: str | None = None,
+                 code: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
+        self.code = code
 
 
 def error_type(status: int) -> str:
@@ -35,21 +37,25 @@ def error_type(status: int) -> str:
     return _TYPE_BY_STATUS.get(status, "server_error" if status >= 500 else "invalid_request_error")
 
 
-def error_body(status: int, message: str, param: str | None = None) -> dict[str, object]:
-    """``{"error": {"message", "type", "param", "code"}}`` as OpenAI sends it."""
+def error_body(status: int, message: str, param: str | None = None,
+               code: str | None = None) -> dict[str, object]:
+    """``{"error": {"message", "type", "param", "code"}}`` as OpenAI sends it (``code``: the
+    instances' code string where one applies, else the status)."""
     return {"error": {"message": message, "type": error_type(status), "param": param,
-                      "code": status}}
+                      "code": code or status}}
 
 
-def error_response(status: int, message: str, param: str | None = None) -> web.Response:
+def error_response(status: int, message: str, param: str | None = None,
+                   code: str | None = None) -> web.Response:
     """A JSON error response."""
-    return web.Response(status=status, body=msgspec.json.encode(error_body(status, message, param)),
+    return web.Response(status=status,
+                        body=msgspec.json.encode(error_body(status, message, param, code)),
                         content_type="application/json")
 
 
 def from_proxy_error(exc: ProxyError) -> web.Response:
     """The response for a raised ProxyError."""
-    return error_response(exc.status, exc.message, exc.param)
+    return error_response(exc.status, exc.message, exc.param, exc.code)
 
 
 def error_event(status: int, message: str) -> bytes:

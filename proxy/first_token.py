@@ -9,8 +9,8 @@ event's round trip leave the time to first token.
 
 Only where the prefill's text is exactly what the decode's stream would begin with:
     - a streamed request, n = 1, without stop strings (a stop string may hold back or cut the
-      token's text), logprobs (the decode recomputes the first token for them), echo or
-      returned token ids;
+      token's text), logprobs (even logprobs: 0; the decode recomputes the first token for
+      them), echo, returned token ids or continuous usage stats;
     - a prefill that stopped on max_tokens=1 (not on a stop token or string) with a non-empty
       text that does not end in an incomplete character (U+FFFD).
 Anything else takes the decode's own first token (``--first-token prefill``) or its recompute.
@@ -49,10 +49,14 @@ def request_allows(req: ClientRequest) -> bool:
     body = req.body
     if not req.stream or body.get("n") not in (None, 1) or body.get("echo"):
         return False
-    if body.get("logprobs") or body.get("top_logprobs") or body.get("prompt_logprobs"):
+    logprobs = body.get("logprobs")
+    if (logprobs is not None and logprobs is not False) or body.get("top_logprobs") is not None:
+        return False  # logprobs: 0 asks for the sampled token's (and 0 == False)
+    if body.get("return_token_ids") or body.get("include_stop_str_in_output"):
         return False
-    if body.get("return_token_ids"):
-        return False
+    options = body.get("stream_options")
+    if isinstance(options, dict) and options.get("continuous_usage_stats"):
+        return False  # every chunk carries the usage: the decode's do
     stop = body.get("stop")
     return not stop  # None, "" or []
 

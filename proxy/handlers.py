@@ -106,7 +106,7 @@ async def _generate(request: web.Request, endpoint: Endpoint) -> web.StreamRespo
         outcome = Outcome.CLIENT_GONE  # it left while the proxy sent the first token
         return client.response
     except asyncio.CancelledError:
-        if isinstance(result, OpenStream) and result.saw_done:
+        if isinstance(result, OpenStream) and result.saw_done and not result.saw_error:
             # the client left after the decode's [DONE] (the openai client closes as soon as
             # it reads it): the request is complete, there is nothing to abort
             scope.succeeded, outcome = True, Outcome.OK
@@ -159,7 +159,7 @@ async def model(request: web.Request) -> web.Response:
         if card["id"] == wanted:
             return web.json_response(card)
     return error_response(404, f"The model `{wanted}` does not exist; this proxy serves "
-                               f"`{cards[0]['id']}`")
+                               f"`{cards[0]['id']}`", param="model", code="model_not_found")
 
 
 async def health(request: web.Request) -> web.Response:

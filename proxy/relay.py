@@ -96,9 +96,11 @@ async def relay_stream(request: web.Request, stream: OpenStream, idle_timeout_s:
             complete = False
         await client.write_eof()
     except ConnectionResetError:
-        return client, Outcome.OK if stream.saw_done else Outcome.CLIENT_GONE
+        return client, (Outcome.OK if stream.saw_done and not stream.saw_error
+                        else Outcome.CLIENT_GONE)
     finally:
         stream.response.close()
         if timings is not None:
             timings.close()
-    return client, Outcome.OK if complete else Outcome.FAILED
+    # an instance's own error event (then its [DONE]) is a failed request too
+    return client, Outcome.OK if complete and not stream.saw_error else Outcome.FAILED

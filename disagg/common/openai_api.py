@@ -34,7 +34,7 @@ from disagg.common.sampling_params import (
     SEED_MIN,
     SamplingParams,
 )
-from disagg.common.tokenizer import Tokenizer
+from disagg.common.tokenizer import RESERVED_TEMPLATE_KWARGS, ChatOptions, Tokenizer
 
 MAX_JSON_DEPTH = 64
 """Deepest array/object nesting a body may have (OpenAI bodies need < 10; msgspec recurses)."""
@@ -71,6 +71,7 @@ StopString = Annotated[str, msgspec.Meta(max_length=MAX_STOP_STRING_CHARS)]
 StopStrings = Annotated[list[StopString], msgspec.Meta(max_length=MAX_STOP_STRINGS)]
 StopTokenIds = Annotated[list[TokenId], msgspec.Meta(max_length=MAX_STOP_TOKEN_IDS)]
 CacheSalt = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_CACHE_SALT_CHARS)]
+TruncatePrompt = Annotated[int, msgspec.Meta(ge=-1, le=MAX_COUNT)]
 
 
 class ApiError(Exception):
@@ -92,6 +93,8 @@ class StreamOptions(msgspec.Struct):
     """``stream_options``."""
 
     include_usage: bool = False
+    continuous_usage_stats: bool = False
+    """vLLM's: every chunk carries the usage so far (with include_usage)."""
 
 
 class _Common(msgspec.Struct, kw_only=True):
@@ -126,6 +129,14 @@ class _Common(msgspec.Struct, kw_only=True):
     user: str | None = None
     cache_salt: CacheSalt | None = None
     """Only requests with the same salt share prefix-cache blocks (vLLM's field)."""
+    include_stop_str_in_output: bool = False
+    """vLLM's: keep the stop string (or the stop token's text) that ended the output."""
+    skip_special_tokens: bool = True
+    """vLLM's: leave special tokens' text out of the output."""
+    return_tokens_as_token_ids: bool = False
+    """vLLM's: logprobs name tokens ``token_id:N``."""
+    truncate_prompt_tokens: TruncatePrompt | None = None
+    """vLLM's: keep only the prompt's last k tokens (-1: as many as max_model_len allows)."""
     # OpenAI/vLLM fields this server does not implement: kept so that a request using one is
     # a 400 naming it (``check_request``), not silently served as if it were absent. Other
     # unknown fields are ignored, as vLLM and OpenAI do.
@@ -139,6 +150,14 @@ class _Common(msgspec.Struct, kw_only=True):
     guided_regex: Any = None
     guided_choice: Any = None
     guided_grammar: Any = None
+    structured_outputs: Any = None
+    allowed_token_ids: Any = None
+    bad_words: Any = None
+    use_beam_search: Any = None
+    prompt_logprobs: Any = None
+    length_penalty: Any = None
+    logits_processors: Any = None
+    vllm_xargs: Any = None
 
 
 class CompletionRequest(_Common, kw_only=True):
@@ -158,6 +177,9 @@ class ContentPart(msgspec.Struct):
     text: str | None = None
 
 
+ChatTemplateKwargs = Annotated[dict[str, Any], msgspec.Meta(max_length=64)]
+
+
 class ChatMessage(msgspec.Struct):
     """One chat message; content may be a string or a list of text parts."""
 
@@ -173,6 +195,15 @@ class ChatCompletionRequest(_Common, kw_only=True):
     max_completion_tokens: Count | None = None
     logprobs: bool = False
     top_logprobs: NumLogprobs | None = None
+    echo: bool = False
+    """vLLM's (prepend the last message's content): not supported, a 400 when true."""
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    """vLLM's: continue the last (assistant) message instead of starting a new one."""
+    chat_template_kwargs: ChatTemplateKwargs | None = None
+    """vLLM's: more variables for the chat template (``enable_thinking``, ...)."""
+    chat_template: Any = None
+    """vLLM's per-request template: not supported (a 400); set it with --chat-template."""
 
 
 class KVFaultsRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -196,6 +227,8 @@ class TokenizeRequest(msgspec.Struct, kw_only=True):
     add_special_tokens: bool | None = None
     """None: true for a prompt (BOS, as a completion gets it), false for messages (the chat
     template writes its own), so the ids are what a generation request would prefill."""
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
     return_token_strs: bool = False
 
 
@@ -265,10 +298,26 @@ def validation_error(exc: msgspec.ValidationError) -> ApiError:
     return ApiError(400, f"invalid request: {text}", param=path.group(1) if path else None)
 
 
+def without_nulls(obj: Any) -> Any:
+    """A body object without its null fields (and its ``stream_options``' null fields): OpenAI's
+    API takes ``null`` as "not given" for every optional field, and clients send it
+    (``"n": null``, ``"stream": null``); a field's absence gives its default."""
+    if not isinstance(obj, dict):
+        return obj
+    out = {k: v for k, v in obj.items() if v is not None}
+    options = out.get("stream_options")
+    if isinstance(options, dict):
+        out["stream_options"] = {k: v for k, v in options.items() if v is not None}
+    return out
+
+
 def decode_body(raw: bytes, kind: Any = Any) -> Any:
-    """Decode an untrusted JSON body into ``kind``; every failure is a 400 naming the field."""
+    """Decode an untrusted JSON body into ``kind``; every failure is a 400 naming the field.
+    A struct's null fields take their defaults (``without_nulls``)."""
     check_json_text(raw)
     try:
+        if isinstance(kind, type) and issubclass(kind, msgspec.Struct):
+            return msgspec.convert(without_nulls(msgspec.json.decode(raw)), kind)
         return msgspec.json.decode(raw, type=kind)
     except msgspec.ValidationError as exc:
         raise validation_error(exc) from None
@@ -279,9 +328,10 @@ def decode_body(raw: bytes, kind: Any = Any) -> Any:
 
 
 def validate_object(obj: Any, kind: type[msgspec.Struct]) -> Any:
-    """Validate an already decoded body against ``kind`` (the proxy's check); 400 if unfit."""
+    """Validate an already decoded body against ``kind`` (the proxy's check); 400 if unfit.
+    Null fields take their defaults (``without_nulls``)."""
     try:
-        return msgspec.convert(obj, kind)
+        return msgspec.convert(without_nulls(obj), kind)
     except msgspec.ValidationError as exc:
         raise validation_error(exc) from None
     except RecursionError:
@@ -290,13 +340,23 @@ def validate_object(obj: Any, kind: type[msgspec.Struct]) -> Any:
 
 _NO_OP_VALUES: dict[str, tuple[Any, ...]] = {
     "response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none",),
-    "functions": ([],), "function_call": ("none",), "suffix": ("",)}
+    "functions": ([],), "function_call": ("none",), "suffix": ("",), "use_beam_search": (False,),
+    "allowed_token_ids": (), "bad_words": ([],), "length_penalty": (1, 1.0),
+    "logits_processors": ([],), "vllm_xargs": ({},)}
 """Values of unsupported fields that ask for nothing (clients send these defaults)."""
 
 
+_UNSUPPORTED = ("response_format", "tools", "tool_choice", "functions", "function_call",
+                "suffix", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                "structured_outputs", "allowed_token_ids", "bad_words", "use_beam_search",
+                "prompt_logprobs", "length_penalty", "logits_processors", "vllm_xargs")
+"""Fields of OpenAI's or vLLM's API that change the output and that this server does not
+implement: a request setting one (to anything but a no-op value) is a 400 naming it."""
+
+
 def _unsupported_field(req: CompletionRequest | ChatCompletionRequest) -> str | None:
-    for name in ("response_format", "tools", "tool_choice", "functions", "function_call",
-                 "suffix", "guided_json", "guided_regex", "guided_choice", "guided_grammar"):
+    names = _UNSUPPORTED + (("chat_template",) if isinstance(req, ChatCompletionRequest) else ())
+    for name in names:
         value = getattr(req, name)
         if value is not None and not any(value == v and type(value) is type(v)
                                          for v in _NO_OP_VALUES.get(name, ())):
@@ -322,12 +382,21 @@ def check_request(req: CompletionRequest | ChatCompletionRequest, *,
                                         "send text parts", param="messages")
     _check_n(req, fan_out)
     logit_bias_pairs(req.logit_bias)
+    if req.echo:
+        raise ApiError(400, "echo is not supported", param="echo")
+    if req.stream_options is not None and not req.stream:
+        raise ApiError(400, "stream_options can only be given with stream: true",
+                       param="stream_options")
     if isinstance(req, CompletionRequest):
-        if req.echo:
-            raise ApiError(400, "echo is not supported", param="echo")
         single_prompt(req.prompt)
-    elif not req.messages:
-        raise ApiError(400, "messages must not be empty", param="messages")
+    else:
+        if not req.messages:
+            raise ApiError(400, "messages must not be empty", param="messages")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        if req.continue_final_message and req.add_generation_prompt:
+            raise ApiError(400, "continue_final_message and add_generation_prompt cannot both "
+                                "be true", param="continue_final_message")
     max_tokens = requested_max_tokens(req)
     if max_tokens is not None and req.min_tokens > max_tokens:
         raise ApiError(400, f"min_tokens ({req.min_tokens}) must not exceed max_tokens "
@@ -427,9 +496,41 @@ def _plain_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
     return msgs
 
 
+def chat_options(req: ChatCompletionRequest) -> ChatOptions:
+    """The request's chat rendering options; 400 for a template kwarg the renderer owns."""
+    kwargs = req.chat_template_kwargs or {}
+    reserved = sorted(RESERVED_TEMPLATE_KWARGS.intersection(kwargs))
+    if reserved:
+        raise ApiError(400, f"chat_template_kwargs cannot set {reserved[0]!r}",
+                       param="chat_template_kwargs")
+    return ChatOptions(add_generation_prompt=req.add_generation_prompt,
+                       continue_final_message=req.continue_final_message,
+                       template_kwargs=kwargs)
+
+
 def chat_prompt_ids(req: ChatCompletionRequest, tok: Tokenizer) -> list[int]:
-    """Render the chat template and tokenize it."""
-    return tok.chat_ids(_plain_messages(req.messages))
+    """Render the chat template and tokenize it; a template that refuses the chat (its own
+    ``raise_exception``, a continue_final_message without a last message to continue) is a
+    400 with its reason."""
+    options = chat_options(req)
+    try:
+        return tok.chat_ids(_plain_messages(req.messages), options)
+    except ApiError:
+        raise
+    except Exception as exc:  # jinja2's TemplateError, transformers' ValueError
+        raise ApiError(400, f"the chat template cannot render these messages: "
+                            f"{str(exc)[:500]}", param="messages") from None
+
+
+def truncated_prompt(ids: list[int], req: CompletionRequest | ChatCompletionRequest,
+                     max_model_len: int) -> list[int]:
+    """vLLM's truncate_prompt_tokens: the prompt's last k ids (-1: the last max_model_len)."""
+    k = req.truncate_prompt_tokens
+    if k is None:
+        return ids
+    if k == -1:
+        k = max_model_len
+    return ids[-k:] if k else ids
 
 
 def tokenize_ids(req: TokenizeRequest, tok: Tokenizer) -> list[int]:
@@ -446,9 +547,15 @@ def tokenize_ids(req: TokenizeRequest, tok: Tokenizer) -> list[int]:
                 raise ApiError(400, f"content parts of type {part.type!r} are not supported",
                                param="messages")
     msgs = _plain_messages(req.messages)
-    if req.add_special_tokens:
-        return tok.encode(tok.apply_chat_template(msgs), add_special_tokens=True)
-    return tok.chat_ids(msgs)
+    options = ChatOptions(add_generation_prompt=req.add_generation_prompt,
+                          continue_final_message=req.continue_final_message)
+    try:
+        if req.add_special_tokens:
+            return tok.encode(tok.apply_chat_template(msgs, options), add_special_tokens=True)
+        return tok.chat_ids(msgs, options)
+    except Exception as exc:  # jinja2's TemplateError, transformers' ValueError
+        raise ApiError(400, f"the chat template cannot render these messages: "
+                            f"{str(exc)[:500]}", param="messages") from None
 
 
 def check_token_ids(ids: list[int], tok: Tokenizer, param: str) -> None:

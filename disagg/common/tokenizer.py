@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
-from typing import Protocol
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from disagg.common.config import ConfigError
 
@@ -12,6 +14,29 @@ BUILTIN_BOS_ID = 256
 BUILTIN_EOS_ID = 257
 BUILTIN_PAD_ID = 258
 BUILTIN_VOCAB_SIZE = 320  # bytes + specials, padded to a multiple of 64
+
+
+RESERVED_TEMPLATE_KWARGS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "tokenize",
+    "add_generation_prompt", "continue_final_message", "return_dict", "return_tensors",
+    "padding", "truncation", "max_length", "tokenizer_kwargs", "return_assistant_tokens_mask"})
+"""Names ``apply_chat_template`` takes itself: a request's chat_template_kwargs cannot set them."""
+
+
+@dataclass(frozen=True)
+class ChatOptions:
+    """How a chat is rendered (a request's vLLM fields; the defaults are the usual chat)."""
+
+    add_generation_prompt: bool = True
+    """End with the assistant turn's header, for the model to write it."""
+    continue_final_message: bool = False
+    """End inside the last message (an assistant prefix the model continues)."""
+    template_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    """More variables for the template (``enable_thinking``, ...); RESERVED_TEMPLATE_KWARGS
+    are refused at the edge."""
+
+
+DEFAULT_CHAT = ChatOptions()
 
 
 class Tokenizer(Protocol):
@@ -29,11 +54,13 @@ class Tokenizer(Protocol):
         """Token ids to text."""
         ...
 
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
+    def apply_chat_template(self, messages: list[dict[str, str]],
+                            options: ChatOptions = DEFAULT_CHAT) -> str:
         """Render chat messages into one prompt string, ending with the assistant turn."""
         ...
 
-    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+    def chat_ids(self, messages: list[dict[str, str]],
+                 options: ChatOptions = DEFAULT_CHAT) -> list[int]:
         """Token ids of the rendered chat, as transformers' ``apply_chat_template(tokenize=
         True)`` makes them: a chat template writes its own BOS, none is added on top."""
         ...
@@ -56,14 +83,18 @@ class ByteTokenizer:
         data = bytes(i for i in ids if 0 <= i < BYTE_VOCAB)
         return data.decode("utf-8", errors="replace")
 
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
-        """A plain role-tagged transcript."""
-        parts = [f"<|{m['role']}|>\n{m['content']}\n" for m in messages]
-        return "".join(parts) + "<|assistant|>\n"
+    def apply_chat_template(self, messages: list[dict[str, str]],
+                            options: ChatOptions = DEFAULT_CHAT) -> str:
+        """A plain role-tagged transcript (it has no template variables)."""
+        text = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages)
+        if options.continue_final_message:
+            return text.removesuffix("\n")
+        return text + "<|assistant|>\n" if options.add_generation_prompt else text
 
-    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+    def chat_ids(self, messages: list[dict[str, str]],
+                 options: ChatOptions = DEFAULT_CHAT) -> list[int]:
         """BOS + the transcript's bytes (the transcript has no special tokens of its own)."""
-        return self.encode(self.apply_chat_template(messages))
+        return self.encode(self.apply_chat_template(messages, options))
 
 
 class IdTokenizer(ByteTokenizer):
@@ -109,19 +140,23 @@ class HFTokenizer:
         """Text for ids."""
         return str(self._tok.decode(ids, skip_special_tokens=skip_special_tokens))
 
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
+    def apply_chat_template(self, messages: list[dict[str, str]],
+                            options: ChatOptions = DEFAULT_CHAT) -> str:
         """The tokenizer's own chat template; a plain transcript when it has none."""
         if getattr(self._tok, "chat_template", None):
-            return str(self._tok.apply_chat_template(messages, tokenize=False,
-                                                     add_generation_prompt=True))
-        return ByteTokenizer().apply_chat_template(messages)
+            return str(self._tok.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=options.add_generation_prompt,
+                continue_final_message=options.continue_final_message,
+                **options.template_kwargs))
+        return ByteTokenizer().apply_chat_template(messages, options)
 
-    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+    def chat_ids(self, messages: list[dict[str, str]],
+                 options: ChatOptions = DEFAULT_CHAT) -> list[int]:
         """The template's text tokenized without added specials (it writes its own BOS, if
         the model has one: ``{{ bos_token }}`` must not become two); the plain transcript
         (no template) gets them as any prompt does."""
         has_template = bool(getattr(self._tok, "chat_template", None))
-        return self.encode(self.apply_chat_template(messages),
+        return self.encode(self.apply_chat_template(messages, options),
                            add_special_tokens=not has_template)
 
 

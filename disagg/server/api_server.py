@@ -39,6 +39,7 @@ from disagg.common.openai_api import (
     decode_body,
     kv_params,
     sampling_params,
+    truncated_prompt,
 )
 from disagg.common.protocol import TokenLogprob
 from disagg.common.request_ids import REQUEST_ID_HEADER, install_request_ids, valid_request_id
@@ -54,7 +55,7 @@ from disagg.server.metrics_render import render_instance_metrics
 from disagg.server.parallel_sampling import collect_choices, fan_out
 from disagg.server.request_clock import RequestClock
 from disagg.server.request_log import log_arrival, logged
-from disagg.server.serving import Delta, generate
+from disagg.server.serving import Delta, GenerationResult, TextOptions, generate
 from disagg.server.stats_logger import InstanceStatsLogger
 from disagg.server.tokenization import TokenizeApi
 
@@ -95,6 +96,9 @@ class ServerInfo:
 
 
 logger = logging.getLogger(__name__)
+
+_STARTED_S = int(time.time())
+"""The model cards' ``created``: when this server process started."""
 
 ENGINE = web.AppKey("engine", EngineClient)
 TOKENIZER = web.AppKey("tokenizer", Tokenizer)
@@ -152,15 +156,35 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
                                    err_type="server_error"))
 
 
-def _logprobs_json(lps: list[TokenLogprob], ids: list[int], tok: Tokenizer,
-                   chat: bool) -> dict[str, Any]:
+def _token_text(tok: Tokenizer, token_id: int, as_ids: bool) -> str:
+    """A token as logprobs name it: its text, or ``token_id:N`` (return_tokens_as_token_ids,
+    vLLM's form, for tokens whose text alone is ambiguous)."""
+    return f"token_id:{token_id}" if as_ids else tok.decode([token_id])
+
+
+def _logprobs_json(lps: list[TokenLogprob], ids: list[int], tok: Tokenizer, chat: bool,
+                   as_ids: bool = False, text_offset: int = 0) -> dict[str, Any]:
+    """OpenAI's logprobs object. Completions: ``top_logprobs`` also holds the sampled token
+    (vLLM's, and legacy OpenAI's, shape: logprobs=0 gives the sampled token alone) and
+    ``text_offset`` counts from ``text_offset``, where this part of the choice's text starts."""
+    names = [_token_text(tok, t, as_ids) for t in ids]
     if chat:
-        return {"content": [{"token": tok.decode([t]), "logprob": lp.logprob,
-                             "top_logprobs": [{"token": tok.decode([a]), "logprob": v}
-                                              for a, v in lp.top]}
-                            for t, lp in zip(ids, lps, strict=False)]}
-    return {"tokens": [tok.decode([t]) for t in ids], "token_logprobs": [lp.logprob for lp in lps],
-            "top_logprobs": [{tok.decode([a]): v for a, v in lp.top} for lp in lps]}
+        return {"content": [
+            {"token": name, "logprob": lp.logprob, "bytes": list(name.encode()),
+             "top_logprobs": [{"token": (alt := _token_text(tok, a, as_ids)), "logprob": v,
+                               "bytes": list(alt.encode())} for a, v in lp.top]}
+            for name, lp in zip(names, lps, strict=False)]}
+    offsets = []
+    for name in names:
+        offsets.append(text_offset)
+        text_offset += len(name)
+    tops = []
+    for name, lp in zip(names, lps, strict=False):
+        top = {_token_text(tok, a, as_ids): v for a, v in lp.top}
+        top.setdefault(name, lp.logprob)
+        tops.append(top)
+    return {"tokens": names, "token_logprobs": [lp.logprob for lp in lps],
+            "top_logprobs": tops, "text_offset": offsets[:len(lps)]}
 
 
 def _ids(request: web.Request, chat: bool) -> tuple[str, str]:
@@ -195,19 +219,21 @@ class _Call:
         info = self.app[INFO]
         info.check_model(req.model)
         self.model = info.served_model_name
-        self.prompt_ids = (chat_prompt_ids(req, self.tok) if self.chat
-                           else completion_prompt_ids(req, self.tok))
         synced = self.engine.synced
         assert synced is not None
+        self.prompt_ids = truncated_prompt(chat_prompt_ids(req, self.tok) if self.chat
+                                           else completion_prompt_ids(req, self.tok),
+                                           req, synced.max_model_len)
+        self.text_options = TextOptions(req.include_stop_str_in_output, req.skip_special_tokens)
+        self.kv_params = kv = kv_params(req)
+        if kv is not None and kv.do_remote_decode and kv.decode_max_tokens is not None \
+                and kv.decode_max_model_len is not None:
+            # a prefill for a decode: the decode's length check (the client's max_tokens, not
+            # the prefill's 1), before the prompt is computed
+            check_context(len(self.prompt_ids), kv.decode_max_tokens, kv.decode_max_model_len)
         self.sp = sampling_params(req, len(self.prompt_ids), synced.max_model_len,
                                   info.sampling_defaults, self.tok.vocab_size,
                                   max_logprobs=info.max_logprobs)
-        self.kv_params = kv_params(req)
-        kv = self.kv_params
-        if kv is not None and kv.do_remote_decode and kv.decode_max_tokens is not None \
-                and kv.decode_max_model_len is not None:
-            # a prefill for a decode: the decode's length check, before the prompt is computed
-            check_context(len(self.prompt_ids), kv.decode_max_tokens, kv.decode_max_model_len)
         if info.log_requests:
             log_arrival(self.engine_request_id, len(self.prompt_ids), self.sp, self.kv_params)
 
@@ -226,7 +252,8 @@ class _Call:
 
     def _generate(self, request_id: str, sp: SamplingParams) -> AsyncGenerator[Delta, None]:
         return generate(self.engine, self.tok, self.app[METRICS], request_id, self.prompt_ids,
-                        sp, self.kv_params, self.req.cache_salt, self.clock)
+                        sp, self.kv_params, self.req.cache_salt, self.clock,
+                        self.text_options)
 
     def timings(self) -> dict[str, Any]:
         """``{"disagg_timings": ...}`` when the request asked for it (else empty); the first
@@ -234,16 +261,26 @@ class _Call:
         timings = self.clock.answered(self.app[METRICS])
         return {TIMINGS_FIELD: timings_dict(timings)} if self.req.disagg_timings else {}
 
-    def choice(self, text: str, ids: list[int], lps: list[TokenLogprob] | None,
-               reason: str | None, stream: bool, index: int = 0) -> dict[str, Any]:
-        lp_json = _logprobs_json(lps, ids, self.tok, self.chat) if lps else None
-        c: dict[str, Any] = {"index": index, "logprobs": lp_json, "finish_reason": reason}
+    def choice(self, delta: Delta | GenerationResult, stream: bool, index: int = 0,
+               text_offset: int = 0, first: bool = True) -> dict[str, Any]:
+        """One choice of an answer or a chunk. ``text_offset``: where ``delta``'s text starts in
+        its choice's (completion logprobs); ``first``: the choice's first chunk (the one chat
+        delta that names the role)."""
+        lps = delta.logprobs
+        lp_json = _logprobs_json(lps, delta.token_ids, self.tok, self.chat,
+                                 self.req.return_tokens_as_token_ids,
+                                 text_offset) if lps else None
+        c: dict[str, Any] = {"index": index, "logprobs": lp_json,
+                             "finish_reason": delta.finish_reason,
+                             "stop_reason": delta.stop_reason}
         if self.chat:
-            c["delta" if stream else "message"] = {"role": "assistant", "content": text}
+            message = {"role": "assistant", "content": delta.text} if first or not stream \
+                else {"content": delta.text}
+            c["delta" if stream else "message"] = message
         else:
-            c["text"] = text
+            c["text"] = delta.text
         if self.req.return_token_ids:
-            c["token_ids"] = ids
+            c["token_ids"] = delta.token_ids
         return c
 
 
@@ -255,8 +292,7 @@ async def _completions(request: web.Request, chat: bool) -> web.StreamResponse:
     results = await collect_choices(call.deltas(), call.req.n)
     body: dict[str, Any] = {
         "id": call.id, "object": call.object, "created": call.created, "model": call.model,
-        "choices": [call.choice(r.text, r.token_ids, r.logprobs or None, r.finish_reason,
-                                False, i) for i, r in enumerate(results)],
+        "choices": [call.choice(r, False, i) for i, r in enumerate(results)],
         "usage": call.usage(sum(len(r.token_ids) for r in results),
                             max(r.num_cached_tokens for r in results)), **call.timings()}
     if call.req.return_token_ids:
@@ -276,24 +312,31 @@ async def _stream(request: web.Request, call: _Call) -> web.StreamResponse:
     head = {"id": call.id, "object": obj, "created": call.created, "model": call.model}
     num_out = num_cached = 0
     opts = call.req.stream_options
-    with_usage = opts is not None and opts.include_usage
+    with_usage = opts is not None and bool(opts.include_usage)
+    every_usage = with_usage and opts is not None and bool(opts.continuous_usage_stats)
+    offsets: dict[int, int] = {}  # per choice: its text so far (completion text_offset)
     timings = call.timings()  # the first token goes out now; the last chunk carries them
     try:
         delta: Delta | None = first
         while delta is not None:
             num_out += len(delta.token_ids)
             num_cached = max(num_cached, delta.num_cached_tokens)
-            last = timings if delta.finish_reason is not None and not with_usage else {}
-            await resp.write(encode_event({**head, "choices": [call.choice(
-                delta.text, delta.token_ids, delta.logprobs, delta.finish_reason, True,
-                delta.index)],
-                **last}))
+            if not delta.already_sent:
+                offset = offsets.get(delta.index)
+                last = timings if delta.finish_reason is not None and not with_usage else {}
+                usage = {"usage": call.usage(num_out, num_cached)} if every_usage else {}
+                await resp.write(encode_event({**head, "choices": [call.choice(
+                    delta, True, delta.index, offset or 0, first=offset is None)],
+                    **usage, **last}))
+                offsets[delta.index] = (offset or 0) + len(delta.text)
             delta = await anext(deltas, None)
         if with_usage:
             usage = call.usage(num_out, num_cached)
             await resp.write(encode_event({**head, "choices": [], "usage": usage, **timings}))
         await resp.write(DONE_EVENT)
     except ApiError as err:
+        # no [DONE] after it (vLLM sends one): a client or proxy that takes [DONE] as "the
+        # answer is whole" must not take a failed one as whole
         await resp.write(encode_event(err.body()))
     finally:
         await deltas.aclose()
@@ -313,7 +356,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 def _model_cards(request: web.Request) -> list[dict[str, Any]]:
     info, synced = request.app[INFO], request.app[ENGINE].synced
     assert synced is not None
-    return [{"id": name, "object": "model", "created": 0, "owned_by": "disagg",
+    return [{"id": name, "object": "model", "created": _STARTED_S, "owned_by": "disagg",
              "root": info.model, "max_model_len": synced.max_model_len}
             for name in (info.served_model_name, *info.model_aliases)]
 

@@ -19,6 +19,15 @@ from disagg.server.metrics import ServerMetrics
 from disagg.server.request_clock import RequestClock
 
 
+@dataclass(frozen=True, slots=True)
+class TextOptions:
+    """How output ids become text (the request's vLLM fields; frontend only)."""
+
+    include_stop_str_in_output: bool = False
+    """Keep the stop string, or the stop token's text, that ended the output."""
+    skip_special_tokens: bool = True
+
+
 @dataclass(slots=True)
 class Delta:
     """New output of one request since the last delta."""
@@ -27,11 +36,17 @@ class Delta:
     token_ids: list[int]
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    """With finish_reason "stop": the stop string or ``stop_token_ids`` id that ended the
+    output (None for EOS), as vLLM's ``stop_reason``."""
     kv_transfer_params: KVTransferParams | None = None
     num_cached_tokens: int = 0
     """With the finish: prompt tokens served from the prefix cache."""
     index: int = 0
     """The choice it belongs to (n > 1: disagg/server/parallel_sampling.py)."""
+    already_sent: bool = False
+    """Its text was the first token's, which the proxy already streamed (READ): a stream
+    writes no chunk for it (the ids still count)."""
 
 
 @dataclass(slots=True)
@@ -42,6 +57,7 @@ class GenerationResult:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+    stop_reason: str | int | None = None
     kv_transfer_params: KVTransferParams | None = None
     num_cached_tokens: int = 0
 
@@ -52,7 +68,7 @@ class GenerationResult:
         if d.logprobs:
             self.logprobs.extend(d.logprobs)
         if d.finish_reason is not None:
-            self.finish_reason = d.finish_reason
+            self.finish_reason, self.stop_reason = d.finish_reason, d.stop_reason
             self.kv_transfer_params = d.kv_transfer_params
             self.num_cached_tokens = d.num_cached_tokens
 
@@ -85,6 +101,11 @@ class _SentText:
     def __init__(self, text: str | None) -> None:
         self._left = text or ""
 
+    @property
+    def owed(self) -> bool:
+        """Part of the sent text has not come out of this stream yet."""
+        return bool(self._left)
+
     def strip(self, text: str, done: bool) -> str:
         """``text`` without what is still owed to the already-sent prefix."""
         if not self._left:
@@ -102,9 +123,11 @@ async def generate(engine: EngineClient, tok: Tokenizer, metrics: ServerMetrics,
                    request_id: str, prompt_ids: list[int], sp: SamplingParams,
                    kv_params: KVTransferParams | None,
                    cache_salt: str | None = None,
-                   clock: RequestClock | None = None) -> AsyncGenerator[Delta, None]:
-    """Submit and stream; aborts the engine request if the consumer stops early. ``clock``
-    gets the first output's instant and the engine's timings."""
+                   clock: RequestClock | None = None,
+                   text_options: TextOptions = TextOptions()) -> AsyncGenerator[Delta, None]:
+    """Submit and stream; aborts the engine request if the consumer stops early (or a stop
+    string ended the output). ``clock`` gets the first output's instant and the engine's
+    timings."""
     start = time.monotonic()
     first: float | None = None
     last = start
@@ -115,7 +138,9 @@ async def generate(engine: EngineClient, tok: Tokenizer, metrics: ServerMetrics,
         handle = await engine.add_request(request_id, prompt_ids, sp, kv_params, cache_salt)
     except EngineUnavailableError as exc:  # dead or stalled, before or while sending: no abort
         raise _dead_error(exc) from None
-    detok = IncrementalDetokenizer(tok, sp.stop)
+    detok = IncrementalDetokenizer(tok, sp.stop, min_tokens=sp.min_tokens,
+                                   include_stop=text_options.include_stop_str_in_output,
+                                   skip_special_tokens=text_options.skip_special_tokens)
     sent = _SentText(kv_params.first_token_text if kv_params is not None else None)
     try:
         while not done:
@@ -138,20 +163,30 @@ async def generate(engine: EngineClient, tok: Tokenizer, metrics: ServerMetrics,
                     metrics.next_output(now - last)
                 last = now
             num_out += len(item.new_token_ids)
-            text = sent.strip(detok.push(item.new_token_ids, final=done), done)
+            owed = sent.owed
+            # the engine's "stop" is always a stop token (EOS or stop_token_ids), the last id
+            stop_token = item.finish_reason == "stop"
+            text = sent.strip(detok.push(item.new_token_ids, final=done, stop_token=stop_token),
+                              done)
             reason = item.finish_reason
-            if detok.stopped and not done:
-                reason, done = "stop", True
-            yield Delta(text, item.new_token_ids, item.logprobs, reason,
-                        item.kv_transfer_params, item.num_cached_tokens)
+            stop_reason: str | int | None = None
+            if detok.stopped:  # a stop string, maybe on the last token max_tokens allowed
+                reason, stop_reason, done = "stop", detok.stop_string, True
+            elif stop_token and item.new_token_ids[-1:] and \
+                    item.new_token_ids[-1] in sp.stop_token_ids:
+                stop_reason = item.new_token_ids[-1]
+            yield Delta(text, item.new_token_ids, item.logprobs, reason, stop_reason,
+                        item.kv_transfer_params, item.num_cached_tokens,
+                        already_sent=owed and not text and reason is None)
     finally:
         if not engine_done:
-            metrics.finished("abort")
             await engine.abort(request_id)
-        elif done:
+        if done:  # engine-finished, or ended here by a stop string
             metrics.finished(reason or "error")
             metrics.completed(start_s=start, first_s=first, end_s=time.monotonic(),
                               num_prompt_tokens=len(prompt_ids), num_output_tokens=num_out)
+        else:
+            metrics.finished("abort")
 
 
 async def collect(deltas: AsyncIterator[Delta]) -> GenerationResult:

@@ -62,11 +62,16 @@ def _mono(d: Instance, body: dict[str, Any]) -> list[int]:
     return _tokens(requests.post(d.url + "/v1/completions", json=body, timeout=60))
 
 
+def _unstreamed(body: dict[str, Any]) -> dict[str, Any]:
+    """``body`` as a non-streamed request (stream_options only go with stream: true)."""
+    return {**{k: v for k, v in body.items() if k != "stream_options"}, "stream": False}
+
+
 def _read_params(p: Instance, body: dict[str, Any]) -> dict[str, Any]:
     """Prefill on P (READ); the params P answered, as the proxy hands them to D."""
     tid = uuid.uuid4().hex
     r = requests.post(p.url + "/v1/completions", timeout=60, json={
-        **body, "max_tokens": 1, "stream": False,
+        **_unstreamed(body), "max_tokens": 1,
         "kv_transfer_params": {"transfer_id": tid, "do_remote_decode": True, "mode": "read"}})
     assert r.status_code == 200, r.text
     return {**r.json()["kv_transfer_params"], "do_remote_prefill": True, "transfer_id": tid}
@@ -303,13 +308,15 @@ def test_decode_leaves_out_the_first_token_text_the_proxy_sent(pair) -> None:
     mono = _stream_events(requests.post(d.url + "/v1/completions", json=body, timeout=60))
     mono_text = _text(mono)
     first = requests.post(d.url + "/v1/completions", timeout=60, json={
-        **body, "max_tokens": 1, "stream": False}).json()["choices"][0]["text"]
+        **_unstreamed(body), "max_tokens": 1}).json()["choices"][0]["text"]
     assert first and mono_text.startswith(first)
     params = {**_read_params(p, body), "first_token_text": first}
     events = _stream_events(requests.post(d.url + "/v1/completions", timeout=60,
                                           json={**body, "kv_transfer_params": params}))
     assert first + _text(events) == mono_text
     assert events[-1]["usage"]["completion_tokens"] == 6
+    chunks = [e for e in events if e.get("choices")]  # none for the sent token alone: the
+    assert len(chunks) == len([e for e in mono if e.get("choices")]) - 1  # client has it
     for wrong in ("\u2603" + first, first + "\u2603"):
         params = {**_read_params(p, body), "first_token_text": wrong}
         reply = requests.post(d.url + "/v1/completions", timeout=60,

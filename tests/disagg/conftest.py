@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import msgspec
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -41,6 +42,10 @@ class FakeEngine:
         self.pause_state = FrontendPause(1)
         self.requests: list[EngineCoreRequest] = []
         self.aborted_transfers: list[str] = []
+        self.script: list[EngineCoreOutput] | None = None
+        """When set: the outputs every request gets (request ids replaced), instead of three
+        tokens at once."""
+        self.aborted: list[str] = []
 
     async def add_request(self, request_id: str, prompt_token_ids: list[int],
                           params: SamplingParams,
@@ -58,6 +63,10 @@ class FakeEngine:
 
             torch.Generator().manual_seed(params.seed)
         handle = RequestHandle(request_id, 0, len(prompt_token_ids), params.max_tokens)
+        if self.script is not None:
+            for out in self.script:
+                handle.queue.put_nowait(msgspec.structs.replace(out, request_id=request_id))
+            return handle
         num_out = min(params.max_tokens, 3)
         lps = None if params.logprobs is None else [
             TokenLogprob(-0.5, [(65, -0.5)] * params.logprobs) for _ in range(num_out)]
@@ -65,7 +74,8 @@ class FakeEngine:
         return handle
 
     async def abort(self, request_id: str) -> None:
-        """Nothing runs, so nothing to abort."""
+        """Nothing runs, so nothing to abort; recorded."""
+        self.aborted.append(request_id)
 
     async def utility(self, method: str, args: dict[str, Any] | None = None,
                       timeout_s: float = 10.0) -> list[Any]:

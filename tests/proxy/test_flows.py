@@ -95,8 +95,11 @@ async def _stream_raw(http: aiohttp.ClientSession, proxy: Any, **body: Any) -> s
         return (await resp.read()).decode()
 
 
-@pytest.mark.parametrize("body", [{"stop": ["xyz"]}, {"stop": "xyz"}, {"logprobs": 1}],
-                         ids=["stops", "stop", "logprobs"])
+@pytest.mark.parametrize("body", [
+    {"stop": ["xyz"]}, {"stop": "xyz"}, {"logprobs": 1}, {"logprobs": 0},
+    {"include_stop_str_in_output": True},
+    {"stream_options": {"include_usage": True, "continuous_usage_stats": True}}],
+    ids=["stops", "stop", "logprobs", "logprobs-0", "include-stop", "continuous-usage"])
 async def test_requests_the_prefill_token_may_not_match_take_the_decode_path(
         fakes: Any, proxies: Any, http: Any, fake_instance_module: Any,
         body: dict[str, Any]) -> None:

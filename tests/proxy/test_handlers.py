@@ -213,8 +213,9 @@ async def test_model_cards_list_and_retrieve_every_served_name(fakes: Any,
         assert [m.id for m in (await client.models.list()).data] == ["org/main", "alias"]
         assert (await client.models.retrieve("alias")).id == "alias"
         assert (await client.models.retrieve("org/main")).id == "org/main"
-        with pytest.raises(openai.NotFoundError, match="serves `org/main`"):
+        with pytest.raises(openai.NotFoundError, match="serves `org/main`") as info:
             await client.models.retrieve("org/another-model")
+        assert info.value.code == "model_not_found" and info.value.param == "model"
 
 
 async def test_a_client_closing_after_done_is_ok_and_aborts_nothing(fakes: Any, proxies: Any,
