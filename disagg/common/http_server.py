@@ -19,6 +19,7 @@ from typing import Any
 
 import msgspec
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
@@ -40,8 +41,25 @@ def protocol_error_body(status: int, message: str | None) -> bytes:
                                           "code": status}})
 
 
+def _client_fault(exc: object) -> bool:
+    """An exception a client's bytes caused (a body that does not decompress, a malformed
+    chunk): aiohttp raises it again while draining the body after the answer went out."""
+    while isinstance(exc, BaseException):
+        if isinstance(exc, HttpProcessingError) and 400 <= (exc.code or 0) < 500:
+            return True
+        exc = exc.__cause__
+    return False
+
+
 class _JsonErrorHandler(RequestHandler):
-    """A connection handler whose parser-level errors are OpenAI-style JSON."""
+    """A connection handler whose parser-level errors are OpenAI-style JSON, and that logs a
+    client's malformed bytes at debug level, not as an unhandled exception."""
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        if _client_fault(kw.get("exc_info")):
+            logger.debug("dropped a malformed request body: %s", kw["exc_info"])
+            return
+        super().log_exception(*args, **kw)
 
     def handle_error(self, request: BaseRequest, status: int = 500,
                      exc: BaseException | None = None,
