@@ -6,12 +6,14 @@ import asyncio
 import logging
 import time
 
+import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from disagg.common.logging_setup import current_request_id
+from disagg.common.version import __version__
 from proxy.bodies import Endpoint, parse_request
 from proxy.errors import ProxyError, error_response, from_proxy_error
 from proxy.first_token import ClientStream
@@ -162,6 +164,33 @@ async def model(request: web.Request) -> web.Response:
                                f"`{cards[0]['id']}`", param="model", code="model_not_found")
 
 
+async def _forwarded(request: web.Request) -> web.Response:
+    """``POST /tokenize`` and ``/detokenize``: a healthy instance's answer as it is (decode
+    pool first: it tokenizes as the decode that serves the request does). The proxy's own
+    checks (API key, body size) apply first."""
+    st = request.app[STATE_KEY]
+    raw = await _read_body(request)
+    candidates = st.registry.healthy(Pool.DECODE) or st.registry.healthy(Pool.PREFILL)
+    if not candidates:
+        return error_response(503, "no healthy instance to answer it")
+    inst = candidates[0]
+    timeout = aiohttp.ClientTimeout(total=st.cfg.connect_timeout_s + st.cfg.probe_timeout_s)
+    headers = {"Content-Type": request.headers.get("Content-Type", "application/json")}
+    try:
+        async with st.sessions[inst.pool].post(inst.url + request.path, data=raw,
+                                               headers=headers, timeout=timeout) as resp:
+            body = await resp.read()
+            return web.Response(status=resp.status, body=body, content_type=resp.content_type)
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        return error_response(502, f"instance {inst.url} did not answer {request.path}: "
+                                   f"{exc!r}")
+
+
+async def version(request: web.Request) -> web.Response:
+    """``GET /version``: the proxy's (the package's) version."""
+    return web.json_response({"version": __version__})
+
+
 async def health(request: web.Request) -> web.Response:
     """``GET /health``: 200 when both pools have a healthy instance, else 503."""
     st = request.app[STATE_KEY]
@@ -187,4 +216,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/models", models)
     app.router.add_get("/v1/models/{model_id:.+}", model)
     app.router.add_get("/health", health)
+    app.router.add_post("/tokenize", _forwarded)
+    app.router.add_post("/detokenize", _forwarded)
+    app.router.add_get("/version", version)
     app.router.add_get("/metrics", metrics)

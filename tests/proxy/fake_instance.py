@@ -142,7 +142,18 @@ class FakeInstance:
         app.router.add_get("/instance_info", self._info)
         app.router.add_get("/health", self._health)
         app.router.add_get("/v1/models", self._models)
+        app.router.add_post("/tokenize", self._tokenize)
         return app
+
+    async def _tokenize(self, request: web.Request) -> web.Response:
+        """The prompt's bytes as tokens (400 without one), naming this instance."""
+        body = await request.json()
+        if not isinstance(body.get("prompt"), str):
+            return web.json_response({"error": {"message": "no prompt", "type": "bad",
+                                                "param": "prompt", "code": 400}}, status=400)
+        tokens = list(body["prompt"].encode())
+        return web.json_response({"tokens": tokens, "count": len(tokens),
+                                  "engine_id": self.engine_id})
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Serve on host:port (0: any free port); returns the URL."""

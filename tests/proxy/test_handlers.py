@@ -218,6 +218,24 @@ async def test_model_cards_list_and_retrieve_every_served_name(fakes: Any,
         assert info.value.code == "model_not_found" and info.value.param == "model"
 
 
+async def test_tokenize_goes_to_a_decode_instance_and_version_is_the_proxys(
+        fakes: Any, proxies: Any, http: Any) -> None:
+    p = await fakes(role="kv_producer", mode="read")
+    d = await fakes(role="kv_consumer", mode="read")
+    proxy = await proxies(prefill_urls=(p.url,), decode_urls=(d.url,))
+    async with http.post(proxy.url + "/tokenize", json={"prompt": "hi"}) as resp:
+        assert resp.status == 200
+        assert await resp.json() == {"tokens": [104, 105], "count": 2,
+                                     "engine_id": d.engine_id}
+    async with http.post(proxy.url + "/tokenize", json={"messages": []}) as resp:
+        assert resp.status == 400 and (await resp.json())["error"]["param"] == "prompt"
+    async with http.get(proxy.url + "/version") as resp:
+        assert resp.status == 200 and (await resp.json())["version"]
+    empty = await proxies(decode_urls=("http://127.0.0.1:9",))
+    async with http.post(empty.url + "/tokenize", json={"prompt": "hi"}) as resp:
+        assert resp.status == 503 and (await resp.json())["error"]["message"]
+
+
 async def test_a_client_closing_after_done_is_ok_and_aborts_nothing(fakes: Any, proxies: Any,
                                                                     http: Any) -> None:
     """The openai client closes its socket once it reads ``data: [DONE]``, before the end of
