@@ -453,10 +453,11 @@ def _is_token_ids(prompt: list[Any]) -> bool:
 
 
 def single_prompt(prompt: object) -> str | list[int]:
-    """The one prompt of a completion request: text or token ids in [0, 2**31); 400 else."""
+    """The one prompt of a completion request: text or token ids in [0, 2**31); 400 else.
+    An empty text is a prompt (the tokenizer's BOS alone); an empty id list is not."""
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
-    if isinstance(prompt, str | list) and not prompt:
+    if isinstance(prompt, list) and not prompt:
         raise ApiError(400, "the prompt is empty", param="prompt")
     if isinstance(prompt, str):
         return prompt
@@ -475,7 +476,10 @@ def completion_prompt_ids(req: CompletionRequest, tok: Tokenizer) -> list[int]:
     """Token ids of a single completion prompt (text or ids)."""
     prompt = single_prompt(req.prompt)
     if isinstance(prompt, str):
-        return tok.encode(prompt)
+        ids = tok.encode(prompt)
+        if not ids:  # "" with a tokenizer that adds no BOS (with one, vLLM starts from it)
+            raise ApiError(400, "the prompt is empty", param="prompt")
+        return ids
     bad = [t for t in prompt if t >= tok.vocab_size]
     if bad:
         raise ApiError(400, f"token id {bad[0]} is out of range [0, {tok.vocab_size})",

@@ -77,7 +77,7 @@ def test_engine_block_size_reaches_frontend_metrics(instance_factory) -> None:
 
 def test_user_errors_are_openai_style(instance_factory) -> None:
     inst = instance_factory(TINY)
-    cases = [b"{bad json", b'{"prompt": 5}', b'{"prompt": ""}', b'{"prompt": "a", "n": 17}',
+    cases = [b"{bad json", b'{"prompt": 5}', b'{"prompt": []}', b'{"prompt": "a", "n": 17}',
              b'{"prompt": "a", "model": "other"}', b'{"prompt": "a", "max_tokens": 0}',
              b'{"prompt": "a", "temperature": -1}', b""]
     for body in cases:

@@ -216,3 +216,14 @@ async def test_chat_rendering_options_reach_the_template(instance_client: Any) -
     assert (await prompt(add_generation_prompt=False)).endswith("Sure\n")
     assert (await prompt(add_generation_prompt=False,
                          continue_final_message=True)).endswith("Sure")
+
+
+async def test_an_empty_text_prompt_starts_from_bos_and_no_ids_is_a_400(
+        instance_client: Any) -> None:
+    """As vLLM: "" tokenizes to the BOS the tokenizer adds, a prompt like any other."""
+    client = await instance_client()
+    status, body = await _post(client, "/v1/completions", {**COMPLETION, "prompt": ""})
+    assert status == 200, body
+    assert len(client.app[ENGINE].requests[-1].prompt_token_ids) == 1  # BOS
+    status, body = await _post(client, "/v1/completions", {**COMPLETION, "prompt": []})
+    assert status == 400 and body["error"]["param"] == "prompt"
