@@ -5,6 +5,10 @@ from __future__ import annotations
 from disagg.common.tokenizer import Tokenizer
 
 _REPLACEMENT = "\ufffd"
+CONTEXT_IDS = 6
+"""Ids already read that start each window: a token's text may depend on what precedes it
+(SentencePiece drops the space of a text's first word, and a skipped special token before it
+leaves it first), so the window begins a few tokens back, as vLLM's does."""
 
 
 class IncrementalDetokenizer:
@@ -13,7 +17,7 @@ class IncrementalDetokenizer:
     Text that could still become part of a stop string, or an incomplete UTF-8 sequence
     (decoded as U+FFFD), is held back until it is safe to emit.
 
-    Each push decodes only a window of the last ids (from the previous window's start), not
+    Each push decodes only a window of the last ids (CONTEXT_IDS before the new ones), not
     the whole output: decoding everything per token made a long generation quadratic on the
     frontend's event loop. The new text is the window's decoding minus that of its part
     already read; both start at the same token, so a tokenizer that renders a token
@@ -80,7 +84,8 @@ class IncrementalDetokenizer:
             self.text = self._decode(self._ids)
         else:
             self.text += window[len(head):]
-        self._prefix, self._read = self._read, len(self._ids)
+        self._read = len(self._ids)
+        self._prefix = max(0, self._read - CONTEXT_IDS)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)

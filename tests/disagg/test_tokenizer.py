@@ -94,3 +94,50 @@ def test_chat_template_from_a_file_or_inline_replaces_the_tokenizers(tmp_path: P
         get_tokenizer(str(tok_dir), chat_template=str(tmp_path / "missing.jinja"))
     with pytest.raises(ConfigError, match="needs a Hugging Face tokenizer"):
         get_tokenizer("builtin:tiny-llama", chat_template=WITHOUT_BOS)
+
+
+TEXTS = ["héllo wörld, ça va? 日本語のテキスト 🙂 emoji " * 3,
+         "The quick brown fox jumps over the lazy dog " * 3]
+
+
+def _save_bpe(path: Path, kind: str) -> None:
+    """A small BPE trained here: byte-level (GPT-2, Llama-3) or Metaspace (SentencePiece:
+    Llama-2, Mistral), whose decode drops the first token's leading space."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if kind == "byte-level":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    else:
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+        trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"])
+    tok.train_from_iterator(TEXTS, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>",
+                            eos_token="</s>").save_pretrained(str(path))
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "metaspace"])
+def test_streamed_text_is_the_whole_decode(tmp_path: Path, kind: str) -> None:
+    """The frontend decodes a window per token (disagg/server/detokenizer.py): one id at a
+    time it streams exactly what decoding the whole output gives, with characters split
+    over several tokens and SentencePiece's dropped leading space."""
+    from disagg.server.detokenizer import IncrementalDetokenizer
+
+    _save_bpe(tmp_path, kind)
+    tok = HFTokenizer(str(tmp_path))
+    eos = tok.eos_token_id
+    assert eos is not None
+    for text in ["héllo wörld 🙂 日本 ok", " leading space and  double", "The fox 🙂🙂 ça",
+                 "brown fox"]:
+        ids = tok.encode(text, add_special_tokens=False)
+        for case in (ids, [*ids[:3], eos, eos, *ids[3:]], [eos, *ids]):  # specials skipped
+            detok = IncrementalDetokenizer(tok, ())
+            streamed = "".join(detok.push([i], final=n == len(case) - 1)
+                               for n, i in enumerate(case))
+            assert streamed == tok.decode(case), (kind, case)
