@@ -71,11 +71,19 @@ def _registration_server(st: ProxyState, address: str) -> RegistrationServer:
         st.registry.on_heartbeat(msg)
 
     def on_deregister(msg: Deregister) -> None:
-        """A dynamic instance leaves now; a static one is marked down until probed."""
-        inst = st.registry.get(msg.http_url)
-        if inst is not None and inst.origin is Origin.DYNAMIC:
+        """A dynamic instance leaves now; a static one is marked down until probed. Only the
+        engine the proxy knows at that URL may say so (anyone can reach the socket: a forged
+        Deregister must not take an instance out of its pool)."""
+        try:
+            inst = st.registry.get(msg.http_url)
+        except ValueError:
+            inst = None
+        if inst is None or inst.info is None or inst.info.engine_id != msg.engine_id:
+            st.metrics.registration_dropped["unknown_instance"] += 1
+            return
+        if inst.origin is Origin.DYNAMIC:
             st.registry.remove(inst.url)
-        elif inst is not None:
+        else:
             st.registry.mark_failed(inst, "instance deregistered (shutting down)")
 
     def on_kv_events(msg: KVEvents) -> None:

@@ -53,7 +53,8 @@ class Heartbeat(msgspec.Struct, tag="heartbeat", kw_only=True, frozen=True):
     """Instance -> proxy, every ``interval_s``: "I am alive and this is who I am"."""
 
     info: InstanceInfo
-    interval_s: float
+    interval_s: Annotated[float, msgspec.Meta(gt=0.0, le=3600.0)]
+    """Seconds to the next heartbeat (bounded: NaN, negative or huge would never expire)."""
     seq: int
     version: int = PROTOCOL_VERSION
 

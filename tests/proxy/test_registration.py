@@ -50,6 +50,11 @@ def test_messages_round_trip_as_msgpack() -> None:
     assert decode_message(encode_message(bye)) == bye
     with pytest.raises(msgspec.DecodeError):
         decode_message(b"\x93garbage")
+    for interval in (-1.0, 0.0, float("nan"), 1e9):  # a heartbeat that would never expire
+        forged = msgspec.msgpack.encode({**msgspec.to_builtins(beat), "interval_s": interval,
+                                         "type": "heartbeat"})
+        with pytest.raises(msgspec.ValidationError):
+            decode_message(forged)
 
 
 def test_instance_info_parses_the_http_body_and_ignores_extra_fields() -> None:
@@ -228,6 +233,10 @@ async def test_kv_events_of_registered_instances_reach_the_index(fakes: Any,
         await _wait_for(lambda: index.fresh(p.url))  # the receiver survived all of it
         assert index.num_hashes == 2
         assert dropped["malformed"] == 1 and dropped["unknown_instance"] == 2
+        # a Deregister naming another engine at that URL is forged: the instance stays
+        good.send(encode_message(Deregister(http_url=p.url, engine_id="other")))
+        await _wait_for(lambda: dropped["unknown_instance"] == 3)
+        assert index.fresh(p.url) and proxy.state.registry.get(p.url) is not None
         good.send(encode_message(Deregister(http_url=p.url, engine_id=info.engine_id)))
         await _wait_for(lambda: not index.fresh(p.url))
         assert index.num_hashes == 0
