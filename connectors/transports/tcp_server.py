@@ -2,7 +2,10 @@
 
 One accept thread, plus one thread per accepted connection. Connections come from peers'
 bounded connection pools (``max_connections_per_peer`` each), so the thread count is bounded
-by peers x pool size, never by the number of transfers.
+by peers x pool size, never by the number of transfers. Before a connection has authenticated
+(its hello, with the region's token) it is anyone's: its hello is at most MAX_HELLO_BYTES, it
+must arrive within HELLO_TIMEOUT_S however slowly it drips, and at most MAX_PENDING_HELLOS
+such connections are served at once (more are closed on accept).
 """
 
 from __future__ import annotations
@@ -30,6 +33,18 @@ logger = logging.getLogger(__name__)
 
 _STOP_CHECK_S = 0.5
 """How often idle threads look at the stop flag (bounds close() latency)."""
+MAX_HELLO_BYTES = 4096
+"""A hello is a version, a 32-byte token and a short name."""
+HELLO_TIMEOUT_S = 5.0
+"""The whole hello, however it is split, within this."""
+MAX_PENDING_HELLOS = 64
+"""Connections not yet authenticated served at once."""
+
+
+def _cut(conn: socket.socket) -> None:
+    """End a connection whose hello is late: its blocked recv returns at once."""
+    with contextlib.suppress(OSError):
+        conn.shutdown(socket.SHUT_RDWR)
 
 
 class TcpServer:
@@ -43,6 +58,7 @@ class TcpServer:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._conns: set[socket.socket] = set()
+        self._pending_hellos = threading.BoundedSemaphore(MAX_PENDING_HELLOS)
         self._threads: list[threading.Thread] = []
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._listener = socket.socket(family, socket.SOCK_STREAM)
@@ -68,6 +84,11 @@ class TcpServer:
                 continue
             except OSError:
                 break  # listener closed
+            if not self._pending_hellos.acquire(blocking=False):
+                logger.warning("tcp transport: %d connections are still to say hello; closing "
+                               "a new one", MAX_PENDING_HELLOS)
+                conn.close()
+                continue
             thread = threading.Thread(target=self._serve, args=(conn,), daemon=True,
                                       name=f"tcp-transport-conn-{self.port}")
             with self._lock:
@@ -81,10 +102,16 @@ class TcpServer:
 
     def _serve(self, conn: socket.socket) -> None:
         """Authenticate, then answer requests until the peer leaves or we stop."""
+        deadline = threading.Timer(HELLO_TIMEOUT_S, _cut, args=(conn,))
+        deadline.start()
         try:
-            tune_socket(conn, self._io_timeout_s)
-            if not self._handshake(conn):
-                return
+            try:
+                tune_socket(conn, self._io_timeout_s)
+                if not self._handshake(conn):
+                    return
+            finally:
+                deadline.cancel()
+                self._pending_hellos.release()
             io = self._region.io_for_connection()
             while self._wait_request(conn):
                 request = recv_frame(conn, TcpRequest)
@@ -99,7 +126,7 @@ class TcpServer:
 
     def _handshake(self, conn: socket.socket) -> bool:
         """Check the peer's hello (protocol version and shared token)."""
-        hello = recv_frame(conn, TcpHello)
+        hello = recv_frame(conn, TcpHello, MAX_HELLO_BYTES)
         assert isinstance(hello, TcpHello)
         if hello.version != PROTOCOL_VERSION:
             send_frame(conn, TcpReply(False, f"protocol version {hello.version} != "

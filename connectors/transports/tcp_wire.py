@@ -94,10 +94,12 @@ def send_frame(sock: socket.socket, header: msgspec.Struct,
     send_views(sock, [memoryview(_LEN.pack(len(body)) + body), *payload])
 
 
-def recv_frame(sock: socket.socket, kind: type) -> msgspec.Struct:
-    """Receive one frame header of type ``kind`` (the payload is left on the socket)."""
+def recv_frame(sock: socket.socket, kind: type,
+               max_bytes: int = _MAX_HEADER_BYTES) -> msgspec.Struct:
+    """Receive one frame header of type ``kind`` (the payload is left on the socket); a
+    header announced over ``max_bytes`` ends the connection before anything is allocated."""
     (size,) = _LEN.unpack(recv_exact(sock, _LEN.size))
-    if size > _MAX_HEADER_BYTES:
+    if size > max_bytes:
         raise ConnectionError(f"frame header of {size} bytes is over the limit")
     result: msgspec.Struct = _DECODERS[kind].decode(recv_exact(sock, size))
     return result

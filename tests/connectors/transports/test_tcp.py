@@ -262,3 +262,40 @@ def test_gpu_regions_between_processes(make_local: MakeLocal, spawn_peer: SpawnP
     check_read(make_local("tcp"), spawn_peer("tcp", device="cuda:0"), device="cuda")
     check_write(make_local("tcp"), spawn_peer("tcp", fill="zeros", device="cuda:0"),
                 device="cuda")
+
+
+def test_connections_that_never_authenticate_hold_nothing_for_long(
+        make_local: MakeLocal, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before its hello a connection is anyone's: a hello announced at 64 MiB is refused
+    before anything is allocated, one dripped a byte at a time is cut at HELLO_TIMEOUT_S,
+    connections past MAX_PENDING_HELLOS are closed at accept, and real peers still get
+    through once the strangers are gone."""
+    from connectors.transports import tcp_server
+
+    monkeypatch.setattr(tcp_server, "HELLO_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(tcp_server, "MAX_PENDING_HELLOS", 4)
+    a, b, ra, rb = _pair(make_local)
+    port = decode_descriptor(b.descriptor()).port
+
+    def connect() -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        sock.settimeout(5)
+        return sock
+
+    huge = connect()
+    huge.sendall((64 << 20).to_bytes(4, "little"))
+    assert huge.recv(1) == b""  # closed: over MAX_HELLO_BYTES
+    drippers = [connect() for _ in range(4)]
+    started = time.monotonic()
+    for sock in drippers:
+        sock.sendall(b"\x10")  # the first byte of a length prefix, then nothing
+    extra = connect()
+    assert extra.recv(1) == b""  # a fifth stranger: closed at once
+    for sock in drippers:
+        assert sock.recv(1) == b""  # cut at the hello deadline
+    assert time.monotonic() - started < 3.0
+    status, error = wait_done(a, a.post(TransferOp.READ, "b", [Segment(0, 0, 4096)]))
+    assert status == "done", error
+    assert torch.equal(ra[:4096], rb[:4096])
+    for sock in (huge, extra, *drippers):
+        sock.close()
