@@ -16,6 +16,7 @@ import logging
 import select
 import socket
 import threading
+import time
 
 from connectors.transports.tcp_region import Region, RegionIO
 from connectors.transports.tcp_wire import (
@@ -36,15 +37,9 @@ _STOP_CHECK_S = 0.5
 MAX_HELLO_BYTES = 4096
 """A hello is a version, a 32-byte token and a short name."""
 HELLO_TIMEOUT_S = 5.0
-"""The whole hello, however it is split, within this."""
+"""The whole hello, however it is split, within this (+ up to _STOP_CHECK_S)."""
 MAX_PENDING_HELLOS = 64
 """Connections not yet authenticated served at once."""
-
-
-def _cut(conn: socket.socket) -> None:
-    """End a connection whose hello is late: its blocked recv returns at once."""
-    with contextlib.suppress(OSError):
-        conn.shutdown(socket.SHUT_RDWR)
 
 
 class TcpServer:
@@ -59,6 +54,8 @@ class TcpServer:
         self._lock = threading.Lock()
         self._conns: set[socket.socket] = set()
         self._pending_hellos = threading.BoundedSemaphore(MAX_PENDING_HELLOS)
+        self._hello_deadlines: dict[socket.socket, float] = {}
+        """Connections still to say hello -> when the accept loop cuts them."""
         self._threads: list[threading.Thread] = []
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._listener = socket.socket(family, socket.SOCK_STREAM)
@@ -78,6 +75,7 @@ class TcpServer:
     def _accept_loop(self) -> None:
         """Accept connections until stopped; each gets its own handler thread."""
         while not self._stop.is_set():
+            self._cut_late_hellos()
             try:
                 conn, _ = self._listener.accept()
             except TimeoutError:
@@ -96,21 +94,31 @@ class TcpServer:
                     conn.close()
                     break
                 self._conns.add(conn)
+                self._hello_deadlines[conn] = time.monotonic() + HELLO_TIMEOUT_S
                 self._threads = [t for t in self._threads if t.is_alive()]
                 self._threads.append(thread)
             thread.start()
 
+    def _cut_late_hellos(self) -> None:
+        """End the connections whose hello is late (their blocked recv returns at once);
+        the accept loop runs this at least every _STOP_CHECK_S."""
+        now = time.monotonic()
+        with self._lock:  # under the lock: a hello that just finished is not cut after it
+            for conn in [c for c, t in self._hello_deadlines.items() if t <= now]:
+                del self._hello_deadlines[conn]
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+
     def _serve(self, conn: socket.socket) -> None:
         """Authenticate, then answer requests until the peer leaves or we stop."""
-        deadline = threading.Timer(HELLO_TIMEOUT_S, _cut, args=(conn,))
-        deadline.start()
         try:
             try:
                 tune_socket(conn, self._io_timeout_s)
                 if not self._handshake(conn):
                     return
             finally:
-                deadline.cancel()
+                with self._lock:
+                    self._hello_deadlines.pop(conn, None)
                 self._pending_hellos.release()
             io = self._region.io_for_connection()
             while self._wait_request(conn):
