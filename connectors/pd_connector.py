@@ -111,7 +111,8 @@ class PDConnector(KVConnector):
                                         self.metadata.num_blocks)
         self._by_request: dict[str, str] = {}
         self.counters: dict[str, float] = dict.fromkeys(_COUNTERS, 0.0)
-        self.peers = PeerLinks(self.control, self.worker, self.timeouts, self.counters)
+        self.peers = PeerLinks(self.control, self.worker, self.timeouts, self.counters,
+                               self.transfers)
         self.outcomes = Outcomes(self.engine_id, self.epoch, self.worker, self.peers,
                                  self.transfers, timeouts=self.timeouts,
                                  recompute=c.kv_load_failure_policy == "recompute",

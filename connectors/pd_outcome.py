@@ -131,6 +131,11 @@ class Outcomes:
             t.holds_blocks = True
         if notify_request:
             self._settle_request(t, f"KV transfer failed: {reason}")
+        if state is TransferState.EXPIRED:
+            # the peer never answered: it may have restarted, or forgotten us (a flood of
+            # strangers' handshakes can push us out of its table); the next transfer to it
+            # handshakes afresh instead of reusing this hello forever
+            self.peers.forget_hello(t)
         if t.handles or needs_quiesce:
             if t.handles:
                 self.peers.forget_hello(t)  # a failed one-sided op may mean a restarted peer

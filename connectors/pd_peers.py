@@ -14,8 +14,9 @@ from __future__ import annotations
 import concurrent.futures
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from connectors.control_plane import ControlPlane
 from connectors.pd_worker import PDWorkerSide
@@ -38,12 +39,24 @@ class _Hello:
     started_s: float
 
 
+def _evict(table: OrderedDict[Any, Any], limit: int, keep: Callable[[Any], bool]) -> None:
+    """Forget the least recently used entries of ``table`` down to ``limit``, never one
+    ``keep`` names (the table may stay over its limit by those: they are bounded by the live
+    transfers)."""
+    for key in [k for k in table if not keep(k)][:max(0, len(table) - limit)]:
+        del table[key]
+
+
 class PeerLinks:
     """Identified peers, handshakes, sends, leases, early notifications and tombstones."""
 
     def __init__(self, control: ControlPlane, worker: PDWorkerSide, timeouts: Timeouts,
-                 counters: dict[str, float]) -> None:
+                 counters: dict[str, float],
+                 transfers: Mapping[str, Transfer] | None = None) -> None:
         self.control = control
+        self._transfers: Mapping[str, Transfer] = {} if transfers is None else transfers
+        """The connector's live transfers: a peer one of them names is never forgotten to
+        make room (anyone can handshake; a flood of strangers must not unseat it)."""
         self.worker = worker
         self.timeouts = timeouts
         self.counters = counters
@@ -67,10 +80,15 @@ class PeerLinks:
         epochs[meta.epoch] = meta
         epochs.move_to_end(meta.epoch)
         self.known.move_to_end(meta.engine_id)
-        while len(epochs) > MAX_EPOCHS_PER_ENGINE:
-            epochs.popitem(last=False)
-        while len(self.known) > MAX_KNOWN_PEERS:
-            self.known.popitem(last=False)
+        if len(epochs) <= MAX_EPOCHS_PER_ENGINE and len(self.known) <= MAX_KNOWN_PEERS:
+            return
+        in_use = {(t.peer_engine_id, t.peer_epoch) for t in self._transfers.values()
+                  if t.peer_engine_id is not None}
+        engines_in_use = {engine for engine, _ in in_use}
+        _evict(epochs, MAX_EPOCHS_PER_ENGINE,
+               lambda epoch: (meta.engine_id, epoch) in in_use or epoch == meta.epoch)
+        _evict(self.known, MAX_KNOWN_PEERS,
+               lambda engine: engine in engines_in_use or engine == meta.engine_id)
 
     def identify(self, engine_id: str, epoch: int) -> EngineMetadata | None:
         """The handshaken peer that sent a message with this identity, else None (a peer that

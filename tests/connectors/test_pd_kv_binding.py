@@ -216,3 +216,26 @@ def test_read_notifies_the_prefill_where_its_handshake_says(make: Any) -> None:
     _clean(prefill, decode)
     for engine in (prefill, decode):  # P's hold released by the decode's ack, not expired
         assert engine.connector.metrics()["transfers_expired_total"] == 0
+
+
+def test_a_peer_that_forgot_the_decode_is_handshaken_again_after_one_expiry(make: Any) -> None:
+    """P lost D from its peer table (a flood of strangers' handshakes, a bug): D's release
+    is dropped as unidentified and that transfer expires, after which D handshakes afresh
+    (it reused its cached hello forever before) and the next request goes through."""
+    prefill, decode = make("kv_producer", "read"), make("kv_consumer", "read")
+    prompt = _prompt(1)
+    for rid in ("d0", "d1", "d2"):
+        params = _hold(prefill, "p" + rid, prompt)
+        if rid == "d1":
+            prefill.connector.peers.known.clear()
+        decode.add_request(EngineCoreRequest(request_id=rid, prompt_token_ids=prompt,
+                                             sampling_params=GREEDY, kv_transfer_params=params))
+        out = _finish([decode, prefill], rid)
+        # d1: P drops D's release as unidentified and D's wait for the ack expires; its
+        # first token went out already, so it is recomputed here: the same tokens
+        assert out.error is None and out.new_token_ids == _monolithic(prompt)
+        expired = decode.connector.metrics()["transfers_expired_total"]
+        assert expired == (0 if rid == "d0" else 1), rid  # d2 went through
+    assert prefill.connector.peers.identify(decode.connector.engine_id,
+                                            decode.connector.epoch) is not None
+    _clean(prefill, decode)

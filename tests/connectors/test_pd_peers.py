@@ -136,6 +136,31 @@ def test_identity_is_engine_id_and_epoch_and_the_table_is_bounded(
     assert list(links.known) == ["E2", "E3", "E4"]
 
 
+def test_a_flood_of_strangers_never_unseats_a_peer_a_live_transfer_names(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Anyone can handshake: thousands of new engine ids, or new epochs claiming a known
+    engine's id, push only other strangers out of the bounded table while a transfer names
+    the peer (it used to be forgotten, and its every message dropped as unidentified)."""
+    monkeypatch.setattr(pd_peers, "MAX_KNOWN_PEERS", 3)
+    monkeypatch.setattr(pd_peers, "MAX_EPOCHS_PER_ENGINE", 2)
+    transfers: dict[str, Transfer] = {}
+    timeouts = Timeouts(30.0, 60.0, 5.0, 1.0)
+    links = PeerLinks(_Control(), _Worker(), timeouts, {}, transfers)  # type: ignore[arg-type]
+    links.learn(_meta("D", epoch=1))
+    t = _transfer(peer="D")
+    t.peer_epoch = 1
+    transfers[t.transfer_id] = t
+    for i in range(20):
+        links.learn(_meta(f"stranger{i}"))
+        links.learn(_meta("D", epoch=100 + i))  # claiming D's id
+    assert links.identify("D", 1) is not None
+    assert len(links.known) == 3 and len(links.known["D"]) == 2
+    del transfers[t.transfer_id]  # no transfer names it: D is a table entry like any other
+    for i in range(3):
+        links.learn(_meta(f"later{i}"))
+    assert links.identify("D", 1) is None
+
+
 def test_sends_and_leases_go_to_the_peers_notify_address() -> None:
     links, control, _, _ = _links()
     t, unknown = _transfer(), Transfer("u", TransferRole.PRODUCER_READ, "r-u", 0.0)
