@@ -177,8 +177,9 @@ class PDConnector(KVConnector):
             self.peers.start_hello(t)  # identifies the peer before any of its messages count
         if t.role is TransferRole.PRODUCER_WRITE:
             t.start_clock(time.monotonic())  # waits for the decode's remote_blocks
-            if t.transfer_id in self.peers.early:
-                self.inbox.on_remote_blocks(t, self.peers.early.pop(t.transfer_id)[0])
+            early = self.peers.take_early(t.transfer_id)
+            if early is not None:
+                self.inbox.on_remote_blocks(t, early)
 
     def _reused_id_failure(self, t: Transfer) -> Any:
         logger.warning("transfer_id %s is already in use; request %s refused", t.transfer_id,
@@ -588,7 +589,7 @@ class PDConnector(KVConnector):
 
     def abort_transfer(self, transfer_id: str) -> bool:
         """Proxy cleanup: fail a transfer (the request, if any, is aborted by the engine)."""
-        self.peers.early.pop(transfer_id, None)
+        self.peers.take_early(transfer_id)
         t = self.transfers.get(transfer_id)
         if t is None:
             return False

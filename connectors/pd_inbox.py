@@ -36,9 +36,6 @@ from connectors.transfer import Transfer, TransferRole
 if TYPE_CHECKING:
     from connectors.pd_connector import PDConnector
 
-MAX_EARLY = 65536
-"""remote_blocks kept for transfers this engine does not know yet (each expires after
-defer_timeout)."""
 
 
 class Inbox:
@@ -147,10 +144,10 @@ class Inbox:
         if msg.engine_id == c.engine_id:
             c.counters["notifications_unidentified_total"] += 1
         elif t is None:
-            if len(c.peers.early) >= MAX_EARLY:
+            if msg.transfer_id in c.peers.tombstones:
+                return
+            if not c.peers.stash_early(msg, now):  # D raced ahead of P's request
                 c.counters["notifications_unknown_total"] += 1  # bounded: a flood is dropped
-            elif msg.transfer_id not in c.peers.tombstones:
-                c.peers.early[msg.transfer_id] = (msg, now)  # D raced ahead of P's request
         elif t.role is TransferRole.PRODUCER_WRITE and t.remote_block_ids is None:
             self.on_remote_blocks(t, msg)
         elif t.role is not TransferRole.PRODUCER_WRITE or t.peer_generation != msg.generation:

@@ -27,6 +27,12 @@ Address = tuple[str, int]
 MAX_KNOWN_PEERS = 4096
 MAX_EPOCHS_PER_ENGINE = 8
 MAX_TOMBSTONES = 65536
+MAX_EARLY = 4096
+"""remote_blocks kept for transfers this engine does not know yet (each expires after
+defer_timeout). Their senders are not identified yet (the prefill handshakes the decode only
+once its request names the transfer): anyone can send them, so they are bounded by count and,
+all together, by MAX_EARLY_BLOCK_IDS."""
+MAX_EARLY_BLOCK_IDS = 1 << 20
 """Transfers remembered as given up by their peer (each for defer_timeout); past this the
 oldest is forgotten first. Forgetting one is safe: its remote_blocks were dropped when it was
 buried (a peer sends them before it gives up, on the same socket), so a late request for it
@@ -67,7 +73,9 @@ class PeerLinks:
         epoch (a restart, or a stranger claiming that id) adds one and unseats none: the
         engine that did handshake stays identified."""
         self.early: dict[str, tuple[RemoteBlocks, float]] = {}
-        """WRITE: remote_blocks from a decode that raced ahead of the prefill's request."""
+        """WRITE: remote_blocks from a decode that raced ahead of the prefill's request (only
+        ``stash_early`` adds, ``take_early`` removes)."""
+        self._early_ids = 0  # block ids in ``early``
         self.tombstones: dict[str, tuple[str, float]] = {}
         """Transfers the peer failed before this side knew them: a late request for one must
         not use stale remote_blocks (the decode already freed those blocks)."""
@@ -170,11 +178,30 @@ class PeerLinks:
     def bury(self, transfer_id: str, reason: str, now: float) -> None:
         """The peer gave up on a transfer this side does not run (yet): drop its queued
         remote_blocks and refuse a request that names it later (bounded: MAX_TOMBSTONES)."""
-        self.early.pop(transfer_id, None)
+        self.take_early(transfer_id)
         self.tombstones.pop(transfer_id, None)
         self.tombstones[transfer_id] = (reason, now)
         while len(self.tombstones) > MAX_TOMBSTONES:
             del self.tombstones[next(iter(self.tombstones))]
+
+    # ---- early remote_blocks ----------------------------------------------------------------
+    def stash_early(self, msg: RemoteBlocks, now: float) -> bool:
+        """Keep remote_blocks for a transfer not known yet; False (dropped) past the bounds."""
+        self.take_early(msg.transfer_id)
+        if len(self.early) >= MAX_EARLY or \
+                self._early_ids + len(msg.block_ids) > MAX_EARLY_BLOCK_IDS:
+            return False
+        self.early[msg.transfer_id] = (msg, now)
+        self._early_ids += len(msg.block_ids)
+        return True
+
+    def take_early(self, transfer_id: str) -> RemoteBlocks | None:
+        """Remove and return the remote_blocks kept for a transfer, if any."""
+        entry = self.early.pop(transfer_id, None)
+        if entry is None:
+            return None
+        self._early_ids -= len(entry[0].block_ids)
+        return entry[0]
 
     # ---- sending -------------------------------------------------------------------------
     def send(self, t: Transfer, msg: Notification) -> None:
@@ -202,5 +229,5 @@ class PeerLinks:
         for tid in [k for k, (_, t0) in self.tombstones.items() if now - t0 > limit]:
             del self.tombstones[tid]
         for tid in [k for k, (_, t0) in self.early.items() if now - t0 > limit]:
-            del self.early[tid]
+            self.take_early(tid)
             self.counters["notifications_unknown_total"] += 1

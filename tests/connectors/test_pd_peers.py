@@ -161,6 +161,31 @@ def test_a_flood_of_strangers_never_unseats_a_peer_a_live_transfer_names(
     assert links.identify("D", 1) is None
 
 
+def test_early_remote_blocks_are_bounded_in_count_and_in_block_ids(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Their senders are not identified yet: a flood of large ones is dropped, not kept in
+    memory until defer_timeout (eight 1M-id frames held ~330 MB)."""
+    monkeypatch.setattr(pd_peers, "MAX_EARLY", 3)
+    monkeypatch.setattr(pd_peers, "MAX_EARLY_BLOCK_IDS", 10)
+    links, _, _, _ = _links()
+
+    def blocks(tid: str, n: int) -> RemoteBlocks:
+        return RemoteBlocks(transfer_id=tid, engine_id="D", epoch=1, generation=2,
+                            block_ids=list(range(n)), num_tokens=16 * n, host="h",
+                            handshake_port=1, notify_port=2)
+
+    assert links.stash_early(blocks("a", 6), 0.0)
+    assert not links.stash_early(blocks("big", 5), 0.0)  # 11 ids > 10
+    assert links.stash_early(blocks("b", 4), 0.0)
+    assert links.stash_early(blocks("a", 1), 0.0)  # a resend replaces: 5 ids now
+    assert links.stash_early(blocks("c", 1), 0.0)
+    assert not links.stash_early(blocks("d", 1), 0.0)  # 3 entries
+    taken = links.take_early("b")
+    assert taken is not None and len(taken.block_ids) == 4
+    assert links.stash_early(blocks("big", 5), 0.0)  # room again: 2 + 5 ids
+    assert links.take_early("b") is None
+
+
 def test_sends_and_leases_go_to_the_peers_notify_address() -> None:
     links, control, _, _ = _links()
     t, unknown = _transfer(), Transfer("u", TransferRole.PRODUCER_READ, "r-u", 0.0)
