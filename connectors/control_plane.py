@@ -38,6 +38,7 @@ from connectors.faults import FaultPlan, corrupt
 from connectors.protocol import (
     CONTROL_VERSION,
     MAX_FRAME_BYTES,
+    MAX_LEASE_IDS,
     EngineMetadata,
     HandshakeRequest,
     HandshakeResponse,
@@ -178,10 +179,11 @@ class ControlPlane:
     def _send_leases(self) -> None:
         assert self.metadata is not None
         for addr, tids in self._lease_targets.items():
-            msg = Lease(engine_id=self.metadata.engine_id, epoch=self.metadata.epoch,
-                        transfer_ids=tids)
-            for frame in self._with_faults(msg, addr):
-                self._send_frame(self._lease_push, addr, frame)
+            for start in range(0, len(tids), MAX_LEASE_IDS):
+                msg = Lease(engine_id=self.metadata.engine_id, epoch=self.metadata.epoch,
+                            transfer_ids=tids[start:start + MAX_LEASE_IDS])
+                for frame in self._with_faults(msg, addr):
+                    self._send_frame(self._lease_push, addr, frame)
 
     def _send_due(self, now: float) -> None:
         """Send the delayed frames whose time has come (fault injection only)."""

@@ -193,10 +193,16 @@ class Quiesced(_Sent, tag="quiesced", kw_only=True):
     transfer_id: TransferId
 
 
+MAX_LEASE_IDS = 1 << 14
+"""Transfer ids in one Lease; a sender with more splits them over several. Small: a frame is
+decoded before its sender is identified, and a few huge forged ones per second held the
+control thread (and with it the GIL) long enough to stall the engine."""
+
+
 class Lease(_Sent, tag="lease", kw_only=True):
     """Heartbeat: the sender is alive and still working on these transfers."""
 
-    transfer_ids: Annotated[list[TransferId], msgspec.Meta(max_length=1 << 20)]
+    transfer_ids: Annotated[list[TransferId], msgspec.Meta(max_length=MAX_LEASE_IDS)]
 
 
 Notification = (RemoteBlocks | WriteDone | FirstToken | Release | ReleaseAck | TransferFailed

@@ -151,3 +151,25 @@ def test_each_delivery_and_each_ended_handshake_rings_the_engine_doorbell(planes
     finally:
         ctx.term()
     assert rings["B"] == 2 and b.malformed == 1
+
+
+def test_leases_for_many_transfers_go_in_bounded_frames(planes,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Lease over MAX_LEASE_IDS ids would be refused by the receiver's decoder: the sender
+    splits its ids over several, and every id is leased."""
+    from connectors import control_plane
+
+    monkeypatch.setattr(control_plane, "MAX_LEASE_IDS", 2)
+    a, b = _plane("A"), _plane("B")
+    planes += [a, b]
+    tids = [f"t{i}" for i in range(5)]
+    a.set_leases({(b.host, b.notify_port): tids})
+    deadline, leased, sizes = time.monotonic() + 5, set[str](), list[int]()
+    while leased != set(tids):
+        assert time.monotonic() < deadline, leased
+        for msg in b.drain():
+            if isinstance(msg, Lease):
+                leased.update(msg.transfer_ids)
+                sizes.append(len(msg.transfer_ids))
+        time.sleep(0.02)
+    assert max(sizes) <= 2
