@@ -21,6 +21,7 @@ from disagg.common.config import (
     SchedulerConfig,
     parse_bytes,
     parse_max_model_len,
+    port_number,
 )
 from disagg.common.generation_config import load_generation_config
 from disagg.common.help_formatter import DefaultsHelpFormatter
@@ -145,6 +146,13 @@ def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
         raise ConfigError("--dp-collective-timeout must be positive")
     if not 0 < a.gpu_memory_utilization <= 1:
         raise ConfigError("--gpu-memory-utilization must be in (0, 1]")
+    if a.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda: torch sees no GPU here (torch.cuda.is_available() "
+                              "is false: a CPU-only torch, or no visible device); use --device "
+                              "cpu or auto")
     model = resolve_model(a.model)  # a Hub id: its snapshot in the local cache, else one line
     load_generation_config(model, a.generation_config)  # a bad path or file: one line now
     kv_transfer = KVTransferConfig.from_json(a.kv_transfer_config)
@@ -203,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=DefaultsHelpFormatter)
     add_engine_args(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address the HTTP server listens on")
-    serve.add_argument("--port", type=int, default=8000, help="HTTP port")
+    serve.add_argument("--port", type=port_number, default=8000, help="HTTP port")
     serve.add_argument("--admin-key", default=None,
                        help="Bearer key of the admin API: /pause, /resume, /collective_rpc "
                             "(default: none, the admin API is off)")

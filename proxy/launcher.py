@@ -29,7 +29,7 @@ from typing import Any
 from aiohttp import web
 
 from disagg.common import envs
-from disagg.common.config import ConfigError
+from disagg.common.config import ConfigError, port_number
 from disagg.common.help_formatter import DefaultsHelpFormatter
 from disagg.common.logging_setup import add_logging_args, configure_logging, export_to_children
 from proxy.app import bound_url, start_site
@@ -68,7 +68,7 @@ def _add_proxy_args(parser: argparse.ArgumentParser) -> None:
     d = ProxyConfig()
     add = parser.add_argument
     add("--host", default=d.host, help="address to listen on (default %(default)s)")
-    add("--port", type=int, default=d.port, help="HTTP port (default %(default)s)")
+    add("--port", type=port_number, default=d.port, help="HTTP port (default %(default)s)")
     add("--prefill", nargs="+", action="extend", default=[], metavar="URL",
         help="static prefill instance(s) (default: none)")
     add("--decode", nargs="+", action="extend", default=[], metavar="URL",
@@ -160,9 +160,9 @@ def _add_launch_args(parser: argparse.ArgumentParser) -> None:
     add("--instance-arg", action="append", default=[], metavar="ARG",
         help="one argument for every instance (use --instance-arg=--flag for dashes; "
              "default: none)")
-    add("--instance-base-port", type=int, default=None,
+    add("--instance-base-port", type=port_number, default=None,
         help="first instance HTTP port, then +1 each (default: free ports are found)")
-    add("--kv-base-port", type=int, default=None,
+    add("--kv-base-port", type=port_number, default=None,
         help="first instance connector base port, then +16 each (default: free ports are "
              "found)")
     add("--ready-timeout-s", type=float, default=600.0,

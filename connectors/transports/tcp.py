@@ -73,6 +73,12 @@ class TcpOptions:
     force_staging: bool = False
     """Stage CPU regions too (tests the GPU code path on CPU)."""
 
+    def __post_init__(self) -> None:
+        if self.max_connections_per_peer < 1 or self.max_parts_per_batch < 1:
+            raise ValueError("max_connections_per_peer and max_parts_per_batch must be >= 1")
+        if self.split_min_bytes < 1 or self.staging_bytes < 2:
+            raise ValueError("split_min_bytes and staging_bytes must be positive")
+
 
 def split_segments(segments: Sequence[Segment], num_parts: int) -> list[list[Segment]]:
     """Cut a batch into ``num_parts`` runs of about equal bytes (segments may be split)."""

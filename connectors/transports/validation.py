@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
@@ -10,6 +11,7 @@ import numpy as np
 
 from connectors.transports.base import Segment, TransportError
 from connectors.transports.handles import HandleTable
+from disagg.common.config import ConfigError
 
 T = TypeVar("T")
 
@@ -38,14 +40,52 @@ def check_array(runs: np.ndarray, local_bytes: int, remote_bytes: int) -> str | 
     return check_segments([first], local_bytes, remote_bytes)
 
 
+class OptionError(TransportError, ConfigError):
+    """A transport option the user gave is unknown or unusable: a configuration error (an
+    instance refuses to start with one line naming it)."""
+
+
+_SCALARS: dict[str, Any] = {"int": int, "float": (int, float), "bool": bool, "str": str}
+
+
+def _check_option(transport: str, name: str, annotation: str, value: Any) -> None:
+    """The value fits the field's simple annotation (``int``, ``float | None``, ...); others
+    (tuples, mappings) are the transport's to check. Timeouts and other floats are finite
+    and positive, a ``port`` is 0 to 65535."""
+    kinds = [k.strip() for k in annotation.split("|")]
+    if value is None and "None" in kinds:
+        return
+    scalar = [k for k in kinds if k in _SCALARS]
+    if not scalar or len(scalar) != len([k for k in kinds if k != "None"]):
+        return
+    ok = any(isinstance(value, _SCALARS[k]) and not (k != "bool" and isinstance(value, bool))
+             for k in scalar)
+    if not ok:
+        raise OptionError(f"{transport} transport option {name} must be "
+                          f"{' or '.join(kinds)}, got {value!r}")
+    if "float" in scalar and not (math.isfinite(value) and value > 0):
+        raise OptionError(f"{transport} transport option {name} must be a positive number of "
+                          f"seconds (or bytes), got {value!r}")
+    if name == "port" and not 0 <= value <= 65535:
+        raise OptionError(f"{transport} transport option port must be 0 to 65535, got {value}")
+
+
 def build_options(cls: type[T], transport: str, options: dict[str, Any]) -> T:
-    """Instantiate an options dataclass, naming unknown keys in a clear error."""
-    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(options) - known)
+    """Instantiate an options dataclass, naming unknown keys and values of the wrong type in
+    a clear error (OptionError)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(options) - set(fields))
     if unknown:
-        raise TransportError(f"unknown {transport} transport option(s) {unknown}; "
-                             f"known: {sorted(known)}")
-    return cls(**options)
+        raise OptionError(f"unknown {transport} transport option(s) {unknown}; "
+                          f"known: {sorted(fields)}")
+    for name, value in options.items():
+        annotation = fields[name].type
+        if isinstance(annotation, str):
+            _check_option(transport, name, annotation, value)
+    try:
+        return cls(**options)
+    except (TypeError, ValueError) as exc:  # a transport's own __post_init__ check
+        raise OptionError(f"{transport} transport options: {exc}") from None
 
 
 def open_batch(table: HandleTable, transport: str, peer_name: str,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import re
@@ -150,6 +151,9 @@ class KVTransferConfig:
         unknown = set(raw) - known
         if unknown:
             raise ConfigError(f"--kv-transfer-config: unknown keys {sorted(unknown)}")
+        if not isinstance(raw.get("kv_connector", ""), str | None) or \
+                not isinstance(raw.get("kv_role", ""), str):
+            raise ConfigError("--kv-transfer-config: kv_connector and kv_role must be strings")
         cfg = cls(**raw)
         if cfg.kv_role not in ("kv_producer", "kv_consumer", "kv_both"):
             raise ConfigError(f"kv_role must be kv_producer, kv_consumer or kv_both, "
@@ -172,6 +176,17 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     kv_transfer: KVTransferConfig | None = None
+
+
+def port_number(value: str) -> int:
+    """argparse type of a TCP port flag: 0 (any free port) to 65535."""
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {value!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0 to 65535, got {port}")
+    return port
 
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)

@@ -51,3 +51,32 @@ def test_a_bad_log_level_in_the_environment_is_one_line(
     assert cli.main(["serve"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("disagg: error: log level 'chatty'") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--port", "70000"], "a port is 0 to 65535"),
+    (["--port", "-1"], "a port is 0 to 65535"),
+    (["--kv-transfer-config", '{"kv_connector": 5}'], "must be strings"),
+])
+def test_bad_flag_values_are_one_line(args: list[str], says: str,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from disagg.cli import main
+
+    try:
+        code = main(["serve", "builtin:tiny-llama", *args])
+    except SystemExit as exc:  # argparse's own refusal
+        code = int(exc.code or 0)
+    assert code == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err
+
+
+def test_device_cuda_without_a_gpu_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from disagg.common.config import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = cli.build_parser().parse_args(["serve", "builtin:tiny-llama", "--device", "cuda"])
+    with pytest.raises(ConfigError, match="torch sees no GPU"):
+        cli.engine_config_from_args(args)
