@@ -20,6 +20,7 @@ from bench.argparsing import Parser, UsageError, run_cli
 from bench.datasets import safe_token_ids
 from bench.metadata import run_metadata
 from bench.results import append_row
+from disagg.common.config import positive_int
 from disagg.common.tokenizer import Tokenizer, get_tokenizer
 
 PROG = "disagg bench throughput"
@@ -40,17 +41,18 @@ def build_parser() -> Parser:
     p.add_argument("--max-output-len", type=int, default=1024, help="most output tokens")
     p.add_argument("--seed", type=int, default=0, help="seed of the lengths and token ids")
     p.add_argument("--num-warmups", type=int, default=1, help="short untimed sequences first")
-    p.add_argument("--device", help="engine device, e.g. cuda or cpu (default: the engine's)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"),
+                   help="engine device (default: the engine's)")
     p.add_argument("--dtype", help="weights dtype, e.g. bfloat16 (default: the engine's)")
-    p.add_argument("--max-num-seqs", type=int,
+    p.add_argument("--max-num-seqs", type=positive_int,
                    help="sequences per batch (default: the engine's)")
-    p.add_argument("--max-num-batched-tokens", type=int,
+    p.add_argument("--max-num-batched-tokens", type=positive_int,
                    help="tokens per engine step (default: the engine's)")
-    p.add_argument("--kv-cache-memory-bytes", type=int,
+    p.add_argument("--kv-cache-memory-bytes", type=positive_int,
                    help="KV cache budget in bytes (default: measured by the engine)")
     p.add_argument("--load-format", choices=("dummy", "auto"), default="dummy",
                    help="dummy: random weights of the model's shape; auto: load them")
-    p.add_argument("--max-model-len", type=int,
+    p.add_argument("--max-model-len", type=positive_int,
                    help="longest sequence (default: the engine's)")
     p.add_argument("--deployment",
                    help="free-form description stored in the row (default: none)")

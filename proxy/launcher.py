@@ -29,7 +29,7 @@ from typing import Any
 from aiohttp import web
 
 from disagg.common import envs
-from disagg.common.config import ConfigError, port_number
+from disagg.common.config import ConfigError, port_number, positive_float, positive_int
 from disagg.common.help_formatter import DefaultsHelpFormatter
 from disagg.common.logging_setup import add_logging_args, configure_logging, export_to_children
 from proxy.app import bound_url, start_site
@@ -97,7 +97,7 @@ def _add_proxy_args(parser: argparse.ArgumentParser) -> None:
     add("--registration-address", default=None, metavar="tcp://HOST:PORT",
         help="ZMQ address where instances started with --proxy-address register (default: "
              "none, no registration)")
-    add("--max-missed-heartbeats", type=int, default=d.max_missed_heartbeats,
+    add("--max-missed-heartbeats", type=positive_int, default=d.max_missed_heartbeats,
         help="heartbeat intervals a registered instance may miss before it leaves the pool")
     add("--kv-index-max-hashes", type=int, default=d.kv_index_max_hashes,
         help="block hashes the kv_aware index keeps over all instances (default %(default)s)")
@@ -110,16 +110,16 @@ def _add_proxy_args(parser: argparse.ArgumentParser) -> None:
     add("--kv-params-key", default=None,
         help="secret sent to instances in header X-Disagg-KV-Key (their --kv-params-key; "
              "default: env DISAGG_KV_PARAMS_KEY, else none; --launch makes a random one)")
-    add("--health-check-interval-s", type=float, default=d.health_check_interval_s,
+    add("--health-check-interval-s", type=positive_float, default=d.health_check_interval_s,
         help="seconds between two probes of every instance's /instance_info")
-    add("--unhealthy-after-failures", type=int, default=d.unhealthy_after_failures,
+    add("--unhealthy-after-failures", type=positive_int, default=d.unhealthy_after_failures,
         help="failed or slow probes in a row before an instance leaves the rotation")
     for name, what in _TIMEOUTS.items():
-        add(f"--{name.replace('_', '-')}-timeout-s", type=float,
+        add(f"--{name.replace('_', '-')}-timeout-s", type=positive_float,
             default=getattr(d, f"{name}_timeout_s"), help=f"deadline in seconds {what}")
-    add("--max-prefill-attempts", type=int, default=d.max_prefill_attempts,
+    add("--max-prefill-attempts", type=positive_int, default=d.max_prefill_attempts,
         help="prefill instances tried before a request fails (before the client got a byte)")
-    add("--max-decode-attempts", type=int, default=d.max_decode_attempts,
+    add("--max-decode-attempts", type=positive_int, default=d.max_decode_attempts,
         help="decode instances tried before a request fails (before the client got a byte)")
     add("--access-log", action="store_true", help="log one line per request")
     add("--log-request-phases-sample-rate", type=float, default=0.0, metavar="FRACTION",

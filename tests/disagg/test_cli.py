@@ -80,3 +80,17 @@ def test_device_cuda_without_a_gpu_is_one_line(monkeypatch: pytest.MonkeyPatch) 
     args = cli.build_parser().parse_args(["serve", "builtin:tiny-llama", "--device", "cuda"])
     with pytest.raises(ConfigError, match="torch sees no GPU"):
         cli.engine_config_from_args(args)
+
+
+@pytest.mark.parametrize("args", [
+    ["--health-check-interval-s", "0"], ["--health-check-interval-s", "nan"],
+    ["--max-prefill-attempts", "0"], ["--max-decode-attempts", "-1"],
+    ["--connect-timeout-s", "-1"], ["--request-timeout-s", "0"],
+    ["--max-missed-heartbeats", "0"], ["--port", "70000"], ["--instance-base-port", "70000"]])
+def test_proxy_flags_out_of_range_are_refused(args: list[str],
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """They were accepted: a 0 s health interval spun a core, 0 attempts answered every
+    request 502."""
+    with pytest.raises(SystemExit) as info:
+        proxy_parser().parse_args(args)
+    assert info.value.code == 2 and args[0] in capsys.readouterr().err
