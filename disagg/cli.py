@@ -124,6 +124,18 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "(default: none, a monolithic instance)")
 
 
+def check_device(device: str) -> None:
+    """``--device cuda`` on this machine: a ConfigError when torch sees no GPU (checked when
+    serving, not when a deployment's flags are validated elsewhere)."""
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda: torch sees no GPU here (torch.cuda.is_available() "
+                              "is false: a CPU-only torch, or no visible device); use --device "
+                              "cpu or auto")
+
+
 def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
     """Validate flags into a frozen EngineConfig."""
     if a.block_size < 1 or a.block_size > 256:
@@ -146,13 +158,6 @@ def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
         raise ConfigError("--dp-collective-timeout must be positive")
     if not 0 < a.gpu_memory_utilization <= 1:
         raise ConfigError("--gpu-memory-utilization must be in (0, 1]")
-    if a.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError("--device cuda: torch sees no GPU here (torch.cuda.is_available() "
-                              "is false: a CPU-only torch, or no visible device); use --device "
-                              "cpu or auto")
     model = resolve_model(a.model)  # a Hub id: its snapshot in the local cache, else one line
     load_generation_config(model, a.generation_config)  # a bad path or file: one line now
     kv_transfer = KVTransferConfig.from_json(a.kv_transfer_config)
@@ -265,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         configure_logging(args.log_level, args.log_format)
         cfg = engine_config_from_args(args)
+        check_device(args.device)
     except ConfigError as exc:
         print(f"disagg: error: {exc}", file=sys.stderr)
         return 2

@@ -77,9 +77,9 @@ def test_device_cuda_without_a_gpu_is_one_line(monkeypatch: pytest.MonkeyPatch) 
     from disagg.common.config import ConfigError
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    args = cli.build_parser().parse_args(["serve", "builtin:tiny-llama", "--device", "cuda"])
     with pytest.raises(ConfigError, match="torch sees no GPU"):
-        cli.engine_config_from_args(args)
+        cli.check_device("cuda")
+    cli.check_device("cpu")
 
 
 @pytest.mark.parametrize("args", [
