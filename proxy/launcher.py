@@ -32,6 +32,7 @@ from disagg.common import envs
 from disagg.common.config import ConfigError, port_number, positive_float, positive_int
 from disagg.common.help_formatter import DefaultsHelpFormatter
 from disagg.common.logging_setup import add_logging_args, configure_logging, export_to_children
+from disagg.common.registration import zmq_address
 from proxy.app import bound_url, start_site
 from proxy.app import make_app as make_proxy_app
 from proxy.config import PolicyName, ProxyConfig, TransferMode
@@ -44,7 +45,7 @@ from proxy.local_instances import (
 )
 from proxy.placement import MAX_TP_SIZE, TP_FLAGS, instance_dp_size, instance_flag
 from proxy.registration import KVRole
-from proxy.registry import Pool
+from proxy.registry import Pool, normalize_url
 from proxy.state import STATE_KEY
 from proxy.supervisor import LaunchError, Supervisor
 
@@ -64,14 +65,30 @@ def _threshold(value: str) -> int | str:
             from None
 
 
+def _instance_url(value: str) -> str:
+    """argparse type of --prefill / --decode: http(s)://HOST:PORT (or HOST:PORT)."""
+    try:
+        return normalize_url(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _registration_address(value: str) -> str:
+    """argparse type of --registration-address: a ZMQ address to bind."""
+    try:
+        return zmq_address(value, bind=True)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _add_proxy_args(parser: argparse.ArgumentParser) -> None:
     d = ProxyConfig()
     add = parser.add_argument
     add("--host", default=d.host, help="address to listen on (default %(default)s)")
     add("--port", type=port_number, default=d.port, help="HTTP port (default %(default)s)")
-    add("--prefill", nargs="+", action="extend", default=[], metavar="URL",
+    add("--prefill", nargs="+", action="extend", default=[], metavar="URL", type=_instance_url,
         help="static prefill instance(s) (default: none)")
-    add("--decode", nargs="+", action="extend", default=[], metavar="URL",
+    add("--decode", nargs="+", action="extend", default=[], metavar="URL", type=_instance_url,
         help="static decode instance(s) (default: none)")
     add("--mode", choices=[m.value for m in TransferMode], default=d.mode.value,
         help="KV transfer mode (default %(default)s)")
@@ -95,6 +112,7 @@ def _add_proxy_args(parser: argparse.ArgumentParser) -> None:
              "computes on from it; recompute: the decode computes the first token again "
              "(default %(default)s; both give the monolithic output)")
     add("--registration-address", default=None, metavar="tcp://HOST:PORT",
+        type=_registration_address,
         help="ZMQ address where instances started with --proxy-address register (default: "
              "none, no registration)")
     add("--max-missed-heartbeats", type=positive_int, default=d.max_missed_heartbeats,

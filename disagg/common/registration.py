@@ -8,6 +8,7 @@ KV-aware routing). Both the instance (disagg/server/registrar.py) and the proxy
 from __future__ import annotations
 
 import enum
+import re
 from typing import Annotated
 
 import msgspec
@@ -106,6 +107,22 @@ def encode_message(msg: RegistrationMessage) -> bytes:
 def decode_message(data: bytes) -> RegistrationMessage:
     """Bytes back to a message; raises ``msgspec.DecodeError`` / ``ValidationError``."""
     return _decoder.decode(data)
+
+
+_ZMQ_TCP = re.compile(r"^tcp://(\[[0-9A-Fa-f:.]+\]|[^:/\s\[\]]+):(\d{1,5}|\*)$")
+
+
+def zmq_address(value: str, *, bind: bool = False) -> str:
+    """A ZMQ ``tcp://HOST:PORT`` (``*`` as the port only where it binds) or ``ipc://PATH``;
+    ValueError naming what is wrong otherwise (the registration thread died on a bad one)."""
+    if value.startswith("ipc://") and len(value) > len("ipc://"):
+        return value
+    match = _ZMQ_TCP.match(value)
+    port = match.group(2) if match else ""
+    if match is None or (port == "*" and not bind) or (port != "*" and int(port) > 65535):
+        where = "tcp://HOST:PORT" + (" (PORT may be *)" if bind else "")
+        raise ValueError(f"{value!r} is not a ZMQ address: use {where} or ipc://PATH")
+    return value
 
 
 def check_address(address: str) -> str:

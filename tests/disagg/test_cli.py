@@ -94,3 +94,28 @@ def test_proxy_flags_out_of_range_are_refused(args: list[str],
     with pytest.raises(SystemExit) as info:
         proxy_parser().parse_args(args)
     assert info.value.code == 2 and args[0] in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("parse", "args"), [
+    ("proxy", ["--prefill", "ftp://x:1"]), ("proxy", ["--registration-address", "bogus"]),
+    ("proxy", ["--registration-address", "tcp://h:70000"]),
+    ("serve", ["--proxy-address", "tcp://127.0.0.1:notaport"]),
+    ("serve", ["--proxy-address", "tcp://127.0.0.1:*"]),  # a port only a bind may leave open
+    ("serve", ["--proxy-address", "http://x"])])
+def test_addresses_are_checked_when_parsed(parse: str, args: list[str],
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """A bad --proxy-address used to kill the registration thread after "ready"."""
+    with pytest.raises(SystemExit) as info:
+        if parse == "proxy":
+            proxy_parser().parse_args(args)
+        else:
+            cli.build_parser().parse_args(["serve", "builtin:tiny-llama", *args])
+    assert info.value.code == 2 and args[0] in capsys.readouterr().err
+
+
+def test_good_addresses_pass() -> None:
+    args = proxy_parser().parse_args(["--prefill", "h:8100", "--registration-address",
+                                      "tcp://0.0.0.0:*", "--decode", "https://d:1/"])
+    assert args.prefill == ["http://h:8100"] and args.decode == ["https://d:1"]
+    serve = cli.build_parser().parse_args(["serve", "m", "--proxy-address", "tcp://[::1]:5"])
+    assert serve.proxy_address == "tcp://[::1]:5"
