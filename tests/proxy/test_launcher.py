@@ -44,7 +44,7 @@ def test_arguments_become_a_proxy_config() -> None:
                        "--registration-address", "tcp://127.0.0.1:7000",
                        "--first-byte-timeout-s", "12"])
     cfg = proxy_config(args)
-    assert cfg.prefill_urls == ("http://a:1", "http://b:2") and cfg.decode_urls == ("c:3",)
+    assert cfg.prefill_urls == ("http://a:1", "http://b:2") and cfg.decode_urls == ("http://c:3",)
     assert cfg.mode is TransferMode.WRITE and cfg.policy is PolicyName.POWER_OF_TWO
     assert (cfg.port, cfg.local_prefill_threshold_tokens, cfg.admin_key) == (9000, 64, "k")
     assert cfg.registration_address == "tcp://127.0.0.1:7000"
