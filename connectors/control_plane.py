@@ -50,6 +50,7 @@ from connectors.protocol import (
     notify_decoder,
     tag_of,
 )
+from disagg.common.config import ConfigError
 
 logger = logging.getLogger(__name__)
 CompatCheck = Callable[[EngineMetadata], str | None]
@@ -140,7 +141,11 @@ class ControlPlane:
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
         if port == 0:
             return int(sock.bind_to_random_port(f"tcp://{self.host}"))
-        sock.bind(f"tcp://{self.host}:{port}")
+        try:
+            sock.bind(f"tcp://{self.host}:{port}")
+        except zmq.ZMQError as exc:  # in use, or an address this host does not have
+            raise ConfigError(f"KV control plane cannot listen on {self.host}:{port} "
+                              f"({exc}); choose another base_port or kv_host") from None
         return port
 
     def start(self, metadata: EngineMetadata) -> None:

@@ -22,6 +22,7 @@ from disagg.common.config import (
     parse_bytes,
     parse_max_model_len,
     port_number,
+    positive_float,
 )
 from disagg.common.generation_config import load_generation_config
 from disagg.common.help_formatter import DefaultsHelpFormatter
@@ -108,7 +109,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="GPUs (worker processes) per engine core; -dp M -tp N uses M*N GPUs "
                         "(default: %(default)s)")
-    p.add_argument("--tp-timeout", type=float, default=120.0,
+    p.add_argument("--tp-timeout", type=positive_float, default=120.0,
                    help="deadline in seconds for every tensor-parallel collective and worker "
                         "start")
     p.add_argument("--data-parallel-size", "-dp", type=int, default=1,
@@ -118,7 +119,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enable-expert-parallel", action="store_true",
                    help="shard MoE experts over the -dp ranks (all-to-all in every MoE layer; "
                         "implies --dp-lockstep)")
-    p.add_argument("--dp-collective-timeout", type=float, default=120.0,
+    p.add_argument("--dp-collective-timeout", type=positive_float, default=120.0,
                    help="deadline in seconds for every collective among the ranks")
     p.add_argument("--kv-transfer-config", default=None,
                    help='JSON, e.g. {"kv_connector":"PDConnector","kv_role":"kv_producer",...} '
@@ -167,6 +168,8 @@ def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
         raise ConfigError("--dp-collective-timeout must be positive")
     if not 0 < a.gpu_memory_utilization <= 1:
         raise ConfigError("--gpu-memory-utilization must be in (0, 1]")
+    if a.served_model_name is not None and not all(n.strip() for n in a.served_model_name):
+        raise ConfigError("--served-model-name: a name must not be empty")
     model = resolve_model(a.model)  # a Hub id: its snapshot in the local cache, else one line
     load_generation_config(model, a.generation_config)  # a bad path or file: one line now
     kv_transfer = KVTransferConfig.from_json(a.kv_transfer_config)

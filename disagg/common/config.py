@@ -156,6 +156,8 @@ class KVTransferConfig:
                 not isinstance(raw.get("kv_role", ""), str):
             raise ConfigError("--kv-transfer-config: kv_connector and kv_role must be strings")
         cfg = cls(**raw)
+        if not cfg.kv_connector:
+            raise ConfigError("--kv-transfer-config needs kv_connector (e.g. \"PDConnector\")")
         if cfg.kv_role not in ("kv_producer", "kv_consumer", "kv_both"):
             raise ConfigError(f"kv_role must be kv_producer, kv_consumer or kv_both, "
                               f"got {cfg.kv_role!r}")

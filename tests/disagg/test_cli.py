@@ -119,3 +119,32 @@ def test_good_addresses_pass() -> None:
     assert args.prefill == ["http://h:8100"] and args.decode == ["https://d:1"]
     serve = cli.build_parser().parse_args(["serve", "m", "--proxy-address", "tcp://[::1]:5"])
     assert serve.proxy_address == "tcp://[::1]:5"
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--tp-timeout", "nan"], "--tp-timeout"), (["--dp-collective-timeout", "inf"],
+                                                "--dp-collective-timeout"),
+    (["--served-model-name", ""], "must not be empty"),
+    (["--kv-transfer-config", "{}"], "needs kv_connector")])
+def test_more_bad_values_are_one_line(args: list[str], says: str,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    try:
+        code = cli.main(["serve", "builtin:tiny-llama", *args])
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    err = capsys.readouterr().err
+    assert code == 2 and says in err and "Traceback" not in err, err
+
+
+def test_a_kv_port_in_use_is_a_configuration_error() -> None:
+    import socket
+
+    from connectors.control_plane import ControlPlane
+    from disagg.common.config import ConfigError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{port}"):
+            ControlPlane("127.0.0.1", port, 0, lambda peer: None)
