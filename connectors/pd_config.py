@@ -7,6 +7,8 @@ nowhere else (connectors/transfer.py says which state each one bounds).
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +17,8 @@ from connectors.transfer import Timeouts
 from disagg.common import envs
 from disagg.common.config import ConfigError
 from disagg.common.kv_transfer_params import TransferMode
+
+logger = logging.getLogger(__name__)
 
 TRANSPORTS = ("tcp", "nixl", "ipc", "mori", "fake")
 FAULTS_ENV = envs.FAULT_INJECTION_ENV
@@ -90,15 +94,30 @@ def parse_pd_config(extra: dict[str, Any], kv_role: str, kv_cache_on_gpu: bool,
     auth_key = extra.get("auth_key")
     if auth_key is not None and (not isinstance(auth_key, str) or len(auth_key) < 8):
         raise ConfigError("kv_connector_extra_config.auth_key must be a string of 8+ characters")
+    host = _host(extra)
+    if auth_key is None and not _loopback(host):
+        logger.warning(
+            "the KV connector listens on %s without kv_connector_extra_config.auth_key: anyone "
+            "who can reach its ports can handshake, learn the transport's descriptor and read "
+            "the KV cache (prompts); set the same auth_key on every instance of the deployment",
+            host)
     return PDConnectorConfig(
         transport=transport, mode=mode,
         layerwise=_layerwise(extra, kv_cache_on_gpu, tensor_parallel_size),
         layer_group=_layer_group(extra),
         early_start=_bool(extra, "early_start", True),
         timeouts=parse_timeouts(extra), kv_load_failure_policy=policy,
-        base_port=_int(extra, "base_port", 0, 0, 65535), host=_host(extra),
+        base_port=_int(extra, "base_port", 0, 0, 65535), host=host,
         transport_options=dict(options), verify_kv=_bool(extra, "verify_kv", False),
         faults=faults, auth_key=auth_key)
+
+
+def _loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine only."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def faults_enabled() -> bool:

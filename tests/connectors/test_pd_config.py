@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytest
@@ -150,3 +151,14 @@ def test_serve_refuses_a_bad_connector_config_before_loading_anything(
     assert cli.main(["serve", "--kv-transfer-config", json.dumps(
         {"kv_connector": "PDConect", "kv_role": "kv_producer"})]) == 2
     assert "unknown kv_connector 'PDConect'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("host", "key", "warned"), [
+    ("0.0.0.0", None, True), ("10.1.0.5", None, True), ("10.1.0.5", "a-long-key", False),
+    ("127.0.0.1", None, False), ("localhost", None, False), ("::1", None, False)])
+def test_reachable_ports_without_an_auth_key_are_warned_about(
+        caplog: pytest.LogCaptureFixture, host: str, key: str | None, warned: bool) -> None:
+    extra: dict[str, object] = {"host": host, **({"auth_key": key} if key else {})}
+    with caplog.at_level(logging.WARNING, logger="connectors.pd_config"):
+        parse_pd_config(extra, "kv_producer", kv_cache_on_gpu=False)
+    assert ("without kv_connector_extra_config.auth_key" in caplog.text) is warned
