@@ -31,7 +31,7 @@ from proxy.local_prefill import LocalPrefillThreshold
 from proxy.metrics import ProxyMetrics
 from proxy.policies import make_policy
 from proxy.registration import Deregister, Heartbeat, KVEvents, RegistrationServer
-from proxy.registry import Origin, Pool, Registry
+from proxy.registry import Instance, Origin, Pool, Registry
 from proxy.scope import BackgroundTasks
 from proxy.state import STATE_KEY, ProxyState
 from proxy.stats_logger import ProxyStatsLogger
@@ -70,16 +70,24 @@ def _registration_server(st: ProxyState, address: str) -> RegistrationServer:
         """Register or refresh the sender."""
         st.registry.on_heartbeat(msg)
 
-    def on_deregister(msg: Deregister) -> None:
-        """A dynamic instance leaves now; a static one is marked down until probed. Only the
-        engine the proxy knows at that URL may say so (anyone can reach the socket: a forged
-        Deregister must not take an instance out of its pool)."""
+    def registered(msg: Deregister | KVEvents) -> Instance | None:
+        """The instance at the message's URL if it is the engine the message names (anyone
+        can reach the socket); None, counted, otherwise."""
         try:
             inst = st.registry.get(msg.http_url)
         except ValueError:
             inst = None
         if inst is None or inst.info is None or inst.info.engine_id != msg.engine_id:
             st.metrics.registration_dropped["unknown_instance"] += 1
+            return None
+        return inst
+
+    def on_deregister(msg: Deregister) -> None:
+        """A dynamic instance leaves now; a static one is marked down until probed. Only the
+        engine the proxy knows at that URL may say so (a forged Deregister must not take an
+        instance out of its pool)."""
+        inst = registered(msg)
+        if inst is None:
             return
         if inst.origin is Origin.DYNAMIC:
             st.registry.remove(inst.url)
@@ -88,14 +96,9 @@ def _registration_server(st: ProxyState, address: str) -> RegistrationServer:
 
     def on_kv_events(msg: KVEvents) -> None:
         """Prefix-cache changes of a registered instance (same engine id) go to the index."""
-        try:
-            inst = st.registry.get(msg.http_url)
-        except ValueError:
-            inst = None
-        if inst is None or inst.info is None or inst.info.engine_id != msg.engine_id:
-            st.metrics.registration_dropped["unknown_instance"] += 1
-            return
-        st.kv_index.apply(inst.url, msg)
+        inst = registered(msg)
+        if inst is not None:
+            st.kv_index.apply(inst.url, msg)
 
     return RegistrationServer(address, on_heartbeat, on_deregister, on_kv_events,
                               st.metrics.registration_dropped)
