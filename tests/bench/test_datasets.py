@@ -12,7 +12,7 @@ from bench.datasets import (
     sample_conversations,
     sample_requests,
 )
-from disagg.common.tokenizer import ByteTokenizer
+from disagg.common.tokenizer import DEFAULT_CHAT, ByteTokenizer, ChatOptions
 
 
 class _BPETokenizer:
@@ -45,10 +45,12 @@ class _BPETokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
+    def apply_chat_template(self, messages: list[dict[str, str]],
+                            options: ChatOptions = DEFAULT_CHAT) -> str:
         return ""
 
-    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+    def chat_ids(self, messages: list[dict[str, str]],
+                 options: ChatOptions = DEFAULT_CHAT) -> list[int]:
         return []
 
 
