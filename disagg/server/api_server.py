@@ -377,10 +377,11 @@ async def model(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
-    """GET /health: 200 while every engine core is alive."""
-    dead = request.app[ENGINE].dead
-    if dead:
-        return json_error(ApiError(503, dead, err_type="server_error"))
+    """GET /health: 200 while an engine core can serve; 503 once it died or every rank is
+    stalled (frozen: a load balancer or the proxy takes the instance out of rotation)."""
+    why = request.app[ENGINE].unavailable()
+    if why:
+        return json_error(ApiError(503, why, err_type="server_error"))
     return web.json_response({"status": "ok"})
 
 
@@ -407,7 +408,12 @@ def instance_info_dict(engine: EngineClient, info: ServerInfo) -> dict[str, Any]
 
 
 async def instance_info(request: web.Request) -> web.Response:
-    """GET /instance_info."""
+    """GET /instance_info (the proxy's health probe): 503 while the engine cannot serve, as
+    ``/health``; a frozen engine answered 200 here and every request routed to it failed at
+    once with 503, so the proxy kept choosing it."""
+    why = request.app[ENGINE].unavailable()
+    if why:
+        return json_error(ApiError(503, why, err_type="server_error"))
     return web.json_response(instance_info_dict(request.app[ENGINE], request.app[INFO]))
 
 

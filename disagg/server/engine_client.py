@@ -456,6 +456,15 @@ class EngineClient:
                         self._fail_stalled(rank, now)
             await self._send_stall_aborts()
 
+    def unavailable(self) -> str | None:
+        """Why no request can be served now: the engine died, or every rank is stalled (a
+        frozen engine: alive, silent past the stall deadline); None while one can."""
+        if self.dead:
+            return self.dead
+        if all(self._watch.stalled(r) for r in range(self.dp_size)):
+            return self._watch.error(0, time.monotonic()).args[0]
+        return None
+
     def _fail_stalled(self, rank: int, now: float) -> None:
         """Mark ``rank`` stalled (not dead: it may resume) and fail its open requests."""
         failed = [h for h in self.handles.values() if h.dp_rank == rank]

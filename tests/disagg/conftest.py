@@ -35,6 +35,10 @@ class FakeEngine:
     dead: str | None = None
     dp_size = 1
 
+    def unavailable(self) -> str | None:
+        """As EngineClient: why it cannot serve (dead; this fake never stalls)."""
+        return self.dead
+
     def __init__(self) -> None:
         self.synced = SyncedConfig(MAX_MODEL_LEN, 64, 16, "float32", ())
         self.handles: dict[str, RequestHandle] = {}

@@ -148,8 +148,13 @@ def test_frozen_engine_core_fails_requests_then_serves_again_after_sigcont(
         _assert_503(known)
         assert known.at - known.sent < 0.5, f"known stall answered in {known.at - known.sent}"
         assert engine.status() == psutil.STATUS_STOPPED  # still frozen all along
+        for path in ("/health", "/instance_info"):  # out of any rotation while frozen
+            reply = requests.get(inst.url + path, timeout=10)
+            assert reply.status_code == 503 and "not responding" in reply.text, reply.text
         engine.resume()  # SIGCONT
         served = _until_served(inst.url, 5.0)
+        for path in ("/health", "/instance_info"):
+            assert requests.get(inst.url + path, timeout=10).status_code == 200
         assert served.status == 200 and served.body is not None, served
         assert served.body["choices"][0]["finish_reason"] == "length"
         ranks = _ledger_clean_within(inst.url, 10.0)
