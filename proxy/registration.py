@@ -25,8 +25,8 @@ from disagg.common.registration import (
     InstanceInfo,
     KVEvents,
     KVRole,
-    check_address,
     decode_message,
+    zmq_address,
 )
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ class RegistrationServer:
                  on_deregister: Callable[[Deregister], None],
                  on_kv_events: Callable[[KVEvents], None] = _ignore,
                  dropped: Counter[str] | None = None) -> None:
-        self._address = check_address(address)
+        self._address = zmq_address(address, bind=True)
         self._on_heartbeat = on_heartbeat
         self._on_deregister = on_deregister
         self._on_kv_events = on_kv_events

@@ -125,10 +125,3 @@ def zmq_address(value: str, *, bind: bool = False) -> str:
     return value
 
 
-def check_address(address: str) -> str:
-    """Refuse anything but a ZMQ ``tcp://`` or ``ipc://`` address, with a readable message."""
-    if not address.startswith(("tcp://", "ipc://")):
-        raise ValueError(f"proxy address {address!r} must look like tcp://HOST:PORT")
-    return address
-
-

@@ -15,8 +15,8 @@ from disagg.common.registration import (
     Heartbeat,
     InstanceInfo,
     RegistrationMessage,
-    check_address,
     encode_message,
+    zmq_address,
 )
 from disagg.server.kv_events import KVPublisher
 
@@ -31,7 +31,7 @@ class Registrar:
                  kv: KVPublisher | None = None) -> None:
         if interval_s <= 0:
             raise ValueError(f"heartbeat interval must be positive, got {interval_s}")
-        self._address = check_address(proxy_address)
+        self._address = zmq_address(proxy_address)
         self._info = info
         self._interval_s = interval_s
         self._kv = kv
