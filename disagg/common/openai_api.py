@@ -316,7 +316,9 @@ def decode_body(raw: bytes, kind: Any = Any) -> Any:
     A struct's null fields take their defaults (``without_nulls``)."""
     check_json_text(raw)
     try:
-        if isinstance(kind, type) and issubclass(kind, msgspec.Struct):
+        if b"null" in raw and isinstance(kind, type) and issubclass(kind, msgspec.Struct):
+            # a field may be null: through Python objects once, nulls dropped; the usual body
+            # (no null anywhere) decodes straight into the struct
             return msgspec.convert(without_nulls(msgspec.json.decode(raw)), kind)
         return msgspec.json.decode(raw, type=kind)
     except msgspec.ValidationError as exc:
