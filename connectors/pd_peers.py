@@ -12,6 +12,7 @@ instead of retrying forever.
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
@@ -49,8 +50,10 @@ def _evict(table: OrderedDict[Any, Any], limit: int, keep: Callable[[Any], bool]
     """Forget the least recently used entries of ``table`` down to ``limit``, never one
     ``keep`` names (the table may stay over its limit by those: they are bounded by the live
     transfers)."""
-    for key in [k for k in table if not keep(k)][:max(0, len(table) - limit)]:
-        del table[key]
+    excess = len(table) - limit
+    if excess > 0:  # stops at the first ``excess`` victims: a flood evicts one per handshake
+        for key in list(itertools.islice((k for k in table if not keep(k)), excess)):
+            del table[key]
 
 
 class PeerLinks:
