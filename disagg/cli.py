@@ -19,6 +19,7 @@ from disagg.common.config import (
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
+    checked,
     parse_bytes,
     parse_max_model_len,
     port_number,
@@ -124,14 +125,6 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-transfer-config", default=None,
                    help='JSON, e.g. {"kv_connector":"PDConnector","kv_role":"kv_producer",...} '
                         "(default: none, a monolithic instance)")
-
-
-def _proxy_address(value: str) -> str:
-    """argparse type of --proxy-address: a ZMQ address to connect to."""
-    try:
-        return zmq_address(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def check_device(device: str) -> None:
@@ -240,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="shared secret: requests with kv_transfer_params and KV aborts "
                             "must send it in header X-Disagg-KV-Key (the proxy does; default: "
                             "env DISAGG_KV_PARAMS_KEY, else none needed)")
-    serve.add_argument("--proxy-address", default=None, type=_proxy_address,
+    serve.add_argument("--proxy-address", default=None, type=checked(zmq_address),
                        help="tcp://HOST:PORT of a disagg proxy to register with (default: "
                             "none, the proxy lists this instance itself)")
     serve.add_argument("--enable-log-requests", action="store_true", default=False,

@@ -29,7 +29,13 @@ from typing import Any
 from aiohttp import web
 
 from disagg.common import envs
-from disagg.common.config import ConfigError, port_number, positive_float, positive_int
+from disagg.common.config import (
+    ConfigError,
+    checked,
+    port_number,
+    positive_float,
+    positive_int,
+)
 from disagg.common.help_formatter import DefaultsHelpFormatter
 from disagg.common.logging_setup import add_logging_args, configure_logging, export_to_children
 from disagg.common.registration import zmq_address
@@ -65,20 +71,13 @@ def _threshold(value: str) -> int | str:
             from None
 
 
-def _instance_url(value: str) -> str:
-    """argparse type of --prefill / --decode: http(s)://HOST:PORT (or HOST:PORT)."""
-    try:
-        return normalize_url(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+instance_url = checked(normalize_url)
+"""argparse type of --prefill / --decode: http(s)://HOST:PORT (or HOST:PORT)."""
 
 
-def _registration_address(value: str) -> str:
-    """argparse type of --registration-address: a ZMQ address to bind."""
-    try:
-        return zmq_address(value, bind=True)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+def _bind_address(value: str) -> str:
+    """A ZMQ address to bind (its port may be *)."""
+    return zmq_address(value, bind=True)
 
 
 def _add_proxy_args(parser: argparse.ArgumentParser) -> None:
@@ -86,9 +85,9 @@ def _add_proxy_args(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--host", default=d.host, help="address to listen on (default %(default)s)")
     add("--port", type=port_number, default=d.port, help="HTTP port (default %(default)s)")
-    add("--prefill", nargs="+", action="extend", default=[], metavar="URL", type=_instance_url,
+    add("--prefill", nargs="+", action="extend", default=[], metavar="URL", type=instance_url,
         help="static prefill instance(s) (default: none)")
-    add("--decode", nargs="+", action="extend", default=[], metavar="URL", type=_instance_url,
+    add("--decode", nargs="+", action="extend", default=[], metavar="URL", type=instance_url,
         help="static decode instance(s) (default: none)")
     add("--mode", choices=[m.value for m in TransferMode], default=d.mode.value,
         help="KV transfer mode (default %(default)s)")
@@ -112,7 +111,7 @@ def _add_proxy_args(parser: argparse.ArgumentParser) -> None:
              "computes on from it; recompute: the decode computes the first token again "
              "(default %(default)s; both give the monolithic output)")
     add("--registration-address", default=None, metavar="tcp://HOST:PORT",
-        type=_registration_address,
+        type=checked(_bind_address),
         help="ZMQ address where instances started with --proxy-address register (default: "
              "none, no registration)")
     add("--max-missed-heartbeats", type=positive_int, default=d.max_missed_heartbeats,

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -181,37 +182,47 @@ class EngineConfig:
     kv_transfer: KVTransferConfig | None = None
 
 
+def _number(value: str, parse: Callable[[str], Any], what: str, ok: Callable[[Any], bool],
+            rule: str) -> Any:
+    """An argparse value parsed by ``parse`` and checked by ``ok``; ArgumentTypeError (one
+    line from argparse) otherwise."""
+    try:
+        number = parse(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}") from None
+    if not ok(number):
+        raise argparse.ArgumentTypeError(f"{rule}, got {value}")
+    return number
+
+
 def port_number(value: str) -> int:
     """argparse type of a TCP port flag: 0 (any free port) to 65535."""
-    try:
-        port = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {value!r}") from None
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"a port is 0 to 65535, got {port}")
-    return port
+    return int(_number(value, int, "a port number", lambda p: 0 <= p <= 65535,
+                       "a port is 0 to 65535"))
 
 
 def positive_int(value: str) -> int:
     """argparse type of a count that must be at least 1."""
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
-    return number
+    return int(_number(value, int, "a whole number", lambda n: n >= 1, "must be at least 1"))
 
 
 def positive_float(value: str) -> float:
     """argparse type of a duration or interval: finite and greater than 0."""
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
-    if not (math.isfinite(number) and number > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
-    return number
+    return float(_number(value, float, "a number", lambda x: math.isfinite(x) and x > 0,
+                         "must be a positive number"))
+
+
+def checked(check: Callable[[str], str]) -> Callable[[str], str]:
+    """An argparse type from a check that raises ValueError with a readable message."""
+
+    def parse(value: str) -> str:
+        try:
+            return check(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = check.__name__  # argparse names the type in some errors
+    return parse
 
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
