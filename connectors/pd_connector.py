@@ -118,6 +118,8 @@ class PDConnector(KVConnector):
                                  recompute=c.kv_load_failure_policy == "recompute",
                                  counters=self.counters)
         self.inbox = Inbox(self)
+        self._unresponsive: set[str] = set()
+        """WRITE producers given no more blocks (Outcomes.unresponsive_producers, per step)."""
 
     def _compat_error(self, peer: EngineMetadata) -> str | None:
         return compat_error(self.metadata, peer, self.worker.num_kv_heads)
@@ -268,7 +270,11 @@ class PDConnector(KVConnector):
         # the wire counts all but the last prompt token (its block moves whole either way)
         t.num_tokens = min(req.num_external_tokens, req.num_prompt_tokens - 1)
         t.skip_blocks = min(req.num_cached_tokens // self.metadata.block_size, num_blocks)
-        if t.role is TransferRole.CONSUMER_WRITE:
+        if t.role is TransferRole.CONSUMER_WRITE and t.peer_engine_id in self._unresponsive:
+            self.fail(t, f"prefill {t.peer_engine_id} has not confirmed for over "
+                         f"{self.timeouts.lease_timeout_s:g} s that it stopped writing blocks "
+                         "this decode gave it for a failed transfer; it is given no more")
+        elif t.role is TransferRole.CONSUMER_WRITE:
             self._announce(t, time.monotonic())
         else:
             self._try_post(t)
@@ -386,14 +392,22 @@ class PDConnector(KVConnector):
             if not t.terminal and (error := self.peers.hello_error(t)) is not None:
                 self.fail(t, error)  # refused, incompatible, ourselves: no use waiting
             if not t.terminal and now > t.deadline_s(self.timeouts):
-                self.fail(t, f"transfer {t.transfer_id} expired after {now - t.created_s:.1f} s "
-                             f"in state {t.state.value} (peer {t.peer_engine_id} at "
-                             f"{t.peer_host}:{t.peer_handshake_port})",
-                          state=TransferState.EXPIRED)
+                self.fail(t, self._expiry_reason(t, now), state=TransferState.EXPIRED)
+
         self.outcomes.step_parked(now)
+        self._unresponsive = self.outcomes.unresponsive_producers(now)
         self.peers.expire(now)
         self.peers.refresh_leases(self.transfers.values())
         return self.outcomes.take_output()
+
+    def _expiry_reason(self, t: Transfer, now: float) -> str:
+        where = f"peer {t.peer_engine_id} at {t.peer_host}:{t.peer_handshake_port}"
+        if t.started_s is None:
+            return (f"transfer {t.transfer_id} expired: its request waited "
+                    f"{now - t.created_s:.1f} s for free KV blocks on this decode ({where} "
+                    "held the prompt's KV meanwhile)")
+        return (f"transfer {t.transfer_id} expired after {now - t.created_s:.1f} s in state "
+                f"{t.state.value} ({where})")
 
     # ---- posting and polling -------------------------------------------------------------
     def _peer(self, t: Transfer) -> str | None:

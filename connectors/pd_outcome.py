@@ -41,6 +41,7 @@ class Parked:
     """Pending ops are cancelled after this."""
     needs_quiesce: bool
     """WRITE consumer: wait until the producer cannot write our blocks any more."""
+    parked_s: float = 0.0
     quiesced: bool = False
     next_ask_s: float = 0.0
     probe: concurrent.futures.Future[bool] | None = None
@@ -139,8 +140,9 @@ class Outcomes:
         if t.handles or needs_quiesce:
             if t.handles:
                 self.peers.forget_hello(t)  # a failed one-sided op may mean a restarted peer
-            self.parked[t.transfer_id] = Parked(
-                t, time.monotonic() + self.timeouts.transfer_timeout_s, needs_quiesce)
+            now = time.monotonic()
+            self.parked[t.transfer_id] = Parked(t, now + self.timeouts.transfer_timeout_s,
+                                                needs_quiesce, parked_s=now)
         else:
             self.free_if_held(t)
         self.forget(t)
@@ -219,6 +221,17 @@ class Outcomes:
         p.quiesced = True
         return True
 
+    def unresponsive_producers(self, now: float) -> set[str]:
+        """WRITE producers that have not confirmed, for ``lease_timeout`` since a transfer
+        failed, that they stopped writing the blocks we gave them (frozen, or unreachable).
+        Those blocks stay parked; giving such a producer more would drain the pool into
+        parking, so new transfers to it fail before announcing any (their prompts are computed
+        here, or fail, by policy)."""
+        limit = now - self.timeouts.lease_timeout_s
+        return {p.transfer.peer_engine_id for p in self.parked.values()
+                if p.needs_quiesce and not p.quiesced and p.parked_s < limit
+                and p.transfer.peer_engine_id is not None}
+
     def draining(self, transfer_id: str) -> bool:
         """A parked transfer with ops of ours still pending."""
         p = self.parked.get(transfer_id)
@@ -243,5 +256,6 @@ class Outcomes:
 
     @property
     def num_parked_blocks(self) -> int:
-        """Blocks held by parked transfers (a gauge)."""
-        return sum(len(p.transfer.local_block_ids) for p in self.parked.values())
+        """Distinct blocks held by parked transfers (a gauge; transfers of prompts with a
+        common prefix share its blocks)."""
+        return len(set().union(*(p.transfer.local_block_ids for p in self.parked.values())))

@@ -20,6 +20,9 @@ prefill before the decode has allocated):
   verifying       release sent + transfer_timeout (no ack: the KV is refused)
   own move        a WRITE producer that has its destination owes the next step itself (its
                   prefill may be queued): no peer deadline; its writes carry their own
+  own blocks      a consumer whose request waits for blocks in this engine's queue: arrival +
+                  defer_timeout (then its prompt is computed here, or it fails, by policy;
+                  the producer's hold is freed either way)
   otherwise       started + defer_timeout, or (once the peer leased it) last lease +
                   lease_timeout; this covers the side waiting on its peer, so a live but slow
                   peer keeps the transfer and a dead one is reaped promptly.
@@ -191,9 +194,12 @@ class Transfer:
         return self.state in TERMINAL_STATES
 
     def deadline_s(self, t: Timeouts) -> float:
-        """When this transfer expires if nothing changes (inf before the clock starts)."""
+        """When this transfer expires if nothing changes (a producer's: inf before the clock
+        starts)."""
         if self.started_s is None:
-            return float("inf")
+            # a consumer whose request still waits for this engine's blocks: the producer
+            # holds (READ) or waits (WRITE) meanwhile, so that wait is bounded too
+            return float("inf") if self.role.is_producer else self.created_s + t.defer_timeout_s
         if self.handles and self.role.posts_ops:
             assert self.posted_s is not None
             return self.posted_s + t.transfer_timeout_s

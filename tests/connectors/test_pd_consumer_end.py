@@ -9,17 +9,20 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import pytest
 from pd_helpers import engine_remote, pd_engine
 
+from connectors.pd_outcome import Outcomes, Parked
 from connectors.protocol import HandshakeResponse
+from connectors.transfer import Timeouts, Transfer, TransferRole
 from disagg.common.kv_transfer_params import KVTransferParams, TransferMode
 from disagg.common.protocol import EngineCoreRequest
 from disagg.common.sampling_params import SamplingParams
 from disagg.engine.engine_core import EngineCore
+from disagg.engine.kv_cache import Owner, OwnerKind
 
 PROMPT = [(5 * i + 2) % 250 + 1 for i in range(40)]
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
@@ -182,3 +185,154 @@ def test_write_decode_frees_its_blocks_after_a_frozen_prefill_thaws(
         assert p_out[0].error and "gave up" in p_out[0].error, p_out
         assert prefill.connector.counters["bytes_moved_total"] == 0
     assert decode.pool.snapshot().free == total
+
+
+def _read_prefill(prefill: EngineCore, tid: str) -> Any:
+    """P computes PROMPT for a READ decode; its answer's kv_transfer_params."""
+    prefill.add_request(EngineCoreRequest(
+        request_id="p", prompt_token_ids=PROMPT,
+        sampling_params=msgspec.structs.replace(GREEDY, max_tokens=1),
+        kv_transfer_params=KVTransferParams(transfer_id=tid, do_remote_decode=True,
+                                            mode=TransferMode.READ)))
+    answered: list[Any] = []
+
+    def prefill_answered() -> bool:
+        answered.extend(o for o in prefill.step() if o.finish_reason is not None)
+        return bool(answered)
+
+    _step_until([], prefill_answered)
+    return answered[0].kv_transfer_params
+
+
+def _monolithic(engines: Any) -> list[int]:
+    engine = engines("kv_both")
+    engine.add_request(EngineCoreRequest(request_id="m", prompt_token_ids=PROMPT,
+                                         sampling_params=GREEDY))
+    out: list[int] = []
+    done: list[Any] = []
+
+    def finished() -> bool:
+        for o in engine.step():
+            out.extend(o.new_token_ids)
+            done.extend([o] if o.finish_reason is not None else [])
+        return bool(done)
+
+    _step_until([], finished)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["read", "write"])
+@pytest.mark.parametrize("policy", ["fail", "recompute"])
+def test_decode_request_waiting_for_blocks_gives_up_the_remote_kv_after_defer_timeout(
+        engines: Any, mode: str, policy: str) -> None:
+    """D's pool is full (here: a stand-in owner takes every block) and its request for P's KV
+    waits in D's queue. That wait is bounded: after defer_timeout D gives the transfer up and
+    P frees its hold (READ) or its waiting prefill (WRITE) at once, without waiting on D's
+    queue; D's request fails with that reason, or is computed by D once blocks free, equal to
+    monolithic: with ``recompute``, or (READ) when P's first token already went out with the
+    READ answer (the request can only go on)."""
+    expected = _monolithic(engines)
+    prefill = engines("kv_producer", mode=mode)
+    decode = engines("kv_consumer", mode=mode, kv_load_failure_policy=policy)
+    filler = Owner(OwnerKind.REQUEST, "filler")
+    taken = decode.pool.allocate(decode.pool.num_free, filler)
+    assert taken
+    tid = uuid.uuid4().hex
+    if mode == "read":
+        params = msgspec.structs.replace(_read_prefill(prefill, tid), do_remote_prefill=True)
+        assert prefill.pool.snapshot().held > 0
+    else:
+        params = KVTransferParams(transfer_id=tid, do_remote_prefill=True,
+                                  mode=TransferMode.WRITE, **engine_remote(prefill))
+        prefill.add_request(EngineCoreRequest(
+            request_id="p", prompt_token_ids=PROMPT,
+            sampling_params=msgspec.structs.replace(GREEDY, max_tokens=1),
+            kv_transfer_params=KVTransferParams(transfer_id=tid, do_remote_decode=True,
+                                                mode=TransferMode.WRITE,
+                                                **engine_remote(decode))))
+    decode.add_request(EngineCoreRequest(request_id="d", prompt_token_ids=PROMPT,
+                                         sampling_params=GREEDY, kv_transfer_params=params))
+    t = decode.connector.transfers[tid]
+    d_out: list[Any] = []
+    p_out: list[Any] = []
+
+    def step_both() -> bool:
+        d_out.extend(decode.step())
+        p_out.extend(o for o in prefill.step() if o.finish_reason is not None)
+        return False
+
+    t0 = time.monotonic()
+    _step_until([], lambda: step_both() or t.terminal, timeout_s=10)
+    assert t.state.value == "expired" and "free KV blocks" in (t.error or ""), t.error
+    assert time.monotonic() - t0 >= FAST["defer_timeout"] - 0.2
+    assert not t.local_block_ids and not decode.connector.outcomes.parked  # nothing announced
+    # P learns at once (transfer_failed), not after its own deadline
+    _step_until([], lambda: step_both() or not prefill.connector.busy(), timeout_s=3)
+    assert prefill.pool.snapshot().held == 0
+    if mode == "write":
+        assert p_out and p_out[0].error and "expired" in p_out[0].error, p_out
+    if policy == "fail" and mode == "write":
+        _step_until([], lambda: step_both() or any(o.finish_reason for o in d_out))
+        assert "free KV blocks" in (d_out[-1].error or ""), d_out
+        decode.pool.free(taken, filler)
+    else:
+        assert not any(o.finish_reason for o in d_out)  # still queued for blocks
+        decode.pool.free(taken, filler)
+        _step_until([], lambda: step_both() or any(o.finish_reason for o in d_out))
+        assert [tok for o in d_out for tok in o.new_token_ids] == expected
+    assert decode.pool.snapshot().free == decode.pool.snapshot().total
+
+
+def test_write_decode_gives_no_more_blocks_to_a_prefill_that_never_confirms_it_stopped(
+        engines: Any) -> None:
+    """A frozen WRITE prefill keeps the blocks of its failed transfers parked on D (it may
+    still write them). Once one has waited lease_timeout for its quiesce, D announces no more
+    blocks to that prefill: later requests naming it fail before D gives it a block (or are
+    computed by D), so one frozen peer cannot drain D's pool into parking."""
+    prefill = engines("kv_producer", mode="write")
+    decode = engines("kv_consumer", mode="write", kv_load_failure_policy="recompute")
+    freeze = _Freeze(prefill)
+
+    def request(rid: str) -> str:
+        tid = uuid.uuid4().hex
+        decode.add_request(EngineCoreRequest(
+            request_id=rid, prompt_token_ids=PROMPT, sampling_params=GREEDY,
+            kv_transfer_params=KVTransferParams(transfer_id=tid, do_remote_prefill=True,
+                                                mode=TransferMode.WRITE,
+                                                **engine_remote(prefill))))
+        return tid
+
+    out: dict[str, list[Any]] = {}
+
+    def step() -> bool:
+        for o in decode.step():
+            out.setdefault(o.request_id, []).append(o)
+        return False
+
+    first = request("d1")
+    _step_until([], lambda: step() or first in decode.connector.outcomes.parked,
+                timeout_s=15)
+    parked = decode.connector.outcomes.num_parked_blocks
+    assert parked > 0
+    time.sleep(FAST["lease_timeout"] + 0.1)
+    step()
+    second = request("d2")
+    _step_until([], lambda: step() or any(o.finish_reason for o in out.get("d2", [])))
+    assert second not in decode.connector.outcomes.parked
+    assert decode.connector.outcomes.num_parked_blocks == parked
+    assert out["d2"][-1].error is None  # recompute: D computed it
+    freeze.thawed.set()
+    total = decode.pool.snapshot().total
+    _step_until([decode, prefill], lambda: not decode.connector.outcomes.parked
+                and decode.pool.snapshot().free == total, timeout_s=15)
+
+
+def test_parked_blocks_gauge_counts_a_shared_block_once() -> None:
+    """Parked transfers of prompts with a common prefix share its blocks: the gauge counts
+    distinct blocks (it showed 13,629 parked on an 8,192-block pool)."""
+    outcomes = Outcomes("D", 1, cast(Any, None), cast(Any, None), {}, timeouts=Timeouts(),
+                        recompute=False, counters={})
+    for tid, blocks in (("a", [0, 1, 2]), ("b", [0, 1, 5]), ("c", [])):
+        t = Transfer(tid, TransferRole.CONSUMER_WRITE, "r-" + tid, 0.0, local_block_ids=blocks)
+        outcomes.parked[tid] = Parked(t, 0.0, needs_quiesce=True)
+    assert outcomes.num_parked_blocks == 4
