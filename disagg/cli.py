@@ -29,7 +29,8 @@ from disagg.common.generation_config import load_generation_config
 from disagg.common.help_formatter import DefaultsHelpFormatter
 from disagg.common.hf_cache import resolve_model
 from disagg.common.logging_setup import add_logging_args, configure_logging, export_to_children
-from disagg.common.registration import zmq_address
+from disagg.common.registration import check_key, zmq_address
+from disagg.common.tokenizer import frontend_tokenizer
 from disagg.common.version import __version__
 from disagg.vllm_flags import unknown_args_message
 
@@ -236,6 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--proxy-address", default=None, type=checked(zmq_address),
                        help="tcp://HOST:PORT of a disagg proxy to register with (default: "
                             "none, the proxy lists this instance itself)")
+    serve.add_argument("--registration-key", default=None, type=checked(check_key),
+                       help="shared secret sealing every registration frame (the proxy's "
+                            "--registration-key; default: env DISAGG_REGISTRATION_KEY, else "
+                            "unsealed)")
     serve.add_argument("--enable-log-requests", action="store_true", default=False,
                        help="log one line per request when it arrives (id, prompt tokens, "
                             "sampling params, KV transfer role) and one when it ends (finish "
@@ -262,6 +267,13 @@ def _run_subcommand(name: str, argv: list[str]) -> int:
     return command(argv)
 
 
+def _env_registration_key() -> str | None:
+    try:
+        return check_key(envs.registration_key())
+    except ValueError as exc:
+        raise ConfigError(f"{envs.REGISTRATION_KEY_ENV}: {exc}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``disagg`` console script."""
     argv = sys.argv[1:] if argv is None else argv
@@ -276,6 +288,10 @@ def main(argv: list[str] | None = None) -> int:
         configure_logging(args.log_level, args.log_format)
         cfg = engine_config_from_args(args)
         check_device(args.device)
+        args.registration_key = args.registration_key or _env_registration_key()
+        tokenizer = frontend_tokenizer(cfg.model.model, cfg.model.tokenizer,
+                                       chat_template=cfg.model.chat_template,
+                                       trust_remote_code=cfg.model.trust_remote_code)
     except ConfigError as exc:
         print(f"disagg: error: {exc}", file=sys.stderr)
         return 2
@@ -283,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
 
     export_to_children(args.log_level, args.log_format)  # the engine cores log like us
     try:
-        return asyncio.run(serve(cfg, args))
+        return asyncio.run(serve(cfg, args, tokenizer))
     except KeyboardInterrupt:
         return 130
 

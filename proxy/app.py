@@ -101,7 +101,7 @@ def _registration_server(st: ProxyState, address: str) -> RegistrationServer:
             st.kv_index.apply(inst.url, msg)
 
     return RegistrationServer(address, on_heartbeat, on_deregister, on_kv_events,
-                              st.metrics.registration_dropped)
+                              st.metrics.registration_dropped, key=st.cfg.registration_key)
 
 
 async def _background_ctx(app: web.Application) -> AsyncIterator[None]:

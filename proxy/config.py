@@ -50,6 +50,9 @@ class ProxyConfig:
     it (``--first-token prefill``); False: the decode computes it again (``recompute``)."""
     registration_address: str | None = None
     """ZMQ address (``tcp://host:port``) where instances register; None: no dynamic pool."""
+    registration_key: str | None = None
+    """Only registration frames sealed with this key count (disagg/common/registration.py);
+    None: any frame that decodes does."""
     max_missed_heartbeats: int = 3
     """A registered instance that misses this many heartbeat intervals leaves the pool."""
     kv_index_max_hashes: int = 1 << 20

@@ -38,7 +38,7 @@ from disagg.common.config import (
 )
 from disagg.common.help_formatter import DefaultsHelpFormatter
 from disagg.common.logging_setup import add_logging_args, configure_logging, export_to_children
-from disagg.common.registration import zmq_address
+from disagg.common.registration import check_key, zmq_address
 from proxy.app import bound_url, start_site
 from proxy.app import make_app as make_proxy_app
 from proxy.config import PolicyName, ProxyConfig, TransferMode
@@ -114,6 +114,10 @@ def _add_proxy_args(parser: argparse.ArgumentParser) -> None:
         type=checked(_bind_address),
         help="ZMQ address where instances started with --proxy-address register (default: "
              "none, no registration)")
+    add("--registration-key", default=None, type=checked(check_key),
+        help="shared secret: only registrations sealed with it count (instances give the same "
+             "--registration-key; default: env DISAGG_REGISTRATION_KEY, else none needed; "
+             "--launch makes a random one)")
     add("--max-missed-heartbeats", type=positive_int, default=d.max_missed_heartbeats,
         help="heartbeat intervals a registered instance may miss before it leaves the pool")
     add("--kv-index-max-hashes", type=int, default=d.kv_index_max_hashes,
@@ -225,6 +229,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("--log-request-phases-sample-rate must be between 0 and 1")
     _check_parallel_args(parser, args)
     args.kv_extra = _kv_extra(parser, args)
+    try:
+        args.registration_key = args.registration_key or check_key(envs.registration_key())
+    except ValueError as exc:
+        parser.error(f"{envs.REGISTRATION_KEY_ENV}: {exc}")
+    if args.registration_key is None and args.launch:
+        args.registration_key = secrets.token_hex(16)
     return args
 
 
@@ -293,6 +303,7 @@ def proxy_config(args: argparse.Namespace) -> ProxyConfig:
         local_prefill_max_tokens=args.local_prefill_max_tokens,
         first_token_from_prefill=args.first_token == "prefill",
         registration_address=args.registration_address,
+        registration_key=args.registration_key,
         max_missed_heartbeats=args.max_missed_heartbeats,
         kv_index_max_hashes=args.kv_index_max_hashes, admin_key=args.admin_key,
         api_key=args.api_key or envs.api_key(),
@@ -309,9 +320,10 @@ def proxy_config(args: argparse.Namespace) -> ProxyConfig:
         log_stats_interval_s=None if args.disable_log_stats else envs.log_stats_interval_s())
 
 
-def launch_config(args: argparse.Namespace, kv_params_key: str | None = None) -> LaunchConfig:
+def launch_config(args: argparse.Namespace, kv_params_key: str | None = None,
+                  registration_key: str | None = None) -> LaunchConfig:
     """The LaunchConfig the arguments describe (resolves ``--device auto``); the instances
-    get ``kv_params_key`` (the proxy's own)."""
+    get ``kv_params_key`` and ``registration_key`` (the proxy's own)."""
     command = tuple(shlex.split(args.instance_command)) if args.instance_command \
         else DEFAULT_INSTANCE_COMMAND
     return LaunchConfig(
@@ -322,7 +334,8 @@ def launch_config(args: argparse.Namespace, kv_params_key: str | None = None) ->
         gpus_per_instance=args.gpus_per_instance, instance_args=tuple(args.instance_args),
         kv_connector_extra_config=getattr(args, "kv_extra", {}),
         instance_command=command, instance_base_port=args.instance_base_port,
-        kv_base_port=args.kv_base_port, kv_params_key=kv_params_key)
+        kv_base_port=args.kv_base_port, kv_params_key=kv_params_key,
+        registration_key=registration_key)
 
 
 def _stop_event() -> asyncio.Event:
@@ -344,11 +357,23 @@ async def _start_proxy(cfg: ProxyConfig) -> web.AppRunner:
     return runner
 
 
+def _registration_line(cfg: ProxyConfig) -> str:
+    if not cfg.registration_address:
+        return "off"
+    if cfg.registration_key is not None:
+        return f"{cfg.registration_address} (sealed)"
+    if not cfg.registration_address.startswith(("tcp://127.", "tcp://localhost:", "ipc://")):
+        logger.warning("registrations on %s are not sealed: anyone who can reach it can add "
+                       "an instance to the pools or change one's info; give the proxy and its "
+                       "instances the same --registration-key", cfg.registration_address)
+    return f"{cfg.registration_address} (unsealed)"
+
+
 def startup_lines(cfg: ProxyConfig, url: str) -> list[str]:
     """What an operator checks first: mode, pools, ports, then the deadlines and retries."""
     return [f"proxy on {url}: mode={cfg.mode.value}, policy={cfg.policy.value}, "
             f"prefill=[{', '.join(cfg.prefill_urls)}], decode=[{', '.join(cfg.decode_urls)}], "
-            f"registration={cfg.registration_address or 'off'}, "
+            f"registration={_registration_line(cfg)}, "
             f"local_prefill_threshold={cfg.local_prefill_threshold_tokens} tokens",
             "deadlines: " + ", ".join(f"{name}={getattr(cfg, f'{name}_timeout_s'):g} s"
                                       for name in _TIMEOUTS)
@@ -435,7 +460,8 @@ def with_kv_registration(cfg: ProxyConfig, launch: LaunchConfig
 
 async def _run_launch(args: argparse.Namespace, cfg: ProxyConfig) -> int:
     stop = _stop_event()
-    cfg, launch = with_kv_registration(cfg, launch_config(args, cfg.kv_params_key))
+    cfg, launch = with_kv_registration(cfg, launch_config(args, cfg.kv_params_key,
+                                                           cfg.registration_key))
     sup = Supervisor(plan_instances(launch))
     runner: web.AppRunner | None = None
     try:

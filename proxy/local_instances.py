@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from disagg.common import platform
-from disagg.common.envs import KV_PARAMS_KEY_ENV
+from disagg.common.envs import KV_PARAMS_KEY_ENV, REGISTRATION_KEY_ENV
 from proxy.config import TransferMode
 from proxy.placement import RoleShape, cpu_threads_env, instance_dp_size, place, role_shape
 from proxy.registration import KVRole
@@ -52,6 +52,8 @@ class LaunchConfig:
     """Connector base port of the first instance (then +16 each); None: found."""
     kv_params_key: str | None = None
     """Every instance's ``--kv-params-key``, passed in its environment (not visible in ps)."""
+    registration_key: str | None = None
+    """Every instance's ``--registration-key``, passed in its environment."""
     kv_connector_extra_config: Mapping[str, Any] = field(default_factory=dict)
     """More connector options for every instance (``--kv-connector-extra-config``)."""
 
@@ -167,6 +169,8 @@ def _ports_once(cfg: LaunchConfig, num_instances: int) -> tuple[list[int], list[
 def _instance_env(cfg: LaunchConfig, gpus: list[str] | None,
                   shapes: list[RoleShape]) -> dict[str, str]:
     env = {} if cfg.kv_params_key is None else {KV_PARAMS_KEY_ENV: cfg.kv_params_key}
+    if cfg.registration_key is not None:
+        env[REGISTRATION_KEY_ENV] = cfg.registration_key
     if gpus is not None:
         return {**env, platform.visible_devices_env(): ",".join(gpus)}
     return {**env, **cpu_threads_env(shapes)}

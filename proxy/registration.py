@@ -5,7 +5,8 @@ changes (``KVEvents``) and a ``Deregister`` on shutdown; the messages live in
 disagg/common/registration.py, which both sides import. Every heartbeat is a complete
 registration, so a restarted proxy re-learns its pool within one interval. Nothing but those
 msgpack-encoded structs, within their bounds, is accepted on the socket: anything else is
-dropped and counted by reason (ZMQ itself drops frames over MAX_MESSAGE_BYTES)."""
+dropped and counted by reason (ZMQ itself drops frames over MAX_MESSAGE_BYTES). With a
+registration key only frames sealed with it count (``unauthenticated`` otherwise)."""
 
 from __future__ import annotations
 
@@ -20,12 +21,15 @@ import zmq.asyncio
 from disagg.common.registration import (
     MAX_MESSAGE_BYTES,
     PROTOCOL_VERSION,
+    SEAL_BYTES,
     Deregister,
     Heartbeat,
     InstanceInfo,
     KVEvents,
     KVRole,
+    check_key,
     decode_message,
+    unseal,
     zmq_address,
 )
 
@@ -45,16 +49,19 @@ class RegistrationServer:
     def __init__(self, address: str, on_heartbeat: Callable[[Heartbeat], None],
                  on_deregister: Callable[[Deregister], None],
                  on_kv_events: Callable[[KVEvents], None] = _ignore,
-                 dropped: Counter[str] | None = None) -> None:
+                 dropped: Counter[str] | None = None, *, key: str | None = None) -> None:
         self._address = zmq_address(address, bind=True)
+        self._key = check_key(key)
+        self._max_frame = MAX_MESSAGE_BYTES + (SEAL_BYTES if key is not None else 0)
         self._on_heartbeat = on_heartbeat
         self._on_deregister = on_deregister
         self._on_kv_events = on_kv_events
         self.dropped: Counter[str] = Counter() if dropped is None else dropped
-        """Frames dropped, by reason: oversized, malformed, version, error."""
+        """Frames dropped, by reason: oversized, unauthenticated, malformed, version,
+        error."""
         self._ctx = zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.PULL)
-        self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        self._sock.setsockopt(zmq.MAXMSGSIZE, self._max_frame)
         self._sock.setsockopt(zmq.LINGER, 0)
         self.endpoint = ""
         """The bound endpoint (a ``*`` port resolved), set by ``bind()``."""
@@ -77,11 +84,15 @@ class RegistrationServer:
     def dispatch(self, data: bytes) -> None:
         """Decode one frame and call the matching callback; bad frames are counted, logged
         (the first of each kind, then every 1000th) and dropped. Nothing raises."""
-        if len(data) > MAX_MESSAGE_BYTES:
+        if len(data) > self._max_frame:
             self._drop("oversized", f"{len(data)} bytes")
             return
+        payload = unseal(data, self._key)
+        if isinstance(payload, str):
+            self._drop("unauthenticated", payload)
+            return
         try:
-            msg = decode_message(data)
+            msg = decode_message(payload)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             self._drop("malformed", str(exc))
             return

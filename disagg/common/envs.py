@@ -122,6 +122,7 @@ def engine_stall_timeout_s() -> float | None:
 
 
 KV_PARAMS_KEY_ENV = "DISAGG_KV_PARAMS_KEY"
+REGISTRATION_KEY_ENV = "DISAGG_REGISTRATION_KEY"
 FAULT_INJECTION_ENV = "DISAGG_FAULT_INJECTION"
 
 
@@ -134,6 +135,11 @@ def fault_injection() -> bool:
 def kv_params_key() -> str | None:
     """Shared secret the proxy sends with kv_transfer_params (as ``--kv-params-key``)."""
     return os.environ.get(KV_PARAMS_KEY_ENV) or None
+
+
+def registration_key() -> str | None:
+    """The secret sealing registration frames (as ``--registration-key``)."""
+    return os.environ.get(REGISTRATION_KEY_ENV) or None
 
 
 def api_key() -> str | None:

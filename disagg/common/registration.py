@@ -3,13 +3,24 @@ about itself (``InstanceInfo``, also the body of ``GET /instance_info``), the he
 carries it, the deregistration, and the instance's prefix-cache changes (``KVEvents``, for
 KV-aware routing). Both the instance (disagg/server/registrar.py) and the proxy
 (proxy/registration.py) import these; nothing else is accepted on the channel.
+
+With a registration key (``--registration-key``, env DISAGG_REGISTRATION_KEY, the same on the
+proxy and its instances) every frame is sealed: ``tag || sent || message``, where ``tag`` is
+HMAC-SHA256 over ``sent || message`` and ``sent`` the sender's wall clock (8 bytes, big-endian
+float). A keyed proxy drops unsealed, forged and stale frames (``sent`` more than
+MAX_CLOCK_SKEW_S from its own clock), so nobody without the key can register an instance,
+change one's info (e.g. its max_model_len) or deregister it.
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
+import hmac
 import re
-from typing import Annotated
+import struct
+import time
+from typing import Annotated, overload
 
 import msgspec
 
@@ -19,6 +30,11 @@ PROTOCOL_VERSION = 1
 """Bumped when a message changes incompatibly; the proxy drops other versions."""
 MAX_MESSAGE_BYTES = 64 * 1024
 """Larger frames are dropped by ZMQ before they reach the decoder."""
+MIN_KEY_LENGTH = 8
+MAX_CLOCK_SKEW_S = 120.0
+"""A sealed frame sent further than this from the receiver's clock is dropped (a replay)."""
+_SEAL = struct.Struct(">32sd")
+SEAL_BYTES = _SEAL.size
 
 
 class KVRole(enum.Enum):
@@ -102,6 +118,45 @@ _decoder = msgspec.msgpack.Decoder(RegistrationMessage)
 def encode_message(msg: RegistrationMessage) -> bytes:
     """One message as msgpack bytes."""
     return _encoder.encode(msg)
+
+
+@overload
+def check_key(key: str) -> str: ...
+@overload
+def check_key(key: None) -> None: ...
+def check_key(key: str | None) -> str | None:
+    """A registration key, or ValueError when it is too short to be a secret."""
+    if key is not None and len(key) < MIN_KEY_LENGTH:
+        raise ValueError(f"a registration key needs {MIN_KEY_LENGTH}+ characters")
+    return key
+
+
+def _tag(key: str, body: bytes) -> bytes:
+    return hmac.new(key.encode(), body, hashlib.sha256).digest()
+
+
+def seal(payload: bytes, key: str | None, now_s: float | None = None) -> bytes:
+    """The frame for ``payload`` (itself when there is no key)."""
+    if key is None:
+        return payload
+    sent = struct.pack(">d", time.time() if now_s is None else now_s)
+    return _tag(key, sent + payload) + sent + payload
+
+
+def unseal(frame: bytes, key: str | None, now_s: float | None = None) -> bytes | str:
+    """The payload of a frame, or why it is refused (a keyed receiver's view)."""
+    if key is None:
+        return frame
+    if len(frame) < SEAL_BYTES:
+        return "not sealed with the registration key"
+    tag, sent = _SEAL.unpack_from(frame)
+    if not hmac.compare_digest(tag, _tag(key, frame[32:])):
+        return "not sealed with this proxy's registration key"
+    skew = (time.time() if now_s is None else now_s) - sent
+    if not abs(skew) <= MAX_CLOCK_SKEW_S:  # NaN too
+        return (f"sent {skew:.0f} s from this proxy's clock (more than "
+                f"{MAX_CLOCK_SKEW_S:g} s: a replay, or the clocks disagree)")
+    return frame[SEAL_BYTES:]
 
 
 def decode_message(data: bytes) -> RegistrationMessage:

@@ -164,11 +164,44 @@ def read_chat_template(value: str) -> str:
     """``--chat-template``: a file's text, or the value itself when it is not a file (vLLM
     takes both); a value that looks like a path but is missing is a ConfigError."""
     if os.path.isfile(value):
-        with open(value, encoding="utf-8") as f:
-            return f.read()
+        try:
+            with open(value, encoding="utf-8") as f:
+                return f.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"--chat-template {value!r}: {exc}") from None
+    if os.path.exists(value):  # a directory, a fifo, a device: nothing to read a template from
+        raise ConfigError(f"--chat-template {value!r} is not a regular file")
     if "{" not in value:
         raise ConfigError(f"--chat-template {value!r} is neither a file nor a Jinja template")
     return value
+
+
+def frontend_tokenizer(model: str, tokenizer: str | None, *, chat_template: str | None = None,
+                       trust_remote_code: bool = False) -> Tokenizer:
+    """The server's tokenizer, built before any engine starts (so a bad flag is one line, not
+    a traceback after the weights loaded): ``--tokenizer`` when given, which must name a
+    tokenizer (a directory or a cached Hub id with tokenizer files; no fallback to token ids),
+    else the model's (get_tokenizer)."""
+    if tokenizer is not None and not tokenizer.startswith("builtin:"):
+        path = tokenizer
+        if not os.path.isdir(path):
+            from disagg.common.hf_cache import cached_snapshot
+
+            path = cached_snapshot(tokenizer) or ""
+        if not path or not any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES):
+            raise ConfigError(f"--tokenizer {tokenizer!r}: no tokenizer files there (a "
+                              "directory, or a Hugging Face id in the local cache, with "
+                              f"{' or '.join(_TOKENIZER_FILES)})")
+    try:
+        return get_tokenizer(tokenizer or model, chat_template=chat_template,
+                             trust_remote_code=trust_remote_code)
+    except ConfigError:
+        raise
+    except Exception as exc:  # files transformers or tokenizers cannot read (any type)
+        raise ConfigError(f"tokenizer of {tokenizer or model}: {exc}") from None
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
 def get_tokenizer(model: str, *, chat_template: str | None = None,
@@ -189,8 +222,7 @@ def get_tokenizer(model: str, *, chat_template: str | None = None,
 
         model = cached_snapshot(model) or model
     has_files = os.path.isdir(model) and any(
-        os.path.exists(os.path.join(model, f))
-        for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+        os.path.exists(os.path.join(model, f)) for f in _TOKENIZER_FILES)
     if has_files:
         return HFTokenizer(model, chat_template=template, trust_remote_code=trust_remote_code)
     if template is not None:

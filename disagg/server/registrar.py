@@ -5,8 +5,10 @@ proxy/registration.py the receiving end)."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+from collections.abc import Callable
 
 import zmq
 
@@ -15,26 +17,39 @@ from disagg.common.registration import (
     Heartbeat,
     InstanceInfo,
     RegistrationMessage,
+    check_key,
     encode_message,
+    seal,
     zmq_address,
 )
 from disagg.server.kv_events import KVPublisher
 
+logger = logging.getLogger(__name__)
 SEND_HWM = 64
 """Frames ZMQ may queue toward a connected proxy (a snapshot goes out as a burst of chunks)."""
 
 
 class Registrar:
-    """Instance side: heartbeats to the proxy from a daemon thread; ``stop()`` deregisters."""
+    """Instance side: heartbeats to the proxy from a daemon thread; ``stop()`` deregisters.
+    While ``unavailable()`` gives a reason (the engine died or every rank is frozen) no
+    heartbeat goes out, so the proxy drops the instance after its missed-heartbeat limit
+    instead of routing requests it cannot serve; they resume when it answers again."""
 
     def __init__(self, proxy_address: str, info: InstanceInfo, interval_s: float = 2.0,
-                 kv: KVPublisher | None = None) -> None:
+                 kv: KVPublisher | None = None,
+                 unavailable: Callable[[], str | None] | None = None,
+                 key: str | None = None) -> None:
         if interval_s <= 0:
             raise ValueError(f"heartbeat interval must be positive, got {interval_s}")
         self._address = zmq_address(proxy_address)
         self._info = info
+        self._key = check_key(key)
+        """Seals every frame (registration.seal) when set."""
         self._interval_s = interval_s
         self._kv = kv
+        self._unavailable = unavailable
+        self._withheld: str | None = None
+        """Why heartbeats are withheld now (None while they go out)."""
         self._stop_event = threading.Event()
         self._thread: threading.Thread | None = None
         self.num_sent = 0
@@ -77,7 +92,9 @@ class Registrar:
         next_beat_s = time.monotonic()
         while not self._stop_event.is_set():
             now_s = time.monotonic()
-            if now_s >= next_beat_s:
+            if now_s >= next_beat_s and self._withhold():
+                next_beat_s = now_s + self._interval_s
+            elif now_s >= next_beat_s:
                 msg = Heartbeat(info=self._info, interval_s=self._interval_s, seq=seq)
                 if not self._send(sock, msg, wait_s=min(self._interval_s, 0.2)):
                     if self._kv is not None:
@@ -92,6 +109,17 @@ class Registrar:
                 wake_s = min(wake_s, now_s + self._kv.interval_s)
             self._stop_event.wait(max(0.0, wake_s - time.monotonic()))
 
+    def _withhold(self) -> bool:
+        """True while the engine cannot serve (logged when that changes)."""
+        reason = None if self._unavailable is None else self._unavailable()
+        if reason != self._withheld:
+            if reason is not None:
+                logger.warning("heartbeats to the proxy withheld: %s", reason)
+            else:
+                logger.info("engine answers again: heartbeats to the proxy resume")
+            self._withheld = reason
+        return reason is not None
+
     def _publish_kv(self, sock: zmq.Socket, now_s: float) -> None:
         assert self._kv is not None
         for msg in self._kv.messages(now_s):
@@ -99,13 +127,12 @@ class Registrar:
                 self._kv.lost()  # the rest would leave a gap: a snapshot follows instead
                 return
 
-    @staticmethod
-    def _send(sock: zmq.Socket, msg: RegistrationMessage, wait_s: float) -> bool:
+    def _send(self, sock: zmq.Socket, msg: RegistrationMessage, wait_s: float) -> bool:
         # POLLOUT with IMMEDIATE means "a proxy is connected"; otherwise retry next round.
         if not sock.poll(int(wait_s * 1000), zmq.POLLOUT):
             return False
         try:
-            sock.send(encode_message(msg), zmq.NOBLOCK)
+            sock.send(seal(encode_message(msg), self._key), zmq.NOBLOCK)
         except zmq.Again:
             return False
         return True

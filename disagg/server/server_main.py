@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import sys
 from typing import Any
 
@@ -19,7 +20,7 @@ from disagg.common.generation_config import SamplingDefaults, load_generation_co
 from disagg.common.http_server import setup_runner
 from disagg.common.memory_split import describe_memory
 from disagg.common.registration import InstanceInfo
-from disagg.common.tokenizer import get_tokenizer
+from disagg.common.tokenizer import Tokenizer
 from disagg.server.api_server import ServerInfo, instance_info_dict, make_app
 from disagg.server.engine_client import EngineClient, SyncedConfig
 from disagg.server.engine_health import EngineStartupError
@@ -40,7 +41,8 @@ def _start_registrar(args: argparse.Namespace, engine: EngineClient, info: Serve
     kv = None
     if details.hash_seed is not None:  # with a prefix cache: publish it for KV-aware routing
         kv = KVPublisher(engine.kv_view, details.http_url, details.engine_id)
-    registrar = Registrar(args.proxy_address, details, kv=kv)
+    registrar = Registrar(args.proxy_address, details, kv=kv, unavailable=engine.unavailable,
+                          key=args.registration_key)
     registrar.start()
     return registrar
 
@@ -88,16 +90,42 @@ def startup_lines(cfg: EngineConfig, synced: SyncedConfig, url: str) -> list[str
     return lines
 
 
-async def serve(cfg: EngineConfig, args: argparse.Namespace) -> int:
+def _listen(host: str, port: int) -> socket.socket:
+    """The HTTP listening socket on ``host`` (its first address) and ``port`` (0: any)."""
+    family, kind, proto, _, addr = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(addr)
+        sock.listen(2048)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+async def serve(cfg: EngineConfig, args: argparse.Namespace, tokenizer: Tokenizer) -> int:
     """Run until SIGINT/SIGTERM or an engine core dies; returns the exit code."""
+    try:  # before the engine loads weights: a port in use is one line at once
+        sock = _listen(args.host, args.port)
+    except OSError as exc:
+        print(f"disagg: error: cannot listen on {args.host}:{args.port}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return 2
     engine = EngineClient(cfg, envs.engine_ready_timeout_s())
     try:
         synced = await engine.start()
     except EngineStartupError as exc:
+        sock.close()
         await engine.shutdown()
         print(f"disagg: error: {exc}", file=sys.stderr)
         return 2
-    url = f"http://{args.host}:{args.port}"
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    url = f"http://{host}:{sock.getsockname()[1]}"  # --port 0: the port it got
     info = ServerInfo(cfg.model.served_model_name, cfg.model.model, url, args.admin_key,
                       kv_params_key=args.kv_params_key or envs.kv_params_key(),
                       api_key=args.api_key or envs.api_key(),
@@ -107,18 +135,9 @@ async def serve(cfg: EngineConfig, args: argparse.Namespace) -> int:
                       log_requests=args.enable_log_requests,
                       log_stats_interval_s=(None if args.disable_log_stats
                                             else envs.log_stats_interval_s()))
-    app = make_app(engine, get_tokenizer(cfg.model.tokenizer or cfg.model.model,
-                                         chat_template=cfg.model.chat_template,
-                                         trust_remote_code=cfg.model.trust_remote_code), info)
+    app = make_app(engine, tokenizer, info)
     runner = await setup_runner(app, handler_cancellation=True, access_log=None)
-    try:
-        await web.TCPSite(runner, args.host, args.port, backlog=2048).start()
-    except OSError as exc:
-        await runner.cleanup()
-        await engine.shutdown()
-        print(f"disagg: error: cannot listen on {args.host}:{args.port}: {exc.strerror}",
-              file=sys.stderr)
-        return 2
+    await web.SockSite(runner, sock).start()
     registrar = _start_registrar(args, engine, info)
     for line in startup_lines(cfg, synced, url):
         logger.info("%s", line)

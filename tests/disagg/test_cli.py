@@ -125,7 +125,12 @@ def test_good_addresses_pass() -> None:
     (["--tp-timeout", "nan"], "--tp-timeout"), (["--dp-collective-timeout", "inf"],
                                                 "--dp-collective-timeout"),
     (["--served-model-name", ""], "must not be empty"),
-    (["--kv-transfer-config", "{}"], "needs kv_connector")])
+    (["--kv-transfer-config", "{}"], "needs kv_connector"),
+    (["--registration-key", "short"], "8+ characters"),
+    (["--tokenizer", "/nonexistent"], "no tokenizer files there"),
+    (["--tokenizer", "/"], "no tokenizer files there"),
+    (["--chat-template", "/"], "is not a regular file"),
+    (["--chat-template", "{{ messages }}"], "needs a Hugging Face tokenizer")])
 def test_more_bad_values_are_one_line(args: list[str], says: str,
                                       capsys: pytest.CaptureFixture[str]) -> None:
     try:
@@ -134,6 +139,15 @@ def test_more_bad_values_are_one_line(args: list[str], says: str,
         code = int(exc.code or 0)
     err = capsys.readouterr().err
     assert code == 2 and says in err and "Traceback" not in err, err
+
+
+def test_a_short_registration_key_in_the_environment_is_one_line(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("DISAGG_REGISTRATION_KEY", "short")
+    assert cli.main(["serve", "builtin:tiny-llama"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("disagg: error: DISAGG_REGISTRATION_KEY: a registration key needs") \
+        and err.count("\n") == 1, err
 
 
 def test_a_kv_port_in_use_is_a_configuration_error() -> None:

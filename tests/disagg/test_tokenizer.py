@@ -11,7 +11,12 @@ import pytest
 
 from disagg.common.config import ConfigError
 from disagg.common.openai_api import ChatCompletionRequest, chat_prompt_ids
-from disagg.common.tokenizer import ByteTokenizer, HFTokenizer, get_tokenizer
+from disagg.common.tokenizer import (
+    ByteTokenizer,
+    HFTokenizer,
+    frontend_tokenizer,
+    get_tokenizer,
+)
 
 MESSAGES = [{"role": "user", "content": "hello there"},
             {"role": "assistant", "content": "hi"},
@@ -141,3 +146,15 @@ def test_streamed_text_is_the_whole_decode(tmp_path: Path, kind: str) -> None:
             streamed = "".join(detok.push([i], final=n == len(case) - 1)
                                for n, i in enumerate(case))
             assert streamed == tok.decode(case), (kind, case)
+
+
+def test_a_tokenizer_given_by_flag_must_be_one(tmp_path: Path) -> None:
+    """--tokenizer never falls back to token ids, and files transformers cannot read are a
+    ConfigError (one line at start), not a traceback."""
+    with pytest.raises(ConfigError, match="no tokenizer files"):
+        frontend_tokenizer("builtin:tiny-llama", str(tmp_path))
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="tokenizer of"):
+        frontend_tokenizer("builtin:tiny-llama", str(tmp_path))
+    assert frontend_tokenizer("builtin:tiny-llama", None).encode("hi")

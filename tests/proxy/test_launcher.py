@@ -267,6 +267,28 @@ def test_kv_params_key_comes_from_the_flag_the_environment_or_is_made_for_launch
         == "k"
 
 
+def test_registration_key_comes_from_the_flag_the_environment_or_is_made_for_launch(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("DISAGG_REGISTRATION_KEY", raising=False)
+    assert proxy_config(parse_args(["--decode", "h:1"])).registration_key is None
+    args = parse_args(["--launch", "--device", "cpu", "--policy", "kv_aware"])
+    cfg, launch = with_kv_registration(proxy_config(args),
+                                       launch_config(args, None, args.registration_key))
+    assert re.fullmatch(r"[0-9a-f]{32}", cfg.registration_key or "")
+    for spec in plan_instances(launch):  # in the environment: not visible in ps
+        assert spec.env["DISAGG_REGISTRATION_KEY"] == cfg.registration_key
+        assert cfg.registration_key not in " ".join(spec.argv)
+    monkeypatch.setenv("DISAGG_REGISTRATION_KEY", "env-key-123")
+    assert proxy_config(parse_args(["--registration-address", "tcp://127.0.0.1:*"])) \
+        .registration_key == "env-key-123"
+    for argv, env in ((["--decode", "h:1", "--registration-key", "short"], "env-key-123"),
+                      (["--decode", "h:1"], "short")):
+        monkeypatch.setenv("DISAGG_REGISTRATION_KEY", env)
+        with pytest.raises(SystemExit) as exc:
+            parse_args(argv)
+        assert exc.value.code == 2 and "8+ characters" in capsys.readouterr().err
+
+
 def test_launched_instances_get_the_proxys_key() -> None:
     args = parse_args(["--launch", "--device", "cpu"])
     cfg = proxy_config(args)

@@ -19,8 +19,11 @@ from disagg.common.registration import (
     InstanceInfo,
     KVEvents,
     KVRole,
+    check_key,
     decode_message,
     encode_message,
+    seal,
+    unseal,
 )
 from disagg.server.kv_events import InstanceKVView, KVPublisher
 from disagg.server.registrar import Registrar
@@ -87,6 +90,61 @@ def test_server_drops_malformed_and_foreign_version_messages() -> None:
         server.close()
 
 
+def test_sealed_frames_open_only_with_the_key_and_within_the_clock_window() -> None:
+    payload = encode_message(Deregister(http_url="http://127.0.0.1:1", engine_id="e"))
+    key = "s3cret-key"
+    assert seal(payload, None) == payload and unseal(payload, None) == payload
+    frame = seal(payload, key, now_s=1000.0)
+    assert unseal(frame, key, now_s=1000.0 + 60) == payload
+    assert "key" in str(unseal(frame, "another-key", now_s=1000.0))
+    assert "key" in str(unseal(payload, key, now_s=1000.0))  # unsealed
+    assert "key" in str(unseal(b"short", key, now_s=1000.0))
+    tampered = bytearray(frame)
+    tampered[-1] ^= 1
+    assert "key" in str(unseal(bytes(tampered), key, now_s=1000.0))
+    for later in (1000.0 + 600, 1000.0 - 600, float("nan")):  # a replay, or a far clock
+        assert "clock" in str(unseal(frame, key, now_s=later))
+    assert "clock" in str(unseal(seal(payload, key, now_s=float("nan")), key, now_s=1.0))
+    with pytest.raises(ValueError, match="8"):
+        check_key("short")
+
+
+def test_a_keyed_server_counts_only_frames_sealed_with_its_key() -> None:
+    got: list[object] = []
+    server = RegistrationServer("tcp://127.0.0.1:*", got.append, got.append, key="s3cret-key")
+    try:
+        bye = Deregister(http_url="http://127.0.0.1:1", engine_id="e")
+        server.dispatch(encode_message(bye))  # a forged deregister, unsealed
+        server.dispatch(seal(encode_message(bye), "guessed-key"))
+        assert got == [] and server.dropped["unauthenticated"] == 2
+        server.dispatch(seal(encode_message(bye), "s3cret-key"))
+        assert got == [bye]
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("instance_key", ["s3cret-key", None, "another-key"])
+async def test_registrars_join_a_keyed_proxy_only_with_its_key(
+        fakes: Any, proxies: Any, instance_key: str | None) -> None:
+    d = await fakes(role="kv_consumer")
+    proxy = await proxies(registration_address="tcp://127.0.0.1:*",
+                          registration_key="s3cret-key")
+    registrar = Registrar(proxy.state.registration_endpoint, _info(d.url), interval_s=0.05,
+                          key=instance_key)
+    registrar.start()
+    registry = proxy.state.registry
+    try:
+        if instance_key == "s3cret-key":
+            await _wait_for(lambda: registry.get(d.url) is not None)
+        else:
+            await _wait_for(lambda: registrar.num_sent >= 3)
+            await _wait_for(lambda: proxy.state.metrics.registration_dropped[
+                "unauthenticated"] >= 3)
+            assert registry.get(d.url) is None
+    finally:
+        await asyncio.to_thread(registrar.stop)
+
+
 def test_registrar_stop_returns_without_a_proxy() -> None:
     registrar = Registrar("tcp://127.0.0.1:9", _info("http://127.0.0.1:1"), interval_s=0.05)
     registrar.start()
@@ -115,6 +173,30 @@ async def test_registrar_joins_serves_and_leaves(fakes: Any, proxies: Any, http:
         await asyncio.to_thread(registrar.stop)
     await _wait_for(lambda: registry.get(d.url) is None, timeout_s=2.0)
     assert registrar.num_sent >= 1
+
+
+async def test_an_instance_whose_engine_cannot_serve_stops_heartbeating(
+        fakes: Any, proxies: Any) -> None:
+    """While the engine is frozen or dead (``unavailable`` gives a reason) no heartbeat goes
+    out: the proxy drops the instance after its missed-heartbeat limit instead of routing
+    requests that would fail; it registers again once the engine answers."""
+    d = await fakes(role="kv_consumer")
+    proxy = await proxies(registration_address="tcp://127.0.0.1:*", max_missed_heartbeats=2)
+    frozen: list[str] = []
+    registrar = Registrar(proxy.state.registration_endpoint, _info(d.url), interval_s=0.1,
+                          unavailable=lambda: frozen[0] if frozen else None)
+    registrar.start()
+    registry = proxy.state.registry
+    try:
+        await _wait_for(lambda: registry.get(d.url) is not None)
+        frozen.append("engine core (DP rank 0) has not answered for 30.0 s")
+        sent = registrar.num_sent
+        await _wait_for(lambda: registry.get(d.url) is None, timeout_s=3.0)
+        assert registrar.num_sent <= sent + 1
+        frozen.clear()
+        await _wait_for(lambda: registry.get(d.url) is not None, timeout_s=3.0)
+    finally:
+        await asyncio.to_thread(registrar.stop)
 
 
 async def test_missed_heartbeats_leave_the_pool(fakes: Any, proxies: Any) -> None:
