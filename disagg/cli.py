@@ -26,7 +26,7 @@ from disagg.common.config import (
     positive_float,
 )
 from disagg.common.generation_config import load_generation_config
-from disagg.common.help_formatter import DefaultsHelpFormatter
+from disagg.common.help_formatter import DefaultsHelpFormatter, OneLineErrorParser
 from disagg.common.hf_cache import resolve_model
 from disagg.common.logging_setup import add_logging_args, configure_logging, export_to_children
 from disagg.common.registration import check_key, zmq_address
@@ -201,7 +201,7 @@ def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
         kv_transfer=kv_transfer)
 
 
-class _Parser(argparse.ArgumentParser):
+class _Parser(OneLineErrorParser):
     """argparse, with a hint for each vLLM flag among unrecognized arguments."""
 
     def parse_args(self, args: Any = None, namespace: Any = None) -> Any:

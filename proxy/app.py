@@ -111,7 +111,11 @@ async def _background_ctx(app: web.Application) -> AsyncIterator[None]:
     tasks = []
     if cfg.registration_address:
         server = _registration_server(st, cfg.registration_address)
-        st.registration_endpoint = server.bind()
+        try:
+            st.registration_endpoint = server.bind()
+        except OSError:
+            server.close()
+            raise
         tasks.append(asyncio.ensure_future(server.serve()))
     # One round before serving, so static instances that are up are routable at once.
     await probe_all(st.registry, st.probes, cfg.probe_timeout_s)

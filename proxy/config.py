@@ -78,7 +78,8 @@ class ProxyConfig:
     prefill_timeout_s: float = 300.0
     """Deadline of a whole prefill call (``max_tokens=1``)."""
     first_byte_timeout_s: float = 300.0
-    """Deadline from sending a decode request to its first response bytes."""
+    """Deadline from sending a streamed decode request to its first response bytes (a
+    non-streamed answer arrives whole: ``request_timeout_s`` bounds it)."""
     stream_idle_timeout_s: float = 120.0
     """Longest silence allowed between two chunks of a decode stream."""
     request_timeout_s: float = 3600.0

@@ -23,7 +23,7 @@ from proxy.registry import Pool
 from proxy.relay import relay_stream
 from proxy.state import STATE_KEY, ProxyState
 from proxy.timings import PhaseClock
-from proxy.upstream import OpenStream, Reply, UpstreamRejected
+from proxy.upstream import OpenStream, Reply, UpstreamRejected, client_error_text
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ async def _forwarded(request: web.Request) -> web.Response:
             return web.Response(status=resp.status, body=body, content_type=resp.content_type)
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         return error_response(502, f"instance {inst.url} did not answer {request.path}: "
-                                   f"{exc!r}")
+                                   f"{client_error_text(exc)}")
 
 
 async def version(request: web.Request) -> web.Response:

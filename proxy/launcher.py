@@ -32,11 +32,12 @@ from disagg.common import envs
 from disagg.common.config import (
     ConfigError,
     checked,
+    non_negative_int,
     port_number,
     positive_float,
     positive_int,
 )
-from disagg.common.help_formatter import DefaultsHelpFormatter
+from disagg.common.help_formatter import DefaultsHelpFormatter, OneLineErrorParser
 from disagg.common.logging_setup import add_logging_args, configure_logging, export_to_children
 from disagg.common.registration import check_key, zmq_address
 from proxy.app import bound_url, start_site
@@ -50,7 +51,7 @@ from proxy.local_instances import (
     resolve_device,
 )
 from proxy.placement import MAX_TP_SIZE, TP_FLAGS, instance_dp_size, instance_flag
-from proxy.registration import KVRole
+from proxy.registration import KVRole, RegistrationBindError
 from proxy.registry import Pool, normalize_url
 from proxy.state import STATE_KEY
 from proxy.supervisor import LaunchError, Supervisor
@@ -120,7 +121,7 @@ def _add_proxy_args(parser: argparse.ArgumentParser) -> None:
              "--launch makes a random one)")
     add("--max-missed-heartbeats", type=positive_int, default=d.max_missed_heartbeats,
         help="heartbeat intervals a registered instance may miss before it leaves the pool")
-    add("--kv-index-max-hashes", type=int, default=d.kv_index_max_hashes,
+    add("--kv-index-max-hashes", type=positive_int, default=d.kv_index_max_hashes,
         help="block hashes the kv_aware index keeps over all instances (default %(default)s)")
     add("--admin-key", default=None,
         help="Bearer key enabling the /admin API (default: none, the admin API is off)")
@@ -151,7 +152,9 @@ def _add_proxy_args(parser: argparse.ArgumentParser) -> None:
 
 _TIMEOUTS = {"connect": "to open a connection to an instance",
              "prefill": "of a whole prefill call",
-             "first_byte": "from sending a decode request to its first bytes",
+             "first_byte": "from sending a streamed decode request to its first bytes (a "
+                           "non-streamed answer's first byte is its last: "
+                           "--request-timeout-s bounds it)",
              "stream_idle": "of silence between two chunks of a decode stream",
              "request": "of a whole decode call, stream included"}
 """The --*-timeout-s flags (ProxyConfig's fields of the same names)."""
@@ -186,20 +189,20 @@ def _add_launch_args(parser: argparse.ArgumentParser) -> None:
     add("--kv-base-port", type=port_number, default=None,
         help="first instance connector base port, then +16 each (default: free ports are "
              "found)")
-    add("--ready-timeout-s", type=float, default=600.0,
+    add("--ready-timeout-s", type=positive_float, default=600.0,
         help="seconds every instance gets to load and report ready")
-    add("--stop-timeout-s", type=float, default=15.0,
+    add("--stop-timeout-s", type=positive_float, default=15.0,
         help="seconds an instance gets to stop after SIGTERM, before SIGKILL")
     add("--on-instance-exit", choices=["shutdown", "restart"], default="shutdown",
         help="what an instance's death does: stop everything, or restart it")
-    add("--max-restarts", type=int, default=3,
+    add("--max-restarts", type=non_negative_int, default=3,
         help="restarts per instance with --on-instance-exit restart")
     add("--instance-command", default=None, help=argparse.SUPPRESS)  # tests: a fake instance
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``disagg-proxy`` argument parser."""
-    parser = argparse.ArgumentParser(prog=PROG, description="disagg P/D proxy and launcher",
+    parser = OneLineErrorParser(prog=PROG, description="disagg P/D proxy and launcher",
                                      formatter_class=DefaultsHelpFormatter)
     _add_proxy_args(parser)
     _add_launch_args(parser)
@@ -350,6 +353,8 @@ def _stop_event() -> asyncio.Event:
 async def _start_proxy(cfg: ProxyConfig) -> web.AppRunner:
     try:
         runner = await start_site(make_proxy_app(cfg), cfg.host, cfg.port, cfg.access_log)
+    except RegistrationBindError as exc:
+        raise LaunchError(str(exc)) from None
     except OSError as exc:
         raise LaunchError(f"cannot serve on {cfg.host}:{cfg.port}: {exc}") from None
     for line in startup_lines(cfg, bound_url(runner)):

@@ -36,7 +36,11 @@ from disagg.common.registration import (
 logger = logging.getLogger(__name__)
 
 __all__ = ["Deregister", "Heartbeat", "InstanceInfo", "KVEvents", "KVRole",
-           "RegistrationServer"]
+           "RegistrationBindError", "RegistrationServer"]
+
+
+class RegistrationBindError(OSError):
+    """The registration address cannot be bound (in use, or not this host's)."""
 
 
 def _ignore(msg: KVEvents) -> None:
@@ -71,7 +75,8 @@ class RegistrationServer:
         try:
             self._sock.bind(self._address)
         except zmq.ZMQError as exc:
-            raise OSError(f"cannot bind registration address {self._address}: {exc}") from exc
+            raise RegistrationBindError(
+                f"cannot bind registration address {self._address}: {exc.strerror}") from None
         self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         return self.endpoint
 

@@ -13,7 +13,7 @@ from disagg.common.sse import SSE_HEADERS, SSEFramingError, is_done
 from proxy.errors import error_event
 from proxy.metrics import Outcome
 from proxy.timings import StreamTimings
-from proxy.upstream import ERROR_EVENT_PREFIX, OpenStream
+from proxy.upstream import ERROR_EVENT_PREFIX, OpenStream, client_error_text
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ async def _next_chunk(stream: OpenStream, idle_timeout_s: float) -> bytes:
                           f"{idle_timeout_s:g} s") from None
     except aiohttp.ClientError as exc:
         raise StreamBroke(f"decode instance {stream.inst.url} failed mid-stream: "
-                          f"{exc!r}") from None
+                          f"{client_error_text(exc)}") from None
 
 
 async def _pump(client: web.StreamResponse, stream: OpenStream, idle_timeout_s: float,

@@ -19,6 +19,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from disagg.common.envs import PARENT_PID_ENV
 from proxy.registration import KVRole
 
 logger = logging.getLogger(__name__)
@@ -150,7 +151,9 @@ async def spawn(spec: InstanceSpec) -> Child:
     try:
         process = await asyncio.create_subprocess_exec(
             *spec.argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-            stdin=asyncio.subprocess.DEVNULL, env={**os.environ, **spec.env},
+            stdin=asyncio.subprocess.DEVNULL,
+            # the instance shuts down once this process is gone, even SIGKILLed
+            env={**os.environ, **spec.env, PARENT_PID_ENV: str(os.getpid())},
             start_new_session=True)
     except OSError as exc:
         raise LaunchError(f"cannot start {spec.name} ({spec.argv[0]}): {exc}") from None

@@ -167,7 +167,24 @@ def _failure(inst: Instance, exc: BaseException, what: str) -> UpstreamFailure:
     if isinstance(exc, asyncio.TimeoutError):
         return UpstreamFailure(inst, f"{what} timed out")
     down = isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError))
-    return UpstreamFailure(inst, f"{what} failed: {exc!r}", instance_down=down)
+    return UpstreamFailure(inst, f"{what} failed: {client_error_text(exc)}", instance_down=down)
+
+
+def client_error_text(exc: BaseException) -> str:
+    """What went wrong talking to an instance, in words (error bodies and logs carry this,
+    never a Python repr)."""
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"cannot connect: {exc.os_error.strerror or exc.os_error}"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the instance closed the connection before answering"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "the answer broke off mid-body"
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return f"HTTP {exc.status}: {exc.message}"
+    text = str(exc).strip()
+    return text or "the connection failed"
 
 
 async def post_json(session: Session, inst: Instance, path: str,

@@ -206,6 +206,11 @@ def positive_int(value: str) -> int:
     return int(_number(value, int, "a whole number", lambda n: n >= 1, "must be at least 1"))
 
 
+def non_negative_int(value: str) -> int:
+    """argparse type of a count that may be 0."""
+    return int(_number(value, int, "a whole number", lambda n: n >= 0, "must be 0 or more"))
+
+
 def positive_float(value: str) -> float:
     """argparse type of a duration or interval: finite and greater than 0."""
     return float(_number(value, float, "a number", lambda x: math.isfinite(x) and x > 0,

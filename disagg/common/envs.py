@@ -123,6 +123,7 @@ def engine_stall_timeout_s() -> float | None:
 
 KV_PARAMS_KEY_ENV = "DISAGG_KV_PARAMS_KEY"
 REGISTRATION_KEY_ENV = "DISAGG_REGISTRATION_KEY"
+PARENT_PID_ENV = "DISAGG_PARENT_PID"
 FAULT_INJECTION_ENV = "DISAGG_FAULT_INJECTION"
 
 
@@ -135,6 +136,13 @@ def fault_injection() -> bool:
 def kv_params_key() -> str | None:
     """Shared secret the proxy sends with kv_transfer_params (as ``--kv-params-key``)."""
     return os.environ.get(KV_PARAMS_KEY_ENV) or None
+
+
+def parent_pid() -> int | None:
+    """``DISAGG_PARENT_PID``: set by ``disagg-proxy --launch`` for its instances, which shut
+    down once that process is gone (None: not launched, or not a number)."""
+    raw = os.environ.get(PARENT_PID_ENV, "")
+    return int(raw) if raw.isdigit() else None
 
 
 def registration_key() -> str | None:

@@ -1,8 +1,18 @@
-"""One help style for ``disagg serve`` and ``disagg-proxy``: every flag shows its default."""
+"""One help style for ``disagg serve`` and ``disagg-proxy``: every flag shows its default, and
+a bad argument is one line (no page of usage before it)."""
 
 from __future__ import annotations
 
 import argparse
+from typing import NoReturn
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, except that an error is one line naming ``--help``, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        """``PROG: error: MESSAGE (PROG --help lists the flags)``, then exit 2."""
+        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists the flags)\n")
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):

@@ -86,7 +86,11 @@ class _JsonErrorServer(web.Server):
 async def setup_runner(app: web.Application, **kwargs: Any) -> web.AppRunner:
     """``web.AppRunner(app, **kwargs)``, set up, answering parser errors with JSON bodies."""
     runner = web.AppRunner(app, **kwargs)
-    await runner.setup()
+    try:
+        await runner.setup()
+    except BaseException:  # a start-up context failed: close what the earlier ones opened
+        await runner.cleanup()
+        raise
     server = runner.server
     assert type(server) is web.Server, type(server)  # the class swap below needs exactly it
     server.__class__ = _JsonErrorServer

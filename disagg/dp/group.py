@@ -16,6 +16,8 @@ import logging
 import time
 from typing import Any
 
+from disagg.engine.tp import make_store
+
 logger = logging.getLogger(__name__)
 
 
@@ -41,8 +43,8 @@ class DPGroup:
         try:
             # The store and the group's default timeout cover the rendezvous (ranks start at
             # different speeds); each collective below passes its own, shorter deadline.
-            self._store = dist.TCPStore("127.0.0.1", port, size, rank == 0,
-                                        timeout=_delta(rendezvous_timeout_s))
+            self._store = make_store(rank, size, port, rendezvous_timeout_s,
+                                     wait_for_workers=True)
             self._pg = dist.ProcessGroupGloo(self._store, rank, size,
                                              _delta(rendezvous_timeout_s))
         except Exception as exc:

@@ -65,13 +65,34 @@ def backend_for(device_type: str) -> str:
     return "nccl" if device_type == "cuda" else "gloo"
 
 
-def make_store(rank: int, size: int, port: int, timeout_s: float) -> Any:
-    """The group's rendezvous store: rank 0 hosts it on a port the OS picks (no race for a
-    port picked earlier), the workers connect to it."""
+def make_store(rank: int, size: int, port: int, timeout_s: float, *,
+               wait_for_workers: bool = False) -> Any:
+    """A group's rendezvous store on loopback: rank 0 hosts it (``port`` 0: one the OS picks,
+    no race for a port picked earlier), the other ranks connect to it. Rank 0 binds the
+    listening socket itself, to 127.0.0.1: torch's own binds every interface, which would
+    let anyone on the network write the group's keys."""
     import torch.distributed as dist
 
-    return dist.TCPStore("127.0.0.1", port, size, rank == 0,
-                         timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if rank != 0:
+        return dist.TCPStore("127.0.0.1", port, size, False, timeout=timeout,
+                             wait_for_workers=wait_for_workers)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+        sock.listen(max(64, size))
+        port = sock.getsockname()[1]
+    except OSError:
+        sock.close()
+        raise
+    fd = sock.detach()  # the store owns the socket from here
+    try:
+        return dist.TCPStore("127.0.0.1", port, size, True, timeout=timeout,
+                             wait_for_workers=wait_for_workers, master_listen_fd=fd)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def join_group(rank: int, size: int, store: Any, device_type: str, timeout_s: float) -> None:

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 import sys
@@ -28,6 +29,8 @@ from disagg.server.kv_events import KVPublisher
 from disagg.server.registrar import Registrar
 
 logger = logging.getLogger("disagg.serve")
+PARENT_POLL_S = 0.5
+"""How often an instance started by a launcher checks that the launcher still runs."""
 DEAD_CLEANUP_S = 0.5
 """After an engine core died: how long open handlers get to finish their 503s and error events
 before the server exits anyway (a supervisor restarts it; aiohttp's own drain is 60 s)."""
@@ -150,8 +153,11 @@ async def serve(cfg: EngineConfig, args: argparse.Namespace, tokenizer: Tokenize
         loop.add_signal_handler(sig, stop.set)
     stop_task = asyncio.create_task(stop.wait())
     dead_task = asyncio.create_task(engine.dead_event.wait())
-    await asyncio.wait({stop_task, dead_task}, return_when=asyncio.FIRST_COMPLETED)
-    for t in (stop_task, dead_task):
+    tasks: set[asyncio.Task[Any]] = {stop_task, dead_task}
+    if (parent := envs.parent_pid()) is not None:
+        tasks.add(asyncio.create_task(_parent_gone(parent)))
+    await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for t in tasks:
         t.cancel()
     if engine.dead:
         print(f"disagg: error: {engine.dead}; shutting down", file=sys.stderr, flush=True)
@@ -163,6 +169,14 @@ async def serve(cfg: EngineConfig, args: argparse.Namespace, tokenizer: Tokenize
     await runner.cleanup()
     await engine.shutdown()
     return 0
+
+
+async def _parent_gone(parent: int) -> None:
+    """Returns once the process that started this one (a ``disagg-proxy --launch``) is gone,
+    even SIGKILLed: the instance then shuts down as on SIGTERM instead of living on."""
+    while os.getppid() == parent:
+        await asyncio.sleep(PARENT_POLL_S)
+    logger.warning("the launcher (pid %d) is gone: shutting down", parent)
 
 
 async def _stop_after_death(runner: web.AppRunner, engine: EngineClient, registrar: Any) -> None:

@@ -86,7 +86,9 @@ def test_device_cuda_without_a_gpu_is_one_line(monkeypatch: pytest.MonkeyPatch) 
     ["--health-check-interval-s", "0"], ["--health-check-interval-s", "nan"],
     ["--max-prefill-attempts", "0"], ["--max-decode-attempts", "-1"],
     ["--connect-timeout-s", "-1"], ["--request-timeout-s", "0"],
-    ["--max-missed-heartbeats", "0"], ["--port", "70000"], ["--instance-base-port", "70000"]])
+    ["--max-missed-heartbeats", "0"], ["--port", "70000"], ["--instance-base-port", "70000"],
+    ["--kv-index-max-hashes", "-1"], ["--max-restarts", "-1"], ["--ready-timeout-s", "0"],
+    ["--stop-timeout-s", "nan"]])
 def test_proxy_flags_out_of_range_are_refused(args: list[str],
                                               capsys: pytest.CaptureFixture[str]) -> None:
     """They were accepted: a 0 s health interval spun a core, 0 attempts answered every
@@ -162,3 +164,17 @@ def test_a_kv_port_in_use_is_a_configuration_error() -> None:
         port = taken.getsockname()[1]
         with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{port}"):
             ControlPlane("127.0.0.1", port, 0, lambda peer: None)
+
+
+@pytest.mark.parametrize(("parse", "argv", "prog"), [
+    ("disagg", ["serve", "--port", "x"], "disagg serve"), ("disagg", [], "disagg"),
+    ("proxy", ["--port", "x"], "disagg-proxy"), ("proxy", ["--num-prefill"], "disagg-proxy")])
+def test_argparse_errors_are_one_line_without_the_usage_page(
+        parse: str, argv: list[str], prog: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from proxy.launcher import parse_args
+
+    with pytest.raises(SystemExit) as exc:
+        cli.build_parser().parse_args(argv) if parse == "disagg" else parse_args(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"{prog}: error: ") and f"({prog} --help lists the flags)" in err

@@ -65,3 +65,34 @@ def test_sums_barrier_and_failing_peers() -> None:
     waiting = _results(hangs, 90)[0]
     assert "failed" in waiting["second"]
     assert 0.5 < waiting["second_s"] < 5  # the collective's own 1 s deadline
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """Local addresses with a listening TCP socket on ``port`` (Linux /proc/net)."""
+    import ipaddress
+
+    found = set()
+    for name in ("tcp", "tcp6"):
+        with open(f"/proc/net/{name}") as f:
+            for line in f.read().splitlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                addr, hex_port = local.split(":")
+                if state != "0A" or int(hex_port, 16) != port:  # 0A: LISTEN
+                    continue
+                raw = bytes.fromhex(addr)
+                # /proc prints each 32-bit word in host (little-endian) order
+                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                found.add(str(ipaddress.ip_address(raw)))
+    return found
+
+
+def test_the_rendezvous_store_listens_on_loopback_only() -> None:
+    """torch's TCPStore binds every interface; the DP and TP stores must not (anyone on the
+    network could write the group's keys)."""
+    from disagg.engine.tp import make_store
+
+    store = make_store(0, 2, 0, 5.0)
+    assert _listening_addresses(store.port) == {"127.0.0.1"}
+    peer = make_store(1, 2, store.port, 5.0)
+    peer.set("k", "v")
+    assert store.get("k") == b"v"

@@ -374,3 +374,49 @@ def test_connector_options_merge_into_what_the_launcher_writes(
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert words in err and "Traceback" not in err, err
+
+
+def test_a_registration_address_in_use_is_one_line_and_leaks_nothing() -> None:
+    import subprocess
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = subprocess.run(
+            [sys.executable, "-c", "import sys; from proxy.launcher import main; "
+             "sys.exit(main(sys.argv[1:]))", "--port", "0", "--decode", "http://127.0.0.1:9",
+             "--registration-address", f"tcp://127.0.0.1:{port}"],
+            capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+    assert run.returncode != 0
+    # the sessions opened before the registration socket failed are closed, not leaked
+    assert f"disagg-proxy: error: cannot bind registration address tcp://127.0.0.1:{port}" \
+        in run.stderr and "Unclosed" not in run.stderr and "Traceback" not in run.stderr, \
+        run.stderr
+
+
+async def test_real_instances_shut_down_when_the_launcher_is_sigkilled(
+        launchers: Any, http: aiohttp.ClientSession) -> None:
+    """A SIGKILLed launcher runs no cleanup; its `disagg serve` instances notice that their
+    parent is gone (DISAGG_PARENT_PID) and shut down as on SIGTERM, engine cores included,
+    instead of living on holding their ports and memory."""
+    launcher = await launchers("--launch", "--port", "0", "--health-check-interval-s", "0.2",
+                               "--ready-timeout-s", "120", "--", "--kv-cache-memory-bytes",
+                               "16MiB")
+    url = await launcher.ready_url(timeout_s=120)
+    instances = await _instance_urls(http, url)
+    assert len(instances) == 2
+    launcher.process.kill()
+    await launcher.wait()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    for instance in instances:
+        while True:
+            try:
+                async with http.get(instance + "/health",
+                                    timeout=aiohttp.ClientTimeout(total=2)):
+                    pass
+            except (aiohttp.ClientConnectionError, asyncio.TimeoutError):
+                break
+            assert loop.time() < deadline, f"{instance} still serves after its launcher died"
+            await asyncio.sleep(0.2)

@@ -10,7 +10,7 @@ import pytest
 
 from proxy.config import PolicyName, TransferMode
 from proxy.registry import Instance, Origin, Pool
-from proxy.upstream import UpstreamFailure, upstream_headers, while_up
+from proxy.upstream import UpstreamFailure, client_error_text, upstream_headers, while_up
 
 KEY = "0123456789abcdef0123456789abcdef"
 BODY = {"prompt": "The capital of France is", "max_tokens": 4}
@@ -137,3 +137,17 @@ async def test_while_up_gives_up_on_an_instance_that_went_down_and_cleans_up() -
         await caller
     assert cleaned == ["down", "caller"]
     assert await while_up(asyncio.sleep(0, result=7), inst, "decode") == 7
+
+
+async def test_failures_talking_to_an_instance_are_worded_not_python_reprs(
+        fakes: Any, proxies: Any, http: Any) -> None:
+    """A prefill that drops the connection: the client's 5xx body says what happened in
+    words, never ``ServerDisconnectedError(...)`` or ``ClientConnectorError(ConnectionKey(``."""
+    p, d, proxy = await _pair(fakes, proxies, "read", instance_key=None, proxy_key=None)
+    p.behavior.drop_connection = True
+    async with http.post(proxy.url + "/v1/completions", json=BODY) as resp:
+        message = (await resp.json())["error"]["message"]
+    assert resp.status >= 500 and "closed the connection" in message, message
+    assert "Error(" not in message and "ConnectionKey" not in message, message
+    assert client_error_text(asyncio.TimeoutError()) == "timed out"
+    assert client_error_text(RuntimeError()) == "the connection failed"
