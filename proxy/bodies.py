@@ -53,6 +53,8 @@ class ClientRequest:
     """The client asked for ``disagg_timings`` (the proxy asks the instances either way)."""
     requested_max_tokens: int | None = None
     """The client's own max_tokens (None: it gave none, the decode fills the context)."""
+    n: int = 1
+    """Choices asked for: n > 1 runs one flow per choice (proxy/fan_out.py)."""
 
 
 class PromptCounter:
@@ -127,7 +129,7 @@ def _validated(endpoint: Endpoint, raw: bytes) -> tuple[dict[str, Any], Any]:
     _check_shape(endpoint, body)
     kind = CompletionRequest if endpoint is Endpoint.COMPLETIONS else ChatCompletionRequest
     req = validate_object(body, kind)
-    check_request(req)
+    check_request(req, fan_out=True)  # n > 1: proxy/fan_out.py
     return body, req
 
 
@@ -158,7 +160,7 @@ def parse_request(endpoint: Endpoint, raw: bytes, counter: PromptCounter,
     return ClientRequest(endpoint, body, req.stream, len(ids),
                          DEFAULT_COMPLETION_MAX_TOKENS if max_tokens is None else max_tokens,
                          tuple(ids), req.cache_salt, want_timings=req.disagg_timings,
-                         requested_max_tokens=max_tokens)
+                         requested_max_tokens=max_tokens, n=req.n)
 
 
 def prefill_body(body: dict[str, Any], kv_params: dict[str, Any]) -> dict[str, Any]:

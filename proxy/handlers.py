@@ -16,6 +16,7 @@ from disagg.common.logging_setup import current_request_id
 from disagg.common.version import __version__
 from proxy.bodies import Endpoint, parse_request
 from proxy.errors import ProxyError, error_response, from_proxy_error
+from proxy.fan_out import serve_choices
 from proxy.first_token import ClientStream
 from proxy.flows import Flow
 from proxy.metrics import Outcome
@@ -74,6 +75,9 @@ async def _generate(request: web.Request, endpoint: Endpoint) -> web.StreamRespo
         req = parse_request(endpoint, await _read_body(request), st.counter,
                             st.registry.min_max_model_len())
         clock.want = req.want_timings
+        if req.n > 1:
+            response, outcome = await serve_choices(request, st, req)
+            return response
         result = await Flow(st.deps, scope, req, clock, client).run()
         if isinstance(result, Reply) and client.response is not None:  # not a stream (bug)
             return await client.fail(502, "the decode answered a streamed request in one piece")

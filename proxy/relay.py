@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from collections.abc import AsyncGenerator
 
 import aiohttp
 from aiohttp import web
 
-from disagg.common.sse import SSE_HEADERS, SSEFramingError, is_done
+from disagg.common.sse import SSE_HEADERS, SSEDecoder, SSEFramingError, is_done
 from proxy.errors import error_event
 from proxy.metrics import Outcome
 from proxy.timings import StreamTimings
@@ -39,6 +40,29 @@ async def _next_chunk(stream: OpenStream, idle_timeout_s: float) -> bytes:
     except aiohttp.ClientError as exc:
         raise StreamBroke(f"decode instance {stream.inst.url} failed mid-stream: "
                           f"{client_error_text(exc)}") from None
+
+
+async def stream_events(stream: OpenStream, idle_timeout_s: float
+                        ) -> AsyncGenerator[bytes, None]:
+    """Every event of ``stream``, its first ones included, until the upstream ends (setting
+    ``saw_done``/``saw_error`` as they pass); a stall or a broken stream raises StreamBroke.
+    The caller closes ``stream.response``."""
+    try:
+        pending = SSEDecoder().feed(stream.first_events)  # complete events already
+    except SSEFramingError as exc:
+        raise StreamBroke(f"decode instance {stream.inst.url}: {exc}") from None
+    while True:
+        for event in pending:
+            stream.saw_done = stream.saw_done or is_done(event)
+            stream.saw_error = stream.saw_error or event.startswith(ERROR_EVENT_PREFIX)
+            yield event
+        chunk = await _next_chunk(stream, idle_timeout_s)
+        if not chunk:
+            return
+        try:
+            pending = stream.decoder.feed(chunk)
+        except SSEFramingError as exc:
+            raise StreamBroke(f"decode instance {stream.inst.url}: {exc}") from None
 
 
 async def _pump(client: web.StreamResponse, stream: OpenStream, idle_timeout_s: float,

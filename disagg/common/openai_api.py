@@ -370,7 +370,7 @@ def check_request(req: CompletionRequest | ChatCompletionRequest, *,
                   fan_out: bool = False) -> None:
     """The checks beyond the types that need no tokenizer (the proxy runs them too).
     ``fan_out``: the caller serves ``n > 1`` by fanning out (an instance, for a request without
-    kv_transfer_params); the proxy does not yet, so it refuses n > 1 before routing."""
+    kv_transfer_params; the proxy, one P/D flow per choice)."""
     unsupported = _unsupported_field(req)
     if unsupported is not None:
         raise ApiError(400, f"{unsupported} is not supported by this server; remove it from "

@@ -8,6 +8,18 @@ import msgspec
 
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 """Seeds are signed 64-bit (vLLM's range; torch.Generator.manual_seed takes all of it)."""
+_SEED_SPAN = SEED_MAX - SEED_MIN + 1
+
+
+def child_seed(seed: int | None, index: int) -> int | None:
+    """Choice ``index``'s seed of an ``n > 1`` request: ``seed + index``, wrapped into the
+    signed 64-bit range (None stays None), so choice 0 draws what the request with n=1 draws.
+    The instance (disagg/server/parallel_sampling.py) and the proxy's fan-out use it alike."""
+    if seed is None:
+        return None
+    return (seed + index - SEED_MIN) % _SEED_SPAN + SEED_MIN
+
+
 MAX_TOKEN_ID = 2**31 - 1
 """Token ids fit in int32 (the model checks its own vocab; this bounds the wire)."""
 MAX_LOGPROBS = 1024

@@ -13,7 +13,8 @@ seeded once, so seeded n > 1 outputs differ from V0's. vLLM names children ``"<i
 The children run concurrently (each is balanced onto a rank of its own). The first failure
 ends the request and aborts the others; so does the consumer closing the stream early (a
 client disconnect): closing a child generator aborts its engine request (serving.generate).
-A P/D leg (kv_transfer_params) never gets here: n > 1 is refused there (openai_api).
+A P/D leg (kv_transfer_params) never gets here: n > 1 is refused there (openai_api); the
+proxy fans a P/D request out itself, one P/D flow per choice (proxy/fan_out.py).
 """
 
 from __future__ import annotations
@@ -24,14 +25,11 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 
 import msgspec
 
-from disagg.common.sampling_params import SEED_MAX, SEED_MIN, SamplingParams
+from disagg.common.sampling_params import SamplingParams, child_seed
 from disagg.server.serving import Delta, GenerationResult
 
 ChildFactory = Callable[[str, SamplingParams], AsyncGenerator[Delta, None]]
 """(engine request id, params) -> that child's deltas (serving.generate, bound)."""
-
-_SEED_SPAN = SEED_MAX - SEED_MIN + 1
-
 
 def child_request_id(request_id: str, index: int) -> str:
     """The engine request id of choice ``index``."""
@@ -42,8 +40,7 @@ def child_params(sp: SamplingParams, index: int) -> SamplingParams:
     """Choice ``index``'s params: the seed, if any, plus ``index`` (wrapped to 64 bits)."""
     if sp.seed is None or index == 0:
         return sp
-    seed = (sp.seed + index - SEED_MIN) % _SEED_SPAN + SEED_MIN
-    return msgspec.structs.replace(sp, seed=seed)
+    return msgspec.structs.replace(sp, seed=child_seed(sp.seed, index))
 
 
 def fan_out(start: ChildFactory, request_id: str, sp: SamplingParams,

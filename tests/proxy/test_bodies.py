@@ -73,8 +73,9 @@ def test_sampling_fields_pass_to_both_legs_and_n_above_one_is_refused() -> None:
     req = parse_request(Endpoint.COMPLETIONS, raw, _counter())
     assert fields.items() <= prefill_body(req.body, {}).items()  # P samples the first token
     assert fields.items() <= decode_body(req.body, {}).items()
-    err = _parse_error(Endpoint.COMPLETIONS, b'{"prompt": "x", "n": 3}')
-    assert err.param == "n" and "P/D" in err.message
+    assert parse_request(Endpoint.COMPLETIONS, b'{"prompt": "x", "n": 3}', _counter()).n == 3
+    err = _parse_error(Endpoint.COMPLETIONS, b'{"prompt": "x", "n": 3, "best_of": 4}')
+    assert err.param == "best_of" or "best_of" in err.message
 
 
 def test_decode_body_is_the_clients_plus_params() -> None:
@@ -132,7 +133,7 @@ def test_zero_max_completion_tokens_is_refused() -> None:
 @pytest.mark.parametrize("raw", [
     b'{"prompt": "x", "temperature": NaN}', b'{"prompt": "x", "top_p": Infinity}',
     b'{"prompt": "x", "temperature": 1e400}', b'{"prompt": "x", "seed": 1e400}',
-    b'{"prompt": [true]}', b'{"prompt": [1, -2]}', b'{"prompt": "x", "n": 2}',
+    b'{"prompt": [true]}', b'{"prompt": [1, -2]}', b'{"prompt": "x", "n": 0}',
     b'{"prompt": "x", "stop": ' + msgspec.json.encode(["s"] * 17) + b"}",
     b'{"prompt": "\xff"}', b'{"prompt": "\\ud800"}', b"",
 ])

@@ -195,6 +195,55 @@ def test_proxy_streams_the_prefill_first_token_and_the_stream_equals_monolithic(
         wait_clean(inst)
 
 
+def _choices(url: str, path: str, body: dict[str, Any]) -> tuple[dict[int, str], Any]:
+    """Each choice's text by index, and the usage (streamed: from the usage chunk)."""
+    r = requests.post(url + path, timeout=120, json=body)
+    assert r.status_code == 200, r.text
+    texts: dict[int, str] = {}
+    if not body.get("stream"):
+        for c in r.json()["choices"]:
+            texts[c["index"]] = c["text"] if "text" in c else c["message"]["content"]
+        return texts, r.json()["usage"]
+    usage, done = None, 0
+    for line in r.text.splitlines():
+        done += line == "data: [DONE]"
+        if line.startswith("data: {"):
+            event = json.loads(line[6:])
+            assert "error" not in event, event
+            usage = event.get("usage") or usage
+            for c in event["choices"]:
+                piece = c["text"] if "text" in c else c["delta"].get("content", "")
+                texts[c["index"]] = texts.get(c["index"], "") + piece
+    assert done == 1 and r.text.rstrip().endswith("data: [DONE]")
+    return texts, usage
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_n_choices_through_the_proxy_equal_a_monolithic_instances(
+        instance_factory, default_1p1d: Deployment, stream: bool) -> None:
+    """n > 1: the proxy runs one P/D flow per choice (choice i seeded seed + i, as an
+    instance does) and merges them: each choice, and the usage (the prompt once, the
+    completions summed), equal a monolithic instance's answer to the same request."""
+    mono = instance_factory(["builtin:tiny-llama", "--device", "cpu",
+                             "--kv-cache-memory-bytes", "48MiB"])
+    for path, shape in (("/v1/completions", {"prompt": PROMPTS[4]}),
+                        ("/v1/chat/completions",
+                         {"messages": [{"role": "user", "content": PROMPTS[3]}]})):
+        body: dict[str, Any] = {
+            **shape, "model": "builtin:tiny-llama", "n": 3, "seed": 1234, "temperature": 0.9,
+            "max_tokens": 6, "ignore_eos": True, "stream": stream}
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+        expected, expected_usage = _choices(mono.url, path, body)
+        got, usage = _choices(default_1p1d.url, path, body)
+        assert sorted(got) == [0, 1, 2] and got == expected, (path, got, expected)
+        assert len(set(got.values())) > 1  # the choices did sample differently
+        for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
+            assert usage[key] == expected_usage[key], (path, usage, expected_usage)
+    for inst in default_1p1d.instances():
+        wait_clean(inst)
+
+
 @pytest.mark.parametrize("stream", [True, False])
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
 def test_a_prompt_with_no_room_for_max_tokens_is_a_400_before_any_prefill(

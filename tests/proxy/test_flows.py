@@ -336,3 +336,64 @@ async def test_decode_dying_mid_stream_ends_with_an_error_event(fakes: Any, prox
     assert '"error"' in raw and "failed mid-stream" in raw
     transfer_id = p.requests[0]["kv_transfer_params"]["transfer_id"]
     await _wait_for(lambda: p.aborts == [transfer_id] and d.aborts == [transfer_id])
+
+
+@pytest.mark.parametrize("mode", ["read", "write"])
+async def test_n_choices_are_one_flow_each_merged_into_one_answer(
+        fakes: Any, proxies: Any, http: Any, mode: str) -> None:
+    """n = 3: three flows, each with n = 1, its own transfer and seed + i; one answer with
+    choices 0-2 and the usage of an instance's n = 3 (the prompt once)."""
+    (p,), (d,), proxy = await _pd(fakes, proxies, mode)
+    status, body = await _complete(http, proxy, n=3, seed=7, best_of=3)
+    assert status == 200, body
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 15, "total_tokens": 18}
+    assert sorted(r["seed"] for r in d.requests) == [7, 8, 9]
+    assert all(r["n"] == 1 and "best_of" not in r for r in p.requests + d.requests)
+    assert len({r["kv_transfer_params"]["transfer_id"] for r in d.requests}) == 3
+    async with http.post(proxy.url + "/v1/completions", json={
+            "model": "m", "prompt": PROMPT, "max_tokens": 4, "n": 2, "stream": True,
+            "stream_options": {"include_usage": True}}) as resp:
+        assert resp.status == 200
+        events = [json.loads(line[6:]) for line in (await resp.text()).splitlines()
+                  if line.startswith("data: {")]
+        assert (await resp.text()).count("data: [DONE]") == 1
+    assert {c["index"] for e in events for c in e["choices"]} == {0, 1}
+    usage = [e for e in events if not e["choices"]]
+    assert len(usage) == 1 and usage[0]["usage"]["completion_tokens"] == 8
+    assert usage[0]["usage"]["prompt_tokens"] == 3
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_failing_choice_fails_the_request_and_aborts_every_choice(
+        fakes: Any, proxies: Any, http: Any, stream: bool) -> None:
+    """The decode fails every choice (before a byte, or mid-stream): one error, and every
+    choice's transfer is aborted on the prefill; no [DONE] after a broken stream."""
+    (p,), (d,), proxy = await _pd(fakes, proxies, "read", max_decode_attempts=1)
+    if stream:
+        d.behavior.drop_after_events = 2
+    else:
+        d.behavior.fail_status = 500
+    async with http.post(proxy.url + "/v1/completions", json={
+            "model": "m", "prompt": PROMPT, "max_tokens": 8, "n": 3,
+            "stream": stream}) as resp:
+        text = await resp.text()
+    if stream:
+        assert resp.status == 200 and '"error"' in text and "[DONE]" not in text, text
+    else:
+        assert resp.status >= 500, text
+    await _wait_for(lambda: len(p.aborts) == 3)
+    assert len({a for a in p.aborts}) == 3
+
+
+async def test_a_client_leaving_an_n_choice_stream_aborts_every_choice(
+        fakes: Any, proxies: Any, http: Any) -> None:
+    (p,), (d,), proxy = await _pd(fakes, proxies, "read")
+    d.behavior.token_delay_s = 0.2
+    resp = await http.post(proxy.url + "/v1/completions", json={
+        "model": "m", "prompt": PROMPT, "max_tokens": 50, "n": 3, "stream": True})
+    assert resp.status == 200
+    await resp.content.readline()  # the first event: every choice's stream is open
+    resp.close()
+    await _wait_for(lambda: len(p.aborts) == 3)
+    await _wait_for(lambda: proxy.state.metrics.in_flight == 0)
