@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 from collections.abc import Callable
@@ -14,8 +15,8 @@ from disagg.common.openai_api import (
     CompletionRequest,
     chat_prompt_ids,
     check_request,
+    completion_prompts,
     requested_max_tokens,
-    single_prompt,
     truncated_prompt,
     validate_object,
 )
@@ -55,6 +56,9 @@ class ClientRequest:
     """The client's own max_tokens (None: it gave none, the decode fills the context)."""
     n: int = 1
     """Choices asked for: n > 1 runs one flow per choice (proxy/fan_out.py)."""
+    batch: tuple[ClientRequest, ...] = ()
+    """A completion with a batch of prompts: one request per prompt (the fields above are the
+    first's); each prompt's choices are flows of their own (proxy/fan_out.py)."""
 
 
 class PromptCounter:
@@ -95,14 +99,6 @@ class PromptCounter:
         return chat_prompt_ids(req, self.tokenizer())
 
 
-def _single_prompt(prompt: object) -> str | list[int]:
-    """The one prompt of a completion request; batches are refused."""
-    if isinstance(prompt, list) and len(prompt) > 1 and not all(type(t) is int for t in prompt):
-        raise ProxyError(400, "batched prompts are not supported by the P/D proxy; "
-                              "send one prompt per request", param="prompt")
-    return single_prompt(prompt)
-
-
 def _check_shape(endpoint: Endpoint, body: dict[str, Any]) -> None:
     """The required fields, with the proxy's own messages (before the typed check)."""
     if body.get("stream") is not None and not isinstance(body["stream"], bool):
@@ -110,7 +106,7 @@ def _check_shape(endpoint: Endpoint, body: dict[str, Any]) -> None:
     if endpoint is Endpoint.COMPLETIONS:
         if "prompt" not in body:
             raise ProxyError(400, "'prompt' is required", param="prompt")
-        _single_prompt(body["prompt"])
+        completion_prompts(body["prompt"])
         return
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -148,14 +144,22 @@ def parse_request(endpoint: Endpoint, raw: bytes, counter: PromptCounter,
     ``max_model_len``: the pools' limit, when known."""
     try:
         body, req = _validated(endpoint, raw)
+        prompts = completion_prompts(req.prompt) if endpoint is Endpoint.COMPLETIONS else []
     except ApiError as exc:
         raise ProxyError(exc.status, exc.message, param=exc.param, code=exc.code) from None
     max_tokens = requested_max_tokens(req)
     _check_max_tokens(max_tokens, max_model_len)
-    if endpoint is Endpoint.COMPLETIONS:
-        ids = counter.prompt_ids(single_prompt(req.prompt))
-    else:
-        ids = counter.chat_ids(req)
+    if len(prompts) > 1:  # a batch: one request per prompt, each with its own ids
+        batch = tuple(_client_request(endpoint, {**body, "prompt": p}, req,
+                                      counter.prompt_ids(p), max_tokens, max_model_len)
+                      for p in prompts)
+        return dataclasses.replace(batch[0], body=body, batch=batch)
+    ids = counter.prompt_ids(prompts[0]) if prompts else counter.chat_ids(req)
+    return _client_request(endpoint, body, req, ids, max_tokens, max_model_len)
+
+
+def _client_request(endpoint: Endpoint, body: dict[str, Any], req: Any, ids: list[int],
+                    max_tokens: int | None, max_model_len: int | None) -> ClientRequest:
     ids = truncated_prompt(ids, req, max_model_len or len(ids))  # as the instance will
     return ClientRequest(endpoint, body, req.stream, len(ids),
                          DEFAULT_COMPLETION_MAX_TOKENS if max_tokens is None else max_tokens,

@@ -41,22 +41,26 @@ logger = logging.getLogger(__name__)
 
 
 def choice_requests(req: ClientRequest) -> list[ClientRequest]:
-    """One n = 1 request per choice, choice i seeded ``seed + i`` (when seeded)."""
+    """One n = 1 request per choice, prompt after prompt (a batch's), choice i of a prompt
+    seeded ``seed + i`` (when seeded)."""
     out = []
-    for i in range(req.n):
-        body = {**req.body, "n": 1}
-        body.pop("best_of", None)  # best_of == n was checked; a choice has n = 1
-        seed = body.get("seed")
-        if type(seed) is int:
-            body["seed"] = child_seed(seed, i)
-        out.append(dataclasses.replace(req, body=body, n=1))
+    for prompt in req.batch or (req,):
+        for i in range(req.n):
+            body = {**prompt.body, "n": 1}
+            body.pop("best_of", None)  # best_of == n was checked; a choice has n = 1
+            seed = body.get("seed")
+            if type(seed) is int:
+                body["seed"] = child_seed(seed, i)
+            out.append(dataclasses.replace(prompt, body=body, n=1, batch=()))
     return out
 
 
-def merged_usage(usages: list[dict[str, Any]]) -> dict[str, Any]:
-    """One usage for all choices, as an instance counts it: the prompt once, every choice's
-    completion tokens, the most cached prompt tokens."""
-    prompt = int(usages[0].get("prompt_tokens") or 0)
+def merged_usage(usages: list[dict[str, Any]], n: int = 0) -> dict[str, Any]:
+    """One usage for all choices, as an instance counts it: each prompt once (the usages of
+    a prompt's ``n`` choices come together; 0: one prompt), every choice's completion tokens,
+    the most cached prompt tokens."""
+    firsts = usages[::n] if n else usages[:1]
+    prompt = sum(int(u.get("prompt_tokens") or 0) for u in firsts)
     completion = sum(int(u.get("completion_tokens") or 0) for u in usages)
     out: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
                            "total_tokens": prompt + completion}
@@ -73,7 +77,7 @@ async def serve_choices(request: web.Request, st: ProxyState, req: ClientRequest
     choices = choice_requests(req)
     parent_id = current_request_id()
     scopes = [st.new_scope(None if parent_id is None else f"{parent_id}-{i}")
-              for i in range(req.n)]
+              for i in range(len(choices))]
     clocks = [PhaseClock(want=req.want_timings) for _ in choices]
     tasks = [asyncio.create_task(Flow(st.deps, scope, choice, clock).run())
              for scope, choice, clock in zip(scopes, choices, clocks, strict=True)]
@@ -81,9 +85,10 @@ async def serve_choices(request: web.Request, st: ProxyState, req: ClientRequest
     try:
         results = await _all(tasks)
         if req.stream:
-            response, outcome = await _relay_merged(request, st, _streams(results), clocks)
+            response, outcome = await _relay_merged(request, st, _streams(results), clocks,
+                                                    req.n)
         else:
-            response = await _merged_reply(st, results, clocks)
+            response = await _merged_reply(st, results, clocks, req.n)
             outcome = Outcome.OK
         return response, outcome
     finally:
@@ -128,8 +133,8 @@ def _json_object(body: bytes) -> dict[str, Any]:
     return obj
 
 
-async def _merged_reply(st: ProxyState, results: list[Result], clocks: list[PhaseClock]
-                        ) -> web.Response:
+async def _merged_reply(st: ProxyState, results: list[Result], clocks: list[PhaseClock],
+                        n: int) -> web.Response:
     objs = []
     for result, clock in zip(results, clocks, strict=True):
         if not isinstance(result, Reply):
@@ -139,13 +144,16 @@ async def _merged_reply(st: ProxyState, results: list[Result], clocks: list[Phas
     merged["choices"] = [{**o["choices"][0], "index": i} for i, o in enumerate(objs)]
     usages = [o.get("usage") for o in objs]
     if all(isinstance(u, dict) for u in usages):
-        merged["usage"] = merged_usage([u for u in usages if isinstance(u, dict)])
+        merged["usage"] = merged_usage([u for u in usages if isinstance(u, dict)], n)
+    if all("prompt_token_ids" in o for o in objs) and len(objs) > n:  # a batch: per prompt
+        merged["prompt_token_ids"] = [o["prompt_token_ids"] for o in objs[::n]]
     return web.Response(status=200, body=msgspec.json.encode(merged),
                         content_type="application/json")
 
 
 async def _relay_merged(request: web.Request, st: ProxyState, streams: list[OpenStream],
-                        clocks: list[PhaseClock]) -> tuple[web.StreamResponse, Outcome]:
+                        clocks: list[PhaseClock], n: int
+                        ) -> tuple[web.StreamResponse, Outcome]:
     """Interleave the choices' events as they come, each choice's re-indexed; their usage
     chunks become one and their [DONE]s one. The first broken choice ends the stream with an
     error event."""
@@ -169,7 +177,7 @@ async def _relay_merged(request: web.Request, st: ProxyState, streams: list[Open
         for t in timings:
             t.relaying()
         pumps = [asyncio.create_task(pump(i)) for i in range(len(streams))]
-        complete = await _forward(client, queue, streams, timings)
+        complete = await _forward(client, queue, streams, timings, n)
         await client.write_eof()
         return client, Outcome.OK if complete else Outcome.FAILED
     except ConnectionResetError:
@@ -185,10 +193,10 @@ async def _relay_merged(request: web.Request, st: ProxyState, streams: list[Open
 
 async def _forward(client: web.StreamResponse,
                    queue: asyncio.Queue[tuple[int, bytes | None, BaseException | None]],
-                   streams: list[OpenStream], timings: list[StreamTimings]) -> bool:
+                   streams: list[OpenStream], timings: list[StreamTimings], n: int) -> bool:
     """Write the choices' events until all ended (True), or until one failed (False: the
     stream then ends with that failure's error event)."""
-    usages: list[dict[str, Any]] = []
+    usages: dict[int, dict[str, Any]] = {}
     running = len(streams)
     while running:
         i, event, error = await queue.get()
@@ -212,14 +220,14 @@ async def _forward(client: web.StreamResponse,
             if out is not None:
                 await client.write(out)
     if usages:
-        last = usages[-1]
+        last = usages[max(usages)]
         await client.write(encode_event(
-            {**last, "usage": merged_usage([u["usage"] for u in usages])}))
+            {**last, "usage": merged_usage([usages[i]["usage"] for i in sorted(usages)], n)}))
     await client.write(DONE_EVENT)
     return True
 
 
-def _reindexed(event: bytes, index: int, usages: list[dict[str, Any]]) -> bytes | None:
+def _reindexed(event: bytes, index: int, usages: dict[int, dict[str, Any]]) -> bytes | None:
     """``event`` with its choices' index set to ``index``; a usage-only chunk is kept in
     ``usages`` (None: write nothing now)."""
     payload = event_data(event)
@@ -230,7 +238,7 @@ def _reindexed(event: bytes, index: int, usages: list[dict[str, Any]]) -> bytes 
     if not isinstance(obj, dict) or not isinstance(obj.get("choices"), list):
         return event
     if not obj["choices"] and isinstance(obj.get("usage"), dict):
-        usages.append(obj)
+        usages[index] = obj
         return None
     for choice in obj["choices"]:
         if isinstance(choice, dict):

@@ -75,7 +75,7 @@ async def _generate(request: web.Request, endpoint: Endpoint) -> web.StreamRespo
         req = parse_request(endpoint, await _read_body(request), st.counter,
                             st.registry.min_max_model_len())
         clock.want = req.want_timings
-        if req.n > 1:
+        if req.n > 1 or req.batch:
             response, outcome = await serve_choices(request, st, req)
             return response
         result = await Flow(st.deps, scope, req, clock, client).run()

@@ -41,6 +41,8 @@ MAX_JSON_DEPTH = 64
 MAX_COUNT = 2**31 - 1
 """Upper bound of every token count (max_tokens, min_tokens, top_k)."""
 MAX_N = 16
+MAX_BATCH_PROMPTS = 64
+"""Most prompts one /v1/completions request may batch (each with its n choices)."""
 """Most choices one request may ask for (``n``); each is its own engine request."""
 MAX_CACHE_SALT_CHARS = 1024
 MAX_STOP_STRING_CHARS = 1024
@@ -390,7 +392,10 @@ def check_request(req: CompletionRequest | ChatCompletionRequest, *,
         raise ApiError(400, "stream_options can only be given with stream: true",
                        param="stream_options")
     if isinstance(req, CompletionRequest):
-        single_prompt(req.prompt)
+        if len(completion_prompts(req.prompt)) > 1 and (
+                req.kv_transfer_params is not None or not fan_out):
+            raise ApiError(400, "a P/D request has one prompt (the proxy sends each prompt of "
+                                "a batch as its own)", param="prompt")
     else:
         if not req.messages:
             raise ApiError(400, "messages must not be empty", param="messages")
@@ -469,14 +474,29 @@ def single_prompt(prompt: object) -> str | list[int]:
             raise ApiError(400, f"token id {bad[0]} is out of range", param="prompt")
         return prompt
     if isinstance(prompt, list) and all(isinstance(p, str | list) for p in prompt):
-        raise ApiError(400, "batched prompts are not supported: send one prompt per request",
+        raise ApiError(400, "a batch of prompts is not taken here: send one prompt",
                        param="prompt")
     raise ApiError(400, "'prompt' must be a string or a list of token ids", param="prompt")
 
 
-def completion_prompt_ids(req: CompletionRequest, tok: Tokenizer) -> list[int]:
-    """Token ids of a single completion prompt (text or ids)."""
-    prompt = single_prompt(req.prompt)
+def completion_prompts(prompt: object) -> list[str | list[int]]:
+    """The prompts of a completion request: one (single_prompt), or a batch as OpenAI and vLLM
+    take it (a list of texts or of token-id lists, each checked as one prompt; at most
+    MAX_BATCH_PROMPTS)."""
+    if not (isinstance(prompt, list) and len(prompt) > 1 and not _is_token_ids(prompt)):
+        return [single_prompt(prompt)]
+    if len(prompt) > MAX_BATCH_PROMPTS:
+        raise ApiError(400, f"a batch of {len(prompt)} prompts is over this server's limit of "
+                            f"{MAX_BATCH_PROMPTS}", param="prompt")
+    for p in prompt:
+        if not isinstance(p, str) and not (isinstance(p, list) and _is_token_ids(p)):
+            raise ApiError(400, "each prompt of a batch must be a string or a list of token "
+                                "ids", param="prompt")
+    return [single_prompt(p) for p in prompt]
+
+
+def prompt_ids_of(prompt: str | list[int], tok: Tokenizer) -> list[int]:
+    """One checked prompt's token ids (a text encoded, ids bounded by the vocabulary)."""
     if isinstance(prompt, str):
         ids = tok.encode(prompt)
         if not ids:  # "" with a tokenizer that adds no BOS (with one, vLLM starts from it)

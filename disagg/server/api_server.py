@@ -35,9 +35,10 @@ from disagg.common.openai_api import (
     KVFaultsRequest,
     chat_prompt_ids,
     check_context,
-    completion_prompt_ids,
+    completion_prompts,
     decode_body,
     kv_params,
+    prompt_ids_of,
     sampling_params,
     truncated_prompt,
 )
@@ -52,7 +53,13 @@ from disagg.server.admin import AdminApi
 from disagg.server.engine_client import EngineClient
 from disagg.server.metrics import ServerMetrics
 from disagg.server.metrics_render import render_instance_metrics
-from disagg.server.parallel_sampling import collect_choices, fan_out
+from disagg.server.parallel_sampling import (
+    ChildFactory,
+    choices,
+    collect_choices,
+    fan_out,
+    merge,
+)
 from disagg.server.request_clock import RequestClock
 from disagg.server.request_log import log_arrival, logged
 from disagg.server.serving import Delta, GenerationResult, TextOptions, generate
@@ -221,9 +228,11 @@ class _Call:
         self.model = info.served_model_name
         synced = self.engine.synced
         assert synced is not None
-        self.prompt_ids = truncated_prompt(chat_prompt_ids(req, self.tok) if self.chat
-                                           else completion_prompt_ids(req, self.tok),
-                                           req, synced.max_model_len)
+        prompts = [chat_prompt_ids(req, self.tok)] if self.chat else [
+            prompt_ids_of(p, self.tok) for p in completion_prompts(req.prompt)]
+        self.prompts = [truncated_prompt(ids, req, synced.max_model_len) for ids in prompts]
+        """Every prompt's ids (completions may batch several; choices go prompt by prompt)."""
+        self.prompt_ids = self.prompts[0]
         self.text_options = TextOptions(req.include_stop_str_in_output, req.skip_special_tokens)
         self.kv_params = kv = kv_params(req)
         if kv is not None and kv.do_remote_decode and kv.decode_max_tokens is not None \
@@ -231,29 +240,43 @@ class _Call:
             # a prefill for a decode: the decode's length check (the client's max_tokens, not
             # the prefill's 1), before the prompt is computed
             check_context(len(self.prompt_ids), kv.decode_max_tokens, kv.decode_max_model_len)
-        self.sp = sampling_params(req, len(self.prompt_ids), synced.max_model_len,
-                                  info.sampling_defaults, self.tok.vocab_size,
-                                  max_logprobs=info.max_logprobs)
+        self.sps = [sampling_params(req, len(ids), synced.max_model_len,
+                                    info.sampling_defaults, self.tok.vocab_size,
+                                    max_logprobs=info.max_logprobs) for ids in self.prompts]
+        self.sp = self.sps[0]
+        self.num_prompt_tokens = sum(len(ids) for ids in self.prompts)
         if info.log_requests:
-            log_arrival(self.engine_request_id, len(self.prompt_ids), self.sp, self.kv_params)
+            log_arrival(self.engine_request_id, self.num_prompt_tokens, self.sp, self.kv_params)
+
+    @property
+    def num_choices(self) -> int:
+        """Choices in the answer: n for each prompt."""
+        return self.req.n * len(self.prompts)
 
     def usage(self, num_out: int, num_cached: int) -> dict[str, Any]:
-        n = len(self.prompt_ids)
+        n = self.num_prompt_tokens
         return {"prompt_tokens": n, "completion_tokens": num_out, "total_tokens": n + num_out,
                 "prompt_tokens_details": {"cached_tokens": num_cached}}
 
     def deltas(self) -> AsyncGenerator[Delta, None]:
         """Every choice's deltas (n > 1: an engine request each, parallel_sampling.py)."""
-        deltas = fan_out(self._generate, self.engine_request_id, self.sp, self.req.n)
+        rid = self.engine_request_id
+        if len(self.prompts) == 1:
+            deltas = fan_out(self._generator(0), rid, self.sp, self.req.n)
+        else:  # a batch: prompt p's choice i is choice p * n + i (merge's order)
+            deltas = merge([c for p, sp in enumerate(self.sps)
+                            for c in choices(self._generator(p), f"{rid}-p{p}", sp,
+                                             self.req.n)])
         if not self.app[INFO].log_requests:
             return deltas
-        return logged(deltas, self.engine_request_id, len(self.prompt_ids),
-                      self.clock.received_s)
+        return logged(deltas, rid, self.num_prompt_tokens, self.clock.received_s)
 
-    def _generate(self, request_id: str, sp: SamplingParams) -> AsyncGenerator[Delta, None]:
-        return generate(self.engine, self.tok, self.app[METRICS], request_id, self.prompt_ids,
-                        sp, self.kv_params, self.req.cache_salt, self.clock,
-                        self.text_options)
+    def _generator(self, prompt: int) -> ChildFactory:
+        def start(request_id: str, sp: SamplingParams) -> AsyncGenerator[Delta, None]:
+            return generate(self.engine, self.tok, self.app[METRICS], request_id,
+                            self.prompts[prompt], sp, self.kv_params, self.req.cache_salt,
+                            self.clock, self.text_options)
+        return start
 
     def timings(self) -> dict[str, Any]:
         """``{"disagg_timings": ...}`` when the request asked for it (else empty); the first
@@ -289,14 +312,14 @@ async def _completions(request: web.Request, chat: bool) -> web.StreamResponse:
     await call.parse(request)
     if call.req.stream:
         return await _stream(request, call)
-    results = await collect_choices(call.deltas(), call.req.n)
+    results = await collect_choices(call.deltas(), call.num_choices)
     body: dict[str, Any] = {
         "id": call.id, "object": call.object, "created": call.created, "model": call.model,
         "choices": [call.choice(r, False, i) for i, r in enumerate(results)],
         "usage": call.usage(sum(len(r.token_ids) for r in results),
                             max(r.num_cached_tokens for r in results)), **call.timings()}
-    if call.req.return_token_ids:
-        body["prompt_token_ids"] = call.prompt_ids
+    if call.req.return_token_ids:  # a batch's: one list per prompt
+        body["prompt_token_ids"] = call.prompt_ids if len(call.prompts) == 1 else call.prompts
     res = results[0]  # n == 1 whenever there are kv_transfer_params
     if res.kv_transfer_params is not None:
         body["kv_transfer_params"] = kv_params_to_json(res.kv_transfer_params)

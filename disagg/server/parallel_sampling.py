@@ -1,4 +1,5 @@
-"""``n > 1`` on an instance: one engine request per choice, merged into one stream of deltas.
+"""``n > 1`` on an instance: one engine request per choice, merged into one stream of deltas
+(a batch of prompts likewise: each prompt's choices, prompt after prompt, ``index`` p * n + i).
 
     request id, n = 3 ──> child 0: "<id>-0", seed      ──┐
                           child 1: "<id>-1", seed + 1  ──┼──> one stream of Deltas,
@@ -48,8 +49,15 @@ def fan_out(start: ChildFactory, request_id: str, sp: SamplingParams,
     """The deltas of all ``n`` choices; n == 1 is the plain request (same id, same params)."""
     if n == 1:
         return start(request_id, sp)
-    return merge([start(child_request_id(request_id, i), child_params(sp, i))
-                  for i in range(n)])
+    return merge(choices(start, request_id, sp, n))
+
+
+def choices(start: ChildFactory, request_id: str, sp: SamplingParams,
+            n: int) -> list[AsyncGenerator[Delta, None]]:
+    """The ``n`` choices of one prompt, unstarted (n == 1: the plain request)."""
+    if n == 1:
+        return [start(request_id, sp)]
+    return [start(child_request_id(request_id, i), child_params(sp, i)) for i in range(n)]
 
 
 async def merge(children: Sequence[AsyncGenerator[Delta, None]]

@@ -114,3 +114,39 @@ async def test_n_streams_carry_their_choice_index(instance_client: Any) -> None:
                 if c["choices"] and c["choices"][0]["finish_reason"]}
     assert finished == {0, 1, 2}
     assert chunks[-1]["usage"]["completion_tokens"] == 6
+
+
+async def test_a_batch_of_prompts_answers_each_prompts_n_choices_in_order(
+        instance_client: Any) -> None:
+    """OpenAI's and vLLM's batched /v1/completions: prompt p's choice i is choice p * n + i,
+    seeded seed + i like a lone request's; the usage counts every prompt once."""
+    client = await instance_client()
+    body = {"prompt": ["hello", [5, 6, 7]], "max_tokens": 2, "n": 2, "seed": 5,
+            "return_token_ids": True}
+    status, out = await _post(client, "/v1/completions", body)
+    assert status == 200, out
+    assert [c["index"] for c in out["choices"]] == [0, 1, 2, 3]
+    assert out["prompt_token_ids"][1] == [5, 6, 7]
+    reqs = client.app[ENGINE].requests
+    assert [list(r.prompt_token_ids) for r in reqs][2:] == [[5, 6, 7]] * 2
+    assert [r.sampling_params.seed for r in reqs] == [5, 6, 5, 6]
+    assert out["usage"]["prompt_tokens"] == len(out["prompt_token_ids"][0]) + 3
+    assert out["usage"]["completion_tokens"] == 8
+    streamed = {**body, "stream": True, "n": 1}
+    async with client.post("/v1/completions", data=msgspec.json.encode(streamed)) as resp:
+        text = await resp.text()
+    indexes = {c["index"] for line in text.splitlines() if line.startswith("data: {")
+               for c in json.loads(line[6:])["choices"]}
+    assert resp.status == 200 and indexes == {0, 1}
+
+
+@pytest.mark.parametrize(("prompt", "says"), [
+    ([["a"], "b"], "each prompt of a batch"), (["a", []], "empty"),
+    (["x"] * 65, "over this server's limit"), (["a", [1, -1]], "out of range")])
+async def test_bad_batches_are_a_400(instance_client: Any, prompt: Any, says: str) -> None:
+    client = await instance_client()
+    status, out = await _post(client, "/v1/completions", {"prompt": prompt, "max_tokens": 2})
+    assert status == 400 and says in out["error"]["message"], out
+    status, out = await _post(client, "/v1/completions", {
+        "prompt": ["a", "b"], "max_tokens": 2, "kv_transfer_params": READ_PARAMS})
+    assert status == 400 and "one prompt" in out["error"]["message"], out

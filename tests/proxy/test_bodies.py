@@ -41,7 +41,7 @@ def test_client_kv_transfer_params_are_dropped() -> None:
     (Endpoint.COMPLETIONS, b"{not json", "not valid JSON"),
     (Endpoint.COMPLETIONS, b"[1]", "JSON object"),
     (Endpoint.COMPLETIONS, b"{}", "'prompt' is required"),
-    (Endpoint.COMPLETIONS, b'{"prompt": ["a", "b"]}', "batched prompts"),
+    (Endpoint.COMPLETIONS, b'{"prompt": ["a", ["b"]]}', "each prompt of a batch"),
     (Endpoint.COMPLETIONS, b'{"prompt": 5}', "'prompt' must be"),
     (Endpoint.COMPLETIONS, b'{"prompt": "a", "stream": "yes"}', "'stream'"),
     (Endpoint.CHAT, b'{"messages": []}', "'messages'"),

@@ -219,11 +219,11 @@ def _choices(url: str, path: str, body: dict[str, Any]) -> tuple[dict[int, str],
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_n_choices_through_the_proxy_equal_a_monolithic_instances(
+def test_n_choices_and_batches_through_the_proxy_equal_a_monolithic_instances(
         instance_factory, default_1p1d: Deployment, stream: bool) -> None:
-    """n > 1: the proxy runs one P/D flow per choice (choice i seeded seed + i, as an
-    instance does) and merges them: each choice, and the usage (the prompt once, the
-    completions summed), equal a monolithic instance's answer to the same request."""
+    """n > 1 and a batch of prompts: the proxy runs one P/D flow per prompt and choice (choice
+    i seeded seed + i, as an instance does) and merges them: each choice, and the usage (each
+    prompt once, the completions summed), equal a monolithic instance's answer."""
     mono = instance_factory(["builtin:tiny-llama", "--device", "cpu",
                              "--kv-cache-memory-bytes", "48MiB"])
     for path, shape in (("/v1/completions", {"prompt": PROMPTS[4]}),
@@ -240,6 +240,15 @@ def test_n_choices_through_the_proxy_equal_a_monolithic_instances(
         assert len(set(got.values())) > 1  # the choices did sample differently
         for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
             assert usage[key] == expected_usage[key], (path, usage, expected_usage)
+    batch = {"model": "builtin:tiny-llama", "prompt": [PROMPTS[1], PROMPTS[4], [5, 6, 7]],
+             "n": 2, "seed": 9, "temperature": 0.9, "max_tokens": 5, "ignore_eos": True,
+             "stream": stream, "return_token_ids": not stream}
+    if stream:
+        batch["stream_options"] = {"include_usage": True}
+    expected, expected_usage = _choices(mono.url, "/v1/completions", batch)
+    got, usage = _choices(default_1p1d.url, "/v1/completions", batch)
+    assert sorted(got) == list(range(6)) and got == expected, (got, expected)
+    assert usage == expected_usage
     for inst in default_1p1d.instances():
         wait_clean(inst)
 

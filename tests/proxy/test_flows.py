@@ -397,3 +397,18 @@ async def test_a_client_leaving_an_n_choice_stream_aborts_every_choice(
     resp.close()
     await _wait_for(lambda: len(p.aborts) == 3)
     await _wait_for(lambda: proxy.state.metrics.in_flight == 0)
+
+
+async def test_a_batch_of_prompts_is_one_flow_per_prompt_and_choice(
+        fakes: Any, proxies: Any, http: Any) -> None:
+    """A batched /v1/completions: prompt p's choice i is answer choice p * n + i, each its own
+    flow with that prompt alone; the usage counts each prompt once."""
+    (p,), (d,), proxy = await _pd(fakes, proxies, "read")
+    status, body = await _complete(http, proxy, prompt=["one", "two", [7, 8]], n=2, seed=3)
+    assert status == 200, body
+    assert [c["index"] for c in body["choices"]] == list(range(6))
+    assert sorted(map(str, (r["prompt"] for r in d.requests))) == sorted(
+        ["one", "one", "two", "two", "[7, 8]", "[7, 8]"])
+    assert sorted(r["seed"] for r in d.requests) == [3, 3, 3, 4, 4, 4]
+    assert body["usage"]["prompt_tokens"] == 9  # the fake counts 3 a prompt
+    assert body["usage"]["completion_tokens"] == 30

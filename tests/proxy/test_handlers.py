@@ -190,13 +190,15 @@ async def test_openai_client_completions_chat_and_streaming(fakes: Any, proxies:
                                                            max_tokens=3, stream=True)
         pieces = [c.choices[0].delta.content async for c in chat_stream if c.choices]
         assert "".join(p or "" for p in pieces) == chat.choices[0].message.content
+        batch = await client.completions.create(model="m", prompt=["a", "b"], max_tokens=2)
+        assert [c.index for c in batch.choices] == [0, 1]
         with pytest.raises(openai.BadRequestError):
-            await client.completions.create(model="m", prompt=["a", "b"], max_tokens=2)
+            await client.completions.create(model="m", prompt=["a", ["b"]], max_tokens=2)
         served = (await client.models.list()).data[0].id
         assert (await client.models.retrieve(served)).id == served
         with pytest.raises(openai.NotFoundError):
             await client.models.retrieve("org/another-model")
-    assert len(p.requests) == 4 and len(d.requests) == 4
+    assert len(p.requests) == 6 and len(d.requests) == 6
     assert all(r["max_tokens"] == 1 and r["stream"] is False for r in p.requests)
 
 
