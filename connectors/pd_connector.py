@@ -183,6 +183,12 @@ class PDConnector(KVConnector):
             if early is not None:
                 self.inbox.on_remote_blocks(t, early)
 
+    def on_request_queued(self, req: Request) -> None:
+        """A consumer's queue wait starts counting toward its deadline (Transfer.deadline_s)."""
+        t = self.consumer_transfer(req)
+        if t is not None and t.queued_s is None:
+            t.queued_s = time.monotonic()
+
     def _reused_id_failure(self, t: Transfer) -> Any:
         logger.warning("transfer_id %s is already in use; request %s refused", t.transfer_id,
                        t.request_id)
@@ -271,9 +277,10 @@ class PDConnector(KVConnector):
         t.num_tokens = min(req.num_external_tokens, req.num_prompt_tokens - 1)
         t.skip_blocks = min(req.num_cached_tokens // self.metadata.block_size, num_blocks)
         if t.role is TransferRole.CONSUMER_WRITE and t.peer_engine_id in self._unresponsive:
+            silent_s = self.timeouts.transfer_timeout_s + self.timeouts.lease_timeout_s
             self.fail(t, f"prefill {t.peer_engine_id} has not confirmed for over "
-                         f"{self.timeouts.lease_timeout_s:g} s that it stopped writing blocks "
-                         "this decode gave it for a failed transfer; it is given no more")
+                         f"{silent_s:g} s that it stopped writing blocks this decode gave it "
+                         "for a failed transfer; it is given no more")
         elif t.role is TransferRole.CONSUMER_WRITE:
             self._announce(t, time.monotonic())
         else:
@@ -403,9 +410,10 @@ class PDConnector(KVConnector):
     def _expiry_reason(self, t: Transfer, now: float) -> str:
         where = f"peer {t.peer_engine_id} at {t.peer_host}:{t.peer_handshake_port}"
         if t.started_s is None:
-            return (f"transfer {t.transfer_id} expired: its request waited "
-                    f"{now - t.created_s:.1f} s for free KV blocks on this decode ({where} "
-                    "held the prompt's KV meanwhile)")
+            waited = now - (t.queued_s if t.queued_s is not None else t.created_s)
+            return (f"transfer {t.transfer_id} expired: its request waited {waited:.1f} s in "
+                    f"this decode's queue for free KV blocks or a seat ({where} held the "
+                    "prompt's KV meanwhile)")
         return (f"transfer {t.transfer_id} expired after {now - t.created_s:.1f} s in state "
                 f"{t.state.value} ({where})")
 

@@ -41,7 +41,8 @@ class Parked:
     """Pending ops are cancelled after this."""
     needs_quiesce: bool
     """WRITE consumer: wait until the producer cannot write our blocks any more."""
-    parked_s: float = 0.0
+    parked_s: float
+    """When it was parked (a producer silent on it too long gets no more blocks)."""
     quiesced: bool = False
     next_ask_s: float = 0.0
     probe: concurrent.futures.Future[bool] | None = None
@@ -132,17 +133,18 @@ class Outcomes:
             t.holds_blocks = True
         if notify_request:
             self._settle_request(t, f"KV transfer failed: {reason}")
-        if state is TransferState.EXPIRED:
+        if state is TransferState.EXPIRED and t.started_s is not None:
             # the peer never answered: it may have restarted, or forgotten us (a flood of
             # strangers' handshakes can push us out of its table); the next transfer to it
-            # handshakes afresh instead of reusing this hello forever
+            # handshakes afresh instead of reusing this hello forever. (A consumer that
+            # expired in this engine's own queue says nothing about the peer.)
             self.peers.forget_hello(t)
         if t.handles or needs_quiesce:
             if t.handles:
                 self.peers.forget_hello(t)  # a failed one-sided op may mean a restarted peer
             now = time.monotonic()
             self.parked[t.transfer_id] = Parked(t, now + self.timeouts.transfer_timeout_s,
-                                                needs_quiesce, parked_s=now)
+                                                needs_quiesce, now)
         else:
             self.free_if_held(t)
         self.forget(t)
@@ -222,12 +224,13 @@ class Outcomes:
         return True
 
     def unresponsive_producers(self, now: float) -> set[str]:
-        """WRITE producers that have not confirmed, for ``lease_timeout`` since a transfer
-        failed, that they stopped writing the blocks we gave them (frozen, or unreachable).
-        Those blocks stay parked; giving such a producer more would drain the pool into
-        parking, so new transfers to it fail before announcing any (their prompts are computed
-        here, or fail, by policy)."""
-        limit = now - self.timeouts.lease_timeout_s
+        """WRITE producers that have not confirmed, for ``transfer_timeout + lease_timeout``
+        since a transfer failed, that they stopped writing the blocks we gave them (frozen, or
+        unreachable; a live one answers once its own posted writes drained, which takes at most
+        its transfer_timeout). Those blocks stay parked; giving such a producer more would
+        drain the pool into parking, so new transfers to it fail before announcing any (their
+        prompts are computed here, or fail, by policy)."""
+        limit = now - self.timeouts.transfer_timeout_s - self.timeouts.lease_timeout_s
         return {p.transfer.peer_engine_id for p in self.parked.values()
                 if p.needs_quiesce and not p.quiesced and p.parked_s < limit
                 and p.transfer.peer_engine_id is not None}

@@ -136,6 +136,9 @@ class PeerLinks:
         ``(None, None)`` while pending."""
         addr = self._address(t)
         hello = None if addr is None else self._hellos.get(addr)
+        if addr is not None and hello is None:  # forgotten (another transfer's failure):
+            self.start_hello(t)  # handshake again rather than leave t pending for good
+            return None, None
         if addr is None or hello is None or not hello.future.done():
             return None, None
         exc = hello.future.exception()

@@ -20,9 +20,10 @@ prefill before the decode has allocated):
   verifying       release sent + transfer_timeout (no ack: the KV is refused)
   own move        a WRITE producer that has its destination owes the next step itself (its
                   prefill may be queued): no peer deadline; its writes carry their own
-  own blocks      a consumer whose request waits for blocks in this engine's queue: arrival +
-                  defer_timeout (then its prompt is computed here, or it fails, by policy;
-                  the producer's hold is freed either way)
+  own queue       a consumer whose request waits in this engine's queue (for blocks or a
+                  seat): entering the queue + defer_timeout (a pause's hold does not count;
+                  then its prompt is computed here, or it fails, by policy; the producer's
+                  hold is freed either way)
   otherwise       started + defer_timeout, or (once the peer leased it) last lease +
                   lease_timeout; this covers the side waiting on its peer, so a live but slow
                   peer keeps the transfer and a dead one is reaped promptly.
@@ -138,6 +139,9 @@ class Transfer:
     """The worker's ids of this side's posted ops that have not settled yet."""
     started_s: float | None = None
     """When the deadline clock started; None = not waiting on the peer yet (no expiry)."""
+    queued_s: float | None = None
+    """Consumer: when its request entered this engine's queue (None: not yet, e.g. held
+    during a pause); until its blocks exist it expires at queued_s + defer_timeout."""
     posted_s: float | None = None
     """When the latest op was posted."""
     first_posted_s: float | None = None
@@ -197,9 +201,11 @@ class Transfer:
         """When this transfer expires if nothing changes (a producer's: inf before the clock
         starts)."""
         if self.started_s is None:
-            # a consumer whose request still waits for this engine's blocks: the producer
-            # holds (READ) or waits (WRITE) meanwhile, so that wait is bounded too
-            return float("inf") if self.role.is_producer else self.created_s + t.defer_timeout_s
+            # a consumer whose request still waits in this engine's queue: the producer holds
+            # (READ) or waits (WRITE) meanwhile, so that wait is bounded too
+            if self.role.is_producer or self.queued_s is None:
+                return float("inf")
+            return self.queued_s + t.defer_timeout_s
         if self.handles and self.role.posts_ops:
             assert self.posted_s is not None
             return self.posted_s + t.transfer_timeout_s

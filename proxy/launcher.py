@@ -118,7 +118,7 @@ def _add_proxy_args(parser: argparse.ArgumentParser) -> None:
     add("--registration-key", default=None, type=checked(check_key),
         help="shared secret: only registrations sealed with it count (instances give the same "
              "--registration-key; default: env DISAGG_REGISTRATION_KEY, else none needed; "
-             "--launch makes a random one)")
+             "--launch without --registration-address makes a random one for its instances)")
     add("--max-missed-heartbeats", type=positive_int, default=d.max_missed_heartbeats,
         help="heartbeat intervals a registered instance may miss before it leaves the pool")
     add("--kv-index-max-hashes", type=positive_int, default=d.kv_index_max_hashes,
@@ -236,7 +236,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.registration_key = args.registration_key or check_key(envs.registration_key())
     except ValueError as exc:
         parser.error(f"{envs.REGISTRATION_KEY_ENV}: {exc}")
-    if args.registration_key is None and args.launch:
+    if args.registration_key is None and args.launch and not args.registration_address:
+        # only the launched instances register (kv_aware): a key they alone know. With a
+        # --registration-address given, outside instances may register too: the user's key
         args.registration_key = secrets.token_hex(16)
     return args
 

@@ -27,6 +27,8 @@ from disagg.common.registration import (
     InstanceInfo,
     KVEvents,
     KVRole,
+    RegistrationMessage,
+    SealError,
     check_key,
     decode_message,
     unseal,
@@ -34,6 +36,8 @@ from disagg.common.registration import (
 )
 
 logger = logging.getLogger(__name__)
+MAX_SENDERS = 4096
+"""Instances whose last sealed frame time is kept (replay refusal); the oldest go first."""
 
 __all__ = ["Deregister", "Heartbeat", "InstanceInfo", "KVEvents", "KVRole",
            "RegistrationBindError", "RegistrationServer"]
@@ -57,12 +61,14 @@ class RegistrationServer:
         self._address = zmq_address(address, bind=True)
         self._key = check_key(key)
         self._max_frame = MAX_MESSAGE_BYTES + (SEAL_BYTES if key is not None else 0)
+        self._last_sent: dict[tuple[str, str], float] = {}
+        """Per instance (URL, engine id): the newest sealed frame's time taken."""
         self._on_heartbeat = on_heartbeat
         self._on_deregister = on_deregister
         self._on_kv_events = on_kv_events
         self.dropped: Counter[str] = Counter() if dropped is None else dropped
         """Frames dropped, by reason: oversized, unauthenticated, malformed, version,
-        error."""
+        replayed, error."""
         self._ctx = zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.PULL)
         self._sock.setsockopt(zmq.MAXMSGSIZE, self._max_frame)
@@ -92,9 +98,10 @@ class RegistrationServer:
         if len(data) > self._max_frame:
             self._drop("oversized", f"{len(data)} bytes")
             return
-        payload = unseal(data, self._key)
-        if isinstance(payload, str):
-            self._drop("unauthenticated", payload)
+        try:
+            payload, sent_s = unseal(data, self._key)
+        except SealError as exc:
+            self._drop("unauthenticated", str(exc))
             return
         try:
             msg = decode_message(payload)
@@ -103,6 +110,9 @@ class RegistrationServer:
             return
         if msg.version != PROTOCOL_VERSION:
             self._drop("version", f"protocol version {msg.version} (want {PROTOCOL_VERSION})")
+            return
+        if sent_s is not None and not self._fresh(msg, sent_s):
+            self._drop("replayed", "a sealed frame no newer than the last from that instance")
             return
         try:
             if isinstance(msg, Heartbeat):
@@ -114,6 +124,20 @@ class RegistrationServer:
         except Exception:  # a bug must not end registration for good
             logger.exception("handling a %s message failed", type(msg).__name__)
             self.dropped["error"] += 1
+
+    def _fresh(self, msg: RegistrationMessage, sent_s: float) -> bool:
+        """Sealed frames of one instance must come newer each time (a captured one replayed
+        within the clock window is refused)."""
+        who = (msg.info.http_url, msg.info.engine_id) if isinstance(msg, Heartbeat) \
+            else (msg.http_url, msg.engine_id)
+        last = self._last_sent.pop(who, None)
+        if last is not None and sent_s <= last:
+            self._last_sent[who] = last
+            return False
+        self._last_sent[who] = sent_s  # most recent last (the oldest go first past the cap)
+        while len(self._last_sent) > MAX_SENDERS:
+            del self._last_sent[next(iter(self._last_sent))]
+        return True
 
     def _drop(self, reason: str, detail: str) -> None:
         self.dropped[reason] += 1

@@ -7,9 +7,10 @@ KV-aware routing). Both the instance (disagg/server/registrar.py) and the proxy
 With a registration key (``--registration-key``, env DISAGG_REGISTRATION_KEY, the same on the
 proxy and its instances) every frame is sealed: ``tag || sent || message``, where ``tag`` is
 HMAC-SHA256 over ``sent || message`` and ``sent`` the sender's wall clock (8 bytes, big-endian
-float). A keyed proxy drops unsealed, forged and stale frames (``sent`` more than
-MAX_CLOCK_SKEW_S from its own clock), so nobody without the key can register an instance,
-change one's info (e.g. its max_model_len) or deregister it.
+float, strictly increasing per sender). A keyed proxy drops unsealed, forged and stale frames
+(``sent`` more than MAX_CLOCK_SKEW_S from its own clock, or not after the last one it took
+from that instance: a replay), so nobody without the key can register an instance, change
+one's info (e.g. its max_model_len) or deregister it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import hmac
 import re
 import struct
 import time
-from typing import Annotated, overload
+from typing import Annotated, NamedTuple, overload
 
 import msgspec
 
@@ -143,20 +144,32 @@ def seal(payload: bytes, key: str | None, now_s: float | None = None) -> bytes:
     return _tag(key, sent + payload) + sent + payload
 
 
-def unseal(frame: bytes, key: str | None, now_s: float | None = None) -> bytes | str:
-    """The payload of a frame, or why it is refused (a keyed receiver's view)."""
+class Unsealed(NamedTuple):
+    """A frame's payload and when its sender sealed it (None: no key, nothing sealed)."""
+
+    payload: bytes
+    sent_s: float | None
+
+
+class SealError(ValueError):
+    """A keyed receiver refuses the frame (the message says why)."""
+
+
+def unseal(frame: bytes, key: str | None, now_s: float | None = None) -> Unsealed:
+    """The payload of a frame (a keyed receiver's view); SealError when it is not sealed
+    with ``key`` or was sealed too far from this clock."""
     if key is None:
-        return frame
+        return Unsealed(frame, None)
     if len(frame) < SEAL_BYTES:
-        return "not sealed with the registration key"
+        raise SealError("not sealed with the registration key")
     tag, sent = _SEAL.unpack_from(frame)
     if not hmac.compare_digest(tag, _tag(key, frame[32:])):
-        return "not sealed with this proxy's registration key"
+        raise SealError("not sealed with this proxy's registration key")
     skew = (time.time() if now_s is None else now_s) - sent
     if not abs(skew) <= MAX_CLOCK_SKEW_S:  # NaN too
-        return (f"sent {skew:.0f} s from this proxy's clock (more than "
-                f"{MAX_CLOCK_SKEW_S:g} s: a replay, or the clocks disagree)")
-    return frame[SEAL_BYTES:]
+        raise SealError(f"sent {skew:.0f} s from this proxy's clock (more than "
+                        f"{MAX_CLOCK_SKEW_S:g} s: a replay, or the clocks disagree)")
+    return Unsealed(frame[SEAL_BYTES:], sent)
 
 
 def decode_message(data: bytes) -> RegistrationMessage:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from disagg.common.config import ConfigError
+from disagg.common.sampling_params import MAX_TOKEN_ID
 
 BYTE_VOCAB = 256
 BUILTIN_BOS_ID = 256
@@ -99,7 +100,11 @@ class ByteTokenizer:
 
 class IdTokenizer(ByteTokenizer):
     """For model directories without tokenizer files (``--load-format dummy`` configs): text
-    in is UTF-8 bytes; ids outside the byte range come out as ``<id>`` so output stays visible."""
+    in is UTF-8 bytes; ids outside the byte range come out as ``<id>`` so output stays visible.
+    Any id is taken as a prompt token here: the engine checks them against the model's
+    vocabulary (it knows it, this does not)."""
+
+    vocab_size = MAX_TOKEN_ID + 1
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """Bytes as text, other ids as ``<id>``."""

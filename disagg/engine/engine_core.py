@@ -201,6 +201,9 @@ class EngineCore:
             return (f"prompt ({len(msg.prompt_token_ids)} tokens) plus max_tokens "
                     f"({msg.sampling_params.max_tokens}) exceeds max_model_len "
                     f"{self.plan.max_model_len}")
+        top = max(msg.prompt_token_ids)
+        if top >= self.arch.vocab_size:  # the embedding would index past its table: fatal
+            return f"prompt token id {top} is out of range [0, {self.arch.vocab_size})"
         bad_bias = [t for t, _ in msg.sampling_params.logit_bias if t >= self.arch.vocab_size]
         if bad_bias:  # the sampler indexes the logits with them
             return (f"logit_bias token id {bad_bias[0]} is out of range "
@@ -217,6 +220,8 @@ class EngineCore:
         self.num_requests_total += 1
         if self.connector is not None:  # held too: its transfer is leased, never stranded
             self.connector.on_request_arrival(req)
+            if not hold:
+                self.connector.on_request_queued(req)
         return None
 
     def release_held(self) -> int:
@@ -226,6 +231,8 @@ class EngineCore:
             req = self.held.popleft()
             if not req.is_finished:
                 self.scheduler.waiting.append(req)
+                if self.connector is not None:
+                    self.connector.on_request_queued(req)
                 n += 1
         return n
 

@@ -145,6 +145,10 @@ class KVConnector(abc.ABC):
     def on_request_arrival(self, req: Request) -> None:
         """A request entered the engine (before scheduling)."""
 
+    def on_request_queued(self, req: Request) -> None:
+        """The request entered the scheduler's queue: right after its arrival, or at resume
+        for one held during a pause (it waits for blocks from here)."""
+
     def before_execute(self, out: SchedulerOutput) -> None:
         """Hook before the model runs a step."""
 

@@ -45,6 +45,8 @@ class Registrar:
         self._info = info
         self._key = check_key(key)
         """Seals every frame (registration.seal) when set."""
+        self._sealed_s = 0.0
+        """The last seal's time: each is later (the proxy refuses one that is not)."""
         self._interval_s = interval_s
         self._kv = kv
         self._unavailable = unavailable
@@ -104,8 +106,8 @@ class Registrar:
                 self.num_sent += 1
                 next_beat_s = now_s + self._interval_s
             wake_s = next_beat_s
-            if self._kv is not None:
-                self._publish_kv(sock, now_s)
+            if self._kv is not None and self._withheld is None:  # a dropped instance's
+                self._publish_kv(sock, now_s)  # events would be refused as unknown
                 wake_s = min(wake_s, now_s + self._kv.interval_s)
             self._stop_event.wait(max(0.0, wake_s - time.monotonic()))
 
@@ -117,6 +119,8 @@ class Registrar:
                 logger.warning("heartbeats to the proxy withheld: %s", reason)
             else:
                 logger.info("engine answers again: heartbeats to the proxy resume")
+                if self._kv is not None:
+                    self._kv.lost()  # the proxy dropped its view: a snapshot comes next
             self._withheld = reason
         return reason is not None
 
@@ -132,7 +136,9 @@ class Registrar:
         if not sock.poll(int(wait_s * 1000), zmq.POLLOUT):
             return False
         try:
-            sock.send(seal(encode_message(msg), self._key), zmq.NOBLOCK)
+            sealed_s = max(time.time(), self._sealed_s + 1e-6)
+            sock.send(seal(encode_message(msg), self._key, sealed_s), zmq.NOBLOCK)
+            self._sealed_s = sealed_s
         except zmq.Again:
             return False
         return True

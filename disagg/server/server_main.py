@@ -93,42 +93,60 @@ def startup_lines(cfg: EngineConfig, synced: SyncedConfig, url: str) -> list[str
     return lines
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    """The HTTP listening socket on ``host`` (its first address) and ``port`` (0: any)."""
-    family, kind, proto, _, addr = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    sock = socket.socket(family, kind, proto)
+def _bind(host: str, port: int) -> list[socket.socket]:
+    """The HTTP sockets, bound but not listening: one per address ``host`` resolves to (""
+    means every interface), all on ``port`` (0: the port the OS gives the first). Connections
+    are refused until the server listens, once the engine is ready, as before binding moved
+    ahead of the engine's start (a port in use is one line at once)."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                               flags=socket.AI_PASSIVE)
+    socks: list[socket.socket] = []
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind(addr)
-        sock.listen(2048)
-        sock.setblocking(False)
+        for family, kind, proto, _, addr in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if port == 0 and len(socks) > 1:  # the same port on every address
+                addr = (addr[0], socks[0].getsockname()[1], *addr[2:])
+            sock.bind(addr)
     except OSError:
-        sock.close()
+        for sock in socks:
+            sock.close()
         raise
-    return sock
+    return socks
 
 
 async def serve(cfg: EngineConfig, args: argparse.Namespace, tokenizer: Tokenizer) -> int:
     """Run until SIGINT/SIGTERM or an engine core dies; returns the exit code."""
     try:  # before the engine loads weights: a port in use is one line at once
-        sock = _listen(args.host, args.port)
+        socks = _bind(args.host, args.port)
     except OSError as exc:
         print(f"disagg: error: cannot listen on {args.host}:{args.port}: "
               f"{exc.strerror or exc}", file=sys.stderr)
         return 2
+    parent = _launcher_pid()
+    parent_task = None if parent is None else asyncio.create_task(_parent_gone(parent))
     engine = EngineClient(cfg, envs.engine_ready_timeout_s())
+    starting = asyncio.create_task(engine.start())
     try:
-        synced = await engine.start()
+        if parent_task is not None:  # a launcher SIGKILLed while the weights load
+            await asyncio.wait({starting, parent_task}, return_when=asyncio.FIRST_COMPLETED)
+            if not starting.done():
+                starting.cancel()
+                with contextlib.suppress(BaseException):
+                    await starting
+                raise EngineStartupError("the launcher is gone")
+        synced = await starting
     except EngineStartupError as exc:
-        sock.close()
+        for sock in socks:
+            sock.close()
         await engine.shutdown()
         print(f"disagg: error: {exc}", file=sys.stderr)
         return 2
-    host = f"[{args.host}]" if ":" in args.host else args.host
-    url = f"http://{host}:{sock.getsockname()[1]}"  # --port 0: the port it got
+    host = f"[{args.host}]" if ":" in args.host else (args.host or "0.0.0.0")
+    url = f"http://{host}:{socks[0].getsockname()[1]}"  # --port 0: the port it got
     info = ServerInfo(cfg.model.served_model_name, cfg.model.model, url, args.admin_key,
                       kv_params_key=args.kv_params_key or envs.kv_params_key(),
                       api_key=args.api_key or envs.api_key(),
@@ -140,7 +158,15 @@ async def serve(cfg: EngineConfig, args: argparse.Namespace, tokenizer: Tokenize
                                             else envs.log_stats_interval_s()))
     app = make_app(engine, tokenizer, info)
     runner = await setup_runner(app, handler_cancellation=True, access_log=None)
-    await web.SockSite(runner, sock).start()
+    try:
+        for sock in socks:
+            await web.SockSite(runner, sock, backlog=2048).start()
+    except OSError as exc:  # another process took the port meanwhile (SO_REUSEADDR)
+        await runner.cleanup()
+        await engine.shutdown()
+        print(f"disagg: error: cannot listen on {args.host}:{args.port}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return 2
     registrar = _start_registrar(args, engine, info)
     for line in startup_lines(cfg, synced, url):
         logger.info("%s", line)
@@ -154,8 +180,8 @@ async def serve(cfg: EngineConfig, args: argparse.Namespace, tokenizer: Tokenize
     stop_task = asyncio.create_task(stop.wait())
     dead_task = asyncio.create_task(engine.dead_event.wait())
     tasks: set[asyncio.Task[Any]] = {stop_task, dead_task}
-    if (parent := envs.parent_pid()) is not None:
-        tasks.add(asyncio.create_task(_parent_gone(parent)))
+    if parent_task is not None:
+        tasks.add(parent_task)
     await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     for t in tasks:
         t.cancel()
@@ -169,6 +195,16 @@ async def serve(cfg: EngineConfig, args: argparse.Namespace, tokenizer: Tokenize
     await runner.cleanup()
     await engine.shutdown()
     return 0
+
+
+def _launcher_pid() -> int | None:
+    """The launcher this instance must not outlive (DISAGG_PARENT_PID), if it is the parent:
+    an inherited variable naming another process is ignored."""
+    parent = envs.parent_pid()
+    if parent is not None and parent != os.getppid():
+        logger.warning("DISAGG_PARENT_PID=%d is not this process's parent: ignored", parent)
+        return None
+    return parent
 
 
 async def _parent_gone(parent: int) -> None:

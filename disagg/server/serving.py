@@ -82,6 +82,8 @@ def _engine_error(message: str) -> ApiError:
         return ApiError(400, message, code="context_length_exceeded")
     if message.startswith("logit_bias"):  # an id past the model's vocabulary
         return ApiError(400, message, param="logit_bias")
+    if message.startswith("prompt token id"):  # past the model's vocabulary (not the
+        return ApiError(400, message, param="prompt")  # tokenizer's, which may be larger)
     if message == PAUSE_ABORT_ERROR:
         return ApiError(503, message, err_type="server_error", code="paused")
     return ApiError(500, message, err_type="server_error")

@@ -187,10 +187,10 @@ def test_write_decode_frees_its_blocks_after_a_frozen_prefill_thaws(
     assert decode.pool.snapshot().free == total
 
 
-def _read_prefill(prefill: EngineCore, tid: str) -> Any:
+def _read_prefill(prefill: EngineCore, tid: str, request_id: str = "p") -> Any:
     """P computes PROMPT for a READ decode; its answer's kv_transfer_params."""
     prefill.add_request(EngineCoreRequest(
-        request_id="p", prompt_token_ids=PROMPT,
+        request_id=request_id, prompt_token_ids=PROMPT,
         sampling_params=msgspec.structs.replace(GREEDY, max_tokens=1),
         kv_transfer_params=KVTransferParams(transfer_id=tid, do_remote_decode=True,
                                             mode=TransferMode.READ)))
@@ -286,7 +286,9 @@ def test_decode_request_waiting_for_blocks_gives_up_the_remote_kv_after_defer_ti
 def test_write_decode_gives_no_more_blocks_to_a_prefill_that_never_confirms_it_stopped(
         engines: Any) -> None:
     """A frozen WRITE prefill keeps the blocks of its failed transfers parked on D (it may
-    still write them). Once one has waited lease_timeout for its quiesce, D announces no more
+    still write them). Once one has waited transfer_timeout + lease_timeout for its quiesce (a
+    live prefill answers once its own writes drained, within its transfer_timeout), D announces
+    no more
     blocks to that prefill: later requests naming it fail before D gives it a block (or are
     computed by D), so one frozen peer cannot drain D's pool into parking."""
     prefill = engines("kv_producer", mode="write")
@@ -314,7 +316,7 @@ def test_write_decode_gives_no_more_blocks_to_a_prefill_that_never_confirms_it_s
                 timeout_s=15)
     parked = decode.connector.outcomes.num_parked_blocks
     assert parked > 0
-    time.sleep(FAST["lease_timeout"] + 0.1)
+    time.sleep(FAST["transfer_timeout"] + FAST["lease_timeout"] + 0.1)
     step()
     second = request("d2")
     _step_until([], lambda: step() or any(o.finish_reason for o in out.get("d2", [])))
@@ -334,5 +336,75 @@ def test_parked_blocks_gauge_counts_a_shared_block_once() -> None:
                         recompute=False, counters={})
     for tid, blocks in (("a", [0, 1, 2]), ("b", [0, 1, 5]), ("c", [])):
         t = Transfer(tid, TransferRole.CONSUMER_WRITE, "r-" + tid, 0.0, local_block_ids=blocks)
-        outcomes.parked[tid] = Parked(t, 0.0, needs_quiesce=True)
+        outcomes.parked[tid] = Parked(t, 0.0, needs_quiesce=True, parked_s=0.0)
     assert outcomes.num_parked_blocks == 4
+
+
+def test_a_request_expiring_in_the_decode_queue_leaves_other_transfers_to_that_prefill(
+        engines: Any) -> None:
+    """Decode request A expires while queued for blocks (its own queue: the prefill is fine),
+    so the handshake with that prefill stays good: B, queued for the same prefill, reads its KV
+    at once when blocks free (it used to find the handshake forgotten and expire too)."""
+    prefill = engines("kv_producer", defer_timeout=20, lease_timeout=20)
+    decode = engines("kv_consumer", defer_timeout=2)
+    filler = Owner(OwnerKind.REQUEST, "filler")
+    taken = decode.pool.allocate(decode.pool.num_free, filler)
+    assert taken
+    ta, tb = uuid.uuid4().hex, uuid.uuid4().hex
+    pa = msgspec.structs.replace(_read_prefill(prefill, ta), do_remote_prefill=True)
+    pb = msgspec.structs.replace(_read_prefill(prefill, tb, "p2"), do_remote_prefill=True)
+    out: list[Any] = []
+
+    def step() -> bool:
+        out.extend(decode.step())
+        prefill.step()
+        return False
+
+    decode.add_request(EngineCoreRequest(request_id="a", prompt_token_ids=PROMPT,
+                                         sampling_params=GREEDY, kv_transfer_params=pa))
+    t_a = decode.connector.transfers[ta]
+    deadline = time.monotonic() + 1.0  # A's handshake completes; B arrives later
+    while time.monotonic() < deadline:
+        step()
+        time.sleep(0.002)
+    decode.add_request(EngineCoreRequest(request_id="b", prompt_token_ids=PROMPT,
+                                         sampling_params=GREEDY, kv_transfer_params=pb))
+    t_b = decode.connector.transfers[tb]
+    _step_until([], lambda: step() or t_a.terminal)
+    assert t_a.state.value == "expired" and not t_b.terminal
+    decode.pool.free(taken, filler)
+    started = time.monotonic()
+    _step_until([], lambda: step() or t_b.terminal)
+    assert t_b.state.value == "done", t_b.error
+    assert time.monotonic() - started < 1.5
+
+
+def test_a_request_held_during_a_pause_starts_its_queue_deadline_at_resume(
+        engines: Any) -> None:
+    """A decode request that arrives during a pause is held, its transfer leased: the hold
+    does not count toward its queue deadline (a pause longer than defer_timeout, a weight
+    update, must not fail it); at resume it is queued and reads its KV."""
+    prefill = engines("kv_producer", defer_timeout=20, lease_timeout=20)
+    decode = engines("kv_consumer", defer_timeout=1)
+    tid = uuid.uuid4().hex
+    params = msgspec.structs.replace(_read_prefill(prefill, tid), do_remote_prefill=True)
+    assert decode.add_request(EngineCoreRequest(request_id="d", prompt_token_ids=PROMPT,
+                                                sampling_params=GREEDY,
+                                                kv_transfer_params=params), hold=True) is None
+    t = decode.connector.transfers[tid]
+    deadline = time.monotonic() + 2.0  # twice defer_timeout, held
+    while time.monotonic() < deadline:
+        decode.connector_step()
+        prefill.step()
+        time.sleep(0.01)
+    assert not t.terminal, t.error
+    decode.release_held()
+    out: list[Any] = []
+
+    def finished() -> bool:
+        out.extend(decode.step())
+        prefill.step()
+        return any(o.finish_reason for o in out)
+
+    _step_until([], finished)
+    assert t.state.value == "done" and out[-1].error is None

@@ -114,6 +114,15 @@ def test_the_engine_refuses_bias_ids_past_its_vocabulary_and_counts_its_tokens()
             assert "logit_bias token id 320 is out of range [0, 320)" in str(exc)
         else:
             raise AssertionError("an id past the vocabulary was accepted")
+        # a prompt id past the model's vocabulary (a tokenizer larger than the model, or none
+        # at all) is refused, not looked up in the embedding (that killed the engine core)
+        try:
+            llm.generate([[1, 320, 3]], SamplingParams(max_tokens=2))
+        except ValueError as exc:
+            assert "prompt token id 320 is out of range [0, 320)" in str(exc)
+        else:
+            raise AssertionError("a prompt id past the vocabulary was accepted")
+        assert llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2))[0].output_token_ids
         # 65 and 66 forced above the rest; the penalty sees each appended token, so they mix
         sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, frequency_penalty=2.0,
                             logit_bias=((65, 100.0), (66, 100.0)))

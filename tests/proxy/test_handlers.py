@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, cast
 
 import openai
 import pytest
@@ -193,7 +193,8 @@ async def test_openai_client_completions_chat_and_streaming(fakes: Any, proxies:
         batch = await client.completions.create(model="m", prompt=["a", "b"], max_tokens=2)
         assert [c.index for c in batch.choices] == [0, 1]
         with pytest.raises(openai.BadRequestError):
-            await client.completions.create(model="m", prompt=["a", ["b"]], max_tokens=2)
+            await client.completions.create(model="m", prompt=cast(Any, ["a", ["b"]]),
+                                            max_tokens=2)
         served = (await client.models.list()).data[0].id
         assert (await client.models.retrieve(served)).id == served
         with pytest.raises(openai.NotFoundError):
