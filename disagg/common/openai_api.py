@@ -613,7 +613,12 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest, num_prompt_t
     generation config), then the API's own defaults."""
     check_request(req, fan_out=True)
     max_tokens = requested_max_tokens(req)
-    if max_tokens is None and defaults.max_tokens is not None:
+    if max_tokens is not None and defaults.max_tokens is not None:
+        # the generation config's max_new_tokens caps every request, as in vLLM (the
+        # completions default of 16 included); the client's own is checked for room first
+        check_context(num_prompt_tokens, max_tokens, max_model_len)
+        max_tokens = min(max_tokens, defaults.max_tokens)
+    elif max_tokens is None and defaults.max_tokens is not None:
         max_tokens = min(defaults.max_tokens, max(1, max_model_len - num_prompt_tokens))
     if isinstance(req, ChatCompletionRequest):
         logprobs = (req.top_logprobs or 0) if req.logprobs else None

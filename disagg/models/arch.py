@@ -142,16 +142,21 @@ def arch_from_hf_dict(cfg: dict[str, Any]) -> ArchConfig:
     heads, hidden = _int(cfg, "num_attention_heads"), _int(cfg, "hidden_size")
     if heads < 1 or hidden < 1:
         raise ConfigError("config.json num_attention_heads and hidden_size must be positive")
-    if not cfg.get("head_dim") and hidden % heads:
+    if not cfg.get("head_dim") and hidden % heads and model_type != "qwen3":
         raise ConfigError(f"config.json has no head_dim and hidden_size {hidden} is not a "
                           f"multiple of num_attention_heads {heads}")
-    head_dim = cfg.get("head_dim") or hidden // heads
+    # transformers' Qwen3 config defaults head_dim to 128, not hidden // heads
+    head_dim = cfg.get("head_dim") or (128 if model_type == "qwen3" else hidden // heads)
     rope_params = cfg.get("rope_parameters") or {}
     rope_scaling = cfg.get("rope_scaling") or (rope_params if "rope_type" in rope_params
                                                 and rope_params["rope_type"] != "default"
                                                 else None)
     max_positions = int(cfg.get("max_position_embeddings", 2048))
     check_rope_scaling(rope_scaling, max_positions)
+    if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) in (
+            "llama3", "yarn") and rope_scaling.get("original_max_position_embeddings") is None:
+        # transformers takes max_position_embeddings for the original length then
+        rope_scaling = {**rope_scaling, "original_max_position_embeddings": max_positions}
     check_activation(cfg)
     mla = mla_arch_from_hf_dict(cfg, rope_scaling)
     kv_heads = int(cfg.get("num_key_value_heads") or heads)
@@ -361,6 +366,11 @@ def moe_arch_from_hf_dict(cfg: dict[str, Any]) -> MoEArch | None:
         freq = _int(cfg, "moe_layer_freq", default=1)
         scoring = cfg.get("scoring_func") or ("sigmoid" if v3 else "softmax")
         method = cfg.get("topk_method") or ("noaux_tc" if v3 else "greedy")
+        if v3 and (scoring, method) != ("sigmoid", "noaux_tc"):
+            # DeepSeek-V3's code implements only these; transformers ignores the keys
+            raise ConfigError(f"deepseek_v3 with scoring_func {scoring!r} and topk_method "
+                              f"{method!r} is not supported (DeepSeek-V3 routes with sigmoid "
+                              "and noaux_tc)")
         moe = MoEArch(num_experts=_int(cfg, "n_routed_experts", "num_local_experts"),
                       top_k=_int(cfg, "num_experts_per_tok"), intermediate_size=expert,
                       scoring=scoring, topk_method=method,

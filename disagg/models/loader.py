@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import logging
 import os
 from collections.abc import Iterable, Iterator
@@ -130,7 +131,7 @@ def _safetensor_weights(model_dir: str):
     """Yield (name, tensor) from every *.safetensors file (sharded checkpoints too)."""
     from safetensors import SafetensorError, safe_open
 
-    files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
+    files = _shard_files(model_dir)
     if not files:
         raise ConfigError(f"no *.safetensors files in {model_dir!r}; "
                           "use --load-format dummy to run with random weights")
@@ -142,6 +143,28 @@ def _safetensor_weights(model_dir: str):
         except (SafetensorError, OSError) as exc:
             raise ConfigError(f"cannot read {path!r} (a truncated or corrupt safetensors "
                               f"file?): {exc}") from exc
+
+
+def _shard_files(model_dir: str) -> list[str]:
+    """The checkpoint's safetensors files: those its ``model.safetensors.index.json`` names
+    when it has one (a stray file beside them is not the checkpoint's, as for transformers),
+    else every ``*.safetensors``."""
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if not os.path.exists(index):
+        return sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
+    try:
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ConfigError(f"cannot read {index!r}: {exc}") from None
+    if not all(isinstance(n, str) and n and os.path.basename(n) == n for n in names):
+        raise ConfigError(f"{index!r} names a shard outside the model directory")
+    files = [os.path.join(model_dir, n) for n in names]
+    missing = [n for n, f in zip(names, files, strict=True) if not os.path.isfile(f)]
+    if missing:
+        raise ConfigError(f"{index!r} names shard {missing[0]!r}, which is not there")
+    return files
 
 
 @contextlib.contextmanager
@@ -236,6 +259,10 @@ def _shape_checked(weights: Iterable[tuple[str, torch.Tensor]],
     checkpoint that does not match its config is one ConfigError naming the weight."""
     for name, tensor in weights:
         want = shapes.get(name)
+        if want is None and name.endswith(".bias"):
+            raise ConfigError(f"checkpoint weight {name} is a bias this model's config.json "
+                              "does not build (attention_bias / mlp_bias): ignoring it would "
+                              "serve other outputs than the checkpoint's own code")
         if want is not None and tuple(tensor.shape) != want:
             raise ConfigError(f"checkpoint weight {name} has shape {tuple(tensor.shape)} but "
                               f"config.json implies {want}: the config does not match the "

@@ -66,6 +66,9 @@ def rotate(x: torch.Tensor, cos_sin: torch.Tensor, positions: torch.Tensor,
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
+LATENT_NORM_EPS = 1e-6
+"""eps of q_a_layernorm and kv_a_layernorm (DeepSeek's code fixes it)."""
+
 class MLAttention(nn.Module):
     """One layer's latent attention; parameter names are the checkpoint's."""
 
@@ -84,11 +87,13 @@ class MLAttention(nn.Module):
             self.q_proj = ColumnParallelLinear(h, self.num_heads * qk_dim, bias=False)
         else:
             self.q_a_proj = ReplicatedLinear(h, mla.q_lora_rank, bias=bias)
-            self.q_a_layernorm = RMSNorm(mla.q_lora_rank, arch.rms_norm_eps, ops)
+            # the latent norms' eps is 1e-6 whatever rms_norm_eps says, as in DeepSeek's own
+            # code and transformers (vLLM takes rms_norm_eps; the checkpoints all say 1e-6)
+            self.q_a_layernorm = RMSNorm(mla.q_lora_rank, LATENT_NORM_EPS, ops)
             self.q_b_proj = ColumnParallelLinear(mla.q_lora_rank, self.num_heads * qk_dim,
                                                  bias=False)
         self.kv_a_proj_with_mqa = ReplicatedLinear(h, mla.latent_dim, bias=bias)
-        self.kv_a_layernorm = RMSNorm(mla.kv_lora_rank, arch.rms_norm_eps, ops)
+        self.kv_a_layernorm = RMSNorm(mla.kv_lora_rank, LATENT_NORM_EPS, ops)
         # Plain nn.Linear, never fp8: the absorbed decode splits its weight per head.
         self.kv_b_proj = nn.Linear(mla.kv_lora_rank,
                                    self.num_heads * (mla.qk_nope_head_dim + mla.v_head_dim),

@@ -108,5 +108,7 @@ async def test_defaults_fill_only_omitted_fields(instance_client: Any, body: dic
     assert (sp.repetition_penalty, sp.min_p) == (1.1, 0.02)
     assert sp.max_tokens == 2  # max_new_tokens, since the request gave no max_tokens
     resp = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 5})
-    assert resp.status == 200
-    assert client.server.app[ENGINE].requests[-1].sampling_params.max_tokens == 5
+    assert resp.status == 200  # max_new_tokens caps a client's max_tokens too (as vLLM)
+    assert client.server.app[ENGINE].requests[-1].sampling_params.max_tokens == 2
+    resp = await client.post("/v1/completions", json={"prompt": "hi"})  # the default 16
+    assert client.server.app[ENGINE].requests[-1].sampling_params.max_tokens == 2

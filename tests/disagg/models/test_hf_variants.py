@@ -29,6 +29,12 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen3-attention-bias": ("Qwen3", {"attention_bias": True, "head_dim": 32}),
     "llama-rope-linear": ("Llama", {"rope_scaling": {"rope_type": "linear", "factor": 4.0}}),
     "llama-rope-dynamic": ("Llama", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}),
+    # no original_max_position_embeddings: transformers takes max_position_embeddings
+    "llama-rope-llama3-no-original": ("Llama", {"rope_scaling": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0}}),
+    "llama-rope-yarn-no-original": ("Llama", {"rope_scaling": {"rope_type": "yarn",
+                                                               "factor": 4.0}}),
     "mistral-bias-named-not-built": ("Mistral", {"attention_bias": True}),
     "mixtral-top1": ("Mixtral", {"num_local_experts": 4, "num_experts_per_tok": 1}),
     "qwen2-moe-top1-renormalized": ("Qwen2Moe", {**MOE, "shared_expert_intermediate_size": 0}),
@@ -67,6 +73,45 @@ def test_variant_matches_transformers(variant: str, tmp_path: Path) -> None:
     assert [o.output_token_ids for o in ours] == hf_greedy(model, prompts, 8)
 
 
+def test_a_qwen3_config_without_head_dim_takes_transformers_default(tmp_path: Path) -> None:
+    """transformers' Qwen3 config defaults head_dim to 128 (not hidden_size / heads): a
+    config.json without it is served with the checkpoint's 128-wide heads."""
+    model = _save("Qwen3", {}, tmp_path)
+    assert model.config.head_dim == 128 != BASE["hidden_size"] // BASE["num_attention_heads"]
+    _edit_config(tmp_path, head_dim=None)
+    prompts = mixed_prompts(256, [1, 7, 33], seed=3)
+    llm = LLM(str(tmp_path), device="cpu", dtype="float32", kv_cache_memory_bytes=4 * 2**20)
+    try:
+        ours = llm.generate(prompts, SamplingParams(max_tokens=6, temperature=0,
+                                                    ignore_eos=True))
+    finally:
+        llm.close()
+    assert [o.output_token_ids for o in ours] == hf_greedy(model, prompts, 6)
+
+
+def test_a_sharded_checkpoint_loads_only_the_shards_its_index_names(tmp_path: Path) -> None:
+    """A stray *.safetensors beside an index's shards is not the checkpoint's (transformers
+    ignores it); a shard the index names that is missing is one clear error."""
+    from safetensors.torch import save_file
+
+    model = _save("Llama", {}, tmp_path / "whole")
+    model.save_pretrained(str(tmp_path), max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    save_file({"model.norm.weight": torch.zeros(int(BASE["hidden_size"]))},
+              str(tmp_path / "zz-stray.safetensors"))
+    prompts = mixed_prompts(256, [7, 20], seed=3)
+    llm = LLM(str(tmp_path), device="cpu", dtype="float32", kv_cache_memory_bytes=4 * 2**20)
+    try:
+        ours = llm.generate(prompts, SamplingParams(max_tokens=6, temperature=0,
+                                                    ignore_eos=True))
+    finally:
+        llm.close()
+    assert [o.output_token_ids for o in ours] == hf_greedy(model, prompts, 6)
+    next(p for p in sorted(tmp_path.glob("model-*.safetensors"))).unlink()
+    with pytest.raises(ConfigError, match="which is not there"):
+        LLM(str(tmp_path), device="cpu", dtype="float32", kv_cache_memory_bytes=4 * 2**20)
+
+
 def _edit_config(path: Path, **changes: Any) -> None:
     cfg_path = path / "config.json"
     cfg = json.loads(cfg_path.read_text())
@@ -93,6 +138,15 @@ def _reshape_q(path: Path) -> None:
     save_file(tensors, str(weights), metadata={"format": "pt"})
 
 
+def _add_o_bias(path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    (weights,) = path.glob("*.safetensors")
+    tensors = load_file(str(weights))
+    tensors["model.layers.0.self_attn.o_proj.bias"] = torch.ones(int(BASE["hidden_size"]))
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+
+
 BROKEN: dict[str, tuple[Any, str]] = {
     "gelu-mlp": (lambda p: _edit_config(p, hidden_act="gelu"), "hidden_act 'gelu'"),
     "longrope": (lambda p: _edit_config(p, rope_scaling={"rope_type": "longrope",
@@ -112,6 +166,7 @@ BROKEN: dict[str, tuple[Any, str]] = {
                         "is not valid JSON"),
     "truncated-weights": (_truncate, "cannot read"),
     "weight-shape-off-the-config": (_reshape_q, "q_proj.weight has shape (72, 64)"),
+    "a-bias-the-config-does-not-build": (_add_o_bias, "is a bias this model's config.json"),
 }
 
 

@@ -42,7 +42,15 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "v3": ("deepseek_v3", {"q_lora_rank": 24, "n_routed_experts": 8, "n_group": 4,
                            "topk_group": 2, "norm_topk_prob": True, "routed_scaling_factor": 2.0,
                            "rope_interleave": False}),
+    # an rms_norm_eps far from 1e-6: the latent norms keep 1e-6 (DeepSeek's code and
+    # transformers hard-code it), the layer norms take it
+    "v3-rms-eps-1e-2": ("deepseek_v3", {"q_lora_rank": 24, "n_routed_experts": 8, "n_group": 4,
+                                        "topk_group": 2, "norm_topk_prob": True,
+                                        "rms_norm_eps": 1e-2}),
 }
+
+
+SMALL_LATENTS = {"v3-rms-eps-1e-2"}
 
 
 def _hf_model(case: str) -> Any:
@@ -54,7 +62,7 @@ def _hf_model(case: str) -> Any:
     model_cls: Any = transformers.DeepseekV3ForCausalLM if model_type == "deepseek_v3" \
         else transformers.DeepseekV2ForCausalLM
     torch.manual_seed(0)
-    model = model_cls(cfg_cls(**COMMON, **extra)).eval()
+    model = model_cls(cfg_cls(**{**COMMON, **extra})).eval()
     with torch.no_grad():  # spread logits and routing so greedy and top-k have no near-ties
         for p in model.parameters():
             if p.dim() == 1:
@@ -64,6 +72,10 @@ def _hf_model(case: str) -> Any:
         for name, buf in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 buf.normal_(0, 0.1)
+        if case in SMALL_LATENTS:  # latents of rms ~0.1: the norms' eps decides the output
+            for name, p in model.named_parameters():
+                if name.endswith(("q_a_proj.weight", "kv_a_proj_with_mqa.weight")):
+                    p.mul_(0.02)
     return model
 
 
@@ -170,3 +182,16 @@ def test_pd_moves_exactly_the_latents_and_equals_monolithic(instance_factory: An
         assert moved == ranks * blocks * latent_bytes, d.url
     for inst in (prefill, decode1, decode2):
         wait_clean(inst.url)
+
+
+@pytest.mark.parametrize("keys", [{"scoring_func": "softmax"}, {"topk_method": "greedy"}])
+def test_deepseek_v3_routing_other_than_its_own_is_refused(keys: dict[str, str]) -> None:
+    """DeepSeek-V3's code routes with sigmoid scores and noaux_tc only (transformers ignores
+    these keys): another value is refused, not served as something neither runs."""
+    from disagg.common.config import ConfigError
+    from disagg.models.arch import arch_from_hf_dict
+
+    cfg = {**COMMON, **CASES["v3"][1], "model_type": "deepseek_v3", **keys}
+    with pytest.raises(ConfigError, match="sigmoid and noaux_tc"):
+        arch_from_hf_dict(cfg)
+    arch_from_hf_dict({**COMMON, **CASES["v3"][1], "model_type": "deepseek_v3"})
