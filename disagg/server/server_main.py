@@ -118,54 +118,33 @@ def _bind(host: str, port: int) -> list[socket.socket]:
     return socks
 
 
+class _StartError(Exception):
+    """Start-up failed in a way the user can fix: one line, exit 2."""
+
+
 async def serve(cfg: EngineConfig, args: argparse.Namespace, tokenizer: Tokenizer) -> int:
-    """Run until SIGINT/SIGTERM or an engine core dies; returns the exit code."""
-    try:  # before the engine loads weights: a port in use is one line at once
-        socks = _bind(args.host, args.port)
-    except OSError as exc:
-        print(f"disagg: error: cannot listen on {args.host}:{args.port}: "
-              f"{exc.strerror or exc}", file=sys.stderr)
+    """Run until SIGINT/SIGTERM, an engine core's death or (launched) the launcher's; returns
+    the exit code. The HTTP port is bound before the engine loads weights and listens once it
+    is ready."""
+    try:
+        socks = _bind_or_fail(args)
+    except _StartError as exc:
+        print(f"disagg: error: {exc}", file=sys.stderr)
         return 2
     parent = _launcher_pid()
     parent_task = None if parent is None else asyncio.create_task(_parent_gone(parent))
     engine = EngineClient(cfg, envs.engine_ready_timeout_s())
-    starting = asyncio.create_task(engine.start())
     try:
-        if parent_task is not None:  # a launcher SIGKILLed while the weights load
-            await asyncio.wait({starting, parent_task}, return_when=asyncio.FIRST_COMPLETED)
-            if not starting.done():
-                starting.cancel()
-                with contextlib.suppress(BaseException):
-                    await starting
-                raise EngineStartupError("the launcher is gone")
-        synced = await starting
-    except EngineStartupError as exc:
+        synced = await _start_engine(engine, parent_task)
+        host = f"[{args.host}]" if ":" in args.host else (args.host or "0.0.0.0")
+        url = f"http://{host}:{socks[0].getsockname()[1]}"  # --port 0: the port it got
+        info = _server_info(cfg, args, url)
+        runner = await _serve_http(make_app(engine, tokenizer, info), socks, args)
+    except _StartError as exc:
         for sock in socks:
             sock.close()
         await engine.shutdown()
         print(f"disagg: error: {exc}", file=sys.stderr)
-        return 2
-    host = f"[{args.host}]" if ":" in args.host else (args.host or "0.0.0.0")
-    url = f"http://{host}:{socks[0].getsockname()[1]}"  # --port 0: the port it got
-    info = ServerInfo(cfg.model.served_model_name, cfg.model.model, url, args.admin_key,
-                      kv_params_key=args.kv_params_key or envs.kv_params_key(),
-                      api_key=args.api_key or envs.api_key(),
-                      model_aliases=tuple((args.served_model_name or [])[1:]),
-                      sampling_defaults=sampling_defaults(cfg),
-                      max_logprobs=cfg.model.max_logprobs,
-                      log_requests=args.enable_log_requests,
-                      log_stats_interval_s=(None if args.disable_log_stats
-                                            else envs.log_stats_interval_s()))
-    app = make_app(engine, tokenizer, info)
-    runner = await setup_runner(app, handler_cancellation=True, access_log=None)
-    try:
-        for sock in socks:
-            await web.SockSite(runner, sock, backlog=2048).start()
-    except OSError as exc:  # another process took the port meanwhile (SO_REUSEADDR)
-        await runner.cleanup()
-        await engine.shutdown()
-        print(f"disagg: error: cannot listen on {args.host}:{args.port}: "
-              f"{exc.strerror or exc}", file=sys.stderr)
         return 2
     registrar = _start_registrar(args, engine, info)
     for line in startup_lines(cfg, synced, url):
@@ -173,18 +152,7 @@ async def serve(cfg: EngineConfig, args: argparse.Namespace, tokenizer: Tokenize
     print(f"disagg: ready on {url} (max_model_len={synced.max_model_len}, "
           f"block_size={synced.block_size}, num_gpu_blocks={synced.num_gpu_blocks})",
           flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    stop_task = asyncio.create_task(stop.wait())
-    dead_task = asyncio.create_task(engine.dead_event.wait())
-    tasks: set[asyncio.Task[Any]] = {stop_task, dead_task}
-    if parent_task is not None:
-        tasks.add(parent_task)
-    await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    for t in tasks:
-        t.cancel()
+    await _until_stopped(engine, parent_task)
     if engine.dead:
         print(f"disagg: error: {engine.dead}; shutting down", file=sys.stderr, flush=True)
         await _stop_after_death(runner, engine, registrar)
@@ -195,6 +163,73 @@ async def serve(cfg: EngineConfig, args: argparse.Namespace, tokenizer: Tokenize
     await runner.cleanup()
     await engine.shutdown()
     return 0
+
+
+def _bind_or_fail(args: argparse.Namespace) -> list[socket.socket]:
+    try:  # before the engine loads weights: a port in use is one line at once
+        return _bind(args.host, args.port)
+    except OSError as exc:
+        raise _StartError(f"cannot listen on {args.host}:{args.port}: "
+                          f"{exc.strerror or exc}") from None
+
+
+async def _start_engine(engine: EngineClient,
+                        parent_task: asyncio.Task[None] | None) -> SyncedConfig:
+    """The engine cores ready; a launcher gone meanwhile (SIGKILLed while the weights load)
+    stops the start."""
+    starting = asyncio.create_task(engine.start())
+    try:
+        if parent_task is not None:
+            await asyncio.wait({starting, parent_task}, return_when=asyncio.FIRST_COMPLETED)
+            if not starting.done():
+                starting.cancel()
+                with contextlib.suppress(BaseException):
+                    await starting
+                raise _StartError("the launcher is gone")
+        return await starting
+    except EngineStartupError as exc:
+        raise _StartError(str(exc)) from None
+
+
+def _server_info(cfg: EngineConfig, args: argparse.Namespace, url: str) -> ServerInfo:
+    return ServerInfo(cfg.model.served_model_name, cfg.model.model, url, args.admin_key,
+                      kv_params_key=args.kv_params_key or envs.kv_params_key(),
+                      api_key=args.api_key or envs.api_key(),
+                      model_aliases=tuple((args.served_model_name or [])[1:]),
+                      sampling_defaults=sampling_defaults(cfg),
+                      max_logprobs=cfg.model.max_logprobs,
+                      log_requests=args.enable_log_requests,
+                      log_stats_interval_s=(None if args.disable_log_stats
+                                            else envs.log_stats_interval_s()))
+
+
+async def _serve_http(app: web.Application, socks: list[socket.socket],
+                      args: argparse.Namespace) -> web.AppRunner:
+    """Listen on the bound sockets (the engine is ready)."""
+    runner = await setup_runner(app, handler_cancellation=True, access_log=None)
+    try:
+        for sock in socks:
+            await web.SockSite(runner, sock, backlog=2048).start()
+    except OSError as exc:  # another process took the port meanwhile (SO_REUSEADDR)
+        await runner.cleanup()
+        raise _StartError(f"cannot listen on {args.host}:{args.port}: "
+                          f"{exc.strerror or exc}") from None
+    return runner
+
+
+async def _until_stopped(engine: EngineClient, parent_task: asyncio.Task[None] | None) -> None:
+    """Until SIGINT/SIGTERM, an engine core's death or the launcher's."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    tasks: set[asyncio.Task[Any]] = {asyncio.create_task(stop.wait()),
+                                     asyncio.create_task(engine.dead_event.wait())}
+    if parent_task is not None:
+        tasks.add(parent_task)
+    await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for t in tasks:
+        t.cancel()
 
 
 def _launcher_pid() -> int | None:
