@@ -25,7 +25,7 @@ from proxy.bodies import PromptCounter
 from proxy.config import ProxyConfig
 from proxy.flows import FlowDeps
 from proxy.handlers import add_routes, openai_errors
-from proxy.health import health_loop, probe_all
+from proxy.health import Reviver, health_loop, probe_all
 from proxy.kv_index import KVIndex
 from proxy.local_prefill import LocalPrefillThreshold
 from proxy.metrics import ProxyMetrics
@@ -148,8 +148,10 @@ def make_app(cfg: ProxyConfig) -> web.Application:
     local = LocalPrefillThreshold(cfg.local_prefill_threshold_tokens,
                                   auto=cfg.local_prefill_auto,
                                   max_tokens=cfg.local_prefill_max_tokens)
+    app: web.Application
+    reviver = Reviver(registry, lambda: app[STATE_KEY].probes, cfg.probe_timeout_s)
     deps = FlowDeps(cfg=cfg, registry=registry, policies=policies, metrics=ProxyMetrics(),
-                    background=BackgroundTasks(), local_prefill=local)
+                    background=BackgroundTasks(), local_prefill=local, revive=reviver.revive)
     app = web.Application(client_max_size=cfg.max_request_body_bytes,
                           middlewares=[require_api_key, openai_errors])
     app[STATE_KEY] = ProxyState(deps=deps, counter=PromptCounter(cfg.model, registry.model_name),

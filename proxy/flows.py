@@ -19,7 +19,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +64,8 @@ class FlowDeps:
     background: BackgroundTasks
     local_prefill: LocalPrefillThreshold
     """Which prompts skip the prefill pool (fixed, or learned from the flows' timings)."""
+    revive: Callable[[Pool], Awaitable[None]] | None = None
+    """Probe a pool that has no healthy instance now (proxy/health.py Reviver)."""
 
 
 class DecodeExhausted(ProxyError):
@@ -132,6 +134,17 @@ class Flow:
             raise ProxyError(last.exhausted_status(), f"{pool.value} failed on {len(tried)} "
                                                       f"instance(s); last error: {last}")
         raise ProxyError(503, f"no healthy {pool.value} instance available")
+
+    async def _pick_reviving(self, pool: Pool, tried: set[str],
+                             last: UpstreamFailure | None) -> Instance:
+        """``_pick``, but when ``pool`` has no healthy instance at all, its instances are
+        probed at once first (one probe round shared by the requests that find it empty):
+        an instance that came back since the last health round (a restart) serves now
+        instead of the request failing with 503 until the next round."""
+        if last is None and self._deps.revive is not None \
+                and not self._deps.registry.healthy(pool):
+            await self._deps.revive(pool)
+        return self._pick(pool, tried, last)
 
     def _untried(self, pool: Pool, tried: set[str]) -> bool:
         """Whether ``pool`` has a healthy instance not in ``tried``."""
@@ -214,7 +227,7 @@ class Flow:
         for _ in range(self._cfg.max_decode_attempts):
             if last is not None and not self._untried(Pool.DECODE, tried):
                 break
-            d = self._pick(Pool.DECODE, tried, last)
+            d = await self._pick_reviving(Pool.DECODE, tried, last)
             if transfer_id is not None:
                 self._scope.note_transfer(d, transfer_id)
             try:
@@ -232,7 +245,7 @@ class Flow:
         tried: set[str] = set()
         last: UpstreamFailure | None = None
         for _ in range(self._cfg.max_prefill_attempts):
-            p = self._pick(Pool.PREFILL, tried, last)
+            p = await self._pick_reviving(Pool.PREFILL, tried, last)
             tried.add(p.url)
             transfer_id = new_transfer_id()
             self._scope.note_transfer(p, transfer_id)
@@ -291,8 +304,8 @@ class Flow:
         budget = {Pool.PREFILL: self._cfg.max_prefill_attempts,
                   Pool.DECODE: self._cfg.max_decode_attempts}
         while True:
-            p = self._pick(Pool.PREFILL, tried[Pool.PREFILL], last[Pool.PREFILL])
-            d = self._pick(Pool.DECODE, tried[Pool.DECODE], last[Pool.DECODE])
+            p = await self._pick_reviving(Pool.PREFILL, tried[Pool.PREFILL], last[Pool.PREFILL])
+            d = await self._pick_reviving(Pool.DECODE, tried[Pool.DECODE], last[Pool.DECODE])
             transfer_id = new_transfer_id()
             self._scope.note_transfer(p, transfer_id)
             self._scope.note_transfer(d, transfer_id)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 
 import aiohttp
 
-from proxy.registry import Instance, Registry
+from proxy.registry import Instance, Pool, Registry
 from proxy.upstream import UpstreamFailure, fetch_instance_info
 
 logger = logging.getLogger(__name__)
@@ -33,6 +35,45 @@ async def probe_all(registry: Registry, session: aiohttp.ClientSession,
               for i in registry.instances()]
     if probes:
         await asyncio.gather(*probes)
+
+
+REVIVE_TIMEOUT_S = 1.0
+"""Longest a request waits for the on-demand probe of an empty pool."""
+REVIVE_INTERVAL_S = 0.5
+"""At most one on-demand probe round per pool this often (all down: no probe storm)."""
+
+
+class Reviver:
+    """On-demand probes of a pool with no healthy instance, one round at a time per pool."""
+
+    def __init__(self, registry: Registry, session: Callable[[], aiohttp.ClientSession],
+                 timeout_s: float) -> None:
+        self._registry = registry
+        self._session = session
+        self._timeout_s = min(timeout_s, REVIVE_TIMEOUT_S)
+        self._rounds: dict[Pool, asyncio.Task[None]] = {}
+        self._last_s: dict[Pool, float] = {}
+
+    async def revive(self, pool: Pool) -> None:
+        """Probe ``pool``'s instances now (or join the round already running); returns
+        within the revive deadline whatever they answer."""
+        task = self._rounds.get(pool)
+        if task is None:
+            now = time.monotonic()
+            if now - self._last_s.get(pool, -REVIVE_INTERVAL_S) < REVIVE_INTERVAL_S:
+                return
+            self._last_s[pool] = now
+            task = asyncio.ensure_future(self._round(pool))
+            self._rounds[pool] = task
+            task.add_done_callback(lambda _: self._rounds.pop(pool, None))
+        await asyncio.shield(task)
+
+    async def _round(self, pool: Pool) -> None:
+        session = self._session()
+        probes = [probe_instance(self._registry, session, inst, self._timeout_s)
+                  for inst in self._registry.instances() if inst.pool is pool]
+        if probes:
+            await asyncio.gather(*probes, return_exceptions=True)
 
 
 async def health_loop(registry: Registry, session: aiohttp.ClientSession,

@@ -61,3 +61,29 @@ async def test_a_decode_in_the_prefill_pool_is_rejected(fakes: Any, proxies: Any
     inst = proxy.state.registry.get(d.url)
     assert inst is not None and inst.state is InstanceState.REJECTED
     assert "kv_consumer cannot serve in the prefill pool" in str(inst.last_error)
+
+
+async def test_an_empty_pool_is_probed_at_once_before_a_request_fails(
+        fakes: Any, proxies: Any, http: Any) -> None:
+    """The only decode was down at the last health round and is back now (a restart): a
+    request probes the empty pool at once and is served, instead of a 503 until the next
+    round (60 s away here). A pool that is still down answers 503 within the probe's short
+    deadline."""
+    p = await fakes(role="kv_producer")
+    d = await fakes(role="kv_consumer")
+    d.behavior.frozen = True
+    proxy = await proxies(prefill_urls=(p.url,), decode_urls=(d.url,),
+                          health_check_interval_s=60.0, probe_timeout_s=0.3,
+                          unhealthy_after_failures=1)
+    registry = proxy.state.registry
+    await asyncio.sleep(0.5)  # the health loop's first round (at start) is over: unhealthy
+    assert not registry.healthy(Pool.DECODE)
+    body = {"model": "m", "prompt": "hi", "max_tokens": 2}
+    async with http.post(proxy.url + "/v1/completions", json=body) as resp:
+        assert resp.status == 503  # still frozen: the on-demand probe failed too
+    await asyncio.sleep(0.6)  # that request's probes timed out; past the minimum interval
+    assert not registry.healthy(Pool.DECODE)
+    d.behavior.frozen = False
+    async with http.post(proxy.url + "/v1/completions", json=body) as resp:
+        assert resp.status == 200, await resp.text()
+    assert registry.healthy(Pool.DECODE)
