@@ -14,6 +14,7 @@ from disagg.common.openai_api import (
     ChatCompletionRequest,
     CompletionRequest,
     chat_prompt_ids,
+    check_fan_out,
     check_request,
     completion_prompts,
     requested_max_tokens,
@@ -153,9 +154,19 @@ def parse_request(endpoint: Endpoint, raw: bytes, counter: PromptCounter,
         batch = tuple(_client_request(endpoint, {**body, "prompt": p}, req,
                                       counter.prompt_ids(p), max_tokens, max_model_len)
                       for p in prompts)
+        _check_fan_out([b.num_prompt_tokens for b in batch], req.n)
         return dataclasses.replace(batch[0], body=body, batch=batch)
     ids = counter.prompt_ids(prompts[0]) if prompts else counter.chat_ids(req)
-    return _client_request(endpoint, body, req, ids, max_tokens, max_model_len)
+    out = _client_request(endpoint, body, req, ids, max_tokens, max_model_len)
+    _check_fan_out([out.num_prompt_tokens], req.n)
+    return out
+
+
+def _check_fan_out(num_prompt_tokens: list[int], n: int) -> None:
+    try:
+        check_fan_out(num_prompt_tokens, n)
+    except ApiError as exc:
+        raise ProxyError(exc.status, exc.message, param=exc.param) from None
 
 
 def _client_request(endpoint: Endpoint, body: dict[str, Any], req: Any, ids: list[int],

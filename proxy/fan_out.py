@@ -84,15 +84,18 @@ async def serve_choices(request: web.Request, st: ProxyState, req: ClientRequest
     outcome = Outcome.FAILED
     try:
         results = await _all(tasks)
+        answer_id = _AnswerId(parent_id)
         if req.stream:
             response, outcome = await _relay_merged(request, st, _streams(results), clocks,
-                                                    req.n)
+                                                    req.n, answer_id)
         else:
-            response = await _merged_reply(st, results, clocks, req.n)
+            response = await _merged_reply(st, results, clocks, req.n, answer_id)
             outcome = Outcome.OK
         return response, outcome
     finally:
-        await _settle(tasks)
+        # nothing awaited here: a client closing right after [DONE] cancels this handler,
+        # and every choice's load must be released and its transfers settled regardless
+        _settle(tasks)
         for scope in scopes:
             scope.succeeded = outcome is Outcome.OK
             scope.close()
@@ -107,13 +110,40 @@ async def _all(tasks: list[asyncio.Task[Result]]) -> list[Result]:
     return [task.result() for task in tasks]
 
 
-async def _settle(tasks: list[asyncio.Task[Result]]) -> None:
-    """Cancel the choices still running and close every stream a choice opened."""
+def _settle(tasks: list[asyncio.Task[Result]]) -> None:
+    """Cancel the choices still running; close every stream a choice opened (one finishing
+    after this closes its own: see _close_late)."""
     for task in tasks:
-        task.cancel()
-    for outcome in await asyncio.gather(*tasks, return_exceptions=True):
-        if isinstance(outcome, OpenStream):
-            outcome.response.close()
+        if task.done():
+            _close_late(task)
+        else:
+            task.cancel()
+            task.add_done_callback(_close_late)
+
+
+def _close_late(task: asyncio.Task[Result]) -> None:
+    if task.cancelled() or task.exception() is not None:
+        return
+    result = task.result()
+    if isinstance(result, OpenStream):
+        result.response.close()
+
+
+class _AnswerId:
+    """One id for the whole answer, as an instance gives: choice k's call carried request
+    id ``<parent>-<k>``, so its answer's id ends so; the parent's id is that without it."""
+
+    def __init__(self, parent_id: str | None) -> None:
+        self._parent_id = parent_id
+        self.value: str | None = None
+
+    def of(self, choice_id: object, index: int) -> object:
+        """The answer's id, fixed by the first choice id seen."""
+        if self.value is None and isinstance(choice_id, str):
+            suffix = f"{self._parent_id}-{index}"
+            self.value = choice_id[:-len(f"-{index}")] \
+                if self._parent_id is not None and choice_id.endswith(suffix) else choice_id
+        return self.value if self.value is not None else choice_id
 
 
 def _streams(results: list[Result]) -> list[OpenStream]:
@@ -134,13 +164,14 @@ def _json_object(body: bytes) -> dict[str, Any]:
 
 
 async def _merged_reply(st: ProxyState, results: list[Result], clocks: list[PhaseClock],
-                        n: int) -> web.Response:
+                        n: int, answer_id: _AnswerId) -> web.Response:
     objs = []
     for result, clock in zip(results, clocks, strict=True):
         if not isinstance(result, Reply):
             raise ProxyError(502, "a decode streamed a request that was not streamed")
         objs.append(_json_object(await st.phases.answer_body(clock, result.body)))
     merged = dict(objs[0])
+    merged["id"] = answer_id.of(merged.get("id"), 0)
     merged["choices"] = [{**o["choices"][0], "index": i} for i, o in enumerate(objs)]
     usages = [o.get("usage") for o in objs]
     if all(isinstance(u, dict) for u in usages):
@@ -152,7 +183,7 @@ async def _merged_reply(st: ProxyState, results: list[Result], clocks: list[Phas
 
 
 async def _relay_merged(request: web.Request, st: ProxyState, streams: list[OpenStream],
-                        clocks: list[PhaseClock], n: int
+                        clocks: list[PhaseClock], n: int, answer_id: _AnswerId
                         ) -> tuple[web.StreamResponse, Outcome]:
     """Interleave the choices' events as they come, each choice's re-indexed; their usage
     chunks become one and their [DONE]s one. The first broken choice ends the stream with an
@@ -177,7 +208,7 @@ async def _relay_merged(request: web.Request, st: ProxyState, streams: list[Open
         for t in timings:
             t.relaying()
         pumps = [asyncio.create_task(pump(i)) for i in range(len(streams))]
-        complete = await _forward(client, queue, streams, timings, n)
+        complete = await _forward(client, queue, streams, timings, n, answer_id)
         await client.write_eof()
         return client, Outcome.OK if complete else Outcome.FAILED
     except ConnectionResetError:
@@ -193,7 +224,8 @@ async def _relay_merged(request: web.Request, st: ProxyState, streams: list[Open
 
 async def _forward(client: web.StreamResponse,
                    queue: asyncio.Queue[tuple[int, bytes | None, BaseException | None]],
-                   streams: list[OpenStream], timings: list[StreamTimings], n: int) -> bool:
+                   streams: list[OpenStream], timings: list[StreamTimings], n: int,
+                   answer_id: _AnswerId) -> bool:
     """Write the choices' events until all ended (True), or until one failed (False: the
     stream then ends with that failure's error event)."""
     usages: dict[int, dict[str, Any]] = {}
@@ -216,7 +248,7 @@ async def _forward(client: web.StreamResponse,
             await client.write(event)
             return False
         for rewritten in await timings[i].events([event]):
-            out = _reindexed(rewritten, i, usages)
+            out = _reindexed(rewritten, i, usages, answer_id)
             if out is not None:
                 await client.write(out)
     if usages:
@@ -227,7 +259,8 @@ async def _forward(client: web.StreamResponse,
     return True
 
 
-def _reindexed(event: bytes, index: int, usages: dict[int, dict[str, Any]]) -> bytes | None:
+def _reindexed(event: bytes, index: int, usages: dict[int, dict[str, Any]],
+               answer_id: _AnswerId) -> bytes | None:
     """``event`` with its choices' index set to ``index``; a usage-only chunk is kept in
     ``usages`` (None: write nothing now)."""
     payload = event_data(event)
@@ -237,6 +270,7 @@ def _reindexed(event: bytes, index: int, usages: dict[int, dict[str, Any]]) -> b
         return event
     if not isinstance(obj, dict) or not isinstance(obj.get("choices"), list):
         return event
+    obj["id"] = answer_id.of(obj.get("id"), index)
     if not obj["choices"] and isinstance(obj.get("usage"), dict):
         usages[index] = obj
         return None

@@ -265,6 +265,7 @@ async def while_up(coro: Any, inst: Instance, what: str) -> Any:
     ends, both helper tasks are finished and read, and a stream opened by a call that lost
     the race is closed."""
     task = asyncio.ensure_future(coro)
+    task.add_done_callback(_read_exception)  # read even if our caller is cancelled twice
     waiter = asyncio.ensure_future(inst.down.wait())
     try:
         await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
@@ -278,6 +279,12 @@ async def while_up(coro: Any, inst: Instance, what: str) -> Any:
     await _settle(task, waiter)
     raise UpstreamFailure(inst, f"{what}: {inst.url} stopped answering its health checks "
                                 f"({inst.last_error})")
+
+
+def _read_exception(task: asyncio.Future[Any]) -> None:
+    """Mark a finished call's failure as seen (the caller acts on it, or is gone)."""
+    if not task.cancelled():
+        task.exception()
 
 
 async def _settle(task: asyncio.Future[Any], waiter: asyncio.Future[Any]) -> None:

@@ -43,6 +43,9 @@ MAX_COUNT = 2**31 - 1
 MAX_N = 16
 MAX_BATCH_PROMPTS = 64
 """Most prompts one /v1/completions request may batch (each with its n choices)."""
+MAX_FAN_OUT_TOKENS = 1 << 20
+"""Most prompt tokens one request may ask to compute over all its prompts and choices
+(n x the batch's prompt tokens): one small body must not become gigabytes of work."""
 """Most choices one request may ask for (``n``); each is its own engine request."""
 MAX_CACHE_SALT_CHARS = 1024
 MAX_STOP_STRING_CHARS = 1024
@@ -477,6 +480,16 @@ def single_prompt(prompt: object) -> str | list[int]:
         raise ApiError(400, "a batch of prompts is not taken here: send one prompt",
                        param="prompt")
     raise ApiError(400, "'prompt' must be a string or a list of token ids", param="prompt")
+
+
+def check_fan_out(num_prompt_tokens: list[int], n: int) -> None:
+    """A 400 when the prompts' choices add up to more than MAX_FAN_OUT_TOKENS to compute."""
+    total = sum(num_prompt_tokens) * n
+    if total > MAX_FAN_OUT_TOKENS and (n > 1 or len(num_prompt_tokens) > 1):
+        raise ApiError(400, f"{len(num_prompt_tokens)} prompt(s) x n={n} ask for {total} "
+                            f"prompt tokens to compute, over this server's limit of "
+                            f"{MAX_FAN_OUT_TOKENS}; send fewer choices or prompts",
+                       param="n")
 
 
 def completion_prompts(prompt: object) -> list[str | list[int]]:

@@ -35,6 +35,7 @@ from disagg.common.openai_api import (
     KVFaultsRequest,
     chat_prompt_ids,
     check_context,
+    check_fan_out,
     completion_prompts,
     decode_body,
     kv_params,
@@ -231,6 +232,7 @@ class _Call:
         prompts = [chat_prompt_ids(req, self.tok)] if self.chat else [
             prompt_ids_of(p, self.tok) for p in completion_prompts(req.prompt)]
         self.prompts = [truncated_prompt(ids, req, synced.max_model_len) for ids in prompts]
+        check_fan_out([len(ids) for ids in self.prompts], req.n)
         """Every prompt's ids (completions may batch several; choices go prompt by prompt)."""
         self.prompt_ids = self.prompts[0]
         self.text_options = TextOptions(req.include_stop_str_in_output, req.skip_special_tokens)
@@ -252,6 +254,11 @@ class _Call:
     def num_choices(self) -> int:
         """Choices in the answer: n for each prompt."""
         return self.req.n * len(self.prompts)
+
+    def choice_usage(self, index: int, num_out: int) -> dict[str, Any]:
+        """One choice's usage so far (continuous usage stats, per choice as in vLLM)."""
+        n = len(self.prompts[index // self.req.n])
+        return {"prompt_tokens": n, "completion_tokens": num_out, "total_tokens": n + num_out}
 
     def usage(self, num_out: int, num_cached: int) -> dict[str, Any]:
         n = self.num_prompt_tokens
@@ -338,6 +345,7 @@ async def _stream(request: web.Request, call: _Call) -> web.StreamResponse:
     with_usage = opts is not None and bool(opts.include_usage)
     every_usage = with_usage and opts is not None and bool(opts.continuous_usage_stats)
     offsets: dict[int, int] = {}  # per choice: its text so far (completion text_offset)
+    counts: dict[int, int] = {}  # per choice: its tokens so far (continuous usage)
     timings = call.timings()  # the first token goes out now; the last chunk carries them
     try:
         delta: Delta | None = first
@@ -347,7 +355,9 @@ async def _stream(request: web.Request, call: _Call) -> web.StreamResponse:
             if not delta.already_sent:
                 offset = offsets.get(delta.index)
                 last = timings if delta.finish_reason is not None and not with_usage else {}
-                usage = {"usage": call.usage(num_out, num_cached)} if every_usage else {}
+                counts[delta.index] = counts.get(delta.index, 0) + len(delta.token_ids)
+                usage = {"usage": call.choice_usage(delta.index, counts[delta.index])} \
+                    if every_usage else {}
                 await resp.write(encode_event({**head, "choices": [call.choice(
                     delta, True, delta.index, offset or 0, first=offset is None)],
                     **usage, **last}))

@@ -150,3 +150,13 @@ async def test_bad_batches_are_a_400(instance_client: Any, prompt: Any, says: st
     status, out = await _post(client, "/v1/completions", {
         "prompt": ["a", "b"], "max_tokens": 2, "kv_transfer_params": READ_PARAMS})
     assert status == 400 and "one prompt" in out["error"]["message"], out
+
+
+async def test_a_fan_out_past_the_token_limit_is_a_400(instance_client: Any) -> None:
+    client = await instance_client()
+    status, out = await _post(client, "/v1/completions", {
+        "prompt": [[5] * 100] * 4, "n": 16, "max_tokens": 1})
+    assert status == 200, out  # 6,400 tokens: under the limit
+    status, out = await _post(client, "/v1/completions", {
+        "prompt": [[5] * 1100] * 64, "n": 16, "max_tokens": 1})
+    assert status == 400 and out["error"]["param"] == "n", out

@@ -155,3 +155,15 @@ def test_unsupported_fields_are_refused_before_routing(field: str, value: object
     raw = msgspec.json.encode({"messages": [{"role": "user", "content": "hi"}], field: value})
     err = _parse_error(Endpoint.CHAT, raw)
     assert err.param == field and "not supported" in err.message
+
+
+def test_a_fan_out_past_the_token_limit_is_a_400() -> None:
+    """n x the batch's prompt tokens is bounded: a small body must not become gigabytes."""
+    ids = list(range(1, 70_001))
+    raw = msgspec.json.encode({"prompt": ids, "n": 16, "max_tokens": 1})
+    err = _parse_error(Endpoint.COMPLETIONS, raw, max_model_len=100_000)
+    assert err.param == "n" and "limit" in err.message
+    raw = msgspec.json.encode({"prompt": [ids[:40_000]] * 2, "n": 16, "max_tokens": 1})
+    assert _parse_error(Endpoint.COMPLETIONS, raw, max_model_len=100_000).param == "n"
+    assert parse_request(Endpoint.COMPLETIONS, msgspec.json.encode(
+        {"prompt": ids, "max_tokens": 1}), _counter(), 100_000).n == 1

@@ -359,6 +359,7 @@ async def test_n_choices_are_one_flow_each_merged_into_one_answer(
                   if line.startswith("data: {")]
         assert (await resp.text()).count("data: [DONE]") == 1
     assert {c["index"] for e in events for c in e["choices"]} == {0, 1}
+    assert len({e["id"] for e in events}) == 1  # one answer, one id (as an instance's)
     usage = [e for e in events if not e["choices"]]
     assert len(usage) == 1 and usage[0]["usage"]["completion_tokens"] == 8
     assert usage[0]["usage"]["prompt_tokens"] == 3
@@ -412,3 +413,25 @@ async def test_a_batch_of_prompts_is_one_flow_per_prompt_and_choice(
     assert sorted(r["seed"] for r in d.requests) == [3, 3, 3, 4, 4, 4]
     assert body["usage"]["prompt_tokens"] == 9  # the fake counts 3 a prompt
     assert body["usage"]["completion_tokens"] == 30
+
+
+async def test_clients_closing_right_after_done_leave_no_load_counted(
+        fakes: Any, proxies: Any, http: Any) -> None:
+    """The openai client closes the stream as soon as it reads [DONE]: the handler may be
+    cancelled while it settles the choices, and every choice's load must still be released
+    and the request counted as answered."""
+    (p,), (d,), proxy = await _pd(fakes, proxies, "read")
+
+    async def one(i: int) -> None:
+        async with http.post(proxy.url + "/v1/completions", json={
+                "model": "m", "prompt": PROMPT, "max_tokens": 4, "n": 3, "seed": i,
+                "stream": True}) as resp:
+            async for line in resp.content:
+                if line.startswith(b"data: [DONE]"):
+                    resp.close()  # at once, as the SDK does
+                    return
+
+    await asyncio.gather(*(one(i) for i in range(24)))
+    registry = proxy.state.registry
+    await _wait_for(lambda: proxy.state.metrics.in_flight == 0)
+    await _wait_for(lambda: all(i.outstanding_requests == 0 for i in registry.instances()))
