@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from disagg.common.config import ConfigError
-from disagg.common.sampling_params import MAX_TOKEN_ID
 
 BYTE_VOCAB = 256
 BUILTIN_BOS_ID = 256
@@ -101,10 +100,7 @@ class ByteTokenizer:
 class IdTokenizer(ByteTokenizer):
     """For model directories without tokenizer files (``--load-format dummy`` configs): text
     in is UTF-8 bytes; ids outside the byte range come out as ``<id>`` so output stays visible.
-    Any id is taken as a prompt token here: the engine checks them against the model's
-    vocabulary (it knows it, this does not)."""
-
-    vocab_size = MAX_TOKEN_ID + 1
+    (The engine checks prompt ids against the model's own vocabulary too.)"""
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """Bytes as text, other ids as ``<id>``."""
