@@ -62,19 +62,7 @@ def test_aborted_decode_keeps_blocks_a_stalled_read_may_land_in(engines: Any) ->
     prefill = engines("kv_producer")
     decode = engines("kv_consumer", faults=[{"at": "post", "action": "stall"}])
     tid = uuid.uuid4().hex
-    prefill.add_request(EngineCoreRequest(
-        request_id="p", prompt_token_ids=PROMPT,
-        sampling_params=msgspec.structs.replace(GREEDY, max_tokens=1),
-        kv_transfer_params=KVTransferParams(transfer_id=tid, do_remote_decode=True,
-                                            mode=TransferMode.READ)))
-    answered: list[Any] = []
-
-    def prefill_answered() -> bool:
-        answered.extend(o for o in prefill.step() if o.finish_reason is not None)
-        return bool(answered)
-
-    _step_until([], prefill_answered)
-    params = msgspec.structs.replace(answered[0].kv_transfer_params, do_remote_prefill=True)
+    params = msgspec.structs.replace(_read_prefill(prefill, tid), do_remote_prefill=True)
     decode.add_request(EngineCoreRequest(request_id="d", prompt_token_ids=PROMPT,
                                          sampling_params=GREEDY, kv_transfer_params=params))
     t = decode.connector.transfers[tid]
@@ -373,10 +361,8 @@ def test_a_request_expiring_in_the_decode_queue_leaves_other_transfers_to_that_p
     _step_until([], lambda: step() or t_a.terminal)
     assert t_a.state.value == "expired" and not t_b.terminal
     decode.pool.free(taken, filler)
-    started = time.monotonic()
     _step_until([], lambda: step() or t_b.terminal)
-    assert t_b.state.value == "done", t_b.error
-    assert time.monotonic() - started < 1.5
+    assert t_b.state.value == "done", t_b.error  # it expired, stranded, before
 
 
 def test_a_request_held_during_a_pause_starts_its_queue_deadline_at_resume(

@@ -64,13 +64,18 @@ def test_variant_matches_transformers(variant: str, tmp_path: Path) -> None:
     kind, fields = VARIANTS[variant]
     model = _save(kind, fields, tmp_path)
     prompts = mixed_prompts(256, [1, 7, 33, 60], seed=3)
-    llm = LLM(str(tmp_path), device="cpu", dtype="float32", kv_cache_memory_bytes=4 * 2**20)
+    assert _greedy(tmp_path, prompts, 8) == hf_greedy(model, prompts, 8)
+
+
+def _greedy(path: Path, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """disagg's greedy tokens for ``prompts`` from the checkpoint at ``path`` (fp32)."""
+    llm = LLM(str(path), device="cpu", dtype="float32", kv_cache_memory_bytes=4 * 2**20)
     try:
-        ours = llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0,
+        ours = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0,
                                                     ignore_eos=True))
     finally:
         llm.close()
-    assert [o.output_token_ids for o in ours] == hf_greedy(model, prompts, 8)
+    return [o.output_token_ids for o in ours]
 
 
 def test_a_qwen3_config_without_head_dim_takes_transformers_default(tmp_path: Path) -> None:
@@ -80,13 +85,7 @@ def test_a_qwen3_config_without_head_dim_takes_transformers_default(tmp_path: Pa
     assert model.config.head_dim == 128 != BASE["hidden_size"] // BASE["num_attention_heads"]
     _edit_config(tmp_path, head_dim=None)
     prompts = mixed_prompts(256, [1, 7, 33], seed=3)
-    llm = LLM(str(tmp_path), device="cpu", dtype="float32", kv_cache_memory_bytes=4 * 2**20)
-    try:
-        ours = llm.generate(prompts, SamplingParams(max_tokens=6, temperature=0,
-                                                    ignore_eos=True))
-    finally:
-        llm.close()
-    assert [o.output_token_ids for o in ours] == hf_greedy(model, prompts, 6)
+    assert _greedy(tmp_path, prompts, 6) == hf_greedy(model, prompts, 6)
 
 
 def test_a_sharded_checkpoint_loads_only_the_shards_its_index_names(tmp_path: Path) -> None:
@@ -100,13 +99,7 @@ def test_a_sharded_checkpoint_loads_only_the_shards_its_index_names(tmp_path: Pa
     save_file({"model.norm.weight": torch.zeros(int(BASE["hidden_size"]))},
               str(tmp_path / "zz-stray.safetensors"))
     prompts = mixed_prompts(256, [7, 20], seed=3)
-    llm = LLM(str(tmp_path), device="cpu", dtype="float32", kv_cache_memory_bytes=4 * 2**20)
-    try:
-        ours = llm.generate(prompts, SamplingParams(max_tokens=6, temperature=0,
-                                                    ignore_eos=True))
-    finally:
-        llm.close()
-    assert [o.output_token_ids for o in ours] == hf_greedy(model, prompts, 6)
+    assert _greedy(tmp_path, prompts, 6) == hf_greedy(model, prompts, 6)
     next(p for p in sorted(tmp_path.glob("model-*.safetensors"))).unlink()
     with pytest.raises(ConfigError, match="which is not there"):
         LLM(str(tmp_path), device="cpu", dtype="float32", kv_cache_memory_bytes=4 * 2**20)
