@@ -189,6 +189,12 @@ class PDConnector(KVConnector):
         if t is not None and t.queued_s is None:
             t.queued_s = time.monotonic()
 
+    def on_request_paused(self, req: Request) -> None:
+        """A queued consumer's wait stops counting while the engine is paused."""
+        t = self.consumer_transfer(req)
+        if t is not None and t.started_s is None:
+            t.queued_s = None
+
     def _reused_id_failure(self, t: Transfer) -> Any:
         logger.warning("transfer_id %s is already in use; request %s refused", t.transfer_id,
                        t.request_id)

@@ -140,8 +140,8 @@ class Transfer:
     started_s: float | None = None
     """When the deadline clock started; None = not waiting on the peer yet (no expiry)."""
     queued_s: float | None = None
-    """Consumer: when its request entered this engine's queue (None: not yet, e.g. held
-    during a pause); until its blocks exist it expires at queued_s + defer_timeout."""
+    """Consumer: when its request entered this engine's queue, or the last resume (None: not
+    yet, or paused); until its blocks exist it expires at queued_s + defer_timeout."""
     posted_s: float | None = None
     """When the latest op was posted."""
     first_posted_s: float | None = None

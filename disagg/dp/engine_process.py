@@ -407,6 +407,8 @@ class EngineLoop:
         if mode is PauseMode.ABORT:
             n = self.engine.abort_all(PAUSE_ABORT_ERROR)
             logger.info("dp%d: pause (abort) ended %d in-flight requests", self.rank, n)
+        else:
+            self.engine.pause_queue_clocks()
         if self.lockstep is not None:
             self.lockstep.start_for_pause()
 

@@ -225,16 +225,25 @@ class EngineCore:
         return None
 
     def release_held(self) -> int:
-        """Resume: queue the held requests that are still alive, in arrival order."""
+        """Resume: queue the held requests that are still alive, in arrival order; every
+        queued request's wait counts again (pause_queue_clocks stopped it)."""
         n = 0
         while self.held:
             req = self.held.popleft()
             if not req.is_finished:
                 self.scheduler.waiting.append(req)
-                if self.connector is not None:
-                    self.connector.on_request_queued(req)
                 n += 1
+        if self.connector is not None:
+            for req in self.scheduler.waiting:
+                self.connector.on_request_queued(req)
         return n
+
+    def pause_queue_clocks(self) -> None:
+        """A pause (keep or wait): requests already queued stop counting their wait toward
+        their transfers' queue deadline until release_held at resume."""
+        if self.connector is not None:
+            for req in self.scheduler.waiting:
+                self.connector.on_request_paused(req)
 
     @property
     def num_held(self) -> int:

@@ -147,7 +147,11 @@ class KVConnector(abc.ABC):
 
     def on_request_queued(self, req: Request) -> None:
         """The request entered the scheduler's queue: right after its arrival, or at resume
-        for one held during a pause (it waits for blocks from here)."""
+        for one held or queued during a pause (it waits for blocks from here)."""
+
+    def on_request_paused(self, req: Request) -> None:
+        """The engine paused with this request queued: its wait stops counting until
+        on_request_queued at resume."""
 
     def before_execute(self, out: SchedulerOutput) -> None:
         """Hook before the model runs a step."""

@@ -367,30 +367,41 @@ def test_a_request_expiring_in_the_decode_queue_leaves_other_transfers_to_that_p
 
 def test_a_request_held_during_a_pause_starts_its_queue_deadline_at_resume(
         engines: Any) -> None:
-    """A decode request that arrives during a pause is held, its transfer leased: the hold
-    does not count toward its queue deadline (a pause longer than defer_timeout, a weight
-    update, must not fail it); at resume it is queued and reads its KV."""
+    """A pause does not count toward the queue deadline: neither for a request that arrives
+    during it (held, its transfer leased) nor for one queued before it (a pause longer than
+    defer_timeout, a weight update, must fail neither); at resume both read their KV."""
     prefill = engines("kv_producer", defer_timeout=20, lease_timeout=20)
     decode = engines("kv_consumer", defer_timeout=1)
-    tid = uuid.uuid4().hex
+    filler = Owner(OwnerKind.REQUEST, "filler")
+    taken = decode.pool.allocate(decode.pool.num_free, filler)
+    assert taken
+    tq, tid = uuid.uuid4().hex, uuid.uuid4().hex
+    queued = msgspec.structs.replace(_read_prefill(prefill, tq, "pq"), do_remote_prefill=True)
     params = msgspec.structs.replace(_read_prefill(prefill, tid), do_remote_prefill=True)
+    # one request queued (for blocks) before the pause, one arriving during it (held)
+    assert decode.add_request(EngineCoreRequest(request_id="q", prompt_token_ids=PROMPT,
+                                                sampling_params=GREEDY,
+                                                kv_transfer_params=queued)) is None
+    decode.pause_queue_clocks()
     assert decode.add_request(EngineCoreRequest(request_id="d", prompt_token_ids=PROMPT,
                                                 sampling_params=GREEDY,
                                                 kv_transfer_params=params), hold=True) is None
-    t = decode.connector.transfers[tid]
-    deadline = time.monotonic() + 2.0  # twice defer_timeout, held
+    t, t_q = decode.connector.transfers[tid], decode.connector.transfers[tq]
+    deadline = time.monotonic() + 2.0  # twice defer_timeout, paused
     while time.monotonic() < deadline:
         decode.connector_step()
         prefill.step()
         time.sleep(0.01)
-    assert not t.terminal, t.error
+    assert not t.terminal and not t_q.terminal, (t.error, t_q.error)
+    decode.pool.free(taken, filler)
     decode.release_held()
     out: list[Any] = []
 
     def finished() -> bool:
         out.extend(decode.step())
         prefill.step()
-        return any(o.finish_reason for o in out)
+        return sum(1 for o in out if o.finish_reason) == 2
 
     _step_until([], finished)
-    assert t.state.value == "done" and out[-1].error is None
+    assert t.state.value == "done" and t_q.state.value == "done"
+    assert all(o.error is None for o in out)
