@@ -192,6 +192,15 @@ def _read_prefill(prefill: EngineCore, tid: str, request_id: str = "p") -> Any:
     return answered[0].kv_transfer_params
 
 
+def _fill_pool(engine: EngineCore) -> tuple[Owner, list[int]]:
+    """Every free block of ``engine`` taken by a stand-in owner (free them to let requests
+    in)."""
+    filler = Owner(OwnerKind.REQUEST, "filler")
+    taken = engine.pool.allocate(engine.pool.num_free, filler)
+    assert taken
+    return filler, taken
+
+
 def _monolithic(engines: Any) -> list[int]:
     engine = engines("kv_both")
     engine.add_request(EngineCoreRequest(request_id="m", prompt_token_ids=PROMPT,
@@ -222,9 +231,7 @@ def test_decode_request_waiting_for_blocks_gives_up_the_remote_kv_after_defer_ti
     expected = _monolithic(engines)
     prefill = engines("kv_producer", mode=mode)
     decode = engines("kv_consumer", mode=mode, kv_load_failure_policy=policy)
-    filler = Owner(OwnerKind.REQUEST, "filler")
-    taken = decode.pool.allocate(decode.pool.num_free, filler)
-    assert taken
+    filler, taken = _fill_pool(decode)
     tid = uuid.uuid4().hex
     if mode == "read":
         params = msgspec.structs.replace(_read_prefill(prefill, tid), do_remote_prefill=True)
@@ -335,9 +342,7 @@ def test_a_request_expiring_in_the_decode_queue_leaves_other_transfers_to_that_p
     at once when blocks free (it used to find the handshake forgotten and expire too)."""
     prefill = engines("kv_producer", defer_timeout=20, lease_timeout=20)
     decode = engines("kv_consumer", defer_timeout=2)
-    filler = Owner(OwnerKind.REQUEST, "filler")
-    taken = decode.pool.allocate(decode.pool.num_free, filler)
-    assert taken
+    filler, taken = _fill_pool(decode)
     ta, tb = uuid.uuid4().hex, uuid.uuid4().hex
     pa = msgspec.structs.replace(_read_prefill(prefill, ta), do_remote_prefill=True)
     pb = msgspec.structs.replace(_read_prefill(prefill, tb, "p2"), do_remote_prefill=True)
@@ -372,9 +377,7 @@ def test_a_request_held_during_a_pause_starts_its_queue_deadline_at_resume(
     defer_timeout, a weight update, must fail neither); at resume both read their KV."""
     prefill = engines("kv_producer", defer_timeout=20, lease_timeout=20)
     decode = engines("kv_consumer", defer_timeout=1)
-    filler = Owner(OwnerKind.REQUEST, "filler")
-    taken = decode.pool.allocate(decode.pool.num_free, filler)
-    assert taken
+    filler, taken = _fill_pool(decode)
     tq, tid = uuid.uuid4().hex, uuid.uuid4().hex
     queued = msgspec.structs.replace(_read_prefill(prefill, tq, "pq"), do_remote_prefill=True)
     params = msgspec.structs.replace(_read_prefill(prefill, tid), do_remote_prefill=True)
