@@ -144,29 +144,27 @@ def parse_request(endpoint: Endpoint, raw: bytes, counter: PromptCounter,
     """Validate a client's body and count its prompt; raises ProxyError(400) on bad input.
     ``max_model_len``: the pools' limit, when known."""
     try:
-        body, req = _validated(endpoint, raw)
-        prompts = completion_prompts(req.prompt) if endpoint is Endpoint.COMPLETIONS else []
+        return _parsed(endpoint, raw, counter, max_model_len)
     except ApiError as exc:
         raise ProxyError(exc.status, exc.message, param=exc.param, code=exc.code) from None
+
+
+def _parsed(endpoint: Endpoint, raw: bytes, counter: PromptCounter,
+            max_model_len: int | None) -> ClientRequest:
+    body, req = _validated(endpoint, raw)
+    prompts = completion_prompts(req.prompt) if endpoint is Endpoint.COMPLETIONS else []
     max_tokens = requested_max_tokens(req)
     _check_max_tokens(max_tokens, max_model_len)
     if len(prompts) > 1:  # a batch: one request per prompt, each with its own ids
         batch = tuple(_client_request(endpoint, {**body, "prompt": p}, req,
                                       counter.prompt_ids(p), max_tokens, max_model_len)
                       for p in prompts)
-        _check_fan_out([b.num_prompt_tokens for b in batch], req.n)
+        check_fan_out([b.num_prompt_tokens for b in batch], req.n)
         return dataclasses.replace(batch[0], body=body, batch=batch)
     ids = counter.prompt_ids(prompts[0]) if prompts else counter.chat_ids(req)
     out = _client_request(endpoint, body, req, ids, max_tokens, max_model_len)
-    _check_fan_out([out.num_prompt_tokens], req.n)
+    check_fan_out([out.num_prompt_tokens], req.n)
     return out
-
-
-def _check_fan_out(num_prompt_tokens: list[int], n: int) -> None:
-    try:
-        check_fan_out(num_prompt_tokens, n)
-    except ApiError as exc:
-        raise ProxyError(exc.status, exc.message, param=exc.param) from None
 
 
 def _client_request(endpoint: Endpoint, body: dict[str, Any], req: Any, ids: list[int],
