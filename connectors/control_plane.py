@@ -128,7 +128,7 @@ class ControlPlane:
         self._log = RateLimitedLog()
         self._push: dict[Address, zmq.Socket] = {}
         self._lease_push: dict[Address, zmq.Socket] = {}
-        self._lease_targets: dict[Address, list[str]] = {}
+        self._lease_targets: tuple[dict[Address, list[str]], dict[Address, list[str]]] = ({}, {})
         self._delayed: list[tuple[float, Address, bytes]] = []
         self._delayed_lock = threading.Lock()
         self.heartbeat_interval_s = 1.0
@@ -177,18 +177,23 @@ class ControlPlane:
                 self._log.warning("error", "KV control plane: %s: %s", type(exc).__name__,
                                   brief(exc))
 
-    def set_leases(self, targets: dict[Address, list[str]]) -> None:
-        """Engine thread: the live transfers to lease, per peer (swapped in atomically)."""
-        self._lease_targets = targets
+    def set_leases(self, targets: dict[Address, list[str]],
+                   received: dict[Address, list[str]] | None = None) -> None:
+        """Engine thread: the live transfers to lease, per peer, and the decode blocks held
+        for no transfer yet to acknowledge (``Lease.received``), swapped in atomically."""
+        self._lease_targets = (targets, received or {})
 
     def _send_leases(self) -> None:
         assert self.metadata is not None
-        for addr, tids in self._lease_targets.items():
-            for start in range(0, len(tids), MAX_LEASE_IDS):
-                msg = Lease(engine_id=self.metadata.engine_id, epoch=self.metadata.epoch,
-                            transfer_ids=tids[start:start + MAX_LEASE_IDS])
-                for frame in self._with_faults(msg, addr):
-                    self._send_frame(self._lease_push, addr, frame)
+        leased, received = self._lease_targets
+        for targets, waiting in ((leased, False), (received, True)):
+            for addr, tids in targets.items():
+                for start in range(0, len(tids), MAX_LEASE_IDS):
+                    msg = Lease(engine_id=self.metadata.engine_id, epoch=self.metadata.epoch,
+                                transfer_ids=tids[start:start + MAX_LEASE_IDS],
+                                received=waiting)
+                    for frame in self._with_faults(msg, addr):
+                        self._send_frame(self._lease_push, addr, frame)
 
     def _send_due(self, now: float) -> None:
         """Send the delayed frames whose time has come (fault injection only)."""

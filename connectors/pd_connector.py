@@ -31,6 +31,7 @@ from connectors.control_plane import ControlPlane
 from connectors.faults import parse_faults
 from connectors.pd_admission import EarlyStarts, destination_known
 from connectors.pd_config import PDConnectorConfig, parse_pd_config
+from connectors.pd_exposure import Exposure
 from connectors.pd_heads import RankGeometry
 from connectors.pd_inbox import Inbox
 from connectors.pd_metadata import build_metadata, compat_error, slow_path_hint
@@ -57,7 +58,7 @@ from connectors.transfer import (
 )
 from connectors.transports.base import TransferOp, TransferStatus
 from disagg.common.config import KVTransferConfig
-from disagg.common.kv_transfer_params import KVTransferParams, TransferMode
+from disagg.common.kv_transfer_params import PEER_GAVE_UP, KVTransferParams, TransferMode
 from disagg.engine.kv_connector import ConnectorOutput, FinishAction, KVConnector, LoadFailure
 
 if TYPE_CHECKING:
@@ -118,8 +119,8 @@ class PDConnector(KVConnector):
                                  recompute=c.kv_load_failure_policy == "recompute",
                                  counters=self.counters)
         self.inbox = Inbox(self)
-        self._unresponsive: set[str] = set()
-        """WRITE producers given no more blocks (Outcomes.unresponsive_producers, per step)."""
+        self.exposure = Exposure(self.transfers, self.outcomes.parked, self.peers,
+                                 self.timeouts, self.metadata.num_blocks)
 
     def _compat_error(self, peer: EngineMetadata) -> str | None:
         return compat_error(self.metadata, peer, self.worker.num_kv_heads)
@@ -163,7 +164,7 @@ class PDConnector(KVConnector):
         t.prompt_digest = prompt_digest(req.prompt_token_ids)
         tomb = self.peers.tombstones.pop(t.transfer_id, None)
         error = self._params_error(t, p, req) if tomb is None else \
-            f"the peer already gave up on this transfer: {tomb[0]}"
+            f"{PEER_GAVE_UP}: {tomb[0]}"
         if error is not None:
             self.fail(t, error, notify_peer=tomb is None)
             return
@@ -282,19 +283,24 @@ class PDConnector(KVConnector):
         # the wire counts all but the last prompt token (its block moves whole either way)
         t.num_tokens = min(req.num_external_tokens, req.num_prompt_tokens - 1)
         t.skip_blocks = min(req.num_cached_tokens // self.metadata.block_size, num_blocks)
-        if t.role is TransferRole.CONSUMER_WRITE and t.peer_engine_id in self._unresponsive:
-            silent_s = self.timeouts.transfer_timeout_s + self.timeouts.lease_timeout_s
-            self.fail(t, f"prefill {t.peer_engine_id} has not confirmed for over "
-                         f"{silent_s:g} s that it stopped writing blocks this decode gave it "
-                         "for a failed transfer; it is given no more")
-        elif t.role is TransferRole.CONSUMER_WRITE:
-            self._announce(t, time.monotonic())
+        if t.role is TransferRole.CONSUMER_WRITE:
+            self._try_announce(t, time.monotonic())
         else:
             self._try_post(t)
+
+    def _try_announce(self, t: Transfer, now: float) -> None:
+        """WRITE consumer with blocks: announce them unless its producer is silent (fail) or
+        holds its share of unacknowledged blocks already (wait: pd_exposure.py)."""
+        if (refusal := self.exposure.refusal(t)) is not None:
+            self.fail(t, refusal)
+        elif self.exposure.may_announce(t):
+            self._announce(t, now)
 
     def _announce(self, t: Transfer, now: float) -> None:
         """WRITE consumer: (re)send our destination blocks; the producer takes the first copy
         and ignores the rest, so a lost one is recovered by the next heartbeat."""
+        if t.announced_s is None:
+            t.announced_s = now
         t.announced, t.next_resend_s = True, now + self.timeouts.heartbeat_interval_s
         self.peers.send(t, self._remote_blocks_msg(t, t.local_block_ids))
 
@@ -400,17 +406,23 @@ class PDConnector(KVConnector):
                 self._release_unread(t)
             if not t.terminal and not t.handles and t.role.posts_ops:
                 self._try_post(t)
+            if t.role is TransferRole.CONSUMER_WRITE and t.peer_epoch is None \
+                    and not t.terminal:
+                self._peer(t)  # identified once our handshake answered: its leases count
             if t.announced and not t.terminal and now >= t.next_resend_s:
                 self._announce(t, now)
+            elif t.role is TransferRole.CONSUMER_WRITE and not t.announced \
+                    and t.started_s is not None and not t.terminal:
+                self._try_announce(t, now)  # held back for its producer's share
             if not t.terminal and (error := self.peers.hello_error(t)) is not None:
                 self.fail(t, error)  # refused, incompatible, ourselves: no use waiting
             if not t.terminal and now > t.deadline_s(self.timeouts):
                 self.fail(t, self._expiry_reason(t, now), state=TransferState.EXPIRED)
 
         self.outcomes.step_parked(now)
-        self._unresponsive = self.outcomes.unresponsive_producers(now)
+        self.exposure.review(now)
         self.peers.expire(now)
-        self.peers.refresh_leases(self.transfers.values())
+        self.peers.refresh_leases(self.transfers.values(), self.outcomes.draining_writes())
         return self.outcomes.take_output()
 
     def _expiry_reason(self, t: Transfer, now: float) -> str:
@@ -420,6 +432,11 @@ class PDConnector(KVConnector):
             return (f"transfer {t.transfer_id} expired: its request waited {waited:.1f} s in "
                     f"this decode's queue for free KV blocks or a seat ({where} held the "
                     "prompt's KV meanwhile)")
+        if t.role is TransferRole.CONSUMER_WRITE and not t.announced:
+            return (f"transfer {t.transfer_id} expired after {now - t.created_s:.1f} s: its "
+                    f"blocks waited for {where} to acknowledge the "
+                    f"{self.exposure.at_risk.get(t.peer_engine_id or '', 0)} blocks this "
+                    "decode had announced to it already")
         return (f"transfer {t.transfer_id} expired after {now - t.created_s:.1f} s in state "
                 f"{t.state.value} ({where})")
 

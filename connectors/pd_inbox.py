@@ -32,6 +32,7 @@ from connectors.protocol import (
     WriteDone,
 )
 from connectors.transfer import Transfer, TransferRole
+from disagg.common.kv_transfer_params import PEER_GAVE_UP
 
 if TYPE_CHECKING:
     from connectors.pd_connector import PDConnector
@@ -48,7 +49,7 @@ class Inbox:
         """Dispatch one message from the control plane's queue."""
         c = self._c
         if isinstance(msg, PeerHello):
-            c.peers.learn(msg.metadata)
+            c.peers.hello_from(msg.metadata)
         elif isinstance(msg, RemoteBlocks):
             self._remote_blocks(msg, now)
         elif isinstance(msg, Lease):
@@ -92,10 +93,12 @@ class Inbox:
             t = self._c.transfers.get(tid)
             if t is None:
                 continue
-            if self._from_peer(t, sender):
-                t.last_lease_s = now
-            else:
+            if not self._from_peer(t, sender):
                 self._c.counters["leases_ignored_total"] += 1
+                continue
+            t.acknowledged = True
+            if not msg.received:  # an acknowledgement keeps no transfer alive
+                t.last_lease_s = now
 
     def _for_transfer(self, msg: Notification, now: float) -> None:
         """write_done, release_ack, transfer_failed from an identified sender."""
@@ -113,7 +116,7 @@ class Inbox:
         sender = c.peers.identify(msg.engine_id, msg.epoch)
         if sender is None or not self._from_peer(t, sender):
             return
-        t.last_lease_s = now
+        t.last_lease_s, t.acknowledged = now, True
         if isinstance(msg, WriteDone) and t.role is TransferRole.CONSUMER_WRITE:
             self._write_done(t, msg)
         elif isinstance(msg, FirstToken) and t.role is TransferRole.CONSUMER_WRITE:
@@ -123,7 +126,7 @@ class Inbox:
         elif isinstance(msg, ReleaseAck) and t.role is TransferRole.CONSUMER_READ:
             self._release_ack(t, msg)
         elif isinstance(msg, TransferFailed):
-            c.fail(t, f"peer {msg.engine_id} failed the transfer: {msg.reason}",
+            c.fail(t, f"{PEER_GAVE_UP} (engine {msg.engine_id}): {msg.reason}",
                    notify_peer=False)
             if msg.quiesced:
                 c.outcomes.on_quiesced(t.transfer_id, msg.engine_id, msg.epoch)
@@ -148,10 +151,24 @@ class Inbox:
                 return
             if not c.peers.stash_early(msg, now):  # D raced ahead of P's request
                 c.counters["notifications_unknown_total"] += 1  # bounded: a flood is dropped
+            else:
+                self._acknowledge(msg)
         elif t.role is TransferRole.PRODUCER_WRITE and t.remote_block_ids is None:
             self.on_remote_blocks(t, msg)
+            if t.remote_block_ids is not None and not t.terminal:
+                self._acknowledge(msg)
         elif t.role is not TransferRole.PRODUCER_WRITE or t.peer_generation != msg.generation:
             c.counters["notifications_unknown_total"] += 1  # a resent copy is not counted
+
+    def _acknowledge(self, msg: RemoteBlocks) -> None:
+        """Lease the decode's blocks at once (it bounds what it announces to a prefill that has
+        not acknowledged: pd_exposure.py), when the decode is identified: an unidentified
+        sender's address gets nothing (the heartbeat leases follow our handshake to it)."""
+        c = self._c
+        addr = c.peers.known_address(msg.engine_id, msg.epoch)
+        if addr is not None:
+            c.control.send(addr, Lease(engine_id=c.engine_id, epoch=c.epoch,
+                                       transfer_ids=[msg.transfer_id], received=True))
 
     def on_remote_blocks(self, t: Transfer, msg: RemoteBlocks) -> None:
         """The decode's destination: remember it, handshake the announced address (the
@@ -206,11 +223,11 @@ class Inbox:
         if t is not None:
             if not self._from_peer(t, sender):
                 return
-            c.fail(t, "the decode gave up on this transfer", notify_peer=False)
+            c.fail(t, f"{PEER_GAVE_UP}: the decode asked to quiesce it", notify_peer=False)
         elif msg.transfer_id not in c.outcomes.parked:
             # our answer lets the decode free those blocks: a request for this transfer that
             # reaches us later must not write them (its remote_blocks may be queued already)
-            c.peers.bury(msg.transfer_id, "the decode gave up on this transfer", now)
+            c.peers.bury(msg.transfer_id, "the decode asked to quiesce it", now)
         if not c.outcomes.draining(msg.transfer_id):
             c.peers.reply(sender, Quiesced(transfer_id=msg.transfer_id,
                                            engine_id=c.engine_id, epoch=c.epoch))

@@ -42,7 +42,7 @@ class Parked:
     needs_quiesce: bool
     """WRITE consumer: wait until the producer cannot write our blocks any more."""
     parked_s: float
-    """When it was parked (a producer silent on it too long gets no more blocks)."""
+    """When it was parked (its producer owes a quiesce from then: pd_exposure.py)."""
     quiesced: bool = False
     next_ask_s: float = 0.0
     probe: concurrent.futures.Future[bool] | None = None
@@ -223,17 +223,11 @@ class Outcomes:
         p.quiesced = True
         return True
 
-    def unresponsive_producers(self, now: float) -> set[str]:
-        """WRITE producers that have not confirmed, for ``transfer_timeout + lease_timeout``
-        since a transfer failed, that they stopped writing the blocks we gave them (frozen, or
-        unreachable; a live one answers once its own posted writes drained, which takes at most
-        its transfer_timeout). Those blocks stay parked; giving such a producer more would
-        drain the pool into parking, so new transfers to it fail before announcing any (their
-        prompts are computed here, or fail, by policy)."""
-        limit = now - self.timeouts.transfer_timeout_s - self.timeouts.lease_timeout_s
-        return {p.transfer.peer_engine_id for p in self.parked.values()
-                if p.needs_quiesce and not p.quiesced and p.parked_s < limit
-                and p.transfer.peer_engine_id is not None}
+    def draining_writes(self) -> list[Transfer]:
+        """Failed WRITE producers whose writes to the decode's blocks still drain (they owe
+        the decode a quiesced: leased meanwhile)."""
+        return [p.transfer for p in self.parked.values()
+                if p.transfer.role is TransferRole.PRODUCER_WRITE and p.transfer.handles]
 
     def draining(self, transfer_id: str) -> bool:
         """A parked transfer with ops of ours still pending."""

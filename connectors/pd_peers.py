@@ -79,6 +79,9 @@ class PeerLinks:
         """WRITE: remote_blocks from a decode that raced ahead of the prefill's request (only
         ``stash_early`` adds, ``take_early`` removes)."""
         self._early_ids = 0  # block ids in ``early``
+        self.heard_s: dict[str, float] = {}
+        """When each identified peer (engine id) last sent this engine anything: a message, or
+        a handshake of its own (pd_exposure.py judges silence by it; bounded with ``known``)."""
         self.tombstones: dict[str, tuple[str, float]] = {}
         """Transfers the peer failed before this side knew them: a late request for one must
         not use stale remote_blocks (the decode already freed those blocks)."""
@@ -100,16 +103,32 @@ class PeerLinks:
                lambda epoch: (meta.engine_id, epoch) in in_use or epoch == meta.epoch)
         _evict(self.known, MAX_KNOWN_PEERS,
                lambda engine: engine in engines_in_use or engine == meta.engine_id)
+        for engine in [e for e in self.heard_s if e not in self.known]:
+            del self.heard_s[engine]
 
     def identify(self, engine_id: str, epoch: int) -> EngineMetadata | None:
         """The handshaken peer that sent a message with this identity, else None (a peer that
-        keeps talking stays the most recently used)."""
+        keeps talking stays the most recently used, and is heard now)."""
         epochs = self.known.get(engine_id)
         meta = None if epochs is None else epochs.get(epoch)
         if meta is not None and epochs is not None:
             epochs.move_to_end(epoch)
             self.known.move_to_end(engine_id)
+            self.heard_s[engine_id] = time.monotonic()
         return meta
+
+    def hello_from(self, meta: EngineMetadata) -> None:
+        """A peer handshook this engine: identified, and heard now."""
+        self.learn(meta)
+        if meta.engine_id in self.known:
+            self.heard_s[meta.engine_id] = time.monotonic()
+
+    def known_address(self, engine_id: str, epoch: int) -> Address | None:
+        """Where an identified peer listens for notifications (None: not identified; its
+        place in the table is left as it is)."""
+        epochs = self.known.get(engine_id)
+        meta = None if epochs is None else epochs.get(epoch)
+        return None if meta is None else (meta.host, meta.notify_port)
 
     # ---- handshakes ----------------------------------------------------------------------
     @staticmethod
@@ -155,6 +174,9 @@ class PeerLinks:
                           f"(epoch {meta.epoch}), not the {t.peer_engine_id} that this "
                           "transfer's KV belongs to: it restarted, its KV is gone")
         self.learn(meta)
+        # it answered after we asked: heard then at the latest (pd_exposure.py)
+        self.heard_s[meta.engine_id] = max(self.heard_s.get(meta.engine_id, 0.0),
+                                           hello.started_s)
         t.peer_engine_id, t.peer_epoch, t.peer_num_blocks = (meta.engine_id, meta.epoch,
                                                               meta.num_blocks)
         # notify where the identified peer says it listens: the params' copy of its notify
@@ -220,14 +242,26 @@ class PeerLinks:
         """Notify an identified peer at the address of its handshake."""
         self.control.send((meta.host, meta.notify_port), msg)
 
-    def refresh_leases(self, transfers: Iterable[Transfer]) -> None:
-        """Hand the control thread the transfers to lease (it sends them on its own timer)."""
+    def refresh_leases(self, transfers: Iterable[Transfer],
+                       draining: Iterable[Transfer] = ()) -> None:
+        """Hand the control thread the transfers to lease (it sends them on its own timer):
+        the live ones whose next move is ours and failed WRITE ones whose writes to the decode's
+        blocks still drain (it waits for our quiesced); and, as ``received``, the decode blocks
+        held for no transfer (they came before their request), when their sender is
+        identified: the decode must hear from a prefill holding its blocks (pd_exposure.py)."""
         by_peer: dict[Address, list[str]] = {}
         for t in transfers:
             addr = t.peer_notify
             if addr is not None and not t.terminal and t.owes_peer:
                 by_peer.setdefault((addr[0], int(addr[1])), []).append(t.transfer_id)
-        self.control.set_leases(by_peer)
+        for t in draining:
+            if (addr := t.peer_notify) is not None:
+                by_peer.setdefault((addr[0], int(addr[1])), []).append(t.transfer_id)
+        received: dict[Address, list[str]] = {}
+        for tid, (msg, _) in self.early.items():
+            if (known := self.known_address(msg.engine_id, msg.epoch)) is not None:
+                received.setdefault(known, []).append(tid)
+        self.control.set_leases(by_peer, received)
 
     def expire(self, now: float) -> None:
         """Drop tombstones and early notifications older than ``defer_timeout``."""

@@ -203,6 +203,10 @@ class Lease(_Sent, tag="lease", kw_only=True):
     """Heartbeat: the sender is alive and still working on these transfers."""
 
     transfer_ids: Annotated[list[TransferId], msgspec.Meta(max_length=MAX_LEASE_IDS)]
+    received: bool = False
+    """A WRITE prefill acknowledging decode blocks that reached it before their request (or
+    after it finished with them): it is alive and has them, but has no transfer to work on,
+    so the decode's deadlines are not extended by it (pd_exposure.py)."""
 
 
 Notification = (RemoteBlocks | WriteDone | FirstToken | Release | ReleaseAck | TransferFailed

@@ -188,6 +188,11 @@ class Transfer:
     path, or the request wants logprobs, which only a local computation gives)."""
     announced: bool = False
     """WRITE consumer: its block ids went to the producer (which may write them from then)."""
+    acknowledged: bool = False
+    """The peer named this transfer in a message (WRITE consumer: it has our blocks)."""
+    announced_s: float | None = None
+    """WRITE consumer: when they first went (None: not yet; pd_exposure.py may hold them
+    back while the producer has too many unacknowledged)."""
     next_resend_s: float = 0.0
     """WRITE consumer: when to send remote_blocks again (a lost one must not leave both sides
     leasing each other forever)."""

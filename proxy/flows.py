@@ -25,7 +25,12 @@ from typing import Any
 
 import aiohttp
 
-from disagg.common.kv_transfer_params import KVParamsError, kv_params_to_json, parse_kv_params
+from disagg.common.kv_transfer_params import (
+    PEER_GAVE_UP_CODE,
+    KVParamsError,
+    kv_params_to_json,
+    parse_kv_params,
+)
 from disagg.common.timings import TIMINGS_FIELD, parse_instance_timings
 from proxy.bodies import ClientRequest, decode_body, prefill_body
 from proxy.config import ProxyConfig, TransferMode
@@ -339,13 +344,22 @@ class Flow:
         d_task.add_done_callback(_consume_result)
         try:
             await asyncio.wait({p_task, d_task}, return_when=asyncio.FIRST_COMPLETED)
-            if p_task.done() and not d_task.done():
+            if p_task.done() and not d_task.done() and not _decode_settles(p_task):
                 p_task.result()  # P failed first: raise its error, D is waiting in vain
             return await d_task
         except BaseException:
             d_task.cancel()
             p_task.cancel()
             raise
+
+
+def _decode_settles(p_task: asyncio.Future[Reply]) -> bool:
+    """P failed because the decode failed the transfer (it expired the request in its queue,
+    refused the KV, ...): the decode settles that request itself, by its
+    kv_load_failure_policy (computing the prompt, or failing with its own error), so its
+    answer is the request's."""
+    exc = None if p_task.cancelled() else p_task.exception()
+    return isinstance(exc, UpstreamFailure) and exc.code == PEER_GAVE_UP_CODE
 
 
 def _returned_params(p: Instance, reply: Reply) -> dict[str, Any]:

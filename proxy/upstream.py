@@ -63,7 +63,7 @@ class UpstreamFailure(Exception):
     """The instance failed; the request may be retried on another instance."""
 
     def __init__(self, inst: Instance, reason: str, *, instance_down: bool = False,
-                 status: int | None = None) -> None:
+                 status: int | None = None, code: str | None = None) -> None:
         super().__init__(f"{inst.url}: {reason}")
         self.inst = inst
         self.reason = reason
@@ -71,6 +71,8 @@ class UpstreamFailure(Exception):
         """True when the instance looks dead (refused or dropped the connection)."""
         self.status = status
         """The instance's HTTP status when it answered one (429, 5xx)."""
+        self.code = code
+        """The ``code`` string of the instance's OpenAI-style error body, if any."""
 
     def exhausted_status(self) -> int:
         """The client's status once no instance is left to try after this failure: an
@@ -158,8 +160,26 @@ def _classify(inst: Instance, status: int, body: bytes, content_type: str) -> Re
         return Reply(status, body, content_type)
     if _is_retriable(status):
         snippet = body[:200].decode("utf-8", errors="replace")
-        raise UpstreamFailure(inst, f"HTTP {status}: {snippet}", status=status)
+        raise UpstreamFailure(inst, f"HTTP {status}: {snippet}", status=status,
+                              code=_error_code(body))
     raise UpstreamRejected(status, body, content_type)
+
+
+class _ErrorObject(msgspec.Struct):
+    code: str | int | None = None
+
+
+class _ErrorBody(msgspec.Struct):
+    error: _ErrorObject
+
+
+def _error_code(body: bytes) -> str | None:
+    """The ``error.code`` string of an OpenAI-style error body (None: another body)."""
+    try:
+        code = msgspec.json.decode(body, type=_ErrorBody).error.code
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    return code[:64] if isinstance(code, str) else None
 
 
 def _failure(inst: Instance, exc: BaseException, what: str) -> UpstreamFailure:

@@ -278,50 +278,152 @@ def test_decode_request_waiting_for_blocks_gives_up_the_remote_kv_after_defer_ti
     assert decode.pool.snapshot().free == decode.pool.snapshot().total
 
 
-def test_write_decode_gives_no_more_blocks_to_a_prefill_that_never_confirms_it_stopped(
+def _write_request(decode: EngineCore, prefill: EngineCore, rid: str) -> str:
+    """D's side of one WRITE transfer from ``prefill``; its transfer id."""
+    tid = uuid.uuid4().hex
+    decode.add_request(EngineCoreRequest(
+        request_id=rid, prompt_token_ids=PROMPT, sampling_params=GREEDY,
+        kv_transfer_params=KVTransferParams(transfer_id=tid, do_remote_prefill=True,
+                                            mode=TransferMode.WRITE, **engine_remote(prefill))))
+    return tid
+
+
+def _prefill_request(prefill: EngineCore, decode: EngineCore, rid: str, tid: str) -> None:
+    prefill.add_request(EngineCoreRequest(
+        request_id=rid, prompt_token_ids=PROMPT,
+        sampling_params=msgspec.structs.replace(GREEDY, max_tokens=1),
+        kv_transfer_params=KVTransferParams(transfer_id=tid, do_remote_decode=True,
+                                            mode=TransferMode.WRITE, **engine_remote(decode))))
+
+
+class _Outputs:
+    """Steps engines and keeps each request's outputs."""
+
+    def __init__(self, *engines: EngineCore) -> None:
+        self.engines = engines
+        self.out: dict[str, list[Any]] = {}
+
+    def step(self) -> bool:
+        for engine in self.engines:
+            for o in engine.step():
+                self.out.setdefault(o.request_id, []).append(o)
+        return False
+
+    def finished(self, rid: str) -> Any:
+        done = [o for o in self.out.get(rid, []) if o.finish_reason is not None]
+        return done[-1] if done else None
+
+    def tokens(self, rid: str) -> list[int]:
+        return [tok for o in self.out.get(rid, []) for tok in o.new_token_ids]
+
+
+def test_write_decode_gives_no_more_blocks_to_a_prefill_that_never_answers(
         engines: Any) -> None:
-    """A frozen WRITE prefill keeps the blocks of its failed transfers parked on D (it may
-    still write them). Once one has waited transfer_timeout + lease_timeout for its quiesce (a
-    live prefill answers once its own writes drained, within its transfer_timeout), D announces
-    no more
-    blocks to that prefill: later requests naming it fail before D gives it a block (or are
-    computed by D), so one frozen peer cannot drain D's pool into parking."""
+    """A frozen WRITE prefill says nothing, so the blocks announced to it end up parked (it
+    may still write them). Once it has owed D an answer for lease_timeout without a word
+    (here: its failed transfer's quiesce), D announces no more blocks to it: later requests
+    naming it fail before D gives it a block (or are computed by D), so one frozen peer
+    cannot drain D's pool into parking."""
     prefill = engines("kv_producer", mode="write")
     decode = engines("kv_consumer", mode="write", kv_load_failure_policy="recompute")
     freeze = _Freeze(prefill)
-
-    def request(rid: str) -> str:
-        tid = uuid.uuid4().hex
-        decode.add_request(EngineCoreRequest(
-            request_id=rid, prompt_token_ids=PROMPT, sampling_params=GREEDY,
-            kv_transfer_params=KVTransferParams(transfer_id=tid, do_remote_prefill=True,
-                                                mode=TransferMode.WRITE,
-                                                **engine_remote(prefill))))
-        return tid
-
-    out: dict[str, list[Any]] = {}
-
-    def step() -> bool:
-        for o in decode.step():
-            out.setdefault(o.request_id, []).append(o)
-        return False
-
-    first = request("d1")
-    _step_until([], lambda: step() or first in decode.connector.outcomes.parked,
+    run = _Outputs(decode)
+    first = _write_request(decode, prefill, "d1")
+    _step_until([], lambda: run.step() or first in decode.connector.outcomes.parked,
                 timeout_s=15)
     parked = decode.connector.outcomes.num_parked_blocks
     assert parked > 0
-    time.sleep(FAST["transfer_timeout"] + FAST["lease_timeout"] + 0.1)
-    step()
-    second = request("d2")
-    _step_until([], lambda: step() or any(o.finish_reason for o in out.get("d2", [])))
+    time.sleep(FAST["lease_timeout"] + 0.1)
+    run.step()
+    second = _write_request(decode, prefill, "d2")
+    _step_until([], lambda: run.step() or run.finished("d2"))
     assert second not in decode.connector.outcomes.parked
     assert decode.connector.outcomes.num_parked_blocks == parked
-    assert out["d2"][-1].error is None  # recompute: D computed it
+    assert run.finished("d2").error is None  # recompute: D computed it
     freeze.thawed.set()
     total = decode.pool.snapshot().total
     _step_until([decode, prefill], lambda: not decode.connector.outcomes.parked
                 and decode.pool.snapshot().free == total, timeout_s=15)
+
+
+def test_a_silent_prefill_is_judged_before_any_transfer_to_it_failed(engines: Any) -> None:
+    """The judgement does not wait for a failure: a prefill that said nothing for
+    lease_timeout after D announced blocks to it (its engine stopped, not stepped here; its
+    handshakes still answered) gets no more, while that first transfer still waits within
+    its defer_timeout."""
+    prefill = engines("kv_producer", mode="write")
+    decode = engines("kv_consumer", mode="write", defer_timeout=30)
+    run = _Outputs(decode)
+    first = _write_request(decode, prefill, "d1")
+    t1 = decode.connector.transfers[first]
+    _step_until([], lambda: run.step() or t1.announced)
+    deadline = time.monotonic() + FAST["lease_timeout"] + 0.3
+    while time.monotonic() < deadline:
+        run.step()
+        time.sleep(0.01)
+    _write_request(decode, prefill, "d2")
+    _step_until([], lambda: run.step() or run.finished("d2"))
+    error = run.finished("d2").error
+    assert error and f"prefill {prefill.engine_id} has not answered this decode" in error
+    assert not t1.terminal  # judged by silence, not by a failure
+    decode.abort(["d1"])
+    total = decode.pool.snapshot().total
+    _step_until([decode, prefill], lambda: not decode.connector.outcomes.parked
+                and decode.pool.snapshot().free == total, timeout_s=15)
+
+
+def test_a_live_prefill_whose_requests_are_late_is_not_silent(engines: Any) -> None:
+    """A live prefill acknowledges and leases the blocks of requests it has not received yet
+    (it knows the decode): however late its requests come, D keeps announcing to it, and the
+    transfers complete with the monolithic tokens."""
+    expected = _monolithic(engines)
+    prefill = engines("kv_producer", mode="write")
+    decode = engines("kv_consumer", mode="write", defer_timeout=30)
+    run = _Outputs(decode, prefill)
+    first = _write_request(decode, prefill, "d1")
+    t1 = decode.connector.transfers[first]
+    _step_until([], lambda: run.step() or t1.acknowledged)
+    deadline = time.monotonic() + 3 * FAST["lease_timeout"]
+    while time.monotonic() < deadline:
+        run.step()
+        time.sleep(0.01)
+    assert not decode.connector.exposure.silent
+    second = _write_request(decode, prefill, "d2")
+    t2 = decode.connector.transfers[second]
+    _step_until([], lambda: run.step() or t2.announced)
+    _prefill_request(prefill, decode, "p1", first)
+    _prefill_request(prefill, decode, "p2", second)
+    _step_until([], lambda: run.step() or (run.finished("d1") and run.finished("d2")))
+    for rid in ("d1", "d2"):
+        assert run.finished(rid).error is None
+        assert run.tokens(rid) == expected
+
+
+def test_blocks_a_prefill_has_not_acknowledged_are_capped(engines: Any) -> None:
+    """A burst for a prefill that acknowledges nothing (frozen): D announces at most its
+    share of the pool to it; the other requests' blocks wait unannounced and, when their
+    transfers expire, are freed at once instead of parked."""
+    prefill = engines("kv_producer", mode="write")
+    decode = engines("kv_consumer", mode="write", defer_timeout=2, lease_timeout=30)
+    freeze = _Freeze(prefill)
+    exposure = decode.connector.exposure
+    per_request = -(-len(PROMPT) // decode.connector.metadata.block_size)
+    count = 2 * exposure.cap_blocks // per_request + 2
+    run = _Outputs(decode)
+    tids = [_write_request(decode, prefill, f"d{i}") for i in range(count)]
+    transfers = [decode.connector.transfers[tid] for tid in tids]
+    _step_until([], lambda: run.step() or all(t.started_s is not None for t in transfers))
+    announced = [t for t in transfers if t.announced]
+    assert announced and len(announced) < count
+    assert sum(len(t.local_block_ids) for t in announced) <= exposure.cap_blocks + per_request
+    _step_until([], lambda: run.step() or all(run.finished(f"d{i}") for i in range(count)))
+    parked = set(decode.connector.outcomes.parked)
+    assert parked == {t.transfer_id for t in announced}
+    snap = decode.pool.snapshot()
+    assert snap.total - snap.free == decode.connector.outcomes.num_parked_blocks
+    freeze.thawed.set()
+    _step_until([decode, prefill], lambda: not decode.connector.outcomes.parked
+                and decode.pool.snapshot().free == snap.total, timeout_s=15)
 
 
 def test_parked_blocks_gauge_counts_a_shared_block_once() -> None:

@@ -12,7 +12,13 @@ import pytest
 from connectors import pd_peers
 from connectors.pd_peers import PeerLinks
 from connectors.protocol import EngineMetadata, Release, RemoteBlocks
-from connectors.transfer import Timeouts, Transfer, TransferRole, transfer_from_params
+from connectors.transfer import (
+    Timeouts,
+    Transfer,
+    TransferRole,
+    TransferState,
+    transfer_from_params,
+)
 from disagg.common.kv_transfer_params import KVParamsError, TransferMode, parse_kv_params
 
 
@@ -42,8 +48,10 @@ class _Control:
     def send(self, addr: tuple[str, int], msg: Any) -> None:
         self.sent.append((addr, msg))
 
-    def set_leases(self, by_peer: dict[tuple[str, int], list[str]]) -> None:
+    def set_leases(self, by_peer: dict[tuple[str, int], list[str]],
+                   received: dict[tuple[str, int], list[str]] | None = None) -> None:
         self.leases = by_peer
+        self.received = received or {}
 
 
 class _Worker:
@@ -194,6 +202,47 @@ def test_sends_and_leases_go_to_the_peers_notify_address() -> None:
     assert [addr for addr, _ in control.sent] == [("127.0.0.1", 7001)]
     links.refresh_leases([t, unknown, _transfer("t3")])
     assert control.leases == {("127.0.0.1", 7001): ["t1", "t3"]}
+
+
+def test_draining_writes_are_leased_and_early_blocks_of_known_decodes_acknowledged() -> None:
+    """A failed WRITE whose writes still drain is leased (the decode waits for its quiesced);
+    decode blocks held for no transfer yet are acknowledged as ``received`` (alive, no lease)
+    to the address the decode handshook from, never to the one its unidentified message
+    names, and not at all while the decode is unknown."""
+    links, control, _, _ = _links()
+    draining = Transfer("w", TransferRole.PRODUCER_WRITE, "r-w", 0.0, peer_host="127.0.0.1",
+                        peer_notify_port=7001, state=TransferState.FAILED, handles=[3])
+
+    def blocks(tid: str, engine: str) -> RemoteBlocks:
+        return RemoteBlocks(transfer_id=tid, engine_id=engine, epoch=1, generation=2,
+                            block_ids=[1], num_tokens=16, host="10.9.9.9", handshake_port=1,
+                            notify_port=2)
+
+    assert links.stash_early(blocks("e1", "D"), 0.0)
+    assert links.stash_early(blocks("e2", "stranger"), 0.0)
+    links.refresh_leases([], [draining])
+    assert control.leases == {("127.0.0.1", 7001): ["w"]} and not control.received
+    links.learn(_meta("D"))
+    links.refresh_leases([], [draining])
+    assert control.received == {("127.0.0.1", 7001): ["e1"]}
+
+
+def test_a_peer_is_heard_when_it_speaks_or_answers_and_forgotten_with_it() -> None:
+    links, control, _, _ = _links()
+    assert links.identify("P", 1) is None and "P" not in links.heard_s  # a stranger
+    t = _transfer()
+    before = time.monotonic()
+    links.start_hello(t)
+    control.futures[0].set_result(_meta("P"))
+    assert links.resolve(t) == ("P", None)
+    assert links.heard_s["P"] >= before  # answered after we asked
+    links.heard_s["P"] = 0.0
+    assert links.identify("P", 1) is not None and links.heard_s["P"] >= before
+    links.hello_from(_meta("D"))
+    assert links.heard_s["D"] >= before
+    for i in range(pd_peers.MAX_KNOWN_PEERS + 1):
+        links.learn(_meta(f"other{i}"))
+    assert "D" not in links.known and "D" not in links.heard_s
 
 
 def test_expire_drops_old_early_notifications_and_tombstones() -> None:

@@ -40,6 +40,8 @@ class Behavior:
 
     fail_status: int | None = None
     """Answer every generation request with this HTTP status and an OpenAI error body."""
+    fail_code: str | None = None
+    """With ``fail_status``: the error body's ``code`` (default: the status)."""
     fail_text: str | None = None
     """With ``fail_status``: this plain-text body instead (a server that is not disagg's)."""
     drop_connection: bool = False
@@ -232,7 +234,7 @@ class FakeInstance:
             return web.Response(status=b.fail_status, text=b.fail_text)
         if b.fail_status is not None:
             err = {"message": "fake failure", "type": "server_error", "param": None,
-                   "code": b.fail_status}
+                   "code": b.fail_code or b.fail_status}
             return web.json_response({"error": err}, status=b.fail_status)
         tokens = generated_tokens(_prompt_text(body), int(body.get("max_tokens") or 16))
         chat = "messages" in body

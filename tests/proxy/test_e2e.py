@@ -253,6 +253,42 @@ def test_n_choices_and_batches_through_the_proxy_equal_a_monolithic_instances(
         wait_clean(inst)
 
 
+def test_write_requests_expiring_in_a_full_decode_queue_are_computed_there(
+        instance_factory: Any) -> None:
+    """WRITE with kv_load_failure_policy=recompute: the decode's pool holds one request at a
+    time, so the others wait in its queue past defer_timeout and the decode gives their
+    transfers up; each prefill then fails (the decode gave up), and the proxy waits for the
+    decode, which computes those prompts itself: every request answers 200 with the
+    monolithic tokens (the proxy used to fail them with 502)."""
+    small = ["--num-gpu-blocks-override", "64", "--max-model-len", "1024"]
+    mono = instance_factory(["builtin:tiny-llama", "--device", "cpu", *small])
+    prompts = [f"prompt number {i} " * 30 for i in range(5)]
+    body: dict[str, Any] = {"model": "builtin:tiny-llama", "max_tokens": 300, "temperature": 0,
+            "ignore_eos": True, "return_token_ids": True}
+    expected = [requests.post(mono.url + "/v1/completions", json={**body, "prompt": p},
+                              timeout=60).json()["choices"][0]["token_ids"] for p in prompts]
+    cfg = json.dumps({"kv_load_failure_policy": "recompute", "defer_timeout": 0.5})
+    with launch("--num-prefill", "1", "--num-decode", "1", "--mode", "write",
+                "--kv-connector-extra-config", cfg,
+                *(f"--instance-arg={a}" for a in small)) as dep:
+        async def run() -> list[tuple[int, Any]]:
+            async with aiohttp.ClientSession() as s:
+                async def one(prompt: str) -> tuple[int, Any]:
+                    async with s.post(dep.url + "/v1/completions",
+                                      json={**body, "prompt": prompt}) as r:
+                        return r.status, await r.json()
+                return list(await asyncio.gather(*map(one, prompts)))
+
+        results = asyncio.run(run())
+        assert [status for status, _ in results] == [200] * len(prompts), results
+        assert [b["choices"][0]["token_ids"] for _, b in results] == expected
+        (decode,) = dep.instances("decode")
+        text = requests.get(decode + "/metrics", timeout=5).text
+        assert sum(n for _, n in samples(text, "disagg_kv_connector_transfers_expired_total"))
+        for inst in dep.instances():
+            wait_clean(inst)
+
+
 @pytest.mark.parametrize("stream", [True, False])
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
 def test_a_prompt_with_no_room_for_max_tokens_is_a_400_before_any_prefill(

@@ -267,6 +267,36 @@ async def test_write_prefill_failure_aborts_decode_and_retries(fakes: Any, proxi
     assert p2.aborts == []
 
 
+async def test_a_write_prefill_failing_because_the_decode_gave_up_waits_for_the_decode(
+        fakes: Any, proxies: Any, http: Any) -> None:
+    """The decode failed the transfer (it expired the request in its queue, say) and settles
+    the request itself: with kv_load_failure_policy=recompute it computes the prompt and its
+    answer is the request's; the proxy neither aborts it nor retries the pair."""
+    (p1, p2), (d,), proxy = await _pd(fakes, proxies, mode="write", num_prefill=2)
+    p1.behavior.fail_status, p1.behavior.fail_code = 500, "kv_peer_gave_up"
+    d.behavior.hang_s = 0.3
+    status, body = await _complete(http, proxy)
+    assert status == 200 and body["choices"][0]["text"]
+    assert len(d.requests) == 1 and p2.requests == []
+    await asyncio.sleep(0.1)
+    assert d.aborts == []
+
+
+async def test_a_write_decode_failing_after_the_prefill_gave_way_is_retried(
+        fakes: Any, proxies: Any, http: Any) -> None:
+    """Its decode failing too (kv_load_failure_policy=fail), the pair is retried as any
+    failed decode is: on another decode, which answers."""
+    (p,), (d1, d2), proxy = await _pd(fakes, proxies, mode="write", num_decode=2)
+    p.behavior.fail_status, p.behavior.fail_code = 500, "kv_peer_gave_up"
+    d1.behavior.hang_s, d1.behavior.fail_status = 0.3, 500
+    d2.behavior.hang_s = 0.3
+    status, _ = await _complete(http, proxy)
+    assert status == 200
+    assert len(d1.requests) == len(d2.requests) == 1 and len(p.requests) == 2
+    first = d1.requests[0]["kv_transfer_params"]["transfer_id"]
+    await _wait_for(lambda: first in d1.aborts and first in p.aborts)
+
+
 async def test_write_decode_failure_aborts_prefill(fakes: Any, proxies: Any,
                                                    http: Any) -> None:
     (p,), (d,), proxy = await _pd(fakes, proxies, mode="write")
