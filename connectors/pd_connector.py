@@ -58,7 +58,12 @@ from connectors.transfer import (
 )
 from connectors.transports.base import TransferOp, TransferStatus
 from disagg.common.config import KVTransferConfig
-from disagg.common.kv_transfer_params import PEER_GAVE_UP, KVTransferParams, TransferMode
+from disagg.common.kv_transfer_params import (
+    KV_TRANSFER_FAILED,
+    PEER_GAVE_UP,
+    KVTransferParams,
+    TransferMode,
+)
 from disagg.engine.kv_connector import ConnectorOutput, FinishAction, KVConnector, LoadFailure
 
 if TYPE_CHECKING:
@@ -322,7 +327,8 @@ class PDConnector(KVConnector):
             return FinishAction()
         ok = req.status.value in _OK_FINISH
         if t.role.is_producer and t.terminal and ok:
-            return FinishAction(error=f"KV transfer {t.transfer_id} {t.state.value}: {t.error}")
+            return FinishAction(error=f"{KV_TRANSFER_FAILED}: transfer {t.transfer_id} "
+                                      f"{t.state.value}: {t.error}")
         if t.role.is_producer and not t.terminal and ok:
             t.start_clock(time.monotonic())
             t.request_finished, t.holds_blocks = True, True

@@ -27,6 +27,7 @@ from connectors.protocol import Quiesce, Quiesced, TransferFailed, WriteDone
 from connectors.transfer import Timeouts, Transfer, TransferRole, TransferState
 from connectors.transports.base import TransferStatus
 from disagg.common.kv_transfer_histograms import observe_transfer
+from disagg.common.kv_transfer_params import KV_TRANSFER_FAILED
 from disagg.engine.kv_connector import ConnectorOutput, LoadFailure
 
 logger = logging.getLogger(__name__)
@@ -132,7 +133,7 @@ class Outcomes:
             self.out.park.append((t.request_id, t.transfer_id))  # keep them off other requests
             t.holds_blocks = True
         if notify_request:
-            self._settle_request(t, f"KV transfer failed: {reason}")
+            self._settle_request(t, f"{KV_TRANSFER_FAILED}: {reason}")
         if state is TransferState.EXPIRED and t.started_s is not None:
             # the peer never answered: it may have restarted, or forgotten us (a flood of
             # strangers' handshakes can push us out of its table); the next transfer to it

@@ -26,7 +26,7 @@ from typing import Any
 import aiohttp
 
 from disagg.common.kv_transfer_params import (
-    PEER_GAVE_UP_CODE,
+    KV_TRANSFER_FAILED_CODE,
     KVParamsError,
     kv_params_to_json,
     parse_kv_params,
@@ -354,12 +354,12 @@ class Flow:
 
 
 def _decode_settles(p_task: asyncio.Future[Reply]) -> bool:
-    """P failed because the decode failed the transfer (it expired the request in its queue,
-    refused the KV, ...): the decode settles that request itself, by its
-    kv_load_failure_policy (computing the prompt, or failing with its own error), so its
-    answer is the request's."""
+    """P's KV transfer failed (the decode gave it up, say, after the request waited in its
+    queue past defer_timeout, or P's own deadline passed): the decode knows (P notified it, or
+    the decode caused it) and settles that request itself, by its kv_load_failure_policy
+    (computing the prompt, or failing with its own error), so its answer is the request's."""
     exc = None if p_task.cancelled() else p_task.exception()
-    return isinstance(exc, UpstreamFailure) and exc.code == PEER_GAVE_UP_CODE
+    return isinstance(exc, UpstreamFailure) and exc.code == KV_TRANSFER_FAILED_CODE
 
 
 def _returned_params(p: Instance, reply: Reply) -> dict[str, Any]:

@@ -27,11 +27,15 @@ import msgspec
 
 MAX_BLOCK_ID = 2**31 - 1
 PEER_GAVE_UP = "the KV peer gave up on this transfer"
-"""In a producer's error when its consumer failed the transfer (WRITE: the decode expired it
-in its queue, refused the KV, was aborted): the decode then settles its own request, by its
-kv_load_failure_policy, so the proxy waits for the decode's answer instead of failing."""
-PEER_GAVE_UP_CODE = "kv_peer_gave_up"
-"""The error ``code`` an instance answers for PEER_GAVE_UP failures."""
+"""A producer's reason when its consumer failed the transfer (the decode expired it in its
+queue, refused the KV, was aborted)."""
+KV_TRANSFER_FAILED = "KV transfer failed"
+"""How a request's error begins when its KV transfer failed (either side). A WRITE prefill's
+such failure is known to its decode (the prefill notified it, or the decode caused it), which
+then settles its own request by its kv_load_failure_policy: so the proxy waits for the
+decode's answer instead of failing the pair."""
+KV_TRANSFER_FAILED_CODE = "kv_transfer_failed"
+"""The error ``code`` an instance answers for KV_TRANSFER_FAILED errors."""
 """Block ids are bounded here at the edge; each side also checks them against the real pool."""
 MAX_BLOCKS_PER_TRANSFER = 1 << 20
 MAX_TOKENS = 1 << 30

@@ -6,7 +6,11 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 
-from disagg.common.kv_transfer_params import PEER_GAVE_UP, PEER_GAVE_UP_CODE, KVTransferParams
+from disagg.common.kv_transfer_params import (
+    KV_TRANSFER_FAILED,
+    KV_TRANSFER_FAILED_CODE,
+    KVTransferParams,
+)
 from disagg.common.openai_api import ApiError
 from disagg.common.pause import PAUSE_ABORT_ERROR
 from disagg.common.protocol import TokenLogprob
@@ -86,8 +90,8 @@ def _engine_error(message: str) -> ApiError:
         return ApiError(400, message, param="prompt")  # tokenizer's, which may be larger)
     if message == PAUSE_ABORT_ERROR:
         return ApiError(503, message, err_type="server_error", code="paused")
-    if PEER_GAVE_UP in message:  # the decode settles its request itself (WRITE)
-        return ApiError(500, message, err_type="server_error", code=PEER_GAVE_UP_CODE)
+    if message.startswith(KV_TRANSFER_FAILED):  # a WRITE decode settles its own request
+        return ApiError(500, message, err_type="server_error", code=KV_TRANSFER_FAILED_CODE)
     return ApiError(500, message, err_type="server_error")
 
 

@@ -273,7 +273,7 @@ async def test_a_write_prefill_failing_because_the_decode_gave_up_waits_for_the_
     the request itself: with kv_load_failure_policy=recompute it computes the prompt and its
     answer is the request's; the proxy neither aborts it nor retries the pair."""
     (p1, p2), (d,), proxy = await _pd(fakes, proxies, mode="write", num_prefill=2)
-    p1.behavior.fail_status, p1.behavior.fail_code = 500, "kv_peer_gave_up"
+    p1.behavior.fail_status, p1.behavior.fail_code = 500, "kv_transfer_failed"
     d.behavior.hang_s = 0.3
     status, body = await _complete(http, proxy)
     assert status == 200 and body["choices"][0]["text"]
@@ -287,7 +287,7 @@ async def test_a_write_decode_failing_after_the_prefill_gave_way_is_retried(
     """Its decode failing too (kv_load_failure_policy=fail), the pair is retried as any
     failed decode is: on another decode, which answers."""
     (p,), (d1, d2), proxy = await _pd(fakes, proxies, mode="write", num_decode=2)
-    p.behavior.fail_status, p.behavior.fail_code = 500, "kv_peer_gave_up"
+    p.behavior.fail_status, p.behavior.fail_code = 500, "kv_transfer_failed"
     d1.behavior.hang_s, d1.behavior.fail_status = 0.3, 500
     d2.behavior.hang_s = 0.3
     status, _ = await _complete(http, proxy)
