@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from typing import Any
 
 import msgspec
@@ -71,19 +72,21 @@ def merged_usage(usages: list[dict[str, Any]], n: int = 0) -> dict[str, Any]:
     return out
 
 
-async def serve_choices(request: web.Request, st: ProxyState, req: ClientRequest
-                        ) -> tuple[web.StreamResponse, Outcome]:
-    """Answer an ``n > 1`` request from one flow per choice."""
+async def serve_choices(request: web.Request, st: ProxyState, req: ClientRequest,
+                        started_s: float) -> tuple[web.StreamResponse, Outcome]:
+    """Answer an ``n > 1`` request from one flow per choice (the request's phases are its
+    first choice's; ``started_s``: its arrival, ``time.perf_counter``, for its first byte)."""
     choices = choice_requests(req)
     parent_id = current_request_id()
     scopes = [st.new_scope(None if parent_id is None else f"{parent_id}-{i}")
               for i in range(len(choices))]
-    clocks = [PhaseClock(want=req.want_timings) for _ in choices]
+    clocks = [PhaseClock(want=req.want_timings, observed=i == 0) for i in range(len(choices))]
     tasks = [asyncio.create_task(Flow(st.deps, scope, choice, clock).run())
              for scope, choice, clock in zip(scopes, choices, clocks, strict=True)]
     outcome = Outcome.FAILED
     try:
         results = await _all(tasks)
+        st.metrics.time_to_first_byte_s.observe(time.perf_counter() - started_s)
         answer_id = _AnswerId(parent_id)
         if req.stream:
             response, outcome = await _relay_merged(request, st, _streams(results), clocks,

@@ -76,7 +76,7 @@ async def _generate(request: web.Request, endpoint: Endpoint) -> web.StreamRespo
                             st.registry.min_max_model_len())
         clock.want = req.want_timings
         if req.n > 1 or req.batch:
-            response, outcome = await serve_choices(request, st, req)
+            response, outcome = await serve_choices(request, st, req, started_s)
             return response
         result = await Flow(st.deps, scope, req, clock, client).run()
         if isinstance(result, Reply) and client.response is not None:  # not a stream (bug)

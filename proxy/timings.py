@@ -46,6 +46,9 @@ class PhaseClock:
     received_s: float = field(default_factory=time.monotonic)
     want: bool = False
     """The client asked for ``disagg_timings``."""
+    observed: bool = True
+    """Its phases go into the histograms (one clock per client request: an n > 1 or batched
+    request's other choices are not observed again)."""
     mode: str = "local"
     """``local``, ``read`` or ``write``: how the request was routed."""
     transfer_id: str | None = None
@@ -162,7 +165,8 @@ class PhaseReporter:
                response_id: str | None) -> dict[str, Any]:
         """The merged object, observed in the histograms, maybe logged."""
         obj = timings_object(clock, p, d)
-        self.metrics.observe_phases(obj["ttft_s"], {n: obj[f"{n}_s"] for n in PHASES})
+        if clock.observed:
+            self.metrics.observe_phases(obj["ttft_s"], {n: obj[f"{n}_s"] for n in PHASES})
         if self.log_sample_rate > 0 and random.random() < self.log_sample_rate:
             logger.info("%s", log_line(obj, response_id, clock.transfer_id))
         return obj

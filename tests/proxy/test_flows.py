@@ -8,6 +8,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from prom_text import value
 
 from proxy.config import PolicyName, TransferMode
 
@@ -393,6 +394,12 @@ async def test_n_choices_are_one_flow_each_merged_into_one_answer(
     usage = [e for e in events if not e["choices"]]
     assert len(usage) == 1 and usage[0]["usage"]["completion_tokens"] == 8
     assert usage[0]["usage"]["prompt_tokens"] == 3
+    # each of the two requests is one sample of first byte and of TTFT (not one per choice)
+    async with http.get(proxy.url + "/metrics") as resp:
+        text = await resp.text()
+    for family in ("disagg_proxy_time_to_first_byte_seconds_count",
+                   "disagg_proxy_time_to_first_token_seconds_count"):
+        assert value(text, family) == 2, family
 
 
 @pytest.mark.parametrize("stream", [False, True])
