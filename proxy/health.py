@@ -30,11 +30,13 @@ async def probe_instance(registry: Registry, session: aiohttp.ClientSession, ins
 
 async def probe_all(registry: Registry, session: aiohttp.ClientSession,
                     timeout_s: float) -> None:
-    """Probe every registered instance concurrently (each probe has its own deadline)."""
+    """Probe every registered instance concurrently (each probe has its own deadline); a
+    probe that fails by a bug is logged, and never leaves the others' outcome unread."""
     probes = [probe_instance(registry, session, i, timeout_s)
               for i in registry.instances()]
-    if probes:
-        await asyncio.gather(*probes)
+    for outcome in await asyncio.gather(*probes, return_exceptions=True):
+        if isinstance(outcome, Exception):
+            logger.error("health probe failed: %s: %s", type(outcome).__name__, outcome)
 
 
 REVIVE_TIMEOUT_S = 1.0
