@@ -370,7 +370,12 @@ async def _stream(request: web.Request, call: _Call) -> web.StreamResponse:
     except ApiError as err:
         # no [DONE] after it (vLLM sends one): a client or proxy that takes [DONE] as "the
         # answer is whole" must not take a failed one as whole
-        await resp.write(encode_event(err.body()))
+        with contextlib.suppress(ConnectionResetError):
+            await resp.write(encode_event(err.body()))
+    except ConnectionResetError:
+        # the client left (a proxy closes its side once it read [DONE]): nothing to tell it;
+        # closing the deltas below aborts what is left of the request
+        logger.debug("%s: the client closed the stream", call.id)
     finally:
         await deltas.aclose()
     return resp

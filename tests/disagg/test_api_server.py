@@ -129,10 +129,13 @@ def test_client_disconnect_aborts_and_frees(instance_factory) -> None:
                 await resp.content.readline()  # first event arrived: generation is running
         # leaving the block closes the connection mid-stream
 
-    asyncio.run(run())
+    for _ in range(3):
+        asyncio.run(run())
     wait_all_free(inst.url, timeout_s=5)
     text = requests.get(inst.url + "/metrics", timeout=5).text
-    assert value(text, "disagg_request_success_total", finished_reason="abort") == 1
+    assert value(text, "disagg_request_success_total", finished_reason="abort") == 3
+    # a client leaving is routine (a proxy closes its side at [DONE]): no traceback
+    assert "Traceback" not in inst.log() and "Error handling request" not in inst.log()
 
 
 def test_engine_death_stops_the_server(instance_factory) -> None:
