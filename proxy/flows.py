@@ -346,7 +346,13 @@ class Flow:
             await asyncio.wait({p_task, d_task}, return_when=asyncio.FIRST_COMPLETED)
             if p_task.done() and not d_task.done() and not _decode_settles(p_task):
                 p_task.result()  # P failed first: raise its error, D is waiting in vain
-            return await d_task
+            try:
+                return await d_task
+            except UpstreamFailure as failure:
+                if failure.code == KV_TRANSFER_FAILED_CODE and p_task.done() \
+                        and _decode_settles(p_task):
+                    p_task.result()  # D failed for want of P's KV: the retry avoids P
+                raise
         except BaseException:
             d_task.cancel()
             p_task.cancel()

@@ -298,6 +298,20 @@ async def test_a_write_decode_failing_after_the_prefill_gave_way_is_retried(
     await _wait_for(lambda: first in d1.aborts and first in p.aborts)
 
 
+async def test_a_decode_failing_for_want_of_a_broken_write_prefills_kv_retries_another_prefill(
+        fakes: Any, proxies: Any, http: Any) -> None:
+    """P1's transfers fail and the decode (policy fail) then fails, for want of that KV, every
+    request whose KV was to come from P1: P1 is the one that failed, so the retry goes to P2
+    (blaming the decode spent its budget with P1 in the pair again: a 502)."""
+    (p1, p2), (d,), proxy = await _pd(fakes, proxies, mode="write", num_prefill=2)
+    p1.behavior.fail_status, p1.behavior.fail_code = 500, "kv_transfer_failed"
+    d.behavior.hang_s = 0.3
+    d.behavior.fail_for_engine = p1.engine_id
+    status, body = await _complete(http, proxy)
+    assert status == 200, body
+    assert len(p1.requests) == len(p2.requests) == 1 and len(d.requests) == 2
+
+
 async def test_write_decode_failure_aborts_prefill(fakes: Any, proxies: Any,
                                                    http: Any) -> None:
     (p,), (d,), proxy = await _pd(fakes, proxies, mode="write")
