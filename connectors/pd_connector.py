@@ -413,8 +413,11 @@ class PDConnector(KVConnector):
             if not t.terminal and not t.handles and t.role.posts_ops:
                 self._try_post(t)
             if t.role is TransferRole.CONSUMER_WRITE and t.peer_epoch is None \
-                    and not t.terminal:
-                self._peer(t)  # identified once our handshake answered: its leases count
+                    and not t.terminal \
+                    and (error := self.peers.resolve(t, connect=False)[1]) is not None:
+                # its peer is identified once our handshake answered (its leases count from
+                # then); a WRITE decode posts nothing: its transport needs no link to P
+                self.fail(t, error)
             if t.announced and not t.terminal and now >= t.next_resend_s:
                 self._announce(t, now)
             elif t.role is TransferRole.CONSUMER_WRITE and not t.announced \

@@ -18,6 +18,14 @@ to it ends up parked. This bounds that loss, per producer X:
 A live producer acknowledges an announcement at once when it knows this decode (else at its
 next heartbeat, after handshaking us), leases every transfer it holds our blocks for, and
 leases the failed ones whose writes it is still draining: it is never silent that long.
+Heard is per (engine id, epoch): another process claiming a silent producer's id does not
+speak for it (a transfer not yet bound to an epoch takes any epoch of its engine).
+
+What this does not bound: blocks a producer acknowledged (it was working on them) stay parked
+if it then freezes; and the acknowledgements come from the producer's engine thread, so one
+whose engine step outlasts lease_timeout with nothing else in flight to us is judged silent
+until it speaks. An acknowledgement of forged remote_blocks (someone who knows a live
+transfer id) makes that transfer count as acknowledged: the cap, not the data, is affected.
 """
 
 from __future__ import annotations
@@ -55,13 +63,13 @@ class Exposure:
     def review(self, now: float) -> None:
         """Recount what each producer holds and owes (after this step's messages)."""
         at_risk: dict[str, int] = {}
-        owes_since: dict[str, float] = {}
+        owes_since: dict[tuple[str, int | None], float] = {}
 
         def owes(t: Transfer, since: float, risky: bool) -> None:
-            peer = t.peer_engine_id or ""
+            peer = (t.peer_engine_id or "", t.peer_epoch)
             owes_since[peer] = min(owes_since.get(peer, now), since)
             if risky:
-                at_risk[peer] = at_risk.get(peer, 0) + _moved_blocks(t)
+                at_risk[peer[0]] = at_risk.get(peer[0], 0) + _moved_blocks(t)
 
         for t in self._live_announced():
             assert t.announced_s is not None
@@ -71,10 +79,11 @@ class Exposure:
                 owes(p.transfer, p.parked_s, True)
         self.at_risk = at_risk
         self.silent = {}
-        for peer, since in owes_since.items():
-            quiet_s = now - max(since, self._peers.heard_s.get(peer, since))
+        for (engine, epoch), since in owes_since.items():
+            heard = self._peers.last_heard(engine, epoch)
+            quiet_s = now - max(since, since if heard is None else heard)
             if quiet_s > self._timeouts.lease_timeout_s:
-                self.silent[peer] = quiet_s
+                self.silent[engine] = max(quiet_s, self.silent.get(engine, 0.0))
 
     def _live_announced(self) -> Iterable[Transfer]:
         for t in self._transfers.values():

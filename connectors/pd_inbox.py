@@ -148,6 +148,7 @@ class Inbox:
             c.counters["notifications_unidentified_total"] += 1
         elif t is None:
             if msg.transfer_id in c.peers.tombstones:
+                self._refuse_resend(msg)
                 return
             if not c.peers.stash_early(msg, now):  # D raced ahead of P's request
                 c.counters["notifications_unknown_total"] += 1  # bounded: a flood is dropped
@@ -159,6 +160,19 @@ class Inbox:
                 self._acknowledge(msg)
         elif t.role is not TransferRole.PRODUCER_WRITE or t.peer_generation != msg.generation:
             c.counters["notifications_unknown_total"] += 1  # a resent copy is not counted
+
+    def _refuse_resend(self, msg: RemoteBlocks) -> None:
+        """Blocks (re)sent for a transfer this prefill failed, or whose decode gave it up:
+        tell the decode again (an identified one, at its own address), since its first
+        transfer_failed may be lost and the decode waits for it."""
+        c = self._c
+        addr = c.peers.known_address(msg.engine_id, msg.epoch)
+        if addr is None:
+            return
+        reason = c.peers.tombstones[msg.transfer_id][0]
+        c.control.send(addr, TransferFailed(
+            transfer_id=msg.transfer_id, engine_id=c.engine_id, epoch=c.epoch,
+            reason=reason[:2000], quiesced=not c.outcomes.draining(msg.transfer_id)))
 
     def _acknowledge(self, msg: RemoteBlocks) -> None:
         """Lease the decode's blocks at once (it bounds what it announces to a prefill that has

@@ -128,6 +128,10 @@ class Outcomes:
             self.peers.send(t, TransferFailed(transfer_id=t.transfer_id, engine_id=self.engine_id,
                                               epoch=self.epoch, reason=reason[:2000],
                                               quiesced=quiesced))
+        if t.role is TransferRole.PRODUCER_WRITE:
+            # the decode resends its blocks until it hears of this: each resend is answered
+            # with this failure (pd_inbox), so a lost transfer_failed costs it a heartbeat
+            self.peers.bury(t.transfer_id, reason, time.monotonic())
         needs_quiesce = t.role is TransferRole.CONSUMER_WRITE and t.announced
         if (t.handles or needs_quiesce) and not t.role.is_producer and not t.holds_blocks:
             self.out.park.append((t.request_id, t.transfer_id))  # keep them off other requests
@@ -203,7 +207,7 @@ class Outcomes:
         # one failed (a producer frozen past it, which never handshook us either): else its
         # answer is dropped as unidentified and the blocks stay parked for good
         self.peers.start_hello(t)
-        self.peers.resolve(t)
+        self.peers.resolve(t, connect=False)  # a WRITE decode posts nothing to it
         self.peers.send(t, Quiesce(transfer_id=t.transfer_id, engine_id=self.engine_id,
                                    epoch=self.epoch))
         if p.probe is None and t.peer_host is not None and t.peer_handshake_port is not None \

@@ -79,9 +79,10 @@ class PeerLinks:
         """WRITE: remote_blocks from a decode that raced ahead of the prefill's request (only
         ``stash_early`` adds, ``take_early`` removes)."""
         self._early_ids = 0  # block ids in ``early``
-        self.heard_s: dict[str, float] = {}
-        """When each identified peer (engine id) last sent this engine anything: a message, or
-        a handshake of its own (pd_exposure.py judges silence by it; bounded with ``known``)."""
+        self.heard_s: dict[tuple[str, int], float] = {}
+        """When each identified peer (engine id, epoch) last sent this engine anything: a
+        message, or a handshake of its own (pd_exposure.py judges silence by it; bounded with
+        ``known``)."""
         self.tombstones: dict[str, tuple[str, float]] = {}
         """Transfers the peer failed before this side knew them: a late request for one must
         not use stale remote_blocks (the decode already freed those blocks)."""
@@ -103,8 +104,8 @@ class PeerLinks:
                lambda epoch: (meta.engine_id, epoch) in in_use or epoch == meta.epoch)
         _evict(self.known, MAX_KNOWN_PEERS,
                lambda engine: engine in engines_in_use or engine == meta.engine_id)
-        for engine in [e for e in self.heard_s if e not in self.known]:
-            del self.heard_s[engine]
+        for peer in [p for p in self.heard_s if p[1] not in self.known.get(p[0], {})]:
+            del self.heard_s[peer]
 
     def identify(self, engine_id: str, epoch: int) -> EngineMetadata | None:
         """The handshaken peer that sent a message with this identity, else None (a peer that
@@ -114,14 +115,22 @@ class PeerLinks:
         if meta is not None and epochs is not None:
             epochs.move_to_end(epoch)
             self.known.move_to_end(engine_id)
-            self.heard_s[engine_id] = time.monotonic()
+            self.heard_s[(engine_id, epoch)] = time.monotonic()
         return meta
 
     def hello_from(self, meta: EngineMetadata) -> None:
         """A peer handshook this engine: identified, and heard now."""
         self.learn(meta)
-        if meta.engine_id in self.known:
-            self.heard_s[meta.engine_id] = time.monotonic()
+        if meta.epoch in self.known.get(meta.engine_id, {}):
+            self.heard_s[(meta.engine_id, meta.epoch)] = time.monotonic()
+
+    def last_heard(self, engine_id: str, epoch: int | None) -> float | None:
+        """When that peer last spoke (``epoch`` None: any epoch of the engine, for a transfer
+        not bound to one yet), None if never."""
+        if epoch is not None:
+            return self.heard_s.get((engine_id, epoch))
+        times = [s for (e, _), s in self.heard_s.items() if e == engine_id]
+        return max(times) if times else None
 
     def known_address(self, engine_id: str, epoch: int) -> Address | None:
         """Where an identified peer listens for notifications (None: not identified; its
@@ -149,9 +158,10 @@ class PeerLinks:
             self._hellos[addr] = _Hello(self.control.handshake(*addr, timeout),
                                         time.monotonic())
 
-    def resolve(self, t: Transfer) -> tuple[str | None, str | None]:
+    def resolve(self, t: Transfer, *, connect: bool = True) -> tuple[str | None, str | None]:
         """``(peer engine id, None)`` once its handshake succeeded (its transport descriptor
-        is then added), ``(None, why)`` if it was refused or is not the peer t expects,
+        is then added, unless ``connect`` is False: a side that posts no op only needs to
+        know the peer), ``(None, why)`` if it was refused or is not the peer t expects,
         ``(None, None)`` while pending."""
         addr = self._address(t)
         hello = None if addr is None else self._hellos.get(addr)
@@ -175,13 +185,15 @@ class PeerLinks:
                           "transfer's KV belongs to: it restarted, its KV is gone")
         self.learn(meta)
         # it answered after we asked: heard then at the latest (pd_exposure.py)
-        self.heard_s[meta.engine_id] = max(self.heard_s.get(meta.engine_id, 0.0),
-                                           hello.started_s)
+        peer = (meta.engine_id, meta.epoch)
+        self.heard_s[peer] = max(self.heard_s.get(peer, 0.0), hello.started_s)
         t.peer_engine_id, t.peer_epoch, t.peer_num_blocks = (meta.engine_id, meta.epoch,
                                                               meta.num_blocks)
         # notify where the identified peer says it listens: the params' copy of its notify
         # port is the proxy's word, and a wrong one would strand the transfer until expiry
         t.peer_notify_port = meta.notify_port
+        if not connect:
+            return meta.engine_id, None
         try:
             self.worker.add_peer(meta)
         except Exception as exc:  # a descriptor our transport (or a TP rank's) cannot use

@@ -44,9 +44,12 @@ from disagg.common.kv_transfer_params import (
     TransferId,
 )
 
-CONTROL_VERSION = 4
+CONTROL_VERSION = 5
 """3: per-rank descriptors and tp_size in the metadata, ``skip`` in remote_blocks.
-4: the prompt's digest in remote_blocks and release_ack, the hold's blocks in release_ack."""
+4: the prompt's digest in remote_blocks and release_ack, the hold's blocks in release_ack.
+5: ``received`` leases (a WRITE prefill acknowledging decode blocks it holds for no transfer:
+an older decode would take them as leases and keep such a transfer alive), leases of draining
+writes, transfer_failed in answer to a resent remote_blocks of a failed transfer."""
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 """ZMQ drops (and disconnects) any frame above this: no message can exhaust memory."""
 

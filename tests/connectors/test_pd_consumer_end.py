@@ -399,6 +399,30 @@ def test_a_live_prefill_whose_requests_are_late_is_not_silent(engines: Any) -> N
         assert run.tokens(rid) == expected
 
 
+def test_a_lost_transfer_failed_is_told_again_at_the_decodes_next_resend(
+        engines: Any) -> None:
+    """P fails the transfer at once (the decode's prompt differs) and its transfer_failed is
+    lost: the decode's next resend of its blocks gets that failure again, so the decode ends
+    the request within heartbeats, not at its defer_timeout."""
+    prefill = engines("kv_producer", mode="write",
+                      faults=[{"at": "transfer_failed", "nth": 1, "action": "drop"}])
+    decode = engines("kv_consumer", mode="write", defer_timeout=30, lease_timeout=30)
+    run = _Outputs(decode, prefill)
+    tid = _write_request(decode, prefill, "d")
+    t = decode.connector.transfers[tid]
+    _step_until([], lambda: run.step() or t.peer_epoch is not None)  # P identified
+    prefill.add_request(EngineCoreRequest(
+        request_id="p", prompt_token_ids=PROMPT[::-1],
+        sampling_params=msgspec.structs.replace(GREEDY, max_tokens=1),
+        kv_transfer_params=KVTransferParams(transfer_id=tid, do_remote_decode=True,
+                                            mode=TransferMode.WRITE, **engine_remote(decode))))
+    _step_until([], lambda: run.step() or run.finished("p"))
+    assert prefill.connector.metrics()["faults_injected_total"] == 1
+    _step_until([], lambda: run.step() or run.finished("d"), timeout_s=5)
+    error = run.finished("d").error
+    assert error and "digest differs" in error, error
+
+
 def test_blocks_a_prefill_has_not_acknowledged_are_capped(engines: Any) -> None:
     """A burst for a prefill that acknowledges nothing (frozen): D announces at most its
     share of the pool to it; the other requests' blocks wait unannounced and, when their

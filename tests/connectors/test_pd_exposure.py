@@ -14,8 +14,14 @@ TIMEOUTS = Timeouts(lease_timeout_s=5.0)
 
 
 class _Peers:
+    """PeerLinks.last_heard over a table keyed by engine id (every test peer has epoch 1 or
+    is not bound to one yet)."""
+
     def __init__(self) -> None:
         self.heard_s: dict[str, float] = {}
+
+    def last_heard(self, engine_id: str, epoch: int | None) -> float | None:
+        return self.heard_s.get(engine_id)
 
 
 def _announced(tid: str, peer: str, blocks: int, at: float, *, skip: int = 0,

@@ -229,20 +229,26 @@ def test_draining_writes_are_leased_and_early_blocks_of_known_decodes_acknowledg
 
 def test_a_peer_is_heard_when_it_speaks_or_answers_and_forgotten_with_it() -> None:
     links, control, _, _ = _links()
-    assert links.identify("P", 1) is None and "P" not in links.heard_s  # a stranger
+    assert links.identify("P", 1) is None and links.last_heard("P", None) is None  # a stranger
     t = _transfer()
     before = time.monotonic()
     links.start_hello(t)
     control.futures[0].set_result(_meta("P"))
     assert links.resolve(t) == ("P", None)
-    assert links.heard_s["P"] >= before  # answered after we asked
-    links.heard_s["P"] = 0.0
-    assert links.identify("P", 1) is not None and links.heard_s["P"] >= before
+    heard = links.last_heard("P", 1)
+    assert heard is not None and heard >= before  # answered after we asked
+    links.heard_s[("P", 1)] = 0.0
+    assert links.identify("P", 1) is not None and links.heard_s[("P", 1)] >= before
+    links.hello_from(_meta("P", epoch=2))  # another process claiming P's id
+    assert links.heard_s[("P", 1)] >= before and links.last_heard("P", 2) is not None
+    links.heard_s[("P", 1)] = 0.0
+    assert links.last_heard("P", 1) == 0.0  # P itself still silent
+    assert links.last_heard("P", None) == links.heard_s[("P", 2)]  # unbound: any epoch
     links.hello_from(_meta("D"))
-    assert links.heard_s["D"] >= before
+    assert (links.last_heard("D", 1) or 0.0) >= before
     for i in range(pd_peers.MAX_KNOWN_PEERS + 1):
         links.learn(_meta(f"other{i}"))
-    assert "D" not in links.known and "D" not in links.heard_s
+    assert "D" not in links.known and links.last_heard("D", None) is None
 
 
 def test_expire_drops_old_early_notifications_and_tombstones() -> None:
