@@ -227,8 +227,9 @@ class FakeInstance:
             return web.Response()
         remote_engine = (body.get("kv_transfer_params") or {}).get("remote_engine_id")
         if b.fail_for_engine is not None and remote_engine == b.fail_for_engine:
-            err = {"message": "KV transfer failed", "type": "server_error", "param": None,
-                   "code": "kv_transfer_failed"}
+            err: dict[str, str | int | None] = {
+                "message": "KV transfer failed", "type": "server_error", "param": None,
+                "code": "kv_transfer_failed"}
             return web.json_response({"error": err}, status=500)
         if b.fail_status is not None and b.fail_text is not None:
             return web.Response(status=b.fail_status, text=b.fail_text)
