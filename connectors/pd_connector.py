@@ -14,7 +14,9 @@ Received KV is used only once the producer vouched for it (protocol.py); blocks 
 a peer may still write are parked, never reused (pd_outcome.py). The connector reports and the
 scheduler acts: ``update_connector_output`` returns a ConnectorOutput
 (disagg/engine/kv_connector.py).
-Peers live in pd_peers.py, incoming messages in pd_inbox.py, terminal states in pd_outcome.py.
+Peers live in pd_peers.py, incoming messages in pd_inbox.py, posting and polling ops in
+pd_ops.py, terminal states in pd_outcome.py, a WRITE decode's exposure to frozen prefills in
+pd_exposure.py.
 """
 
 from __future__ import annotations
@@ -35,11 +37,11 @@ from connectors.pd_exposure import Exposure
 from connectors.pd_heads import RankGeometry
 from connectors.pd_inbox import Inbox
 from connectors.pd_metadata import build_metadata, compat_error, slow_path_hint
+from connectors.pd_ops import Ops
 from connectors.pd_outcome import Outcomes
 from connectors.pd_peers import PeerLinks
 from connectors.pd_rank import RankKV, RemoteRank
 from connectors.pd_scheduler import PDSchedulerSide
-from connectors.pd_stream import LayerPlan, LayerStreamer, layer_group, plan_chunk
 from connectors.pd_worker import PDWorkerSide, rank_name
 from connectors.protocol import (
     EngineMetadata,
@@ -56,7 +58,6 @@ from connectors.transfer import (
     prompt_digest,
     transfer_from_params,
 )
-from connectors.transports.base import TransferOp, TransferStatus
 from disagg.common.config import KVTransferConfig
 from disagg.common.kv_transfer_params import (
     KV_TRANSFER_FAILED,
@@ -92,8 +93,6 @@ class PDConnector(KVConnector):
         self.mode: str = c.mode.value
         self.timeouts = c.timeouts
         self.layerwise = c.layerwise
-        self._after_step: LayerStreamer | None = None
-        """This step's post, issued by after_execute (layer_hook)."""
         self.engine_id: str = engine.engine_id
         self.epoch = secrets.randbits(62)
         """Random per start: a restarted engine is another peer (protocol.py)."""
@@ -124,6 +123,7 @@ class PDConnector(KVConnector):
                                  recompute=c.kv_load_failure_policy == "recompute",
                                  counters=self.counters)
         self.inbox = Inbox(self)
+        self.ops = Ops(self)
         self.exposure = Exposure(self.transfers, self.outcomes.parked, self.peers,
                                  self.timeouts, self.metadata.num_blocks)
 
@@ -238,7 +238,7 @@ class PDConnector(KVConnector):
         starts within the early-start share of the pool (pd_admission.py). A layerwise one
         preempted with layer writes in flight waits for them to settle before it
         recomputes."""
-        t = self.transfers.get(self._by_request.get(req.request_id, ""))
+        t = self.transfer_of(req.request_id)
         if t is None or t.terminal or t.role is not TransferRole.PRODUCER_WRITE:
             return True
         if t.handles:
@@ -247,9 +247,13 @@ class PDConnector(KVConnector):
             return True
         return self.cfg.early_start and self.early_starts.admit(t, req.num_prompt_tokens)
 
+    def transfer_of(self, request_id: str) -> Transfer | None:
+        """The live (or terminal, not yet forgotten) transfer of a request, if any."""
+        return self.transfers.get(self._by_request.get(request_id, ""))
+
     def consumer_transfer(self, req: Request) -> Transfer | None:
         """The live consumer transfer of a request, if its KV comes from a peer."""
-        t = self.transfers.get(self._by_request.get(req.request_id, ""))
+        t = self.transfer_of(req.request_id)
         if t is None or t.role.is_producer or t.terminal:
             return None
         return t
@@ -268,7 +272,7 @@ class PDConnector(KVConnector):
     def _release_unread(self, t: Transfer) -> None:
         """READ consumer that reads nothing: release once the handshake identified us to the
         producer (until then the release would be dropped as unidentified)."""
-        if t.terminal or self._peer(t) is None or t.terminal:
+        if t.terminal or self.ops.peer(t) is None or t.terminal:
             return
         assert t.peer_generation is not None
         self.outcomes.report_first_token(t)  # the peer is identified now
@@ -291,7 +295,7 @@ class PDConnector(KVConnector):
         if t.role is TransferRole.CONSUMER_WRITE:
             self._try_announce(t, time.monotonic())
         else:
-            self._try_post(t)
+            self.ops.try_post(t)
 
     def _try_announce(self, t: Transfer, now: float) -> None:
         """WRITE consumer with blocks: announce them unless its producer is silent (fail) or
@@ -403,15 +407,15 @@ class PDConnector(KVConnector):
             if t.terminal:
                 continue
             if t.handles:
-                self._poll(t)
+                self.ops.poll(t)
             if t.role is TransferRole.CONSUMER_READ and t.first_token_id is not None \
                     and not t.first_token_reported and not t.terminal \
-                    and self._peer(t) is not None:
+                    and self.ops.peer(t) is not None:
                 self.outcomes.report_first_token(t)  # never from an unidentified peer
             if t.release_unread:
                 self._release_unread(t)
             if not t.terminal and not t.handles and t.role.posts_ops:
-                self._try_post(t)
+                self.ops.try_post(t)
             if t.role is TransferRole.CONSUMER_WRITE and t.peer_epoch is None \
                     and not t.terminal \
                     and (error := self.peers.resolve(t, connect=False)[1]) is not None:
@@ -450,148 +454,24 @@ class PDConnector(KVConnector):
                 f"{t.state.value} ({where})")
 
     # ---- posting and polling -------------------------------------------------------------
-    def _peer(self, t: Transfer) -> str | None:
-        """The peer's engine id once its handshake succeeded and t's remote block ids fit its
-        pool; fails t otherwise."""
-        peer, error = self.peers.resolve(t)
-        if error is None and peer is not None:
-            error = remote_blocks_error(t, self.metadata.block_size)
-        if error is not None:
-            self.fail(t, error)
-            return None
-        return peer
-
-    def _try_post(self, t: Transfer) -> None:
-        if t.terminal or t.handles or t.verifying_s is not None:
-            return
-        if t.role is TransferRole.PRODUCER_WRITE:
-            if t.remote_block_ids is None:
-                return  # deferred: waits for remote_blocks
-            if t.layerwise:
-                self._advance_stream(t)
-                return
-            if not t.request_finished:
-                return  # deferred: waits for the prefill
-            if not t.remote_block_ids:
-                self.outcomes.complete(t)
-                return
-        elif not t.local_block_ids:
-            return
-        peer = self._peer(t)
-        if peer is None or t.terminal:
-            return
-        assert t.remote_block_ids is not None
-        n = min(len(t.local_block_ids), len(t.remote_block_ids))
-        skip = min(t.skip_blocks, n)
-        if skip == n:  # the consumer's prefix cache holds every block: nothing moves
-            t.move(TransferState.IN_FLIGHT)
-            if t.role is TransferRole.CONSUMER_READ:
-                self.inbox.landed(t)
-            else:
-                self._producer_done(t)
-            return
-        self._post_blocks(t, peer, skip, n)
-
-    def _post_blocks(self, t: Transfer, peer: str, first: int, n: int) -> None:
-        """Post one op moving whole blocks [first, n) of the transfer."""
-        assert t.remote_block_ids is not None
-        op = TransferOp.WRITE if t.role is TransferRole.PRODUCER_WRITE else TransferOp.READ
-        handle, nbytes = self.worker.post(op, peer, t.local_block_ids[first:n],
-                                          t.remote_block_ids[first:n])
-        t.handles, t.posted_s = [handle], time.monotonic()
-        t.bytes_moved += nbytes
-        if t.first_posted_s is None:
-            t.first_posted_s = t.posted_s
-        if t.state is not TransferState.IN_FLIGHT:  # a layerwise one may be in flight already
-            t.move(TransferState.IN_FLIGHT)
-
-    def _advance_stream(self, t: Transfer) -> None:
-        """A layerwise WRITE with no op pending: resolve its peer (chunks run before that
-        stream nothing); once its prefill finished, write whole what no layer post covered
-        (the peer came late), then, when every write landed, it is done."""
-        if t.stream_peer is None:
-            t.stream_peer = self._peer(t)
-            if t.stream_peer is not None and not self.worker.streams_layers_to(t.stream_peer):
-                t.stream_peer, t.layerwise = None, False  # one write once the prefill ended
-                return
-        if t.stream_peer is None or not t.request_finished:
-            return
-        assert t.remote_block_ids is not None
-        n = min(len(t.local_block_ids), len(t.remote_block_ids))
-        if t.stream_next < n:
-            first, t.stream_next = t.stream_next, n
-            self._post_blocks(t, t.stream_peer, first, n)
-            return
-        self._producer_done(t)
-
-    def _poll(self, t: Transfer) -> None:
-        """Fail on any failed op; release the settled ones; a posted whole batch is done."""
-        states = [(h, self.worker.poll(h)) for h in t.handles]
-        failed = [h for h, s in states if s is TransferStatus.FAILED]
-        if failed:
-            more = f" (and {len(failed) - 1} more failed ops)" if len(failed) > 1 else ""
-            self.fail(t, f"KV transfer failed: {self.worker.error(failed[0])}{more}")
-            return
-        for h, s in states:
-            if s is TransferStatus.DONE:
-                self.worker.release(h)
-        t.handles = [h for h, s in states if s is TransferStatus.PENDING]
-        if t.handles or t.layerwise:
-            return
-        if t.role is TransferRole.CONSUMER_READ:
-            self.inbox.landed(t)
-        else:
-            self._producer_done(t)
-
-    def _producer_done(self, t: Transfer) -> None:
-        """Every write landed: digests (verify_kv), then write_done."""
-        if self.cfg.verify_kv and t.remote_block_ids:
-            n = min(len(t.local_block_ids), len(t.remote_block_ids))
-            t.digests = self.worker.digests(t.local_block_ids[:n])
-        self.outcomes.complete(t)
-
-    # ---- layerwise WRITE -----------------------------------------------------------------
+    # ---- the step's hooks (pd_ops.py) ------------------------------------------------------
     def layer_hook(self, out: SchedulerOutput) -> LayerHook | None:
         """Per-layer posts of this step's streaming WRITE prefills (None: none this step)."""
-        self._after_step = None
-        plans: list[LayerPlan] = []
-        for chunk in out.chunks:
-            t = self.transfers.get(self._by_request.get(chunk.request.request_id, ""))
-            if t is None or not t.layerwise or t.terminal or t.stream_peer is None:
-                continue
-            plan = plan_chunk(t, chunk.request, chunk.num_tokens, self.metadata.block_size)
-            if plan is not None:
-                plans.append(plan)
-                if t.state is TransferState.WAITING_REMOTE:
-                    t.move(TransferState.IN_FLIGHT)
-        if not plans:
-            return None
-        num_layers = self.worker.geometry.num_layers
-        group = layer_group(self.cfg.layer_group, num_layers,
-                            fast_link=self.cfg.transport == "ipc")
-        streamer = LayerStreamer(self.worker, plans, self.counters, group)
-        if group >= num_layers:  # one post for the step: after it (its first token goes first)
-            self._after_step = streamer
-            return None
-        return streamer
+        return self.ops.layer_hook(out)
+
+    def after_execute(self, out: SchedulerOutput) -> None:
+        """The step's one post when a layer group spans every layer (pd_ops.py)."""
+        self.ops.after_execute(out)
 
     def step_needs_hooks(self, out: SchedulerOutput) -> bool:
         """A step needs the hooks only when one of its requests has a live transfer (a
         prefill that streams or whose finish hands its blocks over, a consumer still loading):
         a decode batch of requests whose KV landed runs without any."""
         for chunk in out.chunks:
-            t = self.transfers.get(self._by_request.get(chunk.request.request_id, ""))
+            t = self.transfer_of(chunk.request.request_id)
             if t is not None and not t.terminal:
                 return True
         return False
-
-    def after_execute(self, out: SchedulerOutput) -> None:
-        """The step's one post when a layer group spans every layer: issued after the step
-        sampled and its finished prefills sent their first tokens, so neither waits on the
-        post's host time (the model then runs without a per-layer callback as well)."""
-        streamer, self._after_step = self._after_step, None
-        if streamer is not None:
-            streamer.post_all()
 
     # ---- terminal states (pd_outcome.py) ------------------------------------------------
     def fail(self, t: Transfer, reason: str, *, state: TransferState = TransferState.FAILED,
@@ -680,23 +560,3 @@ def _worker_side(c: PDConnectorConfig, engine: Any, kv_cache: torch.Tensor) -> P
     geometry = RankGeometry(a.num_layers, engine.cfg.cache.block_size, kv_cache.shape[4],
                             kv_cache.shape[5] * kv_cache.element_size())
     return PDWorkerSide(ranks, a.num_kv_heads, geometry, faults=c.faults)
-
-
-def remote_blocks_error(t: Transfer, block_size: int) -> str | None:
-    """Why t's remote block ids cannot be used against its (handshaken) peer, else None:
-    every id must lie in the peer's pool and none may repeat (a repeated destination would
-    overlap two writes)."""
-    ids = t.remote_block_ids or []
-    if t.peer_num_blocks is not None and ids and max(ids) >= t.peer_num_blocks:
-        return (f"block id {max(ids)} is outside peer {t.peer_engine_id}'s pool of "
-                f"{t.peer_num_blocks} blocks")
-    if len(set(ids)) != len(ids):
-        return "the peer's block ids repeat"
-    if t.role is TransferRole.PRODUCER_WRITE and t.num_tokens:
-        need = -(-(t.num_tokens - 1) // block_size)
-        if len(ids) != need:
-            return (f"the decode announced {len(ids)} blocks for a prompt that needs {need}: "
-                    "not the same prompt")
-    if t.role is TransferRole.CONSUMER_READ and len(ids) < len(t.local_block_ids):
-        return "the prefill returned fewer blocks than the prompt needs"
-    return None

@@ -212,7 +212,7 @@ class Inbox:
         c.peers.start_hello(t)
         if t.request_finished:
             c.send_first_token(t)  # the prefill ended before the decode's blocks arrived
-        c._try_post(t)
+        c.ops.try_post(t)
 
     def _write_done(self, t: Transfer, msg: WriteDone) -> None:
         c = self._c

@@ -17,7 +17,7 @@ computes its last position min((b + 1) * block_size, N) - 1 (N prompt tokens) th
 the stream's peer known (usually that chunk itself): transports do not order separate batches
 (tcp spreads them over connections, nixl and mori run them concurrently), so a block written
 twice could end with its older, partial copy. Blocks the prefill completed before the peer was
-known and no later chunk posted are written whole once it finished (PDConnector._advance_stream).
+known and no later chunk posted are written whole once it finished (pd_ops.Ops._advance_stream).
 
 With ``early_start`` (the default) the prefill may start before the decode announced its blocks
 (PDConnector.can_schedule: within half the pool, so announced prefills always find blocks and P
@@ -82,7 +82,7 @@ POSTS_PER_STEP = 8
 
 def layer_group(configured: int, num_layers: int, fast_link: bool = False) -> int:
     """Layers per post: the configured number (>= 1), or for 0 ("auto") ceil(layers / 8), or
-    all of them (one post per step, issued after the step: PDConnector.after_execute) over a
+    all of them (one post per step, issued after the step: pd_ops.Ops.after_execute) over a
     ``fast_link`` (ipc: same host, NVLink / xGMI or one GPU), where the copy takes ~1 % of the
     prefill and each post's host time costs more than the overlap saves. H200, 4k prompt, ipc
     on one GPU (TTFT over monolithic): a post per layer 1.32x; with early_start on, 8 posts
@@ -117,7 +117,7 @@ class LayerStreamer:
         self._next = layer + 1
 
     def post_all(self) -> None:
-        """Every layer at once, after the step (PDConnector.after_execute), skipping the plans
+        """Every layer at once, after the step (pd_ops.Ops.after_execute), skipping the plans
         whose transfer ended during the step."""
         self._plans = [p for p in self._plans if not p.transfer.terminal]
         if self._plans:
