@@ -349,10 +349,15 @@ class Flow:
             try:
                 return await d_task
             except UpstreamFailure as failure:
-                if failure.code == KV_TRANSFER_FAILED_CODE and p_task.done() \
-                        and _decode_settles(p_task):
-                    p_task.result()  # D failed for want of P's KV: the retry avoids P
-                raise
+                if failure.code != KV_TRANSFER_FAILED_CODE:
+                    raise
+                # D failed for want of P's KV (P failed it, froze, or is unreachable): the
+                # pair's failure is P's, so the retry takes another prefill
+                if p_task.done() and _decode_settles(p_task):
+                    p_task.result()
+                raise UpstreamFailure(p, f"the decode got no KV from this prefill: "
+                                         f"{failure.reason}", status=failure.status,
+                                      code=failure.code) from None
         except BaseException:
             d_task.cancel()
             p_task.cancel()

@@ -312,6 +312,22 @@ async def test_a_decode_failing_for_want_of_a_broken_write_prefills_kv_retries_a
     assert len(p1.requests) == len(p2.requests) == 1 and len(d.requests) == 2
 
 
+async def test_a_decode_failing_for_want_of_a_frozen_write_prefills_kv_retries_another(
+        fakes: Any, proxies: Any, http: Any) -> None:
+    """P1 is frozen (it never answers) and the decode, policy fail, gives its transfer up:
+    the pair failed for want of P1's KV, so the retry goes to P2 (it was a 502 naming the
+    decode, the only one)."""
+    (p1, p2), (d,), proxy = await _pd(fakes, proxies, mode="write", num_prefill=2)
+    p1.behavior.hang_s = 30
+    d.behavior.hang_s = 0.3
+    d.behavior.fail_for_engine = p1.engine_id
+    status, body = await _complete(http, proxy)
+    assert status == 200, body
+    assert len(p1.requests) == len(p2.requests) == 1 and len(d.requests) == 2
+    first = p1.requests[0]["kv_transfer_params"]["transfer_id"]
+    await _wait_for(lambda: first in p1.aborts and first in d.aborts)
+
+
 async def test_write_decode_failure_aborts_prefill(fakes: Any, proxies: Any,
                                                    http: Any) -> None:
     (p,), (d,), proxy = await _pd(fakes, proxies, mode="write")
