@@ -434,6 +434,10 @@ class PDConnector(KVConnector):
 
         self.outcomes.step_parked(now)
         self.exposure.review(now)
+        for t in list(self.transfers.values()):
+            if t.role is TransferRole.CONSUMER_WRITE and t.announced and not t.terminal \
+                    and (refusal := self.exposure.refusal(t)) is not None:
+                self.fail(t, refusal, state=TransferState.EXPIRED)  # its blocks stay parked
         self.peers.expire(now)
         self.peers.refresh_leases(self.transfers.values(), self.outcomes.draining_writes())
         return self.outcomes.take_output()

@@ -12,8 +12,10 @@ to it ends up parked. This bounds that loss, per producer X:
              parked.
   silent     X owes this decode something (leases of transfers announced to it, an answer to
              a quiesce) and nothing at all has come from it for lease_timeout since it began to
-             owe or last spoke. New transfers to X fail before announcing (their prompts are
-             computed here, or fail, by policy) until X speaks again.
+             owe or last spoke. New transfers to X fail before announcing, and the live ones
+             announced to it fail too (they would wait for defer_timeout otherwise): their
+             prompts are computed here, or fail, by policy (the proxy then retries on another
+             prefill), until X speaks again.
 
 A live producer acknowledges an announcement at once when it knows this decode (else at its
 next heartbeat, after handshaking us), leases every transfer it holds our blocks for, and
@@ -92,12 +94,13 @@ class Exposure:
                 yield t
 
     def refusal(self, t: Transfer) -> str | None:
-        """Why t's blocks go to no producer (its producer is silent), else None."""
+        """Why t's producer gets no blocks and t no KV (its producer is silent), else None."""
         quiet_s = self.silent.get(t.peer_engine_id or "")
         if quiet_s is None:
             return None
         return (f"prefill {t.peer_engine_id} has not answered this decode for {quiet_s:.1f} s "
-                "while it holds blocks of it (frozen or unreachable): it is given no more")
+                "while it holds blocks of it (frozen or unreachable): it is given no more, "
+                "and its transfers are given up")
 
     def may_announce(self, t: Transfer) -> bool:
         """t's blocks fit in its producer's share (counted as at risk once True)."""
