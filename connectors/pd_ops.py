@@ -115,7 +115,7 @@ class Ops:
         failed = [h for h, s in states if s is TransferStatus.FAILED]
         if failed:
             more = f" (and {len(failed) - 1} more failed ops)" if len(failed) > 1 else ""
-            c.fail(t, f"KV transfer failed: {c.worker.error(failed[0])}{more}")
+            c.fail(t, f"one-sided op failed: {c.worker.error(failed[0])}{more}")
             return
         for h, s in states:
             if s is TransferStatus.DONE:

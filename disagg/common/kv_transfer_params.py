@@ -26,6 +26,9 @@ from typing import Annotated, Any
 import msgspec
 
 MAX_BLOCK_ID = 2**31 - 1
+"""Block ids are bounded here at the edge; each side also checks them against the real pool."""
+MAX_BLOCKS_PER_TRANSFER = 1 << 20
+MAX_TOKENS = 1 << 30
 PEER_GAVE_UP = "the KV peer gave up on this transfer"
 """A producer's reason when its consumer failed the transfer (the decode expired it in its
 queue, refused the KV, was aborted)."""
@@ -36,9 +39,6 @@ then settles its own request by its kv_load_failure_policy: so the proxy waits f
 decode's answer instead of failing the pair."""
 KV_TRANSFER_FAILED_CODE = "kv_transfer_failed"
 """The error ``code`` an instance answers for KV_TRANSFER_FAILED errors."""
-"""Block ids are bounded here at the edge; each side also checks them against the real pool."""
-MAX_BLOCKS_PER_TRANSFER = 1 << 20
-MAX_TOKENS = 1 << 30
 
 TransferId = Annotated[str, msgspec.Meta(min_length=1, max_length=128,
                                          pattern=r"^[A-Za-z0-9._:\-]+$")]

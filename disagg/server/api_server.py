@@ -232,8 +232,8 @@ class _Call:
         prompts = [chat_prompt_ids(req, self.tok)] if self.chat else [
             prompt_ids_of(p, self.tok) for p in completion_prompts(req.prompt)]
         self.prompts = [truncated_prompt(ids, req, synced.max_model_len) for ids in prompts]
-        check_fan_out([len(ids) for ids in self.prompts], req.n)
         """Every prompt's ids (completions may batch several; choices go prompt by prompt)."""
+        check_fan_out([len(ids) for ids in self.prompts], req.n)
         self.prompt_ids = self.prompts[0]
         self.text_options = TextOptions(req.include_stop_str_in_output, req.skip_special_tokens)
         self.kv_params = kv = kv_params(req)
