@@ -13,15 +13,14 @@ from disagg.common.openai_api import (
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
-    chat_prompt_ids,
     check_fan_out,
     check_request,
     completion_prompts,
     requested_max_tokens,
-    truncated_prompt,
     validate_object,
 )
 from disagg.common.openai_api import decode_body as decode_json
+from disagg.common.prompt_ids import chat_prompt_ids, truncated_prompt
 from disagg.common.tokenizer import ByteTokenizer, Tokenizer, get_tokenizer
 from proxy.errors import ProxyError
 

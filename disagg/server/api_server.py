@@ -33,16 +33,14 @@ from disagg.common.openai_api import (
     CompletionRequest,
     KVAbortRequest,
     KVFaultsRequest,
-    chat_prompt_ids,
     check_context,
     check_fan_out,
     completion_prompts,
     decode_body,
     kv_params,
-    prompt_ids_of,
     sampling_params,
-    truncated_prompt,
 )
+from disagg.common.prompt_ids import chat_prompt_ids, prompt_ids_of, truncated_prompt
 from disagg.common.protocol import TokenLogprob
 from disagg.common.request_ids import REQUEST_ID_HEADER, install_request_ids, valid_request_id
 from disagg.common.sampling_params import SamplingParams

@@ -15,13 +15,8 @@ from typing import Any
 
 from aiohttp import web
 
-from disagg.common.openai_api import (
-    DetokenizeRequest,
-    TokenizeRequest,
-    check_token_ids,
-    decode_body,
-    tokenize_ids,
-)
+from disagg.common.openai_api import DetokenizeRequest, TokenizeRequest, decode_body
+from disagg.common.prompt_ids import check_token_ids, tokenize_ids
 from disagg.common.tokenizer import Tokenizer
 
 

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from disagg.common.config import ConfigError
-from disagg.common.openai_api import ChatCompletionRequest, chat_prompt_ids
+from disagg.common.openai_api import ChatCompletionRequest
+from disagg.common.prompt_ids import chat_prompt_ids
 from disagg.common.tokenizer import (
     ByteTokenizer,
     HFTokenizer,
