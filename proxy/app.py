@@ -131,6 +131,8 @@ async def _background_ctx(app: web.Application) -> AsyncIterator[None]:
     for task in tasks:
         with contextlib.suppress(asyncio.CancelledError):
             await task
+    if st.reviver is not None:
+        await st.reviver.close()
     if server is not None:
         server.close()
 
@@ -151,11 +153,12 @@ def make_app(cfg: ProxyConfig) -> web.Application:
     app: web.Application
     reviver = Reviver(registry, lambda: app[STATE_KEY].probes, cfg.probe_timeout_s)
     deps = FlowDeps(cfg=cfg, registry=registry, policies=policies, metrics=ProxyMetrics(),
-                    background=BackgroundTasks(), local_prefill=local, revive=reviver.revive)
+                    background=BackgroundTasks(), local_prefill=local, revive=reviver.revive,
+                    suspect=reviver.suspect)
     app = web.Application(client_max_size=cfg.max_request_body_bytes,
                           middlewares=[require_api_key, openai_errors])
     app[STATE_KEY] = ProxyState(deps=deps, counter=PromptCounter(cfg.model, registry.model_name),
-                                kv_index=kv_index)
+                                kv_index=kv_index, reviver=reviver)
     install_request_ids(app)
     app.cleanup_ctx.append(_sessions_ctx)
     app.cleanup_ctx.append(_background_ctx)

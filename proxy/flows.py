@@ -71,6 +71,8 @@ class FlowDeps:
     """Which prompts skip the prefill pool (fixed, or learned from the flows' timings)."""
     revive: Callable[[Pool], Awaitable[None]] | None = None
     """Probe a pool that has no healthy instance now (proxy/health.py Reviver)."""
+    suspect: Callable[[Instance], None] | None = None
+    """Probe an instance a request just failed on, in the background (Reviver.suspect)."""
 
 
 class DecodeExhausted(ProxyError):
@@ -160,6 +162,9 @@ class Flow:
         self._deps.metrics.retries[pool.value] += 1
         if failure.instance_down:
             self._deps.registry.mark_failed(failure.inst, failure.reason)
+        elif failure.status != 429 and self._deps.suspect is not None:
+            # a timeout, a 5xx, a decode that heard nothing from this prefill: is it frozen?
+            self._deps.suspect(failure.inst)
 
     async def _prefill(self, p: Instance, kv_params: dict[str, Any]) -> Reply:
         """One prefill call (``max_tokens=1``, not streamed), its load counted on ``p``. P

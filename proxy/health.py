@@ -9,19 +9,20 @@ from collections.abc import Callable
 
 import aiohttp
 
-from proxy.registry import Instance, Pool, Registry
+from proxy.registry import Instance, InstanceState, Pool, Registry
 from proxy.upstream import UpstreamFailure, fetch_instance_info
 
 logger = logging.getLogger(__name__)
 
 
 async def probe_instance(registry: Registry, session: aiohttp.ClientSession, inst: Instance,
-                         timeout_s: float) -> None:
-    """Probe one instance and record the verdict in the registry."""
+                         timeout_s: float, *, suspected: bool = False) -> None:
+    """Probe one instance and record the verdict in the registry. ``suspected``: a request
+    to it just failed too, so a failed probe takes it out of the rotation at once."""
     try:
         info = await fetch_instance_info(session, inst, timeout_s)
     except UpstreamFailure as failure:
-        registry.mark_failed(inst, failure.reason, definite=failure.instance_down)
+        registry.mark_failed(inst, failure.reason, definite=failure.instance_down or suspected)
         if registry.given_up(inst, definite=failure.instance_down):
             inst.down.set()  # dead, or frozen well past a busy instance's slow answer
         return
@@ -46,15 +47,56 @@ REVIVE_INTERVAL_S = 0.5
 
 
 class Reviver:
-    """On-demand probes of a pool with no healthy instance, one round at a time per pool."""
+    """On-demand probes: of a pool with no healthy instance (one round at a time per pool),
+    and of an instance a request just failed on (one check at a time per instance)."""
 
     def __init__(self, registry: Registry, session: Callable[[], aiohttp.ClientSession],
                  timeout_s: float) -> None:
         self._registry = registry
         self._session = session
+        self._probe_timeout_s = timeout_s
         self._timeout_s = min(timeout_s, REVIVE_TIMEOUT_S)
         self._rounds: dict[Pool, asyncio.Task[None]] = {}
         self._last_s: dict[Pool, float] = {}
+        self._checks: dict[str, asyncio.Task[None]] = {}
+        self._checked_s: dict[str, float] = {}
+
+    def suspect(self, inst: Instance) -> None:
+        """A request to ``inst`` failed in a way that does not prove it down (a timeout, a
+        5xx, a decode that heard nothing from this prefill for its lease timeout): probe it
+        now, in the background, with the usual probe deadline. If that probe fails too, the
+        instance leaves the rotation at once, where the health rounds alone take
+        ``unhealthy_after_failures`` rounds (about 10 s for a frozen one); if it answers,
+        nothing changes. At most one check per instance at a time, and one every
+        ``REVIVE_INTERVAL_S``."""
+        if inst.url in self._checks or self._registry.get(inst.url) is not inst \
+                or inst.state is not InstanceState.HEALTHY:
+            return
+        now = time.monotonic()
+        if now - self._checked_s.get(inst.url, -REVIVE_INTERVAL_S) < REVIVE_INTERVAL_S:
+            return
+        self._checked_s[inst.url] = now
+        if len(self._checked_s) > 4 * len(self._registry.instances()) + 64:
+            self._checked_s = {url: s for url, s in self._checked_s.items()
+                               if now - s < REVIVE_INTERVAL_S}  # removed instances go
+        task = asyncio.ensure_future(probe_instance(self._registry, self._session(), inst,
+                                                    self._probe_timeout_s, suspected=True))
+        self._checks[inst.url] = task
+        task.add_done_callback(lambda done: self._check_done(inst.url, done))
+
+    def _check_done(self, url: str, task: asyncio.Task[None]) -> None:
+        self._checks.pop(url, None)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            logger.error("probe of suspected instance %s failed: %s: %s", url,
+                         type(exc).__name__, exc)
+
+    async def close(self) -> None:
+        """Cancel the checks and rounds still running (the app is shutting down)."""
+        tasks = [*self._checks.values(), *self._rounds.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def revive(self, pool: Pool) -> None:
         """Probe ``pool``'s instances now (or join the round already running); returns

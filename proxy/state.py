@@ -11,6 +11,7 @@ from aiohttp import web
 from proxy.bodies import PromptCounter
 from proxy.config import ProxyConfig
 from proxy.flows import FlowDeps
+from proxy.health import Reviver
 from proxy.kv_index import KVIndex
 from proxy.metrics import ProxyMetrics
 from proxy.registry import Pool, Registry
@@ -33,6 +34,8 @@ class ProxyState:
     started_at_s: int = field(default_factory=lambda: int(time.time()))
     registration_endpoint: str | None = None
     """The ZMQ endpoint instances register at, once bound."""
+    reviver: Reviver | None = None
+    """The on-demand probes (closed at shutdown)."""
 
     @property
     def probes(self) -> aiohttp.ClientSession:

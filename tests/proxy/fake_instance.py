@@ -119,6 +119,8 @@ class FakeInstance:
     aborts: list[str] = field(default_factory=list)
     disconnects: int = 0
     """Streams cut short because the proxy closed the connection."""
+    probes: int = 0
+    """``/instance_info`` requests received (health probes)."""
     kv_params_key: str | None = None
     """Like ``disagg serve --kv-params-key``: kv_transfer_params and aborts need it (else 401)."""
     kv_keys: list[str | None] = field(default_factory=list)
@@ -178,6 +180,7 @@ class FakeInstance:
         return [r.get("kv_transfer_params") or {} for r in self.requests]
 
     async def _info(self, request: web.Request) -> web.Response:
+        self.probes += 1
         await self._stay_frozen()
         return web.json_response(self.info())
 

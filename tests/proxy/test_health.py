@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from proxy.config import PolicyName, TransferMode
 from proxy.registry import InstanceState, Pool
 
 
@@ -87,3 +88,57 @@ async def test_an_empty_pool_is_probed_at_once_before_a_request_fails(
     async with http.post(proxy.url + "/v1/completions", json=body) as resp:
         assert resp.status == 200, await resp.text()
     assert registry.healthy(Pool.DECODE)
+
+
+async def _write_pair(fakes: Any, proxies: Any) -> tuple[Any, Any, Any, Any]:
+    """Two WRITE prefills and a decode; health rounds a minute apart (none during a test)."""
+    p1 = await fakes(role="kv_producer", mode="write")
+    p2 = await fakes(role="kv_producer", mode="write")
+    d = await fakes(role="kv_consumer", mode="write", kv_handshake_port=18000)
+    proxy = await proxies(prefill_urls=(p1.url, p2.url), decode_urls=(d.url,),
+                          mode=TransferMode.WRITE, policy=PolicyName.ROUND_ROBIN,
+                          health_check_interval_s=60.0, probe_timeout_s=0.3,
+                          unhealthy_after_failures=3)
+    return p1, p2, d, proxy
+
+
+async def test_a_prefill_a_request_failed_on_leaves_the_rotation_when_its_probe_fails_too(
+        fakes: Any, proxies: Any, http: Any) -> None:
+    """P1 froze (a stopped process): the decode gives up the KV it waited for from P1, the
+    pair is retried on P2, and P1 is probed at once: that probe times out too, so P1 leaves
+    the rotation now, not after three health rounds, and no later request goes to it."""
+    p1, p2, d, proxy = await _write_pair(fakes, proxies)
+    registry = proxy.state.registry
+    p1.behavior.frozen = True
+    d.behavior.hang_s = 0.1
+    d.behavior.fail_for_engine = p1.engine_id
+    assert await _complete(http, proxy) == 200  # retried on P2
+    await _wait_for(lambda: registry.get(p1.url).state is InstanceState.UNHEALTHY, 2.0)
+    assert registry.healthy(Pool.PREFILL) == [registry.get(p2.url)]
+    assert [await _complete(http, proxy) for _ in range(4)] == [200] * 4
+    assert len(p1.requests) == 1 and len(p2.requests) == 5
+    p1.behavior.frozen = False  # back: the next health round or revive restores it
+
+
+async def test_a_prefill_a_request_failed_on_stays_when_its_probe_answers(
+        fakes: Any, proxies: Any, http: Any) -> None:
+    """The same failure on a prefill that answers its probe (its KV did not reach this decode,
+    it is alive): it is probed and stays in the rotation. Suspicions of one instance within
+    the check interval probe it once."""
+    p1, p2, d, proxy = await _write_pair(fakes, proxies)
+    registry = proxy.state.registry
+    probes = p1.probes
+    d.behavior.fail_for_engine = p1.engine_id
+    assert [await _complete(http, proxy) for _ in range(4)] == [200] * 4
+    await _wait_for(lambda: p1.probes > probes)
+    await asyncio.sleep(0.4)  # every check answered
+    inst = registry.get(p1.url)
+    assert inst.state is InstanceState.HEALTHY and inst.consecutive_failures == 0
+    assert len(p2.requests) == 4 and len(p1.requests) >= 1
+
+    await asyncio.sleep(0.5)  # past the check interval
+    probes = p1.probes
+    for _ in range(5):
+        proxy.state.reviver.suspect(inst)
+    await asyncio.sleep(0.3)
+    assert p1.probes == probes + 1
