@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import math
 import time
 from collections.abc import Callable
 
@@ -122,11 +124,40 @@ class Reviver:
 
 async def health_loop(registry: Registry, session: aiohttp.ClientSession,
                       interval_s: float, timeout_s: float) -> None:
-    """Forever: drop dynamic instances that stopped heartbeating, probe the rest, sleep."""
-    while True:
-        registry.expire()
-        try:
-            await probe_all(registry, session, timeout_s)
-        except Exception:  # a bug in one round must not end health checking for good
-            logger.exception("health check round failed")
-        await asyncio.sleep(interval_s)
+    """Forever, every ``interval_s``: drop dynamic instances that stopped heartbeating and
+    probe every instance. Rounds keep their cadence: a frozen instance's probe waiting out its
+    deadline holds back neither the others' nor its own next probe (up to
+    ceil(timeout / interval) of its probes are in flight), so its failures count once per
+    interval, not once per interval + timeout."""
+    per_instance = max(1, math.ceil(timeout_s / interval_s))
+    probing: dict[str, set[asyncio.Task[None]]] = {}
+
+    def ended(url: str, task: asyncio.Task[None]) -> None:
+        tasks = probing.get(url)
+        if tasks is not None:
+            tasks.discard(task)
+            if not tasks:
+                del probing[url]
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            logger.error("health probe of %s failed: %s: %s", url, type(exc).__name__, exc)
+
+    try:
+        while True:
+            try:
+                registry.expire()
+                for inst in registry.instances():
+                    tasks = probing.setdefault(inst.url, set())
+                    if len(tasks) < per_instance:
+                        task = asyncio.ensure_future(
+                            probe_instance(registry, session, inst, timeout_s))
+                        tasks.add(task)
+                        task.add_done_callback(functools.partial(ended, inst.url))
+            except Exception:  # a bug in one round must not end health checking for good
+                logger.exception("health check round failed")
+            await asyncio.sleep(interval_s)
+    finally:
+        left = [t for tasks in probing.values() for t in tasks]
+        for task in left:
+            task.cancel()
+        await asyncio.gather(*left, return_exceptions=True)

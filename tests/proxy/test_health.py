@@ -142,3 +142,25 @@ async def test_a_prefill_a_request_failed_on_stays_when_its_probe_answers(
         proxy.state.reviver.suspect(inst)
     await asyncio.sleep(0.3)
     assert p1.probes == probes + 1
+
+
+async def test_a_frozen_instance_holds_back_no_health_round(fakes: Any, proxies: Any) -> None:
+    """A frozen instance's probes wait out their deadline (three intervals here) while the
+    rounds keep their cadence: the healthy instance beside it is probed every interval, and
+    the frozen one's failures count once per interval, so it leaves the rotation after about
+    three intervals past the first deadline (rounds that waited for the slowest probe took an
+    interval + the deadline each)."""
+    p1, p2 = await fakes(role="kv_producer"), await fakes(role="kv_producer")
+    d = await fakes(role="kv_consumer")
+    proxy = await proxies(prefill_urls=(p1.url, p2.url), decode_urls=(d.url,),
+                          health_check_interval_s=0.2, probe_timeout_s=0.6,
+                          unhealthy_after_failures=3)
+    registry = proxy.state.registry
+    p1.behavior.frozen = True
+    before = p2.probes
+    await asyncio.sleep(1.6)
+    assert p2.probes - before >= 5  # one every 0.2 s (waiting for p1: one every 0.8 s)
+    await _wait_for(lambda: registry.get(p1.url).state is InstanceState.UNHEALTHY, 3.0)
+    assert registry.get(p2.url).state is InstanceState.HEALTHY
+    p1.behavior.frozen = False
+    await _wait_for(lambda: registry.get(p1.url).state is InstanceState.HEALTHY, 3.0)
