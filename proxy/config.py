@@ -72,7 +72,8 @@ class ProxyConfig:
     """Deadline of one probe or one abort call."""
     unhealthy_after_failures: int = 3
     """Probes in a row that time out or fail before an instance leaves the rotation
-    (a refused connection takes it out at once)."""
+    (a refused connection takes it out at once, and so does a failed probe sent right after
+    a request failed on it: proxy/health.py Reviver.suspect)."""
     connect_timeout_s: float = 5.0
     """Deadline to open a TCP connection to an instance."""
     prefill_timeout_s: float = 300.0

@@ -135,7 +135,8 @@ def _add_proxy_args(parser: argparse.ArgumentParser) -> None:
     add("--health-check-interval-s", type=positive_float, default=d.health_check_interval_s,
         help="seconds between two probes of every instance's /instance_info")
     add("--unhealthy-after-failures", type=positive_int, default=d.unhealthy_after_failures,
-        help="failed or slow probes in a row before an instance leaves the rotation")
+        help="failed or slow probes in a row before an instance leaves the rotation "
+             "(one is enough right after a request failed on it)")
     for name, what in _TIMEOUTS.items():
         add(f"--{name.replace('_', '-')}-timeout-s", type=positive_float,
             default=getattr(d, f"{name}_timeout_s"), help=f"deadline in seconds {what}")
