@@ -335,7 +335,6 @@ async def _stream(request: web.Request, call: _Call) -> web.StreamResponse:
     deltas = call.deltas()
     first = await anext(deltas)  # errors before the first byte still become JSON errors
     resp = web.StreamResponse(headers=SSE_HEADERS)
-    await resp.prepare(request)
     obj = call.object + ".chunk" if call.chat else call.object
     head = {"id": call.id, "object": obj, "created": call.created, "model": call.model}
     num_out = num_cached = 0
@@ -346,6 +345,7 @@ async def _stream(request: web.Request, call: _Call) -> web.StreamResponse:
     counts: dict[int, int] = {}  # per choice: its tokens so far (continuous usage)
     timings = call.timings()  # the first token goes out now; the last chunk carries them
     try:
+        await resp.prepare(request)  # the client may be gone already
         delta: Delta | None = first
         while delta is not None:
             num_out += len(delta.token_ids)

@@ -227,3 +227,31 @@ async def test_an_empty_text_prompt_starts_from_bos_and_no_ids_is_a_400(
     assert len(client.app[ENGINE].requests[-1].prompt_token_ids) == 1  # BOS
     status, body = await _post(client, "/v1/completions", {**COMPLETION, "prompt": []})
     assert status == 400 and body["error"]["param"] == "prompt"
+
+
+async def test_a_client_gone_before_the_stream_starts_ends_it_quietly(
+        instance_client: Any, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The client left between its request and the stream's headers (the first token was
+    still being computed): the request is aborted, and nothing is logged as an error."""
+    import aiohttp
+    from aiohttp import web
+
+    client = await _scripted(instance_client, _out([A]))  # running: no finish reason
+    real = web.StreamResponse.prepare
+
+    async def gone(self: web.StreamResponse, request: Any) -> Any:
+        if isinstance(self, web.Response):  # JSON answers (errors) still go out
+            return await real(self, request)
+        raise aiohttp.ClientConnectionResetError("Cannot write to closing transport")
+
+    monkeypatch.setattr(web.StreamResponse, "prepare", gone)
+    caplog.set_level("DEBUG")
+    with pytest.raises(aiohttp.ClientError):
+        async with client.post("/v1/completions",
+                               data=msgspec.json.encode({**COMPLETION, "stream": True})) as r:
+            await r.read()
+    engine = client.app[ENGINE]
+    assert engine.aborted == [engine.requests[-1].request_id]
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")], \
+        caplog.text
