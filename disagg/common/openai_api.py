@@ -306,10 +306,12 @@ def validation_error(exc: msgspec.ValidationError) -> ApiError:
 def without_nulls(obj: Any) -> Any:
     """A body object without its null fields (and its ``stream_options``' null fields): OpenAI's
     API takes ``null`` as "not given" for every optional field, and clients send it
-    (``"n": null``, ``"stream": null``); a field's absence gives its default."""
+    (``"n": null``, ``"stream": null``); a field's absence gives its default. Except
+    ``max_tokens``: null asks for as many tokens as the context leaves (vLLM), where an absent
+    one is a completion's default of 16."""
     if not isinstance(obj, dict):
         return obj
-    out = {k: v for k, v in obj.items() if v is not None}
+    out = {k: v for k, v in obj.items() if v is not None or k == "max_tokens"}
     options = out.get("stream_options")
     if isinstance(options, dict):
         out["stream_options"] = {k: v for k, v in options.items() if v is not None}
@@ -318,14 +320,23 @@ def without_nulls(obj: Any) -> Any:
 
 def decode_body(raw: bytes, kind: Any = Any) -> Any:
     """Decode an untrusted JSON body into ``kind``; every failure is a 400 naming the field.
-    A struct's null fields take their defaults (``without_nulls``)."""
+    A struct's null fields take their defaults (``without_nulls``); of a key given twice, the
+    last value counts (as in the proxy, which reads the body into a dict, and in vLLM)."""
     check_json_text(raw)
+    struct = isinstance(kind, type) and issubclass(kind, msgspec.Struct)
     try:
-        if b"null" in raw and isinstance(kind, type) and issubclass(kind, msgspec.Struct):
+        if b"null" in raw and struct:
             # a field may be null: through Python objects once, nulls dropped; the usual body
             # (no null anywhere) decodes straight into the struct
             return msgspec.convert(without_nulls(msgspec.json.decode(raw)), kind)
-        return msgspec.json.decode(raw, type=kind)
+        try:
+            return msgspec.json.decode(raw, type=kind)
+        except msgspec.ValidationError:
+            if not struct:
+                raise
+            # decoding straight into a struct checks every value of a key given twice; only
+            # the last one counts: the body is read into Python objects once to tell
+            return msgspec.convert(msgspec.json.decode(raw), kind)
     except msgspec.ValidationError as exc:
         raise validation_error(exc) from None
     except msgspec.DecodeError as exc:

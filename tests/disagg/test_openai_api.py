@@ -158,6 +158,29 @@ async def test_non_finite_and_wrong_types_are_400(instance_client: Any, raw: byt
     assert client.app[ENGINE].requests == []
 
 
+@pytest.mark.parametrize(("raw", "null"), [
+    (b'{"prompt": "x", "max_tokens": -5, "max_tokens": 2}', False),
+    (b'{"prompt": "x", "max_tokens": -5, "max_tokens": 2, "user": null}', True),
+    (b'{"prompt": "x", "max_tokens": 2, "max_tokens": 3}', False),
+])
+def test_of_a_key_given_twice_the_last_value_counts(raw: bytes, null: bool) -> None:
+    """Whether the body has a null in it or not (two decoding paths), and as in the proxy,
+    which reads bodies into dicts: the last value counts, an earlier invalid one is no 400."""
+    assert (b"null" in raw) is null
+    last = msgspec.json.decode(raw)["max_tokens"]
+    assert decode_body(raw, CompletionRequest).max_tokens == last
+    with pytest.raises(ApiError) as info:
+        decode_body(b'{"prompt": "x", "max_tokens": 2, "max_tokens": -5}', CompletionRequest)
+    assert info.value.param == "max_tokens"
+
+
+def test_a_null_max_tokens_asks_for_the_context_an_absent_one_for_16() -> None:
+    assert decode_body(b'{"prompt": "x", "max_tokens": null}', CompletionRequest) \
+        .max_tokens is None
+    assert decode_body(b'{"prompt": "x"}', CompletionRequest).max_tokens == 16
+    assert decode_body(b'{"prompt": "x", "n": null}', CompletionRequest).max_tokens == 16
+
+
 def test_decode_body_names_the_bound_it_broke() -> None:
     with pytest.raises(ApiError) as info:
         decode_body(b'{"prompt": "x", "logprobs": 1025}', CompletionRequest)

@@ -160,3 +160,17 @@ async def test_a_fan_out_past_the_token_limit_is_a_400(instance_client: Any) -> 
     status, out = await _post(client, "/v1/completions", {
         "prompt": [[5] * 1100] * 64, "n": 16, "max_tokens": 1})
     assert status == 400 and out["error"]["param"] == "n", out
+
+
+async def test_a_null_max_tokens_fills_the_context(instance_client: Any) -> None:
+    """``"max_tokens": null`` asks for what the context leaves (vLLM); absent, a completion
+    gets 16."""
+    client = await instance_client()
+    status, out = await _post(client, "/v1/completions", {"prompt": "hello", "max_tokens": None})
+    assert status == 200, out
+    engine = client.app[ENGINE]
+    req = engine.requests[-1]
+    assert req.sampling_params.max_tokens == \
+        engine.synced.max_model_len - len(req.prompt_token_ids)
+    status, out = await _post(client, "/v1/completions", {"prompt": "hello"})
+    assert status == 200 and engine.requests[-1].sampling_params.max_tokens == 16
