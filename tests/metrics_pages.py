@@ -52,8 +52,9 @@ def instance_page(model: str = "m") -> str:
     m.first_token(0.03)
     m.next_output(0.008)
     m.finished("stop")
-    m.completed(start_s=0.0, first_s=0.03, end_s=0.04, num_prompt_tokens=5,
-                num_output_tokens=2)
+    m.tokens(prompt=5, generated=1)
+    m.tokens(generated=1)
+    m.completed(start_s=0.0, first_s=0.03, end_s=0.04, num_output_tokens=2)
     return render_instance_metrics(fake_engine({0: engine_stats()}), m, model)
 
 

@@ -89,9 +89,20 @@ class ServerMetrics:
         self._vllm.itl.observe(gap_s)
         self._vllm.tpot_legacy.observe(gap_s)
 
+    def tokens(self, *, prompt: int = 0, generated: int = 0) -> None:
+        """Count tokens as they are done, whether or not their request will run to its end
+        (as vLLM counts every step): a prompt once its first token is out, generated tokens
+        as each output brings them."""
+        if prompt:
+            self._prompt_tokens.inc(prompt)
+            self._vllm.prompt_tokens.inc(prompt)
+        if generated:
+            self._generation_tokens.inc(generated)
+            self._vllm.generation_tokens.inc(generated)
+
     def completed(self, *, start_s: float, first_s: float | None, end_s: float,
-                  num_prompt_tokens: int, num_output_tokens: int) -> None:
-        """A request ran to its end (not aborted): latencies and token counts."""
+                  num_output_tokens: int) -> None:
+        """A request ran to its end (not aborted): its latencies."""
         vllm = self._vllm
         self._e2e.observe(end_s - start_s)
         vllm.e2e.observe(end_s - start_s)
@@ -100,10 +111,6 @@ class ServerMetrics:
             if num_output_tokens > 1:
                 self._tpot.observe((end_s - first_s) / (num_output_tokens - 1))
                 vllm.request_tpot.observe((end_s - first_s) / (num_output_tokens - 1))
-        self._prompt_tokens.inc(num_prompt_tokens)
-        vllm.prompt_tokens.inc(num_prompt_tokens)
-        self._generation_tokens.inc(num_output_tokens)
-        vllm.generation_tokens.inc(num_output_tokens)
 
     def observe_timings(self, t: InstanceTimings) -> None:
         """One request's phases (disagg/common/timings.py); no transfer, no kv_transfer."""

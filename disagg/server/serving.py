@@ -167,8 +167,10 @@ async def generate(engine: EngineClient, tok: Tokenizer, metrics: ServerMetrics,
                 if first is None:
                     first = now
                     metrics.first_token(now - start)
+                    metrics.tokens(prompt=len(prompt_ids))
                 else:
                     metrics.next_output(now - last)
+                metrics.tokens(generated=len(item.new_token_ids))
                 last = now
             num_out += len(item.new_token_ids)
             owed = sent.owed
@@ -192,7 +194,7 @@ async def generate(engine: EngineClient, tok: Tokenizer, metrics: ServerMetrics,
         if done:  # engine-finished, or ended here by a stop string
             metrics.finished(reason or "error")
             metrics.completed(start_s=start, first_s=first, end_s=time.monotonic(),
-                              num_prompt_tokens=len(prompt_ids), num_output_tokens=num_out)
+                              num_output_tokens=num_out)
         else:
             metrics.finished("abort")
 

@@ -127,8 +127,8 @@ def test_each_app_has_its_own_registry() -> None:
     a, b = ServerMetrics("m"), ServerMetrics("m")  # a second registry: no duplicate error
     a.first_token(0.05)
     a.next_output(0.004)
-    a.completed(start_s=0.0, first_s=0.05, end_s=0.5, num_prompt_tokens=7,
-                num_output_tokens=10)
+    a.tokens(prompt=7, generated=10)
+    a.completed(start_s=0.0, first_s=0.05, end_s=0.5, num_output_tokens=10)
     engine = fake_engine({})
     text_a, text_b = (render_instance_metrics(engine, m, "m") for m in (a, b))
     assert value(text_a, "vllm:inter_token_latency_seconds_bucket", le="0.005") == 1

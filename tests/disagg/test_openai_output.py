@@ -5,6 +5,7 @@ fields, vLLM's prompt and chat options. The instance app over a scripted fake en
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -93,6 +94,28 @@ async def test_a_request_ended_by_a_stop_string_counts_as_stop_not_abort(
     assert value(text, "vllm:request_success_total", finished_reason="stop") == 1
     assert value(text, "vllm:request_success_total", finished_reason="abort") == 0
     assert value(text, "vllm:generation_tokens_total") == 3
+
+
+async def test_the_tokens_of_an_aborted_request_count(instance_client: Any) -> None:
+    """Token counters count as tokens are done (vLLM counts every step), not only requests
+    that ran to their end: a client leaving mid-stream leaves its prompt and the tokens it got
+    counted (the stats line showed no generation throughput during a long request)."""
+    client = await _scripted(instance_client, _out([A]), _out([B]))  # never finishes
+    async with client.post("/v1/completions",
+                           data=msgspec.json.encode({**COMPLETION, "stream": True})) as resp:
+        await resp.content.readline()
+    deadline = asyncio.get_running_loop().time() + 5
+    while True:  # the server sees the client leave on its own time
+        async with client.get("/metrics") as resp:
+            text = await resp.text()
+        if value(text, "vllm:request_success_total", finished_reason="abort") == 1:
+            break
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.02)
+    assert value(text, "vllm:generation_tokens_total") == 2
+    assert value(text, "disagg_generation_tokens_total") == 2
+    assert value(text, "disagg_prompt_tokens_total") == \
+        len(client.app[ENGINE].requests[-1].prompt_token_ids)
 
 
 def test_the_window_decodes_as_the_whole_output() -> None:
