@@ -41,7 +41,8 @@ def error_body(status: int, message: str, param: str | None = None,
                code: str | None = None) -> dict[str, object]:
     """``{"error": {"message", "type", "param", "code"}}`` as OpenAI sends it (``code``: the
     instances' code string where one applies, else the status)."""
-    return {"error": {"message": message, "type": error_type(status), "param": param,
+    kind = "invalid_request_error" if code == "model_not_found" else error_type(status)
+    return {"error": {"message": message, "type": kind, "param": param,  # OpenAI's, instances'
                       "code": code or status}}
 
 

@@ -219,6 +219,7 @@ async def test_model_cards_list_and_retrieve_every_served_name(fakes: Any,
         with pytest.raises(openai.NotFoundError, match="serves `org/main`") as info:
             await client.models.retrieve("org/another-model")
         assert info.value.code == "model_not_found" and info.value.param == "model"
+        assert info.value.type == "invalid_request_error"  # as OpenAI and the instances say
 
 
 async def test_tokenize_goes_to_a_decode_instance_and_version_is_the_proxys(
