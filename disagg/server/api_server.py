@@ -356,9 +356,17 @@ async def _stream(request: web.Request, call: _Call) -> web.StreamResponse:
                 counts[delta.index] = counts.get(delta.index, 0) + len(delta.token_ids)
                 usage = {"usage": call.choice_usage(delta.index, counts[delta.index])} \
                     if every_usage else {}
-                await resp.write(encode_event({**head, "choices": [call.choice(
-                    delta, True, delta.index, offset or 0, first=offset is None)],
-                    **usage, **last}))
+                choice = call.choice(delta, True, delta.index, offset or 0,
+                                     first=offset is None)
+                ids: dict[str, Any] = {}
+                if call.req.return_token_ids and offset is None:  # its choice's first chunk
+                    prompt_ids = call.prompts[delta.index // call.req.n]
+                    if call.chat:  # vLLM's places: the chunk's, the choice's
+                        ids["prompt_token_ids"] = prompt_ids
+                    else:
+                        choice["prompt_token_ids"] = prompt_ids
+                await resp.write(encode_event({**head, "choices": [choice], **ids, **usage,
+                                               **last}))
                 offsets[delta.index] = (offset or 0) + len(delta.text)
             delta = await anext(deltas, None)
         if with_usage:

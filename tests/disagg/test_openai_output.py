@@ -118,6 +118,25 @@ async def test_the_tokens_of_an_aborted_request_count(instance_client: Any) -> N
         len(client.app[ENGINE].requests[-1].prompt_token_ids)
 
 
+@pytest.mark.parametrize("chat", [False, True])
+async def test_a_stream_with_return_token_ids_names_the_prompt_ids_once(
+        instance_client: Any, chat: bool) -> None:
+    """As vLLM: a streamed answer with return_token_ids carries the prompt's ids in its
+    first chunk (a completion choice's, a chat chunk's), every chunk its new tokens' ids."""
+    client = await _scripted(instance_client, _out([A]), _out([B]), _out([C], "length"))
+    body: dict[str, Any] = {"max_tokens": 4, "stream": True, "return_token_ids": True,
+                            **({"messages": [{"role": "user", "content": "hi"}]} if chat
+                               else {"prompt": "hi"})}
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    async with client.post(path, data=msgspec.json.encode(body)) as resp:
+        chunks = [json.loads(line[6:]) for line in (await resp.text()).splitlines()
+                  if line.startswith("data: {")]
+    prompt = client.app[ENGINE].requests[-1].prompt_token_ids
+    holders = [c if chat else c["choices"][0] for c in chunks]
+    assert [h.get("prompt_token_ids") for h in holders] == [prompt, None, None]
+    assert [c["choices"][0]["token_ids"] for c in chunks] == [[A], [B], [C]]
+
+
 def test_the_window_decodes_as_the_whole_output() -> None:
     """Decoding a window per push gives the text decoding everything gives, multi-byte
     characters split across pushes included."""
