@@ -26,7 +26,7 @@ from disagg.common.openai_api import ApiError, decode_body
 from disagg.common.pause import PauseConflict, PauseMode
 from disagg.dp.rpc import RPC_METHODS, RpcArgError, validate_rpc
 from disagg.server.engine_client import EngineClient
-from disagg.server.engine_health import EngineDeadError
+from disagg.server.engine_health import EngineDeadError, EngineUnavailableError
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 DEFAULT_PAUSE_TIMEOUT_S = 60.0
@@ -136,6 +136,8 @@ class AdminApi:
                            f"{timeout_s:g} s (in lockstep mode a collective waits for the ranks "
                            "to stop stepping: pause first)", err_type="timeout_error",
                            code="rpc_timeout") from None
+        except EngineUnavailableError as exc:
+            raise ApiError(503, f"engine unavailable: {exc}", err_type="server_error") from None
         except RuntimeError as exc:
             raise ApiError(500, f"collective_rpc {method!r} failed: {exc}",
                            err_type="server_error") from None

@@ -50,6 +50,7 @@ from disagg.common.tokenizer import Tokenizer
 from disagg.common.version import __version__
 from disagg.server.admin import AdminApi
 from disagg.server.engine_client import EngineClient
+from disagg.server.engine_health import EngineUnavailableError
 from disagg.server.metrics import ServerMetrics
 from disagg.server.metrics_render import render_instance_metrics
 from disagg.server.parallel_sampling import (
@@ -156,6 +157,8 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
         raise
     except (ConnectionResetError, asyncio.CancelledError):
         raise
+    except EngineUnavailableError as exc:  # dead, stalled, or silent past a call's deadline
+        return json_error(ApiError(503, f"engine unavailable: {exc}", err_type="server_error"))
     except Exception as exc:  # a bug: log it, answer JSON, keep serving
         logger.exception("unhandled error on %s", request.path)
         return json_error(ApiError(500, f"internal error: {type(exc).__name__}: {exc}",
@@ -476,7 +479,9 @@ async def kv_faults(request: web.Request) -> web.Response:
     body = decode_body(await request.read(), KVFaultsRequest)
     try:
         counts = await request.app[ENGINE].utility("kv_faults", {"faults": body.faults})
-    except RuntimeError as exc:
+    except EngineUnavailableError:
+        raise
+    except RuntimeError as exc:  # a rank refused the rules
         raise ApiError(400, str(exc), param="faults") from None
     return web.json_response({"rules": counts})
 

@@ -71,6 +71,7 @@ from disagg.server.engine_health import (
     EngineDeadError,
     EngineStalledError,
     EngineStartupError,
+    EngineUnavailableError,
     StallWatch,
     stall_timeout_s,
 )
@@ -283,18 +284,50 @@ class EngineClient:
 
     async def utility(self, method: str, args: dict[str, Any] | None = None,
                       timeout_s: float = 10.0) -> list[Any]:
-        """Call a utility on every rank; results in rank order."""
-        self._check_alive()
+        """Call a utility on every rank; results in rank order. EngineUnavailableError when
+        the engine is dead or stalled, or a rank does not answer within ``timeout_s``."""
+        why = self.unavailable()
+        if why:
+            raise EngineUnavailableError(why)
+        call_ids = [next(self._call_ids) for _ in self._inputs]
+        futures = self._open_calls(call_ids)
+        try:
+            for rank, (sock, call_id) in enumerate(zip(self._inputs, call_ids, strict=True)):
+                await self._send(sock, encoder.encode(EngineCoreUtility(
+                    call_id=call_id, method=method, args=args or {})), rank)
+            return await self._answers(futures, timeout_s)
+        except asyncio.TimeoutError:
+            raise EngineUnavailableError(f"the engine core did not answer {method!r} within "
+                                         f"{timeout_s:g} s") from None
+        finally:
+            self._close_calls(call_ids, futures)
+
+    def _open_calls(self, call_ids: list[int]) -> list[asyncio.Future[Any]]:
         loop = asyncio.get_running_loop()
-        futures = []
-        for sock in self._inputs:
-            call_id = next(self._call_ids)
-            fut: asyncio.Future[Any] = loop.create_future()
-            self._calls[call_id] = fut
-            futures.append(fut)
-            await self._send(sock, encoder.encode(EngineCoreUtility(
-                call_id=call_id, method=method, args=args or {})))
-        return list(await asyncio.wait_for(asyncio.gather(*futures), timeout_s))
+        futures: list[asyncio.Future[Any]] = [loop.create_future() for _ in call_ids]
+        self._calls.update(zip(call_ids, futures, strict=True))
+        return futures
+
+    def _close_calls(self, call_ids: list[int], futures: list[asyncio.Future[Any]]) -> None:
+        """Forget a call's ids (an answer after it ended is dropped) and read every failure
+        it got, so none is reported as never retrieved."""
+        for call_id in call_ids:
+            self._calls.pop(call_id, None)
+        for fut in futures:
+            if not fut.done():
+                fut.cancel()
+            elif not fut.cancelled():
+                fut.exception()
+
+    @staticmethod
+    async def _answers(futures: list[asyncio.Future[Any]], timeout_s: float) -> list[Any]:
+        """Every rank's answer in rank order; asyncio.TimeoutError past the deadline, a rank's
+        error as raised. (Not asyncio.gather: a gather timed out or cancelled on 3.11 holds an
+        exception nobody reads, logged as "_GatheringFuture exception was never retrieved".)"""
+        _, pending = await asyncio.wait(futures, timeout=timeout_s)
+        if pending:
+            raise asyncio.TimeoutError
+        return [fut.result() for fut in futures]
 
     async def _broadcast(self, msg: Any) -> None:
         """Send to every rank, in rank order, with no other broadcast in between; shielded, so
@@ -343,19 +376,14 @@ class EngineClient:
         """Run a whitelisted method on every rank (disagg/dp/rpc.py); results in rank order.
         Raises asyncio.TimeoutError past the deadline, RuntimeError with a rank's error."""
         self._check_alive()
-        loop = asyncio.get_running_loop()
         call_ids = [next(self._call_ids) for _ in self._inputs]
-        futures: list[asyncio.Future[Any]] = []
-        for call_id in call_ids:
-            futures.append(loop.create_future())
-            self._calls[call_id] = futures[-1]
+        futures = self._open_calls(call_ids)
         try:
             await self._send_all([encoder.encode(EngineCoreCollectiveRpc(
                 call_id=call_id, method=method, args=args)) for call_id in call_ids])
-            return list(await asyncio.wait_for(asyncio.gather(*futures), timeout_s))
+            return await self._answers(futures, timeout_s)
         finally:
-            for call_id in call_ids:
-                self._calls.pop(call_id, None)
+            self._close_calls(call_ids, futures)
 
     def _check_alive(self) -> None:
         if self.dead:

@@ -3,6 +3,7 @@ death path (a killed engine process fails pending and new requests at once) and 
 (a frozen engine fails them after the stall deadline, a slow one that heartbeats does not)."""
 
 import asyncio
+import gc
 import multiprocessing
 import threading
 import time
@@ -19,6 +20,8 @@ from disagg.common.protocol import (
     EngineCoreOutputs,
     EngineCoreReadyResponse,
     EngineCoreRequest,
+    EngineCoreUtility,
+    EngineCoreUtilityResult,
     encoder,
     inbound_decoder,
 )
@@ -28,6 +31,7 @@ from disagg.server.engine_client import (
     EngineDeadError,
     EngineStalledError,
     EngineStartupError,
+    EngineUnavailableError,
     RequestHandle,
     StallWatch,
     apply_ready_responses,
@@ -183,6 +187,8 @@ class FakeEngineThread:
     def __init__(self, client_dir: str, answer_after_s: float) -> None:
         self.dir, self.answer_after_s = client_dir, answer_after_s
         self.frozen, self.stop = threading.Event(), threading.Event()
+        self.mute_utilities = threading.Event()
+        """Beat and step, but never answer a utility call (one stuck behind a long step)."""
         self.received: list[object] = []
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -208,6 +214,9 @@ class FakeEngineThread:
                     self.received.append(msg)
                     if isinstance(msg, EngineCoreRequest):
                         due[msg.request_id] = now + self.answer_after_s
+                    if isinstance(msg, EngineCoreUtility) and not self.mute_utilities.is_set():
+                        out.send(encoder.encode(EngineCoreUtilityResult(
+                            call_id=msg.call_id, result=msg.method)))
                 for rid in [r for r, t in due.items() if now >= t]:
                     del due[rid]
                     out.send(encoder.encode(EngineCoreOutputs(
@@ -282,6 +291,48 @@ def test_frozen_engine_fails_requests_aborts_them_and_serves_again_once_heard() 
             assert engine.aborted() == ["open"] and not client._watch.stalled(0)
             again = await client.add_request("again", [1], SamplingParams(max_tokens=8))
             assert again.dp_rank == 0 and "again" in client.handles
+        finally:
+            engine.close()
+            await client.shutdown(timeout_s=1.0)
+
+    asyncio.run(run())
+
+
+def test_a_utility_call_has_a_deadline_and_a_stalled_engine_refuses_it_at_once() -> None:
+    """A utility (the proxy's KV abort, the ledger) is answered; one the engine does not answer
+    within its deadline fails as the engine being unavailable (HTTP 503), leaving no call
+    behind and no error nobody reads (asyncio logged "_GatheringFuture exception was never
+    retrieved" for each); once the engine is known stalled a call fails at once."""
+    async def run() -> None:
+        unread: list[dict[str, object]] = []
+        asyncio.get_running_loop().set_exception_handler(lambda _, ctx: unread.append(ctx))
+        client = await _wired_client(deadline_s=0.5)
+        engine = FakeEngineThread(client._dir, answer_after_s=1.0)
+        try:
+            assert await client.utility("ledger", timeout_s=5.0) == ["ledger"]
+            engine.mute_utilities.set()
+            t0 = time.monotonic()
+            with pytest.raises(EngineUnavailableError, match="did not answer 'kv_abort' "
+                                                             "within 0.3 s"):
+                await client.utility("kv_abort", {"transfer_id": "t"}, timeout_s=0.3)
+            assert 0.3 <= time.monotonic() - t0 < 1.0 and client._calls == {}
+            call = asyncio.ensure_future(client.utility("ledger", timeout_s=5.0))
+            await asyncio.sleep(0.1)
+            call.cancel()  # the HTTP client went away
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            assert client._calls == {}
+            engine.frozen.set()
+            while not client._watch.stalled(0):
+                assert time.monotonic() - t0 < 5
+                await asyncio.sleep(0.02)
+            t1 = time.monotonic()
+            with pytest.raises(EngineUnavailableError):
+                await client.utility("ledger", timeout_s=5.0)
+            assert time.monotonic() - t1 < 0.1
+            gc.collect()
+            await asyncio.sleep(0.05)
+            assert unread == []
         finally:
             engine.close()
             await client.shutdown(timeout_s=1.0)

@@ -21,6 +21,7 @@ from disagg.common.openai_api import (
     nesting_exceeds,
 )
 from disagg.server.api_server import ENGINE, ServerInfo
+from disagg.server.engine_health import EngineDeadError, EngineUnavailableError
 
 KEY = "kv-secret"
 KV_HEADER = {"X-Disagg-KV-Key": KEY}
@@ -244,6 +245,28 @@ async def test_kv_abort_needs_the_key_when_one_is_set(instance_client: Any) -> N
     assert client.app[ENGINE].aborted_transfers == []
     status, body = await _post(client, "/v1/kv_transfer/abort", abort, KV_HEADER)
     assert (status, body) == (200, {"transfer_id": "xfer-9", "found": False})
+
+
+@pytest.mark.parametrize("why", [
+    EngineDeadError("engine core dp0 died (exit code -9)"),
+    EngineUnavailableError("the engine core did not answer 'kv_abort' within 10 s")])
+async def test_engine_calls_on_an_unavailable_engine_are_a_503(
+        instance_client: Any, caplog: pytest.LogCaptureFixture,
+        why: EngineUnavailableError) -> None:
+    """A KV abort (the proxy's), the ledger: an engine dead, stalled or silent past the call's
+    deadline is a 503 naming why, logged as no bug (it was a 500 and a traceback)."""
+    client = await instance_client()
+
+    async def unavailable(*args: Any, **kwargs: Any) -> list[Any]:
+        raise why
+
+    client.app[ENGINE].utility = unavailable
+    err = _assert_openai_error(*await _post(client, "/v1/kv_transfer/abort",
+                                            {"transfer_id": "xfer-3"}), 503)
+    assert err["message"] == f"engine unavailable: {why}"
+    async with client.get("/v1/kv_ledger") as resp:
+        _assert_openai_error(resp.status, await resp.json(), 503)
+    assert "unhandled error" not in caplog.text
 
 
 async def test_without_a_key_params_and_aborts_are_validated_only(instance_client: Any) -> None:
