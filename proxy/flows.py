@@ -153,6 +153,13 @@ class Flow:
             await self._deps.revive(pool)
         return self._pick(pool, tried, last)
 
+    async def _any_healthy(self, pool: Pool) -> None:
+        """A 503 unless ``pool`` has a healthy instance (probed at once when it has none)."""
+        if not self._deps.registry.healthy(pool) and self._deps.revive is not None:
+            await self._deps.revive(pool)
+        if not self._deps.registry.healthy(pool):
+            raise ProxyError(503, f"no healthy {pool.value} instance available")
+
     def _untried(self, pool: Pool, tried: set[str]) -> bool:
         """Whether ``pool`` has a healthy instance not in ``tried``."""
         return any(i.url not in tried for i in self._deps.registry.healthy(pool))
@@ -251,7 +258,12 @@ class Flow:
                               f"decode failed on {len(tried)} instance(s); last error: {last}")
 
     async def _run_read(self) -> Result:
-        """Prefill, then decode; when no decode could use that KV, prefill again elsewhere."""
+        """Prefill, then decode; when no decode could use that KV, prefill again elsewhere.
+        Nothing is prefilled while no decode could take the KV: with no healthy decode (after
+        an on-demand probe) the request is a 503 at once, not a prefill computed in vain and,
+        streamed, a 200 whose first token is followed by an error."""
+        if self._deps.registry.healthy(Pool.PREFILL):  # (none: the prefill's 503 below)
+            await self._any_healthy(Pool.DECODE)
         tried: set[str] = set()
         last: UpstreamFailure | None = None
         for _ in range(self._cfg.max_prefill_attempts):
@@ -276,7 +288,8 @@ class Flow:
             except DecodeExhausted:
                 # P's KV is unusable (P's transfer side broken?): free it, start over elsewhere.
                 self._scope.abort(p, transfer_id)
-                if not self._untried(Pool.PREFILL, tried):
+                if not self._untried(Pool.PREFILL, tried) \
+                        or not self._deps.registry.healthy(Pool.DECODE):
                     raise
                 self._deps.metrics.retries[Pool.PREFILL.value] += 1
                 logger.warning("no decode could use the KV prefilled on %s; prefilling again",

@@ -502,3 +502,27 @@ async def test_clients_closing_right_after_done_leave_no_load_counted(
     registry = proxy.state.registry
     await _wait_for(lambda: proxy.state.metrics.in_flight == 0)
     await _wait_for(lambda: all(i.outstanding_requests == 0 for i in registry.instances()))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_read_prefills_nothing_while_no_decode_could_take_the_kv(
+        fakes: Any, proxies: Any, http: Any, stream: bool) -> None:
+    """The only decode is down: a READ request is a 503 before any prefill (it was prefilled
+    in vain and, streamed, answered 200 with the prefill's token and then an error)."""
+    (p,), (d,), proxy = await _pd(fakes, proxies, unhealthy_after_failures=1,
+                                  health_check_interval_s=60.0)
+    await d.stop()
+    proxy.state.registry.mark_failed(proxy.state.registry.get(d.url), "down")
+    payload = {"model": "m", "prompt": PROMPT, "max_tokens": 5, "stream": stream}
+    async with http.post(proxy.url + "/v1/completions", json=payload) as resp:
+        assert resp.status == 503, await resp.text()
+        assert "no healthy decode instance" in (await resp.json())["error"]["message"]
+    assert p.requests == []
+
+
+async def test_read_round_robin_still_alternates_decodes(fakes: Any, proxies: Any,
+                                                         http: Any) -> None:
+    (p,), (d1, d2), proxy = await _pd(fakes, proxies, num_decode=2)
+    for _ in range(4):
+        assert (await _complete(http, proxy))[0] == 200
+    assert len(d1.requests) == len(d2.requests) == 2
