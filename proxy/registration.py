@@ -11,6 +11,7 @@ registration key only frames sealed with it count (``unauthenticated`` otherwise
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable
 
@@ -19,6 +20,7 @@ import zmq
 import zmq.asyncio
 
 from disagg.common.registration import (
+    MAX_CLOCK_SKEW_S,
     MAX_MESSAGE_BYTES,
     PROTOCOL_VERSION,
     SEAL_BYTES,
@@ -36,8 +38,10 @@ from disagg.common.registration import (
 )
 
 logger = logging.getLogger(__name__)
-MAX_SENDERS = 4096
-"""Instances whose last sealed frame time is kept (replay refusal); the oldest go first."""
+MAX_SENDERS = 16384
+"""Instances whose last sealed frame time is kept (replay refusal). Only one whose last frame
+is older than the clock window may be forgotten (any replay of it is refused as stale); while
+the table is full of fresher ones, a new sender's frames are dropped (``senders``)."""
 
 __all__ = ["Deregister", "Heartbeat", "InstanceInfo", "KVEvents", "KVRole",
            "RegistrationBindError", "RegistrationServer"]
@@ -68,7 +72,8 @@ class RegistrationServer:
         self._on_kv_events = on_kv_events
         self.dropped: Counter[str] = Counter() if dropped is None else dropped
         """Frames dropped, by reason: oversized, unauthenticated, malformed, version,
-        replayed, error."""
+        replayed, senders (a new sender while MAX_SENDERS were all heard within the clock
+        window), error."""
         self._ctx = zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.PULL)
         self._sock.setsockopt(zmq.MAXMSGSIZE, self._max_frame)
@@ -111,9 +116,11 @@ class RegistrationServer:
         if msg.version != PROTOCOL_VERSION:
             self._drop("version", f"protocol version {msg.version} (want {PROTOCOL_VERSION})")
             return
-        if sent_s is not None and not self._fresh(msg, sent_s):
-            self._drop("replayed", "a sealed frame no newer than the last from that instance")
-            return
+        if sent_s is not None:
+            why = self._fresh(msg, sent_s)
+            if why is not None:
+                self._drop(*why)
+                return
         try:
             if isinstance(msg, Heartbeat):
                 self._on_heartbeat(msg)
@@ -125,19 +132,26 @@ class RegistrationServer:
             logger.exception("handling a %s message failed", type(msg).__name__)
             self.dropped["error"] += 1
 
-    def _fresh(self, msg: RegistrationMessage, sent_s: float) -> bool:
-        """Sealed frames of one instance must come newer each time (a captured one replayed
-        within the clock window is refused)."""
+    def _fresh(self, msg: RegistrationMessage, sent_s: float,
+               now_s: float | None = None) -> tuple[str, str] | None:
+        """None when a sealed frame may count: each instance's must come newer each time (a
+        captured one replayed within the clock window is refused). Else why it is dropped."""
         who = (msg.info.http_url, msg.info.engine_id) if isinstance(msg, Heartbeat) \
             else (msg.http_url, msg.engine_id)
-        last = self._last_sent.pop(who, None)
+        last = self._last_sent.get(who)
         if last is not None and sent_s <= last:
-            self._last_sent[who] = last
-            return False
-        self._last_sent[who] = sent_s  # most recent last (the oldest go first past the cap)
-        while len(self._last_sent) > MAX_SENDERS:
-            del self._last_sent[next(iter(self._last_sent))]
-        return True
+            return "replayed", "a sealed frame no newer than the last from that instance"
+        if last is None and len(self._last_sent) >= MAX_SENDERS:
+            # kept most recent last: forget senders from before the clock window only
+            stale_s = (time.time() if now_s is None else now_s) - MAX_CLOCK_SKEW_S
+            while self._last_sent and next(iter(self._last_sent.values())) < stale_s:
+                del self._last_sent[next(iter(self._last_sent))]
+            if len(self._last_sent) >= MAX_SENDERS:
+                return "senders", (f"{MAX_SENDERS} instances sent sealed frames within "
+                                   f"{MAX_CLOCK_SKEW_S:g} s; a new one waits")
+        self._last_sent.pop(who, None)
+        self._last_sent[who] = sent_s  # most recently taken last
+        return None
 
     def _drop(self, reason: str, detail: str) -> None:
         self.dropped[reason] += 1

@@ -13,6 +13,7 @@ import zmq
 
 from disagg.common.protocol import KVCacheEvents
 from disagg.common.registration import (
+    MAX_CLOCK_SKEW_S,
     MAX_KV_EVENTS_PER_MESSAGE,
     MAX_MESSAGE_BYTES,
     Deregister,
@@ -358,3 +359,37 @@ async def test_registrar_publishes_the_instance_kv_view(fakes: Any, proxies: Any
     finally:
         await asyncio.to_thread(registrar.stop)
     await _wait_for(lambda: not index.fresh(p.url), timeout_s=2.0)  # deregistered: forgotten
+
+
+def test_a_full_replay_table_forgets_only_senders_a_replay_of_would_be_stale(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past MAX_SENDERS, a sender is forgotten only when its last frame is older than the
+    clock window (a replay of it is refused as stale then); while every one is fresher, a new
+    sender's frames wait, and no known sender's replay is ever let through."""
+    import proxy.registration as registration
+
+    monkeypatch.setattr(registration, "MAX_SENDERS", 3)
+    key = "s3cret-key"
+    got: list[object] = []
+    server = RegistrationServer("tcp://127.0.0.1:*", got.append, got.append, key=key)
+    try:
+        now = time.time()
+
+        def bye(i: int, at: float) -> bytes:
+            msg = Deregister(http_url=f"http://127.0.0.1:{i}", engine_id="e")
+            return seal(encode_message(msg), key, now_s=at)
+
+        old = bye(0, now - MAX_CLOCK_SKEW_S + 2)  # still in the window, not for long
+        for frame in (old, bye(1, now), bye(2, now)):
+            server.dispatch(frame)
+        server.dispatch(bye(3, now))  # a fourth sender: the table holds fresh ones only
+        assert len(got) == 3 and server.dropped["senders"] == 1
+        server.dispatch(old)  # and sender 0 was not forgotten: its replay is refused
+        assert server.dropped["replayed"] == 1
+        monkeypatch.setattr(registration.time, "time", lambda: now + 3)
+        server.dispatch(bye(3, now + 3))  # sender 0's last frame left the window: it goes
+        assert len(got) == 4
+        server.dispatch(bye(1, now))  # the others are still known: replays refused
+        assert server.dropped["replayed"] == 2
+    finally:
+        server.close()
