@@ -132,8 +132,7 @@ class RegistrationServer:
             logger.exception("handling a %s message failed", type(msg).__name__)
             self.dropped["error"] += 1
 
-    def _fresh(self, msg: RegistrationMessage, sent_s: float,
-               now_s: float | None = None) -> tuple[str, str] | None:
+    def _fresh(self, msg: RegistrationMessage, sent_s: float) -> tuple[str, str] | None:
         """None when a sealed frame may count: each instance's must come newer each time (a
         captured one replayed within the clock window is refused). Else why it is dropped."""
         who = (msg.info.http_url, msg.info.engine_id) if isinstance(msg, Heartbeat) \
@@ -143,7 +142,7 @@ class RegistrationServer:
             return "replayed", "a sealed frame no newer than the last from that instance"
         if last is None and len(self._last_sent) >= MAX_SENDERS:
             # kept most recent last: forget senders from before the clock window only
-            stale_s = (time.time() if now_s is None else now_s) - MAX_CLOCK_SKEW_S
+            stale_s = time.time() - MAX_CLOCK_SKEW_S
             while self._last_sent and next(iter(self._last_sent.values())) < stale_s:
                 del self._last_sent[next(iter(self._last_sent))]
             if len(self._last_sent) >= MAX_SENDERS:
