@@ -6,6 +6,7 @@ import asyncio
 import logging
 import sys
 from collections.abc import AsyncGenerator
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -30,16 +31,48 @@ async def _read_within(stream: OpenStream, timeout_s: float) -> bytes:
     return await asyncio.wait_for(stream.response.content.readany(), timeout_s)
 
 
+class DownWatch:
+    """Ends a stream whose instance is given up (its health probes failed: frozen or dead)
+    while the stream runs: its upstream response is closed, so the read waiting on it ends
+    now with that reason, not at the stream's idle timeout (120 s by default). One task per
+    stream, none per chunk."""
+
+    def __init__(self, stream: OpenStream) -> None:
+        self._stream = stream
+        self._waiter = asyncio.ensure_future(stream.inst.down.wait())
+        self._waiter.add_done_callback(self._fire)
+
+    def _fire(self, waiter: asyncio.Future[Any]) -> None:
+        if not waiter.cancelled():
+            self._stream.given_up = True
+            self._stream.response.close()
+
+    def close(self) -> None:
+        """Stop watching (the stream ended)."""
+        self._waiter.cancel()
+
+
+def _given_up(stream: OpenStream) -> StreamBroke:
+    return StreamBroke(f"decode instance {stream.inst.url} stopped answering its health "
+                       f"checks mid-stream ({stream.inst.last_error})")
+
+
 async def _next_chunk(stream: OpenStream, idle_timeout_s: float) -> bytes:
-    """The next upstream chunk (b"" at the end); a stall or a broken connection raises."""
+    """The next upstream chunk (b"" at the end); a stall, a broken connection or an instance
+    given up raises."""
     try:
-        return await _read_within(stream, idle_timeout_s)
+        chunk = await _read_within(stream, idle_timeout_s)
     except asyncio.TimeoutError:
         raise StreamBroke(f"decode instance {stream.inst.url} sent nothing for "
                           f"{idle_timeout_s:g} s") from None
     except aiohttp.ClientError as exc:
+        if stream.given_up:
+            raise _given_up(stream) from None
         raise StreamBroke(f"decode instance {stream.inst.url} failed mid-stream: "
                           f"{client_error_text(exc)}") from None
+    if stream.given_up:
+        raise _given_up(stream)
+    return chunk
 
 
 async def stream_events(stream: OpenStream, idle_timeout_s: float
@@ -51,18 +84,22 @@ async def stream_events(stream: OpenStream, idle_timeout_s: float
         pending = SSEDecoder().feed(stream.first_events)  # complete events already
     except SSEFramingError as exc:
         raise StreamBroke(f"decode instance {stream.inst.url}: {exc}") from None
-    while True:
-        for event in pending:
-            stream.saw_done = stream.saw_done or is_done(event)
-            stream.saw_error = stream.saw_error or event.startswith(ERROR_EVENT_PREFIX)
-            yield event
-        chunk = await _next_chunk(stream, idle_timeout_s)
-        if not chunk:
-            return
-        try:
-            pending = stream.decoder.feed(chunk)
-        except SSEFramingError as exc:
-            raise StreamBroke(f"decode instance {stream.inst.url}: {exc}") from None
+    watch = DownWatch(stream)
+    try:
+        while True:
+            for event in pending:
+                stream.saw_done = stream.saw_done or is_done(event)
+                stream.saw_error = stream.saw_error or event.startswith(ERROR_EVENT_PREFIX)
+                yield event
+            chunk = await _next_chunk(stream, idle_timeout_s)
+            if not chunk:
+                return
+            try:
+                pending = stream.decoder.feed(chunk)
+            except SSEFramingError as exc:
+                raise StreamBroke(f"decode instance {stream.inst.url}: {exc}") from None
+    finally:
+        watch.close()
 
 
 async def _pump(client: web.StreamResponse, stream: OpenStream, idle_timeout_s: float,
@@ -100,6 +137,7 @@ async def relay_stream(request: web.Request, stream: OpenStream, idle_timeout_s:
     the client closed after the last event, as the openai client does): that is OK.
     """
     client = started or web.StreamResponse(status=stream.response.status, headers=SSE_HEADERS)
+    watch = DownWatch(stream)
     try:
         if started is None:
             await client.prepare(request)
@@ -123,6 +161,7 @@ async def relay_stream(request: web.Request, stream: OpenStream, idle_timeout_s:
         return client, (Outcome.OK if stream.saw_done and not stream.saw_error
                         else Outcome.CLIENT_GONE)
     finally:
+        watch.close()
         stream.response.close()
         if timings is not None:
             timings.close()

@@ -148,6 +148,8 @@ class OpenStream:
     saw_done: bool
     saw_error: bool = False
     """The instance sent an error event of its own (it ends the stream without [DONE])."""
+    given_up: bool = False
+    """The instance failed its health probes mid-stream (proxy/relay.py DownWatch)."""
 
 
 def _is_retriable(status: int) -> bool:

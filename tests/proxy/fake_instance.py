@@ -334,6 +334,7 @@ class FakeInstance:
                 await resp.write(b"data: " + json.dumps(event).encode() + b"\n\n")
                 if self.behavior.token_delay_s:
                     await asyncio.sleep(self.behavior.token_delay_s)
+                await self._stay_frozen()  # mid-stream too
             if not self.behavior.end_without_done:
                 await resp.write(b"data: [DONE]\n\n")
             await asyncio.sleep(self.behavior.linger_after_done_s)

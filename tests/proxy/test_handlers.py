@@ -119,6 +119,35 @@ async def test_requests_waiting_on_a_frozen_instance_fail_once_its_probes_do(
     assert time.monotonic() - started < 5
 
 
+@pytest.mark.parametrize("n", [1, 2])
+async def test_a_stream_from_a_decode_that_froze_mid_way_ends_once_it_is_given_up(
+        fakes: Any, proxies: Any, http: Any, n: int) -> None:
+    """The decode froze after its first tokens went out: once its probes fail (it is given
+    up) the stream ends with an error event naming that, and no [DONE], instead of waiting
+    out the stream's idle timeout (two minutes here)."""
+    import asyncio
+    import time
+
+    p, d, proxy = await _pd(fakes, proxies, health_check_interval_s=0.1, probe_timeout_s=0.2,
+                            unhealthy_after_failures=2, stream_idle_timeout_s=120.0)
+    d.behavior.token_delay_s = 0.05
+    body = {"prompt": "hello", "max_tokens": 40, "stream": True, "n": n}
+    async with asyncio.timeout(10):
+        async with http.post(proxy.url + "/v1/completions", json=body) as resp:
+            assert resp.status == 200
+            events = 0
+            while events < 3:  # past the prefill's token (READ): the decode's stream runs
+                line = await resp.content.readline()
+                assert line and b"[DONE]" not in line, line
+                events += line.startswith(b"data: {")
+            d.behavior.frozen = True
+            started = time.monotonic()
+            rest = (await resp.read()).decode()
+    assert time.monotonic() - started < 5
+    assert "stopped answering its health checks mid-stream" in rest, rest
+    assert "[DONE]" not in rest
+
+
 @pytest.mark.parametrize(("text", "status"), [("plain bad", 400), ("", 413)])
 async def test_an_upstream_refusal_in_another_shape_is_worded_openai_style(
         fakes: Any, proxies: Any, http: Any, text: str, status: int) -> None:
