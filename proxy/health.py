@@ -56,7 +56,6 @@ class Reviver:
                  timeout_s: float) -> None:
         self._registry = registry
         self._session = session
-        self._probe_timeout_s = timeout_s
         self._timeout_s = min(timeout_s, REVIVE_TIMEOUT_S)
         self._rounds: dict[Pool, asyncio.Task[None]] = {}
         self._last_s: dict[Pool, float] = {}
@@ -66,10 +65,12 @@ class Reviver:
     def suspect(self, inst: Instance) -> None:
         """A request to ``inst`` failed in a way that does not prove it down (a timeout, a
         5xx, a decode that heard nothing from this prefill for its lease timeout): probe it
-        now, in the background, with the usual probe deadline. If that probe fails too, the
-        instance leaves the rotation at once, where the health rounds alone take
-        ``unhealthy_after_failures`` rounds (about 10 s for a frozen one); if it answers,
-        nothing changes. At most one check per instance at a time, and one every
+        now, in the background, with the revive deadline (1 s at most: ``/instance_info`` is
+        answered by the instance's HTTP loop, not by its engine). If that probe fails too,
+        the instance leaves the rotation at once, where the health rounds alone take
+        ``unhealthy_after_failures`` rounds (about 8 s for a frozen one); a busy instance
+        taken out so is back at its next passing health round. If it answers, nothing
+        changes. At most one check per instance at a time, and one every
         ``REVIVE_INTERVAL_S``."""
         if inst.url in self._checks or self._registry.get(inst.url) is not inst \
                 or inst.state is not InstanceState.HEALTHY:
@@ -82,7 +83,7 @@ class Reviver:
             self._checked_s = {url: s for url, s in self._checked_s.items()
                                if now - s < REVIVE_INTERVAL_S}  # removed instances go
         task = asyncio.ensure_future(probe_instance(self._registry, self._session(), inst,
-                                                    self._probe_timeout_s, suspected=True))
+                                                    self._timeout_s, suspected=True))
         self._checks[inst.url] = task
         task.add_done_callback(lambda done: self._check_done(inst.url, done))
 
