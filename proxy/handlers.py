@@ -143,8 +143,9 @@ def _model_cards(request: web.Request) -> list[dict[str, object]] | web.Response
     if max_model_len is None:
         return error_response(503, "no healthy instance yet; the model is not known")
     names = st.registry.model_names() or (st.cfg.model or "unknown",)
+    root = st.registry.model_root() or names[0]
     return [{"id": name, "object": "model", "created": st.started_at_s, "owned_by": "disagg",
-             "max_model_len": max_model_len} for name in names]
+             "root": root, "max_model_len": max_model_len} for name in names]
 
 
 async def models(request: web.Request) -> web.Response:

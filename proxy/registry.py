@@ -275,6 +275,13 @@ class Registry:
         names = self.model_names()
         return names[0] if names else None
 
+    def model_root(self) -> str | None:
+        """The served model as loaded (directory or id), as a healthy instance reports it."""
+        for inst in self._instances.values():
+            if inst.state is InstanceState.HEALTHY and inst.info and inst.info.model_root:
+                return inst.info.model_root
+        return None
+
     def model_names(self) -> tuple[str, ...]:
         """The served model's name and aliases, as a healthy instance reports them."""
         for inst in self._instances.values():

@@ -59,6 +59,8 @@ class InstanceInfo(msgspec.Struct, kw_only=True, frozen=True):
     model: str | None = None
     model_aliases: tuple[str, ...] = ()
     """More names the instance answers to (``--served-model-name A B``: B)."""
+    model_root: str | None = None
+    """The model as loaded (its directory or id): the model cards' ``root``."""
     kv_host: str | None = None
     kv_handshake_port: int | None = None
     kv_notify_port: int | None = None

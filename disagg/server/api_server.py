@@ -447,7 +447,7 @@ def instance_info_dict(engine: EngineClient, info: ServerInfo) -> dict[str, Any]
         "block_size": engine.synced.block_size, "dp_size": engine.dp_size,
         "tp_size": r0.tp_size,
         "model": info.served_model_name, "model_aliases": list(info.model_aliases),
-        "kv_host": r0.kv_host,
+        "model_root": info.model, "kv_host": r0.kv_host,
         "kv_handshake_port": r0.kv_handshake_port, "kv_notify_port": r0.kv_notify_port,
         "num_gpu_blocks": engine.synced.num_gpu_blocks,
         "hash_seed": (model_seed(engine.cfg.model.model)

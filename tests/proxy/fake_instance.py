@@ -111,6 +111,7 @@ class FakeInstance:
     mode: str | None = "read"
     model: str = "builtin:tiny-llama"
     model_aliases: tuple[str, ...] = ()
+    model_root: str | None = None
     max_model_len: int = 2048
     engine_id: str = field(default_factory=lambda: "engine-" + uuid.uuid4().hex[:8])
     kv_handshake_port: int = 17000
@@ -133,6 +134,7 @@ class FakeInstance:
         return {"role": self.role, "mode": self.mode, "engine_id": self.engine_id,
                 "http_url": self.url, "max_model_len": self.max_model_len, "block_size": 16,
                 "dp_size": 1, "model": self.model, "model_aliases": list(self.model_aliases),
+                "model_root": self.model_root,
                 "kv_host": "127.0.0.1",
                 "kv_handshake_port": self.kv_handshake_port,
                 "kv_notify_port": self.kv_handshake_port + 1}

@@ -236,13 +236,15 @@ async def test_model_cards_list_and_retrieve_every_served_name(fakes: Any,
                                                               proxies: Any) -> None:
     """An instance served as ``--served-model-name main alias`` answers to both names: the
     proxy lists both cards and retrieves either, and 404s any other name."""
-    names = {"model": "org/main", "model_aliases": ("alias",)}
+    names = {"model": "org/main", "model_aliases": ("alias",), "model_root": "/models/main"}
     p = await fakes(role="kv_producer", mode="read", **names)
     d = await fakes(role="kv_consumer", mode="read", **names)
     proxy = await proxies(prefill_urls=(p.url,), decode_urls=(d.url,))
     async with openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="unused",
                                   max_retries=0) as client:
-        assert [m.id for m in (await client.models.list()).data] == ["org/main", "alias"]
+        cards = (await client.models.list()).data
+        assert [m.id for m in cards] == ["org/main", "alias"]
+        assert [getattr(m, "root", None) for m in cards] == ["/models/main"] * 2  # as theirs
         assert (await client.models.retrieve("alias")).id == "alias"
         assert (await client.models.retrieve("org/main")).id == "org/main"
         with pytest.raises(openai.NotFoundError, match="serves `org/main`") as info:
