@@ -108,6 +108,8 @@ class FrontendPause:
         self._acked: set[int] = set()
         self._done: asyncio.Event = asyncio.Event()
         self._done.set()
+        self._confirmed_seq = 0
+        """The latest command every rank confirmed."""
 
     def begin_pause(self, mode: PauseMode) -> int:
         """Start a pause; returns the command number to send to every rank."""
@@ -131,6 +133,7 @@ class FrontendPause:
     def _next(self, target: RankPauseState) -> int:
         self.seq += 1
         self._target, self._acked = target, set()
+        self._done.set()  # whoever waits for the command this one supersedes: it is over
         self._done = asyncio.Event()
         return self.seq
 
@@ -143,19 +146,30 @@ class FrontendPause:
             return
         if self._target is RankPauseState.PAUSED:
             self.state = InstancePauseState.PAUSED
+        self._confirmed_seq = seq
         self._done.set()
 
     def missing(self) -> list[int]:
         """Ranks that have not confirmed the latest command yet."""
         return sorted(set(range(self.dp_size)) - self._acked)
 
-    async def wait(self, timeout_s: float) -> bool:
-        """Wait (bounded) until every rank confirmed the latest command; False on timeout."""
-        try:
-            await asyncio.wait_for(self._done.wait(), timeout_s)
-        except asyncio.TimeoutError:
-            return False
-        return True
+    async def wait(self, seq: int, timeout_s: float) -> bool:
+        """Wait (bounded) until every rank confirmed command ``seq``; False on timeout.
+        PauseConflict when a later command superseded it first (a resume cancelled this
+        pause, a pause came before every rank resumed): that waiter ends at once, not at its
+        deadline."""
+        if seq == self.seq:
+            try:
+                await asyncio.wait_for(self._done.wait(), timeout_s)
+            except asyncio.TimeoutError:
+                return False
+        if self._confirmed_seq == seq:  # done, whatever came after it
+            return True
+        if self._target is RankPauseState.RUNNING:
+            raise PauseConflict("the pause was cancelled by POST /resume before every rank "
+                                "paused")
+        raise PauseConflict("a POST /pause came before every rank confirmed the resume; the "
+                            "instance is pausing")
 
     def as_json(self) -> dict[str, object]:
         """The GET /is_paused body."""

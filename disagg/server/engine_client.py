@@ -344,22 +344,26 @@ class EngineClient:
 
     async def pause(self, mode: PauseMode, timeout_s: float) -> bool:
         """Pause every rank; True once all are paused, False if the deadline passed first
-        (the instance stays PAUSING). Raises PauseConflict while paused or pausing."""
+        (the instance stays PAUSING). Raises PauseConflict while paused or pausing, or when
+        a resume cancels it before every rank paused."""
         self._check_alive()
         seq = self.pause_state.begin_pause(mode)
         await self._broadcast(EngineCorePause(seq=seq, mode=mode))
-        return await self._until_acked(timeout_s)
+        return await self._until_acked(seq, timeout_s)
 
     async def resume(self, timeout_s: float) -> bool:
         """Resume every rank (held requests run); True once all confirmed within the deadline.
-        Raises PauseConflict when not paused."""
+        Raises PauseConflict when not paused, or when a pause comes before every rank
+        confirmed."""
         self._check_alive()
         seq = self.pause_state.begin_resume()
         await self._broadcast(EngineCoreResume(seq=seq))
-        return await self._until_acked(timeout_s)
+        return await self._until_acked(seq, timeout_s)
 
-    async def _until_acked(self, timeout_s: float) -> bool:
-        acked = asyncio.ensure_future(self.pause_state.wait(timeout_s))
+    async def _until_acked(self, seq: int, timeout_s: float) -> bool:
+        """Whether every rank confirmed command ``seq`` in time; PauseConflict if a later
+        command superseded it, EngineDeadError if the engine died meanwhile."""
+        acked = asyncio.ensure_future(self.pause_state.wait(seq, timeout_s))
         dead = asyncio.ensure_future(self.dead_event.wait())
         try:
             await asyncio.wait({acked, dead}, return_when=asyncio.FIRST_COMPLETED)

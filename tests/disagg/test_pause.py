@@ -38,11 +38,11 @@ async def test_instance_paused_only_when_every_rank_reports() -> None:
     fp.on_report(0, seq, RankPauseState.PAUSED)
     fp.on_report(1, seq - 1, RankPauseState.PAUSED)  # an older command: ignored
     fp.on_report(2, seq, RankPauseState.RUNNING)  # not what this command asked: ignored
-    assert not await fp.wait(0.05)
+    assert not await fp.wait(seq, 0.05)
     assert fp.missing() == [1, 2]
     fp.on_report(1, seq, RankPauseState.PAUSED)
     fp.on_report(2, seq, RankPauseState.PAUSED)
-    assert await fp.wait(1.0)
+    assert await fp.wait(seq, 1.0)
     assert fp.as_json() == {"paused": True, "state": "paused", "mode": "keep"}
 
 
@@ -59,7 +59,7 @@ async def test_conflicts_have_clear_messages() -> None:
     seq = fp.begin_resume()
     assert fp.state is InstancePauseState.RUNNING
     fp.on_report(0, seq, RankPauseState.RUNNING)
-    assert await asyncio.wait_for(fp.wait(1.0), 2.0)
+    assert await asyncio.wait_for(fp.wait(seq, 1.0), 2.0)
 
 
 async def test_resume_cancels_a_pause_in_progress() -> None:
@@ -69,3 +69,31 @@ async def test_resume_cancels_a_pause_in_progress() -> None:
     fp.on_report(0, old, RankPauseState.PAUSED)  # late report of the cancelled pause
     fp.on_report(1, old, RankPauseState.PAUSED)
     assert fp.state is InstancePauseState.RUNNING
+
+
+async def test_a_superseded_command_ends_its_wait_at_once() -> None:
+    """A pause cancelled by a resume (or a resume overtaken by a pause) ends the wait of
+    whoever sent it at once with a conflict naming why; it waited out its whole deadline and
+    answered 504 'ranks [] are still finishing'. A command every rank confirmed is done,
+    whatever came after it."""
+    fp = FrontendPause(2)
+    pause = fp.begin_pause(PauseMode.WAIT)
+    waiting = asyncio.ensure_future(fp.wait(pause, 30.0))
+    await asyncio.sleep(0.01)
+    resume = fp.begin_resume()
+    with pytest.raises(PauseConflict, match="cancelled by POST /resume"):
+        await asyncio.wait_for(waiting, 1.0)
+    with pytest.raises(PauseConflict, match="cancelled by POST /resume"):
+        await fp.wait(pause, 30.0)  # asked after it was superseded: the same at once
+    waiting = asyncio.ensure_future(fp.wait(resume, 30.0))
+    await asyncio.sleep(0.01)
+    fp.begin_pause(PauseMode.KEEP)
+    with pytest.raises(PauseConflict, match="came before every rank confirmed the resume"):
+        await asyncio.wait_for(waiting, 1.0)
+
+    fp = FrontendPause(1)
+    pause = fp.begin_pause(PauseMode.ABORT)
+    waiting = asyncio.ensure_future(fp.wait(pause, 30.0))
+    fp.on_report(0, pause, RankPauseState.PAUSED)
+    fp.begin_resume()  # before the waiter ran: the pause was still done
+    assert await asyncio.wait_for(waiting, 1.0)
