@@ -24,7 +24,7 @@ from aiohttp import web
 
 from disagg.common.openai_api import ApiError, decode_body
 from disagg.common.pause import PauseConflict, PauseMode
-from disagg.dp.rpc import RPC_METHODS, RpcArgError, validate_rpc
+from disagg.dp.rpc import COLLECTIVE_METHODS, RPC_METHODS, RpcArgError, validate_rpc
 from disagg.server.engine_client import EngineClient
 from disagg.server.engine_health import EngineDeadError, EngineUnavailableError
 
@@ -162,4 +162,8 @@ def _rpc_body(body: bytes) -> tuple[str, dict[str, Any], float]:
         validate_rpc(data["method"], args, RPC_METHODS)
     except RpcArgError as exc:
         raise ApiError(400, str(exc), param="method") from None
+    if data["method"] in COLLECTIVE_METHODS:
+        # the ranks' own wait ends within the caller's: a rank still in a barrier after the
+        # answer went out would serve nothing until its own, longer, timeout
+        args = {**args, "timeout_s": min(float(args.get("timeout_s", timeout_s)), timeout_s)}
     return data["method"], args, float(timeout_s)

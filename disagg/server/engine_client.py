@@ -347,6 +347,7 @@ class EngineClient:
         (the instance stays PAUSING). Raises PauseConflict while paused or pausing, or when
         a resume cancels it before every rank paused."""
         self._check_alive()
+        self._check_none_stalled("a pause")
         seq = self.pause_state.begin_pause(mode)
         await self._broadcast(EngineCorePause(seq=seq, mode=mode))
         return await self._until_acked(seq, timeout_s)
@@ -380,6 +381,7 @@ class EngineClient:
         """Run a whitelisted method on every rank (disagg/dp/rpc.py); results in rank order.
         Raises asyncio.TimeoutError past the deadline, RuntimeError with a rank's error."""
         self._check_alive()
+        self._check_none_stalled(f"collective_rpc {method!r}")
         call_ids = [next(self._call_ids) for _ in self._inputs]
         futures = self._open_calls(call_ids)
         try:
@@ -392,6 +394,16 @@ class EngineClient:
     def _check_alive(self) -> None:
         if self.dead:
             raise EngineDeadError(self.dead)
+
+    def _check_none_stalled(self, what: str) -> None:
+        """EngineStalledError (503) when a rank is known stalled: a command every rank must
+        confirm could only time out, and a barrier would hold the others until its timeout
+        (and end them: a timed-out collective leaves the group unusable)."""
+        now = time.monotonic()
+        for rank in range(self.dp_size):
+            if self._watch.stalled(rank):
+                raise EngineStalledError(f"{what} needs every rank: "
+                                         f"{self._watch.error(rank, now)}")
 
     async def _send(self, sock: zmq.asyncio.Socket, frame: bytes,
                     rank: int | None = None) -> None:

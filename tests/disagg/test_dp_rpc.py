@@ -44,3 +44,19 @@ def test_barrier_uses_the_group_with_its_deadline() -> None:
     assert run_rpc(ctx, "dp_state", {}) == {"dp_rank": 1, "wave": 3}
     solo = RpcContext(engine=None, group=None, rank=0, dp_state={})
     assert run_rpc(solo, "barrier", {}) == {"dp_rank": 0, "waited_s": 0.0}
+
+
+def test_a_barrier_never_outwaits_its_caller() -> None:
+    """The ranks' barrier timeout is capped by the HTTP call's own: a rank still waiting in
+    it after the 504 went out would serve nothing (and end at its own timeout)."""
+    from disagg.server.admin import _rpc_body
+
+    def args(body: str) -> dict[str, object]:
+        return _rpc_body(body.encode())[1]
+
+    assert args('{"method": "barrier", "timeout": 3}')["timeout_s"] == 3.0
+    assert args('{"method": "barrier", "args": {"timeout_s": 20}, "timeout": 3}') \
+        == {"timeout_s": 3.0}
+    assert args('{"method": "barrier", "args": {"timeout_s": 2}, "timeout": 30}') \
+        == {"timeout_s": 2.0}
+    assert args('{"method": "stats", "timeout": 3}') == {}

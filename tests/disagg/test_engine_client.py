@@ -338,3 +338,32 @@ def test_a_utility_call_has_a_deadline_and_a_stalled_engine_refuses_it_at_once()
             await client.shutdown(timeout_s=1.0)
 
     asyncio.run(run())
+
+
+def test_a_stalled_rank_refuses_pause_and_collectives_at_once() -> None:
+    """While a rank is known stalled, a pause (every rank must confirm it) and a collective
+    RPC (a barrier would hold the healthy ranks, then end them) are a 503 at once, naming
+    the rank; they waited out their whole deadline before."""
+    from disagg.common.pause import PauseMode
+
+    async def run() -> None:
+        client = await _wired_client(deadline_s=0.3)
+        engine = FakeEngineThread(client._dir, answer_after_s=1.0)
+        try:
+            engine.frozen.set()
+            t0 = time.monotonic()
+            while not client._watch.stalled(0):
+                assert time.monotonic() - t0 < 5
+                await asyncio.sleep(0.02)
+            t1 = time.monotonic()
+            with pytest.raises(EngineStalledError, match="a pause needs every rank.*dp0"):
+                await client.pause(PauseMode.KEEP, 30.0)
+            with pytest.raises(EngineStalledError, match="collective_rpc 'barrier'"):
+                await client.collective_rpc("barrier", {"timeout_s": 30.0}, 30.0)
+            assert time.monotonic() - t1 < 0.1
+            assert client.pause_state.as_json()["state"] == "running"  # nothing begun
+        finally:
+            engine.close()
+            await client.shutdown(timeout_s=1.0)
+
+    asyncio.run(run())
