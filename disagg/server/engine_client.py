@@ -28,6 +28,7 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import signal
 import socket
 import tempfile
 import time
@@ -570,6 +571,11 @@ class EngineClient:
             if proc.exitcode is None and not multiprocessing.connection.wait([proc.sentinel], 0):
                 continue
             code = await _exit_code(proc, EXIT_CODE_WAIT_S)
+            if code in (-signal.SIGTERM, -signal.SIGINT):  # a shutdown (a process group's
+                # signal reaches the engine too), or an operator's stop: no crash
+                self._mark_dead(f"engine core dp{rank} stopped by "
+                                f"{signal.Signals(-code).name}", level=logging.WARNING)
+                return
             self._mark_dead(f"engine core dp{rank} died (exit code "
                             f"{'unknown' if code is None else code})")
             return
@@ -580,9 +586,9 @@ class EngineClient:
             return
         self._mark_dead(f"engine client {task.get_name()} failed: {task.exception()!r}")
 
-    def _mark_dead(self, reason: str) -> None:
+    def _mark_dead(self, reason: str, level: int = logging.ERROR) -> None:
         """Fail every open request and call, refuse new ones, and wake whoever waits on it."""
-        logger.error("%s; failing %d open requests", reason, len(self.handles))
+        logger.log(level, "%s; failing %d open requests", reason, len(self.handles))
         self.dead = reason
         for handle in self.handles.values():
             handle.queue.put_nowait(EngineDeadError(reason))

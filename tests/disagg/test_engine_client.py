@@ -367,3 +367,26 @@ def test_a_stalled_rank_refuses_pause_and_collectives_at_once() -> None:
             await client.shutdown(timeout_s=1.0)
 
     asyncio.run(run())
+
+
+def test_an_engine_stopped_by_sigterm_is_no_crash_in_the_log(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A SIGTERM to the process group (a launcher's or systemd's stop) reaches the engine
+    core too: the frontend still fails its requests and stops, but logs a warning naming the
+    signal, not an error claiming a death."""
+    async def run() -> None:
+        client, proc = _client(), _sleeper()
+        try:
+            client._procs = [proc]
+            monitor = asyncio.create_task(client._monitor())
+            await asyncio.sleep(0.1)
+            proc.terminate()  # SIGTERM
+            await asyncio.wait_for(client.dead_event.wait(), 2.0)
+            assert client.dead == "engine core dp0 stopped by SIGTERM"
+            await asyncio.wait_for(monitor, 1.0)
+        finally:
+            await client.shutdown(timeout_s=1.0)
+
+    caplog.set_level("WARNING")
+    asyncio.run(run())
+    assert [r.levelname for r in caplog.records if "dp0" in r.getMessage()] == ["WARNING"]
