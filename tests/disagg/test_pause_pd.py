@@ -19,7 +19,10 @@ from pd_helpers import BASE, info, kv_config, pd_request, wait_clean  # noqa: E4
 
 KEY = "pd-admin"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-FAST = {"transfer_timeout": 3, "defer_timeout": 3, "lease_timeout": 2,
+# defer_timeout bounds a transfer before its peer's first lease: the prefill reads the
+# decode's announcement between steps, and on a loaded 2-core machine one step of a dozen
+# prefills took ~3 s (a 3 s defer_timeout then expired transfers before any pause)
+FAST = {"transfer_timeout": 3, "defer_timeout": 5, "lease_timeout": 2,
         "heartbeat_interval": 0.5}
 EXPLICIT = ("KV transfer", "paused with mode=abort")
 
@@ -46,7 +49,7 @@ async def _pause_during_transfers(s: aiohttp.ClientSession, p_url: str, d_url: s
         assert time.monotonic() < deadline, "the producer never had work in flight"
     async with s.post(f"{p_url}/pause?mode={mode}&timeout=30", headers=AUTH) as r:
         assert r.status == 200, await r.text()
-    await asyncio.sleep(4.0)  # longer than the connector's defer/lease timeouts
+    await asyncio.sleep(6.0)  # longer than the connector's defer/lease timeouts
     async with s.post(f"{p_url}/resume", headers=AUTH) as r:
         assert r.status == 200
     return list(await asyncio.wait_for(asyncio.gather(*tasks), 60))
