@@ -148,15 +148,18 @@ class Flow:
         probed at once first (one probe round shared by the requests that find it empty):
         an instance that came back since the last health round (a restart) serves now
         instead of the request failing with 503 until the next round."""
-        if last is None and self._deps.revive is not None \
-                and not self._deps.registry.healthy(pool):
-            await self._deps.revive(pool)
+        if last is None:
+            await self._revive_if_empty(pool)
         return self._pick(pool, tried, last)
+
+    async def _revive_if_empty(self, pool: Pool) -> None:
+        """Probe ``pool`` at once when it has no healthy instance (proxy/health.py Reviver)."""
+        if self._deps.revive is not None and not self._deps.registry.healthy(pool):
+            await self._deps.revive(pool)
 
     async def _any_healthy(self, pool: Pool) -> None:
         """A 503 unless ``pool`` has a healthy instance (probed at once when it has none)."""
-        if not self._deps.registry.healthy(pool) and self._deps.revive is not None:
-            await self._deps.revive(pool)
+        await self._revive_if_empty(pool)
         if not self._deps.registry.healthy(pool):
             raise ProxyError(503, f"no healthy {pool.value} instance available")
 
